@@ -1,0 +1,76 @@
+"""Small randomly initialised models of every supported family (no downloads)."""
+from __future__ import annotations
+
+import torch
+
+IMG = 32
+PATCH = 8
+
+
+def timm_vit(**kwargs):
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = dict(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=3, num_heads=4, num_classes=10)
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
+
+
+def timm_deit_distilled(**kwargs):
+    from timm.models.deit import VisionTransformerDistilled
+
+    cfg = dict(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=3, num_heads=4, num_classes=10)
+    cfg.update(kwargs)
+    return VisionTransformerDistilled(**cfg)
+
+
+def open_clip_model():
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=PATCH, image_size=IMG)
+    text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
+    return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
+
+
+def hf_clip_model(attn_implementation: str = "sdpa"):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=98, eos_token_id=99,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMG, patch_size=PATCH),
+        projection_dim=32,
+    )
+    cfg._attn_implementation = attn_implementation
+    return CLIPModel(cfg)
+
+
+def hf_blip_retrieval():
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, encoder_hidden_size=64,
+                         bos_token_id=98, eos_token_id=99, sep_token_id=97, pad_token_id=0),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMG, patch_size=PATCH),
+        projection_dim=32, image_text_hidden_size=32,
+    )
+    return BlipForImageTextRetrieval(cfg)
+
+
+def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def token_ids(batch: int = 2, length: int = 16, vocab: int = 100, seed: int = 0) -> torch.Tensor:
+    """Token ids with an EOT (largest id) at a varying position, zero padding after it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab - 2, (batch, length), generator=g)
+    for i in range(batch):
+        end = 4 + i * 3
+        ids[i, end] = vocab - 1
+        ids[i, end + 1:] = 0
+    return ids

@@ -1,0 +1,39 @@
+"""vleff: efficiency plugins for vision and vision-language transformers.
+
+Functional API (plain PyTorch)::
+
+    import vleff
+    vleff.apply_tome(model, r=16)      # token merging on every supported image tower
+    vleff.remove_tome(model)
+
+Lightning callbacks live in :mod:`vleff.callbacks`; measurement in :mod:`vleff.profile`.
+Heavy submodules are imported lazily so ``import vleff`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "apply_tome": "vleff.tokens.tome",
+    "remove_tome": "vleff.tokens.tome",
+    "find_towers": "vleff.backbones",
+    "find_tower": "vleff.backbones",
+    "last_token_state": "vleff.backbones",
+    "token_counts": "vleff.backbones",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("backbones", "callbacks", "data", "kernels", "memory", "models", "profile", "tokens"):
+        return importlib.import_module(f"vleff.{name}")
+    raise AttributeError(f"module 'vleff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

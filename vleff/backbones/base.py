@@ -1,0 +1,120 @@
+"""The adapter contract: how vleff reads one pre-norm transformer tower of a library.
+
+Every supported tower computes, per block::
+
+    x = x + drop_path1(ls1(attn_out(attention(qkv(norm1(x))))))
+    x = x + drop_path2(ls2(mlp(norm2(x))))
+
+An adapter exposes those pieces for one family (timm, open_clip, Hugging Face CLIP/BLIP);
+:mod:`vleff.backbones.block` runs them generically so that every token method is written
+once for all families.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Modality = Literal["image", "text"]
+Pooling = Literal["cls", "avg", "eot", "map", "none"]
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The residual-branch modules of one block (``nn.Identity`` where a library has none)."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls1: nn.Module
+    ls2: nn.Module
+    drop_path1: nn.Module
+    drop_path2: nn.Module
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How a block's own attention computes, so the generic path reproduces it exactly.
+
+    Attributes:
+        num_heads: attention heads.
+        scale: logit scale (usually ``head_dim ** -0.5``).
+        dropout_p: attention-probability dropout in training.
+        fused: the library calls ``F.scaled_dot_product_attention`` (else explicit softmax).
+        softmax_fp32: the explicit path computes the softmax in float32 (Hugging Face eager).
+    """
+
+    num_heads: int
+    scale: float
+    dropout_p: float
+    fused: bool
+    softmax_fp32: bool = False
+
+
+class TowerAdapter(ABC):
+    """Access to one transformer tower (an image or a text encoder) of a supported family.
+
+    Subclasses set ``family`` and implement the abstract methods; they never change the
+    model. Instances are cheap and hold only a reference to the tower's root module.
+    """
+
+    family: str = ""
+    modality: Modality = "image"
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+
+    # --- tower level -------------------------------------------------------------------
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @property
+    @abstractmethod
+    def num_prefix_tokens(self) -> int:
+        """Leading tokens that are not patches/words (cls, distillation, registers)."""
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether token 0 is a class token that pooling reads."""
+        return self.pooling == "cls"
+
+    @property
+    @abstractmethod
+    def pooling(self) -> Pooling:
+        """How the tower pools its output tokens."""
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int:
+        """Token width."""
+
+    # --- block level -------------------------------------------------------------------
+    @abstractmethod
+    def parts(self, block: nn.Module) -> BlockParts:
+        """The norm / MLP / layer-scale / drop-path modules of ``block``."""
+
+    @abstractmethod
+    def attention_config(self, block: nn.Module) -> AttentionConfig:
+        """How ``block`` computes attention."""
+
+    @abstractmethod
+    def qkv(self, block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[B, H, N, Dh]`` from the normed input ``h``."""
+
+    @abstractmethod
+    def attn_out(self, block: nn.Module, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Output projection (and dropout) of the head-merged attention output ``o``."""
+
+    #: blocks take ``[N, B, C]`` (open_clip with ``batch_first=False``)
+    sequence_first: bool = False
+
+    @abstractmethod
+    def block_inputs(self, block: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Read ``(x, attention mask or None, is_causal)`` from the arguments of ``block.forward``."""
+
+    def describe(self) -> str:
+        return f"{self.family} {self.modality} tower ({type(self.root).__name__}, {len(self.blocks())} blocks)"

@@ -1,0 +1,100 @@
+"""Hugging Face transformers: ``CLIPVisionModel``/``CLIPTextModel`` (also inside ``CLIPModel``
+and the ``*WithProjection`` models; separate q/k/v projections) and ``BlipVisionModel``
+(inside ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration`` ...; fused ``qkv``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
+
+_FUSED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class _HFTower(TowerAdapter):
+    family = "transformers"
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.root.encoder.layers)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.root.config.hidden_size)
+
+    def parts(self, block: nn.Module) -> BlockParts:
+        identity = nn.Identity()
+        return BlockParts(block.layer_norm1, block.layer_norm2, block.mlp, identity, identity, identity, identity)
+
+    def block_inputs(self, block, hidden_states, attention_mask=None, *args, **kwargs):
+        return hidden_states, attention_mask, bool(kwargs.get("is_causal", False))
+
+
+class HFCLIPAdapter(_HFTower):
+    """``CLIPVisionModel`` (pooled at token 0) or ``CLIPTextModel`` (causal, pooled at EOS)."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        from transformers import CLIPTextModel, CLIPVisionModel
+
+        return isinstance(module, (CLIPVisionModel, CLIPTextModel))
+
+    def __init__(self, root: nn.Module) -> None:
+        from transformers import CLIPTextModel
+
+        super().__init__(root)
+        self.modality = "text" if isinstance(root, CLIPTextModel) else "image"
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.modality == "image" else 0
+
+    @property
+    def pooling(self) -> Pooling:
+        return "cls" if self.modality == "image" else "eot"
+
+    def attention_config(self, block: nn.Module) -> AttentionConfig:
+        attn = block.self_attn
+        impl = getattr(attn.config, "_attn_implementation", None) or "eager"
+        return AttentionConfig(num_heads=attn.num_heads, scale=attn.scale, dropout_p=float(attn.dropout),
+                               fused=impl in _FUSED_IMPLEMENTATIONS, softmax_fp32=True)
+
+    def qkv(self, block, h):
+        attn = block.self_attn
+        b, n, _ = h.shape
+        shape = (b, n, attn.num_heads, attn.head_dim)
+        return tuple(proj(h).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def attn_out(self, block, o, h):
+        return block.self_attn.out_proj(o)
+
+
+class HFBlipVisionAdapter(_HFTower):
+    """``BlipVisionModel``: eager attention with a fused ``qkv`` Linear, pooled at token 0."""
+
+    modality = "image"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        from transformers import BlipVisionModel
+
+        return isinstance(module, BlipVisionModel)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def pooling(self) -> Pooling:
+        return "cls"
+
+    def attention_config(self, block: nn.Module) -> AttentionConfig:
+        attn = block.self_attn
+        return AttentionConfig(num_heads=attn.num_heads, scale=attn.scale, dropout_p=attn.dropout.p, fused=False)
+
+    def qkv(self, block, h):
+        attn = block.self_attn
+        b, n, _ = h.shape
+        return attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attn_out(self, block, o, h):
+        return block.self_attn.projection(o)

@@ -1,0 +1,109 @@
+"""open_clip CLIP: the image tower (``VisionTransformer``) and the text tower (the ``CLIP``
+model's own ``transformer``, or ``TextTransformer`` in ``CustomTextCLIP``), whose blocks are
+``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (a raw ``in_proj_weight``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
+
+
+def _check_blocks(root: nn.Module, transformer: nn.Module) -> None:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    for i, block in enumerate(transformer.resblocks):
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            raise TypeError(
+                f"open_clip {type(root).__name__} block {i} is {type(block).__name__}; vleff supports "
+                "self-attention open_clip.transformer.ResidualAttentionBlock")
+
+
+class _OpenClipTower(TowerAdapter):
+    family = "open_clip"
+
+    def __init__(self, root: nn.Module, transformer: nn.Module) -> None:
+        super().__init__(root)
+        self.transformer = transformer
+        self.sequence_first = not getattr(transformer, "batch_first", True)
+        _check_blocks(root, transformer)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.resblocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.transformer.width)
+
+    def parts(self, block: nn.Module) -> BlockParts:
+        identity = nn.Identity()
+        return BlockParts(block.ln_1, block.ln_2, block.mlp, block.ls_1, block.ls_2, identity, identity)
+
+    def attention_config(self, block: nn.Module) -> AttentionConfig:
+        mha = block.attn
+        return AttentionConfig(num_heads=mha.num_heads, scale=mha.head_dim ** -0.5, dropout_p=mha.dropout,
+                               fused=True)
+
+    def qkv(self, block, h):
+        mha = block.attn
+        b, n, _ = h.shape
+        qkv = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)
+        return qkv.reshape(b, n, 3, mha.num_heads, mha.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attn_out(self, block, o, h):
+        return block.attn.out_proj(o)
+
+    def block_inputs(self, block, q_x, k_x=None, v_x=None, attn_mask=None):
+        if k_x is not None or v_x is not None:
+            raise TypeError("vleff's open_clip adapter handles self-attention blocks only (k_x/v_x given)")
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q_x.dtype)
+        return q_x, attn_mask, False
+
+
+class OpenClipVisionAdapter(_OpenClipTower):
+    modality = "image"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        from open_clip.transformer import VisionTransformer
+
+        return isinstance(module, VisionTransformer)
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__(root, root.transformer)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if getattr(self.root, "class_embedding", None) is not None else 0
+
+    @property
+    def pooling(self) -> Pooling:
+        if getattr(self.root, "attn_pool", None) is not None:
+            return "map"
+        return {"tok": "cls", "avg": "avg"}.get(self.root.pool_type, "none")
+
+
+class OpenClipTextAdapter(_OpenClipTower):
+    """Text tower: causal mask, pooled at the EOT token (argmax of token ids)."""
+
+    modality = "text"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        from open_clip.model import CLIP
+        from open_clip.transformer import TextTransformer
+
+        return isinstance(module, TextTransformer) or (isinstance(module, CLIP) and hasattr(module, "token_embedding"))
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__(root, root.transformer)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    @property
+    def pooling(self) -> Pooling:
+        return "eot"

@@ -1,0 +1,101 @@
+"""Install the generic block forward on a tower, and the hooks token methods add to it.
+
+``patch_tower(adapter)`` replaces each block's ``forward`` by an instance attribute that
+calls :func:`vleff.backbones.block.run_block`; ``unpatch_tower`` deletes it, which restores
+the class's own ``forward`` exactly. Weights, parameter names and ``state_dict`` never change.
+A :class:`TowerPatch` is stored on the tower root as ``_vleff_patch``; it owns the hooks and
+the token state of the latest forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vleff.backbones.base import TowerAdapter
+from vleff.backbones.block import run_block
+from vleff.backbones.state import TokenHook, TokenState
+
+PATCH_ATTR = "_vleff_patch"
+
+
+class TowerPatch:
+    """The generic forward installed on one tower: adapter, hooks, and the last token state."""
+
+    def __init__(self, adapter: TowerAdapter) -> None:
+        self.adapter = adapter
+        self.hooks: list[TokenHook] = []
+        self.state: TokenState | None = None
+        self.prop_attn = False
+
+    # --- hooks -------------------------------------------------------------------------
+    def add_hook(self, hook: TokenHook) -> None:
+        if any(h.name == hook.name for h in self.hooks):
+            raise ValueError(f"{self.adapter.describe()} already has a {hook.name!r} hook; remove it first")
+        self.hooks.append(hook)
+
+    def remove_hook(self, name: str) -> TokenHook | None:
+        for i, hook in enumerate(self.hooks):
+            if hook.name == name:
+                return self.hooks.pop(i)
+        return None
+
+    def get_hook(self, name: str) -> TokenHook | None:
+        return next((h for h in self.hooks if h.name == name), None)
+
+    # --- forward -------------------------------------------------------------------------
+    def _start(self, x: torch.Tensor) -> TokenState:
+        state = TokenState(num_prefix=self.adapter.num_prefix_tokens, num_input_tokens=x.shape[1],
+                           prop_attn=self.prop_attn)
+        for hook in self.hooks:
+            hook.start(state, x)
+        self.state = state
+        return state
+
+    def run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor,
+            mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        state = self._start(x) if index == 0 or self.state is None else self.state
+        return run_block(self.adapter, state, self.hooks, block, index, depth, x, mask, is_causal)
+
+
+class PatchedForward:
+    """The replacement ``forward`` of one block (an object, so ``deepcopy`` and pickling of the
+    model copy it along with the patch instead of pointing at the original model)."""
+
+    def __init__(self, patch: TowerPatch, index: int, depth: int, block: nn.Module) -> None:
+        self.patch, self.index, self.depth, self.block = patch, index, depth, block
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        adapter = self.patch.adapter
+        x, mask, is_causal = adapter.block_inputs(self.block, *args, **kwargs)
+        if adapter.sequence_first:
+            x = x.transpose(0, 1)
+        out = self.patch.run(self.index, self.depth, self.block, x, mask, is_causal)
+        return out.transpose(0, 1) if adapter.sequence_first else out
+
+
+def get_patch(root: nn.Module) -> TowerPatch | None:
+    return root.__dict__.get(PATCH_ATTR)
+
+
+def patch_tower(adapter: TowerAdapter) -> TowerPatch:
+    """Install the generic forward on every block of ``adapter``'s tower (idempotent)."""
+    existing = get_patch(adapter.root)
+    if existing is not None:
+        return existing
+    patch = TowerPatch(adapter)
+    blocks = adapter.blocks()
+    for index, block in enumerate(blocks):
+        block.forward = PatchedForward(patch, index, len(blocks), block)
+    adapter.root.__dict__[PATCH_ATTR] = patch
+    return patch
+
+
+def unpatch_tower(root: nn.Module) -> bool:
+    """Restore the library's own block forwards. Returns whether a patch was removed."""
+    patch = get_patch(root)
+    if patch is None:
+        return False
+    for block in patch.adapter.blocks():
+        block.__dict__.pop("forward", None)
+    del root.__dict__[PATCH_ATTR]
+    return True

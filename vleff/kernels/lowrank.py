@@ -1,0 +1,54 @@
+"""Projection of a gradient into a low-rank space and back (GaLore, Zhao et al., ICML 2024).
+
+For a weight gradient ``G`` of shape ``[m, n]``:
+
+* ``side="right"`` (used when ``m >= n``): ``P`` is ``[r, n]`` (top right singular vectors,
+  ``Vh[:r]``); ``R = G Pᵀ`` is ``[m, r]``; back-projection ``R P`` is ``[m, n]``.
+* ``side="left"`` (used when ``m < n``): ``P`` is ``[m, r]`` (top left singular vectors,
+  ``U[:, :r]``); ``R = Pᵀ G`` is ``[r, n]``; back-projection ``P R`` is ``[m, n]``.
+
+The reference is plain matrix products; the Triton path (``vleff.kernels.triton_lowrank``)
+is picked by :func:`vleff.kernels.dispatch.kernel_backend`.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from vleff.kernels.dispatch import kernel_backend
+
+Side = Literal["left", "right"]
+
+
+def _check_side(side: str) -> None:
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r} is not allowed; use 'left' or 'right'")
+
+
+def project_reference(grad: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
+    _check_side(side)
+    return grad @ proj.T if side == "right" else proj.T @ grad
+
+
+def project_back_reference(low_rank: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
+    _check_side(side)
+    return low_rank @ proj if side == "right" else proj @ low_rank
+
+
+def project(grad: torch.Tensor, proj: torch.Tensor, side: Side, backend: str | None = None) -> torch.Tensor:
+    """Project ``grad`` into the rank-r space spanned by ``proj``."""
+    if kernel_backend(grad, backend) == "triton":
+        from vleff.kernels import triton_lowrank
+
+        return triton_lowrank.project_triton(grad, proj, side)
+    return project_reference(grad, proj, side)
+
+
+def project_back(low_rank: torch.Tensor, proj: torch.Tensor, side: Side, backend: str | None = None) -> torch.Tensor:
+    """Map a rank-r update back to the full weight shape."""
+    if kernel_backend(low_rank, backend) == "triton":
+        from vleff.kernels import triton_lowrank
+
+        return triton_lowrank.project_back_triton(low_rank, proj, side)
+    return project_back_reference(low_rank, proj, side)

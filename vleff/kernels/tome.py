@@ -1,0 +1,174 @@
+"""Bipartite soft matching and size-weighted merging (ToMe, Bolya et al., ICLR 2023).
+
+Written from the paper's description:
+
+* tokens are split alternately into set A (even positions) and set B (odd positions);
+* the similarity of an A token to a B token is the cosine similarity of their metrics
+  (ToMe uses the keys averaged over heads);
+* every A token proposes its most similar B token; the ``r`` proposals with the highest
+  similarity are merged (A token = *source*, B token = *destination*);
+* a merge is a size-weighted average, and sizes add.
+
+The first ``num_protected`` tokens (cls, distillation and register tokens) take part in
+the alternate split as in the paper, but a protected A token is never a source and a
+protected B token is never a destination, so they pass through unchanged. Unlike the
+reference implementation, the output keeps **all protected tokens first, in their
+original order** (cls at 0, DeiT's distillation token at 1), then the unmerged A tokens
+in their original order, then the B tokens. Heads that read fixed positions keep working.
+
+A :class:`MergePlan` is computed once per layer and then applied to any per-token tensor
+(features, sizes, source maps), so all of them stay aligned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vleff.kernels.dispatch import kernel_backend
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Which A tokens merge into which B tokens, for one layer of one batch.
+
+    Attributes:
+        src_idx: ``[B, r]`` indices into set A of the merged (source) tokens.
+        dst_idx: ``[B, r]`` indices into set B of their destinations.
+        unm_idx: ``[B, Na - r]`` indices into set A of the unmerged tokens, ascending.
+        num_protected: leading tokens that are never merged.
+        num_tokens: tokens before merging.
+    """
+
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    unm_idx: torch.Tensor
+    num_protected: int
+    num_tokens: int
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+    @property
+    def num_out(self) -> int:
+        return self.num_tokens - self.r
+
+
+def _protected_counts(num_protected: int) -> tuple[int, int]:
+    """How many protected tokens fall into set A (even positions) and set B (odd)."""
+    return (num_protected + 1) // 2, num_protected // 2
+
+
+def max_merge(num_tokens: int, num_protected: int) -> int:
+    """Largest r one bipartite step can merge for a sequence of ``num_tokens`` tokens."""
+    a_prot, b_prot = _protected_counts(num_protected)
+    a_free = (num_tokens + 1) // 2 - a_prot
+    b_free = num_tokens // 2 - b_prot
+    if b_free <= 0 or a_free <= 0:
+        return 0
+    return min(a_free, (num_tokens - num_protected) // 2)
+
+
+def similarity_scores(metric: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """Cosine similarity of A tokens (rows) to B tokens (columns), protected pairs at -inf."""
+    metric = F.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    a_prot, b_prot = _protected_counts(num_protected)
+    if a_prot:
+        scores[:, :a_prot, :] = -torch.inf
+    if b_prot:
+        scores[:, :, :b_prot] = -torch.inf
+    return scores
+
+
+def plan_from_best_match(node_max: torch.Tensor, node_idx: torch.Tensor, r: int,
+                         num_protected: int, num_tokens: int) -> MergePlan:
+    """Turn each A token's best B match (value and index) into a merge plan for r edges."""
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_idx = order[:, :r]
+    unm_idx = order[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(dim=-1, index=src_idx)
+    return MergePlan(src_idx, dst_idx, unm_idx, num_protected, num_tokens)
+
+
+def bipartite_soft_matching_reference(metric: torch.Tensor, r: int, num_protected: int = 1) -> MergePlan:
+    """PyTorch reference for :func:`bipartite_soft_matching` (materialises the score matrix)."""
+    num_tokens = metric.shape[1]
+    r = min(r, max_merge(num_tokens, num_protected))
+    scores = similarity_scores(metric, num_protected)
+    node_max, node_idx = scores.max(dim=-1)
+    return plan_from_best_match(node_max, node_idx, r, num_protected, num_tokens)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1,
+                            backend: str | None = None) -> MergePlan:
+    """Plan the merge of ``r`` token pairs by bipartite soft matching.
+
+    Args:
+        metric: ``[B, N, C]`` per-token features to compare (ToMe: keys averaged over heads).
+        r: number of tokens to remove; capped at :func:`max_merge`.
+        num_protected: leading tokens that are never merged.
+        backend: ``"torch"``, ``"triton"`` or ``None``/``"auto"`` (see :mod:`vleff.kernels.dispatch`).
+    """
+    if r < 0:
+        raise ValueError(f"r={r} must be >= 0")
+    if num_protected < 0:
+        raise ValueError(f"num_protected={num_protected} must be >= 0")
+    with torch.no_grad():
+        if kernel_backend(metric, backend) == "triton":
+            from vleff.kernels import triton_tome
+
+            return triton_tome.bipartite_soft_matching_triton(metric, r, num_protected)
+        return bipartite_soft_matching_reference(metric, r, num_protected)
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return t.gather(dim=1, index=idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def merge_sum_reference(t: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Sum each merged group of ``t`` (``[B, N, C]``) into one token; output ``[B, N - r, C]``."""
+    p = plan.num_protected
+    a_prot, b_prot = _protected_counts(p)
+    ta, tb = t[:, ::2], t[:, 1::2]
+    src = _gather_rows(ta, plan.src_idx)
+    unm = _gather_rows(ta, plan.unm_idx)
+    dst = tb.scatter_add(1, plan.dst_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]), src)
+    return torch.cat([t[:, :p], unm[:, a_prot:], dst[:, b_prot:]], dim=1)
+
+
+def merge_sum(t: torch.Tensor, plan: MergePlan, backend: str | None = None) -> torch.Tensor:
+    """Sum-merge any per-token tensor (sizes, source maps) along a plan."""
+    if plan.r == 0:
+        return t
+    if kernel_backend(t, backend) == "triton":
+        from vleff.kernels import triton_tome
+
+        return triton_tome.merge_sum_triton(t, plan)
+    return merge_sum_reference(t, plan)
+
+
+def merge_weighted_reference(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: ``x' = Σ s·x / Σ s`` and ``s' = Σ s`` over each group."""
+    new_size = merge_sum_reference(size, plan)
+    summed = merge_sum_reference(x * size.to(x.dtype), plan)
+    return summed / new_size.to(x.dtype), new_size
+
+
+def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge token features ``x`` (``[B, N, C]``) weighted by ``size`` (``[B, N, 1]``).
+
+    Returns the merged features and sizes (``[B, N - r, C]``, ``[B, N - r, 1]``).
+    Differentiable in ``x`` on both backends.
+    """
+    if plan.r == 0:
+        return x, size
+    if kernel_backend(x, backend) == "triton":
+        from vleff.kernels import triton_tome
+
+        return triton_tome.merge_weighted_triton(x, size, plan)
+    return merge_weighted_reference(x, size, plan)
