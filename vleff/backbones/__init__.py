@@ -17,7 +17,7 @@ from typing import Iterator
 
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, BlockParts, Modality, TowerAdapter
+from vleff.backbones.base import AttentionConfig, BlockParts, Modality, TowerAdapter  # noqa: F401
 from vleff.backbones.patch import TowerPatch, get_patch, patch_tower, unpatch_tower
 from vleff.backbones.state import BlockInfo, TokenHook, TokenState
 
@@ -130,6 +130,7 @@ def token_counts(model: nn.Module) -> dict[str, list[int]]:
 
 __all__ = [
     "AttentionConfig",
+    "Modality",
     "BlockInfo",
     "BlockParts",
     "SUPPORTED",
