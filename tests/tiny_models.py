@@ -55,7 +55,7 @@ def hf_blip_retrieval():
                          num_attention_heads=4, max_position_embeddings=32, encoder_hidden_size=64,
                          bos_token_id=98, eos_token_id=99, sep_token_id=97, pad_token_id=0),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMG, patch_size=PATCH),
+                           image_size=IMG, patch_size=PATCH, initializer_range=0.02),  # BLIP's default is 1e-10
         projection_dim=32, image_text_hidden_size=32,
     )
     return BlipForImageTextRetrieval(cfg)

@@ -15,6 +15,7 @@ protected B token is never a destination, so they pass through unchanged. Unlike
 reference implementation, the output keeps **all protected tokens first, in their
 original order** (cls at 0, DeiT's distillation token at 1), then the unmerged A tokens
 in their original order, then the B tokens. Heads that read fixed positions keep working.
+With ``r = 0`` nothing changes, not even the order.
 
 A :class:`MergePlan` is computed once per layer and then applied to any per-token tensor
 (features, sizes, source maps), so all of them stay aligned.
@@ -152,10 +153,26 @@ def merge_sum(t: torch.Tensor, plan: MergePlan, backend: str | None = None) -> t
 
 
 def merge_weighted_reference(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge: ``x' = Σ s·x / Σ s`` and ``s' = Σ s`` over each group."""
-    new_size = merge_sum_reference(size, plan)
-    summed = merge_sum_reference(x * size.to(x.dtype), plan)
-    return summed / new_size.to(x.dtype), new_size
+    """Size-weighted average merge: ``x' = Σ s·x / Σ s`` and ``s' = Σ s`` over each group.
+
+    Tokens that take part in no merge are copied, not recomputed, so they stay bit-exact.
+    """
+    a_prot, b_prot = _protected_counts(plan.num_protected)
+    p = plan.num_protected
+    xa, xb = x[:, ::2], x[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    dst_rows = plan.dst_idx.unsqueeze(-1)
+    src_size = sa.gather(1, plan.src_idx.unsqueeze(-1))
+    dst_size = sb.scatter_add(1, dst_rows, src_size)
+    src_sum = _gather_rows(xa * sa.to(x.dtype), plan.src_idx)
+    dst_sum = (xb * sb.to(x.dtype)).scatter_add(1, dst_rows.expand(-1, -1, x.shape[-1]), src_sum)
+    received = torch.zeros_like(sb, dtype=torch.bool).scatter(1, dst_rows, True)
+    dst = torch.where(received, dst_sum / dst_size.to(x.dtype), xb)
+    unm = _gather_rows(xa, plan.unm_idx)
+    unm_size = sa.gather(1, plan.unm_idx.unsqueeze(-1))
+    new_x = torch.cat([x[:, :p], unm[:, a_prot:], dst[:, b_prot:]], dim=1)
+    new_size = torch.cat([size[:, :p], unm_size[:, a_prot:], dst_size[:, b_prot:]], dim=1)
+    return new_x, new_size
 
 
 def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,

@@ -1,0 +1,249 @@
+"""ToMe: matching and merging against a brute-force reference, and the patched models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tiny_models as tm
+import vleff
+from vleff.backbones import AttentionConfig, find_tower, get_patch, last_token_state
+from vleff.backbones.block import attention
+from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_sum, merge_weighted
+from vleff.tokens.tome import apply_tome, effective_r, parse_r, remove_tome, set_tome_r, tome_r
+
+
+def brute_force_merge(x, size, metric, r, protected):
+    """ToMe for one sample, written with Python loops straight from the paper's description."""
+    n = x.shape[0]
+    if r == 0:  # no merge, no reordering
+        return x, size
+    a = [i for i in range(n) if i % 2 == 0]
+    b = [i for i in range(n) if i % 2 == 1]
+    m = F.normalize(metric.double(), dim=-1)
+    best = []
+    for i in a:
+        if i < protected:
+            continue
+        cands = [(float(m[i] @ m[j]), j) for j in b if j >= protected]
+        score, j = max(cands, key=lambda t: (t[0], -t[1]))
+        best.append((score, i, j))
+    best.sort(key=lambda t: (-t[0], t[1]))
+    merged = {i: j for _, i, j in best[:r]}
+    groups = {j: [j] for j in b}
+    for i, j in merged.items():
+        groups[j].append(i)
+    order = list(range(protected)) + [i for i in a if i >= protected and i not in merged] + [j for j in b if j >= protected]
+    out_x, out_s = [], []
+    for t in order:
+        members = groups.get(t, [t])
+        w = size[members]
+        out_s.append(w.sum())
+        out_x.append((x[members] * w[:, None]).sum(0) / w.sum())
+    return torch.stack(out_x), torch.stack(out_s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 23), c=st.integers(1, 6), protected=st.integers(0, 3), r_frac=st.floats(0, 1),
+       seed=st.integers(0, 10_000))
+def test_merge_matches_brute_force(n, c, protected, r_frac, seed):
+    protected = min(protected, n)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, c, generator=g, dtype=torch.float64)
+    metric = torch.randn(2, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    r = int(r_frac * max_merge(n, protected))
+    plan = bipartite_soft_matching(metric, r, protected)
+    assert plan.r == r
+    out, new_size = merge_weighted(x, size, plan)
+    assert out.shape == (2, n - r, c)
+    for bi in range(2):
+        ref_x, ref_s = brute_force_merge(x[bi], size[bi, :, 0], metric[bi], r, protected)
+        torch.testing.assert_close(out[bi], ref_x)
+        torch.testing.assert_close(new_size[bi, :, 0], ref_s)
+    # sizes are conserved, protected tokens pass through unchanged and first
+    torch.testing.assert_close(new_size.sum(1), size.sum(1))
+    torch.testing.assert_close(out[:, :protected], x[:, :protected], atol=0, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40), protected=st.integers(0, 4), r=st.integers(0, 30))
+def test_r_is_capped_and_sizes_sum_to_token_count(n, protected, r):
+    protected = min(protected, n)
+    metric = torch.randn(1, n, 4)
+    plan = bipartite_soft_matching(metric, r, protected)
+    assert plan.r == min(r, max_merge(n, protected))
+    sizes = merge_sum(torch.ones(1, n, 1), plan)
+    assert sizes.sum().item() == n
+    source = merge_sum(torch.eye(n)[None], plan)
+    assert torch.all(source.sum(1) == 1)  # every input token sits in exactly one output token
+
+
+def test_max_merge_edges():
+    assert max_merge(197, 1) == 98
+    assert max_merge(198, 2) == 98
+    assert max_merge(1, 1) == 0
+    assert max_merge(3, 2) == 0  # the only B token is protected
+    assert max_merge(4, 0) == 2
+
+
+@pytest.mark.parametrize("spec,expected", [
+    (3, [3, 3, 3, 3]),
+    ([1, 2], [1, 2, 0, 0]),
+    ((4, 0.5), [2, 3, 5, 6]),
+    ((4, 0.0), [4, 4, 4, 4]),
+    (torch.tensor([1, 1, 1, 1]), [1, 1, 1, 1]),
+])
+def test_parse_r(spec, expected):
+    assert parse_r(spec, 4) == expected
+
+
+@pytest.mark.parametrize("bad,match", [
+    (-1, "r=-1"), ([1, 2, 3, 4, 5], "5 entries"), ("16", "r='16'"), ([1, -2], r"r\[1\]=-2"),
+    ((4, 2.0), "inflection"), (1.5, "r=1.5"), (True, "r=True"), ([1, "a"], r"r\[1\]='a'"),
+])
+def test_parse_r_rejects_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_r(bad, 4)
+
+
+def test_proportional_attention_equals_duplicated_tokens():
+    """A token of size s attends like s identical copies of it (log s on the logits)."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 3, 5, 4
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    sizes = torch.tensor([1, 3, 1, 2, 1])
+    idx = torch.repeat_interleave(torch.arange(n), sizes)
+    for fused in (False, True):
+        cfg = AttentionConfig(num_heads=h, scale=d ** -0.5, dropout_p=0.0, fused=fused)
+        bias = sizes.double().log()[None, None, None, :].expand(b, 1, 1, n)
+        merged = attention(q, k, v, cfg, False, bias, False, None)
+        dup = attention(q, k[:, :, idx], v[:, :, idx], cfg, False, None, False, None)
+        torch.testing.assert_close(merged, dup)
+
+
+FORWARDS = {
+    "timm_vit": (lambda: tm.timm_vit(), lambda m, x: m(x)),
+    "deit_distilled": (lambda: tm.timm_deit_distilled(), lambda m, x: m(x)),
+    "timm_registers": (lambda: tm.timm_vit(reg_tokens=2), lambda m, x: m(x)),
+    "open_clip": (lambda: tm.open_clip_model(), lambda m, x: m.encode_image(x)),
+    "hf_clip": (lambda: tm.hf_clip_model(), lambda m, x: m.get_image_features(pixel_values=x).pooler_output),
+    "hf_blip": (lambda: tm.hf_blip_retrieval(), lambda m, x: m.vision_model(pixel_values=x).pooler_output),
+}
+
+
+@pytest.mark.parametrize("family", list(FORWARDS))
+def test_r0_equals_original_and_remove_round_trips(family):
+    make, fwd = FORWARDS[family]
+    model = make().eval()
+    x = tm.images()
+    with torch.no_grad():
+        ref = fwd(model, x)
+        apply_tome(model, r=0)
+        torch.testing.assert_close(fwd(model, x), ref, atol=1e-5, rtol=1e-5)
+        apply_tome(model, r=3)
+        merged = fwd(model, x)
+        assert not torch.allclose(merged, ref, atol=0, rtol=1e-3)
+        remove_tome(model)
+        torch.testing.assert_close(fwd(model, x), ref, atol=0, rtol=0)
+    assert get_patch(find_tower(model).root) is None
+
+
+@pytest.mark.parametrize("family", list(FORWARDS))
+def test_merging_on_every_family_keeps_prefix_first(family):
+    make, fwd = FORWARDS[family]
+    model = make().eval()
+    tower = find_tower(model)
+    x = tm.images()
+    captured = {}
+    final_norm_input = []
+    blocks = tower.blocks()
+    handle = blocks[-1].register_forward_hook(lambda mod, args, out: final_norm_input.append(out.shape[1]))
+    with torch.no_grad():
+        h0 = blocks[0].register_forward_pre_hook(lambda mod, args: captured.update(n=args[0].shape[1]))
+        fwd(model, x)
+        h0.remove()
+        apply_tome(model, r=4, trace_source=True)
+        fwd(model, x)
+    handle.remove()
+    state = last_token_state(model)
+    depth, n0, p = len(blocks), captured["n"], tower.num_prefix_tokens
+    assert state.token_counts == [n0 - sum(effective_r([4] * depth, n0, p)[:i]) for i in range(depth)]
+    n_out = final_norm_input[-1]
+    assert n_out == n0 - sum(effective_r([4] * depth, n0, p))
+    # sizes add up to the input token count; the prefix tokens hold exactly themselves
+    assert torch.all(state.size.sum(1) == n0)
+    for i in range(p):
+        assert torch.all(state.source[:, i, i] == 1) and torch.all(state.source[:, i].sum(-1) == 1)
+
+
+def test_gradients_flow_through_merging_in_training():
+    model = tm.timm_vit(drop_path_rate=0.1).train()
+    apply_tome(model, r=4, prop_attn=False)
+    x = tm.images()
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_bf16_autocast():
+    model = tm.timm_vit().eval()
+    apply_tome(model, r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model(tm.images())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert last_token_state(model).size.dtype == torch.float32
+
+
+def test_schedule_and_reapply():
+    model = tm.timm_vit()
+    apply_tome(model, r=2)
+    assert tome_r(model) == [2, 2, 2]
+    set_tome_r(model, [1, 0, 3])
+    assert tome_r(model) == [1, 0, 3]
+    apply_tome(model, r=(2, 1.0))
+    assert tome_r(model) == [0, 2, 4]
+    with pytest.raises(ValueError, match="r=-3"):
+        set_tome_r(model, -3)
+
+
+def test_bad_calls_raise_clear_errors():
+    model = tm.timm_vit()
+    with pytest.raises(ValueError, match="not applied"):
+        remove_tome(model)
+    with pytest.raises(ValueError, match="not applied"):
+        set_tome_r(model, 2)
+    with pytest.raises(TypeError, match="Linear"):
+        apply_tome(torch.nn.Linear(2, 2), r=2)
+    with pytest.raises(ValueError, match="modality='text'"):
+        apply_tome(tm.open_clip_model(), r=2, modality="text")
+    with pytest.raises(ValueError, match="r=1.5"):
+        apply_tome(model, r=1.5)
+
+
+def test_top_level_api_and_registry():
+    model = tm.timm_vit()
+    assert vleff.apply_tome(model, r=1) is model
+    from vleff.registry import get_method
+
+    method = get_method("tome")
+    assert method.remove(model) is model
+    with pytest.raises(ValueError, match="available"):
+        get_method("nope")
+
+
+def test_flops_fall_with_r():
+    """Analytic token-count check: with r merged per block, attention/MLP run on fewer tokens."""
+    model = tm.timm_vit(depth=4).eval()
+    apply_tome(model, r=3)
+    with torch.no_grad():
+        model(tm.images())
+    counts = last_token_state(model).token_counts
+    assert counts == [17, 14, 11, 8]
+    assert math.isclose(sum(counts) / (17 * 4), 50 / 68)
