@@ -96,6 +96,10 @@ def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TokenHook], 
     """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
     parts = adapter.parts(block)
     cfg = adapter.attention_config(block)
+    for hook in hooks:  # optional entry point: decide before the block's attention (DynamicViT)
+        before = getattr(hook, "before", None)
+        if before is not None:
+            x = before(x, index, depth, state)
     state.token_counts.append(x.shape[1])
     if mask is not None and state.num_input_tokens != x.shape[1]:
         raise RuntimeError(

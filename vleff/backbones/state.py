@@ -84,6 +84,10 @@ class TokenHook(Protocol):
     Hooks run in installation order. ``start`` runs once per tower forward (before block 0),
     ``needs_cls_attention`` tells the block to compute the cls attention row, and
     ``between`` may change the token sequence (merge, prune, mask) between attention and MLP.
+
+    Optional: a hook may also define ``before(x, index, depth, state) -> x``, which runs at the
+    start of block ``index`` before its attention (used by methods that decide on the block's
+    input, e.g. DynamicViT's predictors, so the whole block runs on the kept tokens).
     """
 
     name: str

@@ -1,0 +1,367 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): learned token pruning on every supported image tower.
+
+Small prediction modules sit in front of chosen blocks (default three evenly spaced ones,
+``(3, 6, 9)`` for 12 blocks) with hierarchical keep ratios ``ρ, ρ², ρ³``.
+
+* **Training** (module in train mode): each predictor scores the non-prefix tokens; a hard
+  Gumbel-softmax sample, multiplied by the previous stage's decision (masks only shrink),
+  becomes ``state.keep``. Tokens stay in place; the generic block masks attention so dropped
+  tokens receive none (each still attends to itself), which keeps the batch rectangular and
+  the decisions differentiable (straight-through). Prefix tokens (cls, dist, registers) are
+  always kept.
+* **Evaluation**: the ``⌊N₀·ratio⌋`` best-scoring tokens are really kept (``N₀`` = patch tokens
+  entering the tower), in their original order; the block and all later ones run on fewer
+  tokens. ``eval_mode="mask"`` instead computes the same decisions as masks (the training
+  computation made deterministic), which the tests use to check that both agree.
+* **Losses** (recorded as aux losses, see :mod:`vleff.tokens.aux`): ``ratio_weight · mean_s
+  mean_b (mean keep − ρ_s)²``; with a teacher (a frozen copy of the model made before surgery)
+  ``kl_weight · KL(teacher ‖ student)`` on the logits and ``token_weight · MSE`` between the
+  last block's output tokens that the final stage keeps. The token features are compared after
+  a parameter-free LayerNorm (the paper compares the final-normed tokens; towers name their
+  final norm differently and some apply it after pooling).
+
+The predictors are an ``nn.Module`` registered on each tower root as ``vleff_dynamicvit`` so
+they are trained by ``model.parameters()`` and saved in ``state_dict``: to load such a
+checkpoint, call :func:`apply_dynamicvit` on the fresh model first. The teacher is held outside
+the module tree (not in ``parameters()``/``state_dict``, never updated) and follows the
+student's device and dtype on first use. Low keep ratios are known to give NaN losses
+without gradient clipping: use ``Trainer(gradient_clip_val=1.0)`` or similar.
+
+>>> vleff.apply_dynamicvit(model, rho=0.7)                       # training: add vleff_aux_loss(model)
+>>> vleff.remove_dynamicvit(model)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vleff.backbones import BlockInfo, Modality, TokenState, TowerAdapter, find_towers
+from vleff.registry import Method, register_method
+from vleff.tokens.common import hooks_named, install_hook, remove_hook
+from vleff.tokens.pruning import check_locations, check_ratio, count_for_ratio, keep_indices, select_tokens
+
+HOOK_NAME = "dynamicvit"
+MODULE_NAME = "vleff_dynamicvit"
+DISTILLER_ATTR = "_vleff_dynamicvit_distiller"
+EvalMode = Literal["drop", "mask"]
+
+
+class Predictor(nn.Module):
+    """Scores tokens from their own features and a policy-weighted mean of all kept tokens.
+
+    ``LayerNorm → Linear(C, C) → GELU``; the first half of the channels stays per token, the
+    second half is averaged over kept tokens (weights = current keep policy) and broadcast;
+    then ``C → C/2 → C/4 → 2`` with GELUs and a log-softmax. Output ``[..., 0]`` is the
+    log-probability of keeping the token.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim < 4:
+            raise ValueError(f"embed dim {dim} is too small for a DynamicViT predictor (need >= 4)")
+        self.local_dim = dim // 2
+        self.in_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                 nn.Linear(dim // 4, 2))
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, M, C]`` tokens, ``policy`` ``[B, M]`` keep weights → ``[B, M, 2]`` log-probs (float32)."""
+        h = self.in_proj(x)
+        w = policy.to(h.dtype)[..., None]
+        local, rest = h[..., :self.local_dim], h[..., self.local_dim:]
+        pooled = (rest * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        h = torch.cat([local, pooled.expand(-1, h.shape[1], -1)], dim=-1)
+        return self.out(h).float().log_softmax(dim=-1)
+
+
+class DynamicViTPredictors(nn.Module):
+    """The predictors of one tower, registered on its root as ``vleff_dynamicvit``."""
+
+    def __init__(self, dim: int, num_stages: int) -> None:
+        super().__init__()
+        self.predictors = nn.ModuleList(Predictor(dim) for _ in range(num_stages))
+
+
+def keep_ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float]) -> torch.Tensor:
+    """``mean_s mean_b (mean_n decisions[s][b, n] − ratios[s])²``: each sample's kept fraction
+    at each stage is pulled to its target (DynamicViT's ratio loss, before its weight)."""
+    if len(decisions) != len(ratios) or not decisions:
+        raise ValueError(f"need one ratio per decision tensor, got {len(decisions)} decisions and {len(ratios)} ratios")
+    terms = [((d.float().mean(dim=1) - r) ** 2).mean() for d, r in zip(decisions, ratios)]
+    return torch.stack(terms).mean()
+
+
+def hierarchical_ratios(rho: float, num_stages: int) -> list[float]:
+    """``[ρ, ρ², …]``: each stage keeps ``ρ`` of what the previous one kept."""
+    return [rho ** (s + 1) for s in range(num_stages)]
+
+
+class DynamicViTHook:
+    """The DynamicViT :class:`~vleff.backbones.TokenHook` of one tower.
+
+    Decisions are made in ``before`` (at the block input, as in the paper), so the whole
+    block at a location already runs on the kept tokens. Per forward, ``state.scratch
+    ["dynamicvit"]`` holds ``decisions`` (``[B, N₀]`` keep masks over the non-prefix tokens,
+    one per stage, masked mode only) and ``kept`` (indices of the surviving tokens, drop mode).
+    """
+
+    name = HOOK_NAME
+
+    def __init__(self, predictors: DynamicViTPredictors, locations: list[int], ratios: list[float],
+                 ratio_weight: float, eval_mode: EvalMode = "drop") -> None:
+        self.predictors = predictors
+        self.locations = locations
+        self.ratios = ratios
+        self.ratio_weight = ratio_weight
+        self.eval_mode = eval_mode
+        self._stage = {loc: s for s, loc in enumerate(locations)}
+        self.last_tokens: torch.Tensor | None = None  # last block output (for token distillation)
+        self.teacher_tokens: torch.Tensor | None = None
+        self.last_state: TokenState | None = None
+
+    def start(self, state: TokenState, x: torch.Tensor) -> None:
+        state.scratch[HOOK_NAME] = {"num_patches": x.shape[1] - state.num_prefix, "decisions": [],
+                                    "training": self.predictors.training}
+        self.last_state = state
+        self.last_tokens = None
+
+    def needs_cls_attention(self, index: int) -> bool:
+        return False
+
+    def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        return x
+
+    def before(self, x: torch.Tensor, index: int, depth: int, state: TokenState) -> torch.Tensor:
+        stage = self._stage.get(index)
+        if stage is None:
+            return x
+        scratch = state.scratch[HOOK_NAME]
+        p = state.num_prefix
+        predictor = self.predictors.predictors[stage]
+        budget = count_for_ratio(scratch["num_patches"], self.ratios[stage], "floor")
+        if self.predictors.training or self.eval_mode == "mask":
+            if state.keep is None:
+                prev = torch.ones(x.shape[0], x.shape[1] - p, device=x.device, dtype=torch.float32)
+            else:
+                prev = state.keep[:, p:].float()
+            log_probs = predictor(x[:, p:], prev)
+            if self.predictors.training:
+                decision = F.gumbel_softmax(log_probs, hard=True)[..., 0] * prev
+                loss = ((decision.mean(dim=1) - self.ratios[stage]) ** 2).mean()
+                state.add_aux_loss("dynamicvit/ratio", loss * (self.ratio_weight / len(self.locations)))
+            else:  # deterministic: the same top-k the drop mode takes, as a mask
+                scores = log_probs[..., 0].masked_fill(prev <= 0, float("-inf"))
+                k = min(budget, int((prev > 0).sum(dim=1).min()))
+                top = scores.topk(k, dim=1).indices
+                decision = torch.zeros_like(prev).scatter(1, top, 1.0)
+            scratch["decisions"].append(decision)
+            state.keep = torch.cat([torch.ones_like(decision[:, :p]) if p else decision[:, :0], decision], dim=1)
+            if p and state.keep.shape[1] != x.shape[1]:
+                raise RuntimeError("DynamicViT keep mask and token sequence disagree")
+            return x
+        log_probs = predictor(x[:, p:], torch.ones(x.shape[0], x.shape[1] - p, device=x.device))
+        k = min(budget, x.shape[1] - p)
+        idx = keep_indices(log_probs[..., 0], k, p)
+        kept = scratch.get("kept")
+        scratch["kept"] = idx if kept is None else kept.gather(1, idx)
+        return select_tokens(x, state, idx)
+
+
+def default_logits(output: Any) -> torch.Tensor:
+    """Logits from a model output: a tensor, or a ``.logits`` / ``.logits_per_image`` attribute."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for attr in ("logits", "logits_per_image"):
+        value = getattr(output, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"DynamicViT logit distillation cannot find logits in a {type(output).__name__} output; "
+                    "pass logits_fn=... (output -> logits tensor) or kl_weight=0")
+
+
+def token_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE between student and teacher tokens ``[B, N, C]`` over the tokens with ``keep > 0.5``
+    (``[B, N]``), after a parameter-free LayerNorm; 0 when no token is kept."""
+    s = F.layer_norm(student.float(), student.shape[-1:])
+    t = F.layer_norm(teacher.float(), teacher.shape[-1:])
+    mask = keep > 0.5
+    if not bool(mask.any()):
+        return s.sum() * 0.0
+    return F.mse_loss(s[mask], t[mask])
+
+
+class Distiller:
+    """The frozen teacher and the forward hooks that compare it with the student.
+
+    A forward hook on the distilled module (the one :func:`apply_dynamicvit` was given) runs
+    the teacher on the same inputs after every training forward of the student; forward hooks
+    on each tower's last block capture the token features of both.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, hooks: list[DynamicViTHook],
+                 kl_weight: float, token_weight: float, logits_fn: Callable[[Any], torch.Tensor]) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.hooks = hooks
+        self.kl_weight, self.token_weight, self.logits_fn = kl_weight, token_weight, logits_fn
+        self.handles = [model.register_forward_hook(self._after_forward, with_kwargs=True)]
+        student_towers = find_towers(model, "image")
+        teacher_towers = find_towers(teacher, "image")
+        for hook, s_tower, t_tower in zip(hooks, student_towers, teacher_towers):
+            self.handles.append(s_tower.blocks()[-1].register_forward_hook(self._capture(hook, s_tower, "last_tokens")))
+            self.handles.append(t_tower.blocks()[-1].register_forward_hook(self._capture(hook, t_tower, "teacher_tokens")))
+
+    @staticmethod
+    def _capture(hook: DynamicViTHook, tower: TowerAdapter, attr: str) -> Callable:
+        def capture(module: nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            setattr(hook, attr, out.transpose(0, 1) if tower.sequence_first else out)
+        return capture
+
+    def _sync_teacher(self, model: nn.Module) -> None:
+        param = next(model.parameters())
+        t_param = next(self.teacher.parameters())
+        if t_param.device != param.device or t_param.dtype != param.dtype:
+            self.teacher.to(device=param.device, dtype=param.dtype)
+
+    def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not model.training or not torch.is_grad_enabled():
+            return
+        states = [h.last_state for h in self.hooks]
+        if not states or any(s is None or not s.scratch.get(HOOK_NAME, {}).get("decisions") for s in states):
+            return  # the towers did not run a masked training forward (e.g. another entry point)
+        self._sync_teacher(model)
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher_out = self.teacher(*args, **kwargs)
+        first = states[0]
+        if self.kl_weight > 0:
+            s = self.logits_fn(output).float()
+            t = self.logits_fn(teacher_out).float()
+            kl = F.kl_div(s.log_softmax(dim=-1), t.log_softmax(dim=-1), reduction="batchmean", log_target=True)
+            first.add_aux_loss("dynamicvit/kl", kl * self.kl_weight)
+        if self.token_weight > 0:
+            for hook, state in zip(self.hooks, states):
+                if hook.last_tokens is None or hook.teacher_tokens is None:
+                    continue
+                p = state.num_prefix
+                loss = token_distillation_loss(hook.last_tokens[:, p:], hook.teacher_tokens[:, p:],
+                                               state.scratch[HOOK_NAME]["decisions"][-1])
+                state.add_aux_loss("dynamicvit/token", loss * self.token_weight)
+                hook.last_tokens = hook.teacher_tokens = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _check_weight(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a number >= 0")
+    return float(value)
+
+
+def apply_dynamicvit(model: nn.Module, rho: float = 0.7, locations: Sequence[int] | None = None,
+                     keep_ratios: Sequence[float] | None = None, distill: bool = True, ratio_weight: float = 2.0,
+                     kl_weight: float = 0.5, token_weight: float = 0.5,
+                     logits_fn: Callable[[Any], torch.Tensor] | None = None, eval_mode: EvalMode = "drop",
+                     modality: Modality = "image") -> nn.Module:
+    """Add DynamicViT predictors to every ``modality`` tower of ``model`` (in place).
+
+    Args:
+        model: any model holding supported image towers (timm ViT/DeiT, open_clip CLIP, Hugging
+            Face CLIP/BLIP). With ``distill=True`` it is also the teacher's template and its
+            ``forward`` output gives the logits, so pass the module you call in training
+            (not a LightningModule: pass its backbone).
+        rho: base keep ratio in (0, 1]; stage ``s`` keeps ``rho**(s+1)`` of the patch tokens.
+        locations: block indices (strictly increasing) in front of which predictors decide;
+            default three evenly spaced blocks, ``(3, 6, 9)`` for 12 blocks.
+        keep_ratios: explicit per-stage ratios in (0, 1], non-increasing (overrides ``rho``).
+        distill: keep a frozen copy of ``model`` (as it is now) as teacher for the KL and
+            token losses.
+        ratio_weight, kl_weight, token_weight: loss weights (paper: 2.0, 0.5, 0.5).
+        logits_fn: output → logits for the KL loss (default :func:`default_logits`).
+        eval_mode: ``"drop"`` (real pruning, the fast path) or ``"mask"`` (decisions as masks).
+
+    Raises:
+        ValueError: naming the bad argument (ratios outside (0, 1], bad locations ...).
+
+    Returns:
+        ``model``. Applying twice replaces the earlier predictors (and re-copies the teacher).
+    """
+    rho = check_ratio("rho", rho)
+    if keep_ratios is not None:
+        if isinstance(keep_ratios, (str, bytes)) or not isinstance(keep_ratios, Sequence):
+            raise ValueError(f"keep_ratios={keep_ratios!r} must be a sequence of numbers in (0, 1]")
+        ratios = [check_ratio(f"keep_ratios[{i}]", r) for i, r in enumerate(keep_ratios)]
+        if any(b > a for a, b in zip(ratios, ratios[1:])):
+            raise ValueError(f"keep_ratios={list(keep_ratios)!r} must be non-increasing (masks only shrink)")
+    if modality != "image":
+        raise ValueError(f"modality={modality!r}: DynamicViT prunes image tokens only")
+    if eval_mode not in ("drop", "mask"):
+        raise ValueError(f"eval_mode={eval_mode!r} must be 'drop' or 'mask'")
+    weights = {n: _check_weight(n, v) for n, v in
+               (("ratio_weight", ratio_weight), ("kl_weight", kl_weight), ("token_weight", token_weight))}
+    if not isinstance(distill, bool):
+        raise ValueError(f"distill={distill!r} must be a boolean")
+    if hooks_named(model, HOOK_NAME):
+        remove_dynamicvit(model)
+    towers = find_towers(model, modality)
+    plans = []
+    for tower in towers:  # validate every tower before changing any
+        locs = check_locations("locations", locations, len(tower.blocks()))
+        if keep_ratios is not None and len(ratios) != len(locs):
+            raise ValueError(f"keep_ratios has {len(ratios)} entries but there are {len(locs)} locations {locs}")
+        plans.append((locs, ratios if keep_ratios is not None else hierarchical_ratios(rho, len(locs))))
+    teacher = copy.deepcopy(model) if distill else None
+
+    made: dict[int, DynamicViTHook] = {}
+
+    def make_hook(tower: TowerAdapter) -> DynamicViTHook:
+        locs, stage_ratios = plans[len(made)]
+        param = next(tower.root.parameters())
+        predictors = DynamicViTPredictors(tower.embed_dim, len(locs)).to(device=param.device, dtype=param.dtype)
+        predictors.train(tower.root.training)
+        setattr(tower.root, MODULE_NAME, predictors)
+        hook = DynamicViTHook(predictors, locs, stage_ratios, weights["ratio_weight"], eval_mode)
+        made[id(tower.root)] = hook
+        return hook
+
+    install_hook(model, make_hook, modality)
+    if teacher is not None:
+        model.__dict__[DISTILLER_ATTR] = Distiller(model, teacher, list(made.values()), weights["kl_weight"],
+                                                   weights["token_weight"], logits_fn or default_logits)
+    return model
+
+
+def remove_dynamicvit(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_dynamicvit`: drop the hooks, the predictors and the teacher."""
+    distiller = model.__dict__.pop(DISTILLER_ATTR, None)
+    if distiller is not None:
+        distiller.remove()
+    if remove_hook(model, HOOK_NAME) == 0:
+        raise ValueError(f"DynamicViT is not applied to this {type(model).__name__}; nothing to remove")
+    for tower in find_towers(model):
+        if MODULE_NAME in tower.root._modules:
+            delattr(tower.root, MODULE_NAME)
+    return model
+
+
+def dynamicvit_teacher(model: nn.Module) -> nn.Module | None:
+    """The frozen teacher of an applied DynamicViT (``None`` without distillation)."""
+    distiller = model.__dict__.get(DISTILLER_ATTR)
+    return distiller.teacher if distiller is not None else None
+
+
+def dynamicvit_predictors(model: nn.Module) -> list[DynamicViTPredictors]:
+    """The predictor modules, one per patched tower."""
+    return [h.predictors for h in hooks_named(model, HOOK_NAME)]
+
+
+register_method(Method(name="dynamicvit", apply=apply_dynamicvit, remove=remove_dynamicvit,
+                       defaults={"rho": 0.7, "distill": False}, kind="tokens",
+                       description="DynamicViT learned token pruning (predictors + masked attention)"))
