@@ -1,1 +1,24 @@
-"""See the README architecture section."""
+"""Lightning callbacks: each wraps one vleff method or measurement (thin; the work is done in
+the method and profile layers). Imported lazily so ``import vleff.callbacks`` stays cheap."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public callback name -> defining module
+_CALLBACKS = {
+    "TokenMerging": "vleff.callbacks.token_merging",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module(_CALLBACKS[name]), name)
+    raise AttributeError(f"module 'vleff.callbacks' has no attribute {name!r}; available: {', '.join(sorted(_CALLBACKS))}")
+
+
+def __dir__() -> list[str]:
+    return sorted(_CALLBACKS)
+
+
+__all__ = sorted(_CALLBACKS)
