@@ -1,0 +1,68 @@
+"""Mixins for LightningModules that build their own optimizer (GaLore) or opt into MeZO in code.
+
+>>> class MyModule(GaLoreMixin, L.LightningModule):
+...     def configure_optimizers(self):
+...         return self.galore_optimizer(lr=1e-4, weight_decay=0.05, rank=128)
+
+>>> class MyModule(MeZOMixin, L.LightningModule):
+...     mezo_config = dict(eps=1e-3, lr=1e-6)      # training_step stays as it is
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import nn
+
+from vleff.memory.galore import GaLoreAdamW
+from vleff.memory.selection import DEFAULT_EXCLUDE, galore_param_groups
+
+__all__ = ["GaLoreMixin", "MeZOMixin"]
+
+
+class GaLoreMixin:
+    """Adds :meth:`galore_optimizer` (projected 2-D weights + plain AdamW for the rest)."""
+
+    def galore_optimizer(self, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                         eps: float = 1e-8, *, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                         proj_type: str = "std", targets: str | Sequence[str] | None = None,
+                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE) -> GaLoreAdamW:
+        if not isinstance(self, nn.Module):
+            raise TypeError("GaLoreMixin must be mixed into an nn.Module (a LightningModule)")
+        groups = galore_param_groups(self, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                                     proj_type=proj_type, targets=targets, exclude=exclude)
+        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class MeZOMixin:
+    """Turns the module's own ``training_step`` into MeZO steps at fit start.
+
+    Set ``mezo_config`` (keyword arguments of :class:`vleff.callbacks.MeZO`). Same
+    implementation as the callback (:func:`vleff.callbacks.mezo.install_mezo`).
+    """
+
+    mezo_config: ClassVar[dict[str, Any]] = {}
+
+    def on_fit_start(self) -> None:
+        from vleff.callbacks.mezo import install_mezo
+
+        super_hook = getattr(super(), "on_fit_start", None)
+        if super_hook is not None:
+            super_hook()
+        install_mezo(self.trainer, self, **self.mezo_config)  # type: ignore[attr-defined, arg-type]
+
+    def on_train_epoch_end(self) -> None:
+        from vleff.callbacks.mezo import _step_schedulers
+
+        super_hook = getattr(super(), "on_train_epoch_end", None)
+        if super_hook is not None:
+            super_hook()
+        _step_schedulers(self.trainer, "epoch")  # type: ignore[attr-defined]
+
+    def on_fit_end(self) -> None:
+        from vleff.callbacks.mezo import uninstall_mezo
+
+        super_hook = getattr(super(), "on_fit_end", None)
+        if super_hook is not None:
+            super_hook()
+        uninstall_mezo(self)  # type: ignore[arg-type]

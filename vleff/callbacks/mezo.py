@@ -1,0 +1,169 @@
+"""Lightning callback: fine-tune with MeZO (forward passes only) and an unchanged ``training_step``.
+
+>>> trainer = L.Trainer(callbacks=[vleff.callbacks.MeZO(eps=1e-3, lr=1e-6)])
+
+At fit start the callback
+
+* replaces the module's optimizer by :class:`vleff.memory.MeZO` over the same parameters
+  (and groups, so an LR scheduler keeps driving the lr; ``lr=`` overrides it),
+* switches the module to manual optimization and wraps its ``training_step``: the wrapped
+  step puts the module in eval mode (dropout off), lets MeZO evaluate the user's loss twice
+  at ``θ ± εz`` under ``torch.no_grad()`` and applies the update. No autograd graph and no
+  ``.grad`` buffers ever exist.
+* Under DDP every rank draws the same ``z`` (seed = base seed + step, identical everywhere)
+  and the projected gradient is averaged with ``strategy.reduce``, so ranks stay identical;
+  DDP's gradient hooks are disabled because nothing runs backward.
+
+Manual optimization means Lightning no longer steps LR schedulers; the wrapped step does
+(``interval="step"`` every ``frequency`` steps, ``"epoch"`` at epoch end, plateau schedulers
+with their monitored metric when it has been logged).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from vleff.callbacks.optimizer_swap import check_strategy, swap_optimizers, user_optimizers
+from vleff.memory.convert import mezo_from_optimizer
+from vleff.memory.mezo import MeZO as MeZOOptimizer
+
+__all__ = ["MeZO", "install_mezo", "uninstall_mezo"]
+
+_ATTR = "_vleff_mezo"
+
+
+def _step_schedulers(trainer: pl.Trainer, interval: str) -> None:
+    for config in trainer.strategy.lr_scheduler_configs:
+        if config.interval != interval:
+            continue
+        count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
+        if count % config.frequency:
+            continue
+        if config.reduce_on_plateau:
+            metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            if metric is not None:
+                config.scheduler.step(metric)
+        else:
+            config.scheduler.step()
+
+
+def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: float = 1e-3,
+                 lr: float | None = None, weight_decay: float | None = None,
+                 params: str | Sequence[str] | None = None, seed: int = 0) -> MeZOOptimizer:
+    """Swap in the MeZO optimizer and wrap ``pl_module.training_step`` (callback and mixin share this)."""
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
+    check_strategy(trainer, "MeZO")
+    olds = user_optimizers(trainer)
+    if len(olds) > 1:
+        raise ValueError(f"MeZO works with one optimizer, but configure_optimizers returned {len(olds)} "
+                         f"({', '.join(type(o).__name__ for o in olds)}); return one (with param groups) instead")
+    precision = str(trainer.precision)
+    if precision.startswith("16"):
+        raise ValueError(f"MeZO does not support precision={precision!r} (the loss scaler needs gradients); use "
+                         "'32-true' or 'bf16-mixed' with fp32 weights")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"MeZO takes one step per batch; accumulate_grad_batches={trainer.accumulate_grad_batches} "
+                         "is not supported (use a larger batch)")
+    strategy = trainer.strategy
+    seed = int(strategy.broadcast(int(seed)))
+    distributed = trainer.world_size > 1
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return strategy.reduce(t, reduce_op="mean")
+
+    def convert(opt: Any) -> MeZOOptimizer:
+        return mezo_from_optimizer(opt, pl_module, lr=lr, eps=eps, weight_decay=weight_decay, params=params,
+                                   seed=seed, reduce=reduce if distributed else None)
+
+    (optimizer,) = swap_optimizers(trainer, convert, base_lr=lr)
+    if not olds:  # no scheduler can drive a placeholder optimizer
+        strategy.lr_scheduler_configs = []
+    ddp = strategy.model
+    if ddp is not None and hasattr(ddp, "require_backward_grad_sync"):
+        ddp.require_backward_grad_sync = False  # nothing runs backward: keep the reducer idle
+
+    original = pl_module.training_step
+    saved = {"automatic_optimization": pl_module.automatic_optimization, "original": original,
+             "had_instance_attr": "training_step" in vars(pl_module)}
+    pl_module.automatic_optimization = False
+
+    @functools.wraps(original)
+    def mezo_training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        modes = [(m, m.training) for m in pl_module.modules()]
+        pl_module.eval()  # dropout off for both losses
+        try:
+            loss = pl_module.optimizers().step(closure=lambda: original(*args, **kwargs))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        _step_schedulers(trainer, "step")
+        opt = trainer.strategy.optimizers[0]
+        if isinstance(opt, MeZOOptimizer) and opt.last_projected_grad is not None:
+            pl_module.log("mezo/projected_grad", opt.last_projected_grad.float(), on_step=True, on_epoch=False)
+            pl_module.log("mezo/loss", loss.float(), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    pl_module.training_step = mezo_training_step  # type: ignore[method-assign]
+    setattr(pl_module, _ATTR, saved)
+    return optimizer
+
+
+def uninstall_mezo(pl_module: pl.LightningModule) -> None:
+    """Undo :func:`install_mezo`'s changes to the module (the optimizer stays)."""
+    saved = getattr(pl_module, _ATTR, None)
+    if saved is None:
+        return
+    if saved["had_instance_attr"]:
+        pl_module.training_step = saved["original"]  # type: ignore[method-assign]
+    else:
+        del pl_module.training_step
+    pl_module.automatic_optimization = saved["automatic_optimization"]
+    delattr(pl_module, _ATTR)
+
+
+class MeZO(Callback):
+    """Zeroth-order fine-tuning of an unchanged LightningModule.
+
+    Args:
+        eps: perturbation size ε (> 0).
+        lr: step size for every group; ``None`` keeps the lr of the optimizer
+            ``configure_optimizers`` returns (required when it returns none). MeZO's
+            full-parameter runs use 1e-6 to 1e-7.
+        weight_decay: overrides the groups' weight decay; biases and norms never decay.
+        params: regular expressions on parameter names to train a subset (default: every
+            parameter of the optimizer).
+        seed: base seed for the perturbations (step ``t`` uses ``seed + t``).
+    """
+
+    def __init__(self, eps: float = 1e-3, lr: float | None = None, weight_decay: float | None = None,
+                 params: str | Sequence[str] | None = None, seed: int = 0) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
+        if lr is not None and not lr >= 0:
+            raise ValueError(f"lr={lr!r} is not allowed; it must be >= 0")
+        if weight_decay is not None and not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r} is not allowed; it must be >= 0")
+        self.eps = eps
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.params = list(params) if isinstance(params, (list, tuple)) else params
+        self.seed = seed
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        install_mezo(trainer, pl_module, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
+                     params=self.params, seed=self.seed)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _step_schedulers(trainer, "epoch")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        uninstall_mezo(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        uninstall_mezo(pl_module)

@@ -1,0 +1,49 @@
+"""Replace the optimizers Lightning built from ``configure_optimizers`` (used by GaLore and MeZO).
+
+Lightning 2.x keeps the raw optimizers in ``trainer.strategy.optimizers`` (its setter also
+rebuilds the ``LightningOptimizer`` wrappers that ``self.optimizers()`` returns) and the
+schedulers in ``trainer.strategy.lr_scheduler_configs``. The swap runs in ``on_fit_start``:
+after the strategy created the optimizers and before a checkpoint's optimizer state is
+restored, so resuming loads the state into the converted optimizer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+from torch.optim import Optimizer
+
+from vleff.memory.convert import rebind_scheduler
+
+__all__ = ["check_strategy", "swap_optimizers", "user_optimizers"]
+
+
+def user_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
+    """The optimizers ``configure_optimizers`` returned (Lightning's placeholder left out)."""
+    from lightning.pytorch.core.optimizer import _MockOptimizer
+
+    return [opt for opt in trainer.strategy.optimizers if not isinstance(opt, _MockOptimizer)]
+
+
+def check_strategy(trainer: pl.Trainer, saver: str) -> None:
+    """Refuse strategies that shard or flatten parameters: per-matrix state cannot follow them."""
+    name = type(trainer.strategy).__name__
+    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+        raise RuntimeError(f"{saver} supports single-device and DDP strategies; {name} shards or flattens "
+                           "parameters, which the per-matrix optimizer state cannot follow")
+
+
+def swap_optimizers(trainer: pl.Trainer, convert: Callable[[Optimizer | None], Optimizer],
+                    base_lr: float | None = None) -> list[Optimizer]:
+    """Replace every user optimizer (or the placeholder, when there is none) by ``convert(opt)``
+    and point the LR schedulers at the replacement. Returns the new optimizers."""
+    strategy = trainer.strategy
+    olds = user_optimizers(trainer)
+    pairs = [(old, convert(old)) for old in olds] if olds else [(None, convert(None))]
+    for old, new in pairs:
+        if old is None:
+            continue
+        for config in strategy.lr_scheduler_configs:
+            rebind_scheduler(config.scheduler, old, new, base_lr)
+    strategy.optimizers = [new for _, new in pairs]
+    return strategy.optimizers

@@ -1,0 +1,198 @@
+"""GaLore: Adam with moments kept in a low-rank projection of each 2-D gradient (Zhao et al., ICML 2024).
+
+For a projected weight with gradient ``G`` of shape ``[m, n]``, every ``update_proj_gap`` steps
+the optimizer takes the SVD of ``G`` (in fp32) and keeps the top-``r`` singular vectors ``P``
+(right ones when ``m >= n``, left ones otherwise, for ``proj_type="std"``). Each step then
+
+1. projects ``R = project(G, P, side)``  (``[m, r]`` or ``[r, n]``),
+2. runs the Adam moment update and bias correction on ``R`` (so the two moments cost
+   ``2 · r · max(m, n)`` numbers instead of ``2 · m · n``),
+3. maps the normalised update back, ``U = scale · project_back(N, P, side)``, and applies it
+   like AdamW (decoupled weight decay on the full weight).
+
+Parameters without projection (biases, norms, embeddings, or any group without ``rank``) get
+exactly :class:`torch.optim.AdamW`'s update, so one optimizer serves the whole model.
+
+Checkpoints: the projection ``P`` is a plain tensor in ``optimizer.state[p]["proj"]`` and its
+side a Python bool (``"proj_right"``), so ``optimizer.state_dict()`` round-trips through
+``torch.load(weights_only=True)``. The moments are not reset when ``P`` is refreshed (as in the
+paper's reference algorithm).
+
+The projected update is :func:`vleff.kernels.galore_step.galore_adam_step`: projection and
+back-projection of :mod:`vleff.kernels.lowrank` (reference) or one fused Triton kernel on GPU.
+Moments of projected weights are fp32 whatever the parameter dtype.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from vleff.kernels.galore_step import galore_adam_step
+
+__all__ = ["GaLoreAdamW", "PROJ_TYPES", "galore_projection"]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+def _projects_right(shape: torch.Size, proj_type: str) -> bool:
+    """Which side a ``[m, n]`` gradient is projected on: right keeps ``[m, r]`` moments."""
+    m, n = shape
+    if proj_type == "std":
+        return m >= n
+    if proj_type == "reverse_std":
+        return m < n
+    if proj_type == "right":
+        return True
+    if proj_type == "left":
+        return False
+    raise ValueError(f"proj_type={proj_type!r} is not allowed; use one of {', '.join(PROJ_TYPES)}")
+
+
+def galore_projection(grad: torch.Tensor, rank: int, proj_type: str = "std") -> tuple[torch.Tensor, bool]:
+    """Top-``rank`` singular vectors of a 2-D gradient, computed in fp32.
+
+    Returns ``(P, right)``: ``P = Vh[:r]`` (``[r, n]``) when ``right`` else ``U[:, :r]``
+    (``[m, r]``), with ``r = min(rank, m, n)`` so a rank larger than the matrix is the full,
+    orthogonal basis (round trip = identity).
+    """
+    if grad.ndim != 2:
+        raise ValueError(f"GaLore projects 2-D gradients only, got shape {tuple(grad.shape)}")
+    right = _projects_right(grad.shape, proj_type)
+    r = min(int(rank), grad.shape[0], grad.shape[1])
+    u, _, vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
+    proj = vh[:r].contiguous() if right else u[:, :r].contiguous()
+    return proj, right
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Validate one param group; errors name the key, the value and what is allowed."""
+    lr = group["lr"]
+    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr)) or lr < 0:
+        raise ValueError(f"lr={lr!r} is not allowed; it must be a number >= 0")
+    eps = group["eps"]
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} is not allowed; it must be > 0")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas={tuple(betas)!r} is not allowed; both must be in [0, 1)")
+    if group["weight_decay"] < 0:
+        raise ValueError(f"weight_decay={group['weight_decay']!r} is not allowed; it must be >= 0")
+    rank = group["rank"]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank={rank!r} is not allowed; use a positive int (or None for no projection)")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"update_proj_gap={gap!r} is not allowed; use a positive int (steps between SVDs)")
+    if not group["scale"] > 0:
+        raise ValueError(f"scale={group['scale']!r} is not allowed; it must be > 0")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"proj_type={group['proj_type']!r} is not allowed; use one of {', '.join(PROJ_TYPES)}")
+    mask = group.get("project")
+    if mask is not None and len(mask) != len(group["params"]):
+        raise ValueError(f"param group key 'project' has {len(mask)} entries for {len(group['params'])} params; "
+                         "it must hold one bool per parameter")
+
+
+class GaLoreAdamW(Optimizer):
+    """AdamW whose 2-D parameters (in groups with ``rank``) keep their moments in a rank-r space.
+
+    Args:
+        params: parameters or param groups. A group is projected when its ``rank`` is an int;
+            inside such a group every 2-D parameter is projected unless the group carries
+            ``"project": [bool, ...]`` (one per parameter; :func:`galore_param_groups` and the
+            Lightning callback set it).
+        lr, betas, eps, weight_decay: as :class:`torch.optim.AdamW`.
+        rank: default rank for groups that do not set one (``None``: no projection).
+        update_proj_gap: steps between SVD refreshes of a parameter's projection (``T``);
+            the SVD runs on steps 1, T+1, 2T+1, ...
+        scale: ``α``, multiplies the back-projected update.
+        proj_type: ``"std"`` (right if ``m >= n`` else left), ``"reverse_std"``, ``"left"``,
+            ``"right"``.
+        decoupled_weight_decay: ``True`` is AdamW; ``False`` adds ``weight_decay · p`` to the
+            gradient first (``torch.optim.Adam``'s L2 penalty), so Adam can be converted too.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None,
+                 update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+                 decoupled_weight_decay: bool = True) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        _check_group({**defaults, "params": []})
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    @staticmethod
+    def projection_mask(group: dict[str, Any]) -> list[bool]:
+        """Which parameters of ``group`` are projected (always ``False`` for non-2-D ones)."""
+        if group["rank"] is None:
+            return [False] * len(group["params"])
+        mask = group.get("project")
+        if mask is None:
+            mask = [True] * len(group["params"])
+        return [bool(m) and p.ndim == 2 for p, m in zip(group["params"], mask)]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step; ``closure`` (re-evaluates the loss) is supported like AdamW."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p, projected in zip(group["params"], self.projection_mask(group)):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                self._update(p, group, projected)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], projected: bool) -> None:
+        grad = p.grad
+        state = self.state[p]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+        step = int(state["step"].item())
+        if wd and not group["decoupled_weight_decay"]:
+            grad = grad.add(p, alpha=wd)
+
+        if projected:
+            if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
+                state["proj"], state["proj_right"] = galore_projection(grad, group["rank"], group["proj_type"])
+            proj = state["proj"]
+            side = "right" if state["proj_right"] else "left"
+            if "exp_avg" not in state:
+                r = proj.shape[0] if side == "right" else proj.shape[1]
+                low_shape = (p.shape[0], r) if side == "right" else (r, p.shape[1])
+                state["exp_avg"] = torch.zeros(low_shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(low_shape, dtype=torch.float32, device=p.device)
+            # project -> Adam in rank r -> project back -> decoupled decay + update (fused on GPU)
+            galore_adam_step(p, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=step, lr=lr,
+                             betas=(beta1, beta2), eps=eps,
+                             weight_decay=wd if group["decoupled_weight_decay"] else 0.0, scale=group["scale"])
+            return
+
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        if wd and group["decoupled_weight_decay"]:
+            p.mul_(1 - lr * wd)
+        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)

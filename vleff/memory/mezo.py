@@ -1,0 +1,180 @@
+"""MeZO: zeroth-order fine-tuning with two forward passes per step (Malladi et al., NeurIPS 2023).
+
+SPSA with the random direction regenerated from a seed instead of stored::
+
+    θ += ε z ;  L+ = L(θ)
+    θ -= 2ε z ; L- = L(θ)
+    θ += ε z                       # restore
+    g  = (L+ - L-) / 2ε            # projected gradient, an estimate of zᵀ∇L
+    θ -= lr · (g z + wd θ)         # z regenerated from the same seed; no decay on biases/norms
+
+Memory is inference memory: no autograd graph, no ``.grad`` buffers, no optimizer moments,
+and ``z`` exists one parameter at a time.
+
+Direction contract (tests and users can rebuild ``z``): for a seed ``s``, the parameters are
+visited in param-group order and each gets ``torch.randn(p.shape, generator=g, dtype=p.dtype)``
+from one ``torch.Generator(device=p.device).manual_seed(s)`` per device, drawn in that order.
+
+Restoring is exact only up to rounding (``θ + εz - 2εz + εz``): keep fp32 master weights; in
+bf16/fp16 the parameter drifts by a few ulps per step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["MeZO", "directions", "perturb_", "spsa_projected_grad"]
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def directions(params: Iterable[torch.Tensor], seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(p, z_p)`` with ``z`` drawn from ``seed`` (see the module's direction contract)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for p in params:
+        gen = generators.get(p.device)
+        if gen is None:
+            gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(int(seed))
+        yield p, torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+
+
+@torch.no_grad()
+def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float) -> None:
+    """In place ``p += scale · z`` for every parameter, ``z`` regenerated from ``seed``."""
+    for p, z in directions(params, seed):
+        p.add_(z, alpha=scale)
+
+
+def _as_loss(value: Any) -> torch.Tensor:
+    if isinstance(value, dict):
+        if "loss" not in value:
+            raise ValueError(f"MeZO needs a loss; the closure returned a dict without 'loss' (keys: {list(value)})")
+        value = value["loss"]
+    if not torch.is_tensor(value) or value.numel() != 1:
+        raise ValueError(f"MeZO needs a scalar loss tensor from the closure, got {type(value).__name__}"
+                         + (f" of shape {tuple(value.shape)}" if torch.is_tensor(value) else ""))
+    return value.detach().reshape(())
+
+
+@torch.no_grad()
+def spsa_projected_grad(params: list[torch.Tensor], loss_fn: Callable[[], Any], seed: int,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-point estimate ``(L(θ+εz) - L(θ-εz)) / 2ε``; the weights are restored afterwards.
+
+    Returns ``(projected_grad, loss_plus, loss_minus)`` as 0-d tensors (fp64 for the gradient
+    when the losses are fp64, else fp32).
+    """
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
+    offset = eps
+    perturb_(params, seed, eps)
+    try:
+        loss_plus = _as_loss(loss_fn())
+        perturb_(params, seed, -2 * eps)
+        offset = -eps
+        loss_minus = _as_loss(loss_fn())
+    finally:
+        perturb_(params, seed, -offset)  # restore, also when a loss raised half-way
+    dtype = torch.float64 if loss_plus.dtype == torch.float64 else torch.float32
+    grad = (loss_plus.to(dtype) - loss_minus.to(dtype)) / (2 * eps)
+    return grad, loss_plus, loss_minus
+
+
+class MeZO(Optimizer):
+    """Zeroth-order SGD as a closure optimizer: ``optimizer.step(closure)`` with ``closure()``
+    returning the loss (a tensor, or a dict with ``"loss"``); the closure is called twice
+    under ``torch.no_grad()`` at the perturbed weights.
+
+    Args:
+        params: parameters or param groups (each group may set ``lr``, ``weight_decay`` and
+            ``"decay": [bool, ...]`` — one per parameter, ``False`` for biases and norms; the
+            Lightning callback fills it with :func:`vleff.memory.selection.wants_decay`).
+        lr: step size (MeZO's full-parameter runs use 1e-6 to 1e-7).
+        eps: perturbation size ε.
+        weight_decay: decoupled decay ``lr · wd · θ`` on parameters marked for decay.
+        seed: base seed; step ``t`` uses ``seed + t`` so every DDP rank draws the same ``z``
+            without communicating (the step count is in ``state_dict()`` for resume).
+        reduce: optional ``reduce(tensor) -> tensor`` averaging the projected gradient across
+            processes (DDP); ranks then apply identical updates.
+
+    ``step`` returns the closure's loss at the unperturbed point estimate ``(L+ + L-)/2`` and
+    leaves ``last_projected_grad``, ``last_loss_plus``/``last_loss_minus`` for logging.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 seed: int = 0, reduce: Reduce | None = None) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
+        if not lr >= 0:
+            raise ValueError(f"lr={lr!r} is not allowed; it must be >= 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r} is not allowed; it must be >= 0")
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.base_seed = int(seed)
+        self.reduce = reduce
+        self.steps_done = 0
+        self.last_projected_grad: torch.Tensor | None = None
+        self.last_loss_plus: torch.Tensor | None = None
+        self.last_loss_minus: torch.Tensor | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group["eps"] > 0:
+            raise ValueError(f"eps={group['eps']!r} is not allowed; MeZO's perturbation size must be > 0")
+        decay = group.get("decay")
+        if decay is not None and len(decay) != len(group["params"]):
+            raise ValueError(f"param group key 'decay' has {len(decay)} entries for {len(group['params'])} params")
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def current_seed(self) -> int:
+        """Seed of the next step (identical on every rank that started from the same state)."""
+        return self.base_seed + self.steps_done
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("MeZO.step needs a closure that returns the loss (it evaluates it twice)")
+        eps_values = {g["eps"] for g in self.param_groups}
+        if len(eps_values) != 1:
+            raise ValueError(f"all MeZO param groups must share one eps, got {sorted(eps_values)}")
+        eps = eps_values.pop()
+        seed = self.current_seed()
+        params = self._params()
+        grad, loss_plus, loss_minus = spsa_projected_grad(params, closure, seed, eps)
+        if self.reduce is not None:
+            grad = self.reduce(grad)
+        self._apply(seed, float(grad))
+        self.steps_done += 1
+        self.last_projected_grad, self.last_loss_plus, self.last_loss_minus = grad, loss_plus, loss_minus
+        return (loss_plus + loss_minus) / 2
+
+    @torch.no_grad()
+    def _apply(self, seed: int, projected_grad: float) -> None:
+        """``θ -= lr (g z + wd θ)``; ``z`` regenerated in the same order as the perturbation."""
+        flags = []
+        for group in self.param_groups:
+            decay = group.get("decay") or [True] * len(group["params"])
+            flags.extend((group["lr"], group["weight_decay"] if d else 0.0) for d in decay)
+        for (p, z), (lr, wd) in zip(directions(self._params(), seed), flags):
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(z, alpha=-lr * projected_grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["mezo"] = {"base_seed": self.base_seed, "steps_done": self.steps_done}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mezo", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.base_seed = int(extra["base_seed"])
+            self.steps_done = int(extra["steps_done"])
