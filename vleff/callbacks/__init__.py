@@ -8,6 +8,8 @@ from typing import Any
 # public callback name -> defining module
 _CALLBACKS = {
     "TokenMerging": "vleff.callbacks.token_merging",
+    "GaLore": "vleff.callbacks.galore",
+    "MeZO": "vleff.callbacks.mezo",
 }
 
 
