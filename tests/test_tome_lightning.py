@@ -1,0 +1,88 @@
+"""ToMe in a real Trainer.fit: callback, schedule through checkpoints, mixin, DDP."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import tiny_lightning as tl
+import vleff
+from vleff.callbacks import TokenMerging
+from vleff.mixins import TokenMergingMixin
+from vleff.tokens.schedule import RSchedule
+from vleff.tokens.tome import tome_r
+
+
+class RecordR(pl.Callback):
+    """Records the r in force at every training batch (runs after TokenMerging)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, tome_r(pl_module)[0]))
+
+
+def test_callback_merges_during_fit_and_stays_applied(tmp_path):
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [TokenMerging(r=3)], max_steps=3)
+    trainer.fit(module, tl.loader(), tl.loader(8))
+    assert vleff.last_token_state(module).token_counts == [17, 14, 11]
+    assert trainer.callback_metrics["tome/r_mean"] == 3
+    vleff.remove_tome(module)
+    module(torch.randn(1, 3, 32, 32))
+    assert vleff.last_token_state(module) is None
+
+
+def test_schedule_values():
+    sched = RSchedule(r=4, schedule="linear", warmup_steps=4)
+    assert [sched.r_at(s, 2)[0] for s in range(6)] == [0, 1, 2, 3, 4, 4]
+    assert RSchedule.from_state_dict(RSchedule(r=(4, 0.5)).state_dict()).r == (4, 0.5)
+    with pytest.raises(ValueError, match="schedule='cosine'"):
+        RSchedule(schedule="cosine")
+    with pytest.raises(ValueError, match="warmup_steps > 0"):
+        RSchedule(schedule="linear")
+    with pytest.raises(ValueError, match="r=-2"):
+        TokenMerging(r=-2)
+
+
+def test_checkpoint_resume_continues_schedule(tmp_path):
+    ckpt = tmp_path / "mid.ckpt"
+    first = RecordR()
+    trainer = tl.trainer(tmp_path, [TokenMerging(r=4, schedule="linear", warmup_steps=8), first], max_steps=4)
+    trainer.fit(tl.TinyClassifier(), tl.loader(32))
+    trainer.save_checkpoint(ckpt)
+    assert [r for _, r in first.seen] == [0, 0, 1, 2]  # round(4 * step / 8)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert any("TokenMerging" in key for key in saved)
+
+    second = RecordR()
+    resumed = tl.trainer(tmp_path, [TokenMerging(r=4, schedule="linear", warmup_steps=8), second], max_steps=9, max_epochs=-1)
+    resumed.fit(tl.TinyClassifier(), tl.loader(32), ckpt_path=ckpt)
+    assert second.seen[0] == (4, 2)  # continues at step 4, not from 0
+    assert [r for _, r in second.seen] == [2, 2, 3, 4, 4]
+
+
+class MixinClassifier(TokenMergingMixin, tl.TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.enable_token_merging(r=4, schedule="linear", warmup_steps=4)
+
+
+def test_mixin_schedule_and_checkpoint(tmp_path):
+    module = MixinClassifier()
+    trainer = tl.trainer(tmp_path, max_steps=2)
+    trainer.fit(module, tl.loader(16))
+    assert tome_r(module)[0] == 1  # last batch ran at global step 1: round(4 * 1/4)
+    ckpt = tmp_path / "mixin.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=False)["vleff_tome_schedule"]["warmup_steps"] == 4
+
+
+def test_ddp_two_processes_cpu(tmp_path):
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [TokenMerging(r=3)], max_steps=2, devices=2, strategy="ddp_spawn")
+    trainer.fit(module, tl.loader(16))
+    assert trainer.state.finished
+    # metrics come back from rank 0: ToMe ran in the worker processes
+    assert float(trainer.callback_metrics["tome/r_mean"]) == 3

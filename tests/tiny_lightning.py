@@ -1,0 +1,46 @@
+"""A minimal LightningModule and data for callback tests (independent of vleff's apps layer)."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import tiny_models as tm
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self, depth: int = 3, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model = tm.timm_vit(depth=depth)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def loader(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, tm.IMG, tm.IMG, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
+    opts = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0)
+    opts.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **opts)

@@ -1,0 +1,56 @@
+"""Schedules for ToMe's r, shared by the Lightning callback and the mixin.
+
+A schedule is plain data (no Lightning), so it can be saved in checkpoints and tested alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vleff.tokens.tome import RSpec, parse_r
+
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class RSchedule:
+    """r per block as a function of the optimizer step.
+
+    * ``constant``: the full r from the first step.
+    * ``linear``: every block's r grows linearly from 0 to its full value over
+      ``warmup_steps`` optimizer steps (a gentle start when training with ToMe from scratch).
+    """
+
+    r: RSpec = 16
+    schedule: str = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not allowed; use one of {SCHEDULES}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+        if self.schedule == "linear" and self.warmup_steps == 0:
+            raise ValueError("schedule='linear' needs warmup_steps > 0")
+        parse_r(self.r, 10_000)  # validates the r specification early, with the same errors
+
+    def r_at(self, step: int, depth: int) -> list[int]:
+        """r per block at optimizer step ``step`` for a tower of ``depth`` blocks."""
+        full = parse_r(self.r, depth)
+        if self.schedule == "constant" or step >= self.warmup_steps:
+            return full
+        progress = step / self.warmup_steps
+        return [int(round(r * progress)) for r in full]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = asdict(self)
+        if isinstance(state["r"], tuple):
+            state["r"] = list(state["r"]) + ["__tuple__"]
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "RSchedule":
+        r = state["r"]
+        if isinstance(r, list) and r and r[-1] == "__tuple__":
+            r = tuple(r[:-1])
+        return cls(r=r, schedule=state["schedule"], warmup_steps=state["warmup_steps"])
