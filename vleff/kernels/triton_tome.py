@@ -77,7 +77,7 @@ def _best_match_kernel(
         a = tl.load(a_rows + ks[None, :] * stride_c, mask=row_ok[:, None] & (ks < C)[None, :], other=0.0)
         a = a.to(tl.float32)
         a_sq += tl.sum(a * a, axis=1)
-    a_inv = 1.0 / tl.maximum(tl.sqrt(a_sq), 1e-12)
+    a_norm = tl.maximum(tl.sqrt(a_sq), 1e-12)  # F.normalize's eps
 
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -100,8 +100,10 @@ def _best_match_kernel(
                 acc = tl.dot(a, b, acc)  # fp16/bf16 products are exact in the fp32 accumulator
             bf = b.to(tl.float32)
             b_sq += tl.sum(bf * bf, axis=0)
-        b_inv = 1.0 / tl.maximum(tl.sqrt(b_sq), 1e-12)
-        s = acc * a_inv[:, None] * b_inv[None, :]
+        b_norm = tl.maximum(tl.sqrt(b_sq), 1e-12)
+        # divide by the product of norms (not multiply by reciprocals): parallel vectors then
+        # score exactly +-1 and duplicated tokens tie exactly, as after F.normalize
+        s = acc / (a_norm[:, None] * b_norm[None, :])
         s = tl.where((col_ok & (cols >= b_prot))[None, :], s, float("-inf"))
         tile_max, tile_idx = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_max > best  # strict: an earlier tile wins ties, like torch.max
