@@ -65,4 +65,4 @@ class MeZOMixin:
         super_hook = getattr(super(), "on_fit_end", None)
         if super_hook is not None:
             super_hook()
-        uninstall_mezo(self)  # type: ignore[arg-type]
+        uninstall_mezo(self, restore_automatic_optimization=False)  # type: ignore[arg-type]

@@ -88,6 +88,7 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: flo
     if ddp is not None and hasattr(ddp, "require_backward_grad_sync"):
         ddp.require_backward_grad_sync = False  # nothing runs backward: keep the reducer idle
 
+    uninstall_mezo(pl_module)  # a second fit: start from the user's own module
     original = pl_module.training_step
     saved = {"automatic_optimization": pl_module.automatic_optimization, "original": original,
              "had_instance_attr": "training_step" in vars(pl_module)}
@@ -114,16 +115,28 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: flo
     return optimizer
 
 
-def uninstall_mezo(pl_module: pl.LightningModule) -> None:
-    """Undo :func:`install_mezo`'s changes to the module (the optimizer stays)."""
+def uninstall_mezo(pl_module: pl.LightningModule, restore_automatic_optimization: bool = True) -> None:
+    """Undo :func:`install_mezo`'s changes to the module (the trainer's optimizer stays MeZO).
+
+    The callback calls this at fit end with ``restore_automatic_optimization=False``: Lightning
+    reads ``trainer.global_step`` from the manual-optimization counters while the module is
+    in manual mode, so switching back would make ``global_step`` read 0 after the fit. Call it
+    with the default before training the same module with backprop again.
+    """
     saved = getattr(pl_module, _ATTR, None)
     if saved is None:
+        if restore_automatic_optimization and getattr(pl_module, "_vleff_mezo_automatic", None) is not None:
+            pl_module.automatic_optimization = pl_module._vleff_mezo_automatic
+            del pl_module._vleff_mezo_automatic
         return
     if saved["had_instance_attr"]:
         pl_module.training_step = saved["original"]  # type: ignore[method-assign]
     else:
         del pl_module.training_step
-    pl_module.automatic_optimization = saved["automatic_optimization"]
+    if restore_automatic_optimization:
+        pl_module.automatic_optimization = saved["automatic_optimization"]
+    else:
+        pl_module._vleff_mezo_automatic = saved["automatic_optimization"]
     delattr(pl_module, _ATTR)
 
 
@@ -163,7 +176,7 @@ class MeZO(Callback):
         _step_schedulers(trainer, "epoch")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        uninstall_mezo(pl_module)
+        uninstall_mezo(pl_module, restore_automatic_optimization=False)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        uninstall_mezo(pl_module)
+        uninstall_mezo(pl_module, restore_automatic_optimization=False)

@@ -1,0 +1,265 @@
+"""MeZO: the estimate against the true directional derivative, exact restore, a hand-computed
+update, the Lightning callback, and 2-process DDP (gloo) for both memory savers."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tiny_models as tm
+from vleff.memory import MeZO, directions, mezo_from_optimizer, spsa_projected_grad
+
+
+def _independent_z(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 7))
+def test_estimate_equals_directional_derivative_on_quadratic(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n + 3, n + 3, generator=g, dtype=torch.float64)
+    a = a @ a.T
+    b = torch.randn(n + 3, generator=g, dtype=torch.float64)
+    w = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(3, generator=g, dtype=torch.float64)
+    params = [w, v]
+
+    def loss():
+        theta = torch.cat([w.flatten(), v])
+        return 0.5 * theta @ a @ theta + b @ theta
+
+    theta = torch.cat([w.flatten(), v])
+    true_grad = a @ theta + b
+    z = torch.cat([t.flatten() for t in _independent_z(params, seed)])
+    est, _, _ = spsa_projected_grad(params, loss, seed=seed, eps=1e-3)
+    assert est.dtype == torch.float64
+    assert abs(est.item() - (z @ true_grad).item()) <= 1e-9 * max(1.0, abs((z @ true_grad).item()))
+
+
+def test_directions_follow_the_documented_contract():
+    params = [torch.zeros(2, 3), torch.zeros(4)]
+    for (_, z), expect in zip(directions(params, 7), _independent_z(params, 7)):
+        torch.testing.assert_close(z, expect, atol=0, rtol=0)
+
+
+def test_perturb_and_restore_leaves_weights_unchanged():
+    model = tm.open_clip_model().eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    imgs, ids = tm.images(2), tm.token_ids(2)
+
+    def loss():
+        return (model.encode_image(imgs).sum() - model.encode_text(ids).sum()) ** 2
+
+    spsa_projected_grad(list(model.parameters()), loss, seed=123, eps=1e-3)
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
+
+
+def test_one_update_equals_hand_computation():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lr, wd, eps, seed = 0.05, 0.1, 1e-3, 11
+
+    def loss_at(w_, b_):
+        return ((x @ w_ + b_).tanh() ** 2).mean()
+
+    w0, b0 = w.detach().clone(), bias.detach().clone()
+    opt = MeZO([{"params": [w, bias], "decay": [True, False]}], lr=lr, eps=eps, weight_decay=wd, seed=seed)
+    out = opt.step(lambda: loss_at(w, bias))
+
+    zw, zb = _independent_z([w0, b0], seed)
+    lp, lm = loss_at(w0 + eps * zw, b0 + eps * zb), loss_at(w0 - eps * zw, b0 - eps * zb)
+    g = (lp - lm) / (2 * eps)
+    torch.testing.assert_close(w.detach(), w0 * (1 - lr * wd) - lr * g * zw, atol=1e-12, rtol=0)
+    torch.testing.assert_close(bias.detach(), b0 - lr * g * zb, atol=1e-12, rtol=0)  # no decay on bias
+    torch.testing.assert_close(out, (lp + lm) / 2)
+    assert opt.steps_done == 1 and opt.current_seed() == seed + 1
+    assert w.grad is None and bias.grad is None
+
+
+def test_step_saves_nothing_for_backward_and_allocates_no_grads():
+    from vleff.profile import optimizer_state_bytes, saved_activation_bytes
+
+    model = tm.open_clip_model()
+    opt = mezo_from_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, eps=1e-3)
+    imgs, ids = tm.images(2), tm.token_ids(2)
+
+    def closure():
+        return (model.encode_image(imgs) * model.encode_text(ids)).sum()
+
+    assert saved_activation_bytes(lambda: opt.step(closure)) == 0
+    assert all(p.grad is None for p in model.parameters())
+    assert optimizer_state_bytes(opt) == 0
+
+
+def test_params_subset_and_no_decay_mask():
+    model = tm.open_clip_model()
+    opt = mezo_from_optimizer(None, model, lr=1e-2, weight_decay=0.1, params=r"visual\.transformer")
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = [names[id(p)] for p in opt.param_groups[0]["params"]]
+    assert chosen and all(n.startswith("visual.transformer") for n in chosen)
+    for n, d in zip(chosen, opt.param_groups[0]["decay"]):
+        assert d == (not (n.endswith("bias") or ".ln_" in n))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(lambda: model.encode_image(tm.images(2)).pow(2).sum())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in chosen)
+
+
+def test_bad_inputs_raise_clear_errors():
+    from vleff.callbacks import MeZO as MeZOCallback
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="eps=0"):
+        MeZO([p], eps=0)
+    with pytest.raises(ValueError, match="eps=-0.1"):
+        MeZOCallback(eps=-0.1)
+    with pytest.raises(ValueError, match="needs lr"):
+        mezo_from_optimizer(None, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="selected no parameter"):
+        mezo_from_optimizer(None, torch.nn.Linear(2, 2), lr=1e-3, params="nope")
+    with pytest.raises(ValueError, match="needs a closure"):
+        MeZO([p]).step()
+
+
+# ---------------------------------------------------------------- Lightning
+
+
+class _Probe:
+    """Records the mode the user's training_step ran in."""
+
+    calls: list[tuple[bool, bool]] = []
+
+
+def _probe_module(n_optimizers: int = 1):
+    import tiny_lightning as tl
+
+    class Probed(tl.TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            _Probe.calls.append((self.training, torch.is_grad_enabled()))
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+            if n_optimizers == 2:
+                return [opt, torch.optim.SGD(self.parameters(), lr=0.1)]
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module = Probed(depth=1)
+    module.automatic_optimization = n_optimizers == 1  # Lightning itself needs manual mode for two
+    return module
+
+
+def test_callback_runs_user_training_step_as_mezo(tmp_path):
+    import tiny_lightning as tl
+    from vleff.callbacks import MeZO as MeZOCallback
+
+    torch.manual_seed(0)
+    module = _probe_module()
+    before = [p.detach().clone() for p in module.parameters()]
+    _Probe.calls.clear()
+    trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback(eps=1e-3)], max_steps=4)
+    trainer.fit(module, tl.loader(n=16, batch_size=4))
+    assert trainer.global_step == 4
+    assert _Probe.calls == [(False, False)] * 8  # two losses per step, eval mode, no autograd
+    assert all(p.grad is None for p in module.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, MeZO) and opt.steps_done == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)  # StepLR(2, 0.5) stepped 4 times
+    assert "training_step" not in vars(module)  # the user's step is back after fit
+    from vleff.callbacks.mezo import uninstall_mezo
+
+    uninstall_mezo(module)
+    assert module.automatic_optimization is True
+    assert "mezo/projected_grad" in trainer.callback_metrics
+
+
+def test_callback_rejects_several_optimizers(tmp_path):
+    import tiny_lightning as tl
+    from vleff.callbacks import MeZO as MeZOCallback
+
+    trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback()], max_steps=1)
+    with pytest.raises(ValueError, match="one optimizer.*returned 2"):
+        trainer.fit(_probe_module(n_optimizers=2), tl.loader(n=4, batch_size=4))
+
+
+# ---------------------------------------------------------------- DDP (2 CPU processes, gloo)
+
+
+class _LinearModule:
+    """Built inside the workers: a two-layer MLP classifier (keeps the spawned processes light)."""
+
+    @staticmethod
+    def make():
+        import lightning.pytorch as pl
+
+        class Module(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return torch.nn.functional.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        return Module()
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), NODE_RANK="0")
+    torch.set_num_threads(1)
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vleff.callbacks import GaLore
+    from vleff.callbacks import MeZO as MeZOCallback
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 8, generator=g), torch.randint(0, 3, (24,), generator=g))
+    for name, callback in (("galore", GaLore(rank=2, update_proj_gap=2)), ("mezo", MeZOCallback(lr=1e-2))):
+        pl.seed_everything(0)
+        module = _LinearModule.make()
+        init = [p.detach().clone() for p in module.parameters()]
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
+                             max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
+        trainer.fit(module, DataLoader(data, batch_size=4))
+        changed = any(not torch.equal(p, q) for p, q in zip(module.parameters(), init))
+        torch.save({"params": [p.detach().clone() for p in module.parameters()], "changed": changed,
+                    "optimizer": type(trainer.optimizers[0]).__name__},
+                   os.path.join(out_dir, f"{name}_{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for name, optimizer in (("galore", "GaLoreAdamW"), ("mezo", "MeZO")):
+        r0 = torch.load(tmp_path / f"{name}_0.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"{name}_1.pt", weights_only=True)
+        assert r0["optimizer"] == r1["optimizer"] == optimizer
+        assert r0["changed"] and r1["changed"]
+        for p, q in zip(r0["params"], r1["params"]):
+            torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
