@@ -1,0 +1,296 @@
+"""DynamicViT: decisions, losses, masked-vs-dropped equivalence, teacher, Lightning integration."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_lightning as tl
+import tiny_models as tm
+import vleff
+from vleff.backbones import last_token_state
+from vleff.callbacks import DynamicViT
+from vleff.tokens.aux import pop_aux_losses, vleff_aux_loss
+from vleff.tokens.dynamicvit import (MODULE_NAME, apply_dynamicvit, dynamicvit_predictors, dynamicvit_teacher,
+                                     hierarchical_ratios, keep_ratio_loss, remove_dynamicvit,
+                                     token_distillation_loss)
+
+
+def _scratch(model):
+    return last_token_state(model).scratch["dynamicvit"]
+
+
+def test_decisions_only_shrink_and_prefix_is_kept():
+    torch.manual_seed(0)
+    model = tm.timm_deit_distilled(depth=4)  # two prefix tokens: cls + dist
+    apply_dynamicvit(model, rho=0.6, locations=[1, 2, 3], distill=False).train()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model(tm.images(4, seed=seed))
+        decisions = _scratch(model)["decisions"]
+        assert len(decisions) == 3
+        for prev, nxt in zip(decisions, decisions[1:]):
+            assert bool((nxt <= prev).all())  # a dropped token never comes back
+        keep = last_token_state(model).keep
+        assert keep.shape == (4, 18)
+        assert bool((keep[:, :2] == 1).all())
+        assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    model.eval()
+    with torch.no_grad():
+        model(tm.images(3))
+    kept = _scratch(model)["kept"]
+    assert bool((kept[:, :2] == torch.tensor([0, 1])).all())
+    assert bool((kept[:, 1:].diff(dim=1) > 0).all())  # original token order kept
+    assert last_token_state(model).token_counts == [18, 2 + 9, 2 + 5, 2 + 3]  # floor(16 * 0.6**s)
+
+
+def test_keep_ratio_loss_matches_hand_computation():
+    d1 = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # kept 0.75, 0.25
+    d2 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # kept 0.25, 0.0
+    # stage 1 target 0.5: ((0.25)^2 + (0.25)^2) / 2 = 0.0625; stage 2 target 0.25: (0 + 0.0625) / 2
+    expected = (0.0625 + 0.03125) / 2
+    assert keep_ratio_loss([d1, d2], [0.5, 0.25]).item() == pytest.approx(expected)
+    assert hierarchical_ratios(0.7, 3) == pytest.approx([0.7, 0.49, 0.343])
+    with pytest.raises(ValueError, match="one ratio per decision"):
+        keep_ratio_loss([d1], [0.5, 0.25])
+
+
+def test_recorded_ratio_loss_uses_the_decisions_and_weight():
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=3)
+    apply_dynamicvit(model, rho=0.7, locations=[1, 2], distill=False, ratio_weight=2.0).train()
+    model(tm.images(4))
+    decisions = _scratch(model)["decisions"]
+    losses = pop_aux_losses(model)
+    assert set(losses) == {"dynamicvit/ratio"}
+    expected = 2.0 * keep_ratio_loss(decisions, [0.7, 0.49])
+    assert losses["dynamicvit/ratio"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+FAMILIES = {
+    "timm": (lambda: tm.timm_vit(depth=3), lambda m, x: m.forward_features(x)),
+    "deit_distilled": (lambda: tm.timm_deit_distilled(depth=3), lambda m, x: m.forward_features(x)),
+    "open_clip": (tm.open_clip_model, lambda m, x: m.encode_image(x)),
+    "hf_clip": (tm.hf_clip_model, lambda m, x: m.vision_model(pixel_values=x).pooler_output),
+    "hf_blip": (tm.hf_blip_retrieval, lambda m, x: m.vision_model(pixel_values=x).pooler_output),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_eval_masked_computation_equals_real_drop(family):
+    make, run = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make()
+    apply_dynamicvit(model, rho=0.5, locations=[0, 1], distill=False, eval_mode="mask").eval()
+    x = tm.images(3)
+    hook = vleff.tokens.common.hooks_named(model, "dynamicvit")[0]
+    with torch.no_grad():
+        masked = run(model, x)
+        masked_state = last_token_state(model)
+        hook.eval_mode = "drop"
+        dropped = run(model, x)
+        dropped_state = last_token_state(model)
+    assert dropped_state.token_counts[-1] < masked_state.token_counts[-1]
+    final_mask = masked_state.keep[:, masked_state.num_prefix:]
+    kept = dropped_state.scratch["dynamicvit"]["kept"][:, masked_state.num_prefix:] - masked_state.num_prefix
+    assert bool((final_mask.sum(dim=1) == kept.shape[1]).all())
+    assert bool((final_mask.gather(1, kept) == 1).all())  # the same tokens survive
+    if masked.dim() == 3:  # token sequences (timm forward_features): every surviving token must agree
+        idx = dropped_state.scratch["dynamicvit"]["kept"]
+        masked = masked.gather(1, idx[..., None].expand(-1, -1, masked.shape[-1]))
+    torch.testing.assert_close(masked, dropped, atol=1e-5, rtol=1e-5)
+
+
+def test_train_forward_on_every_family_records_losses():
+    for family, (make, run) in FAMILIES.items():
+        torch.manual_seed(0)
+        model = make()
+        apply_dynamicvit(model, rho=0.7, locations=[1], distill=False).train()
+        out = run(model, tm.images(2))
+        loss = out.float().pow(2).mean() + vleff_aux_loss(model)
+        loss.backward()
+        grads = [p.grad for p in dynamicvit_predictors(model)[0].parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), family
+
+
+def test_teacher_is_frozen_and_outside_the_model():
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=3)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_dynamicvit(model, rho=0.7, locations=[1, 2])
+    teacher = dynamicvit_teacher(model)
+    assert teacher is not None and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in model.parameters()}
+    assert not any("teacher" in k for k in model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for _ in range(3):
+        loss = F.cross_entropy(model(tm.images(4)), torch.tensor([0, 1, 2, 3])) + vleff_aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=0, atol=0)
+    assert not torch.equal(model.state_dict()["head.weight"], reference["head.weight"])
+
+
+def test_distillation_losses():
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=3)
+    apply_dynamicvit(model, rho=0.7, locations=[1, 2]).train()
+    model(tm.images(4))
+    losses = pop_aux_losses(model)
+    assert set(losses) == {"dynamicvit/ratio", "dynamicvit/kl", "dynamicvit/token"}
+    assert all(torch.isfinite(v) and v.requires_grad for v in losses.values())
+    # MSE only over kept tokens, after a parameter-free LayerNorm
+    s, t = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    keep = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    sn, tn = F.layer_norm(s, (8,)), F.layer_norm(t, (8,))
+    expected = torch.cat([(sn[0, 0] - tn[0, 0]), (sn[0, 2] - tn[0, 2]), (sn[1, 2] - tn[1, 2])]).pow(2).mean()
+    assert token_distillation_loss(s, t, keep).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert token_distillation_loss(s, t, torch.zeros(2, 3)).item() == 0.0
+
+
+def test_remove_round_trip_and_state_dict():
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=3).eval()
+    keys = set(model.state_dict())
+    x = tm.images(2)
+    with torch.no_grad():
+        ref = model(x)
+    apply_dynamicvit(model, rho=0.5, locations=[1])
+    assert any(k.startswith(MODULE_NAME + ".predictors.0.") for k in model.state_dict())
+    remove_dynamicvit(model)
+    assert set(model.state_dict()) == keys and not hasattr(model, MODULE_NAME)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not applied"):
+        remove_dynamicvit(model)
+
+
+def test_bf16_autocast():
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=3)
+    apply_dynamicvit(model, rho=0.7, locations=[1, 2]).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tm.images(4))
+        loss = F.cross_entropy(out.float(), torch.tensor([0, 1, 2, 3])) + vleff_aux_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in dynamicvit_predictors(model)[0].parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(tm.images(2)).dtype == torch.bfloat16
+    assert last_token_state(model).token_counts == [17, 12, 8]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rho=0.0), "rho=0.0"), (dict(rho=1.5), "rho=1.5"), (dict(rho=True), "rho=True"),
+    (dict(locations=[3]), r"locations=\[3\].*\[0, 3\)"), (dict(locations=[2, 1]), "strictly increasing"),
+    (dict(locations=[1, 1]), "strictly increasing"), (dict(locations=[-1]), "-1"),
+    (dict(keep_ratios=[0.5, 0.7], locations=[1, 2]), "non-increasing"),
+    (dict(keep_ratios=[0.5], locations=[1, 2]), "1 entries"), (dict(keep_ratios=[1.2]), r"keep_ratios\[0\]=1.2"),
+    (dict(kl_weight=-1), "kl_weight=-1"), (dict(eval_mode="fast"), "eval_mode='fast'"),
+])
+def test_bad_inputs(kwargs, match):
+    model = tm.timm_vit(depth=3)
+    with pytest.raises(ValueError, match=match):
+        apply_dynamicvit(model, **kwargs)
+    assert not hasattr(model, MODULE_NAME)
+
+
+def test_callback_trains_predictors_through_the_optimizer(tmp_path, monkeypatch):
+    import vleff.callbacks.aux_loss as aux_mod
+
+    seen = []
+    original_pop = aux_mod.pop_aux_losses
+    monkeypatch.setattr(aux_mod, "pop_aux_losses", lambda m: seen.append(original_pop(m)) or seen[-1])
+
+    class Spy(pl.Callback):
+        losses = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.losses.append(loss.detach())
+
+    class Recording(tl.TinyClassifier):
+        ce = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.ce.append(loss.detach())
+            return loss
+
+    torch.manual_seed(0)
+    module = Recording()
+    cb = DynamicViT(rho=0.7, locations=[1, 2])
+    trainer = tl.trainer(tmp_path, [cb, Spy()], max_steps=3)
+    trainer.fit(module, tl.loader(16))
+    predictors = dynamicvit_predictors(module.model)[0]
+    opt_ids = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in predictors.parameters()} <= opt_ids
+    assert {id(p) for p in dynamicvit_teacher(module.model).parameters()}.isdisjoint(opt_ids)
+    assert len(seen) == 3 and all(set(s) == {"dynamicvit/ratio", "dynamicvit/kl", "dynamicvit/token"} for s in seen)
+    for loss, ce, aux in zip(Spy.losses, Recording.ce, seen):
+        assert loss.item() == pytest.approx(ce.item() + sum(v.item() for v in aux.values()), rel=1e-5)
+    assert "training_step" not in module.__dict__  # the wrapper is gone after fit
+
+
+def test_checkpoint_resume_restores_predictors_and_teacher(tmp_path):
+    torch.manual_seed(0)
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2])], max_steps=2)
+    trainer.fit(module, tl.loader(16))
+    ckpt = tmp_path / "dvit.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    predictors = {k: v for k, v in saved["state_dict"].items() if MODULE_NAME in k}
+    assert predictors
+    teacher_weights = dynamicvit_teacher(module.model).state_dict()
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            state = pl_module.state_dict()
+            for k, v in predictors.items():
+                torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+            for k, v in dynamicvit_teacher(pl_module.model).state_dict().items():
+                torch.testing.assert_close(v, teacher_weights[k], rtol=0, atol=0)
+            self.checked = True
+
+    torch.manual_seed(123)  # a differently initialised module: everything must come from the checkpoint
+    check = Check()
+    resumed = tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2]), check], max_steps=3, max_epochs=-1)
+    resumed.fit(tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
+    assert check.checked and resumed.global_step == 3
+    with pytest.raises(ValueError, match="rho=0.7"):
+        tl.trainer(tmp_path, [DynamicViT(rho=0.5, locations=[1, 2])], max_steps=3, max_epochs=-1).fit(
+            tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
+
+
+class SyncCheck(pl.Callback):
+    """At the end of DDP training, predictor weights must agree across ranks and have moved."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = torch.cat([p.detach().flatten().clone() for p in dynamicvit_predictors(pl_module.model)[0].parameters()])
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().flatten() for p in dynamicvit_predictors(pl_module.model)[0].parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        same = bool(torch.equal(gathered[0], gathered[1]))
+        moved = not torch.equal(flat, self.start)
+        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{same} {moved}")
+
+
+def test_ddp_two_processes_cpu(tmp_path):
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2]), SyncCheck(tmp_path)], max_steps=2,
+                         devices=2, strategy="ddp_spawn")
+    trainer.fit(module, tl.loader(16))
+    assert trainer.state.finished
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "True True"

@@ -1,0 +1,128 @@
+"""Lightning callback: fine-tune with DynamicViT token pruning, the user's code unchanged.
+
+``setup`` performs the surgery (:func:`vleff.tokens.dynamicvit.apply_dynamicvit`) on the
+backbone inside the LightningModule before ``configure_optimizers`` runs (so the predictors
+are in ``self.parameters()`` and reach the optimizer) and before checkpoint weights are
+restored (so resuming restores the predictors). The keep-ratio and distillation losses are
+added to the loss the user's ``training_step`` returns (:mod:`vleff.callbacks.aux_loss`).
+
+The teacher (a frozen copy of the backbone made at setup) is not part of the module's
+``state_dict``; it is saved in this callback's state so that a resumed run distils from the
+same teacher even when the module's ``__init__`` does not load the same weights again.
+Gradient clipping (``Trainer(gradient_clip_val=...)``) is advised for low keep ratios.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from vleff.backbones import find_towers
+from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
+from vleff.tokens.dynamicvit import DISTILLER_ATTR, HOOK_NAME, apply_dynamicvit, dynamicvit_teacher
+from vleff.tokens.common import hooks_named
+
+
+def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module:
+    """The submodule at dotted ``path`` of ``pl_module``, or (``path=None``) its single direct
+    child that holds an image tower -- the backbone whose ``forward`` gives the logits."""
+    if path is not None:
+        module = pl_module
+        for part in path.split("."):
+            if not hasattr(module, part):
+                raise ValueError(f"module={path!r}: {type(module).__name__} has no attribute {part!r}")
+            module = getattr(module, part)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"module={path!r} is a {type(module).__name__}, not an nn.Module")
+        return module
+    candidates = []
+    for name, child in pl_module.named_children():
+        try:
+            find_towers(child, "image")
+        except TypeError:
+            continue
+        candidates.append(name)
+    if len(candidates) != 1:
+        found = ", ".join(candidates) or "none"
+        raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone "
+                         f"(children with an image tower: {found}); pass module='<attribute name>'")
+    return getattr(pl_module, candidates[0])
+
+
+class DynamicViT(Callback):
+    """DynamicViT (learned token pruning) for an existing LightningModule.
+
+    Args:
+        rho: base keep ratio; stage ``s`` keeps ``rho**(s+1)`` of the patch tokens.
+        locations: block indices of the predictors (default three evenly spaced).
+        keep_ratios: explicit per-stage ratios (overrides ``rho``).
+        distill: distil logits (KL) and kept tokens (MSE) from a frozen copy of the backbone.
+        ratio_weight, kl_weight, token_weight: loss weights (paper: 2.0, 0.5, 0.5).
+        module: dotted attribute path of the backbone in the LightningModule (default: its one
+            child holding an image tower).
+        save_teacher: store the teacher's weights in the checkpoint (exact resume).
+        log: log the aux losses as ``train/aux/dynamicvit/*``.
+    """
+
+    def __init__(self, rho: float = 0.7, locations: Sequence[int] | None = None,
+                 keep_ratios: Sequence[float] | None = None, distill: bool = True, ratio_weight: float = 2.0,
+                 kl_weight: float = 0.5, token_weight: float = 0.5, module: str | None = None,
+                 save_teacher: bool = True, log: bool = True) -> None:
+        self.kwargs = dict(rho=rho, locations=None if locations is None else list(locations),
+                           keep_ratios=None if keep_ratios is None else list(keep_ratios), distill=distill,
+                           ratio_weight=ratio_weight, kl_weight=kl_weight, token_weight=token_weight)
+        self.module = module
+        self.save_teacher = save_teacher
+        self.log = log
+        self._target: nn.Module | None = None
+        self._attached = False
+        self._pending_teacher: dict[str, Any] | None = None
+        if not isinstance(save_teacher, bool):
+            raise ValueError(f"save_teacher={save_teacher!r} must be a boolean")
+        from vleff.tokens.pruning import check_ratio
+
+        check_ratio("rho", rho)  # fail at construction, not at fit time
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = resolve_module(pl_module, self.module)
+        if not hooks_named(target, HOOK_NAME):
+            apply_dynamicvit(target, **self.kwargs)
+        self._target = target
+        if self._pending_teacher is not None:
+            self._load_teacher(self._pending_teacher)
+        if stage == "fit" and not self._attached:
+            attach_aux_loss(pl_module, self.log)
+            self._attached = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._attached:
+            detach_aux_loss(pl_module)
+            self._attached = False
+
+    # --- checkpoint state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"kwargs": dict(self.kwargs)}
+        teacher = dynamicvit_teacher(self._target) if self._target is not None else None
+        if self.save_teacher and teacher is not None:
+            state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("kwargs", {})
+        for key in ("rho", "locations", "keep_ratios"):
+            if key in saved and saved[key] != self.kwargs[key]:
+                raise ValueError(f"checkpoint was trained with DynamicViT {key}={saved[key]!r} but this callback "
+                                 f"has {key}={self.kwargs[key]!r}; the predictors would not match")
+        if "teacher" in state_dict:
+            if self._target is not None and DISTILLER_ATTR in self._target.__dict__:
+                self._load_teacher(state_dict["teacher"])
+            else:
+                self._pending_teacher = state_dict["teacher"]
+
+    def _load_teacher(self, weights: dict[str, Any]) -> None:
+        teacher = dynamicvit_teacher(self._target) if self._target is not None else None
+        if teacher is not None:
+            teacher.load_state_dict(weights)
+        self._pending_teacher = None
