@@ -20,6 +20,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply_tome": "vleff.tokens.tome",
     "remove_tome": "vleff.tokens.tome",
+    "apply_dynamicvit": "vleff.tokens.dynamicvit",
+    "remove_dynamicvit": "vleff.tokens.dynamicvit",
+    "apply_evit": "vleff.tokens.evit",
+    "remove_evit": "vleff.tokens.evit",
+    "set_evit_keep_rate": "vleff.tokens.evit",
+    "vleff_aux_loss": "vleff.tokens.aux",
     "find_towers": "vleff.backbones",
     "find_tower": "vleff.backbones",
     "last_token_state": "vleff.backbones",

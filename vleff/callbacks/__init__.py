@@ -8,6 +8,9 @@ from typing import Any
 # public callback name -> defining module
 _CALLBACKS = {
     "TokenMerging": "vleff.callbacks.token_merging",
+    "DynamicViT": "vleff.callbacks.dynamicvit",
+    "EViT": "vleff.callbacks.evit",
+    "AuxLoss": "vleff.callbacks.aux_loss",
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",
 }
