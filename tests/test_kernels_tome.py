@@ -58,7 +58,7 @@ def test_kernels_under_triton_interpreter():
     run_file_under_interpreter(__file__)
 
 
-SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
@@ -300,6 +300,26 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.vleff.tome_merge_weighted.default, (x, size, *idx), test_utils=tests)
     torch.library.opcheck(torch.ops.vleff.tome_merge_sum.default, (x, *idx), test_utils=tests)
     torch.library.opcheck(torch.ops.vleff.tome_best_match.default, (x.detach(), 1), test_utils=tests)
+
+
+def test_kernel_bench_runs_both_backends_and_they_agree(tmp_path):
+    from vleff.profile.kernels_bench import run_kernel_bench
+
+    out = tmp_path / "kernels.json"
+    cfg = {"mode": "kernels", "kernels": {"interpret": True, "tome_batch": 2, "tome_tokens": 33,
+                                          "tome_channels": 16, "lowrank_m": 32, "lowrank_n": 24,
+                                          "lowrank_rank": 4, "warmup": 0, "repeats": 1, "out": str(out)}}
+    rows = run_kernel_bench(cfg)
+    assert {(r["case"], r["backend"]) for r in rows} == {
+        (c, b) for c in ("tome_match", "tome_merge", "tome_match+merge", "tome_merge_fwd+bwd", "galore_project",
+                         "galore_project_back", "galore_adam_step") for b in ("torch", "triton")}
+    for row in rows:
+        assert row["ms"] > 0
+        if row["case"] == "tome_match":
+            assert row["same_sources"] == 1.0
+        else:
+            assert row["max_abs_diff"] < 1e-4, row
+    assert out.exists()
 
 
 if not IN_INTERPRETER:  # collected in the subprocess only
