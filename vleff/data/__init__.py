@@ -1,1 +1,28 @@
-"""See the README architecture section."""
+"""Data modules that work offline (bundled digits) and on users' files (image folders, CSV/JSONL pairs).
+
+* :class:`DigitsDataModule` — scikit-learn's digits for classification
+* :class:`ImageFolderDataModule` — ``root/<class>/<image>`` trees
+* :class:`ImageTextDataModule` — image-caption pairs for CLIP (digits with captions, or CSV/JSONL)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DIGITS_CLASSES": "vleff.data.digits",
+    "DigitsDataModule": "vleff.data.digits",
+    "digits_arrays": "vleff.data.digits",
+    "ImageFolderDataModule": "vleff.data.image_folder",
+    "ImageTextDataModule": "vleff.data.image_text",
+    "DigitsImageText": "vleff.data.image_text",
+    "ImageTextFiles": "vleff.data.image_text",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vleff.data' has no attribute {name!r}")

@@ -1,1 +1,28 @@
-"""See the README architecture section."""
+"""Example LightningModules and the model factory.
+
+* :func:`build_model` / :data:`MODELS` — timm ViT/DeiT, open_clip and HF CLIP/BLIP towers by name
+* :class:`ImageClassifier` — classification with any image model
+* :class:`CLIPFineTuner` — contrastive image-text fine-tuning of open_clip / HF CLIP
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "MODELS": "vleff.models.factory",
+    "ModelSpec": "vleff.models.factory",
+    "TowerClassifier": "vleff.models.factory",
+    "build_model": "vleff.models.factory",
+    "ImageClassifier": "vleff.models.classifier",
+    "CLIPFineTuner": "vleff.models.clip_finetuner",
+    "build_clip": "vleff.models.clip_finetuner",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vleff.models' has no attribute {name!r}")

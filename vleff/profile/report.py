@@ -22,6 +22,8 @@ DEFAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "images_per_s": ("img/s", "{:.1f}"),
     "speedup": ("speedup", "{:.2f}x"),
     "activation_mib": ("act. MiB", "{:.2f}"),
+    "accuracy": ("accuracy", "{:.1%}"),
+    "accuracy_change": ("Δ acc.", "{:+.1%}"),
 }
 
 
