@@ -8,6 +8,7 @@ from typing import Any
 # public callback name -> defining module
 _CALLBACKS = {
     "TokenMerging": "vleff.callbacks.token_merging",
+    "EfficiencyMonitor": "vleff.callbacks.efficiency",
     "DynamicViT": "vleff.callbacks.dynamicvit",
     "EViT": "vleff.callbacks.evit",
     "AuxLoss": "vleff.callbacks.aux_loss",
