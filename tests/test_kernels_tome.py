@@ -322,6 +322,29 @@ def test_kernel_bench_runs_both_backends_and_they_agree(tmp_path):
     assert out.exists()
 
 
+
+def test_tome_model_end_to_end_on_the_triton_path(monkeypatch):
+    # the whole ToMe model (helper hooks + these kernels), switched by VLEFF_KERNELS
+    from vleff.profile.kernels_bench import run_kernel_bench
+
+    calls = {"match": 0, "merge": 0}
+    match, merge = tt.best_match_launch, tt.merge_fwd_launch
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(tt, "best_match_launch", counted("match", match))
+    monkeypatch.setattr(tt, "merge_fwd_launch", counted("merge", merge))
+    rows = run_kernel_bench({"interpret": True, "cases": ["tome_vit_e2e"], "vit_model": "vit_tiny_patch16_224",
+                             "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}, "vit_batch": 2,
+                             "vit_r": 3, "warmup": 0, "repeats": 1})
+    assert calls["match"] == calls["merge"] == 2 * 2  # 2 blocks x (first run + 1 timed run)
+    triton_row = next(r for r in rows if r["backend"] == "triton")
+    assert triton_row["max_abs_diff"] < 1e-4 and triton_row["img_per_s"] > 0
+
 if not IN_INTERPRETER:  # collected in the subprocess only
     for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_triton_interpreter"]:
         del globals()[_name]

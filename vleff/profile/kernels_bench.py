@@ -9,7 +9,10 @@ Cases (each timed for every requested backend, interleaved, median of ``repeats`
 * ``tome_merge_fwd+bwd``: the merge forward and backward (training);
 * ``galore_project`` / ``galore_project_back``: ``[m, n]`` gradient to rank ``r`` and back;
 * ``galore_adam_step``: one GaLore-AdamW update (projection, Adam in rank r, back-projection,
-  weight update); the Triton side is the fused two-kernel step.
+  weight update); the Triton side is the fused two-kernel step;
+* ``tome_vit_e2e``: images/s of a whole ToMe model (``vleff.apply_tome``, default timm
+  ViT-L/16 at 384 px, r = 8, random init) with ``VLEFF_KERNELS`` set to each backend
+  (default on CUDA only).
 
 Each row also says how far the Triton result is from the reference (``max_abs_diff``; for
 matching, the fraction of identical source choices), so a GPU run doubles as a check.
@@ -42,8 +45,9 @@ from vleff.profile.throughput import measure_throughput
 
 __all__ = ["KernelBenchConfig", "run_kernel_bench"]
 
-_CASES = ("tome_match", "tome_merge", "tome_match+merge", "tome_merge_fwd+bwd", "galore_project",
-          "galore_project_back", "galore_adam_step")
+_KERNEL_CASES = ("tome_match", "tome_merge", "tome_match+merge", "tome_merge_fwd+bwd", "galore_project",
+                 "galore_project_back", "galore_adam_step")
+_CASES = (*_KERNEL_CASES, "tome_vit_e2e")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,7 +65,11 @@ class KernelBenchConfig:
     lowrank_m: int | None = None
     lowrank_n: int | None = None
     lowrank_rank: int | None = None
-    cases: tuple[str, ...] = _CASES
+    vit_model: str = "vit_large_patch16_384"
+    vit_kwargs: dict | None = None       # extra timm.create_model kwargs (img_size, depth, ...)
+    vit_batch: int | None = None
+    vit_r: int = 8
+    cases: tuple[str, ...] | None = None  # default: all (CUDA), kernel cases (CPU)
     backends: tuple[str, ...] | None = None
     interpret: bool = False              # CPU: also run the Triton interpreter (tiny shapes)
     warmup: int = 3
@@ -91,7 +99,8 @@ class KernelBenchConfig:
         cfg.inner = pick(self.inner, 10, 1, 1)
         cfg.backends = tuple(self.backends) if self.backends is not None else (
             ("torch", "triton") if gpu or self.interpret else ("torch",))
-        cfg.cases = tuple(self.cases)
+        cfg.vit_batch = pick(self.vit_batch, 256, 8, 2)
+        cfg.cases = tuple(self.cases) if self.cases is not None else (_CASES if gpu else _KERNEL_CASES)
         if cfg.dtype not in _DTYPES:
             raise ValueError(f"dtype={cfg.dtype!r} is not allowed; use one of {', '.join(_DTYPES)}")
         unknown = [c for c in cfg.cases if c not in _CASES]
@@ -248,6 +257,41 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
     }
 
 
+def _vit_case(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple]:
+    """Whole-model ToMe inference with the kernel backend switched through ``VLEFF_KERNELS``."""
+    import timm
+
+    from vleff.kernels.dispatch import ENV_VAR
+    from vleff.tokens.tome import apply_tome
+
+    model = timm.create_model(cfg.vit_model, pretrained=False, **(cfg.vit_kwargs or {}))
+    model = apply_tome(model.to(cfg.device, dtype).eval(), r=cfg.vit_r)
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:] if not cfg.vit_kwargs or \
+        "img_size" not in cfg.vit_kwargs else (cfg.vit_kwargs["img_size"],) * 2
+    gen = torch.Generator(device=cfg.device).manual_seed(2)
+    images = torch.randn(cfg.vit_batch, 3, *size, device=cfg.device, dtype=dtype, generator=gen)
+    shape = f"{cfg.vit_model} {cfg.vit_batch}x3x{size[0]}x{size[1]} r={cfg.vit_r}"
+
+    def forward(backend):
+        def fn():
+            before = os.environ.get(ENV_VAR)
+            os.environ[ENV_VAR] = backend
+            try:
+                with torch.inference_mode():
+                    return model(images)
+            finally:
+                if before is None:
+                    os.environ.pop(ENV_VAR, None)
+                else:
+                    os.environ[ENV_VAR] = before
+        return fn
+
+    def check(outs):
+        return {k: {"max_abs_diff": _max_diff(v, outs["torch"])} for k, v in outs.items()}
+
+    return {"tome_vit_e2e": ({k: forward(k) for k in cfg.backends}, check, shape)}
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -272,12 +316,15 @@ def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:
     if any(c.startswith("galore") for c in cfg.cases):
         cases.update(_lowrank_cases(cfg, dtype))
 
+    if "tome_vit_e2e" in cfg.cases:
+        cases.update(_vit_case(cfg, dtype))
+
     rows: list[dict[str, Any]] = []
     for case in cfg.cases:
         fns, check, shape = cases[case]
         outs = {k: fn() for k, fn in fns.items()}  # also compiles/autotunes the Triton kernels
         extra = check(outs)
-        inner = cfg.inner
+        inner = 1 if case == "tome_vit_e2e" else cfg.inner
 
         def repeat(fn, times=inner):
             def call():
@@ -290,6 +337,7 @@ def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:
         for backend, res in timed.items():
             rows.append({"case": case, "backend": backend, "shape": shape, "dtype": cfg.dtype,
                          "ms": 1e3 * res.median_s / inner, "speedup": res.speedup, **extra[backend],
+                         **({"img_per_s": cfg.vit_batch / res.median_s} if case == "tome_vit_e2e" else {}),
                          "device": device_name, "interpreted": cfg.device == "cpu" and backend == "triton"})
     _print(rows)
     if cfg.out:
@@ -310,13 +358,16 @@ def _print(rows: list[dict[str, Any]]) -> None:
             print(row)
         return
     table = Table(title=f"vleff kernels ({rows[0]['device'] if rows else ''})")
-    for col in ("case", "backend", "shape", "dtype", "ms", "speedup", "max_abs_diff / same_sources"):
+    images = any("img_per_s" in row for row in rows)
+    for col in ("case", "backend", "shape", "dtype", "ms", "speedup", "max_abs_diff / same_sources",
+                *(("img/s",) if images else ())):
         table.add_column(col, justify="left" if col in ("case", "backend", "shape") else "right")
     for row in rows:
         check = row.get("max_abs_diff", row.get("same_sources"))
         table.add_row(row["case"], row["backend"] + (" (interp.)" if row["interpreted"] else ""), row["shape"],
                       row["dtype"], f"{row['ms']:.3f}", f"{row['speedup']:.2f}x",
-                      "" if check is None else f"{check:.3g}")
+                      "" if check is None else f"{check:.3g}",
+                      *((f"{row['img_per_s']:.1f}" if "img_per_s" in row else "",) if images else ()))
     Console(width=max(Console().width, 120)).print(table)
 
 
