@@ -1,6 +1,8 @@
 """DynamicViT: decisions, losses, masked-vs-dropped equivalence, teacher, Lightning integration."""
 from __future__ import annotations
 
+import os
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -11,6 +13,7 @@ import tiny_models as tm
 import vleff
 from vleff.backbones import last_token_state
 from vleff.callbacks import DynamicViT
+from vleff.tokens.mixins import DynamicViTMixin
 from vleff.tokens.aux import pop_aux_losses, vleff_aux_loss
 from vleff.tokens.dynamicvit import (MODULE_NAME, apply_dynamicvit, dynamicvit_predictors, dynamicvit_teacher,
                                      hierarchical_ratios, keep_ratio_loss, remove_dynamicvit,
@@ -223,12 +226,19 @@ def test_callback_trains_predictors_through_the_optimizer(tmp_path, monkeypatch)
             self.ce.append(loss.detach())
             return loss
 
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.start = [p.detach().clone() for p in dynamicvit_predictors(pl_module.model)[0].parameters()]
+
     torch.manual_seed(0)
     module = Recording()
     cb = DynamicViT(rho=0.7, locations=[1, 2])
-    trainer = tl.trainer(tmp_path, [cb, Spy()], max_steps=3)
+    snapshot = Snapshot()
+    trainer = tl.trainer(tmp_path, [cb, Spy(), snapshot], max_steps=3)
     trainer.fit(module, tl.loader(16))
     predictors = dynamicvit_predictors(module.model)[0]
+    # every predictor tensor was trained (received a gradient and an optimizer step)
+    assert all(not torch.equal(p, q) for p, q in zip(predictors.parameters(), snapshot.start))
     opt_ids = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert {id(p) for p in predictors.parameters()} <= opt_ids
     assert {id(p) for p in dynamicvit_teacher(module.model).parameters()}.isdisjoint(opt_ids)
@@ -269,6 +279,46 @@ def test_checkpoint_resume_restores_predictors_and_teacher(tmp_path):
             tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
 
 
+def test_model_without_prefix_tokens():
+    torch.manual_seed(0)
+    model = tm.timm_vit(class_token=False, global_pool="avg")  # no cls: every token may be dropped
+    apply_dynamicvit(model, rho=0.5, locations=[1, 2]).train()
+    model(tm.images(2))
+    assert last_token_state(model).num_prefix == 0 and last_token_state(model).keep.shape == (2, 16)
+    vleff_aux_loss(model).backward()
+    assert all(p.grad is not None for p in dynamicvit_predictors(model)[0].parameters())
+    model.eval()
+    with torch.no_grad():
+        assert model(tm.images(2)).shape == (2, 10)
+    assert last_token_state(model).token_counts == [16, 8, 4]
+
+
+class MixinClassifier(DynamicViTMixin, tl.TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.configure_dynamicvit(self.model, rho=0.7, locations=[1, 2])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + self.vleff_aux_loss()
+
+
+def test_mixin_checkpoint_carries_predictors_and_teacher(tmp_path):
+    torch.manual_seed(0)
+    module = MixinClassifier()
+    trainer = tl.trainer(tmp_path, max_steps=2)
+    trainer.fit(module, tl.loader(8))
+    ckpt = tmp_path / "mixin.ckpt"
+    trainer.save_checkpoint(ckpt)
+    torch.manual_seed(1)
+    restored = MixinClassifier.load_from_checkpoint(ckpt)
+    for (k, v), (k2, v2) in zip(module.state_dict().items(), restored.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert any(MODULE_NAME in k for k in restored.state_dict())
+    for k, v in dynamicvit_teacher(module.model).state_dict().items():
+        assert torch.equal(dynamicvit_teacher(restored.model).state_dict()[k], v)
+
+
 class SyncCheck(pl.Callback):
     """At the end of DDP training, predictor weights must agree across ranks and have moved."""
 
@@ -286,10 +336,13 @@ class SyncCheck(pl.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{same} {moved}")
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
 def test_ddp_two_processes_cpu(tmp_path):
+    # ddp_fork: gloo workers forked from this process (ddp_spawn would re-import torch and
+    # Lightning in each worker, ~30 s on a busy 2-core machine, for the same check)
     module = tl.TinyClassifier()
     trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2]), SyncCheck(tmp_path)], max_steps=2,
-                         devices=2, strategy="ddp_spawn")
+                         devices=2, strategy="ddp_fork")
     trainer.fit(module, tl.loader(16))
     assert trainer.state.finished
     for rank in (0, 1):

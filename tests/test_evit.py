@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -219,9 +220,10 @@ class RankReport(pl.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{evit_keep_rate(pl_module):.6f} {counts}")
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
 def test_ddp_two_processes_cpu(tmp_path):
     trainer = tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2]), RankReport(tmp_path)], max_steps=2,
-                         devices=2, strategy="ddp_spawn")
+                         devices=2, strategy="ddp_fork")
     trainer.fit(tl.TinyClassifier(), tl.loader(16))
     assert trainer.state.finished
     # 16 samples over 2 ranks at batch 4: 2 batches per epoch, last step at epoch 0.5 of max_epochs=1
