@@ -39,8 +39,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from vleff.cli.evaluate import compare_methods
     from vleff.models.classifier import ImageClassifier
+    from vleff.registry import get_method
     from vleff.profile import plot_rows, print_table, rows_to_csv, rows_to_json
 
+    methods = OmegaConf.to_container(cfg.compare.methods, resolve=True) if cfg.compare.methods else {}
+    for name in methods:  # fail before training, not after
+        get_method(name)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -59,7 +63,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     datamodule.setup("validate")
     batches = [(images, labels) for images, labels in datamodule.val_dataloader()]
-    methods = OmegaConf.to_container(cfg.compare.methods, resolve=True) or {}
     rows = compare_methods(module.model, batches, methods, batch_size=cfg.compare.batch_size,
                            repeats=cfg.compare.repeats)
     result["rows"] = rows

@@ -84,6 +84,8 @@ def patch_size_of(name: str) -> int:
         return MODELS[name].patch_size
     import timm
 
+    if not timm.is_model(name):
+        raise _unknown(name)
     return timm.create_model(name, pretrained=False).patch_embed.patch_size[0]
 
 
