@@ -1,0 +1,443 @@
+"""``vleff-bench``: FLOPs, images/s and activation memory, baseline against methods, as a table.
+
+Three modes, picked by the first word (default ``speed``)::
+
+    vleff-bench model=vit_base methods=[tome] image_size=224 batch_size=16 repeats=5
+    vleff-bench kernels tome_batch=64 out=kernels.json      # vleff.profile.kernels_bench
+    vleff-bench memory batch_size=32                         # benchmarks/clip_memory.py
+
+Settings are ``key=value`` overrides in Hydra's grammar (lists ``[a,b]``, dicts ``{a: {r: 8}}``,
+``null``, dotted keys ``method_args.tome.r=8``), applied to ``vleff/configs/bench.yaml``,
+which ships inside the package, so the command works from any directory. The overrides are
+parsed with Hydra's own override parser but applied here rather than through
+``compose``: method arguments are free-form (``method_args.tome.prop_attn=false`` needs no
+``+``), while a misspelt top-level key is still an error that lists the allowed keys.
+
+Speed mode builds the model once, applies each method to a deep copy (registry defaults,
+then ``methods={name: {...}}``, then ``method_args.name.*``), and measures every variant on the
+same random batch with :func:`vleff.profile.compare_models` (FLOPs counted; images/s timed
+interleaved after warm-up, median of ``repeats``; activation MiB saved for backward). Bad
+input (unknown model, method, mode or setting; an image size that is not a multiple of the
+patch size; a bad precision or device) prints one line to stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["BenchError", "CONFIG_PATH", "MODES", "load_config", "main", "resolve_methods", "run", "run_speed"]
+
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "bench.yaml"
+MODES = ("speed", "kernels", "memory")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MEMORY_SCRIPT = Path("benchmarks") / "clip_memory.py"
+_FREE_FORM = ("method_args",)  # sections whose nested keys are not checked
+
+
+class BenchError(Exception):
+    """Bad input: shown as one line on stderr (no traceback), exit status 2."""
+
+
+# --- command line ---------------------------------------------------------------------------
+def _parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings -> ``(key, python value)`` with Hydra's override grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed: list[tuple[str, Any]] = []
+    for arg in args:
+        if "=" not in arg:
+            raise BenchError(f"argument {arg!r} is not key=value (modes go first: {', '.join(MODES)})")
+        try:
+            override = parser.parse_override(arg)
+        except HydraException as err:
+            raise BenchError(f"cannot parse {arg!r}: {err}") from None
+        if override.is_delete():
+            raise BenchError(f"{arg!r}: deleting settings (~key) is not supported; set key=null instead")
+        value = list(override.sweep_iterator()) if override.is_sweep_override() else override.value()
+        parsed.append((override.key_or_group, value))
+    return parsed
+
+
+def _split_mode(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    args = list(argv)
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        word = args.pop(0)
+        if word not in MODES:
+            raise BenchError(f"unknown mode {word!r}; use one of: {', '.join(MODES)}")
+        return word, args
+    return None, args
+
+
+def load_config(overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> DictConfig:
+    """``bench.yaml`` with ``overrides`` (``"key=value"`` strings or parsed pairs) applied."""
+    cfg = OmegaConf.load(CONFIG_PATH)
+    pairs = _parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
+    for key, value in pairs:
+        top = key.lstrip("+").split(".")[0]
+        key = key.lstrip("+")
+        if top not in cfg:
+            raise BenchError(f"unknown setting {key!r}; settings: {', '.join(cfg.keys())}")
+        if "." in key and top not in _FREE_FORM:
+            raise BenchError(f"setting {top!r} has no sub-keys (got {key!r})")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _usage() -> str:
+    from vleff.models.factory import MODELS
+    from vleff.registry import available_methods
+
+    defaults = CONFIG_PATH.read_text()
+    return (
+        "usage: vleff-bench [speed|kernels|memory] [key=value ...]\n\n"
+        "speed (default): baseline vs token methods on one model -> table of GFLOPs/img, FLOPs ratio,\n"
+        "  img/s, speedup, activation MiB; save=path/prefix writes CSV, JSON and PNG.\n"
+        "kernels: reference vs Triton kernels (settings of vleff.profile.kernels_bench.KernelBenchConfig).\n"
+        "memory: CLIP fine-tuning memory (benchmarks/clip_memory.py of the repository; script=PATH).\n\n"
+        f"models: {', '.join(MODELS)} (or any timm model name)\n"
+        f"methods: {', '.join(available_methods())}\n"
+        f"precision: {', '.join(PRECISIONS)}\n\n"
+        f"speed-mode settings and defaults ({CONFIG_PATH}):\n{defaults}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point; exits 2 with a one-line message on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(_usage())
+        return
+    try:
+        run(argv)
+    except BenchError as err:
+        print(f"vleff-bench: error: {err}", file=sys.stderr)
+        print("(vleff-bench --help lists the settings)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("vleff-bench: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(argv: Sequence[str]) -> Any:
+    """Run the mode ``argv`` asks for; returns its rows (speed/kernels) or the memory result."""
+    mode, args = _split_mode(argv)
+    pairs = _parse_overrides(args)
+    given = [v for k, v in pairs if k == "mode"]
+    if given:
+        if mode is not None and given[-1] != mode:
+            raise BenchError(f"mode given twice: {mode!r} and mode={given[-1]!r}")
+        mode = given[-1]
+        pairs = [(k, v) for k, v in pairs if k != "mode"]
+    mode = mode or "speed"
+    if mode not in MODES:
+        raise BenchError(f"mode={mode!r} is not allowed; use one of: {', '.join(MODES)}")
+    if mode == "kernels":
+        return run_kernels(dict(pairs))
+    if mode == "memory":
+        return run_memory(dict(pairs))
+    return run_speed(load_config(pairs))
+
+
+# --- speed mode -----------------------------------------------------------------------------
+def resolve_methods(methods: Any, method_args: Mapping[str, Any] | None = None) -> list[tuple[Any, dict[str, Any]]]:
+    """``(Method, kwargs)`` pairs from the ``methods`` / ``method_args`` settings.
+
+    ``methods`` may be a name, a comma-separated string, a list of names (or one-key dicts),
+    or ``{name: {argument: value}}``; kwargs = registry defaults, then those, then
+    ``method_args[name]``.
+    """
+    from vleff.registry import available_methods, get_method
+
+    if isinstance(methods, (DictConfig,)) or OmegaConf.is_config(methods):
+        methods = OmegaConf.to_container(methods, resolve=True)
+    method_args = OmegaConf.to_container(method_args, resolve=True) if OmegaConf.is_config(method_args) else (
+        dict(method_args or {}))
+    entries: list[tuple[str, dict[str, Any]]] = []
+    if methods is None or methods == "" or methods == "none":
+        pass
+    elif isinstance(methods, str):
+        entries = [(name.strip(), {}) for name in methods.split(",") if name.strip()]
+    elif isinstance(methods, Mapping):
+        entries = [(str(name), kwargs) for name, kwargs in methods.items()]
+    elif isinstance(methods, (list, tuple)):
+        for item in methods:
+            if isinstance(item, str):
+                entries.append((item, {}))
+            elif isinstance(item, Mapping) and len(item) == 1:
+                ((name, kwargs),) = item.items()
+                entries.append((str(name), kwargs))
+            else:
+                raise BenchError(f"methods entry {item!r} is not a name or {{name: {{argument: value}}}}")
+    else:
+        raise BenchError(f"methods={methods!r} must be a name, a list of names or {{name: {{argument: value}}}}")
+
+    names = [name for name, _ in entries]
+    if len(set(names)) != len(names):
+        raise BenchError(f"methods={names} names a method twice")
+    stray = sorted(set(method_args) - set(names))
+    if stray:
+        raise BenchError(f"method_args for {stray} but methods={names}; add them to methods")
+    resolved = []
+    for name, kwargs in entries:
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise BenchError(f"arguments of method {name!r} must be a mapping, got {kwargs!r}")
+        extra = method_args.get(name) or {}
+        if not isinstance(extra, Mapping):
+            raise BenchError(f"method_args.{name} must be a mapping, got {extra!r}")
+        try:
+            method = get_method(name)
+        except ValueError:
+            raise BenchError(f"method {name!r} is not known; available: {', '.join(available_methods())}") from None
+        resolved.append((method, {**method.defaults, **dict(kwargs or {}), **dict(extra)}))
+    return resolved
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BenchError(f"{key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _device(spec: Any) -> Any:
+    import torch
+
+    spec = str(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise BenchError(f"device={spec!r} is not allowed; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"device={spec!r} is not allowed; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"device={spec!r} but CUDA is not available here; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BenchError(f"device={spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def device_name(device: Any) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _input_size(model: Any, name: str, image_size: int | None) -> int:
+    from vleff.models.factory import MODELS
+
+    if image_size is not None:
+        return int(image_size)
+    if name in MODELS:
+        return MODELS[name].image_size
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
+
+
+def _check_model_name(name: Any) -> None:
+    from vleff.models.factory import MODELS
+
+    if not isinstance(name, str) or not name:
+        raise BenchError(f"model={name!r} must be a name; use one of {', '.join(MODELS)} or a timm model name")
+    if name in MODELS:
+        return
+    import timm
+
+    if not timm.is_model(name):
+        raise BenchError(f"model {name!r} is not known; use one of: {', '.join(MODELS)} "
+                         "(or a timm model name, see timm.list_models())")
+
+
+def _status(enabled: bool, message: str) -> Any:
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
+def _token_summary(model: Any, inputs: Any) -> list[int] | None:
+    """Tokens entering each block of the image tower in one eval forward (None: no token method)."""
+    import torch
+
+    from vleff.backbones import token_counts
+
+    with torch.no_grad():
+        model(inputs[:1])
+    counts = token_counts(model)
+    return next(iter(counts.values())) if counts else None
+
+
+def _save_paths(save: str) -> Path:
+    path = Path(save).expanduser()
+    if save.endswith(("/", "\\")) or path.is_dir():
+        path = path / "bench"
+    if path.suffix in (".csv", ".json", ".png"):
+        path = path.with_suffix("")
+    return path
+
+
+def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Speed mode: build, apply, measure, print (and save). Returns the rows."""
+    import torch
+
+    from vleff.models.factory import build_model, patch_size_of
+    from vleff.profile import compare_models, plot_rows, print_table, rows_to_csv, rows_to_json
+
+    _check_model_name(cfg.model)
+    if cfg.precision not in PRECISIONS:
+        raise BenchError(f"precision={cfg.precision!r} is not allowed; use one of: {', '.join(PRECISIONS)}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    batch_size = _positive_int(cfg, "batch_size")
+    repeats = _positive_int(cfg, "repeats")
+    warmup = _positive_int(cfg, "warmup", minimum=0)
+    device = _device(cfg.device)
+    if cfg.image_size is not None:
+        patch = patch_size_of(cfg.model)
+        size = cfg.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % patch:
+            near = patch * max(1, round(size / patch)) if isinstance(size, (int, float)) else patch * (224 // patch)
+            raise BenchError(f"image_size={size!r} is not a positive multiple of the patch size {patch} of model "
+                             f"{cfg.model!r} (e.g. image_size={near})")
+    methods = resolve_methods(cfg.methods, cfg.method_args)
+    if cfg.save is not None and not isinstance(cfg.save, str):
+        raise BenchError(f"save={cfg.save!r} must be a path prefix")
+
+    torch.manual_seed(int(cfg.seed))
+    with _status(cfg.progress, f"building {cfg.model} ..."):
+        try:
+            model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
+        except ValueError as err:
+            raise BenchError(str(err)) from None
+        model.eval()
+        variants = {"baseline": model}
+        for method, kwargs in methods:
+            variant = copy.deepcopy(model)
+            try:
+                method.apply(variant, **kwargs)
+            except (ValueError, TypeError) as err:
+                raise BenchError(f"method {method.name!r} with {kwargs}: {err}") from None
+            label = method.label(**kwargs)
+            variants[label] = variant
+        for variant in variants.values():
+            variant.to(device=device, dtype=dtype).eval()
+
+    size = _input_size(model, cfg.model, cfg.image_size)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    inputs = torch.randn(batch_size, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+    rows = compare_models(variants, inputs, repeats=repeats, warmup=warmup, measure_memory=bool(cfg.memory),
+                          progress=bool(cfg.progress))
+    for row, variant in zip(rows, variants.values()):
+        counts = _token_summary(variant, inputs)
+        row["tokens_per_layer"] = counts
+        row["tokens"] = f"{counts[0]}→{counts[-1]}" if counts else None
+    entering = next((r["tokens_per_layer"][0] for r in rows if r["tokens_per_layer"]), None)
+    if entering is not None and rows[0]["tokens_per_layer"] is None:  # the baseline keeps every token
+        rows[0]["tokens"] = f"{entering}→{entering}"
+    where = device_name(device)
+    title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
+    from rich.console import Console
+
+    print_table(rows, title=title, extra_columns={"tokens": "tokens (block 0→last)"},
+                console=Console(width=max(Console().width, 120)))
+    if device.type == "cpu":
+        print("note: img/s on CPU are indicative; compare ratios measured in one run, absolute numbers on a GPU.")
+    if cfg.save:
+        prefix = _save_paths(cfg.save)
+        meta = {"config": OmegaConf.to_container(cfg, resolve=True), "device": where,
+                "torch": torch.__version__, "image_size": size}
+        written = [rows_to_csv([{k: v for k, v in r.items() if k != "tokens_per_layer"} for r in rows],
+                               prefix.with_suffix(".csv")),
+                   rows_to_json(rows, prefix.with_suffix(".json"), **meta),
+                   plot_rows(rows, prefix.with_suffix(".png"), title=title.removeprefix("vleff-bench: "))]
+        print("saved: " + ", ".join(str(p) for p in written))
+    return rows
+
+
+# --- kernels and memory modes ---------------------------------------------------------------
+def run_kernels(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Kernel mode: :func:`vleff.profile.kernels_bench.run_kernel_bench` with these settings."""
+    from dataclasses import fields
+
+    from vleff.profile.kernels_bench import KernelBenchConfig, run_kernel_bench
+
+    names = [f.name for f in fields(KernelBenchConfig)]
+    values = {k.removeprefix("kernels."): v for k, v in settings.items()}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise BenchError(f"unknown kernels setting(s) {unknown}; settings: {', '.join(names)}")
+    try:
+        cfg = KernelBenchConfig(**values).resolved()
+    except (ValueError, TypeError) as err:
+        raise BenchError(str(err)) from None
+    return run_kernel_bench(cfg)
+
+
+def _memory_script(settings: dict[str, Any]) -> Path:
+    if "script" in settings:
+        path = Path(str(settings.pop("script"))).expanduser()
+        if not path.is_file():
+            raise BenchError(f"script={str(path)!r} does not exist")
+        return path
+    import vleff
+
+    candidates = [Path(vleff.__file__).resolve().parent.parent / MEMORY_SCRIPT, Path.cwd() / MEMORY_SCRIPT]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise BenchError(f"memory mode needs {MEMORY_SCRIPT} (looked in {', '.join(str(p) for p in candidates)}); "
+                     "it ships with the repository, not the package: run from a clone or pass script=PATH")
+
+
+def run_memory(settings: Mapping[str, Any]) -> Any:
+    """Memory mode: ``run_clip_memory`` of ``benchmarks/clip_memory.py``, loaded by path.
+
+    The settings go to it as keyword arguments when its signature takes them, else as one
+    mapping (``run_clip_memory(cfg)``).
+    """
+    values = dict(settings)
+    path = _memory_script(values)
+    spec = importlib.util.spec_from_file_location("vleff_bench_clip_memory", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "run_clip_memory", None)
+    if not callable(fn):
+        raise BenchError(f"{path} has no function run_clip_memory")
+    params = list(inspect.signature(fn).parameters.values())
+    keywords = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    if not values:
+        return fn()
+    if takes_any or set(values) <= keywords:
+        return fn(**values)
+    first = params[0] if params else None
+    if first is not None and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) and \
+            first.name in ("cfg", "config", "settings", "overrides", "options"):
+        return fn(values)
+    raise BenchError(f"unknown memory setting(s) {sorted(set(values) - keywords)}; "
+                     f"run_clip_memory takes: {', '.join(sorted(keywords)) or 'nothing'}")
+
+
+if __name__ == "__main__":
+    main()
