@@ -319,6 +319,28 @@ def test_mixin_checkpoint_carries_predictors_and_teacher(tmp_path):
         assert torch.equal(dynamicvit_teacher(restored.model).state_dict()[k], v)
 
 
+def test_callback_init_from_loads_trained_weights_before_the_teacher_is_copied(tmp_path):
+    torch.manual_seed(0)
+    trained = tl.TinyClassifier()
+    module_ckpt, backbone_file = tmp_path / "module.ckpt", tmp_path / "backbone.pt"
+    torch.save({"state_dict": trained.state_dict()}, module_ckpt)  # LightningModule keys ("model.…")
+    torch.save(trained.model.state_dict(), backbone_file)  # a bare model's keys
+    for path in (module_ckpt, backbone_file):
+        torch.manual_seed(1)
+        module = tl.TinyClassifier()  # random weights, unlike the checkpoint
+        tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2], init_from=str(path))], max_steps=1).fit(
+            module, tl.loader(8))
+        for k, v in trained.model.state_dict().items():  # the teacher is the loaded model
+            assert torch.equal(dynamicvit_teacher(module.model).state_dict()[k], v), k
+    other = tmp_path / "other.pt"
+    torch.save({"blocks.0.weight": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="does not fit"):
+        tl.trainer(tmp_path, [DynamicViT(init_from=str(other))], max_steps=1).fit(tl.TinyClassifier(), tl.loader(8))
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        tl.trainer(tmp_path, [DynamicViT(init_from=str(tmp_path / "missing.ckpt"))], max_steps=1).fit(
+            tl.TinyClassifier(), tl.loader(8))
+
+
 class SyncCheck(pl.Callback):
     """At the end of DDP training, predictor weights must agree across ranks and have moved."""
 

@@ -194,6 +194,47 @@ def test_callback_schedule_and_resume(tmp_path):
     assert first.seen + second.seen == expected
 
 
+def test_callback_leaves_fit_at_the_target_and_evaluates_there(tmp_path):
+    module = tl.TinyClassifier()
+    callback = EViT(keep_rate=0.5, locations=[1, 2], end_epoch=3)
+    seen = RecordKeepRate()
+    trainer = tl.trainer(tmp_path, [callback, seen], max_steps=2, max_epochs=-1)
+    trainer.fit(module, tl.loader(16))  # stopped long before the schedule's end
+    assert seen.seen[-1] > 0.9 and callback.current == pytest.approx(seen.seen[-1])
+    assert evit_keep_rate(module) == 0.5
+    ckpt = tmp_path / "early.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    class Rate(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            self.rate = evit_keep_rate(pl_module)
+
+    rate = Rate()
+    tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2], end_epoch=3), rate]).validate(
+        tl.TinyClassifier(), tl.loader(8), ckpt_path=ckpt)
+    assert rate.rate == 0.5
+    with torch.no_grad():
+        module.eval()(tm.images(2))
+    assert last_token_state(module).token_counts == [17, 17, 1 + 8 + 1]
+
+
+def test_callback_init_from_loads_weights(tmp_path):
+    torch.manual_seed(0)
+    trained = tl.TinyClassifier()
+    ckpt = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, ckpt)
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.same = all(torch.equal(v, trained.state_dict()[k]) for k, v in pl_module.state_dict().items())
+
+    check = Check()
+    torch.manual_seed(1)
+    tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1], init_from=str(ckpt)), check], max_steps=1).fit(
+        tl.TinyClassifier(), tl.loader(8))
+    assert check.same
+
+
 class MixinClassifier(EViTMixin, tl.TinyClassifier):
     def __init__(self):
         super().__init__()
@@ -204,18 +245,28 @@ def test_mixin_schedule_and_checkpoint(tmp_path):
     module = MixinClassifier()
     trainer = tl.trainer(tmp_path, max_epochs=1)
     trainer.fit(module, tl.loader(16))
-    assert evit_keep_rate(module) == pytest.approx(keep_rate_schedule(0.75, 0.5, 0, 2))
+    assert module._vleff_evit_keep_rate == pytest.approx(keep_rate_schedule(0.75, 0.5, 0, 2))
+    assert evit_keep_rate(module) == 0.5  # fit ends at the target
     ckpt = tmp_path / "mixin.ckpt"
     trainer.save_checkpoint(ckpt)
     restored = MixinClassifier.load_from_checkpoint(ckpt)
-    assert evit_keep_rate(restored) == pytest.approx(evit_keep_rate(module))
+    assert restored._vleff_evit_keep_rate == pytest.approx(module._vleff_evit_keep_rate)
+    assert evit_keep_rate(restored) == 0.5  # loaded for use: the target
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.rate = evit_keep_rate(pl_module)
+
+    check = Check()  # resuming fit continues the schedule from where it stopped
+    tl.trainer(tmp_path, [check], max_epochs=2).fit(MixinClassifier(), tl.loader(16), ckpt_path=ckpt)
+    assert check.rate == pytest.approx(keep_rate_schedule(0.75, 0.5, 0, 2))
 
 
 class RankReport(pl.Callback):
     def __init__(self, out_dir):
         self.out_dir = out_dir
 
-    def on_train_end(self, trainer, pl_module):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # the last one wins
         counts = last_token_state(pl_module).token_counts
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{evit_keep_rate(pl_module):.6f} {counts}")
 

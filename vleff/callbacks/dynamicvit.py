@@ -10,6 +10,10 @@ The teacher (a frozen copy of the backbone made at setup) is not part of the mod
 ``state_dict``; it is saved in this callback's state so that a resumed run distils from the
 same teacher even when the module's ``__init__`` does not load the same weights again.
 Gradient clipping (``Trainer(gradient_clip_val=...)``) is advised for low keep ratios.
+
+DynamicViT fine-tunes a *trained* model (the teacher is that model). If the module does not
+load trained weights itself, pass ``init_from=<checkpoint>``: the weights are loaded in
+``setup`` before the surgery (see :mod:`vleff.callbacks.init_weights`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import nn
 
 from vleff.backbones import find_towers
 from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
+from vleff.callbacks.init_weights import load_initial_weights
 from vleff.tokens.dynamicvit import DISTILLER_ATTR, HOOK_NAME, apply_dynamicvit, dynamicvit_teacher
 from vleff.tokens.common import hooks_named
 
@@ -64,18 +69,23 @@ class DynamicViT(Callback):
             child holding an image tower).
         save_teacher: store the teacher's weights in the checkpoint (exact resume).
         log: log the aux losses as ``train/aux/dynamicvit/*``.
+        init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module (or
+            its backbone) at the start of the first ``fit``, before the surgery: fine-tune a
+            trained model, which then is also the teacher. Not a resume (fresh optimizer).
     """
 
     def __init__(self, rho: float = 0.7, locations: Sequence[int] | None = None,
                  keep_ratios: Sequence[float] | None = None, distill: bool = True, ratio_weight: float = 2.0,
                  kl_weight: float = 0.5, token_weight: float = 0.5, module: str | None = None,
-                 save_teacher: bool = True, log: bool = True) -> None:
+                 save_teacher: bool = True, log: bool = True, init_from: str | None = None) -> None:
         self.kwargs = dict(rho=rho, locations=None if locations is None else list(locations),
                            keep_ratios=None if keep_ratios is None else list(keep_ratios), distill=distill,
                            ratio_weight=ratio_weight, kl_weight=kl_weight, token_weight=token_weight)
         self.module = module
         self.save_teacher = save_teacher
         self.log = log
+        self.init_from = None if init_from is None else str(init_from)
+        self._initialised = False
         self._target: nn.Module | None = None
         self._attached = False
         self._pending_teacher: dict[str, Any] | None = None
@@ -87,6 +97,9 @@ class DynamicViT(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = resolve_module(pl_module, self.module)
+        if stage == "fit" and self.init_from is not None and not self._initialised:
+            load_initial_weights(pl_module, self.init_from, backbone=target)  # before the teacher is copied
+            self._initialised = True
         if not hooks_named(target, HOOK_NAME):
             apply_dynamicvit(target, **self.kwargs)
         self._target = target

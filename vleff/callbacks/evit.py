@@ -3,9 +3,14 @@
 ``setup`` applies :func:`vleff.tokens.evit.apply_evit` to every image tower of the
 LightningModule. The keep rate follows :class:`vleff.tokens.evit.EViTSchedule`: 1 until
 ``start_epoch``, then a cosine (updated every training batch) down to ``keep_rate`` at
-``end_epoch`` (default: the trainer's ``max_epochs``). Validation and test use the rate of
-the latest training step (the target once the schedule has finished). The current rate is
-in the callback's checkpoint state, so a resumed run continues the schedule.
+``end_epoch`` (default: the trainer's ``max_epochs``). Validation during ``fit`` uses the rate
+of the latest training step; when ``fit`` ends the model is set to the target rate (even if
+training stopped before the schedule finished), and ``validate``/``test``/``predict`` run at
+the target. The schedule's position is in the callback's checkpoint state, so a resumed run
+continues the schedule.
+
+``init_from=<checkpoint>`` loads trained weights in ``setup`` (fine-tuning a model whose
+module starts from random weights; see :mod:`vleff.callbacks.init_weights`).
 """
 from __future__ import annotations
 
@@ -14,9 +19,20 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from vleff.callbacks.init_weights import load_initial_weights
 from vleff.tokens.common import hooks_named
 from vleff.tokens.evit import HOOK_NAME, EViTSchedule, apply_evit, set_evit_keep_rate
 from vleff.tokens.pruning import check_ratio
+
+
+def _single_backbone(pl_module: pl.LightningModule):
+    """The module's one child holding an image tower, if there is exactly one (else ``None``)."""
+    from vleff.callbacks.dynamicvit import resolve_module
+
+    try:
+        return resolve_module(pl_module, None)
+    except ValueError:
+        return None
 
 
 class EViT(Callback):
@@ -29,32 +45,46 @@ class EViT(Callback):
         start_epoch: keep everything until this epoch (the paper warms up this way).
         end_epoch: epoch at which the cosine reaches ``keep_rate`` (default ``max_epochs``).
         log: log the current keep rate as ``evit/keep_rate``.
+        init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module at the
+            start of the first ``fit`` (fine-tune a trained model; not a resume).
     """
 
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] | None = None, fuse: bool = True,
-                 start_epoch: float = 0.0, end_epoch: float | None = None, log: bool = True) -> None:
+                 start_epoch: float = 0.0, end_epoch: float | None = None, log: bool = True,
+                 init_from: str | None = None) -> None:
         self.target = check_ratio("keep_rate", keep_rate)
         self.locations = None if locations is None else list(locations)
         self.fuse = fuse
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
         self.log = log
+        self.init_from = None if init_from is None else str(init_from)
+        self._initialised = False
         EViTSchedule(self.target, start_epoch, end_epoch)  # validate now
         self.schedule: EViTSchedule | None = None
         self.current: float | None = None  # set in setup (or restored from a checkpoint)
         self._module: pl.LightningModule | None = None
+        self._fitting = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.init_from is not None and not self._initialised:
+            load_initial_weights(pl_module, self.init_from, backbone=_single_backbone(pl_module))
+            self._initialised = True
         end = self.end_epoch
         if end is None:
             end = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else self.start_epoch
         self.schedule = EViTSchedule(self.target, self.start_epoch, end)
-        if self.current is None:  # fit starts the schedule; validate/test/predict use the target
-            self.current = self.schedule(0.0) if stage == "fit" else self.target
+        self._fitting = stage == "fit"
+        if self._fitting:  # fit runs the schedule (continuing from a restored or earlier rate)
+            if self.current is None:
+                self.current = self.schedule(0.0)
+            rate = self.current
+        else:  # validate/test/predict: the trained model runs at the target
+            rate = self.target
         if not hooks_named(pl_module, HOOK_NAME):
-            apply_evit(pl_module, keep_rate=self.current, locations=self.locations, fuse=self.fuse)
+            apply_evit(pl_module, keep_rate=rate, locations=self.locations, fuse=self.fuse)
         self._module = pl_module
-        set_evit_keep_rate(pl_module, self.current)
+        set_evit_keep_rate(pl_module, rate)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -64,6 +94,11 @@ class EViT(Callback):
         self.set_keep_rate(pl_module, self.schedule(trainer.current_epoch + frac))
         if self.log:
             pl_module.log("evit/keep_rate", self.current, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the model leaves fit at the target rate (also when it stopped before the schedule
+        # ended); ``current`` keeps the schedule's position for checkpoints
+        set_evit_keep_rate(pl_module, self.target)
 
     def set_keep_rate(self, pl_module: pl.LightningModule, keep_rate: float) -> None:
         self.current = check_ratio("keep_rate", keep_rate)
@@ -76,5 +111,5 @@ class EViT(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current = float(state_dict["keep_rate"])
-        if self._module is not None and hooks_named(self._module, HOOK_NAME):
+        if self._fitting and self._module is not None and hooks_named(self._module, HOOK_NAME):
             set_evit_keep_rate(self._module, self.current)

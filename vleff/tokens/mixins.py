@@ -63,7 +63,8 @@ class DynamicViTMixin(AuxLossMixin):
 
 class EViTMixin:
     """``configure_evit(...)`` in ``__init__``; the keep-rate schedule advances every training
-    batch and its current value is saved in the checkpoint."""
+    batch and its current value is saved in the checkpoint. After ``fit``, and when loaded with
+    ``load_from_checkpoint``, the model runs at the target keep rate."""
 
     _vleff_evit_schedule: EViTSchedule | None = None
     _vleff_evit_keep_rate: float = 1.0
@@ -88,6 +89,12 @@ class EViTMixin:
             set_evit_keep_rate(self, self._vleff_evit_keep_rate)  # type: ignore[arg-type]
         return out
 
+    def on_train_end(self) -> Any:
+        out = _parent(self, EViTMixin, "on_train_end")
+        if self._vleff_evit_schedule is not None:  # leave fit as the cheap model, at the target
+            set_evit_keep_rate(self, self._vleff_evit_schedule.target)  # type: ignore[arg-type]
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _parent(self, EViTMixin, "on_save_checkpoint", checkpoint)
         if self._vleff_evit_schedule is not None:
@@ -97,4 +104,8 @@ class EViTMixin:
         _parent(self, EViTMixin, "on_load_checkpoint", checkpoint)
         if self._vleff_evit_schedule is not None and EVIT_KEY in checkpoint:
             self._vleff_evit_keep_rate = float(checkpoint[EVIT_KEY])
-            set_evit_keep_rate(self, self._vleff_evit_keep_rate)  # type: ignore[arg-type]
+            trainer = getattr(self, "_trainer", None)
+            fitting = trainer is not None and trainer.state.fn == "fit"
+            # resuming fit continues the schedule; a model loaded for use runs at the target
+            rate = self._vleff_evit_keep_rate if fitting else self._vleff_evit_schedule.target
+            set_evit_keep_rate(self, rate)  # type: ignore[arg-type]

@@ -1,0 +1,59 @@
+"""Start a token-pruning run from trained weights: ``init_from=<checkpoint>`` on a callback.
+
+DynamicViT and EViT are meant to fine-tune a trained model. When the LightningModule's
+``__init__`` does not load trained weights itself (a randomly initialised model built from a
+config, as in ``vleff-train``), the callback can load them in ``setup`` — before its surgery,
+so the DynamicViT teacher is the trained model and not the random one.
+
+This is not a resume: optimizer, schedule and step start fresh (use ``Trainer.fit(ckpt_path=...)``
+to resume a run). A resumed run restores its own weights after ``setup`` and so overrides
+these.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+# submodules that token methods add; weights saved from a method run may carry them
+METHOD_PARAM_PREFIXES = ("vleff_",)
+
+
+def _is_method_key(key: str) -> bool:
+    return any(part.startswith(METHOD_PARAM_PREFIXES) for part in key.split("."))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors saved at ``path``: a Lightning checkpoint (its ``state_dict``) or a plain
+    ``state_dict`` file. Lightning checkpoints hold pickled objects (hyper-parameters), so only
+    load files you trust."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={str(path)!r}: no such checkpoint file")
+    obj: Any = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"init_from={str(path)!r} is neither a Lightning checkpoint nor a state_dict")
+    return dict(obj)
+
+
+def load_initial_weights(pl_module: nn.Module, path: str | Path, backbone: nn.Module | None = None) -> str:
+    """Load the weights at ``path`` into ``pl_module`` (keys as the LightningModule names them)
+    or, failing that, into ``backbone`` (a bare model's ``state_dict``). Keys of method
+    submodules (``vleff_*``, e.g. DynamicViT predictors) are ignored; any other mismatch raises.
+    Returns ``"module"`` or ``"backbone"``: where the weights went."""
+    weights = {k: v for k, v in read_state_dict(path).items() if not _is_method_key(k)}
+    targets = [("module", pl_module)] + ([("backbone", backbone)] if backbone is not None else [])
+    problems = []
+    for where, target in targets:
+        expected = {k for k in target.state_dict() if not _is_method_key(k)}
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if not missing and not unexpected:
+            target.load_state_dict(weights, strict=False)
+            return where
+        problems.append(f"as the {where} ({type(target).__name__}): {len(missing)} missing keys "
+                        f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    raise ValueError(f"init_from={str(path)!r} does not fit: " + "; ".join(problems))
