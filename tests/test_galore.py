@@ -62,6 +62,20 @@ def test_projection_sides_follow_the_shape():
     assert galore_projection(tall, 2, "reverse_std")[1] is False
 
 
+@pytest.mark.parametrize("shape", [(40, 8), (8, 40)])
+def test_projection_storage_is_only_the_kept_vectors(shape):
+    # the state must not keep the full SVD factor alive through a view (optimizer-state memory)
+    from vleff.profile import optimizer_state_bytes
+
+    w = torch.nn.Parameter(torch.randn(*shape))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    w.grad = torch.randn(*shape)
+    opt.step()
+    proj = opt.state[w]["proj"]
+    assert proj.untyped_storage().nbytes() == proj.numel() * 4 == 2 * 8 * 4
+    assert optimizer_state_bytes(opt) == (2 * 40 * 2 + 2 * 8) * 4 + 4  # moments [40, 2] x2, P, step
+
+
 @pytest.mark.parametrize("shape,rank,expect", [((12, 6), 3, (12, 3)), ((5, 9), 2, (2, 9)), ((4, 4), 10, (4, 4))])
 def test_moments_live_in_rank_space(shape, rank, expect):
     w = torch.nn.Parameter(torch.randn(*shape))

@@ -64,7 +64,9 @@ def galore_projection(grad: torch.Tensor, rank: int, proj_type: str = "std") -> 
     right = _projects_right(grad.shape, proj_type)
     r = min(int(rank), grad.shape[0], grad.shape[1])
     u, _, vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
-    proj = vh[:r].contiguous() if right else u[:, :r].contiguous()
+    # clone: ``vh[:r]`` is already contiguous, so ``.contiguous()`` would return a view that keeps
+    # the whole [min(m, n), n] factor alive in the optimizer state (6x the projector for ViT-B).
+    proj = vh[:r].clone() if right else u[:, :r].clone(memory_format=torch.contiguous_format)
     return proj, right
 
 
