@@ -70,6 +70,15 @@ def clip_family(model: nn.Module) -> str:
     raise TypeError(f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel")
 
 
+def _plain(value: Any) -> Any:
+    """``OmegaConf`` containers as plain dicts/lists (other values unchanged)."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def _features(out: Any) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a ModelOutput
 
@@ -125,19 +134,53 @@ class CLIPFineTuner(pl.LightningModule):
             datamodule's ``class_prompts`` if it has them).
         tokenizer, context_length: open_clip tokenizer for the class prompts.
         max_logit_scale: clamp of the learnable temperature (CLIP: ``ln 100``).
+        init_checkpoint: start from these weights — a Lightning checkpoint of a
+            ``CLIPFineTuner`` (e.g. an AdamW run's, to continue with MeZO) or a plain state
+            dict of the CLIP model. Only the weights are loaded: optimizer, schedule and step
+            counter start fresh (use ``Trainer.fit(ckpt_path=...)`` to resume a run instead).
     """
 
     def __init__(self, model: nn.Module | str = "digits-tiny", model_kwargs: dict[str, Any] | None = None,
                  lr: float = 5e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-6, warmup_steps: int = 0, class_prompts: Sequence[str] | None = None,
                  tokenizer: str = "ViT-B-32", context_length: int | None = None,
-                 max_logit_scale: float = math.log(100.0)) -> None:
+                 max_logit_scale: float = math.log(100.0), init_checkpoint: str | None = None) -> None:
         super().__init__()
+        # Hydra hands nested values over as DictConfig/ListConfig; plain containers keep the
+        # checkpoint's hyperparameters loadable with torch.load(weights_only=True)
+        model_kwargs, betas, class_prompts = _plain(model_kwargs), tuple(_plain(betas)), _plain(class_prompts)
+        if not lr >= 0:
+            raise ValueError(f"lr={lr!r} is not allowed; it must be >= 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r} is not allowed; it must be >= 0")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} is not allowed; use an int >= 0")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model = build_clip(model, **(model_kwargs or {})) if isinstance(model, str) else model
         self.family = clip_family(self.model)
         self.class_prompts = list(class_prompts) if class_prompts is not None else None
         self._val: list[tuple[torch.Tensor, ...]] = []
+        if init_checkpoint is not None:
+            self.load_clip_weights(init_checkpoint)
+
+    def load_clip_weights(self, path: str) -> None:
+        """Load the CLIP model's weights from a Lightning checkpoint or a plain state dict (strict)."""
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_checkpoint={str(path)!r} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"init_checkpoint={str(path)!r} holds a {type(state).__name__}, not a state dict")
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"init_checkpoint={str(path)!r} does not fit this model "
+                             f"({type(self.model).__name__}): {err}") from err
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
