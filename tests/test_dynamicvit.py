@@ -59,6 +59,20 @@ def test_keep_ratio_loss_matches_hand_computation():
         keep_ratio_loss([d1], [0.5, 0.25])
 
 
+def test_new_predictors_start_at_the_target_keep_ratios():
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=4)
+    apply_dynamicvit(model, rho=0.7, locations=[1, 2, 3], distill=False).train()
+    for predictor, prior in zip(dynamicvit_predictors(model)[0].predictors, [0.7, 0.7, 0.7]):
+        assert predictor.out[-1].bias.softmax(dim=0)[0].item() == pytest.approx(prior)
+    model(tm.images(64))
+    kept = [d.mean().item() for d in _scratch(model)["decisions"]]
+    assert kept == pytest.approx([0.7, 0.49, 0.343], abs=0.08)  # not ~0.5 per stage as an unbiased init would
+    apply_dynamicvit(model, keep_ratios=[0.5, 0.5], locations=[1, 2], distill=False)
+    priors = [p.out[-1].bias.softmax(dim=0)[0].item() for p in dynamicvit_predictors(model)[0].predictors]
+    assert priors == pytest.approx([0.5, 0.98])  # "keep everything left" is clamped, not log(0)
+
+
 def test_recorded_ratio_loss_uses_the_decisions_and_weight():
     torch.manual_seed(0)
     model = tm.timm_vit(depth=3)

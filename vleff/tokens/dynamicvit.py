@@ -33,6 +33,7 @@ without gradient clipping: use ``Trainer(gradient_clip_val=1.0)`` or similar.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -57,9 +58,14 @@ class Predictor(nn.Module):
     second half is averaged over kept tokens (weights = current keep policy) and broadcast;
     then ``C → C/2 → C/4 → 2`` with GELUs and a log-softmax. Output ``[..., 0]`` is the
     log-probability of keeping the token.
+
+    ``keep_prior`` sets the last layer's bias so that a new predictor keeps about that fraction
+    of the tokens it sees (the stage's ratio over the previous one's): training then starts
+    at the target token counts and the ratio loss does not have to drag the keep rate there
+    first, which with the straight-through Gumbel estimate takes many epochs.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, keep_prior: float = 0.5) -> None:
         super().__init__()
         if dim < 4:
             raise ValueError(f"embed dim {dim} is too small for a DynamicViT predictor (need >= 4)")
@@ -67,6 +73,9 @@ class Predictor(nn.Module):
         self.in_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.out = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
                                  nn.Linear(dim // 4, 2))
+        prior = min(max(float(keep_prior), 0.02), 0.98)
+        with torch.no_grad():  # softmax(bias) = (prior, 1 - prior)
+            self.out[-1].bias.copy_(torch.tensor([math.log(prior), math.log(1.0 - prior)]))
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, M, C]`` tokens, ``policy`` ``[B, M]`` keep weights → ``[B, M, 2]`` log-probs (float32)."""
@@ -81,9 +90,12 @@ class Predictor(nn.Module):
 class DynamicViTPredictors(nn.Module):
     """The predictors of one tower, registered on its root as ``vleff_dynamicvit``."""
 
-    def __init__(self, dim: int, num_stages: int) -> None:
+    def __init__(self, dim: int, num_stages: int, keep_priors: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.predictors = nn.ModuleList(Predictor(dim) for _ in range(num_stages))
+        priors = list(keep_priors) if keep_priors is not None else [0.5] * num_stages
+        if len(priors) != num_stages:
+            raise ValueError(f"need one keep prior per stage, got {len(priors)} for {num_stages} stages")
+        self.predictors = nn.ModuleList(Predictor(dim, p) for p in priors)
 
 
 def keep_ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float]) -> torch.Tensor:
@@ -324,7 +336,9 @@ def apply_dynamicvit(model: nn.Module, rho: float = 0.7, locations: Sequence[int
     def make_hook(tower: TowerAdapter) -> DynamicViTHook:
         locs, stage_ratios = plans[len(made)]
         param = next(tower.root.parameters())
-        predictors = DynamicViTPredictors(tower.embed_dim, len(locs)).to(device=param.device, dtype=param.dtype)
+        priors = [r / prev for r, prev in zip(stage_ratios, [1.0] + stage_ratios[:-1])]  # kept / seen
+        predictors = DynamicViTPredictors(tower.embed_dim, len(locs), priors).to(device=param.device,
+                                                                                 dtype=param.dtype)
         predictors.train(tower.root.training)
         setattr(tower.root, MODULE_NAME, predictors)
         hook = DynamicViTHook(predictors, locs, stage_ratios, weights["ratio_weight"], eval_mode)
