@@ -62,7 +62,7 @@ def _quiet() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=25, help="baseline training epochs")
-    p.add_argument("--ft-epochs", type=int, default=4, help="fine-tuning epochs per method")
+    p.add_argument("--ft-epochs", type=int, default=5, help="fine-tuning epochs per method")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size (45 steps per epoch)")
     p.add_argument("--lr", type=float, default=2e-3, help="baseline learning rate")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate")
