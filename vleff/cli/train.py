@@ -32,9 +32,26 @@ def _instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
     return callbacks
 
 
+def _log_lightning_once() -> None:
+    """Send Lightning's messages through the root logger only.
+
+    Lightning gives its loggers a console handler of their own when it is imported before
+    logging is configured; under Hydra (which configures the root logger) every message would
+    then be printed twice.
+    """
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and compare as ``cfg`` says; returns ``{"val": metrics, "rows": comparison rows}``."""
     import lightning.pytorch as pl
+
+    _log_lightning_once()
     from hydra.utils import instantiate
 
     from vleff.cli.evaluate import compare_methods

@@ -64,7 +64,11 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = "vleff bench
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*(format_value(row.get(k), f) for k, _, f in cols))
-    (console or Console()).print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: rich would squeeze the table into 80 columns
+            console = Console(width=max(console.width, 160))
+    console.print(table)
     return table
 
 

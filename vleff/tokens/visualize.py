@@ -89,10 +89,7 @@ def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[
     ToMe is (re-)applied at each r with source tracking and removed afterwards. ``mean``/``std``
     normalise the image the way the model expects.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # no backend switch here: that would stop inline plots in notebooks
 
     from vleff.tokens.tome import apply_tome, remove_tome
 
