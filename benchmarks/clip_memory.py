@@ -9,6 +9,8 @@ memory another already reserved), on the same seeded model and batch:
 * ``adamw``  — one backprop step with ``torch.optim.AdamW`` over all parameters;
 * ``galore`` — the same step with :class:`vleff.memory.GaLoreAdamW` (rank ``r``, the default
   selection: 2-D weights incl. ``in_proj_weight``; embeddings, norms, biases as plain AdamW);
+* ``galore_embed`` — GaLore with the token embedding projected as well (default exclusions
+  less ``embed``);
 * ``mezo``   — one :class:`vleff.memory.MeZO` step (two forward passes under ``no_grad``).
 
 Measured per process (all bytes, nothing timed):
@@ -34,7 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("adamw", "galore", "mezo")
+METHODS = ("adamw", "galore", "galore_embed", "mezo")
+#: GaLore's default exclusions less ``embed``: the token embedding (25 M of ViT-B-32's 151 M
+#: parameters) is projected too; patch embedding (4-D), norms, biases stay out.
+EMBED_EXCLUDE = (r"positional", r"pos_embed", r"cls_token|class_embedding", r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
+                 r"logit_scale|logit_bias")
 _RESULT_TAG = "CLIP_MEMORY_RESULT "
 
 
@@ -69,6 +75,7 @@ def measure_one(method: str, model_name: str, batch_size: int, rank: int, device
     import open_clip
 
     from vleff.memory import GaLoreAdamW, MeZO, galore_param_groups
+    from vleff.memory.selection import DEFAULT_EXCLUDE
     from vleff.models.clip_finetuner import contrastive_loss
     from vleff.profile import optimizer_state_bytes, peak_memory_bytes, saved_activation_bytes, tensor_storage_bytes
 
@@ -93,8 +100,9 @@ def measure_one(method: str, model_name: str, batch_size: int, rank: int, device
 
     if method == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
-    elif method == "galore":
-        opt = GaLoreAdamW(galore_param_groups(model, rank=rank), lr=1e-5, weight_decay=0.1)
+    elif method in ("galore", "galore_embed"):
+        exclude = EMBED_EXCLUDE if method == "galore_embed" else DEFAULT_EXCLUDE
+        opt = GaLoreAdamW(galore_param_groups(model, rank=rank, exclude=exclude), lr=1e-5, weight_decay=0.1)
     else:
         opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3)
 
@@ -126,7 +134,7 @@ def measure_one(method: str, model_name: str, batch_size: int, rank: int, device
         "training_bytes": before_step - start + step_peak,
         "process_peak_bytes": before_step + step_peak,
     }
-    if method == "galore":
+    if method.startswith("galore"):
         row["rank"] = rank
         row["projected_parameters"] = sum(p.numel() for gr in opt.param_groups if gr.get("rank") for p in gr["params"])
     _log(f"{method}: saved-for-backward bytes of one step's forward")
@@ -177,6 +185,7 @@ def run_clip_memory(model_name: str = "ViT-B-32", batch_size: int = 32, rank: in
     base = next((r for r in rows if r["method"] == "adamw"), None)
     for row in rows:
         row["name"] = {"adamw": "AdamW (backprop)", "galore": f"GaLoreAdamW r={rank} (backprop)",
+                       "galore_embed": f"GaLoreAdamW r={rank}, token embedding projected too",
                        "mezo": "MeZO (2 forwards)"}[row["method"]]
         if base is not None:
             for key in ("optimizer_state_bytes", "step_peak_bytes", "training_bytes"):

@@ -192,13 +192,19 @@ def test_gradients_flow_through_merging_in_training():
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
-def test_bf16_autocast():
-    model = tm.timm_vit().eval()
+@pytest.mark.parametrize("family", list(FORWARDS))
+def test_bf16_autocast(family):
+    make, fwd = FORWARDS[family]
+    model = make()
     apply_tome(model, r=4)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        out = model(tm.images())
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert last_token_state(model).size.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fwd(model.eval(), tm.images())
+        assert torch.isfinite(out.float()).all()
+        assert last_token_state(model).size.dtype == torch.float32
+        loss = fwd(model.train(), tm.images()).float().square().mean()
+    loss.backward()
+    grads = [p.grad for p in find_tower(model).root.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_schedule_and_reapply():
