@@ -7,6 +7,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tiny_lightning as tl
 import tiny_models as tm
@@ -383,3 +385,26 @@ def test_ddp_two_processes_cpu(tmp_path):
     assert trainer.state.finished
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "True True"
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 9), gap=st.floats(0.0, 200.0), seed=st.integers(0, 2**16))
+def test_keep_masked_softmax_equals_softmax_over_allowed_keys(n, gap, seed):
+    """Each row is a softmax over the kept keys plus itself, whatever the dropped keys' logits:
+    a dropped key far above the rest (a large ``gap``) must not leak weight."""
+    from vleff.backbones.block import keep_masked_softmax
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, 2, n, n, generator=g, dtype=torch.float64)
+    keep = (torch.rand(1, n, generator=g) < 0.5).double()
+    keep[0, 0] = 1.0
+    dropped = (keep[0] == 0).nonzero().flatten()
+    logits[..., dropped] += gap  # dropped keys dominate every row
+    logits.requires_grad_(True)
+    keep.requires_grad_(True)
+    probs = keep_masked_softmax(logits, keep)
+    allowed = (keep[0] > 0)[None, :] | torch.eye(n, dtype=torch.bool)
+    ref = logits.detach().masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    torch.testing.assert_close(probs.detach(), ref, atol=1e-5, rtol=0)
+    (probs * torch.randn(probs.shape, generator=g, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(keep.grad).all()

@@ -44,13 +44,23 @@ def keep_masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
 
     Differentiable in ``keep`` (DynamicViT trains its predictors through it):
     ``w_ij = exp(l_ij) * (keep_j + (1 - keep_j)·δ_ij)``, normalised with a small epsilon.
+
+    The logits are shifted by the row maximum over the *allowed* keys only. Shifting by the
+    maximum over all keys (as DynamicViT's reference does) lets a dropped key whose logit is
+    far above the others underflow every allowed weight, and the epsilon term then spreads
+    the row uniformly over all tokens, dropped ones included. Dropped keys' shifted logits
+    are capped at 0: their forward weight is 0 anyway, and the cap keeps the gradient with
+    respect to ``keep`` finite.
     """
     n = logits.shape[-1]
     eye = torch.eye(n, device=logits.device, dtype=logits.dtype)
     k = keep.to(logits.dtype)[:, None, None, :]
     weight = k + (1.0 - k) * eye
-    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-    e = logits.exp() * weight
+    allowed = weight.detach() > 0
+    row_max = logits.detach().masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True)
+    shifted = logits - row_max
+    shifted = torch.where(allowed, shifted, shifted.clamp(max=0.0))
+    e = shifted.exp() * weight
     return (e + KEEP_MASK_EPS / n) / (e.sum(dim=-1, keepdim=True) + KEEP_MASK_EPS)
 
 
