@@ -97,6 +97,7 @@ def test_max_merge_edges():
     ((4, 0.5), [2, 3, 5, 6]),
     ((4, 0.0), [4, 4, 4, 4]),
     (torch.tensor([1, 1, 1, 1]), [1, 1, 1, 1]),
+    ({"r": 4, "inflection": 0.5}, [2, 3, 5, 6]),  # the ramp as a config can write it
 ])
 def test_parse_r(spec, expected):
     assert parse_r(spec, 4) == expected
@@ -105,6 +106,7 @@ def test_parse_r(spec, expected):
 @pytest.mark.parametrize("bad,match", [
     (-1, "r=-1"), ([1, 2, 3, 4, 5], "5 entries"), ("16", "r='16'"), ([1, -2], r"r\[1\]=-2"),
     ((4, 2.0), "inflection"), (1.5, "r=1.5"), (True, "r=True"), ([1, "a"], r"r\[1\]='a'"),
+    ({"r": 4}, "exactly the keys 'r' and 'inflection'"),
 ])
 def test_parse_r_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -231,6 +233,13 @@ def test_bad_calls_raise_clear_errors():
         apply_tome(tm.open_clip_model(), r=2, modality="text")
     with pytest.raises(ValueError, match="r=1.5"):
         apply_tome(model, r=1.5)
+    # a failed re-apply leaves the earlier ToMe in place and the model usable
+    apply_tome(model, r=2)
+    with pytest.raises(ValueError, match="r=-1"):
+        apply_tome(model, r=-1)
+    assert tome_r(model) == [2, 2, 2]
+    remove_tome(model)
+    assert get_patch(find_tower(model).root) is None
 
 
 def test_top_level_api_and_registry():

@@ -1,6 +1,8 @@
 """ToMe in a real Trainer.fit: callback, schedule through checkpoints, mixin, DDP."""
 from __future__ import annotations
 
+import os
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -78,11 +80,62 @@ def test_mixin_schedule_and_checkpoint(tmp_path):
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["vleff_tome_schedule"]["warmup_steps"] == 4
 
+    class MixinRecorded(MixinClassifier):
+        def on_train_batch_start(self, batch, batch_idx):
+            super().on_train_batch_start(batch, batch_idx)
+            seen.append((self.trainer.global_step, tome_r(self)[0]))
 
+    seen: list[tuple[int, int]] = []
+    resumed = tl.trainer(tmp_path, max_steps=5, max_epochs=-1)
+    resumed.fit(MixinRecorded(), tl.loader(16), ckpt_path=ckpt)
+    assert seen == [(2, 2), (3, 3), (4, 4)]  # continues the warm-up from step 2
+
+
+def test_r_from_a_hydra_config_resumes_from_a_weights_only_checkpoint(tmp_path):
+    from omegaconf import OmegaConf
+
+    r = OmegaConf.create({"r": [4, 2, 1]}).r  # what Hydra hands the callback: a ListConfig
+    ckpt = tmp_path / "cfg.ckpt"
+    trainer = tl.trainer(tmp_path, [TokenMerging(r=r, schedule="linear", warmup_steps=2)], max_steps=2)
+    trainer.fit(tl.TinyClassifier(), tl.loader(16))
+    trainer.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=True)["callbacks"]  # plain types only
+    (state,) = [v for k, v in states.items() if "TokenMerging" in k]
+    assert state["schedule"]["r"] == [4, 2, 1] and type(state["schedule"]["r"]) is list
+    record = RecordR()
+    resumed = tl.trainer(tmp_path, [TokenMerging(r=r, schedule="linear", warmup_steps=2), record], max_steps=3,
+                         max_epochs=-1)
+    resumed.fit(tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
+    assert record.seen == [(2, 4)]
+
+
+class RecordTokens(pl.Callback):
+    """Writes, per rank, the tokens entering each block in that rank's last training forward."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import json
+
+        import torch.distributed as dist
+
+        record = {"rank": trainer.global_rank, "world": dist.get_world_size(),
+                  "tokens": vleff.token_counts(pl_module), "r": tome_r(pl_module)}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
 def test_ddp_two_processes_cpu(tmp_path):
+    import json
+
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [TokenMerging(r=3)], max_steps=2, devices=2, strategy="ddp_spawn")
+    trainer = tl.trainer(tmp_path, [TokenMerging(r=3), RecordTokens(tmp_path)], max_steps=2, devices=2,
+                         strategy="ddp_fork")
     trainer.fit(module, tl.loader(16))
     assert trainer.state.finished
-    # metrics come back from rank 0: ToMe ran in the worker processes
-    assert float(trainer.callback_metrics["tome/r_mean"]) == 3
+    records = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"]) for r in records] == [(0, 2), (1, 2)]
+    for r in records:  # both ranks merged: 17 tokens, 3 fewer per block
+        assert r["r"] == [3, 3, 3]
+        assert r["tokens"] == {"image": [17, 14, 11]}

@@ -60,7 +60,7 @@ def test_fast_dev_run_trains_and_compares(tmp_path):
     assert result["rows"][1]["flops_ratio"] < 0.8
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"][0]["name"] == "baseline" if "rows" in saved else saved
+    assert saved["rows"][0]["name"] == "baseline"
     assert (tmp_path / "results.csv").exists() and (tmp_path / "results.png").stat().st_size > 1000
 
 
@@ -91,6 +91,8 @@ def test_console_script_from_any_directory(tmp_path):
     (["data.image_size=30"], "image_size=30 is not a positive multiple of the patch size 4"),
     (["data=image_folder", "data.root=/nonexistent/images"], "is not a directory"),
     (["+compare.methods.nope={}"], "method='nope' is not known"),
+    (["data=nope"], "Could not find 'data/nope'"),
+    (["model=nope"], "Could not find 'model/nope'"),
 ])
 def test_bad_input_is_reported(args, message, tmp_path):
     proc = _cli(FAST + args, tmp_path)

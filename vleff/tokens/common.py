@@ -21,9 +21,10 @@ def install_hook(model: nn.Module, make_hook: Callable[[TowerAdapter], TokenHook
     has no such tower, so a method never silently does nothing.
     """
     towers = find_towers(model, modality)
-    for tower in towers:
+    hooks = [make_hook(tower) for tower in towers]  # any bad argument raises before a tower is patched
+    for tower, hook in zip(towers, hooks):
         patch = patch_tower(tower)
-        patch.add_hook(make_hook(tower))
+        patch.add_hook(hook)
         if prop_attn is not None:
             patch.prop_attn = prop_attn
     return towers

@@ -4,12 +4,26 @@ A schedule is plain data (no Lightning), so it can be saved in checkpoints and t
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vleff.tokens.tome import RSpec, parse_r
 
 SCHEDULES = ("constant", "linear")
+
+
+def plain_r(r: RSpec) -> RSpec:
+    """``r`` as plain Python values (an OmegaConf list or dict from a Hydra config becomes a
+    ``list`` or an ``(r, inflection)`` tuple), so that it pickles into a checkpoint that
+    ``torch.load(weights_only=True)`` can read."""
+    if isinstance(r, (str, bytes)) or isinstance(r, tuple):
+        return r
+    if isinstance(r, Mapping):
+        return (r.get("r"), r.get("inflection")) if set(r) == {"r", "inflection"} else dict(r)
+    if isinstance(r, Sequence):
+        return list(r)
+    return r
 
 
 @dataclass
@@ -26,6 +40,7 @@ class RSchedule:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        self.r = plain_r(self.r)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not allowed; use one of {SCHEDULES}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

@@ -16,18 +16,19 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from vleff.backbones import BlockInfo, Modality, TokenState, TowerAdapter
+from vleff.backbones import BlockInfo, Modality, TokenState, TowerAdapter, find_towers
 from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_sum, merge_weighted
 from vleff.registry import Method, register_method
 from vleff.tokens.common import hooks_named, install_hook, remove_hook
 
 HOOK_NAME = "tome"
-RSpec = Union[int, Sequence[int], tuple[int, float]]
+RSpec = Union[int, Sequence[int], tuple[int, float], Mapping[str, float]]
 
 
 def _is_number(value: object) -> bool:
@@ -41,9 +42,14 @@ def parse_r(r: RSpec, depth: int) -> list[int]:
     * ``list``: one r per block (shorter lists leave the remaining blocks unmerged).
     * ``(r, inflection)`` tuple: a linear ramp over depth whose mean is r; the first block
       merges ``r·(1 − inflection)`` and the last ``r·(1 + inflection)``, ``inflection`` in [-1, 1].
+      A mapping ``{"r": 16, "inflection": 0.5}`` means the same (configs have no tuples).
 
     The per-block r is capped at run time at what that block can merge.
     """
+    if isinstance(r, Mapping):
+        if set(r) != {"r", "inflection"}:
+            raise ValueError(f"r={dict(r)!r}: a mapping must have exactly the keys 'r' and 'inflection'")
+        r = (r["r"], r["inflection"])
     if isinstance(r, tuple):
         if len(r) != 2 or not all(_is_number(v) for v in r):
             raise ValueError(f"r={r!r}: a tuple must be (r, inflection) with two numbers")
@@ -132,6 +138,8 @@ def apply_tome(model: nn.Module, r: RSpec = 16, prop_attn: bool = True, trace_so
         raise ValueError(f"modality={modality!r}: ToMe merges image tokens only (text towers pool at a fixed EOT position)")
     if not isinstance(prop_attn, bool) or not isinstance(trace_source, bool):
         raise ValueError(f"prop_attn={prop_attn!r} and trace_source={trace_source!r} must be booleans")
+    for tower in find_towers(model, modality):  # a bad r fails here, before an earlier ToMe is removed
+        parse_r(r, len(tower.blocks()))
     if hooks_named(model, HOOK_NAME):
         remove_tome(model)
 
