@@ -262,3 +262,28 @@ def test_flops_fall_with_r():
     counts = last_token_state(model).token_counts
     assert counts == [17, 14, 11, 8]
     assert math.isclose(sum(counts) / (17 * 4), 50 / 68)
+
+
+def test_gradient_checkpointing_is_refused_clearly():
+    model = tm.timm_vit().train()
+    model.set_grad_checkpointing(True)
+    apply_tome(model, r=2)
+    with pytest.raises(RuntimeError, match="has gradient checkpointing on"):
+        model(tm.images())
+    with torch.no_grad():  # no recomputation without gradients: merging works
+        assert model(tm.images()).shape[0] == 2
+    model.set_grad_checkpointing(False)
+    model(tm.images()).sum().backward()
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf_clip", "hf_blip"])
+def test_gradient_checkpointing_is_detected_on_every_family(family):
+    make, fwd = FORWARDS[family]
+    model = make().train()
+    if family == "open_clip":
+        model.set_grad_checkpointing(True)
+    else:
+        model.gradient_checkpointing_enable()
+    apply_tome(model, r=2)
+    with pytest.raises(RuntimeError, match="has gradient checkpointing on"):
+        fwd(model, tm.images())

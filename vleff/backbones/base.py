@@ -116,5 +116,13 @@ class TowerAdapter(ABC):
     def block_inputs(self, block: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Read ``(x, attention mask or None, is_causal)`` from the arguments of ``block.forward``."""
 
+    def gradient_checkpointing(self) -> bool:
+        """Whether the library recomputes blocks in backward (timm/open_clip ``grad_checkpointing``,
+        Hugging Face ``gradient_checkpointing``). The libraries keep the flag on the tower root
+        (timm) or on its block container, a direct child (open_clip ``transformer``, HF
+        ``encoder``); only those are looked at, so the check stays cheap enough for every forward."""
+        return any(getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
+                   for m in (self.root, *self.root.children()))
+
     def describe(self) -> str:
         return f"{self.family} {self.modality} tower ({type(self.root).__name__}, {len(self.blocks())} blocks)"

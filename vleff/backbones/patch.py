@@ -44,6 +44,13 @@ class TowerPatch:
 
     # --- forward -------------------------------------------------------------------------
     def _start(self, x: torch.Tensor) -> TokenState:
+        if self.hooks and torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
+            raise RuntimeError(
+                f"{self.adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; "
+                f"the token methods applied ({', '.join(h.name for h in self.hooks)}) change the tokens from block "
+                "to block and cannot be replayed that way. Turn it off (timm: model.set_grad_checkpointing(False); "
+                "open_clip: model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) "
+                "or run without gradients.")
         state = TokenState(num_prefix=self.adapter.num_prefix_tokens, num_input_tokens=x.shape[1],
                            prop_attn=self.prop_attn)
         for hook in self.hooks:
