@@ -206,6 +206,37 @@ def test_bf16_autocast():
     assert last_token_state(model).token_counts == [17, 12, 8]
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_autocast_on_every_family(family):
+    make, run = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make()
+    apply_dynamicvit(model, rho=0.7, locations=[0, 1], distill=False)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = run(model, tm.images(2)).float().square().mean() + vleff_aux_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dynamicvit_predictors(model)[0].parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(run(model, tm.images(2)).float()).all()
+
+
+def test_default_locations_are_three_evenly_spaced_blocks():
+    from vleff.tokens.pruning import default_locations
+
+    assert default_locations(12) == [3, 6, 9]
+    model = tm.timm_vit(depth=12)
+    apply_dynamicvit(model, rho=0.7, distill=False)
+    assert dynamicvit_predictors(model)[0] is not None
+    model.eval()
+    with torch.no_grad():
+        model(tm.images(1))
+    counts = last_token_state(model).token_counts
+    assert [i for i in range(1, 12) if counts[i] < counts[i - 1]] == [3, 6, 9]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rho=0.0), "rho=0.0"), (dict(rho=1.5), "rho=1.5"), (dict(rho=True), "rho=True"),
     (dict(locations=[3]), r"locations=\[3\].*\[0, 3\)"), (dict(locations=[2, 1]), "strictly increasing"),

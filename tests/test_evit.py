@@ -128,6 +128,21 @@ def test_bf16_autocast():
     assert last_token_state(model).size.dtype == torch.float32
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_autocast_on_every_family(family):
+    make, run = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make()
+    apply_evit(model, keep_rate=0.7, locations=[0, 1]).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, tm.images(2))
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert last_token_state(model).token_counts[-1] < last_token_state(model).token_counts[0]
+
+
 def test_schedule():
     assert keep_rate_schedule(0.5, 0.7, start_epoch=1, end_epoch=3) == 1.0
     assert keep_rate_schedule(1.0, 0.7, start_epoch=1, end_epoch=3) == pytest.approx(1.0)
@@ -192,6 +207,18 @@ def test_callback_schedule_and_resume(tmp_path):
         tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
     assert check.rate == pytest.approx(first.seen[-1])  # restored before the first resumed batch
     assert first.seen + second.seen == expected
+
+
+def test_schedule_ends_at_max_steps_when_training_is_limited_by_steps(tmp_path):
+    # tl.loader(16) has 4 batches per epoch: max_steps=6 ends at epoch 1.5
+    seen = RecordKeepRate()
+    tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2]), seen], max_steps=6, max_epochs=-1).fit(
+        tl.TinyClassifier(), tl.loader(16))
+    expected = [round(keep_rate_schedule(step / 4, 0.5, 0, 1.5), 6) for step in range(6)]
+    assert seen.seen == expected and seen.seen[1] > 0.9  # a cosine, not a jump to the target
+    with pytest.raises(ValueError, match="neither is set"):
+        tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2])], max_epochs=-1).fit(
+            tl.TinyClassifier(), tl.loader(16))
 
 
 def test_callback_leaves_fit_at_the_target_and_evaluates_there(tmp_path):

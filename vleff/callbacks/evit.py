@@ -43,7 +43,8 @@ class EViT(Callback):
         locations: block indices (default three evenly spaced, ``(3, 6, 9)`` for depth 12).
         fuse: fuse the pruned tokens into one token.
         start_epoch: keep everything until this epoch (the paper warms up this way).
-        end_epoch: epoch at which the cosine reaches ``keep_rate`` (default ``max_epochs``).
+        end_epoch: epoch at which the cosine reaches ``keep_rate`` (default: the trainer's
+            ``max_epochs``, or where ``max_steps`` ends when training is limited by steps).
         log: log the current keep rate as ``evit/keep_rate``.
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module at the
             start of the first ``fit`` (fine-tune a trained model; not a resume).
@@ -65,14 +66,25 @@ class EViT(Callback):
         self.current: float | None = None  # set in setup (or restored from a checkpoint)
         self._module: pl.LightningModule | None = None
         self._fitting = False
+        self._end_from_max_steps = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.init_from is not None and not self._initialised:
             load_initial_weights(pl_module, self.init_from, backbone=_single_backbone(pl_module))
             self._initialised = True
         end = self.end_epoch
+        self._end_from_max_steps = False
         if end is None:
-            end = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else self.start_epoch
+            if trainer.max_epochs is not None and trainer.max_epochs > 0:
+                end = trainer.max_epochs
+            elif stage == "fit" and trainer.max_steps is not None and trainer.max_steps > 0:
+                end = self.start_epoch  # placed at the first batch, once the batches per epoch are known
+                self._end_from_max_steps = True
+            elif stage == "fit":
+                raise ValueError("EViT(end_epoch=None) ends its keep-rate cosine at the trainer's max_epochs or "
+                                 "max_steps, but neither is set; pass end_epoch=<epoch>")
+            else:
+                end = self.start_epoch
         self.schedule = EViTSchedule(self.target, self.start_epoch, end)
         self._fitting = stage == "fit"
         if self._fitting:  # fit runs the schedule (continuing from a restored or earlier rate)
@@ -90,6 +102,11 @@ class EViT(Callback):
                              batch_idx: int) -> None:
         assert self.schedule is not None
         batches = trainer.num_training_batches
+        if self._end_from_max_steps and isinstance(batches, int) and batches > 0:
+            # max_steps counts optimizer steps; an epoch has batches / accumulate_grad_batches of them
+            end = trainer.max_steps * trainer.accumulate_grad_batches / batches
+            self.schedule = EViTSchedule(self.target, self.start_epoch, max(end, self.start_epoch))
+            self._end_from_max_steps = False
         frac = batch_idx / batches if isinstance(batches, int) and batches > 0 else 0.0
         self.set_keep_rate(pl_module, self.schedule(trainer.current_epoch + frac))
         if self.log:
