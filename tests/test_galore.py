@@ -24,7 +24,7 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = torch.randn(5, 6, generator=g)
+        x = torch.randn(5, 6, generator=g).to(next(model.parameters()).dtype)
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         opt.step()
@@ -134,6 +134,39 @@ def test_state_dict_loads_with_weights_only(tmp_path):
     assert projected and all(torch.is_tensor(s["proj"]) for s in projected)
     other = GaLoreAdamW(galore_param_groups(_mlp(), rank=2), lr=1e-2)
     other.load_state_dict(loaded)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_resume_with_low_precision_params_keeps_fp32_state_and_continues_exactly(tmp_path, dtype):
+    model = _mlp().to(dtype)
+    opt = GaLoreAdamW(galore_param_groups(model, rank=2, update_proj_gap=3), lr=1e-2, weight_decay=0.1)
+    _train(model, opt, 4)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    resumed_model = copy.deepcopy(model)
+    resumed = GaLoreAdamW(galore_param_groups(resumed_model, rank=2, update_proj_gap=3), lr=1e-2, weight_decay=0.1)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        s, t = opt.state[p], resumed.state[q]
+        assert s.keys() == t.keys()
+        for key, value in s.items():
+            if torch.is_tensor(value):
+                assert t[key].dtype == value.dtype, (key, t[key].dtype, value.dtype)
+                assert torch.equal(t[key], value), key
+            else:
+                assert t[key] == value
+        if "proj" in s:  # projected: low-rank moments and projector stay fp32
+            assert s["proj"].dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32
+        else:  # unprojected: full-size moments in the parameter's dtype, as during training
+            assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == dtype
+    assert sum("proj" in s for s in resumed.state.values()) == 2
+
+    # the next steps include an SVD refresh (step 7); both runs must stay bit-identical
+    _train(model, opt, 4, seed=2)
+    _train(resumed_model, resumed, 4, seed=2)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert p.dtype == dtype
+        assert torch.equal(p, q)
 
 
 def test_selection_open_clip_and_hf_clip():

@@ -193,6 +193,110 @@ def test_callback_rejects_several_optimizers(tmp_path):
         trainer.fit(_probe_module(n_optimizers=2), tl.loader(n=4, batch_size=4))
 
 
+class _HookProbe:
+    """Callback: counts ``on_before_optimizer_step`` and compares the weights there with the
+    weights at the start of the batch (unperturbed) and at its end (updated)."""
+
+    def __init__(self):
+        from lightning.pytorch.callbacks import Callback
+
+        probe = self
+        self.calls: list[dict] = []
+
+        class _CB(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                probe.start = [p.detach().clone() for p in pl_module.parameters()]
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                now = [p.detach().clone() for p in pl_module.parameters()]
+                # restore is exact up to fp32 rounding; the perturbation is eps * z ~ 1e-3
+                unperturbed = all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(now, probe.start))
+                probe.calls.append({"step": trainer.global_step, "unperturbed": unperturbed, "weights": now,
+                                    "optimizer": type(optimizer).__name__})
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                probe.calls[-1]["updated"] = any(not torch.equal(p, q)
+                                                 for p, q in zip(pl_module.parameters(), probe.calls[-1]["weights"]))
+
+        self.callback = _CB()
+
+
+def test_on_before_optimizer_step_fires_once_per_step_at_unperturbed_weights(tmp_path):
+    import tiny_lightning as tl
+    from vleff.callbacks import MeZO as MeZOCallback
+
+    logged: list[tuple[str, float]] = []
+    module_hook_calls: list[int] = []
+
+    class Logged(tl.TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss, prog_bar=True)
+            self.log_dict({"train_loss_x2": 2 * loss, "batch_idx": batch_idx})
+            return loss
+
+        def log(self, name, value, *args, **kwargs):
+            logged.append((name, float(value)))
+            return super().log(name, value, *args, **kwargs)
+
+        def on_before_optimizer_step(self, optimizer):
+            module_hook_calls.append(self.trainer.global_step)
+
+    torch.manual_seed(0)
+    module = Logged(depth=1)
+    probe = _HookProbe()
+    trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback(eps=1e-3, lr=1e-2), probe.callback], max_steps=3)
+    trainer.fit(module, tl.loader(n=16, batch_size=4))
+
+    assert trainer.global_step == 3
+    assert [c["step"] for c in probe.calls] == [0, 1, 2]  # once per step, before the step is counted
+    assert module_hook_calls == [0, 1, 2]
+    assert all(c["unperturbed"] for c in probe.calls)
+    assert all(c["updated"] for c in probe.calls)  # the update comes after the hook
+    assert {c["optimizer"] for c in probe.calls} == {"MeZO"}
+
+    # the user's logs reach Lightning once per step, as the mean over theta +- eps z
+    user = [(n, v) for n, v in logged if not n.startswith("mezo/")]
+    assert [n for n, _ in user] == ["train_loss", "train_loss_x2", "batch_idx"] * 3
+    assert [v for n, v in user if n == "batch_idx"] == [0, 1, 2]
+    mezo_loss = [v for n, v in logged if n == "mezo/loss"]
+    assert len(mezo_loss) == 3
+    for got, want in zip([v for n, v in user if n == "train_loss"], mezo_loss):
+        assert got == pytest.approx(want, rel=1e-6)  # (L+ + L-) / 2
+    assert float(trainer.callback_metrics["train_loss_x2"]) == pytest.approx(2 * mezo_loss[-1], rel=1e-6)
+
+
+def test_mixin_trains_with_mezo(tmp_path):
+    import tiny_lightning as tl
+    from vleff.callbacks.memory_mixins import MeZOMixin
+
+    steps: list[bool] = []
+
+    class Mixed(MeZOMixin, tl.TinyClassifier):
+        mezo_config = dict(eps=1e-3, lr=1e-2, seed=5)
+
+        def training_step(self, batch, batch_idx):
+            steps.append(torch.is_grad_enabled())
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    module = Mixed(depth=1)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = tl.trainer(tmp_path, max_steps=2)
+    trainer.fit(module, tl.loader(n=16, batch_size=4))
+
+    opt = trainer.optimizers[0]
+    assert type(opt) is MeZO
+    assert opt.steps_done == 2 and opt.base_seed == 5 and opt.param_groups[0]["lr"] == 1e-2
+    assert trainer.global_step == 2
+    assert steps == [False] * 4  # two forward-only evaluations per step
+    assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
+    assert all(p.grad is None for p in module.parameters())
+    assert "training_step" not in vars(module)  # the module's own step is back after fit
+    assert "train_loss" in trainer.callback_metrics and "mezo/projected_grad" in trainer.callback_metrics
+
+
 # ---------------------------------------------------------------- DDP (2 CPU processes, gloo)
 
 

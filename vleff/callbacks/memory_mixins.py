@@ -38,7 +38,10 @@ class MeZOMixin:
     """Turns the module's own ``training_step`` into MeZO steps at fit start.
 
     Set ``mezo_config`` (keyword arguments of :class:`vleff.callbacks.MeZO`). Same
-    implementation as the callback (:func:`vleff.callbacks.mezo.install_mezo`).
+    implementation as the callback (:func:`vleff.callbacks.mezo.install_mezo`), so the same
+    hook and logging behaviour (see :mod:`vleff.callbacks.mezo`): ``training_step`` runs twice
+    per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
+    logs is logged once (the mean of the two evaluations for floating values).
     """
 
     mezo_config: ClassVar[dict[str, Any]] = {}

@@ -17,16 +17,36 @@ At fit start the callback
 Manual optimization means Lightning no longer steps LR schedulers; the wrapped step does
 (``interval="step"`` every ``frequency`` steps, ``"epoch"`` at epoch end, plateau schedulers
 with their monitored metric when it has been logged).
+
+Hooks and logging during a MeZO step (the user's ``training_step`` runs twice, at ``θ+εz`` and
+``θ-εz``):
+
+* ``on_before_optimizer_step`` (callbacks, then the module) fires **once per step**, at the
+  restored weights ``θ`` after both losses (and the DDP average of the projected gradient)
+  and before the update — where it fires after backward under automatic optimization. There
+  are no ``.grad`` buffers to inspect; ``optimizer.last_projected_grad`` still holds the previous
+  step's estimate at that point. The MeZO optimizer is stepped directly, not through Lightning's
+  precision plugin, whose closure wrapper would run the hooks after each of the two losses,
+  i.e. twice and at perturbed weights. Lightning's manual-optimization step counting and
+  ``optimizer_step`` profiling are kept.
+* ``self.log``/``self.log_dict`` calls made inside ``training_step`` are recorded during the
+  two evaluations and replayed once after the step: a floating-point value logged in both is
+  logged as the mean of its ``θ+εz`` and ``θ-εz`` values (for the loss that is MeZO's own
+  estimate ``(L+ + L-)/2`` of the loss at ``θ``); other values (ints, torchmetrics objects) are
+  logged with their ``θ-εz`` value. A torchmetrics object the step *updates* is still updated
+  twice per step, since the step itself runs twice.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer import call
 
 from vleff.callbacks.optimizer_swap import check_strategy, swap_optimizers, user_optimizers
 from vleff.memory.convert import mezo_from_optimizer
@@ -50,6 +70,97 @@ def _step_schedulers(trainer: pl.Trainer, interval: str) -> None:
                 config.scheduler.step(metric)
         else:
             config.scheduler.step()
+
+
+_LogCall = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
+
+
+def _mean_of_two(plus: Any, minus: Any) -> Any:
+    """What to log for a value logged at both ``θ+εz`` and ``θ-εz``: the mean of floating values."""
+    if isinstance(plus, float) and isinstance(minus, float):
+        return (plus + minus) / 2
+    if (torch.is_tensor(plus) and torch.is_tensor(minus) and plus.is_floating_point()
+            and minus.is_floating_point() and plus.shape == minus.shape):
+        return (plus.detach() + minus.detach()) / 2
+    return minus
+
+
+def _replay_logs(pl_module: pl.LightningModule, plus: list[_LogCall], minus: list[_LogCall]) -> None:
+    """Log once what ``training_step`` logged in its two evaluations (k-th call of a name pairs with k-th)."""
+    earlier: dict[str, list[_LogCall]] = defaultdict(list)
+    for entry in plus:
+        earlier[entry[0]].append(entry)
+    used: dict[str, int] = defaultdict(int)
+    for name, value, args, kwargs in minus:
+        k = used[name]
+        if k < len(earlier[name]):
+            value = _mean_of_two(earlier[name][k][1], value)
+            used[name] += 1
+        pl_module.log(name, value, *args, **kwargs)
+    for name, entries in earlier.items():  # logged only at θ+εz
+        for _, value, args, kwargs in entries[used[name]:]:
+            pl_module.log(name, value, *args, **kwargs)
+
+
+def _recording_logs(pl_module: pl.LightningModule, fn: Callable[[], Any], into: list[_LogCall]) -> Any:
+    """Run ``fn`` with ``pl_module.log`` (and so ``log_dict``) recording its calls into ``into``."""
+    def record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        into.append((name, value, args, kwargs))
+
+    missing = object()
+    shadowed = vars(pl_module).get("log", missing)
+    pl_module.log = record  # type: ignore[method-assign]
+    try:
+        return fn()
+    finally:
+        if shadowed is missing:
+            del pl_module.log
+        else:
+            pl_module.log = shadowed  # type: ignore[method-assign]
+
+
+def _mezo_step(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: Callable[[], Any]) -> Any:
+    """One MeZO step of the module's optimizer, with Lightning's hooks and logging fired once.
+
+    The raw optimizer is stepped (not ``LightningOptimizer.step``, whose precision plugin would
+    fire ``on_before_optimizer_step`` after each of the two closure calls, at perturbed weights).
+    The hook fires from MeZO's ``reduce`` slot, which runs after the weights are restored and
+    before the update. ``_on_before_step``/``_on_after_step`` are the callables Lightning's
+    manual-optimization loop injects into the ``LightningOptimizer`` (step counter, profiler).
+    """
+    lightning_opt = pl_module.optimizers()
+    opt = getattr(lightning_opt, "optimizer", lightning_opt)
+    if not isinstance(opt, MeZOOptimizer):
+        raise TypeError(f"the MeZO training step found a {type(opt).__name__} optimizer; something replaced MeZO")
+    evaluations: list[list[_LogCall]] = []
+
+    def closure() -> Any:
+        evaluations.append([])
+        return _recording_logs(pl_module, loss_fn, evaluations[-1])
+
+    inner_reduce = opt.reduce
+
+    def reduce_then_hooks(grad: torch.Tensor) -> torch.Tensor:
+        if inner_reduce is not None:
+            grad = inner_reduce(grad)
+        call._call_callback_hooks(trainer, "on_before_optimizer_step", opt)
+        call._call_lightning_module_hook(trainer, "on_before_optimizer_step", opt)
+        return grad
+
+    before = getattr(lightning_opt, "_on_before_step", None)
+    after = getattr(lightning_opt, "_on_after_step", None)
+    if before is not None:
+        before()
+    opt.reduce = reduce_then_hooks
+    try:
+        loss = opt.step(closure=closure)
+    finally:
+        opt.reduce = inner_reduce
+    if after is not None:
+        after()
+    plus, minus = evaluations  # MeZO.step evaluates the closure exactly twice
+    _replay_logs(pl_module, plus, minus)
+    return loss
 
 
 def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: float = 1e-3,
@@ -99,7 +210,7 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: flo
         modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()  # dropout off for both losses
         try:
-            loss = pl_module.optimizers().step(closure=lambda: original(*args, **kwargs))
+            loss = _mezo_step(trainer, pl_module, lambda: original(*args, **kwargs))
         finally:
             for m, mode in modes:
                 m.training = mode

@@ -16,7 +16,10 @@ exactly :class:`torch.optim.AdamW`'s update, so one optimizer serves the whole m
 Checkpoints: the projection ``P`` is a plain tensor in ``optimizer.state[p]["proj"]`` and its
 side a Python bool (``"proj_right"``), so ``optimizer.state_dict()`` round-trips through
 ``torch.load(weights_only=True)``. The moments are not reset when ``P`` is refreshed (as in the
-paper's reference algorithm).
+paper's reference algorithm). :meth:`GaLoreAdamW.load_state_dict` keeps the low-rank moments and
+``P`` of projected weights in fp32 (``torch.optim.Optimizer`` would cast them to a bf16/fp16
+parameter's dtype, losing precision); the full-size moments of unprojected parameters follow the
+parameter's dtype, as during training.
 
 The projected update is :func:`vleff.kernels.galore_step.galore_adam_step`: projection and
 back-projection of :mod:`vleff.kernels.lowrank` (reference) or one fused Triton kernel on GPU.
@@ -36,6 +39,8 @@ from vleff.kernels.galore_step import galore_adam_step
 __all__ = ["GaLoreAdamW", "PROJ_TYPES", "galore_projection"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+# state of a projected weight that stays fp32 whatever the parameter dtype
+_FP32_STATE = ("exp_avg", "exp_avg_sq", "proj")
 
 
 def _projects_right(shape: torch.Size, proj_type: str) -> bool:
@@ -131,6 +136,33 @@ class GaLoreAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`, keeping projected weights' state in fp32.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
+        parameter's dtype. For a bf16/fp16 weight that would turn the fp32 low-rank moments and
+        projector into bf16/fp16 (rounded, and rejected by the next :meth:`step`). The state of
+        every parameter whose saved state has a ``"proj"`` is therefore taken from ``state_dict``
+        as saved (``exp_avg``, ``exp_avg_sq``, ``proj`` in fp32, moved to the parameter's device),
+        so a resumed run continues bit for bit. Unprojected parameters keep torch's policy (their
+        moments have the parameter's dtype, like :class:`torch.optim.AdamW`'s).
+        """
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        keep = {}
+        for pid, entry in state_dict["state"].items():
+            if isinstance(entry, dict) and "proj" in entry:
+                keep[pid] = {k: entry[k] for k in _FP32_STATE if torch.is_tensor(entry.get(k))}
+        super().load_state_dict(state_dict)
+        if not keep:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(params) != len(saved_ids):  # a load_state_dict pre-hook changed the layout
+            raise ValueError(f"GaLoreAdamW: the loaded state has {len(saved_ids)} parameters, the optimizer "
+                             f"{len(params)}; cannot match the fp32 state of projected weights")
+        for pid, p in zip(saved_ids, params):
+            for key, value in keep.get(pid, {}).items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     @staticmethod
     def projection_mask(group: dict[str, Any]) -> list[bool]:
