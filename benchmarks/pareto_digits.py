@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "pareto_digits.png")
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 FLOP counts")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch each, one setting per method")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from --out/results.json")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.ft_epochs = 1, 1
@@ -194,7 +195,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=130)
     front = pareto_front(rows)
     ax.step([r["gflops"] for r in front], [100 * r["accuracy"] for r in front], where="post", color="0.8",
             lw=6, zorder=0, label="Pareto front")
@@ -216,7 +217,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("top-1 accuracy on digits val (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
@@ -224,8 +225,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 # --- main ----------------------------------------------------------------------------------
+def _title(settings: dict[str, Any]) -> str:
+    return f"digits ViT (6 blocks, 65 tokens): baseline {settings['epochs']} epochs, fine-tunes {settings['ft_epochs']} epochs"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot:
+        result = json.loads((args.out / "results.json").read_text())
+        plot(result["rows"], args.plot, _title(result["settings"]))
+        print(f"plot: {args.plot}")
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     import lightning.pytorch as pl
@@ -317,8 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.plot, f"digits ViT (6 blocks, 65 tokens): baseline {args.epochs} epochs, "
-                          f"fine-tunes {args.ft_epochs} epochs")
+    plot(rows, args.plot, _title(vars(args)))
     print_summary(rows, vit_s, elapsed, args)
     return result
 
