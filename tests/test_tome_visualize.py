@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 import tiny_models as tm
+import vleff
 from vleff.tokens.tome import apply_tome
 from vleff.tokens.visualize import group_labels, merge_groups, plot_merge_groups, render_groups, sample_photo
 
@@ -35,3 +36,19 @@ def test_merge_groups_on_a_real_photo(tmp_path):
     fig = plot_merge_groups(model, photo, r_values=(4,), path=tmp_path / "groups.png")
     assert (tmp_path / "groups.png").stat().st_size > 1000
     fig.clear()
+
+
+def test_plotting_leaves_the_model_as_it_was(tmp_path):
+    from vleff.tokens.tome import tome_r
+
+    model = tm.timm_vit(img_size=64, depth=2).eval()
+    photo = sample_photo(size=64)
+    with torch.no_grad():
+        plain = model(photo[None])
+    plot_merge_groups(model, photo, r_values=(4,)).clear()
+    assert not vleff.token_counts(model)  # no ToMe before -> none after
+    with torch.no_grad():
+        torch.testing.assert_close(model(photo[None]), plain, atol=0, rtol=0)
+    apply_tome(model, r=[3, 1])
+    plot_merge_groups(model, photo, r_values=(4, 8)).clear()
+    assert tome_r(model) == [3, 1]  # the user's ToMe is back with its own r

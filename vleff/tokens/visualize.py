@@ -86,12 +86,21 @@ def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[
                       path: str | Path | None = None, forward=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
     """Figure: the image, then its merge groups at each r. ``image`` is ``[3, H, W]`` in [0, 1].
 
-    ToMe is (re-)applied at each r with source tracking and removed afterwards. ``mean``/``std``
+    ToMe is (re-)applied at each r with source tracking; afterwards the model is left as it was
+    (ToMe removed, or the ToMe it had restored with its own r and settings). ``mean``/``std``
     normalise the image the way the model expects.
     """
     import matplotlib.pyplot as plt  # no backend switch here: that would stop inline plots in notebooks
 
-    from vleff.tokens.tome import apply_tome, remove_tome
+    from vleff.backbones import get_patch
+    from vleff.tokens.common import hooks_named
+    from vleff.tokens.tome import HOOK_NAME, apply_tome, remove_tome
+
+    earlier = hooks_named(model, HOOK_NAME)
+    restore = None
+    if earlier:
+        restore = dict(r=list(earlier[0].r_per_block), trace_source=earlier[0].trace_source,
+                       prop_attn=get_patch(find_tower(model).root).prop_attn)
 
     norm = (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     fig, axes = plt.subplots(1, len(r_values) + 1, figsize=(3.2 * (len(r_values) + 1), 3.4))
@@ -103,6 +112,8 @@ def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[
         ax.imshow(render_groups(image, labels))
         ax.set_title(f"ToMe r={r}: {groups} tokens")
     remove_tome(model)
+    if restore is not None:
+        apply_tome(model, **restore)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
