@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tiny_models as tm
+import vleff.profile.throughput as throughput_module
 from vleff.profile import (ThroughputResult, compare_models, count_flops, flop_counter, measure_throughput,
                            optimizer_state_bytes, peak_memory_bytes, plot_rows, print_table, rows_to_csv,
                            rows_to_json, saved_activation_bytes)
@@ -123,6 +125,15 @@ def test_hf_clip_vision_flops_equal_analytic():
     assert count_flops(model.vision_model, pixel_values=tm.images(B)) == expected
 
 
+def test_hf_blip_vision_flops_equal_analytic():
+    """BLIP's vision tower: one fused qkv Linear (64 -> 192) and explicit q kᵀ / p v matmuls
+    per layer; no projection head inside ``vision_model`` (post-layernorm only)."""
+    model = tm.hf_blip_retrieval().eval()
+    tokens = (tm.IMG // tm.PATCH) ** 2 + 1
+    expected = patch_embed_flops(B, tm.IMG, tm.PATCH, 64) + 2 * transformer_block_flops(B, tokens, 64, 128)
+    assert count_flops(model.vision_model, pixel_values=tm.images(B)) == expected
+
+
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 3), nq=st.integers(1, 9), nk=st.integers(1, 9),
        d=st.sampled_from([4, 8, 16]))
@@ -227,6 +238,74 @@ def test_measure_throughput_structure():
         assert r.items_per_s == pytest.approx(8 / r.median_s)
     assert results["a"].speedup == 1.0
     assert results["b"].speedup == pytest.approx(results["b"].items_per_s / results["a"].items_per_s)
+
+
+def test_measure_throughput_order_and_medians_with_fake_clock(monkeypatch):
+    """Exact call/clock sequence and medians, with the module's clock replaced by a fake one
+    that only the candidates advance (each call costs a known number of "seconds")."""
+    events: list[str] = []
+    now = [0.0]
+
+    def perf_counter():
+        events.append("t")
+        return now[0]
+
+    monkeypatch.setattr(throughput_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    names, warmup, repeats, items = ["a", "b", "c"], 2, 5, 6
+    warmup_cost = 1000.0  # would dominate any timed repeat it leaked into
+    timed_costs = {"a": [4.0, 1.0, 7.0, 2.0, 5.0],    # median 4 (mean 3.8, min 1)
+                   "b": [2.0, 50.0, 1.0, 3.0, 2.0],   # median 2 (mean 11.6)
+                   "c": [8.0, 7.0, 30.0, 9.0, 8.0]}   # median 8 (mean 12.4)
+    calls_so_far = dict.fromkeys(names, 0)
+
+    def make(name):
+        def fn():
+            k = calls_so_far[name]
+            calls_so_far[name] += 1
+            events.append(name)
+            now[0] += warmup_cost if k < warmup else timed_costs[name][k - warmup]
+        return fn
+
+    results = measure_throughput({n: make(n) for n in names}, items_per_call=items, warmup=warmup,
+                                 repeats=repeats, progress=False)
+
+    # warm-up: every candidate `warmup` times, before the clock is ever read
+    n_warm = len(names) * warmup
+    assert "t" not in events[:n_warm]
+    assert sorted(events[:n_warm]) == sorted(names * warmup)
+    # then rounds: every call bracketed by two clock reads, round i starts at candidate i mod n
+    timed = events[n_warm:]
+    assert len(timed) == 3 * len(names) * repeats
+    calls = timed[1::3]
+    assert timed[0::3] == ["t"] * len(calls) and timed[2::3] == ["t"] * len(calls)
+    rounds = [calls[i * len(names):(i + 1) * len(names)] for i in range(repeats)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"], ["b", "c", "a"]]
+
+    # each timed repeat is exactly that call's cost (no warm-up time leaks in), in round order
+    medians = {"a": 4.0, "b": 2.0, "c": 8.0}  # by hand from the lists above
+    assert list(results) == names
+    for name, r in results.items():
+        assert r.times_s == timed_costs[name]
+        assert r.median_s == medians[name]
+        assert r.items_per_s == pytest.approx(items / medians[name])
+    # speedup = baseline median / candidate median
+    assert results["a"].speedup == 1.0
+    assert results["b"].speedup == pytest.approx(4.0 / 2.0)
+    assert results["c"].speedup == pytest.approx(4.0 / 8.0)
+
+
+def test_measure_throughput_even_repeats_median_and_real_clock():
+    """Even repeats: the median is the mean of the middle two. Real clock: sleeps are timed
+    (only lower bounds are asserted: a loaded machine makes sleeps overshoot, never undershoot)."""
+    import time
+
+    results = measure_throughput({"fast": lambda: time.sleep(0.005), "slow": lambda: time.sleep(0.02)},
+                                 items_per_call=1, warmup=1, repeats=4, progress=False)
+    for r in results.values():
+        ordered = sorted(r.times_s)
+        assert r.median_s == pytest.approx((ordered[1] + ordered[2]) / 2)
+    assert results["fast"].median_s >= 0.005 and results["slow"].median_s >= 0.02
+    assert results["slow"].speedup == pytest.approx(results["fast"].median_s / results["slow"].median_s)
 
 
 def test_measure_throughput_bad_args():
