@@ -16,25 +16,37 @@ def _timm(**kw):
     return tm.timm_vit(**kw)
 
 
-def _timm_unfused(**kw):
-    model = tm.timm_vit(**kw)
+def _unfused(model):
+    """The timm model with every block on its explicit softmax path (``fused_attn=False``)."""
     for block in model.blocks:
         block.attn.fused_attn = False
     return model
+
+
+def _timm_unfused(**kw):
+    return _unfused(tm.timm_vit(**kw))
 
 
 FAMILIES = {
     "timm_vit": lambda: _timm(),
     "timm_vit_unfused": lambda: _timm_unfused(),
     "timm_layerscale_qknorm_registers": lambda: _timm(init_values=0.1, qk_norm=True, reg_tokens=2),
+    "timm_layerscale_qknorm_registers_unfused": lambda: _timm_unfused(init_values=0.1, qk_norm=True, reg_tokens=2),
+    "timm_registers_unfused": lambda: _timm_unfused(reg_tokens=3),
+    "timm_qknorm_unfused": lambda: _timm_unfused(qk_norm=True),
+    "timm_layerscale_unfused": lambda: _timm_unfused(init_values=0.1),
     "timm_dropout_droppath": lambda: _timm_unfused(attn_drop_rate=0.2, proj_drop_rate=0.1, drop_path_rate=0.2),
     "timm_dropout_fused": lambda: _timm(attn_drop_rate=0.2, drop_path_rate=0.2),
     "deit_distilled": lambda: tm.timm_deit_distilled(),
+    "deit_distilled_unfused": lambda: _unfused(tm.timm_deit_distilled()),
     "open_clip": lambda: tm.open_clip_model(),
     "hf_clip_sdpa": lambda: tm.hf_clip_model("sdpa"),
     "hf_clip_eager": lambda: tm.hf_clip_model("eager"),
     "hf_blip": lambda: tm.hf_blip_retrieval(),
 }
+UNFUSED = {"timm_vit_unfused", "timm_layerscale_qknorm_registers_unfused", "timm_registers_unfused",
+           "timm_qknorm_unfused", "timm_layerscale_unfused", "timm_dropout_droppath", "deit_distilled_unfused"}
+assert UNFUSED <= set(FAMILIES)
 
 
 def outputs(model: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -73,6 +85,10 @@ def test_generic_block_reproduces_library(family, train):
                                     allow_unused=True)
 
     towers = find_towers(model)
+    if family.startswith(("timm", "deit")):  # the attention path under test is the one the library ran
+        fused = [block.attn.fused_attn for block in model.blocks]
+        assert fused == [family not in UNFUSED] * len(fused)
+        assert {tower.attention_config(b).fused for tower in towers for b in tower.blocks()} == {family not in UNFUSED}
     for tower in towers:
         patch_tower(tower)
         assert all(isinstance(b.__dict__["forward"], PatchedForward) for b in tower.blocks())

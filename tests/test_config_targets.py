@@ -1,0 +1,153 @@
+"""Every ``_target_`` in the Hydra configs takes exactly the keyword arguments its config gives it.
+
+``test_train_cli.py`` only composes the configs, so a misspelt argument (``model.learning_rate``)
+would pass there and fail only when ``vleff-train`` instantiates it. Here each config option is
+composed into the full train config (so interpolations such as ``${data.image_size}`` resolve),
+every mapping with a ``_target_`` is found at any depth, the target is imported (nothing is
+instantiated) and its keys are checked against ``inspect.signature``.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+from vleff.cli.train import CONFIG_DIR
+
+CONFIGS = Path(CONFIG_DIR)
+GROUPS = ("model", "data", "trainer", "callbacks", "experiment")
+# keys hydra.utils.instantiate consumes itself (never passed to the target)
+HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+# arguments vleff.cli.train.run passes next to a config: instantiate(cfg.trainer, callbacks=...)
+SUPPLIED_BY_RUN = {"trainer": {"callbacks"}}
+
+
+def _options() -> list[tuple[str, str]]:
+    return [(group, path.stem) for group in GROUPS for path in sorted((CONFIGS / group).glob("*.yaml"))]
+
+
+def _compose(overrides: list[str], tmp_path: Path) -> dict[str, Any]:
+    """The full train config as plain containers, interpolations resolved (``???`` left as is)."""
+    GlobalHydra.instance().clear()
+    # the two ${hydra:runtime.output_dir} values only resolve inside a Hydra run
+    extra = [f"compare.save_dir={tmp_path}", f"trainer.default_root_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*overrides, *extra])
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def _override(group: str, option: str) -> str:
+    return f"callbacks=[{option}]" if group == "callbacks" else f"{group}={option}"
+
+
+def find_targets(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(dotted path, mapping)`` for every mapping with a ``_target_``, at any depth."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from find_targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from find_targets(value, f"{path}[{i}]")
+
+
+def target_problems(path: str, spec: dict[str, Any]) -> list[str]:
+    """What is wrong with one ``_target_`` mapping: an unknown target, keys it does not accept,
+    required arguments the config does not give (empty when it would instantiate)."""
+    target = spec["_target_"]
+    try:
+        obj = get_object(target)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return [f"{path}: _target_ {target!r} cannot be imported ({type(exc).__name__}: {exc})"]
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError) as exc:
+        return [f"{path}: no signature for {target!r} ({exc})"]
+    params = sig.parameters
+    kwargs = {k: v for k, v in spec.items() if k not in HYDRA_KEYS}
+    args = list(spec.get("_args_", []))
+    supplied = SUPPLIED_BY_RUN.get(path, set())
+    problems = []
+    takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    keyword_names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(kwargs) - keyword_names) if not takes_var_kw else []
+    if unknown:
+        problems.append(f"{path}: {target} does not accept {unknown} (it takes {sorted(keyword_names)})")
+    if problems:
+        return problems
+    try:  # positional arguments, a key given twice, ...
+        sig.bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        return [f"{path}: {target}{sig} rejects the config's arguments: {exc}"]
+    if not spec.get("_partial_", False):
+        given = {**kwargs, **{name: None for name in supplied}}
+        try:
+            sig.bind(*args, **given)
+        except TypeError as exc:
+            problems.append(f"{path}: {target} would be called without a required argument: {exc}")
+    return problems
+
+
+@pytest.mark.parametrize("group, option", _options(), ids=[f"{g}/{o}" for g, o in _options()])
+def test_config_targets_accept_their_keys(group, option, tmp_path):
+    cfg = _compose([_override(group, option)], tmp_path)
+    found = dict(find_targets(cfg))
+    # the walk really saw the config under test (and the three run() always instantiates)
+    assert {"model", "data", "trainer"} <= set(found), sorted(found)
+    if group == "callbacks":
+        own = (CONFIGS / group / f"{option}.yaml").read_text()
+        if "_target_" in own:
+            assert any(path.startswith("callbacks.") for path in found), sorted(found)
+    problems = [p for path, spec in found.items() for p in target_problems(path, spec)]
+    assert not problems, "\n".join(problems)
+
+
+def test_experiments_compose_their_callbacks(tmp_path):
+    # the nested targets an experiment brings in are among those checked above
+    cfg = _compose(["experiment=vit_tome"], tmp_path)
+    assert {"callbacks.efficiency", "callbacks.tome"} <= {p for p, _ in find_targets(cfg)}
+    cfg = _compose(["experiment=clip_galore"], tmp_path)
+    assert cfg["model"]["_target_"] == "vleff.models.CLIPFineTuner" and "callbacks.galore" in dict(find_targets(cfg))
+
+
+@pytest.mark.parametrize("override, bad", [
+    ("+model.learning_rate=0.1", "learning_rate"),
+    ("+data.batchsize=8", "batchsize"),
+    ("+trainer.max_epoch=3", "max_epoch"),
+    ("+callbacks.tome.ratio=3", "ratio"),
+], ids=["model", "data", "trainer", "callback"])
+def test_a_misspelt_key_is_reported(override, bad, tmp_path):
+    overrides = ["callbacks=[tome]", override]
+    cfg = _compose(overrides, tmp_path)
+    problems = [p for path, spec in find_targets(cfg) for p in target_problems(path, spec)]
+    assert len(problems) == 1 and f"'{bad}'" in problems[0], problems
+
+
+def test_nested_and_unimportable_targets_are_reported():
+    cfg = {"model": {"_target_": "vleff.models.ImageClassifier",
+                     "model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3, "bias_": True}},
+           "other": [{"_target_": "vleff.no_such_module.Thing"}]}
+    found = dict(find_targets(cfg))
+    assert set(found) == {"model", "model.model", "other[0]"}
+    assert target_problems("model", found["model"]) == []
+    (nested,) = target_problems("model.model", found["model.model"])
+    assert "'bias_'" in nested
+    (missing,) = target_problems("other[0]", found["other[0]"])
+    assert "cannot be imported" in missing
+
+
+def test_missing_required_argument_is_reported():
+    spec = {"_target_": "vleff.data.ImageFolderDataModule", "image_size": 32}  # no root
+    (problem,) = target_problems("data", spec)
+    assert "required" in problem and "root" in problem
+    assert target_problems("data", {**spec, "_partial_": True}) == []
+    # what run() passes itself is not required from the config
+    assert target_problems("trainer", {"_target_": "lightning.pytorch.Trainer"}) == []
