@@ -189,5 +189,7 @@ def test_image_text_bad_arguments_raise(tmp_path):
         read_pairs(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="'open_clip:<arch>'"):
         build_clip("resnet50")
+    with pytest.raises(ValueError, match=r"does not take \['widht'\]"):
+        build_clip("digits-tiny", widht=64)
     with pytest.raises(ValueError, match="ks="):
         retrieval_recalls(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2), ks=(0,))

@@ -52,6 +52,9 @@ def build_clip(name: str, pretrained: str | None = None, **cfg: Any) -> nn.Modul
         import open_clip
         from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+        allowed = {"embed_dim", "width", "layers", "patch_size", "image_size", "context_length"}
+        if unknown := sorted(set(cfg) - allowed):
+            raise ValueError(f"model 'digits-tiny' does not take {unknown}; it takes {sorted(allowed)}")
         width, layers = cfg.get("width", 128), cfg.get("layers", 3)
         vision = CLIPVisionCfg(layers=layers, width=width, head_width=32, patch_size=cfg.get("patch_size", 4),
                                image_size=cfg.get("image_size", 32), mlp_ratio=2.0)
