@@ -47,6 +47,22 @@ def _log_lightning_once() -> None:
         logger.propagate = True
 
 
+def _check_method_arguments(name: str, kwargs: dict[str, Any]) -> None:
+    """``compare.methods.<name>`` names a registered method and only arguments its ``apply`` takes."""
+    import inspect
+
+    from vleff.registry import get_method
+
+    apply = get_method(name).apply
+    params = list(inspect.signature(apply).parameters)[1:]  # after the model
+    try:
+        inspect.signature(apply).bind_partial(None, **kwargs)
+    except TypeError:
+        unknown = sorted(set(kwargs) - set(params))
+        raise ValueError(f"compare.methods.{name} has arguments {unknown} that {name} does not take; "
+                         f"allowed: {params}") from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and compare as ``cfg`` says; returns ``{"val": metrics, "rows": comparison rows}``."""
     import lightning.pytorch as pl
@@ -56,12 +72,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from vleff.cli.evaluate import compare_methods
     from vleff.models.classifier import ImageClassifier
-    from vleff.registry import get_method
     from vleff.profile import plot_rows, print_table, rows_to_csv, rows_to_json
 
     methods = OmegaConf.to_container(cfg.compare.methods, resolve=True) if cfg.compare.methods else {}
-    for name in methods:  # fail before training, not after
-        get_method(name)
+    for name, kwargs in methods.items():  # fail before training, not after
+        _check_method_arguments(name, kwargs or {})
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
