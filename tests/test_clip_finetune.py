@@ -3,6 +3,7 @@ independent computations, both model families through Lightning, GaLore/MeZO on 
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -193,3 +194,33 @@ def test_image_text_bad_arguments_raise(tmp_path):
         build_clip("digits-tiny", widht=64)
     with pytest.raises(ValueError, match="ks="):
         retrieval_recalls(torch.randn(2, 3), torch.randn(2, 3), torch.arange(2), ks=(0,))
+
+
+def test_token_merging_and_efficiency_monitor_on_the_clip_finetuner(tmp_path):
+    """One callback line: ToMe on the CLIP image tower, and EfficiencyMonitor finds the
+    finetuner's ``forward(images, tokens)`` arguments in the dict batch by name."""
+    import copy
+
+    import lightning.pytorch as pl
+
+    import vleff
+    from vleff.callbacks import EfficiencyMonitor, TokenMerging
+    from vleff.profile import count_flops
+
+    path = _write_pairs(tmp_path)
+    torch.manual_seed(0)
+    clip = build_clip("digits-tiny", width=32, layers=2, embed_dim=16, patch_size=8, image_size=32, context_length=CTX)
+    module = CLIPFineTuner(clip, lr=1e-3, context_length=CTX)
+    dm = ImageTextDataModule(source="files", train_file=str(path), image_size=32, batch_size=4, context_length=CTX)
+    monitor = EfficiencyMonitor(measure_activation=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[TokenMerging(r=2), monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, dm)
+    assert not [w for w in caught if "EfficiencyMonitor could not" in str(w.message)]
+    assert vleff.token_counts(module) == {"image": [17, 15]}  # 16 patches + cls, r=2 in the first block
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    expected = count_flops(copy.deepcopy(module).eval(), batch["images"], batch["tokens"]) / len(batch["images"])
+    assert monitor.flops_per_sample == pytest.approx(expected)

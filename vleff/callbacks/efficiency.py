@@ -35,6 +35,7 @@ once, naming ``example_input_fn``, and keeps logging what it can.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -73,6 +74,22 @@ def default_example_input(batch: Any) -> Any:
     return batch
 
 
+def forward_kwargs_from_batch(forward: Callable[..., Any], batch: Any) -> dict[str, Any] | None:
+    """``{name: batch[name]}`` for ``forward``'s parameters when ``batch`` is a mapping holding
+    every required one (e.g. ``forward(images, tokens)`` and a batch with those keys); else ``None``."""
+    if not isinstance(batch, Mapping):
+        return None
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in named if p.default is p.empty]
+    if not required or not all(name in batch for name in required):
+        return None
+    return {p.name: batch[p.name] for p in named if p.name in batch}
+
+
 def _as_call(inputs: Any) -> ExampleInput:
     """Turn ``example_input_fn``'s result into ``(args, kwargs)``: a tuple/list is positional
     arguments, a dict keyword arguments, anything else the single argument."""
@@ -97,7 +114,9 @@ class EfficiencyMonitor(pl.Callback):
 
     Args:
         example_input_fn: ``batch -> forward input`` (a tensor, a tuple of positional
-            arguments, or a dict of keyword arguments). Default: :func:`default_example_input`.
+            arguments, or a dict of keyword arguments). Default: for a dict batch holding every
+            required argument of the module's ``forward`` by name, those entries as keyword
+            arguments (:func:`forward_kwargs_from_batch`); otherwise :func:`default_example_input`.
         batch_size_fn: ``batch -> int``; default: first dimension of the first input tensor.
         training_flops_factor: ``flops_per_batch`` = this × forward FLOPs (3: forward +
             backward ≈ 2× forward).
@@ -121,7 +140,7 @@ class EfficiencyMonitor(pl.Callback):
             raise ValueError(f"window must be >= 1, got {window}")
         if recount_interval < 1:
             raise ValueError(f"recount_interval must be >= 1, got {recount_interval}")
-        self.example_input_fn = example_input_fn or default_example_input
+        self.example_input_fn = example_input_fn
         self.batch_size_fn = batch_size_fn
         self.training_flops_factor = training_flops_factor
         self.measure_activation = measure_activation
@@ -144,8 +163,13 @@ class EfficiencyMonitor(pl.Callback):
         self._steps: deque[tuple[int, float]] = deque(maxlen=self.window)
 
     # --- measurement ----------------------------------------------------------------------------
-    def _call_args(self, batch: Any) -> ExampleInput:
-        return _as_call(self.example_input_fn(batch))
+    def _call_args(self, batch: Any, pl_module: pl.LightningModule) -> ExampleInput:
+        if self.example_input_fn is not None:
+            return _as_call(self.example_input_fn(batch))
+        kwargs = forward_kwargs_from_batch(pl_module.forward, batch)
+        if kwargs is not None:  # a dict batch whose keys name the forward's arguments
+            return (), kwargs
+        return _as_call(default_example_input(batch))
 
     def _batch_size(self, batch: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if self.batch_size_fn is not None:
@@ -166,7 +190,7 @@ class EfficiencyMonitor(pl.Callback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Count FLOPs (and, the first time, activation bytes) on ``batch``; set ``flops_per_batch``."""
         try:
-            args, kwargs = self._call_args(batch)
+            args, kwargs = self._call_args(batch, pl_module)
             size = self._batch_size(batch, args, kwargs)
             with preserved_state(pl_module), trainer.precision_plugin.forward_context():
                 pl_module.eval()
@@ -208,7 +232,7 @@ class EfficiencyMonitor(pl.Callback):
             elapsed = time.perf_counter() - self._step_start
             self._step_start = None
             try:
-                args, kwargs = self._call_args(batch)
+                args, kwargs = self._call_args(batch, pl_module)
                 size = self._batch_size(batch, args, kwargs)
             except Exception:  # noqa: BLE001 - reported by measure() already
                 size = None
