@@ -83,6 +83,7 @@ def test_console_script_from_any_directory(tmp_path):
     proc = _cli(FAST + ["data.image_size=16"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "baseline" in proc.stdout and "tome" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("Seed set to 0") == 1  # Lightning's messages printed once under Hydra
     assert list((tmp_path / "out" / "train").glob("*/results.json"))
 
 

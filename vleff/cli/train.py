@@ -41,7 +41,7 @@ def _log_lightning_once() -> None:
     """
     if not logging.getLogger().handlers:
         return
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
