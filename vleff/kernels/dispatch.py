@@ -7,7 +7,6 @@ Forcing ``"triton"`` on CPU tensors is allowed (it is how the kernels are tested
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Literal
 
@@ -18,15 +17,24 @@ _ALLOWED = ("auto", "torch", "triton")
 ENV_VAR = "VLEFF_KERNELS"
 
 
-@functools.lru_cache(maxsize=1)
+_triton_importable: bool | None = None  # decided on first use
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it is a Linux-only dependency)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    """True when Triton imports (it is a Linux-only dependency).
+
+    Cached in a module global rather than with ``functools.lru_cache``: ``torch.compile``
+    traces through a plain global read, while it warns about (and ignores) an lru_cache.
+    """
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_importable = True
+        except Exception:  # pragma: no cover - depends on the platform
+            _triton_importable = False
+    return _triton_importable
 
 
 def kernel_backend(tensor: torch.Tensor, backend: str | None = None) -> Backend:
@@ -47,6 +55,6 @@ def kernel_backend(tensor: torch.Tensor, backend: str | None = None) -> Backend:
             raise RuntimeError(f"{ENV_VAR}/backend asks for 'triton' but Triton is not importable here")
         return "triton"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if triton_available() and (tensor.is_cuda and not interpreted):
+    if tensor.is_cuda and not interpreted and triton_available():
         return "triton"
     return "torch"
