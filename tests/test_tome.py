@@ -289,23 +289,29 @@ def test_gradient_checkpointing_is_detected_on_every_family(family):
         fwd(model, tm.images())
 
 
-def test_torch_compile_traces_one_graph_and_matches_eager():
+@pytest.mark.parametrize("family", list(FORWARDS))
+def test_torch_compile_traces_one_graph_and_matches_eager(family):
     """Users ask for ToMe under torch.compile: the patched tower traces without graph breaks
     (checked with the aot_eager backend, which needs no C++ compiler) and gives the eager output."""
     import warnings
 
     import torch._dynamo
 
-    model = tm.timm_vit().eval()
+    make, fwd = FORWARDS[family]
+    model = make().eval()
     apply_tome(model, r=2)
     x = tm.images()
+
+    def run(images):
+        return fwd(model, images)
+
     with torch.no_grad():
-        ref = model(x)
+        ref = run(x)
         torch._dynamo.reset()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            explained = torch._dynamo.explain(model)(x)
-            out = torch.compile(model, backend="aot_eager")(x)
+            explained = torch._dynamo.explain(run)(x)
+            out = torch.compile(run, backend="aot_eager")(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
