@@ -59,6 +59,10 @@ def test_classifier_takes_module_or_name_and_steps():
     trainer.fit(module, loader, loader)
     assert not torch.equal(before, module.model[1].weight)
     assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    # val/acc is top-1 over samples (what vleff.cli.evaluate.accuracy and the tables report)
+    from vleff.cli.evaluate import accuracy
+
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(accuracy(module.model, [(x, y)]), abs=1e-6)
     with pytest.raises(TypeError, match="model must be a model name or an nn.Module"):
         ImageClassifier(model=3)
     with pytest.raises(ValueError, match="lr=0"):

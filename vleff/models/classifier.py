@@ -43,8 +43,9 @@ class ImageClassifier(pl.LightningModule):
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
+        # top-1 accuracy over samples ("micro"); torchmetrics defaults to the mean of per-class accuracies
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
