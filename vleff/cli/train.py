@@ -53,10 +53,10 @@ def _check_method_arguments(name: str, kwargs: dict[str, Any]) -> None:
 
     from vleff.registry import get_method
 
-    apply = get_method(name).apply
-    params = list(inspect.signature(apply).parameters)[1:]  # after the model
+    signature = inspect.signature(get_method(name).apply)
+    params = list(signature.parameters)[1:]  # after the model
     try:
-        inspect.signature(apply).bind_partial(None, **kwargs)
+        signature.bind_partial(None, **kwargs)
     except TypeError:
         unknown = sorted(set(kwargs) - set(params))
         raise ValueError(f"compare.methods.{name} has arguments {unknown} that {name} does not take; "
@@ -66,13 +66,13 @@ def _check_method_arguments(name: str, kwargs: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and compare as ``cfg`` says; returns ``{"val": metrics, "rows": comparison rows}``."""
     import lightning.pytorch as pl
-
-    _log_lightning_once()
     from hydra.utils import instantiate
 
     from vleff.cli.evaluate import compare_methods
     from vleff.models.classifier import ImageClassifier
     from vleff.profile import plot_rows, print_table, rows_to_csv, rows_to_json
+
+    _log_lightning_once()
 
     methods = OmegaConf.to_container(cfg.compare.methods, resolve=True) if cfg.compare.methods else {}
     for name, kwargs in methods.items():  # fail before training, not after

@@ -15,12 +15,12 @@ SCHEDULES = ("constant", "linear")
 
 def plain_r(r: RSpec) -> RSpec:
     """``r`` as plain Python values (an OmegaConf list or dict from a Hydra config becomes a
-    ``list`` or an ``(r, inflection)`` tuple), so that it pickles into a checkpoint that
-    ``torch.load(weights_only=True)`` can read."""
-    if isinstance(r, (str, bytes)) or isinstance(r, tuple):
+    ``list`` or ``dict``; :func:`parse_r` interprets them), so that it pickles into a checkpoint
+    that ``torch.load(weights_only=True)`` can read."""
+    if isinstance(r, (str, bytes, tuple)):
         return r
     if isinstance(r, Mapping):
-        return (r.get("r"), r.get("inflection")) if set(r) == {"r", "inflection"} else dict(r)
+        return dict(r)
     if isinstance(r, Sequence):
         return list(r)
     return r

@@ -94,12 +94,12 @@ def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[
 
     from vleff.backbones import get_patch
     from vleff.tokens.common import hooks_named
-    from vleff.tokens.tome import HOOK_NAME, apply_tome, remove_tome
+    from vleff.tokens.tome import HOOK_NAME, apply_tome, remove_tome, tome_r
 
     earlier = hooks_named(model, HOOK_NAME)
     restore = None
     if earlier:
-        restore = dict(r=list(earlier[0].r_per_block), trace_source=earlier[0].trace_source,
+        restore = dict(r=tome_r(model), trace_source=earlier[0].trace_source,
                        prop_attn=get_patch(find_tower(model).root).prop_attn)
 
     norm = (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
