@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from vleff.memory.galore import GaLoreAdamW
+from vleff.memory.galore import DEFAULT_SVD, GaLoreAdamW
 from vleff.memory.selection import DEFAULT_EXCLUDE, galore_param_groups
 
 __all__ = ["GaLoreMixin", "MeZOMixin"]
@@ -26,11 +26,14 @@ class GaLoreMixin:
     def galore_optimizer(self, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                          eps: float = 1e-8, *, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
                          proj_type: str = "std", targets: str | Sequence[str] | None = None,
-                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE) -> GaLoreAdamW:
+                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+                         svd: str = DEFAULT_SVD) -> GaLoreAdamW:
+        """A :class:`GaLoreAdamW` over this module: 2-D weights chosen by ``targets``/``exclude``
+        projected with ``rank`` (refreshed by a ``svd`` SVD every ``update_proj_gap`` steps)."""
         if not isinstance(self, nn.Module):
             raise TypeError("GaLoreMixin must be mixed into an nn.Module (a LightningModule)")
         groups = galore_param_groups(self, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                                     proj_type=proj_type, targets=targets, exclude=exclude)
+                                     proj_type=proj_type, targets=targets, exclude=exclude, svd=svd)
         return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
@@ -41,7 +44,9 @@ class MeZOMixin:
     implementation as the callback (:func:`vleff.callbacks.mezo.install_mezo`), so the same
     hook and logging behaviour (see :mod:`vleff.callbacks.mezo`): ``training_step`` runs twice
     per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
-    logs is logged once (the mean of the two evaluations for floating values).
+    logs is logged once (the mean of the two evaluations for floating values). At fit end the
+    module's own ``training_step`` and ``automatic_optimization`` come back (a later fit of the
+    module without the mixin's MeZO trains with backprop); the GaLore callback refuses it.
     """
 
     mezo_config: ClassVar[dict[str, Any]] = {}
@@ -68,4 +73,4 @@ class MeZOMixin:
         super_hook = getattr(super(), "on_fit_end", None)
         if super_hook is not None:
             super_hook()
-        uninstall_mezo(self, restore_automatic_optimization=False)  # type: ignore[arg-type]
+        uninstall_mezo(self, self.trainer)  # type: ignore[arg-type, attr-defined]

@@ -39,6 +39,7 @@ Hooks and logging during a MeZO step (the user's ``training_step`` runs twice, a
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,11 +49,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer import call
 
-from vleff.callbacks.optimizer_swap import check_strategy, swap_optimizers, user_optimizers
+from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_mezo, swap_optimizers,
+                                            user_optimizers)
 from vleff.memory.convert import mezo_from_optimizer
+from vleff.memory.galore import GaLoreAdamW
 from vleff.memory.mezo import MeZO as MeZOOptimizer
+from vleff.memory.selection import check_patterns
 
-__all__ = ["MeZO", "install_mezo", "uninstall_mezo"]
+__all__ = ["MeZO", "check_automatic_optimization", "check_mezo_arguments", "install_mezo", "uninstall_mezo"]
 
 _ATTR = "_vleff_mezo"
 
@@ -167,10 +171,15 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: flo
                  lr: float | None = None, weight_decay: float | None = None,
                  params: str | Sequence[str] | None = None, seed: int = 0) -> MeZOOptimizer:
     """Swap in the MeZO optimizer and wrap ``pl_module.training_step`` (callback and mixin share this)."""
-    if not eps > 0:
-        raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
+    check_mezo_arguments(eps=eps, lr=lr, weight_decay=weight_decay, params=params, seed=seed)
     check_strategy(trainer, "MeZO")
+    uninstall_mezo(pl_module)  # a second fit: start from the user's own module
+    check_automatic_optimization(pl_module)
     olds = user_optimizers(trainer)
+    galore = [o for o in olds if isinstance(o, GaLoreAdamW)]
+    if galore:
+        raise ValueError("MeZO would replace the GaLoreAdamW optimizer configure_optimizers returns (GaLoreMixin), "
+                         "silently training without GaLore; GaLore and MeZO cannot be combined: use one of them")
     if len(olds) > 1:
         raise ValueError(f"MeZO works with one optimizer, but configure_optimizers returned {len(olds)} "
                          f"({', '.join(type(o).__name__ for o in olds)}); return one (with param groups) instead")
@@ -199,7 +208,6 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: flo
     if ddp is not None and hasattr(ddp, "require_backward_grad_sync"):
         ddp.require_backward_grad_sync = False  # nothing runs backward: keep the reducer idle
 
-    uninstall_mezo(pl_module)  # a second fit: start from the user's own module
     original = pl_module.training_step
     saved = {"automatic_optimization": pl_module.automatic_optimization, "original": original,
              "had_instance_attr": "training_step" in vars(pl_module)}
@@ -226,29 +234,70 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: flo
     return optimizer
 
 
-def uninstall_mezo(pl_module: pl.LightningModule, restore_automatic_optimization: bool = True) -> None:
+def _carry_step_count_to_automatic(trainer: pl.Trainer) -> None:
+    """Make the automatic-optimization step counter read what the MeZO (manual) steps counted.
+
+    Lightning reads ``trainer.global_step`` from the manual-optimization counter while the
+    module is in manual mode and from the automatic one otherwise; once the module is back in
+    automatic mode, ``global_step`` would read 0 after a MeZO fit without this.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    done = epoch_loop.manual_optimization.optim_step_progress.total
+    step = epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    step.ready = max(step.ready, done.ready)
+    step.completed = max(step.completed, done.completed)
+
+
+def uninstall_mezo(pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
     """Undo :func:`install_mezo`'s changes to the module (the trainer's optimizer stays MeZO).
 
-    The callback calls this at fit end with ``restore_automatic_optimization=False``: Lightning
-    reads ``trainer.global_step`` from the manual-optimization counters while the module is
-    in manual mode, so switching back would make ``global_step`` read 0 after the fit. Call it
-    with the default before training the same module with backprop again.
+    The module's own ``training_step`` and ``automatic_optimization`` come back, so a later
+    ``Trainer.fit`` without MeZO trains it with backprop (left in manual mode, that fit would
+    silently train nothing). With ``trainer`` (the callback and the mixin pass it at fit end)
+    the MeZO steps are carried over to the automatic step counter, so ``trainer.global_step``
+    still reads the number of MeZO steps after the fit.
     """
     saved = getattr(pl_module, _ATTR, None)
     if saved is None:
-        if restore_automatic_optimization and getattr(pl_module, "_vleff_mezo_automatic", None) is not None:
-            pl_module.automatic_optimization = pl_module._vleff_mezo_automatic
-            del pl_module._vleff_mezo_automatic
         return
     if saved["had_instance_attr"]:
         pl_module.training_step = saved["original"]  # type: ignore[method-assign]
     else:
         del pl_module.training_step
-    if restore_automatic_optimization:
-        pl_module.automatic_optimization = saved["automatic_optimization"]
-    else:
-        pl_module._vleff_mezo_automatic = saved["automatic_optimization"]
+    pl_module.automatic_optimization = saved["automatic_optimization"]
+    if trainer is not None and saved["automatic_optimization"]:
+        _carry_step_count_to_automatic(trainer)
     delattr(pl_module, _ATTR)
+
+
+def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
+    """MeZO evaluates the loss ``training_step`` returns; a manual-optimization step has none to give."""
+    if getattr(pl_module, _ATTR, None) is None and not pl_module.automatic_optimization:
+        raise ValueError(
+            f"MeZO needs a module with automatic optimization, but {type(pl_module).__name__} sets "
+            "automatic_optimization=False (its training_step calls manual_backward/optimizer.step itself). MeZO "
+            "runs training_step twice under torch.no_grad() and needs it to return the loss without calling "
+            "backward: remove automatic_optimization=False and the manual backward/step calls, or train without MeZO")
+
+
+def check_mezo_arguments(*, eps: Any, lr: Any = None, weight_decay: Any = None, params: Any = None,
+                         seed: Any = 0) -> None:
+    """Validate the MeZO callback's arguments at construction (not at fit time, after setup)."""
+    def number(name: str, value: Any, positive: bool) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value <= 0 if positive else value < 0):
+            allowed = "a finite number > 0" if positive else "a finite number >= 0"
+            raise ValueError(f"MeZO: {name}={value!r} is not allowed; it must be {allowed}")
+
+    number("eps", eps, positive=True)
+    if lr is not None:
+        number("lr", lr, positive=False)
+    if weight_decay is not None:
+        number("weight_decay", weight_decay, positive=False)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
+        raise ValueError(f"MeZO: seed={seed!r} is not allowed; it must be an int in [0, 2**62) "
+                         "(step t draws its direction from seed + t)")
+    check_patterns("params", params)
 
 
 class MeZO(Callback):
@@ -261,23 +310,33 @@ class MeZO(Callback):
             full-parameter runs use 1e-6 to 1e-7.
         weight_decay: overrides the groups' weight decay; biases and norms never decay.
         params: regular expressions on parameter names to train a subset (default: every
-            parameter of the optimizer).
-        seed: base seed for the perturbations (step ``t`` uses ``seed + t``).
+            parameter of the optimizer). Parameters with ``requires_grad=False`` are never
+            perturbed or updated, even when they sit in the optimizer's groups (as AdamW
+            leaves them alone).
+        seed: base seed for the perturbations (step ``t`` uses ``seed + t``), an int >= 0.
+
+    Every argument is checked here, so a bad config fails when it is built. At ``setup`` the
+    callback refuses a module with ``automatic_optimization=False`` (MeZO needs the loss
+    ``training_step`` returns) and a trainer that also has the GaLore callback. At fit end
+    the module's own ``training_step`` and ``automatic_optimization`` are restored, so a
+    later ``Trainer.fit`` without MeZO trains it with backprop.
     """
 
     def __init__(self, eps: float = 1e-3, lr: float | None = None, weight_decay: float | None = None,
                  params: str | Sequence[str] | None = None, seed: int = 0) -> None:
-        if not eps > 0:
-            raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
-        if lr is not None and not lr >= 0:
-            raise ValueError(f"lr={lr!r} is not allowed; it must be >= 0")
-        if weight_decay is not None and not weight_decay >= 0:
-            raise ValueError(f"weight_decay={weight_decay!r} is not allowed; it must be >= 0")
+        check_mezo_arguments(eps=eps, lr=lr, weight_decay=weight_decay, params=params, seed=seed)
         self.eps = eps
         self.lr = lr
         self.weight_decay = weight_decay
         self.params = list(params) if isinstance(params, (list, tuple)) else params
         self.seed = seed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse, before anything runs, what MeZO cannot train (manual optimization, GaLore)."""
+        if stage != "fit":
+            return
+        check_automatic_optimization(pl_module)
+        refuse_galore_with_mezo(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         install_mezo(trainer, pl_module, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
@@ -287,7 +346,7 @@ class MeZO(Callback):
         _step_schedulers(trainer, "epoch")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        uninstall_mezo(pl_module, restore_automatic_optimization=False)
+        uninstall_mezo(pl_module, trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        uninstall_mezo(pl_module, restore_automatic_optimization=False)
+        uninstall_mezo(pl_module, trainer)

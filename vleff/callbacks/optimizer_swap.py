@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from vleff.memory.convert import rebind_scheduler
 
-__all__ = ["check_strategy", "swap_optimizers", "user_optimizers"]
+__all__ = ["check_strategy", "refuse_galore_with_mezo", "swap_optimizers", "user_optimizers"]
 
 
 def user_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
@@ -31,6 +31,30 @@ def check_strategy(trainer: pl.Trainer, saver: str) -> None:
     if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
         raise RuntimeError(f"{saver} supports single-device and DDP strategies; {name} shards or flattens "
                            "parameters, which the per-matrix optimizer state cannot follow")
+
+
+def refuse_galore_with_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """GaLore and MeZO both replace the optimizer; whichever runs last would silently win.
+
+    Raises ``ValueError`` naming both when the trainer has both callbacks, or one callback
+    and the module the other's mixin.
+    """
+    from vleff.callbacks.galore import GaLore
+    from vleff.callbacks.memory_mixins import GaLoreMixin, MeZOMixin
+    from vleff.callbacks.mezo import MeZO
+
+    has_galore = any(isinstance(cb, GaLore) for cb in trainer.callbacks)
+    has_mezo = any(isinstance(cb, MeZO) for cb in trainer.callbacks)
+    if has_galore and has_mezo:
+        raise ValueError("the GaLore and MeZO callbacks cannot be used together: both replace the optimizer and "
+                         "MeZO (no gradients) would silently discard GaLore (a gradient optimizer); "
+                         "keep one of vleff.callbacks.GaLore and vleff.callbacks.MeZO")
+    if has_galore and isinstance(pl_module, MeZOMixin):
+        raise ValueError(f"the GaLore callback cannot train {type(pl_module).__name__}, a MeZOMixin module: MeZO "
+                         "replaces the optimizer with a gradient-free one; remove the GaLore callback or the mixin")
+    if has_mezo and isinstance(pl_module, GaLoreMixin):
+        raise ValueError(f"the MeZO callback on {type(pl_module).__name__}, a GaLoreMixin module, would silently "
+                         "replace its GaLore optimizer; GaLore and MeZO cannot be combined: use one of them")
 
 
 def swap_optimizers(trainer: pl.Trainer, convert: Callable[[Optimizer | None], Optimizer],

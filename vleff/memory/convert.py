@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from vleff.memory.galore import GaLoreAdamW
+from vleff.memory.galore import DEFAULT_SVD, GaLoreAdamW
 from vleff.memory.mezo import MeZO, Reduce
-from vleff.memory.selection import DEFAULT_EXCLUDE, select_galore_params, wants_decay
+from vleff.memory.selection import DEFAULT_EXCLUDE, check_patterns, select_galore_params, wants_decay
 
 __all__ = ["galore_from_optimizer", "mezo_from_optimizer", "rebind_scheduler"]
 
@@ -46,7 +46,8 @@ def _check_fresh(optimizer: Optimizer, target: str) -> None:
 def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
                           rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                           targets: str | Sequence[str] | None = None,
-                          exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE) -> GaLoreAdamW:
+                          exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+                          svd: str = DEFAULT_SVD) -> GaLoreAdamW:
     """A :class:`GaLoreAdamW` with ``optimizer``'s groups and hyperparameters.
 
     ``optimizer`` must be :class:`torch.optim.AdamW` or :class:`torch.optim.Adam` (with
@@ -71,11 +72,12 @@ def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tupl
                 raise ValueError(f"param_groups[{i}] has {key}=True, which GaLoreAdamW does not support")
         decoupled = bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
         new = {k: v for k, v in g.items() if k not in _IMPLEMENTATION_KEYS}
-        new.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+        new.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                    decoupled_weight_decay=decoupled,
                    project=[names.get(id(p)) in selected for p in g["params"]])
         groups.append(new)
-    return GaLoreAdamW(groups, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+    return GaLoreAdamW(groups, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                       svd=svd)
 
 
 def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
@@ -86,19 +88,21 @@ def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable
 
     ``lr``/``weight_decay`` override every group's value when given (``initial_lr`` too, so a
     scheduler rebound with :func:`rebind_scheduler` scales the new lr); otherwise the groups'
-    own values are used. ``params`` (regular expressions on names) trains a subset. Biases,
-    norms and embeddings get no weight decay (per-parameter ``"decay"`` mask).
+    own values are used. ``params`` (regular expressions on names) trains a subset. Parameters
+    with ``requires_grad=False`` are left out (as AdamW leaves them alone). Biases, norms and
+    embeddings get no weight decay (per-parameter ``"decay"`` mask).
     """
     if not eps > 0:
         raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
     pairs = _named(model)
     names = _names_by_id(pairs)
-    patterns = [params] if isinstance(params, str) else list(params or [])
-    compiled = [re.compile(p) for p in patterns]
+    compiled = [re.compile(p) for p in check_patterns("params", params)]
 
     def keep(p: torch.Tensor) -> bool:
+        # frozen parameters stay out even when they sit in the optimizer's groups: AdamW skips
+        # them (no .grad), and MeZO must not perturb or update what the user froze
         name = names.get(id(p))
-        return name is not None and (not compiled or any(r.search(name) for r in compiled))
+        return p.requires_grad and name is not None and (not compiled or any(r.search(name) for r in compiled))
 
     if optimizer is None:
         if lr is None:
@@ -124,7 +128,7 @@ def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable
         groups.append(new)
     if not any(g["params"] for g in groups):
         raise ValueError(f"MeZO selected no parameter: params={params!r} matched none of the optimizer's "
-                         f"parameters (some names: {[n for n, _ in pairs][:6]})")
+                         f"trainable (requires_grad=True) parameters (some names: {[n for n, _ in pairs][:6]})")
     return MeZO(groups, lr=groups[0]["lr"], eps=eps, seed=seed, reduce=reduce)
 
 

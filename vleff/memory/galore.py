@@ -36,9 +36,16 @@ from torch.optim import Optimizer
 
 from vleff.kernels.galore_step import galore_adam_step
 
-__all__ = ["GaLoreAdamW", "PROJ_TYPES", "galore_projection"]
+__all__ = ["DEFAULT_SVD", "GaLoreAdamW", "PROJ_TYPES", "SVD_METHODS", "galore_projection"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+#: how the projection is refreshed: thin SVD (exact) or randomized low-rank SVD (torch.svd_lowrank)
+SVD_METHODS = ("full", "lowrank")
+#: chosen from benchmarks/galore_svd.py on a 2-core CPU (docs/benchmarks.md, "GaLore projection refresh")
+DEFAULT_SVD = "full"
+#: torch.svd_lowrank settings: extra sampled directions beyond the rank, and power iterations
+LOWRANK_OVERSAMPLE = 8
+LOWRANK_NITER = 2
 # state of a projected weight that stays fp32 whatever the parameter dtype
 _FP32_STATE = ("exp_avg", "exp_avg_sq", "proj")
 
@@ -57,18 +64,52 @@ def _projects_right(shape: torch.Size, proj_type: str) -> bool:
     raise ValueError(f"proj_type={proj_type!r} is not allowed; use one of {', '.join(PROJ_TYPES)}")
 
 
-def galore_projection(grad: torch.Tensor, rank: int, proj_type: str = "std") -> tuple[torch.Tensor, bool]:
+def _lowrank_factors(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U[:, :r], V[:, :r])`` of ``torch.svd_lowrank`` (``q = r + LOWRANK_OVERSAMPLE``).
+
+    ``svd_lowrank`` draws its random test matrix from the global RNG; drawing it under
+    :func:`torch.random.fork_rng` with a fixed seed keeps the refresh deterministic (resume
+    reproduces it) and leaves the training RNG (dropout, shuffling) untouched.
+    """
+    q = min(r + LOWRANK_OVERSAMPLE, *matrix.shape)
+    devices = [matrix.device] if matrix.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if devices:
+            with torch.cuda.device(matrix.device):
+                torch.cuda.manual_seed(0)
+        else:
+            torch.default_generator.manual_seed(0)
+        u, _, v = torch.svd_lowrank(matrix, q=q, niter=LOWRANK_NITER)
+    return u[:, :r], v[:, :r]
+
+
+def galore_projection(grad: torch.Tensor, rank: int, proj_type: str = "std",
+                      svd: str = DEFAULT_SVD) -> tuple[torch.Tensor, bool]:
     """Top-``rank`` singular vectors of a 2-D gradient, computed in fp32.
 
     Returns ``(P, right)``: ``P = Vh[:r]`` (``[r, n]``) when ``right`` else ``U[:, :r]``
     (``[m, r]``), with ``r = min(rank, m, n)`` so a rank larger than the matrix is the full,
     orthogonal basis (round trip = identity).
+
+    ``svd="full"`` takes the thin SVD (exact); ``svd="lowrank"`` the randomized
+    :func:`torch.svd_lowrank` (``r + 8`` samples, 2 power iterations), which is cheaper for
+    ``r`` well below ``min(m, n)`` and spans nearly the same subspace when the spectrum decays
+    (see ``benchmarks/galore_svd.py``). When ``r`` reaches ``min(m, n)`` the full SVD is used
+    either way, since the basis is then the whole space.
     """
     if grad.ndim != 2:
         raise ValueError(f"GaLore projects 2-D gradients only, got shape {tuple(grad.shape)}")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd={svd!r} is not allowed; use one of {', '.join(SVD_METHODS)}")
     right = _projects_right(grad.shape, proj_type)
     r = min(int(rank), grad.shape[0], grad.shape[1])
-    u, _, vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
+    matrix = grad.detach().float()
+    if svd == "lowrank" and r + LOWRANK_OVERSAMPLE < min(matrix.shape):
+        u, v = _lowrank_factors(matrix, r)
+        # the factors are fresh [m, q]/[n, q] tensors: copy out the kept columns only
+        proj = v.T.contiguous() if right else u.contiguous()
+        return proj, right
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     # clone: ``vh[:r]`` is already contiguous, so ``.contiguous()`` would return a view that keeps
     # the whole [min(m, n), n] factor alive in the optimizer state (6x the projector for ViT-B).
     proj = vh[:r].clone() if right else u[:, :r].clone(memory_format=torch.contiguous_format)
@@ -98,6 +139,8 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"scale={group['scale']!r} is not allowed; it must be > 0")
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"proj_type={group['proj_type']!r} is not allowed; use one of {', '.join(PROJ_TYPES)}")
+    if group["svd"] not in SVD_METHODS:
+        raise ValueError(f"svd={group['svd']!r} is not allowed; use one of {', '.join(SVD_METHODS)}")
     mask = group.get("project")
     if mask is not None and len(mask) != len(group["params"]):
         raise ValueError(f"param group key 'project' has {len(mask)} entries for {len(group['params'])} params; "
@@ -119,6 +162,8 @@ class GaLoreAdamW(Optimizer):
         scale: ``α``, multiplies the back-projected update.
         proj_type: ``"std"`` (right if ``m >= n`` else left), ``"reverse_std"``, ``"left"``,
             ``"right"``.
+        svd: ``"full"`` (thin SVD) or ``"lowrank"`` (randomized ``torch.svd_lowrank``) for the
+            projection refresh; see :func:`galore_projection`.
         decoupled_weight_decay: ``True`` is AdamW; ``False`` adds ``weight_decay · p`` to the
             gradient first (``torch.optim.Adam``'s L2 penalty), so Adam can be converted too.
     """
@@ -126,9 +171,9 @@ class GaLoreAdamW(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None,
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 decoupled_weight_decay: bool = True) -> None:
+                 svd: str = DEFAULT_SVD, decoupled_weight_decay: bool = True) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         decoupled_weight_decay=decoupled_weight_decay)
         _check_group({**defaults, "params": []})
         super().__init__(params, defaults)
@@ -204,7 +249,8 @@ class GaLoreAdamW(Optimizer):
 
         if projected:
             if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
-                state["proj"], state["proj_right"] = galore_projection(grad, group["rank"], group["proj_type"])
+                state["proj"], state["proj_right"] = galore_projection(grad, group["rank"], group["proj_type"],
+                                                                       group.get("svd", "full"))
             proj = state["proj"]
             side = "right" if state["proj_right"] else "left"
             if "exp_avg" not in state:

@@ -11,8 +11,9 @@ SPSA with the random direction regenerated from a seed instead of stored::
 Memory is inference memory: no autograd graph, no ``.grad`` buffers, no optimizer moments,
 and ``z`` exists one parameter at a time.
 
-Direction contract (tests and users can rebuild ``z``): for a seed ``s``, the parameters are
-visited in param-group order and each gets ``torch.randn(p.shape, generator=g, dtype=p.dtype)``
+Direction contract (tests and users can rebuild ``z``): for a seed ``s``, the parameters with
+``requires_grad=True`` are visited in param-group order (frozen ones are skipped: never
+perturbed, never updated) and each gets ``torch.randn(p.shape, generator=g, dtype=p.dtype)``
 from one ``torch.Generator(device=p.device).manual_seed(s)`` per device, drawn in that order.
 
 Restoring is exact only up to rounding (``θ + εz - 2εz + εz``): keep fp32 master weights; in
@@ -130,7 +131,9 @@ class MeZO(Optimizer):
             raise ValueError(f"param group key 'decay' has {len(decay)} entries for {len(group['params'])} params")
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
+        """The parameters MeZO perturbs and updates: those with ``requires_grad`` (frozen ones
+        stay exactly as they are, as :class:`torch.optim.AdamW` leaves them alone)."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def current_seed(self) -> int:
         """Seed of the next step (identical on every rank that started from the same state)."""
@@ -160,7 +163,8 @@ class MeZO(Optimizer):
         flags = []
         for group in self.param_groups:
             decay = group.get("decay") or [True] * len(group["params"])
-            flags.extend((group["lr"], group["weight_decay"] if d else 0.0) for d in decay)
+            flags.extend((group["lr"], group["weight_decay"] if d else 0.0)
+                         for p, d in zip(group["params"], decay) if p.requires_grad)
         for (p, z), (lr, wd) in zip(directions(self._params(), seed), flags):
             if wd:
                 p.mul_(1 - lr * wd)

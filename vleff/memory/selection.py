@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_EXCLUDE", "NO_DECAY_PATTERNS", "galore_param_groups", "select_galore_params", "wants_decay"]
+__all__ = ["DEFAULT_EXCLUDE", "NO_DECAY_PATTERNS", "check_patterns", "galore_param_groups", "select_galore_params", "wants_decay"]
 
 #: name patterns (``re.search``) kept out of GaLore unless the caller passes ``exclude=()``
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -34,18 +34,29 @@ NO_DECAY_PATTERNS: tuple[str, ...] = (r"bias$", r"(^|\.)(ln|norm)|layernorm|laye
                                       r"logit_scale|logit_bias", r"embedding|pos_embed|cls_token")
 
 
-def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
+def check_patterns(what: str, patterns: object) -> list[str]:
+    """``patterns`` as a list of valid regular expressions, or ``ValueError`` naming ``what``.
+
+    Called by the callbacks' constructors so that a bad ``targets``/``exclude``/``params``
+    fails when the config is built, not at fit time after the model was set up.
+    """
     if patterns is None:
         return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = []
-    for pat in patterns:
+    items = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{what}={patterns!r} is not allowed; use None, a regular expression (str) or a list of "
+                         "them, searched in parameter names")
+    for pat in items:
         try:
-            compiled.append(re.compile(pat))
+            re.compile(pat)
         except re.error as err:
-            raise ValueError(f"{what} pattern {pat!r} is not a valid regular expression: {err}") from err
-    return compiled
+            raise ValueError(f"{what} pattern {pat!r} is not a valid regular expression ({err}); {what} takes "
+                             "regular expressions searched in parameter names, e.g. r'attn\\.qkv'") from None
+    return list(items)
+
+
+def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
+    return [re.compile(pat) for pat in check_patterns(what, patterns)]
 
 
 def select_galore_params(named_params: Iterable[tuple[str, torch.Tensor]] | nn.Module,
@@ -87,11 +98,12 @@ def select_galore_params(named_params: Iterable[tuple[str, torch.Tensor]] | nn.M
 def galore_param_groups(model: nn.Module, *, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
                         proj_type: str = "std", targets: str | Sequence[str] | None = None,
                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
-                        weight_decay: float | None = None) -> list[dict]:
+                        weight_decay: float | None = None, svd: str | None = None) -> list[dict]:
     """Two param groups for :class:`~vleff.memory.GaLoreAdamW`: projected weights and the rest.
 
     ``weight_decay`` (when given) is set on the projected group and on the rest alike; pass
-    your own groups to the optimizer for anything finer.
+    your own groups to the optimizer for anything finer. ``svd`` (when given) picks how the
+    projected group's projections are refreshed (``"full"`` or ``"lowrank"``).
     """
     names = set(select_galore_params(model, targets, exclude))
     low_rank, rest = [], []
@@ -99,8 +111,9 @@ def galore_param_groups(model: nn.Module, *, rank: int = 128, update_proj_gap: i
         if p.requires_grad:
             (low_rank if name in names else rest).append(p)
     extra = {} if weight_decay is None else {"weight_decay": weight_decay}
+    svd_key = {} if svd is None else {"svd": svd}
     groups = [dict(params=low_rank, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                   proj_type=proj_type, **extra)]
+                   proj_type=proj_type, **svd_key, **extra)]
     if rest:
         groups.append(dict(params=rest, rank=None, **extra))
     return groups
