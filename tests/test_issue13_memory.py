@@ -246,3 +246,18 @@ def test_galore_adamw_svd_option_reaches_the_refresh(monkeypatch):
     assert seen == ["lowrank"]
     with pytest.raises(ValueError, match="svd='randomized' is not allowed"):
         GaLoreAdamW([w], rank=4, svd="randomized")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"example_input_fn": "images"}, r"example_input_fn='images' is not allowed; it must be a callable"),
+    ({"batch_size_fn": 4}, r"batch_size_fn=4 is not allowed; it must be a callable"),
+    ({"window": 0}, r"window=0 is not allowed; it must be an int >= 1"),
+    ({"window": 2.5}, r"window=2.5 is not allowed"),
+    ({"recount_interval": True}, r"recount_interval=True is not allowed"),
+    ({"training_flops_factor": math.nan}, r"training_flops_factor=nan is not allowed"),
+])
+def test_efficiency_monitor_validates_in_init(kwargs, message):
+    from vleff.callbacks import EfficiencyMonitor
+
+    with pytest.raises(ValueError, match=message):
+        EfficiencyMonitor(**kwargs)

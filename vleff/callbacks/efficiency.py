@@ -36,6 +36,7 @@ once, naming ``example_input_fn``, and keeps logging what it can.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -134,12 +135,20 @@ class EfficiencyMonitor(pl.Callback):
                  measure_activation: bool = True, log_tokens: bool = True, window: int = 20,
                  recount_interval: int = 10, prog_bar: bool = False) -> None:
         super().__init__()
-        if training_flops_factor <= 0:
-            raise ValueError(f"training_flops_factor must be > 0, got {training_flops_factor}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        if recount_interval < 1:
-            raise ValueError(f"recount_interval must be >= 1, got {recount_interval}")
+        # checked here so that a bad config fails when it is built, not at the first batch
+        for name, fn in (("example_input_fn", example_input_fn), ("batch_size_fn", batch_size_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"EfficiencyMonitor: {name}={fn!r} is not allowed; it must be a callable "
+                                 f"batch -> {'forward input' if name == 'example_input_fn' else 'int'}, or None "
+                                 "for the default")
+        if isinstance(training_flops_factor, bool) or not isinstance(training_flops_factor, (int, float)) or \
+                not math.isfinite(training_flops_factor) or training_flops_factor <= 0:
+            raise ValueError(f"EfficiencyMonitor: training_flops_factor={training_flops_factor!r} is not allowed; "
+                             "it must be a finite number > 0 (3: backward ~ 2x forward)")
+        for name, value in (("window", window), ("recount_interval", recount_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EfficiencyMonitor: {name}={value!r} is not allowed; it must be an int >= 1 "
+                                 f"({'steps averaged for eff/samples_per_s' if name == 'window' else 'steps'})")
         self.example_input_fn = example_input_fn
         self.batch_size_fn = batch_size_fn
         self.training_flops_factor = training_flops_factor
