@@ -57,7 +57,7 @@ def test_method_arguments_precedence_and_forms():
     assert [m.name for m, _ in bench.resolve_methods("tome,evit")] == ["tome", "evit"]
     assert bench.resolve_methods([]) == [] and bench.resolve_methods(None) == []
     (method, kwargs), = bench.resolve_methods(["dynamicvit"])
-    assert kwargs == method.defaults  # registry defaults when nothing is given
+    assert kwargs == method.bench_settings  # registry defaults when nothing is given
     cfg = bench.load_config(["methods=tome,dynamicvit", "image_size=null", "method_args.tome.prop_attn=false"])
     assert list(cfg.methods) == ["tome", "dynamicvit"] and cfg.image_size is None
     assert cfg.method_args.tome.prop_attn is False
@@ -84,7 +84,11 @@ def test_baseline_only_and_bf16(capsys):
     (["frobnicate"], ["'frobnicate'", "speed, kernels, memory"]),
     (["kernels", "foo=1"], ["'foo'", "tome_batch"]),
     (["kernels", "dtype=fp8"], ["'fp8'", "bfloat16"]),
-    (["memory", "script=/nonexistent/clip_memory.py"], ["/nonexistent/clip_memory.py"]),
+    (["memory", "script=/nonexistent/clip_memory.py"], ["'script'", "model", "out"]),
+    (["memory", "methods=[adamw,sgd]"], ["methods=['adamw', 'sgd']", "galore_embed"]),
+    (["memory", "batch_size=0"], ["batch_size=0"]),
+    (["memory", "out=/proc/nope/memory.json"], ["out='/proc/nope/memory.json'", "cannot be written"]),
+    ([*TINY, "save=/proc/nope/bench"], ["save=", "cannot be written"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -109,21 +113,6 @@ def test_kernels_mode_delegates(tmp_path):
                       "device=cpu", f"out={out}"])
     assert {(r["case"], r["backend"]) for r in rows} == {("tome_match", "torch"), ("galore_project", "torch")}
     assert json.loads(out.read_text())["rows"]
-
-
-def test_memory_mode_loads_the_script_by_path(tmp_path, capsys):
-    script = tmp_path / "clip_memory.py"
-    script.write_text("def run_clip_memory(batch_size=32, steps=1):\n"
-                      "    print('clip memory', batch_size, steps)\n"
-                      "    return {'batch_size': batch_size, 'steps': steps}\n")
-    assert bench.run(["memory", f"script={script}", "batch_size=4"]) == {"batch_size": 4, "steps": 1}
-    with pytest.raises(bench.BenchError, match="lr"):
-        bench.run(["memory", f"script={script}", "lr=1"])
-    script.write_text("def run_clip_memory(cfg=None):\n    return dict(cfg or {})\n")
-    assert bench.run(["memory", f"script={script}", "batch_size=4", "model=x"]) == {"batch_size": 4, "model": "x"}
-    script.write_text("x = 1\n")
-    with pytest.raises(bench.BenchError, match="run_clip_memory"):
-        bench.run(["memory", f"script={script}"])
 
 
 def _console_script() -> str:

@@ -4,7 +4,7 @@ Three modes, picked by the first word (default ``speed``)::
 
     vleff-bench model=vit_base methods=[tome] image_size=224 batch_size=16 repeats=5
     vleff-bench kernels tome_batch=64 out=kernels.json      # vleff.profile.kernels_bench
-    vleff-bench memory batch_size=32                         # benchmarks/clip_memory.py
+    vleff-bench memory batch_size=32 out=memory.json         # vleff.profile.training_memory
 
 Settings are ``key=value`` overrides in Hydra's grammar (lists ``[a,b]``, dicts ``{a: {r: 8}}``,
 ``null``, dotted keys ``method_args.tome.r=8``), applied to ``vleff/configs/bench.yaml``,
@@ -23,8 +23,6 @@ patch size; a bad precision or device) prints one line to stderr and exits with 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +35,6 @@ __all__ = ["BenchError", "CONFIG_PATH", "MODES", "load_config", "main", "resolve
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "bench.yaml"
 MODES = ("speed", "kernels", "memory")
 PRECISIONS = ("fp32", "bf16", "fp16")
-MEMORY_SCRIPT = Path("benchmarks") / "clip_memory.py"
 _FREE_FORM = ("method_args",)  # sections whose nested keys are not checked
 
 
@@ -102,7 +99,8 @@ def _usage() -> str:
         "speed (default): baseline vs token methods on one model -> table of GFLOPs/img, FLOPs ratio,\n"
         "  img/s, speedup, activation MiB; save=path/prefix writes CSV, JSON and PNG.\n"
         "kernels: reference vs Triton kernels (settings of vleff.profile.kernels_bench.KernelBenchConfig).\n"
-        "memory: CLIP fine-tuning memory (benchmarks/clip_memory.py of the repository; script=PATH).\n\n"
+        "memory: CLIP training memory, AdamW vs GaLore vs MeZO (vleff.profile.training_memory); settings\n"
+        f"  {', '.join(MEMORY_SETTINGS)}; out=file.json|.csv writes the rows.\n\n"
         f"models: {', '.join(MODELS)} (or any timm model name)\n"
         f"methods: {', '.join(available_methods())}\n"
         f"precision: {', '.join(PRECISIONS)}\n\n"
@@ -197,7 +195,7 @@ def resolve_methods(methods: Any, method_args: Mapping[str, Any] | None = None) 
             method = get_method(name)
         except ValueError:
             raise BenchError(f"method {name!r} is not known; available: {', '.join(available_methods())}") from None
-        resolved.append((method, {**method.defaults, **dict(kwargs or {}), **dict(extra)}))
+        resolved.append((method, {**method.bench_settings, **dict(kwargs or {}), **dict(extra)}))
     return resolved
 
 
@@ -321,6 +319,16 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     methods = resolve_methods(cfg.methods, cfg.method_args)
     if cfg.save is not None and not isinstance(cfg.save, str):
         raise BenchError(f"save={cfg.save!r} must be a path prefix")
+    if cfg.save:  # fail now, not after the measurement
+        for suffix in (".csv", ".json", ".png"):
+            check_writable(_save_paths(cfg.save).with_suffix(suffix), "save")
+    offline = None
+    if cfg.pretrained:
+        from vleff.models.factory import offline_reason, use_offline_hub
+
+        offline = offline_reason()
+        if offline is not None:  # look in the local cache only: no retries, an answer at once
+            use_offline_hub()
 
     torch.manual_seed(int(cfg.seed))
     with _status(cfg.progress, f"building {cfg.model} ..."):
@@ -328,6 +336,13 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
             model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
         except ValueError as err:
             raise BenchError(str(err)) from None
+        except Exception as err:
+            if offline is None:
+                raise
+            raise BenchError(f"no network: pretrained weights cannot be downloaded ({offline}), and the weights of "
+                             f"{cfg.model!r} are not in the local cache ({err.__class__.__name__}). Use "
+                             "pretrained=false (FLOPs and speed do not depend on the weights) or run once with "
+                             "network to cache them") from None
         model.eval()
         variants = {"baseline": model}
         for method, kwargs in methods:
@@ -392,51 +407,80 @@ def run_kernels(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     return run_kernel_bench(cfg)
 
 
-def _memory_script(settings: dict[str, Any]) -> Path:
-    if "script" in settings:
-        path = Path(str(settings.pop("script"))).expanduser()
-        if not path.is_file():
-            raise BenchError(f"script={str(path)!r} does not exist")
-        return path
-    import vleff
-
-    candidates = [Path(vleff.__file__).resolve().parent.parent / MEMORY_SCRIPT, Path.cwd() / MEMORY_SCRIPT]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise BenchError(f"memory mode needs {MEMORY_SCRIPT} (looked in {', '.join(str(p) for p in candidates)}); "
-                     "it ships with the repository, not the package: run from a clone or pass script=PATH")
+MEMORY_SETTINGS = ("model", "batch_size", "rank", "device", "methods", "isolate", "seed", "out")
 
 
-def run_memory(settings: Mapping[str, Any]) -> Any:
-    """Memory mode: ``run_clip_memory`` of ``benchmarks/clip_memory.py``, loaded by path.
+def check_writable(path: str | Path, key: str) -> Path:
+    """Fail now, before minutes of measuring, when ``path`` cannot be written.
 
-    The settings go to it as keyword arguments when its signature takes them, else as one
-    mapping (``run_clip_memory(cfg)``).
+    Creates the missing folders and opens the file for appending (removing it again when it
+    did not exist): the only test that also holds for root and for special file systems,
+    where permission bits say nothing.
     """
-    values = dict(settings)
-    path = _memory_script(values)
-    spec = importlib.util.spec_from_file_location("vleff_bench_clip_memory", path)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn = getattr(module, "run_clip_memory", None)
-    if not callable(fn):
-        raise BenchError(f"{path} has no function run_clip_memory")
-    params = list(inspect.signature(fn).parameters.values())
-    keywords = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
-    if not values:
-        return fn()
-    if takes_any or set(values) <= keywords:
-        return fn(**values)
-    first = params[0] if params else None
-    if first is not None and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) and \
-            first.name in ("cfg", "config", "settings", "overrides", "options"):
-        return fn(values)
-    raise BenchError(f"unknown memory setting(s) {sorted(set(values) - keywords)}; "
-                     f"run_clip_memory takes: {', '.join(sorted(keywords)) or 'nothing'}")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise BenchError(f"{key}={str(path)!r} cannot be written: it is a directory")
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a"):
+            pass
+    except OSError as err:
+        raise BenchError(f"{key}={str(path)!r} cannot be written ({err.strerror or err}: "
+                         f"{err.filename or target}); choose a writable path") from None
+    if not existed:
+        target.unlink()
+    return target
+
+
+def run_memory(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Memory mode: :func:`vleff.profile.training_memory.run_training_memory`, printed as a table.
+
+    Settings: ``model`` (open_clip name or CLIP config ``.json``), ``batch_size``, ``rank``,
+    ``device``, ``methods`` (subset of adamw, galore, galore_embed, mezo), ``isolate`` (a fresh
+    process per method, default true), ``seed`` and ``out`` (a ``.json`` or ``.csv`` file for
+    the rows, checked for writability before anything is measured). Returns the rows.
+    """
+    from vleff.profile.report import rows_to_csv, rows_to_json
+    from vleff.profile.training_memory import check_settings, print_memory_rows, run_training_memory
+
+    values = {k.removeprefix("memory."): v for k, v in settings.items()}
+    unknown = sorted(set(values) - set(MEMORY_SETTINGS))
+    if unknown:
+        raise BenchError(f"unknown memory setting(s) {unknown}; settings: {', '.join(MEMORY_SETTINGS)}")
+    out = values.pop("out", None)
+    options = {"model": "ViT-B-32", "batch_size": 32, "rank": 128, "device": "cpu", "methods": None,
+               "isolate": True, "seed": 0, **values}
+    if options["methods"] is None:
+        from vleff.profile.training_memory import METHODS
+
+        options["methods"] = list(METHODS)
+    if not isinstance(options["isolate"], bool):
+        raise BenchError(f"isolate={options['isolate']!r} is not allowed; use true or false")
+    try:
+        check_settings(options["model"], options["batch_size"], options["rank"], options["device"],
+                       options["methods"], options["seed"])
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    if str(options["device"]).startswith("cuda"):
+        _device(options["device"])
+    target = None
+    if out is not None:
+        if not isinstance(out, str) or not out:
+            raise BenchError(f"out={out!r} must be a file path ending in .json or .csv")
+        target = check_writable(out, "out")
+        if target.suffix not in (".json", ".csv"):
+            raise BenchError(f"out={out!r} must end in .json or .csv")
+    rows = run_training_memory(**options)
+    print_memory_rows(rows)
+    if target is not None:
+        if target.suffix == ".csv":
+            rows_to_csv(rows, target)
+        else:
+            rows_to_json(rows, target, benchmark="training_memory", settings=options,
+                         command=" ".join(["vleff-bench", "memory", *[f"{k}={v}" for k, v in settings.items()]]))
+        print(f"saved: {target}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -114,6 +114,43 @@ def _timm(name: str, spec: ModelSpec | None, num_classes: int | None, image_size
     return timm.create_model(source, pretrained=pretrained, **args)
 
 
+def offline_reason(timeout: float = 3.0) -> str | None:
+    """Why pretrained weights cannot be downloaded now, or ``None`` when the hub is reachable.
+
+    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set to a true value answer at once; otherwise
+    one TCP connection to the hub's host (``HF_ENDPOINT``, default huggingface.co) is tried
+    for at most ``timeout`` seconds, instead of letting the download retry for minutes.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]} is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"cannot reach {host}:{port} ({err.__class__.__name__}: {err})"
+
+
+def use_offline_hub() -> None:
+    """Make the Hugging Face hub (timm, open_clip and transformers download through it) use
+    only its local cache in this process, so a missing file fails at once instead of after
+    connection retries."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on it
+        return
+    constants.HF_HUB_OFFLINE = True  # read once at import; the variable alone is too late here
+
+
 def build_model(name: str, num_classes: int | None = None, image_size: int | None = None,
                 pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a model by alias (see :data:`MODELS`) or timm name; see the module docstring."""
