@@ -18,7 +18,7 @@ log = logging.getLogger("vleff.train")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
-__all__ = ["CONFIG_DIR", "main", "run"]
+__all__ = ["CONFIG_DIR", "finetune_command", "hydra_quote", "main", "run"]
 
 
 def _instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
@@ -30,6 +30,35 @@ def _instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
             raise ValueError(f"callbacks.{name} must be a mapping with a _target_, got {spec!r}")
         callbacks.append(instantiate(spec))
     return callbacks
+
+
+_NOISE_WARNINGS = (
+    # torch's pytree deprecation raised inside Lightning's own utilities, on every run
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+class _DropTips(logging.Filter):
+    """Drop Lightning's advertising tips ("💡 Tip: ... try installing litlogger/litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith("💡 Tip")
+
+
+def _quiet_console() -> None:
+    """Keep the console to what the run says: no Lightning tips and no LeafSpec FutureWarning.
+
+    Only these specific messages are dropped (by message), and only in the CLI; the
+    tensorboardX notice is avoided by the trainer config's CSVLogger.
+    """
+    import warnings
+
+    for pattern in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
 
 
 def _log_lightning_once() -> None:
@@ -48,12 +77,21 @@ def _log_lightning_once() -> None:
 
 
 def _check_method_arguments(name: str, kwargs: dict[str, Any]) -> None:
-    """``compare.methods.<name>`` names a registered method and only arguments its ``apply`` takes."""
+    """``compare.methods.<name>`` names a registered method and settings it accepts (names and
+    values), checked without a model; :func:`_check_compare` also applies it to a copy."""
     import inspect
 
     from vleff.registry import get_method
 
-    signature = inspect.signature(get_method(name).apply)
+    method = get_method(name)
+    check = getattr(method, "check_settings", None)
+    if check is not None:  # the registry validates names and values itself
+        try:
+            check(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"compare.methods.{name}: {err}") from None
+        return
+    signature = inspect.signature(method.apply)
     params = list(signature.parameters)[1:]  # after the model
     try:
         signature.bind_partial(None, **kwargs)
@@ -61,6 +99,79 @@ def _check_method_arguments(name: str, kwargs: dict[str, Any]) -> None:
         unknown = sorted(set(kwargs) - set(params))
         raise ValueError(f"compare.methods.{name} has arguments {unknown} that {name} does not take; "
                          f"allowed: {params}") from None
+
+
+def _check_compare(cfg: DictConfig, methods: dict[str, dict[str, Any]], module: Any, datamodule: Any) -> None:
+    """Everything the comparison after training needs, checked before training starts.
+
+    Each method is applied to a throwaway deep copy of the untrained model, so a value the
+    method rejects (``compare.methods={tome: {r: -4}}``, or an ``r`` the model's token count
+    cannot take) fails now, not after the whole run; ``compare.batch_size`` must not exceed
+    the validation set.
+    """
+    import copy
+
+    from vleff.registry import get_method
+
+    for key in ("batch_size", "repeats"):
+        value = cfg.compare[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"compare.{key}={value!r} is not allowed; use an int >= 1")
+    model = getattr(module, "model", None)
+    for name, kwargs in methods.items():
+        method = get_method(name)
+        if model is None or getattr(method, "apply", None) is None:
+            continue
+        try:
+            method.apply(copy.deepcopy(model), **kwargs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"compare.methods.{name}={kwargs}: {err}") from None
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    dataset = getattr(loader, "dataset", None)
+    n_val = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    if n_val is not None and cfg.compare.batch_size > n_val:
+        raise ValueError(f"compare.batch_size={cfg.compare.batch_size} exceeds the {n_val} validation images; "
+                         f"allowed: 1 to {n_val} (it is the batch of one timed forward)")
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a quoted string in Hydra's override grammar (``=``, spaces, brackets ok)."""
+    import re
+
+    # Hydra treats a backslash as an escape only before a quote (or before the closing quote)
+    escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return '"' + escaped + '"'
+
+
+def finetune_command(checkpoint: str | Path, experiment: str = "clip_mezo") -> str:
+    """The ready-to-paste ``vleff-train`` command that starts from ``checkpoint``.
+
+    Lightning names checkpoints ``epoch=5-step=132.ckpt``; an unquoted ``=`` in an override
+    value is a syntax error in Hydra's grammar, so the value is quoted for Hydra (double
+    quotes) and the whole override for the shell (single quotes).
+    """
+    import shlex
+
+    override = f"model.init_checkpoint={hydra_quote(str(Path(checkpoint).resolve()))}"
+    return f"vleff-train experiment={experiment} {shlex.quote(override)}"
+
+
+def _print_checkpoint_hint(trainer: Any, module: Any) -> str | None:
+    """Print where the checkpoint is and, for CLIP fine-tuning, the command to continue from it."""
+    callback = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+    if not path or not Path(path).is_file():
+        return None
+    from vleff.models.clip_finetuner import CLIPFineTuner
+
+    if isinstance(module, CLIPFineTuner):
+        command = finetune_command(path)
+        print(f"checkpoint: {path}\ncontinue from it with MeZO (quoted for Hydra and the shell):\n  {command}")
+        return command
+    print(f"checkpoint: {path}")
+    return None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -73,21 +184,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from vleff.profile import plot_rows, print_table, rows_to_csv, rows_to_json
 
     _log_lightning_once()
+    _quiet_console()
 
     methods = OmegaConf.to_container(cfg.compare.methods, resolve=True) if cfg.compare.methods else {}
+    methods = {name: dict(kwargs or {}) for name, kwargs in methods.items()}
     for name, kwargs in methods.items():  # fail before training, not after
-        _check_method_arguments(name, kwargs or {})
+        _check_method_arguments(name, kwargs)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if "num_classes" in model_cfg and model_cfg["num_classes"] is None:
         model_cfg["num_classes"] = datamodule.num_classes
     module = instantiate(model_cfg)
+    if cfg.compare.enabled and isinstance(module, ImageClassifier):
+        _check_compare(cfg, methods, module, datamodule)
     callbacks = _instantiate_callbacks(cfg.get("callbacks"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result: dict[str, Any] = {"val": val, "rows": []}
+    if trainer.is_global_zero:
+        result["finetune_command"] = _print_checkpoint_hint(trainer, module)
     if not cfg.compare.enabled or not trainer.is_global_zero:
         return result
     if not isinstance(module, ImageClassifier):

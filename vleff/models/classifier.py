@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vleff.memory.selection import wants_decay
-from vleff.models.factory import build_model
+from vleff.models.factory import build_model, image_input_size
 
 __all__ = ["ImageClassifier"]
 
@@ -24,7 +24,8 @@ __all__ = ["ImageClassifier"]
 class ImageClassifier(pl.LightningModule):
     """Classify images with ``model``: a name for :func:`vleff.models.build_model` or any ``nn.Module``.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc``.
+    Logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc``. Sets ``example_input_array``
+    (one zero image of the model's input size) so Lightning's model summary shows the FLOPs.
     """
 
     def __init__(self, model: str | nn.Module = "vit_tiny_digits", num_classes: int = 10,
@@ -43,6 +44,12 @@ class ImageClassifier(pl.LightningModule):
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
         self.model = model
+        # one image of the model's native size: Lightning's model summary counts the forward's FLOPs with it
+        size = image_input_size(model)
+        if image_size is not None and size is not None:
+            size = (size[0], int(image_size))
+        if size is not None:
+            self.example_input_array = torch.zeros(1, size[0], size[1], size[1])
         # top-1 accuracy over samples ("micro"); torchmetrics defaults to the mean of per-class accuracies
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

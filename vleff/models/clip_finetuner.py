@@ -82,6 +82,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _example_inputs(model: nn.Module, family: str,
+                    context_length: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One image and one caption of the model's sizes (``None`` when a size is unknown).
+
+    The caption is all ones: non-zero, so a Hugging Face attention mask (``tokens != 0``)
+    keeps every position, and open_clip pools at position 0 (argmax of equal ids).
+    """
+    from vleff.models.factory import image_input_size
+
+    size = image_input_size(model)
+    if family == "hf":
+        length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+    else:
+        length = getattr(model, "context_length", None)
+    length = context_length or length
+    if size is None or not isinstance(length, int) or length < 1:
+        return None
+    return torch.zeros(1, size[0], size[1], size[1]), torch.ones(1, length, dtype=torch.long)
+
+
 def _features(out: Any) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a ModelOutput
 
@@ -141,6 +161,15 @@ class CLIPFineTuner(pl.LightningModule):
             ``CLIPFineTuner`` (e.g. an AdamW run's, to continue with MeZO) or a plain state
             dict of the CLIP model. Only the weights are loaded: optimizer, schedule and step
             counter start fresh (use ``Trainer.fit(ckpt_path=...)`` to resume a run instead).
+            On the ``vleff-train`` command line quote the path: Lightning's checkpoint names
+            contain ``=`` (``epoch=5-step=132.ckpt``), which Hydra's grammar rejects unquoted::
+
+                vleff-train experiment=clip_mezo 'model.init_checkpoint="/path/epoch=5-step=132.ckpt"'
+
+            (``vleff-train`` prints this command, filled in, at the end of a run.)
+
+    Sets ``example_input_array`` (one image and one caption of the model's sizes) so
+    Lightning's model summary shows the FLOPs of ``forward(images, tokens)``.
     """
 
     def __init__(self, model: nn.Module | str = "digits-tiny", model_kwargs: dict[str, Any] | None = None,
@@ -163,6 +192,9 @@ class CLIPFineTuner(pl.LightningModule):
         self.family = clip_family(self.model)
         self.class_prompts = list(class_prompts) if class_prompts is not None else None
         self._val: list[tuple[torch.Tensor, ...]] = []
+        example = _example_inputs(self.model, self.family, context_length)
+        if example is not None:  # Lightning's model summary counts the FLOPs of forward(images, tokens)
+            self.example_input_array = example
         if init_checkpoint is not None:
             self.load_clip_weights(init_checkpoint)
 

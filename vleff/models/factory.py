@@ -114,6 +114,36 @@ def _timm(name: str, spec: ModelSpec | None, num_classes: int | None, image_size
     return timm.create_model(source, pretrained=pretrained, **args)
 
 
+def _pair(size: Any) -> int | None:
+    if isinstance(size, (tuple, list)):
+        size = size[0] if size else None
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def image_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(channels, side)`` of the square images ``model`` takes natively, or ``None``.
+
+    Reads timm's ``patch_embed``, open_clip's ``visual.image_size``, Hugging Face vision
+    configs and :class:`TowerClassifier` towers; used to build ``example_input_array`` so
+    Lightning's model summary can count FLOPs.
+    """
+    for candidate in (model, getattr(model, "tower", None), getattr(model, "visual", None)):
+        if candidate is None:
+            continue
+        embed = getattr(candidate, "patch_embed", None)
+        if embed is not None and _pair(getattr(embed, "img_size", None)):
+            proj = getattr(embed, "proj", None)
+            channels = getattr(proj, "in_channels", 3) if proj is not None else 3
+            return int(channels), _pair(embed.img_size)  # type: ignore[return-value]
+        if _pair(getattr(candidate, "image_size", None)):
+            return 3, _pair(candidate.image_size)  # type: ignore[return-value]
+        config = getattr(candidate, "config", None)
+        config = getattr(config, "vision_config", config)
+        if config is not None and _pair(getattr(config, "image_size", None)):
+            return int(getattr(config, "num_channels", 3)), _pair(config.image_size)  # type: ignore[return-value]
+    return None
+
+
 def offline_reason(timeout: float = 3.0) -> str | None:
     """Why pretrained weights cannot be downloaded now, or ``None`` when the hub is reachable.
 
