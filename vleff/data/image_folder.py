@@ -4,15 +4,20 @@ Either ``root/train/<class>/*`` and ``root/val/<class>/*`` (used as given), or a
 ``root/<class>/*`` tree that is split deterministically by ``seed``. Images are resized
 (shorter side), centre-cropped to ``image_size`` and normalised with ``mean``/``std``
 (ImageNet's by default, which is what timm's pretrained ViTs expect; CLIP users pass
-CLIP's). Training adds a random horizontal flip.
+CLIP's). Training adds a random horizontal flip. Every image is opened once at the first
+``setup`` (:func:`vleff.data.checks.verify_images`), so a corrupt file fails there, named,
+instead of mid-epoch in a worker.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from vleff.data.checks import check_image_size, verify_images
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataModule"]
 
@@ -45,23 +50,37 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction={val_fraction!r} must lie in (0, 1)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+        check_image_size(image_size)
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.val_fraction, self.seed, self.mean, self.std = val_fraction, seed, tuple(mean), tuple(std)
         self.has_split = (self.root / "train").is_dir() and (self.root / "val").is_dir()
-        self.classes = self._dataset(self.root / "train" if self.has_split else self.root, train=False).classes
+        self._verified: set[str] = set()
+        self.classes = self._dataset(self.root / "train" if self.has_split else self.root, train=False,
+                                     verify=False).classes
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _dataset(self, folder: Path, train: bool):
+    def _dataset(self, folder: Path, train: bool, verify: bool = True):
         from torchvision.datasets import ImageFolder
 
         try:
-            return ImageFolder(str(folder), transform=_transform(self.image_size, self.mean, self.std, train))
+            dataset = ImageFolder(str(folder), transform=_transform(self.image_size, self.mean, self.std, train))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"no images found under {str(folder)!r}: ImageFolder wants "
                                     f"<root>/<class>/<image> files ({err})") from None
+        if verify:
+            self._verify(dataset)
+        return dataset
+
+    def _verify(self, dataset: Any) -> None:
+        """Open every image once (first ``setup`` only), naming the class folder of a bad one."""
+        if str(dataset.root) in self._verified:
+            return
+        verify_images([(Path(path), f"image folder {dataset.root!r}, class {dataset.classes[label]!r}")
+                       for path, label in dataset.samples], what=Path(dataset.root).name)
+        self._verified.add(str(dataset.root))
 
     def setup(self, stage: str | None = None) -> None:
         if self.has_split:

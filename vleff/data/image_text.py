@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vleff.data.captions import DIGIT_TEMPLATE, clip_tokenizer, digit_caption, digit_prompts
+from vleff.data.checks import check_image_size, verify_images
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "DigitsImageText", "ImageTextDataModule", "ImageTextFiles",
            "collate_image_text", "read_pairs"]
@@ -64,29 +65,54 @@ class DigitsImageText(Dataset):
 
 def read_pairs(path: str | Path, image_key: str = "image", caption_key: str = "caption",
                label_key: str = "label") -> list[dict[str, Any]]:
-    """Rows ``{"image", "caption", "label"}`` from a CSV (header row) or JSONL file."""
+    """Rows ``{"image", "caption", "label", "line"}`` from a CSV (header row) or JSONL file.
+
+    Every row is checked here (columns present, label an integer or empty), and errors name
+    the file, the line and the column; ``line`` is where the row ends in the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image-text file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:  # the line a row ends on (header = line 1), for error messages
+                rows.append((reader.line_num, row))
     elif suffix in (".jsonl", ".json"):
+        rows = []
         with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{str(path)!r} line {line_no}: not valid JSON ({err})") from None
     else:
         raise ValueError(f"{str(path)!r}: image-text files must be .csv or .jsonl, got {suffix!r}")
     if not rows:
         raise ValueError(f"{str(path)!r} holds no rows")
-    for key in (image_key, caption_key):
-        if key not in rows[0]:
-            raise ValueError(f"{str(path)!r} has no {key!r} column/key; found {sorted(rows[0])}")
     out = []
-    for row in rows:
+    for line_no, row in rows:
+        for key in (image_key, caption_key):
+            if key not in row or row[key] in (None, ""):
+                found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{str(path)!r} line {line_no}: no {key!r} column/key (or it is empty); found {found}")
         label = row.get(label_key)
-        out.append({"image": str(row[image_key]), "caption": str(row[caption_key]),
-                    "label": int(label) if label not in (None, "") else -1})
+        if label in (None, ""):
+            value = -1
+        else:
+            try:
+                value = int(label) if not isinstance(label, float) or label.is_integer() else None
+            except (TypeError, ValueError):
+                value = None
+            if value is None or isinstance(label, bool):
+                raise ValueError(f"{str(path)!r} line {line_no}, column {label_key!r}: label={label!r} is not an "
+                                 "integer class index; use an int (or leave it empty for no label)")
+        out.append({"image": str(row[image_key]), "caption": str(row[caption_key]), "label": value,
+                    "line": line_no})
     return out
 
 
@@ -98,16 +124,29 @@ def _clip_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
 
 
 class ImageTextFiles(Dataset):
-    """Users' image-text pairs listed in a CSV or JSONL file (see the module docstring)."""
+    """Users' image-text pairs listed in a CSV or JSONL file (see the module docstring).
+
+    With ``verify`` (default) every listed image is opened once at construction (PIL's
+    integrity check, a progress bar on large sets), so a missing or corrupt file fails here,
+    naming the line and column, instead of mid-epoch in a DataLoader worker.
+    """
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None, image_size: int = 224,
                  transform: Callable[[Any], torch.Tensor] | None = None, image_key: str = "image",
-                 caption_key: str = "caption", label_key: str = "label") -> None:
+                 caption_key: str = "caption", label_key: str = "label", verify: bool = True) -> None:
+        check_image_size(image_size)
         self.rows = read_pairs(path, image_key, caption_key, label_key)
         self.root = Path(image_root) if image_root is not None else Path(path).parent
         self.transform = transform or _clip_transform(image_size)
+        if verify:  # fail now, naming the row, not in a worker when the batch loads
+            verify_images([(self._path(r), f"{str(path)!r} line {r['line']}, column {image_key!r}")
+                           for r in self.rows], what=Path(path).name)
         ids: dict[str, int] = {}
         self.caption_ids = [ids.setdefault(r["caption"], len(ids)) for r in self.rows]
+
+    def _path(self, row: dict[str, Any]) -> Path:
+        path = Path(row["image"])
+        return path if path.is_absolute() else self.root / path
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -116,9 +155,7 @@ class ImageTextFiles(Dataset):
         from PIL import Image
 
         row = self.rows[i]
-        path = Path(row["image"])
-        path = path if path.is_absolute() else self.root / path
-        with Image.open(path) as img:
+        with Image.open(self._path(row)) as img:
             image = self.transform(img.convert("RGB"))
         return image, row["caption"], self.caption_ids[i], row["label"]
 
@@ -166,6 +203,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         super().__init__()
         if source not in ("digits", "files"):
             raise ValueError(f"source={source!r} is not allowed; use 'digits' or 'files'")
+        check_image_size(image_size)
         if source == "files" and train_file is None:
             raise ValueError("source='files' needs train_file=<path to .csv or .jsonl>")
         self.source, self.train_file, self.val_file, self.image_root = source, train_file, val_file, image_root
