@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from vleff import apply_evit, apply_tome
     from vleff.callbacks import DynamicViT, EViT, TokenMerging
-    from vleff.cli.evaluate import strip_token_methods
+    from vleff.registry import remove_all
     from vleff.data import DigitsDataModule
 
     started = time.perf_counter()
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             baseline_model = module.model
             model = module.model
         elif family.endswith("_shelf"):
-            model = strip_token_methods(copy.deepcopy(baseline_model))
+            model = remove_all(copy.deepcopy(baseline_model))
             if family == "tome_shelf":
                 apply_tome(model, r=value)
             else:

@@ -8,6 +8,7 @@ instantiated) and its keys are checked against ``inspect.signature``.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,6 +79,10 @@ def target_problems(path: str, spec: dict[str, Any]) -> list[str]:
     problems = []
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     keyword_names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    settings = getattr(obj, "settings_config", None)  # a method callback: **settings are its config's fields
+    if settings is not None:
+        keyword_names |= {f.name for f in dataclasses.fields(settings)}
+        takes_var_kw = False
     unknown = sorted(set(kwargs) - keyword_names) if not takes_var_kw else []
     if unknown:
         problems.append(f"{path}: {target} does not accept {unknown} (it takes {sorted(keyword_names)})")

@@ -15,7 +15,7 @@ import tiny_models as tm
 import vleff
 from vleff.backbones import last_token_state
 from vleff.callbacks import DynamicViT
-from vleff.tokens.mixins import DynamicViTMixin
+from vleff.callbacks.mixins import DynamicViTMixin
 from vleff.tokens.aux import pop_aux_losses, vleff_aux_loss
 from vleff.tokens.dynamicvit import (MODULE_NAME, apply_dynamicvit, dynamicvit_predictors, dynamicvit_teacher,
                                      hierarchical_ratios, keep_ratio_loss, remove_dynamicvit,
@@ -37,7 +37,7 @@ def test_decisions_only_shrink_and_prefix_is_kept():
         assert len(decisions) == 3
         for prev, nxt in zip(decisions, decisions[1:]):
             assert bool((nxt <= prev).all())  # a dropped token never comes back
-        keep = last_token_state(model).keep
+        keep = last_token_state(model).get("keep")
         assert keep.shape == (4, 18)
         assert bool((keep[:, :2] == 1).all())
         assert set(keep.unique().tolist()) <= {0.0, 1.0}
@@ -111,7 +111,7 @@ def test_eval_masked_computation_equals_real_drop(family):
         dropped = run(model, x)
         dropped_state = last_token_state(model)
     assert dropped_state.token_counts[-1] < masked_state.token_counts[-1]
-    final_mask = masked_state.keep[:, masked_state.num_prefix:]
+    final_mask = masked_state.get("keep")[:, masked_state.num_prefix:]
     kept = dropped_state.scratch["dynamicvit"]["kept"][:, masked_state.num_prefix:] - masked_state.num_prefix
     assert bool((final_mask.sum(dim=1) == kept.shape[1]).all())
     assert bool((final_mask.gather(1, kept) == 1).all())  # the same tokens survive
@@ -331,7 +331,7 @@ def test_model_without_prefix_tokens():
     model = tm.timm_vit(class_token=False, global_pool="avg")  # no cls: every token may be dropped
     apply_dynamicvit(model, rho=0.5, locations=[1, 2]).train()
     model(tm.images(2))
-    assert last_token_state(model).num_prefix == 0 and last_token_state(model).keep.shape == (2, 16)
+    assert last_token_state(model).num_prefix == 0 and last_token_state(model).get("keep").shape == (2, 16)
     vleff_aux_loss(model).backward()
     assert all(p.grad is not None for p in dynamicvit_predictors(model)[0].parameters())
     model.eval()
@@ -343,7 +343,7 @@ def test_model_without_prefix_tokens():
 class MixinClassifier(DynamicViTMixin, tl.TinyClassifier):
     def __init__(self):
         super().__init__()
-        self.configure_dynamicvit(self.model, rho=0.7, locations=[1, 2])
+        self.use_dynamicvit(self.model, rho=0.7, locations=[1, 2])
 
     def training_step(self, batch, batch_idx):
         x, y = batch

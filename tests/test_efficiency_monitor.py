@@ -104,12 +104,12 @@ def test_fit_sets_flops_per_batch_and_logs(tmp_path):
 
 
 def test_token_counts_logged_and_flops_recounted_on_change(tmp_path):
-    from vleff.tokens.tome import set_tome_r
+    from vleff.tokens.tome import update_tome
 
     class ChangeR(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 2:
-                set_tome_r(pl_module.model, 4)
+                update_tome(pl_module.model, r=4)
 
     module = TinyClassifier(tome_r=2)
     monitor = EfficiencyMonitor(recount_interval=1)

@@ -14,9 +14,9 @@ import tiny_lightning as tl
 import tiny_models as tm
 from vleff.backbones import BlockInfo, TokenState, last_token_state
 from vleff.callbacks import EViT
-from vleff.tokens.evit import (EViTHook, EViTSchedule, apply_evit, evit_keep_rate, keep_rate_schedule, remove_evit,
-                               set_evit_keep_rate)
-from vleff.tokens.mixins import EViTMixin
+from vleff.tokens.evit import (EViTConfig, EViTHook, EViTSchedule, apply_evit, evit_keep_rate, keep_rate_schedule,
+                               remove_evit, update_evit)
+from vleff.callbacks.mixins import EViTMixin
 
 
 def _manual(x, attn, p, k, fuse):
@@ -42,9 +42,9 @@ def test_between_keeps_top_cls_attention_in_order(fuse, prefix):
     b, n, c = 3, prefix + 10, 6
     x = torch.randn(b, n, c, generator=g)
     attn = torch.rand(b, n, generator=g).softmax(dim=1)
-    state = TokenState(num_prefix=prefix, num_input_tokens=n)
-    hook = EViTHook(locations=[0], keep_rate=0.55, fuse=fuse)
-    out = hook.between(x, BlockInfo(index=0, depth=1, keys=x[:, None], cls_attention=attn), state)
+    state = TokenState(num_prefix=prefix, num_input_tokens=n, num_tokens=n, batch_size=b)
+    hook = EViTHook(EViTConfig(locations=[0], keep_rate=0.55, fuse=fuse), depth=1)
+    out = hook.between(x, BlockInfo(index=0, depth=1, _k=x[:, None], _rows={0: attn}), state)
     k = math.ceil(0.55 * 10)
     torch.testing.assert_close(out, _manual(x, attn, prefix, k, fuse))
     if fuse:
@@ -59,18 +59,19 @@ def test_between_keeps_top_cls_attention_in_order(fuse, prefix):
 def test_sizes_and_sources_are_conserved(n, kr, stages, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, n + 1, 4, generator=g)
-    state = TokenState(num_prefix=1, num_input_tokens=n + 1)
-    state.source = torch.eye(n + 1).expand(2, n + 1, n + 1)
-    hook = EViTHook(locations=list(range(stages)), keep_rate=kr, fuse=True)
+    state = TokenState(num_prefix=1, num_input_tokens=n + 1, num_tokens=n + 1, batch_size=2)
+    state.register("source", torch.eye(n + 1).expand(2, n + 1, n + 1), "sum")
+    hook = EViTHook(EViTConfig(locations=list(range(stages)), keep_rate=kr, fuse=True), depth=stages)
     for i in range(stages):
         attn = torch.rand(2, x.shape[1], generator=g)
-        x = hook.between(x, BlockInfo(index=i, depth=stages, keys=x[:, None], cls_attention=attn), state)
+        x = hook.between(x, BlockInfo(index=i, depth=stages, _k=x[:, None], _rows={0: attn}), state)
     if state.size is None:  # nothing was pruned
         assert x.shape[1] == n + 1
         return
     assert bool((state.size.sum(dim=1) == n + 1).all())
-    torch.testing.assert_close(state.source.sum(dim=1), torch.ones(2, n + 1))  # every patch in exactly one token
-    torch.testing.assert_close(state.source.sum(dim=2, keepdim=True), state.size)
+    source = state.get("source")
+    torch.testing.assert_close(source.sum(dim=1), torch.ones(2, n + 1))  # every patch in exactly one token
+    torch.testing.assert_close(source.sum(dim=2, keepdim=True), state.size)
 
 
 def test_token_counts_and_full_keep_rate_is_identity():
@@ -86,7 +87,7 @@ def test_token_counts_and_full_keep_rate_is_identity():
         apply_evit(model, keep_rate=0.5, locations=[1, 2], fuse=False)
         model(x)
         assert last_token_state(model).token_counts == [17, 17, 9, 5]
-        set_evit_keep_rate(model, 1.0)
+        update_evit(model, keep_rate=1.0)
         torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     assert evit_keep_rate(model) == 1.0
     remove_evit(model)
@@ -265,7 +266,7 @@ def test_callback_init_from_loads_weights(tmp_path):
 class MixinClassifier(EViTMixin, tl.TinyClassifier):
     def __init__(self):
         super().__init__()
-        self.configure_evit(keep_rate=0.5, locations=[1, 2], start_epoch=0, end_epoch=2)
+        self.use_evit(keep_rate=0.5, locations=[1, 2], start_epoch=0, end_epoch=2)
 
 
 def test_mixin_schedule_and_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ import vleff
 from vleff.backbones import AttentionConfig, find_tower, get_patch, last_token_state
 from vleff.backbones.block import attention
 from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_sum, merge_weighted
-from vleff.tokens.tome import apply_tome, effective_r, parse_r, remove_tome, set_tome_r, tome_r
+from vleff.tokens.tome import apply_tome, effective_r, parse_r, remove_tome, update_tome, tome_r
 
 
 def brute_force_merge(x, size, metric, r, protected):
@@ -180,7 +180,7 @@ def test_merging_on_every_family_keeps_prefix_first(family):
     # sizes add up to the input token count; the prefix tokens hold exactly themselves
     assert torch.all(state.size.sum(1) == n0)
     for i in range(p):
-        assert torch.all(state.source[:, i, i] == 1) and torch.all(state.source[:, i].sum(-1) == 1)
+        assert torch.all(state.get("source")[:, i, i] == 1) and torch.all(state.get("source")[:, i].sum(-1) == 1)
 
 
 def test_gradients_flow_through_merging_in_training():
@@ -213,12 +213,12 @@ def test_schedule_and_reapply():
     model = tm.timm_vit()
     apply_tome(model, r=2)
     assert tome_r(model) == [2, 2, 2]
-    set_tome_r(model, [1, 0, 3])
+    update_tome(model, r=[1, 0, 3])
     assert tome_r(model) == [1, 0, 3]
     apply_tome(model, r=(2, 1.0))
     assert tome_r(model) == [0, 2, 4]
     with pytest.raises(ValueError, match="r=-3"):
-        set_tome_r(model, -3)
+        update_tome(model, r=-3)
 
 
 def test_bad_calls_raise_clear_errors():
@@ -226,11 +226,13 @@ def test_bad_calls_raise_clear_errors():
     with pytest.raises(ValueError, match="not applied"):
         remove_tome(model)
     with pytest.raises(ValueError, match="not applied"):
-        set_tome_r(model, 2)
+        update_tome(model, r=2)
     with pytest.raises(TypeError, match="Linear"):
         apply_tome(torch.nn.Linear(2, 2), r=2)
-    with pytest.raises(ValueError, match="modality='text'"):
-        apply_tome(tm.open_clip_model(), r=2, modality="text")
+    with pytest.raises(TypeError, match="towers='text': VisionTransformer has no text tower"):
+        apply_tome(tm.timm_vit(), r=2, towers="text")
+    with pytest.raises(ValueError, match="towers='audio'"):
+        apply_tome(model, r=2, towers="audio")
     with pytest.raises(ValueError, match="r=1.5"):
         apply_tome(model, r=1.5)
     # a failed re-apply leaves the earlier ToMe in place and the model usable

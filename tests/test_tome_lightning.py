@@ -10,7 +10,7 @@ import torch
 import tiny_lightning as tl
 import vleff
 from vleff.callbacks import TokenMerging
-from vleff.mixins import TokenMergingMixin
+from vleff.callbacks.mixins import TokenMergingMixin
 from vleff.tokens.schedule import RSchedule
 from vleff.tokens.tome import tome_r
 
@@ -68,17 +68,19 @@ def test_checkpoint_resume_continues_schedule(tmp_path):
 class MixinClassifier(TokenMergingMixin, tl.TinyClassifier):
     def __init__(self):
         super().__init__()
-        self.enable_token_merging(r=4, schedule="linear", warmup_steps=4)
+        self.use_tome(r=4, schedule="linear", warmup_steps=4)
 
 
 def test_mixin_schedule_and_checkpoint(tmp_path):
     module = MixinClassifier()
     trainer = tl.trainer(tmp_path, max_steps=2)
     trainer.fit(module, tl.loader(16))
-    assert tome_r(module)[0] == 1  # last batch ran at global step 1: round(4 * 1/4)
+    assert tome_r(module) == [4, 4, 4]  # training ran the warm-up; the trained model runs at the full r
     ckpt = tmp_path / "mixin.ckpt"
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["vleff_tome_schedule"]["warmup_steps"] == 4
+    loaded = MixinClassifier.load_from_checkpoint(ckpt)  # issue 13: this ran at r = 0
+    assert tome_r(loaded) == [4, 4, 4]
 
     class MixinRecorded(MixinClassifier):
         def on_train_batch_start(self, batch, batch_idx):

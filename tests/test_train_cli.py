@@ -92,7 +92,7 @@ def test_console_script_from_any_directory(tmp_path):
     (["data.image_size=30"], "image_size=30 is not a positive multiple of the patch size 4"),
     (["data=image_folder", "data.root=/nonexistent/images"], "is not a directory"),
     (["+compare.methods.nope={}"], "method='nope' is not known"),
-    (["+compare.methods.tome.ratio=3"], "compare.methods.tome has arguments ['ratio'] that tome does not take"),
+    (["+compare.methods.tome.ratio=3"], "compare.methods.tome: tome has no setting(s) ['ratio']"),
     (["data=nope"], "Could not find 'data/nope'"),
     (["model=nope"], "Could not find 'model/nope'"),
 ])

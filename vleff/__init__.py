@@ -4,6 +4,7 @@ Functional API (plain PyTorch)::
 
     import vleff
     vleff.apply_tome(model, r=16)      # token merging on every supported image tower
+    vleff.update(model, "tome", r=8)   # change settings of an applied method
     vleff.remove_tome(model)
 
 Lightning callbacks live in :mod:`vleff.callbacks`; measurement in :mod:`vleff.profile`.
@@ -24,7 +25,9 @@ _LAZY = {
     "remove_dynamicvit": "vleff.tokens.dynamicvit",
     "apply_evit": "vleff.tokens.evit",
     "remove_evit": "vleff.tokens.evit",
-    "set_evit_keep_rate": "vleff.tokens.evit",
+    "update": "vleff.registry",
+    "get_method": "vleff.registry",
+    "available_methods": "vleff.registry",
     "vleff_aux_loss": "vleff.tokens.aux",
     "find_towers": "vleff.backbones",
     "find_tower": "vleff.backbones",

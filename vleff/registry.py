@@ -1,43 +1,120 @@
-"""Names of the methods the CLIs and configs can apply (``method=tome`` ...).
+"""The method contract: one registry entry names everything a method is.
 
-Each method module registers itself when imported; :func:`get_method` imports the built-in
-ones on demand so the registry never pulls in heavy modules it does not need.
+Every method is
+
+* a validated **config dataclass** (:class:`MethodConfig` subclass): its defaults live there
+  and nowhere else; a bad value raises ``ValueError`` naming the field, the value and what
+  is allowed, when the config is built (so a callback fails in its constructor);
+* ``apply(model, **settings)`` / ``remove(model)`` (surgery through the backbone adapters),
+  and ``update(model, **changes)`` for settings that change on an applied model (schedules);
+* one Lightning callback and one mixin (named by import path, so this module and the method
+  layer never import Lightning);
+* the towers it supports and its kind (``tokens``: fewer tokens; ``side``: a small module
+  beside a frozen backbone; ``memory``: less training memory).
+
+:func:`update` (``vleff.update(model, "tome", r=8)``) dispatches to the method's ``update``.
+The conformance suite (``tests/conformance``) runs every registered method through the same
+checks; a registered method with no settings row there fails the suite.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from torch import nn
 
 MethodKind = Literal["tokens", "memory", "side"]
 
 
+@dataclass
+class MethodConfig:
+    """Base of every method's settings. Subclasses validate in ``__post_init__``."""
+
+    #: the registry name of the method this config belongs to
+    method: ClassVar[str] = ""
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A validated copy with ``changes`` (unknown names raise ``TypeError`` listing the fields)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting(s) {sorted(unknown)}; "
+                            f"settings: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def build(cls, config: "MethodConfig | None" = None, **settings: Any) -> "MethodConfig":
+        """``config`` updated with ``settings``, or a new config from ``settings``."""
+        if config is not None:
+            if not isinstance(config, cls):
+                raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+            return config.replace(**settings) if settings else config
+        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"{cls.method or cls.__name__} has no setting(s) {sorted(unknown)}; "
+                            f"settings: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**settings)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A method as the CLIs see it.
+    """A registry entry.
 
     Attributes:
-        name: registry key (``"tome"``).
-        apply: ``apply(model, **kwargs) -> model`` (in place; returns the model for chaining).
-        remove: ``remove(model) -> model`` undoes ``apply``.
-        defaults: keyword arguments the benchmark uses when none are given.
-        kind: what the method saves (tokens, memory, side networks).
+        name: registry key (``"tome"``), also the name of the method's hooks.
+        kind: what the method saves.
+        config: the config dataclass (defaults, validation).
+        apply: ``apply(model, config=None, **settings) -> model`` (in place).
+        remove: ``remove(model) -> model``; raises ``ValueError`` when not applied.
+        update: ``update(model, **changes)`` on an applied model, or ``None``.
+        is_applied: ``is_applied(model) -> bool``.
+        callback: import path of the Lightning callback (``"vleff.callbacks.TokenMerging"``).
+        mixin: import path of the LightningModule mixin.
+        towers: towers the method can act on (``"image"``, ``"text"``), or ``()`` for methods
+            that act on the optimizer / training step rather than on towers.
+        bench_settings: settings the benchmark CLIs use when none are given.
         description: one line for tables and ``--help``.
     """
 
     name: str
-    apply: Callable[..., nn.Module]
-    remove: Callable[[nn.Module], nn.Module]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    kind: MethodKind = "tokens"
+    kind: MethodKind
+    config: type[MethodConfig]
+    apply: Callable[..., nn.Module] | None
+    remove: Callable[[nn.Module], nn.Module] | None
+    update: Callable[..., None] | None = None
+    is_applied: Callable[[nn.Module], bool] | None = None
+    callback: str = ""
+    mixin: str = ""
+    towers: tuple[str, ...] = ("image",)
+    bench_settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
-    def label(self, **kwargs: Any) -> str:
-        args = {**self.defaults, **kwargs}
+    @property
+    def applies_to_models(self) -> bool:
+        return self.apply is not None
+
+    def label(self, **settings: Any) -> str:
+        args = {**self.bench_settings, **settings}
         return self.name + ("(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")" if args else "")
+
+    def check_settings(self, **settings: Any) -> MethodConfig:
+        """The validated config for ``settings`` (errors name the bad setting)."""
+        return self.config.build(**settings)
+
+    def load_callback(self) -> type:
+        return _load(self.callback)
+
+    def load_mixin(self) -> type:
+        return _load(self.mixin)
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 _METHODS: dict[str, Method] = {}
@@ -46,29 +123,61 @@ _BUILTIN: dict[str, str] = {
     "tome": "vleff.tokens.tome",
     "dynamicvit": "vleff.tokens.dynamicvit",
     "evit": "vleff.tokens.evit",
+    "galore": "vleff.memory.methods",
+    "mezo": "vleff.memory.methods",
 }
 
 
 def register_method(method: Method) -> Method:
+    if method.config.method != method.name:
+        raise ValueError(f"{method.config.__name__}.method is {method.config.method!r}, not {method.name!r}")
     _METHODS[method.name] = method
     return method
 
 
 def get_method(name: str) -> Method:
-    """The registered method called ``name``; ``ValueError`` listing the known ones otherwise."""
+    """The registered method called ``name``; ``ValueError`` listing the known ones otherwise.
+
+    A built-in method whose module fails to import (a missing third-party dependency) raises
+    that ``ImportError``, not "not known".
+    """
     if name not in _METHODS and name in _BUILTIN:
-        try:
-            importlib.import_module(_BUILTIN[name])
-        except ModuleNotFoundError:
-            pass
+        importlib.import_module(_BUILTIN[name])
     if name not in _METHODS:
         raise ValueError(f"method={name!r} is not known; available: {', '.join(available_methods())}")
     return _METHODS[name]
 
 
-def available_methods() -> list[str]:
-    names = set(_METHODS)
-    for name, module in _BUILTIN.items():
-        if importlib.util.find_spec(module) is not None:
-            names.add(name)
-    return sorted(names)
+def available_methods(kind: MethodKind | None = None) -> list[str]:
+    names = sorted(set(_METHODS) | set(_BUILTIN))
+    if kind is None:
+        return names
+    return [n for n in names if get_method(n).kind == kind]
+
+
+def all_methods() -> list[Method]:
+    """Every built-in and registered method (imports the built-in method modules)."""
+    return [get_method(n) for n in available_methods()]
+
+
+def update(model: nn.Module, name: str, **changes: Any) -> None:
+    """Change settings of method ``name`` applied to ``model`` without re-applying it
+    (``vleff.update(model, "tome", r=8)``, ``vleff.update(model, "evit", keep_rate=0.9)``)."""
+    method = get_method(name)
+    if method.update is None:
+        raise ValueError(f"method {name!r} has no settings that change on an applied model; apply it again")
+    method.update(model, **changes)
+
+
+def remove_all(model: nn.Module) -> nn.Module:
+    """Remove every registered method applied to ``model`` through its own ``remove``."""
+    for method in all_methods():
+        if method.is_applied is not None and method.is_applied(model):
+            assert method.remove is not None
+            method.remove(model)
+    return model
+
+
+def applied_methods(model: nn.Module) -> list[str]:
+    """Names of the registered methods applied to ``model``."""
+    return [m.name for m in all_methods() if m.is_applied is not None and m.is_applied(model)]

@@ -19,7 +19,8 @@ from torch import nn
 
 from vleff.backbones.base import AttentionConfig, BlockParts, Modality, TowerAdapter  # noqa: F401
 from vleff.backbones.patch import TowerPatch, get_patch, patch_tower, unpatch_tower
-from vleff.backbones.state import BlockInfo, TokenHook, TokenState
+from vleff.backbones.hooks import BlockInfo, StaleBlockInfo, TowerHook
+from vleff.backbones.state import TokenField, TokenState
 
 # (library module that must be imported for the model to be of that family, adapter path)
 _REGISTRY: list[tuple[str, str, str]] = [
@@ -134,8 +135,10 @@ __all__ = [
     "BlockInfo",
     "BlockParts",
     "SUPPORTED",
-    "TokenHook",
+    "StaleBlockInfo",
+    "TokenField",
     "TokenState",
+    "TowerHook",
     "TowerAdapter",
     "TowerPatch",
     "find_tower",

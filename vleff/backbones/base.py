@@ -116,6 +116,16 @@ class TowerAdapter(ABC):
     def block_inputs(self, block: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Read ``(x, attention mask or None, is_causal)`` from the arguments of ``block.forward``."""
 
+    # --- text towers -------------------------------------------------------------------------
+    def id_embedding(self) -> nn.Module | None:
+        """Text towers: the module that receives the token ids (the patch reads the ids from it
+        to find the EOT); ``None`` for image towers."""
+        return None
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B]`` position of each sample's EOT token, by the library's own pooling rule."""
+        raise NotImplementedError(f"{self.describe()} is not a text tower")
+
     def gradient_checkpointing(self) -> bool:
         """Whether the library recomputes blocks in backward (timm/open_clip ``grad_checkpointing``,
         Hugging Face ``gradient_checkpointing``). The libraries keep the flag on the tower root

@@ -1,19 +1,24 @@
 """The generic block forward: one implementation of a pre-norm block for every family.
 
+A block is two residual branches, F (:func:`attention_branch`) and G (:func:`mlp_branch`):
+``x = x + F(x); x = x + G(x)``. :func:`run_block` composes them with the hooks' entry points
+(see :mod:`vleff.backbones.hooks`); reversible couplings recombine F and G themselves and a
+method that wraps the MLP (MemVP) wraps G, so there is one copy of the block.
+
 With no hook installed it reproduces each library's own block (same op order, fused or
-explicit attention as the library does), which the equivalence tests check. Hooks change
-the token sequence between attention and MLP, and the token state adds proportional
-attention (``+log size``) and DynamicViT-style keep masks to the attention.
+explicit attention as the library does), which the equivalence tests check. The attention
+gets the library's mask plus every hook's additive bias and keep mask; the block knows no
+method's fields.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vleff.backbones.base import AttentionConfig, TowerAdapter
-from vleff.backbones.state import BlockInfo, TokenHook, TokenState
+from vleff.backbones.hooks import BlockInfo, TowerHook
+from vleff.backbones.state import TokenState
 
 KEEP_MASK_EPS = 1e-6
 
@@ -65,15 +70,17 @@ def keep_masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, training: bool,
-              bias: torch.Tensor | None, is_causal: bool, keep: torch.Tensor | None) -> torch.Tensor:
-    """Multi-head attention ``[B, H, N, Dh]`` the way the library block would compute it."""
+              bias: torch.Tensor | None, is_causal: bool, keep: torch.Tensor | None,
+              need_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention ``[B, H, N, Dh]`` the way the library block would compute it, and the
+    attention probabilities when ``need_probs`` (which forces the explicit path)."""
     dropout_p = cfg.dropout_p if training else 0.0
-    if cfg.fused and keep is None:
+    if cfg.fused and keep is None and not need_probs:
         if is_causal and bias is not None:
             bias = bias + causal_bias(q.shape[-2], bias.dtype, bias.device)
             is_causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=cfg.scale)
+                                              is_causal=is_causal, scale=cfg.scale), None
     logits = (q * cfg.scale) @ k.transpose(-2, -1)
     if is_causal:
         bias = _add(bias, causal_bias(q.shape[-2], logits.dtype, logits.device))
@@ -81,60 +88,96 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionC
         logits = logits + bias
     if keep is not None:
         probs = keep_masked_softmax(logits.float(), keep).to(q.dtype)
-    elif cfg.softmax_fp32:
+    elif cfg.softmax_fp32 or need_probs:
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     else:
         probs = logits.softmax(dim=-1)
+    kept_probs = probs if need_probs else None
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
-    return probs @ v
+    return probs @ v, kept_probs
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig, bias: torch.Tensor | None) -> torch.Tensor:
-    """Attention probabilities from token 0 to every token, averaged over heads: ``[B, N]``.
+def attention_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
+                     is_causal: bool = False, keep: torch.Tensor | None = None,
+                     info: BlockInfo | None = None) -> torch.Tensor:
+    """F: the attention residual branch ``drop_path1(ls1(attn_out(attention(qkv(norm1(x))))))``.
 
-    Computed separately from the main attention (O(N) extra work), so fused attention stays fused.
+    Returns the branch output (the block adds it to ``x``). When ``info`` is given it is filled
+    with the normed input, q, k, v, per-head outputs and (if it asked) the probabilities.
+    Reversible couplings call F and :func:`mlp_branch` (G) directly to recombine them.
     """
-    logits = (q[:, :, :1].float() * cfg.scale) @ k.float().transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.float()[..., :1, :] if bias.shape[-2] > 1 else logits + bias.float()
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
-
-
-def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TokenHook], block: torch.nn.Module,
-              index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
     parts = adapter.parts(block)
     cfg = adapter.attention_config(block)
-    for hook in hooks:  # optional entry point: decide before the block's attention (DynamicViT)
-        before = getattr(hook, "before", None)
-        if before is not None:
-            x = before(x, index, depth, state)
+    h = parts.norm1(x)
+    q, k, v = adapter.qkv(block, h)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    need_probs = info is not None and info.want_probs
+    o, probs = attention(q, k, v, cfg, block.training, bias, is_causal, keep, need_probs)
+    if info is not None:
+        info.cfg, info.bias, info.keep = cfg, _causal_full(bias, is_causal, q), keep
+        info._h, info._q, info._k, info._v, info._head_outputs, info._probs = h, q, k, v, o, probs
+    o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
+
+
+def mlp_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """G: the MLP residual branch ``drop_path2(ls2(mlp(norm2(x))))``."""
+    parts = adapter.parts(block)
+    return parts.drop_path2(parts.ls2(parts.mlp(parts.norm2(x))))
+
+
+def _causal_full(bias: torch.Tensor | None, is_causal: bool, q: torch.Tensor) -> torch.Tensor | None:
+    """The bias as hooks should see it: with the causal mask written out when the block used ``is_causal``."""
+    if not is_causal:
+        return bias
+    return _add(bias, causal_bias(q.shape[-2], q.dtype, q.device))
+
+
+def hooks_bias(hooks: list[TowerHook], state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+    bias = None
+    for hook in hooks:
+        bias = _add(bias, hook.attention_bias(state, dtype))
+    return bias
+
+
+def hooks_keep(hooks: list[TowerHook], state: TokenState) -> torch.Tensor | None:
+    keep = None
+    for hook in hooks:
+        k = hook.attention_keep(state)
+        if k is not None:
+            keep = k if keep is None else keep * k
+    return keep
+
+
+def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module,
+              index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
+    info = BlockInfo(index=index, depth=depth, block=block, state=state)
+    for hook in hooks:
+        x = hook.before(x, info, state)
+    for hook in hooks:
+        mask, is_causal = hook.library_mask(mask, is_causal, state)
     state.token_counts.append(x.shape[1])
     if mask is not None and state.num_input_tokens != x.shape[1]:
         raise RuntimeError(
             f"{adapter.describe()}: block {index} got a library attention mask for "
             f"{state.num_input_tokens} tokens but the sequence now has {x.shape[1]}; token "
-            "reduction is not supported on towers that need attention masks")
-
-    h = parts.norm1(x)
-    q, k, v = adapter.qkv(block, h)
-    bias = _add(mask_to_bias(mask, q.dtype), state.attention_bias(q.dtype))
-    o = attention(q, k, v, cfg, block.training, bias, is_causal, state.keep)
-    o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-    x = x + parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
-
-    if hooks:
-        cls_attn = None
-        if any(hook.needs_cls_attention(index) for hook in hooks):
-            cls_attn = cls_attention(q, k, cfg, bias)
-        info = BlockInfo(index=index, depth=depth, keys=k, cls_attention=cls_attn)
+            "reduction is not supported on this tower's attention masks")
+    info.want_probs = any(hook.needs_attention_probs(index) for hook in hooks)
+    bias = _add(mask_to_bias(mask, x.dtype if x.is_floating_point() else torch.float32),
+                hooks_bias(hooks, state, x.dtype))
+    x = x + attention_branch(adapter, block, x, bias, is_causal, hooks_keep(hooks, state), info)
+    for row in sorted({r for hook in hooks for r in hook.attention_rows(index)}):
+        info.row_attention(row)
+    state.block_info = info
+    try:
         for hook in hooks:
             x = hook.between(x, info, state)
-
-    x = x + parts.drop_path2(parts.ls2(parts.mlp(parts.norm2(x))))
+    finally:
+        state.block_info = None
+    x = x + mlp_branch(adapter, block, x)
+    for hook in hooks:
+        x = hook.after(x, info, state)
     return x
-
-
-def head_dim_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

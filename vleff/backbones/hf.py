@@ -52,6 +52,15 @@ class HFCLIPAdapter(_HFTower):
     def pooling(self) -> Pooling:
         return "cls" if self.modality == "image" else "eot"
 
+    def id_embedding(self) -> nn.Module | None:
+        return self.root.embeddings.token_embedding if self.modality == "text" else None
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        eos = self.root.eos_token_id
+        if eos == 2:  # the library's legacy rule (configs from before its eos fix): the largest id
+            return ids.to(torch.int).argmax(dim=-1)
+        return (ids.to(torch.int) == eos).int().argmax(dim=-1)
+
     def attention_config(self, block: nn.Module) -> AttentionConfig:
         attn = block.self_attn
         impl = getattr(attn.config, "_attn_implementation", None) or "eager"

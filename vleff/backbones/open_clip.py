@@ -107,3 +107,19 @@ class OpenClipTextAdapter(_OpenClipTower):
     @property
     def pooling(self) -> Pooling:
         return "eot"
+
+    def id_embedding(self) -> nn.Module:
+        return self.root.token_embedding
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        pool = getattr(self.root, "text_pool_type", None) or getattr(self.root, "pool_type", "argmax")
+        if pool == "argmax":
+            return ids.argmax(dim=-1)
+        if pool == "eos":
+            eos = getattr(self.root, "text_eos_id", None) or getattr(self.root, "eos_id", None)
+            return (ids == eos).int().argmax(dim=-1)
+        if pool == "first":
+            return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+        if pool == "last":
+            return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        raise TypeError(f"{self.describe()} pools its text with pool_type={pool!r}, which vleff does not track")

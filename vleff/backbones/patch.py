@@ -13,7 +13,8 @@ from torch import nn
 
 from vleff.backbones.base import TowerAdapter
 from vleff.backbones.block import run_block
-from vleff.backbones.state import TokenHook, TokenState
+from vleff.backbones.hooks import TowerHook
+from vleff.backbones.state import TokenState
 
 PATCH_ATTR = "_vleff_patch"
 
@@ -23,45 +24,65 @@ class TowerPatch:
 
     def __init__(self, adapter: TowerAdapter) -> None:
         self.adapter = adapter
-        self.hooks: list[TokenHook] = []
+        self.hooks: list[TowerHook] = []
         self.state: TokenState | None = None
-        self.prop_attn = False
+        #: text towers: the tower-level hook that keeps causal order, padding and the EOT
+        #: right under reductions (:mod:`vleff.backbones.text`); runs before every method hook
+        self.layout: TowerHook | None = None
+        self._ids_hook: tuple[nn.Module, int] | None = None
+
+    @property
+    def running_hooks(self) -> list[TowerHook]:
+        """The hooks a forward runs: the tower's layout hook (text towers), then the methods'."""
+        return ([self.layout] if self.layout is not None else []) + self.hooks
 
     # --- hooks -------------------------------------------------------------------------
-    def add_hook(self, hook: TokenHook) -> None:
+    def add_hook(self, hook: TowerHook) -> None:
+        if not isinstance(hook, TowerHook):
+            raise TypeError(f"hook must be a vleff.backbones.TowerHook, got {type(hook).__name__}")
         if any(h.name == hook.name for h in self.hooks):
             raise ValueError(f"{self.adapter.describe()} already has a {hook.name!r} hook; remove it first")
         self.hooks.append(hook)
 
-    def remove_hook(self, name: str) -> TokenHook | None:
+    def remove_hook(self, name: str) -> TowerHook | None:
         for i, hook in enumerate(self.hooks):
             if hook.name == name:
                 return self.hooks.pop(i)
         return None
 
-    def get_hook(self, name: str) -> TokenHook | None:
+    def get_hook(self, name: str) -> TowerHook | None:
         return next((h for h in self.hooks if h.name == name), None)
 
     # --- forward -------------------------------------------------------------------------
-    def _start(self, x: torch.Tensor) -> TokenState:
-        if self.hooks and torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
+    def _start(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
+        unreplayable = [h.name for h in self.running_hooks if not h.replayable]
+        if unreplayable and torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
             raise RuntimeError(
                 f"{self.adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; "
-                f"the token methods applied ({', '.join(h.name for h in self.hooks)}) change the tokens from block "
+                f"the methods applied ({', '.join(unreplayable)}) change the tokens from block "
                 "to block and cannot be replayed that way. Turn it off (timm: model.set_grad_checkpointing(False); "
                 "open_clip: model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) "
                 "or run without gradients.")
         state = TokenState(num_prefix=self.adapter.num_prefix_tokens, num_input_tokens=x.shape[1],
-                           prop_attn=self.prop_attn)
-        for hook in self.hooks:
-            hook.start(state, x)
+                           num_tokens=x.shape[1], batch_size=x.shape[0])
         self.state = state
-        return state
+        for hook in self.running_hooks:
+            x = hook.start(x, state)
+        return x, state
 
     def run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor,
             mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-        state = self._start(x) if index == 0 or self.state is None else self.state
-        return run_block(self.adapter, state, self.hooks, block, index, depth, x, mask, is_causal)
+        if index == 0 or self.state is None:
+            x, state = self._start(x)
+        else:
+            state = self.state
+        x = run_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask, is_causal)
+        if index == depth - 1:
+            for hook in self.hooks:
+                x = hook.finish(x, state)
+            if self.layout is not None:  # last: restores the input layout the library pools from
+                x = self.layout.finish(x, state)
+        return x
 
 
 class PatchedForward:
@@ -90,6 +111,13 @@ def patch_tower(adapter: TowerAdapter) -> TowerPatch:
     if existing is not None:
         return existing
     patch = TowerPatch(adapter)
+    embedding = adapter.id_embedding()
+    if embedding is not None:
+        from vleff.backbones.text import TextLayout
+
+        layout = TextLayout(adapter)
+        handle = embedding.register_forward_pre_hook(layout.capture_ids)
+        patch.layout, patch._ids_hook = layout, (embedding, handle.id)
     blocks = adapter.blocks()
     for index, block in enumerate(blocks):
         block.forward = PatchedForward(patch, index, len(blocks), block)
@@ -104,5 +132,8 @@ def unpatch_tower(root: nn.Module) -> bool:
         return False
     for block in patch.adapter.blocks():
         block.__dict__.pop("forward", None)
+    if patch._ids_hook is not None:
+        embedding, hook_id = patch._ids_hook
+        embedding._forward_pre_hooks.pop(hook_id, None)
     del root.__dict__[PATCH_ATTR]
     return True

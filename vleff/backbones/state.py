@@ -1,99 +1,205 @@
-"""Per-forward token state and the hook protocol that token methods implement.
+"""Per-forward token state: the per-token fields that follow every merge and selection.
 
 A :class:`TokenState` lives for one forward pass of one tower. It is created when the
 tower's first block runs, so it is fresh for every forward however the tower is called
 (``model(x)``, ``forward_features``, ``encode_image`` ...), and it stays readable after the
 forward for monitoring and visualisation (:func:`vleff.backbones.last_token_state`).
+
+Methods never edit per-token tensors one by one. A method *registers* a field (its value
+``[B, N, ...]`` and its rule for combining tokens), and reducers call :meth:`TokenState.select`
+(keep some tokens), :meth:`TokenState.merge` (apply a :class:`~vleff.kernels.tome.MergePlan`)
+or :meth:`TokenState.fuse` (append one token made of a set of tokens): every registered field
+follows, so a field added by a new method is handled by every reducer without editing it.
+
+Rules (``reduce``) say what a token made of several tokens holds:
+
+* ``"sum"``: sizes (input tokens a token stands for) and source maps add;
+* ``"max"``: flags travel with their token (a merged token is protected/kept if any part was);
+* ``"min"``: e.g. the first input position a token holds (text towers' causal order).
+
+``size`` is built in: it is materialised (as ones) the first time tokens combine, so towers
+where nothing merged never carry it and stay bit-exact with the library.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from vleff.kernels.tome import MergePlan
+
+Reduce = Literal["sum", "max", "min"]
+REDUCE_RULES: tuple[str, ...] = ("sum", "max", "min")
+SIZE = "size"
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, idx[b]]`` for a ``[B, N, ...]`` tensor and ``[B, K]`` indices."""
+    index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+def reduce_over(t: torch.Tensor, members: torch.Tensor, reduce: str) -> torch.Tensor:
+    """One token ``[B, 1, ...]`` combining the tokens of ``t`` where ``members`` (``[B, N]`` bool) is set."""
+    m = members.reshape(*members.shape, *([1] * (t.dim() - 2)))
+    if reduce == "sum":
+        return (t * m.to(t.dtype)).sum(dim=1, keepdim=True)
+    if t.is_floating_point():
+        fill = float("-inf") if reduce == "max" else float("inf")
+    else:
+        info = torch.iinfo(t.dtype)
+        fill = info.min if reduce == "max" else info.max
+    filled = t.masked_fill(~m, fill)
+    out = filled.amax(dim=1, keepdim=True) if reduce == "max" else filled.amin(dim=1, keepdim=True)
+    empty = ~members.any(dim=1)  # no member: a neutral value instead of +-inf
+    if bool(empty.any()):
+        out = out.masked_fill(empty.reshape(-1, *([1] * (t.dim() - 1))), 0)
+    return out
+
+
+@dataclass
+class TokenField:
+    """One registered per-token tensor ``[B, N, ...]`` and how tokens combine in it."""
+
+    value: torch.Tensor
+    reduce: Reduce
 
 
 @dataclass
 class TokenState:
-    """What token methods know about the current sequence of one tower forward.
+    """What methods know about the current sequence of one tower forward.
 
     Attributes:
-        num_prefix: leading tokens that methods must keep (cls, distillation, registers).
+        num_prefix: leading tokens that reducers must keep in front (cls, distillation,
+            registers, a cross token a hook appended).
         num_input_tokens: tokens entering the first block.
-        size: ``[B, N, 1]`` float32 count of input tokens each token stands for; ``None``
-            while every token still stands for itself.
-        source: ``[B, N, N0]`` which input tokens each token holds (only when a method asks
-            for source tracking).
-        keep: ``[B, N]`` soft/hard keep decisions for methods that mask instead of drop
-            (DynamicViT training); dropped tokens receive no attention but attend to themselves.
-        prop_attn: add ``log(size)`` to attention logits (proportional attention).
+        fields: registered per-token fields by name (see the module docstring).
         token_counts: tokens entering each block, in order.
         aux_losses: auxiliary losses produced during this forward, by name.
-        scratch: free space for methods (per-layer decisions etc.).
+        scratch: free space for hooks, by hook name (per-layer decisions etc.).
     """
 
     num_prefix: int
     num_input_tokens: int
-    size: torch.Tensor | None = None
-    source: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
-    prop_attn: bool = False
+    fields: dict[str, TokenField] = field(default_factory=dict)
     token_counts: list[int] = field(default_factory=list)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     scratch: dict[str, object] = field(default_factory=dict)
+    num_tokens: int = 0
+    batch_size: int = 0
+    #: the :class:`~vleff.backbones.hooks.BlockInfo` of the block now running (its keys and
+    #: attention rows follow reductions so that stacked hooks read valid values)
+    block_info: object | None = None
+    _pending_fuse: object | None = None
 
-    def sizes_or_ones(self, x: torch.Tensor) -> torch.Tensor:
-        """Token sizes, materialising ones (float32) when no merge has happened yet."""
-        if self.size is None:
+    # --- fields ----------------------------------------------------------------------------
+    def register(self, name: str, value: torch.Tensor, reduce: Reduce) -> None:
+        """Add a per-token field; ``value`` must be ``[B, N, ...]`` for the current sequence."""
+        if reduce not in REDUCE_RULES:
+            raise ValueError(f"reduce={reduce!r} is not a token-field rule; use one of {REDUCE_RULES}")
+        if name in self.fields:
+            raise ValueError(f"token field {name!r} is already registered (by another hook?)")
+        if value.dim() < 2 or value.shape[:2] != (self.batch_size, self.num_tokens):
+            raise ValueError(f"token field {name!r} has shape {tuple(value.shape)}; expected "
+                             f"[{self.batch_size}, {self.num_tokens}, ...] for the current sequence")
+        self.fields[name] = TokenField(value, reduce)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The current value of field ``name`` (``None`` if no hook registered it)."""
+        f = self.fields.get(name)
+        return None if f is None else f.value
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Overwrite a registered field for the current sequence (same token count)."""
+        if name not in self.fields:
+            raise KeyError(f"token field {name!r} is not registered")
+        if value.shape[:2] != (self.batch_size, self.num_tokens):
+            raise ValueError(f"token field {name!r}: shape {tuple(value.shape)} does not match the "
+                             f"sequence [{self.batch_size}, {self.num_tokens}]")
+        self.fields[name].value = value
+
+    @property
+    def size(self) -> torch.Tensor | None:
+        """``[B, N, 1]`` float32 input tokens each token stands for; ``None`` while each is one."""
+        return self.get(SIZE)
+
+    def sizes(self, x: torch.Tensor) -> torch.Tensor:
+        """Token sizes, ones (float32) when no tokens have combined yet."""
+        size = self.size
+        if size is None:
             return torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
-        return self.size
+        return size
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive key bias ``[B, 1, 1, N]`` from token sizes, or ``None``."""
-        if not self.prop_attn or self.size is None:
-            return None
-        return self.size[..., 0].log().to(dtype)[:, None, None, :]
+    def _materialise_size(self, like: torch.Tensor) -> None:
+        if SIZE not in self.fields:
+            ones = torch.ones(self.batch_size, self.num_tokens, 1, device=like.device, dtype=torch.float32)
+            self.fields[SIZE] = TokenField(ones, "sum")
 
+    # --- reductions ------------------------------------------------------------------------
+    def select(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Keep tokens ``idx`` (``[B, K]``) of ``x`` and of every field; returns the new ``x``."""
+        for f in self.fields.values():
+            f.value = gather_tokens(f.value, idx)
+        self.num_tokens = idx.shape[1]
+        if self.block_info is not None:
+            self.block_info._after_select(idx)
+        return gather_tokens(x, idx)
+
+    def merge(self, plan: "MergePlan", merged_size: torch.Tensor | None = None) -> None:
+        """Apply a merge plan to every field (``x`` itself is merged by the method, which knows
+        its weights: ToMe's size-weighted mean, CrossGET's importance-weighted one).
+        ``merged_size``: the new sizes when the method's merge already computed them."""
+        from vleff.kernels.tome import merge_reduce
+
+        if plan.r == 0:
+            return
+        self._materialise_size(plan.src_idx)
+        size_before = self.fields[SIZE].value
+        for name, f in self.fields.items():
+            f.value = merged_size if name == SIZE and merged_size is not None else merge_reduce(f.value, plan, f.reduce)
+        self.num_tokens = plan.num_out
+        if self.block_info is not None:
+            self.block_info._after_merge(plan, size_before)
+
+    def fuse(self, members: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every field's value for one token made of the tokens where ``members`` (``[B, N]``
+        bool) is set, as ``[B, 1, ...]`` tensors; pass them to :meth:`append` after selecting."""
+        self._materialise_size(members)
+        if self.block_info is not None:
+            self._pending_fuse = self.block_info._fused(members, self.fields[SIZE].value)
+        return {name: reduce_over(f.value, members, f.reduce) for name, f in self.fields.items()}
+
+    def append(self, x: torch.Tensor, extra: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Append tokens ``extra`` (``[B, k, C]``) to ``x``, with a value for every field."""
+        missing = set(self.fields) - set(values)
+        if missing:
+            raise ValueError(f"appending tokens needs a value for every token field; missing {sorted(missing)}")
+        for name, f in self.fields.items():
+            f.value = torch.cat([f.value, values[name].to(f.value.dtype)], dim=1)
+        self.num_tokens += extra.shape[1]
+        if self.block_info is not None:
+            pending, self._pending_fuse = self._pending_fuse, None
+            k_extra, rows = pending if pending is not None else (None, {})
+            self.block_info._after_append(k_extra, rows)
+        return torch.cat([x, extra.to(x.dtype)], dim=1)
+
+    def insert_prefix(self, x: torch.Tensor, extra: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Put tokens ``extra`` (``[B, k, C]``) right after the current prefix and make them part
+        of it (a cross token that reducers must keep), with a value for every field."""
+        missing = set(self.fields) - set(values)
+        if missing:
+            raise ValueError(f"inserting tokens needs a value for every token field; missing {sorted(missing)}")
+        p = self.num_prefix
+        for name, f in self.fields.items():
+            v = values[name].to(f.value.dtype)
+            f.value = torch.cat([f.value[:, :p], v, f.value[:, p:]], dim=1)
+        self.num_tokens += extra.shape[1]
+        self.num_prefix += extra.shape[1]
+        return torch.cat([x[:, :p], extra.to(x.dtype), x[:, p:]], dim=1)
+
+    # --- losses ----------------------------------------------------------------------------
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
         """Accumulate an auxiliary loss under ``name`` (summed if added twice)."""
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
-
-
-@dataclass
-class BlockInfo:
-    """What a hook sees between the attention and the MLP of one block.
-
-    Attributes:
-        index: block index in the tower.
-        depth: number of blocks in the tower.
-        keys: ``[B, H, N, Dh]`` attention keys of this block (after q/k norm).
-        cls_attention: ``[B, N]`` attention from the first token to every token, averaged
-            over heads; computed only when some hook asks for it.
-    """
-
-    index: int
-    depth: int
-    keys: torch.Tensor
-    cls_attention: torch.Tensor | None = None
-
-
-@runtime_checkable
-class TokenHook(Protocol):
-    """A token method's entry points into the generic block forward.
-
-    Hooks run in installation order. ``start`` runs once per tower forward (before block 0),
-    ``needs_cls_attention`` tells the block to compute the cls attention row, and
-    ``between`` may change the token sequence (merge, prune, mask) between attention and MLP.
-
-    Optional: a hook may also define ``before(x, index, depth, state) -> x``, which runs at the
-    start of block ``index`` before its attention (used by methods that decide on the block's
-    input, e.g. DynamicViT's predictors, so the whole block runs on the kept tokens).
-    """
-
-    name: str
-
-    def start(self, state: TokenState, x: torch.Tensor) -> None: ...
-
-    def needs_cls_attention(self, index: int) -> bool: ...
-
-    def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor: ...

@@ -1,4 +1,4 @@
-"""Lightning callbacks: each wraps one vleff method or measurement (thin; the work is done in
+"""Lightning callbacks and mixins: each wraps one vleff method or measurement (thin; the work is done in
 the method and profile layers). Imported lazily so ``import vleff.callbacks`` stays cheap."""
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ _CALLBACKS = {
     "AuxLoss": "vleff.callbacks.aux_loss",
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",
+    "AuxLossMixin": "vleff.callbacks.mixins",
+    "TokenMergingMixin": "vleff.callbacks.mixins",
+    "EViTMixin": "vleff.callbacks.mixins",
+    "DynamicViTMixin": "vleff.callbacks.mixins",
+    "GaLoreMixin": "vleff.callbacks.mixins",
+    "MeZOMixin": "vleff.callbacks.mixins",
 }
 
 

@@ -17,7 +17,7 @@ load trained weights itself, pass ``init_from=<checkpoint>``: the weights are lo
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -26,8 +26,9 @@ from torch import nn
 from vleff.backbones import find_towers
 from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
 from vleff.callbacks.init_weights import load_initial_weights
-from vleff.tokens.dynamicvit import DISTILLER_ATTR, HOOK_NAME, apply_dynamicvit, dynamicvit_teacher
-from vleff.tokens.common import hooks_named
+from vleff.checks import check_bool
+from vleff.tokens.dynamicvit import (DISTILLER_ATTR, DynamicViTConfig, apply_dynamicvit, dynamicvit_applied,
+                                     dynamicvit_teacher)
 
 
 def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module:
@@ -60,11 +61,6 @@ class DynamicViT(Callback):
     """DynamicViT (learned token pruning) for an existing LightningModule.
 
     Args:
-        rho: base keep ratio; stage ``s`` keeps ``rho**(s+1)`` of the patch tokens.
-        locations: block indices of the predictors (default three evenly spaced).
-        keep_ratios: explicit per-stage ratios (overrides ``rho``).
-        distill: distil logits (KL) and kept tokens (MSE) from a frozen copy of the backbone.
-        ratio_weight, kl_weight, token_weight: loss weights (paper: 2.0, 0.5, 0.5).
         module: dotted attribute path of the backbone in the LightningModule (default: its one
             child holding an image tower).
         save_teacher: store the teacher's weights in the checkpoint (exact resume).
@@ -72,36 +68,39 @@ class DynamicViT(Callback):
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module (or
             its backbone) at the start of the first ``fit``, before the surgery: fine-tune a
             trained model, which then is also the teacher. Not a resume (fresh optimizer).
+        **settings: :class:`vleff.tokens.dynamicvit.DynamicViTConfig` fields (``rho``,
+            ``locations``, ``keep_ratios``, ``distill``, the loss weights ...), validated here.
     """
 
-    def __init__(self, rho: float = 0.7, locations: Sequence[int] | None = None,
-                 keep_ratios: Sequence[float] | None = None, distill: bool = True, ratio_weight: float = 2.0,
-                 kl_weight: float = 0.5, token_weight: float = 0.5, module: str | None = None,
-                 save_teacher: bool = True, log: bool = True, init_from: str | None = None) -> None:
-        self.kwargs = dict(rho=rho, locations=None if locations is None else list(locations),
-                           keep_ratios=None if keep_ratios is None else list(keep_ratios), distill=distill,
-                           ratio_weight=ratio_weight, kl_weight=kl_weight, token_weight=token_weight)
+    #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    settings_config = DynamicViTConfig
+
+    def __init__(self, module: str | None = None, save_teacher: bool = True, log: bool = True,
+                 init_from: str | None = None, **settings: Any) -> None:
+        self.config = DynamicViTConfig.build(**settings)
+        if module is not None and (not isinstance(module, str) or not module):
+            raise ValueError(f"module={module!r} is not allowed; give the backbone's attribute path as a string "
+                             "(e.g. 'net' or 'model.backbone') or None to find it")
         self.module = module
-        self.save_teacher = save_teacher
-        self.log = log
+        self.save_teacher = check_bool("save_teacher", save_teacher)
+        self.log = check_bool("log", log)
         self.init_from = None if init_from is None else str(init_from)
         self._initialised = False
         self._target: nn.Module | None = None
         self._attached = False
         self._pending_teacher: dict[str, Any] | None = None
-        if not isinstance(save_teacher, bool):
-            raise ValueError(f"save_teacher={save_teacher!r} must be a boolean")
-        from vleff.tokens.pruning import check_ratio
 
-        check_ratio("rho", rho)  # fail at construction, not at fit time
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.config.as_dict()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = resolve_module(pl_module, self.module)
         if stage == "fit" and self.init_from is not None and not self._initialised:
             load_initial_weights(pl_module, self.init_from, backbone=target)  # before the teacher is copied
             self._initialised = True
-        if not hooks_named(target, HOOK_NAME):
-            apply_dynamicvit(target, **self.kwargs)
+        if not dynamicvit_applied(target):
+            apply_dynamicvit(target, self.config)
         self._target = target
         if self._pending_teacher is not None:
             self._load_teacher(self._pending_teacher)
@@ -116,7 +115,7 @@ class DynamicViT(Callback):
 
     # --- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"kwargs": dict(self.kwargs)}
+        state: dict[str, Any] = {"kwargs": {k: v for k, v in self.kwargs.items() if k != "logits_fn"}}
         teacher = dynamicvit_teacher(self._target) if self._target is not None else None
         if self.save_teacher and teacher is not None:
             state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}

@@ -14,15 +14,18 @@ module starts from random weights; see :mod:`vleff.callbacks.init_weights`).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vleff.callbacks.init_weights import load_initial_weights
-from vleff.tokens.common import hooks_named
-from vleff.tokens.evit import HOOK_NAME, EViTSchedule, apply_evit, set_evit_keep_rate
-from vleff.tokens.pruning import check_ratio
+from vleff.checks import check_bool, check_ratio
+from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, evit_applied, training_progress, update_evit
+
+
+def set_evit_keep_rate(model, keep_rate: float) -> None:
+    update_evit(model, keep_rate=keep_rate)
 
 
 def _single_backbone(pl_module: pl.LightningModule):
@@ -39,26 +42,28 @@ class EViT(Callback):
     """EViT (keep the tokens the cls token attends to, fuse the rest) for an existing LightningModule.
 
     Args:
-        keep_rate: target fraction of non-prefix tokens kept at each location, in (0, 1].
-        locations: block indices (default three evenly spaced, ``(3, 6, 9)`` for depth 12).
-        fuse: fuse the pruned tokens into one token.
         start_epoch: keep everything until this epoch (the paper warms up this way).
         end_epoch: epoch at which the cosine reaches ``keep_rate`` (default: the trainer's
             ``max_epochs``, or where ``max_steps`` ends when training is limited by steps).
         log: log the current keep rate as ``evit/keep_rate``.
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module at the
             start of the first ``fit`` (fine-tune a trained model; not a resume).
+        **settings: :class:`vleff.tokens.evit.EViTConfig` fields (``keep_rate`` -- the target
+            of the schedule --, ``locations``, ``fuse``, ``towers``), validated here.
     """
 
-    def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] | None = None, fuse: bool = True,
-                 start_epoch: float = 0.0, end_epoch: float | None = None, log: bool = True,
-                 init_from: str | None = None) -> None:
-        self.target = check_ratio("keep_rate", keep_rate)
-        self.locations = None if locations is None else list(locations)
-        self.fuse = fuse
+    #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    settings_config = EViTConfig
+
+    def __init__(self, start_epoch: float = 0.0, end_epoch: float | None = None, log: bool = True,
+                 init_from: str | None = None, **settings: Any) -> None:
+        self.config = EViTConfig.build(**settings)
+        self.target = self.config.keep_rate
+        self.locations = self.config.locations
+        self.fuse = self.config.fuse
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
-        self.log = log
+        self.log = check_bool("log", log)
         self.init_from = None if init_from is None else str(init_from)
         self._initialised = False
         EViTSchedule(self.target, start_epoch, end_epoch)  # validate now
@@ -93,8 +98,8 @@ class EViT(Callback):
             rate = self.current
         else:  # validate/test/predict: the trained model runs at the target
             rate = self.target
-        if not hooks_named(pl_module, HOOK_NAME):
-            apply_evit(pl_module, keep_rate=rate, locations=self.locations, fuse=self.fuse)
+        if not evit_applied(pl_module):
+            apply_evit(pl_module, self.config.replace(keep_rate=rate))
         self._module = pl_module
         set_evit_keep_rate(pl_module, rate)
 
@@ -107,8 +112,9 @@ class EViT(Callback):
             end = trainer.max_steps * trainer.accumulate_grad_batches / batches
             self.schedule = EViTSchedule(self.target, self.start_epoch, max(end, self.start_epoch))
             self._end_from_max_steps = False
-        frac = batch_idx / batches if isinstance(batches, int) and batches > 0 else 0.0
-        self.set_keep_rate(pl_module, self.schedule(trainer.current_epoch + frac))
+        progress = training_progress(trainer.global_step, trainer.accumulate_grad_batches, batches,
+                                     trainer.current_epoch)
+        self.set_keep_rate(pl_module, self.schedule(progress))
         if self.log:
             pl_module.log("evit/keep_rate", self.current, on_step=True, on_epoch=False, batch_size=1)
 
@@ -128,5 +134,5 @@ class EViT(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current = float(state_dict["keep_rate"])
-        if self._fitting and self._module is not None and hooks_named(self._module, HOOK_NAME):
+        if self._fitting and self._module is not None and evit_applied(self._module):
             set_evit_keep_rate(self._module, self.current)

@@ -16,27 +16,33 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import RSpec, apply_tome, remove_tome, set_tome_r, tome_r
+from vleff.tokens.tome import ToMeConfig, apply_tome, remove_tome, tome_applied, tome_r, update_tome
 
 
 class TokenMerging(pl.Callback):
-    """Apply ToMe to every supported image tower of the LightningModule.
+    """Apply ToMe to the towers of the LightningModule.
 
     Args:
-        r: tokens merged per block: int, per-block list, or ``(r, inflection)`` ramp.
-        prop_attn: proportional attention (``+log size`` on attention logits).
-        trace_source: keep source maps (for visualising merge groups).
         schedule: ``"constant"`` or ``"linear"`` (r grows from 0 over ``warmup_steps``).
         warmup_steps: optimizer steps of the linear warm-up.
         remove_on_teardown: restore the plain forward when the run ends.
+        **settings: :class:`vleff.tokens.tome.ToMeConfig` fields (``r``, ``prop_attn``,
+            ``trace_source``, ``towers``), validated here.
+
+    ``fit`` follows the schedule from the trainer's global step; ``validate``/``test``/``predict``
+    (after a fit or on a fresh trainer) run at the full r.
     """
 
-    def __init__(self, r: RSpec = 16, prop_attn: bool = True, trace_source: bool = False,
-                 schedule: str = "constant", warmup_steps: int = 0, remove_on_teardown: bool = False) -> None:
+    #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    settings_config = ToMeConfig
+
+    def __init__(self, schedule: str = "constant", warmup_steps: int = 0, remove_on_teardown: bool = False,
+                 **settings: Any) -> None:
         super().__init__()
-        self.schedule = RSchedule(r=r, schedule=schedule, warmup_steps=warmup_steps)
-        self.prop_attn = prop_attn
-        self.trace_source = trace_source
+        self.config = ToMeConfig.build(**settings)
+        self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
+        if not isinstance(remove_on_teardown, bool):
+            raise ValueError(f"remove_on_teardown={remove_on_teardown!r} is not allowed; use True or False")
         self.remove_on_teardown = remove_on_teardown
         self.current_r: list[int] | None = None
 
@@ -45,15 +51,16 @@ class TokenMerging(pl.Callback):
         return self._generate_state_key(r=str(self.schedule.r))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        apply_tome(pl_module, r=0, prop_attn=self.prop_attn, trace_source=self.trace_source)
-        self._update(pl_module, trainer.global_step if stage == "fit" else self.schedule.warmup_steps)
+        if not tome_applied(pl_module):
+            apply_tome(pl_module, self.config.replace(r=0))
+        step = trainer.global_step if stage == "fit" else self.schedule.warmup_steps
+        self._update(pl_module, step)
 
     def _update(self, pl_module: pl.LightningModule, step: int) -> None:
-        depth = len(tome_r(pl_module))
-        r = self.schedule.r_at(step, depth)
-        if r != self.current_r:
-            set_tome_r(pl_module, r)
-            self.current_r = r
+        r = self.schedule.r_at(step, len(tome_r(pl_module)))
+        if r != tome_r(pl_module):  # compare with what the model runs, not a cached value
+            update_tome(pl_module, r=r)
+        self.current_r = r
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -61,8 +68,11 @@ class TokenMerging(pl.Callback):
         if self.current_r:
             pl_module.log("tome/r_mean", sum(self.current_r) / len(self.current_r), on_step=True, on_epoch=False)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update(pl_module, max(trainer.global_step, self.schedule.warmup_steps))
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.remove_on_teardown:
+        if self.remove_on_teardown and tome_applied(pl_module):
             remove_tome(pl_module)
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 One row per variant — validation accuracy from a plain loop, and GFLOPs, images/s and
 activation memory from :func:`vleff.profile.compare_models` (same process, interleaved,
-median of repeats). The first row is the baseline: the trained weights with every token
-method removed, so ratios read "method / baseline".
+median of repeats). The first row is the baseline: the trained weights with every method
+removed through its own ``remove`` (DynamicViT's predictors go too), so ratios read
+"method / baseline".
 """
 from __future__ import annotations
 
@@ -14,29 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.backbones import find_towers, get_patch, unpatch_tower
 from vleff.profile import compare_models
-from vleff.registry import get_method
+from vleff.registry import applied_methods, get_method, remove_all
 
-__all__ = ["accuracy", "active_token_hooks", "compare_methods", "strip_token_methods"]
-
-
-def active_token_hooks(model: nn.Module) -> list[str]:
-    """Names of the token-method hooks installed on any tower of ``model``."""
-    names: list[str] = []
-    for tower in find_towers(model):
-        patch = get_patch(tower.root)
-        if patch is not None:
-            names += [getattr(h, "name", type(h).__name__) for h in patch.hooks]
-    return names
-
-
-def strip_token_methods(model: nn.Module) -> nn.Module:
-    """Restore every tower's original forward (drops all token hooks); returns ``model``."""
-    for tower in find_towers(model):
-        if get_patch(tower.root) is not None:
-            unpatch_tower(tower.root)
-    return model
+__all__ = ["accuracy", "compare_methods"]
 
 
 @torch.no_grad()
@@ -67,13 +49,13 @@ def compare_methods(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     variant is a deep copy, so ``model`` itself is left as it was.
     """
     model = model.cpu().eval()
-    variants: dict[str, nn.Module] = {"baseline": strip_token_methods(copy.deepcopy(model))}
-    trained_hooks = active_token_hooks(model)
+    variants: dict[str, nn.Module] = {"baseline": remove_all(copy.deepcopy(model))}
+    trained_hooks = applied_methods(model)
     if trained_hooks:
         variants[trained_label or f"trained with {'+'.join(trained_hooks)}"] = copy.deepcopy(model)
     for name, kwargs in methods.items():
         method = get_method(name)
-        variant = strip_token_methods(copy.deepcopy(model))
+        variant = remove_all(copy.deepcopy(model))
         method.apply(variant, **dict(kwargs))
         variants[method.label(**dict(kwargs)) + " off the shelf"] = variant
     inputs = torch.cat([b[0] for b in batches])[:batch_size]

@@ -72,8 +72,20 @@ def max_merge(num_tokens: int, num_protected: int) -> int:
     return min(a_free, (num_tokens - num_protected) // 2)
 
 
-def similarity_scores(metric: torch.Tensor, num_protected: int) -> torch.Tensor:
-    """Cosine similarity of A tokens (rows) to B tokens (columns), protected pairs at -inf."""
+#: added to the scores of edges inside a non-zero merge group (padding): cosine similarities
+#: lie in [-1, 1], so every real-token edge outranks every padding edge
+GROUP_PENALTY = 4.0
+
+
+def similarity_scores(metric: torch.Tensor, num_protected: int, protected: torch.Tensor | None = None,
+                      groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarity of A tokens (rows) to B tokens (columns), protected pairs at -inf.
+
+    ``protected`` (``[B, N]`` bool) protects tokens anywhere in the sequence (a text tower's
+    EOT); ``groups`` (``[B, N]`` ints) lets tokens merge only within their group, and edges in
+    groups other than 0 (padding) rank below every edge of group 0, so padding only merges
+    with padding and never takes a merge away from real tokens.
+    """
     metric = F.normalize(metric.float(), dim=-1)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
@@ -82,6 +94,13 @@ def similarity_scores(metric: torch.Tensor, num_protected: int) -> torch.Tensor:
         scores[:, :a_prot, :] = -torch.inf
     if b_prot:
         scores[:, :, :b_prot] = -torch.inf
+    if protected is not None:
+        pa, pb = protected[:, ::2].bool(), protected[:, 1::2].bool()
+        scores = scores.masked_fill(pa[:, :, None] | pb[:, None, :], -torch.inf)
+    if groups is not None:
+        ga, gb = groups[:, ::2], groups[:, 1::2]
+        scores = scores.masked_fill(ga[:, :, None] != gb[:, None, :], -torch.inf)
+        scores = torch.where(ga[:, :, None] != 0, scores - GROUP_PENALTY, scores)
     return scores
 
 
@@ -95,17 +114,22 @@ def plan_from_best_match(node_max: torch.Tensor, node_idx: torch.Tensor, r: int,
     return MergePlan(src_idx, dst_idx, unm_idx, num_protected, num_tokens)
 
 
-def bipartite_soft_matching_reference(metric: torch.Tensor, r: int, num_protected: int = 1) -> MergePlan:
+def bipartite_soft_matching_reference(metric: torch.Tensor, r: int, num_protected: int = 1,
+                                      protected: torch.Tensor | None = None,
+                                      groups: torch.Tensor | None = None) -> MergePlan:
     """PyTorch reference for :func:`bipartite_soft_matching` (materialises the score matrix)."""
     num_tokens = metric.shape[1]
     r = min(r, max_merge(num_tokens, num_protected))
-    scores = similarity_scores(metric, num_protected)
+    scores = similarity_scores(metric, num_protected, protected, groups)
     node_max, node_idx = scores.max(dim=-1)
+    if protected is not None or groups is not None:  # never merge along a forbidden (-inf) edge
+        r = min(r, int(torch.isfinite(node_max).sum(dim=-1).min()))
     return plan_from_best_match(node_max, node_idx, r, num_protected, num_tokens)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1,
-                            backend: str | None = None) -> MergePlan:
+                            backend: str | None = None, protected: torch.Tensor | None = None,
+                            groups: torch.Tensor | None = None) -> MergePlan:
     """Plan the merge of ``r`` token pairs by bipartite soft matching.
 
     Args:
@@ -113,12 +137,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         r: number of tokens to remove; capped at :func:`max_merge`.
         num_protected: leading tokens that are never merged.
         backend: ``"torch"``, ``"triton"`` or ``None``/``"auto"`` (see :mod:`vleff.kernels.dispatch`).
+        protected, groups: see :func:`similarity_scores` (text towers); with either, the
+            PyTorch path runs (the Triton kernel handles leading protected tokens only).
     """
     if r < 0:
         raise ValueError(f"r={r} must be >= 0")
     if num_protected < 0:
         raise ValueError(f"num_protected={num_protected} must be >= 0")
     with torch.no_grad():
+        if protected is not None or groups is not None:
+            return bipartite_soft_matching_reference(metric, r, num_protected, protected, groups)
         if kernel_backend(metric, backend) == "triton":
             from vleff.kernels import triton_tome
 
@@ -189,3 +217,27 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,
 
         return triton_tome.merge_weighted_triton(x, size, plan)
     return merge_weighted_reference(x, size, plan)
+
+
+def merge_reduce(t: torch.Tensor, plan: MergePlan, reduce: str = "sum") -> torch.Tensor:
+    """Combine each merged group of a per-token tensor ``[B, N, ...]`` with ``reduce``
+    (``"sum"``, ``"max"`` or ``"min"``): what token fields (sizes, source maps, flags, first
+    positions) hold after a merge. Output ``[B, N - r, ...]`` in the plan's token order."""
+    if plan.r == 0:
+        return t
+    shape = t.shape
+    flat = t.reshape(shape[0], shape[1], -1)
+    if reduce == "sum":
+        out = merge_sum(flat, plan)
+    elif reduce in ("max", "min"):
+        p = plan.num_protected
+        a_prot, b_prot = _protected_counts(p)
+        ta, tb = flat[:, ::2], flat[:, 1::2]
+        src = _gather_rows(ta, plan.src_idx)
+        unm = _gather_rows(ta, plan.unm_idx)
+        index = plan.dst_idx.unsqueeze(-1).expand(-1, -1, flat.shape[-1])
+        dst = tb.scatter_reduce(1, index, src, reduce="amax" if reduce == "max" else "amin", include_self=True)
+        out = torch.cat([flat[:, :p], unm[:, a_prot:], dst[:, b_prot:]], dim=1)
+    else:
+        raise ValueError(f"reduce={reduce!r} must be 'sum', 'max' or 'min'")
+    return out.reshape(shape[0], out.shape[1], *shape[2:])

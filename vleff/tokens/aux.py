@@ -72,14 +72,3 @@ def add_to_step_output(output: Any, aux: torch.Tensor | None) -> Any:
     raise TypeError(f"cannot add vleff's auxiliary loss to a training_step output of type "
                     f"{type(output).__name__}; return a loss tensor or a dict with a 'loss' tensor, "
                     "or add vleff_aux_loss() to your loss yourself")
-
-
-class AuxLossMixin:
-    """For LightningModules (or any ``nn.Module``) that add the aux losses themselves::
-
-        loss = F.cross_entropy(self(x), y) + self.vleff_aux_loss()
-    """
-
-    def vleff_aux_loss(self) -> torch.Tensor:
-        """The pending aux losses of this module's towers, summed (popped: counted once)."""
-        return vleff_aux_loss(self)  # type: ignore[arg-type]

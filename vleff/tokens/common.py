@@ -1,8 +1,8 @@
-"""Install and remove token-method hooks on the towers of a model.
+"""Install and remove method hooks on the towers of a model.
 
-Every token method (ToMe, DynamicViT, EViT ...) is a :class:`~vleff.backbones.TokenHook`
-factory; these helpers patch the right towers with the generic block forward, attach one
-hook per tower, and undo both.
+Every hook-based method (ToMe, DynamicViT, EViT ...) is a :class:`~vleff.backbones.TowerHook`
+factory; these helpers patch the towers that ``towers`` names with the generic block forward,
+attach one hook per tower, and undo both.
 """
 from __future__ import annotations
 
@@ -10,27 +10,42 @@ from typing import Callable
 
 from torch import nn
 
-from vleff.backbones import Modality, TokenHook, TowerAdapter, find_towers, get_patch, patch_tower, unpatch_tower
+from vleff.backbones import TowerAdapter, TowerHook, find_towers, get_patch, patch_tower, unpatch_tower
 
 
-def install_hook(model: nn.Module, make_hook: Callable[[TowerAdapter], TokenHook],
-                 modality: Modality = "image", prop_attn: bool | None = None) -> list[TowerAdapter]:
-    """Attach ``make_hook(tower)`` to every ``modality`` tower of ``model``.
+def tower_modalities(towers: str) -> tuple[str, ...]:
+    """``"image"`` / ``"text"`` / ``"all"`` as the modalities to patch."""
+    return ("image", "text") if towers == "all" else (towers,)
 
-    Raises ``TypeError`` (naming the model class and the supported families) when the model
-    has no such tower, so a method never silently does nothing.
+
+def select_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
+    """The towers of ``model`` that ``towers`` names; ``TypeError`` (listing the supported
+    families) when there is none, so a method never silently does nothing."""
+    found = find_towers(model)
+    wanted = tower_modalities(towers)
+    chosen = [t for t in found if t.modality in wanted]
+    if not chosen:
+        have = ", ".join(t.describe() for t in found)
+        raise TypeError(f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
+                        f"(it has: {have}); pass towers= naming a tower it has")
+    return chosen
+
+
+def install_hooks(model: nn.Module, make_hook: Callable[[TowerAdapter], TowerHook],
+                  towers: str = "image") -> list[TowerAdapter]:
+    """Attach ``make_hook(tower)`` to every tower of ``model`` that ``towers`` names.
+
+    Every hook is built before any tower is patched, so a bad argument for one tower leaves
+    the model untouched.
     """
-    towers = find_towers(model, modality)
-    hooks = [make_hook(tower) for tower in towers]  # any bad argument raises before a tower is patched
-    for tower, hook in zip(towers, hooks):
-        patch = patch_tower(tower)
-        patch.add_hook(hook)
-        if prop_attn is not None:
-            patch.prop_attn = prop_attn
-    return towers
+    chosen = select_towers(model, towers)
+    hooks = [make_hook(tower) for tower in chosen]
+    for tower, hook in zip(chosen, hooks):
+        patch_tower(tower).add_hook(hook)
+    return chosen
 
 
-def remove_hook(model: nn.Module, name: str) -> int:
+def remove_hooks(model: nn.Module, name: str) -> int:
     """Remove the hook called ``name`` from every tower; unpatch towers left without hooks.
 
     Returns how many hooks were removed (0 when the method was not applied).
@@ -47,11 +62,22 @@ def remove_hook(model: nn.Module, name: str) -> int:
     return removed
 
 
-def hooks_named(model: nn.Module, name: str) -> list[TokenHook]:
+def hooks_named(model: nn.Module, name: str) -> list[TowerHook]:
     """The installed hooks called ``name``, one per tower that has it."""
     found = []
-    for tower in find_towers(model):
+    try:
+        towers = find_towers(model)
+    except TypeError:
+        return found
+    for tower in towers:
         patch = get_patch(tower.root)
         if patch is not None and (hook := patch.get_hook(name)) is not None:
             found.append(hook)
     return found
+
+
+def refuse_stacking(model: nn.Module, name: str, conflicts: tuple[str, ...], why: str) -> None:
+    """``ValueError`` if a method in ``conflicts`` is applied to a tower of ``model``."""
+    for other in conflicts:
+        if hooks_named(model, other):
+            raise ValueError(f"cannot apply {name} while {other} is applied: {why}; remove {other} first")

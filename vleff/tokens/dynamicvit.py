@@ -34,21 +34,80 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import BlockInfo, Modality, TokenState, TowerAdapter, find_towers
-from vleff.registry import Method, register_method
-from vleff.tokens.common import hooks_named, install_hook, remove_hook
-from vleff.tokens.pruning import check_locations, check_ratio, count_for_ratio, keep_indices, select_tokens
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, patch_tower
+from vleff.checks import check_bool, check_choice, check_number, check_ratio, check_towers
+from vleff.registry import Method, MethodConfig, register_method
+from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
+from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices
 
 HOOK_NAME = "dynamicvit"
+CAPTURE_HOOK = "dynamicvit_teacher_capture"
 MODULE_NAME = "vleff_dynamicvit"
 DISTILLER_ATTR = "_vleff_dynamicvit_distiller"
+KEEP = "keep"
 EvalMode = Literal["drop", "mask"]
+TOWERS = ("image",)
+
+
+@dataclass
+class DynamicViTConfig(MethodConfig):
+    """DynamicViT's settings.
+
+    Attributes:
+        rho: base keep ratio in (0, 1]; stage ``s`` keeps ``rho**(s+1)`` of the patch tokens.
+        locations: block indices (strictly increasing) in front of which predictors decide;
+            ``None``: three evenly spaced blocks, ``(3, 6, 9)`` for 12 blocks.
+        keep_ratios: explicit per-stage ratios in (0, 1], non-increasing (overrides ``rho``).
+        distill: keep a frozen copy of the model (as it is at apply time) as teacher for the
+            KL and token losses.
+        ratio_weight, kl_weight, token_weight: loss weights (paper: 2.0, 0.5, 0.5).
+        logits_fn: output -> logits for the KL loss (default :func:`default_logits`).
+        eval_mode: ``"drop"`` (real pruning, the fast path) or ``"mask"`` (decisions as masks).
+        towers: ``"image"``.
+    """
+
+    method = "dynamicvit"
+    rho: float = 0.7
+    locations: Sequence[int] | None = None
+    keep_ratios: Sequence[float] | None = None
+    distill: bool = True
+    ratio_weight: float = 2.0
+    kl_weight: float = 0.5
+    token_weight: float = 0.5
+    logits_fn: Callable[[Any], torch.Tensor] | None = None
+    eval_mode: str = "drop"
+    towers: str = "image"
+
+    def __post_init__(self) -> None:
+        self.rho = check_ratio("rho", self.rho)
+        if self.keep_ratios is not None:
+            if isinstance(self.keep_ratios, (str, bytes)) or not isinstance(self.keep_ratios, Sequence):
+                raise ValueError(f"keep_ratios={self.keep_ratios!r} is not allowed; it must be a sequence of "
+                                 "numbers in (0, 1]")
+            ratios = [check_ratio(f"keep_ratios[{i}]", r) for i, r in enumerate(self.keep_ratios)]
+            if any(b > a for a, b in zip(ratios, ratios[1:])):
+                raise ValueError(f"keep_ratios={ratios!r} is not allowed; it must be non-increasing (masks only shrink)")
+            self.keep_ratios = ratios
+        if self.locations is not None:
+            self.locations = check_locations("locations", self.locations, 10_000)
+            if self.keep_ratios is not None and len(self.keep_ratios) != len(self.locations):
+                raise ValueError(f"keep_ratios has {len(self.keep_ratios)} entries but there are "
+                                 f"{len(self.locations)} locations {self.locations}")
+        check_bool("distill", self.distill)
+        for name in ("ratio_weight", "kl_weight", "token_weight"):
+            setattr(self, name, check_number(name, getattr(self, name), low=0))
+        if self.logits_fn is not None and not callable(self.logits_fn):
+            raise ValueError(f"logits_fn={self.logits_fn!r} is not allowed; pass a callable (output -> logits) or None")
+        check_choice("eval_mode", self.eval_mode, ("drop", "mask"))
+        check_towers(self.towers, TOWERS)
 
 
 class Predictor(nn.Module):
@@ -112,43 +171,45 @@ def hierarchical_ratios(rho: float, num_stages: int) -> list[float]:
     return [rho ** (s + 1) for s in range(num_stages)]
 
 
-class DynamicViTHook:
-    """The DynamicViT :class:`~vleff.backbones.TokenHook` of one tower.
+class DynamicViTHook(TowerHook):
+    """The DynamicViT hook of one tower.
 
     Decisions are made in ``before`` (at the block input, as in the paper), so the whole
-    block at a location already runs on the kept tokens. Per forward, ``state.scratch
-    ["dynamicvit"]`` holds ``decisions`` (``[B, N₀]`` keep masks over the non-prefix tokens,
-    one per stage, masked mode only) and ``kept`` (indices of the surviving tokens, drop mode).
+    block at a location already runs on the kept tokens. In training (and ``eval_mode="mask"``)
+    the decisions are the token field ``"keep"``, which :meth:`attention_keep` hands to every
+    block's attention. Per forward, ``state.scratch["dynamicvit"]`` holds ``decisions``
+    (``[B, N₀]`` keep masks over the non-prefix tokens, one per stage, masked mode only),
+    ``kept`` (indices of the surviving tokens, drop mode) and ``tokens`` (the last block's
+    output, for token distillation).
     """
 
     name = HOOK_NAME
 
     def __init__(self, predictors: DynamicViTPredictors, locations: list[int], ratios: list[float],
-                 ratio_weight: float, eval_mode: EvalMode = "drop") -> None:
+                 ratio_weight: float, eval_mode: str = "drop") -> None:
         self.predictors = predictors
         self.locations = locations
         self.ratios = ratios
         self.ratio_weight = ratio_weight
         self.eval_mode = eval_mode
         self._stage = {loc: s for s, loc in enumerate(locations)}
-        self.last_tokens: torch.Tensor | None = None  # last block output (for token distillation)
-        self.teacher_tokens: torch.Tensor | None = None
         self.last_state: TokenState | None = None
 
-    def start(self, state: TokenState, x: torch.Tensor) -> None:
-        state.scratch[HOOK_NAME] = {"num_patches": x.shape[1] - state.num_prefix, "decisions": [],
-                                    "training": self.predictors.training}
+    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        state.scratch[HOOK_NAME] = {"num_patches": x.shape[1] - state.num_prefix, "decisions": []}
         self.last_state = state
-        self.last_tokens = None
-
-    def needs_cls_attention(self, index: int) -> bool:
-        return False
-
-    def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
         return x
 
-    def before(self, x: torch.Tensor, index: int, depth: int, state: TokenState) -> torch.Tensor:
-        stage = self._stage.get(index)
+    def attention_keep(self, state: TokenState) -> torch.Tensor | None:
+        return state.get(KEEP)
+
+    def after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        if info.index == info.depth - 1:
+            state.scratch[HOOK_NAME]["tokens"] = x
+        return x
+
+    def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        stage = self._stage.get(info.index)
         if stage is None:
             return x
         scratch = state.scratch[HOOK_NAME]
@@ -156,10 +217,11 @@ class DynamicViTHook:
         predictor = self.predictors.predictors[stage]
         budget = count_for_ratio(scratch["num_patches"], self.ratios[stage], "floor")
         if self.predictors.training or self.eval_mode == "mask":
-            if state.keep is None:
+            keep = state.get(KEEP)
+            if keep is None:
                 prev = torch.ones(x.shape[0], x.shape[1] - p, device=x.device, dtype=torch.float32)
             else:
-                prev = state.keep[:, p:].float()
+                prev = keep[:, p:].float()
             log_probs = predictor(x[:, p:], prev)
             if self.predictors.training:
                 decision = F.gumbel_softmax(log_probs, hard=True)[..., 0] * prev
@@ -171,16 +233,33 @@ class DynamicViTHook:
                 top = scores.topk(k, dim=1).indices
                 decision = torch.zeros_like(prev).scatter(1, top, 1.0)
             scratch["decisions"].append(decision)
-            state.keep = torch.cat([torch.ones_like(decision[:, :p]) if p else decision[:, :0], decision], dim=1)
-            if p and state.keep.shape[1] != x.shape[1]:
-                raise RuntimeError("DynamicViT keep mask and token sequence disagree")
+            full = torch.cat([torch.ones_like(decision[:, :p]), decision], dim=1)
+            if keep is None:
+                state.register(KEEP, full, "max")
+            else:
+                state.set(KEEP, full)
             return x
         log_probs = predictor(x[:, p:], torch.ones(x.shape[0], x.shape[1] - p, device=x.device))
         k = min(budget, x.shape[1] - p)
         idx = keep_indices(log_probs[..., 0], k, p)
         kept = scratch.get("kept")
         scratch["kept"] = idx if kept is None else kept.gather(1, idx)
-        return select_tokens(x, state, idx)
+        return state.select(x, idx)
+
+
+class TokenCapture(TowerHook):
+    """Keeps the last block's output of a tower (the teacher's tokens for token distillation)."""
+
+    name = CAPTURE_HOOK
+    replayable = True
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+
+    def after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        if info.index == info.depth - 1:
+            self.tokens = x
+        return x
 
 
 def default_logits(output: Any) -> torch.Tensor:
@@ -200,18 +279,18 @@ def token_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, keep: 
     (``[B, N]``), after a parameter-free LayerNorm; 0 when no token is kept."""
     s = F.layer_norm(student.float(), student.shape[-1:])
     t = F.layer_norm(teacher.float(), teacher.shape[-1:])
-    mask = keep > 0.5
-    if not bool(mask.any()):
-        return s.sum() * 0.0
-    return F.mse_loss(s[mask], t[mask])
+    mask = (keep > 0.5).to(s.dtype)[..., None]
+    # a masked mean without a data-dependent branch (torch.compile keeps one graph)
+    return ((s - t) ** 2 * mask).sum() / (mask.sum() * s.shape[-1]).clamp_min(1.0)
 
 
 class Distiller:
-    """The frozen teacher and the forward hooks that compare it with the student.
+    """The frozen teacher, and the comparison of student and teacher after each training forward.
 
     A forward hook on the distilled module (the one :func:`apply_dynamicvit` was given) runs
-    the teacher on the same inputs after every training forward of the student; forward hooks
-    on each tower's last block capture the token features of both.
+    the teacher on the same inputs after every training forward of the student. The student's
+    last-block tokens come from its DynamicViT hooks (``after``), the teacher's from a
+    :class:`TokenCapture` hook on each teacher tower. No closures: the model stays picklable.
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module, hooks: list[DynamicViTHook],
@@ -219,19 +298,13 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False)
         self.hooks = hooks
         self.kl_weight, self.token_weight, self.logits_fn = kl_weight, token_weight, logits_fn
-        self.handles = [model.register_forward_hook(self._after_forward, with_kwargs=True)]
-        student_towers = find_towers(model, "image")
-        teacher_towers = find_towers(teacher, "image")
-        for hook, s_tower, t_tower in zip(hooks, student_towers, teacher_towers):
-            self.handles.append(s_tower.blocks()[-1].register_forward_hook(self._capture(hook, s_tower, "last_tokens")))
-            self.handles.append(t_tower.blocks()[-1].register_forward_hook(self._capture(hook, t_tower, "teacher_tokens")))
-
-    @staticmethod
-    def _capture(hook: DynamicViTHook, tower: TowerAdapter, attr: str) -> Callable:
-        def capture(module: nn.Module, args: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            setattr(hook, attr, out.transpose(0, 1) if tower.sequence_first else out)
-        return capture
+        self.captures: list[TokenCapture] = []
+        for tower in find_towers(teacher, "image")[:len(hooks)]:
+            capture = TokenCapture()
+            patch_tower(tower).add_hook(capture)
+            self.captures.append(capture)
+        self.handle = model.register_forward_hook(self._after_forward, with_kwargs=True)
+        self._warned = False
 
     def _sync_teacher(self, model: nn.Module) -> None:
         param = next(model.parameters())
@@ -244,92 +317,74 @@ class Distiller:
             return
         states = [h.last_state for h in self.hooks]
         if not states or any(s is None or not s.scratch.get(HOOK_NAME, {}).get("decisions") for s in states):
-            return  # the towers did not run a masked training forward (e.g. another entry point)
+            if not self._warned:
+                warnings.warn("DynamicViT distillation skipped: the training forward did not run the towers' "
+                              "masked DynamicViT path (the towers were not called through this module, or the "
+                              "predictors are in eval mode); the KL and token losses are not added",
+                              RuntimeWarning, stacklevel=2)
+                self._warned = True
+            return
         self._sync_teacher(model)
         with torch.no_grad():
             self.teacher.eval()
             teacher_out = self.teacher(*args, **kwargs)
         first = states[0]
         if self.kl_weight > 0:
-            s = self.logits_fn(output).float()
-            t = self.logits_fn(teacher_out).float()
-            kl = F.kl_div(s.log_softmax(dim=-1), t.log_softmax(dim=-1), reduction="batchmean", log_target=True)
-            first.add_aux_loss("dynamicvit/kl", kl * self.kl_weight)
+            first.add_aux_loss("dynamicvit/kl", kl_teacher_student(self.logits_fn(output), self.logits_fn(teacher_out))
+                               * self.kl_weight)
         if self.token_weight > 0:
-            for hook, state in zip(self.hooks, states):
-                if hook.last_tokens is None or hook.teacher_tokens is None:
+            for capture, state in zip(self.captures, states):
+                scratch = state.scratch[HOOK_NAME]
+                student_tokens = scratch.pop("tokens", None)
+                if student_tokens is None or capture.tokens is None:
                     continue
                 p = state.num_prefix
-                loss = token_distillation_loss(hook.last_tokens[:, p:], hook.teacher_tokens[:, p:],
-                                               state.scratch[HOOK_NAME]["decisions"][-1])
+                loss = token_distillation_loss(student_tokens[:, p:], capture.tokens[:, p:], scratch["decisions"][-1])
                 state.add_aux_loss("dynamicvit/token", loss * self.token_weight)
-                hook.last_tokens = hook.teacher_tokens = None
+                capture.tokens = None
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.handle.remove()
 
 
-def _check_weight(name: str, value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a number >= 0")
-    return float(value)
+def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher ‖ student)`` of the softmaxed logits, averaged over the batch (DynamicViT's
+    logit distillation: the student matches the teacher's distribution)."""
+    s = student_logits.float().log_softmax(dim=-1)
+    t = teacher_logits.float().log_softmax(dim=-1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
-def apply_dynamicvit(model: nn.Module, rho: float = 0.7, locations: Sequence[int] | None = None,
-                     keep_ratios: Sequence[float] | None = None, distill: bool = True, ratio_weight: float = 2.0,
-                     kl_weight: float = 0.5, token_weight: float = 0.5,
-                     logits_fn: Callable[[Any], torch.Tensor] | None = None, eval_mode: EvalMode = "drop",
-                     modality: Modality = "image") -> nn.Module:
-    """Add DynamicViT predictors to every ``modality`` tower of ``model`` (in place).
+def apply_dynamicvit(model: nn.Module, config: DynamicViTConfig | None = None, **settings: Any) -> nn.Module:
+    """Add DynamicViT predictors to every image tower of ``model`` (in place).
 
     Args:
         model: any model holding supported image towers (timm ViT/DeiT, open_clip CLIP, Hugging
             Face CLIP/BLIP). With ``distill=True`` it is also the teacher's template and its
             ``forward`` output gives the logits, so pass the module you call in training
             (not a LightningModule: pass its backbone).
-        rho: base keep ratio in (0, 1]; stage ``s`` keeps ``rho**(s+1)`` of the patch tokens.
-        locations: block indices (strictly increasing) in front of which predictors decide;
-            default three evenly spaced blocks, ``(3, 6, 9)`` for 12 blocks.
-        keep_ratios: explicit per-stage ratios in (0, 1], non-increasing (overrides ``rho``).
-        distill: keep a frozen copy of ``model`` (as it is now) as teacher for the KL and
-            token losses.
-        ratio_weight, kl_weight, token_weight: loss weights (paper: 2.0, 0.5, 0.5).
-        logits_fn: output → logits for the KL loss (default :func:`default_logits`).
-        eval_mode: ``"drop"`` (real pruning, the fast path) or ``"mask"`` (decisions as masks).
+        config: a :class:`DynamicViTConfig`; ``settings`` (``rho=0.5`` ...) build or update it.
 
     Raises:
-        ValueError: naming the bad argument (ratios outside (0, 1], bad locations ...).
+        ValueError: naming the bad setting (ratios outside (0, 1], bad locations ...).
 
     Returns:
         ``model``. Applying twice replaces the earlier predictors (and re-copies the teacher).
     """
-    rho = check_ratio("rho", rho)
-    if keep_ratios is not None:
-        if isinstance(keep_ratios, (str, bytes)) or not isinstance(keep_ratios, Sequence):
-            raise ValueError(f"keep_ratios={keep_ratios!r} must be a sequence of numbers in (0, 1]")
-        ratios = [check_ratio(f"keep_ratios[{i}]", r) for i, r in enumerate(keep_ratios)]
-        if any(b > a for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"keep_ratios={list(keep_ratios)!r} must be non-increasing (masks only shrink)")
-    if modality != "image":
-        raise ValueError(f"modality={modality!r}: DynamicViT prunes image tokens only")
-    if eval_mode not in ("drop", "mask"):
-        raise ValueError(f"eval_mode={eval_mode!r} must be 'drop' or 'mask'")
-    weights = {n: _check_weight(n, v) for n, v in
-               (("ratio_weight", ratio_weight), ("kl_weight", kl_weight), ("token_weight", token_weight))}
-    if not isinstance(distill, bool):
-        raise ValueError(f"distill={distill!r} must be a boolean")
-    if hooks_named(model, HOOK_NAME):
-        remove_dynamicvit(model)
-    towers = find_towers(model, modality)
+    cfg = DynamicViTConfig.build(config, **settings)
+    from vleff.tokens.common import select_towers
+
+    towers = select_towers(model, cfg.towers)
     plans = []
     for tower in towers:  # validate every tower before changing any
-        locs = check_locations("locations", locations, len(tower.blocks()))
-        if keep_ratios is not None and len(ratios) != len(locs):
-            raise ValueError(f"keep_ratios has {len(ratios)} entries but there are {len(locs)} locations {locs}")
-        plans.append((locs, ratios if keep_ratios is not None else hierarchical_ratios(rho, len(locs))))
-    teacher = copy.deepcopy(model) if distill else None
+        locs = check_locations("locations", cfg.locations, len(tower.blocks()))
+        if cfg.keep_ratios is not None and len(cfg.keep_ratios) != len(locs):
+            raise ValueError(f"keep_ratios has {len(cfg.keep_ratios)} entries but there are {len(locs)} locations {locs}")
+        plans.append((locs, list(cfg.keep_ratios) if cfg.keep_ratios is not None
+                      else hierarchical_ratios(cfg.rho, len(locs))))
+    if hooks_named(model, HOOK_NAME):
+        remove_dynamicvit(model)
+    teacher = copy.deepcopy(model) if cfg.distill else None
 
     made: dict[int, DynamicViTHook] = {}
 
@@ -341,14 +396,15 @@ def apply_dynamicvit(model: nn.Module, rho: float = 0.7, locations: Sequence[int
                                                                                  dtype=param.dtype)
         predictors.train(tower.root.training)
         setattr(tower.root, MODULE_NAME, predictors)
-        hook = DynamicViTHook(predictors, locs, stage_ratios, weights["ratio_weight"], eval_mode)
+        hook = DynamicViTHook(predictors, locs, stage_ratios, cfg.ratio_weight, cfg.eval_mode)
+        hook.config = cfg
         made[id(tower.root)] = hook
         return hook
 
-    install_hook(model, make_hook, modality)
+    install_hooks(model, make_hook, cfg.towers)
     if teacher is not None:
-        model.__dict__[DISTILLER_ATTR] = Distiller(model, teacher, list(made.values()), weights["kl_weight"],
-                                                   weights["token_weight"], logits_fn or default_logits)
+        model.__dict__[DISTILLER_ATTR] = Distiller(model, teacher, list(made.values()), cfg.kl_weight,
+                                                   cfg.token_weight, cfg.logits_fn or default_logits)
     return model
 
 
@@ -357,12 +413,16 @@ def remove_dynamicvit(model: nn.Module) -> nn.Module:
     distiller = model.__dict__.pop(DISTILLER_ATTR, None)
     if distiller is not None:
         distiller.remove()
-    if remove_hook(model, HOOK_NAME) == 0:
+    if remove_hooks(model, HOOK_NAME) == 0:
         raise ValueError(f"DynamicViT is not applied to this {type(model).__name__}; nothing to remove")
     for tower in find_towers(model):
         if MODULE_NAME in tower.root._modules:
             delattr(tower.root, MODULE_NAME)
     return model
+
+
+def dynamicvit_applied(model: nn.Module) -> bool:
+    return bool(hooks_named(model, HOOK_NAME))
 
 
 def dynamicvit_teacher(model: nn.Module) -> nn.Module | None:
@@ -376,6 +436,8 @@ def dynamicvit_predictors(model: nn.Module) -> list[DynamicViTPredictors]:
     return [h.predictors for h in hooks_named(model, HOOK_NAME)]
 
 
-register_method(Method(name="dynamicvit", apply=apply_dynamicvit, remove=remove_dynamicvit,
-                       defaults={"rho": 0.7, "distill": False}, kind="tokens",
-                       description="DynamicViT learned token pruning (predictors + masked attention)"))
+register_method(Method(
+    name="dynamicvit", kind="tokens", config=DynamicViTConfig, apply=apply_dynamicvit, remove=remove_dynamicvit,
+    is_applied=dynamicvit_applied, callback="vleff.callbacks.DynamicViT", mixin="vleff.callbacks.DynamicViTMixin",
+    towers=TOWERS, bench_settings={"rho": 0.7, "distill": False},
+    description="DynamicViT learned token pruning (predictors + masked attention)"))

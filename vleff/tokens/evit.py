@@ -12,7 +12,7 @@ sizes it absorbs, so proportional attention (ToMe's ``+log size``) stays consist
 methods are stacked.
 
 >>> vleff.apply_evit(model, keep_rate=0.7, locations=(3, 6, 9))
->>> vleff.set_evit_keep_rate(model, 0.9)     # schedules change it without re-applying
+>>> vleff.update(model, "evit", keep_rate=0.9)   # schedules change it without re-applying
 >>> vleff.remove_evit(model)
 
 Training: the keep rate usually follows :func:`keep_rate_schedule` (1 until a start epoch,
@@ -22,69 +22,124 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from vleff.backbones import BlockInfo, Modality, TokenState, TowerAdapter
-from vleff.registry import Method, register_method
-from vleff.tokens.common import hooks_named, install_hook, remove_hook
-from vleff.tokens.pruning import check_locations, check_ratio, count_for_ratio, keep_indices, select_tokens
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
+from vleff.backbones.text import PAD, PROTECTED
+from vleff.checks import check_bool, check_number, check_ratio, check_towers
+from vleff.registry import Method, MethodConfig, register_method
+from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
+from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices
 
 HOOK_NAME = "evit"
+TOWERS = ("image", "text")
 
 
-class EViTHook:
-    """The EViT :class:`~vleff.backbones.TokenHook` of one tower."""
+@dataclass
+class EViTConfig(MethodConfig):
+    """EViT's settings.
+
+    Attributes:
+        keep_rate: fraction of the non-prefix tokens kept at each location, in (0, 1];
+            hierarchical (each location keeps that fraction of what is left).
+        locations: block indices (strictly increasing); ``None``: three evenly spaced
+            blocks, ``(3, 6, 9)`` for 12 blocks.
+        fuse: fuse the pruned tokens into one extra token (weighted by cls attention).
+        towers: ``"image"`` (towers with a cls token, ranked by its attention), ``"text"``
+            (ranked by the EOT token's attention; the EOT is always kept) or ``"all"``.
+    """
+
+    method = "evit"
+    keep_rate: float = 0.7
+    locations: Sequence[int] | None = None
+    fuse: bool = True
+    towers: str = "image"
+
+    def __post_init__(self) -> None:
+        self.keep_rate = check_ratio("keep_rate", self.keep_rate)
+        check_bool("fuse", self.fuse)
+        check_towers(self.towers, TOWERS)
+        if self.locations is not None:
+            self.locations = check_locations("locations", self.locations, 10_000)
+
+
+class EViTHook(TowerHook):
+    """The EViT hook of one tower."""
 
     name = HOOK_NAME
 
-    def __init__(self, locations: list[int], keep_rate: float, fuse: bool) -> None:
-        self.locations = locations
-        self.keep_rate = keep_rate
-        self.fuse = fuse
+    def __init__(self, config: EViTConfig, depth: int, query: int | str = 0) -> None:
+        self.config = config
+        self.locations = check_locations("locations", config.locations, depth)
+        self.query = query  # the token whose attention ranks the others: cls (0), or a text tower's "eot"
 
-    def start(self, state: TokenState, x: torch.Tensor) -> None:
-        pass
+    def configure(self, config: EViTConfig) -> None:
+        self.config = config
 
-    def needs_cls_attention(self, index: int) -> bool:
-        return self.keep_rate < 1 and index in self.locations
+    @property
+    def keep_rate(self) -> float:
+        return self.config.keep_rate
+
+    def attention_rows(self, index: int) -> tuple[int, ...]:
+        return (self.query,) if self.config.keep_rate < 1 and index in self.locations else ()
 
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        if self.keep_rate >= 1 or info.index not in self.locations:
+        if self.config.keep_rate >= 1 or info.index not in self.locations:
             return x
-        assert info.cls_attention is not None
+        if self.query == "eot":
+            return self._between_text(x, info, state)
         p = state.num_prefix
         n = x.shape[1] - p
-        k = count_for_ratio(n, self.keep_rate, "ceil")
+        k = count_for_ratio(n, self.config.keep_rate, "ceil")
         if k >= n:
             return x
-        scores = info.cls_attention[:, p:]
+        scores = info.row_attention(0)[:, p:]
         idx = keep_indices(scores, k, p)
-        if not self.fuse:
-            return select_tokens(x, state, idx)
-        # dropped = 1 for the inattentive tokens, computed before select_tokens changes the state
-        dropped = torch.ones_like(scores).scatter(1, idx[:, p:] - p, 0.0)
+        if not self.config.fuse:
+            return state.select(x, idx)
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx[:, p:] - p, False)
         weight = scores * dropped
         weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
         fused = (weight.to(x.dtype)[..., None] * x[:, p:]).sum(dim=1, keepdim=True)
-        size = state.sizes_or_ones(x)
-        fused_size = (size[:, p:, 0] * dropped).sum(dim=1)[:, None, None]
-        fused_source = None
-        if state.source is not None:
-            fused_source = (state.source[:, p:] * dropped[..., None].to(state.source.dtype)).sum(dim=1, keepdim=True)
-        fused_keep = None
-        if state.keep is not None:  # stacked with a masking method: the fused token is kept
-            fused_keep = torch.ones_like(state.keep[:, :1])
-        state.size = size
-        x = select_tokens(x, state, idx)
-        state.size = torch.cat([state.size, fused_size], dim=1)
-        if fused_source is not None:
-            state.source = torch.cat([state.source, fused_source], dim=1)
-        if fused_keep is not None:
-            state.keep = torch.cat([state.keep, fused_keep], dim=1)
-        return torch.cat([x, fused], dim=1)
+        members = torch.cat([torch.zeros_like(dropped[:, :p]), dropped], dim=1)
+        values = state.fuse(members)
+        x = state.select(x, idx)
+        return state.append(x, fused, values)
+
+    def _between_text(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        """Text towers: rank by the EOT's attention, keep the EOT, size the keep count from each
+        sentence's real tokens (so it does not depend on padding), fill the batch's common
+        length with padding tokens, fuse only real tokens."""
+        scores = info.row_attention("eot")
+        eot = state.get(PROTECTED).bool()
+        pad = state.get(PAD).bool()
+        real = ~eot & ~pad
+        n_real = real.sum(dim=1)
+        k_real = torch.ceil(torch.round(n_real.double() * self.config.keep_rate, decimals=6)).long()
+        k_real = torch.minimum(torch.clamp(k_real, min=1), n_real)
+        if bool((k_real >= n_real).all()):
+            return x
+        ranked = scores.masked_fill(~real, float("-inf"))
+        order = ranked.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
+        top = real & (rank < k_real[:, None])
+        # keep order: EOT, the top real tokens, then padding (filler), then the other real tokens
+        key = torch.where(eot, 4.0, torch.where(top, 2.0 + scores, torch.where(pad, 1.0, scores.clamp(0, 1) - 1.0)))
+        total = int((k_real + 1).max())
+        idx = key.topk(total, dim=1).indices.sort(dim=1).values
+        kept = torch.zeros_like(real).scatter(1, idx, True)
+        if not self.config.fuse:
+            return state.select(x, idx)
+        dropped = real & ~kept
+        weight = scores * dropped
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+        fused = (weight.to(x.dtype)[..., None] * x).sum(dim=1, keepdim=True)
+        values = state.fuse(dropped)
+        x = state.select(x, idx)
+        return state.append(x, fused, values)
 
 
 def keep_rate_schedule(epoch: float, target: float, start_epoch: float = 0.0, end_epoch: float | None = None) -> float:
@@ -110,73 +165,84 @@ class EViTSchedule:
 
     def __post_init__(self) -> None:
         self.target = check_ratio("keep_rate", self.target)
-        if self.start_epoch < 0:
-            raise ValueError(f"start_epoch={self.start_epoch!r} must be >= 0")
-        if self.end_epoch is not None and self.end_epoch < self.start_epoch:
-            raise ValueError(f"end_epoch={self.end_epoch!r} must be >= start_epoch={self.start_epoch!r}")
+        self.start_epoch = check_number("start_epoch", self.start_epoch, low=0)
+        if self.end_epoch is not None:
+            self.end_epoch = check_number("end_epoch", self.end_epoch, low=self.start_epoch)
 
     def __call__(self, epoch: float) -> float:
         return keep_rate_schedule(epoch, self.target, self.start_epoch, self.end_epoch)
 
 
-def apply_evit(model: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] | None = None,
-               fuse: bool = True, modality: Modality = "image") -> nn.Module:
-    """Prune inattentive tokens at ``locations`` of every ``modality`` tower of ``model`` (in place).
+def training_progress(global_step: int, accumulate_grad_batches: int, batches_per_epoch: object,
+                      current_epoch: int) -> float:
+    """Epochs of training done, fractional, from the optimizer step count: ``global_step ·
+    accumulate / batches per epoch``. Counting from the step (not ``current_epoch + batch_idx /
+    batches``) keeps a resumed run on the same schedule: Lightning restores the step exactly but
+    can restart a resumed epoch at another batch index."""
+    if isinstance(batches_per_epoch, int) and batches_per_epoch > 0:
+        return global_step * accumulate_grad_batches / batches_per_epoch
+    return float(current_epoch)
+
+
+def apply_evit(model: nn.Module, config: EViTConfig | None = None, **settings: Any) -> nn.Module:
+    """Prune inattentive tokens at ``locations`` of every image tower of ``model`` (in place).
 
     Args:
         model: any model holding a supported image tower with a cls token (timm ViT/DeiT,
             open_clip CLIP, Hugging Face CLIP/BLIP, or a LightningModule wrapping one).
-        keep_rate: fraction of the non-prefix tokens kept at each location, in (0, 1];
-            hierarchical (each location keeps that fraction of what is left).
-        locations: block indices (strictly increasing); default three evenly spaced blocks,
-            ``(3, 6, 9)`` for 12 blocks.
-        fuse: fuse the pruned tokens into one extra token (weighted by cls attention).
-        modality: only ``"image"``: text towers pool at the EOT position.
+        config: an :class:`EViTConfig`; ``settings`` (``keep_rate=0.5`` ...) build or update it.
 
     Raises:
-        ValueError: ``keep_rate`` outside (0, 1], bad ``locations``, a non-image modality, or
-            a tower without a cls token (EViT ranks tokens by the cls token's attention).
+        ValueError: a bad setting, or a tower without a cls token (EViT ranks tokens by the
+            cls token's attention).
 
     Returns:
         ``model``, for chaining. Applying twice replaces the earlier settings.
     """
-    keep_rate = check_ratio("keep_rate", keep_rate)
-    if modality != "image":
-        raise ValueError(f"modality={modality!r}: EViT prunes image tokens only")
-    if not isinstance(fuse, bool):
-        raise ValueError(f"fuse={fuse!r} must be a boolean")
-    if hooks_named(model, HOOK_NAME):
-        remove_evit(model)
+    cfg = EViTConfig.build(config, **settings)
 
     def make_hook(tower: TowerAdapter) -> EViTHook:
+        if tower.modality == "text":
+            return EViTHook(cfg, len(tower.blocks()), query="eot")
         if not tower.has_cls_token or tower.num_prefix_tokens < 1:
             raise ValueError(f"EViT needs a cls token (it ranks tokens by the cls token's attention), but "
                              f"{tower.describe()} has none (pooling={tower.pooling!r}); use DynamicViT or ToMe")
-        return EViTHook(check_locations("locations", locations, len(tower.blocks())), keep_rate, fuse)
+        return EViTHook(cfg, len(tower.blocks()))
 
-    try:
-        install_hook(model, make_hook, modality)
-    except ValueError:
-        remove_hook(model, HOOK_NAME)  # a later tower failed: leave no half-applied model
-        raise
+    from vleff.tokens.common import select_towers
+
+    hooks = [make_hook(t) for t in select_towers(model, cfg.towers)]  # every check before any change
+    del hooks
+    if hooks_named(model, HOOK_NAME):
+        remove_evit(model)
+    install_hooks(model, make_hook, cfg.towers)
     return model
 
 
 def remove_evit(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_evit`: the towers run their own forward again."""
-    if remove_hook(model, HOOK_NAME) == 0:
+    if remove_hooks(model, HOOK_NAME) == 0:
         raise ValueError(f"EViT is not applied to this {type(model).__name__}; nothing to remove")
     return model
 
 
-def set_evit_keep_rate(model: nn.Module, keep_rate: float) -> None:
-    """Change the keep rate of an applied EViT (schedules; no re-patching)."""
-    keep_rate = check_ratio("keep_rate", keep_rate)
+def update_evit(model: nn.Module, **changes: Any) -> None:
+    """Change the keep rate (or ``fuse``) of an applied EViT (schedules; no re-patching)."""
     hooks = hooks_named(model, HOOK_NAME)
     if not hooks:
         raise ValueError(f"EViT is not applied to this {type(model).__name__}; call apply_evit first")
+    old = hooks[0].config
+    new = old.replace(**changes)
+    for key in ("locations", "towers"):
+        if getattr(new, key) != getattr(old, key):
+            raise ValueError(f"{key} cannot change on an applied EViT ({getattr(old, key)!r} -> "
+                             f"{getattr(new, key)!r}); apply it again")
     for hook in hooks:
-        hook.keep_rate = keep_rate
+        hook.configure(new)
+
+
+def evit_applied(model: nn.Module) -> bool:
+    return bool(hooks_named(model, HOOK_NAME))
 
 
 def evit_keep_rate(model: nn.Module) -> float:
@@ -184,8 +250,11 @@ def evit_keep_rate(model: nn.Module) -> float:
     hooks = hooks_named(model, HOOK_NAME)
     if not hooks:
         raise ValueError(f"EViT is not applied to this {type(model).__name__}")
-    return float(hooks[0].keep_rate)
+    return float(hooks[0].config.keep_rate)
 
 
-register_method(Method(name="evit", apply=apply_evit, remove=remove_evit, defaults={"keep_rate": 0.7},
-                       kind="tokens", description="EViT: keep the tokens the cls token attends to, fuse the rest"))
+register_method(Method(
+    name="evit", kind="tokens", config=EViTConfig, apply=apply_evit, remove=remove_evit, update=update_evit,
+    is_applied=evit_applied, callback="vleff.callbacks.EViT", mixin="vleff.callbacks.EViTMixin", towers=TOWERS,
+    bench_settings={"keep_rate": 0.7},
+    description="EViT: keep the tokens the cls token attends to, fuse the rest"))

@@ -1,10 +1,10 @@
-"""Shared pieces of the token-pruning methods (DynamicViT, EViT): argument checks and
-order-preserving token selection that keeps the :class:`~vleff.backbones.TokenState` in step.
+"""Shared pieces of the token-pruning methods (DynamicViT, EViT): locations, keep counts and
+order-preserving top-k indices.
 
-Both methods decide per block which tokens survive; everything that is indexed by token
-(``x``, sizes, source map, keep mask) must be gathered with the same indices, and prefix
-tokens (cls, distillation, registers) must always survive in front. Keeping the surviving
-tokens in their original order keeps positional structure readable (visualisation, avg pooling).
+Prefix tokens (cls, distillation, registers) always survive in front; the surviving tokens
+keep their original order, which keeps positional structure readable (visualisation, avg
+pooling). The selection itself is :meth:`vleff.backbones.TokenState.select`, which gathers
+every registered token field with the same indices.
 """
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ import numbers
 from typing import Sequence
 
 import torch
-
-from vleff.backbones import TokenState
-
-
-def check_ratio(name: str, value: object) -> float:
-    """``value`` as a float in (0, 1]; ``ValueError`` naming ``name`` otherwise."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < float(value) <= 1:
-        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
-    return float(value)
 
 
 def default_locations(depth: int) -> list[int]:
@@ -63,18 +54,3 @@ def keep_indices(scores: torch.Tensor, k: int, num_prefix: int) -> torch.Tensor:
     return torch.cat([prefix, top], dim=1)
 
 
-def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[b, idx[b]]`` for a ``[B, N, ...]`` tensor."""
-    index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
-    return t.gather(1, index)
-
-
-def select_tokens(x: torch.Tensor, state: TokenState, idx: torch.Tensor) -> torch.Tensor:
-    """Keep tokens ``idx`` of ``x`` and of every per-token field of ``state``."""
-    if state.size is not None:
-        state.size = gather_tokens(state.size, idx)
-    if state.source is not None:
-        state.source = gather_tokens(state.source, idx)
-    if state.keep is not None:
-        state.keep = gather_tokens(state.keep, idx)
-    return gather_tokens(x, idx)

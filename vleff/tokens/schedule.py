@@ -4,26 +4,12 @@ A schedule is plain data (no Lightning), so it can be saved in checkpoints and t
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vleff.tokens.tome import RSpec, parse_r
+from vleff.tokens.tome import RSpec, parse_r, plain_r
 
 SCHEDULES = ("constant", "linear")
-
-
-def plain_r(r: RSpec) -> RSpec:
-    """``r`` as plain Python values (an OmegaConf list or dict from a Hydra config becomes a
-    ``list`` or ``dict``; :func:`parse_r` interprets them), so that it pickles into a checkpoint
-    that ``torch.load(weights_only=True)`` can read."""
-    if isinstance(r, (str, bytes, tuple)):
-        return r
-    if isinstance(r, Mapping):
-        return dict(r)
-    if isinstance(r, Sequence):
-        return list(r)
-    return r
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Token merging (ToMe, Bolya et al., ICLR 2023) on every supported image tower.
+"""Token merging (ToMe, Bolya et al., ICLR 2023) on every supported tower.
 
 Between the attention and the MLP of each block, ``r`` tokens are merged into their most
 similar partners by bipartite soft matching on the attention keys (averaged over heads),
@@ -6,10 +6,10 @@ with size-weighted averages; proportional attention adds ``log(size)`` to the at
 logits so a merged token counts as many tokens. See :mod:`vleff.kernels.tome` for the
 matching itself.
 
->>> vleff.apply_tome(model, r=16)          # 16 tokens fewer per block
->>> vleff.apply_tome(model, r=(16, 0.5))   # linear ramp over depth, mean 16
->>> vleff.set_tome_r(model, 8)             # re-schedule without re-applying
->>> vleff.remove_tome(model)               # the original forward, exactly
+>>> vleff.apply_tome(model, r=16)             # 16 tokens fewer per block
+>>> vleff.apply_tome(model, r=(16, 0.5))      # linear ramp over depth, mean 16
+>>> vleff.update(model, "tome", r=8)          # re-schedule without re-applying
+>>> vleff.remove_tome(model)                  # the original forward, exactly
 """
 from __future__ import annotations
 
@@ -17,22 +17,25 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from typing import Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
 
-from vleff.backbones import BlockInfo, Modality, TokenState, TowerAdapter, find_towers
-from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_sum, merge_weighted
-from vleff.registry import Method, register_method
-from vleff.tokens.common import hooks_named, install_hook, remove_hook
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
+from vleff.backbones.text import PAD, PROTECTED
+from vleff.checks import check_bool, check_towers
+from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_weighted
+from vleff.registry import Method, MethodConfig, register_method
+from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
 
 HOOK_NAME = "tome"
 RSpec = Union[int, Sequence[int], tuple[int, float], Mapping[str, float]]
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def parse_r(r: RSpec, depth: int) -> list[int]:
@@ -85,61 +88,106 @@ def effective_r(r_per_block: Sequence[int], num_tokens: int, num_protected: int)
     return out
 
 
-class ToMeHook:
-    """The token-merging :class:`~vleff.backbones.TokenHook` of one tower."""
+@dataclass
+class ToMeConfig(MethodConfig):
+    """ToMe's settings.
+
+    Attributes:
+        r: tokens merged per block: an int, a per-block list, or an ``(r, inflection)`` ramp
+            (see :func:`parse_r`); capped per block at what that block can merge.
+        prop_attn: proportional attention (``+log size`` on the attention logits; recommended
+            off the shelf, optional in training).
+        trace_source: keep the source map (which input tokens each token holds) as the token
+            field ``"source"``, for visualisation; costs ``B·N²`` memory.
+        towers: ``"image"``, ``"text"`` or ``"all"``.
+    """
+
+    method = "tome"
+    r: Any = 16
+    prop_attn: bool = True
+    trace_source: bool = False
+    towers: str = "image"
+
+    def __post_init__(self) -> None:
+        check_bool("prop_attn", self.prop_attn)
+        check_bool("trace_source", self.trace_source)
+        check_towers(self.towers, TOWERS)
+        self.r = plain_r(self.r)
+        parse_r(self.r, 10_000)  # the same errors as at apply time, now
+
+
+TOWERS = ("image", "text")
+
+
+def plain_r(r: RSpec) -> RSpec:
+    """``r`` as plain Python values (an OmegaConf list or dict from a Hydra config becomes a
+    ``list`` or ``dict``), so that it pickles into checkpoints ``torch.load(weights_only=True)`` reads."""
+    if isinstance(r, torch.Tensor):
+        raise ValueError(f"r={r!r} is not allowed; pass a Python int, list or (r, inflection) tuple, not a tensor")
+    if isinstance(r, (str, bytes, tuple)):
+        return r
+    if isinstance(r, Mapping):
+        return dict(r)
+    if isinstance(r, Sequence):
+        return list(r)
+    return r
+
+
+class ToMeHook(TowerHook):
+    """The token-merging hook of one tower."""
 
     name = HOOK_NAME
 
-    def __init__(self, r_per_block: list[int], trace_source: bool = False) -> None:
-        self.r_per_block = r_per_block
-        self.trace_source = trace_source
+    def __init__(self, config: ToMeConfig, depth: int) -> None:
+        self.config = config
+        self.r_per_block = parse_r(config.r, depth)
 
-    def start(self, state: TokenState, x: torch.Tensor) -> None:
-        if self.trace_source:
+    def configure(self, config: ToMeConfig) -> None:
+        self.r_per_block = parse_r(config.r, len(self.r_per_block))
+        self.config = config
+
+    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        if self.config.trace_source:
             n = x.shape[1]
-            state.source = torch.eye(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n)
+            state.register("source", torch.eye(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n),
+                           "sum")
+        return x
 
-    def needs_cls_attention(self, index: int) -> bool:
-        return False
+    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+        size = state.size
+        if not self.config.prop_attn or size is None:
+            return None
+        return size[..., 0].log().to(dtype)[:, None, None, :]
 
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
         r = self.r_per_block[info.index]
         if r <= 0:
             return x
-        if state.keep is not None:
+        if state.get("keep") is not None:
             raise RuntimeError("ToMe cannot merge tokens while a masking method (DynamicViT training) is active")
-        plan = bipartite_soft_matching(info.keys.mean(dim=1), r, state.num_prefix)
+        # text towers: the EOT is protected and padding merges only with padding
+        plan = bipartite_soft_matching(info.keys.mean(dim=1), r, state.num_prefix,
+                                       protected=state.get(PROTECTED), groups=state.get(PAD))
         if plan.r == 0:
             return x
-        x, state.size = merge_weighted(x, state.sizes_or_ones(x), plan)
-        if state.source is not None:
-            state.source = merge_sum(state.source, plan)
+        x, size = merge_weighted(x, state.sizes(x), plan)
+        state.merge(plan, merged_size=size)
         return x
 
 
-def apply_tome(model: nn.Module, r: RSpec = 16, prop_attn: bool = True, trace_source: bool = False,
-               modality: Modality = "image") -> nn.Module:
-    """Merge ``r`` tokens per block in every ``modality`` tower of ``model`` (in place).
+def apply_tome(model: nn.Module, config: ToMeConfig | None = None, **settings: Any) -> nn.Module:
+    """Merge tokens in every tower of ``model`` that ``towers`` names (in place).
 
     Args:
         model: any model holding a supported tower (timm ViT/DeiT, open_clip CLIP,
             Hugging Face CLIP/BLIP, or a LightningModule wrapping one).
-        r: tokens to merge per block; see :func:`parse_r`.
-        prop_attn: proportional attention (recommended off the shelf; optional in training).
-        trace_source: keep the source map (which input patches each token holds) for
-            visualisation; costs ``B·N²`` memory.
-        modality: which towers to patch. Text towers are refused: their EOT pooling reads a
-            fixed position.
+        config: a :class:`ToMeConfig`; ``settings`` (``r=8``, ``prop_attn=False`` ...) build
+            or update it.
 
     Returns:
         ``model``, for chaining. Applying twice replaces the earlier settings.
     """
-    if modality != "image":
-        raise ValueError(f"modality={modality!r}: ToMe merges image tokens only (text towers pool at a fixed EOT position)")
-    if not isinstance(prop_attn, bool) or not isinstance(trace_source, bool):
-        raise ValueError(f"prop_attn={prop_attn!r} and trace_source={trace_source!r} must be booleans")
-    for tower in find_towers(model, modality):  # a bad r fails here, before an earlier ToMe is removed
-        parse_r(r, len(tower.blocks()))
+    cfg = ToMeConfig.build(config, **settings)
     if hooks_named(model, HOOK_NAME):
         remove_tome(model)
 
@@ -147,26 +195,34 @@ def apply_tome(model: nn.Module, r: RSpec = 16, prop_attn: bool = True, trace_so
         if tower.pooling == "avg":
             warnings.warn(f"{tower.describe()} average-pools its tokens; after merging the average is over "
                           "merged tokens (not weighted by size)", stacklevel=3)
-        return ToMeHook(parse_r(r, len(tower.blocks())), trace_source)
+        return ToMeHook(cfg, len(tower.blocks()))
 
-    install_hook(model, make_hook, modality, prop_attn=prop_attn)
+    install_hooks(model, make_hook, cfg.towers)
     return model
 
 
 def remove_tome(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tome`: the towers run the library's own forward again."""
-    if remove_hook(model, HOOK_NAME) == 0:
+    if remove_hooks(model, HOOK_NAME) == 0:
         raise ValueError(f"ToMe is not applied to this {type(model).__name__}; nothing to remove")
     return model
 
 
-def set_tome_r(model: nn.Module, r: RSpec) -> None:
-    """Change r of an applied ToMe (used by schedules; no re-patching)."""
+def update_tome(model: nn.Module, **changes: Any) -> None:
+    """Change settings of an applied ToMe (schedules; no re-patching). ``towers`` cannot change."""
     hooks = hooks_named(model, HOOK_NAME)
     if not hooks:
         raise ValueError(f"ToMe is not applied to this {type(model).__name__}; call apply_tome first")
+    new = hooks[0].config.replace(**changes)
+    if new.towers != hooks[0].config.towers:
+        raise ValueError(f"towers cannot change on an applied ToMe ({hooks[0].config.towers!r} -> {new.towers!r}); "
+                         "apply it again")
     for hook in hooks:
-        hook.r_per_block = parse_r(r, len(hook.r_per_block))
+        hook.configure(new)
+
+
+def tome_applied(model: nn.Module) -> bool:
+    return bool(hooks_named(model, HOOK_NAME))
 
 
 def tome_r(model: nn.Module) -> list[int]:
@@ -177,24 +233,7 @@ def tome_r(model: nn.Module) -> list[int]:
     return list(hooks[0].r_per_block)
 
 
-def r_for_flops_ratio(num_tokens: int, depth: int, num_protected: int, target_ratio: float) -> int:
-    """Smallest constant r whose token counts cut the token-linear work to ``target_ratio``.
-
-    A quick planning aid (token-linear cost ~ sum of tokens over blocks; attention's quadratic
-    term falls faster). Measure real FLOPs with :func:`vleff.profile.count_flops`.
-    """
-    if not 0 < target_ratio <= 1:
-        raise ValueError(f"target_ratio={target_ratio} must be in (0, 1]")
-    full = num_tokens * depth
-    for r in range(0, math.ceil(num_tokens / 2) + 1):
-        counts, n = [], num_tokens
-        for r_eff in effective_r([r] * depth, num_tokens, num_protected):
-            counts.append(n)
-            n -= r_eff
-        if sum(counts) / full <= target_ratio:
-            return r
-    return max_merge(num_tokens, num_protected)
-
-
-register_method(Method(name="tome", apply=apply_tome, remove=remove_tome, defaults={"r": 16},
-                       kind="tokens", description="ToMe token merging (bipartite soft matching)"))
+register_method(Method(
+    name="tome", kind="tokens", config=ToMeConfig, apply=apply_tome, remove=remove_tome, update=update_tome,
+    is_applied=tome_applied, callback="vleff.callbacks.TokenMerging", mixin="vleff.callbacks.TokenMergingMixin",
+    towers=TOWERS, bench_settings={"r": 16}, description="ToMe token merging (bipartite soft matching)"))

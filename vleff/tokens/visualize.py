@@ -72,14 +72,14 @@ def merge_groups(model: nn.Module, image: torch.Tensor, forward=None) -> tuple[t
     with torch.no_grad():
         (forward or model)(image[None])
     state = last_token_state(model)
-    if state is None or state.source is None:
+    if state is None or state.get("source") is None:
         raise RuntimeError("no source map: apply ToMe with trace_source=True first (vleff.apply_tome(model, r, trace_source=True))")
-    n0 = state.source.shape[-1] - tower.num_prefix_tokens
+    n0 = state.get("source").shape[-1] - tower.num_prefix_tokens
     side = int(math.isqrt(n0))
     if side * side != n0:
         raise ValueError(f"{n0} patches do not form a square grid; pass a square image")
-    labels = group_labels(state.source[0], tower.num_prefix_tokens, (side, side))
-    return labels, state.source.shape[1] - tower.num_prefix_tokens
+    labels = group_labels(state.get("source")[0], tower.num_prefix_tokens, (side, side))
+    return labels, state.get("source").shape[1] - tower.num_prefix_tokens
 
 
 def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[int] = (8, 16),
@@ -92,28 +92,24 @@ def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[
     """
     import matplotlib.pyplot as plt  # no backend switch here: that would stop inline plots in notebooks
 
-    from vleff.backbones import get_patch
     from vleff.tokens.common import hooks_named
-    from vleff.tokens.tome import HOOK_NAME, apply_tome, remove_tome, tome_r
+    from vleff.tokens.tome import HOOK_NAME, apply_tome, remove_tome
 
     earlier = hooks_named(model, HOOK_NAME)
-    restore = None
-    if earlier:
-        restore = dict(r=tome_r(model), trace_source=earlier[0].trace_source,
-                       prop_attn=get_patch(find_tower(model).root).prop_attn)
+    restore = earlier[0].config.replace(r=list(earlier[0].r_per_block)) if earlier else None
 
     norm = (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     fig, axes = plt.subplots(1, len(r_values) + 1, figsize=(3.2 * (len(r_values) + 1), 3.4))
     axes[0].imshow(image.permute(1, 2, 0).numpy())
     axes[0].set_title("input")
     for ax, r in zip(axes[1:], r_values):
-        apply_tome(model, r=r, trace_source=True)
+        apply_tome(model, r=r, trace_source=True, prop_attn=restore.prop_attn if restore else True)
         labels, groups = merge_groups(model, norm, forward)
         ax.imshow(render_groups(image, labels))
         ax.set_title(f"ToMe r={r}: {groups} tokens")
     remove_tome(model)
     if restore is not None:
-        apply_tome(model, **restore)
+        apply_tome(model, restore)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

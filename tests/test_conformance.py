@@ -1,0 +1,257 @@
+"""The conformance suite: every registered method passes the same checks on every tower it declares.
+
+Two tables drive it: the model families (``families.FAMILIES``) and the method settings below
+(no-op settings, active settings, refusals). A method that is registered but has no settings
+row fails :func:`test_every_registered_method_has_settings`; a new method adds one row here.
+
+Checks, for every hook-based method x every (family, tower) it declares:
+no-op equals the library; ``remove`` restores the library bit-exactly; applying again
+replaces; ``deepcopy`` and pickle keep the output; ``state_dict`` gains only the method's own
+keys; bf16 autocast forward and backward agree with fp32; gradient checkpointing is refused
+clearly; two methods stacked and one removed equals the other alone. Per method (one family,
+to keep the suite fast): ``torch.compile`` (aot_eager) in one graph; a Lightning fit with the
+callback, saved and resumed, equals the uninterrupted run; the mixin is importable from the
+Lightning layer; each bad config value gets an error naming the field.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import tiny_lightning as tl
+from families import FAMILIES, family_towers
+from vleff.registry import all_methods, get_method
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One method's row: settings that change nothing, settings that act, refusals."""
+
+    noop: dict[str, Any]
+    active: dict[str, Any]
+    refusals: list[tuple[dict[str, Any], str]]
+    state_prefix: str | None = None  # state_dict keys the method adds start with ...<prefix>
+    callback_args: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS: dict[str, Settings] = {
+    "tome": Settings(noop={"r": 0}, active={"r": 2},
+                     refusals=[({"r": -1}, "r=-1"), ({"r": float("nan")}, "r=nan"), ({"prop_attn": 1}, "prop_attn"),
+                               ({"towers": "audio"}, "towers"), ({"trace_source": "yes"}, "trace_source")],
+                     callback_args={"r": 2}),
+    "evit": Settings(noop={"keep_rate": 1.0, "locations": [0]}, active={"keep_rate": 0.5, "locations": [0]},
+                     refusals=[({"keep_rate": 0}, "keep_rate"), ({"keep_rate": 1.5}, "keep_rate"),
+                               ({"locations": [2, 1]}, "locations"), ({"fuse": "no"}, "fuse"),
+                               ({"towers": "audio"}, "towers")],
+                     callback_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 4}),
+    "dynamicvit": Settings(noop={"keep_ratios": [1.0], "locations": [1], "distill": False},
+                           active={"rho": 0.5, "locations": [1], "distill": False},
+                           refusals=[({"rho": 0}, "rho"), ({"keep_ratios": [0.5, 0.7]}, "non-increasing"),
+                                     ({"kl_weight": -1}, "kl_weight"), ({"eval_mode": "soft"}, "eval_mode"),
+                                     ({"logits_fn": 3}, "logits_fn"), ({"distill": 1}, "distill")],
+                           state_prefix="vleff_dynamicvit.", callback_args={"rho": 0.5, "locations": [1]}),
+    "galore": Settings(noop={}, active={"rank": 4},
+                       refusals=[({"rank": 0}, "rank"), ({"scale": float("inf")}, "scale"),
+                                 ({"proj_type": "up"}, "proj_type"), ({"targets": "("}, "targets")]),
+    "mezo": Settings(noop={}, active={"eps": 1e-3},
+                     refusals=[({"eps": 0}, "eps"), ({"lr": float("inf")}, "lr"), ({"seed": -1}, "seed"),
+                               ({"params": "("}, "params")]),
+}
+
+HOOK_METHODS = [m.name for m in all_methods() if m.apply is not None]
+CASES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)]
+CASE_IDS = [f"{n}-{f}-{t}" for n, f, t in CASES]
+
+
+def _model_and_forward(family: str, tower: str):
+    torch.manual_seed(0)
+    fam = FAMILIES[family]
+    return fam.make().eval(), fam.forwards[tower]
+
+
+def _apply(name: str, model: torch.nn.Module, settings: dict[str, Any], tower: str) -> None:
+    method = get_method(name)
+    extra = {"towers": tower} if "towers" in {f.name for f in dataclasses.fields(method.config)} else {}
+    method.apply(model, **{**extra, **settings})
+
+
+def test_every_registered_method_has_settings():
+    missing = [m.name for m in all_methods() if m.name not in SETTINGS]
+    assert not missing, f"registered methods without a conformance settings row: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_registry_entry_is_complete(name):
+    method = get_method(name)
+    assert method.config.method == name
+    defaults = method.config()  # the defaults validate
+    assert method.config.build(**method.bench_settings) is not None
+    assert dataclasses.is_dataclass(defaults)
+    callback, mixin = method.load_callback(), method.load_mixin()
+    assert callback.__module__.startswith("vleff.callbacks") and mixin.__module__.startswith("vleff.callbacks")
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_bad_config_values_get_clear_errors(name):
+    method = get_method(name)
+    for bad, match in SETTINGS[name].refusals:
+        with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+            method.config.build(**bad)
+    with pytest.raises(TypeError, match="no setting"):
+        method.config.build(not_a_setting=1)
+
+
+@pytest.mark.parametrize("name, family, tower", CASES, ids=CASE_IDS)
+def test_noop_equals_library_and_remove_restores_it_exactly(name, family, tower):
+    model, fwd = _model_and_forward(family, tower)
+    method = get_method(name)
+    with torch.no_grad():
+        ref = fwd(model)
+        _apply(name, model, SETTINGS[name].noop, tower)
+        torch.testing.assert_close(fwd(model), ref, atol=1e-5, rtol=1e-5)
+        _apply(name, model, SETTINGS[name].active, tower)  # applying again replaces
+        assert method.is_applied(model)
+        active = fwd(model)
+        assert not torch.allclose(active, ref, atol=1e-6, rtol=1e-4), "the active settings change nothing"
+        method.remove(model)
+        assert not method.is_applied(model)
+        torch.testing.assert_close(fwd(model), ref, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="not applied"):
+            method.remove(model)
+
+
+@pytest.mark.parametrize("name, family, tower", CASES, ids=CASE_IDS)
+def test_reapply_deepcopy_pickle_and_state_dict(name, family, tower):
+    model, fwd = _model_and_forward(family, tower)
+    keys_before = set(model.state_dict())
+    _apply(name, model, SETTINGS[name].active, tower)
+    once = copy.deepcopy(model)
+    _apply(name, model, SETTINGS[name].active, tower)
+    once.load_state_dict(model.state_dict())  # new parameters (predictors) are drawn anew
+    with torch.no_grad():
+        out = fwd(model)
+        torch.testing.assert_close(fwd(once), out, atol=0, rtol=0)  # a second apply replaced, not stacked
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(fwd(loaded), out, atol=0, rtol=0)
+        torch.testing.assert_close(fwd(pickle.loads(pickle.dumps(model))), out, atol=0, rtol=0)
+    added = set(model.state_dict()) - keys_before
+    prefix = SETTINGS[name].state_prefix
+    assert all(prefix is not None and prefix in k for k in added), sorted(added)
+    assert keys_before <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("name, family, tower", CASES, ids=CASE_IDS)
+def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower):
+    model, fwd = _model_and_forward(family, tower)
+    _apply(name, model, SETTINGS[name].active, tower)
+    with torch.no_grad():
+        ref = fwd(model).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fwd(model).float()
+    # bf16 keeps ~3 significant digits; a merge decision may flip on a near tie, so compare
+    # directions (cosine) per sample, not elements
+    cos = torch.nn.functional.cosine_similarity(low.flatten(1), ref.flatten(1), dim=1)
+    assert bool((cos > 0.98).all()), cos
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fwd(model).float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("name, family, tower", [c for c in CASES if FAMILIES[c[1]].grad_checkpointing],
+                         ids=[i for c, i in zip(CASES, CASE_IDS) if FAMILIES[c[1]].grad_checkpointing])
+def test_gradient_checkpointing_is_refused_clearly(name, family, tower):
+    model, fwd = _model_and_forward(family, tower)
+    FAMILIES[family].grad_checkpointing(model)
+    _apply(name, model, SETTINGS[name].active, tower)
+    model.train()
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        fwd(model)
+
+
+STACKABLE = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS if a != b and {a, b} != {"tome", "dynamicvit"}]
+
+
+@pytest.mark.parametrize("first, second", STACKABLE, ids=[f"{a}+{b}" for a, b in STACKABLE])
+def test_two_methods_stacked_then_one_removed_equals_the_other_alone(first, second):
+    """Apply ``first`` then ``second``, remove ``first``: the model equals ``second`` alone
+    (the bug this catches: ToMe's proportional attention outliving ToMe under EViT)."""
+    model, fwd = _model_and_forward("timm_vit", "image")
+    alone = copy.deepcopy(model)
+    with torch.no_grad():
+        _apply(first, model, SETTINGS[first].active, "image")
+        _apply(second, model, SETTINGS[second].active, "image")
+        fwd(model)  # the stack runs
+        get_method(first).remove(model)
+        _apply(second, alone, SETTINGS[second].active, "image")
+        if SETTINGS[second].state_prefix:  # new parameters: same initial values in both
+            alone.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fwd(model), fwd(alone), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", HOOK_METHODS)
+def test_torch_compile_one_graph_matches_eager(name):
+    import torch._dynamo
+
+    import tiny_models as tm
+
+    model, _ = _model_and_forward("timm_vit", "image")
+    _apply(name, model, SETTINGS[name].active, "image")
+    x = tm.images()
+    with torch.no_grad():
+        ref = model(x)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), ref, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+class ReseedEachStep(pl.Callback):
+    """Same random numbers at each global step in both runs (Lightning checkpoints do not hold
+    the global RNG state), so a method drawing random decisions can be compared exactly."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(1000 + trainer.global_step)
+
+
+def _fit(tmp_path, name: str, max_steps: int, ckpt: str | None = None, save: str | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    callback = get_method(name).load_callback()(**SETTINGS[name].callback_args)
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [callback, ReseedEachStep()], max_steps=max_steps, max_epochs=-1)
+    # one batch per epoch: Lightning restarts a resumed epoch at a batch index that depends on how
+    # the first run stopped; with one batch every step sees the same data either way
+    trainer.fit(module, tl.loader(4, seed=1), ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return module
+
+
+@pytest.mark.parametrize("name", [n for n in HOOK_METHODS if SETTINGS[n].callback_args])
+def test_callback_fit_saved_and_resumed_equals_uninterrupted(name, tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        straight = _fit(tmp_path, name, 4)
+        ckpt = str(tmp_path / "half.ckpt")
+        _fit(tmp_path, name, 2, save=ckpt)
+        torch.manual_seed(1234)  # resume must not depend on the global RNG state being the same
+        resumed = _fit(tmp_path, name, 4, ckpt=ckpt)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert set(straight.state_dict()) == set(resumed.state_dict())
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=key)
