@@ -310,3 +310,24 @@ def test_ddp_two_processes_cpu(tmp_path):
     counts = [17, 17, 1 + math.ceil(rate * 16) + 1]
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == f"{rate:.6f} {counts}"
+
+
+def test_tome_then_evit_then_remove_tome_equals_evit_alone():
+    """The stacking bug of the old framework: ToMe's proportional attention lived on the shared
+    tower patch, so after removing ToMe, EViT kept adding ``log size`` (its fused token's size)
+    to the attention, unlike EViT alone."""
+    import copy
+
+    from vleff.tokens.tome import apply_tome, remove_tome
+
+    model = tm.timm_vit(depth=4).eval()
+    alone = copy.deepcopy(model)
+    x = tm.images(2)
+    with torch.no_grad():
+        for r, locations in (([2, 0, 0, 0], [2, 3]), (2, [1, 2])):  # apart, then in the same blocks
+            apply_tome(model, r=r)
+            apply_evit(model, keep_rate=0.5, locations=locations)
+            model(x)
+            remove_tome(model)
+            apply_evit(alone, keep_rate=0.5, locations=locations)
+            torch.testing.assert_close(model(x), alone(x), atol=0, rtol=0)

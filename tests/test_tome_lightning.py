@@ -141,3 +141,27 @@ def test_ddp_two_processes_cpu(tmp_path):
     for r in records:  # both ranks merged: 17 tokens, 3 fewer per block
         assert r["r"] == [3, 3, 3]
         assert r["tokens"] == {"image": [17, 14, 11]}
+
+
+def test_validate_test_predict_after_fit_run_at_the_full_r(tmp_path):
+    """Issue 13: ``setup`` re-applied ToMe at r = 0 for validate/test/predict and the update was
+    skipped because the schedule's r "had not changed": evaluation ran unmerged."""
+    from vleff.backbones import last_token_state
+
+    class CountTokens(pl.Callback):
+        def __init__(self):
+            self.counts = []
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.counts.append(last_token_state(pl_module).token_counts)
+
+    module = tl.TinyClassifier()
+    counter = CountTokens()
+    trainer = tl.trainer(tmp_path, [TokenMerging(r=4), counter], max_steps=2, limit_val_batches=1)
+    trainer.fit(module, tl.loader(8), tl.loader(4))
+    trainer.validate(module, tl.loader(4), verbose=False)
+    fresh = tl.trainer(tmp_path, [TokenMerging(r=4), counter])
+    fresh.validate(module, tl.loader(4), verbose=False)
+    fresh.validate(module, tl.loader(4), verbose=False)  # a second validate on the same trainer
+    expected = [17, 13, 9]  # 16 patches + cls, 4 merged per block
+    assert counter.counts and all(c == expected for c in counter.counts), counter.counts
