@@ -96,7 +96,9 @@ def test_mezo_mixin_restores_automatic_optimization_at_fit_end(tmp_path):
     from vleff.callbacks.memory_mixins import MeZOMixin
 
     class Mixed(MeZOMixin, tl.TinyClassifier):
-        mezo_config = dict(eps=1e-3, lr=1e-3)
+        def __init__(self, depth):
+            super().__init__(depth=depth)
+            self.use_mezo(eps=1e-3, lr=1e-3)
 
     torch.manual_seed(0)
     module = Mixed(depth=1)

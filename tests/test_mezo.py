@@ -275,7 +275,9 @@ def test_mixin_trains_with_mezo(tmp_path):
     steps: list[bool] = []
 
     class Mixed(MeZOMixin, tl.TinyClassifier):
-        mezo_config = dict(eps=1e-3, lr=1e-2, seed=5)
+        def __init__(self, depth):
+            super().__init__(depth=depth)
+            self.use_mezo(eps=1e-3, lr=1e-2, seed=5)
 
         def training_step(self, batch, batch_idx):
             steps.append(torch.is_grad_enabled())

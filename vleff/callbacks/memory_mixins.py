@@ -5,12 +5,14 @@
 ...         return self.galore_optimizer(lr=1e-4, weight_decay=0.05, rank=128)
 
 >>> class MyModule(MeZOMixin, L.LightningModule):
-...     mezo_config = dict(eps=1e-3, lr=1e-6)      # training_step stays as it is
+...     def __init__(self):
+...         super().__init__()
+...         self.use_mezo(eps=1e-3, lr=1e-6)     # training_step stays as it is
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
@@ -40,7 +42,8 @@ class GaLoreMixin:
 class MeZOMixin:
     """Turns the module's own ``training_step`` into MeZO steps at fit start.
 
-    Set ``mezo_config`` (keyword arguments of :class:`vleff.callbacks.MeZO`). Same
+    Call ``self.use_mezo(**settings)`` in ``__init__`` (the fields of
+:class:`vleff.memory.methods.MeZOConfig`, validated there, as for :class:`vleff.callbacks.MeZO`). Same
     implementation as the callback (:func:`vleff.callbacks.mezo.install_mezo`), so the same
     hook and logging behaviour (see :mod:`vleff.callbacks.mezo`): ``training_step`` runs twice
     per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
@@ -49,7 +52,12 @@ class MeZOMixin:
     module without the mixin's MeZO trains with backprop); the GaLore callback refuses it.
     """
 
-    mezo_config: ClassVar[dict[str, Any]] = {}
+    _vleff_mezo: Any = None
+
+    def use_mezo(self, **settings: Any) -> None:
+        from vleff.memory.methods import MeZOConfig
+
+        self._vleff_mezo = MeZOConfig.build(**settings)
 
     def on_fit_start(self) -> None:
         from vleff.callbacks.mezo import install_mezo
@@ -57,7 +65,10 @@ class MeZOMixin:
         super_hook = getattr(super(), "on_fit_start", None)
         if super_hook is not None:
             super_hook()
-        install_mezo(self.trainer, self, **self.mezo_config)  # type: ignore[attr-defined, arg-type]
+        if self._vleff_mezo is None:
+            raise RuntimeError(f"{type(self).__name__} mixes in MeZOMixin but never called self.use_mezo(...) in "
+                               "__init__; call it (e.g. self.use_mezo(eps=1e-3, lr=1e-6)) or drop the mixin")
+        install_mezo(self.trainer, self, **self._vleff_mezo.as_dict())  # type: ignore[attr-defined, arg-type]
 
     def on_train_epoch_end(self) -> None:
         from vleff.callbacks.mezo import _step_schedulers
