@@ -52,12 +52,12 @@ class MeZOMixin:
     module without the mixin's MeZO trains with backprop); the GaLore callback refuses it.
     """
 
-    _vleff_mezo: Any = None
+    _vleff_mezo_config: Any = None
 
     def use_mezo(self, **settings: Any) -> None:
         from vleff.memory.methods import MeZOConfig
 
-        self._vleff_mezo = MeZOConfig.build(**settings)
+        self._vleff_mezo_config = MeZOConfig.build(**settings)
 
     def on_fit_start(self) -> None:
         from vleff.callbacks.mezo import install_mezo
@@ -65,10 +65,10 @@ class MeZOMixin:
         super_hook = getattr(super(), "on_fit_start", None)
         if super_hook is not None:
             super_hook()
-        if self._vleff_mezo is None:
+        if self._vleff_mezo_config is None:
             raise RuntimeError(f"{type(self).__name__} mixes in MeZOMixin but never called self.use_mezo(...) in "
                                "__init__; call it (e.g. self.use_mezo(eps=1e-3, lr=1e-6)) or drop the mixin")
-        install_mezo(self.trainer, self, **self._vleff_mezo.as_dict())  # type: ignore[attr-defined, arg-type]
+        install_mezo(self.trainer, self, **self._vleff_mezo_config.as_dict())  # type: ignore[attr-defined, arg-type]
 
     def on_train_epoch_end(self) -> None:
         from vleff.callbacks.mezo import _step_schedulers
