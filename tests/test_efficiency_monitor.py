@@ -197,3 +197,24 @@ def test_ddp_two_processes_cpu(tmp_path):
     for r in records:  # every rank keeps flops_per_batch for ThroughputMonitor, and counts tokens
         assert r["flops_per_batch"] == 3 * forward
         assert r["tokens"] == {"image": [17, 15, 13]}
+
+
+def test_flops_per_batch_counts_the_training_forward_of_dynamicvit(tmp_path):
+    """Issue 13: DynamicViT's eval forward drops tokens, its training forward masks them (all
+    tokens computed); the monitor reported the pruned eval count, so MFU came out ~2x too high."""
+    import tiny_lightning as tl
+    from vleff.callbacks import DynamicViT, EfficiencyMonitor
+    from vleff.profile import count_flops
+
+    monitor = EfficiencyMonitor()
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.5, locations=[1], distill=False), monitor], max_steps=1)
+    trainer.fit(module, tl.loader(4))
+    x = next(iter(tl.loader(4)))[0]
+    with torch.no_grad():
+        module.train()
+        train_flops = count_flops(module, x)
+        module.eval()
+        eval_flops = count_flops(module, x)
+    assert eval_flops < 0.9 * train_flops
+    assert module.flops_per_batch == round(3 * train_flops)

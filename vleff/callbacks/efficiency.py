@@ -7,7 +7,9 @@ what ``example_input_fn(batch)`` returns::
 
 What it logs (``pl_module.log``, on step, never synced across processes):
 
-* ``eff/gflops_per_sample`` — one eval-mode, no-grad forward of the current batch shape,
+* ``eff/gflops_per_sample`` — one training-mode, no-grad forward of the current batch shape
+  (what training computes: DynamicViT's masked training forward runs every token, its
+  eval-mode forward drops them),
   counted with :func:`vleff.profile.count_flops`, divided by the batch size. Counted on the
   first training batch and again whenever the tokens per layer change (a token-merging
   schedule), at most every ``recount_interval`` steps.
@@ -202,7 +204,7 @@ class EfficiencyMonitor(pl.Callback):
             args, kwargs = self._call_args(batch, pl_module)
             size = self._batch_size(batch, args, kwargs)
             with preserved_state(pl_module), trainer.precision_plugin.forward_context():
-                pl_module.eval()
+                pl_module.train()  # what training runs: DynamicViT masks in training, drops in eval
                 flops = count_flops(pl_module, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a monitor must not stop training
             self._warn_once("FLOPs", err)
