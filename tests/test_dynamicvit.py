@@ -439,3 +439,17 @@ def test_keep_masked_softmax_equals_softmax_over_allowed_keys(n, gap, seed):
     torch.testing.assert_close(probs.detach(), ref, atol=1e-5, rtol=0)
     (probs * torch.randn(probs.shape, generator=g, dtype=torch.float64)).sum().backward()
     assert torch.isfinite(logits.grad).all() and torch.isfinite(keep.grad).all()
+
+
+def test_callback_on_a_model_without_a_tower_names_the_families(tmp_path):
+    """Issue 13: on a ResNet the callback suggested ``module=`` values that could not exist."""
+    import torchvision
+
+    class ResNetModule(tl.TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.model = torchvision.models.resnet18(num_classes=10)
+
+    trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.7)], max_steps=1)
+    with pytest.raises(TypeError, match="no child of ResNetModule holds a supported image tower.*timm"):
+        trainer.fit(ResNetModule(), tl.loader(4))

@@ -50,10 +50,16 @@ def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module:
         except TypeError:
             continue
         candidates.append(name)
-    if len(candidates) != 1:
-        found = ", ".join(candidates) or "none"
-        raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone "
-                         f"(children with an image tower: {found}); pass module='<attribute name>'")
+    if not candidates:
+        from vleff.backbones import SUPPORTED
+
+        raise TypeError(f"no child of {type(pl_module).__name__} holds a supported image tower "
+                        f"(children: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}); "
+                        f"DynamicViT supports: {'; '.join(SUPPORTED)}")
+    if len(candidates) > 1:
+        raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone: "
+                         f"{', '.join(candidates)} each hold an image tower; pass module= one of "
+                         f"{', '.join(repr(c) for c in candidates)}")
     return getattr(pl_module, candidates[0])
 
 
