@@ -24,10 +24,6 @@ from vleff.checks import check_bool, check_ratio
 from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, evit_applied, training_progress, update_evit
 
 
-def set_evit_keep_rate(model, keep_rate: float) -> None:
-    update_evit(model, keep_rate=keep_rate)
-
-
 def _single_backbone(pl_module: pl.LightningModule):
     """The module's one child holding an image tower, if there is exactly one (else ``None``)."""
     from vleff.callbacks.dynamicvit import resolve_module
@@ -101,7 +97,7 @@ class EViT(Callback):
         if not evit_applied(pl_module):
             apply_evit(pl_module, self.config.replace(keep_rate=rate))
         self._module = pl_module
-        set_evit_keep_rate(pl_module, rate)
+        update_evit(pl_module, keep_rate=rate)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -121,11 +117,11 @@ class EViT(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model leaves fit at the target rate (also when it stopped before the schedule
         # ended); ``current`` keeps the schedule's position for checkpoints
-        set_evit_keep_rate(pl_module, self.target)
+        update_evit(pl_module, keep_rate=self.target)
 
     def set_keep_rate(self, pl_module: pl.LightningModule, keep_rate: float) -> None:
         self.current = check_ratio("keep_rate", keep_rate)
-        set_evit_keep_rate(pl_module, keep_rate)
+        update_evit(pl_module, keep_rate=keep_rate)
 
     # --- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -135,4 +131,4 @@ class EViT(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current = float(state_dict["keep_rate"])
         if self._fitting and self._module is not None and evit_applied(self._module):
-            set_evit_keep_rate(self._module, self.current)
+            update_evit(self._module, keep_rate=self.current)
