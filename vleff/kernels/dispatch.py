@@ -1,12 +1,18 @@
 """Choose between the PyTorch reference and the Triton path for a kernel call.
 
 Rule: ``backend`` argument > ``VLEFF_KERNELS`` environment variable > automatic.
-Automatic picks Triton for CUDA tensors when Triton imports, the reference otherwise.
-Forcing ``"triton"`` on CPU tensors is allowed (it is how the kernels are tested under
-``TRITON_INTERPRET=1``).
+Automatic picks Triton for CUDA tensors when Triton imports (and ``TRITON_INTERPRET`` is not
+``1``), the reference otherwise. Forcing ``"triton"`` on CPU tensors is allowed (it is how the
+kernels are tested under ``TRITON_INTERPRET=1``).
+
+Which backend ran and why is logged once per process and decision (logger
+``vleff.kernels.dispatch``, level INFO), e.g. ``vleff kernels: backend 'torch' (auto: tensors on
+cpu, not CUDA)``; :func:`auto_backend` returns the same decision and reason without logging.
+When Triton does not import, :func:`triton_unavailable_reason` says why.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Literal
 
@@ -16,25 +22,69 @@ Backend = Literal["torch", "triton"]
 _ALLOWED = ("auto", "torch", "triton")
 ENV_VAR = "VLEFF_KERNELS"
 
+logger = logging.getLogger(__name__)
 
 _triton_importable: bool | None = None  # decided on first use
+_triton_reason: str | None = None  # why Triton is not importable (None while it is, or undecided)
+#: failures that mean "Triton cannot be used on this platform" (not installed, a broken or
+#: missing shared library); anything else is a bug and propagates
+_IMPORT_FAILURES = (ImportError, OSError)
+_logged: set[tuple[str, str]] = set()  # (backend, reason) decisions already logged
 
 
 def triton_available() -> bool:
     """True when Triton imports (it is a Linux-only dependency).
 
-    Cached in a module global rather than with ``functools.lru_cache``: ``torch.compile``
-    traces through a plain global read, while it warns about (and ignores) an lru_cache.
+    Only import-like failures (``ImportError``, ``OSError`` from loading its libraries) count as
+    "not available"; their message is kept for :func:`triton_unavailable_reason`. Cached in a
+    module global rather than with ``functools.lru_cache``: ``torch.compile`` traces through a
+    plain global read, while it warns about (and ignores) an lru_cache.
     """
-    global _triton_importable
+    global _triton_importable, _triton_reason
     if _triton_importable is None:
         try:
             import triton  # noqa: F401
             import triton.language  # noqa: F401
-            _triton_importable = True
-        except Exception:  # pragma: no cover - depends on the platform
+        except _IMPORT_FAILURES as exc:  # depends on the platform
             _triton_importable = False
+            _triton_reason = f"{type(exc).__name__}: {exc}"
+        else:
+            _triton_importable = True
+            _triton_reason = None
     return _triton_importable
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why Triton is not importable here (the import error), or ``None`` when it is."""
+    triton_available()
+    return _triton_reason
+
+
+def _resolve(tensor: torch.Tensor, backend: str | None) -> tuple[Backend, str]:
+    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if choice not in _ALLOWED:
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{source}={choice!r} is not a kernel backend; allowed: {', '.join(_ALLOWED)}")
+    source = "backend argument" if backend is not None else f"{ENV_VAR}={choice}"
+    if choice == "torch":
+        return "torch", f"forced by {source}"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}/backend asks for 'triton' but Triton is not importable here "
+                               f"({_triton_reason})")
+        return "triton", f"forced by {source}"
+    if not tensor.is_cuda:
+        return "torch", f"auto: tensors on {tensor.device.type}, not CUDA"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "torch", "auto: TRITON_INTERPRET=1 (the interpreter runs only when forced)"
+    if not triton_available():
+        return "torch", f"auto: Triton is not importable ({_triton_reason})"
+    return "triton", "auto: CUDA tensors and Triton imports"
+
+
+def auto_backend(tensor: torch.Tensor) -> tuple[Backend, str]:
+    """``(backend, reason)`` that ``backend="auto"`` picks for ``tensor`` (nothing logged)."""
+    return _resolve(tensor, "auto")
 
 
 def kernel_backend(tensor: torch.Tensor, backend: str | None = None) -> Backend:
@@ -44,17 +94,8 @@ def kernel_backend(tensor: torch.Tensor, backend: str | None = None) -> Backend:
         tensor: an input of the op (its device decides the automatic choice).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; ``None`` reads ``VLEFF_KERNELS``.
     """
-    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    if choice not in _ALLOWED:
-        source = "backend" if backend is not None else ENV_VAR
-        raise ValueError(f"{source}={choice!r} is not a kernel backend; allowed: {', '.join(_ALLOWED)}")
-    if choice == "torch":
-        return "torch"
-    if choice == "triton":
-        if not triton_available():
-            raise RuntimeError(f"{ENV_VAR}/backend asks for 'triton' but Triton is not importable here")
-        return "triton"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if tensor.is_cuda and not interpreted and triton_available():
-        return "triton"
-    return "torch"
+    chosen, reason = _resolve(tensor, backend)
+    if not torch.compiler.is_compiling() and (chosen, reason) not in _logged:
+        _logged.add((chosen, reason))
+        logger.info("vleff kernels: backend %r (%s)", chosen, reason)
+    return chosen

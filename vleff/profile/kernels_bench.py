@@ -15,7 +15,9 @@ Cases (each timed for every requested backend, interleaved, median of ``repeats`
   (default on CUDA only).
 
 Each row also says how far the Triton result is from the reference (``max_abs_diff``; for
-matching, the fraction of identical source choices), so a GPU run doubles as a check.
+matching, the fraction of identical source choices), so a GPU run doubles as a check, and which
+backend ``auto`` (no ``backend=``, ``VLEFF_KERNELS`` unset) picks for that case's tensors and why
+(``auto_backend``, ``auto_reason``; the table's ``auto`` column): what a user's model runs.
 
 Defaults depend on the device. CUDA: ViT-L/16 at 384 px (577 tokens incl. cls), batch 256,
 C = 1024, bf16, r = 8; GaLore 4096 x 4096 at rank 256 (bf16 gradient, fp32 projector and
@@ -41,6 +43,7 @@ from typing import Any
 
 import torch
 
+from vleff.kernels.dispatch import auto_backend
 from vleff.profile.throughput import measure_throughput
 
 __all__ = ["KernelBenchConfig", "run_kernel_bench"]
@@ -166,6 +169,7 @@ def _tome_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple[d
     grad = torch.randn(b, n - r, c, device=cfg.device, dtype=dtype, generator=gen)
     x_req = x.clone().requires_grad_()
     shape = f"{b}x{n}x{c} r={r}"
+    auto = auto_backend(metric)
 
     def match(backend):
         return lambda: bipartite_soft_matching(metric, r, p, backend=backend)
@@ -194,10 +198,10 @@ def _tome_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple[d
         return {k: {"max_abs_diff": _max_diff(v, outs["torch"])} for k, v in outs.items()}
 
     return {
-        "tome_match": ({k: match(k) for k in cfg.backends}, check_match, shape),
-        "tome_merge": ({k: merge(k) for k in cfg.backends}, check_tensor, shape),
-        "tome_match+merge": ({k: both(k) for k in cfg.backends}, check_tensor, shape),
-        "tome_merge_fwd+bwd": ({k: train(k) for k in cfg.backends}, check_tensor, shape),
+        "tome_match": ({k: match(k) for k in cfg.backends}, check_match, shape, auto),
+        "tome_merge": ({k: merge(k) for k in cfg.backends}, check_tensor, shape, auto),
+        "tome_match+merge": ({k: both(k) for k in cfg.backends}, check_tensor, shape, auto),
+        "tome_merge_fwd+bwd": ({k: train(k) for k in cfg.backends}, check_tensor, shape, auto),
     }
 
 
@@ -214,6 +218,7 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
     low = project(grad.float(), proj, side, backend="torch")
     low_shape = tuple(low.shape)
     shape = f"{m}x{n} rank {rank} {side}"
+    auto = auto_backend(grad)
     weights = {k: torch.randn(m, n, device=cfg.device, generator=gen) for k in cfg.backends}
     moments = {k: (torch.zeros(low_shape, device=cfg.device), torch.zeros(low_shape, device=cfg.device))
                for k in cfg.backends}
@@ -251,9 +256,9 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
         return {k: {"max_abs_diff": _max_diff(v, fresh["torch"])} for k, v in fresh.items()}
 
     return {
-        "galore_project": ({k: proj_fn(k) for k in cfg.backends}, check_tensor, shape),
-        "galore_project_back": ({k: back_fn(k) for k in cfg.backends}, check_tensor, shape),
-        "galore_adam_step": ({k: step_fn(k) for k in cfg.backends}, check_step, shape),
+        "galore_project": ({k: proj_fn(k) for k in cfg.backends}, check_tensor, shape, auto),
+        "galore_project_back": ({k: back_fn(k) for k in cfg.backends}, check_tensor, shape, auto),
+        "galore_adam_step": ({k: step_fn(k) for k in cfg.backends}, check_step, shape, auto),
     }
 
 
@@ -289,7 +294,9 @@ def _vit_case(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple]:
     def check(outs):
         return {k: {"max_abs_diff": _max_diff(v, outs["torch"])} for k, v in outs.items()}
 
-    return {"tome_vit_e2e": ({k: forward(k) for k in cfg.backends}, check, shape)}
+    # what the model runs with VLEFF_KERNELS unset: the auto rule on its (first) kernel inputs
+    auto = auto_backend(images)
+    return {"tome_vit_e2e": ({k: forward(k) for k in cfg.backends}, check, shape, auto)}
 
 
 def _device_name(device: str) -> str:
@@ -321,7 +328,7 @@ def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     for case in cfg.cases:
-        fns, check, shape = cases[case]
+        fns, check, shape, (auto, auto_reason) = cases[case]
         outs = {k: fn() for k, fn in fns.items()}  # also compiles/autotunes the Triton kernels
         extra = check(outs)
         inner = 1 if case == "tome_vit_e2e" else cfg.inner
@@ -338,6 +345,7 @@ def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:
             rows.append({"case": case, "backend": backend, "shape": shape, "dtype": cfg.dtype,
                          "ms": 1e3 * res.median_s / inner, "speedup": res.speedup, **extra[backend],
                          **({"img_per_s": cfg.vit_batch / res.median_s} if case == "tome_vit_e2e" else {}),
+                         "auto_backend": auto, "auto_reason": auto_reason,
                          "device": device_name, "interpreted": cfg.device == "cpu" and backend == "triton"})
     _print(rows)
     if cfg.out:
@@ -359,12 +367,13 @@ def _print(rows: list[dict[str, Any]]) -> None:
         return
     table = Table(title=f"vleff kernels ({rows[0]['device'] if rows else ''})")
     images = any("img_per_s" in row for row in rows)
-    for col in ("case", "backend", "shape", "dtype", "ms", "speedup", "max_abs_diff / same_sources",
+    for col in ("case", "backend", "auto", "shape", "dtype", "ms", "speedup", "max_abs_diff / same_sources",
                 *(("img/s",) if images else ())):
-        table.add_column(col, justify="left" if col in ("case", "backend", "shape") else "right")
+        table.add_column(col, justify="left" if col in ("case", "backend", "auto", "shape") else "right")
     for row in rows:
         check = row.get("max_abs_diff", row.get("same_sources"))
-        table.add_row(row["case"], row["backend"] + (" (interp.)" if row["interpreted"] else ""), row["shape"],
+        table.add_row(row["case"], row["backend"] + (" (interp.)" if row["interpreted"] else ""),
+                      row.get("auto_backend", ""), row["shape"],
                       row["dtype"], f"{row['ms']:.3f}", f"{row['speedup']:.2f}x",
                       "" if check is None else f"{check:.3g}",
                       *((f"{row['img_per_s']:.1f}" if "img_per_s" in row else "",) if images else ()))
