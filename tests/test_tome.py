@@ -1,7 +1,6 @@
 """ToMe: matching and merging against a brute-force reference, and the patched models."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -256,14 +255,24 @@ def test_top_level_api_and_registry():
 
 
 def test_flops_fall_with_r():
-    """Analytic token-count check: with r merged per block, attention/MLP run on fewer tokens."""
-    model = tm.timm_vit(depth=4).eval()
-    apply_tome(model, r=3)
-    with torch.no_grad():
-        model(tm.images())
-    counts = last_token_state(model).token_counts
-    assert counts == [17, 14, 11, 8]
-    assert math.isclose(sum(counts) / (17 * 4), 50 / 68)
+    """count_flops of the merged model equals the analytic count from the per-block token counts
+    (tests/test_pinned_flops.py has the formula); r=0 is the baseline's."""
+    from test_pinned_flops import B, DH, vit_flops
+
+    from vleff.profile import count_flops
+
+    x = tm.images(batch=B)
+    totals = {}
+    for r in (0, 3):
+        model = tm.timm_vit(depth=4).eval()
+        apply_tome(model, r=r)
+        totals[r] = count_flops(model, x)
+        counts = last_token_state(model).token_counts
+        out = counts[-1] - min(r, counts[-1] // 2)
+        matching = sum(2 * B * ((n + 1) // 2) * (n // 2) * DH for n in counts) if r else 0
+        assert counts == ([17] * 4 if r == 0 else [17, 14, 11, 8])
+        assert totals[r] == vit_flops(counts, counts[1:] + [out]) + matching
+    assert totals[3] < 0.8 * totals[0]
 
 
 def test_gradient_checkpointing_is_refused_clearly():
