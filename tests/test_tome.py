@@ -1,7 +1,6 @@
 """ToMe: matching and merging against a brute-force reference, and the patched models."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
