@@ -33,6 +33,14 @@ def _image(x_fn=tm.images):
     return x_fn
 
 
+def _blip_text(model: torch.nn.Module) -> torch.Tensor:
+    """BLIP's text encoder as its ITM head reads it: token 0 after cross-attending to the image
+    (padded captions: the padding mask must follow every reduction)."""
+    ids, mask = tm.blip_token_ids()
+    image = model.vision_model(pixel_values=tm.images()).last_hidden_state
+    return model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image).last_hidden_state[:, 0]
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("timm_vit", lambda: tm.timm_vit(), {"image": lambda m: m(tm.images())},
            lambda m: m.set_grad_checkpointing(True), ("cls",)),
@@ -50,6 +58,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     }, _hf_gc, ("cls", "pair")),
     Family("hf_blip", tm.hf_blip_retrieval, {
         "image": lambda m: m.vision_model(pixel_values=tm.images()).pooler_output,
+        "text": _blip_text,
     }, _hf_gc, ("cls",)),
 ]}
 

@@ -61,9 +61,12 @@ def outputs(model: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> list[torch.
     if name == "CLIPModel":
         out = model(input_ids=ids, pixel_values=x, attention_mask=(ids != 0).long())
         return [out.image_embeds, out.text_embeds, out.vision_model_output.last_hidden_state]
-    if name == "BlipForImageTextRetrieval":
+    if name == "BlipForImageTextRetrieval":  # vision tower, then the text encoder's ITM (cross) and ITC paths
         out = model.vision_model(pixel_values=x)
-        return [out.last_hidden_state, out.pooler_output]
+        mask = (ids != 0).long()
+        itm = model(input_ids=ids, pixel_values=x, attention_mask=mask).itm_score
+        itc = model(input_ids=ids, pixel_values=x, attention_mask=mask, use_itm_head=False).itm_score
+        return [out.last_hidden_state, out.pooler_output, itm, itc]
     raise AssertionError(name)
 
 
@@ -117,7 +120,8 @@ def test_generic_block_reproduces_library(family, train):
 def test_towers_found_per_family():
     assert [t.modality for t in find_towers(tm.open_clip_model())] == ["text", "image"]
     assert sorted(t.modality for t in find_towers(tm.hf_clip_model())) == ["image", "text"]
-    assert [t.family for t in find_towers(tm.hf_blip_retrieval())] == ["transformers"]
+    assert [(t.family, t.modality) for t in find_towers(tm.hf_blip_retrieval())] == [
+        ("transformers", "image"), ("transformers", "text")]
     deit = find_tower(tm.timm_deit_distilled())
     assert deit.num_prefix_tokens == 2 and deit.has_cls_token
     reg = find_tower(tm.timm_vit(reg_tokens=3))

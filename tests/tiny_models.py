@@ -47,18 +47,52 @@ def hf_clip_model(attn_implementation: str = "sdpa"):
     return CLIPModel(cfg)
 
 
-def hf_blip_retrieval():
-    from transformers import BlipConfig, BlipForImageTextRetrieval
+def blip_config():
+    """A tiny BLIP config: 2 text and 2 vision layers of width 64, dropout 0 (so train mode is
+    deterministic), initializer_range 0.02 in both towers (BLIP's vision default, 1e-10, makes
+    every weight ~0 and every test degenerate)."""
+    from transformers import BlipConfig
 
-    cfg = BlipConfig(
+    return BlipConfig(
         text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=32, encoder_hidden_size=64,
-                         bos_token_id=98, eos_token_id=99, sep_token_id=97, pad_token_id=0),
+                         bos_token_id=98, eos_token_id=99, sep_token_id=97, pad_token_id=0,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=IMG, patch_size=PATCH, initializer_range=0.02),  # BLIP's default is 1e-10
         projection_dim=32, image_text_hidden_size=32,
     )
-    return BlipForImageTextRetrieval(cfg)
+
+
+def hf_blip_retrieval():
+    from transformers import BlipForImageTextRetrieval
+
+    return BlipForImageTextRetrieval(blip_config())
+
+
+def hf_blip_captioning():
+    from transformers import BlipForConditionalGeneration
+
+    return BlipForConditionalGeneration(blip_config())
+
+
+def hf_blip_vqa():
+    from transformers import BlipForQuestionAnswering
+
+    return BlipForQuestionAnswering(blip_config())
+
+
+def blip_token_ids(batch: int = 2, length: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP-style text: a leading [CLS]-like token (98), words, [SEP] (97), then zero padding;
+    sample ``i`` has ``5 + 3 i`` real tokens. Returns ``(ids, attention_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 90, (batch, length), generator=g)
+    ids[:, 0] = 98
+    for i in range(batch):
+        end = 4 + i * 3
+        ids[i, end] = 97
+        ids[i, end + 1:] = 0
+    return ids, (ids != 0).long()
 
 
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -9,6 +9,8 @@ Supported families (the adapters never change weights or parameter names):
 * open_clip ``CLIP``/``CustomTextCLIP``: image ``VisionTransformer`` and text tower
 * Hugging Face ``CLIPVisionModel``/``CLIPTextModel`` (also inside ``CLIPModel``)
 * Hugging Face ``BlipVisionModel`` (inside every BLIP model)
+* Hugging Face ``BlipTextModel``: BLIP's text encoder and the ``bert`` of its text decoder
+  (post-norm layers with image cross-attention, layout ``"post_norm_cross"``)
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Iterator
 
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, BlockParts, Modality, TowerAdapter  # noqa: F401
+from vleff.backbones.base import AttentionConfig, BlockParts, CrossInputs, Layout, Modality, TowerAdapter  # noqa: F401
 from vleff.backbones.patch import TowerPatch, get_patch, patch_tower, unpatch_tower
 from vleff.backbones.hooks import BlockInfo, StaleBlockInfo, TowerHook
 from vleff.backbones.state import TokenField, TokenState
@@ -29,6 +31,7 @@ _REGISTRY: list[tuple[str, str, str]] = [
     ("open_clip", "vleff.backbones.open_clip", "OpenClipTextAdapter"),
     ("transformers", "vleff.backbones.hf", "HFCLIPAdapter"),
     ("transformers", "vleff.backbones.hf", "HFBlipVisionAdapter"),
+    ("transformers", "vleff.backbones.blip_text", "HFBlipTextAdapter"),
 ]
 
 SUPPORTED = (
@@ -36,6 +39,7 @@ SUPPORTED = (
     "open_clip CLIP / CustomTextCLIP (image and text towers)",
     "transformers CLIPModel / CLIPVisionModel / CLIPTextModel (+WithProjection)",
     "transformers BLIP models (vision tower: BlipVisionModel)",
+    "transformers BLIP text encoder / decoder (BlipTextModel, also inside BlipTextLMHeadModel)",
 )
 
 
@@ -134,6 +138,8 @@ __all__ = [
     "Modality",
     "BlockInfo",
     "BlockParts",
+    "CrossInputs",
+    "Layout",
     "SUPPORTED",
     "StaleBlockInfo",
     "TokenField",

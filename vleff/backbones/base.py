@@ -8,18 +8,34 @@ Every supported tower computes, per block::
 An adapter exposes those pieces for one family (timm, open_clip, Hugging Face CLIP/BLIP);
 :mod:`vleff.backbones.block` runs them generically so that every token method is written
 once for all families.
+
+A second layout, ``"post_norm_cross"`` (:attr:`TowerAdapter.layout`), covers BERT-style text
+towers with image cross-attention (Hugging Face BLIP's text encoder and decoder)::
+
+    x = norm1(x + attn_out(attention(qkv(x))))     # self-attention, padding/causal mask
+    x = cross_attention(x, image_embeds)            # only when the library passes image embeds
+    x = norm2(x + ffn(x))
+
+:func:`vleff.backbones.block.run_post_norm_block` runs it with the same hook entry points;
+``between`` falls after the self-attention, before the cross-attention.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from vleff.backbones.hooks import TowerHook
+
 Modality = Literal["image", "text"]
 Pooling = Literal["cls", "avg", "eot", "map", "none"]
+#: how a tower's blocks compose their branches (see the module docstring)
+Layout = Literal["pre_norm", "post_norm_cross"]
+LAYOUTS: tuple[str, ...] = ("pre_norm", "post_norm_cross")
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,22 @@ class AttentionConfig:
     softmax_fp32: bool = False
 
 
+@dataclass(frozen=True)
+class CrossInputs:
+    """What a ``post_norm_cross`` block gets besides its tokens, read from the library's call.
+
+    Attributes:
+        encoder_hidden_states: ``[B, M, C]`` image embeddings the cross-attention reads (``None``:
+            the library skips cross-attention, e.g. BLIP's text-only ITC path).
+        encoder_attention_mask: the library's additive mask over those ``M`` keys, or ``None``.
+        cache: the library's key/value cache (generation), or ``None``.
+    """
+
+    encoder_hidden_states: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+    cache: object | None = None
+
+
 class TowerAdapter(ABC):
     """Access to one transformer tower (an image or a text encoder) of a supported family.
 
@@ -63,6 +95,8 @@ class TowerAdapter(ABC):
 
     family: str = ""
     modality: Modality = "image"
+    #: block layout; ``"post_norm_cross"`` adapters also implement the post-norm methods below
+    layout: Layout = "pre_norm"
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
@@ -125,6 +159,33 @@ class TowerAdapter(ABC):
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """``[B]`` position of each sample's EOT token, by the library's own pooling rule."""
         raise NotImplementedError(f"{self.describe()} is not a text tower")
+
+    def layout_hook(self) -> "TowerHook | None":
+        """A tower-level hook the patch runs ahead of every method's hooks (text towers that keep
+        their padding mask right under reductions); ``None`` when the tower needs none. Towers
+        with an :meth:`id_embedding` get :class:`vleff.backbones.text.TextLayout` instead."""
+        return None
+
+    # --- post-norm towers (layout "post_norm_cross") ------------------------------------------
+    def cross_inputs(self, block: nn.Module, *args, **kwargs) -> CrossInputs:
+        """Read the image embeddings, their mask and the cache from the arguments of ``block.forward``."""
+        raise NotImplementedError(f"{self.describe()} has layout {self.layout!r}; it has no cross inputs")
+
+    def cached_kv(self, block: nn.Module, k: torch.Tensor, v: torch.Tensor,
+                  cross: CrossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention keys and values with the library's cache applied (past keys in front;
+        the cache is updated as the library would). Without a cache: ``k, v`` unchanged."""
+        return k, v
+
+    def cross_attention(self, block: nn.Module, x: torch.Tensor, cross: CrossInputs) -> torch.Tensor:
+        """The block's cross-attention sub-layer, residual and norm included (``x`` unchanged
+        when the library passes no image embeddings)."""
+        return x
+
+    def ffn(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward branch output before its residual add and norm (a method that wraps
+        the FFN, MemVP, wraps this)."""
+        return self.parts(block).mlp(x)
 
     def gradient_checkpointing(self) -> bool:
         """Whether the library recomputes blocks in backward (timm/open_clip ``grad_checkpointing``,

@@ -1,4 +1,5 @@
-"""The generic block forward: one implementation of a pre-norm block for every family.
+"""The generic block forward: one implementation of a pre-norm block for every family
+(and of a post-norm block with cross-attention, :func:`run_post_norm_block`, for BLIP text).
 
 A block is two residual branches, F (:func:`attention_branch`) and G (:func:`mlp_branch`):
 ``x = x + F(x); x = x + G(x)``. :func:`run_block` composes them with the hooks' entry points
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, TowerAdapter
+from vleff.backbones.base import AttentionConfig, CrossInputs, TowerAdapter
 from vleff.backbones.hooks import BlockInfo, TowerHook
 from vleff.backbones.state import TokenState
 
@@ -178,6 +179,84 @@ def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], 
     finally:
         state.block_info = None
     x = x + mlp_branch(adapter, block, x)
+    for hook in hooks:
+        x = hook.after(x, info, state)
+    return x
+
+
+# --- post-norm blocks with cross-attention (layout "post_norm_cross": Hugging Face BLIP text) ---------
+def post_norm_attention(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, cross: CrossInputs,
+                        bias: torch.Tensor | None = None, is_causal: bool = False,
+                        keep: torch.Tensor | None = None, info: BlockInfo | None = None) -> torch.Tensor:
+    """The self-attention sub-layer of a post-norm block: ``norm1(x + attn_out(attention(qkv(x))))``.
+
+    Unlike :func:`attention_branch` it returns the new ``x`` (the norm follows the residual add,
+    so there is no branch to add). Queries, keys and values are read from ``x`` itself; the
+    library's key/value cache (generation) is applied by :meth:`TowerAdapter.cached_kv`.
+    ``info`` is filled as in :func:`attention_branch` (``h`` is ``x``: there is no pre-norm).
+    """
+    parts = adapter.parts(block)
+    cfg = adapter.attention_config(block)
+    q, k, v = adapter.qkv(block, x)
+    k, v = adapter.cached_kv(block, k, v, cross)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    need_probs = info is not None and info.want_probs
+    o, probs = attention(q, k, v, cfg, block.training, bias, is_causal, keep, need_probs)
+    if info is not None:
+        info.cfg, info.bias, info.keep = cfg, _causal_full(bias, is_causal, q), keep
+        info._h, info._q, info._k, info._v, info._head_outputs, info._probs = x, q, k, v, o, probs
+    o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return parts.norm1(x + parts.drop_path1(parts.ls1(adapter.attn_out(block, o, x))))
+
+
+def post_norm_ffn(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The feed-forward sub-layer of a post-norm block: ``norm2(x + ffn(x))``."""
+    parts = adapter.parts(block)
+    return parts.norm2(x + parts.drop_path2(parts.ls2(adapter.ffn(block, x))))
+
+
+def run_post_norm_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module,
+                        index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                        cross: CrossInputs) -> torch.Tensor:
+    """One post-norm block (self-attention, cross-attention, FFN) with ``hooks`` applied.
+
+    The entry points are :func:`run_block`'s: ``before``; the hooks' library mask, attention
+    bias and keep mask act on the *self*-attention; ``between`` runs after the self-attention
+    and before the cross-attention (MADTP prunes BLIP's text there), so the cross-attention
+    and the FFN run on the reduced text while the image keys keep their length; ``after``.
+    """
+    info = BlockInfo(index=index, depth=depth, block=block, state=state)
+    for hook in hooks:
+        x = hook.before(x, info, state)
+    for hook in hooks:
+        mask, is_causal = hook.library_mask(mask, is_causal, state)
+    state.token_counts.append(x.shape[1])
+    if mask is not None and state.num_input_tokens != x.shape[1]:
+        raise RuntimeError(
+            f"{adapter.describe()}: block {index} got a library attention mask for "
+            f"{state.num_input_tokens} tokens but the sequence now has {x.shape[1]}; token "
+            "reduction is not supported on this tower's attention masks")
+    info.want_probs = any(hook.needs_attention_probs(index) for hook in hooks)
+    bias = _add(mask_to_bias(mask, x.dtype if x.is_floating_point() else torch.float32),
+                hooks_bias(hooks, state, x.dtype))
+    x = post_norm_attention(adapter, block, x, cross, bias, is_causal, hooks_keep(hooks, state), info)
+    for row in sorted({r for hook in hooks for r in hook.attention_rows(index)}):
+        info.row_attention(row)
+    n_before = x.shape[1]
+    state.block_info = info
+    try:
+        for hook in hooks:
+            x = hook.between(x, info, state)
+    finally:
+        state.block_info = None
+    if cross.cache is not None and x.shape[1] != n_before:
+        raise RuntimeError(
+            f"{adapter.describe()}: block {index}: a hook changed the number of tokens while the library "
+            "runs with a key/value cache (generation); the cache would hold keys of tokens that no longer "
+            "exist. Pass use_cache=False (training) or remove the token-reduction method for generation")
+    x = adapter.cross_attention(block, x, cross)
+    x = post_norm_ffn(adapter, block, x)
     for hook in hooks:
         x = hook.after(x, info, state)
     return x

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vleff.backbones.base import TowerAdapter
-from vleff.backbones.block import run_block
+from vleff.backbones.base import LAYOUTS, CrossInputs, TowerAdapter
+from vleff.backbones.block import run_block, run_post_norm_block
 from vleff.backbones.hooks import TowerHook
 from vleff.backbones.state import TokenState
 
@@ -71,12 +71,18 @@ class TowerPatch:
         return x, state
 
     def run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor,
-            mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+            mask: torch.Tensor | None, is_causal: bool, cross: CrossInputs | None = None) -> torch.Tensor:
+        """One block of the tower; ``cross`` (post-norm towers) carries the image embeddings,
+        their mask and the cache. The block body follows the adapter's layout."""
         if index == 0 or self.state is None:
             x, state = self._start(x)
         else:
             state = self.state
-        x = run_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask, is_causal)
+        if self.adapter.layout == "post_norm_cross":
+            x = run_post_norm_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask,
+                                    is_causal, cross if cross is not None else CrossInputs())
+        else:
+            x = run_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask, is_causal)
         if index == depth - 1:
             for hook in self.hooks:
                 x = hook.finish(x, state)
@@ -95,6 +101,9 @@ class PatchedForward:
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         adapter = self.patch.adapter
         x, mask, is_causal = adapter.block_inputs(self.block, *args, **kwargs)
+        if adapter.layout == "post_norm_cross":
+            cross = adapter.cross_inputs(self.block, *args, **kwargs)
+            return self.patch.run(self.index, self.depth, self.block, x, mask, is_causal, cross)
         if adapter.sequence_first:
             x = x.transpose(0, 1)
         out = self.patch.run(self.index, self.depth, self.block, x, mask, is_causal)
@@ -110,6 +119,8 @@ def patch_tower(adapter: TowerAdapter) -> TowerPatch:
     existing = get_patch(adapter.root)
     if existing is not None:
         return existing
+    if adapter.layout not in LAYOUTS:
+        raise TypeError(f"{adapter.describe()} declares layout={adapter.layout!r}; vleff runs {LAYOUTS}")
     patch = TowerPatch(adapter)
     embedding = adapter.id_embedding()
     if embedding is not None:
@@ -118,6 +129,8 @@ def patch_tower(adapter: TowerAdapter) -> TowerPatch:
         layout = TextLayout(adapter)
         handle = embedding.register_forward_pre_hook(layout.capture_ids)
         patch.layout, patch._ids_hook = layout, (embedding, handle.id)
+    else:
+        patch.layout = adapter.layout_hook()
     blocks = adapter.blocks()
     for index, block in enumerate(blocks):
         block.forward = PatchedForward(patch, index, len(blocks), block)

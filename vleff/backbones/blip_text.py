@@ -1,0 +1,193 @@
+"""Hugging Face BLIP text towers: ``BlipTextModel`` as encoder (``text_encoder`` of
+``BlipForImageTextRetrieval`` / ``BlipForQuestionAnswering``) and as decoder (the ``bert`` of
+the ``BlipTextLMHeadModel`` in ``text_decoder``).
+
+Their layers are post-norm BERT layers with image cross-attention (layout
+``"post_norm_cross"``, run by :func:`vleff.backbones.block.run_post_norm_block`)::
+
+    x = LN(x + SelfAttn(x))                     # padding mask; + causal mask in the decoder
+    x = LN(x + CrossAttn(x, image_embeds))      # when the library passes image embeddings
+    x = LN(x + FFN(x))
+
+The library builds one additive mask for all layers from the padding mask (and the causal
+rule when it runs as a decoder). Token methods change the sequence length, so the patch of a
+BLIP text tower runs :class:`PaddedTextLayout` ahead of the methods' hooks: it registers the
+padding as a token field (reducers gather it with the tokens; ToMe merges padding only with
+padding; EViT keeps it out of the ranking), rebuilds the mask from the tokens' input positions
+once the length changes, and restores the input layout after the last block, so the decoder's
+per-position logits and the library's ``[:, 0]`` pooling see the length they expect.
+
+The text pools at token 0 ([CLS]/[ENC]/[DEC]): it is the tower's one prefix token, and the
+layout marks it protected, so the methods that rank by a text tower's pooling token (EViT)
+rank by it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vleff.backbones.base import AttentionConfig, BlockParts, CrossInputs, Pooling, TowerAdapter
+from vleff.backbones.block import mask_to_bias
+from vleff.backbones.hooks import TowerHook
+from vleff.backbones.state import TokenState, gather_tokens
+from vleff.backbones.text import LAYOUT_HOOK, PAD, POSITION, PROTECTED, SOURCE, TextLayout
+
+
+def masked_keys(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, Nk]`` bool: keys the library's attention mask hides from every query (padding).
+
+    Read from the last query row: in a causal mask it sees every key that is not padding, and a
+    padding-only mask has equal rows. Float masks are additive (Hugging Face fills with the
+    dtype's minimum); bool masks mark allowed keys."""
+    if mask.dtype == torch.bool:
+        hidden = ~mask
+    else:
+        hidden = mask <= torch.finfo(mask.dtype).min / 2
+    return hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])[:, -1]
+
+
+class PaddedTextLayout(TextLayout):
+    """The tower-level hook of a patched BLIP text tower (see the module docstring).
+
+    Fields it registers: ``position`` (input position, reduce ``max``), ``protected`` (token 0,
+    the pooled token), ``pad`` (the library's key padding, 1 = padding; reducers keep it apart)
+    and ``text_source`` (input positions each token holds, for restoring the layout).
+    """
+
+    name = LAYOUT_HOOK
+    replayable = True
+
+    def __init__(self, adapter: TowerAdapter) -> None:  # noqa: D107 - no ids to capture
+        self.adapter = adapter
+        self.ids = None
+
+    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        b, n = x.shape[:2]
+        positions = torch.arange(n, device=x.device).expand(b, n)
+        state.register(POSITION, positions, "max")
+        state.register(PROTECTED, (positions == 0).long(), "max")
+        state.register(PAD, torch.zeros(b, n, dtype=torch.long, device=x.device), "max")
+        state.register(SOURCE, torch.eye(n, device=x.device, dtype=torch.float32).expand(b, n, n), "sum")
+        return x
+
+    def library_mask(self, mask: torch.Tensor | None, is_causal: bool, state: TokenState):
+        if LAYOUT_HOOK not in state.scratch:  # block 0: the library's mask for the input positions
+            state.scratch[LAYOUT_HOOK] = mask
+            if mask is not None:
+                hidden = masked_keys(mask)[:, -state.num_input_tokens:]  # a cache puts past keys in front
+                hidden = hidden.expand(state.batch_size, -1).long()
+                state.set(PAD, gather_tokens(hidden, state.get(POSITION)))
+        return super().library_mask(mask, is_causal, state)
+
+    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+        """Once the length changed: the library's own mask, read at the tokens' input positions
+        (query row ``position[i]``, key column ``position[j]``), so padding and the decoder's
+        causal order hold for merged, pruned and reordered tokens alike."""
+        if not self.changed(state):
+            return None
+        mask = state.scratch.get(LAYOUT_HOOK)
+        if mask is None:
+            return None
+        pos = state.get(POSITION)
+        b, n = pos.shape
+        full = mask_to_bias(mask, dtype)
+        full = full.reshape(full.shape[0], -1, full.shape[-1]).expand(b, -1, -1)  # [B, Nq0 or 1, N0]
+        rows = full if full.shape[1] == 1 else full.gather(1, pos[:, :, None].expand(-1, -1, full.shape[-1]))
+        rows = rows.expand(b, n, -1)
+        return rows.gather(2, pos[:, None, :].expand(-1, n, -1))[:, None]
+
+
+class HFBlipTextAdapter(TowerAdapter):
+    """``BlipTextModel`` (encoder or the decoder's ``bert``): eager attention, post-norm layers."""
+
+    family = "transformers"
+    modality = "text"
+    layout = "post_norm_cross"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+        return isinstance(module, BlipTextModel)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.root.encoder.layer)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def pooling(self) -> Pooling:
+        return "cls"
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.root.config.hidden_size)
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """BLIP reads its text at token 0 (pooler, ITM head, ITC projection)."""
+        return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+
+    def layout_hook(self) -> TowerHook:
+        return PaddedTextLayout(self)
+
+    def gradient_checkpointing(self) -> bool:
+        # transformers 5 keeps the flag on every GradientCheckpointingLayer (the blocks) as well
+        return super().gradient_checkpointing() or any(
+            getattr(b, "gradient_checkpointing", False) is True for b in self.blocks()[:1])
+
+    # --- block level ---------------------------------------------------------------------------
+    def parts(self, block: nn.Module) -> BlockParts:
+        identity = nn.Identity()
+        return BlockParts(block.attention.output.LayerNorm, block.output.LayerNorm, block.intermediate,
+                          identity, identity, identity, identity)
+
+    def attention_config(self, block: nn.Module) -> AttentionConfig:
+        attn = block.attention.self
+        return AttentionConfig(num_heads=attn.num_attention_heads, scale=attn.attention_head_size ** -0.5,
+                               dropout_p=attn.dropout.p, fused=False)
+
+    def qkv(self, block, h):
+        attn = block.attention.self
+        shape = (*h.shape[:-1], -1, attn.attention_head_size)
+        return tuple(proj(h).view(shape).transpose(1, 2) for proj in (attn.query, attn.key, attn.value))
+
+    def attn_out(self, block, o, h):
+        out = block.attention.output
+        return out.dropout(out.dense(o))
+
+    def ffn(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = block.output
+        return out.dropout(out.dense(block.intermediate(x)))
+
+    def block_inputs(self, block, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     encoder_attention_mask=None, cache=None, **kwargs):
+        return hidden_states, attention_mask, False
+
+    def cross_inputs(self, block, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     encoder_attention_mask=None, cache=None, **kwargs) -> CrossInputs:
+        if cache is None:  # the deprecated name the library's own forward still accepts
+            cache = kwargs.get("past_key_values")
+        return CrossInputs(encoder_hidden_states, encoder_attention_mask, cache)
+
+    def cached_kv(self, block, k, v, cross):
+        if cross.cache is None:
+            return k, v
+        from transformers.cache_utils import EncoderDecoderCache
+
+        cache = cross.cache
+        own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        return own.update(k, v, block.attention.self.layer_idx)
+
+    def cross_attention(self, block, x, cross):
+        """The library's own cross-attention module (its cache handling included). Its image
+        keys never change length; a mask written for the input text length (rows per query,
+        all equal: it masks image keys only) is cut to one broadcast row once the text is reduced."""
+        if cross.encoder_hidden_states is None:
+            return x
+        mask = cross.encoder_attention_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] not in (1, x.shape[1]):
+            mask = mask[..., :1, :]
+        return block.crossattention(x, attention_mask=mask, encoder_hidden_states=cross.encoder_hidden_states,
+                                    cache=cross.cache)[0]
