@@ -28,6 +28,7 @@ import torch
 
 import tiny_lightning as tl
 from families import FAMILIES, family_towers
+from vleff.backbones import find_towers, get_patch
 from vleff.registry import all_methods, get_method
 
 
@@ -60,10 +61,12 @@ SETTINGS: dict[str, Settings] = {
                            state_prefix="vleff_dynamicvit.", callback_args={"rho": 0.5, "locations": [1]}),
     "galore": Settings(noop={}, active={"rank": 4},
                        refusals=[({"rank": 0}, "rank"), ({"scale": float("inf")}, "scale"),
-                                 ({"proj_type": "up"}, "proj_type"), ({"targets": "("}, "targets")]),
+                                 ({"proj_type": "up"}, "proj_type"), ({"targets": "("}, "targets")],
+                       callback_args={"rank": 4, "update_proj_gap": 3}),
     "mezo": Settings(noop={}, active={"eps": 1e-3},
                      refusals=[({"eps": 0}, "eps"), ({"lr": float("inf")}, "lr"), ({"seed": -1}, "seed"),
-                               ({"params": "("}, "params")]),
+                               ({"params": "("}, "params")],
+                     callback_args={"eps": 1e-3, "lr": 1e-3}),
 }
 
 HOOK_METHODS = [m.name for m in all_methods() if m.apply is not None]
@@ -124,6 +127,8 @@ def test_noop_equals_library_and_remove_restores_it_exactly(name, family, tower)
         method.remove(model)
         assert not method.is_applied(model)
         torch.testing.assert_close(fwd(model), ref, atol=0, rtol=0)
+        for t in find_towers(model):  # the library's own forward, not a generic copy of it
+            assert get_patch(t.root) is None and all("forward" not in b.__dict__ for b in t.blocks())
         with pytest.raises(ValueError, match="not applied"):
             method.remove(model)
 
@@ -241,7 +246,7 @@ def _fit(tmp_path, name: str, max_steps: int, ckpt: str | None = None, save: str
     return module
 
 
-@pytest.mark.parametrize("name", [n for n in HOOK_METHODS if SETTINGS[n].callback_args])
+@pytest.mark.parametrize("name", [n for n in sorted(SETTINGS) if SETTINGS[n].callback_args])
 def test_callback_fit_saved_and_resumed_equals_uninterrupted(name, tmp_path):
     torch.use_deterministic_algorithms(True)
     try:
