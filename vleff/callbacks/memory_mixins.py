@@ -68,7 +68,7 @@ class MeZOMixin:
         if self._vleff_mezo_config is None:
             raise RuntimeError(f"{type(self).__name__} mixes in MeZOMixin but never called self.use_mezo(...) in "
                                "__init__; call it (e.g. self.use_mezo(eps=1e-3, lr=1e-6)) or drop the mixin")
-        install_mezo(self.trainer, self, **self._vleff_mezo_config.as_dict())  # type: ignore[attr-defined, arg-type]
+        install_mezo(self.trainer, self, self._vleff_mezo_config)  # type: ignore[attr-defined, arg-type]
 
     def on_train_epoch_end(self) -> None:
         from vleff.callbacks.mezo import _step_schedulers

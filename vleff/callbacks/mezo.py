@@ -39,9 +39,8 @@ Hooks and logging during a MeZO step (the user's ``training_step`` runs twice, a
 from __future__ import annotations
 
 import functools
-import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -54,9 +53,9 @@ from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_m
 from vleff.memory.convert import mezo_from_optimizer
 from vleff.memory.galore import GaLoreAdamW
 from vleff.memory.mezo import MeZO as MeZOOptimizer
-from vleff.memory.selection import check_patterns
+from vleff.memory.methods import MeZOConfig
 
-__all__ = ["MeZO", "check_automatic_optimization", "check_mezo_arguments", "install_mezo", "uninstall_mezo"]
+__all__ = ["MeZO", "check_automatic_optimization", "install_mezo", "uninstall_mezo"]
 
 _ATTR = "_vleff_mezo"
 
@@ -167,11 +166,9 @@ def _mezo_step(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: Call
     return loss
 
 
-def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, *, eps: float = 1e-3,
-                 lr: float | None = None, weight_decay: float | None = None,
-                 params: str | Sequence[str] | None = None, seed: int = 0) -> MeZOOptimizer:
+def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZOConfig) -> MeZOOptimizer:
     """Swap in the MeZO optimizer and wrap ``pl_module.training_step`` (callback and mixin share this)."""
-    check_mezo_arguments(eps=eps, lr=lr, weight_decay=weight_decay, params=params, seed=seed)
+    eps, lr, weight_decay, params, seed = config.eps, config.lr, config.weight_decay, config.params, config.seed
     check_strategy(trainer, "MeZO")
     uninstall_mezo(pl_module)  # a second fit: start from the user's own module
     check_automatic_optimization(pl_module)
@@ -280,30 +277,10 @@ def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
             "backward: remove automatic_optimization=False and the manual backward/step calls, or train without MeZO")
 
 
-def check_mezo_arguments(*, eps: Any, lr: Any = None, weight_decay: Any = None, params: Any = None,
-                         seed: Any = 0) -> None:
-    """Validate the MeZO callback's arguments at construction (not at fit time, after setup)."""
-    def number(name: str, value: Any, positive: bool) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (value <= 0 if positive else value < 0):
-            allowed = "a finite number > 0" if positive else "a finite number >= 0"
-            raise ValueError(f"MeZO: {name}={value!r} is not allowed; it must be {allowed}")
-
-    number("eps", eps, positive=True)
-    if lr is not None:
-        number("lr", lr, positive=False)
-    if weight_decay is not None:
-        number("weight_decay", weight_decay, positive=False)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
-        raise ValueError(f"MeZO: seed={seed!r} is not allowed; it must be an int in [0, 2**62) "
-                         "(step t draws its direction from seed + t)")
-    check_patterns("params", params)
-
-
 class MeZO(Callback):
     """Zeroth-order fine-tuning of an unchanged LightningModule.
 
-    Args:
+    Args (the fields of :class:`vleff.memory.methods.MeZOConfig`):
         eps: perturbation size ε (> 0).
         lr: step size for every group; ``None`` keeps the lr of the optimizer
             ``configure_optimizers`` returns (required when it returns none). MeZO's
@@ -322,14 +299,13 @@ class MeZO(Callback):
     later ``Trainer.fit`` without MeZO trains it with backprop.
     """
 
-    def __init__(self, eps: float = 1e-3, lr: float | None = None, weight_decay: float | None = None,
-                 params: str | Sequence[str] | None = None, seed: int = 0) -> None:
-        check_mezo_arguments(eps=eps, lr=lr, weight_decay=weight_decay, params=params, seed=seed)
-        self.eps = eps
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.params = list(params) if isinstance(params, (list, tuple)) else params
-        self.seed = seed
+    #: the method config whose fields ``**settings`` takes (defaults and checks live there)
+    settings_config = MeZOConfig
+
+    def __init__(self, **settings: Any) -> None:
+        self.config = MeZOConfig.build(**settings)
+        self.eps, self.lr, self.weight_decay = self.config.eps, self.config.lr, self.config.weight_decay
+        self.params, self.seed = self.config.params, self.config.seed
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse, before anything runs, what MeZO cannot train (manual optimization, GaLore)."""
@@ -339,8 +315,7 @@ class MeZO(Callback):
         refuse_galore_with_mezo(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        install_mezo(trainer, pl_module, eps=self.eps, lr=self.lr, weight_decay=self.weight_decay,
-                     params=self.params, seed=self.seed)
+        install_mezo(trainer, pl_module, self.config)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _step_schedulers(trainer, "epoch")

@@ -165,9 +165,3 @@ def rebind_scheduler(scheduler: Any, old: Optimizer, new: Optimizer,
         if base_lr is not None and hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [base_lr] * len(new.param_groups)
 
-
-def rebind_schedulers(schedulers: Iterable[Any], old: Optimizer, new: Optimizer,
-                      base_lr: float | None = None) -> Callable[[], None] | None:
-    for s in schedulers:
-        rebind_scheduler(s, old, new, base_lr)
-    return None

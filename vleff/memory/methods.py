@@ -6,10 +6,11 @@ callbacks, mixins and CLIs share, and their entries name the callback and mixin.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from vleff.checks import check_choice, check_int, check_number
 from vleff.memory.galore import DEFAULT_SVD, PROJ_TYPES, SVD_METHODS
 from vleff.memory.selection import DEFAULT_EXCLUDE, check_patterns
 from vleff.registry import Method, MethodConfig, register_method
@@ -29,13 +30,24 @@ class GaLoreConfig(MethodConfig):
     svd: str = DEFAULT_SVD
 
     def __post_init__(self) -> None:
-        check_int("rank", self.rank, low=1)
-        check_int("update_proj_gap", self.update_proj_gap, low=1)
-        self.scale = check_number("scale", self.scale, low=0, low_open=True)
-        check_choice("proj_type", self.proj_type, PROJ_TYPES)
-        check_choice("svd", self.svd, SVD_METHODS)
+        rank, gap, scale = self.rank, self.update_proj_gap, self.scale
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"GaLore: rank={rank!r} is not allowed; use a positive int (the rank of the "
+                             "projected moments)")
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+            raise ValueError(f"GaLore: update_proj_gap={gap!r} is not allowed; use a positive int "
+                             "(steps between projection refreshes)")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"GaLore: scale={scale!r} is not allowed; it must be a finite number > 0 "
+                             "(alpha, the factor on the back-projected update; the paper uses 0.25)")
+        if self.proj_type not in PROJ_TYPES:
+            raise ValueError(f"proj_type={self.proj_type!r} is not allowed; use one of {', '.join(PROJ_TYPES)}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"GaLore: svd={self.svd!r} is not allowed; use one of {', '.join(SVD_METHODS)}")
         check_patterns("targets", self.targets)
         check_patterns("exclude", self.exclude)
+        self.targets = list(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
+        self.exclude = list(self.exclude) if isinstance(self.exclude, (list, tuple)) else self.exclude
 
 
 @dataclass
@@ -50,13 +62,23 @@ class MeZOConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.eps = check_number("eps", self.eps, low=0, low_open=True)
+        def number(name: str, value: Any, positive: bool) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= 0 if positive else value < 0):
+                allowed = "a finite number > 0" if positive else "a finite number >= 0"
+                raise ValueError(f"MeZO: {name}={value!r} is not allowed; it must be {allowed}")
+
+        number("eps", self.eps, positive=True)
         if self.lr is not None:
-            self.lr = check_number("lr", self.lr, low=0)
+            number("lr", self.lr, positive=False)
         if self.weight_decay is not None:
-            self.weight_decay = check_number("weight_decay", self.weight_decay, low=0)
-        check_int("seed", self.seed, low=0)
+            number("weight_decay", self.weight_decay, positive=False)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
+            raise ValueError(f"MeZO: seed={seed!r} is not allowed; it must be an int in [0, 2**62) "
+                             "(step t draws its direction from seed + t)")
         check_patterns("params", self.params)
+        self.params = list(self.params) if isinstance(self.params, (list, tuple)) else self.params
 
 
 register_method(Method(
