@@ -43,6 +43,13 @@ SUPPORTED = (
 )
 
 
+def find_pair(model: nn.Module):
+    """The image-text :class:`~vleff.backbones.pairs.ModelPair` of ``model`` (see :mod:`vleff.backbones.pairs`)."""
+    from vleff.backbones.pairs import find_pair as _find_pair
+
+    return _find_pair(model)
+
+
 def _adapter_classes() -> Iterator[type[TowerAdapter]]:
     import importlib
 
@@ -147,6 +154,7 @@ __all__ = [
     "TowerHook",
     "TowerAdapter",
     "TowerPatch",
+    "find_pair",
     "find_tower",
     "find_towers",
     "get_patch",

@@ -30,6 +30,9 @@ class TowerPatch:
         #: right under reductions (:mod:`vleff.backbones.text`); runs before every method hook
         self.layout: TowerHook | None = None
         self._ids_hook: tuple[nn.Module, int] | None = None
+        #: the per-step context both towers of a model pair share (:meth:`vleff.backbones.pairs.ModelPair.context`);
+        #: each forward started while it is set records its token state there
+        self.context = None
 
     @property
     def running_hooks(self) -> list[TowerHook]:
@@ -66,6 +69,8 @@ class TowerPatch:
         state = TokenState(num_prefix=self.adapter.num_prefix_tokens, num_input_tokens=x.shape[1],
                            num_tokens=x.shape[1], batch_size=x.shape[0])
         self.state = state
+        if self.context is not None:
+            self.context.attach(self.adapter.modality, state)
         for hook in self.running_hooks:
             x = hook.start(x, state)
         return x, state

@@ -1,0 +1,165 @@
+"""Model pairs: the embeddings, pooling position and temperature must be the library's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_models as tm
+from vleff.backbones import TowerHook, find_pair, find_towers, get_patch, patch_tower
+from vleff.backbones.pairs import PairContext, pair_context
+
+
+def _clip_ids():
+    return tm.token_ids()
+
+
+PAIRS = {
+    "open_clip": tm.open_clip_model,
+    "hf_clip": tm.hf_clip_model,
+    "blip_retrieval": tm.hf_blip_retrieval,
+    "blip_captioning": tm.hf_blip_captioning,
+    "blip_vqa": tm.hf_blip_vqa,
+}
+
+
+def _exact(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["open_clip", "hf_clip"])
+def test_clip_embeddings_equal_the_library_methods(name):
+    torch.manual_seed(0)
+    model = PAIRS[name]().eval()
+    pair = find_pair(model)
+    images, ids = tm.images(), _clip_ids()
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        if name == "open_clip":
+            ref_img, ref_txt = model.encode_image(images), model.encode_text(ids)
+        else:
+            ref_img = model.get_image_features(pixel_values=images).pooler_output
+            ref_txt = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        _exact(pair.encode_image(images), ref_img)
+        _exact(pair.encode_text(ids, mask), ref_txt)
+        _exact(pair.encode_image(images, normalize=True), F.normalize(ref_img, dim=-1))
+        if name == "hf_clip":  # the library's own forward: its logits from the same embeddings
+            out = model(input_ids=ids, pixel_values=images, attention_mask=mask)
+            _exact(pair.encode_text(ids, mask, normalize=True), out.text_embeds)
+            _exact(pair.encode_image(images, normalize=True), out.image_embeds)
+    assert pair.logit_scale is model.logit_scale
+    assert pair.image_tower.modality == "image" and pair.text_tower.modality == "text"
+
+
+def test_blip_retrieval_embeddings_are_the_itc_path():
+    torch.manual_seed(0)
+    model = tm.hf_blip_retrieval().eval()
+    pair = find_pair(model)
+    ids, mask = tm.blip_token_ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=tm.images(), attention_mask=mask, use_itm_head=False).itm_score
+        sim = pair.encode_image(tm.images(), normalize=True) @ pair.encode_text(ids, mask, normalize=True).t()
+    _exact(sim, ref)
+    assert pair.logit_scale is None
+    assert pair.text_tower.root is model.text_encoder and pair.image_tower.root is model.vision_model
+
+
+@pytest.mark.parametrize("name", ["blip_captioning", "blip_vqa"])
+def test_blip_generative_models_pair_their_unimodal_text_tower(name):
+    torch.manual_seed(0)
+    model = PAIRS[name]().eval()
+    pair = find_pair(model)
+    text_root = model.text_decoder.bert if name == "blip_captioning" else model.text_encoder
+    assert pair.text_tower.root is text_root
+    ids, mask = tm.blip_token_ids()
+    with torch.no_grad():
+        _exact(pair.encode_text(ids, mask), text_root(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+        _exact(pair.encode_image(tm.images()), model.vision_model(pixel_values=tm.images()).last_hidden_state[:, 0])
+    assert pair.logit_scale is None
+
+
+def test_eot_index_is_where_the_library_pools():
+    from open_clip.transformer import text_global_pool
+
+    ids = _clip_ids()
+    b, n = ids.shape
+    # open_clip: its own pooling function applied to token positions returns the pooled position
+    model = tm.open_clip_model()
+    positions = torch.arange(n, dtype=torch.float32)[None, :, None].expand(b, n, 1)
+    pooled = text_global_pool(positions, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    _exact(find_pair(model).eot_index(ids), pooled[:, 0].long())
+    # Hugging Face CLIP: pooler_output is the last hidden state at the pooled position
+    model = tm.hf_clip_model().eval()
+    with torch.no_grad():
+        out = model.text_model(input_ids=ids)
+    eot = find_pair(model).eot_index(ids)
+    assert eot.tolist() == [4, 7]
+    _exact(out.last_hidden_state[torch.arange(b), eot], out.pooler_output)
+    # BLIP: the ITC projection reads token 0
+    model = tm.hf_blip_retrieval().eval()
+    blip_ids, mask = tm.blip_token_ids()
+    pair = find_pair(model)
+    with torch.no_grad():
+        hidden = model.text_encoder(input_ids=blip_ids, attention_mask=mask).last_hidden_state
+        at = pair.eot_index(blip_ids)
+        _exact(model.text_proj(hidden[torch.arange(b), at]), pair.encode_text(blip_ids, mask))
+
+
+class Recorder(TowerHook):
+    """Reads, from the text tower, the image tower's state of the same step."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[PairContext | None, object]] = []
+
+    def start(self, x, state):
+        ctx = pair_context(state)
+        self.seen.append((ctx, None if ctx is None else ctx.states.get("image")))
+        return x
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_context_is_one_object_on_both_patches_and_links_the_towers(name):
+    torch.manual_seed(0)
+    model = PAIRS[name]().eval()
+    pair = find_pair(model)
+    recorder = Recorder()
+
+    class Noop(TowerHook):
+        name = "noop"
+
+    patch_tower(pair.image_tower).add_hook(Noop())
+    patch_tower(pair.text_tower).add_hook(recorder)
+    image_patch, text_patch = get_patch(pair.image_tower.root), get_patch(pair.text_tower.root)
+    ids, mask = (tm.blip_token_ids() if name.startswith("blip") else (_clip_ids(), None))
+    with torch.no_grad():
+        with pair.context() as ctx:
+            assert image_patch.context is ctx and text_patch.context is ctx
+            pair.encode_image(tm.images())
+            pair.encode_text(ids, mask)
+            text_state = text_patch.state
+        assert image_patch.context is None and text_patch.context is None
+        pair.encode_text(ids, mask)  # outside: no context
+    (inside, image_state), (outside, _) = recorder.seen
+    assert inside is ctx and image_state is image_patch.state and ctx.states["text"] is text_state
+    assert outside is None
+    with pair.context() as second:
+        assert second is not ctx and not second.states
+
+
+@pytest.mark.parametrize("model", [lambda: tm.timm_vit(), lambda: torch.nn.Linear(2, 2)], ids=["timm_vit", "linear"])
+def test_not_a_pair_names_the_class(model):
+    m = model()
+    with pytest.raises(TypeError, match=rf"{type(m).__name__} is not an image-text model pair.*CLIPModel"):
+        find_pair(m)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        find_pair("model")
+
+
+def test_pair_towers_are_the_ones_find_towers_lists():
+    for name, make in PAIRS.items():
+        model = make()
+        pair = find_pair(model)
+        roots = [t.root for t in find_towers(model)]
+        assert pair.image_tower.root in roots and pair.text_tower.root in roots, name

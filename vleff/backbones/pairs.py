@@ -1,0 +1,230 @@
+"""Image-text model pairs: one object for the two towers of a vision-language model.
+
+Apps (contrastive fine-tuning, retrieval) and cross-modal methods (CrossGET, MADTP) need more
+than the towers: the embeddings the library compares, where the text is pooled, the
+temperature, and a place where both towers meet within one step. :func:`find_pair` gives that
+for every supported pair family:
+
+* open_clip ``CLIP`` / ``CustomTextCLIP``                       (family ``"open_clip"``)
+* Hugging Face ``CLIPModel``                                  (family ``"hf_clip"``)
+* Hugging Face ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration``,
+  ``BlipForQuestionAnswering``                                (family ``"hf_blip"``)
+
+>>> pair = find_pair(model)
+>>> img, txt = pair.encode_image(images), pair.encode_text(ids, mask)
+>>> with pair.context() as ctx:          # one training step: both towers' patches share ctx
+...     loss = step(pair)                # a text-tower hook reads ctx.states["image"]
+
+``encode_*`` return the projected embeddings as the library computes them, not normalised
+(pass ``normalize=True`` for cosine similarity): open_clip ``encode_image``/``encode_text``,
+Hugging Face ``get_image_features``/``get_text_features``, BLIP retrieval's contrastive (ITC)
+path ``vision_proj``/``text_proj`` of token 0. BLIP captioning and VQA models have no
+contrastive projection: their ``encode_*`` return token 0 of the image tower and of the text
+tower (unimodal, no cross-attention), and ``logit_scale`` is ``None``.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vleff.backbones.base import TowerAdapter
+from vleff.backbones.patch import get_patch
+from vleff.backbones.state import TokenState
+
+#: key of the :class:`PairContext` in ``TokenState.scratch`` of a tower forward run inside one
+PAIR_CONTEXT = "pair_context"
+
+PAIRS_SUPPORTED = (
+    "open_clip CLIP / CustomTextCLIP",
+    "transformers CLIPModel",
+    "transformers BlipForImageTextRetrieval / BlipForConditionalGeneration / BlipForQuestionAnswering",
+)
+
+
+@dataclass(eq=False)
+class PairContext:
+    """What both towers of a pair share during one step (one :meth:`ModelPair.context` block).
+
+    Both towers' :class:`~vleff.backbones.TowerPatch` objects hold the same instance while the
+    block is open. Each tower forward that starts inside it records its token state here (and
+    the state finds the context under ``state.scratch[PAIR_CONTEXT]``), so a text-tower hook can
+    read what the image tower did in the same step (CrossGET's cross token, MADTP's alignment).
+
+    Attributes:
+        states: the latest :class:`TokenState` of each tower forward in this step, by modality.
+        data: free space for cross-modal methods, by method name.
+    """
+
+    states: dict[str, TokenState] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def attach(self, modality: str, state: TokenState) -> None:
+        """Called by a tower's patch when its forward starts inside this context."""
+        self.states[modality] = state
+        state.scratch[PAIR_CONTEXT] = self
+
+
+def pair_context(state: TokenState) -> PairContext | None:
+    """The context a tower forward ran in (``None`` outside :meth:`ModelPair.context`)."""
+    ctx = state.scratch.get(PAIR_CONTEXT)
+    return ctx if isinstance(ctx, PairContext) else None
+
+
+class ModelPair:
+    """The image and text towers of one model, and the library's own contrastive pieces.
+
+    Cheap to build; holds references only. Subclasses implement one family each.
+    """
+
+    family: str = ""
+
+    def __init__(self, model: nn.Module, image_tower: TowerAdapter, text_tower: TowerAdapter) -> None:
+        self.model = model
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+
+    # --- embeddings -----------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``[B, D]`` image embeddings as the library computes them."""
+        raise NotImplementedError
+
+    def encode_text(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = False) -> torch.Tensor:
+        """``[B, D]`` text embeddings as the library computes them (``attention_mask``: the padding
+        mask Hugging Face towers take; open_clip's causal text tower needs none and ignores it)."""
+        raise NotImplementedError
+
+    def eot_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B]`` position the library pools each text at (EOT for CLIP, 0 for BLIP)."""
+        return self.text_tower.eot_positions(ids)
+
+    @property
+    def logit_scale(self) -> torch.Tensor | None:
+        """The learnable log temperature as the library stores it (``exp`` gives the scale), or
+        ``None`` when the model has none."""
+        return None
+
+    # --- the shared per-step context ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def context(self) -> Iterator[PairContext]:
+        """A fresh :class:`PairContext` on both towers' patches for the duration of the block.
+
+        Only patched towers (a method applied) take part; a tower patched inside the block joins
+        at its next forward only if patched before the block opened. Restores what was there."""
+        ctx = PairContext()
+        patches = [p for p in (get_patch(self.image_tower.root), get_patch(self.text_tower.root)) if p is not None]
+        previous = [p.context for p in patches]
+        for p in patches:
+            p.context = ctx
+        try:
+            yield ctx
+        finally:
+            for p, prev in zip(patches, previous):
+                p.context = prev
+
+    @staticmethod
+    def _normed(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def describe(self) -> str:
+        return f"{self.family} pair {type(self.model).__name__} ({self.image_tower.describe()}; {self.text_tower.describe()})"
+
+
+class OpenClipPair(ModelPair):
+    family = "open_clip"
+
+    def encode_image(self, images, normalize=False):
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, ids, attention_mask=None, normalize=False):
+        return self.model.encode_text(ids, normalize=normalize)
+
+    @property
+    def logit_scale(self):
+        return self.model.logit_scale
+
+
+class HFCLIPPair(ModelPair):
+    family = "hf_clip"
+
+    def encode_image(self, images, normalize=False):
+        return self._normed(_pooled(self.model.get_image_features(pixel_values=images)), normalize)
+
+    def encode_text(self, ids, attention_mask=None, normalize=False):
+        out = self.model.get_text_features(input_ids=ids, attention_mask=attention_mask)
+        return self._normed(_pooled(out), normalize)
+
+    @property
+    def logit_scale(self):
+        return self.model.logit_scale
+
+
+class BlipPair(ModelPair):
+    """BLIP: the retrieval model's ITC path; captioning/VQA: token 0 of each tower (no projection)."""
+
+    family = "hf_blip"
+
+    def encode_image(self, images, normalize=False):
+        cls = self.model.vision_model(pixel_values=images).last_hidden_state[:, 0, :]
+        proj = getattr(self.model, "vision_proj", None)
+        return self._normed(proj(cls) if proj is not None else cls, normalize)
+
+    def encode_text(self, ids, attention_mask=None, normalize=False):
+        out = self.text_tower.root(input_ids=ids, attention_mask=attention_mask).last_hidden_state[:, 0, :]
+        proj = getattr(self.model, "text_proj", None)
+        return self._normed(proj(out) if proj is not None else out, normalize)
+
+
+def _pooled(out: Any) -> torch.Tensor:
+    return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a ModelOutput
+
+
+def _towers(model: nn.Module) -> tuple[TowerAdapter, TowerAdapter]:
+    from vleff.backbones import find_tower
+
+    return find_tower(model, "image"), find_tower(model, "text")
+
+
+def find_pair(model: nn.Module) -> ModelPair:
+    """The :class:`ModelPair` of an image-text model.
+
+    Raises:
+        TypeError: ``model`` is not one of the supported pairs (the message names its class
+            and lists what is supported), or one of its towers is of an unsupported kind.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "open_clip" in sys.modules:
+        import open_clip
+
+        if isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
+            return OpenClipPair(model, *_towers(model))
+    if "transformers" in sys.modules:
+        from transformers import (
+            BlipForConditionalGeneration,
+            BlipForImageTextRetrieval,
+            BlipForQuestionAnswering,
+            CLIPModel,
+        )
+
+        from vleff.backbones.blip_text import HFBlipTextAdapter
+        from vleff.backbones.hf import HFBlipVisionAdapter
+
+        if isinstance(model, CLIPModel):
+            return HFCLIPPair(model, *_towers(model))
+        if isinstance(model, (BlipForImageTextRetrieval, BlipForQuestionAnswering)):
+            return BlipPair(model, HFBlipVisionAdapter(model.vision_model), HFBlipTextAdapter(model.text_encoder))
+        if isinstance(model, BlipForConditionalGeneration):
+            return BlipPair(model, HFBlipVisionAdapter(model.vision_model), HFBlipTextAdapter(model.text_decoder.bert))
+    raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not an image-text model pair vleff knows; "
+                    f"supported: {'; '.join(PAIRS_SUPPORTED)}")
+
+
+__all__ = ["BlipPair", "HFCLIPPair", "ModelPair", "OpenClipPair", "PAIR_CONTEXT", "PAIRS_SUPPORTED", "PairContext",
+           "find_pair", "pair_context"]
