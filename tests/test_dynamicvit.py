@@ -453,3 +453,22 @@ def test_callback_on_a_model_without_a_tower_names_the_families(tmp_path):
     trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.7)], max_steps=1)
     with pytest.raises(TypeError, match="no child of ResNetModule holds a supported image tower.*timm"):
         trainer.fit(ResNetModule(), tl.loader(4))
+
+
+def test_model_with_distillation_pickles_and_still_distils():
+    """Issue 13: the distiller held a local closure, so a DynamicViT model with distillation
+    (the default) could not be pickled or ``torch.save``d whole."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = tm.timm_vit(depth=3)
+    apply_dynamicvit(model, rho=0.5, locations=[1], distill=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy_ in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(model))):
+        copy_.train()
+        copy_(tm.images(2))
+        assert {"dynamicvit/ratio", "dynamicvit/kl", "dynamicvit/token"} <= set(pop_aux_losses(copy_))
+        assert dynamicvit_teacher(copy_) is not dynamicvit_teacher(model)

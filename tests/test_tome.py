@@ -326,3 +326,12 @@ def test_torch_compile_traces_one_graph_and_matches_eager(family):
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor(3), "not a tensor"), (float("nan"), "r=nan"), (float("inf"), "r=inf"), ((4, float("nan")), "r=\\(4, nan\\)"),
+])
+def test_r_values_python_cannot_convert_get_clear_errors(bad, match):
+    """Issue 13: ``r=torch.tensor(3)`` and ``r=nan`` surfaced Python internals."""
+    with pytest.raises(ValueError, match=match):
+        apply_tome(tm.timm_vit(), r=bad)
