@@ -163,3 +163,32 @@ def test_pair_towers_are_the_ones_find_towers_lists():
         pair = find_pair(model)
         roots = [t.root for t in find_towers(model)]
         assert pair.image_tower.root in roots and pair.text_tower.root in roots, name
+
+
+@pytest.mark.parametrize("name", ["open_clip", "hf_clip"])
+def test_clip_finetuner_encodes_through_the_pair_as_the_library_does(name):
+    from vleff.models.clip_finetuner import CLIPFineTuner
+
+    torch.manual_seed(0)
+    model = PAIRS[name]().eval()
+    tuner = CLIPFineTuner(model)
+    ids = _clip_ids()
+    with torch.no_grad():
+        if name == "open_clip":
+            ref_img, ref_txt = model.encode_image(tm.images(), normalize=True), model.encode_text(ids, normalize=True)
+        else:
+            out = model(input_ids=ids, pixel_values=tm.images(), attention_mask=(ids != 0).long())
+            ref_img, ref_txt = out.image_embeds, out.text_embeds
+        img, txt = tuner(tm.images(), ids)
+    _exact(img, ref_img)
+    _exact(txt, ref_txt)
+    assert tuner.logit_scale is model.logit_scale and tuner.pair.model is model
+
+
+def test_clip_finetuner_refuses_pairs_without_a_temperature_naming_the_class():
+    from vleff.models.clip_finetuner import CLIPFineTuner
+
+    with pytest.raises(TypeError, match="BlipForImageTextRetrieval is neither an open_clip CLIP nor a Hugging Face"):
+        CLIPFineTuner(tm.hf_blip_retrieval())
+    with pytest.raises(TypeError, match="VisionTransformer is neither"):
+        CLIPFineTuner(tm.timm_vit())

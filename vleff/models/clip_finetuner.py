@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vleff.backbones.pairs import ModelPair, find_pair
 from vleff.memory.selection import wants_decay
 
-__all__ = ["CLIPFineTuner", "build_clip", "clip_family", "contrastive_loss", "retrieval_recalls"]
+__all__ = ["CLIPFineTuner", "build_clip", "clip_family", "clip_pair", "contrastive_loss", "retrieval_recalls"]
 
 
 def build_clip(name: str, pretrained: str | None = None, **cfg: Any) -> nn.Module:
@@ -64,13 +65,29 @@ def build_clip(name: str, pretrained: str | None = None, **cfg: Any) -> nn.Modul
     raise ValueError(f"model name {name!r} is not known; use 'open_clip:<arch>', 'hf:<path>' or 'digits-tiny'")
 
 
+_CLIP_PAIRS = {"open_clip": "open_clip", "hf_clip": "hf"}
+
+
+def clip_pair(model: nn.Module) -> ModelPair:
+    """The :class:`~vleff.backbones.pairs.ModelPair` of a CLIP model (open_clip or Hugging Face).
+
+    Contrastive fine-tuning needs the library's projected embeddings and its learnable
+    temperature; BLIP pairs have no temperature (their ITC head is trained with BLIP's own
+    losses), so they are refused here with the same error as any other model."""
+    try:
+        pair = find_pair(model)
+    except TypeError as err:
+        raise TypeError(f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel "
+                        f"({err})") from None
+    if pair.family not in _CLIP_PAIRS:
+        raise TypeError(f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel "
+                        f"(it is a {pair.family} pair without a contrastive temperature)")
+    return pair
+
+
 def clip_family(model: nn.Module) -> str:
-    """``"open_clip"`` or ``"hf"`` (Hugging Face ``CLIPModel``)."""
-    if hasattr(model, "get_image_features") and hasattr(model, "get_text_features"):
-        return "hf"
-    if hasattr(model, "encode_image") and hasattr(model, "encode_text"):
-        return "open_clip"
-    raise TypeError(f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel")
+    """``"open_clip"`` or ``"hf"`` (Hugging Face ``CLIPModel``), read from :func:`clip_pair`."""
+    return _CLIP_PAIRS[clip_pair(model).family]
 
 
 def _plain(value: Any) -> Any:
@@ -100,10 +117,6 @@ def _example_inputs(model: nn.Module, family: str,
     if size is None or not isinstance(length, int) or length < 1:
         return None
     return torch.zeros(1, size[0], size[1], size[1]), torch.ones(1, length, dtype=torch.long)
-
-
-def _features(out: Any) -> torch.Tensor:
-    return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a ModelOutput
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -189,7 +202,8 @@ class CLIPFineTuner(pl.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps!r} is not allowed; use an int >= 0")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model = build_clip(model, **(model_kwargs or {})) if isinstance(model, str) else model
-        self.family = clip_family(self.model)
+        self._pair = clip_pair(self.model)
+        self.family = _CLIP_PAIRS[self._pair.family]
         self.class_prompts = list(class_prompts) if class_prompts is not None else None
         self._val: list[tuple[torch.Tensor, ...]] = []
         example = _example_inputs(self.model, self.family, context_length)
@@ -218,23 +232,23 @@ class CLIPFineTuner(pl.LightningModule):
                              f"({type(self.model).__name__}): {err}") from err
 
     # ------------------------------------------------------------------ encoders
+    @property
+    def pair(self) -> ModelPair:
+        """The model's image-text pair (rebuilt if ``self.model`` was replaced)."""
+        if self._pair.model is not self.model:
+            self._pair = clip_pair(self.model)
+        return self._pair
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        if self.family == "hf":
-            emb = _features(self.model.get_image_features(pixel_values=images))
-        else:
-            emb = self.model.encode_image(images)
-        return F.normalize(emb, dim=-1)
+        return self.pair.encode_image(images, normalize=True)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.family == "hf":
-            emb = _features(self.model.get_text_features(input_ids=tokens, attention_mask=(tokens != 0).long()))
-        else:
-            emb = self.model.encode_text(tokens)
-        return F.normalize(emb, dim=-1)
+        # padding is token 0 (Hugging Face takes the mask; open_clip's causal tower needs none)
+        return self.pair.encode_text(tokens, attention_mask=(tokens != 0).long(), normalize=True)
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale
+        return self.pair.logit_scale
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens)
