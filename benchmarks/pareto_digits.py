@@ -3,6 +3,7 @@
     python benchmarks/pareto_digits.py                      # ~10 min on 2 CPU cores
     python benchmarks/pareto_digits.py --threads 1          # on a machine other jobs share
     python benchmarks/pareto_digits.py --quick              # smoke run (~1 min): plumbing only
+    python benchmarks/pareto_digits.py --seeds 0 1 2        # 3 training seeds (~30 min): mean ± std
 
 What it does (every run seeded; the same data split, model and fine-tuning recipe for all):
 
@@ -21,6 +22,14 @@ What it does (every run seeded; the same data split, model and fine-tuning recip
    and EViT kr=0.7 at blocks (3, 6, 9) and ToMe r=13 (FLOPs do not depend on the weights
    for these settings: token counts are fixed in eval mode);
 6. writes ``results.json`` / ``results.csv`` to ``--out`` and the Pareto plot to ``--plot``.
+
+Seeds: ``--seeds 0 1 2`` repeats steps 1-4 once per training seed (the data split stays the one
+``--seed`` picks) and reports, per variant, the mean ± standard deviation over seeds of the
+accuracy and of **Δ against the same-epochs control of the same seed**: fine-tuned rows
+against ``baseline + ft`` (the same extra epochs without a method), off-the-shelf rows and
+the control itself against the baseline. ``results.json`` keeps every seed's rows
+(``rows``) and the per-variant summary (``summary``); the plot and the Pareto front use the
+means.
 
 Locations for the 6-block model are blocks (1, 3, 4) for both pruning methods (the default
 "three evenly spaced" rule): at ρ = kr = 0.7 that is ~0.64x / ~0.67x of the baseline's
@@ -72,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tome-ft", type=int, nargs="*", default=[7, 10], help="ToMe r, fine-tuned")
     p.add_argument("--tome-shelf", type=int, nargs="*", default=[2, 4, 6, 7, 8, 10], help="ToMe r, off the shelf")
     p.add_argument("--evit-shelf", type=float, nargs="*", default=[0.5, 0.7, 0.85], help="EViT kr, off the shelf")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data split seed (and the training seed without --seeds)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds; each variant is trained and measured once per seed (default: --seed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "pareto_digits", help="results folder")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "pareto_digits.png")
@@ -80,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch each, one setting per method")
     p.add_argument("--replot", action="store_true", help="only redraw the plot from --out/results.json")
     args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {args.seeds} repeats a seed")
     if args.quick:
         args.epochs, args.ft_epochs = 1, 1
         args.rhos, args.keep_rates, args.tome_ft = [0.7], [0.7], [7]
@@ -139,6 +154,111 @@ def new_classifier(lr: float, state: dict | None = None):
     if state is not None:
         module.load_state_dict(state)
     return module
+
+
+def run_seed(seed: int, args: argparse.Namespace, datamodule, batches: list,
+             flops_images: torch.Tensor) -> list[dict[str, Any]]:
+    """Train and measure every variant once with training seed ``seed``; one row per variant."""
+    import lightning.pytorch as pl
+    from tqdm.auto import tqdm
+
+    from vleff import apply_evit, apply_tome
+    from vleff.callbacks import DynamicViT, EViT, TokenMerging
+    from vleff.registry import remove_all
+
+    jobs: list[tuple[str, str, str, Any]] = [("baseline", "baseline", "", None)]
+    jobs += [("tome_shelf", f"ToMe r={r} (off the shelf)", f"r={r}", r) for r in args.tome_shelf]
+    jobs += [("evit_shelf", f"EViT kr={k} (off the shelf)", f"kr={k}", k) for k in args.evit_shelf]
+    jobs += [("baseline+ft", "baseline + fine-tune", "", None)]
+    jobs += [("dynamicvit_ft", f"DynamicViT rho={r} (fine-tuned)", f"ρ={r}", r) for r in args.rhos]
+    jobs += [("evit_ft", f"EViT kr={k} (fine-tuned)", f"kr={k}", k) for k in args.keep_rates]
+    jobs += [("tome_ft", f"ToMe r={r} (fine-tuned)", f"r={r}", r) for r in args.tome_ft]
+
+    rows: list[dict[str, Any]] = []
+    baseline_state: dict[str, torch.Tensor] | None = None
+    baseline_model = None
+    bar = tqdm(jobs, desc=f"pareto_digits seed {seed}", unit="run")
+    for family, name, setting, value in bar:
+        bar.set_postfix_str(name)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        seconds = 0.0
+        if family == "baseline":
+            module = new_classifier(args.lr)
+            seconds = fit(module, datamodule, args.epochs, [], name, clip=None)
+            baseline_state = copy.deepcopy(module.state_dict())
+            baseline_model = module.model
+            model = module.model
+        elif family.endswith("_shelf"):
+            model = remove_all(copy.deepcopy(baseline_model))
+            if family == "tome_shelf":
+                apply_tome(model, r=value)
+            else:
+                apply_evit(model, keep_rate=value, locations=LOCATIONS)
+        else:
+            module = new_classifier(args.ft_lr, baseline_state)
+            callbacks = {
+                "baseline+ft": lambda: [],
+                "dynamicvit_ft": lambda: [DynamicViT(rho=value, locations=LOCATIONS, distill=True)],
+                "evit_ft": lambda: [EViT(keep_rate=value, locations=LOCATIONS, start_epoch=0,
+                                         end_epoch=min(1, args.ft_epochs))],
+                "tome_ft": lambda: [TokenMerging(r=value)],
+            }[family]()
+            seconds = fit(module, datamodule, args.ft_epochs, callbacks, name, clip=args.clip)
+            model = module.model
+        row = {"seed": seed, "family": family, "name": name, "setting": setting,
+               **measure(model, batches, flops_images), "train_seconds": round(seconds, 1)}
+        rows.append(row)
+        tqdm.write(f"{name:34s} acc {100 * row['accuracy']:6.2f}%  {row['gflops']:.4f} GFLOPs/img"
+                   + (f"  ({seconds:.0f} s training)" if seconds else ""))
+
+    return rows
+
+
+#: the control a variant's Δ is taken against (same seed, same training epochs)
+CONTROL = {"baseline": None, "tome_shelf": "baseline", "evit_shelf": "baseline", "baseline+ft": "baseline",
+           "dynamicvit_ft": "baseline+ft", "evit_ft": "baseline+ft", "tome_ft": "baseline+ft"}
+
+
+def add_deltas(rows: list[dict[str, Any]]) -> None:
+    """Per row: FLOPs ratio and accuracy change against the baseline, and Δ against the
+    same-epochs control of the same seed (``delta_vs_control_points``, ``control``)."""
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], {}).setdefault(row["family"], row)
+    for row in rows:
+        ref = by_seed[row["seed"]]
+        base = ref["baseline"]
+        row["flops_ratio"] = row["gflops"] / base["gflops"]
+        row["accuracy_change_points"] = 100 * (row["accuracy"] - base["accuracy"])
+        control = CONTROL[row["family"]]
+        row["control"] = control or ""
+        row["delta_vs_control_points"] = 0.0 if control is None else 100 * (row["accuracy"] - ref[control]["accuracy"])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant (in run order): mean and std over seeds of accuracy, Δ against the
+    baseline and Δ against the same-epochs control; GFLOPs (the same for every seed)."""
+    names: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        names.setdefault(row["name"], []).append(row)
+    out = []
+    for name, group in names.items():
+        first = group[0]
+        acc, acc_std = _mean_std([r["accuracy"] for r in group])
+        d_base, d_base_std = _mean_std([r["accuracy_change_points"] for r in group])
+        d_ctrl, d_ctrl_std = _mean_std([r["delta_vs_control_points"] for r in group])
+        out.append({"family": first["family"], "name": name, "setting": first["setting"],
+                    "seeds": [r["seed"] for r in group], "accuracy": acc, "accuracy_std": acc_std,
+                    "accuracy_change_points": d_base, "accuracy_change_std": d_base_std,
+                    "control": first["control"], "delta_vs_control_points": d_ctrl, "delta_vs_control_std": d_ctrl_std,
+                    "gflops": first["gflops"], "flops_ratio": first["flops_ratio"], "pareto": False})
+    return out
 
 
 # --- ViT-S/16 FLOP ratios ------------------------------------------------------------------
@@ -233,19 +353,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.replot:
         result = json.loads((args.out / "results.json").read_text())
-        plot(result["rows"], args.plot, _title(result["settings"]))
+        plot(result.get("summary", result["rows"]), args.plot, _title(result["settings"]))
         print(f"plot: {args.plot}")
         return result
     if args.threads:
         torch.set_num_threads(args.threads)
-    import lightning.pytorch as pl
-    from tqdm.auto import tqdm
+    import lightning.pytorch as pl  # noqa: F401  (before _quiet: Lightning sets its loggers' levels on import)
 
-    _quiet()  # after importing Lightning, which sets its loggers' levels on import
+    _quiet()
 
-    from vleff import apply_evit, apply_tome
-    from vleff.callbacks import DynamicViT, EViT, TokenMerging
-    from vleff.registry import remove_all
     from vleff.data import DigitsDataModule
 
     started = time.perf_counter()
@@ -254,57 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = list(datamodule.val_dataloader())
     flops_images = torch.cat([b[0] for b in batches])[:16]
 
-    jobs: list[tuple[str, str, str, Any]] = [("baseline", "baseline", "", None)]
-    jobs += [("tome_shelf", f"ToMe r={r} (off the shelf)", f"r={r}", r) for r in args.tome_shelf]
-    jobs += [("evit_shelf", f"EViT kr={k} (off the shelf)", f"kr={k}", k) for k in args.evit_shelf]
-    jobs += [("baseline+ft", "baseline + fine-tune", "", None)]
-    jobs += [("dynamicvit_ft", f"DynamicViT rho={r} (fine-tuned)", f"ρ={r}", r) for r in args.rhos]
-    jobs += [("evit_ft", f"EViT kr={k} (fine-tuned)", f"kr={k}", k) for k in args.keep_rates]
-    jobs += [("tome_ft", f"ToMe r={r} (fine-tuned)", f"r={r}", r) for r in args.tome_ft]
-
     rows: list[dict[str, Any]] = []
-    baseline_state: dict[str, torch.Tensor] | None = None
-    baseline_model = None
-    bar = tqdm(jobs, desc="pareto_digits", unit="run")
-    for family, name, setting, value in bar:
-        bar.set_postfix_str(name)
-        pl.seed_everything(args.seed, workers=True, verbose=False)
-        seconds = 0.0
-        if family == "baseline":
-            module = new_classifier(args.lr)
-            seconds = fit(module, datamodule, args.epochs, [], name, clip=None)
-            baseline_state = copy.deepcopy(module.state_dict())
-            baseline_model = module.model
-            model = module.model
-        elif family.endswith("_shelf"):
-            model = remove_all(copy.deepcopy(baseline_model))
-            if family == "tome_shelf":
-                apply_tome(model, r=value)
-            else:
-                apply_evit(model, keep_rate=value, locations=LOCATIONS)
-        else:
-            module = new_classifier(args.ft_lr, baseline_state)
-            callbacks = {
-                "baseline+ft": lambda: [],
-                "dynamicvit_ft": lambda: [DynamicViT(rho=value, locations=LOCATIONS, distill=True)],
-                "evit_ft": lambda: [EViT(keep_rate=value, locations=LOCATIONS, start_epoch=0,
-                                         end_epoch=min(1, args.ft_epochs))],
-                "tome_ft": lambda: [TokenMerging(r=value)],
-            }[family]()
-            seconds = fit(module, datamodule, args.ft_epochs, callbacks, name, clip=args.clip)
-            model = module.model
-        row = {"family": family, "name": name, "setting": setting, **measure(model, batches, flops_images),
-               "train_seconds": round(seconds, 1)}
-        rows.append(row)
-        tqdm.write(f"{name:34s} acc {100 * row['accuracy']:6.2f}%  {row['gflops']:.4f} GFLOPs/img"
-                   + (f"  ({seconds:.0f} s training)" if seconds else ""))
-
-    base = rows[0]
-    for row in rows:
-        row["flops_ratio"] = row["gflops"] / base["gflops"]
-        row["accuracy_change_points"] = 100 * (row["accuracy"] - base["accuracy"])
-        row["pareto"] = False
-    for row in pareto_front(rows):
+    for seed in args.seeds:
+        rows += run_seed(seed, args, datamodule, batches, flops_images)
+    add_deltas(rows)
+    summary = summarize(rows)
+    for row in pareto_front(summary):
         row["pareto"] = True
 
     vit_s = [] if args.no_vit_s else vit_s_flops()
@@ -317,18 +388,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "elapsed_seconds": round(elapsed, 1),
         "rows": rows,
+        "summary": summary,
         "vit_small_224": vit_s,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    fields = ["name", "family", "setting", "accuracy", "accuracy_change_points", "gflops", "flops_ratio", "pareto",
-              "train_seconds"]
-    with open(args.out / "results.csv", "w", newline="") as f:
+    fields = ["name", "family", "setting", "accuracy", "accuracy_std", "accuracy_change_points", "control",
+              "delta_vs_control_points", "delta_vs_control_std", "gflops", "flops_ratio", "pareto"]
+    with open(args.out / "results.csv", "w", newline="") as f:  # one row per variant (means over seeds)
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
+        writer.writerows(summary)
+    seed_fields = ["seed", "name", "family", "setting", "accuracy", "accuracy_change_points", "control",
+                   "delta_vs_control_points", "gflops", "flops_ratio", "train_seconds"]
+    with open(args.out / "results_seeds.csv", "w", newline="") as f:  # every seed's rows
+        writer = csv.DictWriter(f, fieldnames=seed_fields, extrasaction="ignore")
+        writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.plot, _title(vars(args)))
-    print_summary(rows, vit_s, elapsed, args)
+    plot(summary, args.plot, _title(vars(args)))
+    print_summary(summary, vit_s, elapsed, args)
     return result
 
 
@@ -336,13 +414,20 @@ def print_summary(rows: list[dict[str, Any]], vit_s: list[dict[str, Any]], elaps
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="digits: accuracy vs GFLOPs (eval forward)")
-    for col in ("variant", "top-1 %", "Δ points", "GFLOPs/img", "× baseline", "Pareto"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    seeds = len(rows[0]["seeds"]) if rows else 0
+    pm = seeds > 1  # show ± std over seeds
+    table = Table(title=f"digits: accuracy vs GFLOPs (eval forward), {seeds} seed{'s' if seeds != 1 else ''}"
+                        + (" (mean ± std)" if pm else ""))
+    for col in ("variant", "top-1 %", "Δ vs baseline", "Δ vs control", "control", "GFLOPs/img", "× baseline",
+                "Pareto"):
+        table.add_column(col, justify="left" if col in ("variant", "control") else "right")
     for r in rows:
-        table.add_row(r["name"], f"{100 * r['accuracy']:.2f}", f"{r['accuracy_change_points']:+.2f}",
-                      f"{r['gflops']:.4f}", f"{r['flops_ratio']:.3f}", "●" if r["pareto"] else "")
-    console = Console()
+        table.add_row(r["name"], f"{100 * r['accuracy']:.2f}" + (f" ± {100 * r['accuracy_std']:.2f}" if pm else ""),
+                      f"{r['accuracy_change_points']:+.2f}" + (f" ± {r['accuracy_change_std']:.2f}" if pm else ""),
+                      ("" if not r["control"] else f"{r['delta_vs_control_points']:+.2f}"
+                       + (f" ± {r['delta_vs_control_std']:.2f}" if pm else "")),
+                      r["control"], f"{r['gflops']:.4f}", f"{r['flops_ratio']:.3f}", "●" if r["pareto"] else "")
+    console = Console(width=max(Console().width, 140))
     console.print(table)
     if vit_s:
         t2 = Table(title="ViT-S/16 @ 224 (random init, eval, batch 1)")
@@ -351,7 +436,8 @@ def print_summary(rows: list[dict[str, Any]], vit_s: list[dict[str, Any]], elaps
         for r in vit_s:
             t2.add_row(r["name"], f"{r['gflops']:.3f}", f"{r['flops_ratio']:.3f}")
         console.print(t2)
-    console.print(f"results: {args.out}/results.json, results.csv; plot: {args.plot}; total {elapsed / 60:.1f} min")
+    console.print(f"results: {args.out}/results.json, results.csv (per variant), results_seeds.csv (per seed); "
+                  f"plot: {args.plot}; total {elapsed / 60:.1f} min")
 
 
 if __name__ == "__main__":
