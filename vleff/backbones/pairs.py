@@ -133,7 +133,8 @@ class ModelPair:
         return F.normalize(x, dim=-1) if normalize else x
 
     def describe(self) -> str:
-        return f"{self.family} pair {type(self.model).__name__} ({self.image_tower.describe()}; {self.text_tower.describe()})"
+        towers = f"{self.image_tower.describe()}; {self.text_tower.describe()}"
+        return f"{self.family} pair {type(self.model).__name__} ({towers})"
 
 
 class OpenClipPair(ModelPair):
