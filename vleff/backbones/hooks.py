@@ -212,12 +212,20 @@ class _KeyMerge:
 
 
 def _keep_row(logits: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` (``[B]``) of the keep-masked softmax, for logits of those rows ``[B, H, 1, N]``."""
-    k = keep.float()[:, None, None, :]
-    eye = torch.zeros_like(k).scatter(-1, rows[:, None, None, None], 1.0)
-    weight = k + (1.0 - k) * eye
-    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * weight
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    """Rows ``rows`` (``[B]``) of the block's keep-masked softmax
+    (:func:`vleff.backbones.block.keep_masked_softmax`), for the logits of those rows ``[B, H, 1, N]``:
+    dropped keys get no weight except from themselves; shifted by the maximum over allowed keys."""
+    from vleff.backbones.block import KEEP_MASK_EPS
+
+    n = logits.shape[-1]
+    k = keep.to(logits.dtype)[:, None, None, :]
+    own = torch.zeros_like(k).scatter(-1, rows[:, None, None, None], 1.0)
+    weight = k + (1.0 - k) * own
+    allowed = weight > 0
+    row_max = logits.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True)
+    shifted = torch.where(allowed, logits - row_max, (logits - row_max).clamp(max=0.0))
+    e = shifted.exp() * weight
+    return (e + KEEP_MASK_EPS / n) / (e.sum(dim=-1, keepdim=True) + KEEP_MASK_EPS)
 
 
 class TowerHook:
