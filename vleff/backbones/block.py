@@ -152,9 +152,11 @@ def hooks_keep(hooks: list[TowerHook], state: TokenState) -> torch.Tensor | None
     return keep
 
 
-def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module,
-              index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
+def _enter_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module, index: int,
+                 depth: int, x: torch.Tensor, mask: torch.Tensor | None,
+                 is_causal: bool) -> tuple[torch.Tensor, BlockInfo, torch.Tensor | None, bool]:
+    """What every block layout does before its attention: ``before`` hooks, the hooks' say on the
+    library mask, the token count, the attention bias (library mask + hooks' biases)."""
     info = BlockInfo(index=index, depth=depth, block=block, state=state)
     for hook in hooks:
         x = hook.before(x, info, state)
@@ -169,8 +171,13 @@ def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], 
     info.want_probs = any(hook.needs_attention_probs(index) for hook in hooks)
     bias = _add(mask_to_bias(mask, x.dtype if x.is_floating_point() else torch.float32),
                 hooks_bias(hooks, state, x.dtype))
-    x = x + attention_branch(adapter, block, x, bias, is_causal, hooks_keep(hooks, state), info)
-    for row in sorted({r for hook in hooks for r in hook.attention_rows(index)}):
+    return x, info, bias, is_causal
+
+
+def _between(hooks: list[TowerHook], info: BlockInfo, state: TokenState, x: torch.Tensor) -> torch.Tensor:
+    """The ``between`` hooks, with the requested attention rows computed first (so they follow
+    an earlier hook's reduction) and the block's info visible to the state's reductions."""
+    for row in sorted({r for hook in hooks for r in hook.attention_rows(info.index)}):
         info.row_attention(row)
     state.block_info = info
     try:
@@ -178,6 +185,15 @@ def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], 
             x = hook.between(x, info, state)
     finally:
         state.block_info = None
+    return x
+
+
+def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module,
+              index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
+    x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal)
+    x = x + attention_branch(adapter, block, x, bias, is_causal, hooks_keep(hooks, state), info)
+    x = _between(hooks, info, state, x)
     x = x + mlp_branch(adapter, block, x)
     for hook in hooks:
         x = hook.after(x, info, state)
@@ -226,30 +242,10 @@ def run_post_norm_block(adapter: TowerAdapter, state: TokenState, hooks: list[To
     and before the cross-attention (MADTP prunes BLIP's text there), so the cross-attention
     and the FFN run on the reduced text while the image keys keep their length; ``after``.
     """
-    info = BlockInfo(index=index, depth=depth, block=block, state=state)
-    for hook in hooks:
-        x = hook.before(x, info, state)
-    for hook in hooks:
-        mask, is_causal = hook.library_mask(mask, is_causal, state)
-    state.token_counts.append(x.shape[1])
-    if mask is not None and state.num_input_tokens != x.shape[1]:
-        raise RuntimeError(
-            f"{adapter.describe()}: block {index} got a library attention mask for "
-            f"{state.num_input_tokens} tokens but the sequence now has {x.shape[1]}; token "
-            "reduction is not supported on this tower's attention masks")
-    info.want_probs = any(hook.needs_attention_probs(index) for hook in hooks)
-    bias = _add(mask_to_bias(mask, x.dtype if x.is_floating_point() else torch.float32),
-                hooks_bias(hooks, state, x.dtype))
+    x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal)
     x = post_norm_attention(adapter, block, x, cross, bias, is_causal, hooks_keep(hooks, state), info)
-    for row in sorted({r for hook in hooks for r in hook.attention_rows(index)}):
-        info.row_attention(row)
     n_before = x.shape[1]
-    state.block_info = info
-    try:
-        for hook in hooks:
-            x = hook.between(x, info, state)
-    finally:
-        state.block_info = None
+    x = _between(hooks, info, state, x)
     if cross.cache is not None and x.shape[1] != n_before:
         raise RuntimeError(
             f"{adapter.describe()}: block {index}: a hook changed the number of tokens while the library "
