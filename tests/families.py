@@ -29,8 +29,20 @@ def _hf_gc(model: torch.nn.Module) -> None:
     model.gradient_checkpointing_enable()
 
 
-def _image(x_fn=tm.images):
-    return x_fn
+#: image forwards taking the images: ``fn(model, x)`` (method tests that choose their own batch)
+IMAGE: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    "timm_vit": lambda m, x: m(x),
+    "deit_distilled": lambda m, x: m(x),
+    "timm_registers": lambda m, x: m(x),
+    "open_clip": lambda m, x: m.encode_image(x),
+    "hf_clip": lambda m, x: m.get_image_features(pixel_values=x).pooler_output,
+    "hf_blip": lambda m, x: m.vision_model(pixel_values=x).pooler_output,
+}
+
+
+def image_forwards(*names: str) -> dict[str, tuple[Callable[[], torch.nn.Module], Callable]]:
+    """``{family: (make, forward(model, images))}`` for the named families (all when none named)."""
+    return {n: (FAMILIES[n].make, IMAGE[n]) for n in (names or tuple(IMAGE))}
 
 
 def _blip_text(model: torch.nn.Module) -> torch.Tensor:
@@ -42,22 +54,22 @@ def _blip_text(model: torch.nn.Module) -> torch.Tensor:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("timm_vit", lambda: tm.timm_vit(), {"image": lambda m: m(tm.images())},
+    Family("timm_vit", lambda: tm.timm_vit(), {"image": lambda m: IMAGE["timm_vit"](m, tm.images())},
            lambda m: m.set_grad_checkpointing(True), ("cls",)),
-    Family("deit_distilled", lambda: tm.timm_deit_distilled(), {"image": lambda m: m(tm.images())},
+    Family("deit_distilled", lambda: tm.timm_deit_distilled(), {"image": lambda m: IMAGE["deit_distilled"](m, tm.images())},
            lambda m: m.set_grad_checkpointing(True), ("cls",)),
-    Family("timm_registers", lambda: tm.timm_vit(reg_tokens=2), {"image": lambda m: m(tm.images())},
+    Family("timm_registers", lambda: tm.timm_vit(reg_tokens=2), {"image": lambda m: IMAGE["timm_registers"](m, tm.images())},
            lambda m: m.set_grad_checkpointing(True), ("cls",)),
     Family("open_clip", tm.open_clip_model, {
-        "image": lambda m: m.encode_image(tm.images()),
+        "image": lambda m: IMAGE["open_clip"](m, tm.images()),
         "text": lambda m: m.encode_text(tm.token_ids()),
     }, lambda m: m.set_grad_checkpointing(True), ("cls", "pair")),
     Family("hf_clip", tm.hf_clip_model, {
-        "image": lambda m: m.get_image_features(pixel_values=tm.images()).pooler_output,
+        "image": lambda m: IMAGE["hf_clip"](m, tm.images()),
         "text": lambda m: m.get_text_features(input_ids=tm.token_ids()).pooler_output,
     }, _hf_gc, ("cls", "pair")),
     Family("hf_blip", tm.hf_blip_retrieval, {
-        "image": lambda m: m.vision_model(pixel_values=tm.images()).pooler_output,
+        "image": lambda m: IMAGE["hf_blip"](m, tm.images()),
         "text": _blip_text,
     }, _hf_gc, ("cls",)),
 ]}

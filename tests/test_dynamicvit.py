@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import tiny_lightning as tl
 import tiny_models as tm
+from families import image_forwards
 import vleff
 from vleff.backbones import last_token_state
 from vleff.callbacks import DynamicViT
@@ -87,13 +88,7 @@ def test_recorded_ratio_loss_uses_the_decisions_and_weight():
     assert losses["dynamicvit/ratio"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-FAMILIES = {
-    "timm": (lambda: tm.timm_vit(depth=3), lambda m, x: m.forward_features(x)),
-    "deit_distilled": (lambda: tm.timm_deit_distilled(depth=3), lambda m, x: m.forward_features(x)),
-    "open_clip": (tm.open_clip_model, lambda m, x: m.encode_image(x)),
-    "hf_clip": (tm.hf_clip_model, lambda m, x: m.vision_model(pixel_values=x).pooler_output),
-    "hf_blip": (tm.hf_blip_retrieval, lambda m, x: m.vision_model(pixel_values=x).pooler_output),
-}
+FAMILIES = image_forwards("timm_vit", "deit_distilled", "open_clip", "hf_clip", "hf_blip")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

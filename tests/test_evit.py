@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import tiny_lightning as tl
 import tiny_models as tm
+from families import image_forwards
 from vleff.backbones import BlockInfo, TokenState, last_token_state
 from vleff.callbacks import EViT
 from vleff.tokens.evit import (EViTConfig, EViTHook, EViTSchedule, apply_evit, evit_keep_rate, keep_rate_schedule,
@@ -95,13 +96,7 @@ def test_token_counts_and_full_keep_rate_is_identity():
         remove_evit(model)
 
 
-FAMILIES = {
-    "timm": (lambda: tm.timm_vit(depth=3), lambda m, x: m(x)),
-    "deit_distilled": (lambda: tm.timm_deit_distilled(depth=3), lambda m, x: m(x)),
-    "open_clip": (tm.open_clip_model, lambda m, x: m.encode_image(x)),
-    "hf_clip": (tm.hf_clip_model, lambda m, x: m.vision_model(pixel_values=x).pooler_output),
-    "hf_blip": (tm.hf_blip_retrieval, lambda m, x: m.vision_model(pixel_values=x).pooler_output),
-}
+FAMILIES = image_forwards("timm_vit", "deit_distilled", "open_clip", "hf_clip", "hf_blip")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

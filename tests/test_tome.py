@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tiny_models as tm
+from families import image_forwards
 import vleff
 from vleff.backbones import AttentionConfig, find_tower, get_patch, last_token_state
 from vleff.backbones.block import attention
@@ -126,14 +127,7 @@ def test_proportional_attention_equals_duplicated_tokens():
         torch.testing.assert_close(merged, dup)
 
 
-FORWARDS = {
-    "timm_vit": (lambda: tm.timm_vit(), lambda m, x: m(x)),
-    "deit_distilled": (lambda: tm.timm_deit_distilled(), lambda m, x: m(x)),
-    "timm_registers": (lambda: tm.timm_vit(reg_tokens=2), lambda m, x: m(x)),
-    "open_clip": (lambda: tm.open_clip_model(), lambda m, x: m.encode_image(x)),
-    "hf_clip": (lambda: tm.hf_clip_model(), lambda m, x: m.get_image_features(pixel_values=x).pooler_output),
-    "hf_blip": (lambda: tm.hf_blip_retrieval(), lambda m, x: m.vision_model(pixel_values=x).pooler_output),
-}
+FORWARDS = image_forwards()
 
 
 @pytest.mark.parametrize("family", list(FORWARDS))
