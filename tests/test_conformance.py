@@ -20,7 +20,7 @@ import dataclasses
 import io
 import pickle
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import pytest
@@ -34,13 +34,25 @@ from vleff.registry import all_methods, get_method
 
 @dataclass(frozen=True)
 class Settings:
-    """One method's row: settings that change nothing, settings that act, refusals."""
+    """One method's row: settings that change nothing, settings that act, refusals.
 
-    noop: dict[str, Any]
+    ``noop=None``: the method has no setting that leaves the function unchanged (reversible
+    blocks run another network); the no-op equality is skipped, ``remove`` is still checked.
+    """
+
+    noop: dict[str, Any] | None
     active: dict[str, Any]
     refusals: list[tuple[dict[str, Any], str]]
     state_prefix: str | None = None  # state_dict keys the method adds start with ...<prefix>
     callback_args: dict[str, Any] = field(default_factory=dict)
+    #: methods that start exactly at the library (zero-initialised side heads: VQT) act only once
+    #: trained; ``activate(model)`` gives their new parameters non-zero values for the "active" checks
+    activate: Callable[[torch.nn.Module], None] | None = None
+    #: the families the method supports (``None``: every family with a tower it declares); the
+    #: others must be refused with ``TypeError`` naming what is supported
+    families: tuple[str, ...] | None = None
+    #: methods it refuses to stack with (``ValueError`` "cannot apply"); left out of the stacking check
+    conflicts: tuple[str, ...] = ()
 
 
 SETTINGS: dict[str, Settings] = {
@@ -67,10 +79,28 @@ SETTINGS: dict[str, Settings] = {
                      refusals=[({"eps": 0}, "eps"), ({"lr": float("inf")}, "lr"), ({"seed": -1}, "seed"),
                                ({"params": "("}, "params")],
                      callback_args={"eps": 1e-3, "lr": 1e-3}),
+    "reversible": Settings(noop=None, active={"coupling": "revvit"},
+                           refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
+                                     ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf")],
+                           callback_args={"coupling": "meft"},
+                           families=("timm_vit", "deit_distilled", "timm_registers"),
+                           conflicts=("tome", "evit", "dynamicvit", "vqt")),  # tower hooks do not run in the stack
 }
 
 HOOK_METHODS = [m.name for m in all_methods() if m.apply is not None]
-CASES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)]
+
+
+def _families(name: str) -> tuple[str, ...] | None:
+    """The families a method's row names (``None``: all; also for a method without a row yet,
+    which :func:`test_every_registered_method_has_settings` reports)."""
+    row = SETTINGS.get(name)
+    return None if row is None else row.families
+
+
+CASES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)
+         if _families(name) is None or fam in _families(name)]
+REFUSED_FAMILIES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)
+                    if _families(name) is not None and fam not in _families(name)]
 CASE_IDS = [f"{n}-{f}-{t}" for n, f, t in CASES]
 
 
@@ -118,10 +148,13 @@ def test_noop_equals_library_and_remove_restores_it_exactly(name, family, tower)
     method = get_method(name)
     with torch.no_grad():
         ref = fwd(model)
-        _apply(name, model, SETTINGS[name].noop, tower)
-        torch.testing.assert_close(fwd(model), ref, atol=1e-5, rtol=1e-5)
+        if SETTINGS[name].noop is not None:
+            _apply(name, model, SETTINGS[name].noop, tower)
+            torch.testing.assert_close(fwd(model), ref, atol=1e-5, rtol=1e-5)
         _apply(name, model, SETTINGS[name].active, tower)  # applying again replaces
         assert method.is_applied(model)
+        if SETTINGS[name].activate is not None:
+            SETTINGS[name].activate(model)
         active = fwd(model)
         assert not torch.allclose(active, ref, atol=1e-6, rtol=1e-4), "the active settings change nothing"
         method.remove(model)
@@ -180,13 +213,47 @@ def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower)
 def test_gradient_checkpointing_is_refused_clearly(name, family, tower):
     model, fwd = _model_and_forward(family, tower)
     FAMILIES[family].grad_checkpointing(model)
-    _apply(name, model, SETTINGS[name].active, tower)
     model.train()
-    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):  # when applied or when run
+        _apply(name, model, SETTINGS[name].active, tower)
         fwd(model)
 
 
-STACKABLE = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS if a != b and {a, b} != {"tome", "dynamicvit"}]
+def _conflict(a: str, b: str) -> bool:
+    return any(y in getattr(SETTINGS.get(x), "conflicts", ()) for x, y in ((a, b), (b, a)))
+
+
+STACKABLE = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS
+             if a != b and {a, b} != {"tome", "dynamicvit"} and not _conflict(a, b)]
+CONFLICTS = [(a, b) for a in HOOK_METHODS for b in getattr(SETTINGS.get(a), "conflicts", ()) if b in HOOK_METHODS]
+
+
+@pytest.mark.parametrize("name, family, tower", REFUSED_FAMILIES, ids=[f"{n}-{f}-{t}" for n, f, t in REFUSED_FAMILIES])
+def test_unsupported_families_are_refused_clearly(name, family, tower):
+    model, fwd = _model_and_forward(family, tower)
+    with torch.no_grad():
+        ref = fwd(model)
+        with pytest.raises(TypeError, match="does not support"):
+            _apply(name, model, SETTINGS[name].active, tower)
+        assert not get_method(name).is_applied(model)
+        torch.testing.assert_close(fwd(model), ref, atol=0, rtol=0)  # refused before changing anything
+
+
+@pytest.mark.parametrize("name, other", CONFLICTS, ids=[f"{a}+{b}" for a, b in CONFLICTS])
+def test_conflicting_methods_are_refused_clearly(name, other):
+    """``name`` refuses to join ``other`` (applied first) with an error naming both; applied
+    the other way round, the stack refuses at the first forward."""
+    model, fwd = _model_and_forward("timm_vit", "image")
+    _apply(other, model, SETTINGS[other].active, "image")
+    with pytest.raises(ValueError, match=f"cannot apply {name} while {other}"):
+        _apply(name, model, SETTINGS[name].active, "image")
+    get_method(other).remove(model)
+    _apply(name, model, SETTINGS[name].active, "image")
+    _apply(other, model, SETTINGS[other].active, "image")
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match=name.upper() + "|" + name):
+        fwd(model)
+
+
 
 
 @pytest.mark.parametrize("first, second", STACKABLE, ids=[f"{a}+{b}" for a, b in STACKABLE])

@@ -125,6 +125,7 @@ _BUILTIN: dict[str, str] = {
     "evit": "vleff.tokens.evit",
     "galore": "vleff.memory.methods",
     "mezo": "vleff.memory.methods",
+    "reversible": "vleff.memory.reversible",
 }
 
 

@@ -14,12 +14,14 @@ _CALLBACKS = {
     "AuxLoss": "vleff.callbacks.aux_loss",
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",
+    "Reversible": "vleff.callbacks.reversible",
     "AuxLossMixin": "vleff.callbacks.mixins",
     "TokenMergingMixin": "vleff.callbacks.mixins",
     "EViTMixin": "vleff.callbacks.mixins",
     "DynamicViTMixin": "vleff.callbacks.mixins",
     "GaLoreMixin": "vleff.callbacks.mixins",
     "MeZOMixin": "vleff.callbacks.mixins",
+    "ReversibleMixin": "vleff.callbacks.mixins",
 }
 
 

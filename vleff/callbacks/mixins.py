@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from vleff.callbacks.memory_mixins import GaLoreMixin, MeZOMixin
+from vleff.memory.reversible import ReversibleConfig, apply_reversible
 from vleff.tokens.aux import vleff_aux_loss
 from vleff.tokens.dynamicvit import apply_dynamicvit, dynamicvit_teacher
 from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, training_progress, update_evit
 from vleff.tokens.schedule import RSchedule
 from vleff.tokens.tome import ToMeConfig, apply_tome, tome_r, update_tome
 
-__all__ = ["AuxLossMixin", "DynamicViTMixin", "EViTMixin", "GaLoreMixin", "MeZOMixin", "TokenMergingMixin"]
+__all__ = ["AuxLossMixin", "DynamicViTMixin", "EViTMixin", "GaLoreMixin", "MeZOMixin", "ReversibleMixin", "TokenMergingMixin"]
 
 TOME_KEY = "vleff_tome_schedule"
 EVIT_KEY = "vleff_evit_keep_rate"
@@ -170,3 +171,12 @@ class DynamicViTMixin(AuxLossMixin):
         teacher = dynamicvit_teacher(self._vleff_dynamicvit_backbone) if self._vleff_dynamicvit_backbone else None
         if teacher is not None and TEACHER_KEY in checkpoint:
             teacher.load_state_dict(checkpoint[TEACHER_KEY])
+
+
+class ReversibleMixin:
+    """``use_reversible(**settings)``: run the module's image towers as reversible stacks (call it
+    in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
+    network the weights were trained in). Settings: :class:`vleff.memory.reversible.ReversibleConfig`."""
+
+    def use_reversible(self, **settings: Any) -> None:
+        apply_reversible(self, ReversibleConfig.build(**settings))  # type: ignore[arg-type]

@@ -1,0 +1,279 @@
+"""Reversible blocks: the custom backward equals autograd through the same couplings run plainly.
+
+The reference network here is written from timm's own modules (``blk.attn``, ``blk.mlp``,
+``blk.norm1`` ...), not from vleff's generic block, and keeps every activation; the reversible
+stack must give the same output and the same gradients with dropout and drop-path on, which
+only holds if the recomputation replays the forward's random numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import tiny_models as tm
+import vleff.memory.reversible as rev
+from vleff.memory.reversible import ReversibleConfig, apply_reversible, remove_reversible, reversible_applied
+from vleff.profile import saved_activation_bytes
+
+DROPOUT = dict(attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.2)
+
+
+def _vit(depth: int = 3, dtype: torch.dtype = torch.float32, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tm.timm_vit(depth=depth, **kwargs).to(dtype)
+
+
+def reference_forward(model: torch.nn.Module, x: torch.Tensor, config: ReversibleConfig) -> torch.Tensor:
+    """timm's forward with the blocks replaced by the couplings, all activations kept."""
+    lam, beta = (1.0, 1.0) if config.coupling == "revvit" else (config.lam, config.beta)
+    res = config.coupling == "meft"
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    x1 = x2 = h
+    for blk in model.blocks:
+        f = blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x2))))
+        y1 = lam * x1 + (x2 + f if res else f)
+        g = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y1))))
+        y2 = beta * x2 + (y1 + g if res else g)
+        x1, x2 = y1, y2
+    return model.forward_head(model.norm((x1 + x2) / 2))
+
+
+def _grads(model: torch.nn.Module, run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    out = run()
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
+    return torch.cat([grads[n].flatten() for n in names])
+
+
+# (settings, tolerance on the relative error of the whole gradient): MEFT with λ·β < 1 divides
+# by λ and β in each block of the reconstruction, so its fp32 error grows ~(1/(λβ))**depth
+COUPLINGS = [(dict(coupling="revvit"), 1e-5), (dict(coupling="meft"), 1e-5),
+             (dict(coupling="meft", lam=0.5, beta=0.8), 1e-4)]
+
+
+@pytest.mark.parametrize("settings, tol", COUPLINGS, ids=lambda s: "-".join(f"{v}" for v in s.values())
+                         if isinstance(s, dict) else str(s))
+def test_gradients_equal_autograd_through_the_plain_couplings_with_dropout(settings, tol):
+    model = _vit(depth=4, **DROPOUT).train()
+    config = ReversibleConfig(**settings)
+    x = tm.images()
+    ref_out, ref = _grads(model, lambda: reference_forward(model, x, config))
+    apply_reversible(model, config)
+    out, got = _grads(model, lambda: model(x))
+    assert _rel(out, ref_out) <= 1e-5
+    assert set(got) == set(ref)
+    assert _rel(_flat(got, ref), _flat(ref, ref)) <= tol
+    assert max(_rel(got[n], ref[n]) for n in ref) <= 10 * tol  # every parameter, not only the big ones
+
+
+def test_float64_gradients_equal_even_at_small_lambda_beta():
+    """MEFT's λ = β = 0.1: right in float64 at depth 4 (in float32 it is not; apply warns)."""
+    model = _vit(depth=4, dtype=torch.float64, **DROPOUT).train()
+    config = ReversibleConfig(coupling="meft", lam=0.1, beta=0.1)
+    x = tm.images().double()
+    _, ref = _grads(model, lambda: reference_forward(model, x, config))
+    with pytest.warns(UserWarning, match="amplifies rounding error"):
+        apply_reversible(model, config)
+    _, got = _grads(model, lambda: model(x))
+    assert max(_rel(got[n], ref[n]) for n in ref) <= 1e-7
+
+
+def test_without_rng_replay_the_gradients_are_wrong(monkeypatch):
+    """The replay is what makes the previous test pass: recomputing with fresh random numbers
+    draws other dropout masks and the gradients no longer match."""
+    model = _vit(depth=4, **DROPOUT).train()
+    config = ReversibleConfig(coupling="revvit")
+    x = tm.images()
+    _, ref = _grads(model, lambda: reference_forward(model, x, config))
+    apply_reversible(model, config)
+    monkeypatch.setattr(rev, "replay_rng", lambda state: contextlib.nullcontext())
+    _, got = _grads(model, lambda: model(x))
+    assert max(_rel(got[n], ref[n]) for n in ref) > 1e-2
+
+
+def test_backward_leaves_the_global_rng_where_the_forward_left_it():
+    model = apply_reversible(_vit(depth=3, **DROPOUT).train(), coupling="revvit")
+    torch.manual_seed(5)
+    out = model(tm.images())
+    after_forward = torch.get_rng_state()
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
+
+
+def _sgd_run(seed: int) -> dict[str, torch.Tensor]:
+    model = apply_reversible(_vit(depth=3, **DROPOUT).train(), coupling="meft")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(seed)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(tm.images()), torch.arange(2) % 10).backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_two_runs_with_the_same_seed_give_identical_weights():
+    a, b, c = _sgd_run(7), _sgd_run(7), _sgd_run(8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed matters: dropout is on
+
+
+def _stack_bytes(depth: int, reversible: bool) -> int:
+    model = _vit(depth=depth).train()
+    if reversible:
+        apply_reversible(model, coupling="revvit")
+    h = model.norm_pre(model._pos_embed(model.patch_embed(tm.images()))).detach().requires_grad_(True)
+    return saved_activation_bytes(lambda: model.blocks(h))
+
+
+def test_saved_for_backward_bytes_do_not_grow_with_depth():
+    rev2, rev6 = _stack_bytes(2, True), _stack_bytes(6, True)
+    plain2, plain6 = _stack_bytes(2, False), _stack_bytes(6, False)
+    assert rev6 <= 1.15 * rev2, (rev2, rev6)
+    assert plain6 >= 2.5 * plain2, (plain2, plain6)
+    assert rev6 < plain6 / 5
+
+
+def test_bf16_autocast_gradients_close_to_fp32():
+    x = tm.images()
+    model = apply_reversible(_vit(depth=4).train(), coupling="meft", lam=0.5, beta=0.5)
+    _, ref = _grads(model, lambda: model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, low = _grads(model, lambda: model(x).float())
+    flat_ref = torch.cat([g.flatten() for g in ref.values()])
+    flat_low = torch.cat([low[n].flatten() for n in ref])
+    # bf16 keeps ~3 significant digits per op; over 4 blocks the gradient direction survives
+    cos = torch.nn.functional.cosine_similarity(flat_low, flat_ref, dim=0)
+    assert cos > 0.99, cos
+    assert _rel(flat_low, flat_ref) < 0.1
+
+
+def test_bf16_recomputation_reenters_autocast(monkeypatch):
+    """With autocast dropped from the recomputation the local gradients come from fp32 branches
+    while the forward ran bf16: reconstruction and gradients drift apart from autocast's own."""
+    x = tm.images()
+    model = apply_reversible(_vit(depth=4).train(), coupling="revvit")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, ref = _grads(model, lambda: reference_forward(model, x, ReversibleConfig(coupling="revvit")).float())
+        _, got = _grads(model, lambda: model(x).float())
+    good = max(_rel(got[n], ref[n]) for n in ref)
+    monkeypatch.setattr(rev, "_autocast_state", lambda device_type: (False, torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bad = _grads(model, lambda: model(x).float())
+    worse = max(_rel(bad[n], ref[n]) for n in ref)
+    assert good < 0.05 and worse > 2 * good, (good, worse)
+
+
+def test_remove_restores_the_library_bit_exactly_and_copies_work():
+    model = _vit(depth=3).eval()
+    x = tm.images()
+    with torch.no_grad():
+        ref = model(x)
+        keys = list(model.state_dict())
+        apply_reversible(model, coupling="revvit")
+        assert list(model.state_dict()) == keys
+        out = model(x)
+        assert not torch.allclose(out, ref)
+        torch.testing.assert_close(out, reference_forward(model, x, ReversibleConfig(coupling="revvit")),
+                                   atol=1e-6, rtol=1e-5)
+        for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert reversible_applied(other)
+            torch.testing.assert_close(other(x), out, atol=0, rtol=0)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), out, atol=0, rtol=0)
+        remove_reversible(model)
+        assert not reversible_applied(model)
+        torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+        assert "forward" not in model.blocks.__dict__
+        assert all(not b._forward_pre_hooks for b in model.blocks)
+    with pytest.raises(ValueError, match="not applied"):
+        remove_reversible(model)
+
+
+def test_refusals():
+    import open_clip  # noqa: F401  (the family exists here)
+
+    from vleff.tokens.tome import apply_tome
+
+    for bad, match in [({"coupling": "revnet"}, "coupling='revnet'.*meft"), ({"lam": 0}, "lam=0.*> 0"),
+                       ({"beta": -1.0}, "beta=-1.0"), ({"lam": float("nan")}, "lam=nan")]:
+        with pytest.raises(ValueError, match=match):
+            apply_reversible(_vit(), **bad)
+    model = apply_tome(_vit(), r=1)
+    with pytest.raises(ValueError, match="cannot apply reversible while tome is applied"):
+        apply_reversible(model)
+    model = apply_tome(apply_reversible(_vit()), r=1)  # a token method applied after
+    with pytest.raises(RuntimeError, match="token method .tower hook. was applied after"):
+        model(tm.images())
+    model = _vit()
+    model.set_grad_checkpointing(True)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        apply_reversible(model)
+    model = apply_reversible(_vit())
+    model.set_grad_checkpointing(True)  # turned on after: the library bypasses the stack
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        model.train()(tm.images())
+    with pytest.raises(TypeError, match="does not support.*supported: timm VisionTransformer"):
+        apply_reversible(tm.open_clip_model())
+
+
+def test_batchnorm_in_a_branch_is_refused():
+    model = _vit()
+    model.blocks[1].mlp.norm = torch.nn.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        apply_reversible(model)
+
+
+def test_callback_and_mixin_apply():
+    import lightning.pytorch as pl
+
+    from vleff.callbacks import Reversible, ReversibleMixin
+
+    callback = Reversible(coupling="revvit")
+    module = pl.LightningModule()
+    module.net = _vit()
+    callback.setup(None, module, "fit")  # type: ignore[arg-type]
+    assert reversible_applied(module)
+    with pytest.raises(ValueError, match="coupling"):
+        Reversible(coupling="x")
+
+    class Module(ReversibleMixin, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _vit()
+            self.use_reversible(coupling="meft", lam=0.3)
+
+    assert rev.reversible_config(Module()).lam == 0.3
+
+
+def test_rng_states_are_saved_only_for_blocks_that_draw_random_numbers():
+    """A 5 KB CPU RNG state per branch call would grow with depth; blocks without dropout save none."""
+    seen = []
+    original = rev.capture_rng
+
+    def counting(device):
+        seen.append(device)
+        return original(device)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(rev, "capture_rng", counting):
+        apply_reversible(_vit(depth=3).train(), coupling="revvit")(tm.images()).sum().backward()
+        assert seen == []
+        apply_reversible(_vit(depth=3, drop_path_rate=0.1).train(), coupling="revvit")(tm.images()).sum()
+        assert len(seen) == 2 * 2  # drop-path rates rise from 0: blocks 1 and 2 draw, block 0 does not

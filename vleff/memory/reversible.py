@@ -1,0 +1,432 @@
+"""Reversible blocks (RevNet / Rev-ViT / MEFT-style couplings): activation memory constant in depth.
+
+Each pre-norm block is split into its two residual branches, F = :func:`attention_branch` and
+G = :func:`mlp_branch` (the generic block of :mod:`vleff.backbones.block`, not a copy), and the
+tower's stack runs on two streams with a coupling whose inverse is exact up to rounding:
+
+* ``coupling="revvit"`` (RevNet, Rev-ViT; for training from scratch)::
+
+      y1 = x1 + F(x2)          x2 = y2 - G(y1)
+      y2 = x2 + G(y1)          x1 = y1 - F(x2)
+
+* ``coupling="meft"`` (MEFT-style, for pretrained models): F̃ and G̃ are the *residual
+  sub-blocks* ``F̃(x) = x + F(x)``, ``G̃(x) = x + G(x)`` and the couplings are scaled::
+
+      y1 = λ·x1 + F̃(x2)        x2 = (y2 - G̃(y1)) / β
+      y2 = β·x2 + G̃(y1)        x1 = (y1 - F̃(x2)) / λ
+
+  At λ = β = 0 the second stream would be the pretrained block output exactly; small λ, β
+  keep the pretrained function approximately (the *starting gap*, see :func:`starting_gap`),
+  at the price of dividing by λ and β in every block of the reconstruction.
+
+The input is duplicated into both streams and the output is fused as ``(y1 + y2) / 2`` for
+both couplings. Rev-ViT's reference concatenates the streams to 2C before the final norm and
+head instead; vleff keeps the tower's width so the library's own norm, pooling and head (and
+pretrained weights) apply unchanged.
+
+In training (grad enabled) one custom autograd function, :class:`_ReversibleStack`, runs all
+blocks under ``no_grad`` and saves only the last two streams; backward rebuilds each block's
+inputs from its outputs and recomputes F and G with grad to get the local gradients (about
+one extra forward). Dropout and drop-path replay the forward's random numbers: the CPU (and
+CUDA) RNG state before each F and G call is saved and restored for the recomputation inside
+``torch.random.fork_rng`` (the way ``torch.utils.checkpoint`` does), so the global RNG is never
+re-seeded and runs stay reproducible. The recomputation re-enters autocast as the forward ran.
+The streams are kept in float32 (or float64 if the input is) even when the branches run in
+bf16 under autocast or in a low-precision model: the reconstruction subtracts and, for MEFT,
+divides by λ and β, which amplifies rounding error block after block.
+
+Without grad (inference, evaluation) the same couplings run as a plain loop: nothing is saved
+either way, and the plain loop compiles in one graph.
+
+Supported: timm ``VisionTransformer`` (ViT, DeiT, register tokens). Refused: a token method
+(ToMe, EViT, DynamicViT) on the tower, the library's gradient checkpointing, BatchNorm-like
+modules in a branch, open_clip and Hugging Face towers (not yet).
+
+>>> vleff.apply_reversible(model, coupling="revvit")
+>>> vleff.remove_reversible(model)            # the library's own forward, exactly
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from vleff.backbones import TowerAdapter, find_towers, get_patch
+from vleff.backbones.block import attention_branch, mlp_branch
+from vleff.checks import check_choice, check_number
+from vleff.registry import Method, MethodConfig, register_method
+
+COUPLINGS = ("meft", "revvit")
+#: tower families the reversible stack supports
+FAMILIES = ("timm",)
+TOWERS = ("image",)
+
+
+@dataclass
+class ReversibleConfig(MethodConfig):
+    """Reversible-block settings.
+
+    Attributes:
+        coupling: ``"meft"`` (scaled couplings of the residual sub-blocks, for pretrained
+            models) or ``"revvit"`` (RevNet couplings of the branches, for training from scratch).
+        lam: MEFT's λ, the scale of the first stream (> 0; ignored by ``"revvit"``).
+        beta: MEFT's β, the scale of the second stream (> 0; ignored by ``"revvit"``).
+
+    The defaults λ = β = 1 are provisional. MEFT's published λ = β = 0.1 keep a pretrained
+    function closer, but the reconstruction divides by λ and β in every block, so rounding
+    error grows about ``(1/(λ·β))**depth``: measured on the 4-block test ViT in float32,
+    λ = β = 0.1 gives 0.1 relative error on the whole gradient (0.8 on the first block's),
+    λ = 0.5, β = 0.8 gives 1.5e-5, λ = β = 1 gives 2e-6 (revvit: the same order);
+    :func:`apply_reversible` warns when the estimated amplification exceeds 1e3. At λ = β = 1 the streams grow with
+    depth and the starting gap is large; choosing λ, β from the starting gap on real
+    pretrained towers (:func:`starting_gap`) is still to do.
+    """
+
+    method = "reversible"
+    coupling: str = "meft"
+    lam: float = 1.0
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("coupling", self.coupling, COUPLINGS)
+        self.lam = check_number("lam", self.lam, low=0, low_open=True)
+        self.beta = check_number("beta", self.beta, low=0, low_open=True)
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """(λ, β) the couplings use: 1, 1 for RevNet."""
+        return (1.0, 1.0) if self.coupling == "revvit" else (self.lam, self.beta)
+
+    @property
+    def residual(self) -> bool:
+        """Whether F and G include their residual (MEFT's sub-blocks) or are the bare branches."""
+        return self.coupling == "meft"
+
+
+# --- random-number replay ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RNGState:
+    """The global RNG states one branch call started from (CPU, and each CUDA device it used)."""
+
+    cpu: torch.Tensor
+    cuda: tuple[tuple[int, torch.Tensor], ...] = ()
+
+
+def capture_rng(device: torch.device) -> RNGState:
+    cuda: tuple[tuple[int, torch.Tensor], ...] = ()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = ((index, torch.cuda.get_rng_state(index)),)
+    return RNGState(torch.get_rng_state(), cuda)
+
+
+@contextlib.contextmanager
+def replay_rng(state: RNGState | None) -> Iterator[None]:
+    """Run the body from ``state`` and put the global RNG back afterwards (``fork_rng``), so the
+    recomputation draws the forward's dropout masks and the caller's RNG is untouched."""
+    if state is None:
+        yield
+        return
+    devices = [i for i, _ in state.cuda]
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(state.cpu)
+        for index, cuda_state in state.cuda:
+            torch.cuda.set_rng_state(cuda_state, index)
+        yield
+
+
+# --- the couplings ------------------------------------------------------------------------------------
+class _Stack:
+    """The blocks of one tower with their coupling (not a module: it holds no parameters of its own)."""
+
+    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig) -> None:
+        self.adapter = adapter
+        self.config = config
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return self.adapter.blocks()
+
+    def f(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """F (or F̃ = x + F for MEFT), computed on ``x`` in the branch dtype, returned in the stream's."""
+        out = attention_branch(self.adapter, block, x.to(dtype)).to(x.dtype)
+        return x + out if self.config.residual else out
+
+    def g(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = mlp_branch(self.adapter, block, x.to(dtype)).to(x.dtype)
+        return x + out if self.config.residual else out
+
+    def forward(self, x: torch.Tensor, states: list[tuple[RNGState | None, RNGState | None]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both output streams; ``states`` collects each block's (F, G) RNG states when given."""
+        lam, beta = self.config.scales
+        x1 = x2 = x.to(stream_dtype(x.dtype))
+        for block in self.blocks:
+            record = states is not None and draws_random_numbers(block)
+            sf = capture_rng(x.device) if record else None
+            y1 = _scale(lam, x1) + self.f(block, x2, x.dtype)
+            sg = capture_rng(x.device) if record else None
+            y2 = _scale(beta, x2) + self.g(block, y1, x.dtype)
+            if states is not None:
+                states.append((sf, sg))
+            x1, x2 = y1, y2
+        return x1, x2
+
+
+def draws_random_numbers(block: nn.Module) -> bool:
+    """Whether ``block`` draws random numbers in this forward (training, with a dropout or drop-path
+    of p > 0). Only then are RNG states saved (a CPU state is about 5 KB, two per block: at
+    depth 24 as much as the two saved streams of a small ViT). A branch drawing random numbers
+    some other way would not be replayed."""
+    if not block.training:
+        return False
+    return any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+               or float(getattr(m, "drop_prob", 0.0) or 0.0) > 0 for m in block.modules())
+
+
+def _scale(s: float, x: torch.Tensor) -> torch.Tensor:
+    return x if s == 1.0 else s * x
+
+
+def stream_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The streams' dtype: at least float32 (see the module docstring)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def fuse(y1: torch.Tensor, y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((y1 + y2) / 2).to(dtype)
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _ReversibleStack(torch.autograd.Function):
+    """Forward without saved activations; backward by reconstruction (see the module docstring).
+
+    Inputs: ``x``, the :class:`_Stack`, then every parameter of the blocks (so autograd routes
+    their gradients through this node). Saves the two final streams only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, stack: _Stack, *params: torch.Tensor) -> torch.Tensor:
+        states: list[tuple[RNGState | None, RNGState | None]] = []
+        with torch.no_grad():
+            y1, y2 = stack.forward(x, states)
+        ctx.stack, ctx.states, ctx.in_dtype = stack, states, x.dtype
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.params = params
+        ctx.save_for_backward(y1, y2)
+        return fuse(y1, y2, x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y1, y2 = ctx.saved_tensors
+        stack: _Stack = ctx.stack
+        lam, beta = stack.config.scales
+        dtype = ctx.in_dtype
+        dy1 = dy2 = grad_out.to(y1.dtype) / 2
+        enabled, ac_dtype = ctx.autocast
+        grads: dict[int, torch.Tensor] = {}
+
+        def local(out: torch.Tensor, inp: torch.Tensor, params: list[torch.Tensor],
+                  grad: torch.Tensor) -> torch.Tensor:
+            got = torch.autograd.grad(out, [inp, *params], grad, allow_unused=True)
+            for p, g in zip(params, got[1:]):
+                if g is not None:
+                    grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
+            return got[0]
+
+        for block, (sf, sg) in zip(reversed(stack.blocks), reversed(ctx.states)):
+            params = [p for p in block.parameters() if p.requires_grad]
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ac_dtype, enabled=enabled):
+                y1_ = y1.detach().requires_grad_(True)
+                with replay_rng(sg):
+                    g = stack.g(block, y1_, dtype)
+            dy1 = dy1 + local(g, y1_, params, dy2)
+            with torch.no_grad():
+                x2 = (y2 - g.detach()) / beta if beta != 1.0 else y2 - g.detach()
+            del g, y1_
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ac_dtype, enabled=enabled):
+                x2_ = x2.detach().requires_grad_(True)
+                with replay_rng(sf):
+                    f = stack.f(block, x2_, dtype)
+            dx2 = _scale(beta, dy2) + local(f, x2_, params, dy1)
+            with torch.no_grad():
+                x1 = (y1 - f.detach()) / lam if lam != 1.0 else y1 - f.detach()
+            del f, x2_
+            dx1 = _scale(lam, dy1)
+            y1, y2, dy1, dy2 = x1, x2, dx1, dx2
+        dx = (dy1 + dy2).to(dtype)
+        return (dx, None, *[grads.get(id(p)) for p in ctx.params])
+
+
+def run_reversible(adapter: TowerAdapter, config: ReversibleConfig, x: torch.Tensor) -> torch.Tensor:
+    """The tower's blocks as a reversible stack on ``x`` ``[B, N, C]`` (fused output, ``x``'s dtype)."""
+    stack = _Stack(adapter, config)
+    if not torch.is_grad_enabled():
+        return fuse(*stack.forward(x), x.dtype)
+    params = [p for block in stack.blocks for p in block.parameters()]
+    return _ReversibleStack.apply(x, stack, *params)
+
+
+# --- surgery ------------------------------------------------------------------------------------------
+class ReversibleForward:
+    """The replacement ``forward`` of the tower's block container (an object, so ``deepcopy`` and
+    pickle copy it with the model)."""
+
+    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, guard_ids: list[int]) -> None:
+        self.adapter, self.config, self.guard_ids = adapter, config, guard_ids
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if get_patch(self.adapter.root) is not None:
+            raise RuntimeError(f"{self.adapter.describe()}: a token method (tower hook) was applied after reversible "
+                               "blocks; the reversible stack runs F and G itself and would ignore it (token "
+                               "reduction inside the stack is not supported). Remove it or remove_reversible(model)")
+        return run_reversible(self.adapter, self.config, x)
+
+
+class DirectCallGuard:
+    """Forward pre-hook on each block while reversible is applied: the stack never calls a block,
+    so a call means the library bypassed it (gradient checkpointing, a mask passed block by block)
+    and would silently run the plain tower."""
+
+    def __init__(self, describe: str) -> None:
+        self.describe = describe
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        raise RuntimeError(
+            f"{self.describe}: a block was called directly while reversible blocks are applied. The library "
+            "bypasses the reversible stack when its own gradient checkpointing is on (turn it off: "
+            "model.set_grad_checkpointing(False)) or when it gets an attention mask; neither is supported")
+
+
+def _container(tower: TowerAdapter) -> nn.Module:
+    return tower.root.blocks
+
+
+def _supported(model: nn.Module) -> list[TowerAdapter]:
+    towers = find_towers(model)  # TypeError naming the families when there is no tower
+    image = [t for t in towers if t.modality in TOWERS]
+    if not image:
+        raise TypeError(f"{type(model).__name__} has no image tower (it has: "
+                        f"{', '.join(t.describe() for t in towers)}); reversible blocks act on image towers")
+    bad = [t for t in image if t.family not in FAMILIES]
+    if bad:
+        raise TypeError(f"reversible does not support {bad[0].describe()}; supported: "
+                        f"{', '.join(FAMILIES)} VisionTransformer towers (ViT, DeiT) only for now")
+    return image
+
+
+def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, **settings: Any) -> nn.Module:
+    """Run the image towers of ``model`` as reversible stacks (in place; weights, parameter names
+    and ``state_dict`` keys unchanged). Applying again replaces the earlier settings.
+
+    Raises:
+        ValueError: a bad setting; a token method is applied to the tower; a branch holds
+            BatchNorm-like running statistics (recomputation would update them twice).
+        RuntimeError: the tower's own gradient checkpointing is on.
+        TypeError: no supported tower (open_clip and Hugging Face towers are not supported yet).
+    """
+    cfg = ReversibleConfig.build(config, **settings)
+    towers = _supported(model)
+    for tower in towers:
+        if get_patch(tower.root) is not None:
+            names = ", ".join(h.name for h in get_patch(tower.root).hooks) or "a token method"
+            raise ValueError(f"cannot apply reversible while {names} is applied to {tower.describe()}: the "
+                             "reversible stack runs F and G itself, not the tower hooks (token reduction inside "
+                             "the stack is not supported); remove it first")
+        if tower.gradient_checkpointing():
+            raise RuntimeError(f"{tower.describe()} has gradient checkpointing on; reversible blocks replace it "
+                               "(turn it off: model.set_grad_checkpointing(False))")
+        for i, block in enumerate(tower.blocks()):
+            stateful = [type(m).__name__ for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+            if stateful:
+                raise ValueError(f"{tower.describe()} block {i} holds {stateful[0]} (running statistics); "
+                                 "recomputing it in backward would update them twice")
+    lam, beta = cfg.scales
+    amplification = (1.0 / min(1.0, lam * beta)) ** max(len(t.blocks()) for t in towers)
+    if amplification > 1e3:
+        warnings.warn(f"reversible coupling={cfg.coupling!r} with lam={lam}, beta={beta} over "
+                      f"{max(len(t.blocks()) for t in towers)} blocks: the reconstruction in backward amplifies "
+                      f"rounding error about {amplification:.1e}x; gradients may be wrong in float32 "
+                      "(use larger lam, beta)", stacklevel=2)
+    if reversible_applied(model):
+        remove_reversible(model)
+    for tower in towers:
+        guard = DirectCallGuard(tower.describe())
+        ids = [block.register_forward_pre_hook(guard).id for block in tower.blocks()]
+        _container(tower).forward = ReversibleForward(tower, cfg, ids)
+    return model
+
+
+def _applied(tower: TowerAdapter) -> ReversibleForward | None:
+    container = getattr(tower.root, "blocks", None)
+    fwd = container.__dict__.get("forward") if isinstance(container, nn.Module) else None
+    return fwd if isinstance(fwd, ReversibleForward) else None
+
+
+def _all_towers(model: nn.Module) -> list[TowerAdapter]:
+    try:
+        return find_towers(model)
+    except TypeError:
+        return []
+
+
+def remove_reversible(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_reversible`: the library's own block forwards, exactly."""
+    removed = 0
+    for tower in _all_towers(model):
+        fwd = _applied(tower)
+        if fwd is None:
+            continue
+        for block, hook_id in zip(tower.blocks(), fwd.guard_ids):
+            block._forward_pre_hooks.pop(hook_id, None)
+        del _container(tower).__dict__["forward"]
+        removed += 1
+    if not removed:
+        raise ValueError(f"reversible blocks are not applied to this {type(model).__name__}; nothing to remove")
+    return model
+
+
+def reversible_applied(model: nn.Module) -> bool:
+    return any(_applied(t) is not None for t in _all_towers(model))
+
+
+def reversible_config(model: nn.Module) -> ReversibleConfig:
+    """The config of the first reversible tower."""
+    for tower in _all_towers(model):
+        if (fwd := _applied(tower)) is not None:
+            return fwd.config
+    raise ValueError(f"reversible blocks are not applied to this {type(model).__name__}")
+
+
+@torch.no_grad()
+def starting_gap(model: nn.Module, x: torch.Tensor, config: ReversibleConfig | None = None,
+                 **settings: Any) -> float:
+    """Relative output difference ``‖f_rev(x) − f(x)‖ / ‖f(x)‖`` of ``model`` made reversible
+    (before any training) against the model as it is; the model is left unchanged."""
+    was = model.training
+    model.eval()
+    try:
+        ref = model(x).float()
+        apply_reversible(model, config, **settings)
+        try:
+            out = model(x).float()
+        finally:
+            remove_reversible(model)
+    finally:
+        model.train(was)
+    return float((out - ref).norm() / ref.norm())
+
+
+register_method(Method(
+    name="reversible", kind="memory", config=ReversibleConfig, apply=apply_reversible, remove=remove_reversible,
+    is_applied=reversible_applied, callback="vleff.callbacks.Reversible", mixin="vleff.callbacks.ReversibleMixin",
+    towers=TOWERS, bench_settings={"coupling": "meft"},
+    description="reversible blocks (RevNet/MEFT couplings): activations constant in depth"))
