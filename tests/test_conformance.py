@@ -55,6 +55,16 @@ class Settings:
     conflicts: tuple[str, ...] = ()
 
 
+def _perturb_vqt(model: torch.nn.Module) -> None:
+    """VQT's head projection starts at zero (the model starts at the frozen model); random
+    values make the query path reach the output."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "vleff_vqt.proj" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 SETTINGS: dict[str, Settings] = {
     "tome": Settings(noop={"r": 0}, active={"r": 2},
                      refusals=[({"r": -1}, "r=-1"), ({"r": float("nan")}, "r=nan"), ({"prop_attn": 1}, "prop_attn"),
@@ -79,6 +89,12 @@ SETTINGS: dict[str, Settings] = {
                      refusals=[({"eps": 0}, "eps"), ({"lr": float("inf")}, "lr"), ({"seed": -1}, "seed"),
                                ({"params": "("}, "params")],
                      callback_args={"eps": 1e-3, "lr": 1e-3}),
+    # VQT reads each block's K/V of the full frozen stream: token reduction (which changes them) is refused
+    "vqt": Settings(noop={"num_queries": 1}, active={"num_queries": 2},
+                    refusals=[({"num_queries": 0}, "num_queries"), ({"num_queries": 1.5}, "num_queries"),
+                              ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
+                    state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
+                    families=("timm_vit", "timm_registers"), conflicts=("tome", "evit", "dynamicvit")),
     "reversible": Settings(noop=None, active={"coupling": "revvit"},
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
                                      ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf")],

@@ -125,6 +125,7 @@ _BUILTIN: dict[str, str] = {
     "evit": "vleff.tokens.evit",
     "galore": "vleff.memory.methods",
     "mezo": "vleff.memory.methods",
+    "vqt": "vleff.side.vqt",
     "reversible": "vleff.memory.reversible",
 }
 

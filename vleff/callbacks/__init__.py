@@ -14,6 +14,7 @@ _CALLBACKS = {
     "AuxLoss": "vleff.callbacks.aux_loss",
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",
+    "VisualQueryTuning": "vleff.callbacks.vqt",
     "Reversible": "vleff.callbacks.reversible",
     "AuxLossMixin": "vleff.callbacks.mixins",
     "TokenMergingMixin": "vleff.callbacks.mixins",
@@ -21,6 +22,7 @@ _CALLBACKS = {
     "DynamicViTMixin": "vleff.callbacks.mixins",
     "GaLoreMixin": "vleff.callbacks.mixins",
     "MeZOMixin": "vleff.callbacks.mixins",
+    "VQTMixin": "vleff.callbacks.side_mixins",
     "ReversibleMixin": "vleff.callbacks.mixins",
 }
 

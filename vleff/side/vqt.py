@@ -1,0 +1,313 @@
+"""Visual Query Tuning (VQT, Tu et al., CVPR 2023) beside a frozen image tower.
+
+Per block ``l`` a few learnable query tokens ``P_l`` (``[T, C]``) pass through that block
+*beside* the frozen token stream: normed with the block's ``norm1``, projected with the
+block's own ``qkv``, they attend to ``[frozen K/V ; their own K/V]`` — the frozen keys and
+values are the ones the block just computed, **sliced** into the queries' rows, not a
+``-inf``-masked joint attention, so the frozen tokens never see the queries and the token
+stream stays bit-identical to the plain forward. Out projection, residual, MLP branch; the
+outputs ``o_l`` are collected and never fed to the next block.
+
+Why sliced: a masked joint attention computes the same forward but makes every frozen
+token's activation part of the queries' graph, so autograd keeps the whole backbone's
+activations (the failure the reference code shows: ~71 % of full fine-tuning's saved
+activations). Here the frozen K/V are detached copies, the only per-token tensors the query
+path saves; with the backbone frozen (:func:`freeze_backbone_for_vqt`, or the
+``VisualQueryTuning`` callback) nothing of the token stream is saved for backward.
+
+Head (vleff's choice, documented): the model's own head reads
+``pooled + proj(concat_l l2norm(o_l))`` with ``proj`` a zero-initialised ``Linear(depth·T·C →
+head input)``, so the model starts exactly at the frozen model (the paper's head reads
+``concat(l2norm(cls), l2norm(o_1..L))`` through a new Linear, which does not start there).
+The sum is fed in by a forward pre-hook on the tower's classifier head.
+
+>>> vleff.apply_vqt(model, num_queries=1)   # timm ViT: queries + zero-init projection
+>>> vleff.side.freeze_backbone_for_vqt(model)
+>>> vleff.remove_vqt(model)                 # the original model, exactly
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
+from vleff.backbones.block import mlp_branch
+from vleff.checks import check_int, check_number, check_towers
+from vleff.registry import Method, MethodConfig, get_method, register_method
+from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
+
+HOOK_NAME = "vqt"
+MODULE_NAME = "vleff_vqt"
+TOWERS = ("image",)
+#: families whose head vleff knows how to feed (open_clip / Hugging Face CLIP image towers: not yet)
+SUPPORTED = "timm VisionTransformer (ViT/DeiT with one head; registers allowed)"
+
+
+@dataclass
+class VQTConfig(MethodConfig):
+    """VQT's settings.
+
+    Attributes:
+        num_queries: query tokens per block (``T``; the paper's default is 1).
+        dropout: dropout on the query tokens in training (the paper uses 0.1; 0 keeps runs
+            deterministic by default).
+        towers: only ``"image"``.
+    """
+
+    method = "vqt"
+    num_queries: int = 1
+    dropout: float = 0.0
+    towers: str = "image"
+
+    def __post_init__(self) -> None:
+        self.num_queries = check_int("num_queries", self.num_queries, low=1)
+        self.dropout = check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_towers(self.towers, TOWERS)
+
+
+class VQTModule(nn.Module):
+    """The trained parts of one tower, registered on the tower root as ``vleff_vqt`` (so they
+    are in ``parameters()`` and ``state_dict``): per-block queries and the zero-init projection
+    of their collected outputs into the head input."""
+
+    def __init__(self, depth: int, num_queries: int, width: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(depth, num_queries, width))
+        nn.init.trunc_normal_(self.queries, std=0.02)  # small: the queries start near "no token"
+        self.proj = nn.Linear(depth * num_queries * width, head_dim)
+        nn.init.zeros_(self.proj.weight)  # zero: the model starts exactly at the frozen model
+        nn.init.zeros_(self.proj.bias)
+        self.dropout = dropout
+        #: forward pre-hook id on the tower's head (to remove it exactly)
+        self.head_hook_id: int | None = None
+
+    def features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, depth·T·C]``: each block's query outputs, l2-normalised per token (the paper's
+        normalisation keeps layers of different scale comparable), concatenated."""
+        return torch.cat([F.normalize(o, dim=-1).flatten(1) for o in outputs], dim=1)
+
+
+class VQTHook(TowerHook):
+    """Runs each block's queries beside the frozen stream (in ``between``: the block's K/V are
+    fresh there) and collects their outputs in the token state's scratch."""
+
+    name = HOOK_NAME
+
+    def __init__(self, adapter: TowerAdapter, module: VQTModule, config: VQTConfig) -> None:
+        self.adapter, self.module, self.config = adapter, module, config
+
+    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        state.scratch[HOOK_NAME] = []
+        return x
+
+    def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        n = state.num_input_tokens
+        if info.stale or x.shape[1] != n or info.keep is not None or info.bias is not None:
+            raise RuntimeError(
+                f"{self.adapter.describe()} block {info.index}: VQT reads the block's keys/values of the full "
+                "frozen token stream, but another method changed the tokens or the attention (token reduction, "
+                "keep masks or attention biases: ToMe, EViT, DynamicViT); remove it, VQT does not stack with them")
+        out = query_path(self.adapter, info.block, self.module.queries[info.index], info.keys, info.v,
+                         x.shape[0], self.module.dropout if self.module.training else 0.0)
+        scratch = state.scratch[HOOK_NAME]
+        assert isinstance(scratch, list)
+        scratch.append(out)
+        return x
+
+
+def query_path(adapter: TowerAdapter, block: nn.Module, queries: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, batch: int, dropout: float = 0.0) -> torch.Tensor:
+    """One block's query tokens ``[T, C]`` through ``block`` beside the frozen tokens whose keys
+    and values (``[B, H, N, Dh]``) the block computed: ``[B, T, C]``.
+
+    The frozen K/V are detached and copied (``contiguous``): the copies are what the query
+    path saves for backward (2·N·C per sample), not the ``qkv`` output they are views of
+    (3·N·C), and no gradient can reach the token stream through them.
+    """
+    parts = adapter.parts(block)
+    cfg = adapter.attention_config(block)
+    p = queries.unsqueeze(0).expand(batch, -1, -1)
+    if dropout > 0:
+        p = F.dropout(p, p=dropout, training=True)
+    h = parts.norm1(p)
+    q, k, v = adapter.qkv(block, h)  # [B, H, T, Dh]
+    k_frozen = keys.detach().to(q.dtype).contiguous()
+    v_frozen = values.detach().to(q.dtype).contiguous()
+    qs = q * cfg.scale
+    logits = torch.cat([qs @ k_frozen.transpose(-2, -1), qs @ k.transpose(-2, -1)], dim=-1)
+    probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    if block.training and cfg.dropout_p > 0:
+        probs = F.dropout(probs, p=cfg.dropout_p)
+    n = k_frozen.shape[-2]
+    o = probs[..., :n] @ v_frozen + probs[..., n:] @ v  # the two slices of one softmax
+    o = o.transpose(1, 2).reshape(batch, queries.shape[0], -1)
+    p = p + parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
+    return p + mlp_branch(adapter, block, p)
+
+
+class _HeadInput:
+    """Forward pre-hook on the tower's classifier head: ``pooled + proj(query features)``.
+
+    A plain object (not a closure) so the model deep-copies and pickles with it."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+
+    def __call__(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        patch = get_patch(self.root)
+        outputs = None if patch is None or patch.state is None else patch.state.scratch.pop(HOOK_NAME, None)
+        if not outputs:
+            raise RuntimeError("VQT: the head was called without a tower forward before it (the query outputs "
+                               "come from the blocks); run the whole model, or remove_vqt first")
+        module = self.root.get_submodule(MODULE_NAME)
+        assert isinstance(module, VQTModule)
+        pooled = args[0]
+        extra = module.proj(module.features(outputs)).to(pooled.dtype)
+        return (pooled + extra, *args[1:])
+
+
+def _check_supported(tower: TowerAdapter) -> nn.Module:
+    """The head module VQT feeds, or ``TypeError`` naming what is supported."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    root = tower.root
+    if tower.family != "timm" or isinstance(root, VisionTransformerDistilled):
+        raise TypeError(f"VQT does not support {tower.describe()} yet; it supports {SUPPORTED}")
+    head = getattr(root, "head", None)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"VQT: {tower.describe()} has no head module to feed the query outputs into")
+    return head
+
+
+def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any) -> nn.Module:
+    """Add per-block query tokens to every image tower of ``model`` (in place).
+
+    Applying twice replaces the earlier queries (drawn anew). The backbone's ``requires_grad``
+    flags are not changed here: call :func:`freeze_backbone_for_vqt` (the callback does) so
+    the frozen stream builds no graph.
+
+    Raises:
+        TypeError: no supported tower (only timm ViT image towers for now).
+        ValueError: a token-reduction method is applied (VQT reads the full stream's K/V).
+    """
+    cfg = VQTConfig.build(config, **settings)
+    if vqt_applied(model):
+        remove_vqt(model)
+    tokens = _applied_token_methods(model)
+    if tokens:
+        raise ValueError(f"cannot apply vqt while {', '.join(tokens)} is applied: VQT's queries read each block's "
+                         "keys/values of the full frozen token stream; remove the token method first")
+    for tower in select_towers(model, cfg.towers):  # every tower checked before any is changed
+        _check_supported(tower)
+    modules: dict[int, VQTModule] = {}
+
+    def make_hook(tower: TowerAdapter) -> VQTHook:
+        head = _check_supported(tower)
+        width = tower.embed_dim
+        head_in = int(getattr(head, "in_features", getattr(tower.root, "num_features", width)))
+        module = VQTModule(len(tower.blocks()), cfg.num_queries, width, head_in, cfg.dropout)
+        ref = next(tower.root.parameters())
+        module.to(device=ref.device, dtype=ref.dtype)
+        modules[id(tower.root)] = module
+        return VQTHook(tower, module, cfg)
+
+    installed = install_hooks(model, make_hook, cfg.towers)
+    for tower in installed:
+        module = modules[id(tower.root)]
+        tower.root.add_module(MODULE_NAME, module)
+        module.head_hook_id = tower.root.head.register_forward_pre_hook(_HeadInput(tower.root)).id
+    return model
+
+
+def _applied_token_methods(model: nn.Module) -> list[str]:
+    from vleff.registry import available_methods
+
+    names = []
+    for name in available_methods():
+        try:
+            method = get_method(name)
+        except ImportError:
+            continue
+        if method.kind == "tokens" and hooks_named(model, name):
+            names.append(name)
+    return names
+
+
+def remove_vqt(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_vqt`: no hooks, no ``vleff_vqt`` module, the head's own input."""
+    if not vqt_applied(model):
+        raise ValueError(f"VQT is not applied to this {type(model).__name__}; nothing to remove")
+    for tower in find_towers(model):
+        module = tower.root._modules.get(MODULE_NAME)
+        if isinstance(module, VQTModule):
+            if module.head_hook_id is not None:
+                tower.root.head._forward_pre_hooks.pop(module.head_hook_id, None)
+            del tower.root._modules[MODULE_NAME]
+    remove_hooks(model, HOOK_NAME)
+    return model
+
+
+def vqt_applied(model: nn.Module) -> bool:
+    return bool(hooks_named(model, HOOK_NAME))
+
+
+def vqt_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters VQT adds (queries and the head projection), over every tower."""
+    return [p for t in _vqt_towers(model) for p in t.root.get_submodule(MODULE_NAME).parameters()]
+
+
+def _vqt_towers(model: nn.Module) -> list[TowerAdapter]:
+    try:
+        towers = find_towers(model)
+    except TypeError:
+        return []
+    return [t for t in towers if isinstance(t.root._modules.get(MODULE_NAME), VQTModule)]
+
+
+def freeze_backbone_for_vqt(model: nn.Module, train_head: bool = True) -> list[str]:
+    """``requires_grad = False`` on every weight of the VQT towers except the VQT parameters
+    (and the tower's classifier head when ``train_head``: it reads only the pooled features, so
+    training it saves one ``[B, C]`` tensor, no backbone activation). Returns the names of the
+    parameters left trainable, relative to ``model``."""
+    towers = _vqt_towers(model)
+    if not towers:
+        raise ValueError(f"VQT is not applied to this {type(model).__name__}; call apply_vqt first")
+    keep = {id(p) for p in vqt_parameters(model)}
+    if train_head:
+        keep |= {id(p) for t in towers for p in t.root.head.parameters()}
+    frozen = {id(p) for t in towers for p in t.root.parameters()} - keep
+    trainable = []
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+        elif id(p) in keep:
+            p.requires_grad_(True)
+            trainable.append(name)
+    return trainable
+
+
+def unfrozen_backbone_parameters(model: nn.Module, train_head: bool = True) -> list[str]:
+    """Names of backbone weights of the VQT towers that require grad (each one makes the
+    frozen stream build a graph and destroys the memory saving)."""
+    keep = {id(p) for p in vqt_parameters(model)}
+    if train_head:
+        keep |= {id(p) for t in _vqt_towers(model) for p in t.root.head.parameters()}
+    backbone = {id(p) for t in _vqt_towers(model) for p in t.root.parameters()} - keep
+    return [n for n, p in model.named_parameters() if id(p) in backbone and p.requires_grad]
+
+
+def vqt_num_parameters(depth: int, num_queries: int, width: int, head_in: int) -> int:
+    """Parameters VQT adds: ``depth·T·C`` queries and the ``depth·T·C → head_in`` projection."""
+    n = depth * num_queries * width
+    return n + n * head_in + head_in
+
+
+register_method(Method(
+    name="vqt", kind="side", config=VQTConfig, apply=apply_vqt, remove=remove_vqt, is_applied=vqt_applied,
+    callback="vleff.callbacks.VisualQueryTuning", mixin="vleff.callbacks.VQTMixin", towers=TOWERS,
+    bench_settings={"num_queries": 1},
+    description="VQT: per-layer query tokens beside the frozen stream (sliced K/V), zero-init head projection"))
