@@ -206,8 +206,6 @@ def test_remove_restores_the_library_bit_exactly_and_copies_work():
 
 
 def test_refusals():
-    import open_clip  # noqa: F401  (the family exists here)
-
     from vleff.tokens.tome import apply_tome
 
     for bad, match in [({"coupling": "revnet"}, "coupling='revnet'.*meft"), ({"lam": 0}, "lam=0.*> 0"),
@@ -229,7 +227,13 @@ def test_refusals():
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model.train()(tm.images())
     with pytest.raises(TypeError, match="does not support.*supported: timm VisionTransformer"):
-        apply_reversible(tm.open_clip_model())
+        apply_reversible(tm.hf_clip_model())
+    with pytest.raises(TypeError, match="towers='text'.*no text tower"):
+        apply_reversible(_vit(), towers="text")
+    model = apply_reversible(tm.open_clip_model())
+    model.set_grad_checkpointing(True)  # open_clip checkpoints inside the forward the stack replaces
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        model.encode_text(tm.token_ids())
 
 
 def test_batchnorm_in_a_branch_is_refused():
@@ -277,3 +281,54 @@ def test_rng_states_are_saved_only_for_blocks_that_draw_random_numbers():
         assert seen == []
         apply_reversible(_vit(depth=3, drop_path_rate=0.1).train(), coupling="revvit")(tm.images()).sum()
         assert len(seen) == 2 * 2  # drop-path rates rise from 0: blocks 1 and 2 draw, block 0 does not
+
+
+def reference_open_clip_stack(transformer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+                              config: ReversibleConfig) -> torch.Tensor:
+    """open_clip's ``Transformer`` with the couplings, from its own block modules (``attention``
+    is the library's ``nn.MultiheadAttention`` call, in the transformer's own layout)."""
+    lam, beta = config.scales
+    res = config.coupling == "meft"
+    seq_first = not transformer.batch_first
+    x1 = x2 = x.transpose(0, 1) if seq_first else x
+    for blk in transformer.resblocks:
+        f = blk.ls_1(blk.attention(blk.ln_1(x2), attn_mask=mask))
+        y1 = lam * x1 + (x2 + f if res else f)
+        g = blk.ls_2(blk.mlp(blk.ln_2(y1)))
+        y2 = beta * x2 + (y1 + g if res else g)
+        x1, x2 = y1, y2
+    out = (x1 + x2) / 2
+    return out.transpose(0, 1) if seq_first else out
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+@pytest.mark.parametrize("settings", [dict(coupling="revvit"), dict(coupling="meft", lam=0.7, beta=0.9)],
+                         ids=["revvit", "meft"])
+def test_open_clip_towers_gradients_equal_the_reference(tower, settings):
+    """Both open_clip towers; the text tower's causal mask must reach F (without it the text
+    output attends to later tokens and differs from the reference)."""
+    torch.manual_seed(0)
+    model = tm.open_clip_model().train()
+    config = ReversibleConfig(**settings, towers=tower)
+    transformer = model.visual.transformer if tower == "image" else model.transformer
+    mask = None if tower == "image" else model.attn_mask
+    torch.manual_seed(1)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        out = run()
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters()}, x.grad.clone()
+
+    ref_out, ref, ref_x = grads(lambda: reference_open_clip_stack(transformer, x, mask, config))
+    apply_reversible(model, config)
+    out, got, got_x = grads(lambda: transformer(x, attn_mask=mask))
+    assert _rel(out, ref_out) <= 1e-5
+    assert _rel(_flat(got, ref), _flat(ref, ref)) <= 1e-5 and _rel(got_x, ref_x) <= 1e-5
+    with torch.no_grad():
+        plain = model.encode_text(tm.token_ids()) if tower == "text" else model.encode_image(tm.images())
+        remove_reversible(model)
+        lib = model.encode_text(tm.token_ids()) if tower == "text" else model.encode_image(tm.images())
+        assert not torch.allclose(plain, lib)

@@ -174,7 +174,7 @@ class DynamicViTMixin(AuxLossMixin):
 
 
 class ReversibleMixin:
-    """``use_reversible(**settings)``: run the module's image towers as reversible stacks (call it
+    """``use_reversible(**settings)``: run the module's towers as reversible stacks (call it
     in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
     network the weights were trained in). Settings: :class:`vleff.memory.reversible.ReversibleConfig`."""
 

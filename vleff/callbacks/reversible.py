@@ -21,12 +21,12 @@ __all__ = ["Reversible"]
 
 
 class Reversible(pl.Callback):
-    """Run the LightningModule's image towers as reversible stacks.
+    """Run the LightningModule's towers (timm ViT/DeiT, open_clip) as reversible stacks.
 
     Args:
         remove_on_teardown: restore the plain forward when the run ends.
         **settings: :class:`vleff.memory.reversible.ReversibleConfig` fields (``coupling``,
-            ``lam``, ``beta``), validated here.
+            ``lam``, ``beta``, ``towers``), validated here.
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)

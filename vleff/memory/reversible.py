@@ -38,9 +38,11 @@ divides by λ and β, which amplifies rounding error block after block.
 Without grad (inference, evaluation) the same couplings run as a plain loop: nothing is saved
 either way, and the plain loop compiles in one graph.
 
-Supported: timm ``VisionTransformer`` (ViT, DeiT, register tokens). Refused: a token method
-(ToMe, EViT, DynamicViT) on the tower, the library's gradient checkpointing, BatchNorm-like
-modules in a branch, open_clip and Hugging Face towers (not yet).
+Supported: timm ``VisionTransformer`` (ViT, DeiT, register tokens) and both open_clip towers
+(the text tower's causal mask goes into F as an additive bias; the library pools the fused
+output, EOT included). Refused: a token method (ToMe, EViT, DynamicViT) or another tower hook
+on the tower, the library's gradient checkpointing, BatchNorm-like modules in a branch, and
+Hugging Face towers (not yet).
 
 >>> vleff.apply_reversible(model, coupling="revvit")
 >>> vleff.remove_reversible(model)            # the library's own forward, exactly
@@ -56,14 +58,14 @@ import torch
 from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
-from vleff.backbones.block import attention_branch, mlp_branch
-from vleff.checks import check_choice, check_number
+from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
+from vleff.checks import check_choice, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 
 COUPLINGS = ("meft", "revvit")
 #: tower families the reversible stack supports
-FAMILIES = ("timm",)
-TOWERS = ("image",)
+FAMILIES = ("timm", "open_clip")
+TOWERS = ("image", "text")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class ReversibleConfig(MethodConfig):
             models) or ``"revvit"`` (RevNet couplings of the branches, for training from scratch).
         lam: MEFT's λ, the scale of the first stream (> 0; ignored by ``"revvit"``).
         beta: MEFT's β, the scale of the second stream (> 0; ignored by ``"revvit"``).
+        towers: ``"image"``, ``"text"`` or ``"all"`` (every supported tower the model has).
 
     The defaults λ = β = 1 are provisional. MEFT's published λ = β = 0.1 keep a pretrained
     function closer, but the reconstruction divides by λ and β in every block, so rounding
@@ -90,9 +93,11 @@ class ReversibleConfig(MethodConfig):
     coupling: str = "meft"
     lam: float = 1.0
     beta: float = 1.0
+    towers: str = "all"
 
     def __post_init__(self) -> None:
         check_choice("coupling", self.coupling, COUPLINGS)
+        check_towers(self.towers, TOWERS)
         self.lam = check_number("lam", self.lam, low=0, low_open=True)
         self.beta = check_number("beta", self.beta, low=0, low_open=True)
 
@@ -143,9 +148,11 @@ def replay_rng(state: RNGState | None) -> Iterator[None]:
 class _Stack:
     """The blocks of one tower with their coupling (not a module: it holds no parameters of its own)."""
 
-    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig) -> None:
+    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, bias: torch.Tensor | None = None) -> None:
         self.adapter = adapter
         self.config = config
+        #: the library's attention mask as an additive bias (open_clip text: causal), or None
+        self.bias = bias
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -153,7 +160,7 @@ class _Stack:
 
     def f(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """F (or F̃ = x + F for MEFT), computed on ``x`` in the branch dtype, returned in the stream's."""
-        out = attention_branch(self.adapter, block, x.to(dtype)).to(x.dtype)
+        out = attention_branch(self.adapter, block, x.to(dtype), self.bias).to(x.dtype)
         return x + out if self.config.residual else out
 
     def g(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -266,9 +273,11 @@ class _ReversibleStack(torch.autograd.Function):
         return (dx, None, *[grads.get(id(p)) for p in ctx.params])
 
 
-def run_reversible(adapter: TowerAdapter, config: ReversibleConfig, x: torch.Tensor) -> torch.Tensor:
-    """The tower's blocks as a reversible stack on ``x`` ``[B, N, C]`` (fused output, ``x``'s dtype)."""
-    stack = _Stack(adapter, config)
+def run_reversible(adapter: TowerAdapter, config: ReversibleConfig, x: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The tower's blocks as a reversible stack on ``x`` ``[B, N, C]`` (fused output, ``x``'s dtype);
+    ``attn_mask`` is the library's mask (bool: True = may attend, or additive)."""
+    stack = _Stack(adapter, config, mask_to_bias(attn_mask, torch.float32))
     if not torch.is_grad_enabled():
         return fuse(*stack.forward(x), x.dtype)
     params = [p for block in stack.blocks for p in block.parameters()]
@@ -283,12 +292,17 @@ class ReversibleForward:
     def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, guard_ids: list[int]) -> None:
         self.adapter, self.config, self.guard_ids = adapter, config, guard_ids
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` is batch-first ``[B, N, C]`` in both families (open_clip's ``Transformer.forward``
+        takes NLD and transposes inside; the stack needs no transpose)."""
+        if torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
+            raise RuntimeError(f"{self.adapter.describe()} has gradient checkpointing on; reversible blocks "
+                               "replace it (turn it off: model.set_grad_checkpointing(False))")
         if get_patch(self.adapter.root) is not None:
             raise RuntimeError(f"{self.adapter.describe()}: a token method (tower hook) was applied after reversible "
                                "blocks; the reversible stack runs F and G itself and would ignore it (token "
                                "reduction inside the stack is not supported). Remove it or remove_reversible(model)")
-        return run_reversible(self.adapter, self.config, x)
+        return run_reversible(self.adapter, self.config, x, attn_mask)
 
 
 class DirectCallGuard:
@@ -307,34 +321,36 @@ class DirectCallGuard:
 
 
 def _container(tower: TowerAdapter) -> nn.Module:
-    return tower.root.blocks
+    """The module whose ``forward`` runs the blocks: timm's ``blocks`` Sequential, open_clip's ``Transformer``."""
+    return tower.transformer if tower.family == "open_clip" else tower.root.blocks  # type: ignore[attr-defined]
 
 
-def _supported(model: nn.Module) -> list[TowerAdapter]:
+def _supported(model: nn.Module, towers_setting: str) -> list[TowerAdapter]:
     towers = find_towers(model)  # TypeError naming the families when there is no tower
-    image = [t for t in towers if t.modality in TOWERS]
+    wanted = ("image", "text") if towers_setting == "all" else (towers_setting,)
+    image = [t for t in towers if t.modality in wanted]
     if not image:
-        raise TypeError(f"{type(model).__name__} has no image tower (it has: "
-                        f"{', '.join(t.describe() for t in towers)}); reversible blocks act on image towers")
+        raise TypeError(f"towers={towers_setting!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
+                        f"(it has: {', '.join(t.describe() for t in towers)})")
     bad = [t for t in image if t.family not in FAMILIES]
     if bad:
         raise TypeError(f"reversible does not support {bad[0].describe()}; supported: "
-                        f"{', '.join(FAMILIES)} VisionTransformer towers (ViT, DeiT) only for now")
+                        "timm VisionTransformer (ViT, DeiT) and open_clip towers only for now")
     return image
 
 
 def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, **settings: Any) -> nn.Module:
-    """Run the image towers of ``model`` as reversible stacks (in place; weights, parameter names
+    """Run the towers of ``model`` as reversible stacks (in place; weights, parameter names
     and ``state_dict`` keys unchanged). Applying again replaces the earlier settings.
 
     Raises:
         ValueError: a bad setting; a token method is applied to the tower; a branch holds
             BatchNorm-like running statistics (recomputation would update them twice).
         RuntimeError: the tower's own gradient checkpointing is on.
-        TypeError: no supported tower (open_clip and Hugging Face towers are not supported yet).
+        TypeError: no supported tower (Hugging Face towers are not supported yet).
     """
     cfg = ReversibleConfig.build(config, **settings)
-    towers = _supported(model)
+    towers = _supported(model, cfg.towers)
     for tower in towers:
         if get_patch(tower.root) is not None:
             names = ", ".join(h.name for h in get_patch(tower.root).hooks) or "a token method"
@@ -366,7 +382,9 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
 
 
 def _applied(tower: TowerAdapter) -> ReversibleForward | None:
-    container = getattr(tower.root, "blocks", None)
+    if tower.family not in FAMILIES:
+        return None
+    container = _container(tower)
     fwd = container.__dict__.get("forward") if isinstance(container, nn.Module) else None
     return fwd if isinstance(fwd, ReversibleForward) else None
 
