@@ -332,3 +332,36 @@ def test_open_clip_towers_gradients_equal_the_reference(tower, settings):
         remove_reversible(model)
         lib = model.encode_text(tm.token_ids()) if tower == "text" else model.encode_image(tm.images())
         assert not torch.allclose(plain, lib)
+
+
+def test_combines_with_galore():
+    """GaLore reads ordinary ``.grad``s, which the reversible backward delivers: it trains the
+    reversible network. (Step-by-step equality with the plain-autograd network is not a fair
+    check here: GaLore's rank-4 SVD subspace of a tiny model flips under 1e-6 gradient changes.)"""
+    from vleff.memory.convert import galore_from_optimizer
+
+    model = apply_reversible(_vit(depth=3).train(), coupling="revvit")
+    opt = galore_from_optimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, rank=4, update_proj_gap=2)
+    x, y = tm.images(), torch.arange(2) % 10
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        assert model.blocks[0].attn.qkv.weight.grad is not None
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0] and losses == sorted(losses, reverse=True), losses
+
+
+def test_bf16_model_keeps_float32_streams():
+    """A model cast to bf16 (no autocast): branches run in bf16, the streams in float32."""
+    model = apply_reversible(_vit(depth=3, dtype=torch.bfloat16).train(), coupling="meft", lam=0.5, beta=0.5)
+    seen = []
+    original = rev.fuse
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rev, "fuse", lambda y1, y2, dtype: (seen.append(y1.dtype), original(y1, y2, dtype))[1])
+        out = model(tm.images().bfloat16())
+    assert out.dtype == torch.bfloat16 and seen == [torch.float32]
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.blocks.parameters())
