@@ -15,11 +15,13 @@ activations). Here the frozen K/V are detached copies, the only per-token tensor
 path saves; with the backbone frozen (:func:`freeze_backbone_for_vqt`, or the
 ``VisualQueryTuning`` callback) nothing of the token stream is saved for backward.
 
-Head (vleff's choice, documented): the model's own head reads
-``pooled + proj(concat_l l2norm(o_l))`` with ``proj`` a zero-initialised ``Linear(depth·T·C →
-head input)``, so the model starts exactly at the frozen model (the paper's head reads
-``concat(l2norm(cls), l2norm(o_1..L))`` through a new Linear, which does not start there).
-The sum is fed in by a forward pre-hook on the tower's classifier head.
+Head (vleff's choice, documented): the output is ``head(pooled) + proj(concat_l l2norm(o_l))``
+with ``proj`` a zero-initialised ``Linear(depth·T·C → head output)``, added by a forward hook
+on the tower's classifier head. That is the paper's linear head over
+``concat(cls, l2norm(o_1..L))`` split in two (the model's own head keeps the cls part, un-normalised),
+with the query part zero-initialised so the model starts exactly at the frozen model; it costs
+``depth·T·C·classes`` weights (ViT-B/16, T=1, 10 classes: 92 k), not a projection back into the
+``C``-wide head input (7 M).
 
 >>> vleff.apply_vqt(model, num_queries=1)   # timm ViT: queries + zero-init projection
 >>> vleff.side.freeze_backbone_for_vqt(model)
@@ -72,7 +74,7 @@ class VQTConfig(MethodConfig):
 class VQTModule(nn.Module):
     """The trained parts of one tower, registered on the tower root as ``vleff_vqt`` (so they
     are in ``parameters()`` and ``state_dict``): per-block queries and the zero-init projection
-    of their collected outputs into the head input."""
+    of their collected outputs added to the head output."""
 
     def __init__(self, depth: int, num_queries: int, width: int, head_dim: int, dropout: float) -> None:
         super().__init__()
@@ -82,8 +84,9 @@ class VQTModule(nn.Module):
         nn.init.zeros_(self.proj.weight)  # zero: the model starts exactly at the frozen model
         nn.init.zeros_(self.proj.bias)
         self.dropout = dropout
-        #: forward pre-hook id on the tower's head (to remove it exactly)
+        #: forward hook and pre-hook ids on the tower's head (to remove them exactly)
         self.head_hook_id: int | None = None
+        self.head_pre_hook_id: int | None = None
 
     def features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """``[B, depth·T·C]``: each block's query outputs, l2-normalised per token (the paper's
@@ -149,15 +152,28 @@ def query_path(adapter: TowerAdapter, block: nn.Module, queries: torch.Tensor, k
     return p + mlp_branch(adapter, block, p)
 
 
-class _HeadInput:
-    """Forward pre-hook on the tower's classifier head: ``pooled + proj(query features)``.
+class _CompactHeadInput:
+    """Forward pre-hook on the head: a trainable head saves its input for backward, and the
+    pooled cls token is a view of the final norm's whole ``[B, N, C]`` output, which that view
+    would keep alive; a ``[B, C]`` copy (same values) keeps only itself. Always copied under
+    grad (storage sizes cannot be read inside ``torch.compile``; the copy is ``B·C`` floats)."""
+
+    def __call__(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and torch.is_grad_enabled():
+            return (x.clone(), *args[1:])
+        return None
+
+
+class _HeadOutput:
+    """Forward hook on the tower's classifier head: ``head(pooled) + proj(query features)``.
 
     A plain object (not a closure) so the model deep-copies and pickles with it."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
 
-    def __call__(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def __call__(self, head: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         patch = get_patch(self.root)
         outputs = None if patch is None or patch.state is None else patch.state.scratch.pop(HOOK_NAME, None)
         if not outputs:
@@ -165,9 +181,7 @@ class _HeadInput:
                                "come from the blocks); run the whole model, or remove_vqt first")
         module = self.root.get_submodule(MODULE_NAME)
         assert isinstance(module, VQTModule)
-        pooled = args[0]
-        extra = module.proj(module.features(outputs)).to(pooled.dtype)
-        return (pooled + extra, *args[1:])
+        return output + module.proj(module.features(outputs)).to(output.dtype)
 
 
 def _check_supported(tower: TowerAdapter) -> nn.Module:
@@ -208,8 +222,8 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     def make_hook(tower: TowerAdapter) -> VQTHook:
         head = _check_supported(tower)
         width = tower.embed_dim
-        head_in = int(getattr(head, "in_features", getattr(tower.root, "num_features", width)))
-        module = VQTModule(len(tower.blocks()), cfg.num_queries, width, head_in, cfg.dropout)
+        head_out = int(getattr(head, "out_features", getattr(tower.root, "num_features", width)))
+        module = VQTModule(len(tower.blocks()), cfg.num_queries, width, head_out, cfg.dropout)
         ref = next(tower.root.parameters())
         module.to(device=ref.device, dtype=ref.dtype)
         modules[id(tower.root)] = module
@@ -219,7 +233,8 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     for tower in installed:
         module = modules[id(tower.root)]
         tower.root.add_module(MODULE_NAME, module)
-        module.head_hook_id = tower.root.head.register_forward_pre_hook(_HeadInput(tower.root)).id
+        module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root)).id
+        module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(_CompactHeadInput()).id
     return model
 
 
@@ -245,7 +260,9 @@ def remove_vqt(model: nn.Module) -> nn.Module:
         module = tower.root._modules.get(MODULE_NAME)
         if isinstance(module, VQTModule):
             if module.head_hook_id is not None:
-                tower.root.head._forward_pre_hooks.pop(module.head_hook_id, None)
+                tower.root.head._forward_hooks.pop(module.head_hook_id, None)
+            if module.head_pre_hook_id is not None:
+                tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
             del tower.root._modules[MODULE_NAME]
     remove_hooks(model, HOOK_NAME)
     return model
@@ -300,10 +317,10 @@ def unfrozen_backbone_parameters(model: nn.Module, train_head: bool = True) -> l
     return [n for n, p in model.named_parameters() if id(p) in backbone and p.requires_grad]
 
 
-def vqt_num_parameters(depth: int, num_queries: int, width: int, head_in: int) -> int:
-    """Parameters VQT adds: ``depth·T·C`` queries and the ``depth·T·C → head_in`` projection."""
+def vqt_num_parameters(depth: int, num_queries: int, width: int, head_out: int) -> int:
+    """Parameters VQT adds: ``depth·T·C`` queries and the ``depth·T·C → head_out`` projection."""
     n = depth * num_queries * width
-    return n + n * head_in + head_in
+    return n + n * head_out + head_out
 
 
 register_method(Method(
