@@ -99,7 +99,7 @@ SETTINGS: dict[str, Settings] = {
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
                                      ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf")],
                            callback_args={"coupling": "meft"},
-                           families=("timm_vit", "deit_distilled", "timm_registers", "open_clip"),
+                           families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
                            conflicts=("tome", "evit", "dynamicvit", "vqt")),  # tower hooks do not run in the stack
 }
 

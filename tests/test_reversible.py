@@ -227,7 +227,7 @@ def test_refusals():
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model.train()(tm.images())
     with pytest.raises(TypeError, match="does not support.*supported: timm VisionTransformer"):
-        apply_reversible(tm.hf_clip_model())
+        apply_reversible(tm.hf_blip_retrieval())
     with pytest.raises(TypeError, match="towers='text'.*no text tower"):
         apply_reversible(_vit(), towers="text")
     model = apply_reversible(tm.open_clip_model())
@@ -365,3 +365,52 @@ def test_bf16_model_keeps_float32_streams():
     assert out.dtype == torch.bfloat16 and seen == [torch.float32]
     out.float().square().mean().backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.blocks.parameters())
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_hf_clip_towers_gradients_equal_the_reference(tower):
+    """Hugging Face CLIP: the encoder's own call (mask, ``is_causal``) is captured from the plain
+    model and fed to a reference stack built from the library's layer modules."""
+    torch.manual_seed(0)
+    model = tm.hf_clip_model().train()
+    encoder = (model.vision_model if tower == "image" else model.text_model).encoder
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs)
+        if args:
+            captured["inputs_embeds"] = args[0]
+
+    handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        if tower == "image":
+            model.get_image_features(pixel_values=tm.images())
+        else:
+            model.get_text_features(input_ids=tm.token_ids())
+    handle.remove()
+    mask = captured.pop("attention_mask", None)
+    extra = {k: v for k, v in captured.items() if k == "is_causal"}
+    x = captured.pop("inputs_embeds").detach().clone().requires_grad_(True)
+    config = ReversibleConfig(coupling="meft", lam=0.7, beta=0.9, towers=tower)
+
+    def reference():
+        x1 = x2 = x
+        for layer in encoder.layers:
+            f = layer.self_attn(hidden_states=layer.layer_norm1(x2), attention_mask=mask, **extra)[0]
+            y1 = 0.7 * x1 + x2 + f
+            y2 = 0.9 * x2 + y1 + layer.mlp(layer.layer_norm2(y1))
+            x1, x2 = y1, y2
+        return (x1 + x2) / 2
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        out = run()
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters()}, x.grad.clone()
+
+    ref_out, ref, ref_x = grads(reference)
+    apply_reversible(model, config)
+    out, got, got_x = grads(lambda: encoder(inputs_embeds=x, attention_mask=mask, **extra).last_hidden_state)
+    assert _rel(out, ref_out) <= 1e-5
+    assert _rel(_flat(got, ref), _flat(ref, ref)) <= 1e-5 and _rel(got_x, ref_x) <= 1e-5

@@ -21,7 +21,7 @@ __all__ = ["Reversible"]
 
 
 class Reversible(pl.Callback):
-    """Run the LightningModule's towers (timm ViT/DeiT, open_clip) as reversible stacks.
+    """Run the LightningModule's towers (timm ViT/DeiT, open_clip, HF CLIP) as reversible stacks.
 
     Args:
         remove_on_teardown: restore the plain forward when the run ends.

@@ -38,11 +38,13 @@ divides by λ and β, which amplifies rounding error block after block.
 Without grad (inference, evaluation) the same couplings run as a plain loop: nothing is saved
 either way, and the plain loop compiles in one graph.
 
-Supported: timm ``VisionTransformer`` (ViT, DeiT, register tokens) and both open_clip towers
-(the text tower's causal mask goes into F as an additive bias; the library pools the fused
-output, EOT included). Refused: a token method (ToMe, EViT, DynamicViT) or another tower hook
-on the tower, the library's gradient checkpointing, BatchNorm-like modules in a branch, and
-Hugging Face towers (not yet).
+Supported: timm ``VisionTransformer`` (ViT, DeiT, register tokens), both open_clip towers and
+both Hugging Face CLIP towers (the text towers' causal mask, or HF's ``is_causal``, goes into F;
+the library pools the fused output, EOT included). Refused: a token method (ToMe, EViT,
+DynamicViT) or another tower hook on the tower, the library's gradient checkpointing,
+BatchNorm-like modules in a branch, Hugging Face BLIP towers (not yet). Hugging Face per-layer
+``output_hidden_states``/``output_attentions`` are collected by hooks on the layers, which the
+stack never calls: they are not available while reversible blocks are applied.
 
 >>> vleff.apply_reversible(model, coupling="revvit")
 >>> vleff.remove_reversible(model)            # the library's own forward, exactly
@@ -64,7 +66,7 @@ from vleff.registry import Method, MethodConfig, register_method
 
 COUPLINGS = ("meft", "revvit")
 #: tower families the reversible stack supports
-FAMILIES = ("timm", "open_clip")
+FAMILIES = ("timm", "open_clip", "transformers")
 TOWERS = ("image", "text")
 
 
@@ -148,11 +150,14 @@ def replay_rng(state: RNGState | None) -> Iterator[None]:
 class _Stack:
     """The blocks of one tower with their coupling (not a module: it holds no parameters of its own)."""
 
-    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, bias: torch.Tensor | None = None,
+                 is_causal: bool = False) -> None:
         self.adapter = adapter
         self.config = config
         #: the library's attention mask as an additive bias (open_clip text: causal), or None
         self.bias = bias
+        #: the library asked for causal attention without a mask (Hugging Face CLIP text under SDPA)
+        self.is_causal = is_causal
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -160,7 +165,7 @@ class _Stack:
 
     def f(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """F (or F̃ = x + F for MEFT), computed on ``x`` in the branch dtype, returned in the stream's."""
-        out = attention_branch(self.adapter, block, x.to(dtype), self.bias).to(x.dtype)
+        out = attention_branch(self.adapter, block, x.to(dtype), self.bias, self.is_causal).to(x.dtype)
         return x + out if self.config.residual else out
 
     def g(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -274,10 +279,10 @@ class _ReversibleStack(torch.autograd.Function):
 
 
 def run_reversible(adapter: TowerAdapter, config: ReversibleConfig, x: torch.Tensor,
-                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """The tower's blocks as a reversible stack on ``x`` ``[B, N, C]`` (fused output, ``x``'s dtype);
     ``attn_mask`` is the library's mask (bool: True = may attend, or additive)."""
-    stack = _Stack(adapter, config, mask_to_bias(attn_mask, torch.float32))
+    stack = _Stack(adapter, config, mask_to_bias(attn_mask, torch.float32), is_causal)
     if not torch.is_grad_enabled():
         return fuse(*stack.forward(x), x.dtype)
     params = [p for block in stack.blocks for p in block.parameters()]
@@ -292,9 +297,13 @@ class ReversibleForward:
     def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, guard_ids: list[int]) -> None:
         self.adapter, self.config, self.guard_ids = adapter, config, guard_ids
 
-    def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` is batch-first ``[B, N, C]`` in both families (open_clip's ``Transformer.forward``
-        takes NLD and transposes inside; the stack needs no transpose)."""
+    def __call__(self, x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``x`` is batch-first ``[B, N, C]`` in every family (open_clip's ``Transformer.forward``
+        takes NLD and transposes inside; the stack needs no transpose). Hugging Face encoders get
+        ``(inputs_embeds, attention_mask, is_causal=...)`` and return a ``BaseModelOutput``."""
+        if x is None:  # Hugging Face passes keywords
+            x = kwargs.pop("inputs_embeds")
+        attn_mask = kwargs.pop("attention_mask", attn_mask)
         if torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
             raise RuntimeError(f"{self.adapter.describe()} has gradient checkpointing on; reversible blocks "
                                "replace it (turn it off: model.set_grad_checkpointing(False))")
@@ -302,7 +311,12 @@ class ReversibleForward:
             raise RuntimeError(f"{self.adapter.describe()}: a token method (tower hook) was applied after reversible "
                                "blocks; the reversible stack runs F and G itself and would ignore it (token "
                                "reduction inside the stack is not supported). Remove it or remove_reversible(model)")
-        return run_reversible(self.adapter, self.config, x, attn_mask)
+        if self.adapter.family != "transformers":
+            return run_reversible(self.adapter, self.config, x, attn_mask)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = run_reversible(self.adapter, self.config, x, attn_mask, bool(kwargs.get("is_causal", False)))
+        return BaseModelOutput(last_hidden_state=out)
 
 
 class DirectCallGuard:
@@ -322,7 +336,19 @@ class DirectCallGuard:
 
 def _container(tower: TowerAdapter) -> nn.Module:
     """The module whose ``forward`` runs the blocks: timm's ``blocks`` Sequential, open_clip's ``Transformer``."""
-    return tower.transformer if tower.family == "open_clip" else tower.root.blocks  # type: ignore[attr-defined]
+    if tower.family == "open_clip":
+        return tower.transformer  # type: ignore[attr-defined]
+    return tower.root.encoder if tower.family == "transformers" else tower.root.blocks
+
+
+def _is_supported(tower: TowerAdapter) -> bool:
+    """timm ViT/DeiT, open_clip towers and Hugging Face CLIP towers (BLIP's are not yet: its text
+    tower is post-norm with cross-attention, and its vision tower is untested)."""
+    if tower.family == "transformers":
+        from vleff.backbones.hf import HFCLIPAdapter
+
+        return isinstance(tower, HFCLIPAdapter)
+    return tower.family in FAMILIES
 
 
 def _supported(model: nn.Module, towers_setting: str) -> list[TowerAdapter]:
@@ -332,10 +358,10 @@ def _supported(model: nn.Module, towers_setting: str) -> list[TowerAdapter]:
     if not image:
         raise TypeError(f"towers={towers_setting!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
                         f"(it has: {', '.join(t.describe() for t in towers)})")
-    bad = [t for t in image if t.family not in FAMILIES]
+    bad = [t for t in image if not _is_supported(t)]
     if bad:
         raise TypeError(f"reversible does not support {bad[0].describe()}; supported: "
-                        "timm VisionTransformer (ViT, DeiT) and open_clip towers only for now")
+                        "timm VisionTransformer (ViT, DeiT), open_clip and Hugging Face CLIP towers only for now")
     return image
 
 
@@ -347,7 +373,7 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
         ValueError: a bad setting; a token method is applied to the tower; a branch holds
             BatchNorm-like running statistics (recomputation would update them twice).
         RuntimeError: the tower's own gradient checkpointing is on.
-        TypeError: no supported tower (Hugging Face towers are not supported yet).
+        TypeError: no supported tower (Hugging Face BLIP towers are not supported yet).
     """
     cfg = ReversibleConfig.build(config, **settings)
     towers = _supported(model, cfg.towers)
@@ -382,7 +408,7 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
 
 
 def _applied(tower: TowerAdapter) -> ReversibleForward | None:
-    if tower.family not in FAMILIES:
+    if not _is_supported(tower):
         return None
     container = _container(tower)
     fwd = container.__dict__.get("forward") if isinstance(container, nn.Module) else None
