@@ -259,3 +259,15 @@ def test_mixin_applies_and_freezes(tmp_path):
     assert all(not p.requires_grad for p in module.model.blocks.parameters())
     tl.trainer(tmp_path, max_steps=1).fit(module, tl.loader(4))
     assert not module.model.blocks[0].training and module.model.vleff_vqt.training
+
+
+def test_the_query_path_never_backpropagates_into_the_token_stream():
+    """Even with a trainable backbone (outside the callback), a loss on the query outputs reaches
+    no weight that only the token stream uses: the frozen K/V the queries read are detached."""
+    model = _model()
+    apply_vqt(model, num_queries=2)
+    model.forward_features(tm.images())
+    sum(o.square().sum() for o in get_patch(model).state.scratch["vqt"]).backward()
+    assert model.vleff_vqt.queries.grad is not None
+    stream_only = [model.patch_embed.proj.weight, model.cls_token, model.pos_embed]
+    assert all(p.grad is None for p in stream_only)
