@@ -109,9 +109,18 @@ def attention_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, b
     Reversible couplings call F and :func:`mlp_branch` (G) directly to recombine them.
     """
     parts = adapter.parts(block)
-    cfg = adapter.attention_config(block)
     h = parts.norm1(x)
     q, k, v = adapter.qkv(block, h)
+    o = _attend(adapter, block, h, q, k, v, bias, is_causal, keep, info)
+    return parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
+
+
+def _attend(adapter: TowerAdapter, block: nn.Module, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, bias: torch.Tensor | None, is_causal: bool, keep: torch.Tensor | None,
+            info: BlockInfo | None) -> torch.Tensor:
+    """Every layout's self-attention: the library's attention computation, ``info`` filled (the
+    normed input ``h``, q, k, v, per-head outputs, probabilities if asked), heads merged ``[B, N, C]``."""
+    cfg = adapter.attention_config(block)
     if bias is not None:
         bias = bias.to(q.dtype)
     need_probs = info is not None and info.want_probs
@@ -119,8 +128,7 @@ def attention_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, b
     if info is not None:
         info.cfg, info.bias, info.keep = cfg, _causal_full(bias, is_causal, q), keep
         info._h, info._q, info._k, info._v, info._head_outputs, info._probs = h, q, k, v, o, probs
-    o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-    return parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
+    return o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
 
 
 def mlp_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -212,17 +220,9 @@ def post_norm_attention(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor
     ``info`` is filled as in :func:`attention_branch` (``h`` is ``x``: there is no pre-norm).
     """
     parts = adapter.parts(block)
-    cfg = adapter.attention_config(block)
     q, k, v = adapter.qkv(block, x)
     k, v = adapter.cached_kv(block, k, v, cross)
-    if bias is not None:
-        bias = bias.to(q.dtype)
-    need_probs = info is not None and info.want_probs
-    o, probs = attention(q, k, v, cfg, block.training, bias, is_causal, keep, need_probs)
-    if info is not None:
-        info.cfg, info.bias, info.keep = cfg, _causal_full(bias, is_causal, q), keep
-        info._h, info._q, info._k, info._v, info._head_outputs, info._probs = x, q, k, v, o, probs
-    o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    o = _attend(adapter, block, x, q, k, v, bias, is_causal, keep, info)
     return parts.norm1(x + parts.drop_path1(parts.ls1(adapter.attn_out(block, o, x))))
 
 
