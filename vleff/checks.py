@@ -24,8 +24,9 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """A finite real number in the given range (``low_open``: ``value > low`` instead of ``>=``)."""
+                 low_open: bool = False, high_open: bool = False, owner: str = "") -> float:
+    """A finite real number in the given range (``low_open``: ``value > low`` instead of ``>=``);
+    ``owner`` (``"MeZO"``) prefixes the message with the method the setting belongs to."""
     ok = _is_real(value) and math.isfinite(float(value))  # type: ignore[arg-type]
     if ok and low is not None:
         ok = float(value) > low if low_open else float(value) >= low  # type: ignore[arg-type]
@@ -35,7 +36,8 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
         hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
         rule = " and ".join(p for p in (lo, hi) if p) or "finite"
-        raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number {rule}")
+        raise ValueError(f"{owner + ': ' if owner else ''}{name}={value!r} is not allowed; "
+                         f"it must be a finite number {rule}")
     return float(value)  # type: ignore[arg-type]
 
 

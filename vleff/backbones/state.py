@@ -173,9 +173,7 @@ class TokenState:
 
     def append(self, x: torch.Tensor, extra: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Append tokens ``extra`` (``[B, k, C]``) to ``x``, with a value for every field."""
-        missing = set(self.fields) - set(values)
-        if missing:
-            raise ValueError(f"appending tokens needs a value for every token field; missing {sorted(missing)}")
+        self._check_values("appending", values)
         for name, f in self.fields.items():
             f.value = torch.cat([f.value, values[name].to(f.value.dtype)], dim=1)
         self.num_tokens += extra.shape[1]
@@ -188,9 +186,7 @@ class TokenState:
     def insert_prefix(self, x: torch.Tensor, extra: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Put tokens ``extra`` (``[B, k, C]``) right after the current prefix and make them part
         of it (a cross token that reducers must keep), with a value for every field."""
-        missing = set(self.fields) - set(values)
-        if missing:
-            raise ValueError(f"inserting tokens needs a value for every token field; missing {sorted(missing)}")
+        self._check_values("inserting", values)
         p = self.num_prefix
         for name, f in self.fields.items():
             v = values[name].to(f.value.dtype)
@@ -198,6 +194,11 @@ class TokenState:
         self.num_tokens += extra.shape[1]
         self.num_prefix += extra.shape[1]
         return torch.cat([x[:, :p], extra.to(x.dtype), x[:, p:]], dim=1)
+
+    def _check_values(self, what: str, values: dict[str, torch.Tensor]) -> None:
+        missing = set(self.fields) - set(values)
+        if missing:
+            raise ValueError(f"{what} tokens needs a value for every token field; missing {sorted(missing)}")
 
     # --- losses ----------------------------------------------------------------------------
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:

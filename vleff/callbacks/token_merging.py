@@ -57,8 +57,9 @@ class TokenMerging(pl.Callback):
         self._update(pl_module, step)
 
     def _update(self, pl_module: pl.LightningModule, step: int) -> None:
-        r = self.schedule.r_at(step, len(tome_r(pl_module)))
-        if r != tome_r(pl_module):  # compare with what the model runs, not a cached value
+        running = tome_r(pl_module)
+        r = self.schedule.r_at(step, len(running))
+        if r != running:  # compare with what the model runs, not a cached value
             update_tome(pl_module, r=r)
         self.current_r = r
 

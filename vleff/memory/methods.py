@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from vleff.checks import check_number
 from vleff.memory.galore import DEFAULT_SVD, PROJ_TYPES, SVD_METHODS
 from vleff.memory.selection import DEFAULT_EXCLUDE, check_patterns
 from vleff.registry import Method, MethodConfig, register_method
@@ -62,17 +62,11 @@ class MeZOConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def number(name: str, value: Any, positive: bool) -> None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or (value <= 0 if positive else value < 0):
-                allowed = "a finite number > 0" if positive else "a finite number >= 0"
-                raise ValueError(f"MeZO: {name}={value!r} is not allowed; it must be {allowed}")
-
-        number("eps", self.eps, positive=True)
+        check_number("eps", self.eps, low=0, low_open=True, owner="MeZO")
         if self.lr is not None:
-            number("lr", self.lr, positive=False)
+            check_number("lr", self.lr, low=0, owner="MeZO")
         if self.weight_decay is not None:
-            number("weight_decay", self.weight_decay, positive=False)
+            check_number("weight_decay", self.weight_decay, low=0, owner="MeZO")
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
             raise ValueError(f"MeZO: seed={seed!r} is not allowed; it must be an int in [0, 2**62) "

@@ -39,10 +39,15 @@ def install_hooks(model: nn.Module, make_hook: Callable[[TowerAdapter], TowerHoo
     the model untouched.
     """
     chosen = select_towers(model, towers)
-    hooks = [make_hook(tower) for tower in chosen]
-    for tower, hook in zip(chosen, hooks):
-        patch_tower(tower).add_hook(hook)
+    attach_hooks(chosen, [make_hook(tower) for tower in chosen])
     return chosen
+
+
+def attach_hooks(towers: list[TowerAdapter], hooks: list[TowerHook]) -> None:
+    """Patch each tower (idempotent) and add its hook, for methods that build their hooks first
+    (to validate every tower before removing an earlier application)."""
+    for tower, hook in zip(towers, hooks):
+        patch_tower(tower).add_hook(hook)
 
 
 def remove_hooks(model: nn.Module, name: str) -> int:

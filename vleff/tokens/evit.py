@@ -31,7 +31,7 @@ from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
 from vleff.backbones.text import PAD, PROTECTED
 from vleff.checks import check_bool, check_number, check_ratio, check_towers
 from vleff.registry import Method, MethodConfig, register_method
-from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
+from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
 from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices
 
 HOOK_NAME = "evit"
@@ -96,18 +96,12 @@ class EViTHook(TowerHook):
         k = count_for_ratio(n, self.config.keep_rate, "ceil")
         if k >= n:
             return x
-        scores = info.row_attention(0)[:, p:]
-        idx = keep_indices(scores, k, p)
+        scores = info.row_attention(0)
+        idx = keep_indices(scores[:, p:], k, p)
         if not self.config.fuse:
             return state.select(x, idx)
-        dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx[:, p:] - p, False)
-        weight = scores * dropped
-        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-        fused = (weight.to(x.dtype)[..., None] * x[:, p:]).sum(dim=1, keepdim=True)
-        members = torch.cat([torch.zeros_like(dropped[:, :p]), dropped], dim=1)
-        values = state.fuse(members)
-        x = state.select(x, idx)
-        return state.append(x, fused, values)
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, idx, False)  # prefix is in idx
+        return _select_and_fuse(x, state, idx, scores, dropped)
 
     def _between_text(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
         """Text towers: rank by the EOT's attention, keep the EOT, size the keep count from each
@@ -130,16 +124,21 @@ class EViTHook(TowerHook):
         key = torch.where(eot, 4.0, torch.where(top, 2.0 + scores, torch.where(pad, 1.0, scores.clamp(0, 1) - 1.0)))
         total = int((k_real + 1).max())
         idx = key.topk(total, dim=1).indices.sort(dim=1).values
-        kept = torch.zeros_like(real).scatter(1, idx, True)
         if not self.config.fuse:
             return state.select(x, idx)
-        dropped = real & ~kept
-        weight = scores * dropped
-        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-        fused = (weight.to(x.dtype)[..., None] * x).sum(dim=1, keepdim=True)
-        values = state.fuse(dropped)
-        x = state.select(x, idx)
-        return state.append(x, fused, values)
+        dropped = real & ~torch.zeros_like(real).scatter(1, idx, True)  # padding is discarded, not fused
+        return _select_and_fuse(x, state, idx, scores, dropped)
+
+
+def _select_and_fuse(x: torch.Tensor, state: TokenState, idx: torch.Tensor, scores: torch.Tensor,
+                     dropped: torch.Tensor) -> torch.Tensor:
+    """Keep tokens ``idx`` and append one token fusing the ``dropped`` ones (``[B, N]`` bool),
+    weighted by their attention ``scores`` normalised over them; every token field follows."""
+    weight = scores * dropped
+    weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+    fused = (weight.to(x.dtype)[..., None] * x).sum(dim=1, keepdim=True)
+    values = state.fuse(dropped)
+    return state.append(state.select(x, idx), fused, values)
 
 
 def keep_rate_schedule(epoch: float, target: float, start_epoch: float = 0.0, end_epoch: float | None = None) -> float:
@@ -209,13 +208,11 @@ def apply_evit(model: nn.Module, config: EViTConfig | None = None, **settings: A
                              f"{tower.describe()} has none (pooling={tower.pooling!r}); use DynamicViT or ToMe")
         return EViTHook(cfg, len(tower.blocks()))
 
-    from vleff.tokens.common import select_towers
-
-    hooks = [make_hook(t) for t in select_towers(model, cfg.towers)]  # every check before any change
-    del hooks
+    towers = select_towers(model, cfg.towers)
+    hooks = [make_hook(t) for t in towers]  # every check before any change
     if hooks_named(model, HOOK_NAME):
         remove_evit(model)
-    install_hooks(model, make_hook, cfg.towers)
+    attach_hooks(towers, hooks)
     return model
 
 
