@@ -95,10 +95,11 @@ SETTINGS: dict[str, Settings] = {
                               ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
                     state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
                     families=("timm_vit", "timm_registers"), conflicts=("tome", "evit", "dynamicvit")),
-    "reversible": Settings(noop=None, active={"coupling": "revvit"},
+    "reversible": Settings(noop=None, active={"coupling": "meft"},  # with its adapters
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
-                                     ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf")],
-                           callback_args={"coupling": "meft"},
+                                     ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf"),
+                                     ({"adapter": -1}, "adapter=-1"), ({"adapter": 2.5}, "adapter")],
+                           state_prefix="vleff_reversible.", callback_args={"coupling": "meft"},
                            families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
                            conflicts=("tome", "evit", "dynamicvit", "vqt")),  # tower hooks do not run in the stack
 }

@@ -28,16 +28,28 @@ def _vit(depth: int = 3, dtype: torch.dtype = torch.float32, **kwargs) -> torch.
     return tm.timm_vit(depth=depth, **kwargs).to(dtype)
 
 
+def _adapter(block: torch.nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
+    """MEFT's bottleneck adapter written out with the block's adapter weights (0 if none)."""
+    adapters = getattr(block, "vleff_reversible", None)
+    if adapters is None:
+        return torch.zeros_like(x)
+    down, up = adapters[key].down, adapters[key].up
+    return torch.nn.functional.linear(torch.nn.functional.gelu(x @ down.weight.T + down.bias), up.weight, up.bias)
+
+
 def reference_forward(model: torch.nn.Module, x: torch.Tensor, config: ReversibleConfig) -> torch.Tensor:
-    """timm's forward with the blocks replaced by the couplings, all activations kept."""
+    """timm's forward with the blocks replaced by the couplings (and MEFT's adapters, when the
+    blocks have them), all activations kept."""
     lam, beta = (1.0, 1.0) if config.coupling == "revvit" else (config.lam, config.beta)
     res = config.coupling == "meft"
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     x1 = x2 = h
     for blk in model.blocks:
         f = blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x2))))
+        f = f + _adapter(blk, "f", f)
         y1 = lam * x1 + (x2 + f if res else f)
-        g = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y1))))
+        n = blk.norm2(y1)
+        g = blk.drop_path2(blk.ls2(blk.mlp(n) + _adapter(blk, "g", n)))
         y2 = beta * x2 + (y1 + g if res else g)
         x1, x2 = y1, y2
     return model.forward_head(model.norm((x1 + x2) / 2))
@@ -61,8 +73,9 @@ def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
 
 # (settings, tolerance on the relative error of the whole gradient): MEFT with λ·β < 1 divides
 # by λ and β in each block of the reconstruction, so its fp32 error grows ~(1/(λβ))**depth
-COUPLINGS = [(dict(coupling="revvit"), 1e-5), (dict(coupling="meft"), 1e-5),
-             (dict(coupling="meft", lam=0.5, beta=0.8), 1e-4)]
+COUPLINGS = [(dict(coupling="revvit"), 1e-5), (dict(coupling="meft", adapter=0), 1e-5),
+             (dict(coupling="meft"), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8), 1e-4),
+             (dict(coupling="revvit", adapter=4), 1e-5)]
 
 
 @pytest.mark.parametrize("settings, tol", COUPLINGS, ids=lambda s: "-".join(f"{v}" for v in s.values())
@@ -71,8 +84,8 @@ def test_gradients_equal_autograd_through_the_plain_couplings_with_dropout(setti
     model = _vit(depth=4, **DROPOUT).train()
     config = ReversibleConfig(**settings)
     x = tm.images()
+    apply_reversible(model, config)  # first: MEFT's adapters are new parameters of the blocks
     ref_out, ref = _grads(model, lambda: reference_forward(model, x, config))
-    apply_reversible(model, config)
     out, got = _grads(model, lambda: model(x))
     assert _rel(out, ref_out) <= 1e-5
     assert set(got) == set(ref)
@@ -85,9 +98,9 @@ def test_float64_gradients_equal_even_at_small_lambda_beta():
     model = _vit(depth=4, dtype=torch.float64, **DROPOUT).train()
     config = ReversibleConfig(coupling="meft", lam=0.1, beta=0.1)
     x = tm.images().double()
-    _, ref = _grads(model, lambda: reference_forward(model, x, config))
     with pytest.warns(UserWarning, match="amplifies rounding error"):
         apply_reversible(model, config)
+    _, ref = _grads(model, lambda: reference_forward(model, x, config))
     _, got = _grads(model, lambda: model(x))
     assert max(_rel(got[n], ref[n]) for n in ref) <= 1e-7
 
@@ -293,8 +306,10 @@ def reference_open_clip_stack(transformer: torch.nn.Module, x: torch.Tensor, mas
     x1 = x2 = x.transpose(0, 1) if seq_first else x
     for blk in transformer.resblocks:
         f = blk.ls_1(blk.attention(blk.ln_1(x2), attn_mask=mask))
+        f = f + _adapter(blk, "f", f)
         y1 = lam * x1 + (x2 + f if res else f)
-        g = blk.ls_2(blk.mlp(blk.ln_2(y1)))
+        n = blk.ln_2(y1)
+        g = blk.ls_2(blk.mlp(n) + _adapter(blk, "g", n))
         y2 = beta * x2 + (y1 + g if res else g)
         x1, x2 = y1, y2
     out = (x1 + x2) / 2
@@ -322,8 +337,8 @@ def test_open_clip_towers_gradients_equal_the_reference(tower, settings):
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters()}, x.grad.clone()
 
-    ref_out, ref, ref_x = grads(lambda: reference_open_clip_stack(transformer, x, mask, config))
     apply_reversible(model, config)
+    ref_out, ref, ref_x = grads(lambda: reference_open_clip_stack(transformer, x, mask, config))
     out, got, got_x = grads(lambda: transformer(x, attn_mask=mask))
     assert _rel(out, ref_out) <= 1e-5
     assert _rel(_flat(got, ref), _flat(ref, ref)) <= 1e-5 and _rel(got_x, ref_x) <= 1e-5
@@ -397,8 +412,9 @@ def test_hf_clip_towers_gradients_equal_the_reference(tower):
         x1 = x2 = x
         for layer in encoder.layers:
             f = layer.self_attn(hidden_states=layer.layer_norm1(x2), attention_mask=mask, **extra)[0]
-            y1 = 0.7 * x1 + x2 + f
-            y2 = 0.9 * x2 + y1 + layer.mlp(layer.layer_norm2(y1))
+            y1 = 0.7 * x1 + x2 + f + _adapter(layer, "f", f)
+            n = layer.layer_norm2(y1)
+            y2 = 0.9 * x2 + y1 + layer.mlp(n) + _adapter(layer, "g", n)
             x1, x2 = y1, y2
         return (x1 + x2) / 2
 
@@ -409,8 +425,8 @@ def test_hf_clip_towers_gradients_equal_the_reference(tower):
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters()}, x.grad.clone()
 
-    ref_out, ref, ref_x = grads(reference)
     apply_reversible(model, config)
+    ref_out, ref, ref_x = grads(reference)
     out, got, got_x = grads(lambda: encoder(inputs_embeds=x, attention_mask=mask, **extra).last_hidden_state)
     assert _rel(out, ref_out) <= 1e-5
     assert _rel(_flat(got, ref), _flat(ref, ref)) <= 1e-5 and _rel(got_x, ref_x) <= 1e-5

@@ -4,8 +4,8 @@
 >>> trainer.fit(model, datamodule)        # the LightningModule is not edited
 
 The stack is made reversible in ``setup`` (before ``configure_optimizers`` and before
-checkpoint weights are restored; reversible blocks add no parameters, so weights load either
-way) and stays so after ``fit``: the trained weights belong to the reversible network, so
+checkpoint weights are restored, so MEFT's adapters exist when their weights load) and
+stays so after ``fit``: the trained weights belong to the reversible network, so
 ``vleff.apply_reversible`` must be called with the same settings before a
 ``load_from_checkpoint``-ed model is evaluated (the plain forward is a different function).
 """
@@ -26,7 +26,7 @@ class Reversible(pl.Callback):
     Args:
         remove_on_teardown: restore the plain forward when the run ends.
         **settings: :class:`vleff.memory.reversible.ReversibleConfig` fields (``coupling``,
-            ``lam``, ``beta``, ``towers``), validated here.
+            ``lam``, ``beta``, ``towers``, ``adapter``), validated here.
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)

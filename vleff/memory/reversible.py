@@ -15,6 +15,13 @@ tower's stack runs on two streams with a coupling whose inverse is exact up to r
       y1 = λ·x1 + F̃(x2)        x2 = (y2 - G̃(y1)) / β
       y2 = β·x2 + G̃(y1)        x1 = (y1 - F̃(x2)) / λ
 
+  with MEFT's small adapters (variant 3, bottleneck ``adapter`` = 8, weights N(0, 0.02²),
+  biases 0, so the tower starts close to the block it wraps): F̃ has a sequential adapter on
+  the attention branch's output, ``F̃(x) = x + a + A_F(a)`` with ``a = F(x)``, and G̃ a parallel
+  one beside the MLP, ``G̃(x) = x + drop_path(ls(mlp(n) + A_G(n)))`` with ``n = norm2(x)``. The adapters are new parameters of each
+  block (``blocks.<i>.vleff_reversible.{f,g}``), trained with the rest; ``remove_reversible``
+  drops them.
+
   At λ = β = 0 the second stream would be the pretrained block output exactly; small λ, β
   keep the pretrained function approximately (the *starting gap*, see :func:`starting_gap`),
   at the price of dividing by λ and β in every block of the reconstruction.
@@ -61,13 +68,18 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
-from vleff.checks import check_choice, check_number, check_towers
+from vleff.checks import check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 
 COUPLINGS = ("meft", "revvit")
 #: tower families the reversible stack supports
 FAMILIES = ("timm", "open_clip", "transformers")
 TOWERS = ("image", "text")
+#: MEFT's adapter bottleneck and the standard deviation of its weights at initialisation
+MEFT_BOTTLENECK = 8
+ADAPTER_STD = 0.02
+#: the attribute holding a block's adapters (also their ``state_dict`` prefix)
+ADAPTER_ATTR = "vleff_reversible"
 
 
 @dataclass
@@ -80,6 +92,8 @@ class ReversibleConfig(MethodConfig):
         lam: MEFT's λ, the scale of the first stream (> 0; ignored by ``"revvit"``).
         beta: MEFT's β, the scale of the second stream (> 0; ignored by ``"revvit"``).
         towers: ``"image"``, ``"text"`` or ``"all"`` (every supported tower the model has).
+        adapter: bottleneck width of MEFT's adapters (see the module docstring); 0: none.
+            ``None`` (default): 8 for ``"meft"``, 0 for ``"revvit"``.
 
     The defaults λ = β = 1 are provisional. MEFT's published λ = β = 0.1 keep a pretrained
     function closer, but the reconstruction divides by λ and β in every block, so rounding
@@ -96,10 +110,14 @@ class ReversibleConfig(MethodConfig):
     lam: float = 1.0
     beta: float = 1.0
     towers: str = "all"
+    adapter: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("coupling", self.coupling, COUPLINGS)
         check_towers(self.towers, TOWERS)
+        if self.adapter is None:
+            self.adapter = MEFT_BOTTLENECK if self.coupling == "meft" else 0
+        self.adapter = check_int("adapter", self.adapter, low=0)
         self.lam = check_number("lam", self.lam, low=0, low_open=True)
         self.beta = check_number("beta", self.beta, low=0, low_open=True)
 
@@ -112,6 +130,34 @@ class ReversibleConfig(MethodConfig):
     def residual(self) -> bool:
         """Whether F and G include their residual (MEFT's sub-blocks) or are the bare branches."""
         return self.coupling == "meft"
+
+
+class BottleneckAdapter(nn.Module):
+    """``up(GELU(down(x)))`` with a narrow bottleneck; small normal weights and zero biases, so
+    its output starts near zero and the wrapped block near the pretrained one."""
+
+    def __init__(self, dim: int, bottleneck: int, std: float = ADAPTER_STD) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(nn.functional.gelu(self.down(x)))
+
+
+def block_adapters(block: nn.Module) -> nn.ModuleDict | None:
+    """The block's ``{"f": A_F, "g": A_G}`` adapters, or None."""
+    return block._modules.get(ADAPTER_ATTR)  # type: ignore[return-value]
+
+
+def _add_adapters(tower: TowerAdapter, bottleneck: int) -> None:
+    for block in tower.blocks():
+        ref = next(block.parameters())
+        adapters = nn.ModuleDict({k: BottleneckAdapter(tower.embed_dim, bottleneck) for k in ("f", "g")})
+        setattr(block, ADAPTER_ATTR, adapters.to(device=ref.device, dtype=ref.dtype).train(block.training))
 
 
 # --- random-number replay ---------------------------------------------------------------------------
@@ -165,11 +211,20 @@ class _Stack:
 
     def f(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """F (or F̃ = x + F for MEFT), computed on ``x`` in the branch dtype, returned in the stream's."""
-        out = attention_branch(self.adapter, block, x.to(dtype), self.bias, self.is_causal).to(x.dtype)
+        a = attention_branch(self.adapter, block, x.to(dtype), self.bias, self.is_causal)
+        if (adapters := block_adapters(block)) is not None:
+            a = a + adapters["f"](a)  # sequential adapter on the attention output
+        out = a.to(x.dtype)
         return x + out if self.config.residual else out
 
     def g(self, block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = mlp_branch(self.adapter, block, x.to(dtype)).to(x.dtype)
+        if (adapters := block_adapters(block)) is None:
+            m = mlp_branch(self.adapter, block, x.to(dtype))
+        else:  # parallel adapter: beside the MLP, on its (normalised) input
+            parts = self.adapter.parts(block)
+            n = parts.norm2(x.to(dtype))
+            m = parts.drop_path2(parts.ls2(parts.mlp(n) + adapters["g"](n)))
+        out = m.to(x.dtype)
         return x + out if self.config.residual else out
 
     def forward(self, x: torch.Tensor, states: list[tuple[RNGState | None, RNGState | None]] | None = None
@@ -403,6 +458,8 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
     for tower in towers:
         guard = DirectCallGuard(tower.describe())
         ids = [block.register_forward_pre_hook(guard).id for block in tower.blocks()]
+        if cfg.adapter:
+            _add_adapters(tower, cfg.adapter)
         _container(tower).forward = ReversibleForward(tower, cfg, ids)
     return model
 
@@ -431,6 +488,7 @@ def remove_reversible(model: nn.Module) -> nn.Module:
             continue
         for block, hook_id in zip(tower.blocks(), fwd.guard_ids):
             block._forward_pre_hooks.pop(hook_id, None)
+            block._modules.pop(ADAPTER_ATTR, None)
         del _container(tower).__dict__["forward"]
         removed += 1
     if not removed:
