@@ -333,12 +333,28 @@ class _ReversibleStack(torch.autograd.Function):
         return (dx, None, *[grads.get(id(p)) for p in ctx.params])
 
 
+_PLAIN_AUTOGRAD = False
+
+
+@contextlib.contextmanager
+def plain_autograd() -> Iterator[None]:
+    """Run the couplings with ordinary autograd inside the body (every activation saved, no
+    reconstruction): the reference the custom backward is measured against (the gradient error
+    of :mod:`benchmarks.reversible_gap`). Not for training: it saves what the stack is for."""
+    global _PLAIN_AUTOGRAD
+    was, _PLAIN_AUTOGRAD = _PLAIN_AUTOGRAD, True
+    try:
+        yield
+    finally:
+        _PLAIN_AUTOGRAD = was
+
+
 def run_reversible(adapter: TowerAdapter, config: ReversibleConfig, x: torch.Tensor,
                    attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """The tower's blocks as a reversible stack on ``x`` ``[B, N, C]`` (fused output, ``x``'s dtype);
     ``attn_mask`` is the library's mask (bool: True = may attend, or additive)."""
     stack = _Stack(adapter, config, mask_to_bias(attn_mask, torch.float32), is_causal)
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or _PLAIN_AUTOGRAD:
         return fuse(*stack.forward(x), x.dtype)
     params = [p for block in stack.blocks for p in block.parameters()]
     return _ReversibleStack.apply(x, stack, *params)
@@ -509,17 +525,20 @@ def reversible_config(model: nn.Module) -> ReversibleConfig:
 
 
 @torch.no_grad()
-def starting_gap(model: nn.Module, x: torch.Tensor, config: ReversibleConfig | None = None,
+def starting_gap(model: nn.Module, x: Any, config: ReversibleConfig | None = None, forward: Any = None,
                  **settings: Any) -> float:
     """Relative output difference ``‖f_rev(x) − f(x)‖ / ‖f(x)‖`` of ``model`` made reversible
-    (before any training) against the model as it is; the model is left unchanged."""
+    (before any training: MEFT's adapters freshly drawn) against the model as it is, in eval
+    mode; ``forward(model, x)`` picks the output (default ``model(x)``, e.g. ``encode_text``).
+    The model is left unchanged."""
+    run = forward or (lambda m, inp: m(inp))
     was = model.training
     model.eval()
     try:
-        ref = model(x).float()
+        ref = run(model, x).float()
         apply_reversible(model, config, **settings)
         try:
-            out = model(x).float()
+            out = run(model, x).float()
         finally:
             remove_reversible(model)
     finally:
