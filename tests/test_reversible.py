@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -98,11 +99,40 @@ def test_float64_gradients_equal_even_at_small_lambda_beta():
     model = _vit(depth=4, dtype=torch.float64, **DROPOUT).train()
     config = ReversibleConfig(coupling="meft", lam=0.1, beta=0.1)
     x = tm.images().double()
-    with pytest.warns(UserWarning, match="amplifies rounding error"):
-        apply_reversible(model, config)
+    apply_reversible(model, config)
     _, ref = _grads(model, lambda: reference_forward(model, x, config))
     _, got = _grads(model, lambda: model(x))
     assert max(_rel(got[n], ref[n]) for n in ref) <= 1e-7
+
+
+def test_meft_needs_float64_streams_at_depth_12():
+    """MEFT's residual couplings amplify rounding error ~6.9x per block even at λ = β = 1: at
+    depth 12 float32 streams give wrong gradients, float64 streams (the default) right ones,
+    in a float32 model."""
+    model = _vit(depth=12).train()
+    x = tm.images()
+    errors = {}
+    for streams in ("float64", "float32"):
+        config = ReversibleConfig(coupling="meft", streams=streams)
+        apply_reversible(model, config)
+        _, ref = _grads(model, lambda: reference_forward(model, x, config))
+        _, got = _grads(model, lambda: model(x))
+        errors[streams] = _rel(_flat(got, ref), _flat(ref, ref))
+        remove_reversible(model)
+    assert errors["float64"] <= 1e-4 and errors["float32"] > 1e-2, errors
+
+
+def test_amplification_estimate_and_warning():
+    golden = (1 + 5 ** 0.5) / 2
+    assert rev.block_amplification(ReversibleConfig()) == pytest.approx(golden ** 4)  # [[1, 1], [1, 2]]
+    assert rev.block_amplification(ReversibleConfig(coupling="revvit")) == 1.0
+    deep = tm.timm_vit(depth=12, embed_dim=32, num_heads=2)
+    for settings, warns in [({}, False), ({"streams": "float32"}, True), ({"lam": 0.1, "beta": 0.1}, True),
+                            ({"coupling": "revvit"}, False)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            apply_reversible(deep, **settings)
+        assert any("amplifies rounding error" in str(w.message) for w in caught) == warns, settings
 
 
 def test_without_rng_replay_the_gradients_are_wrong(monkeypatch):
@@ -369,15 +399,19 @@ def test_combines_with_galore():
     assert losses[-1] < 0.7 * losses[0] and losses == sorted(losses, reverse=True), losses
 
 
-def test_bf16_model_keeps_float32_streams():
-    """A model cast to bf16 (no autocast): branches run in bf16, the streams in float32."""
-    model = apply_reversible(_vit(depth=3, dtype=torch.bfloat16).train(), coupling="meft", lam=0.5, beta=0.5)
+@pytest.mark.parametrize("settings, streams", [(dict(coupling="meft", lam=0.5, beta=0.5), torch.float64),
+                                               (dict(coupling="revvit"), torch.float32),
+                                               (dict(coupling="meft", streams="float32"), torch.float32)])
+def test_bf16_model_keeps_high_precision_streams(settings, streams):
+    """A model cast to bf16 (no autocast): branches run in bf16, the streams in float32 (RevNet)
+    or float64 (MEFT, whose couplings amplify rounding error)."""
+    model = apply_reversible(_vit(depth=3, dtype=torch.bfloat16).train(), **settings)
     seen = []
     original = rev.fuse
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rev, "fuse", lambda y1, y2, dtype: (seen.append(y1.dtype), original(y1, y2, dtype))[1])
         out = model(tm.images().bfloat16())
-    assert out.dtype == torch.bfloat16 and seen == [torch.float32]
+    assert out.dtype == torch.bfloat16 and seen == [streams]
     out.float().square().mean().backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.blocks.parameters())
 

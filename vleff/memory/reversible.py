@@ -38,9 +38,11 @@ one extra forward). Dropout and drop-path replay the forward's random numbers: t
 CUDA) RNG state before each F and G call is saved and restored for the recomputation inside
 ``torch.random.fork_rng`` (the way ``torch.utils.checkpoint`` does), so the global RNG is never
 re-seeded and runs stay reproducible. The recomputation re-enters autocast as the forward ran.
-The streams are kept in float32 (or float64 if the input is) even when the branches run in
-bf16 under autocast or in a low-precision model: the reconstruction subtracts and, for MEFT,
-divides by λ and β, which amplifies rounding error block after block.
+The streams are kept in float32 (RevNet) or float64 (MEFT), or the input's dtype if higher,
+even when the branches run in bf16 under autocast or in a low-precision model: the
+reconstruction subtracts and, for MEFT, divides by λ and β; MEFT's couplings amplify rounding
+error about 6.9x per block even at λ = β = 1, so float32 streams fail at ViT-B depth (see
+:class:`ReversibleConfig`). The branches still run in the model's dtype.
 
 Without grad (inference, evaluation) the same couplings run as a plain loop: nothing is saved
 either way, and the plain loop compiles in one graph.
@@ -72,6 +74,7 @@ from vleff.checks import check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 
 COUPLINGS = ("meft", "revvit")
+STREAMS = ("auto", "float32", "float64")
 #: tower families the reversible stack supports
 FAMILIES = ("timm", "open_clip", "transformers")
 TOWERS = ("image", "text")
@@ -95,14 +98,19 @@ class ReversibleConfig(MethodConfig):
         adapter: bottleneck width of MEFT's adapters (see the module docstring); 0: none.
             ``None`` (default): 8 for ``"meft"``, 0 for ``"revvit"``.
 
-    The defaults λ = β = 1 are provisional. MEFT's published λ = β = 0.1 keep a pretrained
-    function closer, but the reconstruction divides by λ and β in every block, so rounding
-    error grows about ``(1/(λ·β))**depth``: measured on the 4-block test ViT in float32,
-    λ = β = 0.1 gives 0.1 relative error on the whole gradient (0.8 on the first block's),
-    λ = 0.5, β = 0.8 gives 1.5e-5, λ = β = 1 gives 2e-6 (revvit: the same order);
-    :func:`apply_reversible` warns when the estimated amplification exceeds 1e3. At λ = β = 1 the streams grow with
-    depth and the starting gap is large; choosing λ, β from the starting gap on real
-    pretrained towers (:func:`starting_gap`) is still to do.
+        streams: dtype of the two streams, ``"float32"``, ``"float64"`` or ``"auto"`` (float64
+            for ``"meft"``, float32 for ``"revvit"``; never below the input's dtype).
+
+    Why these defaults (measured, ``benchmarks/reversible_gap.py``, docs/benchmarks.md): MEFT's
+    couplings of the residual sub-blocks have the linear part ``[[λ, 1], [λ, 1 + β]]`` per block,
+    whose condition number (6.9 at λ = β = 1, about 140 at λ = β = 0.1) multiplies the
+    reconstruction's rounding error block after block. With float32 streams every λ, β in
+    {0.1, 0.3, 1} gives gradients with relative error ≥ 1 at depth 12 (timm ViT-B/16, open_clip
+    ViT-B-32 image and text); with float64 streams λ = β = 1 gives 1e-6 while λ, β ≤ 0.3
+    still fail. So λ = β = 1 with float64 streams is the default, although its starting gap
+    is large (0.6–1.2 relative on randomly initialised towers) — the published λ = β = 0.1
+    starts closer (0.45–0.6) but cannot be trained at ViT-B depth. :func:`apply_reversible`
+    warns when the predicted gradient error exceeds 1e-3 (:func:`predicted_error`).
     """
 
     method = "reversible"
@@ -111,6 +119,7 @@ class ReversibleConfig(MethodConfig):
     beta: float = 1.0
     towers: str = "all"
     adapter: int | None = None
+    streams: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("coupling", self.coupling, COUPLINGS)
@@ -118,8 +127,16 @@ class ReversibleConfig(MethodConfig):
         if self.adapter is None:
             self.adapter = MEFT_BOTTLENECK if self.coupling == "meft" else 0
         self.adapter = check_int("adapter", self.adapter, low=0)
+        check_choice("streams", self.streams, STREAMS)
         self.lam = check_number("lam", self.lam, low=0, low_open=True)
         self.beta = check_number("beta", self.beta, low=0, low_open=True)
+
+    @property
+    def stream_floor(self) -> torch.dtype:
+        """The lowest dtype the streams may have (see ``streams``)."""
+        if self.streams == "auto":
+            return torch.float64 if self.coupling == "meft" else torch.float32
+        return getattr(torch, self.streams)
 
     @property
     def scales(self) -> tuple[float, float]:
@@ -231,7 +248,7 @@ class _Stack:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both output streams; ``states`` collects each block's (F, G) RNG states when given."""
         lam, beta = self.config.scales
-        x1 = x2 = x.to(stream_dtype(x.dtype))
+        x1 = x2 = x.to(stream_dtype(x.dtype, self.config.stream_floor))
         for block in self.blocks:
             record = states is not None and draws_random_numbers(block)
             sf = capture_rng(x.device) if record else None
@@ -259,9 +276,27 @@ def _scale(s: float, x: torch.Tensor) -> torch.Tensor:
     return x if s == 1.0 else s * x
 
 
-def stream_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The streams' dtype: at least float32 (see the module docstring)."""
-    return torch.promote_types(dtype, torch.float32)
+def stream_dtype(dtype: torch.dtype, floor: torch.dtype = torch.float32) -> torch.dtype:
+    """The streams' dtype: at least ``floor`` (float32, or float64 for MEFT; see the module docstring)."""
+    return torch.promote_types(dtype, floor)
+
+
+def block_amplification(config: ReversibleConfig) -> float:
+    """Per-block growth of reconstruction error: the condition number of the couplings' linear
+    part with small branches (``[[λ, 1], [λ, 1 + β]]`` for MEFT's residual sub-blocks, the
+    identity for RevNet). Measured: 6.8 per block at λ = β = 1 (prediction 6.85)."""
+    if not config.residual:
+        return 1.0
+    lam, beta = config.scales
+    s = torch.linalg.svdvals(torch.tensor([[lam, 1.0], [lam, 1.0 + beta]], dtype=torch.float64))
+    return float(s[0] / s[-1])
+
+
+def predicted_error(config: ReversibleConfig, depth: int, dtype: torch.dtype | None = None) -> float:
+    """Rough relative gradient error of the reconstruction after ``depth`` blocks with streams
+    of ``dtype`` (default: the config's floor): unit rounding times the amplification."""
+    eps = torch.finfo(dtype or config.stream_floor).eps / 2
+    return eps * block_amplification(config) ** depth
 
 
 def fuse(y1: torch.Tensor, y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -463,12 +498,12 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
                 raise ValueError(f"{tower.describe()} block {i} holds {stateful[0]} (running statistics); "
                                  "recomputing it in backward would update them twice")
     lam, beta = cfg.scales
-    amplification = (1.0 / min(1.0, lam * beta)) ** max(len(t.blocks()) for t in towers)
-    if amplification > 1e3:
-        warnings.warn(f"reversible coupling={cfg.coupling!r} with lam={lam}, beta={beta} over "
-                      f"{max(len(t.blocks()) for t in towers)} blocks: the reconstruction in backward amplifies "
-                      f"rounding error about {amplification:.1e}x; gradients may be wrong in float32 "
-                      "(use larger lam, beta)", stacklevel=2)
+    depth = max(len(t.blocks()) for t in towers)
+    if (error := predicted_error(cfg, depth)) > 1e-3:
+        warnings.warn(f"reversible coupling={cfg.coupling!r} with lam={lam}, beta={beta}, {cfg.stream_floor} "
+                      f"streams over {depth} blocks: the reconstruction in backward amplifies rounding error "
+                      f"{block_amplification(cfg):.3g}x per block; predicted gradient error {error:.1e} relative "
+                      "(use lam = beta = 1 and float64 streams)", stacklevel=2)
     if reversible_applied(model):
         remove_reversible(model)
     for tower in towers:
