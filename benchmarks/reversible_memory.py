@@ -3,7 +3,9 @@
 Width 64, 4 heads, 32 px images with 8 px patches (17 tokens), batch 32, fp32, CPU; depth 6,
 12 and 24. Bytes are counted with :func:`vleff.profile.saved_activation_bytes` (every tensor
 autograd saves, parameters excluded: exact on any machine). Also one training step's time at
-depth 12, one thread, best of 3.
+depth 12, one thread, best of 3, as ratios against plain backprop and against gradient
+checkpointing (``revvit``: RevNet couplings; ``meft``: the defaults, with adapters and
+float64 streams).
 
     python benchmarks/reversible_memory.py [--out reversible_memory.json]
 """
@@ -55,14 +57,20 @@ def main() -> None:
             model = make(depth, mode)
             row[mode] = saved_activation_bytes(lambda: model(x))
         rows.append(row)
-    steps = {mode: step_seconds(make(12, mode), x) for mode in ("plain", "checkpointing", "revvit")}
+    steps = {mode: step_seconds(make(12, mode), x) for mode in MODES}
+    ratios = {mode: {"vs_plain": s / steps["plain"], "vs_checkpointing": s / steps["checkpointing"]}
+              for mode, s in steps.items()}
     print(f"{'depth':>5}" + "".join(f"{m + ' MB':>18}" for m in MODES))
     for row in rows:
         print(f"{row['depth']:>5}" + "".join(f"{row[m] / 1e6:>18.2f}" for m in MODES))
-    print("step time at depth 12 (1 thread): " + ", ".join(f"{m} {s:.3f} s" for m, s in steps.items()))
+    print("ratios: depth 24 / depth 6: " + ", ".join(f"{m} {rows[-1][m] / rows[0][m]:.2f}x" for m in MODES)
+          + "; against plain at depth 12: " + ", ".join(f"{m} {rows[1][m] / rows[1]['plain']:.3f}x" for m in MODES))
+    print(f"{'step time, depth 12, 1 thread':<32}{'seconds':>9}{'vs plain':>10}{'vs checkpointing':>18}")
+    for mode, s in steps.items():
+        print(f"{mode:<32}{s:>9.3f}{ratios[mode]['vs_plain']:>9.2f}x{ratios[mode]['vs_checkpointing']:>17.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"saved_bytes": rows, "step_seconds_depth12": steps}, f, indent=2)
+            json.dump({"saved_bytes": rows, "step_seconds_depth12": steps, "step_time_ratios": ratios}, f, indent=2)
 
 
 if __name__ == "__main__":

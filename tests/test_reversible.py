@@ -464,3 +464,29 @@ def test_hf_clip_towers_gradients_equal_the_reference(tower):
     out, got, got_x = grads(lambda: encoder(inputs_embeds=x, attention_mask=mask, **extra).last_hidden_state)
     assert _rel(out, ref_out) <= 1e-5
     assert _rel(_flat(got, ref), _flat(ref, ref)) <= 1e-5 and _rel(got_x, ref_x) <= 1e-5
+
+
+def test_clip_memory_rows_reversible_and_reversible_galore(tmp_path):
+    """``vleff-bench memory`` rows for reversible towers (tiny CLIP): MEFT's adapters counted as
+    parameters (analytic), AdamW state 8 bytes/parameter, less saved for backward than plain
+    backprop; with GaLore less optimizer state."""
+    import json
+
+    from vleff.profile.training_memory import run_training_memory
+
+    config = tmp_path / "tiny_clip.json"
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 16,
+                                                                  "patch_size": 8, "image_size": 32},
+                                  "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 4,
+                                               "layers": 2}}))
+    rows = run_training_memory(str(config), batch_size=4, rank=4, methods="adamw,reversible,reversible_galore",
+                               isolate=False)
+    adamw, rev_adamw, rev_galore = rows
+    adapters = 2 * 2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)  # towers x blocks x (A_F, A_G) x (down + up)
+    assert rev_adamw["parameters"] == adamw["parameters"] + adapters == rev_galore["parameters"]
+    tensors = rev_adamw["parameter_tensors"]
+    assert rev_adamw["optimizer_state_bytes"] == 8 * rev_adamw["parameters"] + 4 * tensors
+    assert rev_adamw["grad_bytes"] == 4 * rev_adamw["parameters"]
+    assert rev_galore["optimizer_state_bytes"] < rev_adamw["optimizer_state_bytes"]
+    assert rev_adamw["saved_for_backward_bytes"] < adamw["saved_for_backward_bytes"]
+    assert [r["name"] for r in rows[1:]] == ["reversible (MEFT) + AdamW", "reversible (MEFT) + GaLoreAdamW r=4"]

@@ -11,7 +11,12 @@
   selection: 2-D weights incl. ``in_proj_weight``; embeddings, norms, biases as plain AdamW);
 * ``galore_embed`` — GaLore with the token embedding projected as well (default exclusions
   less ``embed``);
-* ``mezo``   — one :class:`vleff.memory.MeZO` step (two forward passes under ``no_grad``).
+* ``mezo``   — one :class:`vleff.memory.MeZO` step (two forward passes under ``no_grad``);
+* ``reversible`` — the AdamW step with both towers as reversible stacks
+  (:func:`vleff.apply_reversible` with its defaults: MEFT couplings, λ = β = 1, adapters of
+  bottleneck 8, float64 streams): activations constant in depth;
+* ``reversible_galore`` — reversible towers with the GaLore step (activation and optimizer
+  memory cut together).
 
 Measured per method (all bytes, nothing timed):
 
@@ -49,7 +54,7 @@ from typing import Any
 __all__ = ["METHODS", "build_clip_for_memory", "measure_one", "memory_table", "print_memory_rows",
            "run_training_memory"]
 
-METHODS = ("adamw", "galore", "galore_embed", "mezo")
+METHODS = ("adamw", "galore", "galore_embed", "mezo", "reversible", "reversible_galore")
 _RESULT_TAG = "VLEFF_TRAINING_MEMORY_RESULT "
 MIB = 2 ** 20
 
@@ -135,6 +140,10 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
     _log(f"{method}: building open_clip {model} (random init, fp32) on {dev}")
     clip, tokenizer, vocab = build_clip_for_memory(model)
     clip = clip.to(dev)
+    if method.startswith("reversible"):
+        from vleff.memory.reversible import apply_reversible
+
+        apply_reversible(clip)  # both towers; MEFT's adapters are new parameters, counted below
     n_params = sum(p.numel() for p in clip.parameters())
     size = clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -147,9 +156,9 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
         txt = torch.nn.functional.normalize(clip.encode_text(tokens), dim=-1)
         return contrastive_loss(img, txt, clip.logit_scale)
 
-    if method == "adamw":
+    if method in ("adamw", "reversible"):
         opt: torch.optim.Optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-5, weight_decay=0.1)
-    elif method in ("galore", "galore_embed"):
+    elif method in ("galore", "galore_embed", "reversible_galore"):
         exclude = DEFAULT_EXCLUDE
         if method == "galore_embed":  # the token embedding (25 M of ViT-B-32's 151 M) projected too
             exclude = tuple(pattern for pattern in DEFAULT_EXCLUDE if pattern != r"embed")
@@ -186,7 +195,7 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
         "training_bytes": max(0, before_step - start) + step_peak,
         "process_peak_bytes": before_step + step_peak,
     }
-    if method.startswith("galore"):
+    if "galore" in method:
         row["rank"] = rank
         row["projected_parameters"] = sum(p.numel() for gr in opt.param_groups if gr.get("rank") for p in gr["params"])
     _log(f"{method}: saved-for-backward bytes of one step's forward")
@@ -223,7 +232,8 @@ def _run_subprocess(method: str, model: str, batch_size: int, rank: int, device:
 def _names(rank: int) -> dict[str, str]:
     return {"adamw": "AdamW (backprop)", "galore": f"GaLoreAdamW r={rank} (backprop)",
             "galore_embed": f"GaLoreAdamW r={rank}, token embedding projected too",
-            "mezo": "MeZO (2 forwards)"}
+            "mezo": "MeZO (2 forwards)", "reversible": "reversible (MEFT) + AdamW",
+            "reversible_galore": f"reversible (MEFT) + GaLoreAdamW r={rank}"}
 
 
 def check_settings(model: Any, batch_size: Any, rank: Any, device: Any, methods: Any, seed: Any = 0) -> tuple[str, ...]:
