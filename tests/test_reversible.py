@@ -490,3 +490,52 @@ def test_clip_memory_rows_reversible_and_reversible_galore(tmp_path):
     assert rev_galore["optimizer_state_bytes"] < rev_adamw["optimizer_state_bytes"]
     assert rev_adamw["saved_for_backward_bytes"] < adamw["saved_for_backward_bytes"]
     assert [r["name"] for r in rows[1:]] == ["reversible (MEFT) + AdamW", "reversible (MEFT) + GaLoreAdamW r=4"]
+
+
+class _DropoutClassifier:
+    """tiny_lightning's classifier with dropout and drop-path on (built lazily: Lightning import)."""
+
+    @staticmethod
+    def make():
+        import tiny_lightning as tl
+
+        module = tl.TinyClassifier()
+        torch.manual_seed(0)
+        module.model = tm.timm_vit(depth=3, **DROPOUT)
+        return module
+
+
+def _fit_dropout(tmp_path, max_steps: int, ckpt: str | None = None, save: str | None = None, adapter_seed: int = 5):
+    import lightning.pytorch as pl
+
+    import tiny_lightning as tl
+    from vleff.callbacks import Reversible
+
+    class Reseed(pl.Callback):  # Lightning checkpoints do not hold the global RNG
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            torch.manual_seed(1000 + trainer.global_step)
+
+    torch.manual_seed(0)
+    module = _DropoutClassifier.make()
+    trainer = tl.trainer(tmp_path, [Reversible(coupling="meft", lam=0.8, beta=0.9), Reseed()],
+                         max_steps=max_steps, max_epochs=-1)
+    torch.manual_seed(adapter_seed)  # MEFT's adapters are drawn in the callback's setup
+    trainer.fit(module, tl.loader(4, seed=1), ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return module
+
+
+def test_callback_resumes_exactly_with_dropout_on(tmp_path):
+    """Saved at step 2 and resumed to 4 equals 4 steps straight, with dropout and drop-path
+    replayed in every backward (and MEFT's adapters restored from the checkpoint)."""
+    straight = _fit_dropout(tmp_path, 4)
+    ckpt = str(tmp_path / "half.ckpt")
+    _fit_dropout(tmp_path, 2, save=ckpt)
+    resumed = _fit_dropout(tmp_path, 4, ckpt=ckpt, adapter_seed=6)  # the checkpoint must overwrite them
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert set(a) == set(b) and any("vleff_reversible" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    fresh = _DropoutClassifier.make().state_dict()
+    assert not torch.allclose(a["model.blocks.0.attn.qkv.weight"], fresh["model.blocks.0.attn.qkv.weight"])
