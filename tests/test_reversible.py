@@ -72,10 +72,10 @@ def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
     return torch.cat([grads[n].flatten() for n in names])
 
 
-# (settings, tolerance on the relative error of the whole gradient): MEFT with λ·β < 1 divides
-# by λ and β in each block of the reconstruction, so its fp32 error grows ~(1/(λβ))**depth
+# (settings, tolerance on the relative error of the whole gradient): MEFT's couplings amplify
+# rounding error block after block (its streams are float64 by default, so 1e-5 holds here)
 COUPLINGS = [(dict(coupling="revvit"), 1e-5), (dict(coupling="meft", adapter=0), 1e-5),
-             (dict(coupling="meft"), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8), 1e-4),
+             (dict(coupling="meft"), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8), 1e-5),
              (dict(coupling="revvit", adapter=4), 1e-5)]
 
 
