@@ -539,3 +539,20 @@ def test_callback_resumes_exactly_with_dropout_on(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
     fresh = _DropoutClassifier.make().state_dict()
     assert not torch.allclose(a["model.blocks.0.attn.qkv.weight"], fresh["model.blocks.0.attn.qkv.weight"])
+
+
+def test_starting_gap_is_the_relative_output_difference_and_leaves_the_model_alone():
+    model = _vit(depth=3).eval()
+    x = tm.images()
+    with torch.no_grad():
+        ref = model(x)
+        torch.manual_seed(3)
+        rev_model = apply_reversible(copy.deepcopy(model), coupling="meft", lam=0.3, beta=0.3)
+        want = float((rev_model(x) - ref).norm() / ref.norm())
+    torch.manual_seed(3)  # the same adapters
+    gap = rev.starting_gap(model, x, coupling="meft", lam=0.3, beta=0.3)
+    assert gap == pytest.approx(want, rel=1e-6) and gap > 0
+    assert not reversible_applied(model)
+    torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+    features = rev.starting_gap(model, x, forward=lambda m, inp: m.forward_features(inp), coupling="revvit")
+    assert features > 0 and features != pytest.approx(gap)
