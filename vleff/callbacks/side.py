@@ -1,5 +1,5 @@
 """Lightning callbacks of the side methods beside a frozen backbone: ``LadderSideTuning`` (LST)
-and ``UniPT``, on one shared base.
+and ``UniPT`` here, ``VisualQueryTuning`` in :mod:`vleff.callbacks.vqt`, on one shared base.
 
 >>> trainer = L.Trainer(callbacks=[vleff.callbacks.LadderSideTuning(reduction=8)])
 >>> trainer = L.Trainer(callbacks=[vleff.callbacks.UniPT(factor=2)])
@@ -32,6 +32,8 @@ from vleff.side.unipt import UniPTConfig
 from vleff.side.common import backbone_eval, freeze_backbone, is_side_key, refuse_unfrozen_backbone, side_state_dict
 
 SIDE_ONLY = "vleff_side_only"
+#: how errors name each side method
+LABELS = {"vqt": "VQT", "lst": "LST", "unipt": "UniPT"}
 
 
 def side_only_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -81,7 +83,7 @@ class SideTuning(pl.Callback):
             pl_module.strict_loading = False  # the backbone keys are not in a side-only checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_unfrozen_backbone(pl_module, self.method, self.train_head)
+        refuse_unfrozen_backbone(pl_module, LABELS.get(self.method, self.method), self.train_head)
         backbone_eval(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

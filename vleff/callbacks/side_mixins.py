@@ -61,7 +61,9 @@ class _SideMixin:
         if self._vleff_side is not None:
             from vleff.side.common import backbone_eval, refuse_unfrozen_backbone
 
-            refuse_unfrozen_backbone(self, self._vleff_side[0], self._vleff_side[1])  # type: ignore[arg-type]
+            from vleff.callbacks.side import LABELS
+
+            refuse_unfrozen_backbone(self, LABELS[self._vleff_side[0]], self._vleff_side[1])  # type: ignore[arg-type]
             backbone_eval(self)  # type: ignore[arg-type]
         _parent(self, _SideMixin, "on_train_start")
 
