@@ -106,7 +106,8 @@ SETTINGS: dict[str, Settings] = {
                     refusals=[({"num_queries": 0}, "num_queries"), ({"num_queries": 1.5}, "num_queries"),
                               ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
                     state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
-                    families=("timm_vit", "timm_registers"), conflicts=("tome", "evit", "dynamicvit")),
+                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip"),
+                    conflicts=("tome", "evit", "dynamicvit")),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(noop={"reduction": 4}, active={"reduction": 2},
                     refusals=[({"reduction": 0}, "reduction"), ({"reduction": 2.5}, "reduction"),

@@ -118,14 +118,40 @@ def test_no_backbone_tensor_is_saved_for_backward_and_unfreezing_one_weight_is_c
         common.refuse_unfrozen_backbone(model, method.upper())
 
 
-def test_no_backbone_tensor_is_saved_for_backward_under_vqt():
-    model = _model()
+@pytest.mark.parametrize("family", ["timm_vit", "open_clip", "hf_clip"])
+def test_no_backbone_tensor_is_saved_for_backward_under_vqt(family):
+    model = _model(family)
     apply_vqt(model, num_queries=2)
-    model.vleff_vqt.proj.weight.data.normal_()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vleff_vqt.proj" in name:
+                p.normal_()
     common.freeze_backbone(model)
-    assert backbone_saved_tensors(model, lambda: model(tm.images()).square().mean()) == []
-    model.blocks[1].mlp.fc2.weight.requires_grad_(True)
-    assert backbone_saved_tensors(model, lambda: model(tm.images()).square().mean()) != []
+    fwd = FAMILIES[family].forwards["image"]
+    assert backbone_saved_tensors(model, lambda: fwd(model).square().mean()) == []
+    assert all(p.grad is not None for p in common.side_modules(model)[0].parameters())
+    t = find_towers(model, "image")[0]
+    [m for m in t.blocks()[1].modules() if isinstance(m, torch.nn.Linear)][-1].weight.requires_grad_(True)
+    assert backbone_saved_tensors(model, lambda: fwd(model).square().mean()) != []
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf_clip"])
+def test_vqt_on_clip_image_towers_keeps_the_stream_and_starts_at_the_frozen_model(family):
+    model = _model(family)
+    t = find_towers(model, "image")[0]
+    fwd = FAMILIES[family].forwards["image"]
+    outs: list[torch.Tensor] = []
+    for b in t.blocks():
+        b.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    plain = _generic_forward(model, fwd)
+    plain_stream, outs[:] = list(outs), []
+    apply_vqt(model, num_queries=2)
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(model), plain, atol=0, rtol=0)
+        t.root.vleff_vqt.proj.weight.normal_()
+        assert not torch.allclose(fwd(model), plain, atol=1e-4)
+    for a, b in zip(outs[-len(plain_stream):], plain_stream):  # the frozen token stream is untouched
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------------------- UniPT
