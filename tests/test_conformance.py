@@ -65,6 +65,18 @@ def _perturb_vqt(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def _perturb_side_up(model: torch.nn.Module) -> None:
+    """LST's and UniPT's ``Up`` start at zero (the model starts at the frozen model); random
+    values make the side network reach the output."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "hf_clip")
+
 SETTINGS: dict[str, Settings] = {
     "tome": Settings(noop={"r": 0}, active={"r": 2},
                      refusals=[({"r": -1}, "r=-1"), ({"r": float("nan")}, "r=nan"), ({"prop_attn": 1}, "prop_attn"),
@@ -94,14 +106,26 @@ SETTINGS: dict[str, Settings] = {
                     refusals=[({"num_queries": 0}, "num_queries"), ({"num_queries": 1.5}, "num_queries"),
                               ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
                     state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
-                    families=("timm_vit", "timm_registers"), conflicts=("tome", "evit", "dynamicvit")),
+                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip"),
+                    conflicts=("tome", "evit", "dynamicvit")),
+    # side networks read every block's output of the full stream: token reduction is refused
+    "lst": Settings(noop={"reduction": 4}, active={"reduction": 2},
+                    refusals=[({"reduction": 0}, "reduction"), ({"reduction": 2.5}, "reduction"),
+                              ({"side_heads": 0}, "side_heads"), ({"init": "random"}, "init"),
+                              ({"temperature": 0}, "temperature"), ({"towers": "audio"}, "towers")],
+                    state_prefix="vleff_lst.", callback_args={"reduction": 4}, activate=_perturb_side_up,
+                    families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit")),
+    "unipt": Settings(noop={"factor": 2}, active={"factor": 1},
+                      refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
+                      state_prefix="vleff_unipt.", callback_args={"factor": 2}, activate=_perturb_side_up,
+                      families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit")),
     "reversible": Settings(noop=None, active={"coupling": "meft"},  # with its adapters
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
                                      ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf"),
                                      ({"adapter": -1}, "adapter=-1"), ({"adapter": 2.5}, "adapter")],
                            state_prefix="vleff_reversible.", callback_args={"coupling": "meft"},
                            families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
-                           conflicts=("tome", "evit", "dynamicvit", "vqt")),  # tower hooks do not run in the stack
+                           conflicts=("tome", "evit", "dynamicvit", "vqt", "lst", "unipt")),  # tower hooks do not run in the stack
 }
 
 HOOK_METHODS = [m.name for m in all_methods() if m.apply is not None]

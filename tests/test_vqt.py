@@ -209,8 +209,8 @@ def test_bad_settings_are_refused(bad, match):
 def test_models_without_a_supported_tower_are_refused():
     with pytest.raises(TypeError, match="no supported"):
         apply_vqt(torch.nn.Linear(3, 3))
-    model = tm.open_clip_model()
-    with pytest.raises(TypeError, match="VQT does not support open_clip"):
+    model = tm.hf_blip_retrieval()
+    with pytest.raises(TypeError, match="VQT does not support transformers"):
         apply_vqt(model)
     assert not vqt_applied(model)
 

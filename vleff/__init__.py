@@ -27,6 +27,12 @@ _LAZY = {
     "remove_evit": "vleff.tokens.evit",
     "apply_vqt": "vleff.side.vqt",
     "remove_vqt": "vleff.side.vqt",
+    "apply_lst": "vleff.side.lst",
+    "remove_lst": "vleff.side.lst",
+    "apply_unipt": "vleff.side.unipt",
+    "remove_unipt": "vleff.side.unipt",
+    "side_state_dict": "vleff.side.common",
+    "load_side_state_dict": "vleff.side.common",
     "apply_reversible": "vleff.memory.reversible",
     "remove_reversible": "vleff.memory.reversible",
     "update": "vleff.registry",
@@ -43,7 +49,7 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("backbones", "callbacks", "data", "kernels", "memory", "models", "profile", "tokens"):
+    if name in ("backbones", "callbacks", "data", "kernels", "memory", "models", "profile", "side", "tokens"):
         return importlib.import_module(f"vleff.{name}")
     raise AttributeError(f"module 'vleff' has no attribute {name!r}")
 

@@ -126,6 +126,8 @@ _BUILTIN: dict[str, str] = {
     "galore": "vleff.memory.methods",
     "mezo": "vleff.memory.methods",
     "vqt": "vleff.side.vqt",
+    "lst": "vleff.side.lst",
+    "unipt": "vleff.side.unipt",
     "reversible": "vleff.memory.reversible",
 }
 

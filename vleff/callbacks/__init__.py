@@ -15,6 +15,9 @@ _CALLBACKS = {
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",
     "VisualQueryTuning": "vleff.callbacks.vqt",
+    "LadderSideTuning": "vleff.callbacks.side",
+    "UniPT": "vleff.callbacks.side",
+    "LoRA": "vleff.callbacks.lora",
     "Reversible": "vleff.callbacks.reversible",
     "AuxLossMixin": "vleff.callbacks.mixins",
     "TokenMergingMixin": "vleff.callbacks.mixins",
@@ -23,6 +26,8 @@ _CALLBACKS = {
     "GaLoreMixin": "vleff.callbacks.mixins",
     "MeZOMixin": "vleff.callbacks.mixins",
     "VQTMixin": "vleff.callbacks.side_mixins",
+    "LSTMixin": "vleff.callbacks.side_mixins",
+    "UniPTMixin": "vleff.callbacks.side_mixins",
     "ReversibleMixin": "vleff.callbacks.mixins",
 }
 

@@ -1,4 +1,4 @@
-"""LightningModule mixins of the side methods (VQT), for users who own the module.
+"""LightningModule mixins of the side methods (VQT, LST, UniPT), for users who own the module.
 
 Same convention as :mod:`vleff.callbacks.mixins`: mixin first in the bases, ``self.use_vqt(...)``
 in ``__init__`` once the backbone exists (so ``load_from_checkpoint`` rebuilds the queries before
@@ -13,7 +13,7 @@ from vleff.callbacks.vqt import backbone_eval, refuse_unfrozen_backbone
 from vleff.checks import check_bool
 from vleff.side.vqt import VQTConfig, apply_vqt, freeze_backbone_for_vqt
 
-__all__ = ["VQTMixin"]
+__all__ = ["LSTMixin", "UniPTMixin", "VQTMixin"]
 
 
 class VQTMixin:
@@ -38,3 +38,69 @@ class VQTMixin:
         if self._vleff_vqt_train_head is not None:
             backbone_eval(self)  # type: ignore[arg-type]
         return _parent(self, VQTMixin, "on_train_batch_start", batch, batch_idx)
+
+
+class _SideMixin:
+    """Shared by the LST and UniPT mixins: the method applied and the backbone frozen in
+    ``use_*``; at fit start an unfrozen backbone weight is refused; the backbone stays in eval
+    mode in training; checkpoints hold only the side state unless ``full_checkpoint``."""
+
+    _vleff_side: tuple[str, bool, bool] | None = None  # (method, train_head, full_checkpoint)
+
+    def _use_side(self, method: str, train_head: bool, full_checkpoint: bool, config: Any) -> None:
+        from vleff.registry import get_method
+        from vleff.side.common import freeze_backbone
+
+        self._vleff_side = (method, check_bool("train_head", train_head), check_bool("full_checkpoint", full_checkpoint))
+        get_method(method).apply(self, config)
+        freeze_backbone(self, train_head=train_head)  # type: ignore[arg-type]
+        if not full_checkpoint:
+            self.strict_loading = False  # the backbone keys are not in a side-only checkpoint
+
+    def on_train_start(self) -> None:
+        if self._vleff_side is not None:
+            from vleff.side.common import backbone_eval, refuse_unfrozen_backbone
+
+            from vleff.callbacks.side import LABELS
+
+            refuse_unfrozen_backbone(self, LABELS[self._vleff_side[0]], self._vleff_side[1])  # type: ignore[arg-type]
+            backbone_eval(self)  # type: ignore[arg-type]
+        _parent(self, _SideMixin, "on_train_start")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        if self._vleff_side is not None:
+            from vleff.side.common import backbone_eval
+
+            backbone_eval(self)  # type: ignore[arg-type]
+        return _parent(self, _SideMixin, "on_train_batch_start", batch, batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._vleff_side is not None and not self._vleff_side[2]:
+            from vleff.callbacks.side import side_only_checkpoint
+
+            side_only_checkpoint(self, checkpoint)  # type: ignore[arg-type]
+        _parent(self, _SideMixin, "on_save_checkpoint", checkpoint)
+
+
+class LSTMixin(_SideMixin):
+    """``use_lst(train_head=True, full_checkpoint=False, fisher=None, **settings)``: LST
+    (:mod:`vleff.side.lst`) on this module's towers, backbone frozen."""
+
+    def use_lst(self, train_head: bool = True, full_checkpoint: bool = False, fisher: Any = None,
+                **settings: Any) -> None:
+        from vleff.side.lst import LSTConfig, apply_lst
+
+        config = LSTConfig.build(**settings)
+        if fisher is not None or config.init == "fisher":
+            apply_lst(self, config, fisher=fisher)  # type: ignore[arg-type]
+        self._use_side("lst", train_head, full_checkpoint, config)
+
+
+class UniPTMixin(_SideMixin):
+    """``use_unipt(train_head=True, full_checkpoint=False, **settings)``: UniPT
+    (:mod:`vleff.side.unipt`) on this module's towers, backbone frozen."""
+
+    def use_unipt(self, train_head: bool = True, full_checkpoint: bool = False, **settings: Any) -> None:
+        from vleff.side.unipt import UniPTConfig
+
+        self._use_side("unipt", train_head, full_checkpoint, UniPTConfig.build(**settings))

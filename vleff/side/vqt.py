@@ -40,13 +40,15 @@ from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, get_method, register_method
+from vleff.side.common import FinalFeatures, SideModule, final_norm
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "vqt"
 MODULE_NAME = "vleff_vqt"
 TOWERS = ("image",)
-#: families whose head vleff knows how to feed (open_clip / Hugging Face CLIP image towers: not yet)
-SUPPORTED = "timm VisionTransformer (ViT/DeiT with one head; registers allowed)"
+#: families VQT feeds: a timm head's output, or a CLIP image tower's pooled final feature
+SUPPORTED = ("timm VisionTransformer (ViT/DeiT with one head; registers allowed), open_clip and Hugging Face "
+             "CLIP image towers (class-token pooled)")
 
 
 @dataclass
@@ -71,10 +73,12 @@ class VQTConfig(MethodConfig):
         check_towers(self.towers, TOWERS)
 
 
-class VQTModule(nn.Module):
+class VQTModule(SideModule):
     """The trained parts of one tower, registered on the tower root as ``vleff_vqt`` (so they
     are in ``parameters()`` and ``state_dict``): per-block queries and the zero-init projection
-    of their collected outputs added to the head output."""
+    of their collected outputs, added to the head output (timm) or, on a CLIP image tower, to
+    the pooled final feature (:class:`vleff.side.common.FinalFeatures`, before the tower's
+    projection; ``head_dim`` is then the tower width)."""
 
     def __init__(self, depth: int, num_queries: int, width: int, head_dim: int, dropout: float) -> None:
         super().__init__()
@@ -92,6 +96,12 @@ class VQTModule(nn.Module):
         """``[B, depth·T·C]``: each block's query outputs, l2-normalised per token (the paper's
         normalisation keeps layers of different scale comparable), concatenated."""
         return torch.cat([F.normalize(o, dim=-1).flatten(1) for o in outputs], dim=1)
+
+    def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        """CLIP towers: ``layers`` are the collected query outputs (the scratch this method's
+        hook fills); the projection of their features is added to the pooled final feature."""
+        return self.proj(self.features(layers))
 
 
 class VQTHook(TowerHook):
@@ -184,12 +194,21 @@ class _HeadOutput:
         return output + module.proj(module.features(outputs)).to(output.dtype)
 
 
-def _check_supported(tower: TowerAdapter) -> nn.Module:
-    """The head module VQT feeds, or ``TypeError`` naming what is supported."""
+def _check_supported(tower: TowerAdapter) -> nn.Module | None:
+    """The timm head module VQT feeds (``None`` for a CLIP image tower, fed at its final norm),
+    or ``TypeError`` naming what is supported."""
+    root = tower.root
+    if tower.family in ("open_clip", "transformers") and tower.modality == "image":
+        try:
+            final_norm(tower)
+        except TypeError as e:
+            raise TypeError(f"VQT does not support {tower.describe()}: {e}; it supports {SUPPORTED}") from None
+        return None
+    if tower.family != "timm":
+        raise TypeError(f"VQT does not support {tower.describe()} yet; it supports {SUPPORTED}")
     from timm.models.deit import VisionTransformerDistilled
 
-    root = tower.root
-    if tower.family != "timm" or isinstance(root, VisionTransformerDistilled):
+    if isinstance(root, VisionTransformerDistilled):
         raise TypeError(f"VQT does not support {tower.describe()} yet; it supports {SUPPORTED}")
     head = getattr(root, "head", None)
     if not isinstance(head, nn.Module):
@@ -222,7 +241,8 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     def make_hook(tower: TowerAdapter) -> VQTHook:
         head = _check_supported(tower)
         width = tower.embed_dim
-        head_out = int(getattr(head, "out_features", getattr(tower.root, "num_features", width)))
+        head_out = width if head is None else int(getattr(head, "out_features", getattr(tower.root, "num_features",
+                                                                                               width)))
         module = VQTModule(len(tower.blocks()), cfg.num_queries, width, head_out, cfg.dropout)
         ref = next(tower.root.parameters())
         module.to(device=ref.device, dtype=ref.dtype)
@@ -233,6 +253,11 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     for tower in installed:
         module = modules[id(tower.root)]
         tower.root.add_module(MODULE_NAME, module)
+        if tower.family != "timm":  # CLIP image tower: added to the pooled final feature
+            norm, tokens = final_norm(tower)
+            module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, HOOK_NAME, MODULE_NAME,
+                                                                           tokens)).id
+            continue
         module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root)).id
         module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(_CompactHeadInput()).id
     return model
@@ -259,6 +284,8 @@ def remove_vqt(model: nn.Module) -> nn.Module:
     for tower in find_towers(model):
         module = tower.root._modules.get(MODULE_NAME)
         if isinstance(module, VQTModule):
+            if module.norm_hook_id is not None:
+                final_norm(tower)[0]._forward_hooks.pop(module.norm_hook_id, None)
             if module.head_hook_id is not None:
                 tower.root.head._forward_hooks.pop(module.head_hook_id, None)
             if module.head_pre_hook_id is not None:
@@ -295,7 +322,7 @@ def freeze_backbone_for_vqt(model: nn.Module, train_head: bool = True) -> list[s
         raise ValueError(f"VQT is not applied to this {type(model).__name__}; call apply_vqt first")
     keep = {id(p) for p in vqt_parameters(model)}
     if train_head:
-        keep |= {id(p) for t in towers for p in t.root.head.parameters()}
+        keep |= {id(p) for t in towers if t.family == "timm" for p in t.root.head.parameters()}
     frozen = {id(p) for t in towers for p in t.root.parameters()} - keep
     trainable = []
     for name, p in model.named_parameters():
@@ -312,7 +339,7 @@ def unfrozen_backbone_parameters(model: nn.Module, train_head: bool = True) -> l
     frozen stream build a graph and destroys the memory saving)."""
     keep = {id(p) for p in vqt_parameters(model)}
     if train_head:
-        keep |= {id(p) for t in _vqt_towers(model) for p in t.root.head.parameters()}
+        keep |= {id(p) for t in _vqt_towers(model) if t.family == "timm" for p in t.root.head.parameters()}
     backbone = {id(p) for t in _vqt_towers(model) for p in t.root.parameters()} - keep
     return [n for n, p in model.named_parameters() if id(p) in backbone and p.requires_grad]
 

@@ -1,0 +1,206 @@
+"""Training memory of tuning beside a frozen backbone vs full fine-tuning, linear probing and LoRA.
+
+One table per model: timm ViT-B/16 at 224 px and the open_clip ViT-B-32 image tower (with a
+10-class linear head), random init (no download), fp32, AdamW, one training step of a
+cross-entropy loss. Methods: full fine-tuning, linear probe (head only), LoRA r=8 (``peft``, on
+the attention input projections), LST r=8, UniPT (factor 2), VQT T=1 (timm only: VQT does not
+support open_clip towers yet).
+
+Per method, each in a fresh process (so one's peak cannot hide in memory another reserved):
+
+* saved for backward: :func:`vleff.profile.saved_activation_bytes` semantics (each storage once,
+  parameters excluded), counted during the first step's forward;
+* ``.grad`` bytes and optimizer-state bytes after the step (:mod:`vleff.profile.memory`);
+* process peak: resident memory before the step + the step's peak growth
+  (:func:`vleff.profile.peak_memory_bytes`; CPU: ``VmHWM``), the quantity the LST target is about;
+* trainable parameters, % of all; step time of the second step (ratio to full fine-tuning).
+
+    python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32] [--methods full,linear,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+MODELS = ("vit_b16", "clip_b32")
+METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
+TAG = "SIDE_MEMORY_RESULT "
+MIB = 2 ** 20
+
+
+def build(model: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if model == "vit_b16":
+        import timm
+
+        net = timm.create_model("vit_base_patch16_224", num_classes=10)
+        return net, net.head, 224
+    import open_clip
+
+    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
+
+    class ImageClassifier(nn.Module):
+        """The open_clip image tower with a linear 10-class head on its 512-d embedding."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = visual
+            self.head = nn.Linear(512, 10)
+
+        def forward(self, x):
+            return self.head(self.visual(x))
+
+    net = ImageClassifier()
+    return net, net.head, 224
+
+
+def prepare(method: str, net, head) -> None:
+    """Apply the method and set ``requires_grad`` as its callback would."""
+    from vleff.side import common
+
+    if method == "full":
+        return
+    if method == "linear":
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        return
+    if method == "lora":
+        from vleff.side.lora import apply_lora
+
+        apply_lora(net, r=8, alpha=16)
+    elif method == "lst":
+        from vleff.side.lst import apply_lst
+
+        apply_lst(net, reduction=8)
+        common.freeze_backbone(net)
+    elif method == "unipt":
+        from vleff.side.unipt import apply_unipt
+
+        apply_unipt(net, factor=2)
+        common.freeze_backbone(net)
+    elif method == "vqt":
+        from vleff.side.vqt import apply_vqt
+
+        apply_vqt(net, num_queries=1)
+        common.freeze_backbone(net)
+    for p in head.parameters():  # the task head trains in every method
+        p.requires_grad_(True)
+
+
+def measure(model: str, method: str, batch: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from vleff.profile.memory import _is_parameter, optimizer_state_bytes, peak_memory_bytes, tensor_storage_bytes
+    from vleff.profile.training_memory import _memory_now
+    from vleff.side import common
+
+    dev = torch.device("cpu")
+    net, head, size = build(model)
+    prepare(method, net, head)
+    side = method in ("lst", "unipt", "vqt")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    seen: dict[int, Any] = {}
+
+    def pack(t):
+        if not _is_parameter(t):
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+        return t
+
+    def step(count: bool) -> float:
+        net.train()
+        if side:
+            common.backbone_eval(net)
+        elif method == "linear":
+            net.eval()
+        opt.zero_grad(set_to_none=True)
+        if count:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = F.cross_entropy(net(x), y)
+        else:
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    before = _memory_now(dev)
+    peak = peak_memory_bytes(lambda: step(True), device=dev)
+    saved = int(sum(s.nbytes() for s in seen.values()))
+    seen.clear()
+    grads = tensor_storage_bytes([p.grad for p in net.parameters() if p.grad is not None])
+    t0 = time.perf_counter()
+    step(False)
+    seconds = time.perf_counter() - t0
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in params)
+    return {"model": model, "method": method, "batch": batch, "saved_bytes": saved, "grad_bytes": grads,
+            "optimizer_bytes": optimizer_state_bytes(opt), "process_peak_bytes": before + peak,
+            "step_peak_bytes": peak, "trainable": trainable, "parameters": total,
+            "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    full = {r["model"]: r for r in rows if r["method"] == "full"}
+    lines = ["| model | method | saved for backward MiB (× full) | .grad MiB | optimizer MiB | process peak MiB "
+             "(× full) | trainable % | step time × full |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = full.get(r["model"])
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | |")
+            continue
+
+        def ratio(key: str) -> str:
+            return f" ({r[key] / f[key]:.3f}×)" if f and f[key] else ""
+
+        time_ratio = f"{r['step_seconds'] / f['step_seconds']:.2f}" if f else ""
+        lines.append(f"| {r['model']} | {r['method']} | {r['saved_bytes'] / MIB:.1f}{ratio('saved_bytes')} | "
+                     f"{r['grad_bytes'] / MIB:.1f} | {r['optimizer_bytes'] / MIB:.1f} | "
+                     f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | {r['trainable_pct']:.2f} | "
+                     f"{time_ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        model, method = args.worker
+        print(TAG + json.dumps(measure(model, method, args.batch)), flush=True)
+        return
+    rows = []
+    for model in args.models.split(","):
+        for method in args.methods.split(","):
+            if method == "vqt" and model != "vit_b16":
+                rows.append({"model": model, "method": method, "error": "VQT supports timm ViT towers only"})
+                continue
+            cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch)]
+            print(f"[side_memory {time.strftime('%H:%M:%S')}] {model} {method}", file=sys.stderr, flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line[len(TAG):] for line in out.stdout.splitlines() if line.startswith(TAG)]
+            if out.returncode or not found:
+                rows.append({"model": model, "method": method, "error": out.stderr.strip().splitlines()[-1:]})
+            else:
+                rows.append(json.loads(found[0]))
+                print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

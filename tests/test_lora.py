@@ -1,0 +1,85 @@
+"""LoRA through peft: exact at initialisation on every supported tower, only the adapters train
+(counted analytically), the backbone does not move, the Lightning callback, clear refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+import tiny_lightning as tl
+import tiny_models as tm
+import vleff
+from families import FAMILIES
+from vleff.side.lora import apply_lora, lora_parameters
+
+CASES = [("timm_vit", "image"), ("open_clip", "image"), ("open_clip", "text"), ("hf_clip", "image"),
+         ("hf_clip", "text")]
+
+
+@pytest.mark.parametrize("family, tower", CASES, ids=[f"{f}-{t}" for f, t in CASES])
+def test_lora_starts_at_the_model_trains_only_the_adapters_and_reaches_the_output(family, tower):
+    torch.manual_seed(0)
+    model = FAMILIES[family].make().eval()
+    fwd = FAMILIES[family].forwards[tower]
+    with torch.no_grad():
+        ref = fwd(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_lora(model, r=4)
+    with torch.no_grad():
+        # B = 0. open_clip: exact up to nn.MultiheadAttention's own fast path, which torch takes in eval
+        # once no MHA weight requires grad (the frozen base), and not for the reference
+        tol = 1e-5 if family == "open_clip" else 0.0
+        torch.testing.assert_close(fwd(model), ref, atol=tol, rtol=tol)
+    c, blocks = 64, (3 if family == "timm_vit" else 4)  # timm: 3 blocks; CLIP: 2 + 2 (both towers)
+    per_block = 4 * (c + 3 * c) if family != "hf_clip" else 3 * 4 * (c + c)  # fused qkv, or q/k/v each
+    assert sum(p.numel() for p in lora_parameters(model)) == blocks * per_block
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        fwd(model).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(fwd(model), ref, atol=1e-5)
+    after = dict(model.named_parameters())
+    base = {n: p for n, p in after.items() if "lora_" not in n and not n.startswith("head.")}
+    assert len(base) == sum(1 for n in before if not n.startswith("head."))
+    for name, p in base.items():  # peft renames wrapped weights ...base_layer...; the values did not move
+        torch.testing.assert_close(p, before[name.replace("base_layer.", "")], atol=0, rtol=0)
+
+
+def test_lora_callback_trains_only_the_adapters(tmp_path):
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [vleff.callbacks.LoRA(r=2)], max_steps=2)
+    trainer.fit(module, tl.loader(8))
+    assert lora_parameters(module) and all(p.requires_grad for p in lora_parameters(module))
+    assert not any(p.requires_grad for n, p in module.named_parameters() if "blocks" in n and "lora_" not in n)
+
+
+def test_lora_refusals():
+    with pytest.raises(ValueError, match="r=0"):
+        vleff.callbacks.LoRA(r=0)
+    with pytest.raises(TypeError, match="no supported"):
+        apply_lora(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="LoRA does not support"):
+        apply_lora(tm.hf_blip_retrieval())
+    model = tm.open_clip_model()
+    vleff.apply_tome(model, r=1)
+    with pytest.raises(ValueError, match="cannot apply LoRA.*in_proj_weight"):
+        apply_lora(model)
+
+
+def test_lora_stacks_with_a_vleff_token_method_on_timm():
+    """timm's adapter calls ``attn.qkv`` as a module, so peft's LoRA layer runs inside vleff's
+    generic block: the adapter's contribution is the same with and without the tower hook."""
+    torch.manual_seed(0)
+    model = tm.timm_vit().eval()
+    apply_lora(model, r=2)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_()
+        ref = model(tm.images())
+        vleff.apply_tome(model, r=0)  # no-op ToMe: the generic block path
+        torch.testing.assert_close(model(tm.images()), ref, atol=1e-5, rtol=1e-5)
+

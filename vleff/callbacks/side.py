@@ -1,0 +1,140 @@
+"""Lightning callbacks of the side methods beside a frozen backbone: ``LadderSideTuning`` (LST)
+and ``UniPT`` here, ``VisualQueryTuning`` in :mod:`vleff.callbacks.vqt`, on one shared base.
+
+>>> trainer = L.Trainer(callbacks=[vleff.callbacks.LadderSideTuning(reduction=8)])
+>>> trainer = L.Trainer(callbacks=[vleff.callbacks.UniPT(factor=2)])
+
+What the base does, for every side method:
+
+* ``setup``: applies the method (before ``configure_optimizers`` and before checkpoint weights
+  are restored, so the side parameters exist when a checkpoint loads) and freezes the backbone;
+* ``on_train_start``: refuses any backbone weight that requires grad (the module's own code or
+  another method unfroze it): it would put the backbone's activations in the graph and silently
+  destroy the memory saving; then puts the backbone in eval mode (dropout and drop-path off)
+  while the side modules train, again at every training batch (Lightning sets train mode back
+  after validation);
+* checkpoints hold **only the side state** (:func:`vleff.side.side_state_dict`: the side modules
+  and trainable heads) unless ``full_checkpoint=True``. Resuming needs the same backbone (the
+  module builds it as it did, e.g. from the same pretrained weights); the side keys are checked
+  on load, the backbone's are kept from the module (``strict_loading`` is turned off for that).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from vleff.checks import check_bool
+from vleff.registry import get_method
+from vleff.side.lst import LSTConfig
+from vleff.side.unipt import UniPTConfig
+from vleff.side.common import backbone_eval, freeze_backbone, is_side_key, refuse_unfrozen_backbone, side_state_dict
+
+SIDE_ONLY = "vleff_side_only"
+#: how errors name each side method
+LABELS = {"vqt": "VQT", "lst": "LST", "unipt": "UniPT"}
+
+
+def side_only_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Keep only the side state in ``checkpoint["state_dict"]`` (in place) and mark it."""
+    keep = set(side_state_dict(pl_module))
+    state = checkpoint.get("state_dict", {})
+    checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+    checkpoint[SIDE_ONLY] = sorted(checkpoint["state_dict"])
+
+
+def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """``KeyError`` if a side-only checkpoint lacks a side key the module has (a different
+    method or setting): the backbone keys are not in it, so ``strict`` loading cannot tell."""
+    if SIDE_ONLY not in checkpoint:
+        return
+    have = set(checkpoint.get("state_dict", {}))
+    missing = sorted(k for k in side_state_dict(pl_module) if k not in have and is_side_key(k))
+    if missing:
+        raise KeyError(f"the side-only checkpoint lacks side keys {missing[:5]}; resume with the same side method "
+                       "and settings it was trained with")
+
+
+class SideTuning(pl.Callback):
+    """Base of the side-method callbacks (see the module docstring). Subclasses set ``method``
+    (the registry name) and ``settings_config``."""
+
+    method: str = ""
+    settings_config: type = type(None)
+
+    def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
+                 **settings: Any) -> None:
+        super().__init__()
+        self.config = self.settings_config.build(**settings)
+        self.train_head = check_bool("train_head", train_head)
+        self.full_checkpoint = check_bool("full_checkpoint", full_checkpoint)
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+
+    @property
+    def _method(self):
+        return get_method(self.method)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._method.is_applied(pl_module):
+            self._method.apply(pl_module, self.config)
+        freeze_backbone(pl_module, train_head=self.train_head)
+        if not self.full_checkpoint:
+            pl_module.strict_loading = False  # the backbone keys are not in a side-only checkpoint
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_unfrozen_backbone(pl_module, LABELS.get(self.method, self.method), self.train_head)
+        backbone_eval(pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        backbone_eval(pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if not self.full_checkpoint:
+            side_only_checkpoint(pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        check_side_checkpoint(pl_module, checkpoint)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.remove_on_teardown and self._method.is_applied(pl_module):
+            self._method.remove(pl_module)
+
+
+class LadderSideTuning(SideTuning):
+    """LST on the LightningModule's towers: the side network trains, the backbone is frozen.
+
+    Args:
+        train_head: keep a timm classifier head trainable (it reads the pooled features only).
+        full_checkpoint: save the whole model in checkpoints (default: the side state only).
+        remove_on_teardown: restore the plain model when the run ends.
+        **settings: :class:`vleff.side.lst.LSTConfig` fields (``reduction``, ``side_heads``,
+            ``temperature``, ``towers``). ``init="fisher"`` needs data: use
+            :func:`vleff.side.lst.fisher_information` and :func:`vleff.apply_lst` before ``fit``
+            (the callback then only freezes).
+    """
+
+    method = "lst"
+    settings_config = LSTConfig
+
+    def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
+                 **settings: Any) -> None:
+        super().__init__(train_head, full_checkpoint, remove_on_teardown, **settings)
+        if self.config.init == "fisher":
+            raise ValueError("LadderSideTuning(init='fisher') has no data to compute the Fisher information from; "
+                             "call vleff.apply_lst(module, init='fisher', fisher=fisher_information(...)) before "
+                             "fit (the callback keeps it), or use init='magnitude'")
+
+
+class UniPT(SideTuning):
+    """UniPT on the LightningModule's towers (see :mod:`vleff.side.unipt`).
+
+    Args: as :class:`LadderSideTuning`; ``**settings``: :class:`vleff.side.unipt.UniPTConfig`
+    fields (``factor``, ``towers``).
+    """
+
+    method = "unipt"
+    settings_config = UniPTConfig

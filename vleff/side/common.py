@@ -1,0 +1,322 @@
+"""What every side method shares (LST, UniPT; VQT's freezing and checkpoints): reading a frozen
+tower's layer outputs, feeding a correction into the tower's own final features, freezing the
+backbone, refusing a configuration that would back-propagate through it, and side-only state.
+
+**Reading.** :class:`LayerReader` is a tower hook that keeps, detached, the tokens entering
+block 0 (the embeddings, after the tower's pre-norm) and every block's output:
+``H = [h_0, h_1 … h_L]`` in the token state's scratch. Detached, so nothing a side network
+computes from them can reach the backbone's graph; the tower's token stream is not touched.
+
+**Feeding.** The side network's output is a correction ``delta`` (``[B, C]``) added to the
+tower's *final features at the pooled position*: the output of the tower's final norm (timm
+``norm``, open_clip ``ln_post`` / ``ln_final``, Hugging Face ``post_layernorm`` /
+``final_layer_norm``) at the row the library pools (cls for image towers, the EOT token for text
+towers), by a forward hook on that norm. Everything after it is the library's own: pooling, the
+projection of a CLIP tower, the classifier head of a timm ViT. With a zero-initialised last
+layer the model starts exactly at the frozen model. The anchor a side network may read (UniPT)
+is the same pooled, normed feature, frozen.
+
+**Freezing.** Memory is saved only if no backbone activation requires grad. :func:`freeze_backbone`
+freezes every weight of the towers a side method is applied to except the side modules (and a
+timm classifier head when ``train_head``); :func:`refuse_unfrozen_backbone` names any backbone
+weight that requires grad again (the user's code, another method) — the side callbacks call it
+at fit start.
+
+**Checkpoints.** :func:`side_state_dict` is what a side run trained (side modules + trainable
+head); :func:`load_side_state_dict` puts it onto a fresh backbone of the same kind.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
+from vleff.registry import get_method
+
+#: module names the side methods register on a tower root
+SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt")
+
+
+# --- reading ---------------------------------------------------------------------------------
+class LayerReader(TowerHook):
+    """Collects ``[h_0 … h_L]`` (detached) in ``state.scratch[name]`` for a side method."""
+
+    def __init__(self, name: str, adapter: TowerAdapter) -> None:
+        self.name = name  # type: ignore[misc]  # one reader per method, named after it
+        self.adapter = adapter
+
+    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        state.scratch[self.name] = [x.detach()]
+        return x
+
+    def after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        if x.shape[1] != state.num_input_tokens:
+            raise RuntimeError(
+                f"{self.adapter.describe()} block {info.index}: the side method {self.name!r} reads every block's "
+                "output of the full token stream, but another method changed the number of tokens (ToMe, EViT, "
+                f"DynamicViT); remove it, {self.name} does not stack with token reduction")
+        layers = state.scratch[self.name]
+        assert isinstance(layers, list)
+        layers.append(x.detach())
+        return x
+
+
+# --- where the tower's final features are ----------------------------------------------------
+def final_norm(tower: TowerAdapter) -> tuple[nn.Module, bool]:
+    """``(module, tokens)``: the tower's final norm, and whether its output holds every token
+    (``[B, N, C]``; else the pooled ``[B, C]``). ``TypeError`` for towers whose pooling a side
+    method cannot feed (distilled DeiT's two tokens, average or attention pooling)."""
+    root, family = tower.root, tower.family
+    if family == "timm":
+        from timm.models.deit import VisionTransformerDistilled
+
+        if isinstance(root, VisionTransformerDistilled) or tower.pooling != "cls" or not isinstance(
+                root.fc_norm, nn.Identity) or getattr(root, "attn_pool", None) is not None:
+            raise TypeError(f"side tuning does not support {tower.describe()}: it feeds the cls token of a "
+                            "class-token-pooled timm ViT (global_pool='token', one head)")
+        return root.norm, True
+    if family == "open_clip" and tower.modality == "image":
+        if getattr(root, "attn_pool", None) is not None or tower.pooling != "cls":
+            raise TypeError(f"side tuning does not support {tower.describe()} (attention or average pooling); "
+                            "it supports open_clip image towers pooled at the class token")
+        return root.ln_post, not bool(getattr(root, "final_ln_after_pool", False))
+    if family == "open_clip":
+        return root.ln_final, True
+    if family == "transformers" and type(root).__name__ in ("CLIPVisionModel", "CLIPTextModel"):
+        if tower.modality == "image":
+            return root.post_layernorm, False
+        return root.final_layer_norm, True
+    raise TypeError(f"side tuning does not support {tower.describe()}; it supports timm ViT, open_clip and "
+                    "Hugging Face CLIP towers (image and text)")
+
+
+def pooled_rows(tower: TowerAdapter, state: TokenState, batch: int, device: torch.device) -> torch.Tensor:
+    """``[B]`` the row each sample is pooled at: 0 (cls) for image towers, the EOT for text."""
+    if tower.modality == "text":
+        from vleff.backbones.text import eot_rows
+
+        return eot_rows(state).to(device)
+    return torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def token_mask(tower: TowerAdapter, state: TokenState, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """``[B, N]`` 1 for real tokens, 0 for a text tower's padding after the EOT."""
+    if tower.modality == "text":
+        from vleff.backbones.text import PAD
+
+        pad = state.get(PAD)
+        return (1 - pad).to(device=device, dtype=torch.float32)
+    return torch.ones(batch, n, device=device)
+
+
+class SideModule(nn.Module):
+    """Base of a side network registered on a tower root: ``correction(H, anchor, mask, rows)``
+    returns the ``[B, C]`` delta added to the pooled final features."""
+
+    norm_hook_id: int | None = None
+    head_pre_hook_id: int | None = None
+
+    def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FinalFeatures:
+    """Forward hook on the tower's final norm: adds the side network's correction at the pooled
+    row. A plain object (not a closure) so the model deep-copies and pickles with it."""
+
+    def __init__(self, root: nn.Module, name: str, module_name: str, tokens: bool) -> None:
+        self.root, self.name, self.module_name, self.tokens = root, name, module_name, tokens
+
+    def __call__(self, norm: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        patch = get_patch(self.root)
+        layers = None if patch is None or patch.state is None else patch.state.scratch.pop(self.name, None)
+        if not layers:
+            raise RuntimeError(f"{self.name}: the tower's final norm ran without a tower forward before it (the side "
+                               f"network reads every block's output); run the whole tower, or remove {self.name} first")
+        assert patch is not None and patch.state is not None
+        module = self.root.get_submodule(self.module_name)
+        assert isinstance(module, SideModule)
+        b = out.shape[0]
+        rows = pooled_rows(patch.adapter, patch.state, b, out.device)
+        mask = token_mask(patch.adapter, patch.state, b, layers[0].shape[1], out.device)
+        batch = torch.arange(b, device=out.device)
+        anchor = (out[batch, rows] if self.tokens else out).detach()
+        delta = module.correction(layers, anchor, mask, rows).to(out.dtype)
+        if not self.tokens:
+            return out + delta
+        return torch.index_put(out, (batch, rows), delta, accumulate=True)
+
+
+class CompactHeadInput:
+    """Forward pre-hook on a trainable timm head: its input, the pooled cls token, is a view of
+    the final norm's whole ``[B, N, C]`` output, which a saved view keeps alive; a ``[B, C]``
+    copy (same values) keeps only itself. Always copied under grad (``B·C`` floats; storage sizes
+    cannot be read inside ``torch.compile``)."""
+
+    def __call__(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and torch.is_grad_enabled():
+            return (x.clone(), *args[1:])
+        return None
+
+
+# --- apply / remove (the pieces LST and UniPT share) ------------------------------------------
+def applied_token_methods(model: nn.Module) -> list[str]:
+    """Names of the token-reduction methods applied to ``model`` (side methods read full streams)."""
+    from vleff.registry import available_methods
+    from vleff.tokens.common import hooks_named
+
+    names = []
+    for name in available_methods():
+        try:
+            method = get_method(name)
+        except ImportError:
+            continue
+        if method.kind == "tokens" and hooks_named(model, name):
+            names.append(name)
+    return names
+
+
+def refuse_token_methods(model: nn.Module, name: str) -> None:
+    tokens = applied_token_methods(model)
+    if tokens:
+        raise ValueError(f"cannot apply {name} while {', '.join(tokens)} is applied: {name} reads every block's "
+                         "output of the full frozen token stream; remove the token method first")
+
+
+def attach_side(tower: TowerAdapter, name: str, module_name: str, module: SideModule) -> None:
+    """Register ``module`` on the tower root, the layer reader on the tower, the final-norm hook
+    (and the compact head input on a timm head)."""
+    from vleff.tokens.common import attach_hooks
+
+    norm, tokens = final_norm(tower)
+    ref = next(tower.root.parameters())
+    module.to(device=ref.device, dtype=ref.dtype)
+    attach_hooks([tower], [LayerReader(name, tower)])
+    tower.root.add_module(module_name, module)
+    module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, name, module_name, tokens)).id
+    if tower.family == "timm":
+        module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(CompactHeadInput()).id
+
+
+def detach_side(model: nn.Module, name: str, module_name: str) -> None:
+    """Undo :func:`attach_side` on every tower of ``model``."""
+    from vleff.tokens.common import hooks_named, remove_hooks
+
+    if not hooks_named(model, name):
+        raise ValueError(f"{name} is not applied to this {type(model).__name__}; nothing to remove")
+    for tower in find_towers(model):
+        module = tower.root._modules.get(module_name)
+        if isinstance(module, SideModule):
+            norm, _ = final_norm(tower)
+            if module.norm_hook_id is not None:
+                norm._forward_hooks.pop(module.norm_hook_id, None)
+            if module.head_pre_hook_id is not None:
+                tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
+            del tower.root._modules[module_name]
+    remove_hooks(model, name)
+
+
+# --- freezing ---------------------------------------------------------------------------------
+def side_towers(model: nn.Module) -> list[TowerAdapter]:
+    """The towers of ``model`` that hold a side module."""
+    try:
+        towers = find_towers(model)
+    except TypeError:
+        return []
+    return [t for t in towers if any(isinstance(t.root._modules.get(n), nn.Module) for n in SIDE_MODULES)]
+
+
+def side_modules(model: nn.Module) -> list[nn.Module]:
+    return [t.root._modules[n] for t in side_towers(model) for n in SIDE_MODULES
+            if isinstance(t.root._modules.get(n), nn.Module)]
+
+
+def _heads(model: nn.Module) -> list[nn.Module]:
+    """The classifier heads of timm side towers (trainable with ``train_head``)."""
+    return [t.root.head for t in side_towers(model) if t.family == "timm" and isinstance(t.root.head, nn.Module)]
+
+
+def _kept(model: nn.Module, train_head: bool) -> set[int]:
+    keep = {id(p) for m in side_modules(model) for p in m.parameters()}
+    if train_head:
+        keep |= {id(p) for h in _heads(model) for p in h.parameters()}
+    return keep
+
+
+def freeze_backbone(model: nn.Module, train_head: bool = True) -> list[str]:
+    """``requires_grad = False`` on every weight of the side towers except the side modules (and
+    timm classifier heads when ``train_head``: a head reads only the pooled features, so training
+    it saves one ``[B, C]`` tensor). Returns the names of the trainable parameters."""
+    towers = side_towers(model)
+    if not towers:
+        raise ValueError(f"no side method is applied to this {type(model).__name__}; apply one first")
+    keep = _kept(model, train_head)
+    backbone = {id(p) for t in towers for p in t.root.parameters()} - keep
+    trainable = []
+    for name, p in model.named_parameters():
+        if id(p) in backbone:
+            p.requires_grad_(False)
+        elif id(p) in keep:
+            p.requires_grad_(True)
+            trainable.append(name)
+    return trainable
+
+
+def unfrozen_backbone_parameters(model: nn.Module, train_head: bool = True) -> list[str]:
+    """Names of backbone weights of the side towers that require grad."""
+    keep = _kept(model, train_head)
+    backbone = {id(p) for t in side_towers(model) for p in t.root.parameters()} - keep
+    return [n for n, p in model.named_parameters() if id(p) in backbone and p.requires_grad]
+
+
+def refuse_unfrozen_backbone(model: nn.Module, method: str, train_head: bool = True) -> None:
+    """``RuntimeError`` naming the backbone weights that require grad under a side method."""
+    unfrozen = unfrozen_backbone_parameters(model, train_head)
+    if unfrozen:
+        shown = ", ".join(unfrozen[:5]) + (f" (+{len(unfrozen) - 5} more)" if len(unfrozen) > 5 else "")
+        raise RuntimeError(
+            f"{method} needs a frozen backbone, but {len(unfrozen)} backbone weight(s) require grad: {shown}. "
+            "Something unfroze them after the callback froze the backbone (the module's own code, another "
+            f"method); a trainable backbone makes its activations part of the graph and removes {method}'s memory "
+            f"saving. Set requires_grad=False on them, or fine-tune without {method}")
+
+
+def backbone_eval(model: nn.Module) -> None:
+    """The side towers in eval mode (dropout, drop-path off), their side modules in train mode."""
+    for tower in side_towers(model):
+        tower.root.eval()
+        for n in SIDE_MODULES:
+            module = tower.root._modules.get(n)
+            if isinstance(module, nn.Module):
+                module.train()
+
+
+# --- side-only state ---------------------------------------------------------------------------
+def side_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a side run trained: every entry of the side modules, and every parameter that
+    requires grad (a trained head). Loading it onto a fresh backbone of the same kind with
+    :func:`load_side_state_dict` reproduces the trained model."""
+    if not side_towers(model):
+        raise ValueError(f"no side method is applied to this {type(model).__name__}; apply one first")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trainable or is_side_key(k)}
+
+
+def is_side_key(key: str) -> bool:
+    return any(key.startswith(f"{m}.") or f".{m}." in key for m in SIDE_MODULES)
+
+
+def load_side_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`side_state_dict` output onto ``model`` (the side method applied, same
+    settings). ``KeyError`` when a side entry of the model is missing or a key is unknown."""
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(k for k in own if is_side_key(k) and k not in state)
+    if unknown or missing:
+        raise KeyError(f"side state does not fit this {type(model).__name__}: unknown keys {unknown[:5]}, missing "
+                       f"side keys {missing[:5]}; apply the same side method with the same settings first")
+    model.load_state_dict(state, strict=False)
