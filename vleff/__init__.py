@@ -29,6 +29,8 @@ _LAZY = {
     "remove_vqt": "vleff.side.vqt",
     "apply_reversible": "vleff.memory.reversible",
     "remove_reversible": "vleff.memory.reversible",
+    "apply_memvp": "vleff.side.memvp",
+    "remove_memvp": "vleff.side.memvp",
     "update": "vleff.registry",
     "get_method": "vleff.registry",
     "available_methods": "vleff.registry",

@@ -127,6 +127,7 @@ _BUILTIN: dict[str, str] = {
     "mezo": "vleff.memory.methods",
     "vqt": "vleff.side.vqt",
     "reversible": "vleff.memory.reversible",
+    "memvp": "vleff.side.memvp",
 }
 
 
