@@ -16,6 +16,7 @@ _CALLBACKS = {
     "MeZO": "vleff.callbacks.mezo",
     "VisualQueryTuning": "vleff.callbacks.vqt",
     "Reversible": "vleff.callbacks.reversible",
+    "MemVP": "vleff.callbacks.memvp",
     "AuxLossMixin": "vleff.callbacks.mixins",
     "TokenMergingMixin": "vleff.callbacks.mixins",
     "EViTMixin": "vleff.callbacks.mixins",
@@ -24,6 +25,7 @@ _CALLBACKS = {
     "MeZOMixin": "vleff.callbacks.mixins",
     "VQTMixin": "vleff.callbacks.side_mixins",
     "ReversibleMixin": "vleff.callbacks.mixins",
+    "MemVPMixin": "vleff.callbacks.side_mixins",
 }
 
 

@@ -1,4 +1,4 @@
-"""LightningModule mixins of the side methods (VQT), for users who own the module.
+"""LightningModule mixins of the side methods (VQT, MemVP), for users who own the module.
 
 Same convention as :mod:`vleff.callbacks.mixins`: mixin first in the bases, ``self.use_vqt(...)``
 in ``__init__`` once the backbone exists (so ``load_from_checkpoint`` rebuilds the queries before
@@ -13,7 +13,7 @@ from vleff.callbacks.vqt import backbone_eval, refuse_unfrozen_backbone
 from vleff.checks import check_bool
 from vleff.side.vqt import VQTConfig, apply_vqt, freeze_backbone_for_vqt
 
-__all__ = ["VQTMixin"]
+__all__ = ["MemVPMixin", "VQTMixin"]
 
 
 class VQTMixin:
@@ -38,3 +38,17 @@ class VQTMixin:
         if self._vleff_vqt_train_head is not None:
             backbone_eval(self)  # type: ignore[arg-type]
         return _parent(self, VQTMixin, "on_train_batch_start", batch, batch_idx)
+
+
+class MemVPMixin:
+    """``use_memvp(freeze_host=True, **settings)`` in ``__init__`` once the host exists: MemVP
+    applied to the host inside the module (so ``load_from_checkpoint`` rebuilds its parameters
+    before the weights load), every other weight frozen when ``freeze_host``."""
+
+    def use_memvp(self, freeze_host: bool = True, **settings: Any) -> None:
+        from vleff.side.memvp import MemVPConfig, apply_memvp, freeze_host_for_memvp
+
+        config = MemVPConfig.build(**settings)
+        apply_memvp(self, config)  # type: ignore[arg-type]
+        if check_bool("freeze_host", freeze_host):
+            freeze_host_for_memvp(self)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ _LAZY = {
     "build_clip": "vleff.models.clip_finetuner",
     "VisionLanguageModel": "vleff.models.vlm",
     "VisualEncoder": "vleff.models.vlm",
+    "VisionLanguageTask": "vleff.models.vlm_task",
 }
 
 __all__ = sorted(_LAZY)
