@@ -44,7 +44,7 @@ def _reference_kv(module: MemVPModule, features: torch.Tensor) -> tuple[torch.Te
 
 
 # --- the memory read ------------------------------------------------------------------------------------
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 3), reps=st.integers(1, 2), n=st.integers(1, 5), nv=st.integers(1, 6),
        extra=st.integers(0, 3), c=st.sampled_from([4, 8]), scale=st.floats(0.0, 2.0), seed=st.integers(0, 1000))
 def test_memory_read_equals_a_row_by_row_sum(b, reps, n, nv, extra, c, scale, seed):
@@ -209,7 +209,7 @@ def test_vlm_memvp_equals_reference_noop_and_remove(lm_name, tower):
         torch.testing.assert_close(lm(input_ids=ids).logits, host, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("lm_name, tower", COMBOS)
+@pytest.mark.parametrize("lm_name, tower", COMBOS[:2])
 def test_vlm_generate_equals_the_library_generate_in_both_modes(lm_name, tower):
     torch.manual_seed(0)
     lm = LMS[lm_name]().eval()
@@ -252,9 +252,12 @@ def test_update_changes_scale_and_validates():
     x, ids = tm.images(), torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         active = vlm(x, ids)["logits"]
-        vleff.update(vlm, "memvp", scale=0.0)
-        torch.testing.assert_close(vlm(x, ids)["logits"], vlm.lm(input_ids=ids).logits * 0 + vlm.lm(input_ids=ids).logits)
-        assert not torch.equal(active, vlm(x, ids)["logits"])
+        plain = copy.deepcopy(vlm)
+        vleff.remove_memvp(plain)
+        host = plain.lm(input_ids=ids).logits
+        assert not torch.equal(active, host)
+        vleff.update(vlm, "memvp", scale=0.0)  # the parameters stay, the read is weighted 0: the host
+        torch.testing.assert_close(vlm(x, ids)["logits"], host, atol=0, rtol=0)
     with pytest.raises(ValueError, match="scale=-1"):
         update_memvp(vlm, scale=-1)
     with pytest.raises(ValueError, match="n_mem"):
