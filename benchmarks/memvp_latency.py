@@ -160,7 +160,8 @@ def blip(args: argparse.Namespace) -> dict:
     from vleff.side.memvp import apply_memvp, memvp_module
 
     torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})).eval()
+    config = BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})
+    model = BlipForConditionalGeneration(config).eval()
     decoder = model.text_decoder
     image = torch.randn(1, 577, 768)
     ids = torch.randint(0, 1000, (1, 32))

@@ -141,7 +141,8 @@ SETTINGS: dict[str, Settings] = {
                            conflicts=("tome", "evit", "dynamicvit", "vqt")),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
     "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5},
-                      refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"), ({"scale": float("nan")}, "scale"),
+                      refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
+                                ({"scale": float("nan")}, "scale"),
                                 ({"dropout": 1.0}, "dropout"), ({"visual_tokens": "cls"}, "visual_tokens"),
                                 ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim")],
                       state_prefix="vleff_memvp.", callback_args={"n_mem": 16}, activate=_perturb_memvp,

@@ -318,3 +318,20 @@ def test_memory_must_be_set_before_the_ffn_runs():
     vleff.apply_memvp(lm, visual_dim=12, n_mem=4)
     with pytest.raises(RuntimeError, match="without visual memory"):
         lm(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_blip_beam_search_reads_each_images_memory():
+    """Beam search expands the batch image by image (``repeat_interleave``): the batched result
+    equals each image generated alone, so every beam read its own image's memory."""
+    torch.manual_seed(0)
+    model = tm.hf_blip_captioning().eval()
+    model.config.text_config.sep_token_id = None
+    vleff.apply_memvp(model, n_mem=16, scale=1.0)
+    _activate(model)
+    x = tm.images()
+    with torch.no_grad():
+        both = model.generate(pixel_values=x, num_beams=2, max_new_tokens=5, min_new_tokens=5)
+        alone = [model.generate(pixel_values=x[i:i + 1], num_beams=2, max_new_tokens=5, min_new_tokens=5)
+                 for i in range(2)]
+    torch.testing.assert_close(both, torch.cat(alone), atol=0, rtol=0)
+    assert not torch.equal(alone[0], alone[1])

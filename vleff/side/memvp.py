@@ -426,7 +426,8 @@ def update_memvp(model: nn.Module, **changes: Any) -> None:
     module = memvp_module(model)
     allowed = {"scale", "dropout"}
     if set(changes) - allowed:
-        raise ValueError(f"MemVP: only {sorted(allowed)} change on an applied model, not {sorted(set(changes) - allowed)}; "
+        unknown = sorted(set(changes) - allowed)
+        raise ValueError(f"MemVP: only {sorted(allowed)} change on an applied model, not {unknown}; "
                          "apply it again for the others")
     cfg = MemVPConfig(n_mem=module.n_mem, scale=changes.get("scale", module.scale),
                       dropout=changes.get("dropout", module.dropout))
