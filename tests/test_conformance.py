@@ -12,6 +12,12 @@ clearly; two methods stacked and one removed equals the other alone. Per method 
 to keep the suite fast): ``torch.compile`` (aot_eager) in one graph; a Lightning fit with the
 callback, saved and resumed, equals the uninterrupted run; the mixin is importable from the
 Lightning layer; each bad config value gets an error naming the field.
+
+Host methods (MemVP) act on whole vision-language models, not on one tower: their row names
+``hosts`` (``host_families.HOSTS``) instead, they are left out of the tower checks, and the
+host section at the end runs the same kind of checks on every host they name (no-op equals the
+host, ``remove`` restores it bit-exactly, re-apply / deepcopy / pickle / ``state_dict``, bf16);
+their Lightning resume check fits the LightningModule their row's ``fit`` builds.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import torch
 
 import tiny_lightning as tl
 from families import FAMILIES, family_towers
+from host_families import HOSTS
 from vleff.backbones import find_towers, get_patch
 from vleff.registry import all_methods, get_method
 
@@ -53,6 +60,10 @@ class Settings:
     families: tuple[str, ...] | None = None
     #: methods it refuses to stack with (``ValueError`` "cannot apply"); left out of the stacking check
     conflicts: tuple[str, ...] = ()
+    #: host methods: the host models (``host_families.HOSTS``) they act on instead of towers
+    hosts: tuple[str, ...] | None = None
+    #: ``fit() -> (LightningModule, DataLoader)`` for the resume check (default: the tiny ViT classifier)
+    fit: Callable[[], tuple[pl.LightningModule, Any]] | None = None
 
 
 def _perturb_vqt(model: torch.nn.Module) -> None:
@@ -76,6 +87,32 @@ def _perturb_side_up(model: torch.nn.Module) -> None:
 
 
 SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "hf_clip")
+def _perturb_memvp(model: torch.nn.Module) -> None:
+    """MemVP's value offset starts at zero and its projector output is x0.01: random offsets and
+    a larger projector make the memory read reach the output."""
+    from vleff.side.memvp import memvp_module
+
+    module = memvp_module(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        module.value_offset.copy_(torch.randn(module.value_offset.shape, generator=g))
+        module.projector[2].weight.mul_(50.0)
+
+
+def _memvp_fit() -> tuple[pl.LightningModule, Any]:
+    """A tiny Llama VisionLanguageModel on four digits "which digit is this?" samples."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import host_families
+    from vleff.data.digits import digits_arrays
+    from vleff.data.digits_vlm import VOCAB, digit_text_batch
+    from vleff.models.vlm_task import VisionLanguageTask
+
+    images, digits = digits_arrays(32, "train")
+    ids, labels = digit_text_batch("qa", digits[:4])
+    loader = DataLoader(TensorDataset(images[:4], ids, labels, digits[:4]), batch_size=4)
+    return VisionLanguageTask(host_families.vlm("llama", "timm", vocab=len(VOCAB)), "qa"), loader
+
 
 SETTINGS: dict[str, Settings] = {
     "tome": Settings(noop={"r": 0}, active={"r": 2},
@@ -126,9 +163,24 @@ SETTINGS: dict[str, Settings] = {
                            state_prefix="vleff_reversible.", callback_args={"coupling": "meft"},
                            families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
                            conflicts=("tome", "evit", "dynamicvit", "vqt", "lst", "unipt")),  # tower hooks do not run in the stack
+    # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
+    "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5},
+                      refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
+                                ({"scale": float("nan")}, "scale"),
+                                ({"dropout": 1.0}, "dropout"), ({"visual_tokens": "cls"}, "visual_tokens"),
+                                ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim")],
+                      state_prefix="vleff_memvp.", callback_args={"n_mem": 16}, activate=_perturb_memvp,
+                      hosts=tuple(HOSTS), fit=_memvp_fit),
 }
 
-HOOK_METHODS = [m.name for m in all_methods() if m.apply is not None]
+
+def _is_host_method(name: str) -> bool:
+    return name in SETTINGS and SETTINGS[name].hosts is not None
+
+
+#: methods that act on towers (the host methods have their own section below)
+HOOK_METHODS = [m.name for m in all_methods() if m.apply is not None and not _is_host_method(m.name)]
+HOST_METHODS = [m.name for m in all_methods() if m.apply is not None and _is_host_method(m.name)]
 
 
 def _families(name: str) -> tuple[str, ...] | None:
@@ -344,11 +396,12 @@ class ReseedEachStep(pl.Callback):
 def _fit(tmp_path, name: str, max_steps: int, ckpt: str | None = None, save: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     callback = get_method(name).load_callback()(**SETTINGS[name].callback_args)
-    module = tl.TinyClassifier()
+    fit = SETTINGS[name].fit
+    module, loader = fit() if fit is not None else (tl.TinyClassifier(), tl.loader(4, seed=1))
     trainer = tl.trainer(tmp_path, [callback, ReseedEachStep()], max_steps=max_steps, max_epochs=-1)
     # one batch per epoch: Lightning restarts a resumed epoch at a batch index that depends on how
     # the first run stopped; with one batch every step sees the same data either way
-    trainer.fit(module, tl.loader(4, seed=1), ckpt_path=ckpt)
+    trainer.fit(module, loader, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
     return module
@@ -368,3 +421,84 @@ def test_callback_fit_saved_and_resumed_equals_uninterrupted(name, tmp_path):
     assert set(straight.state_dict()) == set(resumed.state_dict())
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=key)
+
+
+# --- host methods (MemVP): the same guarantees on whole vision-language host models -------------------
+HOST_CASES = [(name, host) for name in HOST_METHODS for host in SETTINGS[name].hosts or ()]
+HOST_IDS = [f"{n}-{h}" for n, h in HOST_CASES]
+
+
+def _host(host: str) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
+    torch.manual_seed(0)
+    return HOSTS[host].make().eval(), HOSTS[host].forward
+
+
+def _hooks_of(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    return [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name, host", HOST_CASES, ids=HOST_IDS)
+def test_host_method_noop_equals_host_and_remove_restores_it_exactly(name, host):
+    model, fwd = _host(host)
+    method, row = get_method(name), SETTINGS[name]
+    hooks_before = _hooks_of(model)
+    with torch.no_grad():
+        ref = fwd(model)
+        if row.noop is not None:
+            method.apply(model, **row.noop)
+            torch.testing.assert_close(fwd(model), ref, atol=0, rtol=0)  # bit-exact: the host's own forward runs
+        method.apply(model, **row.active)  # applying again replaces
+        assert method.is_applied(model)
+        if row.activate is not None:
+            row.activate(model)
+        assert not torch.allclose(fwd(model), ref, atol=1e-6, rtol=1e-4), "the active settings change nothing"
+        method.remove(model)
+        assert not method.is_applied(model)
+        torch.testing.assert_close(fwd(model), ref, atol=0, rtol=0)
+    assert _hooks_of(model) == hooks_before  # no hook left behind
+    with pytest.raises(ValueError, match="not applied"):
+        method.remove(model)
+
+
+@pytest.mark.parametrize("name, host", HOST_CASES, ids=HOST_IDS)
+def test_host_method_reapply_deepcopy_pickle_and_state_dict(name, host):
+    model, fwd = _host(host)
+    method, row = get_method(name), SETTINGS[name]
+    keys_before = set(model.state_dict())
+    method.apply(model, **row.active)
+    once = copy.deepcopy(model)
+    method.apply(model, **row.active)
+    if row.activate is not None:
+        row.activate(model)
+    once.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = fwd(model)
+        torch.testing.assert_close(fwd(once), out, atol=0, rtol=0)  # a second apply replaced, not stacked
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(fwd(torch.load(buffer, weights_only=False)), out, atol=0, rtol=0)
+        torch.testing.assert_close(fwd(pickle.loads(pickle.dumps(model))), out, atol=0, rtol=0)
+    added = set(model.state_dict()) - keys_before
+    assert added and all(row.state_prefix is not None and row.state_prefix in k for k in added), sorted(added)
+    assert keys_before <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("name, host", HOST_CASES, ids=HOST_IDS)
+def test_host_method_bf16_autocast_forward_and_backward_agree_with_fp32(name, host):
+    model, fwd = _host(host)
+    method, row = get_method(name), SETTINGS[name]
+    method.apply(model, **row.active)
+    if row.activate is not None:
+        row.activate(model)
+    with torch.no_grad():
+        ref = fwd(model).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fwd(model).float()
+    cos = torch.nn.functional.cosine_similarity(low.flatten(1), ref.flatten(1), dim=1)
+    assert bool((cos > 0.98).all()), cos
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fwd(model).float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)

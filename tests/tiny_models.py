@@ -108,3 +108,24 @@ def token_ids(batch: int = 2, length: int = 16, vocab: int = 100, seed: int = 0)
         ids[i, end] = vocab - 1
         ids[i, end + 1:] = 0
     return ids
+
+
+def hf_llama_lm(vocab: int = 64, width: int = 64, layers: int = 2, **kwargs):
+    """A tiny Llama-family causal LM (gated MLP, RMSNorm, RoPE); no eos, so greedy decoding
+    runs its full length in every implementation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    cfg.update(kwargs)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def hf_gpt2_lm(vocab: int = 64, width: int = 64, layers: int = 2):
+    """A tiny GPT-2 (plain MLP with Conv1D, learned positions), dropout 0, no eos."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=4, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(cfg)

@@ -35,6 +35,8 @@ _LAZY = {
     "load_side_state_dict": "vleff.side.common",
     "apply_reversible": "vleff.memory.reversible",
     "remove_reversible": "vleff.memory.reversible",
+    "apply_memvp": "vleff.side.memvp",
+    "remove_memvp": "vleff.side.memvp",
     "update": "vleff.registry",
     "get_method": "vleff.registry",
     "available_methods": "vleff.registry",

@@ -129,6 +129,7 @@ _BUILTIN: dict[str, str] = {
     "lst": "vleff.side.lst",
     "unipt": "vleff.side.unipt",
     "reversible": "vleff.memory.reversible",
+    "memvp": "vleff.side.memvp",
 }
 
 

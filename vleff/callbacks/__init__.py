@@ -19,6 +19,7 @@ _CALLBACKS = {
     "UniPT": "vleff.callbacks.side",
     "LoRA": "vleff.callbacks.lora",
     "Reversible": "vleff.callbacks.reversible",
+    "MemVP": "vleff.callbacks.memvp",
     "AuxLossMixin": "vleff.callbacks.mixins",
     "TokenMergingMixin": "vleff.callbacks.mixins",
     "EViTMixin": "vleff.callbacks.mixins",
@@ -29,6 +30,7 @@ _CALLBACKS = {
     "LSTMixin": "vleff.callbacks.side_mixins",
     "UniPTMixin": "vleff.callbacks.side_mixins",
     "ReversibleMixin": "vleff.callbacks.mixins",
+    "MemVPMixin": "vleff.callbacks.side_mixins",
 }
 
 

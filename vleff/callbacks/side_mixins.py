@@ -1,4 +1,4 @@
-"""LightningModule mixins of the side methods (VQT, LST, UniPT), for users who own the module.
+"""LightningModule mixins of the side methods (VQT, LST, UniPT, MemVP), for users who own the module.
 
 Same convention as :mod:`vleff.callbacks.mixins`: mixin first in the bases, ``self.use_vqt(...)``
 in ``__init__`` once the backbone exists (so ``load_from_checkpoint`` rebuilds the queries before
@@ -13,7 +13,7 @@ from vleff.callbacks.vqt import backbone_eval, refuse_unfrozen_backbone
 from vleff.checks import check_bool
 from vleff.side.vqt import VQTConfig, apply_vqt, freeze_backbone_for_vqt
 
-__all__ = ["LSTMixin", "UniPTMixin", "VQTMixin"]
+__all__ = ["LSTMixin", "MemVPMixin", "UniPTMixin", "VQTMixin"]
 
 
 class VQTMixin:
@@ -104,3 +104,15 @@ class UniPTMixin(_SideMixin):
         from vleff.side.unipt import UniPTConfig
 
         self._use_side("unipt", train_head, full_checkpoint, UniPTConfig.build(**settings))
+class MemVPMixin:
+    """``use_memvp(freeze_host=True, **settings)`` in ``__init__`` once the host exists: MemVP
+    applied to the host inside the module (so ``load_from_checkpoint`` rebuilds its parameters
+    before the weights load), every other weight frozen when ``freeze_host``."""
+
+    def use_memvp(self, freeze_host: bool = True, **settings: Any) -> None:
+        from vleff.side.memvp import MemVPConfig, apply_memvp, freeze_host_for_memvp
+
+        config = MemVPConfig.build(**settings)
+        apply_memvp(self, config)  # type: ignore[arg-type]
+        if check_bool("freeze_host", freeze_host):
+            freeze_host_for_memvp(self)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 * :class:`DigitsDataModule` — scikit-learn's digits for classification
 * :class:`ImageFolderDataModule` — ``root/<class>/<image>`` trees
 * :class:`ImageTextDataModule` — image-caption pairs for CLIP (digits with captions, or CSV/JSONL)
+* :class:`DigitsVLMDataModule` — digits captioning / "which digit is this?" for vision-language models
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _LAZY = {
     "ImageTextDataModule": "vleff.data.image_text",
     "DigitsImageText": "vleff.data.image_text",
     "ImageTextFiles": "vleff.data.image_text",
+    "DigitsVLMDataModule": "vleff.data.digits_vlm",
 }
 
 __all__ = sorted(_LAZY)

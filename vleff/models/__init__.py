@@ -3,6 +3,7 @@
 * :func:`build_model` / :data:`MODELS` — timm ViT/DeiT, open_clip and HF CLIP/BLIP towers by name
 * :class:`ImageClassifier` — classification with any image model
 * :class:`CLIPFineTuner` — contrastive image-text fine-tuning of open_clip / HF CLIP
+* :class:`VisionLanguageModel` — an image tower + a causal LM, visual prefix tokens or MemVP memory
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ _LAZY = {
     "ImageClassifier": "vleff.models.classifier",
     "CLIPFineTuner": "vleff.models.clip_finetuner",
     "build_clip": "vleff.models.clip_finetuner",
+    "VisionLanguageModel": "vleff.models.vlm",
+    "VisualEncoder": "vleff.models.vlm",
+    "VisionLanguageTask": "vleff.models.vlm_task",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,196 @@
+"""MemVP vs prefix visual tokens (LLaVA-style) on a Llama-style LM: FLOPs, latency, training memory, accuracy.
+
+Part 1 (``--part cost``): a random-init ``LlamaForCausalLM`` (width 512, 4 layers, gated MLP
+1376 wide, vocabulary 2048) behind a timm ViT that gives 256 visual tokens (64 px, patch 4,
+width 384, 4 blocks), 64 text tokens, batch 4, fp32, CPU. For both modes of
+:class:`vleff.models.VisionLanguageModel`:
+
+* FLOPs (:func:`vleff.profile.count_flops`) of one forward, of the LM alone (visual tokens
+  given) and of generating 16 tokens with the KV cache;
+* latency of one forward and of generating 16 tokens, interleaved
+  (:func:`vleff.profile.throughput.measure_throughput`, rotating order, median);
+* trainable parameters (frozen tower and LM), bytes saved for backward of one training
+  forward (:func:`vleff.profile.memory.saved_activation_bytes`) and AdamW state after a step.
+
+Part 2 (``--part accuracy``): digits "which digit is this?" (``vleff.data.digits_vlm``): a
+tiny Llama (width 128, 2 layers) is first trained here on the task's text alone (it learns the
+answer format, not the digit), then frozen; each mode trains only its visual prompt (prefix
+projector / MemVP) for the same number of Lightning steps on the same data module and frozen
+random-init ViT; accuracy = greedy answer on the 360 validation images.
+
+    python benchmarks/memvp_latency.py --part cost
+    python benchmarks/memvp_latency.py --part accuracy --steps 400
+    python benchmarks/memvp_latency.py --part blip
+
+Part 3 (``--part blip``): see :func:`blip`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def build(visual_prompt: str, width: int = 512, layers: int = 4, vocab: int = 2048, image: int = 64,
+          patch: int = 4, vit_width: int = 384, vit_depth: int = 4, n_mem: int = 256, seed: int = 0):
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vleff.models.vlm import VisionLanguageModel
+
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=int(width * 2.6875),
+                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+                                      pad_token_id=None, tie_word_embeddings=False))
+    vit = VisionTransformer(img_size=image, patch_size=patch, embed_dim=vit_width, depth=vit_depth,
+                            num_heads=6, num_classes=0)
+    vlm = VisionLanguageModel(vit, lm, visual_prompt, projector_hidden=width, memvp={"n_mem": n_mem})
+    vlm.freeze_host()
+    return vlm.eval()
+
+
+def cost(args: argparse.Namespace) -> dict:
+    from vleff.profile.flops import count_flops
+    from vleff.profile.memory import optimizer_state_bytes, saved_activation_bytes
+    from vleff.profile.throughput import measure_throughput
+
+    models = {m: build(m) for m in ("prefix", "memvp")}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 64, 64, generator=g)
+    ids = torch.randint(0, 2048, (args.batch, args.text), generator=g)
+    out: dict = {"batch": args.batch, "text_tokens": args.text, "new_tokens": args.new_tokens}
+    feats = models["prefix"].visual(x)
+    out["visual_tokens"] = int(feats.shape[1])
+    for name, vlm in models.items():
+        row: dict = {}
+        row["forward_flops"] = count_flops(lambda: vlm(x, ids))
+
+        def lm_only(vlm=vlm, name=name):
+            if name == "prefix":
+                emb = torch.cat([vlm.projector(feats), vlm.lm.get_input_embeddings()(ids)], dim=1)
+                return vlm.lm(inputs_embeds=emb)
+            vlm.vleff_memvp.set_memory(feats)
+            return vlm.lm(input_ids=ids)
+
+        row["lm_forward_flops"] = count_flops(lm_only)
+        row["generate_flops"] = count_flops(lambda: vlm.generate(x, ids, max_new_tokens=args.new_tokens))
+        row["trainable_parameters"] = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+        row["total_parameters"] = sum(p.numel() for p in vlm.parameters())
+        labels = ids.clone()
+        vlm.train()
+        row["saved_for_backward_bytes"] = saved_activation_bytes(lambda: vlm(x, ids, labels=labels)["loss"])
+        opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4)
+        vlm(x, ids, labels=labels)["loss"].backward()
+        opt.step()
+        row["optimizer_state_bytes"] = optimizer_state_bytes(opt)
+        vlm.zero_grad(set_to_none=True)
+        vlm.eval()
+        out[name] = row
+    with torch.no_grad():
+        fwd = measure_throughput({n: (lambda m=m: m(x, ids)) for n, m in models.items()}, args.batch,
+                                 warmup=2, repeats=args.repeats, progress=False)
+        gen = measure_throughput({n: (lambda m=m: m.generate(x, ids, max_new_tokens=args.new_tokens))
+                                  for n, m in models.items()}, args.batch, warmup=1, repeats=args.repeats,
+                                 progress=False)
+    for n in models:
+        out[n]["forward_median_s"] = fwd[n].median_s
+        out[n]["generate_median_s"] = gen[n].median_s
+    p, m = out["prefix"], out["memvp"]
+    out["ratios_memvp_over_prefix"] = {k: m[k] / p[k] for k in ("forward_flops", "lm_forward_flops", "generate_flops",
+                                                                "forward_median_s", "generate_median_s",
+                                                                "saved_for_backward_bytes")}
+    return out
+
+
+def accuracy(args: argparse.Namespace) -> dict:
+    import lightning.pytorch as pl
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vleff.data.digits_vlm import VOCAB, DigitsVLMDataModule, digit_text_batch
+    from vleff.models.vlm import VisionLanguageModel
+    from vleff.models.vlm_task import VisionLanguageTask
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=344,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
+                                      pad_token_id=None, tie_word_embeddings=False))
+    # stage 1: the LM learns the task's text (answers drawn at random: it cannot know the digit)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(args.text_steps):
+        ids, labels = digit_text_batch(args.task, torch.randint(0, 10, (64,), generator=g))
+        loss = torch.nn.functional.cross_entropy(lm(input_ids=ids).logits[:, :-1].flatten(0, 1),
+                                                 labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text_loss = float(loss.detach())
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    results: dict = {"task": args.task, "steps": args.steps, "text_pretrain_steps": args.text_steps,
+                     "text_pretrain_loss": text_loss}
+    for mode in ("prefix", "memvp"):
+        torch.manual_seed(0)
+        lm.load_state_dict(state)
+        vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0)
+        vlm = VisionLanguageModel(vit, lm, mode, projector_hidden=128, memvp={"n_mem": 64})
+        task = VisionLanguageTask(vlm, args.task, lr=args.lr)
+        dm = DigitsVLMDataModule(args.task, batch_size=32)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, max_epochs=-1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, val_check_interval=None, check_val_every_n_epoch=10 ** 6)
+        trainer.fit(task, dm)
+        metrics = trainer.validate(task, dm, verbose=False)[0]
+        results[mode] = {"val_acc": metrics["val/acc"],
+                         "trainable_parameters": sum(p.numel() for p in vlm.parameters() if p.requires_grad)}
+    return results
+
+
+def blip(args: argparse.Namespace) -> dict:
+    """BLIP-base-sized captioning decoder (12 layers, width 768; random init): FLOPs of one forward
+    over 32 text tokens with the library's cross-attention to 577 image tokens (384 px, patch 16),
+    against the same decoder with no cross-attention and MemVP's memory of the 576 patch tokens
+    instead (the swap MemVP's paper proposes for encoder-decoder models; counted, not trained)."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    from vleff.profile.flops import count_flops
+    from vleff.side.memvp import apply_memvp, memvp_module
+
+    torch.manual_seed(0)
+    config = BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})
+    model = BlipForConditionalGeneration(config).eval()
+    decoder = model.text_decoder
+    image = torch.randn(1, 577, 768)
+    ids = torch.randint(0, 1000, (1, 32))
+    cross = count_flops(lambda: decoder(input_ids=ids, encoder_hidden_states=image))
+    plain = count_flops(lambda: decoder(input_ids=ids))
+    apply_memvp(model, n_mem=576)
+    memvp_module(model).set_memory(image[:, 1:])
+    memvp = count_flops(lambda: decoder(input_ids=ids))
+    return {"text_tokens": 32, "image_tokens": 577, "decoder_with_cross_attention_flops": cross,
+            "decoder_without_cross_attention_flops": plain, "decoder_memvp_instead_flops": memvp,
+            "ratio_memvp_over_cross_attention": memvp / cross}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("cost", "accuracy", "blip"), default="cost")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--text", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--task", choices=("qa", "caption"), default="qa")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--text-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = {"cost": cost, "accuracy": accuracy, "blip": blip}[args.part](args)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

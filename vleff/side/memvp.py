@@ -1,0 +1,461 @@
+"""MemVP (Jie et al., ICML 2024): visual knowledge as extra key/value rows of a language model's FFNs.
+
+Instead of prepending visual tokens to the text (LLaVA-style "prefix" prompting, which makes
+every sequence ``N_v`` tokens longer), the visual features of a sample become ``n_mem`` extra
+*memory* rows of every FFN::
+
+    Z = pad(0.01 · W2 silu(W1 f), n_mem)       # f: the vision tower's patch tokens [N_v, D_v]
+    K = Z + E_k,  V = Z + E_v                   # shared by all layers; E_k ~ N(0, 0.02²), E_v = 0
+    FFN'(u) = FFN(u) + s · dropout(silu(u Kᵀ)) V
+
+``u`` is the FFN's input (the normed hidden state of a pre-norm decoder layer; the attention
+output of a post-norm BLIP text layer), so ``K`` reads like rows appended to the FFN's first
+weight matrix and ``V`` like rows appended to its second. The text sequence keeps its length:
+the cost is two ``[N, C] x [C, n_mem]`` products per layer, not attention over ``N_v`` more
+tokens.
+
+How it is attached: as a wrapper of the FFN (the G branch) made of module forward hooks, not
+of a replacement module, so the host's own forward runs, its ``state_dict`` keys stay the same
+and :func:`remove_memvp` restores it bit-exactly. The sites:
+
+* a pre-norm decoder layer's ``mlp`` (Llama-family gated MLP: ``gate_proj``/``up_proj``/``down_proj``;
+  GPT-2's plain ``c_fc``/``c_proj`` MLP; ``fc1``/``fc2``): one forward hook adds the memory
+  read of its input to its output, inside the residual;
+* a Hugging Face BLIP text layer (post-norm BERT): a forward hook on ``intermediate`` reads
+  its input ``a`` and a pre-hook on ``output.LayerNorm`` adds the memory read to the
+  residual sum, ``LN(a + FFN(a) + s·silu(a Kᵀ) V)``. Both modules are called by the library's
+  layer forward *and* by vleff's generic post-norm block (when a token method patches the
+  tower), so the memory works under either.
+
+Where the visual features come from:
+
+* BLIP (``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``): a forward hook on
+  ``vision_model`` takes its output tokens (without the class token, ``visual_tokens="patch"``);
+* :class:`vleff.models.VisionLanguageModel`: its visual encoder's patch tokens, the same way;
+* a bare Hugging Face causal LM: :func:`set_memvp_memory` (the memory is constant per sample,
+  so a library ``generate`` on the patched LM uses it at every step).
+
+The memory of the last visual forward stays set until the next one (generation reads it at
+every step); it is never copied, pickled or saved. With ``scale=0`` the model equals the host.
+
+>>> vleff.apply_memvp(blip, n_mem=64)        # projector sized from the vision tower
+>>> vleff.remove_memvp(blip)                 # the original model, exactly
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vleff.checks import check_choice, check_int, check_number
+from vleff.registry import Method, MethodConfig, register_method
+
+MODULE_NAME = "vleff_memvp"
+SUPPORTED_FFN = ("gated MLP with gate_proj/up_proj/down_proj (Llama family), plain MLP with c_fc/c_proj (GPT-2) "
+                 "or fc1/fc2, and Hugging Face BLIP text layers (intermediate/output)")
+SUPPORTED_HOSTS = ("Hugging Face BlipForConditionalGeneration / BlipForQuestionAnswering, "
+                   "vleff.models.VisionLanguageModel, or a Hugging Face causal LM with such FFNs")
+
+
+@dataclass
+class MemVPConfig(MethodConfig):
+    """MemVP's settings.
+
+    Attributes:
+        n_mem: memory rows per FFN (the visual tokens are zero-padded to it; the paper uses
+            the tower's 256 patch tokens). Must be at least the number of visual tokens.
+        scale: ``s``, the weight of the memory read (the paper: 0.1; 0 gives the host exactly).
+        visual_dim: width of the visual features; ``None`` reads it from the host's vision tower.
+        projector_hidden: hidden width of the ``Linear → SiLU → Linear`` projector (vleff's
+            default; the paper does not fix it for every size).
+        projector_scale: the factor on the projector output (the reference: 0.01), so the
+            memory starts small and the host's behaviour is barely changed at step 0.
+        key_init_std: std of the shared key offset ``E_k`` (0.02); ``E_v`` starts at 0.
+        dropout: dropout on ``silu(u Kᵀ)`` in training (0 keeps runs deterministic).
+        visual_tokens: ``"patch"`` drops the tower's prefix (class) tokens, as the paper's
+            CLIP patch features; ``"all"`` keeps them.
+    """
+
+    method = "memvp"
+    n_mem: int = 256
+    scale: float = 0.1
+    visual_dim: int | None = None
+    projector_hidden: int = 128
+    projector_scale: float = 0.01
+    key_init_std: float = 0.02
+    dropout: float = 0.0
+    visual_tokens: str = "patch"
+
+    def __post_init__(self) -> None:
+        self.n_mem = check_int("n_mem", self.n_mem, low=1)
+        self.scale = check_number("scale", self.scale, low=0.0)
+        if self.visual_dim is not None:
+            self.visual_dim = check_int("visual_dim", self.visual_dim, low=1)
+        self.projector_hidden = check_int("projector_hidden", self.projector_hidden, low=1)
+        self.projector_scale = check_number("projector_scale", self.projector_scale, low=0.0, low_open=True)
+        self.key_init_std = check_number("key_init_std", self.key_init_std, low=0.0)
+        self.dropout = check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_choice("visual_tokens", self.visual_tokens, ("patch", "all"))
+
+
+class _Slot:
+    """Holds a per-forward tensor (the current memory, a stashed read). Never copied or pickled:
+    the tensors belong to one forward's graph (``deepcopy`` of a non-leaf tensor fails)."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def __deepcopy__(self, memo: dict) -> "_Slot":
+        return _Slot()
+
+    def __reduce__(self) -> tuple:
+        return (_Slot, ())
+
+
+class MemVPModule(nn.Module):
+    """The trained parts, registered on the host as ``vleff_memvp``: the projector and the
+    shared key/value offsets. Holds the current sample memory ``(K, V)`` (``[B, n_mem, C]``)."""
+
+    def __init__(self, visual_dim: int, width: int, config: MemVPConfig) -> None:
+        super().__init__()
+        self.visual_dim, self.width = visual_dim, width
+        self.n_mem, self.scale, self.dropout = config.n_mem, config.scale, config.dropout
+        self.projector_scale = config.projector_scale
+        self.projector = nn.Sequential(nn.Linear(visual_dim, config.projector_hidden), nn.SiLU(),
+                                       nn.Linear(config.projector_hidden, width))
+        self.key_offset = nn.Parameter(torch.randn(config.n_mem, width) * config.key_init_std)
+        self.value_offset = nn.Parameter(torch.zeros(config.n_mem, width))
+        self.memory = _Slot()
+
+    def set_memory(self, features: torch.Tensor) -> None:
+        """Project ``features`` ``[B, N_v, visual_dim]`` into this batch's memory."""
+        if features.dim() != 3 or features.shape[-1] != self.visual_dim:
+            raise ValueError(f"MemVP: visual features have shape {tuple(features.shape)}; expected "
+                             f"[batch, tokens, visual_dim={self.visual_dim}] (the projector's input width)")
+        if features.shape[1] > self.n_mem:
+            raise ValueError(f"MemVP: n_mem={self.n_mem} is smaller than the number of visual tokens "
+                             f"({features.shape[1]}); use n_mem >= {features.shape[1]}")
+        z = self.projector(features) * self.projector_scale
+        z = F.pad(z, (0, 0, 0, self.n_mem - z.shape[1]))
+        self.memory.value = (z + self.key_offset.to(z.dtype), z + self.value_offset.to(z.dtype))
+
+    def clear_memory(self) -> None:
+        self.memory.value = None
+
+    def read(self, u: torch.Tensor) -> torch.Tensor:
+        """``s · dropout(silu(u Kᵀ)) V`` for an FFN input ``u`` ``[B', N, C]``.
+
+        ``B'`` may be a multiple of the memory's batch (beam search or several sequences per
+        image repeat each sample consecutively, as the libraries expand their inputs)."""
+        kv = self.memory.value
+        if kv is None:
+            raise RuntimeError("MemVP: an FFN ran without visual memory; run the vision tower first (BLIP, "
+                               "VisionLanguageModel) or call vleff.side.memvp.set_memvp_memory(model, features)")
+        k, v = kv
+        if u.shape[-1] != k.shape[-1]:
+            raise ValueError(f"MemVP: FFN input width {u.shape[-1]} differs from the memory width {k.shape[-1]}")
+        if u.shape[0] != k.shape[0]:
+            if u.shape[0] % k.shape[0]:
+                raise RuntimeError(f"MemVP: the FFN input has batch {u.shape[0]} but the visual memory was set for "
+                                   f"batch {k.shape[0]}; run the vision tower on the same batch")
+            reps = u.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(reps, dim=0), v.repeat_interleave(reps, dim=0)
+        a = F.silu(torch.matmul(u, k.to(u.dtype).transpose(1, 2)))
+        if self.training and self.dropout > 0:
+            a = F.dropout(a, p=self.dropout)
+        return self.scale * torch.matmul(a, v.to(u.dtype))
+
+
+# --- hooks (plain objects, so the host deep-copies and pickles with them) ------------------------------
+class _MemVPHook:
+    """Base of every hook MemVP registers (how :func:`remove_memvp` finds them)."""
+
+    def __init__(self, memory: MemVPModule) -> None:
+        self.memory = memory
+
+
+class _FFNOutput(_MemVPHook):
+    """Forward hook on a pre-norm layer's ``mlp``: ``mlp(u) + read(u)``."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self.memory.read(args[0]).to(output.dtype)
+
+
+class _FFNInput(_MemVPHook):
+    """Forward hook on a BLIP text layer's ``intermediate``: reads its input ``a``, stashes ``read(a)``."""
+
+    def __init__(self, memory: MemVPModule, stash: _Slot) -> None:
+        super().__init__(memory)
+        self.stash = stash
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.stash.value = self.memory.read(args[0])
+
+
+class _ResidualAdd(_MemVPHook):
+    """Forward pre-hook on a BLIP text layer's ``output.LayerNorm``: adds the stashed read to the
+    residual sum ``a + FFN(a)`` the norm receives."""
+
+    def __init__(self, memory: MemVPModule, stash: _Slot) -> None:
+        super().__init__(memory)
+        self.stash = stash
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        read, self.stash.value = self.stash.value, None
+        if read is None:
+            raise RuntimeError("MemVP: a BLIP text layer's output LayerNorm ran without its FFN input hook "
+                               "(intermediate) before it; the layer's FFN order is not the one MemVP supports")
+        return (args[0] + read.to(args[0].dtype), *args[1:])
+
+
+class _VisualSource(_MemVPHook):
+    """Forward hook on the vision module: its output tokens (less ``drop`` prefix tokens) set the memory."""
+
+    def __init__(self, memory: MemVPModule, drop: int) -> None:
+        super().__init__(memory)
+        self.drop = drop
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        tokens = output
+        if not isinstance(tokens, torch.Tensor):
+            tokens = getattr(output, "last_hidden_state", None)
+            if tokens is None:
+                tokens = output[0]
+        self.memory.set_memory(tokens[:, self.drop:])
+
+
+# --- hosts --------------------------------------------------------------------------------------------
+@dataclass
+class Host:
+    """What MemVP needs of a host: FFN sites, the LM width, and the visual source (if any)."""
+
+    sites: list[tuple[str, nn.Module, str]]  # (qualified name, layer, layout "pre_norm" | "blip")
+    width: int
+    source: nn.Module | None = None
+    visual_dim: int | None = None
+    prefix_tokens: int = 0
+    num_visual_tokens: int | None = None
+
+
+def _ffn_kind(mlp: nn.Module) -> str | None:
+    names = set(mlp._modules)
+    if {"gate_proj", "up_proj", "down_proj"} <= names:
+        return "gated"
+    if {"c_fc", "c_proj"} <= names or {"fc1", "fc2"} <= names:
+        return "plain"
+    return None
+
+
+def causal_lm_sites(lm: nn.Module, prefix: str = "") -> tuple[list[tuple[str, nn.Module, str]], int]:
+    """The FFN sites of a Hugging Face causal LM (decoder layers under ``base_model.layers`` or
+    ``.h``) and its width; ``TypeError`` naming the module type of an unsupported FFN."""
+    base = getattr(lm, "base_model", lm)
+    layers = getattr(base, "layers", None)
+    attr = "layers"
+    if layers is None:
+        layers, attr = getattr(base, "h", None), "h"
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(f"MemVP does not support {type(lm).__name__}: no decoder layers found "
+                        f"(base_model.layers or .h); supported hosts: {SUPPORTED_HOSTS}")
+    base_name = next((n for n, m in lm.named_modules() if m is base), "")
+    sites = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        where = ".".join(p for p in (prefix, base_name, attr, str(i), "mlp") if p)
+        if not isinstance(mlp, nn.Module) or _ffn_kind(mlp) is None:
+            kind = type(mlp).__name__ if mlp is not None else f"{type(layer).__name__} without .mlp"
+            raise TypeError(f"MemVP does not support the FFN module type {kind} ({where}); supported: {SUPPORTED_FFN}")
+        sites.append((where, mlp, "pre_norm"))
+    config = getattr(lm, "config", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if width is None:
+        raise TypeError(f"MemVP: {type(lm).__name__} has no config.hidden_size; supported hosts: {SUPPORTED_HOSTS}")
+    return sites, int(width)
+
+
+def _blip_host(model: nn.Module) -> Host:
+    from transformers.models.blip.modeling_blip_text import BlipTextLayer, BlipTextModel
+
+    sites = []
+    widths = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BlipTextModel):
+            widths.add(int(module.config.hidden_size))
+            for i, layer in enumerate(module.encoder.layer):
+                if not isinstance(layer, BlipTextLayer):
+                    raise TypeError(f"MemVP does not support the FFN module type {type(layer).__name__} "
+                                    f"({name}.encoder.layer.{i}); supported: {SUPPORTED_FFN}")
+                sites.append((f"{name}.encoder.layer.{i}", layer, "blip"))
+    if not sites or len(widths) != 1:
+        raise TypeError(f"MemVP does not support {type(model).__name__}: no BLIP text model of one width found; "
+                        f"supported hosts: {SUPPORTED_HOSTS}")
+    vision = model.vision_model
+    n = (int(vision.config.image_size) // int(vision.config.patch_size)) ** 2
+    return Host(sites, widths.pop(), vision, int(vision.config.hidden_size), 1, n + 1)
+
+
+def _host_kind(model: nn.Module) -> str | None:
+    if hasattr(model, "memvp_host"):  # vleff.models.VisionLanguageModel
+        return "vlm"
+    try:
+        from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency of every supported host
+        return None
+    if isinstance(model, (BlipForConditionalGeneration, BlipForQuestionAnswering)):
+        return "blip"
+    name = type(model).__name__
+    if isinstance(model, PreTrainedModel) and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel")):
+        return "causal_lm"
+    return None
+
+
+def locate_host(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is a host, else its one outermost host submodule (a
+    LightningModule holding a VisionLanguageModel or a BLIP model); ``TypeError`` otherwise."""
+    if _host_kind(model) is not None:
+        return model
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if _host_kind(module) is not None and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, module))
+    if len(found) != 1:
+        what = "none" if not found else ", ".join(f"{n} ({type(m).__name__})" for n, m in found)
+        raise TypeError(f"MemVP does not support {type(model).__name__}: it needs one host model inside, found "
+                        f"{what}; supported hosts: {SUPPORTED_HOSTS}")
+    return found[0][1]
+
+
+def find_host(model: nn.Module) -> Host:
+    """The :class:`Host` of ``model`` (itself a host), or ``TypeError`` naming what is supported."""
+    kind = _host_kind(model)
+    if kind == "vlm":
+        return model.memvp_host()  # type: ignore[operator]
+    if kind == "blip":
+        return _blip_host(model)
+    if kind == "causal_lm":
+        sites, width = causal_lm_sites(model)
+        return Host(sites, width)
+    raise TypeError(f"MemVP does not support {type(model).__name__}; supported hosts: {SUPPORTED_HOSTS}")
+
+
+# --- apply / remove -------------------------------------------------------------------------------------
+def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings: Any) -> nn.Module:
+    """Give every FFN of ``model``'s language model the visual memory (in place).
+
+    The projector and the key/value offsets are registered as ``model.vleff_memvp`` (on the
+    host's device and dtype). Applying twice replaces the earlier memory (drawn anew). Nothing
+    is frozen here: the ``MemVP`` callback freezes the host.
+
+    Raises:
+        TypeError: an unsupported host, or an FFN layout MemVP does not support (names the module type).
+        ValueError: ``n_mem`` smaller than the host's number of visual tokens, or ``visual_dim``
+            that contradicts the host's vision tower.
+    """
+    cfg = MemVPConfig.build(config, **settings)
+    root = model
+    model = locate_host(model)
+    host = find_host(model)  # every check before anything is changed
+    visual_dim = cfg.visual_dim if cfg.visual_dim is not None else host.visual_dim
+    if visual_dim is None:
+        raise ValueError(f"MemVP: {type(model).__name__} has no vision tower to read visual_dim from; "
+                         "pass visual_dim=<width of the features you give set_memvp_memory>")
+    if host.visual_dim is not None and visual_dim != host.visual_dim:
+        raise ValueError(f"visual_dim={visual_dim} is not allowed: the vision tower's tokens of "
+                         f"{type(model).__name__} have width {host.visual_dim}")
+    drop = host.prefix_tokens if cfg.visual_tokens == "patch" else 0
+    if host.num_visual_tokens is not None and cfg.n_mem < host.num_visual_tokens - drop:
+        raise ValueError(f"n_mem={cfg.n_mem} is not allowed: it is smaller than the number of visual tokens "
+                         f"({host.num_visual_tokens - drop}); use n_mem >= {host.num_visual_tokens - drop}")
+    if memvp_applied(model):
+        remove_memvp(model)
+    memory = MemVPModule(visual_dim, host.width, cfg)
+    ref = next(model.parameters())
+    memory.to(device=ref.device, dtype=ref.dtype)
+    model.add_module(MODULE_NAME, memory)
+    for _, layer, layout in host.sites:
+        if layout == "pre_norm":
+            layer.register_forward_hook(_FFNOutput(memory))
+        else:
+            stash = _Slot()
+            layer.intermediate.register_forward_hook(_FFNInput(memory, stash))
+            layer.output.LayerNorm.register_forward_pre_hook(_ResidualAdd(memory, stash))
+    if host.source is not None:
+        host.source.register_forward_hook(_VisualSource(memory, drop))
+    return root
+
+
+def remove_memvp(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_memvp`: no hooks, no ``vleff_memvp`` module."""
+    if not memvp_applied(model):
+        raise ValueError(f"MemVP is not applied to this {type(model).__name__}; nothing to remove")
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, _MemVPHook)]:
+                del hooks[key]
+    for module in list(model.modules()):
+        if isinstance(module._modules.get(MODULE_NAME), MemVPModule):
+            del module._modules[MODULE_NAME]
+    return model
+
+
+def memvp_applied(model: nn.Module) -> bool:
+    """Whether ``model`` or a module inside it carries MemVP."""
+    return any(isinstance(m._modules.get(MODULE_NAME), MemVPModule) for m in model.modules())
+
+
+def memvp_module(model: nn.Module) -> MemVPModule:
+    """The ``vleff_memvp`` module of ``model`` (or of the host inside it)."""
+    for m in model.modules():
+        module = m._modules.get(MODULE_NAME)
+        if isinstance(module, MemVPModule):
+            return module
+    raise ValueError(f"MemVP is not applied to this {type(model).__name__}; call apply_memvp first")
+
+
+def set_memvp_memory(model: nn.Module, features: torch.Tensor) -> None:
+    """Set the memory of a MemVP host from visual features ``[B, N_v, visual_dim]`` (for hosts
+    without a vision tower of their own, e.g. a bare causal LM before ``generate``)."""
+    memvp_module(model).set_memory(features)
+
+
+def update_memvp(model: nn.Module, **changes: Any) -> None:
+    """Change ``scale`` or ``dropout`` on an applied model (the parameters stay)."""
+    module = memvp_module(model)
+    allowed = {"scale", "dropout"}
+    if set(changes) - allowed:
+        unknown = sorted(set(changes) - allowed)
+        raise ValueError(f"MemVP: only {sorted(allowed)} change on an applied model, not {unknown}; "
+                         "apply it again for the others")
+    cfg = MemVPConfig(n_mem=module.n_mem, scale=changes.get("scale", module.scale),
+                      dropout=changes.get("dropout", module.dropout))
+    module.scale, module.dropout = cfg.scale, cfg.dropout
+
+
+def memvp_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(memvp_module(model).parameters())
+
+
+def freeze_host_for_memvp(model: nn.Module) -> list[str]:
+    """``requires_grad = False`` on every weight except MemVP's; returns the trainable names."""
+    keep = {id(p) for p in memvp_parameters(model)}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in keep)
+        if id(p) in keep:
+            trainable.append(name)
+    return trainable
+
+
+def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int) -> int:
+    """Parameters MemVP adds: the projector and the two ``[n_mem, width]`` offsets."""
+    return visual_dim * hidden + hidden + hidden * width + width + 2 * n_mem * width
+
+
+register_method(Method(
+    name="memvp", kind="side", config=MemVPConfig, apply=apply_memvp, remove=remove_memvp,
+    update=update_memvp, is_applied=memvp_applied, callback="vleff.callbacks.MemVP",
+    mixin="vleff.callbacks.MemVPMixin", towers=(), bench_settings={"n_mem": 256},
+    description="MemVP: visual features as extra key/value rows of every FFN of the language model"))
