@@ -435,3 +435,16 @@ def test_mixin_one_call_gives_the_same_loss_as_the_functional_path():
     twin.encode_text(tm.token_ids())
     torch.testing.assert_close(aux, pop_aux_losses(twin)["crossget_js"])
     assert float(module.vleff_aux_loss()) == 0.0  # popped: counted once
+
+
+def test_trace_source_gives_the_merge_groups_of_every_patch():
+    from vleff.tokens.visualize import merge_groups
+
+    torch.manual_seed(0)
+    model = tm.open_clip_model().eval()
+    vleff.apply_crossget(model, r_image=3, r_text=0, trace_source=True)
+    labels, groups = merge_groups(model, tm.images(batch=1)[0], forward=model.encode_image)
+    assert labels.shape == (4, 4) and groups == 18 - 2 - 3 - 3  # patches left after two blocks of r=3
+    source = last_token_state(model).get("source")[0]
+    assert source.shape == (11, 17) and source.sum().item() == 17  # every input token held exactly once
+    assert source[0].tolist() == [1.0] + [0.0] * 16  # cls alone

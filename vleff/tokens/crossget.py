@@ -82,6 +82,8 @@ class CrossGETConfig(MethodConfig):
         r_text: tokens merged per block of the text tower (capped per block).
         prop_attn: proportional attention (``+log size`` on the attention logits).
         loss_weight: weight of the cross-token JS alignment loss added in training (0: off).
+        trace_source: keep the source map (which input tokens each token holds) as the token
+            field ``"source"`` (as ToMe's), for pictures of the merge groups; costs ``B·N²`` memory.
     """
 
     method = "crossget"
@@ -89,8 +91,10 @@ class CrossGETConfig(MethodConfig):
     r_text: int = 6
     prop_attn: bool = True
     loss_weight: float = 1.0
+    trace_source: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("trace_source", self.trace_source)
         self.r_image = check_int("r_image", self.r_image, low=0)
         self.r_text = check_int("r_text", self.r_text, low=0)
         check_bool("prop_attn", self.prop_attn)
@@ -202,6 +206,9 @@ class CrossGETHook(TowerHook):
             raise ValueError(f"CrossGET cannot run with {', '.join(others)} on {self.describe}: both reduce the "
                              f"tokens of the tower; remove {others[0]} (or crossget)")
         b = x.shape[0]
+        if self.config.trace_source:
+            n = x.shape[1]
+            state.register("source", torch.eye(n, device=x.device, dtype=torch.float32).expand(b, n, n), "sum")
         if self.modality == "image":
             row = torch.zeros(b, dtype=torch.long, device=x.device)
         else:
@@ -210,7 +217,7 @@ class CrossGETHook(TowerHook):
         values = {}
         for name, f in state.fields.items():
             v = f.value.gather(1, row.reshape(b, 1, *([1] * (f.value.dim() - 2))).expand(b, 1, *f.value.shape[2:]))
-            if name in (PROTECTED, SOURCE):
+            if name in (PROTECTED, SOURCE, "source"):
                 v = torch.zeros_like(v)  # the reducers keep it (prefix); it holds no input position
             values[name] = v  # position: the cross token sees what its source token sees
         index = state.num_prefix
