@@ -162,7 +162,7 @@ SETTINGS: dict[str, Settings] = {
                                      ({"adapter": -1}, "adapter=-1"), ({"adapter": 2.5}, "adapter")],
                            state_prefix="vleff_reversible.", callback_args={"coupling": "meft"},
                            families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
-                           conflicts=("tome", "evit", "dynamicvit", "vqt", "lst", "unipt")),  # tower hooks do not run in the stack
+                           conflicts=("tome", "evit", "dynamicvit", "vqt", "lst", "unipt", "crossget")),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
     "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5},
                       refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
@@ -171,6 +171,14 @@ SETTINGS: dict[str, Settings] = {
                                 ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim")],
                       state_prefix="vleff_memvp.", callback_args={"n_mem": 16}, activate=_perturb_memvp,
                       hosts=tuple(HOSTS), fit=_memvp_fit),
+    # CrossGET needs both towers of an image-text pair; its cross token and merges own the towers' tokens
+    "crossget": Settings(noop={"r_image": 0, "r_text": 0}, active={"r_image": 2, "r_text": 4},
+                         refusals=[({"r_image": -1}, "r_image=-1"), ({"r_text": 1.5}, "r_text=1.5"),
+                                   ({"prop_attn": 1}, "prop_attn"), ({"loss_weight": -1}, "loss_weight"),
+                                   ({"loss_weight": float("nan")}, "loss_weight")],
+                         state_prefix="vleff_crossget_offsets", callback_args={"r_image": 2, "r_text": 4},
+                         families=("open_clip", "hf_clip", "hf_blip"), conflicts=("tome", "evit", "dynamicvit"),
+                         fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
 }
 
 
@@ -188,6 +196,19 @@ def _families(name: str) -> tuple[str, ...] | None:
     which :func:`test_every_registered_method_has_settings` reports)."""
     row = SETTINGS.get(name)
     return None if row is None else row.families
+
+
+def _method_families(name: str, tower: str = "image") -> list[str]:
+    """Families whose ``tower`` the method runs on, in table order."""
+    return [f for f, t in family_towers(get_method(name).towers) if t == tower
+            and (_families(name) is None or f in _families(name))]
+
+
+def _common_family(a: str, b: str) -> str | None:
+    """The first family whose image tower both methods run on (``None``: they share none, so they
+    can never meet on a tower and there is nothing to stack or refuse)."""
+    shared = [f for f in _method_families(a) if f in _method_families(b)]
+    return shared[0] if shared else None
 
 
 CASES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)
@@ -317,8 +338,9 @@ def _conflict(a: str, b: str) -> bool:
 
 
 STACKABLE = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS
-             if a != b and {a, b} != {"tome", "dynamicvit"} and not _conflict(a, b)]
-CONFLICTS = [(a, b) for a in HOOK_METHODS for b in getattr(SETTINGS.get(a), "conflicts", ()) if b in HOOK_METHODS]
+             if a != b and {a, b} != {"tome", "dynamicvit"} and not _conflict(a, b) and _common_family(a, b)]
+CONFLICTS = [(a, b) for a in HOOK_METHODS for b in getattr(SETTINGS.get(a), "conflicts", ())
+             if b in HOOK_METHODS and _common_family(a, b)]
 
 
 @pytest.mark.parametrize("name, family, tower", REFUSED_FAMILIES, ids=[f"{n}-{f}-{t}" for n, f, t in REFUSED_FAMILIES])
@@ -336,7 +358,7 @@ def test_unsupported_families_are_refused_clearly(name, family, tower):
 def test_conflicting_methods_are_refused_clearly(name, other):
     """``name`` refuses to join ``other`` (applied first) with an error naming both; applied
     the other way round, the stack refuses at the first forward."""
-    model, fwd = _model_and_forward("timm_vit", "image")
+    model, fwd = _model_and_forward(_common_family(name, other), "image")
     _apply(other, model, SETTINGS[other].active, "image")
     with pytest.raises(ValueError, match=f"cannot apply {name} while {other}"):
         _apply(name, model, SETTINGS[name].active, "image")
@@ -353,7 +375,7 @@ def test_conflicting_methods_are_refused_clearly(name, other):
 def test_two_methods_stacked_then_one_removed_equals_the_other_alone(first, second):
     """Apply ``first`` then ``second``, remove ``first``: the model equals ``second`` alone
     (the bug this catches: ToMe's proportional attention outliving ToMe under EViT)."""
-    model, fwd = _model_and_forward("timm_vit", "image")
+    model, fwd = _model_and_forward(_common_family(first, second), "image")
     alone = copy.deepcopy(model)
     with torch.no_grad():
         _apply(first, model, SETTINGS[first].active, "image")
@@ -371,16 +393,22 @@ def test_torch_compile_one_graph_matches_eager(name):
     import torch._dynamo
 
     import tiny_models as tm
+    from families import IMAGE
 
-    model, _ = _model_and_forward("timm_vit", "image")
+    family = _method_families(name)[0]  # the first family whose image tower the method runs on
+    model, _ = _model_and_forward(family, "image")
     _apply(name, model, SETTINGS[name].active, "image")
     x = tm.images()
+
+    def run(images):
+        return IMAGE[family](model, images)
+
     with torch.no_grad():
-        ref = model(x)
+        ref = run(x)
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model)(x)
+        explanation = torch._dynamo.explain(run)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), ref, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 

@@ -44,3 +44,32 @@ def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
                 num_sanity_val_steps=0)
     opts.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **opts)
+
+
+class TinyCLIP(pl.LightningModule):
+    """A tiny open_clip CLIP trained with the symmetric contrastive loss (pair methods' callbacks)."""
+
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model = tm.open_clip_model()
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        images, ids = batch
+        img = self.model.encode_image(images, normalize=True)
+        txt = self.model.encode_text(ids, normalize=True)
+        logits = self.model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(img))
+        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def pair_loader(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Images and token ids (EOT = largest id, zero padding) for :class:`TinyCLIP`."""
+    x = torch.randn(n, 3, tm.IMG, tm.IMG, generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([tm.token_ids(batch=2, seed=seed + i) for i in range((n + 1) // 2)])[:n]
+    return DataLoader(TensorDataset(x, ids), batch_size=batch_size)

@@ -25,6 +25,8 @@ _LAZY = {
     "remove_dynamicvit": "vleff.tokens.dynamicvit",
     "apply_evit": "vleff.tokens.evit",
     "remove_evit": "vleff.tokens.evit",
+    "apply_crossget": "vleff.tokens.crossget",
+    "remove_crossget": "vleff.tokens.crossget",
     "apply_vqt": "vleff.side.vqt",
     "remove_vqt": "vleff.side.vqt",
     "apply_lst": "vleff.side.lst",

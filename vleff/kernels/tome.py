@@ -171,6 +171,8 @@ def merge_sum_reference(t: torch.Tensor, plan: MergePlan) -> torch.Tensor:
 
 def merge_sum(t: torch.Tensor, plan: MergePlan, backend: str | None = None) -> torch.Tensor:
     """Sum-merge any per-token tensor (sizes, source maps) along a plan."""
+    if not isinstance(plan, MergePlan):  # another plan kind (CrossGET's complete graph) merges itself
+        return plan.merge_sum(t)
     if plan.r == 0:
         return t
     if kernel_backend(t, backend) == "triton":
@@ -210,6 +212,8 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,
     Returns the merged features and sizes (``[B, N - r, C]``, ``[B, N - r, 1]``).
     Differentiable in ``x`` on both backends.
     """
+    if not isinstance(plan, MergePlan):
+        return plan.merge_weighted(x, size)
     if plan.r == 0:
         return x, size
     if kernel_backend(x, backend) == "triton":
@@ -222,7 +226,14 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,
 def merge_reduce(t: torch.Tensor, plan: MergePlan, reduce: str = "sum") -> torch.Tensor:
     """Combine each merged group of a per-token tensor ``[B, N, ...]`` with ``reduce``
     (``"sum"``, ``"max"`` or ``"min"``): what token fields (sizes, source maps, flags, first
-    positions) hold after a merge. Output ``[B, N - r, ...]`` in the plan's token order."""
+    positions) hold after a merge. Output ``[B, N - r, ...]`` in the plan's token order.
+
+    ``plan`` is a :class:`MergePlan` or any object with the same ``r`` / ``num_out`` /
+    ``num_tokens`` / ``src_idx`` attributes and ``merge_sum`` / ``merge_weighted`` /
+    ``merge_reduce`` methods (:class:`vleff.kernels.graph_merge.GraphMergePlan`), which then
+    merges itself here and in :func:`merge_sum` / :func:`merge_weighted`."""
+    if not isinstance(plan, MergePlan):
+        return plan.merge_reduce(t, reduce)
     if plan.r == 0:
         return t
     shape = t.shape

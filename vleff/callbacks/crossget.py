@@ -1,0 +1,62 @@
+"""Lightning callback: fine-tune an image-text model with CrossGET on both towers.
+
+>>> trainer = L.Trainer(callbacks=[vleff.callbacks.CrossGET(r_image=16, r_text=6)])
+>>> trainer.fit(clip_module, datamodule)       # training_step is not edited
+
+``setup`` applies :func:`vleff.tokens.crossget.apply_crossget` to the pair inside the
+LightningModule (before ``configure_optimizers``, so the cross-token offsets are optimised,
+and before a checkpoint's weights are restored, so a resumed run gets its trained offsets
+back) and, for ``fit``, wraps ``training_step`` so the cross-token JS alignment loss of each
+step is added to the loss (and logged as ``train/aux/crossget_js``). CrossGET stays applied
+after ``fit``: the trained model is the cheap one (``vleff.remove_crossget`` undoes it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
+from vleff.checks import check_bool
+from vleff.tokens.crossget import CrossGETConfig, apply_crossget, crossget_applied, update_crossget
+
+
+class CrossGET(Callback):
+    """CrossGET for an existing LightningModule holding an open_clip / HF CLIP / BLIP retrieval model.
+
+    Args:
+        log: log the alignment loss (``train/aux/crossget_js``).
+        **settings: :class:`vleff.tokens.crossget.CrossGETConfig` fields (``r_image``, ``r_text``,
+            ``prop_attn``, ``loss_weight``), validated here.
+    """
+
+    #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    settings_config = CrossGETConfig
+
+    def __init__(self, log: bool = True, **settings: Any) -> None:
+        super().__init__()
+        self.config = CrossGETConfig.build(**settings)
+        self.log = check_bool("log", log)
+        self._attached: pl.LightningModule | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if crossget_applied(pl_module):
+            update_crossget(pl_module, **self.config.as_dict())
+        else:
+            apply_crossget(pl_module, self.config)
+        if stage == "fit" and self._attached is None:
+            attach_aux_loss(pl_module, self.log)
+            self._attached = pl_module
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._attached is not None:
+            detach_aux_loss(self._attached)
+            self._attached = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # the offsets are parameters of the model (its state_dict); the settings are kept for reference
+        return {"config": self.config.as_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,202 @@
+"""Complete-graph soft matching and importance-weighted ("ensemble") merging (CrossGET).
+
+ToMe (:mod:`vleff.kernels.tome`) splits the tokens into two alternating sets and merges
+across them. CrossGET matches on the *complete* graph: any token may merge into any other,
+guided by an importance score (from the cross token's or the EOT's query):
+
+* similarity ``S = k̂ k̂ᵀ`` of the normalised keys, with the diagonal, every edge touching a
+  protected token (cls, the cross token, a text tower's SOT/EOT) and every edge between
+  different groups (a text tower's padding and real tokens) at ``-inf``;
+* each token's *best* similarity ``s_i = max_j S_ij``; the ``r`` tokens with the lowest
+  ``importance − s`` (unimportant and redundant) become **sources**, and each merges into
+  its most similar **non-source** token. So no token is both a source and a destination
+  (no chains), which is what the reference's rank rule ("merge only into a token ranked
+  after you") guarantees as well;
+* in every group the token with the highest ``importance − s`` is never a source (its
+  *anchor*), so every source always has a finite-similarity destination in its own group;
+* tokens of groups other than 0 (padding) become sources only after every possible source of
+  group 0, as in ToMe's text path: padding never takes a merge away from real tokens, so a
+  caption's embedding does not depend on how far it is padded.
+
+:class:`GraphMergePlan` applies the result to any per-token tensor. It implements the plan
+protocol of :mod:`vleff.kernels.tome` (``r``, ``num_out``, ``num_tokens``, ``src_idx`` and
+``merge_sum`` / ``merge_reduce`` / ``merge_weighted``), so :class:`~vleff.backbones.TokenState`
+fields and the block's cached keys follow a CrossGET merge exactly as they follow a ToMe one.
+Output order: the kept tokens in their input order (protected leading tokens stay first);
+each destination holds its sources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GraphMergePlan:
+    """Which tokens merge into which, for one layer of one batch (any token into any token).
+
+    Attributes:
+        src_idx: ``[B, r]`` input indices of the merged (source) tokens.
+        dst_idx: ``[B, r]`` input indices of their destinations (never sources).
+        keep_idx: ``[B, N - r]`` input indices of the tokens that stay, ascending.
+        dst_pos: ``[B, r]`` output positions (into ``keep_idx``) of the destinations.
+        num_protected: leading tokens never merged (kept first).
+        num_tokens: tokens before merging.
+    """
+
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    keep_idx: torch.Tensor
+    dst_pos: torch.Tensor
+    num_protected: int
+    num_tokens: int
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+    @property
+    def num_out(self) -> int:
+        return self.num_tokens - self.r
+
+    # --- the plan protocol of vleff.kernels.tome -----------------------------------------------
+    def _flat(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        return t.reshape(t.shape[0], t.shape[1], -1), t.shape
+
+    def merge_reduce(self, t: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Each output token combines its group of ``t`` (``[B, N, ...]``) with ``reduce``."""
+        if reduce not in ("sum", "max", "min"):
+            raise ValueError(f"reduce={reduce!r} must be 'sum', 'max' or 'min'")
+        if self.r == 0:
+            return t
+        flat, shape = self._flat(t)
+        kept = _rows(flat, self.keep_idx)
+        src = _rows(flat, self.src_idx)
+        index = self.dst_pos[..., None].expand(-1, -1, flat.shape[-1])
+        if reduce == "sum":
+            out = kept.scatter_add(1, index, src)
+        else:
+            out = kept.scatter_reduce(1, index, src, reduce="amax" if reduce == "max" else "amin", include_self=True)
+        return out.reshape(shape[0], out.shape[1], *shape[2:])
+
+    def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.merge_reduce(t, "sum")
+
+    def merge_weighted(self, x: torch.Tensor, size: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted mean over each group: ``x' = Σ w·s·x / Σ w·s``, ``s' = Σ s``.
+
+        ``weight`` (``[B, N, 1]``, positive; ``None``: ones) is CrossGET's ensemble weight
+        ``exp(2·importance)``; with ``None`` this is ToMe's size-weighted mean. Tokens that take
+        part in no merge are copied, not recomputed (bit-exact)."""
+        if self.r == 0:
+            return x, size
+        w = size.float() if weight is None else size.float() * weight.float()
+        num = self.merge_sum(x.float() * w)
+        den = self.merge_sum(w)
+        received = torch.zeros(x.shape[0], self.num_out, 1, dtype=torch.bool, device=x.device).scatter(
+            1, self.dst_pos[..., None], True)
+        merged = torch.where(received, (num / den).to(x.dtype), _rows(x, self.keep_idx))
+        return merged, self.merge_sum(size)
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+#: added to the source score of tokens outside group 0 (padding); finite scores lie in [-2, 2]
+GROUP_PENALTY = 8.0
+
+
+def max_graph_merge(num_tokens: int, num_protected: int) -> int:
+    """The reference's cap on one step: ``(N − protected) // 2``."""
+    return max(0, (num_tokens - num_protected) // 2)
+
+
+def similarity_graph(metric: torch.Tensor, protected: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, N, N]`` cosine similarities, ``-inf`` on the diagonal, on edges touching a protected
+    token (``protected``: ``[B, N]`` bool) and between different ``groups`` (``[B, N]`` ints)."""
+    m = F.normalize(metric.float(), dim=-1)
+    s = m @ m.transpose(-1, -2)
+    n = s.shape[-1]
+    forbid = torch.eye(n, dtype=torch.bool, device=s.device)[None] | protected[:, :, None] | protected[:, None, :]
+    if groups is not None:
+        forbid = forbid | (groups[:, :, None] != groups[:, None, :])
+    return s.masked_fill(forbid, float("-inf"))
+
+
+def feasible_sources(protected: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` most sources each sample can give with every source keeping a destination in its
+    group: ``Σ_groups max(free − 1, 0)`` (one anchor per group stays)."""
+    free = ~protected
+    if groups is None:
+        return (free.sum(dim=1) - 1).clamp_min(0)
+    total = torch.zeros(protected.shape[0], dtype=torch.long, device=protected.device)
+    for g in groups.unique().tolist():
+        total = total + ((free & (groups == g)).sum(dim=1) - 1).clamp_min(0)
+    return total
+
+
+def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, num_protected: int,
+                            protected: torch.Tensor | None = None,
+                            groups: torch.Tensor | None = None) -> GraphMergePlan:
+    """Plan the merge of ``r`` tokens by complete-graph soft matching (see the module docstring).
+
+    Args:
+        metric: ``[B, N, C]`` features to compare (keys averaged over heads).
+        importance: ``[B, N]`` importance of each token (cosine with the guiding query).
+        r: tokens to remove; the caller caps it (:func:`max_graph_merge`, :func:`feasible_sources`).
+        num_protected: leading tokens never merged.
+        protected: ``[B, N]`` further protected tokens anywhere (a text tower's EOT), or ``None``.
+        groups: ``[B, N]`` merge groups (padding apart from real tokens), or ``None``.
+    """
+    b, n = importance.shape
+    if r < 0:
+        raise ValueError(f"r={r} must be >= 0")
+    with torch.no_grad():
+        prot = torch.zeros(b, n, dtype=torch.bool, device=metric.device)
+        prot[:, :num_protected] = True
+        if protected is not None:
+            prot = prot | protected.bool()
+        sim = similarity_graph(metric, prot, groups)
+        best = sim.amax(dim=-1)
+        score = importance.float() - best  # -inf similarity (isolated) gives +inf: never a source
+        score = score.masked_fill(prot, float("inf"))
+        score = _mark_anchors(score, prot, groups)
+        if groups is not None:  # finite scores lie in [-2, 2]: every real token ranks first
+            score = torch.where(groups != 0, score + GROUP_PENALTY, score)
+        order = score.argsort(dim=-1, stable=True)
+        src = order[:, :r]
+        is_src = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter(1, src, True)
+        to_dst = sim.masked_fill(is_src[:, None, :], float("-inf"))
+        dst = to_dst.gather(1, src[..., None].expand(-1, -1, n)).argmax(dim=-1)
+        keep = is_src.to(torch.int8).argsort(dim=1, stable=True)[:, :n - r]  # non-sources, ascending
+        out_pos = (~is_src).long().cumsum(dim=1) - 1
+        dst_pos = out_pos.gather(1, dst)
+    return GraphMergePlan(src, dst, keep, dst_pos, num_protected, n)
+
+
+def _mark_anchors(score: torch.Tensor, prot: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Score ``+inf`` for each group's highest-scoring unprotected token (never a source)."""
+    finite = score.masked_fill(prot, float("-inf"))
+    if groups is None:
+        anchor = finite.argmax(dim=1, keepdim=True)
+        return score.scatter(1, anchor, float("inf"))
+    for g in groups.unique().tolist():
+        in_g = finite.masked_fill(groups != g, float("-inf"))
+        anchor = in_g.argmax(dim=1, keepdim=True)
+        has = torch.isfinite(in_g.gather(1, anchor))
+        score = torch.where(has, score.scatter(1, anchor, float("inf")), score)
+    return score
+
+
+def ensemble_weights(importance: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
+    """``[B, N, 1]`` CrossGET's merge weights before the per-group normalisation:
+    ``exp(scale · importance)`` (a softmax over each group's importances, ×``scale``)."""
+    return (importance.float() * scale).exp()[..., None]
+
+
+__all__ = ["GraphMergePlan", "complete_graph_matching", "ensemble_weights", "feasible_sources", "max_graph_merge",
+           "similarity_graph"]
