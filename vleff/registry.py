@@ -123,6 +123,7 @@ _BUILTIN: dict[str, str] = {
     "tome": "vleff.tokens.tome",
     "dynamicvit": "vleff.tokens.dynamicvit",
     "evit": "vleff.tokens.evit",
+    "madtp": "vleff.tokens.madtp",
     "galore": "vleff.memory.methods",
     "mezo": "vleff.memory.methods",
     "vqt": "vleff.side.vqt",
