@@ -11,6 +11,8 @@ _CALLBACKS = {
     "EfficiencyMonitor": "vleff.callbacks.efficiency",
     "DynamicViT": "vleff.callbacks.dynamicvit",
     "EViT": "vleff.callbacks.evit",
+    "MADTP": "vleff.callbacks.madtp",
+    "MADTPMixin": "vleff.callbacks.madtp",
     "AuxLoss": "vleff.callbacks.aux_loss",
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",

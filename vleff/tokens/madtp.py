@@ -231,31 +231,30 @@ class MADTPHook(TowerHook):
         return self._active() and index in self.locations
 
     def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        if not self._active():
+        """Score the block input against the codebook (the tokens do not change until ``between``,
+        which uses the scores; the padding of a BLIP text is only known from block 0's library
+        mask, read after this entry point, so the content mask is applied in ``between``)."""
+        if not self._active() or (info.index not in self.locations and not self._training()):
             return x
-        pruning = info.index in self.locations
-        training = self._training()
-        if not pruning and not training:
-            return x
-        scratch = state.scratch[HOOK_NAME]
         a = self.module.proj[self.modality][info.index](x)  # [B, N, D]
-        codes = self.module.codebook.to(a.dtype)
-        t = a @ codes.t()  # [B, N, C]
-        content = self._content(state).to(x.device)
-        if training:
-            logits = (t.float() / math.sqrt(codes.shape[1])).masked_fill(~content[..., None], float("-inf"))
-            w = logits.softmax(dim=1).nan_to_num(0.0)  # a sample without content tokens contributes 0
-            feature = w.transpose(1, 2).to(a.dtype) @ a  # [B, C, D]
-            scratch["feature"] = feature if scratch["feature"] is None else scratch["feature"] + feature
-        if pruning:
-            scratch["codes"] = t
+        state.scratch[HOOK_NAME]["codes"] = (a, a @ self.module.codebook.to(a.dtype).t())  # [B, N, C]
         return x
 
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        if not self._active() or info.index not in self.locations:
+        scratch = state.scratch.get(HOOK_NAME, {})
+        codes = scratch.pop("codes", None)
+        if codes is None:
             return x
-        t = state.scratch[HOOK_NAME].pop("codes").float()
-        return self._prune(x, info, state, t)
+        a, t = codes
+        if self._training():
+            content = self._content(state).to(x.device)
+            logits = (t.float() / math.sqrt(a.shape[-1])).masked_fill(~content[..., None], float("-inf"))
+            w = logits.softmax(dim=1).nan_to_num(0.0)  # a sample without content tokens contributes 0
+            feature = w.transpose(1, 2).to(a.dtype) @ a  # [B, C, D]
+            scratch["feature"] = feature if scratch["feature"] is None else scratch["feature"] + feature
+        if info.index not in self.locations:
+            return x
+        return self._prune(x, info, state, t.float())
 
     def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         scratch = state.scratch.get(HOOK_NAME, {})
