@@ -62,7 +62,7 @@ from vleff.backbones.pairs import ModelPair, find_pair, pair_context
 from vleff.backbones.state import gather_tokens
 from vleff.backbones.text import PAD, PROTECTED, eot_rows
 from vleff.checks import check_choice, check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, get_method, register_method
+from vleff.registry import Method, MethodConfig, register_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, tower_modalities
 
 HOOK_NAME = "madtp"
@@ -307,6 +307,7 @@ class MADTPHook(TowerHook):
             return eot_rows(state)  # the text's pooled token (CLIP: EOT; BLIP: token 0)
         return torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
 
+    @torch.compiler.disable(recursive=True)  # data-dependent keep counts: run eagerly under torch.compile
     def _prune(self, x: torch.Tensor, info: BlockInfo, state: TokenState, t: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[:2]
         dev = x.device
@@ -406,13 +407,6 @@ def _refuse_conflicts(pair: ModelPair, prune: tuple[str, ...]) -> None:
             if patch is not None and patch.get_hook(other) is not None:
                 raise ValueError(f"cannot apply madtp while {other} is applied to the {tower.modality} tower: each "
                                  f"rewrites the token sequence its own way; remove {other} first")
-    try:
-        rev = get_method("reversible")
-    except (ValueError, ImportError):
-        rev = None
-    if rev is not None and rev.is_applied is not None and rev.is_applied(pair.model):
-        raise ValueError("cannot apply madtp while reversible is applied: tower hooks do not run inside the "
-                         "reversible stack; remove reversible first")
 
 
 def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings: Any) -> nn.Module:
