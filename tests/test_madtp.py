@@ -16,8 +16,8 @@ import tiny_models as tm
 from vleff.backbones import find_pair, token_counts
 from vleff.profile import count_flops
 from vleff.tokens.aux import pop_aux_losses
-from vleff.tokens.madtp import (FILLER, MADTPConfig, apply_madtp, calibrate_madtp, madtp_applied, madtp_tau,
-                                measure_flops, pair_forward, remove_madtp, update_madtp)
+from vleff.tokens.madtp import (FILLER, MADTPConfig, apply_madtp, calibrate_madtp, image_forward, madtp_applied,
+                                madtp_tau, measure_flops, pair_forward, remove_madtp, update_madtp)
 
 PAIRS = {"open_clip": tm.open_clip_model, "hf_clip": tm.hf_clip_model, "hf_blip": tm.hf_blip_retrieval}
 
@@ -249,6 +249,9 @@ def test_calibration_hits_the_target_of_an_independent_flop_count():
     assert measure_flops(model, [batch]) == result.flops  # the τ set is the τ measured
     update_madtp(model, tau=result.tau * 1e3)
     assert measure_flops(model, [batch]) < result.flops  # a higher τ prunes more
+    image = calibrate_madtp(model, [batch], 0.4, forward=image_forward)  # an image-tower target
+    assert image.baseline == count_flops(lambda: pair.encode_image(batch[0]))
+    assert image.error <= 0.03, image.evaluations
 
 
 def test_unreachable_target_warns_with_the_closest():

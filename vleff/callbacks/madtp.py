@@ -52,6 +52,7 @@ class MADTP(Callback):
         adjust_every_epoch: re-calibrate τ after every training epoch.
         rtol: relative FLOPs tolerance of the calibration search.
         max_evals, epoch_max_evals: counted forwards per calibration (before training / after an epoch).
+        measure: the FLOPs the target is of: ``"pair"`` (both towers), ``"image"`` or ``"text"``.
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration.
         **settings: :class:`vleff.tokens.madtp.MADTPConfig` fields (``flops_reduction``,
             ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
@@ -60,13 +61,14 @@ class MADTP(Callback):
     settings_config = MADTPConfig
 
     def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
-                 rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, log: bool = True,
-                 **settings: Any) -> None:
+                 rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
+                 log: bool = True, **settings: Any) -> None:
         self.config = MADTPConfig.build(**settings)
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module={module!r} is not allowed; give the model's attribute path as a string or None")
         self.module = module
-        self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals)
+        self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
+                                          measure)
         self.log = check_bool("log", log)
         self._target: nn.Module | None = None
         self._attached = False
@@ -123,9 +125,10 @@ class MADTPMixin(AuxLossMixin):
     _vleff_madtp: MADTPController | None = None
 
     def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
-                  max_evals: int = 40, epoch_max_evals: int = 12, **settings: Any) -> None:
+                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", **settings: Any) -> None:
         apply_madtp(self, MADTPConfig.build(**settings))  # type: ignore[arg-type]
-        self._vleff_madtp = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals)
+        self._vleff_madtp = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
+                                          measure)
 
     def on_train_start(self) -> Any:
         from vleff.callbacks.mixins import _parent

@@ -531,6 +531,25 @@ def pair_forward(pair: ModelPair, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     return image[:, 0], out.last_hidden_state[:, 0]
 
 
+def image_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
+    """The image tower alone (``forward=`` of :func:`calibrate_madtp` for an image-tower FLOPs target)."""
+    images = batch_inputs(batch)[0]
+    param = next(pair.model.parameters())
+    return pair.encode_image(images.to(device=param.device, dtype=param.dtype))
+
+
+def text_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
+    """The text tower alone, without cross-attention (a text-tower FLOPs target)."""
+    _, ids, mask = batch_inputs(batch)
+    param = next(pair.model.parameters())
+    return pair.encode_text(ids.to(param.device), mask.to(param.device) if mask is not None else None)
+
+
+#: what the controller counts, by name (``measure=`` of the callback, mixin and controller)
+FORWARDS: dict[str, Callable[[ModelPair, Batch], Any]] = {"pair": pair_forward, "image": image_forward,
+                                                           "text": text_forward}
+
+
 def measure_flops(model: nn.Module, batches: Sequence[Batch],
                   forward: Callable[[ModelPair, Batch], Any] | None = None) -> int:
     """FLOPs (:func:`vleff.profile.count_flops`) of ``forward(pair, batch)`` summed over ``batches``,
