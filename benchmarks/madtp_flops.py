@@ -4,9 +4,10 @@ Models (random init, no download):
 
 * open_clip ``ViT-B-16`` (``pretrained=None``): one 224 px image + one 77-token caption
   (SOT, ``--words`` word ids, EOT, padding) -- the FLOPs case of the CrossGET/MADTP papers.
-* Hugging Face ``BlipForImageTextRetrieval`` with its default (ViT-B/16 @ 384 px, BERT-base)
-  config, ``initializer_range=0.02`` in the vision tower (BLIP's own 1e-10 makes every weight
-  ~0): one 384 px image + one 35-token caption (BLIP's retrieval length; [CLS], words, [SEP],
+* Hugging Face ``BlipForImageTextRetrieval`` with its default (ViT-B/16, BERT-base) config at
+  ``--blip-size`` px (default 224, not BLIP's 384: on the shared 2-core machine a 384 px
+  calibration takes too long), ``initializer_range=0.02`` in the vision tower (BLIP's own
+  1e-10 makes every weight ~0): one image + one 35-token caption (BLIP's retrieval length; [CLS], words, [SEP],
   padding), counted as the image-text matching forward (vision tower, then the text encoder
   cross-attending to it: where MADTP prunes the text before cross-attention).
 
@@ -56,7 +57,7 @@ def blip_caption(words: int, context: int = 35, seed: int = 0) -> tuple[torch.Te
     return ids, (ids != 0).long()
 
 
-def build(name: str, words: int):
+def build(name: str, words: int, blip_size: int = 224):
     torch.manual_seed(0)
     if name == "open_clip":
         import open_clip
@@ -67,10 +68,10 @@ def build(name: str, words: int):
     if name == "blip":
         from transformers import BlipConfig, BlipForImageTextRetrieval
 
-        cfg = BlipConfig(vision_config={"initializer_range": 0.02})
+        cfg = BlipConfig(vision_config={"initializer_range": 0.02, "image_size": blip_size})
         model = BlipForImageTextRetrieval(cfg).eval()
         ids, mask = blip_caption(words)
-        return model, (torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0)), ids, mask)
+        return model, (torch.randn(1, 3, blip_size, blip_size, generator=torch.Generator().manual_seed(0)), ids, mask)
     raise ValueError(f"model {name!r}: use open_clip or blip")
 
 
@@ -87,8 +88,9 @@ def tower_calls(model, batch):
                                                  encoder_attention_mask=enc)}
 
 
-def run(name: str, reductions: list[float], words: int, throughput_at: float | None, repeats: int) -> list[dict]:
-    model, batch = build(name, words)
+def run(name: str, reductions: list[float], words: int, throughput_at: float | None, repeats: int,
+        blip_size: int = 224) -> list[dict]:
+    model, batch = build(name, words, blip_size)
     plain = copy.deepcopy(model)
     pair = find_pair(plain)
     with torch.no_grad():
@@ -127,11 +129,12 @@ def main() -> None:
     parser.add_argument("--throughput-reduction", type=float, default=0.5,
                         help="measure per-tower throughput at this flops_reduction (negative: skip)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--blip-size", type=int, default=224, help="BLIP image size (its own: 384)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     at = args.throughput_reduction if args.throughput_reduction >= 0 else None
-    rows = [r for name in args.models for r in run(name, args.reductions, args.words, at, args.repeats)]
+    rows = [r for name in args.models for r in run(name, args.reductions, args.words, at, args.repeats, args.blip_size)]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -392,3 +392,21 @@ def test_mixin_adds_the_loss_with_one_call_and_checkpoints_the_controller(tmp_pa
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=False)["vleff_madtp_controller"]
     assert state["tau"] == madtp_tau(module) and len(state["batches"]) == 1
+
+
+def test_alignment_loss_is_torch_cosine_embedding_loss():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from vleff.tokens.madtp import alignment_loss
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**16))
+    def check(b, codes, d, s):
+        g = torch.Generator().manual_seed(s)
+        a, c = torch.randn(b, codes, d, generator=g), torch.randn(b, codes, d, generator=g)
+        ref = torch.nn.CosineEmbeddingLoss()(a.reshape(-1, d), c.reshape(-1, d), torch.ones(b * codes))
+        torch.testing.assert_close(alignment_loss(a, c), ref, atol=1e-6, rtol=1e-5)
+        assert alignment_loss(a, a).abs() < 1e-6 and 0 <= alignment_loss(a, -a) <= 2 + 1e-6
+
+    check()
