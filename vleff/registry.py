@@ -124,6 +124,7 @@ _BUILTIN: dict[str, str] = {
     "dynamicvit": "vleff.tokens.dynamicvit",
     "evit": "vleff.tokens.evit",
     "crossget": "vleff.tokens.crossget",
+    "madtp": "vleff.tokens.madtp",
     "galore": "vleff.memory.methods",
     "mezo": "vleff.memory.methods",
     "vqt": "vleff.side.vqt",

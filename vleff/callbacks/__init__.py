@@ -12,6 +12,8 @@ _CALLBACKS = {
     "DynamicViT": "vleff.callbacks.dynamicvit",
     "EViT": "vleff.callbacks.evit",
     "CrossGET": "vleff.callbacks.crossget",
+    "MADTP": "vleff.callbacks.madtp",
+    "MADTPMixin": "vleff.callbacks.madtp",
     "AuxLoss": "vleff.callbacks.aux_loss",
     "GaLore": "vleff.callbacks.galore",
     "MeZO": "vleff.callbacks.mezo",

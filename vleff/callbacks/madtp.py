@@ -1,0 +1,168 @@
+"""Lightning callback and mixin: fine-tune an image-text model with MADTP, the user's code unchanged.
+
+``setup`` applies :func:`vleff.tokens.madtp.apply_madtp` to the module's image-text model
+before ``configure_optimizers`` (the codebook and projections reach the optimizer) and before
+checkpoint weights load (resume restores them, τ included). The alignment loss is added to the
+loss ``training_step`` returns (:mod:`vleff.callbacks.aux_loss`).
+
+The FLOPs controller (:class:`vleff.tokens.madtp_controller.MADTPController`) keeps the first
+``calibration_batches`` training batches, calibrates τ on them when training starts (so the
+measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
+(τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
+with the same τ and the same calibration data.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
+from vleff.callbacks.mixins import AuxLossMixin
+from vleff.checks import check_bool
+from vleff.tokens.madtp import MADTPConfig, _find_pair_in, apply_madtp, madtp_applied
+from vleff.tokens.madtp_controller import MADTPController
+
+CHECKPOINT_KEY = "vleff_madtp_controller"
+
+
+def _target(pl_module: nn.Module, path: str | None) -> nn.Module:
+    if path is None:
+        return _find_pair_in(pl_module).model
+    from vleff.callbacks.dynamicvit import resolve_module
+
+    return resolve_module(pl_module, path)
+
+
+def _loader(trainer: pl.Trainer) -> Any:
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise RuntimeError("MADTP calibration needs the training dataloader, which the trainer does not have")
+    return loader
+
+
+class MADTP(Callback):
+    """MADTP (alignment-guided token pruning, τ kept at a FLOPs target) for an existing LightningModule.
+
+    Args:
+        module: dotted attribute path of the image-text model (default: the one the module holds).
+        calibration_batches: training batches the controller measures FLOPs on.
+        adjust_every_epoch: re-calibrate τ after every training epoch.
+        rtol: relative FLOPs tolerance of the calibration search.
+        max_evals, epoch_max_evals: counted forwards per calibration (before training / after an epoch).
+        measure: the FLOPs the target is of: ``"pair"`` (both towers), ``"image"`` or ``"text"``.
+        log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration.
+        **settings: :class:`vleff.tokens.madtp.MADTPConfig` fields (``flops_reduction``,
+            ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
+    """
+
+    settings_config = MADTPConfig
+
+    def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
+                 rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
+                 log: bool = True, **settings: Any) -> None:
+        self.config = MADTPConfig.build(**settings)
+        if module is not None and (not isinstance(module, str) or not module):
+            raise ValueError(f"module={module!r} is not allowed; give the model's attribute path as a string or None")
+        self.module = module
+        self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
+                                          measure)
+        self.log = check_bool("log", log)
+        self._target: nn.Module | None = None
+        self._attached = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = _target(pl_module, self.module)
+        if not madtp_applied(target):
+            apply_madtp(target, self.config)
+        self._target = target
+        self.controller.restore(target)
+        if stage == "fit" and not self._attached:
+            attach_aux_loss(pl_module, self.log)
+            self._attached = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._attached:
+            detach_aux_loss(pl_module)
+            self._attached = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._target is not None
+        if self.controller.calibrated:  # resumed: τ and the batches came with the checkpoint
+            self.controller.restore(self._target)
+            return
+        self.controller.capture(_loader(trainer))
+        self.controller.calibrate(self._target)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.controller.adjust_every_epoch or self.controller.batches is None:
+            return
+        result = self.controller.calibrate(self._target, epoch=trainer.current_epoch)
+        if self.log:
+            pl_module.log_dict({"madtp/tau": float(result.tau), "madtp/flops_ratio": float(result.ratio)},
+                               on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("flops_reduction")
+        if saved is not None and saved != self.config.flops_reduction:
+            raise ValueError(f"checkpoint was calibrated for MADTP flops_reduction={saved!r} but this callback has "
+                             f"flops_reduction={self.config.flops_reduction!r}")
+        self.controller.load_state_dict(state_dict)
+        if self._target is not None:
+            self.controller.restore(self._target)
+
+
+class MADTPMixin(AuxLossMixin):
+    """``use_madtp(**settings)`` in ``__init__`` and ``loss + self.vleff_aux_loss()`` in
+    ``training_step``; τ is calibrated when training starts and after each epoch, and the
+    controller's state travels in the checkpoint under ``"vleff_madtp_controller"``."""
+
+    _vleff_madtp: MADTPController | None = None
+
+    def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
+                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", **settings: Any) -> None:
+        apply_madtp(self, MADTPConfig.build(**settings))  # type: ignore[arg-type]
+        self._vleff_madtp = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
+                                          measure)
+
+    def on_train_start(self) -> Any:
+        from vleff.callbacks.mixins import _parent
+
+        out = _parent(self, MADTPMixin, "on_train_start")
+        ctl = self._vleff_madtp
+        if ctl is not None:
+            if ctl.calibrated:
+                ctl.restore(self)  # type: ignore[arg-type]
+            else:
+                ctl.capture(_loader(self.trainer))  # type: ignore[attr-defined]
+                ctl.calibrate(self)  # type: ignore[arg-type]
+        return out
+
+    def on_train_epoch_end(self) -> Any:
+        from vleff.callbacks.mixins import _parent
+
+        out = _parent(self, MADTPMixin, "on_train_epoch_end")
+        ctl = self._vleff_madtp
+        if ctl is not None and ctl.adjust_every_epoch and ctl.batches is not None:
+            ctl.calibrate(self, epoch=self.current_epoch)  # type: ignore[arg-type,attr-defined]
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.mixins import _parent
+
+        _parent(self, MADTPMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_madtp is not None:
+            checkpoint[CHECKPOINT_KEY] = self._vleff_madtp.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.mixins import _parent
+
+        _parent(self, MADTPMixin, "on_load_checkpoint", checkpoint)
+        if self._vleff_madtp is not None and CHECKPOINT_KEY in checkpoint:
+            self._vleff_madtp.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            self._vleff_madtp.restore(self)  # type: ignore[arg-type]

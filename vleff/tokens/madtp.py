@@ -1,0 +1,707 @@
+"""MADTP (Cao et al., CVPR 2024): alignment-guided dynamic token pruning on both towers of an
+image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face BLIP).
+
+* **Alignment codebook**: one learnable ``randn(num_codes, code_dim)`` shared by both towers
+  (``vleff_madtp.codebook`` on the model). Before every block each tower scores its content
+  tokens A against it, ``T = proj_l(A) · codebookᵀ`` (``[B, N, codes]``); ``proj_l`` is a
+  per-block ``Linear(width → code_dim)`` when the towers' widths differ (CLIP), the identity
+  when they are equal (BLIP). In training the layer's *alignment feature* is the
+  softmax-over-tokens weighting ``softmax(T/√D)ᵀ · proj_l(A)`` (``[B, codes, D]``), summed over
+  layers; the loss ``align_weight · mean(1 − cos(f_image, f_text))`` over the codebook rows
+  pulls the towers' summaries together (recorded as the aux loss ``madtp/align``).
+* **Pruning** between the attention residual and the MLP (BLIP text: after self-attention,
+  before cross-attention), over the candidate tokens (not cls/prefix, not the text's EOT or
+  pooled token, not padding). Importance ``S`` = mean of three scores, each normalised over the
+  candidates: attention received (max over heads, summed over the queries), codebook score (max
+  over codes; shifted to be non-negative before normalising -- the reference divides raw dot
+  products, whose sum can be near zero, by their sum), and the pooling token's attention
+  weighted per head by the norm of that head's output. Threshold per sample
+  ``min_c Σ_j softmax_j(T_jc / τ) · S_j``; a sample keeps the candidates above it (at least
+  ``min_keep``), the others are **fused** into one token weighted by ``S``. A sample that would
+  fuse a single token keeps it instead (fusing one token into one saves nothing). Text padding
+  is never a candidate; the first pruning block drops it (beyond the batch's longest text),
+  which changes no real token's output (padding is masked) and is most of a short caption's
+  cost in a 77-token context (the reference keeps it as candidates).
+* **τ** is not learned: :func:`calibrate_madtp` searches it so the *measured* FLOPs
+  (:mod:`vleff.profile`) of the model hit ``baseline × (1 − flops_reduction)``;
+  :class:`vleff.callbacks.MADTP` does that before training and after every epoch. τ lives in
+  the model's ``state_dict`` (``vleff_madtp._extra_state``), so checkpoints restore it.
+
+**Ragged keep counts** (``ragged``): samples of one batch keep different numbers of tokens.
+
+* ``"mask"`` (default, better than the reference): every sample keeps exactly its own tokens;
+  the batch's rectangle is filled with *filler* slots (text padding first, then the sample's
+  best fused-away tokens) that no token attends to (an additive bias; a filler field follows
+  every later reduction) and that later blocks never keep or fuse. A sample's output does not
+  depend on the rest of its batch (tested): retrieval embeddings cached one batch at a time
+  stay the same whatever they were batched with. The compute is the batch maximum's, as in
+  the reference.
+* ``"max"`` (the reference): every sample keeps the batch-maximum count of its best tokens,
+  so a sample's pruning depends on its batch.
+
+Text towers keep causal order and find their EOT after pruning through the framework's text
+layout (:mod:`vleff.backbones.text`), which the reference CLIP code does not (it pools at the
+original EOT index with a fixed mask).
+
+>>> vleff.apply_madtp(model, flops_reduction=0.5)
+>>> vleff.calibrate_madtp(model, batches)          # τ for 0.5x the measured FLOPs
+>>> loss = task_loss + vleff.vleff_aux_loss(model) # training: the alignment loss
+>>> vleff.remove_madtp(model)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vleff.backbones import BlockInfo, TokenState, TowerHook, get_patch
+from vleff.backbones.pairs import ModelPair, find_pair, pair_context
+from vleff.backbones.state import gather_tokens
+from vleff.backbones.text import PAD, PROTECTED, eot_rows
+from vleff.checks import check_choice, check_int, check_number, check_towers
+from vleff.registry import Method, MethodConfig, register_method
+from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, tower_modalities
+
+HOOK_NAME = "madtp"
+MODULE_NAME = "vleff_madtp"
+FILLER = "madtp_filler"
+ALIGN_LOSS = "madtp/align"
+TOWERS = ("image", "text")
+#: token methods MADTP cannot share a tower with (each rewrites the sequence its own way)
+CONFLICTS = ("tome", "evit", "dynamicvit", "crossget")
+RAGGED = ("mask", "max")
+
+
+@dataclass
+class MADTPConfig(MethodConfig):
+    """MADTP's settings.
+
+    Attributes:
+        flops_reduction: the FLOPs target of the controller, in (0, 1): the calibrated model
+            costs ``baseline × (1 − flops_reduction)`` (:func:`calibrate_madtp`).
+        tau: the temperature until the controller sets it (> 0; higher prunes more).
+        num_codes: rows of the alignment codebook (paper: 100).
+        code_dim: codebook width (``None``: the wider tower's width).
+        align_weight: weight of the cosine alignment loss (paper: 0.1).
+        locations: blocks that prune (``None``: every block, as the reference; ``()``: none,
+            only the alignment features are computed).
+        min_keep: candidates a sample keeps at least at each pruning block.
+        ragged: ``"mask"`` (per-sample exact, batch-independent) or ``"max"`` (the reference's
+            batch maximum); see the module docstring.
+        towers: which towers prune: ``"all"``, ``"image"`` or ``"text"`` (the alignment
+            features always come from both).
+    """
+
+    method = "madtp"
+    flops_reduction: float = 0.5
+    tau: float = 1.0
+    num_codes: int = 100
+    code_dim: int | None = None
+    align_weight: float = 0.1
+    locations: Sequence[int] | None = None
+    min_keep: int = 1
+    ragged: str = "mask"
+    towers: str = "all"
+
+    def __post_init__(self) -> None:
+        self.flops_reduction = check_number("flops_reduction", self.flops_reduction, low=0, high=1,
+                                            low_open=True, high_open=True, owner="MADTP")
+        self.tau = check_number("tau", self.tau, low=0, low_open=True, owner="MADTP")
+        self.num_codes = check_int("num_codes", self.num_codes, low=1)
+        if self.code_dim is not None:
+            self.code_dim = check_int("code_dim", self.code_dim, low=1)
+        self.align_weight = check_number("align_weight", self.align_weight, low=0, owner="MADTP")
+        if self.locations is not None:
+            self.locations = _check_locations(self.locations)
+        self.min_keep = check_int("min_keep", self.min_keep, low=1)
+        check_choice("ragged", self.ragged, RAGGED)
+        check_towers(self.towers, TOWERS)
+
+
+def _check_locations(locations: object, depth: int | None = None, tower: str = "") -> tuple[int, ...]:
+    if isinstance(locations, (str, bytes)) or not isinstance(locations, Sequence):
+        raise ValueError(f"locations={locations!r} is not allowed; give a sequence of block indices or None")
+    locs = list(locations)
+    for loc in locs:
+        if not isinstance(loc, numbers.Integral) or isinstance(loc, bool) or loc < 0:
+            raise ValueError(f"locations={locations!r}: {loc!r} is not a block index (an integer >= 0)")
+        if depth is not None and loc >= depth:
+            raise ValueError(f"locations={locations!r}: {loc} is not a block of the {tower} tower "
+                             f"(it has {depth} blocks)")
+    if any(b <= a for a, b in zip(locs, locs[1:])):
+        raise ValueError(f"locations={locations!r} must be strictly increasing")
+    return tuple(int(loc) for loc in locs)
+
+
+# --------------------------------------------------------------------------------------------
+class MADTPModule(nn.Module):
+    """The learnable parts (codebook, per-block projections) and the temperature τ.
+
+    τ is a Python float saved through ``get_extra_state`` (so dtype casts of the model never
+    round it and every checkpoint carries it). ``enabled=False`` turns both towers' hooks into
+    pass-throughs (the controller measures the baseline that way)."""
+
+    def __init__(self, num_codes: int, code_dim: int, widths: dict[str, int], depths: dict[str, int],
+                 tau: float) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(torch.randn(num_codes, code_dim))
+        project = len(set(widths.values())) > 1 or any(w != code_dim for w in widths.values())
+        self.proj = nn.ModuleDict({
+            m: nn.ModuleList([nn.Linear(widths[m], code_dim) if project else nn.Identity() for _ in range(depths[m])])
+            for m in widths})
+        self.tau = float(tau)
+        self.enabled = True
+        self.__dict__["_pending"] = {}
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"tau": self.tau}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.tau = float(state["tau"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pending"] = {}  # alignment features of an unfinished step hold autograd graphs
+        return state
+
+    @property
+    def pending(self) -> dict[str, torch.Tensor]:
+        """Alignment features waiting for the other tower (outside a :class:`PairContext`)."""
+        return self.__dict__.setdefault("_pending", {})
+
+
+def alignment_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``mean(1 − cos)`` over the codebook rows of two ``[B, codes, D]`` alignment features
+    (``torch.nn.CosineEmbeddingLoss`` with target 1)."""
+    return (1.0 - F.cosine_similarity(image.float(), text.float(), dim=-1)).mean()
+
+
+def _normalise(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    s = score * mask
+    return s / s.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class MADTPHook(TowerHook):
+    """MADTP on one tower: alignment features before each block, pruning between attention and MLP."""
+
+    name = HOOK_NAME
+
+    def __init__(self, module: MADTPModule, modality: str, root: nn.Module, locations: tuple[int, ...],
+                 prune: bool, config: MADTPConfig) -> None:
+        self.module = module
+        self.modality = modality
+        self.root = root
+        self.locations = locations if prune else ()
+        self.config = config
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return self.module.enabled
+
+    def _training(self) -> bool:
+        return self.module.training and torch.is_grad_enabled()
+
+    def _content(self, state: TokenState) -> torch.Tensor:
+        """``[B, N]`` tokens that are words/patches of the sample: not prefix, not padding, not filler."""
+        b, n = state.batch_size, state.num_tokens
+        dev = self.module.codebook.device
+        mask = torch.ones(b, n, dtype=torch.bool, device=dev)
+        mask[:, :state.num_prefix] = False
+        for name in (PAD, FILLER):
+            v = state.get(name)
+            if v is not None:
+                mask = mask & ~v.bool()
+        return mask
+
+    # --- entry points ----------------------------------------------------------------------------
+    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        patch = get_patch(self.root)
+        if patch is not None:
+            others = [h.name for h in patch.hooks if h.name in CONFLICTS]
+            if others:
+                raise ValueError(f"MADTP cannot run with {', '.join(others)} on the same {self.modality} tower (each "
+                                 f"rewrites the token sequence its own way); remove {others[0]} or madtp")
+        state.scratch[HOOK_NAME] = {"feature": None}
+        return x
+
+    def needs_attention_probs(self, index: int) -> bool:
+        return self._active() and index in self.locations
+
+    def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        """Score the block input against the codebook (the tokens do not change until ``between``,
+        which uses the scores; the padding of a BLIP text is only known from block 0's library
+        mask, read after this entry point, so the content mask is applied in ``between``)."""
+        if not self._active() or (info.index not in self.locations and not self._training()):
+            return x
+        a = self.module.proj[self.modality][info.index](x)  # [B, N, D]
+        state.scratch[HOOK_NAME]["codes"] = (a, a @ self.module.codebook.to(a.dtype).t())  # [B, N, C]
+        return x
+
+    def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        scratch = state.scratch.get(HOOK_NAME, {})
+        codes = scratch.pop("codes", None)
+        if codes is None:
+            return x
+        a, t = codes
+        if self._training():
+            content = self._content(state).to(x.device)
+            logits = (t.float() / math.sqrt(a.shape[-1])).masked_fill(~content[..., None], float("-inf"))
+            w = logits.softmax(dim=1).nan_to_num(0.0)  # a sample without content tokens contributes 0
+            feature = w.transpose(1, 2).to(a.dtype) @ a  # [B, C, D]
+            scratch["feature"] = feature if scratch["feature"] is None else scratch["feature"] + feature
+        if info.index not in self.locations:
+            return x
+        return self._prune(x, info, state, t.float())
+
+    def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        scratch = state.scratch.get(HOOK_NAME, {})
+        feature = scratch.get("feature")
+        if feature is None or not self._training():
+            return x
+        ctx = pair_context(state)
+        store = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.module.pending
+        store[self.modality] = feature
+        other = store.get("text" if self.modality == "image" else "image")
+        if other is None:
+            return x
+        if other.shape == feature.shape:
+            state.add_aux_loss(ALIGN_LOSS, alignment_loss(store["image"], store["text"]) * self.config.align_weight)
+            store.clear()
+        else:  # not the same samples (a class-prompt batch): keep only the newest
+            store.clear()
+            store[self.modality] = feature
+        return x
+
+    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+        filler = state.get(FILLER)
+        if filler is None:
+            return None
+        low = torch.finfo(dtype).min / 2  # finite: a row whose every key is a filler stays finite
+        return (filler.to(dtype) * low)[:, None, None, :]
+
+    # --- pruning ----------------------------------------------------------------------------
+    def importance(self, info: BlockInfo, state: TokenState, t: torch.Tensor,
+                   cand: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` importance ``S`` of the candidates (0 elsewhere)."""
+        probs = info.probs.float()  # [B, H, N, N]
+        queries = live.clone()
+        queries[:, :state.num_prefix] = False
+        received = (probs.amax(dim=1) * queries[:, :, None]).sum(dim=1)  # [B, N] over keys
+        s_attn = _normalise(received, cand)
+        code = t.amax(dim=-1)
+        low = code.masked_fill(~cand, float("inf")).amin(dim=1, keepdim=True)
+        s_code = _normalise((code - low).clamp_min(0).masked_fill(~cand, 0), cand)
+        rows = self._pool_rows(state, probs)
+        index = rows[:, None, None, None].expand(-1, probs.shape[1], 1, probs.shape[-1])
+        pooled = probs.gather(2, index)[:, :, 0]  # [B, H, N]
+        heads = info.head_outputs.float().norm(dim=-1)  # [B, H, N]
+        heads = heads / heads.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        s_cls = (pooled * heads).sum(dim=1) * cand
+        return (s_attn + s_code + s_cls) / 3.0
+
+    def _pool_rows(self, state: TokenState, probs: torch.Tensor) -> torch.Tensor:
+        if state.get(PROTECTED) is not None:
+            return eot_rows(state)  # the text's pooled token (CLIP: EOT; BLIP: token 0)
+        return torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+
+    @torch.compiler.disable(recursive=True)  # data-dependent keep counts: run eagerly under torch.compile
+    def _prune(self, x: torch.Tensor, info: BlockInfo, state: TokenState, t: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+        dev = x.device
+        live = self._content(state).to(dev)  # not prefix / padding / filler
+        protected = state.get(PROTECTED)
+        cand = live & ~protected.bool() if protected is not None else live
+        live = live.clone()
+        live[:, :state.num_prefix] = True  # prefix tokens are live queries and always kept
+        score = self.importance(info, state, t, cand, live)
+        # per-sample threshold: min over codes of the code-weighted mean importance
+        w = (t / self.module.tau).masked_fill(~cand[..., None], float("-inf")).softmax(dim=1).nan_to_num(0.0)
+        threshold = (w * score[..., None]).sum(dim=1).amin(dim=1)  # [B]
+        n_cand = cand.sum(dim=1)
+        k = ((score > threshold[:, None]) & cand).sum(dim=1)
+        k = torch.minimum(torch.clamp(k, min=self.config.min_keep), n_cand)
+        if self.config.ragged == "max":  # the reference: the batch maximum, skipped when it fuses <= 1 token
+            k = torch.minimum(k.max().expand_as(k), n_cand)
+            if int((n_cand - k).max()) <= 1:
+                k = n_cand
+        else:
+            k = torch.where(n_cand - k <= 1, n_cand, k)  # per sample: fusing a single token saves nothing
+        ranked = score.masked_fill(~cand, float("-inf"))
+        order = ranked.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
+        keep = cand & (rank < k[:, None])
+        fixed = live & ~cand  # prefix, protected
+        filler_old = state.get(FILLER)
+        spare = ~live & ~cand  # padding and earlier fillers: free filler slots
+        if filler_old is not None:
+            spare = spare | filler_old.bool()
+        # slot order: kept tokens, then spare slots, then the best fused-away candidates
+        key = torch.where(fixed | keep, 3.0, torch.where(spare, 2.0, 1.0 - (rank.float() + 1) / (n + 1)))
+        total = int((fixed | keep).sum(dim=1).max())
+        idx = key.topk(total, dim=1).indices.sort(dim=1).values
+        chosen = torch.zeros_like(cand).scatter(1, idx, True)
+        if self.config.ragged == "max":
+            keep = cand & chosen  # the reference: filler slots are simply kept
+        dropped = cand & ~keep
+        if not bool(dropped.any()):  # nothing to fuse: only padding beyond the longest text goes
+            return x if total == n else state.select(x, idx)
+        weight = _normalise(score, dropped)
+        fused = (weight.to(x.dtype)[..., None] * x).sum(dim=1, keepdim=True)
+        new_filler = None
+        if self.config.ragged == "mask":
+            if filler_old is None:
+                state.register(FILLER, torch.zeros(b, n, dtype=torch.long, device=dev), "max")
+                filler_old = state.get(FILLER)
+            new_filler = (filler_old.bool() | (chosen & cand & ~keep)).long()
+        values = state.fuse(dropped)
+        x = state.select(x, idx)
+        if new_filler is not None:
+            state.set(FILLER, gather_tokens(new_filler, idx))
+            values[FILLER] = (~dropped.any(dim=1, keepdim=True)).long()  # nothing fused: the slot is filler
+        return state.append(x, fused, values)
+
+
+# --------------------------------------------------------------------------------------------
+def _find_pair_in(model: nn.Module) -> ModelPair:
+    """The image-text pair ``model`` is or holds (its one pair submodule); a model with one
+    tower, or none, gets ``TypeError`` saying MADTP needs both."""
+    try:
+        return find_pair(model)
+    except TypeError as first:
+        found = []
+        for name, child in model.named_modules():
+            if child is model:
+                continue
+            try:
+                found.append((name, find_pair(child)))
+            except TypeError:
+                continue
+        outer = [(n, p) for n, p in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+        if len(outer) == 1:
+            return outer[0][1]
+        if len(outer) > 1:
+            raise ValueError(f"{type(model).__name__} holds {len(outer)} image-text models "
+                             f"({', '.join(n for n, _ in outer)}); apply MADTP to one of them") from None
+        raise TypeError(f"MADTP does not support {type(model).__name__}: it needs both towers (image and text) of "
+                        f"one image-text model, because each tower's pruning is guided by a codebook aligned "
+                        f"across the two ({first})") from None
+
+
+def _pair_and_module(model: nn.Module) -> tuple[ModelPair, MADTPModule]:
+    pair = _find_pair_in(model)
+    module = getattr(pair.model, MODULE_NAME, None)
+    if not isinstance(module, MADTPModule):
+        raise ValueError(f"MADTP is not applied to this {type(model).__name__}; call apply_madtp first")
+    return pair, module
+
+
+def _refuse_conflicts(pair: ModelPair, prune: tuple[str, ...]) -> None:
+    for tower in (pair.image_tower, pair.text_tower):
+        if tower.modality not in prune:
+            continue
+        patch = get_patch(tower.root)
+        for other in CONFLICTS:
+            if patch is not None and patch.get_hook(other) is not None:
+                raise ValueError(f"cannot apply madtp while {other} is applied to the {tower.modality} tower: each "
+                                 f"rewrites the token sequence its own way; remove {other} first")
+
+
+def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings: Any) -> nn.Module:
+    """MADTP on both towers of an image-text ``model`` (in place).
+
+    Args:
+        model: an open_clip ``CLIP``, a Hugging Face ``CLIPModel`` or BLIP model, or a module
+            holding exactly one of them (a LightningModule).
+        config: a :class:`MADTPConfig`; ``settings`` (``flops_reduction=0.5`` ...) build or update it.
+
+    Raises:
+        TypeError: ``model`` has one tower or none (MADTP needs both).
+        ValueError: a bad setting, or another token method on a tower MADTP prunes.
+
+    Returns:
+        ``model``. Applying twice replaces the earlier codebook. τ starts at ``tau``; call
+        :func:`calibrate_madtp` (or train with :class:`vleff.callbacks.MADTP`) to hit the FLOPs target.
+    """
+    cfg = MADTPConfig.build(config, **settings)
+    pair = _find_pair_in(model)
+    towers = {"image": pair.image_tower, "text": pair.text_tower}
+    prune = tower_modalities(cfg.towers)
+    locs = {m: (tuple(range(len(t.blocks()))) if cfg.locations is None
+                else _check_locations(cfg.locations, len(t.blocks()), m)) for m, t in towers.items()}
+    _refuse_conflicts(pair, prune)
+    widths = {m: t.embed_dim for m, t in towers.items()}
+    depths = {m: len(t.blocks()) for m, t in towers.items()}
+    code_dim = cfg.code_dim or max(widths.values())
+    if hooks_named(pair.model, HOOK_NAME):
+        remove_madtp(pair.model)
+    param = next(pair.model.parameters())
+    module = MADTPModule(cfg.num_codes, code_dim, widths, depths, cfg.tau).to(device=param.device, dtype=param.dtype)
+    module.train(pair.model.training)
+    setattr(pair.model, MODULE_NAME, module)
+    hooks = [MADTPHook(module, m, t.root, locs[m], m in prune, cfg) for m, t in towers.items()]
+    attach_hooks(list(towers.values()), hooks)
+    return model
+
+
+def remove_madtp(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_madtp`: hooks and codebook removed, the towers run their own forward."""
+    try:
+        pair = _find_pair_in(model)
+    except TypeError:
+        pair = None
+    root = pair.model if pair is not None else model
+    if remove_hooks(root, HOOK_NAME) == 0:
+        raise ValueError(f"MADTP is not applied to this {type(model).__name__}; nothing to remove")
+    if MODULE_NAME in root._modules:
+        delattr(root, MODULE_NAME)
+    return model
+
+
+def madtp_applied(model: nn.Module) -> bool:
+    try:
+        pair = _find_pair_in(model)
+    except (TypeError, ValueError):
+        return False
+    return bool(hooks_named(pair.model, HOOK_NAME))
+
+
+def madtp_tau(model: nn.Module) -> float:
+    """The current temperature of an applied MADTP."""
+    return _pair_and_module(model)[1].tau
+
+
+def update_madtp(model: nn.Module, **changes: Any) -> None:
+    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep`` or ``ragged`` of an applied MADTP."""
+    pair, module = _pair_and_module(model)
+    hooks = hooks_named(pair.model, HOOK_NAME)
+    old = hooks[0].config
+    new = old.replace(**changes)
+    for key in ("num_codes", "code_dim", "locations", "towers"):
+        if getattr(new, key) != getattr(old, key):
+            raise ValueError(f"{key} cannot change on an applied MADTP ({getattr(old, key)!r} -> "
+                             f"{getattr(new, key)!r}); apply it again")
+    for hook in hooks:
+        hook.config = new
+    if "tau" in changes:
+        module.tau = new.tau
+
+
+# --- the FLOPs controller -------------------------------------------------------------------------
+Batch = Any
+
+
+def batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(images, token ids, attention mask or None)`` from a batch: a tuple/list
+    ``(images, ids[, mask])`` or a dict with ``images``/``pixel_values``, ``tokens``/``input_ids``
+    and optionally ``attention_mask``."""
+    if isinstance(batch, dict):
+        images = next((batch[k] for k in ("images", "pixel_values") if k in batch), None)
+        ids = next((batch[k] for k in ("tokens", "input_ids", "ids") if k in batch), None)
+        mask = batch.get("attention_mask")
+    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        images, ids = batch[0], batch[1]
+        mask = batch[2] if len(batch) == 3 else None
+    else:
+        images = ids = mask = None
+    if not isinstance(images, torch.Tensor) or not isinstance(ids, torch.Tensor):
+        raise TypeError(f"a MADTP calibration batch must be (images, token_ids[, attention_mask]) or a dict with "
+                        f"'images'/'pixel_values' and 'tokens'/'input_ids'; got {type(batch).__name__}")
+    return images, ids, mask
+
+
+def pair_forward(pair: ModelPair, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image-text forward whose FLOPs the controller counts: CLIP encodes both towers;
+    BLIP runs the vision tower and the text encoder cross-attending to its output (the
+    image-text matching path, where MADTP prunes the text before cross-attention)."""
+    images, ids, mask = batch_inputs(batch)
+    param = next(pair.model.parameters())
+    images = images.to(device=param.device, dtype=param.dtype if images.is_floating_point() else None)
+    ids = ids.to(param.device)
+    mask = mask.to(param.device) if mask is not None else None
+    if pair.family != "hf_blip":
+        return pair.encode_image(images), pair.encode_text(ids, mask)
+    image = pair.model.vision_model(pixel_values=images).last_hidden_state
+    if mask is None:
+        mask = torch.ones_like(ids)
+    out = pair.text_tower.root(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+                               encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device))
+    return image[:, 0], out.last_hidden_state[:, 0]
+
+
+def image_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
+    """The image tower alone (``forward=`` of :func:`calibrate_madtp` for an image-tower FLOPs target)."""
+    images = batch_inputs(batch)[0]
+    param = next(pair.model.parameters())
+    return pair.encode_image(images.to(device=param.device, dtype=param.dtype))
+
+
+def text_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
+    """The text tower alone, without cross-attention (a text-tower FLOPs target)."""
+    _, ids, mask = batch_inputs(batch)
+    param = next(pair.model.parameters())
+    return pair.encode_text(ids.to(param.device), mask.to(param.device) if mask is not None else None)
+
+
+#: what the controller counts, by name (``measure=`` of the callback, mixin and controller)
+FORWARDS: dict[str, Callable[[ModelPair, Batch], Any]] = {"pair": pair_forward, "image": image_forward,
+                                                           "text": text_forward}
+
+
+def measure_flops(model: nn.Module, batches: Sequence[Batch],
+                  forward: Callable[[ModelPair, Batch], Any] | None = None) -> int:
+    """FLOPs (:func:`vleff.profile.count_flops`) of ``forward(pair, batch)`` summed over ``batches``,
+    in eval mode without gradients (the model's mode is restored)."""
+    from vleff.profile import count_flops
+
+    pair = _find_pair_in(model)
+    fwd = forward or pair_forward
+    was = pair.model.training
+    pair.model.eval()
+    try:
+        return int(sum(count_flops(lambda b=b: fwd(pair, b)) for b in batches))
+    finally:
+        pair.model.train(was)
+
+
+@dataclass
+class MADTPCalibration:
+    """What :func:`calibrate_madtp` found.
+
+    Attributes:
+        tau: the temperature set on the model.
+        flops: measured FLOPs at ``tau`` (summed over the calibration batches).
+        baseline: measured FLOPs of the model without MADTP (same batches).
+        target: ``baseline × (1 − flops_reduction)``.
+        evaluations: every ``(tau, flops)`` tried, in order.
+    """
+
+    tau: float
+    flops: int
+    baseline: int
+    target: float
+    flops_reduction: float
+    evaluations: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Measured FLOPs over the baseline."""
+        return self.flops / self.baseline
+
+    @property
+    def error(self) -> float:
+        """Relative distance to the target, ``|flops − target| / target``."""
+        return abs(self.flops - self.target) / self.target
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tau": self.tau, "flops": self.flops, "baseline": self.baseline, "target": self.target,
+                "flops_reduction": self.flops_reduction, "evaluations": [list(e) for e in self.evaluations]}
+
+
+TAU_RANGE = (1e-4, 1e6)
+
+
+def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction: float | None = None, *,
+                    forward: Callable[[ModelPair, Batch], Any] | None = None, tau0: float | None = None,
+                    rtol: float = 0.005, max_evals: int = 40, baseline: int | None = None) -> MADTPCalibration:
+    """Set MADTP's τ so the measured FLOPs of ``model`` on ``batches`` hit ``baseline × (1 − flops_reduction)``.
+
+    The FLOPs are counted (:mod:`vleff.profile`, eval mode, no grad) on the calibration batches
+    for MADTP off (the baseline) and for each τ tried. FLOPs fall as τ grows (a flatter
+    softmax moves each sample's threshold towards its mean importance), but only in steps and
+    not strictly monotonically (pruning more at one block changes the next block's scores).
+    So the search brackets the target from ``tau0`` (the current τ) by factors of 4 in log
+    space, bisects the bracket geometrically (two thirds of ``max_evals`` at most), then, if the
+    bisection ended on a step larger than ``rtol``, scans τ log-spaced within ±30 % of the
+    crossing (the FLOPs scatter there, see the code) and keeps the τ whose FLOPs were closest to
+    the target. It stops once within ``rtol`` of the target.
+
+    Args:
+        batches: a few batches (see :func:`batch_inputs`); their sample count sets the
+            batch-maximum cost, so calibrate with the batch size you run.
+        flops_reduction: in (0, 1); default: the applied config's.
+        forward: ``forward(pair, batch)`` to count instead of :func:`pair_forward`.
+        baseline: known baseline FLOPs for these batches (skips measuring it).
+
+    Warns:
+        RuntimeWarning: the target is out of reach within τ in ``TAU_RANGE`` (the closest τ is set).
+    """
+    pair, module = _pair_and_module(model)
+    hooks = hooks_named(pair.model, HOOK_NAME)
+    p = hooks[0].config.flops_reduction if flops_reduction is None else check_number(
+        "flops_reduction", flops_reduction, low=0, high=1, low_open=True, high_open=True, owner="MADTP")
+    rtol = check_number("rtol", rtol, low=0, low_open=True)
+    max_evals = check_int("max_evals", max_evals, low=2)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty; give at least one calibration batch")
+    if baseline is None:
+        module.enabled = False
+        try:
+            baseline = measure_flops(pair.model, batches, forward)
+        finally:
+            module.enabled = True
+    target = baseline * (1.0 - p)
+    evals: list[tuple[float, int]] = []
+
+    def flops_at(tau: float) -> int:
+        module.tau = tau
+        value = measure_flops(pair.model, batches, forward)
+        evals.append((tau, value))
+        return value
+
+    lo_bound, hi_bound = TAU_RANGE
+    tau = min(max(float(tau0 if tau0 is not None else module.tau), lo_bound), hi_bound)
+    f = flops_at(tau)
+    lo = hi = tau  # invariant once bracketed: flops(lo) > target >= flops(hi)
+    if f > target:  # prune more: raise τ
+        while f > target and hi < hi_bound and len(evals) < max_evals:
+            lo, hi = hi, min(hi * 4.0, hi_bound)
+            f = flops_at(hi)
+    else:
+        while f <= target and lo > lo_bound and len(evals) < max_evals:
+            hi, lo = lo, max(lo / 4.0, lo_bound)
+            f = flops_at(lo)
+    def close() -> bool:
+        return min(abs(v - target) for _, v in evals) <= rtol * target
+
+    bisect_budget = max(2, (2 * max_evals) // 3)
+    while lo < hi and len(evals) < bisect_budget and not close() and hi / lo > 1.02:
+        mid = math.sqrt(lo * hi)
+        if flops_at(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    if lo < hi and not close():
+        # the count is a step function, and a token kept or dropped at one block reshuffles the
+        # next blocks' scores: near the crossing the FLOPs scatter around the trend, so a local
+        # log-spaced scan finds a τ closer than the single step bisection converged on
+        centre = math.sqrt(lo * hi)
+        left = max_evals - len(evals)
+        for i in range(left):
+            if close():
+                break
+            step = (i // 2 + 1) * 0.3 / max(1, left // 2)
+            flops_at(centre * math.exp(step if i % 2 == 0 else -step))
+    best_tau, best = min(evals, key=lambda e: (abs(e[1] - target), e[0]))
+    module.tau = best_tau
+    for hook in hooks:
+        hook.config = hook.config.replace(tau=best_tau, flops_reduction=p)
+    result = MADTPCalibration(best_tau, best, baseline, target, p, evals)
+    if result.error > max(rtol, 0.03):
+        warnings.warn(f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} gives "
+                      f"{best / baseline:.3f}x the baseline FLOPs (target {1 - p:.3f}x); "
+                      f"τ in [{lo_bound:g}, {hi_bound:g}] was searched", RuntimeWarning, stacklevel=2)
+    return result
+
+
+register_method(Method(
+    name="madtp", kind="tokens", config=MADTPConfig, apply=apply_madtp, remove=remove_madtp, update=update_madtp,
+    is_applied=madtp_applied, callback="vleff.callbacks.MADTP", mixin="vleff.callbacks.MADTPMixin", towers=TOWERS,
+    bench_settings={"flops_reduction": 0.5},
+    description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target"))
