@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import io
 import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -147,18 +148,18 @@ SETTINGS: dict[str, Settings] = {
                               ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
                     state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
                     families=("timm_vit", "timm_registers", "open_clip", "hf_clip"),
-                    conflicts=("tome", "evit", "dynamicvit")),
+                    conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(noop={"reduction": 4}, active={"reduction": 2},
                     refusals=[({"reduction": 0}, "reduction"), ({"reduction": 2.5}, "reduction"),
                               ({"side_heads": 0}, "side_heads"), ({"init": "random"}, "init"),
                               ({"temperature": 0}, "temperature"), ({"towers": "audio"}, "towers")],
                     state_prefix="vleff_lst.", callback_args={"reduction": 4}, activate=_perturb_side_up,
-                    families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit")),
+                    families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
     "unipt": Settings(noop={"factor": 2}, active={"factor": 1},
                       refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
                       state_prefix="vleff_unipt.", callback_args={"factor": 2}, activate=_perturb_side_up,
-                      families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit")),
+                      families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
     "reversible": Settings(noop=None, active={"coupling": "meft"},  # with its adapters
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
                                      ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf"),
@@ -180,7 +181,7 @@ SETTINGS: dict[str, Settings] = {
                                    ({"prop_attn": 1}, "prop_attn"), ({"loss_weight": -1}, "loss_weight"),
                                    ({"loss_weight": float("nan")}, "loss_weight")],
                          state_prefix="vleff_crossget_offsets", callback_args={"r_image": 2, "r_text": 4},
-                         families=("open_clip", "hf_clip", "hf_blip"), conflicts=("tome", "evit", "dynamicvit"),
+                         families=("open_clip", "hf_clip", "hf_blip"), conflicts=("tome", "evit", "dynamicvit", "madtp"),
                          fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
     # MADTP needs both towers of an image-text model (single-tower families are refused); its
     # callback's exact resume is tested on a CLIP LightningModule in test_madtp.py (TinyClassifier is a timm ViT)
@@ -368,15 +369,22 @@ def test_unsupported_families_are_refused_clearly(name, family, tower):
 @pytest.mark.parametrize("name, other", CONFLICTS, ids=[f"{a}+{b}" for a, b in CONFLICTS])
 def test_conflicting_methods_are_refused_clearly(name, other):
     """``name`` refuses to join ``other`` (applied first) with an error naming both; applied
-    the other way round, the stack refuses at the first forward."""
+    the other way round, ``other`` refuses too (naming ``name``), or the stack refuses at the
+    first forward."""
     model, fwd = _model_and_forward(_common_family(name, other), "image")
     _apply(other, model, SETTINGS[other].active, "image")
     with pytest.raises(ValueError, match=f"cannot apply {name} while {other}"):
         _apply(name, model, SETTINGS[name].active, "image")
     get_method(other).remove(model)
     _apply(name, model, SETTINGS[name].active, "image")
-    _apply(other, model, SETTINGS[other].active, "image")
-    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match=name.upper() + "|" + name):
+    names = name.upper() + "|" + name
+    try:
+        _apply(other, model, SETTINGS[other].active, "image")
+    except ValueError as refused:  # refused when applied: the earlier method is untouched
+        assert re.search(f"cannot apply {other} while ({names})", str(refused)), refused
+        assert get_method(name).is_applied(model) and not get_method(other).is_applied(model)
+        return
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match=names):
         fwd(model)
 
 
