@@ -116,6 +116,7 @@ def main() -> None:
         apply_reversible(module)
         start_acc = accuracy(module.eval(), batches)  # the starting gap, in accuracy
         remove_reversible(module)
+        module.train()  # Lightning keeps the modes it finds
         seconds = fit(module, args.ft_epochs, [Reversible(coupling="meft"), *extra])
         report(name, module, seconds, start_accuracy=round(start_acc, 4))
 

@@ -109,7 +109,7 @@ def test_meft_needs_float64_streams_at_depth_12():
     """MEFT's residual couplings amplify rounding error ~6.9x per block even at λ = β = 1: at
     depth 12 float32 streams give wrong gradients, float64 streams (the default) right ones,
     in a float32 model."""
-    model = _vit(depth=12).train()
+    model = _vit(depth=12, embed_dim=32, num_heads=2).train()
     x = tm.images()
     errors = {}
     for streams in ("float64", "float32"):
