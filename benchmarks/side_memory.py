@@ -3,8 +3,7 @@
 One table per model: timm ViT-B/16 at 224 px and the open_clip ViT-B-32 image tower (with a
 10-class linear head), random init (no download), fp32, AdamW, one training step of a
 cross-entropy loss. Methods: full fine-tuning, linear probe (head only), LoRA r=8 (``peft``, on
-the attention input projections), LST r=8, UniPT (factor 2), VQT T=1 (timm only: VQT does not
-support open_clip towers yet).
+the attention input projections), LST r=8, UniPT (factor 2), VQT T=1.
 
 Per method, each in a fresh process (so one's peak cannot hide in memory another reserved):
 
@@ -13,6 +12,7 @@ Per method, each in a fresh process (so one's peak cannot hide in memory another
 * ``.grad`` bytes and optimizer-state bytes after the step (:mod:`vleff.profile.memory`);
 * process peak: resident memory before the step + the step's peak growth
   (:func:`vleff.profile.peak_memory_bytes`; CPU: ``VmHWM``), the quantity the LST target is about;
+* step peak: the step's peak growth alone (weights, batch and the libraries already resident);
 * trainable parameters, % of all; step time of the second step (ratio to full fine-tuning).
 
     python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32] [--methods full,linear,...]
@@ -155,11 +155,12 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     full = {r["model"]: r for r in rows if r["method"] == "full"}
     lines = ["| model | method | saved for backward MiB (× full) | .grad MiB | optimizer MiB | process peak MiB "
-             "(× full) | trainable % | step time × full |", "|---|---|---|---|---|---|---|---|"]
+             "(× full) | step peak MiB (× full) | trainable % | step time × full |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = full.get(r["model"])
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | | |")
             continue
 
         def ratio(key: str) -> str:
@@ -168,7 +169,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         time_ratio = f"{r['step_seconds'] / f['step_seconds']:.2f}" if f else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['saved_bytes'] / MIB:.1f}{ratio('saved_bytes')} | "
                      f"{r['grad_bytes'] / MIB:.1f} | {r['optimizer_bytes'] / MIB:.1f} | "
-                     f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | {r['trainable_pct']:.2f} | "
+                     f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | "
+                     f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | {r['trainable_pct']:.2f} | "
                      f"{time_ratio} |")
     return "\n".join(lines)
 
@@ -179,17 +181,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"))
+    parser.add_argument("--rows", help="print the table of the JSON rows in this file (no measurement)")
     args = parser.parse_args(argv)
     if args.worker:
         model, method = args.worker
         print(TAG + json.dumps(measure(model, method, args.batch)), flush=True)
         return
+    if args.rows:
+        with open(args.rows) as f:
+            print(table([json.loads(line) for line in f if line.startswith("{")]))
+        return
     rows = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
-            if method == "vqt" and model != "vit_b16":
-                rows.append({"model": model, "method": method, "error": "VQT supports timm ViT towers only"})
-                continue
             cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch)]
             print(f"[side_memory {time.strftime('%H:%M:%S')}] {model} {method}", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True)

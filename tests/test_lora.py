@@ -83,3 +83,25 @@ def test_lora_stacks_with_a_vleff_token_method_on_timm():
         vleff.apply_tome(model, r=0)  # no-op ToMe: the generic block path
         torch.testing.assert_close(model(tm.images()), ref, atol=1e-5, rtol=1e-5)
 
+
+
+def _fit(tmp_path, max_steps, ckpt=None, save=None):
+    torch.manual_seed(0)
+    module = tl.TinyClassifier()
+    trainer = tl.trainer(tmp_path, [vleff.callbacks.LoRA(r=2)], max_steps=max_steps, max_epochs=-1)
+    trainer.fit(module, tl.loader(4, seed=1), ckpt_path=ckpt)  # one batch per epoch (as the conformance suite)
+    if save:
+        trainer.save_checkpoint(save)
+    return module
+
+
+def test_lora_callback_fit_saved_and_resumed_equals_uninterrupted(tmp_path):
+    straight = _fit(tmp_path, 4)
+    ckpt = str(tmp_path / "half.ckpt")
+    _fit(tmp_path, 2, save=ckpt)
+    resumed = _fit(tmp_path, 4, ckpt=ckpt)
+    assert set(straight.state_dict()) == set(resumed.state_dict())
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=key)
+    assert not torch.equal(straight.model.blocks[0].attn.qkv.lora_B["default"].weight,
+                           torch.zeros_like(straight.model.blocks[0].attn.qkv.lora_B["default"].weight))

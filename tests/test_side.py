@@ -444,3 +444,19 @@ def test_remove_restores_the_library_model():
         remove_unipt(model)
         torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
     assert list(model.state_dict()) == keys and not model.norm._forward_hooks and not model.head._forward_pre_hooks
+
+
+def test_lst_mixin_takes_fisher_importance():
+    from vleff.callbacks import LSTMixin
+
+    class Module(LSTMixin, tl.TinyClassifier):
+        def __init__(self, fisher_batches):
+            super().__init__()
+            fisher = fisher_information(self, fisher_batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+            self.use_lst(reduction=4, init="fisher", fisher=fisher)
+
+    module = Module([(tm.images(4), torch.arange(4))])
+    assert module.model.vleff_lst is not None
+    assert all(not p.requires_grad for p in module.model.blocks.parameters())
+    with pytest.raises(ValueError, match="init='fisher' needs fisher="):
+        Module.__bases__[0].use_lst(tl.TinyClassifier(), init="fisher")

@@ -47,12 +47,13 @@ class _SideMixin:
 
     _vleff_side: tuple[str, bool, bool] | None = None  # (method, train_head, full_checkpoint)
 
-    def _use_side(self, method: str, train_head: bool, full_checkpoint: bool, config: Any) -> None:
+    def _use_side(self, method: str, train_head: bool, full_checkpoint: bool, config: Any, apply: bool = True) -> None:
         from vleff.registry import get_method
         from vleff.side.common import freeze_backbone
 
         self._vleff_side = (method, check_bool("train_head", train_head), check_bool("full_checkpoint", full_checkpoint))
-        get_method(method).apply(self, config)
+        if apply:
+            get_method(method).apply(self, config)
         freeze_backbone(self, train_head=train_head)  # type: ignore[arg-type]
         if not full_checkpoint:
             self.strict_loading = False  # the backbone keys are not in a side-only checkpoint
@@ -91,9 +92,8 @@ class LSTMixin(_SideMixin):
         from vleff.side.lst import LSTConfig, apply_lst
 
         config = LSTConfig.build(**settings)
-        if fisher is not None or config.init == "fisher":
-            apply_lst(self, config, fisher=fisher)  # type: ignore[arg-type]
-        self._use_side("lst", train_head, full_checkpoint, config)
+        apply_lst(self, config, fisher=fisher)  # type: ignore[arg-type]  # errors name init/fisher mismatches
+        self._use_side("lst", train_head, full_checkpoint, config, apply=False)
 
 
 class UniPTMixin(_SideMixin):

@@ -39,8 +39,8 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, get_method, register_method
-from vleff.side.common import FinalFeatures, SideModule, final_norm
+from vleff.registry import Method, MethodConfig, register_method
+from vleff.side.common import FinalFeatures, SideModule, applied_token_methods, final_norm
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "vqt"
@@ -264,17 +264,7 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
 
 
 def _applied_token_methods(model: nn.Module) -> list[str]:
-    from vleff.registry import available_methods
-
-    names = []
-    for name in available_methods():
-        try:
-            method = get_method(name)
-        except ImportError:
-            continue
-        if method.kind == "tokens" and hooks_named(model, name):
-            names.append(name)
-    return names
+    return applied_token_methods(model)
 
 
 def remove_vqt(model: nn.Module) -> nn.Module:
