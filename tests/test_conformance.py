@@ -140,11 +140,12 @@ SETTINGS: dict[str, Settings] = {
                            families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
                            conflicts=("tome", "evit", "dynamicvit", "vqt")),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
-    "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5},
+    "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5, "vision_adapter_dim": 4},
                       refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
                                 ({"scale": float("nan")}, "scale"),
                                 ({"dropout": 1.0}, "dropout"), ({"visual_tokens": "cls"}, "visual_tokens"),
-                                ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim")],
+                                ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim"),
+                                ({"vision_adapter_dim": -1}, "vision_adapter_dim")],
                       state_prefix="vleff_memvp.", callback_args={"n_mem": 16}, activate=_perturb_memvp,
                       hosts=tuple(HOSTS), fit=_memvp_fit),
 }

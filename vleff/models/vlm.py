@@ -114,7 +114,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("MemVP on a VisionLanguageModel needs visual_prompt='memvp'; this one prepends "
                              "visual tokens (visual_prompt='prefix'); build it with visual_prompt='memvp'")
         sites, width = causal_lm_sites(self.lm, prefix="lm")
-        return Host(sites, width, self.visual, self.visual.embed_dim, 0, None)
+        return Host(sites, width, self.visual, self.visual.embed_dim, 0, None, find_tower(self.visual.vision, "image"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What a frozen-host run trains: the prefix projector, or MemVP's parameters."""
