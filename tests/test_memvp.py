@@ -309,6 +309,8 @@ def test_wrong_feature_width_and_small_n_mem_are_refused():
     prefix = VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "prefix")
     with pytest.raises(ValueError, match="visual_prompt='memvp'"):
         vleff.apply_memvp(prefix)
+    with pytest.raises(ValueError, match="memvp=.* is not allowed with visual_prompt='prefix'"):
+        VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "prefix", memvp={"n_mem": 16})
     with pytest.raises(ValueError, match="visual_prompt='tokens'"):
         VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "tokens")
 

@@ -95,6 +95,10 @@ class VisionLanguageModel(nn.Module):
                  apply_memvp: bool = True) -> None:
         super().__init__()
         self.visual_prompt = check_choice("visual_prompt", visual_prompt, ("prefix", "memvp"))
+        if memvp is not None and (visual_prompt == "prefix" or not apply_memvp):
+            raise ValueError(f"memvp={memvp!r} is not allowed with visual_prompt={visual_prompt!r} and "
+                             f"apply_memvp={apply_memvp}: MemVP settings apply only when MemVP is applied here "
+                             "(visual_prompt='memvp', apply_memvp=True)")
         self.visual = VisualEncoder(vision)
         self.lm = lm
         self.width = int(getattr(lm.config, "hidden_size", 0) or lm.config.n_embd)
