@@ -46,7 +46,8 @@ def build(visual_prompt: str, width: int = 512, layers: int = 4, vocab: int = 20
                                       pad_token_id=None, tie_word_embeddings=False))
     vit = VisionTransformer(img_size=image, patch_size=patch, embed_dim=vit_width, depth=vit_depth,
                             num_heads=6, num_classes=0)
-    vlm = VisionLanguageModel(vit, lm, visual_prompt, projector_hidden=width, memvp={"n_mem": n_mem})
+    memvp = {"n_mem": n_mem} if visual_prompt == "memvp" else None
+    vlm = VisionLanguageModel(vit, lm, visual_prompt, projector_hidden=width, memvp=memvp)
     vlm.freeze_host()
     return vlm.eval()
 
@@ -136,7 +137,8 @@ def accuracy(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         lm.load_state_dict(state)
         vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0)
-        vlm = VisionLanguageModel(vit, lm, mode, projector_hidden=128, memvp={"n_mem": 64})
+        vlm = VisionLanguageModel(vit, lm, mode, projector_hidden=128,
+                                  memvp={"n_mem": 64} if mode == "memvp" else None)
         task = VisionLanguageTask(vlm, args.task, lr=args.lr)
         dm = DigitsVLMDataModule(args.task, batch_size=32)
         trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, max_epochs=-1, logger=False,

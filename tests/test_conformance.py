@@ -168,13 +168,15 @@ SETTINGS: dict[str, Settings] = {
                            families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
                            conflicts=("tome", "evit", "dynamicvit", "vqt", "lst", "unipt", "crossget", "madtp")),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
-    "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5},
+    "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5, "vision_adapter_dim": 4},
                       refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
                                 ({"scale": float("nan")}, "scale"),
                                 ({"dropout": 1.0}, "dropout"), ({"visual_tokens": "cls"}, "visual_tokens"),
-                                ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim")],
+                                ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim"),
+                                ({"vision_adapter_dim": -1}, "vision_adapter_dim")],
                       state_prefix="vleff_memvp.", callback_args={"n_mem": 16}, activate=_perturb_memvp,
-                      hosts=tuple(HOSTS), fit=_memvp_fit),
+                      # both host kinds; GPT-2, open_clip and HF CLIP hosts run the same checks in test_memvp.py
+                      hosts=("hf_blip_captioning", "hf_blip_vqa", "vlm_llama_timm"), fit=_memvp_fit),
     # CrossGET needs both towers of an image-text pair; its cross token and merges own the towers' tokens
     "crossget": Settings(noop={"r_image": 0, "r_text": 0}, active={"r_image": 2, "r_text": 4},
                          refusals=[({"r_image": -1}, "r_image=-1"), ({"r_text": 1.5}, "r_text=1.5"),

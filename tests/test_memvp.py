@@ -309,6 +309,8 @@ def test_wrong_feature_width_and_small_n_mem_are_refused():
     prefix = VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "prefix")
     with pytest.raises(ValueError, match="visual_prompt='memvp'"):
         vleff.apply_memvp(prefix)
+    with pytest.raises(ValueError, match="memvp=.* is not allowed with visual_prompt='prefix'"):
+        VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "prefix", memvp={"n_mem": 16})
     with pytest.raises(ValueError, match="visual_prompt='tokens'"):
         VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "tokens")
 
@@ -335,3 +337,34 @@ def test_blip_beam_search_reads_each_images_memory():
                  for i in range(2)]
     torch.testing.assert_close(both, torch.cat(alone), atol=0, rtol=0)
     assert not torch.equal(alone[0], alone[1])
+
+
+def test_vision_adapters_start_at_zero_and_add_a_parallel_bottleneck():
+    from vleff.side.memvp import memvp_num_parameters
+
+    torch.manual_seed(0)
+    vit = tm.timm_vit()
+    vlm = VisionLanguageModel(vit, tm.hf_llama_lm(), "memvp", memvp={"n_mem": 16}).eval()
+    x = tm.images()
+    with torch.no_grad():
+        plain = vlm.visual(x)
+        vleff.apply_memvp(vlm, n_mem=16, vision_adapter_dim=4)
+        torch.testing.assert_close(vlm.visual(x), plain, atol=0, rtol=0)  # zero-initialised up projections
+        adapters = memvp_module(vlm).adapters
+        for a in adapters:
+            nn.init.normal_(a.up.weight, std=0.1)
+        feats = vlm.visual(x)
+        # reference: timm's blocks written out, the adapter beside each MLP on the normed input
+        h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        for block, adapter in zip(vit.blocks, adapters):
+            h = h + block.ls1(block.attn(block.norm1(h)))
+            u = block.norm2(h)
+            h = h + block.ls2(block.mlp.forward(u) + adapter.up(F.gelu(adapter.down(u))))  # forward: no hooks
+        torch.testing.assert_close(feats, h[:, 1:], atol=1e-5, rtol=1e-5)
+        assert (feats - plain).abs().max() > 1e-3
+    assert sum(p.numel() for p in memvp_module(vlm).parameters()) == memvp_num_parameters(64, 128, 64, 16, 3, 4)
+    vleff.remove_memvp(vlm)
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.visual(x), plain, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="vision_adapter_dim=4 is not allowed"):
+        vleff.apply_memvp(tm.hf_llama_lm(), visual_dim=8, vision_adapter_dim=4)

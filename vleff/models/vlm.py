@@ -95,6 +95,10 @@ class VisionLanguageModel(nn.Module):
                  apply_memvp: bool = True) -> None:
         super().__init__()
         self.visual_prompt = check_choice("visual_prompt", visual_prompt, ("prefix", "memvp"))
+        if memvp is not None and (visual_prompt == "prefix" or not apply_memvp):
+            raise ValueError(f"memvp={memvp!r} is not allowed with visual_prompt={visual_prompt!r} and "
+                             f"apply_memvp={apply_memvp}: MemVP settings apply only when MemVP is applied here "
+                             "(visual_prompt='memvp', apply_memvp=True)")
         self.visual = VisualEncoder(vision)
         self.lm = lm
         self.width = int(getattr(lm.config, "hidden_size", 0) or lm.config.n_embd)
@@ -114,7 +118,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("MemVP on a VisionLanguageModel needs visual_prompt='memvp'; this one prepends "
                              "visual tokens (visual_prompt='prefix'); build it with visual_prompt='memvp'")
         sites, width = causal_lm_sites(self.lm, prefix="lm")
-        return Host(sites, width, self.visual, self.visual.embed_dim, 0, None)
+        return Host(sites, width, self.visual, self.visual.embed_dim, 0, None, find_tower(self.visual.vision, "image"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What a frozen-host run trains: the prefix projector, or MemVP's parameters."""

@@ -35,6 +35,10 @@ Where the visual features come from:
 * a bare Hugging Face causal LM: :func:`set_memvp_memory` (the memory is constant per sample,
   so a library ``generate`` on the patched LM uses it at every step).
 
+Optionally (``vision_adapter_dim > 0``, the reference uses 12) every vision block gets a small
+parallel adapter beside its MLP, ``mlp(h) + up(gelu(down(h)))`` with ``up`` zero-initialised,
+hooked on the module the tower adapter names as the block's MLP (timm, open_clip, HF CLIP/BLIP).
+
 The memory of the last visual forward stays set until the next one (generation reads it at
 every step); it is never copied, pickled or saved. With ``scale=0`` the model equals the host.
 
@@ -77,6 +81,9 @@ class MemVPConfig(MethodConfig):
         dropout: dropout on ``silu(u Kᵀ)`` in training (0 keeps runs deterministic).
         visual_tokens: ``"patch"`` drops the tower's prefix (class) tokens, as the paper's
             CLIP patch features; ``"all"`` keeps them.
+        vision_adapter_dim: hidden width of the reference's small parallel adapters in every
+            block of the vision tower (``mlp(h) + up(gelu(down(h)))``, ``up`` zero-initialised, so
+            the tower starts unchanged; the reference: 12); 0 (default) adds none.
     """
 
     method = "memvp"
@@ -88,6 +95,7 @@ class MemVPConfig(MethodConfig):
     key_init_std: float = 0.02
     dropout: float = 0.0
     visual_tokens: str = "patch"
+    vision_adapter_dim: int = 0
 
     def __post_init__(self) -> None:
         self.n_mem = check_int("n_mem", self.n_mem, low=1)
@@ -99,6 +107,7 @@ class MemVPConfig(MethodConfig):
         self.key_init_std = check_number("key_init_std", self.key_init_std, low=0.0)
         self.dropout = check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_choice("visual_tokens", self.visual_tokens, ("patch", "all"))
+        self.vision_adapter_dim = check_int("vision_adapter_dim", self.vision_adapter_dim, low=0)
 
 
 class _Slot:
@@ -115,11 +124,30 @@ class _Slot:
         return (_Slot, ())
 
 
+class VisionAdapter(nn.Module):
+    """A parallel bottleneck beside one vision block's MLP: ``up(dropout(gelu(down(h))))``, ``up``
+    zero-initialised (exactly zero output until trained)."""
+
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, hidden, bias=False)
+        self.up = nn.Linear(hidden, width, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.dropout = dropout
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = F.gelu(self.down(h))
+        if self.training and self.dropout > 0:
+            a = F.dropout(a, p=self.dropout)
+        return self.up(a)
+
+
 class MemVPModule(nn.Module):
     """The trained parts, registered on the host as ``vleff_memvp``: the projector and the
     shared key/value offsets. Holds the current sample memory ``(K, V)`` (``[B, n_mem, C]``)."""
 
-    def __init__(self, visual_dim: int, width: int, config: MemVPConfig) -> None:
+    def __init__(self, visual_dim: int, width: int, config: MemVPConfig, vision_blocks: int = 0,
+                 vision_width: int = 0) -> None:
         super().__init__()
         self.visual_dim, self.width = visual_dim, width
         self.n_mem, self.scale, self.dropout = config.n_mem, config.scale, config.dropout
@@ -129,6 +157,9 @@ class MemVPModule(nn.Module):
         self.key_offset = nn.Parameter(torch.randn(config.n_mem, width) * config.key_init_std)
         self.value_offset = nn.Parameter(torch.zeros(config.n_mem, width))
         self.memory = _Slot()
+        if config.vision_adapter_dim:
+            self.adapters = nn.ModuleList(VisionAdapter(vision_width, config.vision_adapter_dim, config.dropout)
+                                          for _ in range(vision_blocks))
 
     def set_memory(self, features: torch.Tensor) -> None:
         """Project ``features`` ``[B, N_v, visual_dim]`` into this batch's memory."""
@@ -211,6 +242,18 @@ class _ResidualAdd(_MemVPHook):
         return (args[0] + read.to(args[0].dtype), *args[1:])
 
 
+class _ParallelAdapter(_MemVPHook):
+    """Forward hook on a vision block's MLP: ``mlp(h) + adapter_i(h)``."""
+
+    def __init__(self, memory: MemVPModule, index: int) -> None:
+        super().__init__(memory)
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        adapter = self.memory.adapters[self.index]
+        return output + adapter(args[0]).to(output.dtype)
+
+
 class _VisualSource(_MemVPHook):
     """Forward hook on the vision module: its output tokens (less ``drop`` prefix tokens) set the memory."""
 
@@ -238,6 +281,7 @@ class Host:
     visual_dim: int | None = None
     prefix_tokens: int = 0
     num_visual_tokens: int | None = None
+    vision_tower: Any = None  # the vision TowerAdapter (for the optional parallel adapters)
 
 
 def _ffn_kind(mlp: nn.Module) -> str | None:
@@ -294,7 +338,9 @@ def _blip_host(model: nn.Module) -> Host:
                         f"supported hosts: {SUPPORTED_HOSTS}")
     vision = model.vision_model
     n = (int(vision.config.image_size) // int(vision.config.patch_size)) ** 2
-    return Host(sites, widths.pop(), vision, int(vision.config.hidden_size), 1, n + 1)
+    from vleff.backbones import find_tower
+
+    return Host(sites, widths.pop(), vision, int(vision.config.hidden_size), 1, n + 1, find_tower(vision, "image"))
 
 
 def _host_kind(model: nn.Module) -> str | None:
@@ -371,7 +417,12 @@ def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings:
                          f"({host.num_visual_tokens - drop}); use n_mem >= {host.num_visual_tokens - drop}")
     if memvp_applied(model):
         remove_memvp(model)
-    memory = MemVPModule(visual_dim, host.width, cfg)
+    tower = host.vision_tower
+    if cfg.vision_adapter_dim and tower is None:
+        raise ValueError(f"vision_adapter_dim={cfg.vision_adapter_dim} is not allowed: {type(model).__name__} has no "
+                         "vision tower MemVP can reach; use vision_adapter_dim=0")
+    blocks = tower.blocks() if tower is not None and cfg.vision_adapter_dim else []
+    memory = MemVPModule(visual_dim, host.width, cfg, len(blocks), tower.embed_dim if blocks else 0)
     ref = next(model.parameters())
     memory.to(device=ref.device, dtype=ref.dtype)
     model.add_module(MODULE_NAME, memory)
@@ -382,6 +433,8 @@ def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings:
             stash = _Slot()
             layer.intermediate.register_forward_hook(_FFNInput(memory, stash))
             layer.output.LayerNorm.register_forward_pre_hook(_ResidualAdd(memory, stash))
+    for i, block in enumerate(blocks):
+        tower.parts(block).mlp.register_forward_hook(_ParallelAdapter(memory, i))
     if host.source is not None:
         host.source.register_forward_hook(_VisualSource(memory, drop))
     return root
@@ -449,9 +502,12 @@ def freeze_host_for_memvp(model: nn.Module) -> list[str]:
     return trainable
 
 
-def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int) -> int:
-    """Parameters MemVP adds: the projector and the two ``[n_mem, width]`` offsets."""
-    return visual_dim * hidden + hidden + hidden * width + width + 2 * n_mem * width
+def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int, vision_blocks: int = 0,
+                         adapter_dim: int = 0) -> int:
+    """Parameters MemVP adds: the projector, the two ``[n_mem, width]`` offsets and, optionally,
+    one ``visual_dim → adapter_dim → visual_dim`` adapter per vision block."""
+    adapters = vision_blocks * 2 * visual_dim * adapter_dim
+    return visual_dim * hidden + hidden + hidden * width + width + 2 * n_mem * width + adapters
 
 
 register_method(Method(
