@@ -254,6 +254,15 @@ def test_calibration_hits_the_target_of_an_independent_flop_count():
     assert image.error <= 0.03, image.evaluations
 
 
+def test_single_samples_split_the_calibration_batches():
+    from vleff.tokens.madtp import single_samples
+
+    images, ids, mask = _batch("hf_blip", 2)
+    out = single_samples([(images, ids, mask), (images, ids, mask)], 3)
+    assert len(out) == 3 and all(b[0].shape[0] == 1 and len(b) == 3 for b in out)
+    torch.testing.assert_close(out[2][1], ids[:1], atol=0, rtol=0)
+
+
 def test_unreachable_target_warns_with_the_closest():
     model = _model("open_clip")
     with pytest.warns(RuntimeWarning, match="could not reach flops_reduction=0.95"):
@@ -360,7 +369,8 @@ def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
     assert madtp_tau(resumed.model) == madtp_tau(straight.model)
     codebook = "model.vleff_madtp.codebook"
     assert not torch.allclose(straight.state_dict()[codebook], fresh_sd["vleff_madtp.codebook"])  # trained
-    assert straight.state_dict()["model.vleff_madtp._extra_state"] == {"tau": madtp_tau(straight.model)}
+    assert straight.state_dict()["model.vleff_madtp._extra_state"] == {"tau": madtp_tau(straight.model),
+                                                                       "start": straight.model.vleff_madtp.start}
 
 
 def test_mixin_adds_the_loss_with_one_call_and_checkpoints_the_controller(tmp_path):
