@@ -420,3 +420,25 @@ def test_alignment_loss_is_torch_cosine_embedding_loss():
         assert alignment_loss(a, a).abs() < 1e-6 and 0 <= alignment_loss(a, -a) <= 2 + 1e-6
 
     check()
+
+
+def test_controller_moves_the_first_pruning_block_when_the_lowest_tau_prunes_too_much(monkeypatch):
+    """The search logic on a synthetic FLOPs curve: at every τ the cost is below the target until
+    pruning starts at block 3 (each later start block adds 5 % of the baseline)."""
+    import vleff.tokens.madtp as madtp
+
+    model = _model("open_clip")
+    module = model.vleff_madtp
+    model.vleff_madtp.start = 0
+
+    def fake(m, batches, forward=None):
+        if not module.enabled:
+            return 10_000
+        ratio = 0.55 + 0.05 * module.start - 0.02 * min(max(math.log10(module.tau) + 4, 0), 10)
+        return int(10_000 * ratio)
+
+    monkeypatch.setattr(madtp, "measure_flops", fake)
+    monkeypatch.setattr(madtp, "hooks_named", lambda m, n: [type("H", (), {"locations": (0, 1, 2, 3, 4), "config": MADTPConfig()})()])
+    result = calibrate_madtp(model, [_batch("open_clip")], 0.3, tau0=1.0)
+    assert result.start == 3 and module.start == 3
+    assert result.error <= 0.005, result.evaluations
