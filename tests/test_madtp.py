@@ -228,8 +228,8 @@ def _deep_clip():
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(layers=6, width=64, head_width=16, patch_size=8, image_size=64)
-    text = CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=4)
+    vision = CLIPVisionCfg(layers=4, width=64, head_width=16, patch_size=8, image_size=64)
+    text = CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=3)
     return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
 
 
@@ -240,7 +240,7 @@ def test_calibration_hits_the_target_of_an_independent_flop_count():
     plain = copy.deepcopy(model)
     apply_madtp(model, flops_reduction=0.4)
     assert model.vleff_madtp.proj["text"][0].in_features == 32  # widths differ: per-block projections
-    result = calibrate_madtp(model, [batch])
+    result = calibrate_madtp(model, [batch], max_evals=16)
     pair = find_pair(plain)
     baseline = count_flops(lambda: (pair.encode_image(batch[0]), pair.encode_text(batch[1])))
     assert result.baseline == baseline  # MADTP off costs exactly the library model
@@ -249,7 +249,7 @@ def test_calibration_hits_the_target_of_an_independent_flop_count():
     assert measure_flops(model, [batch]) == result.flops  # the τ set is the τ measured
     update_madtp(model, tau=result.tau * 1e3)
     assert measure_flops(model, [batch]) < result.flops  # a higher τ prunes more
-    image = calibrate_madtp(model, [batch], 0.4, forward=image_forward)  # an image-tower target
+    image = calibrate_madtp(model, [batch], 0.4, forward=image_forward, max_evals=16)  # an image-tower target
     assert image.baseline == count_flops(lambda: pair.encode_image(batch[0]))
     assert image.error <= 0.03, image.evaluations
 
@@ -343,7 +343,7 @@ def _fit(tmp_path, steps: int, ckpt=None, save=None, **kwargs):
     from vleff.callbacks import MADTP
 
     module = _finetuner()
-    callback = MADTP(flops_reduction=0.3, calibration_batches=1, max_evals=6, epoch_max_evals=3, **kwargs)
+    callback = MADTP(flops_reduction=0.3, calibration_batches=1, max_evals=4, epoch_max_evals=2, **kwargs)
     trainer = tl.trainer(tmp_path, [callback], max_steps=steps, max_epochs=-1)
     loader = torch.utils.data.DataLoader(_Captions(), batch_size=4)
     with warnings.catch_warnings():
@@ -355,12 +355,12 @@ def _fit(tmp_path, steps: int, ckpt=None, save=None, **kwargs):
 
 
 def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
-    straight, cb = _fit(tmp_path, 3)
-    assert len(cb.controller.history) == 4  # before training, then after each (one-batch) epoch
+    straight, cb = _fit(tmp_path, 2)
+    assert len(cb.controller.history) == 3  # before training, then after each (one-batch) epoch
     assert madtp_tau(straight.model) == cb.controller.tau
     ckpt = str(tmp_path / "half.ckpt")
     _fit(tmp_path, 1, save=ckpt)
-    resumed, cb2 = _fit(tmp_path, 3, ckpt=ckpt)
+    resumed, cb2 = _fit(tmp_path, 2, ckpt=ckpt)
     fresh = _finetuner().model
     fresh_sd = apply_madtp(fresh).state_dict()
     for key, value in straight.state_dict().items():
