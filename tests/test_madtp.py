@@ -228,8 +228,8 @@ def _deep_clip():
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(layers=6, width=64, head_width=16, patch_size=8, image_size=64)
-    text = CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=4)
+    vision = CLIPVisionCfg(layers=4, width=64, head_width=16, patch_size=8, image_size=64)
+    text = CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=3)
     return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
 
 
@@ -240,7 +240,7 @@ def test_calibration_hits_the_target_of_an_independent_flop_count():
     plain = copy.deepcopy(model)
     apply_madtp(model, flops_reduction=0.4)
     assert model.vleff_madtp.proj["text"][0].in_features == 32  # widths differ: per-block projections
-    result = calibrate_madtp(model, [batch])
+    result = calibrate_madtp(model, [batch], max_evals=16)
     pair = find_pair(plain)
     baseline = count_flops(lambda: (pair.encode_image(batch[0]), pair.encode_text(batch[1])))
     assert result.baseline == baseline  # MADTP off costs exactly the library model
@@ -249,9 +249,18 @@ def test_calibration_hits_the_target_of_an_independent_flop_count():
     assert measure_flops(model, [batch]) == result.flops  # the τ set is the τ measured
     update_madtp(model, tau=result.tau * 1e3)
     assert measure_flops(model, [batch]) < result.flops  # a higher τ prunes more
-    image = calibrate_madtp(model, [batch], 0.4, forward=image_forward)  # an image-tower target
+    image = calibrate_madtp(model, [batch], 0.4, forward=image_forward, max_evals=16)  # an image-tower target
     assert image.baseline == count_flops(lambda: pair.encode_image(batch[0]))
     assert image.error <= 0.03, image.evaluations
+
+
+def test_single_samples_split_the_calibration_batches():
+    from vleff.tokens.madtp import single_samples
+
+    images, ids, mask = _batch("hf_blip", 2)
+    out = single_samples([(images, ids, mask), (images, ids, mask)], 3)
+    assert len(out) == 3 and all(b[0].shape[0] == 1 and len(b) == 3 for b in out)
+    torch.testing.assert_close(out[2][1], ids[:1], atol=0, rtol=0)
 
 
 def test_unreachable_target_warns_with_the_closest():
@@ -334,7 +343,7 @@ def _fit(tmp_path, steps: int, ckpt=None, save=None, **kwargs):
     from vleff.callbacks import MADTP
 
     module = _finetuner()
-    callback = MADTP(flops_reduction=0.3, calibration_batches=1, max_evals=6, epoch_max_evals=3, **kwargs)
+    callback = MADTP(flops_reduction=0.3, calibration_batches=1, max_evals=4, epoch_max_evals=2, **kwargs)
     trainer = tl.trainer(tmp_path, [callback], max_steps=steps, max_epochs=-1)
     loader = torch.utils.data.DataLoader(_Captions(), batch_size=4)
     with warnings.catch_warnings():
@@ -346,12 +355,12 @@ def _fit(tmp_path, steps: int, ckpt=None, save=None, **kwargs):
 
 
 def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
-    straight, cb = _fit(tmp_path, 3)
-    assert len(cb.controller.history) == 4  # before training, then after each (one-batch) epoch
+    straight, cb = _fit(tmp_path, 2)
+    assert len(cb.controller.history) == 3  # before training, then after each (one-batch) epoch
     assert madtp_tau(straight.model) == cb.controller.tau
     ckpt = str(tmp_path / "half.ckpt")
     _fit(tmp_path, 1, save=ckpt)
-    resumed, cb2 = _fit(tmp_path, 3, ckpt=ckpt)
+    resumed, cb2 = _fit(tmp_path, 2, ckpt=ckpt)
     fresh = _finetuner().model
     fresh_sd = apply_madtp(fresh).state_dict()
     for key, value in straight.state_dict().items():
@@ -360,7 +369,8 @@ def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
     assert madtp_tau(resumed.model) == madtp_tau(straight.model)
     codebook = "model.vleff_madtp.codebook"
     assert not torch.allclose(straight.state_dict()[codebook], fresh_sd["vleff_madtp.codebook"])  # trained
-    assert straight.state_dict()["model.vleff_madtp._extra_state"] == {"tau": madtp_tau(straight.model)}
+    assert straight.state_dict()["model.vleff_madtp._extra_state"] == {"tau": madtp_tau(straight.model),
+                                                                       "start": straight.model.vleff_madtp.start}
 
 
 def test_mixin_adds_the_loss_with_one_call_and_checkpoints_the_controller(tmp_path):
@@ -410,3 +420,25 @@ def test_alignment_loss_is_torch_cosine_embedding_loss():
         assert alignment_loss(a, a).abs() < 1e-6 and 0 <= alignment_loss(a, -a) <= 2 + 1e-6
 
     check()
+
+
+def test_controller_moves_the_first_pruning_block_when_the_lowest_tau_prunes_too_much(monkeypatch):
+    """The search logic on a synthetic FLOPs curve: at every τ the cost is below the target until
+    pruning starts at block 3 (each later start block adds 5 % of the baseline)."""
+    import vleff.tokens.madtp as madtp
+
+    model = _model("open_clip")
+    module = model.vleff_madtp
+    model.vleff_madtp.start = 0
+
+    def fake(m, batches, forward=None):
+        if not module.enabled:
+            return 10_000
+        ratio = 0.55 + 0.05 * module.start - 0.02 * min(max(math.log10(module.tau) + 4, 0), 10)
+        return int(10_000 * ratio)
+
+    monkeypatch.setattr(madtp, "measure_flops", fake)
+    monkeypatch.setattr(madtp, "hooks_named", lambda m, n: [type("H", (), {"locations": (0, 1, 2, 3, 4), "config": MADTPConfig()})()])
+    result = calibrate_madtp(model, [_batch("open_clip")], 0.3, tau0=1.0)
+    assert result.start == 3 and module.start == 3
+    assert result.error <= 0.005, result.evaluations

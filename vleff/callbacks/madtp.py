@@ -53,6 +53,8 @@ class MADTP(Callback):
         rtol: relative FLOPs tolerance of the calibration search.
         max_evals, epoch_max_evals: counted forwards per calibration (before training / after an epoch).
         measure: the FLOPs the target is of: ``"pair"`` (both towers), ``"image"`` or ``"text"``.
+        samples: count the first ``samples`` calibration samples one at a time (per-sample
+            cost; ``None``: the batches as given, which cost their maximum keep count).
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration.
         **settings: :class:`vleff.tokens.madtp.MADTPConfig` fields (``flops_reduction``,
             ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
@@ -62,13 +64,13 @@ class MADTP(Callback):
 
     def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
                  rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
-                 log: bool = True, **settings: Any) -> None:
+                 samples: int | None = None, log: bool = True, **settings: Any) -> None:
         self.config = MADTPConfig.build(**settings)
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module={module!r} is not allowed; give the model's attribute path as a string or None")
         self.module = module
         self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                          measure)
+                                          measure, samples)
         self.log = check_bool("log", log)
         self._target: nn.Module | None = None
         self._attached = False
@@ -125,10 +127,11 @@ class MADTPMixin(AuxLossMixin):
     _vleff_madtp: MADTPController | None = None
 
     def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
-                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", **settings: Any) -> None:
+                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
+                  **settings: Any) -> None:
         apply_madtp(self, MADTPConfig.build(**settings))  # type: ignore[arg-type]
         self._vleff_madtp = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                          measure)
+                                          measure, samples)
 
     def on_train_start(self) -> Any:
         from vleff.callbacks.mixins import _parent

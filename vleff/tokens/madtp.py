@@ -156,14 +156,17 @@ class MADTPModule(nn.Module):
             m: nn.ModuleList([nn.Linear(widths[m], code_dim) if project else nn.Identity() for _ in range(depths[m])])
             for m in widths})
         self.tau = float(tau)
+        #: the first block that prunes (the controller's second knob, see :func:`calibrate_madtp`)
+        self.start = 0
         self.enabled = True
         self.__dict__["_pending"] = {}
 
     def get_extra_state(self) -> dict[str, float]:
-        return {"tau": self.tau}
+        return {"tau": self.tau, "start": self.start}
 
     def set_extra_state(self, state: dict[str, float]) -> None:
         self.tau = float(state["tau"])
+        self.start = int(state.get("start", 0))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -204,6 +207,9 @@ class MADTPHook(TowerHook):
     def _active(self) -> bool:
         return self.module.enabled
 
+    def _prunes(self, index: int) -> bool:
+        return self.module.enabled and index in self.locations and index >= self.module.start
+
     def _training(self) -> bool:
         return self.module.training and torch.is_grad_enabled()
 
@@ -231,13 +237,13 @@ class MADTPHook(TowerHook):
         return x
 
     def needs_attention_probs(self, index: int) -> bool:
-        return self._active() and index in self.locations
+        return self._prunes(index)
 
     def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
         """Score the block input against the codebook (the tokens do not change until ``between``,
         which uses the scores; the padding of a BLIP text is only known from block 0's library
         mask, read after this entry point, so the content mask is applied in ``between``)."""
-        if not self._active() or (info.index not in self.locations and not self._training()):
+        if not self._active() or (not self._prunes(info.index) and not self._training()):
             return x
         a = self.module.proj[self.modality][info.index](x)  # [B, N, D]
         state.scratch[HOOK_NAME]["codes"] = (a, a @ self.module.codebook.to(a.dtype).t())  # [B, N, C]
@@ -255,7 +261,7 @@ class MADTPHook(TowerHook):
             w = logits.softmax(dim=1).nan_to_num(0.0)  # a sample without content tokens contributes 0
             feature = w.transpose(1, 2).to(a.dtype) @ a  # [B, C, D]
             scratch["feature"] = feature if scratch["feature"] is None else scratch["feature"] + feature
-        if info.index not in self.locations:
+        if not self._prunes(info.index):
             return x
         return self._prune(x, info, state, t.float())
 
@@ -578,7 +584,8 @@ class MADTPCalibration:
         flops: measured FLOPs at ``tau`` (summed over the calibration batches).
         baseline: measured FLOPs of the model without MADTP (same batches).
         target: ``baseline × (1 − flops_reduction)``.
-        evaluations: every ``(tau, flops)`` tried, in order.
+        evaluations: every ``(tau, flops, start)`` tried, in order.
+        start: the first pruning block set on the model.
     """
 
     tau: float
@@ -586,7 +593,8 @@ class MADTPCalibration:
     baseline: int
     target: float
     flops_reduction: float
-    evaluations: list[tuple[float, int]] = field(default_factory=list)
+    evaluations: list[tuple[float, int, int]] = field(default_factory=list)
+    start: int = 0
 
     @property
     def ratio(self) -> float:
@@ -600,15 +608,29 @@ class MADTPCalibration:
 
     def as_dict(self) -> dict[str, Any]:
         return {"tau": self.tau, "flops": self.flops, "baseline": self.baseline, "target": self.target,
-                "flops_reduction": self.flops_reduction, "evaluations": [list(e) for e in self.evaluations]}
+                "flops_reduction": self.flops_reduction, "evaluations": [list(e) for e in self.evaluations],
+                "start": self.start}
 
 
 TAU_RANGE = (1e-4, 1e6)
 
 
+def single_samples(batches: Iterable[Batch], samples: int) -> list[tuple[torch.Tensor, ...]]:
+    """The first ``samples`` samples of ``batches``, each as a batch of one."""
+    out: list[tuple[torch.Tensor, ...]] = []
+    for batch in batches:
+        images, ids, mask = batch_inputs(batch)
+        for i in range(images.shape[0]):
+            if len(out) == samples:
+                return out
+            out.append((images[i:i + 1], ids[i:i + 1]) + ((mask[i:i + 1],) if mask is not None else ()))
+    return out
+
+
 def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction: float | None = None, *,
                     forward: Callable[[ModelPair, Batch], Any] | None = None, tau0: float | None = None,
-                    rtol: float = 0.005, max_evals: int = 40, baseline: int | None = None) -> MADTPCalibration:
+                    rtol: float = 0.005, max_evals: int = 40, baseline: int | None = None,
+                    samples: int | None = None) -> MADTPCalibration:
     """Set MADTP's τ so the measured FLOPs of ``model`` on ``batches`` hit ``baseline × (1 − flops_reduction)``.
 
     The FLOPs are counted (:mod:`vleff.profile`, eval mode, no grad) on the calibration batches
@@ -621,12 +643,24 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
     crossing (the FLOPs scatter there, see the code) and keeps the τ whose FLOPs were closest to
     the target. It stops once within ``rtol`` of the target.
 
+    A second knob covers targets τ alone cannot reach: the lowest τ still prunes some tokens at
+    every block (each sample keeps the tokens above its threshold, and the threshold is at
+    least the lowest importance among the codes' favourite tokens), so a small
+    ``flops_reduction`` can lie above the lowest-τ FLOPs. Then the first pruning block
+    (``start``, 0 = every block, as the reference) moves later one block at a time and τ is
+    searched again there; the per-epoch adjustment moves it back when the highest τ prunes too
+    little. ``start`` is saved with τ in the model's state.
+
     Args:
         batches: a few batches (see :func:`batch_inputs`); their sample count sets the
             batch-maximum cost, so calibrate with the batch size you run.
         flops_reduction: in (0, 1); default: the applied config's.
         forward: ``forward(pair, batch)`` to count instead of :func:`pair_forward`.
         baseline: known baseline FLOPs for these batches (skips measuring it).
+        samples: count the first ``samples`` samples one at a time (batch 1) instead of the
+            batches as given. A batch costs its maximum keep count (the rectangle), which for
+            large batches stays near the full length whatever τ is; per-sample FLOPs are what
+            each sample's own pruning costs (batch-1 serving, or a variable-length kernel).
 
     Warns:
         RuntimeWarning: the target is out of reach within τ in ``TAU_RANGE`` (the closest τ is set).
@@ -638,6 +672,8 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
     rtol = check_number("rtol", rtol, low=0, low_open=True)
     max_evals = check_int("max_evals", max_evals, low=2)
     batches = list(batches)
+    if samples is not None:
+        batches = single_samples(batches, check_int("samples", samples, low=1))
     if not batches:
         raise ValueError("batches is empty; give at least one calibration batch")
     if baseline is None:
@@ -647,54 +683,77 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
         finally:
             module.enabled = True
     target = baseline * (1.0 - p)
-    evals: list[tuple[float, int]] = []
+    evals: list[tuple[float, int, int]] = []  # (tau, flops, start)
+    lo_bound, hi_bound = TAU_RANGE
+    last_start = max((max(h.locations) for h in hooks if h.locations), default=0)
+
+    def close() -> bool:
+        return min(abs(v - target) for _, v, _ in evals) <= rtol * target
 
     def flops_at(tau: float) -> int:
         module.tau = tau
         value = measure_flops(pair.model, batches, forward)
-        evals.append((tau, value))
+        evals.append((tau, value, module.start))
         return value
 
-    lo_bound, hi_bound = TAU_RANGE
-    tau = min(max(float(tau0 if tau0 is not None else module.tau), lo_bound), hi_bound)
-    f = flops_at(tau)
-    lo = hi = tau  # invariant once bracketed: flops(lo) > target >= flops(hi)
-    if f > target:  # prune more: raise τ
-        while f > target and hi < hi_bound and len(evals) < max_evals:
-            lo, hi = hi, min(hi * 4.0, hi_bound)
-            f = flops_at(hi)
-    else:
-        while f <= target and lo > lo_bound and len(evals) < max_evals:
-            hi, lo = lo, max(lo / 4.0, lo_bound)
-            f = flops_at(lo)
-    def close() -> bool:
-        return min(abs(v - target) for _, v in evals) <= rtol * target
-
-    bisect_budget = max(2, (2 * max_evals) // 3)
-    while lo < hi and len(evals) < bisect_budget and not close() and hi / lo > 1.02:
-        mid = math.sqrt(lo * hi)
-        if flops_at(mid) > target:
-            lo = mid
+    def search(tau: float, budget: int) -> str:
+        """τ search at the current start block; ``"low"``/``"high"``: even the lowest/highest τ
+        gives FLOPs below/above the target."""
+        stop = len(evals) + budget
+        tau = min(max(tau, lo_bound), hi_bound)
+        f = flops_at(tau)
+        lo = hi = tau  # invariant once bracketed: flops(lo) > target >= flops(hi)
+        if f > target:  # prune more: raise τ
+            while f > target and hi < hi_bound and len(evals) < stop:
+                lo, hi = hi, min(hi * 4.0, hi_bound)
+                f = flops_at(hi)
+            if f > target and hi >= hi_bound:
+                return "high"
         else:
-            hi = mid
-    if lo < hi and not close():
-        # the count is a step function, and a token kept or dropped at one block reshuffles the
-        # next blocks' scores: near the crossing the FLOPs scatter around the trend, so a local
-        # log-spaced scan finds a τ closer than the single step bisection converged on
-        centre = math.sqrt(lo * hi)
-        left = max_evals - len(evals)
-        for i in range(left):
-            if close():
-                break
-            step = (i // 2 + 1) * 0.3 / max(1, left // 2)
-            flops_at(centre * math.exp(step if i % 2 == 0 else -step))
-    best_tau, best = min(evals, key=lambda e: (abs(e[1] - target), e[0]))
-    module.tau = best_tau
+            while f <= target and lo > lo_bound and len(evals) < stop:
+                hi, lo = lo, max(lo / 4.0, lo_bound)
+                f = flops_at(lo)
+            if f <= target and lo <= lo_bound and not close():
+                return "low"
+        bisect_stop = len(evals) + max(2, (2 * (stop - len(evals))) // 3)
+        while lo < hi and len(evals) < bisect_stop and not close() and hi / lo > 1.02:
+            mid = math.sqrt(lo * hi)
+            if flops_at(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+        if lo < hi and not close():
+            # the count is a step function, and a token kept or dropped at one block reshuffles
+            # the next blocks' scores: near the crossing the FLOPs scatter around the trend, so a
+            # local log-spaced scan finds a τ closer than the single step bisection ended on
+            centre, left = math.sqrt(lo * hi), stop - len(evals)
+            for i in range(left):
+                if close():
+                    break
+                step = (i // 2 + 1) * 0.3 / max(1, left // 2)
+                flops_at(centre * math.exp(step if i % 2 == 0 else -step))
+        return "ok"
+
+    # τ first; if even the lowest τ prunes too much (or the highest too little), move the first
+    # pruning block later (earlier) and search τ again there
+    first = float(tau0 if tau0 is not None else module.tau)
+    outcome = search(first, max_evals)
+    tried = {module.start}
+    while outcome in ("low", "high") and len(evals) < max_evals:
+        step = 1 if outcome == "low" else -1
+        if not 0 <= module.start + step <= last_start or module.start + step in tried:
+            break
+        module.start += step
+        tried.add(module.start)
+        outcome = search(first, max(4, (max_evals - len(evals)) // 2))
+    best_tau, best, best_start = min(evals, key=lambda e: (abs(e[1] - target), e[2], e[0]))
+    module.tau, module.start = best_tau, best_start
     for hook in hooks:
         hook.config = hook.config.replace(tau=best_tau, flops_reduction=p)
-    result = MADTPCalibration(best_tau, best, baseline, target, p, evals)
+    result = MADTPCalibration(best_tau, best, baseline, target, p, evals, best_start)
     if result.error > max(rtol, 0.03):
-        warnings.warn(f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} gives "
+        warnings.warn(f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} (first pruning "
+                      f"block {best_start}) gives "
                       f"{best / baseline:.3f}x the baseline FLOPs (target {1 - p:.3f}x); "
                       f"τ in [{lo_bound:g}, {hi_bound:g}] was searched", RuntimeWarning, stacklevel=2)
     return result

@@ -32,16 +32,20 @@ class MADTPController:
         max_evals, epoch_max_evals: forwards per calibration (first / per-epoch).
         measure: what the FLOPs target is of: ``"pair"`` (both towers, BLIP's matching path),
             ``"image"`` or ``"text"`` (one tower alone).
+        samples: measure the first ``samples`` calibration samples one at a time (batch 1;
+            ``None``: the batches as given, whose cost is their maximum keep count).
     """
 
     def __init__(self, num_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
-                 max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair") -> None:
+                 max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
+                 samples: int | None = None) -> None:
         self.num_batches = check_int("calibration_batches", num_batches, low=1)
         self.adjust_every_epoch = check_bool("adjust_every_epoch", adjust_every_epoch)
         self.rtol = check_number("rtol", rtol, low=0, low_open=True)
         self.max_evals = check_int("max_evals", max_evals, low=2)
         self.epoch_max_evals = check_int("epoch_max_evals", epoch_max_evals, low=2)
         self.measure = check_choice("measure", measure, tuple(FORWARDS))
+        self.samples = None if samples is None else check_int("samples", samples, low=1)
         self.batches: list[tuple[torch.Tensor, ...]] | None = None
         self.baseline: int | None = None
         self.tau: float | None = None
@@ -68,7 +72,7 @@ class MADTPController:
         if self.batches is None:
             raise RuntimeError("MADTP calibration has no batches; call capture(loader) first")
         result = calibrate_madtp(model, self.batches, rtol=self.rtol, baseline=self.baseline,
-                                 forward=FORWARDS[self.measure],
+                                 forward=FORWARDS[self.measure], samples=self.samples,
                                  max_evals=self.max_evals if epoch is None else self.epoch_max_evals)
         self.baseline, self.tau = result.baseline, result.tau
         self.history.append({"epoch": epoch, "tau": result.tau, "ratio": result.ratio,
