@@ -40,7 +40,7 @@ from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
-from vleff.side.common import FinalFeatures, SideModule, applied_token_methods, final_norm
+from vleff.side.common import FinalFeatures, SideModule, applied_token_methods, final_norm, freeze_backbone
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "vqt"
@@ -303,35 +303,13 @@ def _vqt_towers(model: nn.Module) -> list[TowerAdapter]:
 
 
 def freeze_backbone_for_vqt(model: nn.Module, train_head: bool = True) -> list[str]:
-    """``requires_grad = False`` on every weight of the VQT towers except the VQT parameters
-    (and the tower's classifier head when ``train_head``: it reads only the pooled features, so
-    training it saves one ``[B, C]`` tensor, no backbone activation). Returns the names of the
-    parameters left trainable, relative to ``model``."""
-    towers = _vqt_towers(model)
-    if not towers:
+    """``requires_grad = False`` on every backbone weight of the side towers except the side
+    parameters (and timm classifier heads when ``train_head``): the shared
+    :func:`vleff.side.common.freeze_backbone`, after checking that VQT is applied. Returns the
+    names of the parameters left trainable, relative to ``model``."""
+    if not _vqt_towers(model):
         raise ValueError(f"VQT is not applied to this {type(model).__name__}; call apply_vqt first")
-    keep = {id(p) for p in vqt_parameters(model)}
-    if train_head:
-        keep |= {id(p) for t in towers if t.family == "timm" for p in t.root.head.parameters()}
-    frozen = {id(p) for t in towers for p in t.root.parameters()} - keep
-    trainable = []
-    for name, p in model.named_parameters():
-        if id(p) in frozen:
-            p.requires_grad_(False)
-        elif id(p) in keep:
-            p.requires_grad_(True)
-            trainable.append(name)
-    return trainable
-
-
-def unfrozen_backbone_parameters(model: nn.Module, train_head: bool = True) -> list[str]:
-    """Names of backbone weights of the VQT towers that require grad (each one makes the
-    frozen stream build a graph and destroys the memory saving)."""
-    keep = {id(p) for p in vqt_parameters(model)}
-    if train_head:
-        keep |= {id(p) for t in _vqt_towers(model) if t.family == "timm" for p in t.root.head.parameters()}
-    backbone = {id(p) for t in _vqt_towers(model) for p in t.root.parameters()} - keep
-    return [n for n, p in model.named_parameters() if id(p) in backbone and p.requires_grad]
+    return freeze_backbone(model, train_head=train_head)
 
 
 def vqt_num_parameters(depth: int, num_queries: int, width: int, head_out: int) -> int:
