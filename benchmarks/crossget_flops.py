@@ -24,18 +24,10 @@ import vleff
 from vleff.profile import count_flops
 from vleff.profile.throughput import measure_throughput
 
+from text_tower_flops import caption_ids  # same folder: one caption layout for both benchmarks
+
 REFERENCE = {"baseline": 1.0, "r_image=16": 12.036 / 20.567, "r_text=6": 19.275 / 20.567,
              "r_image=16, r_text=6": 10.612 / 20.567}
-
-
-def caption_ids(batch: int, words: int, context: int = 77, vocab: int = 49408, seed: int = 0) -> torch.Tensor:
-    """``[batch, context]`` ids: SOT, ``words`` random word ids, EOT (the largest id), zero padding."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(batch, context, dtype=torch.long)
-    ids[:, 0] = vocab - 2
-    ids[:, 1:words + 1] = torch.randint(1, vocab - 3, (batch, words), generator=g)
-    ids[:, words + 1] = vocab - 1
-    return ids
 
 
 def both_towers(model, image, ids):
