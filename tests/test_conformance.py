@@ -317,10 +317,8 @@ def test_reapply_deepcopy_pickle_and_state_dict(name, family, tower):
     assert keys_before <= set(model.state_dict())
 
 
-@pytest.mark.parametrize("name, family, tower", CASES, ids=CASE_IDS)
-def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower):
-    model, fwd = _model_and_forward(family, tower)
-    _apply(name, model, SETTINGS[name].active, tower)
+def _check_bf16_against_fp32(model: torch.nn.Module, fwd: Callable[[torch.nn.Module], torch.Tensor]) -> None:
+    """bf16 autocast forward points where fp32's does, and a bf16 backward gives finite gradients."""
     with torch.no_grad():
         ref = fwd(model).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -334,6 +332,13 @@ def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower)
         fwd(model).float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("name, family, tower", CASES, ids=CASE_IDS)
+def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower):
+    model, fwd = _model_and_forward(family, tower)
+    _apply(name, model, SETTINGS[name].active, tower)
+    _check_bf16_against_fp32(model, fwd)
 
 
 @pytest.mark.parametrize("name, family, tower", [c for c in CASES if FAMILIES[c[1]].grad_checkpointing],
@@ -543,14 +548,4 @@ def test_host_method_bf16_autocast_forward_and_backward_agree_with_fp32(name, ho
     method.apply(model, **row.active)
     if row.activate is not None:
         row.activate(model)
-    with torch.no_grad():
-        ref = fwd(model).float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = fwd(model).float()
-    cos = torch.nn.functional.cosine_similarity(low.flatten(1), ref.flatten(1), dim=1)
-    assert bool((cos > 0.98).all()), cos
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fwd(model).float().square().mean().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    _check_bf16_against_fp32(model, fwd)
