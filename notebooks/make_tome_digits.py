@@ -11,7 +11,8 @@ cells = [
        "2. measures baseline against ToMe side by side: GFLOPs per image, images/s, "
        "activation memory and accuracy.\n\n"
        "Everything runs offline on a CPU in a few minutes. Set the environment variable "
-       "`VLEFF_NOTEBOOK_EPOCHS` to train for fewer or more epochs (the test suite runs it with 1)."),
+       "`VLEFF_NOTEBOOK_EPOCHS` to train for fewer or more epochs (the test suite runs it with 1 epoch "
+       "of a few steps, `VLEFF_NOTEBOOK_STEPS`, and one timing repeat, `VLEFF_NOTEBOOK_REPEATS`)."),
     code("import os\n"
          "import lightning.pytorch as pl\n"
          "import torch\n"
@@ -21,6 +22,8 @@ cells = [
          "from vleff.data import DigitsDataModule\n"
          "from vleff.models import ImageClassifier\n\n"
          "EPOCHS = int(os.environ.get('VLEFF_NOTEBOOK_EPOCHS', '20'))\n"
+         "STEPS = int(os.environ.get('VLEFF_NOTEBOOK_STEPS', '0')) or None  # None: every training batch\n"
+         "REPEATS = int(os.environ.get('VLEFF_NOTEBOOK_REPEATS', '5'))  # interleaved timings per method\n"
          "R = 4  # tokens merged per block: 65 -> 45 tokens over the 6 blocks\n"
          "pl.seed_everything(0)\n"
          "torch.set_num_threads(min(2, os.cpu_count() or 1))"),
@@ -29,8 +32,8 @@ cells = [
        "the tokens entering each block. `training_step` is the classifier's own, unchanged."),
     code("data = DigitsDataModule(image_size=32, batch_size=32)\n"
          "module = ImageClassifier('vit_tiny_digits', num_classes=10, image_size=32, lr=2e-3)\n"
-         "trainer = pl.Trainer(max_epochs=EPOCHS, accelerator='cpu', devices=1, logger=False,\n"
-         "                     enable_checkpointing=False,\n"
+         "trainer = pl.Trainer(max_epochs=EPOCHS, limit_train_batches=STEPS, accelerator='cpu', devices=1,\n"
+         "                     logger=False, enable_checkpointing=False,\n"
          "                     callbacks=[TokenMerging(r=R), EfficiencyMonitor()])\n"
          "trainer.fit(module, datamodule=data)\n"
          "print('validation accuracy with ToMe:', float(trainer.callback_metrics['val/acc']))\n"
@@ -74,7 +77,7 @@ cells = [
     code("from vleff.cli.evaluate import compare_methods\n"
          "from vleff.profile import plot_rows, print_table\n\n"
          "batches = list(data.val_dataloader())\n"
-         "rows = compare_methods(module.model, batches, {'tome': {'r': 6}}, batch_size=64, repeats=5)\n"
+         "rows = compare_methods(module.model, batches, {'tome': {'r': 6}}, batch_size=64, repeats=REPEATS)\n"
          "print_table(rows, title='digits ViT: baseline vs ToMe (CPU, fp32, batch 64)')\n"
          "for row in rows:\n"
          "    print(f\"{row['name']:<34} FLOPs x{row['flops_ratio']:.3f}  accuracy {100 * row['accuracy']:.1f}%\")"),

@@ -87,7 +87,7 @@ def test_console_script_from_any_directory(tmp_path):
     assert list((tmp_path / "out" / "train").glob("*/results.json"))
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["model.model=not_a_model"], "model 'not_a_model' is not known"),
     (["data.image_size=30"], "image_size=30 is not a positive multiple of the patch size 4"),
     (["data=image_folder", "data.root=/nonexistent/images"], "is not a directory"),
@@ -95,8 +95,29 @@ def test_console_script_from_any_directory(tmp_path):
     (["+compare.methods.tome.ratio=3"], "compare.methods.tome: tome has no setting(s) ['ratio']"),
     (["data=nope"], "Could not find 'data/nope'"),
     (["model=nope"], "Could not find 'model/nope'"),
-])
-def test_bad_input_is_reported(args, message, tmp_path):
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_is_reported(args, message, tmp_path, monkeypatch, capfd):
+    # Hydra's own entry point in this process (a console-script process per case costs ~12 s of
+    # imports); the console script itself is checked once below.
+    from vleff.cli.train import _hydra_main
+
+    GlobalHydra.instance().clear()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLEFF_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setattr(sys, "argv", ["vleff-train", *FAST, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        _hydra_main()
+    GlobalHydra.instance().clear()
+    captured = capfd.readouterr()
+    assert exit_info.value.code not in (0, None)
+    assert message in captured.err + captured.out
+
+
+def test_console_script_reports_bad_input_with_a_failing_exit_status(tmp_path):
+    args, message = BAD_INPUT[0]
     proc = _cli(FAST + args, tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
