@@ -27,6 +27,8 @@ import time
 from typing import Any
 
 MODELS = ("vit_b16", "clip_b32")
+#: ``--models clip_both``: the whole open_clip ViT-B-32 CLIP, both towers, symmetric contrastive loss
+CLIP_BOTH = "clip_both"
 METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
 TAG = "SIDE_MEMORY_RESULT "
 MIB = 2 ** 20
@@ -37,6 +39,11 @@ def build(model: str):
     from torch import nn
 
     torch.manual_seed(0)
+    if model == CLIP_BOTH:
+        from vleff.profile.training_memory import build_clip_for_memory
+
+        clip, _, _ = build_clip_for_memory("ViT-B-32")
+        return clip, None, 224
     if model == "vit_b16":
         import timm
 
@@ -62,10 +69,29 @@ def build(model: str):
 
 
 def prepare(method: str, net, head) -> None:
-    """Apply the method and set ``requires_grad`` as its callback would."""
+    """Apply the method and set ``requires_grad`` as its callback would. ``head=None``: the
+    whole CLIP (both towers), where "linear probe" trains the two output projections
+    (``visual.proj``, ``text_projection``) and the side methods train their side modules only
+    (VQT has an image tower side only: the text tower stays frozen)."""
     from vleff.side import common
 
     if method == "full":
+        return
+    if head is None:
+        if method == "lora":
+            from vleff.side.lora import apply_lora
+
+            apply_lora(net, r=8, alpha=16)  # both towers' in_proj_weight; only the adapters train
+            return
+        if method == "linear":
+            keep = {id(net.visual.proj), id(net.text_projection)}
+        else:
+            from vleff.registry import get_method
+
+            get_method(method).apply(net, get_method(method).config.build(**SIDE_SETTINGS[method]))
+            keep = {id(p) for m in common.side_modules(net) for p in m.parameters()}
+        for p in net.parameters():
+            p.requires_grad_(id(p) in keep)
         return
     if method == "linear":
         for p in net.parameters():
@@ -96,21 +122,21 @@ def prepare(method: str, net, head) -> None:
         p.requires_grad_(True)
 
 
-def measure(model: str, method: str, batch: int) -> dict[str, Any]:
+SIDE_SETTINGS = {"lst": {"reduction": 8}, "unipt": {"factor": 2}, "vqt": {"num_queries": 1}}
+
+
+def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
+    """One AdamW training step of ``net`` (already prepared for ``method``) on ``(x, y)``, twice:
+    the first counted (saved for backward, ``.grad``, optimizer state, the step's peak growth), the
+    second timed. ``loss_fn()`` replaces the cross-entropy of ``net(x)`` against ``y`` (CLIP).
+    Also used by ``benchmarks/side_digits.py`` on the trained digits modules."""
     import torch
     import torch.nn.functional as F
 
     from vleff.profile.memory import _is_parameter, optimizer_state_bytes, peak_memory_bytes, tensor_storage_bytes
-    from vleff.profile.training_memory import _memory_now
     from vleff.side import common
 
-    dev = torch.device("cpu")
-    net, head, size = build(model)
-    prepare(method, net, head)
     side = method in ("lst", "unipt", "vqt")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     seen: dict[int, Any] = {}
@@ -129,15 +155,14 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         if count:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = F.cross_entropy(net(x), y)
+                loss = loss_fn() if loss_fn else F.cross_entropy(net(x), y)
         else:
-            loss = F.cross_entropy(net(x), y)
+            loss = loss_fn() if loss_fn else F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    before = _memory_now(dev)
-    peak = peak_memory_bytes(lambda: step(True), device=dev)
+    peak = peak_memory_bytes(lambda: step(True), device=x.device)
     saved = int(sum(s.nbytes() for s in seen.values()))
     seen.clear()
     grads = tensor_storage_bytes([p.grad for p in net.parameters() if p.grad is not None])
@@ -146,10 +171,44 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in params)
-    return {"model": model, "method": method, "batch": batch, "saved_bytes": saved, "grad_bytes": grads,
-            "optimizer_bytes": optimizer_state_bytes(opt), "process_peak_bytes": before + peak,
-            "step_peak_bytes": peak, "trainable": trainable, "parameters": total,
-            "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
+    return {"method": method, "batch": int(len(y)), "saved_bytes": saved, "grad_bytes": grads,
+            "optimizer_bytes": optimizer_state_bytes(opt), "step_peak_bytes": peak, "trainable": trainable,
+            "parameters": total, "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
+
+
+def measure(model: str, method: str, batch: int) -> dict[str, Any]:
+    import torch
+
+    from vleff.profile.training_memory import _memory_now
+
+    dev = torch.device("cpu")
+    net, head, size = build(model)
+    prepare(method, net, head)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    loss_fn = None
+    if model == CLIP_BOTH:
+        import torch.nn.functional as F
+
+        from vleff.models.clip_finetuner import contrastive_loss
+        from vleff.profile.training_memory import _tokens
+
+        tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0)
+
+        def loss_fn():
+            img = F.normalize(net.encode_image(x), dim=-1)
+            txt = F.normalize(net.encode_text(tokens), dim=-1)
+            return contrastive_loss(img, txt, net.logit_scale)
+    before = _memory_now(dev)
+    row = measure_step(net, method, x, y, loss_fn)
+    return {"model": model, **row, "process_peak_bytes": before + row["step_peak_bytes"]}
+
+
+def open_clip_tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
