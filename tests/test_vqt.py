@@ -61,6 +61,11 @@ def test_model_starts_exactly_at_the_frozen_model():
         assert sum(p.numel() for p in vqt_parameters(model)) == 3 * 2 * 64 + 3 * 2 * 64 * 10 + 10
         model.vleff_vqt.proj.bias.fill_(0.5)  # and the head really reads the projection
         torch.testing.assert_close(model(x), ref + 0.5, atol=1e-5, rtol=1e-5)
+    # FLOPs counted without grad (EfficiencyMonitor's way) equal those counted with grad: torch's
+    # module tracker once failed on the no-grad view of the trainable queries
+    from vleff.profile.flops import count_flops
+
+    assert count_flops(model, x) == count_flops(model, x, no_grad=False) > count_flops(_model(), x)
 
 
 def _storage_bytes(fn, model: torch.nn.Module) -> int:
