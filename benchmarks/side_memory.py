@@ -13,6 +13,9 @@ Per method, each in a fresh process (so one's peak cannot hide in memory another
 * process peak: resident memory before the step + the step's peak growth
   (:func:`vleff.profile.peak_memory_bytes`; CPU: ``VmHWM``), the quantity the LST target is about;
 * step peak: the step's peak growth alone (weights, batch and the libraries already resident);
+* tensor peak: parameter bytes + input bytes + step peak — the tensors' own peak, without the
+  interpreter and the loaded libraries: the CPU counterpart of ``torch.cuda.max_memory_allocated``
+  over the first step (weights, batch, activations, ``.grad``, optimizer state, temporaries);
 * trainable parameters, % of all; step time of the second step (ratio to full fine-tuning).
 
     python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32] [--methods full,linear,...]
@@ -172,6 +175,7 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in params)
     return {"method": method, "batch": int(len(y)), "saved_bytes": saved, "grad_bytes": grads,
+            "parameter_bytes": tensor_storage_bytes(list(net.parameters())),
             "optimizer_bytes": optimizer_state_bytes(opt), "step_peak_bytes": peak, "trainable": trainable,
             "parameters": total, "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
 
@@ -179,6 +183,7 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
 def measure(model: str, method: str, batch: int) -> dict[str, Any]:
     import torch
 
+    from vleff.profile.memory import tensor_storage_bytes
     from vleff.profile.training_memory import _memory_now
 
     dev = torch.device("cpu")
@@ -202,7 +207,9 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
             return contrastive_loss(img, txt, net.logit_scale)
     before = _memory_now(dev)
     row = measure_step(net, method, x, y, loss_fn)
-    return {"model": model, **row, "process_peak_bytes": before + row["step_peak_bytes"]}
+    inputs = tensor_storage_bytes([x] + ([tokens] if model == CLIP_BOTH else []))
+    return {"model": model, **row, "process_peak_bytes": before + row["step_peak_bytes"],
+            "tensor_peak_bytes": row["parameter_bytes"] + inputs + row["step_peak_bytes"]}
 
 
 def open_clip_tokenizer():
@@ -214,22 +221,24 @@ def open_clip_tokenizer():
 def table(rows: list[dict[str, Any]]) -> str:
     full = {r["model"]: r for r in rows if r["method"] == "full"}
     lines = ["| model | method | saved for backward MiB (× full) | .grad MiB | optimizer MiB | process peak MiB "
-             "(× full) | step peak MiB (× full) | trainable % | step time × full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(× full) | step peak MiB (× full) | tensor peak MiB (× full) | trainable % | step time × full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = full.get(r["model"])
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | | | |")
             continue
 
         def ratio(key: str) -> str:
             return f" ({r[key] / f[key]:.3f}×)" if f and f[key] else ""
 
         time_ratio = f"{r['step_seconds'] / f['step_seconds']:.2f}" if f else ""
+        tensor = f"{r['tensor_peak_bytes'] / MIB:.0f}{ratio('tensor_peak_bytes')}" if "tensor_peak_bytes" in r else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['saved_bytes'] / MIB:.1f}{ratio('saved_bytes')} | "
                      f"{r['grad_bytes'] / MIB:.1f} | {r['optimizer_bytes'] / MIB:.1f} | "
                      f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | "
-                     f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | {r['trainable_pct']:.2f} | "
+                     f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | "
+                     f"{tensor} | {r['trainable_pct']:.2f} | "
                      f"{time_ratio} |")
     return "\n".join(lines)
 
