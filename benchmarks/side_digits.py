@@ -93,6 +93,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                     fontsize=8)
     ax.axhline(100 * rows[0]["start_accuracy"], color="0.5", lw=0.8, ls=":", label="pretrained, before tuning")
     ax.set_xscale("log")
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     ax.set_xlabel("training memory of one step, MiB (saved for backward + .grad + AdamW state; log)")
     ax.set_ylabel("top-1 on rotated digits val (%)")
     ax.set_title(title, fontsize=9)
