@@ -376,9 +376,14 @@ def test_side_state_dict_on_a_fresh_backbone_reproduces_the_trained_model(method
 
 @pytest.mark.parametrize("full", [False, True])
 def test_lightning_checkpoints_hold_only_the_side_state_unless_asked(full, tmp_path):
+    torch.manual_seed(1)
+    trained = tl.TinyClassifier().model.state_dict()  # a bare model's weights: init_from loads them into the backbone
+    torch.save(trained, tmp_path / "trained.pt")
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.UniPT(full_checkpoint=full)], max_steps=1)
+    trainer = tl.trainer(tmp_path, [vleff.callbacks.UniPT(full_checkpoint=full, init_from=tmp_path / "trained.pt")],
+                         max_steps=1)
     trainer.fit(module, tl.loader(4))
+    assert torch.equal(module.model.blocks[2].mlp.fc2.weight, trained["blocks.2.mlp.fc2.weight"])  # frozen, loaded
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     keys = set(torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"])
     side = {k for k in module.state_dict() if "vleff_unipt." in k or k.startswith("model.head.")}
