@@ -3,7 +3,9 @@
 One table per model: timm ViT-B/16 at 224 px and the open_clip ViT-B-32 image tower (with a
 10-class linear head), random init (no download), fp32, AdamW, one training step of a
 cross-entropy loss. Methods: full fine-tuning, linear probe (head only), LoRA r=8 (``peft``, on
-the attention input projections), LST r=8, UniPT (factor 2), VQT T=1.
+the attention input projections), LST r=8, UniPT (factor 2), VQT T=1. ``--models clip_both``:
+the whole open_clip ViT-B-32 CLIP, both towers, one step of the symmetric contrastive loss on
+image–caption pairs (see :func:`prepare` for what trains; VQT tunes the image tower only).
 
 Per method, each in a fresh process (so one's peak cannot hide in memory another reserved):
 
@@ -18,7 +20,7 @@ Per method, each in a fresh process (so one's peak cannot hide in memory another
   over the first step (weights, batch, activations, ``.grad``, optimizer state, temporaries);
 * trainable parameters, % of all; step time of the second step (ratio to full fine-tuning).
 
-    python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32] [--methods full,linear,...]
+    python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32|clip_both] [--methods full,linear,...]
 """
 from __future__ import annotations
 
@@ -192,7 +194,7 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
-    loss_fn = None
+    loss_fn, extra_inputs = None, []
     if model == CLIP_BOTH:
         import torch.nn.functional as F
 
@@ -200,14 +202,17 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
         from vleff.profile.training_memory import _tokens
 
         tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0)
+        extra_inputs = [tokens]
 
-        def loss_fn():
+        def clip_loss():
             img = F.normalize(net.encode_image(x), dim=-1)
             txt = F.normalize(net.encode_text(tokens), dim=-1)
             return contrastive_loss(img, txt, net.logit_scale)
+
+        loss_fn = clip_loss
     before = _memory_now(dev)
     row = measure_step(net, method, x, y, loss_fn)
-    inputs = tensor_storage_bytes([x] + ([tokens] if model == CLIP_BOTH else []))
+    inputs = tensor_storage_bytes([x, *extra_inputs])
     return {"model": model, **row, "process_peak_bytes": before + row["step_peak_bytes"],
             "tensor_peak_bytes": row["parameter_bytes"] + inputs + row["step_peak_bytes"]}
 
