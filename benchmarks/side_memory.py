@@ -3,7 +3,9 @@
 One table per model: timm ViT-B/16 at 224 px and the open_clip ViT-B-32 image tower (with a
 10-class linear head), random init (no download), fp32, AdamW, one training step of a
 cross-entropy loss. Methods: full fine-tuning, linear probe (head only), LoRA r=8 (``peft``, on
-the attention input projections), LST r=8, UniPT (factor 2), VQT T=1.
+the attention input projections), LST r=8, UniPT (factor 2), VQT T=1. ``--models clip_both``:
+the whole open_clip ViT-B-32 CLIP, both towers, one step of the symmetric contrastive loss on
+image–caption pairs (see :func:`prepare` for what trains; VQT tunes the image tower only).
 
 Per method, each in a fresh process (so one's peak cannot hide in memory another reserved):
 
@@ -13,9 +15,12 @@ Per method, each in a fresh process (so one's peak cannot hide in memory another
 * process peak: resident memory before the step + the step's peak growth
   (:func:`vleff.profile.peak_memory_bytes`; CPU: ``VmHWM``), the quantity the LST target is about;
 * step peak: the step's peak growth alone (weights, batch and the libraries already resident);
+* tensor peak: parameter bytes + input bytes + step peak — the tensors' own peak, without the
+  interpreter and the loaded libraries: the CPU counterpart of ``torch.cuda.max_memory_allocated``
+  over the first step (weights, batch, activations, ``.grad``, optimizer state, temporaries);
 * trainable parameters, % of all; step time of the second step (ratio to full fine-tuning).
 
-    python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32] [--methods full,linear,...]
+    python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32|clip_both] [--methods full,linear,...]
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import time
 from typing import Any
 
 MODELS = ("vit_b16", "clip_b32")
+#: ``--models clip_both``: the whole open_clip ViT-B-32 CLIP, both towers, symmetric contrastive loss
+CLIP_BOTH = "clip_both"
 METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
 TAG = "SIDE_MEMORY_RESULT "
 MIB = 2 ** 20
@@ -37,6 +44,11 @@ def build(model: str):
     from torch import nn
 
     torch.manual_seed(0)
+    if model == CLIP_BOTH:
+        from vleff.profile.training_memory import build_clip_for_memory
+
+        clip, _, _ = build_clip_for_memory("ViT-B-32")
+        return clip, None, 224
     if model == "vit_b16":
         import timm
 
@@ -62,10 +74,29 @@ def build(model: str):
 
 
 def prepare(method: str, net, head) -> None:
-    """Apply the method and set ``requires_grad`` as its callback would."""
+    """Apply the method and set ``requires_grad`` as its callback would. ``head=None``: the
+    whole CLIP (both towers), where "linear probe" trains the two output projections
+    (``visual.proj``, ``text_projection``) and the side methods train their side modules only
+    (VQT has an image tower side only: the text tower stays frozen)."""
     from vleff.side import common
 
     if method == "full":
+        return
+    if head is None:
+        if method == "lora":
+            from vleff.side.lora import apply_lora
+
+            apply_lora(net, r=8, alpha=16)  # both towers' in_proj_weight; only the adapters train
+            return
+        if method == "linear":
+            keep = {id(net.visual.proj), id(net.text_projection)}
+        else:
+            from vleff.registry import get_method
+
+            get_method(method).apply(net, get_method(method).config.build(**SIDE_SETTINGS[method]))
+            keep = {id(p) for m in common.side_modules(net) for p in m.parameters()}
+        for p in net.parameters():
+            p.requires_grad_(id(p) in keep)
         return
     if method == "linear":
         for p in net.parameters():
@@ -96,21 +127,21 @@ def prepare(method: str, net, head) -> None:
         p.requires_grad_(True)
 
 
-def measure(model: str, method: str, batch: int) -> dict[str, Any]:
+SIDE_SETTINGS = {"lst": {"reduction": 8}, "unipt": {"factor": 2}, "vqt": {"num_queries": 1}}
+
+
+def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
+    """One AdamW training step of ``net`` (already prepared for ``method``) on ``(x, y)``, twice:
+    the first counted (saved for backward, ``.grad``, optimizer state, the step's peak growth), the
+    second timed. ``loss_fn()`` replaces the cross-entropy of ``net(x)`` against ``y`` (CLIP).
+    Also used by ``benchmarks/side_digits.py`` on the trained digits modules."""
     import torch
     import torch.nn.functional as F
 
     from vleff.profile.memory import _is_parameter, optimizer_state_bytes, peak_memory_bytes, tensor_storage_bytes
-    from vleff.profile.training_memory import _memory_now
     from vleff.side import common
 
-    dev = torch.device("cpu")
-    net, head, size = build(model)
-    prepare(method, net, head)
     side = method in ("lst", "unipt", "vqt")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     seen: dict[int, Any] = {}
@@ -129,15 +160,14 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         if count:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = F.cross_entropy(net(x), y)
+                loss = loss_fn() if loss_fn else F.cross_entropy(net(x), y)
         else:
-            loss = F.cross_entropy(net(x), y)
+            loss = loss_fn() if loss_fn else F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    before = _memory_now(dev)
-    peak = peak_memory_bytes(lambda: step(True), device=dev)
+    peak = peak_memory_bytes(lambda: step(True), device=x.device)
     saved = int(sum(s.nbytes() for s in seen.values()))
     seen.clear()
     grads = tensor_storage_bytes([p.grad for p in net.parameters() if p.grad is not None])
@@ -146,31 +176,74 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in params)
-    return {"model": model, "method": method, "batch": batch, "saved_bytes": saved, "grad_bytes": grads,
-            "optimizer_bytes": optimizer_state_bytes(opt), "process_peak_bytes": before + peak,
-            "step_peak_bytes": peak, "trainable": trainable, "parameters": total,
-            "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
+    return {"method": method, "batch": int(len(y)), "saved_bytes": saved, "grad_bytes": grads,
+            "parameter_bytes": tensor_storage_bytes(list(net.parameters())),
+            "optimizer_bytes": optimizer_state_bytes(opt), "step_peak_bytes": peak, "trainable": trainable,
+            "parameters": total, "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
+
+
+def measure(model: str, method: str, batch: int) -> dict[str, Any]:
+    import torch
+
+    from vleff.profile.memory import tensor_storage_bytes
+    from vleff.profile.training_memory import _memory_now
+
+    dev = torch.device("cpu")
+    net, head, size = build(model)
+    prepare(method, net, head)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    loss_fn, extra_inputs = None, []
+    if model == CLIP_BOTH:
+        import torch.nn.functional as F
+
+        from vleff.models.clip_finetuner import contrastive_loss
+        from vleff.profile.training_memory import _tokens
+
+        tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0)
+        extra_inputs = [tokens]
+
+        def clip_loss():
+            img = F.normalize(net.encode_image(x), dim=-1)
+            txt = F.normalize(net.encode_text(tokens), dim=-1)
+            return contrastive_loss(img, txt, net.logit_scale)
+
+        loss_fn = clip_loss
+    before = _memory_now(dev)
+    row = measure_step(net, method, x, y, loss_fn)
+    inputs = tensor_storage_bytes([x, *extra_inputs])
+    return {"model": model, **row, "process_peak_bytes": before + row["step_peak_bytes"],
+            "tensor_peak_bytes": row["parameter_bytes"] + inputs + row["step_peak_bytes"]}
+
+
+def open_clip_tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     full = {r["model"]: r for r in rows if r["method"] == "full"}
     lines = ["| model | method | saved for backward MiB (× full) | .grad MiB | optimizer MiB | process peak MiB "
-             "(× full) | step peak MiB (× full) | trainable % | step time × full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(× full) | step peak MiB (× full) | tensor peak MiB (× full) | trainable % | step time × full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = full.get(r["model"])
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['method']} | n/a: {r['error']} | | | | | | | |")
             continue
 
         def ratio(key: str) -> str:
             return f" ({r[key] / f[key]:.3f}×)" if f and f[key] else ""
 
         time_ratio = f"{r['step_seconds'] / f['step_seconds']:.2f}" if f else ""
+        tensor = f"{r['tensor_peak_bytes'] / MIB:.0f}{ratio('tensor_peak_bytes')}" if "tensor_peak_bytes" in r else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['saved_bytes'] / MIB:.1f}{ratio('saved_bytes')} | "
                      f"{r['grad_bytes'] / MIB:.1f} | {r['optimizer_bytes'] / MIB:.1f} | "
                      f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | "
-                     f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | {r['trainable_pct']:.2f} | "
+                     f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | "
+                     f"{tensor} | {r['trainable_pct']:.2f} | "
                      f"{time_ratio} |")
     return "\n".join(lines)
 

@@ -119,6 +119,9 @@ def test_experiments_compose_their_callbacks(tmp_path):
     # the nested targets an experiment brings in are among those checked above
     cfg = _compose(["experiment=vit_tome"], tmp_path)
     assert {"callbacks.efficiency", "callbacks.tome"} <= {p for p, _ in find_targets(cfg)}
+    for method in ("lst", "unipt", "vqt", "lora"):  # the side-tuning experiments
+        cfg = _compose([f"experiment=vit_{method}"], tmp_path)
+        assert f"callbacks.{method}" in dict(find_targets(cfg)) and cfg["callbacks"][method]["init_from"] is None
     cfg = _compose(["experiment=clip_galore"], tmp_path)
     assert cfg["model"]["_target_"] == "vleff.models.CLIPFineTuner" and "callbacks.galore" in dict(find_targets(cfg))
 

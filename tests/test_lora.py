@@ -50,11 +50,15 @@ def test_lora_starts_at_the_model_trains_only_the_adapters_and_reaches_the_outpu
 
 
 def test_lora_callback_trains_only_the_adapters(tmp_path):
+    torch.manual_seed(1)
+    trained = tl.TinyClassifier().state_dict()  # "trained" weights, loaded by init_from before peft wraps
+    torch.save(trained, tmp_path / "trained.pt")
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.LoRA(r=2)], max_steps=2)
+    trainer = tl.trainer(tmp_path, [vleff.callbacks.LoRA(r=2, init_from=tmp_path / "trained.pt")], max_steps=2)
     trainer.fit(module, tl.loader(8))
     assert lora_parameters(module) and all(p.requires_grad for p in lora_parameters(module))
     assert not any(p.requires_grad for n, p in module.named_parameters() if "blocks" in n and "lora_" not in n)
+    assert torch.equal(module.model.blocks[1].attn.qkv.base_layer.weight, trained["model.blocks.1.attn.qkv.weight"])
 
 
 def test_lora_refusals():

@@ -376,9 +376,14 @@ def test_side_state_dict_on_a_fresh_backbone_reproduces_the_trained_model(method
 
 @pytest.mark.parametrize("full", [False, True])
 def test_lightning_checkpoints_hold_only_the_side_state_unless_asked(full, tmp_path):
+    torch.manual_seed(1)
+    trained = tl.TinyClassifier().model.state_dict()  # a bare model's weights: init_from loads them into the backbone
+    torch.save(trained, tmp_path / "trained.pt")
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.UniPT(full_checkpoint=full)], max_steps=1)
+    trainer = tl.trainer(tmp_path, [vleff.callbacks.UniPT(full_checkpoint=full, init_from=tmp_path / "trained.pt")],
+                         max_steps=1)
     trainer.fit(module, tl.loader(4))
+    assert torch.equal(module.model.blocks[2].mlp.fc2.weight, trained["blocks.2.mlp.fc2.weight"])  # frozen, loaded
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     keys = set(torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"])
     side = {k for k in module.state_dict() if "vleff_unipt." in k or k.startswith("model.head.")}
@@ -405,24 +410,32 @@ def test_lst_mixin_applies_freezes_and_saves_side_only(tmp_path):
 
 # ------------------------------------------------------------------------------ DDP (2 processes)
 class _SyncCheck(pl.Callback):
+    """Per rank: the trained parameters (those requiring grad: the side network, or LoRA's
+    adapters) equal across ranks after the steps and changed; the backbone's own weights frozen."""
+
     def __init__(self, out_dir):
         self.out_dir = out_dir
 
+    def _trained(self, pl_module):
+        return [p for n, p in pl_module.named_parameters() if p.requires_grad and ".head." not in n]
+
     def on_train_start(self, trainer, pl_module):
-        self.start = torch.cat([p.detach().flatten().clone() for p in pl_module.model.vleff_lst.parameters()])
+        self.start = torch.cat([p.detach().flatten().clone() for p in self._trained(pl_module)])
 
     def on_train_end(self, trainer, pl_module):
-        flat = torch.cat([p.detach().flatten() for p in pl_module.model.vleff_lst.parameters()])
+        flat = torch.cat([p.detach().flatten() for p in self._trained(pl_module)])
         gathered = trainer.strategy.all_gather(flat)
         same = bool(torch.equal(gathered[0], gathered[1]))
-        frozen = all(not p.requires_grad for p in pl_module.model.blocks.parameters())
+        frozen = all(not p.requires_grad for n, p in pl_module.model.blocks.named_parameters() if "lora_" not in n)
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{same} {not torch.equal(flat, self.start)} {frozen}")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
-def test_lst_callback_under_two_process_ddp_gloo(tmp_path):
+@pytest.mark.parametrize("callback", ["LadderSideTuning", "LoRA"])
+def test_side_and_lora_callbacks_under_two_process_ddp_gloo(callback, tmp_path):
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.LadderSideTuning(reduction=4), _SyncCheck(tmp_path)],
+    settings = {"reduction": 4} if callback == "LadderSideTuning" else {"r": 4}
+    trainer = tl.trainer(tmp_path, [getattr(vleff.callbacks, callback)(**settings), _SyncCheck(tmp_path)],
                          max_steps=2, devices=2, strategy="ddp_fork")
     trainer.fit(module, tl.loader(16))
     assert trainer.state.finished

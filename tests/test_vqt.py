@@ -61,6 +61,11 @@ def test_model_starts_exactly_at_the_frozen_model():
         assert sum(p.numel() for p in vqt_parameters(model)) == 3 * 2 * 64 + 3 * 2 * 64 * 10 + 10
         model.vleff_vqt.proj.bias.fill_(0.5)  # and the head really reads the projection
         torch.testing.assert_close(model(x), ref + 0.5, atol=1e-5, rtol=1e-5)
+    # FLOPs counted without grad (EfficiencyMonitor's way) equal those counted with grad: torch's
+    # module tracker once failed on the no-grad view of the trainable queries
+    from vleff.profile.flops import count_flops
+
+    assert count_flops(model, x) == count_flops(model, x, no_grad=False) > count_flops(_model(), x)
 
 
 def _storage_bytes(fn, model: torch.nn.Module) -> int:
@@ -254,11 +259,28 @@ def test_mixin_applies_and_freezes(tmp_path):
             super().__init__()
             self.use_vqt(num_queries=1)
 
+    torch.manual_seed(0)
     module = Module()
     assert vqt_applied(module)
     assert all(not p.requires_grad for p in module.model.blocks.parameters())
-    tl.trainer(tmp_path, max_steps=1).fit(module, tl.loader(4))
+    trainer = tl.trainer(tmp_path, max_steps=1)
+    trainer.fit(module, tl.loader(4))
     assert not module.model.blocks[0].training and module.model.vleff_vqt.training
+    trainer.save_checkpoint(tmp_path / "m.ckpt")  # side-only, like the callback's checkpoints
+    keys = set(torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"])
+    assert keys == {k for k in module.state_dict() if "vleff_vqt." in k or k.startswith("model.head.")}
+    torch.manual_seed(0)  # ``Module()`` builds its backbone from the global seed, like the trained one
+    frozen = Module().model.state_dict()
+    torch.manual_seed(0)
+    loaded = Module.load_from_checkpoint(tmp_path / "m.ckpt")  # only the side state loads onto it
+    x = tm.images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), module.eval()(x), atol=0, rtol=0)
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, frozen["blocks.0.attn.qkv.weight"])
+    bad = torch.load(tmp_path / "m.ckpt", weights_only=False)
+    bad["state_dict"].pop(next(k for k in bad["state_dict"] if "vleff_vqt." in k))
+    with pytest.raises(KeyError, match="lacks side keys"):
+        Module().on_load_checkpoint(bad)
 
 
 def test_the_query_path_never_backpropagates_into_the_token_stream():

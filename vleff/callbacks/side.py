@@ -6,7 +6,9 @@ and ``UniPT`` here, ``VisualQueryTuning`` in :mod:`vleff.callbacks.vqt`, on one 
 
 What the base does, for every side method:
 
-* ``setup``: applies the method (before ``configure_optimizers`` and before checkpoint weights
+* ``setup``: loads ``init_from`` (trained backbone weights, when given: a frozen random
+  backbone is useless, and LST initialises its side network from the backbone), then applies
+  the method (before ``configure_optimizers`` and before checkpoint weights
   are restored, so the side parameters exist when a checkpoint loads) and freezes the backbone;
 * ``on_train_start``: refuses any backbone weight that requires grad (the module's own code or
   another method unfroze it): it would put the backbone's activations in the graph and silently
@@ -56,6 +58,15 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
                        "and settings it was trained with")
 
 
+def load_trained_backbone(pl_module: nn.Module, path: str) -> None:
+    """``init_from``: the weights at ``path`` into the module (or its one backbone), before a
+    side method or LoRA is applied (:func:`vleff.callbacks.init_weights.load_initial_weights`)."""
+    from vleff.callbacks.evit import _single_backbone
+    from vleff.callbacks.init_weights import load_initial_weights
+
+    load_initial_weights(pl_module, path, backbone=_single_backbone(pl_module))
+
+
 class SideTuning(pl.Callback):
     """Base of the side-method callbacks (see the module docstring). Subclasses set ``method``
     (the registry name) and ``settings_config``."""
@@ -64,12 +75,13 @@ class SideTuning(pl.Callback):
     settings_config: type = type(None)
 
     def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 **settings: Any) -> None:
+                 init_from: str | None = None, **settings: Any) -> None:
         super().__init__()
         self.config = self.settings_config.build(**settings)
         self.train_head = check_bool("train_head", train_head)
         self.full_checkpoint = check_bool("full_checkpoint", full_checkpoint)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.init_from = None if init_from is None else str(init_from)
 
     @property
     def _method(self):
@@ -77,6 +89,8 @@ class SideTuning(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self._method.is_applied(pl_module):
+            if stage == "fit" and self.init_from is not None:
+                load_trained_backbone(pl_module, self.init_from)
             self._method.apply(pl_module, self.config)
         freeze_backbone(pl_module, train_head=self.train_head)
         if not self.full_checkpoint:
@@ -111,6 +125,8 @@ class LadderSideTuning(SideTuning):
         train_head: keep a timm classifier head trainable (it reads the pooled features only).
         full_checkpoint: save the whole model in checkpoints (default: the side state only).
         remove_on_teardown: restore the plain model when the run ends.
+        init_from: a Lightning checkpoint or ``state_dict`` of the trained backbone, loaded in
+            ``setup`` before LST is built (not a resume: ``Trainer.fit(ckpt_path=...)`` is).
         **settings: :class:`vleff.side.lst.LSTConfig` fields (``reduction``, ``side_heads``,
             ``temperature``, ``towers``). ``init="fisher"`` needs data: use
             :func:`vleff.side.lst.fisher_information` and :func:`vleff.apply_lst` before ``fit``
@@ -121,8 +137,8 @@ class LadderSideTuning(SideTuning):
     settings_config = LSTConfig
 
     def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 **settings: Any) -> None:
-        super().__init__(train_head, full_checkpoint, remove_on_teardown, **settings)
+                 init_from: str | None = None, **settings: Any) -> None:
+        super().__init__(train_head, full_checkpoint, remove_on_teardown, init_from, **settings)
         if self.config.init == "fisher":
             raise ValueError("LadderSideTuning(init='fisher') has no data to compute the Fisher information from; "
                              "call vleff.apply_lst(module, init='fisher', fisher=fisher_information(...)) before "

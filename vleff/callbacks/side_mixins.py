@@ -9,39 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from vleff.callbacks.mixins import _parent
-from vleff.callbacks.vqt import backbone_eval, refuse_unfrozen_backbone
 from vleff.checks import check_bool
-from vleff.side.vqt import VQTConfig, apply_vqt, freeze_backbone_for_vqt
 
 __all__ = ["LSTMixin", "MemVPMixin", "UniPTMixin", "VQTMixin"]
 
 
-class VQTMixin:
-    """``use_vqt(train_head=True, **settings)``: VQT applied, backbone frozen; at fit start an
-    unfrozen backbone weight is refused, and the backbone stays in eval mode in training."""
-
-    _vleff_vqt_train_head: bool | None = None
-
-    def use_vqt(self, train_head: bool = True, **settings: Any) -> None:
-        config = VQTConfig.build(**settings)
-        self._vleff_vqt_train_head = check_bool("train_head", train_head)
-        apply_vqt(self, config)  # type: ignore[arg-type]
-        freeze_backbone_for_vqt(self, train_head=train_head)  # type: ignore[arg-type]
-
-    def on_train_start(self) -> None:
-        if self._vleff_vqt_train_head is not None:
-            refuse_unfrozen_backbone(self, self._vleff_vqt_train_head)  # type: ignore[arg-type]
-            backbone_eval(self)  # type: ignore[arg-type]
-        _parent(self, VQTMixin, "on_train_start")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
-        if self._vleff_vqt_train_head is not None:
-            backbone_eval(self)  # type: ignore[arg-type]
-        return _parent(self, VQTMixin, "on_train_batch_start", batch, batch_idx)
-
-
 class _SideMixin:
-    """Shared by the LST and UniPT mixins: the method applied and the backbone frozen in
+    """Shared by the VQT, LST and UniPT mixins: the method applied and the backbone frozen in
     ``use_*``; at fit start an unfrozen backbone weight is refused; the backbone stays in eval
     mode in training; checkpoints hold only the side state unless ``full_checkpoint``."""
 
@@ -81,6 +55,25 @@ class _SideMixin:
 
             side_only_checkpoint(self, checkpoint)  # type: ignore[arg-type]
         _parent(self, _SideMixin, "on_save_checkpoint", checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._vleff_side is not None:
+            from vleff.callbacks.side import check_side_checkpoint
+
+            check_side_checkpoint(self, checkpoint)  # type: ignore[arg-type]
+        _parent(self, _SideMixin, "on_load_checkpoint", checkpoint)
+
+
+class VQTMixin(_SideMixin):
+    """``use_vqt(train_head=True, full_checkpoint=False, **settings)``: VQT
+    (:mod:`vleff.side.vqt`) on this module's image towers, backbone frozen; checkpoints hold only
+    the side state (queries, projection, trainable head) unless ``full_checkpoint``, as with
+    :class:`vleff.callbacks.VisualQueryTuning`."""
+
+    def use_vqt(self, train_head: bool = True, full_checkpoint: bool = False, **settings: Any) -> None:
+        from vleff.side.vqt import VQTConfig
+
+        self._use_side("vqt", train_head, full_checkpoint, VQTConfig.build(**settings))
 
 
 class LSTMixin(_SideMixin):

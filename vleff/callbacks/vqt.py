@@ -37,6 +37,7 @@ class VisualQueryTuning(SideTuning):
             the pooled features only, so no backbone activation is saved for it).
         full_checkpoint: save the whole model in checkpoints (default: the side state only).
         remove_on_teardown: restore the plain model when the run ends.
+        init_from: a checkpoint or ``state_dict`` of the trained backbone, loaded in ``setup``.
         **settings: :class:`vleff.side.vqt.VQTConfig` fields (``num_queries``, ``dropout``,
             ``towers``), validated here.
     """

@@ -143,7 +143,10 @@ def query_path(adapter: TowerAdapter, block: nn.Module, queries: torch.Tensor, k
     """
     parts = adapter.parts(block)
     cfg = adapter.attention_config(block)
-    p = queries.unsqueeze(0).expand(batch, -1, -1)
+    # no grad (inference, FLOP counting): a view of the trainable queries would still "require
+    # grad" with no grad_fn, which torch's module tracker (FlopCounterMode) cannot hook; detach it
+    source = queries if torch.is_grad_enabled() else queries.detach()
+    p = source.unsqueeze(0).expand(batch, -1, -1)
     if dropout > 0:
         p = F.dropout(p, p=dropout, training=True)
     h = parts.norm1(p)

@@ -1,0 +1,191 @@
+"""Tuning beside a frozen backbone on digits: accuracy against training memory.
+
+    python benchmarks/side_digits.py [--epochs 15] [--ft-epochs 4] [--out side_digits.json]
+        [--plot docs/img/side_digits.png]
+
+1. **pretraining**: the 6-block, 128-wide digits ViT (``vit_tiny_digits``, 65 tokens; the
+   bundled 8x8 digits at 32 px) trained from scratch on upright digits for ``--epochs`` epochs
+   with ``benchmarks/pareto_digits.py``'s recipe (AdamW, warm-up and cosine, batch 64);
+2. **the shifted task**: the same digits rotated by 90° (train and validation split alike; the
+   labels unchanged). Starting from the pretrained weights, every method trains for the same
+   ``--ft-epochs`` epochs (the same number of steps) in a real ``Trainer.fit`` through its
+   vleff callback: full fine-tuning, linear probe (head only), LoRA r=8 (``peft``, attention
+   ``qkv``; :class:`vleff.callbacks.LoRA`), LST r=8 (:class:`~vleff.callbacks.LadderSideTuning`),
+   UniPT factor 2 (:class:`~vleff.callbacks.UniPT`), VQT T=1
+   (:class:`~vleff.callbacks.VisualQueryTuning`). The head trains in every method.
+
+Learning rates: ``--ft-lr`` (full fine-tuning) and ``--peft-lr`` (every other method: they
+train a few, mostly zero-initialised parameters and conventionally use a larger rate); no sweep.
+
+Per method: top-1 on the rotated validation split (eval mode), and the training memory of one
+step at the training batch (64) on the trained module, measured with
+``benchmarks/side_memory.py``'s :func:`measure_step` (bytes saved for backward, each storage
+once, parameters excluded; ``.grad`` bytes; AdamW state bytes). The plot puts accuracy against
+their sum. One seed, CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pareto_digits import _quiet, fit, new_classifier  # noqa: E402  (same folder: one recipe)
+from side_memory import measure_step  # noqa: E402  (same folder: one memory measurement)
+
+METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
+LABELS = {"full": "full fine-tuning", "linear": "linear probe", "lora": "LoRA r=8 (peft)", "lst": "LST r=8",
+          "unipt": "UniPT", "vqt": "VQT T=1"}
+MIB = 2 ** 20
+
+
+def rotated_digits(seed: int):
+    """The digits DataModule with every image rotated by 90° (the shifted task)."""
+    from torch.utils.data import TensorDataset
+
+    from vleff.data import DigitsDataModule
+
+    class RotatedDigits(DigitsDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            super().setup(stage)
+            for name in ("train_set", "val_set"):
+                images, labels = getattr(self, name).tensors
+                setattr(self, name, TensorDataset(torch.rot90(images, 1, dims=(2, 3)).contiguous(), labels))
+
+    return RotatedDigits(image_size=32, batch_size=64, seed=seed)
+
+
+def head_only():
+    """A callback training only the timm head (the linear probe)."""
+    import lightning.pytorch as pl
+
+    class LinearProbe(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            for name, p in pl_module.named_parameters():
+                p.requires_grad_(name.startswith("model.head."))
+
+    return LinearProbe()
+
+
+def callbacks_for(method: str) -> list:
+    from vleff.callbacks import LadderSideTuning, LoRA, UniPT, VisualQueryTuning
+
+    return {"full": [], "linear": [head_only()], "lora": [LoRA(r=8, alpha=16)],
+            "lst": [LadderSideTuning(reduction=8)], "unipt": [UniPT(factor=2)],
+            "vqt": [VisualQueryTuning(num_queries=1)]}[method]
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=130)
+    for r in rows:
+        x = r["training_bytes"] / MIB
+        ax.scatter([x], [100 * r["accuracy"]], s=60, zorder=3)
+        ax.annotate(LABELS[r["method"]], (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.axhline(100 * rows[0]["start_accuracy"], color="0.5", lw=0.8, ls=":", label="pretrained, before tuning")
+    ax.set_xscale("log")
+    ax.margins(x=0.2)  # room for the labels of the outermost points
+    ax.set_xlabel("training memory of one step, MiB (saved for backward + .grad + AdamW state; log)")
+    ax.set_ylabel("top-1 on rotated digits val (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--ft-epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--peft-lr", type=float, default=2e-3)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    _quiet()
+    torch.set_num_threads(args.threads)
+    import lightning.pytorch as pl
+
+    from vleff.cli.evaluate import accuracy
+    from vleff.data import DigitsDataModule
+
+    started = time.perf_counter()
+    upright = DigitsDataModule(image_size=32, batch_size=64, seed=args.seed)
+    shifted = rotated_digits(args.seed)
+    shifted.setup("fit")
+    val = list(shifted.val_dataloader())
+    train_x, train_y = next(iter(shifted.train_dataloader()))
+
+    pl.seed_everything(args.seed, verbose=False)
+    base = new_classifier(args.lr)
+    seconds = fit(base, upright, args.epochs, [], "pretrain", None)
+    upright.setup("fit")
+    pre = {"upright_accuracy": accuracy(base, list(upright.val_dataloader())), "start_accuracy": accuracy(base, val),
+           "pretrain_seconds": round(seconds, 1)}
+    print(f"pretrained: upright {100 * pre['upright_accuracy']:.2f} %, rotated before tuning "
+          f"{100 * pre['start_accuracy']:.2f} % ({seconds:.0f} s)", flush=True)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+
+    rows = []
+    for method in methods:
+        pl.seed_everything(args.seed, verbose=False)
+        module = new_classifier(args.ft_lr if method == "full" else args.peft_lr, weights)
+        pl.seed_everything(args.seed + 1, verbose=False)
+        seconds = fit(module, shifted, args.ft_epochs, callbacks_for(method), method, None)
+        acc = accuracy(module, val)
+        mem = measure_step(module, method, train_x, train_y)  # one more step, after the accuracy
+        row = {"method": method, "accuracy": acc, "train_seconds": round(seconds, 1), **pre,
+               "saved_bytes": mem["saved_bytes"], "grad_bytes": mem["grad_bytes"],
+               "optimizer_bytes": mem["optimizer_bytes"],
+               "training_bytes": mem["saved_bytes"] + mem["grad_bytes"] + mem["optimizer_bytes"],
+               "trainable": mem["trainable"], "trainable_pct": mem["trainable_pct"]}
+        rows.append(row)
+        print(f"{LABELS[method]:<18} top-1 {100 * acc:6.2f} %  saved {row['saved_bytes'] / MIB:7.2f} MiB  "
+              f"grad {row['grad_bytes'] / MIB:6.2f} MiB  optimizer {row['optimizer_bytes'] / MIB:6.2f} MiB  "
+              f"trainable {row['trainable_pct']:6.2f} %  {seconds:5.0f} s", flush=True)
+    elapsed = time.perf_counter() - started
+    print(table(rows))
+    print(f"total {elapsed:.0f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "settings": vars(args), "seconds": round(elapsed, 1)}, f, indent=2)
+    if args.plot:
+        plot(rows, Path(args.plot), f"digits ViT pretrained {args.epochs} epochs upright; every method "
+                                    f"{args.ft_epochs} epochs on 90°-rotated digits (CPU, one seed)")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    full = next((r for r in rows if r["method"] == "full"), None)
+    lines = ["| method | top-1 rotated | saved for backward MiB | .grad MiB | AdamW state MiB | sum MiB (× full) "
+             "| trainable % | train time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f" ({r['training_bytes'] / full['training_bytes']:.3f}×)" if full else ""
+        lines.append(f"| {LABELS[r['method']]} | {100 * r['accuracy']:.2f} % | {r['saved_bytes'] / MIB:.2f} | "
+                     f"{r['grad_bytes'] / MIB:.2f} | {r['optimizer_bytes'] / MIB:.2f} | "
+                     f"{r['training_bytes'] / MIB:.2f}{ratio} | {r['trainable_pct']:.2f} | {r['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
