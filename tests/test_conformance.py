@@ -68,6 +68,13 @@ class Settings:
     #: ``torch.compile`` traces the method in one graph (``False``: data-dependent token counts, as
     #: MADTP's per-sample thresholds, break the graph; compiled must still equal eager)
     fullgraph: bool = True
+    #: ``(pattern, replacement)`` regex rules mapping a key of the applied model's ``state_dict``
+    #: back to the library's key, for methods that move existing state (``peft`` wraps a module:
+    #: ``qkv.weight`` -> ``qkv.base_layer.weight``); the renamed entries must hold the library's values
+    renamed_keys: tuple[tuple[str, str], ...] = ()
+    #: the method runs under the library's gradient checkpointing (plain modules, no tower hook):
+    #: checked to give the gradients of the same model without it, instead of being refused
+    grad_checkpointing: bool = False
 
 
 def _perturb_vqt(model: torch.nn.Module) -> None:
@@ -91,6 +98,18 @@ def _perturb_side_up(model: torch.nn.Module) -> None:
 
 
 SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "hf_clip")
+
+
+def _perturb_lora(model: torch.nn.Module) -> None:
+    """LoRA's ``B`` starts at zero (the model starts at the frozen model); random values make
+    the adapters reach the output."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 def _perturb_memvp(model: torch.nn.Module) -> None:
     """MemVP's value offset starts at zero and its projector output is x0.01: random offsets and
     a larger projector make the memory read reach the output."""
@@ -160,6 +179,16 @@ SETTINGS: dict[str, Settings] = {
                       refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
                       state_prefix="vleff_unipt.", callback_args={"factor": 2}, activate=_perturb_side_up,
                       families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
+    # peft LoRA on the attention input projections: plain modules, so it stacks with tower hooks on timm
+    # and HF CLIP; on open_clip a tower hook's generic block reads in_proj_weight without peft's
+    # substitution: refused both ways (CrossGET and MADTP meet LoRA on open_clip first)
+    "lora": Settings(noop={"r": 2}, active={"r": 2, "alpha": 8.0}, activate=_perturb_lora,
+                     refusals=[({"r": 0}, "r=0"), ({"r": 1.5}, "r=1.5"), ({"alpha": 0}, "alpha=0"),
+                               ({"alpha": float("nan")}, "alpha"), ({"dropout": 1.0}, "dropout"),
+                               ({"train_head": "yes"}, "train_head"), ({"towers": "audio"}, "towers")],
+                     state_prefix="lora_", renamed_keys=((r"(\.base_layer)+\.", "."),), callback_args={"r": 2},
+                     families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
+                     conflicts=("crossget", "madtp"), grad_checkpointing=True),
     "reversible": Settings(noop=None, active={"coupling": "meft"},  # with its adapters
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
                                      ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf"),
@@ -311,10 +340,16 @@ def test_reapply_deepcopy_pickle_and_state_dict(name, family, tower):
         loaded = torch.load(buffer, weights_only=False)
         torch.testing.assert_close(fwd(loaded), out, atol=0, rtol=0)
         torch.testing.assert_close(fwd(pickle.loads(pickle.dumps(model))), out, atol=0, rtol=0)
-    added = set(model.state_dict()) - keys_before
+    library = dict(model.state_dict())  # keys the method moved, under the library's names
+    for pattern, replacement in SETTINGS[name].renamed_keys:
+        library = {re.sub(pattern, replacement, k): v for k, v in library.items()}
+    added = set(library) - keys_before
     prefix = SETTINGS[name].state_prefix
     assert all(prefix is not None and prefix in k for k in added), sorted(added)
-    assert keys_before <= set(model.state_dict())
+    assert keys_before <= set(library)
+    fresh = _model_and_forward(family, tower)[0].state_dict()  # moved entries keep the library's values
+    for key in set(library) - set(model.state_dict()):
+        torch.testing.assert_close(library[key], fresh[key], atol=0, rtol=0, msg=key)
 
 
 def _check_bf16_against_fp32(model: torch.nn.Module, fwd: Callable[[torch.nn.Module], torch.Tensor]) -> None:
@@ -345,6 +380,20 @@ def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower)
                          ids=[i for c, i in zip(CASES, CASE_IDS) if FAMILIES[c[1]].grad_checkpointing])
 def test_gradient_checkpointing_is_refused_clearly(name, family, tower):
     model, fwd = _model_and_forward(family, tower)
+    if SETTINGS[name].grad_checkpointing:  # runs under checkpointing: the same gradients as without
+        _apply(name, model, SETTINGS[name].active, tower)
+        SETTINGS[name].activate(model) if SETTINGS[name].activate is not None else None
+        plain = copy.deepcopy(model)
+        FAMILIES[family].grad_checkpointing(model)
+        grads = []
+        for m in (plain, model):
+            m.train()
+            fwd(m).square().mean().backward()
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        assert grads[0] and set(grads[0]) == set(grads[1])
+        for n, g in grads[0].items():
+            torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+        return
     FAMILIES[family].grad_checkpointing(model)
     model.train()
     with pytest.raises(RuntimeError, match="gradient checkpointing"):  # when applied or when run

@@ -70,7 +70,7 @@ def test_lora_refusals():
         apply_lora(tm.hf_blip_retrieval())
     model = tm.open_clip_model()
     vleff.apply_tome(model, r=1)
-    with pytest.raises(ValueError, match="cannot apply LoRA.*in_proj_weight"):
+    with pytest.raises(ValueError, match="cannot apply lora while tome.*in_proj_weight"):
         apply_lora(model)
 
 

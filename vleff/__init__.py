@@ -36,6 +36,8 @@ _LAZY = {
     "remove_lst": "vleff.side.lst",
     "apply_unipt": "vleff.side.unipt",
     "remove_unipt": "vleff.side.unipt",
+    "apply_lora": "vleff.side.lora",
+    "remove_lora": "vleff.side.lora",
     "side_state_dict": "vleff.side.common",
     "load_side_state_dict": "vleff.side.common",
     "apply_reversible": "vleff.memory.reversible",

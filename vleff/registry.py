@@ -130,6 +130,7 @@ _BUILTIN: dict[str, str] = {
     "vqt": "vleff.side.vqt",
     "lst": "vleff.side.lst",
     "unipt": "vleff.side.unipt",
+    "lora": "vleff.side.lora",
     "reversible": "vleff.memory.reversible",
     "memvp": "vleff.side.memvp",
 }

@@ -41,12 +41,12 @@ class _OpenClipTower(TowerAdapter):
         return BlockParts(block.ln_1, block.ln_2, block.mlp, block.ls_1, block.ls_2, identity, identity)
 
     def attention_config(self, block: nn.Module) -> AttentionConfig:
-        mha = block.attn
+        mha = _mha(block)
         return AttentionConfig(num_heads=mha.num_heads, scale=mha.head_dim ** -0.5, dropout_p=mha.dropout,
                                fused=True)
 
     def qkv(self, block, h):
-        mha = block.attn
+        mha = _mha(block)
         b, n, _ = h.shape
         qkv = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)
         return qkv.reshape(b, n, 3, mha.num_heads, mha.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -123,3 +123,14 @@ class OpenClipTextAdapter(_OpenClipTower):
         if pool == "last":
             return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
         raise TypeError(f"{self.describe()} pools its text with pool_type={pool!r}, which vleff does not track")
+
+
+def _mha(block: nn.Module) -> nn.MultiheadAttention:
+    """The block's attention; ``RuntimeError`` when ``peft`` wrapped it (LoRA on ``in_proj_weight``:
+    reading the raw weight here would silently bypass the adapter)."""
+    mha = block.attn
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise RuntimeError(f"open_clip block attention is a {type(mha).__name__}, not nn.MultiheadAttention: LoRA "
+                           "(peft) wraps in_proj_weight and vleff's generic block would bypass the adapter; "
+                           "remove lora (vleff.side.lora.remove_lora) before applying a vleff tower hook")
+    return mha

@@ -35,6 +35,7 @@ _CALLBACKS = {
     "UniPTMixin": "vleff.callbacks.side_mixins",
     "ReversibleMixin": "vleff.callbacks.mixins",
     "MemVPMixin": "vleff.callbacks.side_mixins",
+    "LoRAMixin": "vleff.callbacks.side_mixins",
 }
 
 

@@ -14,22 +14,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.checks import check_bool, check_int, check_number
-from vleff.side.lora import apply_lora, lora_applied
+from vleff.side.lora import LoRAConfig, apply_lora, lora_applied
 
 
 class LoRA(pl.Callback):
-    """Args: ``r`` (rank), ``alpha`` (scale ``alpha / r``), ``dropout`` (on the adapter input),
-    ``train_head`` (keep a timm classifier head trainable), ``init_from`` (a checkpoint or
-    ``state_dict`` of the trained model, loaded in ``setup`` before the adapters are added)."""
+    """Args: ``init_from`` (a checkpoint or ``state_dict`` of the trained model, loaded in
+    ``setup`` before the adapters are added) and :class:`vleff.side.lora.LoRAConfig`'s settings:
+    ``r`` (rank), ``alpha`` (scale ``alpha / r``), ``dropout`` (on the adapter input),
+    ``train_head`` (keep a timm classifier head trainable), ``towers``."""
 
-    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, train_head: bool = True,
-                 init_from: str | None = None) -> None:
+    settings_config = LoRAConfig
+
+    def __init__(self, init_from: str | None = None, **settings: Any) -> None:
         super().__init__()
-        self.r = check_int("r", r, low=1)
-        self.alpha = check_number("alpha", alpha, low=0.0, low_open=True)
-        self.dropout = check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
-        self.train_head = check_bool("train_head", train_head)
+        self.config = LoRAConfig.build(**settings)  # bad values fail here, naming the setting
         self.init_from = None if init_from is None else str(init_from)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -38,7 +36,7 @@ class LoRA(pl.Callback):
                 from vleff.callbacks.side import load_trained_backbone
 
                 load_trained_backbone(pl_module, self.init_from)
-            apply_lora(pl_module, self.r, self.alpha, self.dropout, self.train_head)
+            apply_lora(pl_module, self.config)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha}
+        return self.config.as_dict()

@@ -1,4 +1,4 @@
-"""LightningModule mixins of the side methods (VQT, LST, UniPT, MemVP), for users who own the module.
+"""LightningModule mixins of the side methods (VQT, LST, UniPT, MemVP, LoRA), for users who own the module.
 
 Same convention as :mod:`vleff.callbacks.mixins`: mixin first in the bases, ``self.use_vqt(...)``
 in ``__init__`` once the backbone exists (so ``load_from_checkpoint`` rebuilds the queries before
@@ -11,7 +11,7 @@ from typing import Any
 from vleff.callbacks.mixins import _parent
 from vleff.checks import check_bool
 
-__all__ = ["LSTMixin", "MemVPMixin", "UniPTMixin", "VQTMixin"]
+__all__ = ["LSTMixin", "LoRAMixin", "MemVPMixin", "UniPTMixin", "VQTMixin"]
 
 
 class _SideMixin:
@@ -109,3 +109,15 @@ class MemVPMixin:
         apply_memvp(self, config)  # type: ignore[arg-type]
         if check_bool("freeze_host", freeze_host):
             freeze_host_for_memvp(self)  # type: ignore[arg-type]
+
+
+class LoRAMixin:
+    """``use_lora(**settings)`` in ``__init__`` once the backbone exists: ``peft`` LoRA
+    (:mod:`vleff.side.lora`) on this module's attention projections, everything else but the
+    adapters (and a timm head with ``train_head``) frozen; ``load_from_checkpoint`` then finds
+    the adapters before the weights load, as with :class:`vleff.callbacks.LoRA`."""
+
+    def use_lora(self, **settings: Any) -> None:
+        from vleff.side.lora import LoRAConfig, apply_lora
+
+        apply_lora(self, LoRAConfig.build(**settings))  # type: ignore[arg-type]

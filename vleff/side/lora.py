@@ -23,62 +23,165 @@ Where ``peft`` cannot wrap (said here so nobody relies on it):
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
-from vleff.backbones import find_towers, get_patch
-from vleff.checks import check_bool, check_int, check_number
+from vleff.backbones import TowerAdapter, find_towers, get_patch
+from vleff.checks import check_bool, check_int, check_number, check_towers
+from vleff.registry import Method, MethodConfig, register_method
 
 ADAPTER = "default"
+TOWERS = ("image", "text")
+SUPPORTED = "timm ViT, open_clip and Hugging Face CLIP towers"
+#: where :func:`apply_lora` keeps what it changed on the model: ``(name -> requires_grad before
+#: apply, whether peft added its ``peft_config`` attribute)``
+FLAGS_ATTR = "_vleff_lora_requires_grad"
+#: ``peft`` moves a wrapped module's state one level down: ``qkv.weight`` -> ``qkv.base_layer.weight``
+BASE_LAYER = re.compile(r"(\.base_layer)+\.")
 
 
-def lora_targets(model: nn.Module) -> dict[str, list[str]]:
-    """``{"target_modules": [...], "target_parameters": [...]}`` for the towers of ``model``
-    (``TypeError`` when none is supported)."""
-    towers = find_towers(model)
-    modules: set[str] = set()
-    params: set[str] = set()
-    for tower in towers:
-        if tower.family == "timm":
-            modules.add("attn.qkv")
-        elif tower.family == "transformers" and type(tower.root).__name__ in ("CLIPVisionModel", "CLIPTextModel"):
-            modules.update(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-        elif tower.family == "open_clip":
-            params.add("attn.in_proj_weight")
-        else:
-            raise TypeError(f"LoRA does not support {tower.describe()} yet; it supports timm ViT, open_clip and "
-                            "Hugging Face CLIP towers")
-    return {"target_modules": sorted(modules), "target_parameters": sorted(params)}
+@dataclass
+class LoRAConfig(MethodConfig):
+    """LoRA's settings.
+
+    Attributes:
+        r: adapter rank (``A: r x in``, ``B: out x r``).
+        alpha: scale ``alpha / r`` of the adapter's output (peft's ``lora_alpha``).
+        dropout: dropout on the adapter input in training.
+        train_head: keep a timm classifier head trainable (everything else but the adapters is frozen).
+        towers: ``"image"``, ``"text"`` or ``"all"`` (the attention projections of those towers).
+    """
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    train_head: bool = True
+    towers: str = "all"
+
+    def __post_init__(self) -> None:
+        self.r = check_int("r", self.r, low=1)
+        self.alpha = check_number("alpha", self.alpha, low=0.0, low_open=True)
+        self.dropout = check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        self.train_head = check_bool("train_head", self.train_head)
+        check_towers(self.towers, TOWERS)
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               train_head: bool = True) -> nn.Module:
+def _selected_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
+    """The towers ``towers`` names, every one checked to be supported before anything changes."""
+    found = find_towers(model)  # TypeError "no supported tower" for a model vleff does not know
+    wanted = ("image", "text") if towers == "all" else (towers,)
+    chosen = [t for t in found if t.modality in wanted]
+    if not chosen:
+        raise TypeError(f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
+                        f"(it has: {', '.join(t.describe() for t in found)}); pass towers= naming a tower it has")
+    for tower in chosen:
+        _tower_targets(tower, "")
+    return chosen
+
+
+def _tower_targets(tower: TowerAdapter, block: str) -> tuple[list[str], list[str]]:
+    """``(module names, parameter names)`` peft wraps in one block named ``block``."""
+    if tower.family == "timm":
+        return [f"{block}.attn.qkv"], []
+    if tower.family == "transformers" and type(tower.root).__name__ in ("CLIPVisionModel", "CLIPTextModel"):
+        return [f"{block}.self_attn.{p}_proj" for p in "qkv"], []
+    if tower.family == "open_clip":
+        return [], [f"{block}.attn.in_proj_weight"]
+    raise TypeError(f"LoRA does not support {tower.describe()} yet; it supports {SUPPORTED}")
+
+
+def lora_targets(model: nn.Module, towers: str = "all") -> dict[str, list[str]]:
+    """``{"target_modules": [...], "target_parameters": [...]}``: the full names (relative to
+    ``model``) of what peft wraps in the towers ``towers`` names (``TypeError`` when a tower of
+    ``model`` is not supported)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    modules: list[str] = []
+    params: list[str] = []
+    for tower in _selected_towers(model, towers):
+        for block in tower.blocks():
+            mods, pars = _tower_targets(tower, names[id(block)])
+            modules += [m.lstrip(".") for m in mods]
+            params += [p.lstrip(".") for p in pars]
+    return {"target_modules": modules, "target_parameters": params}
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: Any) -> nn.Module:
     """Inject ``peft`` LoRA adapters (rank ``r``, scale ``alpha / r``) into the attention input
-    projections of every supported tower, in place, and train only them (and a timm classifier
-    head when ``train_head``). ``B`` starts at zero: the model starts at the frozen model."""
+    projections of the towers ``towers`` names, in place, and train only them (and a timm
+    classifier head when ``train_head``; parameters of other vleff modules keep their flags).
+    ``B`` starts at zero: the model starts at the frozen model. Applying again replaces the
+    adapters (drawn anew). :func:`remove_lora` undoes it exactly.
+
+    Raises:
+        TypeError: a tower vleff finds is not supported (BLIP, ...), or none is found.
+        ValueError: an open_clip tower carries a vleff tower hook (its generic block reads
+            ``in_proj_weight`` without peft's substitution and would ignore the adapter).
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
-    r = check_int("r", r, low=1)
-    alpha = check_number("alpha", alpha, low=0.0, low_open=True)
-    dropout = check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
-    train_head = check_bool("train_head", train_head)
+    cfg = LoRAConfig.build(config, **settings)
     if lora_applied(model):
-        raise ValueError(f"LoRA is already applied to this {type(model).__name__}; build the model again to change it")
-    towers = find_towers(model)
-    targets = lora_targets(model)
+        remove_lora(model)
+    towers = _selected_towers(model, cfg.towers)
     for tower in towers:
         if tower.family == "open_clip" and get_patch(tower.root) is not None:
-            raise ValueError(f"cannot apply LoRA to {tower.describe()} while a vleff tower hook is applied "
-                             f"({', '.join(h.name for h in get_patch(tower.root).hooks)}): vleff's generic block reads "
+            raise ValueError(f"cannot apply lora while {', '.join(h.name for h in get_patch(tower.root).hooks)} is "
+                             f"applied to {tower.describe()} (a vleff tower hook): vleff's generic block reads "
                              "in_proj_weight without peft's substitution and would ignore the adapter; remove it first")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets["target_modules"] or None,
-                        target_parameters=targets["target_parameters"] or None)
-    if not targets["target_modules"]:
-        config.target_modules = []  # parameters only (peft: an empty list, not None)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    heads = {id(p) for t in towers if t.family == "timm" and train_head for p in t.root.head.parameters()}
+    targets = lora_targets(model, cfg.towers)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    added_config = "peft_config" not in model.__dict__
+    peft_config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=targets["target_modules"],  # peft: [] (not None) for parameters only
+                             target_parameters=targets["target_parameters"] or None)
+    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
+    heads = {id(p) for t in towers if t.family == "timm" and cfg.train_head for p in t.root.head.parameters()}
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or id(p) in heads)
+        if "lora_" in name or id(p) in heads:
+            p.requires_grad_(True)
+        elif "vleff_" not in name:  # another vleff method's own modules are its business
+            p.requires_grad_(False)
+    object.__setattr__(model, FLAGS_ATTR, (flags, added_config))  # a plain attribute: deep-copies and pickles with the model
+    return model
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, child name, peft layer)`` for every outermost peft layer in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found, seen = [], set()
+    for parent in model.modules():
+        if id(parent) in seen:
+            continue
+        for child_name, child in parent.named_children():
+            if isinstance(child, BaseTunerLayer):
+                found.append((parent, child_name, child))
+                seen.update(id(m) for m in child.modules())  # nested ParamWrappers: only the outermost
+    return found
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_lora`: every peft layer replaced in its parent by the module it wraps
+    (the very module, so the state-dict keys and values are the library's again) and the
+    ``requires_grad`` flags as they were before :func:`apply_lora`."""
+    if not lora_applied(model):
+        raise ValueError(f"LoRA is not applied to this {type(model).__name__}; nothing to remove")
+    for parent, child_name, layer in _lora_layers(model):
+        base = layer
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        setattr(parent, child_name, base)
+    flags, added_config = model.__dict__.pop(FLAGS_ATTR, ({}, False))
+    if added_config:
+        model.__dict__.pop("peft_config", None)
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
     return model
 
 
@@ -101,4 +204,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "lora_" in k or k in trainable}
 
 
-__all__ = ["apply_lora", "lora_applied", "lora_num_parameters", "lora_parameters", "lora_state_dict", "lora_targets"]
+def library_key(key: str) -> str:
+    """The library's own state-dict key of a key of a LoRA-wrapped model (``base_layer`` dropped)."""
+    return BASE_LAYER.sub(".", key)
+
+
+register_method(Method(
+    name="lora", kind="side", config=LoRAConfig, apply=apply_lora, remove=remove_lora, is_applied=lora_applied,
+    callback="vleff.callbacks.LoRA", mixin="vleff.callbacks.LoRAMixin", towers=TOWERS,
+    bench_settings={"r": 8},
+    description="LoRA through Hugging Face peft on the attention input projections (the baseline side tuning is compared with)"))
+
+__all__ = ["LoRAConfig", "apply_lora", "library_key", "lora_applied", "lora_num_parameters", "lora_parameters",
+           "lora_state_dict", "lora_targets", "remove_lora"]
