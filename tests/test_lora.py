@@ -109,3 +109,24 @@ def test_lora_callback_fit_saved_and_resumed_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=key)
     assert not torch.equal(straight.model.blocks[0].attn.qkv.lora_B["default"].weight,
                            torch.zeros_like(straight.model.blocks[0].attn.qkv.lora_B["default"].weight))
+
+
+def test_lora_mixin_applies_in_init_and_remove_gives_back_the_library_module():
+    """``use_lora`` in ``__init__``: the adapters exist before any checkpoint loads, only they and
+    the head train; ``remove_lora`` gives back the very ``nn.Linear`` peft wrapped."""
+    from vleff.callbacks import LoRAMixin
+
+    class Module(LoRAMixin, tl.TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.use_lora(r=2, alpha=4.0)
+
+    torch.manual_seed(0)
+    module = Module()
+    qkv = module.model.blocks[0].attn.qkv.base_layer
+    assert module.model.blocks[0].attn.qkv.scaling["default"] == 2.0  # alpha / r
+    assert {n.split(".")[-3] if "lora_" in n else n.split(".")[1] for n, p in module.named_parameters()
+            if p.requires_grad} == {"lora_A", "lora_B", "head"}
+    vleff.remove_lora(module)
+    assert module.model.blocks[0].attn.qkv is qkv and type(qkv) is torch.nn.Linear
+    assert all(p.requires_grad for p in module.parameters())
