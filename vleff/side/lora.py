@@ -19,7 +19,15 @@ Where ``peft`` cannot wrap (said here so nobody relies on it):
 * open_clip's ``out_proj`` is not adapted: ``nn.MultiheadAttention`` never calls its forward.
 * open_clip towers with LoRA and a vleff tower hook (ToMe, EViT, LST ...) do not combine: vleff's
   generic block reads ``in_proj_weight`` directly, without ``peft``'s substitution, so the
-  adapter would be silently ignored; :func:`apply_lora` refuses a patched open_clip tower.
+  adapter would be silently ignored; :func:`apply_lora` refuses a patched open_clip tower, and
+  the open_clip adapter's generic block refuses a ``peft``-wrapped attention (hook applied after).
+
+A registered method (``"lora"``, kind ``side``) like the others: :class:`LoRAConfig`,
+:func:`apply_lora` / :func:`remove_lora` (every ``peft`` layer replaced by the very module it
+wrapped, so keys, values and ``requires_grad`` flags are the library's again), the callback
+:class:`vleff.callbacks.LoRA` and :class:`vleff.callbacks.LoRAMixin`. Targets are the full
+module / parameter names of the chosen towers' blocks (``towers``), so a model's other
+``qkv`` / ``in_proj_weight`` modules are left alone.
 """
 from __future__ import annotations
 
