@@ -70,7 +70,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
-from vleff.checks import check_choice, check_int, check_number, check_towers
+from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 
 COUPLINGS = ("meft", "revvit")
@@ -100,6 +100,15 @@ class ReversibleConfig(MethodConfig):
 
         streams: dtype of the two streams, ``"float32"``, ``"float64"`` or ``"auto"`` (float64
             for ``"meft"``, float32 for ``"revvit"``; never below the input's dtype).
+        balance: MEFT only (ignored by ``"revvit"``): compensate the couplings' growth (see
+            :meth:`balance_factors`): both streams are divided by ρ, the dominant eigenvalue of
+            the couplings' linear part, before each block, and G's branch is weighted
+            ``ρ / (ρ − λ)``, so that along the dominant stream direction the network adds the
+            branches exactly as the plain residual stream does. Without it, at λ = β = 1 the
+            streams grow 2.6x per block while the branches' outputs do not, so block k's
+            contribution to the output is 2.6^(depth−k) times smaller than the embedding's (the
+            pre-norm branches are blind to the streams' scale). Same reconstruction error
+            (the condition number does not change under a scalar), a smaller starting gap.
 
     Why these defaults (measured, ``benchmarks/reversible_gap.py``, docs/benchmarks.md): MEFT's
     couplings of the residual sub-blocks have the linear part ``[[λ, 1], [λ, 1 + β]]`` per block,
@@ -120,6 +129,7 @@ class ReversibleConfig(MethodConfig):
     towers: str = "all"
     adapter: int | None = None
     streams: str = "auto"
+    balance: bool = False
 
     def __post_init__(self) -> None:
         check_choice("coupling", self.coupling, COUPLINGS)
@@ -130,6 +140,7 @@ class ReversibleConfig(MethodConfig):
         check_choice("streams", self.streams, STREAMS)
         self.lam = check_number("lam", self.lam, low=0, low_open=True)
         self.beta = check_number("beta", self.beta, low=0, low_open=True)
+        self.balance = check_bool("balance", self.balance)
 
     @property
     def stream_floor(self) -> torch.dtype:
@@ -142,6 +153,25 @@ class ReversibleConfig(MethodConfig):
     def scales(self) -> tuple[float, float]:
         """(λ, β) the couplings use: 1, 1 for RevNet."""
         return (1.0, 1.0) if self.coupling == "revvit" else (self.lam, self.beta)
+
+    @property
+    def balance_factors(self) -> tuple[float, float]:
+        """``(c, γ_G)``: the scale of both streams before each block and the weight of G's branch.
+
+        ``(1, 1)`` unless ``balance`` (MEFT). With it: the couplings' linear part
+        ``M = [[λ, 1], [λ, 1 + β]]`` (per block, branches small) has the dominant eigenvalue
+        ``ρ = (tr + sqrt(tr² − 4 det)) / 2`` (``tr = 1 + λ + β``, ``det = λβ``) and the left
+        eigenvector ``w ∝ (λ, ρ − λ)``. The input ``(h, h)`` and F's injection ``(F, F)`` weigh
+        ``w1 + w2`` along it, G's injection ``(0, G)`` only ``w2``; so ``c = 1/ρ`` keeps the
+        streams' scale and ``γ_G = (w1 + w2) / w2 = ρ / (ρ − λ)`` gives G F's weight: the
+        dominant coordinate then follows ``h_{k+1} = h_k + F + G``, the plain residual stream
+        (at λ = β = 1: c = 0.382, γ_G = 1.618). The other direction decays 1/cond per block."""
+        if not (self.balance and self.residual):
+            return 1.0, 1.0
+        lam, beta = self.scales
+        tr, det = 1.0 + lam + beta, lam * beta
+        rho = (tr + (tr * tr - 4.0 * det) ** 0.5) / 2.0
+        return 1.0 / rho, rho / (rho - lam)
 
     @property
     def residual(self) -> bool:
@@ -242,14 +272,20 @@ class _Stack:
             n = parts.norm2(x.to(dtype))
             m = parts.drop_path2(parts.ls2(parts.mlp(n) + adapters["g"](n)))
         out = m.to(x.dtype)
-        return x + out if self.config.residual else out
+        if not self.config.residual:
+            return out
+        gain = self.config.balance_factors[1]
+        return x + (out if gain == 1.0 else gain * out)
 
     def forward(self, x: torch.Tensor, states: list[tuple[RNGState | None, RNGState | None]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both output streams; ``states`` collects each block's (F, G) RNG states when given."""
         lam, beta = self.config.scales
+        c = self.config.balance_factors[0]
         x1 = x2 = x.to(stream_dtype(x.dtype, self.config.stream_floor))
         for block in self.blocks:
+            if c != 1.0:  # balance: the streams' scale, kept
+                x1, x2 = c * x1, c * x2
             record = states is not None and draws_random_numbers(block)
             sf = capture_rng(x.device) if record else None
             y1 = _scale(lam, x1) + self.f(block, x2, x.dtype)
@@ -331,6 +367,7 @@ class _ReversibleStack(torch.autograd.Function):
         y1, y2 = ctx.saved_tensors
         stack: _Stack = ctx.stack
         lam, beta = stack.config.scales
+        c = stack.config.balance_factors[0]
         dtype = ctx.in_dtype
         dy1 = dy2 = grad_out.to(y1.dtype) / 2
         enabled, ac_dtype = ctx.autocast
@@ -363,6 +400,8 @@ class _ReversibleStack(torch.autograd.Function):
                 x1 = (y1 - f.detach()) / lam if lam != 1.0 else y1 - f.detach()
             del f, x2_
             dx1 = _scale(lam, dy1)
+            if c != 1.0:  # undo the balance scale of the block's inputs
+                x1, x2, dx1, dx2 = x1 / c, x2 / c, c * dx1, c * dx2
             y1, y2, dy1, dy2 = x1, x2, dx1, dx2
         dx = (dy1 + dy2).to(dtype)
         return (dx, None, *[grads.get(id(p)) for p in ctx.params])
