@@ -1,6 +1,7 @@
 """Reversible blocks on digits: Rev-ViT from scratch vs the plain ViT; MEFT fine-tuning vs full fine-tuning.
 
-    python benchmarks/reversible_digits.py [--epochs 25] [--ft-epochs 5] [--out reversible_digits.json]
+    python benchmarks/reversible_digits.py [--epochs 25] [--ft-epochs 5] [--ft-seeds 0,1,2]
+        [--variants full,meft,meft-balance,meft-balance-peft] [--out reversible_digits.json]
 
 The 6-block digits ViT (``vit_tiny_digits``: 128 wide, 65 tokens; the bundled 8x8 digits at
 32 px, 360 validation images), the recipe of ``benchmarks/pareto_digits.py`` (AdamW, warm-up
@@ -8,15 +9,19 @@ and cosine, batch 64), every run seeded, on the CPU:
 
 1. **from scratch**: the plain ViT and the same ViT with ``Reversible(coupling="revvit")``
    (RevNet couplings; fused output ``(y1 + y2) / 2`` into timm's norm and head), ``--epochs``
-   epochs each from the same initial weights;
-2. **fine-tuning** the trained plain ViT for ``--ft-epochs`` more epochs: plainly (full
-   fine-tuning, the reference), and with ``Reversible(coupling="meft")`` (its defaults: λ = β
-   = 1, adapters of bottleneck 8, float64 streams) training (a) every parameter, (b) MEFT's
-   parameter-efficient set: adapters, norms and head only. The MEFT network is a different
-   function of the pretrained weights (its starting gap), so the starting accuracy is reported too.
+   epochs each from the same initial weights (``--seed``);
+2. **fine-tuning** the trained plain ViT for ``--ft-epochs`` more epochs at ``--ft-lr`` (the same
+   epochs, learning rate and schedule for every variant), once per fine-tuning seed
+   (``--ft-seeds``: adapters and batch order; the pretrained weights are the same): ``full``
+   (plain full fine-tuning, the reference), and ``Reversible(coupling="meft")`` (λ = β = 1,
+   adapters of bottleneck 8, float64 streams) training every parameter (``meft``; with
+   ``balance=True``: ``meft-balance``) or MEFT's parameter-efficient set, adapters, norms and
+   head only (``meft-peft``, ``meft-balance-peft``). The MEFT network is a different function
+   of the pretrained weights (its starting gap), so the starting accuracy is reported too.
 
 Top-1 is measured in eval mode on the validation split (the reversible networks through the
-reversible stack, as they were trained).
+reversible stack, as they were trained); nothing is selected on it. ``--save-pretrained`` /
+``--load-pretrained`` reuse one pretraining across invocations (same ``--seed`` and ``--epochs``).
 """
 from __future__ import annotations
 

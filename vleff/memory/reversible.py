@@ -26,6 +26,13 @@ tower's stack runs on two streams with a coupling whose inverse is exact up to r
   keep the pretrained function approximately (the *starting gap*, see :func:`starting_gap`),
   at the price of dividing by λ and β in every block of the reconstruction.
 
+  ``balance=True`` (vleff's addition, not in MEFT): the streams are divided by ρ (the dominant
+  eigenvalue of the couplings' linear part) before each block and G's branch is weighted
+  ``ρ / (ρ − λ)``: since the pre-norm branches ignore the streams' scale, the network then adds
+  the branches along the dominant stream direction as the plain residual stream does, and
+  starts far closer to the pretrained function at λ = β = 1 without the smaller λ, β that
+  amplify reconstruction error (see :meth:`ReversibleConfig.balance_factors`).
+
 The input is duplicated into both streams and the output is fused as ``(y1 + y2) / 2`` for
 both couplings. Rev-ViT's reference concatenates the streams to 2C before the final norm and
 head instead; vleff keeps the tower's width so the library's own norm, pooling and head (and
