@@ -12,7 +12,8 @@ and cosine, batch 64), every run seeded, on the CPU:
    epochs each from the same initial weights (``--seed``);
 2. **fine-tuning** the trained plain ViT for ``--ft-epochs`` more epochs at ``--ft-lr`` (the same
    epochs, learning rate and schedule for every variant), once per fine-tuning seed
-   (``--ft-seeds``: adapters and batch order; the pretrained weights are the same): ``full``
+   (``--ft-seeds``: the adapters, and with ``--ft-shuffle`` the batch order; the pretrained
+   weights are the same): ``full``
    (plain full fine-tuning, the reference), and ``Reversible(coupling="meft")`` (λ = β = 1,
    adapters of bottleneck 8, float64 streams) training every parameter (``meft``; with
    ``balance=True``: ``meft-balance``) or MEFT's parameter-efficient set, adapters, norms and
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--ft-seeds", default="0", help="comma-separated fine-tuning seeds (adapters, batch order)")
     parser.add_argument("--variants", default=",".join(FINETUNE[:4]),
                         help=f"comma-separated fine-tuning variants among {FINETUNE}")
+    parser.add_argument("--ft-shuffle", action="store_true",
+                        help="the fine-tuning seed also draws the batch order (default: the --seed order, so "
+                             "full fine-tuning is the same for every fine-tuning seed)")
     parser.add_argument("--no-scratch-revvit", action="store_true", help="skip the Rev-ViT from-scratch run")
     parser.add_argument("--save-pretrained", default=None, help="write the plain ViT's trained weights here")
     parser.add_argument("--load-pretrained", default=None,
@@ -96,7 +100,20 @@ def main() -> None:
     from vleff.memory.reversible import apply_reversible, remove_reversible
     from vleff.models import ImageClassifier
 
-    datamodule = DigitsDataModule(image_size=32, batch_size=64, seed=args.seed)
+    class Digits(DigitsDataModule):
+        """The split of ``--seed``; training batches in the order of ``shuffle_seed`` when set."""
+
+        shuffle_seed: int | None = None
+
+        def train_dataloader(self):
+            if self.shuffle_seed is None:
+                return super().train_dataloader()
+            from torch.utils.data import DataLoader
+
+            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._shift,
+                              generator=torch.Generator().manual_seed(self.shuffle_seed))
+
+    datamodule = Digits(image_size=32, batch_size=64, seed=args.seed)
     datamodule.setup("fit")
     batches = list(datamodule.val_dataloader())
 
@@ -107,8 +124,9 @@ def main() -> None:
             module.load_state_dict(state)
         return module
 
-    def fit(module: ImageClassifier, epochs: int, callbacks: list, seed: int) -> float:
+    def fit(module: ImageClassifier, epochs: int, callbacks: list, seed: int, shuffle: bool = False) -> float:
         pl.seed_everything(seed + 1, verbose=False)
+        datamodule.shuffle_seed = 1000 + seed if shuffle else None
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, callbacks=callbacks)
@@ -143,7 +161,7 @@ def main() -> None:
         for variant in variants:
             module = new(args.ft_lr, pretrained)
             if variant == "full":
-                report(TITLES[variant], module, fit(module, args.ft_epochs, [], seed), ft_seed=seed)
+                report(TITLES[variant], module, fit(module, args.ft_epochs, [], seed, args.ft_shuffle), ft_seed=seed)
                 continue
             settings = {"coupling": "meft", "balance": "balance" in variant}
             torch.manual_seed(seed)
@@ -152,7 +170,7 @@ def main() -> None:
             remove_reversible(module)
             module.train()  # Lightning keeps the modes it finds
             extra = [_freeze_all_but_meft_set()] if variant.endswith("peft") else []
-            seconds = fit(module, args.ft_epochs, [Reversible(**settings), *extra], seed)
+            seconds = fit(module, args.ft_epochs, [Reversible(**settings), *extra], seed, args.ft_shuffle)
             report(TITLES[variant], module, seconds, ft_seed=seed, start_accuracy=round(start_acc, 4))
 
     summary = {}

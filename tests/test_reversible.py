@@ -145,11 +145,14 @@ def test_amplification_estimate_and_warning():
     assert rev.block_amplification(ReversibleConfig(coupling="revvit")) == 1.0
     deep = tm.timm_vit(depth=12, embed_dim=32, num_heads=2)
     for settings, warns in [({}, False), ({"streams": "float32"}, True), ({"lam": 0.1, "beta": 0.1}, True),
-                            ({"coupling": "revvit"}, False)]:
+                            ({"coupling": "revvit"}, False), ({"balance": True}, True),
+                            ({"coupling": "revvit", "balance": True}, False)]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             apply_reversible(deep, **settings)
-        assert any("amplifies rounding error" in str(w.message) for w in caught) == warns, settings
+        messages = [str(w.message) for w in caught]
+        assert any("amplifies rounding error" in m or "balance=True over 12 blocks" in m for m in messages) == warns, \
+            settings
 
 
 def test_without_rng_replay_the_gradients_are_wrong(monkeypatch):

@@ -30,8 +30,9 @@ tower's stack runs on two streams with a coupling whose inverse is exact up to r
   eigenvalue of the couplings' linear part) before each block and G's branch is weighted
   ``ρ / (ρ − λ)``: since the pre-norm branches ignore the streams' scale, the network then adds
   the branches along the dominant stream direction as the plain residual stream does, and
-  starts far closer to the pretrained function at λ = β = 1 without the smaller λ, β that
-  amplify reconstruction error (see :meth:`ReversibleConfig.balance_factors`).
+  starts far closer to the pretrained function at λ = β = 1 — at the price of a
+  reconstruction error that grows with the branches' Jacobians (right on 6 blocks, wrong on
+  ViT-B/16 at 12; see ``ReversibleConfig.balance`` and :meth:`ReversibleConfig.balance_factors`).
 
 The input is duplicated into both streams and the output is fused as ``(y1 + y2) / 2`` for
 both couplings. Rev-ViT's reference concatenates the streams to 2C before the final norm and
@@ -88,6 +89,8 @@ TOWERS = ("image", "text")
 #: MEFT's adapter bottleneck and the standard deviation of its weights at initialisation
 MEFT_BOTTLENECK = 8
 ADAPTER_STD = 0.02
+#: the deepest stack ``balance=True`` was measured right on (docs/benchmarks.md); deeper: a warning
+BALANCE_CHECKED_DEPTH = 6
 #: the attribute holding a block's adapters (also their ``state_dict`` prefix)
 ADAPTER_ATTR = "vleff_reversible"
 
@@ -114,8 +117,12 @@ class ReversibleConfig(MethodConfig):
             branches exactly as the plain residual stream does. Without it, at λ = β = 1 the
             streams grow 2.6x per block while the branches' outputs do not, so block k's
             contribution to the output is 2.6^(depth−k) times smaller than the embedding's (the
-            pre-norm branches are blind to the streams' scale). Same reconstruction error
-            (the condition number does not change under a scalar), a smaller starting gap.
+            pre-norm branches are blind to the streams' scale). The linear part's condition
+            number is unchanged, but the branches now count at full size and their Jacobians
+            amplify the reconstruction's error too (a network closer to the plain one is harder
+            to invert): measured 4.5e-8 relative gradient error on the trained 6-block digits ViT
+            (starting accuracy 93.6 % instead of 60.6 %), but 0.43 on a random-weight ViT-B/16 at
+            depth 12 (float64 streams). So it is off by default; ``apply`` warns above 6 blocks.
 
     Why these defaults (measured, ``benchmarks/reversible_gap.py``, docs/benchmarks.md): MEFT's
     couplings of the residual sub-blocks have the linear part ``[[λ, 1], [λ, 1 + β]]`` per block,
@@ -551,6 +558,13 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
                       f"{block_amplification(cfg):.3g}x per block; predicted gradient error {error:.1e} relative "
                       "(MEFT is right up to about 15 blocks at lam = beta = 1 with float64 streams; "
                       "coupling='revvit' does not amplify)", stacklevel=2)
+    if cfg.balance and cfg.residual and depth > BALANCE_CHECKED_DEPTH:
+        warnings.warn(f"reversible balance=True over {depth} blocks: with the streams kept at the branches' scale "
+                      "the reconstruction's error also grows with the branches' Jacobians, which no estimate "
+                      "predicts; float64 streams measured 4.5e-8 relative gradient error on the 6-block digits ViT "
+                      "but 0.43 (timm ViT-B/16) and 1.9e-4 / 0.046 (open_clip ViT-B-32 image / text) at depth 12 "
+                      "(random weights): measure yours (benchmarks/reversible_gap.py --settings 1:1:balance) "
+                      "before training", stacklevel=2)
     if reversible_applied(model):
         remove_reversible(model)
     for tower in towers:
