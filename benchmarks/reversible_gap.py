@@ -15,6 +15,7 @@ at the real sizes, ``pretrained=False``: no download) and each (λ, β):
 Batch 1 image (224 px) / 2 random 77-token texts, fp32, CPU.
 
     python benchmarks/reversible_gap.py [--out reversible_gap.json] [--towers timm,image,text]
+        [--streams float64,float32] [--settings 1:1,1:1:balance,revvit]
 """
 from __future__ import annotations
 
@@ -93,23 +94,39 @@ def measure(model: torch.nn.Module, fn: Callable, blocks: torch.nn.Module, setti
     return row
 
 
+def _setting(spec: str) -> dict:
+    """``"revvit"``, ``"lam:beta"`` or ``"lam:beta:balance"`` as ``apply_reversible`` settings."""
+    if spec == "revvit":
+        return dict(coupling="revvit")
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "balance"):
+        raise SystemExit(f"--settings: {spec!r} is not 'revvit', 'lam:beta' or 'lam:beta:balance'")
+    out = dict(coupling="meft", lam=float(parts[0]), beta=float(parts[1]))
+    return {**out, "balance": True} if len(parts) == 3 else out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     parser.add_argument("--towers", default="timm,image,text", help="comma-separated: timm, image, text")
     parser.add_argument("--streams", default="float64,float32",
                         help="stream dtypes to measure the gradient error with (the first also gives the gap)")
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated MEFT settings 'lam:beta' or 'lam:beta:balance' and/or 'revvit' "
+                             "(default: the 3x3 grid of λ, β in {0.1, 0.3, 1} and revvit)")
     args = parser.parse_args()
+    grid = [dict(coupling="meft", lam=lam, beta=beta) for lam in SCALES for beta in SCALES] + [dict(coupling="revvit")]
+    if args.settings:
+        grid = [_setting(spec) for spec in args.settings.split(",")]
     rows = []
     print(f"{'tower':<26}{'coupling':>9}{'lam':>6}{'beta':>6}{'gap':>8}{'grad err f32 streams':>22}"
           f"{'grad err f64 streams':>22}")
     for name, (model, fn, blocks) in towers(args.towers.split(",")).items():
-        grid = [dict(coupling="meft", lam=lam, beta=beta) for lam in SCALES for beta in SCALES]
-        for settings in grid + [dict(coupling="revvit")]:
+        for settings in grid:
             row = {"tower": name, **settings, **measure(model, fn, blocks, settings, tuple(args.streams.split(",")))}
             rows.append(row)
-            print(f"{name:<26}{row['coupling']:>9}{row.get('lam', '-'):>6}{row.get('beta', '-'):>6}"
-                  f"{row['gap']:>8.3g}{row.get('grad_err_float32', float('nan')):>22.2g}"
+            print(f"{name:<26}{row['coupling'] + ('+bal' if row.get('balance') else ''):>9}"
+                  f"{row.get('lam', '-'):>6}{row.get('beta', '-'):>6}{row['gap']:>8.3g}{row.get('grad_err_float32', float('nan')):>22.2g}"
                   f"{row.get('grad_err_float64', float('nan')):>22.2g}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -38,20 +38,34 @@ def _adapter(block: torch.nn.Module, key: str, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(torch.nn.functional.gelu(x @ down.weight.T + down.bias), up.weight, up.bias)
 
 
+def balance_reference(config: ReversibleConfig) -> tuple[float, float]:
+    """``balance``'s stream scale 1/ρ and G's weight, from an eigendecomposition of the couplings'
+    linear part (numerically, not the closed form the library uses)."""
+    if not (config.balance and config.coupling == "meft"):
+        return 1.0, 1.0
+    m = torch.tensor([[config.lam, 1.0], [config.lam, 1.0 + config.beta]], dtype=torch.float64)
+    values, vectors = torch.linalg.eig(m.T)  # left eigenvectors of m
+    i = int(values.real.argmax())
+    w = vectors[:, i].real
+    return float(1 / values[i].real), float((w[0] + w[1]) / w[1])
+
+
 def reference_forward(model: torch.nn.Module, x: torch.Tensor, config: ReversibleConfig) -> torch.Tensor:
     """timm's forward with the blocks replaced by the couplings (and MEFT's adapters, when the
     blocks have them), all activations kept."""
     lam, beta = (1.0, 1.0) if config.coupling == "revvit" else (config.lam, config.beta)
     res = config.coupling == "meft"
+    c, gain = balance_reference(config)
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     x1 = x2 = h
     for blk in model.blocks:
+        x1, x2 = c * x1, c * x2
         f = blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x2))))
         f = f + _adapter(blk, "f", f)
         y1 = lam * x1 + (x2 + f if res else f)
         n = blk.norm2(y1)
         g = blk.drop_path2(blk.ls2(blk.mlp(n) + _adapter(blk, "g", n)))
-        y2 = beta * x2 + (y1 + g if res else g)
+        y2 = beta * x2 + (y1 + gain * g if res else g)
         x1, x2 = y1, y2
     return model.forward_head(model.norm((x1 + x2) / 2))
 
@@ -76,6 +90,7 @@ def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
 # rounding error block after block (its streams are float64 by default, so 1e-5 holds here)
 COUPLINGS = [(dict(coupling="revvit"), 1e-5), (dict(coupling="meft", adapter=0), 1e-5),
              (dict(coupling="meft"), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8), 1e-5),
+             (dict(coupling="meft", balance=True), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8, balance=True), 1e-5),
              (dict(coupling="revvit", adapter=4), 1e-5)]
 
 
@@ -112,14 +127,16 @@ def test_meft_needs_float64_streams_at_depth_12():
     model = _vit(depth=12, embed_dim=32, num_heads=2).train()
     x = tm.images()
     errors = {}
-    for streams in ("float64", "float32"):
-        config = ReversibleConfig(coupling="meft", streams=streams)
+    for streams, balance in (("float64", False), ("float32", False), ("float64", True)):
+        config = ReversibleConfig(coupling="meft", streams=streams, balance=balance)
         apply_reversible(model, config)
         _, ref = _grads(model, lambda: reference_forward(model, x, config))
         _, got = _grads(model, lambda: model(x))
-        errors[streams] = _rel(_flat(got, ref), _flat(ref, ref))
+        errors[streams + "-balance" * balance] = _rel(_flat(got, ref), _flat(ref, ref))
         remove_reversible(model)
-    assert errors["float64"] <= 1e-4 and errors["float32"] > 1e-2, errors
+    # balance makes the branches count as in the plain network: their Jacobians amplify a little
+    # more (measured 8e-7 against 1e-7 here), still far inside float64
+    assert errors["float64"] <= 1e-4 and errors["float32"] > 1e-2 and errors["float64-balance"] <= 1e-4, errors
 
 
 def test_amplification_estimate_and_warning():
@@ -128,11 +145,14 @@ def test_amplification_estimate_and_warning():
     assert rev.block_amplification(ReversibleConfig(coupling="revvit")) == 1.0
     deep = tm.timm_vit(depth=12, embed_dim=32, num_heads=2)
     for settings, warns in [({}, False), ({"streams": "float32"}, True), ({"lam": 0.1, "beta": 0.1}, True),
-                            ({"coupling": "revvit"}, False)]:
+                            ({"coupling": "revvit"}, False), ({"balance": True}, True),
+                            ({"coupling": "revvit", "balance": True}, False)]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             apply_reversible(deep, **settings)
-        assert any("amplifies rounding error" in str(w.message) for w in caught) == warns, settings
+        messages = [str(w.message) for w in caught]
+        assert any("amplifies rounding error" in m or "balance=True over 12 blocks" in m for m in messages) == warns, \
+            settings
 
 
 def test_without_rng_replay_the_gradients_are_wrong(monkeypatch):
@@ -252,7 +272,8 @@ def test_refusals():
     from vleff.tokens.tome import apply_tome
 
     for bad, match in [({"coupling": "revnet"}, "coupling='revnet'.*meft"), ({"lam": 0}, "lam=0.*> 0"),
-                       ({"beta": -1.0}, "beta=-1.0"), ({"lam": float("nan")}, "lam=nan")]:
+                       ({"beta": -1.0}, "beta=-1.0"), ({"lam": float("nan")}, "lam=nan"),
+                       ({"balance": 1}, "balance=1.*True or False")]:
         with pytest.raises(ValueError, match=match):
             apply_reversible(_vit(), **bad)
     model = apply_tome(_vit(), r=1)
@@ -332,22 +353,24 @@ def reference_open_clip_stack(transformer: torch.nn.Module, x: torch.Tensor, mas
     is the library's ``nn.MultiheadAttention`` call, in the transformer's own layout)."""
     lam, beta = config.scales
     res = config.coupling == "meft"
+    c, gain = balance_reference(config)
     seq_first = not transformer.batch_first
     x1 = x2 = x.transpose(0, 1) if seq_first else x
     for blk in transformer.resblocks:
+        x1, x2 = c * x1, c * x2
         f = blk.ls_1(blk.attention(blk.ln_1(x2), attn_mask=mask))
         f = f + _adapter(blk, "f", f)
         y1 = lam * x1 + (x2 + f if res else f)
         n = blk.ln_2(y1)
         g = blk.ls_2(blk.mlp(n) + _adapter(blk, "g", n))
-        y2 = beta * x2 + (y1 + g if res else g)
+        y2 = beta * x2 + (y1 + gain * g if res else g)
         x1, x2 = y1, y2
     out = (x1 + x2) / 2
     return out.transpose(0, 1) if seq_first else out
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-@pytest.mark.parametrize("settings", [dict(coupling="revvit"), dict(coupling="meft", lam=0.7, beta=0.9)],
+@pytest.mark.parametrize("settings", [dict(coupling="revvit"), dict(coupling="meft", lam=0.7, beta=0.9, balance=True)],
                          ids=["revvit", "meft"])
 def test_open_clip_towers_gradients_equal_the_reference(tower, settings):
     """Both open_clip towers; the text tower's causal mask must reach F (without it the text
@@ -556,3 +579,17 @@ def test_starting_gap_is_the_relative_output_difference_and_leaves_the_model_alo
     torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
     features = rev.starting_gap(model, x, forward=lambda m, inp: m.forward_features(inp), coupling="revvit")
     assert features > 0 and features != pytest.approx(gap)
+
+
+def test_balance_starts_closer_to_the_plain_network():
+    """At λ = β = 1 the streams grow 2.6x per block and drown the later blocks' branches;
+    ``balance`` keeps the streams' scale and should start far closer (6 blocks, no adapters)."""
+    model = _vit(depth=6).eval()
+    x = tm.images()
+    plain = rev.starting_gap(model, x, coupling="meft", adapter=0)
+    balanced = rev.starting_gap(model, x, coupling="meft", adapter=0, balance=True)
+    assert balanced < 0.5 * plain
+    c, gain = ReversibleConfig(coupling="meft", balance=True).balance_factors
+    assert (c, gain) == pytest.approx(balance_reference(ReversibleConfig(coupling="meft", balance=True)))
+    assert (c, gain) == pytest.approx((2 / (3 + 5 ** 0.5), (1 + 5 ** 0.5) / 2))  # 1/φ², φ (ρ = φ², the golden ratio squared)
+    assert ReversibleConfig(coupling="revvit", balance=True).balance_factors == (1.0, 1.0)

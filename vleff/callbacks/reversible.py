@@ -26,7 +26,7 @@ class Reversible(pl.Callback):
     Args:
         remove_on_teardown: restore the plain forward when the run ends.
         **settings: :class:`vleff.memory.reversible.ReversibleConfig` fields (``coupling``,
-            ``lam``, ``beta``, ``towers``, ``adapter``), validated here.
+            ``lam``, ``beta``, ``towers``, ``adapter``, ``streams``, ``balance``), validated here.
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)

@@ -26,6 +26,14 @@ tower's stack runs on two streams with a coupling whose inverse is exact up to r
   keep the pretrained function approximately (the *starting gap*, see :func:`starting_gap`),
   at the price of dividing by λ and β in every block of the reconstruction.
 
+  ``balance=True`` (vleff's addition, not in MEFT): the streams are divided by ρ (the dominant
+  eigenvalue of the couplings' linear part) before each block and G's branch is weighted
+  ``ρ / (ρ − λ)``: since the pre-norm branches ignore the streams' scale, the network then adds
+  the branches along the dominant stream direction as the plain residual stream does, and
+  starts far closer to the pretrained function at λ = β = 1 — at the price of a
+  reconstruction error that grows with the branches' Jacobians (right on 6 blocks, wrong on
+  ViT-B/16 at 12; see ``ReversibleConfig.balance`` and :meth:`ReversibleConfig.balance_factors`).
+
 The input is duplicated into both streams and the output is fused as ``(y1 + y2) / 2`` for
 both couplings. Rev-ViT's reference concatenates the streams to 2C before the final norm and
 head instead; vleff keeps the tower's width so the library's own norm, pooling and head (and
@@ -70,7 +78,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
-from vleff.checks import check_choice, check_int, check_number, check_towers
+from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 
 COUPLINGS = ("meft", "revvit")
@@ -81,6 +89,8 @@ TOWERS = ("image", "text")
 #: MEFT's adapter bottleneck and the standard deviation of its weights at initialisation
 MEFT_BOTTLENECK = 8
 ADAPTER_STD = 0.02
+#: the deepest stack ``balance=True`` was measured right on (docs/benchmarks.md); deeper: a warning
+BALANCE_CHECKED_DEPTH = 6
 #: the attribute holding a block's adapters (also their ``state_dict`` prefix)
 ADAPTER_ATTR = "vleff_reversible"
 
@@ -100,6 +110,19 @@ class ReversibleConfig(MethodConfig):
 
         streams: dtype of the two streams, ``"float32"``, ``"float64"`` or ``"auto"`` (float64
             for ``"meft"``, float32 for ``"revvit"``; never below the input's dtype).
+        balance: MEFT only (ignored by ``"revvit"``): compensate the couplings' growth (see
+            :meth:`balance_factors`): both streams are divided by ρ, the dominant eigenvalue of
+            the couplings' linear part, before each block, and G's branch is weighted
+            ``ρ / (ρ − λ)``, so that along the dominant stream direction the network adds the
+            branches exactly as the plain residual stream does. Without it, at λ = β = 1 the
+            streams grow 2.6x per block while the branches' outputs do not, so block k's
+            contribution to the output is 2.6^(depth−k) times smaller than the embedding's (the
+            pre-norm branches are blind to the streams' scale). The linear part's condition
+            number is unchanged, but the branches now count at full size and their Jacobians
+            amplify the reconstruction's error too (a network closer to the plain one is harder
+            to invert): measured 4.5e-8 relative gradient error on the trained 6-block digits ViT
+            (starting accuracy 93.6 % instead of 60.6 %), but 0.43 on a random-weight ViT-B/16 at
+            depth 12 (float64 streams). So it is off by default; ``apply`` warns above 6 blocks.
 
     Why these defaults (measured, ``benchmarks/reversible_gap.py``, docs/benchmarks.md): MEFT's
     couplings of the residual sub-blocks have the linear part ``[[λ, 1], [λ, 1 + β]]`` per block,
@@ -120,6 +143,7 @@ class ReversibleConfig(MethodConfig):
     towers: str = "all"
     adapter: int | None = None
     streams: str = "auto"
+    balance: bool = False
 
     def __post_init__(self) -> None:
         check_choice("coupling", self.coupling, COUPLINGS)
@@ -130,6 +154,7 @@ class ReversibleConfig(MethodConfig):
         check_choice("streams", self.streams, STREAMS)
         self.lam = check_number("lam", self.lam, low=0, low_open=True)
         self.beta = check_number("beta", self.beta, low=0, low_open=True)
+        self.balance = check_bool("balance", self.balance)
 
     @property
     def stream_floor(self) -> torch.dtype:
@@ -142,6 +167,25 @@ class ReversibleConfig(MethodConfig):
     def scales(self) -> tuple[float, float]:
         """(λ, β) the couplings use: 1, 1 for RevNet."""
         return (1.0, 1.0) if self.coupling == "revvit" else (self.lam, self.beta)
+
+    @property
+    def balance_factors(self) -> tuple[float, float]:
+        """``(c, γ_G)``: the scale of both streams before each block and the weight of G's branch.
+
+        ``(1, 1)`` unless ``balance`` (MEFT). With it: the couplings' linear part
+        ``M = [[λ, 1], [λ, 1 + β]]`` (per block, branches small) has the dominant eigenvalue
+        ``ρ = (tr + sqrt(tr² − 4 det)) / 2`` (``tr = 1 + λ + β``, ``det = λβ``) and the left
+        eigenvector ``w ∝ (λ, ρ − λ)``. The input ``(h, h)`` and F's injection ``(F, F)`` weigh
+        ``w1 + w2`` along it, G's injection ``(0, G)`` only ``w2``; so ``c = 1/ρ`` keeps the
+        streams' scale and ``γ_G = (w1 + w2) / w2 = ρ / (ρ − λ)`` gives G F's weight: the
+        dominant coordinate then follows ``h_{k+1} = h_k + F + G``, the plain residual stream
+        (at λ = β = 1: c = 0.382, γ_G = 1.618). The other direction decays 1/cond per block."""
+        if not (self.balance and self.residual):
+            return 1.0, 1.0
+        lam, beta = self.scales
+        tr, det = 1.0 + lam + beta, lam * beta
+        rho = (tr + (tr * tr - 4.0 * det) ** 0.5) / 2.0
+        return 1.0 / rho, rho / (rho - lam)
 
     @property
     def residual(self) -> bool:
@@ -242,14 +286,20 @@ class _Stack:
             n = parts.norm2(x.to(dtype))
             m = parts.drop_path2(parts.ls2(parts.mlp(n) + adapters["g"](n)))
         out = m.to(x.dtype)
-        return x + out if self.config.residual else out
+        if not self.config.residual:
+            return out
+        gain = self.config.balance_factors[1]
+        return x + (out if gain == 1.0 else gain * out)
 
     def forward(self, x: torch.Tensor, states: list[tuple[RNGState | None, RNGState | None]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both output streams; ``states`` collects each block's (F, G) RNG states when given."""
         lam, beta = self.config.scales
+        c = self.config.balance_factors[0]
         x1 = x2 = x.to(stream_dtype(x.dtype, self.config.stream_floor))
         for block in self.blocks:
+            if c != 1.0:  # balance: the streams' scale, kept
+                x1, x2 = c * x1, c * x2
             record = states is not None and draws_random_numbers(block)
             sf = capture_rng(x.device) if record else None
             y1 = _scale(lam, x1) + self.f(block, x2, x.dtype)
@@ -331,6 +381,7 @@ class _ReversibleStack(torch.autograd.Function):
         y1, y2 = ctx.saved_tensors
         stack: _Stack = ctx.stack
         lam, beta = stack.config.scales
+        c = stack.config.balance_factors[0]
         dtype = ctx.in_dtype
         dy1 = dy2 = grad_out.to(y1.dtype) / 2
         enabled, ac_dtype = ctx.autocast
@@ -363,6 +414,8 @@ class _ReversibleStack(torch.autograd.Function):
                 x1 = (y1 - f.detach()) / lam if lam != 1.0 else y1 - f.detach()
             del f, x2_
             dx1 = _scale(lam, dy1)
+            if c != 1.0:  # undo the balance scale of the block's inputs
+                x1, x2, dx1, dx2 = x1 / c, x2 / c, c * dx1, c * dx2
             y1, y2, dy1, dy2 = x1, x2, dx1, dx2
         dx = (dy1 + dy2).to(dtype)
         return (dx, None, *[grads.get(id(p)) for p in ctx.params])
@@ -505,6 +558,13 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
                       f"{block_amplification(cfg):.3g}x per block; predicted gradient error {error:.1e} relative "
                       "(MEFT is right up to about 15 blocks at lam = beta = 1 with float64 streams; "
                       "coupling='revvit' does not amplify)", stacklevel=2)
+    if cfg.balance and cfg.residual and depth > BALANCE_CHECKED_DEPTH:
+        warnings.warn(f"reversible balance=True over {depth} blocks: with the streams kept at the branches' scale "
+                      "the reconstruction's error also grows with the branches' Jacobians, which no estimate "
+                      "predicts; float64 streams measured 4.5e-8 relative gradient error on the 6-block digits ViT "
+                      "but 0.43 (timm ViT-B/16) and 1.9e-4 / 0.046 (open_clip ViT-B-32 image / text) at depth 12 "
+                      "(random weights): measure yours (benchmarks/reversible_gap.py --settings 1:1:balance) "
+                      "before training", stacklevel=2)
     if reversible_applied(model):
         remove_reversible(model)
     for tower in towers:
