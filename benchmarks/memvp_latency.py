@@ -268,29 +268,49 @@ def prefix_probe(args: argparse.Namespace) -> dict:
 
 
 def blip(args: argparse.Namespace) -> dict:
-    """BLIP-base-sized captioning decoder (12 layers, width 768; random init): FLOPs of one forward
-    over 32 text tokens with the library's cross-attention to 577 image tokens (384 px, patch 16),
+    """BLIP-base-sized captioning decoder (12 layers, width 768; random init), one forward over 32
+    text tokens, batch 1: the library's cross-attention to 577 image tokens (384 px, patch 16)
     against the same decoder with no cross-attention and MemVP's memory of the 576 patch tokens
-    instead (the swap MemVP's paper proposes for encoder-decoder models; counted, not trained)."""
+    instead (the swap MemVP's paper proposes for encoder-decoder models; not trained).
+
+    FLOPs (``count_flops``; MemVP's memory set outside the count), and latency interleaved in
+    one process (``measure_throughput``: 2 warm-up rounds, ``--repeats`` rotating rounds, median),
+    where each MemVP call also runs the projector (``set_memory``), as a new image would."""
+    import copy
+
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     from vleff.profile.flops import count_flops
+    from vleff.profile.throughput import measure_throughput
     from vleff.side.memvp import apply_memvp, memvp_module
 
     torch.manual_seed(0)
     config = BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})
     model = BlipForConditionalGeneration(config).eval()
-    decoder = model.text_decoder
+    cross_decoder = copy.deepcopy(model.text_decoder)  # stays unpatched: the cross-attention baseline
     image = torch.randn(1, 577, 768)
     ids = torch.randint(0, 1000, (1, 32))
-    cross = count_flops(lambda: decoder(input_ids=ids, encoder_hidden_states=image))
-    plain = count_flops(lambda: decoder(input_ids=ids))
+    cross = count_flops(lambda: cross_decoder(input_ids=ids, encoder_hidden_states=image))
+    plain = count_flops(lambda: cross_decoder(input_ids=ids))
     apply_memvp(model, n_mem=576)
-    memvp_module(model).set_memory(image[:, 1:])
-    memvp = count_flops(lambda: decoder(input_ids=ids))
+    memory = memvp_module(model)
+    memory.set_memory(image[:, 1:])
+    memvp = count_flops(lambda: model.text_decoder(input_ids=ids))
+
+    def memvp_forward():
+        memory.set_memory(image[:, 1:])
+        return model.text_decoder(input_ids=ids)
+
+    with torch.no_grad():
+        times = measure_throughput({"cross_attention": lambda: cross_decoder(input_ids=ids, encoder_hidden_states=image),
+                                    "memvp_instead": memvp_forward}, 1, warmup=2, repeats=args.repeats,
+                                   progress=False)
+    cross_s, memvp_s = times["cross_attention"].median_s, times["memvp_instead"].median_s
     return {"text_tokens": 32, "image_tokens": 577, "decoder_with_cross_attention_flops": cross,
             "decoder_without_cross_attention_flops": plain, "decoder_memvp_instead_flops": memvp,
-            "ratio_memvp_over_cross_attention": memvp / cross}
+            "ratio_memvp_over_cross_attention": memvp / cross, "repeats": args.repeats,
+            "cross_attention_median_s": cross_s, "memvp_instead_median_s": memvp_s,
+            "latency_ratio_memvp_over_cross_attention": memvp_s / cross_s}
 
 
 def main() -> None:
