@@ -174,6 +174,8 @@ def prefix_probe(args: argparse.Namespace) -> dict:
     * ``prefix_attention_mass``: per layer and head, the attention the answer position (``?``)
       gives the 64 prefix positions (random prefix of the projector's output scale), for the LM at
       initialisation and after the text pre-training;
+    * ``answer_hidden_state``: the answer position's hidden-state norm after each layer (the last
+      after the final norm) and how far a second random prefix moves it;
     * ``grad_norm_step0``: norm of the loss gradient w.r.t. each mode's trainable parameters on
       the first batch (frozen text-pretrained LM, frozen ViT);
     * ``projector_lr_sweep``: the real prefix projector trained alone (plain AdamW loop on the
@@ -206,11 +208,26 @@ def prefix_probe(args: argparse.Namespace) -> dict:
         return [[round(float(a[:, h, n_vis + answer, :n_vis].sum(-1).mean()), 4) for h in range(a.shape[1])]
                 for a in att]
 
+    def residual_at_answer(lm) -> dict:
+        """Mean norm of the answer position's hidden state after each layer (the last is after the
+        final norm) and how far another random prefix moves it."""
+        ids, _ = digit_text_batch("qa", torch.arange(10))
+        emb = lm.get_input_embeddings()(ids)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            a, b = (lm(inputs_embeds=torch.cat([torch.randn(10, n_vis, emb.shape[-1], generator=g) * 0.15, emb], 1),
+                       output_hidden_states=True).hidden_states[1:] for _ in range(2))
+        return {"norm": [round(float(h[:, n_vis + answer].norm(dim=-1).mean()), 3) for h in a],
+                "moved_by_another_prefix": [round(float((x - y)[:, n_vis + answer].norm(dim=-1).mean()), 4)
+                                            for x, y in zip(a, b)]}
+
     lm0, _ = text_pretrained_lm("qa", 0)
     out["prefix_attention_mass"] = {"init": attention_mass(lm0)}
+    out["answer_hidden_state"] = {"init": residual_at_answer(lm0)}
     lm, text_loss = text_pretrained_lm("qa", args.text_steps)
     out["text_pretrain_loss"] = text_loss
     out["prefix_attention_mass"]["text_pretrained"] = attention_mass(lm)
+    out["answer_hidden_state"]["text_pretrained"] = residual_at_answer(lm)
     lm.requires_grad_(False)
 
     images, digits = digits_arrays(32, "train", 0, 0.2)
