@@ -210,6 +210,8 @@ def _check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -
     m = attention_mask.long()
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    if bool((m[:, 1:] < m[:, :-1]).any()) or not bool(m[:, -1].all()):
+    bad = (m[:, 1:] < m[:, :-1]).any(dim=1) | (m[:, -1] == 0)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
         raise ValueError("attention_mask must be left padding (zeros, then ones to the last column) for "
-                         f"generate, got rows {m.tolist()}")
+                         f"generate; row {row} is {m[row].tolist()}")
