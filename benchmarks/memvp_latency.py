@@ -18,11 +18,15 @@ answer format, not the digit), then frozen; each mode trains only its visual pro
 projector / MemVP) for the same number of Lightning steps on the same data module and frozen
 random-init ViT; accuracy = greedy answer on the 360 validation images.
 
-    python benchmarks/memvp_latency.py --part cost
-    python benchmarks/memvp_latency.py --part accuracy --steps 400
-    python benchmarks/memvp_latency.py --part blip
+``--train-host`` trains the LM and the ViT too, in both modes. ``--part prefix-probe`` measures
+why the frozen prefix baseline stays at chance (see :func:`prefix_probe`).
 
-Part 3 (``--part blip``): see :func:`blip`.
+    python benchmarks/memvp_latency.py --part cost
+    python benchmarks/memvp_latency.py --part accuracy --steps 200 --text-steps 200 [--train-host]
+    python benchmarks/memvp_latency.py --part prefix-probe --steps 200 --text-steps 200
+    python benchmarks/memvp_latency.py --part blip --repeats 5
+
+Part 3 (``--part blip``): FLOPs and interleaved latency, see :func:`blip`.
 """
 from __future__ import annotations
 
