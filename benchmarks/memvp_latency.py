@@ -18,11 +18,15 @@ answer format, not the digit), then frozen; each mode trains only its visual pro
 projector / MemVP) for the same number of Lightning steps on the same data module and frozen
 random-init ViT; accuracy = greedy answer on the 360 validation images.
 
-    python benchmarks/memvp_latency.py --part cost
-    python benchmarks/memvp_latency.py --part accuracy --steps 400
-    python benchmarks/memvp_latency.py --part blip
+``--train-host`` trains the LM and the ViT too, in both modes. ``--part prefix-probe`` measures
+why the frozen prefix baseline stays at chance (see :func:`prefix_probe`).
 
-Part 3 (``--part blip``): see :func:`blip`.
+    python benchmarks/memvp_latency.py --part cost
+    python benchmarks/memvp_latency.py --part accuracy --steps 200 --text-steps 200 [--train-host]
+    python benchmarks/memvp_latency.py --part prefix-probe --steps 200 --text-steps 200
+    python benchmarks/memvp_latency.py --part blip --repeats 5
+
+Part 3 (``--part blip``): FLOPs and interleaved latency, see :func:`blip`.
 """
 from __future__ import annotations
 
@@ -105,41 +109,58 @@ def cost(args: argparse.Namespace) -> dict:
     return out
 
 
-def accuracy(args: argparse.Namespace) -> dict:
-    import lightning.pytorch as pl
-    from timm.models.vision_transformer import VisionTransformer
+def text_pretrained_lm(task: str, steps: int):
+    """The tiny Llama of the accuracy parts, trained ``steps`` AdamW steps on the task's text alone
+    (answers drawn at random: it learns the format, not the digit). Returns ``(lm, final loss)``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vleff.data.digits_vlm import VOCAB, DigitsVLMDataModule, digit_text_batch
-    from vleff.models.vlm import VisionLanguageModel
-    from vleff.models.vlm_task import VisionLanguageTask
+    from vleff.data.digits_vlm import VOCAB, digit_text_batch
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=344,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                       max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
                                       pad_token_id=None, tie_word_embeddings=False))
-    # stage 1: the LM learns the task's text (answers drawn at random: it cannot know the digit)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for _ in range(args.text_steps):
-        ids, labels = digit_text_batch(args.task, torch.randint(0, 10, (64,), generator=g))
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        ids, labels = digit_text_batch(task, torch.randint(0, 10, (64,), generator=g))
         loss = torch.nn.functional.cross_entropy(lm(input_ids=ids).logits[:, :-1].flatten(0, 1),
                                                  labels[:, 1:].flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    text_loss = float(loss.detach())
+    return lm, float(loss.detach())
+
+
+def digits_vlm(lm, mode: str):
+    """The accuracy parts' VisionLanguageModel: a random-init timm ViT (32 px, patch 4: 64 visual
+    tokens, width 128, 4 blocks; seed 0) + ``lm``, in ``mode``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vleff.models.vlm import VisionLanguageModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0)
+    return VisionLanguageModel(vit, lm, mode, projector_hidden=128, memvp={"n_mem": 64} if mode == "memvp" else None)
+
+
+def accuracy(args: argparse.Namespace) -> dict:
+    import lightning.pytorch as pl
+
+    from vleff.data.digits_vlm import DigitsVLMDataModule
+    from vleff.models.vlm_task import VisionLanguageTask
+
+    lm, text_loss = text_pretrained_lm(args.task, args.text_steps)
     state = {k: v.clone() for k, v in lm.state_dict().items()}
     results: dict = {"task": args.task, "steps": args.steps, "text_pretrain_steps": args.text_steps,
-                     "text_pretrain_loss": text_loss}
+                     "text_pretrain_loss": text_loss, "lr": args.lr, "train_host": args.train_host}
     for mode in ("prefix", "memvp"):
-        torch.manual_seed(0)
         lm.load_state_dict(state)
-        vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0)
-        vlm = VisionLanguageModel(vit, lm, mode, projector_hidden=128,
-                                  memvp={"n_mem": 64} if mode == "memvp" else None)
-        task = VisionLanguageTask(vlm, args.task, lr=args.lr)
+        lm.requires_grad_(True)
+        vlm = digits_vlm(lm, mode)
+        task = VisionLanguageTask(vlm, args.task, lr=args.lr, train_host=args.train_host)
         dm = DigitsVLMDataModule(args.task, batch_size=32)
         trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, max_epochs=-1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -151,35 +172,171 @@ def accuracy(args: argparse.Namespace) -> dict:
     return results
 
 
+def prefix_probe(args: argparse.Namespace) -> dict:
+    """Why the frozen-LM prefix baseline of ``--part accuracy`` stays at chance (QA task).
+
+    * ``prefix_attention_mass``: per layer and head, the attention the answer position (``?``)
+      gives the 64 prefix positions (random prefix of the projector's output scale), for the LM at
+      initialisation and after the text pre-training;
+    * ``answer_hidden_state``: the answer position's hidden-state norm after each layer (the last
+      after the final norm) and how far a second random prefix moves it;
+    * ``grad_norm_step0``: norm of the loss gradient w.r.t. each mode's trainable parameters on
+      the first batch (frozen text-pretrained LM, frozen ViT);
+    * ``projector_lr_sweep``: the real prefix projector trained alone (plain AdamW loop on the
+      frozen ViT's features, batch 32, ``--steps`` steps) at three learning rates: validation
+      accuracy of the answer token;
+    * ``oracle_prefix_lr_sweep``: the same LM given a *perfect* visual prefix to learn, a free
+      ``[10, 64, 128]`` table indexed by the true digit (no ViT, no projector): accuracy on the
+      last 5 batches. If even this stays at chance, no projector can fix it: the frozen LM does
+      not read its context.
+    """
+    import copy
+
+    import torch.nn.functional as F
+
+    from vleff.data.digits_vlm import DIGIT_TOKEN, digit_text_batch, prompt
+    from vleff.data.digits import digits_arrays
+
+    out: dict = {"steps": args.steps, "text_pretrain_steps": args.text_steps}
+    answer = len(prompt("qa")) - 1  # the position whose next-token logits are the answer
+    n_vis = 64
+
+    def attention_mass(lm) -> list[list[float]]:
+        lm.set_attn_implementation("eager")
+        ids, _ = digit_text_batch("qa", torch.arange(10))
+        emb = lm.get_input_embeddings()(ids)
+        prefix = torch.randn(10, n_vis, emb.shape[-1], generator=torch.Generator().manual_seed(0)) * 0.15
+        with torch.no_grad():
+            att = lm(inputs_embeds=torch.cat([prefix, emb], 1), output_attentions=True).attentions
+        lm.set_attn_implementation("sdpa")
+        return [[round(float(a[:, h, n_vis + answer, :n_vis].sum(-1).mean()), 4) for h in range(a.shape[1])]
+                for a in att]
+
+    def residual_at_answer(lm) -> dict:
+        """Mean norm of the answer position's hidden state after each layer (the last is after the
+        final norm) and how far another random prefix moves it."""
+        ids, _ = digit_text_batch("qa", torch.arange(10))
+        emb = lm.get_input_embeddings()(ids)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            a, b = (lm(inputs_embeds=torch.cat([torch.randn(10, n_vis, emb.shape[-1], generator=g) * 0.15, emb], 1),
+                       output_hidden_states=True).hidden_states[1:] for _ in range(2))
+        return {"norm": [round(float(h[:, n_vis + answer].norm(dim=-1).mean()), 3) for h in a],
+                "moved_by_another_prefix": [round(float((x - y)[:, n_vis + answer].norm(dim=-1).mean()), 4)
+                                            for x, y in zip(a, b)]}
+
+    lm0, _ = text_pretrained_lm("qa", 0)
+    out["prefix_attention_mass"] = {"init": attention_mass(lm0)}
+    out["answer_hidden_state"] = {"init": residual_at_answer(lm0)}
+    lm, text_loss = text_pretrained_lm("qa", args.text_steps)
+    out["text_pretrain_loss"] = text_loss
+    out["prefix_attention_mass"]["text_pretrained"] = attention_mass(lm)
+    out["answer_hidden_state"]["text_pretrained"] = residual_at_answer(lm)
+    lm.requires_grad_(False)
+
+    images, digits = digits_arrays(32, "train", 0, 0.2)
+    val_images, val_digits = digits_arrays(32, "val", 0, 0.2)
+    out["grad_norm_step0"] = {}
+    for mode in ("prefix", "memvp"):
+        vlm = digits_vlm(copy.deepcopy(lm), mode)  # a copy: MemVP's hooks stay on the LM it patches
+        vlm.freeze_host()
+        ids, labels = digit_text_batch("qa", digits[:32])
+        vlm(images[:32], ids, labels=labels)["loss"].backward()
+        out["grad_norm_step0"][mode] = float(torch.stack([p.grad.norm() for p in vlm.trainable_parameters()]).norm())
+
+    vlm = digits_vlm(lm, "prefix").eval()
+    with torch.no_grad():
+        feats, val_feats = vlm.visual(images), vlm.visual(val_images)
+    emb = lm.get_input_embeddings()
+    lrs = (3e-3, 3e-2, 3e-1)
+
+    def logits_of(prefix: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, labels = digit_text_batch("qa", d)
+        logits = lm(inputs_embeds=torch.cat([prefix, emb(ids)], 1)).logits[:, prefix.shape[1]:]
+        return logits, F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    out["projector_lr_sweep"], out["oracle_prefix_lr_sweep"] = {}, {}
+    for lr in lrs:
+        torch.manual_seed(0)
+        projector = digits_vlm(lm, "prefix").projector
+        opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(args.steps):
+            idx = torch.randint(0, len(digits), (32,), generator=g)
+            _, loss = logits_of(projector(feats[idx]), digits[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits, _ = logits_of(projector(val_feats), val_digits)
+        acc = float((logits[:, answer].argmax(-1) == DIGIT_TOKEN[val_digits]).float().mean())
+        out["projector_lr_sweep"][str(lr)] = {"val_acc": acc, "final_train_loss": float(loss.detach())}
+
+        table = torch.nn.Parameter(torch.randn(10, n_vis, emb.embedding_dim, generator=g) * 0.15)
+        opt = torch.optim.AdamW([table], lr=lr, weight_decay=0.0)
+        hits = []
+        for step in range(args.steps):
+            d = torch.randint(0, 10, (32,), generator=g)
+            logits, loss = logits_of(table[d], d)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step >= args.steps - 5:
+                hits.append((logits[:, answer].argmax(-1) == DIGIT_TOKEN[d]).float().mean())
+        out["oracle_prefix_lr_sweep"][str(lr)] = {"acc_last_5_batches": float(torch.stack(hits).mean()),
+                                                  "final_train_loss": float(loss.detach())}
+    return out
+
+
 def blip(args: argparse.Namespace) -> dict:
-    """BLIP-base-sized captioning decoder (12 layers, width 768; random init): FLOPs of one forward
-    over 32 text tokens with the library's cross-attention to 577 image tokens (384 px, patch 16),
+    """BLIP-base-sized captioning decoder (12 layers, width 768; random init), one forward over 32
+    text tokens, batch 1: the library's cross-attention to 577 image tokens (384 px, patch 16)
     against the same decoder with no cross-attention and MemVP's memory of the 576 patch tokens
-    instead (the swap MemVP's paper proposes for encoder-decoder models; counted, not trained)."""
+    instead (the swap MemVP's paper proposes for encoder-decoder models; not trained).
+
+    FLOPs (``count_flops``; MemVP's memory set outside the count), and latency interleaved in
+    one process (``measure_throughput``: 2 warm-up rounds, ``--repeats`` rotating rounds, median),
+    where each MemVP call also runs the projector (``set_memory``), as a new image would."""
+    import copy
+
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     from vleff.profile.flops import count_flops
+    from vleff.profile.throughput import measure_throughput
     from vleff.side.memvp import apply_memvp, memvp_module
 
     torch.manual_seed(0)
     config = BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})
     model = BlipForConditionalGeneration(config).eval()
-    decoder = model.text_decoder
+    cross_decoder = copy.deepcopy(model.text_decoder)  # stays unpatched: the cross-attention baseline
     image = torch.randn(1, 577, 768)
     ids = torch.randint(0, 1000, (1, 32))
-    cross = count_flops(lambda: decoder(input_ids=ids, encoder_hidden_states=image))
-    plain = count_flops(lambda: decoder(input_ids=ids))
+    cross = count_flops(lambda: cross_decoder(input_ids=ids, encoder_hidden_states=image))
+    plain = count_flops(lambda: cross_decoder(input_ids=ids))
     apply_memvp(model, n_mem=576)
-    memvp_module(model).set_memory(image[:, 1:])
-    memvp = count_flops(lambda: decoder(input_ids=ids))
+    memory = memvp_module(model)
+    memory.set_memory(image[:, 1:])
+    memvp = count_flops(lambda: model.text_decoder(input_ids=ids))
+
+    def memvp_forward():
+        memory.set_memory(image[:, 1:])
+        return model.text_decoder(input_ids=ids)
+
+    with torch.no_grad():
+        times = measure_throughput({"cross_attention": lambda: cross_decoder(input_ids=ids, encoder_hidden_states=image),
+                                    "memvp_instead": memvp_forward}, 1, warmup=2, repeats=args.repeats,
+                                   progress=False)
+    cross_s, memvp_s = times["cross_attention"].median_s, times["memvp_instead"].median_s
     return {"text_tokens": 32, "image_tokens": 577, "decoder_with_cross_attention_flops": cross,
             "decoder_without_cross_attention_flops": plain, "decoder_memvp_instead_flops": memvp,
-            "ratio_memvp_over_cross_attention": memvp / cross}
+            "ratio_memvp_over_cross_attention": memvp / cross, "repeats": args.repeats,
+            "cross_attention_median_s": cross_s, "memvp_instead_median_s": memvp_s,
+            "latency_ratio_memvp_over_cross_attention": memvp_s / cross_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("cost", "accuracy", "blip"), default="cost")
+    parser.add_argument("--part", choices=("cost", "accuracy", "prefix-probe", "blip"), default="cost")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -188,9 +345,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--text-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--train-host", action="store_true",
+                        help="accuracy: train the LM and the ViT too (both modes), not only the visual prompt")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    result = {"cost": cost, "accuracy": accuracy, "blip": blip}[args.part](args)
+    result = {"cost": cost, "accuracy": accuracy, "prefix-probe": prefix_probe, "blip": blip}[args.part](args)
     print(json.dumps(result, indent=1))
 
 

@@ -5,7 +5,8 @@
 * scale 0 equals the host bit-exactly, ``remove`` restores it bit-exactly;
 * generation: BLIP's own ``generate`` (KV cache) against a cache-free greedy loop; the
   VisionLanguageModel's ``generate`` against the library's ``generate`` (prefix mode through
-  ``inputs_embeds``; MemVP mode on the patched LM with the memory set);
+  ``inputs_embeds``; MemVP mode on the patched LM with the memory set), also on a left-padded
+  batch (and against each prompt alone);
 * bad input: unsupported FFN layout, wrong feature width, ``n_mem`` below the token count.
 """
 from __future__ import annotations
@@ -231,6 +232,41 @@ def test_vlm_generate_equals_the_library_generate_in_both_modes(lm_name, tower):
         # the prefix forward is the LM on [prefix; text] embeddings, read at the text positions
         torch.testing.assert_close(prefix(x, ids)["logits"], lm(inputs_embeds=embeds).logits[:, -5:], atol=0, rtol=0)
     assert not torch.equal(ours, ours_p)
+
+
+@pytest.mark.parametrize("lm_name, tower", COMBOS[:2])
+def test_vlm_generate_left_padded_equals_the_library_and_each_prompt_alone(lm_name, tower):
+    """Prompts of 5 and 3 tokens, left-padded: the library's ``generate`` on the same padded batch
+    and mask, and (independently) each prompt generated alone without padding. The Llama gets
+    a wide init so its greedy tokens depend on what attention sees (at 0.02 an unmasked pad
+    leaves them unchanged)."""
+    torch.manual_seed(0)
+    lm = (tm.hf_llama_lm(initializer_range=0.3) if lm_name == "llama" else LMS[lm_name]()).eval()
+    x = tm.images()
+    ids = torch.randint(0, 64, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        memvp = VisionLanguageModel(TOWERS[tower](), lm, "memvp", memvp={"n_mem": 16, "scale": 1.0}).eval()
+        _activate(memvp)
+        ours = memvp.generate(x, ids, max_new_tokens=6, attention_mask=mask)
+        library = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, 5:]
+        torch.testing.assert_close(ours, library, atol=0, rtol=0)
+        alone = memvp.generate(x[1:], ids[1:, 2:], max_new_tokens=6)
+        torch.testing.assert_close(ours[1:], alone, atol=0, rtol=0)
+        vleff.remove_memvp(memvp)
+        prefix = VisionLanguageModel(TOWERS[tower](), lm, "prefix").eval()
+        nn.init.normal_(prefix.projector[2].weight)
+        ours_p = prefix.generate(x, ids, max_new_tokens=6, attention_mask=mask)
+        feats = prefix.projector(prefix.visual(x))
+        embeds = torch.cat([feats, lm.get_input_embeddings()(ids)], dim=1)
+        full = torch.cat([torch.ones(2, feats.shape[1], dtype=mask.dtype), mask], dim=1)
+        library_p = lm.generate(inputs_embeds=embeds, attention_mask=full, max_new_tokens=6, do_sample=False)
+        torch.testing.assert_close(ours_p, library_p[:, -6:], atol=0, rtol=0)
+        torch.testing.assert_close(ours_p[1:], prefix.generate(x[1:], ids[1:, 2:], max_new_tokens=6), atol=0, rtol=0)
+        for bad, match in ((mask[:, :4], "input_ids' shape"), (mask * 2, "only 0"),
+                           (mask.flip(1), "left padding")):
+            with pytest.raises(ValueError, match=match):
+                prefix.generate(x, ids, attention_mask=bad)
 
 
 def test_vlm_loss_is_next_token_cross_entropy():

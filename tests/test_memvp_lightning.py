@@ -2,9 +2,13 @@
 
 One data module for both modes; a real ``Trainer.fit``; only the visual-prompt parameters
 move (the host stays bit-identical); the logged accuracy equals the accuracy recomputed from
-``generate``; the mixin rebuilds MemVP so a saved ``state_dict`` loads into a fresh module.
+``generate``; the mixin rebuilds MemVP so a saved ``state_dict`` loads into a fresh module;
+a Hugging Face BLIP captioning host trains through ``Trainer.fit`` with the ``MemVP`` callback
+exactly as a plain PyTorch loop does.
 """
 from __future__ import annotations
+
+import copy
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +16,11 @@ import torch
 
 import host_families
 import tiny_lightning as tl
+import tiny_models as tm
+import vleff
 import vleff.callbacks as cb
+from vleff.data.digits import digits_arrays
+from vleff.side.memvp import freeze_host_for_memvp
 from vleff.callbacks.side_mixins import MemVPMixin
 from vleff.data.digits_vlm import DIGIT_TOKEN, VOCAB, DigitsVLMDataModule, answer_position, digit_text_batch, prompt
 from vleff.models.vlm_task import VisionLanguageTask
@@ -84,3 +92,68 @@ def test_mixin_rebuilds_memvp_so_a_saved_state_loads():
     with torch.no_grad():
         torch.testing.assert_close(b(x, ids)["logits"], a(x, ids)["logits"], atol=0, rtol=0)
     assert isinstance(a, pl.LightningModule)
+
+
+class _BlipCaptioner(pl.LightningModule):
+    """A tiny Hugging Face BLIP captioning model trained on its own captioning loss (the
+    library's ``labels=`` cross entropy); MemVP comes from the callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = tm.hf_blip_captioning()
+
+    def training_step(self, batch, batch_idx):
+        images, ids = batch
+        loss = self.model(pixel_values=images, input_ids=ids, labels=ids).loss
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _blip_digit_captions(n: int = 8) -> torch.utils.data.TensorDataset:
+    """Digits images with "a photo of the digit <d>" as BLIP token ids (the digits vocabulary
+    shifted past BLIP's pad id 0, opened with BLIP's bos id)."""
+    images, digits = digits_arrays(tm.IMG, "train")
+    ids, _ = digit_text_batch("caption", digits[:n])
+    ids = ids + 1
+    ids[:, 0] = tm.blip_config().text_config.bos_token_id
+    return torch.utils.data.TensorDataset(images[:n], ids)
+
+
+def test_blip_captioning_trains_through_lightning_with_the_memvp_callback():
+    """``Trainer.fit`` of a BLIP host with ``callbacks=[MemVP]``: the result equals a plain PyTorch
+    loop (same batches, ``apply_memvp`` + AdamW by hand), only MemVP's parameters move, and the
+    captioning loss on the training set falls."""
+    data = _blip_digit_captions()
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    module = _BlipCaptioner()
+    host = copy.deepcopy(module.model)
+    images, ids = data.tensors
+    with torch.no_grad():
+        before = host(pixel_values=images, input_ids=ids, labels=ids).loss
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, max_epochs=-1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb.MemVP(n_mem=16, scale=1.0)])
+    torch.manual_seed(1)
+    trainer.fit(module, loader)
+    # the same run written out, from the same host and MemVP's init under the same seed
+    torch.manual_seed(1)
+    vleff.apply_memvp(host, n_mem=16, scale=1.0)
+    trainable = freeze_host_for_memvp(host)
+    opt = torch.optim.AdamW([p for p in host.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # 2 epochs of 2 batches = the 4 steps
+        for x, t in loader:
+            loss = host(pixel_values=x, input_ids=t, labels=t).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    got, want = module.model.state_dict(), host.state_dict()
+    assert sorted(n for n, p in module.model.named_parameters() if p.requires_grad) == sorted(trainable)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        after = module.model(pixel_values=images, input_ids=ids, labels=ids).loss
+    assert after < before - 0.1, (float(before), float(after))

@@ -15,9 +15,9 @@ any Hugging Face causal LM whose decoder layers MemVP supports (Llama-family gat
 plain MLP) — prefix mode needs only ``inputs_embeds``.
 
 :meth:`VisionLanguageModel.generate` is greedy decoding with the LM's KV cache, for prompts
-of one length (no padding): in prefix mode the first step runs the visual prefix and the
-prompt, later steps one token against the cache; in MemVP mode the memory is set once per
-image and read at every step.
+of one length or left-padded with an attention mask: in prefix mode the first step runs the
+visual prefix and the prompt, later steps one token against the cache; in MemVP mode the
+memory is set once per image and read at every step.
 """
 from __future__ import annotations
 
@@ -166,13 +166,25 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding with the LM's KV cache: the new tokens ``[B, max_new_tokens]`` (after
-        ``eos_token_id`` a sequence repeats it). Prompts of one length (no padding)."""
+        ``eos_token_id`` a sequence repeats it).
+
+        Prompts of different lengths are left-padded with ``attention_mask`` ``[B, T]`` (1 = token,
+        0 = padding; the last column must be all ones): padded positions are masked out and the
+        positions count only the real tokens, as the library's ``generate`` does (``position_ids =
+        cumsum(mask) - 1``). In prefix mode the visual tokens keep their place before the padded
+        prompt (the mask covers them with ones)."""
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
-        inputs, _ = self._prepare(images, input_ids, None)
-        inputs.pop("attention_mask")
-        out = self.lm(**inputs, use_cache=True)
+        if attention_mask is not None:
+            _check_left_padding(attention_mask, input_ids)
+        inputs, _ = self._prepare(images, input_ids, attention_mask)
+        mask = inputs.pop("attention_mask")
+        extra: dict[str, torch.Tensor] = {}
+        if mask is not None:
+            position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            extra = {"attention_mask": mask, "position_ids": position_ids}
+        out = self.lm(**inputs, **extra, use_cache=True)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
@@ -182,5 +194,24 @@ class VisionLanguageModel(nn.Module):
                 done = done | (nxt == eos_token_id)
             tokens.append(nxt)
             if step + 1 < max_new_tokens:
-                out = self.lm(input_ids=nxt[:, None], cache=_cache(out), use_cache=True)
+                if extra:
+                    mask = torch.cat([extra["attention_mask"], mask.new_ones(mask.shape[0], 1)], dim=1)
+                    extra = {"attention_mask": mask, "position_ids": extra["position_ids"][:, -1:] + 1}
+                out = self.lm(input_ids=nxt[:, None], cache=_cache(out), use_cache=True, **extra)
         return torch.stack(tokens, dim=1)
+
+
+def _check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """``generate`` reads the last position's logits: the mask must match the ids, hold only 0/1 and
+    be left padding (ones to the end of each row, no row empty)."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    m = attention_mask.long()
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    bad = (m[:, 1:] < m[:, :-1]).any(dim=1) | (m[:, -1] == 0)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError("attention_mask must be left padding (zeros, then ones to the last column) for "
+                         f"generate; row {row} is {m[row].tolist()}")
