@@ -1,6 +1,6 @@
 """Digits-CLIP with CrossGET and MADTP at <= 0.6x image-tower FLOPs: off the shelf and fine-tuned.
 
-    python benchmarks/clip_digits_tokens.py out/clip_digits_tokens.json             # everything, ~8 min, 1 thread
+    python benchmarks/clip_digits_tokens.py out/clip_digits_tokens.json             # everything, ~5 min, 1 thread
     python benchmarks/clip_digits_tokens.py out.json --methods crossget --baseline-weights out/..._runs/baseline.pt
 
 The model is the repository's tiny open_clip digits CLIP (``configs/model/clip_digits.yaml``)
@@ -107,6 +107,8 @@ def _row(run: str, metrics: dict[str, float], ratio: float, **extra: Any) -> dic
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from hydra.utils import instantiate
+
     import vleff
     from vleff.tokens.madtp import image_forward
 
@@ -129,8 +131,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.save(module.model.state_dict(), weights)
         steps = int(trainer.global_step)
     else:
-        from hydra.utils import instantiate
-
         weights = Path(args.baseline_weights)
         module = instantiate(cfg.model, init_checkpoint=str(weights))
         metrics, steps = _validate(module, cfg), None
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         return fit(compose_experiment("clip_finetune", over))
 
     if args.control:
-        module_c, trainer_c, metrics_c = fine_tune("control", [])
+        _, trainer_c, metrics_c = fine_tune("control", [])
         rows.append(_row(f"baseline + {args.ft_epochs} epochs, no method", metrics_c, 1.0,
                          steps=int(trainer_c.global_step)))
         _log(json.dumps(rows[-1]))
@@ -159,8 +159,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if r is None:
             r, _ = smallest_r(module.model, val_samples, target, args.r_text)
         off = compose_experiment("clip_finetune", [*common])
-        from hydra.utils import instantiate
-
         fresh = instantiate(off.model, init_checkpoint=str(weights))
         vleff.apply_crossget(fresh.model, r_image=r, r_text=args.r_text)
         rows.append(_row(f"CrossGET r_image={r} r_text={args.r_text}, off the shelf", _validate(fresh, off),
@@ -174,8 +172,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         _log(json.dumps(rows[-1]))
 
     if "madtp" in args.methods:
-        from hydra.utils import instantiate
-
         madtp_reduction = round(args.flops_reduction + args.madtp_margin, 6)
 
         off = compose_experiment("clip_finetune", [*common])
