@@ -10,13 +10,15 @@ reference's figures are (fvcore, CLIP ViT-B/16: 58.5 % of the baseline at ``r_im
     python benchmarks/crossget_flops.py --out crossget.json
 
 Throughput: eval mode, no grad, one process, each candidate a separate model copy, timed in
-interleaved rounds (:func:`vleff.profile.measure_throughput`, median of ``--repeats``).
+interleaved rounds (:func:`vleff.profile.measure_throughput`, median of ``--repeats``); the
+per-round speed-ups (baseline time / CrossGET time within a round) are printed with their range.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import statistics
 
 import torch
 
@@ -35,6 +37,12 @@ def both_towers(model, image, ids):
         model.encode_image(image)
         model.encode_text(ids)
     return run
+
+
+def round_ratios(base, other) -> list[float]:
+    """Per-round speed-ups ``t_base / t_other``: both ran in the same interleaved round, so the
+    spread of these is the spread a reader should trust the median ratio within."""
+    return [b / o for b, o in zip(base.times_s, other.times_s)]
 
 
 def main() -> None:
@@ -97,13 +105,18 @@ def main() -> None:
                                       "crossget r_text=6": lambda: fast.encode_text(texts)},
                                      items_per_call=args.text_batch, repeats=args.repeats, progress=False)
         print(f"CPU throughput ({torch.get_num_threads()} threads, interleaved, median of {args.repeats}):")
+        spread = {}
         for tower, res in (("image", img), ("text", txt)):
             for name, r in res.items():
-                print(f"  {tower:<6}{name:<22}{r.items_per_s:>9.2f} /s  x{r.speedup:.2f}")
+                print(f"  {tower:<6}{name:<22}{r.items_per_s:>9.2f} /s  x{r.speedup:.2f}  "
+                      f"(call {min(r.times_s):.3f}-{max(r.times_s):.3f} s)")
+            spread[tower] = round_ratios(*res.values())
+            print(f"  {tower:<6}per-round speed-up: min x{min(spread[tower]):.2f}, "
+                  f"median x{statistics.median(spread[tower]):.2f}, max x{max(spread[tower]):.2f}")
         result["throughput"] = {"threads": torch.get_num_threads(), "image_batch": args.image_batch,
                                 "text_batch": args.text_batch,
                                 "image": {k: v.as_dict() for k, v in img.items()},
-                                "text": {k: v.as_dict() for k, v in txt.items()}}
+                                "text": {k: v.as_dict() for k, v in txt.items()}, "round_speedups": spread}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

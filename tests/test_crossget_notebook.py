@@ -1,7 +1,9 @@
-"""The CrossGET notebook runs top to bottom and shows what it promises; it matches its generator."""
+"""The CrossGET/MADTP notebook runs top to bottom and shows what it promises; it matches its generator."""
 from __future__ import annotations
 
+import ast
 import os
+import re
 import runpy
 from pathlib import Path
 
@@ -27,7 +29,17 @@ def test_crossget_notebook_executes(tmp_path):
     assert "text tokens entering each block: [78, 72, 66, 60, 54, 48, 42, 36, 30, 24, 18, 12]" in text
     assert "groups after 12 blocks: [" in text
     assert "r_image=16, r_text=6:" in text and "x the baseline" in text
-    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 1
+    # MADTP on the tiny digits CLIP: 32 px / patch 4 = 64 patches + cls, 16 text positions entering
+    # block 0; each sample's count never grows and pruning happens; τ met the image FLOPs target
+    ratio = float(re.search(r"MADTP tau=\S+: ([0-9.]+) x the image tower FLOPs", text).group(1))
+    assert abs(ratio - 0.5) <= 0.03 * 0.5
+    for tower, first in (("image", 65), ("text", 16)):
+        line = re.search(rf"MADTP {tower} tokens entering each block, per sample: (.*)", text).group(1)
+        rows = ast.literal_eval(line)
+        assert len(rows) == 8 and all(len(r) == 4 and r[0] == first for r in rows)
+        assert all(a >= b for r in rows for a, b in zip(r, r[1:]))
+        assert all(r[-1] < first for r in rows)
+    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2
 
 
 def test_crossget_notebook_matches_its_generator():
