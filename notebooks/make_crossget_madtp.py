@@ -27,7 +27,7 @@ cells = [
          "import vleff\n"
          "from vleff.tokens.visualize import merge_groups, render_groups, sample_photo\n\n"
          "torch.manual_seed(0)\n"
-         "torch.set_num_threads(min(2, os.cpu_count() or 1))\n"
+         "torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', min(2, os.cpu_count() or 1))))\n"
          "model = open_clip.create_model('ViT-B-16', pretrained=None).eval()"),
     md("## Merge groups on a photograph\n\n"
        "`trace_source=True` keeps a source map (which input patches each remaining token holds). "

@@ -26,7 +26,7 @@ cells = [
          "REPEATS = int(os.environ.get('VLEFF_NOTEBOOK_REPEATS', '5'))  # interleaved timings per method\n"
          "R = 4  # tokens merged per block: 65 -> 45 tokens over the 6 blocks\n"
          "pl.seed_everything(0)\n"
-         "torch.set_num_threads(min(2, os.cpu_count() or 1))"),
+         "torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', min(2, os.cpu_count() or 1))))"),
     md("## Train with ToMe\n\n"
        "`TokenMerging` patches the model in `setup`; `EfficiencyMonitor` logs GFLOPs per sample and "
        "the tokens entering each block. `training_step` is the classifier's own, unchanged."),
