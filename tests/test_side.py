@@ -431,12 +431,13 @@ class _SyncCheck(pl.Callback):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
-@pytest.mark.parametrize("callback", ["LadderSideTuning", "LoRA"])
-def test_side_and_lora_callbacks_under_two_process_ddp_gloo(callback, tmp_path):
+@pytest.mark.parametrize("callbacks", [{"LadderSideTuning": {"reduction": 4}}, {"LoRA": {"r": 4}},
+                                       {"UniPT": {"factor": 2}, "VisualQueryTuning": {"num_queries": 1}}],
+                         ids=["lst", "lora", "unipt+vqt"])
+def test_side_and_lora_callbacks_under_two_process_ddp_gloo(callbacks, tmp_path):
     module = tl.TinyClassifier()
-    settings = {"reduction": 4} if callback == "LadderSideTuning" else {"r": 4}
-    trainer = tl.trainer(tmp_path, [getattr(vleff.callbacks, callback)(**settings), _SyncCheck(tmp_path)],
-                         max_steps=2, devices=2, strategy="ddp_fork")
+    methods = [getattr(vleff.callbacks, name)(**settings) for name, settings in callbacks.items()]
+    trainer = tl.trainer(tmp_path, [*methods, _SyncCheck(tmp_path)], max_steps=2, devices=2, strategy="ddp_fork")
     trainer.fit(module, tl.loader(16))
     assert trainer.state.finished
     for rank in (0, 1):
