@@ -2,6 +2,7 @@
 
     python benchmarks/clip_digits_tokens.py out/clip_digits_tokens.json             # everything, ~5 min, 1 thread
     python benchmarks/clip_digits_tokens.py out.json --methods crossget --baseline-weights out/..._runs/baseline.pt
+    python benchmarks/clip_digits_tokens.py out.json --methods madtp --madtp-set 'locations=[2,3,4,5]' --ft-lr 1e-3
 
 The model is the repository's tiny open_clip digits CLIP (``configs/model/clip_digits.yaml``)
 made longer and deeper for this benchmark (``--layers 6 --patch-size 4``: 65 image tokens and
