@@ -2,6 +2,7 @@
 
     python benchmarks/clip_digits_tokens.py out/clip_digits_tokens.json             # everything, ~5 min, 1 thread
     python benchmarks/clip_digits_tokens.py out.json --methods crossget --baseline-weights out/..._runs/baseline.pt
+    python benchmarks/clip_digits_tokens.py out.json --methods madtp --madtp-set 'locations=[2,3,4,5]' --ft-lr 1e-3
 
 The model is the repository's tiny open_clip digits CLIP (``configs/model/clip_digits.yaml``)
 made longer and deeper for this benchmark (``--layers 6 --patch-size 4``: 65 image tokens and
@@ -176,13 +177,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         off = compose_experiment("clip_finetune", [*common])
         fresh = instantiate(off.model, init_checkpoint=str(weights))
-        vleff.apply_madtp(fresh.model, flops_reduction=madtp_reduction, towers=args.madtp_towers)
+        vleff.apply_madtp(fresh.model, flops_reduction=madtp_reduction, towers=args.madtp_towers, **args.madtp_set)
         calib = _samples(off, "train", CALIBRATION_SAMPLES)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             cal = vleff.calibrate_madtp(fresh.model, calib, forward=image_forward)
-        rows.append(_row(f"MADTP towers={args.madtp_towers}, off the shelf (random codebook)", _validate(fresh, off),
-                         measured(fresh.model), tau=cal.tau, start=cal.start, calibrated_ratio=cal.ratio,
+        rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, off the shelf (random codebook)",
+                         _validate(fresh, off), measured(fresh.model), tau=cal.tau, start=cal.start, calibrated_ratio=cal.ratio,
                          warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]))
         _log(json.dumps(rows[-1]))
         with warnings.catch_warnings(record=True) as caught:
@@ -190,13 +191,46 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             module_f, trainer_f, metrics_f = fine_tune("MADTP", [
                 "callbacks=[madtp]", f"callbacks.madtp.flops_reduction={madtp_reduction}",
                 "callbacks.madtp.measure=image", f"callbacks.madtp.samples={CALIBRATION_SAMPLES}",
-                f"callbacks.madtp.towers={args.madtp_towers}"])
+                f"callbacks.madtp.towers={args.madtp_towers}",
+                *(f"callbacks.madtp.{k}={_hydra_value(v)}" for k, v in args.madtp_set.items())])
         controller = next(c for c in trainer_f.callbacks if type(c).__name__ == "MADTP").controller
-        rows.append(_row(f"MADTP towers={args.madtp_towers}, fine-tuned {args.ft_epochs} epochs", metrics_f,
+        rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, fine-tuned {args.ft_epochs} epochs", metrics_f,
                          measured(module_f.model), steps=int(trainer_f.global_step),
                          controller_history=controller.history, warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]))
         _log(json.dumps(rows[-1]))
     return rows
+
+
+def _hydra_value(value: Any) -> str:
+    """A setting as a Hydra override value (lists as ``[a,b]``, ``None`` as ``null``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _settings(settings: dict[str, Any]) -> str:
+    return "".join(f" {k}={_hydra_value(v)}" for k, v in settings.items())
+
+
+def _madtp_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (VALUE read as YAML: ``locations=[2,3,4,5]``, ``align_weight=0.5``)."""
+    import yaml
+
+    from vleff.tokens.madtp import MADTPConfig
+
+    key, sep, value = text.partition("=")
+    allowed = {"align_weight", "locations", "min_keep", "num_codes", "code_dim", "ragged"}
+    if not sep or key not in allowed:
+        raise argparse.ArgumentTypeError(f"--madtp-set {text!r} is not allowed; give KEY=VALUE with KEY one of "
+                                         f"{sorted(allowed)} (towers and flops_reduction have their own options)")
+    parsed = yaml.safe_load(value)
+    try:
+        MADTPConfig.build(**{key: parsed})  # the config's own checks name the parameter and the value
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"--madtp-set {text!r}: {err}") from None
+    return key, parsed
 
 
 def _pct(v: Any) -> str:
@@ -221,12 +255,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="MADTP's controller is asked for flops_reduction + this (see the docstring)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a shared CPU)")
     parser.add_argument("--madtp-towers", choices=("image", "all"), default="image")
+    parser.add_argument("--madtp-set", dest="madtp_set", type=_madtp_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="a MADTP setting for both the off-the-shelf and the fine-tuned run "
+                        "(repeatable), e.g. locations=[2,3,4,5] or align_weight=0.5")
     parser.add_argument("--flops-samples", type=int, default=64, help="validation images the FLOPs ratio is of")
     parser.add_argument("--baseline-weights", default=None, help="reuse a baseline state dict (skips training it)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the baseline fine-tuned without a method")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. seed=1")
     args = parser.parse_intermixed_args(argv)
+    args.madtp_set = dict(args.madtp_set)
     for key in ("epochs", "ft_epochs", "layers", "patch_size", "width", "flops_samples", "threads"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} is not allowed; use a positive int")
