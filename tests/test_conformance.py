@@ -80,24 +80,26 @@ class Settings:
     grad_checkpointing: bool = False
 
 
+def _randomize(model: torch.nn.Module, selected: Callable[[str, torch.nn.Parameter], bool]) -> None:
+    """Seeded ``N(0, 0.1²)`` values for the parameters ``selected(name, p)`` picks: methods that
+    start exactly at the library (a zero-initialised output projection) act only once trained."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if selected(name, p):
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 def _perturb_vqt(model: torch.nn.Module) -> None:
     """VQT's head projection starts at zero (the model starts at the frozen model); random
     values make the query path reach the output."""
-    g = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if "vleff_vqt.proj" in name:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    _randomize(model, lambda name, p: "vleff_vqt.proj" in name)
 
 
 def _perturb_side_up(model: torch.nn.Module) -> None:
     """LST's and UniPT's ``Up`` start at zero (the model starts at the frozen model); random
     values make the side network reach the output."""
-    g = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    _randomize(model, lambda name, p: ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2)
 
 
 SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "hf_clip")
@@ -106,11 +108,7 @@ SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "hf_clip")
 def _perturb_lora(model: torch.nn.Module) -> None:
     """LoRA's ``B`` starts at zero (the model starts at the frozen model); random values make
     the adapters reach the output."""
-    g = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if ".lora_B." in name:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    _randomize(model, lambda name, p: ".lora_B." in name)
 
 
 def _perturb_memvp(model: torch.nn.Module) -> None:

@@ -148,12 +148,19 @@ def _greedy_without_cache(model, x, steps):
     return ids
 
 
-def test_blip_generate_with_memory_equals_a_cache_free_greedy_decode():
+def _blip_captioner_with_memory():
+    """A seeded tiny BLIP captioner with an active MemVP memory; ``sep_token_id=None`` so
+    generation runs the full requested length (no early stop on a random model)."""
     torch.manual_seed(0)
     model = tm.hf_blip_captioning().eval()
     model.config.text_config.sep_token_id = None
     vleff.apply_memvp(model, n_mem=16, scale=1.0)
     _activate(model)
+    return model
+
+
+def test_blip_generate_with_memory_equals_a_cache_free_greedy_decode():
+    model = _blip_captioner_with_memory()
     x = tm.images()
     with torch.no_grad():
         out = model.generate(pixel_values=x, max_new_tokens=6, min_new_tokens=6)
@@ -361,11 +368,7 @@ def test_memory_must_be_set_before_the_ffn_runs():
 def test_blip_beam_search_reads_each_images_memory():
     """Beam search expands the batch image by image (``repeat_interleave``): the batched result
     equals each image generated alone, so every beam read its own image's memory."""
-    torch.manual_seed(0)
-    model = tm.hf_blip_captioning().eval()
-    model.config.text_config.sep_token_id = None
-    vleff.apply_memvp(model, n_mem=16, scale=1.0)
-    _activate(model)
+    model = _blip_captioner_with_memory()
     x = tm.images()
     with torch.no_grad():
         both = model.generate(pixel_values=x, num_beams=2, max_new_tokens=5, min_new_tokens=5)
