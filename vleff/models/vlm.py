@@ -29,6 +29,7 @@ from torch import nn
 
 from vleff.backbones import find_tower
 from vleff.checks import check_choice, check_int
+from vleff.side.common import train_only
 from vleff.side.memvp import Host, MemVPConfig, _Slot, causal_lm_sites, memvp_applied
 from vleff.side.memvp import apply_memvp as _apply_memvp
 
@@ -128,13 +129,7 @@ class VisionLanguageModel(nn.Module):
 
     def freeze_host(self) -> list[str]:
         """``requires_grad=False`` on the tower and the LM; returns the trainable parameter names."""
-        keep = {id(p) for p in self.trainable_parameters()}
-        names = []
-        for name, p in self.named_parameters():
-            p.requires_grad_(id(p) in keep)
-            if id(p) in keep:
-                names.append(name)
-        return names
+        return train_only(self, self.trainable_parameters())
 
     # --- forward ---------------------------------------------------------------------------------------
     def _prepare(self, images: torch.Tensor, input_ids: torch.Tensor,

@@ -247,6 +247,18 @@ def _kept(model: nn.Module, train_head: bool) -> set[int]:
     return keep
 
 
+def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> list[str]:
+    """``requires_grad`` on exactly ``parameters`` (by identity), off on every other weight of
+    ``model``; returns the trainable names. For hosts whose whole body is frozen (MemVP)."""
+    keep = {id(p) for p in parameters}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in keep)
+        if id(p) in keep:
+            trainable.append(name)
+    return trainable
+
+
 def freeze_backbone(model: nn.Module, train_head: bool = True) -> list[str]:
     """``requires_grad = False`` on every weight of the side towers except the side modules (and
     timm classifier heads when ``train_head``: a head reads only the pooled features, so training

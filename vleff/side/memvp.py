@@ -56,6 +56,7 @@ from torch import nn
 
 from vleff.checks import check_choice, check_int, check_number
 from vleff.registry import Method, MethodConfig, register_method
+from vleff.side.common import train_only
 
 MODULE_NAME = "vleff_memvp"
 SUPPORTED_FFN = ("gated MLP with gate_proj/up_proj/down_proj (Llama family), plain MLP with c_fc/c_proj (GPT-2) "
@@ -493,13 +494,7 @@ def memvp_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def freeze_host_for_memvp(model: nn.Module) -> list[str]:
     """``requires_grad = False`` on every weight except MemVP's; returns the trainable names."""
-    keep = {id(p) for p in memvp_parameters(model)}
-    trainable = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(id(p) in keep)
-        if id(p) in keep:
-            trainable.append(name)
-    return trainable
+    return train_only(model, memvp_parameters(model))
 
 
 def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int, vision_blocks: int = 0,
