@@ -26,7 +26,9 @@ overrides, so every row shares the architecture.
    * **fine-tuned**: ``clip_finetune`` + ``callbacks=[crossget]`` / ``[madtp]`` from the
      baseline's weights for ``--ft-epochs`` (``model.lr=--ft-lr``, ``--ft-warmup`` warm-up
      steps, cosine decay); the callbacks add their alignment losses; MADTP's controller
-     calibrates τ before training and after every epoch.
+     calibrates τ before training and after every epoch (``--madtp-warmup W``: the
+     reduction trained at ramps linearly to the target over the first W epochs, as the
+     reference's τ steps do; the last epochs and the evaluated model are at the target).
 
 By default only the image tower is reduced (``r_text=0``; MADTP ``towers=image``), so text
 embeddings are computed at full cost in every row and the FLOPs figure is of the image tower;
@@ -177,6 +179,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         off = compose_experiment("clip_finetune", [*common])
         fresh = instantiate(off.model, init_checkpoint=str(weights))
+        torch.manual_seed(off.seed)  # the random codebook and projections: the same draw on every invocation
         vleff.apply_madtp(fresh.model, flops_reduction=madtp_reduction, towers=args.madtp_towers, **args.madtp_set)
         calib = _samples(off, "train", CALIBRATION_SAMPLES)
         with warnings.catch_warnings(record=True) as caught:
@@ -191,10 +194,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             module_f, trainer_f, metrics_f = fine_tune("MADTP", [
                 "callbacks=[madtp]", f"callbacks.madtp.flops_reduction={madtp_reduction}",
                 "callbacks.madtp.measure=image", f"callbacks.madtp.samples={CALIBRATION_SAMPLES}",
-                f"callbacks.madtp.towers={args.madtp_towers}",
+                f"callbacks.madtp.towers={args.madtp_towers}", f"callbacks.madtp.warmup_epochs={args.madtp_warmup}",
                 *(f"callbacks.madtp.{k}={_hydra_value(v)}" for k, v in args.madtp_set.items())])
         controller = next(c for c in trainer_f.callbacks if type(c).__name__ == "MADTP").controller
-        rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, fine-tuned {args.ft_epochs} epochs", metrics_f,
+        warm = f", warm-up {args.madtp_warmup} epochs" if args.madtp_warmup else ""
+        rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, fine-tuned {args.ft_epochs} epochs{warm}", metrics_f,
                          measured(module_f.model), steps=int(trainer_f.global_step),
                          controller_history=controller.history, warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]))
         _log(json.dumps(rows[-1]))
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--madtp-set", dest="madtp_set", type=_madtp_setting, action="append", default=[],
                         metavar="KEY=VALUE", help="a MADTP setting for both the off-the-shelf and the fine-tuned run "
                         "(repeatable), e.g. locations=[2,3,4,5] or align_weight=0.5")
+    parser.add_argument("--madtp-warmup", type=int, default=0, metavar="EPOCHS",
+                        help="fine-tuning: MADTP's reduction ramps linearly to the target over this many epochs")
     parser.add_argument("--flops-samples", type=int, default=64, help="validation images the FLOPs ratio is of")
     parser.add_argument("--baseline-weights", default=None, help="reuse a baseline state dict (skips training it)")
     parser.add_argument("--no-control", dest="control", action="store_false",
@@ -268,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("epochs", "ft_epochs", "layers", "patch_size", "width", "flops_samples", "threads"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} is not allowed; use a positive int")
+    if not 0 <= args.madtp_warmup < args.ft_epochs:
+        raise SystemExit(f"--madtp-warmup={args.madtp_warmup} is not allowed; use 0 <= warm-up < --ft-epochs "
+                         f"({args.ft_epochs}), so the last epochs train at the target")
     if not 0 < args.flops_reduction < 1:
         raise SystemExit(f"--flops-reduction={args.flops_reduction} is not allowed; it must be in (0, 1)")
     if not 0 <= args.madtp_margin < 1 - args.flops_reduction:

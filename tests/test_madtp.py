@@ -373,6 +373,64 @@ def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
                                                                        "start": straight.model.vleff_madtp.start}
 
 
+def _trained_reductions(module) -> list[float]:
+    from vleff.tokens.common import hooks_named
+
+    return hooks_named(module.model, "madtp")[0].config.flops_reduction
+
+
+def test_warmup_ramps_the_trained_reduction_per_epoch_then_holds_the_target(tmp_path):
+    """warmup_epochs=2 at flops_reduction 0.3: epochs train at 0.1, 0.2, then 0.3; the τ in use
+    during each epoch is the one calibrated for that epoch's reduction."""
+    from lightning.pytorch.callbacks import Callback
+
+    from vleff.callbacks import MADTP
+
+    seen: list[tuple[float, float]] = []
+
+    class Record(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append((_trained_reductions(pl_module), madtp_tau(pl_module.model)))
+
+    module = _finetuner()
+    callback = MADTP(flops_reduction=0.3, calibration_batches=1, max_evals=4, epoch_max_evals=2, warmup_epochs=2)
+    trainer = tl.trainer(tmp_path, [callback, Record()], max_steps=4, max_epochs=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.fit(module, torch.utils.data.DataLoader(_Captions(), batch_size=4))
+    history = callback.controller.history
+    ramp = [0.1, 0.2, 0.3, 0.3]
+    assert [r for r, _ in seen] == pytest.approx(ramp)
+    assert [h["flops_reduction"] for h in history] == pytest.approx(ramp + [0.3])  # + after the last epoch
+    assert [t for _, t in seen] == [h["tau"] for h in history[:4]]
+    assert madtp_tau(module.model) == history[-1]["tau"]
+
+
+def test_a_run_shorter_than_the_warmup_ends_calibrated_at_the_target(tmp_path):
+    module, callback = _fit(tmp_path, 1, warmup_epochs=5)
+    history = callback.controller.history
+    assert [h["flops_reduction"] for h in history] == pytest.approx([0.05, 0.1, 0.3])  # ramp, ramp, finish
+    assert madtp_tau(module.model) == history[-1]["tau"] == callback.controller.tau
+    assert _trained_reductions(module) == pytest.approx(0.3)
+
+
+def test_warmup_settings_are_checked_and_resume_needs_the_same_ramp(tmp_path):
+    from vleff.callbacks import MADTP
+
+    with pytest.raises(ValueError, match="warmup_epochs=2 needs adjust_every_epoch=True"):
+        MADTP(warmup_epochs=2, adjust_every_epoch=False)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        MADTP(warmup_epochs=-1)
+    ckpt = str(tmp_path / "ramp.ckpt")
+    _fit(tmp_path, 1, save=ckpt, warmup_epochs=2)
+    with pytest.raises(ValueError, match="warmup_epochs=2 but this controller has warmup_epochs=0"):
+        _fit(tmp_path, 2, ckpt=ckpt)
+    straight, cb = _fit(tmp_path, 3, warmup_epochs=2)
+    resumed, cb2 = _fit(tmp_path, 3, ckpt=ckpt, warmup_epochs=2)
+    assert cb2.controller.history == cb.controller.history
+    assert madtp_tau(resumed.model) == madtp_tau(straight.model)
+
+
 def test_mixin_adds_the_loss_with_one_call_and_checkpoints_the_controller(tmp_path):
     from vleff.callbacks import MADTPMixin
     from vleff.models.clip_finetuner import CLIPFineTuner, build_clip

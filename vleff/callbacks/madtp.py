@@ -55,6 +55,9 @@ class MADTP(Callback):
         measure: the FLOPs the target is of: ``"pair"`` (both towers), ``"image"`` or ``"text"``.
         samples: count the first ``samples`` calibration samples one at a time (per-sample
             cost; ``None``: the batches as given, which cost their maximum keep count).
+        warmup_epochs: epochs over which the trained FLOPs reduction ramps linearly up to
+            ``flops_reduction`` (0: the target from the first step); the model is at the
+            target when training ends (:class:`vleff.tokens.madtp_controller.MADTPController`).
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration.
         **settings: :class:`vleff.tokens.madtp.MADTPConfig` fields (``flops_reduction``,
             ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
@@ -64,13 +67,13 @@ class MADTP(Callback):
 
     def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
                  rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
-                 samples: int | None = None, log: bool = True, **settings: Any) -> None:
+                 samples: int | None = None, warmup_epochs: int = 0, log: bool = True, **settings: Any) -> None:
         self.config = MADTPConfig.build(**settings)
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module={module!r} is not allowed; give the model's attribute path as a string or None")
         self.module = module
         self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                          measure, samples)
+                                          measure, samples, self.config.flops_reduction, warmup_epochs)
         self.log = check_bool("log", log)
         self._target: nn.Module | None = None
         self._attached = False
@@ -93,7 +96,7 @@ class MADTP(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._target is not None
         if self.controller.calibrated:  # resumed: τ and the batches came with the checkpoint
-            self.controller.restore(self._target)
+            self.controller.resume(self._target)
             return
         self.controller.capture(_loader(trainer))
         self.controller.calibrate(self._target)
@@ -105,6 +108,10 @@ class MADTP(Callback):
         if self.log:
             pl_module.log_dict({"madtp/tau": float(result.tau), "madtp/flops_ratio": float(result.ratio)},
                                on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._target is not None:
+            self.controller.finish(self._target)  # a run shorter than the warm-up ends at the target
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}
@@ -128,10 +135,12 @@ class MADTPMixin(AuxLossMixin):
 
     def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
                   max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
-                  **settings: Any) -> None:
-        apply_madtp(self, MADTPConfig.build(**settings))  # type: ignore[arg-type]
-        self._vleff_madtp = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                          measure, samples)
+                  warmup_epochs: int = 0, **settings: Any) -> None:
+        config = MADTPConfig.build(**settings)
+        controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
+                                     measure, samples, config.flops_reduction, warmup_epochs)
+        apply_madtp(self, config)  # type: ignore[arg-type]
+        self._vleff_madtp = controller
 
     def on_train_start(self) -> Any:
         from vleff.callbacks.mixins import _parent
@@ -140,7 +149,7 @@ class MADTPMixin(AuxLossMixin):
         ctl = self._vleff_madtp
         if ctl is not None:
             if ctl.calibrated:
-                ctl.restore(self)  # type: ignore[arg-type]
+                ctl.resume(self)  # type: ignore[arg-type]
             else:
                 ctl.capture(_loader(self.trainer))  # type: ignore[attr-defined]
                 ctl.calibrate(self)  # type: ignore[arg-type]
@@ -153,6 +162,14 @@ class MADTPMixin(AuxLossMixin):
         ctl = self._vleff_madtp
         if ctl is not None and ctl.adjust_every_epoch and ctl.batches is not None:
             ctl.calibrate(self, epoch=self.current_epoch)  # type: ignore[arg-type,attr-defined]
+        return out
+
+    def on_train_end(self) -> Any:
+        from vleff.callbacks.mixins import _parent
+
+        out = _parent(self, MADTPMixin, "on_train_end")
+        if self._vleff_madtp is not None:
+            self._vleff_madtp.finish(self)  # type: ignore[arg-type]
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -9,6 +9,15 @@ prunes differently. The reference moves τ by fixed steps (±1 … ±0.01) by th
 after each epoch; here the same search :func:`calibrate_madtp` uses runs again from the current
 τ on the stored calibration batches (few forwards: the bracket starts at the current value),
 so the measured FLOPs stay at the target rather than drifting towards it.
+
+Why a warm-up (``warmup_epochs``, default 0 = the target from the first step): the reference
+reaches its target gradually, because its τ starts at 1 and moves by at most one step per
+epoch, so its model meets the full pruning only after a few epochs. Calibrating to the target
+before the first step (vleff's default) asks the pretrained attention to cope with all of the
+pruning at once. With ``warmup_epochs=W`` the reduction trained at in epoch ``e`` (0-based) is
+``flops_reduction × min(1, (e + 1) / (W + 1))``: a linear ramp that reaches the target at epoch
+``W`` and stays there; the model is re-calibrated at the target when training ends, whatever
+the run's length.
 """
 from __future__ import annotations
 
@@ -18,7 +27,15 @@ import torch
 from torch import nn
 
 from vleff.checks import check_bool, check_choice, check_int, check_number
-from vleff.tokens.madtp import FORWARDS, MADTPCalibration, _pair_and_module, batch_inputs, calibrate_madtp
+from vleff.tokens.common import hooks_named
+from vleff.tokens.madtp import (FORWARDS, HOOK_NAME, MADTPCalibration, MADTPConfig, _pair_and_module, batch_inputs,
+                               calibrate_madtp)
+
+
+def hooks_config(model: nn.Module) -> MADTPConfig:
+    """The config of the MADTP applied to ``model``."""
+    pair, _ = _pair_and_module(model)
+    return hooks_named(pair.model, HOOK_NAME)[0].config
 
 
 class MADTPController:
@@ -34,11 +51,15 @@ class MADTPController:
             ``"image"`` or ``"text"`` (one tower alone).
         samples: measure the first ``samples`` calibration samples one at a time (batch 1;
             ``None``: the batches as given, whose cost is their maximum keep count).
+        flops_reduction: the target (``None``: the applied MADTP's ``flops_reduction``, read at
+            the first calibration).
+        warmup_epochs: epochs over which the trained reduction ramps up to the target (see
+            the module docstring); needs ``adjust_every_epoch``.
     """
 
     def __init__(self, num_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
-                 samples: int | None = None) -> None:
+                 samples: int | None = None, flops_reduction: float | None = None, warmup_epochs: int = 0) -> None:
         self.num_batches = check_int("calibration_batches", num_batches, low=1)
         self.adjust_every_epoch = check_bool("adjust_every_epoch", adjust_every_epoch)
         self.rtol = check_number("rtol", rtol, low=0, low_open=True)
@@ -46,6 +67,12 @@ class MADTPController:
         self.epoch_max_evals = check_int("epoch_max_evals", epoch_max_evals, low=2)
         self.measure = check_choice("measure", measure, tuple(FORWARDS))
         self.samples = None if samples is None else check_int("samples", samples, low=1)
+        self.flops_reduction = None if flops_reduction is None else check_number(
+            "flops_reduction", flops_reduction, low=0, high=1, low_open=True, high_open=True, owner="MADTP")
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
+        if self.warmup_epochs and not self.adjust_every_epoch:
+            raise ValueError(f"warmup_epochs={warmup_epochs} needs adjust_every_epoch=True (the ramp moves the "
+                             f"target once per epoch); set warmup_epochs=0 or adjust_every_epoch=True")
         self.batches: list[tuple[torch.Tensor, ...]] | None = None
         self.baseline: int | None = None
         self.tau: float | None = None
@@ -67,30 +94,65 @@ class MADTPController:
             raise ValueError("MADTP calibration: the training loader gave no batch")
         self.batches = batches
 
-    def calibrate(self, model: nn.Module, epoch: int | None = None) -> MADTPCalibration:
-        """Search τ on the stored batches (``epoch``: a per-epoch adjustment from the current τ)."""
+    def reduction_for(self, epoch: int) -> float:
+        """The FLOPs reduction trained at in ``epoch`` (0-based): the warm-up ramp, then the target."""
+        if self.flops_reduction is None:
+            raise RuntimeError("the MADTP controller does not know its target yet; calibrate once first")
+        return self.flops_reduction * min(1.0, (epoch + 1) / (self.warmup_epochs + 1))
+
+    def calibrate(self, model: nn.Module, epoch: int | None = None, final: bool = False) -> MADTPCalibration:
+        """Search τ on the stored batches for the epoch that follows: before training (``epoch``
+        ``None``), after epoch ``epoch`` (from the current τ), or at the full target (``final``)."""
         if self.batches is None:
             raise RuntimeError("MADTP calibration has no batches; call capture(loader) first")
-        result = calibrate_madtp(model, self.batches, rtol=self.rtol, baseline=self.baseline,
+        if self.flops_reduction is None:
+            self.flops_reduction = hooks_config(model).flops_reduction
+        reduction = self.flops_reduction if final else self.reduction_for(0 if epoch is None else epoch + 1)
+        result = calibrate_madtp(model, self.batches, reduction, rtol=self.rtol, baseline=self.baseline,
                                  forward=FORWARDS[self.measure], samples=self.samples,
                                  max_evals=self.max_evals if epoch is None else self.epoch_max_evals)
         self.baseline, self.tau = result.baseline, result.tau
-        self.history.append({"epoch": epoch, "tau": result.tau, "ratio": result.ratio,
-                             "evaluations": len(result.evaluations)})
+        self.history.append({"epoch": epoch, "flops_reduction": reduction, "tau": result.tau, "start": result.start,
+                             "ratio": result.ratio, "evaluations": len(result.evaluations), "final": final})
         return result
+
+    def finish(self, model: nn.Module) -> MADTPCalibration | None:
+        """At the end of training: re-calibrate at the full target if the last calibration was
+        for a warm-up epoch (a run shorter than the ramp); ``None`` when it already was."""
+        if not self.history or self.flops_reduction is None or self.history[-1].get("flops_reduction") == self.flops_reduction:
+            return None
+        return self.calibrate(model, epoch=self.history[-1]["epoch"], final=True)
 
     def restore(self, model: nn.Module) -> None:
         """Put the stored τ on ``model`` (after a checkpoint was loaded)."""
         if self.tau is not None:
-            _pair_and_module(model)[1].tau = self.tau
+            module = _pair_and_module(model)[1]
+            module.tau = self.tau
+            if self.history and "start" in self.history[-1]:
+                module.start = int(self.history[-1]["start"])
+
+    def resume(self, model: nn.Module) -> None:
+        """Continue training from a checkpoint: a checkpoint written after :meth:`finish` moved τ
+        to the full target ends a warm-up early, so that calibration is undone (the run goes on
+        with the τ of its epoch, exactly as if it had not stopped)."""
+        if len(self.history) > 1 and self.history[-1].get("final"):
+            self.history.pop()
+            self.tau = float(self.history[-1]["tau"])
+        self.restore(model)
 
     def state_dict(self) -> dict[str, Any]:
         return {"tau": self.tau, "baseline": self.baseline, "history": list(self.history),
-                "batches": self.batches}
+                "batches": self.batches, "target": self.flops_reduction, "warmup_epochs": self.warmup_epochs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tau = None if state.get("tau") is None else float(state["tau"])
         self.baseline = state.get("baseline")
         self.history = list(state.get("history", []))
+        if state.get("target") is not None:
+            self.flops_reduction = float(state["target"])
+        saved = state.get("warmup_epochs", 0)
+        if saved != self.warmup_epochs:
+            raise ValueError(f"checkpoint was trained with MADTP warmup_epochs={saved} but this controller has "
+                             f"warmup_epochs={self.warmup_epochs}; resume with the same ramp")
         batches = state.get("batches")
         self.batches = None if batches is None else [tuple(t for t in b) for b in batches]
