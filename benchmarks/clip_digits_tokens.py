@@ -20,7 +20,7 @@ overrides, so every row shares the architecture.
    * **off the shelf**: applied to the trained weights, nothing trained. CrossGET: the
      smallest ``r_image`` whose measured image-tower FLOPs are ``<= 1 − flops_reduction`` of the
      baseline (``--r-image`` to fix it). MADTP: random codebook, τ calibrated on two training
-     batches (per-sample FLOPs of their first 16 samples, image tower, ``measure="image"``).
+     batches (per-sample FLOPs of their first ``--madtp-samples`` (16) samples, image tower, ``measure="image"``).
      The controller is asked for ``flops_reduction + --madtp-margin`` (0.02): the target holds
      on the calibration samples, and a validation image's keep count scatters around it.
    * **fine-tuned**: ``clip_finetune`` + ``callbacks=[crossget]`` / ``[madtp]`` from the
@@ -56,7 +56,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_digits import _log, compose_experiment, fit  # noqa: E402
 
-CALIBRATION_SAMPLES = 16  # MADTP's controller counts these training samples one at a time
 METHODS = ("crossget", "madtp")
 
 
@@ -181,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         fresh = instantiate(off.model, init_checkpoint=str(weights))
         torch.manual_seed(off.seed)  # the random codebook and projections: the same draw on every invocation
         vleff.apply_madtp(fresh.model, flops_reduction=madtp_reduction, towers=args.madtp_towers, **args.madtp_set)
-        calib = _samples(off, "train", CALIBRATION_SAMPLES)
+        calib = _samples(off, "train", args.madtp_samples)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             cal = vleff.calibrate_madtp(fresh.model, calib, forward=image_forward)
@@ -193,7 +192,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             warnings.simplefilter("always", RuntimeWarning)
             module_f, trainer_f, metrics_f = fine_tune("MADTP", [
                 "callbacks=[madtp]", f"callbacks.madtp.flops_reduction={madtp_reduction}",
-                "callbacks.madtp.measure=image", f"callbacks.madtp.samples={CALIBRATION_SAMPLES}",
+                "callbacks.madtp.measure=image", f"callbacks.madtp.samples={args.madtp_samples}",
                 f"callbacks.madtp.towers={args.madtp_towers}", f"callbacks.madtp.warmup_epochs={args.madtp_warmup}",
                 *(f"callbacks.madtp.{k}={_hydra_value(v)}" for k, v in args.madtp_set.items())])
         controller = next(c for c in trainer_f.callbacks if type(c).__name__ == "MADTP").controller
@@ -262,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--madtp-set", dest="madtp_set", type=_madtp_setting, action="append", default=[],
                         metavar="KEY=VALUE", help="a MADTP setting for both the off-the-shelf and the fine-tuned run "
                         "(repeatable), e.g. locations=[2,3,4,5] or align_weight=0.5")
+    parser.add_argument("--madtp-samples", type=int, default=16,
+                        help="training samples MADTP's controller counts one at a time (from its 2 calibration batches)")
     parser.add_argument("--madtp-warmup", type=int, default=0, metavar="EPOCHS",
                         help="fine-tuning: MADTP's reduction ramps linearly to the target over this many epochs")
     parser.add_argument("--flops-samples", type=int, default=64, help="validation images the FLOPs ratio is of")
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. seed=1")
     args = parser.parse_intermixed_args(argv)
     args.madtp_set = dict(args.madtp_set)
-    for key in ("epochs", "ft_epochs", "layers", "patch_size", "width", "flops_samples", "threads"):
+    for key in ("epochs", "ft_epochs", "layers", "patch_size", "width", "flops_samples", "threads", "madtp_samples"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} is not allowed; use a positive int")
     if not 0 <= args.madtp_warmup < args.ft_epochs:

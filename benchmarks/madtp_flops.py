@@ -130,9 +130,14 @@ def main() -> None:
                         help="measure per-tower throughput at this flops_reduction (negative: skip)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--blip-size", type=int, default=224, help="BLIP image size (its own: 384)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 on a shared CPU avoids spin-waiting)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads={args.threads} is not allowed; use a positive int")
+        torch.set_num_threads(args.threads)
     at = args.throughput_reduction if args.throughput_reduction >= 0 else None
     rows = [r for name in args.models for r in run(name, args.reductions, args.words, at, args.repeats, args.blip_size)]
     if args.out:
