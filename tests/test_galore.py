@@ -264,7 +264,7 @@ def test_callback_converts_and_resume_reproduces_uninterrupted_run(tmp_path):
 def test_mixin_builds_galore_optimizer():
     import lightning.pytorch as pl
 
-    from vleff.callbacks.memory_mixins import GaLoreMixin
+    from vleff.callbacks.mixins import GaLoreMixin
 
     class M(GaLoreMixin, pl.LightningModule):
         def __init__(self):

@@ -93,7 +93,7 @@ def test_backprop_fit_after_mezo_fit_trains_like_a_fresh_module(tmp_path):
 
 
 def test_mezo_mixin_restores_automatic_optimization_at_fit_end(tmp_path):
-    from vleff.callbacks.memory_mixins import MeZOMixin
+    from vleff.callbacks.mixins import MeZOMixin
 
     class Mixed(MeZOMixin, tl.TinyClassifier):
         def __init__(self, depth):
@@ -149,7 +149,7 @@ def test_galore_and_mezo_callbacks_together_are_refused(tmp_path):
 
 
 def test_mezo_callback_refuses_galore_mixin_module(tmp_path):
-    from vleff.callbacks.memory_mixins import GaLoreMixin
+    from vleff.callbacks.mixins import GaLoreMixin
 
     class Own(GaLoreMixin, tl.TinyClassifier):
         def configure_optimizers(self):

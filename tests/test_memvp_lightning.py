@@ -21,7 +21,7 @@ import vleff
 import vleff.callbacks as cb
 from vleff.data.digits import digits_arrays
 from vleff.side.memvp import freeze_host_for_memvp
-from vleff.callbacks.side_mixins import MemVPMixin
+from vleff.callbacks.mixins import MemVPMixin
 from vleff.data.digits_vlm import DIGIT_TOKEN, VOCAB, DigitsVLMDataModule, answer_position, digit_text_batch, prompt
 from vleff.models.vlm_task import VisionLanguageTask
 

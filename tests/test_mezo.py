@@ -270,7 +270,7 @@ def test_on_before_optimizer_step_fires_once_per_step_at_unperturbed_weights(tmp
 
 def test_mixin_trains_with_mezo(tmp_path):
     import tiny_lightning as tl
-    from vleff.callbacks.memory_mixins import MeZOMixin
+    from vleff.callbacks.mixins import MeZOMixin
 
     steps: list[bool] = []
 

@@ -4,7 +4,7 @@
 
 The AdamW/Adam optimizer the module returns is converted to :class:`vleff.memory.GaLoreAdamW`
 with the same groups, lr, betas, eps and weight decay; the LR scheduler keeps driving it.
-Users who build their own optimizer use :class:`vleff.callbacks.memory_mixins.GaLoreMixin`
+Users who build their own optimizer use :class:`vleff.callbacks.mixins.GaLoreMixin`
 (or :func:`vleff.memory.galore_param_groups`) instead.
 """
 from __future__ import annotations

@@ -20,7 +20,6 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
-from vleff.callbacks.mixins import AuxLossMixin
 from vleff.checks import check_bool
 from vleff.tokens.madtp import MADTPConfig, _find_pair_in, apply_madtp, madtp_applied
 from vleff.tokens.madtp_controller import MADTPController
@@ -124,65 +123,3 @@ class MADTP(Callback):
         self.controller.load_state_dict(state_dict)
         if self._target is not None:
             self.controller.restore(self._target)
-
-
-class MADTPMixin(AuxLossMixin):
-    """``use_madtp(**settings)`` in ``__init__`` and ``loss + self.vleff_aux_loss()`` in
-    ``training_step``; τ is calibrated when training starts and after each epoch, and the
-    controller's state travels in the checkpoint under ``"vleff_madtp_controller"``."""
-
-    _vleff_madtp: MADTPController | None = None
-
-    def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
-                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
-                  warmup_epochs: int = 0, **settings: Any) -> None:
-        config = MADTPConfig.build(**settings)
-        controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                     measure, samples, config.flops_reduction, warmup_epochs)
-        apply_madtp(self, config)  # type: ignore[arg-type]
-        self._vleff_madtp = controller
-
-    def on_train_start(self) -> Any:
-        from vleff.callbacks.mixins import _parent
-
-        out = _parent(self, MADTPMixin, "on_train_start")
-        ctl = self._vleff_madtp
-        if ctl is not None:
-            if ctl.calibrated:
-                ctl.resume(self)  # type: ignore[arg-type]
-            else:
-                ctl.capture(_loader(self.trainer))  # type: ignore[attr-defined]
-                ctl.calibrate(self)  # type: ignore[arg-type]
-        return out
-
-    def on_train_epoch_end(self) -> Any:
-        from vleff.callbacks.mixins import _parent
-
-        out = _parent(self, MADTPMixin, "on_train_epoch_end")
-        ctl = self._vleff_madtp
-        if ctl is not None and ctl.adjust_every_epoch and ctl.batches is not None:
-            ctl.calibrate(self, epoch=self.current_epoch)  # type: ignore[arg-type,attr-defined]
-        return out
-
-    def on_train_end(self) -> Any:
-        from vleff.callbacks.mixins import _parent
-
-        out = _parent(self, MADTPMixin, "on_train_end")
-        if self._vleff_madtp is not None:
-            self._vleff_madtp.finish(self)  # type: ignore[arg-type]
-        return out
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.mixins import _parent
-
-        _parent(self, MADTPMixin, "on_save_checkpoint", checkpoint)
-        if self._vleff_madtp is not None:
-            checkpoint[CHECKPOINT_KEY] = self._vleff_madtp.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.mixins import _parent
-
-        _parent(self, MADTPMixin, "on_load_checkpoint", checkpoint)
-        if self._vleff_madtp is not None and CHECKPOINT_KEY in checkpoint:
-            self._vleff_madtp.load_state_dict(checkpoint[CHECKPOINT_KEY])
-            self._vleff_madtp.restore(self)  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ def refuse_galore_with_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     and the module the other's mixin.
     """
     from vleff.callbacks.galore import GaLore
-    from vleff.callbacks.memory_mixins import GaLoreMixin, MeZOMixin
+    from vleff.callbacks.mixins.memory import GaLoreMixin, MeZOMixin
     from vleff.callbacks.mezo import MeZO
 
     has_galore = any(isinstance(cb, GaLore) for cb in trainer.callbacks)

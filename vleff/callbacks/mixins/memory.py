@@ -1,4 +1,5 @@
-"""Mixins for LightningModules that build their own optimizer (GaLore) or opt into MeZO in code.
+"""Mixins of the memory methods: GaLore (the module builds its own optimizer), MeZO (opted into in
+code) and reversible blocks.
 
 >>> class MyModule(GaLoreMixin, L.LightningModule):
 ...     def configure_optimizers(self):
@@ -17,9 +18,10 @@ from typing import Any
 from torch import nn
 
 from vleff.memory.galore import DEFAULT_SVD, GaLoreAdamW
+from vleff.memory.reversible import ReversibleConfig, apply_reversible
 from vleff.memory.selection import DEFAULT_EXCLUDE, galore_param_groups
 
-__all__ = ["GaLoreMixin", "MeZOMixin"]
+__all__ = ["GaLoreMixin", "MeZOMixin", "ReversibleMixin"]
 
 
 class GaLoreMixin:
@@ -85,3 +87,12 @@ class MeZOMixin:
         if super_hook is not None:
             super_hook()
         uninstall_mezo(self, self.trainer)  # type: ignore[arg-type, attr-defined]
+
+
+class ReversibleMixin:
+    """``use_reversible(**settings)``: run the module's towers as reversible stacks (call it
+    in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
+    network the weights were trained in). Settings: :class:`vleff.memory.reversible.ReversibleConfig`."""
+
+    def use_reversible(self, **settings: Any) -> None:
+        apply_reversible(self, ReversibleConfig.build(**settings))  # type: ignore[arg-type]

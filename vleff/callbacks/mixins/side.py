@@ -1,6 +1,6 @@
 """LightningModule mixins of the side methods (VQT, LST, UniPT, MemVP, LoRA), for users who own the module.
 
-Same convention as :mod:`vleff.callbacks.mixins`: mixin first in the bases, ``self.use_vqt(...)``
+Same convention as every mixin (:mod:`vleff.callbacks.mixins`): mixin first in the bases, ``self.use_vqt(...)``
 in ``__init__`` once the backbone exists (so ``load_from_checkpoint`` rebuilds the queries before
 the weights load), and ``super()`` in overridden Lightning hooks the mixin uses.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vleff.callbacks.mixins import _parent
+from vleff.callbacks.mixins.base import _parent
 from vleff.checks import check_bool
 
 __all__ = ["LSTMixin", "LoRAMixin", "MemVPMixin", "UniPTMixin", "VQTMixin"]

@@ -1,61 +1,36 @@
-"""LightningModule mixins: the callbacks' behaviour for users who own the module.
+"""Mixins of the token methods (ToMe, EViT, DynamicViT, CrossGET, MADTP).
 
-One convention for every method: put the mixin first in the bases and call
-``self.use_<method>(...)`` in ``__init__`` once the backbone exists (so
-``load_from_checkpoint`` rebuilds any new parameters before the weights load). Call
-``super()`` in any Lightning hook you override that a mixin also uses, so both run::
-
-    class Classifier(TokenMergingMixin, L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = timm.create_model("vit_small_patch16_224", num_classes=10)
-            self.use_tome(r=16, schedule="linear", warmup_steps=500)
-
-Mixins and callbacks share one implementation (the configs, schedules and aux-loss code of
-the method layer); only where it is triggered differs. Methods with aux losses (DynamicViT,
-later CrossGET and MADTP) need one call in ``training_step``: ``loss + self.vleff_aux_loss()``.
-GaLore builds the optimizer (``self.galore_optimizer(...)`` in ``configure_optimizers``) and
-MeZO replaces the step (``self.use_mezo(...)``): see :mod:`vleff.callbacks.memory_mixins`.
+>>> class Finetuner(CrossGETMixin, L.LightningModule):
+...     def __init__(self):
+...         super().__init__()
+...         self.clip = open_clip.create_model("ViT-B-16")
+...         self.use_crossget(r_image=16, r_text=6)         # in __init__: offsets exist before
+...     def training_step(self, batch, i):                 # weights load / optimizers are built
+...         img, txt = self.clip.encode_image(batch[0]), self.clip.encode_text(batch[1])
+...         return contrastive(img, txt) + self.vleff_aux_loss()   # + the cross-token JS loss
 """
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from vleff.callbacks.memory_mixins import GaLoreMixin, MeZOMixin
-from vleff.memory.reversible import ReversibleConfig, apply_reversible
-from vleff.tokens.aux import vleff_aux_loss
+from vleff.callbacks.madtp import CHECKPOINT_KEY as MADTP_KEY
+from vleff.callbacks.madtp import _loader
+from vleff.callbacks.mixins.base import AuxLossMixin, _fitting, _parent
+from vleff.tokens.crossget import CrossGETConfig, apply_crossget
 from vleff.tokens.dynamicvit import apply_dynamicvit, dynamicvit_teacher
 from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, training_progress, update_evit
+from vleff.tokens.madtp import MADTPConfig, apply_madtp
+from vleff.tokens.madtp_controller import MADTPController
 from vleff.tokens.schedule import RSchedule
 from vleff.tokens.tome import ToMeConfig, apply_tome, tome_r, update_tome
 
-__all__ = ["AuxLossMixin", "DynamicViTMixin", "EViTMixin", "GaLoreMixin", "MeZOMixin", "ReversibleMixin", "TokenMergingMixin"]
+__all__ = ["CrossGETMixin", "DynamicViTMixin", "EViTMixin", "MADTPMixin", "TokenMergingMixin"]
 
 TOME_KEY = "vleff_tome_schedule"
 EVIT_KEY = "vleff_evit_keep_rate"
 TEACHER_KEY = "vleff_dynamicvit_teacher"
-
-
-def _parent(obj: object, cls: type, hook: str, *args: Any) -> Any:
-    """Call the next ``hook`` in the MRO after ``cls`` if there is one (cooperative mixins)."""
-    parent = getattr(super(cls, obj), hook, None)  # type: ignore[arg-type]
-    return parent(*args) if parent is not None else None
-
-
-def _fitting(module: object) -> bool:
-    trainer = getattr(module, "_trainer", None)
-    return trainer is not None and trainer.state.fn == "fit"
-
-
-class AuxLossMixin:
-    """``self.vleff_aux_loss()``: the pending aux losses of this module's towers, summed
-    (popped: counted once, also when a callback's step wrapper runs too)."""
-
-    def vleff_aux_loss(self) -> torch.Tensor:
-        return vleff_aux_loss(self)  # type: ignore[arg-type]
 
 
 class TokenMergingMixin:
@@ -173,10 +148,62 @@ class DynamicViTMixin(AuxLossMixin):
             teacher.load_state_dict(checkpoint[TEACHER_KEY])
 
 
-class ReversibleMixin:
-    """``use_reversible(**settings)``: run the module's towers as reversible stacks (call it
-    in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
-    network the weights were trained in). Settings: :class:`vleff.memory.reversible.ReversibleConfig`."""
+class CrossGETMixin(AuxLossMixin):
+    """``use_crossget(**settings)`` in ``__init__`` + ``self.vleff_aux_loss()`` in the loss.
+    Settings: :class:`vleff.tokens.crossget.CrossGETConfig`. The offsets are parameters of the
+    module, so they are saved in and restored from checkpoints with the weights."""
 
-    def use_reversible(self, **settings: Any) -> None:
-        apply_reversible(self, ReversibleConfig.build(**settings))  # type: ignore[arg-type]
+    def use_crossget(self, **settings: Any) -> None:
+        apply_crossget(self, CrossGETConfig.build(**settings))  # type: ignore[arg-type]
+
+
+class MADTPMixin(AuxLossMixin):
+    """``use_madtp(**settings)`` in ``__init__`` and ``loss + self.vleff_aux_loss()`` in
+    ``training_step``; τ is calibrated when training starts and after each epoch, and the
+    controller's state travels in the checkpoint under ``"vleff_madtp_controller"``."""
+
+    _vleff_madtp: MADTPController | None = None
+
+    def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
+                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
+                  warmup_epochs: int = 0, **settings: Any) -> None:
+        config = MADTPConfig.build(**settings)
+        controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
+                                     measure, samples, config.flops_reduction, warmup_epochs)
+        apply_madtp(self, config)  # type: ignore[arg-type]
+        self._vleff_madtp = controller
+
+    def on_train_start(self) -> Any:
+        out = _parent(self, MADTPMixin, "on_train_start")
+        ctl = self._vleff_madtp
+        if ctl is not None:
+            if ctl.calibrated:
+                ctl.resume(self)  # type: ignore[arg-type]
+            else:
+                ctl.capture(_loader(self.trainer))  # type: ignore[attr-defined]
+                ctl.calibrate(self)  # type: ignore[arg-type]
+        return out
+
+    def on_train_epoch_end(self) -> Any:
+        out = _parent(self, MADTPMixin, "on_train_epoch_end")
+        ctl = self._vleff_madtp
+        if ctl is not None and ctl.adjust_every_epoch and ctl.batches is not None:
+            ctl.calibrate(self, epoch=self.current_epoch)  # type: ignore[arg-type,attr-defined]
+        return out
+
+    def on_train_end(self) -> Any:
+        out = _parent(self, MADTPMixin, "on_train_end")
+        if self._vleff_madtp is not None:
+            self._vleff_madtp.finish(self)  # type: ignore[arg-type]
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _parent(self, MADTPMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_madtp is not None:
+            checkpoint[MADTP_KEY] = self._vleff_madtp.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _parent(self, MADTPMixin, "on_load_checkpoint", checkpoint)
+        if self._vleff_madtp is not None and MADTP_KEY in checkpoint:
+            self._vleff_madtp.load_state_dict(checkpoint[MADTP_KEY])
+            self._vleff_madtp.restore(self)  # type: ignore[arg-type]
