@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from vleff.checks import check_bool
 from vleff.tokens.aux import add_to_step_output, pop_aux_losses
 
 _WRAP_ATTR = "_vleff_aux_wrap"
@@ -100,19 +101,23 @@ def aux_loss_attached(pl_module: pl.LightningModule) -> bool:
 
 class AuxLoss(Callback):
     """Adds the aux losses of methods applied with the functional API (``vleff.apply_*``) to
-    the training loss. The method callbacks (:class:`vleff.callbacks.DynamicViT` ...) do this
-    themselves; use this one when you applied the method in your module's ``__init__``."""
+    the training loss. The method callbacks with aux losses (:class:`vleff.callbacks.DynamicViT`,
+    ``CrossGET``, ``MADTP``) subclass it: their ``setup`` applies the method, then calls this
+    one's; use this callback itself when you applied the method in your module's ``__init__``.
+
+    The step wrapper is attached for ``fit`` only and released, on the module it was attached
+    to, at ``teardown``."""
 
     def __init__(self, log: bool = True) -> None:
-        self.log = log
-        self._attached = False
+        self.log = check_bool("log", log)
+        self._attached: pl.LightningModule | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not self._attached:
+        if stage == "fit" and self._attached is None:
             attach_aux_loss(pl_module, self.log)
-            self._attached = True
+            self._attached = pl_module
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._attached:
-            detach_aux_loss(pl_module)
-            self._attached = False
+        if self._attached is not None:
+            detach_aux_loss(self._attached)
+            self._attached = None

@@ -15,14 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
-from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
-from vleff.checks import check_bool
+from vleff.callbacks.aux_loss import AuxLoss
 from vleff.tokens.crossget import CrossGETConfig, apply_crossget, crossget_applied, update_crossget
 
 
-class CrossGET(Callback):
+class CrossGET(AuxLoss):
     """CrossGET for an existing LightningModule holding an open_clip / HF CLIP / BLIP retrieval model.
 
     Args:
@@ -35,24 +33,15 @@ class CrossGET(Callback):
     settings_config = CrossGETConfig
 
     def __init__(self, log: bool = True, **settings: Any) -> None:
-        super().__init__()
+        super().__init__(log)
         self.config = CrossGETConfig.build(**settings)
-        self.log = check_bool("log", log)
-        self._attached: pl.LightningModule | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if crossget_applied(pl_module):
             update_crossget(pl_module, **self.config.as_dict())
         else:
             apply_crossget(pl_module, self.config)
-        if stage == "fit" and self._attached is None:
-            attach_aux_loss(pl_module, self.log)
-            self._attached = pl_module
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._attached is not None:
-            detach_aux_loss(self._attached)
-            self._attached = None
+        super().setup(trainer, pl_module, stage)  # the JS loss joins the training loss
 
     def state_dict(self) -> dict[str, Any]:
         # the offsets are parameters of the model (its state_dict); the settings are kept for reference

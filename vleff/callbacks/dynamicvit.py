@@ -20,11 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from vleff.backbones import find_towers
-from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
+from vleff.callbacks.aux_loss import AuxLoss
 from vleff.callbacks.init_weights import load_initial_weights
 from vleff.checks import check_bool
 from vleff.tokens.dynamicvit import (DISTILLER_ATTR, DynamicViTConfig, apply_dynamicvit, dynamicvit_applied,
@@ -63,7 +62,7 @@ def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module:
     return getattr(pl_module, candidates[0])
 
 
-class DynamicViT(Callback):
+class DynamicViT(AuxLoss):
     """DynamicViT (learned token pruning) for an existing LightningModule.
 
     Args:
@@ -83,17 +82,16 @@ class DynamicViT(Callback):
 
     def __init__(self, module: str | None = None, save_teacher: bool = True, log: bool = True,
                  init_from: str | None = None, **settings: Any) -> None:
+        super().__init__(log)
         self.config = DynamicViTConfig.build(**settings)
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module={module!r} is not allowed; give the backbone's attribute path as a string "
                              "(e.g. 'net' or 'model.backbone') or None to find it")
         self.module = module
         self.save_teacher = check_bool("save_teacher", save_teacher)
-        self.log = check_bool("log", log)
         self.init_from = None if init_from is None else str(init_from)
         self._initialised = False
         self._target: nn.Module | None = None
-        self._attached = False
         self._pending_teacher: dict[str, Any] | None = None
 
     @property
@@ -110,14 +108,7 @@ class DynamicViT(Callback):
         self._target = target
         if self._pending_teacher is not None:
             self._load_teacher(self._pending_teacher)
-        if stage == "fit" and not self._attached:
-            attach_aux_loss(pl_module, self.log)
-            self._attached = True
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._attached:
-            detach_aux_loss(pl_module)
-            self._attached = False
+        super().setup(trainer, pl_module, stage)  # the distillation / ratio losses join the training loss
 
     # --- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -16,11 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from vleff.callbacks.aux_loss import attach_aux_loss, detach_aux_loss
-from vleff.checks import check_bool
+from vleff.callbacks.aux_loss import AuxLoss
 from vleff.tokens.madtp import MADTPConfig, _find_pair_in, apply_madtp, madtp_applied
 from vleff.tokens.madtp_controller import MADTPController
 
@@ -42,7 +40,7 @@ def _loader(trainer: pl.Trainer) -> Any:
     return loader
 
 
-class MADTP(Callback):
+class MADTP(AuxLoss):
     """MADTP (alignment-guided token pruning, τ kept at a FLOPs target) for an existing LightningModule.
 
     Args:
@@ -67,15 +65,14 @@ class MADTP(Callback):
     def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
                  rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
                  samples: int | None = None, warmup_epochs: int = 0, log: bool = True, **settings: Any) -> None:
+        super().__init__(log)
         self.config = MADTPConfig.build(**settings)
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module={module!r} is not allowed; give the model's attribute path as a string or None")
         self.module = module
         self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
                                           measure, samples, self.config.flops_reduction, warmup_epochs)
-        self.log = check_bool("log", log)
         self._target: nn.Module | None = None
-        self._attached = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = _target(pl_module, self.module)
@@ -83,14 +80,7 @@ class MADTP(Callback):
             apply_madtp(target, self.config)
         self._target = target
         self.controller.restore(target)
-        if stage == "fit" and not self._attached:
-            attach_aux_loss(pl_module, self.log)
-            self._attached = True
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._attached:
-            detach_aux_loss(pl_module)
-            self._attached = False
+        super().setup(trainer, pl_module, stage)  # the alignment loss joins the training loss
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._target is not None
