@@ -10,6 +10,11 @@ The FLOPs controller (:class:`vleff.tokens.madtp_controller.MADTPController`) ke
 measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
 (τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
 with the same τ and the same calibration data.
+
+Lightning validates at the end of an epoch *before* ``on_train_epoch_end``, so an epoch's
+validation metrics are of the τ that epoch trained with, and the re-calibration after the last
+epoch (which keeps the final weights at the FLOPs target) comes after the last validation:
+run ``trainer.validate`` once more for figures of the model training leaves.
 """
 from __future__ import annotations
 
