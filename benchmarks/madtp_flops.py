@@ -5,8 +5,8 @@ Models (random init, no download):
 * open_clip ``ViT-B-16`` (``pretrained=None``): one 224 px image + one 77-token caption
   (SOT, ``--words`` word ids, EOT, padding) -- the FLOPs case of the CrossGET/MADTP papers.
 * Hugging Face ``BlipForImageTextRetrieval`` with its default (ViT-B/16, BERT-base) config at
-  ``--blip-size`` px (default 224, not BLIP's 384: on the shared 2-core machine a 384 px
-  calibration takes too long), ``initializer_range=0.02`` in the vision tower (BLIP's own
+  ``--blip-size`` px (default 224; BLIP's own 384 takes 8–46 s of calibration per target at
+  ``--threads 1`` on the 2-core machine), ``initializer_range=0.02`` in the vision tower (BLIP's own
   1e-10 makes every weight ~0): one image + one 35-token caption (BLIP's retrieval length; [CLS], words, [SEP],
   padding), counted as the image-text matching forward (vision tower, then the text encoder
   cross-attending to it: where MADTP prunes the text before cross-attention).
@@ -107,7 +107,7 @@ def run(name: str, reductions: list[float], words: int, throughput_at: float | N
         row = {"model": name, "flops_reduction": p, "baseline_gflops": baseline / 1e9,
                "madtp_gflops": result.flops / 1e9, "ratio": result.flops / baseline, "target_ratio": 1 - p,
                "error_vs_target": result.error, "baseline_matches_unpatched": result.baseline == baseline,
-               "tau": result.tau, "evaluations": len(result.evaluations), "calibration_s": seconds,
+               "tau": result.tau, "start": result.start, "evaluations": len(result.evaluations), "calibration_s": seconds,
                "image_tokens": counts.get("image"), "text_tokens": counts.get("text")}
         if throughput_at is not None and abs(p - throughput_at) < 1e-9:
             base_calls, madtp_calls = tower_calls(plain, batch), tower_calls(model, batch)
