@@ -421,6 +421,10 @@ def test_warmup_settings_are_checked_and_resume_needs_the_same_ramp(tmp_path):
         MADTP(warmup_epochs=2, adjust_every_epoch=False)
     with pytest.raises(ValueError, match="warmup_epochs"):
         MADTP(warmup_epochs=-1)
+    from vleff.tokens.madtp_controller import MADTPController
+
+    with pytest.raises(ValueError, match="flops_reduction=0.5 but this controller has flops_reduction=0.3"):
+        MADTPController(flops_reduction=0.3).load_state_dict({"tau": 1.0, "target": 0.5})  # the mixin's path
     ckpt = str(tmp_path / "ramp.ckpt")
     _fit(tmp_path, 1, save=ckpt, warmup_epochs=2)
     with pytest.raises(ValueError, match="warmup_epochs=2 but this controller has warmup_epochs=0"):

@@ -148,8 +148,12 @@ class MADTPController:
         self.tau = None if state.get("tau") is None else float(state["tau"])
         self.baseline = state.get("baseline")
         self.history = list(state.get("history", []))
-        if state.get("target") is not None:
-            self.flops_reduction = float(state["target"])
+        target = state.get("target")
+        if target is not None and self.flops_reduction is not None and float(target) != self.flops_reduction:
+            raise ValueError(f"checkpoint was calibrated for MADTP flops_reduction={target!r} but this controller has "
+                             f"flops_reduction={self.flops_reduction!r}")
+        if target is not None:
+            self.flops_reduction = float(target)
         saved = state.get("warmup_epochs", 0)
         if saved != self.warmup_epochs:
             raise ValueError(f"checkpoint was trained with MADTP warmup_epochs={saved} but this controller has "
