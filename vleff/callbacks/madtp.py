@@ -18,7 +18,7 @@ run ``trainer.validate`` once more for figures of the model training leaves.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from torch import nn
@@ -43,6 +43,25 @@ def _loader(trainer: pl.Trainer) -> Any:
     if loader is None:
         raise RuntimeError("MADTP calibration needs the training dataloader, which the trainer does not have")
     return loader
+
+
+def calibrate_on_rank_zero(trainer: pl.Trainer, controller: MADTPController, target: nn.Module,
+                           calibrate: Callable[[], Any]) -> None:
+    """Run ``calibrate`` (a controller calibration) on global rank 0 only and give every rank
+    its controller state (τ, first pruning block, baseline, history, calibration batches).
+
+    Why: under DDP each rank sees other batches; calibrating on each would leave the ranks
+    pruning with different τ (different compute per rank, and a checkpoint holding rank 0's
+    τ while the other ranks trained with theirs)."""
+    if trainer.world_size == 1:
+        calibrate()
+        return
+    if trainer.is_global_zero:
+        calibrate()
+    state = trainer.strategy.broadcast(controller.state_dict() if trainer.is_global_zero else None, src=0)
+    if not trainer.is_global_zero:
+        controller.load_state_dict(state)
+    controller.restore(target)
 
 
 class MADTP(AuxLoss):
@@ -92,20 +111,24 @@ class MADTP(AuxLoss):
         if self.controller.calibrated:  # resumed: τ and the batches came with the checkpoint
             self.controller.resume(self._target)
             return
-        self.controller.capture(_loader(trainer))
-        self.controller.calibrate(self._target)
+        ctl, target = self.controller, self._target
+        ctl.capture(_loader(trainer))
+        calibrate_on_rank_zero(trainer, ctl, target, lambda: ctl.calibrate(target))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.controller.adjust_every_epoch or self.controller.batches is None:
+        ctl, target = self.controller, self._target
+        if not ctl.adjust_every_epoch or ctl.batches is None or target is None:
             return
-        result = self.controller.calibrate(self._target, epoch=trainer.current_epoch)
+        calibrate_on_rank_zero(trainer, ctl, target, lambda: ctl.calibrate(target, epoch=trainer.current_epoch))
         if self.log:
-            pl_module.log_dict({"madtp/tau": float(result.tau), "madtp/flops_ratio": float(result.ratio)},
+            last = ctl.history[-1]
+            pl_module.log_dict({"madtp/tau": float(last["tau"]), "madtp/flops_ratio": float(last["ratio"])},
                                on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._target is not None:
-            self.controller.finish(self._target)  # a run shorter than the warm-up ends at the target
+        ctl, target = self.controller, self._target
+        if target is not None:  # a run shorter than the warm-up ends at the target
+            calibrate_on_rank_zero(trainer, ctl, target, lambda: ctl.finish(target))
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}

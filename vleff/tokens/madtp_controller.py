@@ -29,7 +29,7 @@ from torch import nn
 from vleff.checks import check_bool, check_choice, check_int, check_number
 from vleff.tokens.common import hooks_named
 from vleff.tokens.madtp import (FORWARDS, HOOK_NAME, MADTPCalibration, MADTPConfig, _pair_and_module, batch_inputs,
-                               calibrate_madtp)
+                               calibrate_madtp, update_madtp)
 
 
 def hooks_config(model: nn.Module) -> MADTPConfig:
@@ -124,12 +124,17 @@ class MADTPController:
         return self.calibrate(model, epoch=self.history[-1]["epoch"], final=True)
 
     def restore(self, model: nn.Module) -> None:
-        """Put the stored τ on ``model`` (after a checkpoint was loaded)."""
-        if self.tau is not None:
-            module = _pair_and_module(model)[1]
-            module.tau = self.tau
-            if self.history and "start" in self.history[-1]:
-                module.start = int(self.history[-1]["start"])
+        """Put the stored τ (and the first pruning block and the reduction it was calibrated
+        for) on ``model``: after a checkpoint was loaded, or a state from another rank."""
+        if self.tau is None:
+            return
+        last = self.history[-1] if self.history else {}
+        changes: dict[str, Any] = {"tau": self.tau}
+        if "flops_reduction" in last:
+            changes["flops_reduction"] = last["flops_reduction"]
+        update_madtp(model, **changes)
+        if "start" in last:
+            _pair_and_module(model)[1].start = int(last["start"])
 
     def resume(self, model: nn.Module) -> None:
         """Continue training from a checkpoint: a checkpoint written after :meth:`finish` moved τ

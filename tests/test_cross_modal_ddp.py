@@ -1,0 +1,67 @@
+"""CrossGET and MADTP callbacks under Lightning DDP: two CPU processes, gloo.
+
+What must hold on every rank after training: the trained parameters (the whole CLIP, with
+CrossGET's cross-token offsets or MADTP's codebook and projections) are equal across ranks and
+moved; and for MADTP, every rank prunes with the *same* τ, first pruning block and controller
+history, although each rank's sampler gives it other calibration batches (calibrated on rank
+0, broadcast to the others).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import tiny_lightning as tl
+import vleff
+
+
+class _RankReport(pl.Callback):
+    """Writes, per rank, whether the flat parameters equal rank 0's and moved, and MADTP's state."""
+
+    def __init__(self, out_dir) -> None:
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()])
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        report = {"same": bool(torch.equal(gathered[0], gathered[1])), "moved": not torch.equal(flat, self.start),
+                  "names": sorted(n for n, _ in pl_module.named_parameters() if "vleff" in n)[:3]}
+        madtp = next((c for c in trainer.callbacks if isinstance(c, vleff.callbacks.MADTP)), None)
+        if madtp is not None:
+            module = pl_module.model.vleff_madtp
+            report.update(tau=module.tau, start=module.start, history=madtp.controller.history,
+                          first_ids=madtp.controller.batches[0][1][0].tolist())
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
+@pytest.mark.parametrize("method", [{"CrossGET": {"r_image": 2, "r_text": 1}},
+                                    {"MADTP": {"flops_reduction": 0.3, "calibration_batches": 1, "max_evals": 8,
+                                               "epoch_max_evals": 4, "measure": "image"}}],
+                         ids=["crossget", "madtp"])
+def test_cross_modal_callbacks_under_two_process_ddp_gloo(method, tmp_path):
+    torch.manual_seed(0)
+    module = tl.TinyCLIP()
+    (name, settings), = method.items()
+    callback = getattr(vleff.callbacks, name)(**settings)
+    trainer = tl.trainer(tmp_path, [callback, _RankReport(tmp_path)], max_epochs=2, devices=2, strategy="ddp_fork")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a 2-block tower cannot always reach the target
+        trainer.fit(module, tl.pair_loader(16, batch_size=4))
+    assert trainer.state.finished
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["same"] and report["moved"] and report["names"], report
+    if name == "MADTP":
+        r0, r1 = reports
+        assert r0["first_ids"] == r1["first_ids"]  # rank 0's calibration batches everywhere
+        assert (r0["tau"], r0["start"]) == (r1["tau"], r1["start"])
+        assert r0["history"] == r1["history"] and len(r0["history"]) == 3, (r0["history"], r1["history"])  # before, after 2 epochs
