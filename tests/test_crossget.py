@@ -448,3 +448,15 @@ def test_trace_source_gives_the_merge_groups_of_every_patch():
     source = last_token_state(model).get("source")[0]
     assert source.shape == (11, 17) and source.sum().item() == 17  # every input token held exactly once
     assert source[0].tolist() == [1.0] + [0.0] * 16  # cls alone
+
+
+def test_graph_matching_refuses_group_ids_outside_real_and_padding():
+    """The group loops run over range(2) (static under torch.compile): any other id is refused,
+    not silently left without an anchor."""
+    protected = torch.zeros(1, 6, dtype=torch.bool)
+    bad = torch.tensor([[0, 0, 0, 2, 2, 1]])
+    with pytest.raises(RuntimeError, match=r"groups must take values in range\(2\)"):
+        feasible_sources(protected, bad)
+    with pytest.raises(RuntimeError, match=r"groups must take values in range\(2\)"):
+        complete_graph_matching(torch.randn(1, 6, 4), torch.randn(1, 6), 1, 0, protected, bad)
+    assert int(feasible_sources(protected, torch.tensor([[0, 0, 0, 1, 1, 1]]))) == 4  # (3 - 1) + (3 - 1)

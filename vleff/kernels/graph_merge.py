@@ -127,21 +127,36 @@ def similarity_graph(metric: torch.Tensor, protected: torch.Tensor, groups: torc
     return s.masked_fill(forbid, float("-inf"))
 
 
-def feasible_sources(protected: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+#: merge groups a text tower uses: 0 = real tokens, 1 = padding. The group loops run over this
+#: static range (not ``groups.unique()``), so they trace into one graph under ``torch.compile``;
+#: a group no token belongs to changes nothing.
+NUM_GROUPS = 2
+
+
+def _check_groups(groups: torch.Tensor, num_groups: int) -> None:
+    """Refuse group ids outside ``range(num_groups)`` (their tokens would get no anchor). An
+    asynchronous device assert: no host sync per block, and it traces under ``torch.compile``."""
+    torch._assert_async(((groups >= 0) & (groups < num_groups)).all(),
+                        f"groups must take values in range({num_groups}) (0 = real tokens, 1 = padding)")
+
+
+def feasible_sources(protected: torch.Tensor, groups: torch.Tensor | None = None,
+                     num_groups: int = NUM_GROUPS) -> torch.Tensor:
     """``[B]`` most sources each sample can give with every source keeping a destination in its
     group: ``Σ_groups max(free − 1, 0)`` (one anchor per group stays)."""
     free = ~protected
     if groups is None:
         return (free.sum(dim=1) - 1).clamp_min(0)
+    _check_groups(groups, num_groups)
     total = torch.zeros(protected.shape[0], dtype=torch.long, device=protected.device)
-    for g in groups.unique().tolist():
+    for g in range(num_groups):
         total = total + ((free & (groups == g)).sum(dim=1) - 1).clamp_min(0)
     return total
 
 
 def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, num_protected: int,
                             protected: torch.Tensor | None = None,
-                            groups: torch.Tensor | None = None) -> GraphMergePlan:
+                            groups: torch.Tensor | None = None, num_groups: int = NUM_GROUPS) -> GraphMergePlan:
     """Plan the merge of ``r`` tokens by complete-graph soft matching (see the module docstring).
 
     Args:
@@ -151,6 +166,7 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
         num_protected: leading tokens never merged.
         protected: ``[B, N]`` further protected tokens anywhere (a text tower's EOT), or ``None``.
         groups: ``[B, N]`` merge groups (padding apart from real tokens), or ``None``.
+        num_groups: ``groups`` take values in ``range(num_groups)`` (default: real, padding).
     """
     b, n = importance.shape
     if r < 0:
@@ -164,7 +180,9 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
         best = sim.amax(dim=-1)
         score = importance.float() - best  # -inf similarity (isolated) gives +inf: never a source
         score = score.masked_fill(prot, float("inf"))
-        score = _mark_anchors(score, prot, groups)
+        if groups is not None:
+            _check_groups(groups, num_groups)
+        score = _mark_anchors(score, prot, groups, num_groups)
         if groups is not None:  # finite scores lie in [-2, 2]: every real token ranks first
             score = torch.where(groups != 0, score + GROUP_PENALTY, score)
         order = score.argsort(dim=-1, stable=True)
@@ -178,13 +196,14 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
     return GraphMergePlan(src, dst, keep, dst_pos, num_protected, n)
 
 
-def _mark_anchors(score: torch.Tensor, prot: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+def _mark_anchors(score: torch.Tensor, prot: torch.Tensor, groups: torch.Tensor | None,
+                  num_groups: int = NUM_GROUPS) -> torch.Tensor:
     """Score ``+inf`` for each group's highest-scoring unprotected token (never a source)."""
     finite = score.masked_fill(prot, float("-inf"))
     if groups is None:
         anchor = finite.argmax(dim=1, keepdim=True)
         return score.scatter(1, anchor, float("inf"))
-    for g in groups.unique().tolist():
+    for g in range(num_groups):
         in_g = finite.masked_fill(groups != g, float("-inf"))
         anchor = in_g.argmax(dim=1, keepdim=True)
         has = torch.isfinite(in_g.gather(1, anchor))
