@@ -138,3 +138,24 @@ def test_clip_mezo_bad_checkpoint_is_named(tmp_path):
     cfg = _compose(["experiment=clip_mezo", f"model.init_checkpoint={tmp_path / 'missing.ckpt'}"], tmp_path)
     with pytest.raises(Exception, match="init_checkpoint=.*missing.ckpt.* does not exist"):
         run(cfg)
+
+
+@pytest.mark.parametrize("method", ["crossget", "madtp"])
+def test_clip_cross_modal_experiments_fine_tune_a_baseline_with_the_method(method, tmp_path, probe):
+    """clip_crossget / clip_madtp: the README table's recipe. The method is applied to both
+    towers of the 6-block digits CLIP, starts from the given baseline weights, and its own
+    parameters (cross-token offsets / codebook) are trained with the rest."""
+    cfg = _compose([f"experiment=clip_{method}"], tmp_path)
+    assert (cfg.model.model_kwargs.layers, cfg.model.model_kwargs.patch_size, cfg.model.lr) == (6, 4, 1e-3)
+    torch.manual_seed(5)
+    baseline = instantiate(cfg.model)
+    torch.save({"state_dict": baseline.state_dict()}, tmp_path / "baseline.ckpt")
+    quick = ["callbacks.madtp.max_evals=6", "callbacks.madtp.samples=4"] if method == "madtp" else []  # fewer counted forwards
+    cfg = _compose([f"experiment=clip_{method}", f"model.init_checkpoint={tmp_path / 'baseline.ckpt'}", *quick], tmp_path)
+    result = run(cfg)
+    _check_common(result, probe)
+    for name, p in baseline.named_parameters():  # started from the baseline, not a fresh init
+        torch.testing.assert_close(probe.before[name], p.detach(), rtol=0, atol=0)
+    own = [n for n in probe.changed() if f"vleff_{method}" in n]
+    assert own, f"no {method} parameter was trained: {probe.changed()[:5]}"
+    assert "model.visual.transformer.resblocks.5.attn.in_proj_weight" in probe.changed()
