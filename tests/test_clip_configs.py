@@ -141,7 +141,7 @@ def test_clip_mezo_bad_checkpoint_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["crossget", "madtp"])
-def test_clip_cross_modal_experiments_fine_tune_a_baseline_with_the_method(method, tmp_path, probe):
+def test_clip_cross_modal_experiments_fine_tune_a_baseline_with_the_method(method, tmp_path, probe, capsys):
     """clip_crossget / clip_madtp: the README table's recipe. The method is applied to both
     towers of the 6-block digits CLIP, starts from the given baseline weights, and its own
     parameters (cross-token offsets / codebook) are trained with the rest."""
@@ -159,3 +159,5 @@ def test_clip_cross_modal_experiments_fine_tune_a_baseline_with_the_method(metho
     own = [n for n in probe.changed() if f"vleff_{method}" in n]
     assert own, f"no {method} parameter was trained: {probe.changed()[:5]}"
     assert "model.visual.transformer.resblocks.5.attn.in_proj_weight" in probe.changed()
+    out = capsys.readouterr().out  # no comparison table for CLIP: the last validation is printed
+    assert "last validation" in out and all(key in out for key in result["val"])

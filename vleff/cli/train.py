@@ -205,6 +205,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"val": val, "rows": []}
     if trainer.is_global_zero:
         result["finetune_command"] = _print_checkpoint_hint(trainer, module)
+        if not (cfg.compare.enabled and isinstance(module, ImageClassifier)) and val:
+            # no comparison table follows (CLIP fine-tuning): the run's own figures are its result
+            print_table([{"metric": k, "value": v} for k, v in sorted(val.items())],
+                        title="vleff-train: last validation", extra_columns={"metric": "metric", "value": "value"})
     if not cfg.compare.enabled or not trainer.is_global_zero:
         return result
     if not isinstance(module, ImageClassifier):
