@@ -161,3 +161,22 @@ def test_clip_cross_modal_experiments_fine_tune_a_baseline_with_the_method(metho
     assert "model.visual.transformer.resblocks.5.attn.in_proj_weight" in probe.changed()
     out = capsys.readouterr().out  # no comparison table for CLIP: the last validation is printed
     assert "last validation" in out and all(key in out for key in result["val"])
+
+
+def test_checkpoint_hint_of_a_method_run_does_not_offer_mezo(tmp_path, capsys):
+    """A checkpoint holding a method's parameters cannot be loaded (strictly) into a plain CLIP:
+    the hint says to apply the method instead of printing the MeZO command."""
+    from types import SimpleNamespace
+
+    import vleff
+
+    module = instantiate(_compose(["experiment=clip_crossget"], tmp_path).model)
+    ckpt = tmp_path / "run.ckpt"
+    ckpt.write_bytes(b"")
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(ckpt)))
+    vleff.apply_crossget(module.model, r_image=1, r_text=0)
+    assert train_cli._print_checkpoint_hint(trainer, module) is None
+    out = capsys.readouterr().out
+    assert "trained with crossget: apply the same method" in out and "MeZO" not in out
+    vleff.remove_crossget(module.model)
+    assert "experiment=clip_mezo" in train_cli._print_checkpoint_hint(trainer, module)
