@@ -9,7 +9,9 @@ The FLOPs controller (:class:`vleff.tokens.madtp_controller.MADTPController`) ke
 ``calibration_batches`` training batches, calibrates τ on them when training starts (so the
 measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
 (τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
-with the same τ and the same calibration data.
+with the same τ and the same calibration data. Under DDP global rank 0 calibrates on its batches
+and every rank gets its controller state (:func:`calibrate_on_rank_zero`), so all ranks prune
+with one τ.
 
 Lightning validates at the end of an epoch *before* ``on_train_epoch_end``, so an epoch's
 validation metrics are of the τ that epoch trained with, and the re-calibration after the last
