@@ -87,6 +87,9 @@ class MADTP(AuxLoss):
     """
 
     settings_config = MADTPConfig
+    #: the after-epoch re-calibration comes after Lightning's validation of the epoch, so the
+    #: model training leaves is not the one last validated (``vleff-train`` validates again)
+    changes_model_after_validation = True
 
     def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
                  rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",

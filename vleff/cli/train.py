@@ -207,6 +207,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_callbacks(cfg.get("callbacks"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule)
+    if any(getattr(obj, "changes_model_after_validation", False) for obj in (*callbacks, module)):
+        # a callback (MADTP's τ re-calibration) changed the model after the last validation:
+        # report the model the run leaves, not the one validated before that change
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result: dict[str, Any] = {"val": val, "rows": []}
     if trainer.is_global_zero:

@@ -163,6 +163,8 @@ class MADTPMixin(AuxLossMixin):
     controller's state travels in the checkpoint under ``"vleff_madtp_controller"``."""
 
     _vleff_madtp: MADTPController | None = None
+    #: see :attr:`vleff.callbacks.MADTP.changes_model_after_validation`
+    changes_model_after_validation = True
 
     def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
                   max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
