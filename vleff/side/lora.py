@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.backbones import TowerAdapter, find_towers, get_patch
+from vleff.backbones import TowerAdapter, get_patch
 from vleff.checks import check_bool, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
+from vleff.tokens.common import select_towers
 
 ADAPTER = "default"
 TOWERS = ("image", "text")
@@ -81,12 +82,7 @@ class LoRAConfig(MethodConfig):
 
 def _selected_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
     """The towers ``towers`` names, every one checked to be supported before anything changes."""
-    found = find_towers(model)  # TypeError "no supported tower" for a model vleff does not know
-    wanted = ("image", "text") if towers == "all" else (towers,)
-    chosen = [t for t in found if t.modality in wanted]
-    if not chosen:
-        raise TypeError(f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
-                        f"(it has: {', '.join(t.describe() for t in found)}); pass towers= naming a tower it has")
+    chosen = select_towers(model, towers)
     for tower in chosen:
         _tower_targets(tower, "")
     return chosen
