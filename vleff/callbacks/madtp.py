@@ -10,7 +10,7 @@ The FLOPs controller (:class:`vleff.tokens.madtp_controller.MADTPController`) ke
 measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
 (τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
 with the same τ and the same calibration data. Under DDP global rank 0 calibrates on its batches
-and every rank gets its controller state (:func:`calibrate_on_rank_zero`), so all ranks prune
+and every rank gets its controller state (:func:`_on_rank_zero`), so all ranks prune
 with one τ.
 
 Lightning validates at the end of an epoch *before* ``on_train_epoch_end``, so an epoch's
@@ -47,8 +47,8 @@ def _loader(trainer: pl.Trainer) -> Any:
     return loader
 
 
-def calibrate_on_rank_zero(trainer: pl.Trainer, controller: MADTPController, target: nn.Module,
-                           calibrate: Callable[[], Any]) -> None:
+def _on_rank_zero(trainer: pl.Trainer, controller: MADTPController, target: nn.Module,
+                  calibrate: Callable[[], Any]) -> None:
     """Run ``calibrate`` (a controller calibration) on global rank 0 only and give every rank
     its controller state (τ, first pruning block, baseline, history, calibration batches).
 
@@ -64,6 +64,29 @@ def calibrate_on_rank_zero(trainer: pl.Trainer, controller: MADTPController, tar
     if not trainer.is_global_zero:
         controller.load_state_dict(state)
     controller.restore(target)
+
+
+# The controller's three moments in a Lightning run, shared by the callback and the mixin.
+def controller_train_start(trainer: pl.Trainer, controller: MADTPController, target: nn.Module) -> None:
+    """Resume (τ and the batches came with the checkpoint) or capture the first batches and calibrate."""
+    if controller.calibrated:
+        controller.resume(target)
+        return
+    controller.capture(_loader(trainer))
+    _on_rank_zero(trainer, controller, target, lambda: controller.calibrate(target))
+
+
+def controller_epoch_end(trainer: pl.Trainer, controller: MADTPController, target: nn.Module) -> bool:
+    """Re-calibrate after the epoch (when enabled); whether it did."""
+    if not controller.adjust_every_epoch or controller.batches is None:
+        return False
+    _on_rank_zero(trainer, controller, target, lambda: controller.calibrate(target, epoch=trainer.current_epoch))
+    return True
+
+
+def controller_train_end(trainer: pl.Trainer, controller: MADTPController, target: nn.Module) -> None:
+    """A run shorter than the warm-up ends calibrated at the target."""
+    _on_rank_zero(trainer, controller, target, lambda: controller.finish(target))
 
 
 class MADTP(AuxLoss):
@@ -113,27 +136,19 @@ class MADTP(AuxLoss):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._target is not None
-        if self.controller.calibrated:  # resumed: τ and the batches came with the checkpoint
-            self.controller.resume(self._target)
-            return
-        ctl, target = self.controller, self._target
-        ctl.capture(_loader(trainer))
-        calibrate_on_rank_zero(trainer, ctl, target, lambda: ctl.calibrate(target))
+        controller_train_start(trainer, self.controller, self._target)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ctl, target = self.controller, self._target
-        if not ctl.adjust_every_epoch or ctl.batches is None or target is None:
+        if self._target is None or not controller_epoch_end(trainer, self.controller, self._target):
             return
-        calibrate_on_rank_zero(trainer, ctl, target, lambda: ctl.calibrate(target, epoch=trainer.current_epoch))
         if self.log:
-            last = ctl.history[-1]
+            last = self.controller.history[-1]
             pl_module.log_dict({"madtp/tau": float(last["tau"]), "madtp/flops_ratio": float(last["ratio"])},
                                on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ctl, target = self.controller, self._target
-        if target is not None:  # a run shorter than the warm-up ends at the target
-            calibrate_on_rank_zero(trainer, ctl, target, lambda: ctl.finish(target))
+        if self._target is not None:
+            controller_train_end(trainer, self.controller, self._target)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from vleff.callbacks.madtp import CHECKPOINT_KEY as MADTP_KEY
-from vleff.callbacks.madtp import _loader, calibrate_on_rank_zero
+from vleff.callbacks.madtp import controller_epoch_end, controller_train_end, controller_train_start
 from vleff.callbacks.mixins.base import AuxLossMixin, _fitting, _parent
 from vleff.tokens.crossget import CrossGETConfig, apply_crossget
 from vleff.tokens.dynamicvit import apply_dynamicvit, dynamicvit_teacher
@@ -177,28 +177,20 @@ class MADTPMixin(AuxLossMixin):
 
     def on_train_start(self) -> Any:
         out = _parent(self, MADTPMixin, "on_train_start")
-        ctl = self._vleff_madtp
-        if ctl is not None:
-            if ctl.calibrated:
-                ctl.resume(self)  # type: ignore[arg-type]
-            else:
-                ctl.capture(_loader(self.trainer))  # type: ignore[attr-defined]
-                calibrate_on_rank_zero(self.trainer, ctl, self, lambda: ctl.calibrate(self))  # type: ignore[arg-type,attr-defined]
+        if self._vleff_madtp is not None:
+            controller_train_start(self.trainer, self._vleff_madtp, self)  # type: ignore[attr-defined,arg-type]
         return out
 
     def on_train_epoch_end(self) -> Any:
         out = _parent(self, MADTPMixin, "on_train_epoch_end")
-        ctl = self._vleff_madtp
-        if ctl is not None and ctl.adjust_every_epoch and ctl.batches is not None:
-            calibrate_on_rank_zero(self.trainer, ctl, self,  # type: ignore[arg-type,attr-defined]
-                                   lambda: ctl.calibrate(self, epoch=self.current_epoch))  # type: ignore[arg-type,attr-defined]
+        if self._vleff_madtp is not None:
+            controller_epoch_end(self.trainer, self._vleff_madtp, self)  # type: ignore[attr-defined,arg-type]
         return out
 
     def on_train_end(self) -> Any:
         out = _parent(self, MADTPMixin, "on_train_end")
-        ctl = self._vleff_madtp
-        if ctl is not None:
-            calibrate_on_rank_zero(self.trainer, ctl, self, lambda: ctl.finish(self))  # type: ignore[arg-type,attr-defined]
+        if self._vleff_madtp is not None:
+            controller_train_end(self.trainer, self._vleff_madtp, self)  # type: ignore[attr-defined,arg-type]
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
