@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         # the last validation ran before the controller's last re-calibration (after the epoch):
         # validate again, so accuracy and FLOPs are of the same model, the one training leaves
         last_epoch = metrics_f
-        metrics_f = _validate(module_f, compose_experiment("clip_finetune", [*common]))
+        metrics_f = _validate(module_f, off)  # off: the same overrides, no callbacks
         warm = f", warm-up {args.madtp_warmup} epochs" if args.madtp_warmup else ""
         rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, fine-tuned {args.ft_epochs} epochs{warm}", metrics_f,
                          measured(module_f.model), steps=int(trainer_f.global_step),
