@@ -116,7 +116,7 @@ def test_clip_mezo_experiment_starts_from_a_checkpoint_without_grads(tmp_path, p
         torch.testing.assert_close(probe.before[name], p.detach(), rtol=0, atol=0)
     assert isinstance(probe.optimizer, MeZOOptimizer)
     assert all(p.grad is None for p in probe.module.parameters())
-    # MeZO restores the module's automatic optimization at fit end (issue 13); the probe's on_fit_end runs after
+    # MeZO restores the module's automatic optimization at fit end; the probe's on_fit_end runs after
     assert probe.module.automatic_optimization is True and len(probe.changed()) > 10
 
 

@@ -79,7 +79,7 @@ def test_mixin_schedule_and_checkpoint(tmp_path):
     ckpt = tmp_path / "mixin.ckpt"
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["vleff_tome_schedule"]["warmup_steps"] == 4
-    loaded = MixinClassifier.load_from_checkpoint(ckpt)  # issue 13: this ran at r = 0
+    loaded = MixinClassifier.load_from_checkpoint(ckpt)  # a bug once loaded this at r = 0
     assert tome_r(loaded) == [4, 4, 4]
 
     class MixinRecorded(MixinClassifier):

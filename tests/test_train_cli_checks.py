@@ -1,4 +1,4 @@
-"""Issue 13, ``vleff-train``: compare values and batch size checked before training, the
+"""``vleff-train``: compare values and batch size checked before training, the
 fine-tune command printed ready to paste (Hydra-quoted), a quiet console, and model summaries
 with FLOPs."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 13, memory savers: frozen parameters under MeZO, the module restored after a MeZO fit,
+"""Memory savers: frozen parameters under MeZO, the module restored after a MeZO fit,
 manual optimization and GaLore+MeZO refused at setup, constructor validation, and GaLore's
 randomized low-rank SVD option."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 13, data: bad files fail at setup naming the file, the line and the column (not
+"""Data: bad files fail at setup naming the file, the line and the column (not
 mid-epoch in a worker); image_size <= 0 is rejected; large sets show a progress bar."""
 from __future__ import annotations
 

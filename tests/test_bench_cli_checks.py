@@ -1,4 +1,4 @@
-"""Issue 13, ``vleff-bench``: memory mode runs the library (table printed, file written, optimizer
+"""``vleff-bench``: memory mode runs the library (table printed, file written, optimizer
 state checked analytically on a tiny CLIP); ``save=``/``out=`` checked before measuring;
 ``pretrained=true`` without network answers at once."""
 from __future__ import annotations
