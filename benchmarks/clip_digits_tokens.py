@@ -38,6 +38,8 @@ embeddings are computed at full cost in every row and the FLOPs figure is of the
 both methods still use the text tower for guidance in training (CrossGET's JS loss between the
 cross tokens, MADTP's shared codebook and alignment loss).
 
+``benchmarks/plot_clip_digits_tokens.py`` draws the output files of several seeds on one picture.
+
 Reported per row: image→text and text→image R@1 on the 360 validation pairs (with ten distinct
 captions image→text R@1 equals zero-shot accuracy), and the image tower's FLOPs ratio measured by
 :mod:`vleff.profile` on the first ``--flops-samples`` validation images one at a time (MADTP
