@@ -370,3 +370,81 @@ def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path):
         assert r0["changed"] and r1["changed"]
         for p, q in zip(r0["params"], r1["params"]):
             torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
+
+
+# --- 16-bit weights: refused by default, because rounding (not the loss) then moves them ---------
+def _regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    return x, x @ (torch.randn(64, 8, generator=g) * 0.1)
+
+
+def _mezo_delta(dtype: torch.dtype, lr: float, *, autocast: bool = False, steps: int = 30) -> torch.Tensor:
+    """Weight change of a linear regression after ``steps`` MeZO steps, weights in ``dtype``
+    (``autocast``: fp32 weights, forward under bf16 autocast)."""
+    x, y = _regression()
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 8).to(dtype)
+    w0 = lin.weight.detach().float().clone()
+    opt = MeZO(lin.parameters(), lr=lr, eps=1e-3, allow_low_precision=dtype != torch.float32)
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return torch.nn.functional.mse_loss(lin(x.to(dtype)).float(), y)
+
+    for _ in range(steps):
+        opt.step(loss)
+    return (lin.weight.detach().float() - w0).flatten()
+
+
+def test_bf16_weights_drift_instead_of_training_and_bf16_autocast_does_not():
+    """The reason for the refusal below: at MeZO's learning rates bf16 weights move by rounding
+    (far more than the fp32 update, in an unrelated direction); fp32 weights with a bf16
+    forward follow the fp32 run."""
+    cos = torch.nn.functional.cosine_similarity
+    for lr in (1e-4, 1e-6):
+        ref = _mezo_delta(torch.float32, lr)
+        low = _mezo_delta(torch.bfloat16, lr)
+        mixed = _mezo_delta(torch.float32, lr, autocast=True)
+        assert low.norm() > 2 * ref.norm() and abs(cos(low, ref, dim=0)) < 0.5, lr
+        assert cos(mixed, ref, dim=0) > 0.95 and mixed.norm() == pytest.approx(ref.norm().item(), rel=0.1), lr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_trainable_weights_are_refused_unless_allowed(dtype):
+    lin = torch.nn.Linear(4, 2).to(dtype)
+    with pytest.raises(ValueError, match=rf"2 trainable parameter\(s\) are {dtype}.*allow_low_precision=False"
+                                         r".*precision='bf16-mixed'"):
+        MeZO(lin.parameters(), lr=1e-6)
+    with pytest.raises(ValueError, match="allow_low_precision"):  # a group added later too
+        MeZO(torch.nn.Linear(4, 2).parameters()).add_param_group({"params": list(lin.parameters())})
+    assert MeZO(lin.parameters(), allow_low_precision=True).allow_low_precision
+    frozen = torch.nn.Sequential(torch.nn.Linear(4, 4).to(dtype).requires_grad_(False), torch.nn.Linear(4, 2))
+    MeZO(frozen.parameters())  # frozen 16-bit weights are never perturbed: nothing to refuse
+    with pytest.raises(ValueError, match="allow_low_precision='yes' is not allowed; use True or False"):
+        MeZO(lin.parameters(), allow_low_precision="yes")
+
+
+def test_callback_refuses_bf16_true_and_trains_under_bf16_mixed(tmp_path):
+    import tiny_lightning as tl
+    from vleff.callbacks import MeZO as MeZOCallback
+
+    def fit(precision: str, **settings):
+        torch.manual_seed(0)
+        module = tl.TinyClassifier(depth=1)
+        before = torch.cat([p.detach().float().flatten().clone() for p in module.parameters()])
+        trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback(eps=1e-3, lr=1e-3, **settings)], max_steps=3,
+                             precision=precision)
+        trainer.fit(module, tl.loader(n=12, batch_size=4))
+        return module, torch.cat([p.detach().float().flatten() for p in module.parameters()]) - before
+
+    with pytest.raises(ValueError, match=r"torch.bfloat16.*precision='bf16-mixed'"):
+        fit("bf16-true")
+    module, _ = fit("bf16-true", allow_low_precision=True)  # accepted when asked for
+    assert next(module.parameters()).dtype == torch.bfloat16
+    _, ref = fit("32-true")
+    module, mixed = fit("bf16-mixed")
+    assert next(module.parameters()).dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(mixed, ref, dim=0) > 0.99
+    with pytest.raises(ValueError, match="allow_low_precision=1 is not allowed"):
+        MeZOCallback(allow_low_precision=1)

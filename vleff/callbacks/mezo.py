@@ -196,7 +196,8 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
 
     def convert(opt: Any) -> MeZOOptimizer:
         return mezo_from_optimizer(opt, pl_module, lr=lr, eps=eps, weight_decay=weight_decay, params=params,
-                                   seed=seed, reduce=reduce if distributed else None)
+                                   seed=seed, reduce=reduce if distributed else None,
+                                   allow_low_precision=config.allow_low_precision)
 
     (optimizer,) = swap_optimizers(trainer, convert, base_lr=lr)
     if not olds:  # no scheduler can drive a placeholder optimizer

@@ -83,14 +83,15 @@ def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tupl
 def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
                         lr: float | None = None, eps: float = 1e-3, weight_decay: float | None = None,
                         params: str | Sequence[str] | None = None, seed: int = 0,
-                        reduce: Reduce | None = None) -> MeZO:
+                        reduce: Reduce | None = None, allow_low_precision: bool = False) -> MeZO:
     """A :class:`MeZO` optimizer over ``optimizer``'s parameters (or all trainable ones).
 
     ``lr``/``weight_decay`` override every group's value when given (``initial_lr`` too, so a
     scheduler rebound with :func:`rebind_scheduler` scales the new lr); otherwise the groups'
     own values are used. ``params`` (regular expressions on names) trains a subset. Parameters
     with ``requires_grad=False`` are left out (as AdamW leaves them alone). Biases, norms and
-    embeddings get no weight decay (per-parameter ``"decay"`` mask).
+    embeddings get no weight decay (per-parameter ``"decay"`` mask). bf16/fp16 trainable
+    parameters are refused unless ``allow_low_precision`` (see :class:`MeZO`).
     """
     if not eps > 0:
         raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
@@ -129,7 +130,7 @@ def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable
     if not any(g["params"] for g in groups):
         raise ValueError(f"MeZO selected no parameter: params={params!r} matched none of the optimizer's "
                          f"trainable (requires_grad=True) parameters (some names: {[n for n, _ in pairs][:6]})")
-    return MeZO(groups, lr=groups[0]["lr"], eps=eps, seed=seed, reduce=reduce)
+    return MeZO(groups, lr=groups[0]["lr"], eps=eps, seed=seed, reduce=reduce, allow_low_precision=allow_low_precision)
 
 
 def _track_step_for_scheduler(optimizer: Optimizer) -> None:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vleff.checks import check_number
+from vleff.checks import check_bool, check_number
 from vleff.memory.galore import DEFAULT_SVD, PROJ_TYPES, SVD_METHODS
 from vleff.memory.selection import DEFAULT_EXCLUDE, check_patterns
 from vleff.registry import Method, MethodConfig, register_method
@@ -60,9 +60,12 @@ class MeZOConfig(MethodConfig):
     weight_decay: float | None = None
     params: str | Sequence[str] | None = None
     seed: int = 0
+    #: accept bf16/fp16 trainable weights (refused by default: rounding swamps MeZO's update)
+    allow_low_precision: bool = False
 
     def __post_init__(self) -> None:
         check_number("eps", self.eps, low=0, low_open=True, owner="MeZO")
+        check_bool("allow_low_precision", self.allow_low_precision)
         if self.lr is not None:
             check_number("lr", self.lr, low=0, owner="MeZO")
         if self.weight_decay is not None:
