@@ -13,7 +13,8 @@ autocast forward and backward agree with fp32; gradient checkpointing is refused
 a method made of plain modules, gives the same gradients); two methods stacked and one removed
 equals the other alone. Per method (one family, to keep the suite fast): ``torch.compile``
 (aot_eager) in one graph; a Lightning fit with the callback, saved and resumed, equals the
-uninterrupted run; the mixin is importable from the
+uninterrupted run; the same fit under ``precision="bf16-mixed"`` moves the weights where the fp32
+fit does; the mixin is importable from the
 Lightning layer; each bad config value gets an error naming the field.
 
 Host methods (MemVP) act on whole vision-language models, not on one tower: their row names
@@ -215,14 +216,14 @@ SETTINGS: dict[str, Settings] = {
                          state_prefix="vleff_crossget_offsets", callback_args={"r_image": 2, "r_text": 4},
                          families=("open_clip", "hf_clip", "hf_blip"), conflicts=("tome", "evit", "dynamicvit", "madtp"),
                          fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
-    # MADTP needs both towers of an image-text model (single-tower families are refused); its
-    # callback's exact resume is tested on a CLIP LightningModule in test_madtp.py (TinyClassifier is a timm ViT)
+    # MADTP needs both towers of an image-text model (single-tower families are refused)
     "madtp": Settings(noop={"locations": []}, active={"tau": 1e3},
                       refusals=[({"flops_reduction": 0}, "flops_reduction=0"), ({"flops_reduction": 1.0}, "flops_reduction=1.0"),
                                 ({"tau": 0}, "tau=0"), ({"num_codes": 0}, "num_codes"), ({"ragged": "min"}, "ragged"),
                                 ({"locations": [2, 1]}, "locations"), ({"towers": "audio"}, "towers")],
                       state_prefix="vleff_madtp.", families=("open_clip", "hf_clip", "hf_blip"),
-                      conflicts=("tome", "evit", "dynamicvit"), fullgraph=False),
+                      conflicts=("tome", "evit", "dynamicvit"), fullgraph=False,
+                      callback_args={"flops_reduction": 0.3}, fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
 }
 
 
@@ -532,6 +533,40 @@ def test_callback_fit_saved_and_resumed_equals_uninterrupted(name, tmp_path):
     assert set(straight.state_dict()) == set(resumed.state_dict())
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=key)
+
+
+class _StateAtTrainStart(pl.Callback):
+    """The module's floating-point state when training starts (after the method's callback
+    added its parameters in ``setup``)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.detach().float().clone() for k, v in pl_module.state_dict().items()
+                      if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def _trained_delta(tmp_path, name: str, precision: str, steps: int = 3) -> torch.Tensor:
+    """How far ``steps`` optimizer steps with the method's callback move the module's state."""
+    torch.manual_seed(0)
+    callback = get_method(name).load_callback()(**SETTINGS[name].callback_args)
+    fit = SETTINGS[name].fit
+    module, loader = fit() if fit is not None else (tl.TinyClassifier(), tl.loader(4, seed=1))
+    start = _StateAtTrainStart()
+    trainer = tl.trainer(tmp_path, [callback, start, ReseedEachStep()], max_steps=steps, max_epochs=-1,
+                         precision=precision)
+    trainer.fit(module, loader)
+    after = module.state_dict()
+    return torch.cat([(after[k].float() - v).flatten() for k, v in start.state.items()])
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SETTINGS) if SETTINGS[n].callback_args])
+def test_callback_fit_in_bf16_mixed_follows_the_fp32_fit(name, tmp_path):
+    """``Trainer(precision="bf16-mixed")``: the same steps move the weights where fp32's do
+    (bf16 rounding of the forward only: cosine > 0.95, length within 10 %)."""
+    ref = _trained_delta(tmp_path, name, "32-true")
+    mixed = _trained_delta(tmp_path, name, "bf16-mixed")
+    assert ref.norm() > 0, "the fp32 fit moved nothing: the comparison would be empty"
+    assert torch.nn.functional.cosine_similarity(mixed, ref, dim=0) > 0.95
+    assert mixed.norm().item() == pytest.approx(ref.norm().item(), rel=0.1)
 
 
 # --- host methods (MemVP): the same guarantees on whole vision-language host models -------------------
