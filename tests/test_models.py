@@ -36,6 +36,15 @@ def test_blip_tower_without_head_is_bare_tower():
     assert isinstance(tower, BlipVisionModel) and tower.config.image_size == 32
 
 
+def test_random_init_blip_tower_is_not_degenerate():
+    """BlipVisionConfig initialises with std 1e-10; the factory's random init is 0.02 (BLIP's
+    text value), unless the caller asks for another."""
+    weight = build_model("hf_blip_base", image_size=32).encoder.layers[0].self_attn.qkv.weight
+    assert weight.std().item() == pytest.approx(0.02, rel=0.05)
+    tiny = build_model("hf_blip_base", image_size=32, initializer_range=1e-3).encoder.layers[0].self_attn.qkv.weight
+    assert tiny.std().item() == pytest.approx(1e-3, rel=0.05)
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"name": "resnet_nonexistent"}, ValueError, "model 'resnet_nonexistent' is not known"),
     ({"name": "vit_base", "image_size": 100}, ValueError, "image_size=100 is not a positive multiple of the patch size 16"),

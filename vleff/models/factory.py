@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "ModelSpec", "TowerClassifier", "build_model", "patch_size_of"]
+__all__ = ["BLIP_RANDOM_INIT_STD", "MODELS", "ModelSpec", "TowerClassifier", "build_model", "patch_size_of"]
+
+#: weight std of a random-init BLIP vision tower (``BlipVisionConfig``'s default, 1e-10, is degenerate)
+BLIP_RANDOM_INIT_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,11 @@ def build_model(name: str, num_classes: int | None = None, image_size: int | Non
         if pretrained:
             tower = BlipForImageTextRetrieval.from_pretrained(spec.source, **kwargs).vision_model
         else:
-            tower = BlipVisionModel(BlipVisionConfig(image_size=size, patch_size=spec.patch_size, **kwargs))
+            # BLIP's vision config initialises with std 1e-10 (its weights are meant to be loaded):
+            # a random-init tower would be near zero, its attention uniform and its token scores
+            # meaningless. 0.02 is BLIP's own text-config value and ViT's.
+            settings = {"initializer_range": BLIP_RANDOM_INIT_STD, **kwargs}
+            tower = BlipVisionModel(BlipVisionConfig(image_size=size, patch_size=spec.patch_size, **settings))
         dim = tower.config.hidden_size
     else:  # pragma: no cover - MODELS is closed
         raise _unknown(name)
