@@ -81,6 +81,8 @@ def test_baseline_only_and_bf16(capsys):
     (["methods=[tome"], ["methods=[tome"]),
     (["method_args.evit.keep_rate=0.5"], ["evit", "methods"]),
     ([*TINY, "method_args.tome.r=-3"], ["tome", "r=-3"]),
+    ([*TINY, "methods=[crossget]"], ["crossget act(s) on both towers", "'vit_tiny_digits'", "open_clip_vit_b32",
+                                     "hf_clip_vit_b32", "hf_blip_base"]),
     (["frobnicate"], ["'frobnicate'", "speed, kernels, memory"]),
     (["kernels", "foo=1"], ["'foo'", "tome_batch"]),
     (["kernels", "dtype=fp8"], ["'fp8'", "bfloat16"]),
@@ -98,6 +100,30 @@ def test_bad_input_exits_2_with_a_clear_message(args, message, capsys):
     assert err.startswith("vleff-bench: error: ") and "Traceback" not in err
     for part in message:
         assert part in err, (part, err)
+
+
+def test_pair_methods_measure_the_image_path_of_the_whole_model(capsys):
+    """CrossGET and MADTP act on both towers: every row is the whole CLIP's ``encode_image``;
+    CrossGET's tokens follow r per block (plus its cross token), MADTP's τ is calibrated on
+    the measured batch so its row lands on the FLOPs target."""
+    import torch
+
+    from vleff.models.factory import build_pair_model
+
+    args = ["model=open_clip_vit_b32", "image_size=128", "batch_size=2", "repeats=1", "warmup=0", "progress=false",
+            "memory=false", "methods={tome: {r: 2}, crossget: {r_image: 3, r_text: 0}, madtp: {flops_reduction: 0.4}}"]
+    rows = {r["name"]: r for r in bench.run(args)}
+    torch.manual_seed(0)
+    clip = build_pair_model("open_clip_vit_b32", image_size=128).eval()
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    direct = count_flops(lambda x: clip.encode_image(x), images) / 2 / 1e9  # the library's own image path
+    assert rows["baseline"]["gflops_per_sample"] == pytest.approx(direct)
+    assert rows["baseline"]["tokens"] == "17→17"  # 4x4 patches of 32 px + cls
+    assert rows["tome(r=2)"]["tokens_per_layer"][:4] == [17, 15, 13, 11]
+    # 17 tokens + the cross token enter block 0; 3 merged per block while enough remain
+    assert rows["crossget(r_image=3, r_text=0)"]["tokens_per_layer"][:4] == [18, 15, 12, 9]
+    assert rows["madtp(flops_reduction=0.4)"]["flops_ratio"] == pytest.approx(0.6, abs=0.03)
+    assert "image path of the whole image-text model" in " ".join(capsys.readouterr().out.split())
 
 
 def test_help_lists_models_methods_and_defaults(capsys):

@@ -78,6 +78,11 @@ class Method:
             that act on the optimizer / training step rather than on towers.
         bench_settings: settings the benchmark CLIs use when none are given.
         description: one line for tables and ``--help``.
+        needs_pair: the method acts on both towers of an image-text model at once (CrossGET,
+            MADTP): ``vleff-bench`` then builds the whole model and measures its image path.
+        calibrate: ``calibrate(model, images)`` for a method whose setting is a target reached by
+            measuring (MADTP's τ for a FLOPs reduction); ``vleff-bench`` runs it after ``apply``
+            on the batch it measures, so the figure is of the target, not of a default τ.
     """
 
     name: str
@@ -92,6 +97,8 @@ class Method:
     towers: tuple[str, ...] = ("image",)
     bench_settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    needs_pair: bool = False
+    calibrate: Callable[[nn.Module, Any], Any] | None = None
 
     @property
     def applies_to_models(self) -> bool:

@@ -227,5 +227,19 @@ def find_pair(model: nn.Module) -> ModelPair:
                     f"supported: {'; '.join(PAIRS_SUPPORTED)}")
 
 
+class PairImageEncoder(nn.Module):
+    """An image-text model seen through its image path: ``forward(images)`` is the library's own
+    ``encode_image`` of the pair ``model`` holds. What ``vleff-bench`` measures for methods
+    that act on both towers (they are applied to ``model``; the text tower stays unused)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        find_pair(model)  # refuse a model that is not an image-text pair now, not at the first forward
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return find_pair(self.model).encode_image(images)
+
+
 __all__ = ["BlipPair", "HFCLIPPair", "ModelPair", "OpenClipPair", "PAIR_CONTEXT", "PAIRS_SUPPORTED", "PairContext",
-           "find_pair", "pair_context"]
+           "PairImageEncoder", "find_pair", "pair_context"]

@@ -16,7 +16,12 @@ parsed with Hydra's own override parser but applied here rather than through
 Speed mode builds the model once, applies each method to a deep copy (registry defaults,
 then ``methods={name: {...}}``, then ``method_args.name.*``), and measures every variant on the
 same random batch with :func:`vleff.profile.compare_models` (FLOPs counted; images/s timed
-interleaved after warm-up, median of ``repeats``; activation MiB saved for backward). Bad
+interleaved after warm-up, median of ``repeats``; activation MiB saved for backward).
+Methods that act on both towers of an image-text model (CrossGET, MADTP: ``needs_pair`` in
+the registry) need a CLIP/BLIP name; every row is then the whole model's image path
+(``encode_image`` of :func:`vleff.models.build_pair_model`), the baseline included, and a
+method with a ``calibrate`` step (MADTP's τ for its FLOPs target) is calibrated on the batch
+that is measured. Bad
 input (unknown model, method, mode or setting; an image size that is not a multiple of the
 patch size; a bad precision or device) prints one line to stderr and exits with status 2.
 """
@@ -233,7 +238,7 @@ def device_name(device: Any) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
 
 
 def _input_size(model: Any, name: str, image_size: int | None) -> int:
@@ -282,7 +287,7 @@ def _token_summary(model: Any, inputs: Any) -> list[int] | None:
     with torch.no_grad():
         model(inputs[:1])
     counts = token_counts(model)
-    return next(iter(counts.values())) if counts else None
+    return counts.get("image", next(iter(counts.values()))) if counts else None
 
 
 def _save_paths(save: str) -> Path:
@@ -298,7 +303,8 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     """Speed mode: build, apply, measure, print (and save). Returns the rows."""
     import torch
 
-    from vleff.models.factory import build_model, patch_size_of
+    from vleff.backbones.pairs import PairImageEncoder
+    from vleff.models.factory import build_model, build_pair_model, patch_size_of
     from vleff.profile import compare_models, plot_rows, print_table, rows_to_csv, rows_to_json
 
     _check_model_name(cfg.model)
@@ -330,11 +336,19 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         if offline is not None:  # look in the local cache only: no retries, an answer at once
             use_offline_hub()
 
+    pair_methods = [m.name for m, _ in methods if m.needs_pair]
     torch.manual_seed(int(cfg.seed))
     with _status(cfg.progress, f"building {cfg.model} ..."):
         try:
-            model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
+            if pair_methods:  # every row measures the whole model's image path, baseline included
+                model = PairImageEncoder(build_pair_model(cfg.model, image_size=cfg.image_size,
+                                                          pretrained=bool(cfg.pretrained)))
+            else:
+                model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
         except ValueError as err:
+            if pair_methods:
+                raise BenchError(f"{', '.join(pair_methods)} act(s) on both towers of an image-text model: "
+                                 f"{err}") from None
             raise BenchError(str(err)) from None
         except Exception as err:
             if offline is None:
@@ -345,20 +359,27 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
                              "network to cache them") from None
         model.eval()
         variants = {"baseline": model}
+        to_calibrate = []
         for method, kwargs in methods:
             variant = copy.deepcopy(model)
+            target = variant.model if pair_methods else variant  # methods act on the library's model
             try:
-                method.apply(variant, **kwargs)
+                method.apply(target, **kwargs)
             except (ValueError, TypeError) as err:
                 raise BenchError(f"method {method.name!r} with {kwargs}: {err}") from None
             label = method.label(**kwargs)
             variants[label] = variant
+            if method.calibrate is not None:
+                to_calibrate.append((method, target))
         for variant in variants.values():
             variant.to(device=device, dtype=dtype).eval()
 
     size = _input_size(model, cfg.model, cfg.image_size)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     inputs = torch.randn(batch_size, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+    for method, target in to_calibrate:  # a target setting (MADTP's FLOPs) is met on the batch measured
+        with _status(cfg.progress, f"calibrating {method.name} on the benchmark batch ..."):
+            method.calibrate(target, inputs)
     rows = compare_models(variants, inputs, repeats=repeats, warmup=warmup, measure_memory=bool(cfg.memory),
                           progress=bool(cfg.progress))
     for row, variant in zip(rows, variants.values()):
@@ -370,6 +391,8 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         rows[0]["tokens"] = f"{entering}→{entering}"
     where = device_name(device)
     title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
+    if pair_methods:
+        title += " (image path of the whole image-text model)"
     from rich.console import Console
 
     print_table(rows, title=title, extra_columns={"tokens": "tokens (block 0→last)"},

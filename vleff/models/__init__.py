@@ -1,6 +1,7 @@
 """Example LightningModules and the model factory.
 
-* :func:`build_model` / :data:`MODELS` — timm ViT/DeiT, open_clip and HF CLIP/BLIP towers by name
+* :func:`build_model` / :data:`MODELS` — timm ViT/DeiT, open_clip and HF CLIP/BLIP towers by name;
+  :func:`build_pair_model` — the whole CLIP / BLIP image-text model of a name
 * :class:`ImageClassifier` — classification with any image model
 * :class:`CLIPFineTuner` — contrastive image-text fine-tuning of open_clip / HF CLIP
 * :class:`VisionLanguageModel` — an image tower + a causal LM, visual prefix tokens or MemVP memory
@@ -15,6 +16,7 @@ _LAZY = {
     "ModelSpec": "vleff.models.factory",
     "TowerClassifier": "vleff.models.factory",
     "build_model": "vleff.models.factory",
+    "build_pair_model": "vleff.models.factory",
     "ImageClassifier": "vleff.models.classifier",
     "CLIPFineTuner": "vleff.models.clip_finetuner",
     "build_clip": "vleff.models.clip_finetuner",

@@ -8,6 +8,8 @@ loads the published weights through the owning library (timm's hub, open_clip's
   image tower under a :class:`TowerClassifier` (pooled features -> linear head).
 * Without it, CLIP/BLIP names give the bare image tower (what ``vleff-bench`` measures and
   token methods patch) and timm names give the model with its default 1000-class head.
+* :func:`build_pair_model` gives the whole image-text model of a CLIP/BLIP name (open_clip
+  ``CLIP``, ``CLIPModel``, ``BlipForImageTextRetrieval``): what the cross-modal methods need.
 
 Any timm model name that is not an alias is passed to ``timm.create_model`` unchanged.
 """
@@ -19,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BLIP_RANDOM_INIT_STD", "MODELS", "ModelSpec", "TowerClassifier", "build_model", "patch_size_of"]
+__all__ = ["BLIP_RANDOM_INIT_STD", "MODELS", "ModelSpec", "PAIR_FAMILIES", "TowerClassifier", "build_model",
+           "build_pair_model", "patch_size_of"]
 
 #: weight std of a random-init BLIP vision tower (``BlipVisionConfig``'s default, 1e-10, is degenerate)
 BLIP_RANDOM_INIT_STD = 0.02
@@ -53,6 +56,43 @@ MODELS: dict[str, ModelSpec] = {
     "hf_blip_base": ModelSpec("hf_blip", "Salesforce/blip-itm-base-coco", 16, 384,
                               description="Hugging Face BLIP ViT-B/16 image tower (384 px)"),
 }
+
+
+#: families whose names have a whole image-text model (:func:`build_pair_model`)
+PAIR_FAMILIES = ("open_clip", "hf_clip", "hf_blip")
+
+
+def build_pair_model(name: str, image_size: int | None = None, pretrained: bool = False) -> nn.Module:
+    """The whole image-text model of a CLIP/BLIP alias, random init unless ``pretrained``.
+
+    ``open_clip_vit_b32`` -> ``open_clip.CLIP``; ``hf_clip_vit_b32`` -> ``transformers.CLIPModel``;
+    ``hf_blip_base`` -> ``transformers.BlipForImageTextRetrieval`` (random init: vision weights
+    with std :data:`BLIP_RANDOM_INIT_STD`, as :func:`build_model`). The spec's ``kwargs`` are not
+    used: they configure the bare tower.
+    """
+    spec = MODELS.get(name) if isinstance(name, str) else None
+    if spec is None or spec.family not in PAIR_FAMILIES:
+        pairs = [n for n, s in MODELS.items() if s.family in PAIR_FAMILIES]
+        raise ValueError(f"model {name!r} has no image-text model (a method needing both towers of one): "
+                         f"use one of {', '.join(pairs)}")
+    size = image_size or spec.image_size
+    _check_image_size(name, size, spec.patch_size)
+    if spec.family == "open_clip":
+        import open_clip
+
+        return open_clip.create_model(spec.source, pretrained="openai" if pretrained else None, force_image_size=size)
+    if spec.family == "hf_clip":
+        from transformers import CLIPConfig, CLIPModel
+
+        if pretrained:
+            return CLIPModel.from_pretrained(spec.source)
+        return CLIPModel(CLIPConfig(vision_config={"image_size": size, "patch_size": spec.patch_size}))
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    if pretrained:
+        return BlipForImageTextRetrieval.from_pretrained(spec.source)
+    return BlipForImageTextRetrieval(BlipConfig(vision_config={
+        "image_size": size, "patch_size": spec.patch_size, "initializer_range": BLIP_RANDOM_INIT_STD}))
 
 
 class TowerClassifier(nn.Module):

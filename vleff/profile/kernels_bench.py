@@ -304,7 +304,7 @@ def _device_name(device: str) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     import platform
 
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
 
 
 def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:

@@ -466,7 +466,7 @@ def crossget_offsets(model: nn.Module) -> dict[str, nn.Parameter]:
 register_method(Method(
     name="crossget", kind="tokens", config=CrossGETConfig, apply=apply_crossget, remove=remove_crossget,
     update=update_crossget, is_applied=crossget_applied, callback="vleff.callbacks.CrossGET",
-    mixin="vleff.callbacks.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6},
+    mixin="vleff.callbacks.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6}, needs_pair=True,
     description="CrossGET cross-guided token ensembles (both towers of CLIP / BLIP)"))
 
 __all__ = ["CrossGETConfig", "CrossGETHook", "IMPORTANCE_SCALE", "LOSS_NAME", "OFFSETS", "PAIRS_SUPPORTED",

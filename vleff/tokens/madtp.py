@@ -554,6 +554,13 @@ def text_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
     return pair.encode_text(ids.to(param.device), mask.to(param.device) if mask is not None else None)
 
 
+def calibrate_madtp_on_images(model: nn.Module, images: torch.Tensor) -> MADTPCalibration:
+    """τ for the applied ``flops_reduction`` of the image tower's FLOPs on ``images`` as one
+    batch (what ``vleff-bench`` measures: the batch's cost, its largest keep count)."""
+    ids = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)  # unread by image_forward
+    return calibrate_madtp(model, [(images, ids)], forward=image_forward)
+
+
 #: what the controller counts, by name (``measure=`` of the callback, mixin and controller)
 FORWARDS: dict[str, Callable[[ModelPair, Batch], Any]] = {"pair": pair_forward, "image": image_forward,
                                                            "text": text_forward}
@@ -762,5 +769,5 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
 register_method(Method(
     name="madtp", kind="tokens", config=MADTPConfig, apply=apply_madtp, remove=remove_madtp, update=update_madtp,
     is_applied=madtp_applied, callback="vleff.callbacks.MADTP", mixin="vleff.callbacks.MADTPMixin", towers=TOWERS,
-    bench_settings={"flops_reduction": 0.5},
+    bench_settings={"flops_reduction": 0.5}, needs_pair=True, calibrate=calibrate_madtp_on_images,
     description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target"))
