@@ -120,6 +120,8 @@ def test_pair_methods_measure_the_image_path_of_the_whole_model(capsys):
     assert rows["baseline"]["gflops_per_sample"] == pytest.approx(direct)
     assert rows["baseline"]["tokens"] == "17→17"  # 4x4 patches of 32 px + cls
     assert rows["tome(r=2)"]["tokens_per_layer"][:4] == [17, 15, 13, 11]
+    crossget_first = bench.run([*args[:-1], "methods={crossget: {r_image: 3, r_text: 0}}"])
+    assert crossget_first[0]["tokens"] == "17→17"  # not the 18 that enter CrossGET's block 0
     # 17 tokens + the cross token enter block 0; 3 merged per block while enough remain
     assert rows["crossget(r_image=3, r_text=0)"]["tokens_per_layer"][:4] == [18, 15, 12, 9]
     assert rows["madtp(flops_reduction=0.4)"]["flops_ratio"] == pytest.approx(0.6, abs=0.03)

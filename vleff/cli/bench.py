@@ -386,8 +386,12 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         counts = _token_summary(variant, inputs)
         row["tokens_per_layer"] = counts
         row["tokens"] = f"{counts[0]}→{counts[-1]}" if counts else None
-    entering = next((r["tokens_per_layer"][0] for r in rows if r["tokens_per_layer"]), None)
-    if entering is not None and rows[0]["tokens_per_layer"] is None:  # the baseline keeps every token
+    if rows[0]["tokens_per_layer"] is None and any(r["tokens_per_layer"] for r in rows):
+        # the baseline keeps every token: the patch grid and the tower's prefix tokens (not a method
+        # row's first count, which may hold a token the method adds, as CrossGET's cross token)
+        from vleff.backbones import find_tower
+
+        entering = (size // patch_size_of(cfg.model)) ** 2 + find_tower(model, "image").num_prefix_tokens
         rows[0]["tokens"] = f"{entering}→{entering}"
     where = device_name(device)
     title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
