@@ -83,6 +83,9 @@ def test_baseline_only_and_bf16(capsys):
     ([*TINY, "method_args.tome.r=-3"], ["tome", "r=-3"]),
     ([*TINY, "methods=[crossget]"], ["crossget act(s) on both towers", "'vit_tiny_digits'", "open_clip_vit_b32",
                                      "hf_clip_vit_b32", "hf_blip_base"]),
+    ([*TINY, "tower=text"], ["tower=text measures the text path", "'vit_tiny_digits'", "open_clip_vit_b32"]),
+    (["tower=audio"], ["tower='audio'", "image, text"]),
+    (["model=open_clip_vit_b32", "tower=text", "words=76", "methods=[]"], ["words=76", "1..75"]),
     (["frobnicate"], ["'frobnicate'", "speed, kernels, memory"]),
     (["kernels", "foo=1"], ["'foo'", "tome_batch"]),
     (["kernels", "dtype=fp8"], ["'fp8'", "bfloat16"]),
@@ -126,6 +129,30 @@ def test_pair_methods_measure_the_image_path_of_the_whole_model(capsys):
     assert rows["crossget(r_image=3, r_text=0)"]["tokens_per_layer"][:4] == [18, 15, 12, 9]
     assert rows["madtp(flops_reduction=0.4)"]["flops_ratio"] == pytest.approx(0.6, abs=0.03)
     assert "image path of the whole image-text model" in " ".join(capsys.readouterr().out.split())
+
+
+def test_text_tower_rows_measure_encode_text_of_sampled_captions():
+    """``tower=text``: every row is the whole CLIP's ``encode_text`` of zero-padded captions;
+    tower methods get ``towers=text``; MADTP's τ is calibrated on those captions."""
+    import torch
+
+    from vleff.backbones.pairs import find_pair
+    from vleff.models.factory import build_pair_model
+
+    args = ["model=open_clip_vit_b32", "tower=text", "words=15", "batch_size=2", "repeats=1", "warmup=0",
+            "progress=false", "memory=false", "methods={tome: {r: 4}, madtp: {flops_reduction: 0.4}}"]
+    rows = {r["name"]: r for r in bench.run(args)}
+    torch.manual_seed(0)
+    clip = build_pair_model("open_clip_vit_b32").eval()
+    ids = find_pair(clip).sample_text(2, 15, seed=0)
+    assert ids[0, 0] == 49406 and ids[0, 16] == 49407 and (ids[:, 17:] == 0).all()  # open_clip's layout
+    direct = count_flops(lambda t: clip.encode_text(t), ids) / 2 / 1e9
+    assert rows["baseline"]["gflops_per_sample"] == pytest.approx(direct)
+    assert rows["baseline"]["tokens"] == "77→77"
+    assert rows["tome(r=4)"]["tokens_per_layer"][:3] == [77, 73, 69]  # r per block on the text tower
+    # a 15-word caption loses its padding at the first pruning block, so a small reduction needs
+    # a late first block: the controller must get there within its budget (it stopped at 0.534x)
+    assert rows["madtp(flops_reduction=0.4)"]["flops_ratio"] == pytest.approx(0.6, abs=0.018)
 
 
 def test_help_lists_models_methods_and_defaults(capsys):

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import tiny_lightning as tl
 import tiny_models as tm
 from test_profile import vit_flops
 from vleff.callbacks import EfficiencyMonitor
@@ -186,7 +187,7 @@ def test_ddp_two_processes_cpu(tmp_path):
                      callbacks=[monitor, RecordRank(tmp_path, monitor)], logger=CSVLogger(tmp_path),
                      log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False)
-    fit.fit(module, loader(16))
+    tl.fork_with_one_thread(fit).fit(module, loader(16))
     rows = logged_rows(tmp_path)  # written by rank 0 (global_step stays in the workers)
     assert [r["step"] for r in rows] == ["0", "1"]
     forward = count_flops(TinyClassifier(tome_r=2).model.eval(), tm.images(BATCH))
@@ -202,7 +203,6 @@ def test_ddp_two_processes_cpu(tmp_path):
 def test_flops_per_batch_counts_the_training_forward_of_dynamicvit(tmp_path):
     """Issue 13: DynamicViT's eval forward drops tokens, its training forward masks them (all
     tokens computed); the monitor reported the pruned eval count, so MFU came out ~2x too high."""
-    import tiny_lightning as tl
     from vleff.callbacks import DynamicViT, EfficiencyMonitor
     from vleff.profile import count_flops
 

@@ -43,7 +43,31 @@ def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 num_sanity_val_steps=0)
     opts.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **opts)
+    made = pl.Trainer(callbacks=list(callbacks), **opts)
+    if opts.get("strategy") == "ddp_fork":
+        fork_with_one_thread(made)
+    return made
+
+
+def fork_with_one_thread(trainer: pl.Trainer) -> pl.Trainer:
+    """Run ``trainer.fit`` with one torch thread, so its ``ddp_fork`` ranks do not hang.
+
+    GNU OpenMP is not fork-safe: once this process has run a multi-threaded op, a forked rank's
+    first parallel op waits for pool threads the fork did not copy, forever (seen: the DDP tests
+    hung after the benchmark CLI tests in one process with two threads; under ``pytest -n 2`` each
+    worker has one thread and never hit it). With one thread no pool is used."""
+    fit = trainer.fit
+
+    def fit_one_thread(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    trainer.fit = fit_one_thread  # type: ignore[method-assign]
+    return trainer
 
 
 class TinyCLIP(pl.LightningModule):

@@ -80,9 +80,10 @@ class Method:
         description: one line for tables and ``--help``.
         needs_pair: the method acts on both towers of an image-text model at once (CrossGET,
             MADTP): ``vleff-bench`` then builds the whole model and measures its image path.
-        calibrate: ``calibrate(model, images)`` for a method whose setting is a target reached by
-            measuring (MADTP's τ for a FLOPs reduction); ``vleff-bench`` runs it after ``apply``
-            on the batch it measures, so the figure is of the target, not of a default τ.
+        calibrate: ``calibrate(model, inputs, tower)`` for a method whose setting is a target
+            reached by measuring (MADTP's τ for a FLOPs reduction); ``vleff-bench`` runs it after
+            ``apply`` on the batch it measures (images, or caption ids for ``tower="text"``), so
+            the figure is of the target, not of a default τ.
     """
 
     name: str

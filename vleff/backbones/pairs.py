@@ -110,6 +110,28 @@ class ModelPair:
         ``None`` when the model has none."""
         return None
 
+    # --- synthetic captions (benchmarks: no tokenizer download) -----------------------------------
+    def text_layout(self) -> tuple[int, int, int, tuple[int, int]]:
+        """``(context length, start id, end id, (lowest, highest) word id)`` of the family's
+        tokenized captions; padding is id 0 after the end token in every family."""
+        raise NotImplementedError
+
+    def sample_text(self, batch: int, words: int, seed: int = 0) -> torch.Tensor:
+        """``[batch, context]`` caption ids as the family's tokenizer lays them out: the start
+        token, ``words`` random word ids, the end token, zero padding to the context length.
+        What a benchmark of the text path feeds when no tokenizer can be downloaded (BLIP's
+        BERT vocabulary); FLOPs and speed depend on the layout, not on which words."""
+        context, start, end, (low, high) = self.text_layout()
+        if isinstance(words, bool) or not isinstance(words, int) or not 1 <= words <= context - 2:
+            raise ValueError(f"words={words!r} is not allowed for a {self.family} caption: use 1..{context - 2} "
+                             f"(the context is {context} tokens with the start and end tokens)")
+        g = torch.Generator().manual_seed(int(seed))
+        ids = torch.zeros(batch, context, dtype=torch.long)
+        ids[:, 0] = start
+        ids[:, 1:words + 1] = torch.randint(low, high, (batch, words), generator=g)
+        ids[:, words + 1] = end
+        return ids
+
     # --- the shared per-step context ---------------------------------------------------------------
     @contextlib.contextmanager
     def context(self) -> Iterator[PairContext]:
@@ -150,6 +172,10 @@ class OpenClipPair(ModelPair):
     def logit_scale(self):
         return self.model.logit_scale
 
+    def text_layout(self):
+        vocab = self.model.vocab_size  # open_clip's tokenizer: SOT = vocab - 2, EOT = vocab - 1
+        return self.model.context_length, vocab - 2, vocab - 1, (1, vocab - 2)
+
 
 class HFCLIPPair(ModelPair):
     family = "hf_clip"
@@ -164,6 +190,10 @@ class HFCLIPPair(ModelPair):
     @property
     def logit_scale(self):
         return self.model.logit_scale
+
+    def text_layout(self):
+        cfg = self.model.config.text_config
+        return cfg.max_position_embeddings, cfg.bos_token_id, cfg.eos_token_id, (1, min(cfg.bos_token_id, cfg.eos_token_id))
 
 
 class BlipPair(ModelPair):
@@ -180,6 +210,14 @@ class BlipPair(ModelPair):
         out = self.text_tower.root(input_ids=ids, attention_mask=attention_mask).last_hidden_state[:, 0, :]
         proj = getattr(self.model, "text_proj", None)
         return self._normed(proj(out) if proj is not None else out, normalize)
+
+    #: BLIP's retrieval captions are tokenized to at most 35 tokens ([CLS] words [SEP])
+    CAPTION_CONTEXT = 35
+
+    def text_layout(self):
+        vocab = self.text_tower.root.config.vocab_size
+        # bert-base-uncased: [CLS] = 101, [SEP] = 102; word pieces from 1000 on
+        return self.CAPTION_CONTEXT, 101, 102, (1000, min(30000, vocab))
 
 
 def _pooled(out: Any) -> torch.Tensor:
@@ -227,6 +265,20 @@ def find_pair(model: nn.Module) -> ModelPair:
                     f"supported: {'; '.join(PAIRS_SUPPORTED)}")
 
 
+class PairTextEncoder(nn.Module):
+    """An image-text model seen through its text path: ``forward(ids)`` is the library's own
+    ``encode_text`` of zero-padded caption ids (as :meth:`ModelPair.sample_text` and open_clip's
+    tokenizer give them), with the padding mask Hugging Face towers take (``ids != 0``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        find_pair(model)
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return find_pair(self.model).encode_text(ids, attention_mask=(ids != 0).long())
+
+
 class PairImageEncoder(nn.Module):
     """An image-text model seen through its image path: ``forward(images)`` is the library's own
     ``encode_image`` of the pair ``model`` holds. What ``vleff-bench`` measures for methods
@@ -242,4 +294,4 @@ class PairImageEncoder(nn.Module):
 
 
 __all__ = ["BlipPair", "HFCLIPPair", "ModelPair", "OpenClipPair", "PAIR_CONTEXT", "PAIRS_SUPPORTED", "PairContext",
-           "PairImageEncoder", "find_pair", "pair_context"]
+           "PairImageEncoder", "PairTextEncoder", "find_pair", "pair_context"]

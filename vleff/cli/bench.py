@@ -21,13 +21,17 @@ Methods that act on both towers of an image-text model (CrossGET, MADTP: ``needs
 the registry) need a CLIP/BLIP name; every row is then the whole model's image path
 (``encode_image`` of :func:`vleff.models.build_pair_model`), the baseline included, and a
 method with a ``calibrate`` step (MADTP's τ for its FLOPs target) is calibrated on the batch
-that is measured. Bad
+that is measured. ``tower=text`` measures the text path instead (``encode_text`` of a CLIP/BLIP
+name) on synthetic captions of ``words`` word tokens padded to the family's context
+(:meth:`vleff.backbones.pairs.ModelPair.sample_text`; no tokenizer download); methods with a
+``towers`` setting get ``towers=text`` unless it is given. Bad
 input (unknown model, method, mode or setting; an image size that is not a multiple of the
 patch size; a bad precision or device) prints one line to stderr and exits with status 2.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +44,7 @@ __all__ = ["BenchError", "CONFIG_PATH", "MODES", "load_config", "main", "resolve
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "bench.yaml"
 MODES = ("speed", "kernels", "memory")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TOWERS_MEASURED = ("image", "text")  # speed mode's tower=: the path every row measures
 _FREE_FORM = ("method_args",)  # sections whose nested keys are not checked
 
 
@@ -278,8 +283,8 @@ def _status(enabled: bool, message: str) -> Any:
     return Console(stderr=True).status(message)
 
 
-def _token_summary(model: Any, inputs: Any) -> list[int] | None:
-    """Tokens entering each block of the image tower in one eval forward (None: no token method)."""
+def _token_summary(model: Any, inputs: Any, tower: str = "image") -> list[int] | None:
+    """Tokens entering each block of ``tower`` in one eval forward (None: no token method)."""
     import torch
 
     from vleff.backbones import token_counts
@@ -287,7 +292,7 @@ def _token_summary(model: Any, inputs: Any) -> list[int] | None:
     with torch.no_grad():
         model(inputs[:1])
     counts = token_counts(model)
-    return counts.get("image", next(iter(counts.values()))) if counts else None
+    return counts.get(tower, next(iter(counts.values()))) if counts else None
 
 
 def _save_paths(save: str) -> Path:
@@ -303,7 +308,7 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     """Speed mode: build, apply, measure, print (and save). Returns the rows."""
     import torch
 
-    from vleff.backbones.pairs import PairImageEncoder
+    from vleff.backbones.pairs import PairImageEncoder, PairTextEncoder, find_pair
     from vleff.models.factory import build_model, build_pair_model, patch_size_of
     from vleff.profile import compare_models, plot_rows, print_table, rows_to_csv, rows_to_json
 
@@ -336,16 +341,23 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         if offline is not None:  # look in the local cache only: no retries, an answer at once
             use_offline_hub()
 
+    tower = cfg.tower
+    if tower not in TOWERS_MEASURED:
+        raise BenchError(f"tower={tower!r} is not allowed; use one of: {', '.join(TOWERS_MEASURED)}")
+    words = _positive_int(cfg, "words")
     pair_methods = [m.name for m, _ in methods if m.needs_pair]
+    whole_model = bool(pair_methods) or tower == "text"
     torch.manual_seed(int(cfg.seed))
     with _status(cfg.progress, f"building {cfg.model} ..."):
         try:
-            if pair_methods:  # every row measures the whole model's image path, baseline included
-                model = PairImageEncoder(build_pair_model(cfg.model, image_size=cfg.image_size,
-                                                          pretrained=bool(cfg.pretrained)))
+            if whole_model:  # every row measures one path of the whole model, baseline included
+                encoder = PairTextEncoder if tower == "text" else PairImageEncoder
+                model = encoder(build_pair_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained)))
             else:
                 model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
         except ValueError as err:
+            if tower == "text":
+                raise BenchError(f"tower=text measures the text path of an image-text model: {err}") from None
             if pair_methods:
                 raise BenchError(f"{', '.join(pair_methods)} act(s) on both towers of an image-text model: "
                                  f"{err}") from None
@@ -362,11 +374,14 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         to_calibrate = []
         for method, kwargs in methods:
             variant = copy.deepcopy(model)
-            target = variant.model if pair_methods else variant  # methods act on the library's model
+            target = variant.model if whole_model else variant  # methods act on the library's model
+            settings = dict(kwargs)
+            if tower == "text" and "towers" in {f.name for f in dataclasses.fields(method.config)}:
+                settings.setdefault("towers", "text")  # the measured tower, unless the user chose
             try:
-                method.apply(target, **kwargs)
+                method.apply(target, **settings)
             except (ValueError, TypeError) as err:
-                raise BenchError(f"method {method.name!r} with {kwargs}: {err}") from None
+                raise BenchError(f"method {method.name!r} with {settings}: {err}") from None
             label = method.label(**kwargs)
             variants[label] = variant
             if method.calibrate is not None:
@@ -375,15 +390,21 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
             variant.to(device=device, dtype=dtype).eval()
 
     size = _input_size(model, cfg.model, cfg.image_size)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    inputs = torch.randn(batch_size, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+    if tower == "text":
+        try:
+            inputs = find_pair(model.model).sample_text(batch_size, words, seed=int(cfg.seed)).to(device)
+        except ValueError as err:
+            raise BenchError(str(err)) from None
+    else:
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        inputs = torch.randn(batch_size, 3, size, size, generator=gen).to(device=device, dtype=dtype)
     for method, target in to_calibrate:  # a target setting (MADTP's FLOPs) is met on the batch measured
         with _status(cfg.progress, f"calibrating {method.name} on the benchmark batch ..."):
-            method.calibrate(target, inputs)
+            method.calibrate(target, inputs, tower)
     rows = compare_models(variants, inputs, repeats=repeats, warmup=warmup, measure_memory=bool(cfg.memory),
                           progress=bool(cfg.progress))
     for row, variant in zip(rows, variants.values()):
-        counts = _token_summary(variant, inputs)
+        counts = _token_summary(variant, inputs, tower)
         row["tokens_per_layer"] = counts
         row["tokens"] = f"{counts[0]}→{counts[-1]}" if counts else None
     if rows[0]["tokens_per_layer"] is None and any(r["tokens_per_layer"] for r in rows):
@@ -391,12 +412,19 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         # row's first count, which may hold a token the method adds, as CrossGET's cross token)
         from vleff.backbones import find_tower
 
-        entering = (size // patch_size_of(cfg.model)) ** 2 + find_tower(model, "image").num_prefix_tokens
+        if tower == "text":
+            entering = int(inputs.shape[1])
+        else:
+            entering = (size // patch_size_of(cfg.model)) ** 2 + find_tower(model, "image").num_prefix_tokens
         rows[0]["tokens"] = f"{entering}→{entering}"
     where = device_name(device)
-    title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
-    if pair_methods:
-        title += " (image path of the whole image-text model)"
+    if tower == "text":
+        title = (f"vleff-bench: {cfg.model} text path, {words}-word captions padded to {inputs.shape[1]} tokens, "
+                 f"batch {batch_size}, {cfg.precision}, {where} (img/s = captions/s)")
+    else:
+        title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
+        if pair_methods:
+            title += " (image path of the whole image-text model)"
     from rich.console import Console
 
     print_table(rows, title=title, extra_columns={"tokens": "tokens (block 0→last)"},

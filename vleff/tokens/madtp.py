@@ -554,11 +554,17 @@ def text_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
     return pair.encode_text(ids.to(param.device), mask.to(param.device) if mask is not None else None)
 
 
-def calibrate_madtp_on_images(model: nn.Module, images: torch.Tensor) -> MADTPCalibration:
-    """τ for the applied ``flops_reduction`` of the image tower's FLOPs on ``images`` as one
-    batch (what ``vleff-bench`` measures: the batch's cost, its largest keep count)."""
-    ids = torch.zeros(images.shape[0], 1, dtype=torch.long, device=images.device)  # unread by image_forward
-    return calibrate_madtp(model, [(images, ids)], forward=image_forward)
+def calibrate_madtp_for_bench(model: nn.Module, inputs: torch.Tensor, tower: str) -> MADTPCalibration:
+    """τ for the applied ``flops_reduction`` of one tower's FLOPs on ``inputs`` as one batch
+    (images for ``tower="image"``, zero-padded caption ids for ``"text"``): what ``vleff-bench``
+    measures, the batch's cost at its largest keep count."""
+    if tower == "image":  # the ids are not read by image_forward
+        batch = (inputs, torch.zeros(inputs.shape[0], 1, dtype=torch.long, device=inputs.device))
+    elif tower == "text":  # nor the images by text_forward
+        batch = (torch.empty(0), inputs, (inputs != 0).long())
+    else:
+        raise ValueError(f"tower={tower!r} is not allowed; use 'image' or 'text'")
+    return calibrate_madtp(model, [batch], forward=FORWARDS[tower])
 
 
 #: what the controller counts, by name (``measure=`` of the callback, mixin and controller)
@@ -752,6 +758,14 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
             break
         module.start += step
         tried.add(module.start)
+        # one count at the τ bound that failed tells whether this start can reach the target at
+        # all; without it each start walked τ to the bound again (~7 counts), and a text tower,
+        # whose every pruning block drops the padding, ran out of budget blocks before the start
+        # that reaches a small reduction
+        bound = lo_bound if outcome == "low" else hi_bound
+        f = flops_at(bound)
+        if (f <= target if outcome == "low" else f > target) and not close():
+            continue
         outcome = search(first, max(4, (max_evals - len(evals)) // 2))
     best_tau, best, best_start = min(evals, key=lambda e: (abs(e[1] - target), e[2], e[0]))
     module.tau, module.start = best_tau, best_start
@@ -769,5 +783,5 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
 register_method(Method(
     name="madtp", kind="tokens", config=MADTPConfig, apply=apply_madtp, remove=remove_madtp, update=update_madtp,
     is_applied=madtp_applied, callback="vleff.callbacks.MADTP", mixin="vleff.callbacks.MADTPMixin", towers=TOWERS,
-    bench_settings={"flops_reduction": 0.5}, needs_pair=True, calibrate=calibrate_madtp_on_images,
+    bench_settings={"flops_reduction": 0.5}, needs_pair=True, calibrate=calibrate_madtp_for_bench,
     description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target"))
