@@ -505,12 +505,14 @@ class ReseedEachStep(pl.Callback):
         torch.manual_seed(1000 + trainer.global_step)
 
 
-def _fit(tmp_path, name: str, max_steps: int, ckpt: str | None = None, save: str | None = None) -> torch.nn.Module:
+def _fit(tmp_path, name: str, max_steps: int, ckpt: str | None = None, save: str | None = None,
+         precision: str = "32-true", extra: tuple[pl.Callback, ...] = ()) -> torch.nn.Module:
     torch.manual_seed(0)
     callback = get_method(name).load_callback()(**SETTINGS[name].callback_args)
     fit = SETTINGS[name].fit
     module, loader = fit() if fit is not None else (tl.TinyClassifier(), tl.loader(4, seed=1))
-    trainer = tl.trainer(tmp_path, [callback, ReseedEachStep()], max_steps=max_steps, max_epochs=-1)
+    trainer = tl.trainer(tmp_path, [callback, *extra, ReseedEachStep()], max_steps=max_steps, max_epochs=-1,
+                         precision=precision)
     # one batch per epoch: Lightning restarts a resumed epoch at a batch index that depends on how
     # the first run stopped; with one batch every step sees the same data either way
     trainer.fit(module, loader, ckpt_path=ckpt)
@@ -546,15 +548,8 @@ class _StateAtTrainStart(pl.Callback):
 
 def _trained_delta(tmp_path, name: str, precision: str, steps: int = 3) -> torch.Tensor:
     """How far ``steps`` optimizer steps with the method's callback move the module's state."""
-    torch.manual_seed(0)
-    callback = get_method(name).load_callback()(**SETTINGS[name].callback_args)
-    fit = SETTINGS[name].fit
-    module, loader = fit() if fit is not None else (tl.TinyClassifier(), tl.loader(4, seed=1))
     start = _StateAtTrainStart()
-    trainer = tl.trainer(tmp_path, [callback, start, ReseedEachStep()], max_steps=steps, max_epochs=-1,
-                         precision=precision)
-    trainer.fit(module, loader)
-    after = module.state_dict()
+    after = _fit(tmp_path, name, steps, precision=precision, extra=(start,)).state_dict()
     return torch.cat([(after[k].float() - v).flatten() for k, v in start.state.items()])
 
 
