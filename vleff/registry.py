@@ -99,7 +99,7 @@ class Method:
     bench_settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     needs_pair: bool = False
-    calibrate: Callable[[nn.Module, Any], Any] | None = None
+    calibrate: Callable[[nn.Module, Any, str], Any] | None = None
 
     @property
     def applies_to_models(self) -> bool:

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from vleff.checks import check_bool
+
 __all__ = ["LOW_PRECISION", "MeZO", "directions", "perturb_", "spsa_projected_grad"]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -118,9 +120,8 @@ class MeZO(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  seed: int = 0, reduce: Reduce | None = None, allow_low_precision: bool = False) -> None:
-        if not isinstance(allow_low_precision, bool):
-            raise ValueError(f"allow_low_precision={allow_low_precision!r} is not allowed; use True or False")
-        self.allow_low_precision = allow_low_precision  # read by add_param_group, which __init__ calls
+        # read by add_param_group, which __init__ calls
+        self.allow_low_precision = check_bool("allow_low_precision", allow_low_precision)
         if not eps > 0:
             raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
         if not lr >= 0:
