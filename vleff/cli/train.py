@@ -165,14 +165,13 @@ def _print_checkpoint_hint(trainer: Any, module: Any) -> str | None:
     if not path or not Path(path).is_file():
         return None
     from vleff.models.clip_finetuner import CLIPFineTuner
-
     from vleff.registry import applied_methods
 
-    applied = applied_methods(module.model) if isinstance(module, CLIPFineTuner) else []
-    if applied:  # its weights include the method's parameters: a plain CLIP (MeZO's start) cannot load them
-        print(f"checkpoint: {path} (trained with {', '.join(applied)}: apply the same method before loading it)")
-        return None
     if isinstance(module, CLIPFineTuner):
+        applied = applied_methods(module.model)
+        if applied:  # its weights include the method's parameters: a plain CLIP (MeZO's start) cannot load them
+            print(f"checkpoint: {path} (trained with {', '.join(applied)}: apply the same method before loading it)")
+            return None
         command = finetune_command(path)
         print(f"checkpoint: {path}\ncontinue from it with MeZO (quoted for Hydra and the shell):\n  {command}")
         return command
