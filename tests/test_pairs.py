@@ -192,3 +192,22 @@ def test_clip_finetuner_refuses_pairs_without_a_temperature_naming_the_class():
         CLIPFineTuner(tm.hf_blip_retrieval())
     with pytest.raises(TypeError, match="VisionTransformer is neither"):
         CLIPFineTuner(tm.timm_vit())
+
+
+def test_pair_encoder_is_the_library_path_and_refuses_bad_input():
+    """``PairEncoder`` (what vleff-bench measures): the image path is the library's
+    ``get_image_features``, the text path its ``get_text_features`` with the zero-padding mask."""
+    from vleff.backbones.pairs import PairEncoder, caption_mask
+
+    torch.manual_seed(0)
+    model = tm.hf_clip_model().eval()
+    images, ids = tm.images(), _clip_ids()
+    with torch.no_grad():
+        _exact(PairEncoder(model)(images), model.get_image_features(pixel_values=images).pooler_output)
+        _exact(PairEncoder(model, path="text")(ids),
+               model.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()).pooler_output)
+    assert caption_mask(torch.tensor([[5, 7, 0, 0]])).tolist() == [[1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="path='audio' is not allowed; use 'image' or 'text'"):
+        PairEncoder(model, path="audio")
+    with pytest.raises(TypeError):
+        PairEncoder(tm.timm_vit())

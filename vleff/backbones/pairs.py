@@ -265,33 +265,30 @@ def find_pair(model: nn.Module) -> ModelPair:
                     f"supported: {'; '.join(PAIRS_SUPPORTED)}")
 
 
-class PairTextEncoder(nn.Module):
-    """An image-text model seen through its text path: ``forward(ids)`` is the library's own
-    ``encode_text`` of zero-padded caption ids (as :meth:`ModelPair.sample_text` and open_clip's
-    tokenizer give them), with the padding mask Hugging Face towers take (``ids != 0``)."""
+def caption_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of zero-padded caption ids (:meth:`ModelPair.sample_text`, open_clip's
+    tokenizer): 1 up to the end token, 0 on the padding."""
+    return (ids != 0).long()
 
-    def __init__(self, model: nn.Module) -> None:
+
+class PairEncoder(nn.Module):
+    """An image-text model seen through one path: ``forward(x)`` is the library's own
+    ``encode_image(images)`` (``path="image"``) or ``encode_text(ids)`` of zero-padded caption
+    ids with their :func:`caption_mask` (``path="text"``). What ``vleff-bench`` measures for the
+    methods that act on both towers and for ``tower=text`` (methods are applied to ``model``)."""
+
+    def __init__(self, model: nn.Module, path: str = "image") -> None:
         super().__init__()
-        find_pair(model)
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return find_pair(self.model).encode_text(ids, attention_mask=(ids != 0).long())
-
-
-class PairImageEncoder(nn.Module):
-    """An image-text model seen through its image path: ``forward(images)`` is the library's own
-    ``encode_image`` of the pair ``model`` holds. What ``vleff-bench`` measures for methods
-    that act on both towers (they are applied to ``model``; the text tower stays unused)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
+        if path not in ("image", "text"):
+            raise ValueError(f"path={path!r} is not allowed; use 'image' or 'text'")
         find_pair(model)  # refuse a model that is not an image-text pair now, not at the first forward
         self.model = model
+        self.path = path
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return find_pair(self.model).encode_image(images)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pair = find_pair(self.model)
+        return pair.encode_image(x) if self.path == "image" else pair.encode_text(x, attention_mask=caption_mask(x))
 
 
 __all__ = ["BlipPair", "HFCLIPPair", "ModelPair", "OpenClipPair", "PAIR_CONTEXT", "PAIRS_SUPPORTED", "PairContext",
-           "PairImageEncoder", "PairTextEncoder", "find_pair", "pair_context"]
+           "PairEncoder", "caption_mask", "find_pair", "pair_context"]

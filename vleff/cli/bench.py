@@ -19,7 +19,8 @@ same random batch with :func:`vleff.profile.compare_models` (FLOPs counted; imag
 interleaved after warm-up, median of ``repeats``; activation MiB saved for backward).
 Methods that act on both towers of an image-text model (CrossGET, MADTP: ``needs_pair`` in
 the registry) need a CLIP/BLIP name; every row is then the whole model's image path
-(``encode_image`` of :func:`vleff.models.build_pair_model`), the baseline included, and a
+(``encode_image`` of :func:`vleff.models.build_pair_model`, through
+:class:`vleff.backbones.pairs.PairEncoder`), the baseline included, and a
 method with a ``calibrate`` step (MADTP's τ for its FLOPs target) is calibrated on the batch
 that is measured. ``tower=text`` measures the text path instead (``encode_text`` of a CLIP/BLIP
 name) on synthetic captions of ``words`` word tokens padded to the family's context
@@ -308,7 +309,7 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     """Speed mode: build, apply, measure, print (and save). Returns the rows."""
     import torch
 
-    from vleff.backbones.pairs import PairImageEncoder, PairTextEncoder, find_pair
+    from vleff.backbones.pairs import PairEncoder, find_pair
     from vleff.models.factory import build_model, build_pair_model, patch_size_of
     from vleff.profile import compare_models, plot_rows, print_table, rows_to_csv, rows_to_json
 
@@ -351,8 +352,8 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     with _status(cfg.progress, f"building {cfg.model} ..."):
         try:
             if whole_model:  # every row measures one path of the whole model, baseline included
-                encoder = PairTextEncoder if tower == "text" else PairImageEncoder
-                model = encoder(build_pair_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained)))
+                model = PairEncoder(build_pair_model(cfg.model, image_size=cfg.image_size,
+                                                     pretrained=bool(cfg.pretrained)), path=tower)
             else:
                 model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
         except ValueError as err:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerHook, get_patch
-from vleff.backbones.pairs import ModelPair, find_pair, pair_context
+from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, pair_context
 from vleff.backbones.state import gather_tokens
 from vleff.backbones.text import PAD, PROTECTED, eot_rows
 from vleff.checks import check_choice, check_int, check_number, check_towers
@@ -561,7 +561,7 @@ def calibrate_madtp_for_bench(model: nn.Module, inputs: torch.Tensor, tower: str
     if tower == "image":  # the ids are not read by image_forward
         batch = (inputs, torch.zeros(inputs.shape[0], 1, dtype=torch.long, device=inputs.device))
     elif tower == "text":  # nor the images by text_forward
-        batch = (torch.empty(0), inputs, (inputs != 0).long())
+        batch = (torch.empty(0), inputs, caption_mask(inputs))
     else:
         raise ValueError(f"tower={tower!r} is not allowed; use 'image' or 'text'")
     return calibrate_madtp(model, [batch], forward=FORWARDS[tower])
