@@ -21,6 +21,7 @@ Per method, each in a fresh process (so one's peak cannot hide in memory another
 * trainable parameters, % of all; step time of the second step (ratio to full fine-tuning).
 
     python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32|clip_both] [--methods full,linear,...]
+                                     [--device cuda]
 """
 from __future__ import annotations
 
@@ -182,18 +183,19 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
             "parameters": total, "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
 
 
-def measure(model: str, method: str, batch: int) -> dict[str, Any]:
+def measure(model: str, method: str, batch: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from vleff.profile.memory import tensor_storage_bytes
     from vleff.profile.training_memory import _memory_now
 
-    dev = torch.device("cpu")
+    dev = torch.device(device)
     net, head, size = build(model)
     prepare(method, net, head)
+    net.to(dev)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    x = torch.randn(batch, 3, size, size, generator=g).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=g).to(dev)
     loss_fn, extra_inputs = None, []
     if model == CLIP_BOTH:
         import torch.nn.functional as F
@@ -201,7 +203,7 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
         from vleff.models.clip_finetuner import contrastive_loss
         from vleff.profile.training_memory import _tokens
 
-        tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0)
+        tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0).to(dev)
         extra_inputs = [tokens]
 
         def clip_loss():
@@ -213,7 +215,7 @@ def measure(model: str, method: str, batch: int) -> dict[str, Any]:
     before = _memory_now(dev)
     row = measure_step(net, method, x, y, loss_fn)
     inputs = tensor_storage_bytes([x, *extra_inputs])
-    return {"model": model, **row, "process_peak_bytes": before + row["step_peak_bytes"],
+    return {"model": model, "device": str(dev), **row, "process_peak_bytes": before + row["step_peak_bytes"],
             "tensor_peak_bytes": row["parameter_bytes"] + inputs + row["step_peak_bytes"]}
 
 
@@ -253,12 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: process peak = allocated tensors)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"))
     parser.add_argument("--rows", help="print the table of the JSON rows in this file (no measurement)")
     args = parser.parse_args(argv)
     if args.worker:
         model, method = args.worker
-        print(TAG + json.dumps(measure(model, method, args.batch)), flush=True)
+        print(TAG + json.dumps(measure(model, method, args.batch, args.device)), flush=True)
         return
     if args.rows:
         with open(args.rows) as f:
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch)]
+            cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch),
+                   "--device", args.device]
             print(f"[side_memory {time.strftime('%H:%M:%S')}] {model} {method}", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True)
             found = [line[len(TAG):] for line in out.stdout.splitlines() if line.startswith(TAG)]

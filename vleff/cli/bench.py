@@ -237,6 +237,19 @@ def _device(spec: Any) -> Any:
     return device
 
 
+def _compile_backend(spec: Any) -> str | None:
+    """``compile=``: ``None`` (eager) or the name of a ``torch.compile`` backend."""
+    if spec is None:
+        return None
+    import torch
+
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if not isinstance(spec, str) or spec not in backends:
+        raise BenchError(f"compile={spec!r} is not allowed; use null (eager) or a torch.compile backend: "
+                         f"{', '.join(sorted(torch.compiler.list_backends()))}")
+    return spec
+
+
 def device_name(device: Any) -> str:
     import platform
 
@@ -321,6 +334,7 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     repeats = _positive_int(cfg, "repeats")
     warmup = _positive_int(cfg, "warmup", minimum=0)
     device = _device(cfg.device)
+    compile_backend = _compile_backend(cfg.compile)
     if cfg.image_size is not None:
         patch = patch_size_of(cfg.model)
         size = cfg.image_size
@@ -403,6 +417,7 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         with _status(cfg.progress, f"calibrating {method.name} on the benchmark batch ..."):
             method.calibrate(target, inputs, tower)
     rows = compare_models(variants, inputs, repeats=repeats, warmup=warmup, measure_memory=bool(cfg.memory),
+                          compile_backend=compile_backend,
                           progress=bool(cfg.progress))
     for row, variant in zip(rows, variants.values()):
         counts = _token_summary(variant, inputs, tower)
@@ -426,6 +441,8 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
         if pair_methods:
             title += " (image path of the whole image-text model)"
+    if compile_backend is not None:
+        title += f", torch.compile({compile_backend})"
     from rich.console import Console
 
     print_table(rows, title=title, extra_columns={"tokens": "tokens (block 0→last)"},

@@ -51,6 +51,8 @@ MODELS: dict[str, ModelSpec] = {
     "deit_small_distilled": ModelSpec("timm", "deit_small_distilled_patch16_224", 16, 224,
                                       description="DeiT-S/16 with distillation token"),
     "open_clip_vit_b32": ModelSpec("open_clip", "ViT-B-32", 32, 224, description="open_clip ViT-B-32 image tower"),
+    "open_clip_vit_b16": ModelSpec("open_clip", "ViT-B-16", 16, 224, description="open_clip ViT-B-16 image tower"),
+    "open_clip_vit_l14": ModelSpec("open_clip", "ViT-L-14", 14, 224, description="open_clip ViT-L-14 image tower"),
     "hf_clip_vit_b32": ModelSpec("hf_clip", "openai/clip-vit-base-patch32", 32, 224,
                                  description="Hugging Face CLIP ViT-B/32 image tower"),
     "hf_blip_base": ModelSpec("hf_blip", "Salesforce/blip-itm-base-coco", 16, 384,

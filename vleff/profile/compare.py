@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -45,7 +46,8 @@ def _num_params(model: nn.Module) -> int:
 
 
 def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, repeats: int = 5, warmup: int = 2,
-                   measure_memory: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+                   measure_memory: bool = True, progress: bool = True,
+                   compile_backend: str | None = None) -> list[dict[str, Any]]:
     """Measure every model on the same batch ``inputs``; the first entry is the baseline.
 
     Returns one row (a dict) per model with:
@@ -55,8 +57,15 @@ def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, rep
     * ``flops_ratio`` — this model's FLOPs divided by the baseline's (< 1 means fewer)
     * ``images_per_s`` / ``speedup`` — eval-mode, no-grad forwards timed interleaved, median of
       ``repeats`` after ``warmup`` calls; speedup = images/s over the baseline's
+    * ``flop_limit_fraction`` — ``speedup × flops_ratio``: the share of the speed-up the FLOPs
+      allow (``1/flops_ratio``) that the model reaches; 1.0 means the time fell as much as the
+      FLOPs did (the baseline's is 1 by definition)
     * ``activation_mib`` — MiB saved for backward by one *train-mode* forward of the batch
       (what training would hold; parameters excluded), or ``None`` if ``measure_memory`` is off
+    * with ``compile_backend`` (``"inductor"``, ``"eager"``...): the timed forwards run through
+      ``torch.compile(model, backend=compile_backend)`` (FLOPs and memory are counted on the eager
+      model, which computes the same thing), and ``compile_s`` holds the first compiled call's
+      seconds (tracing and code generation)
 
     Each model's train/eval mode, buffers and the RNG state are restored afterwards.
     """
@@ -81,7 +90,16 @@ def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, rep
                     m(inputs)
             return call
 
-        timings = measure_throughput({name: forward(m) for name, m in models.items()}, items_per_call=batch,
+        timed = dict(models)
+        if compile_backend is not None:
+            timed = {name: torch.compile(m, backend=compile_backend) for name, m in models.items()}
+            for row, call in zip(rows, (forward(m) for m in timed.values())):
+                start = time.perf_counter()
+                call()
+                if inputs.is_cuda:  # the kernels queued by the first call are part of compiling
+                    torch.cuda.synchronize(inputs.device)
+                row["compile_s"] = time.perf_counter() - start
+        timings = measure_throughput({name: forward(m) for name, m in timed.items()}, items_per_call=batch,
                                      warmup=warmup, repeats=repeats, progress=progress)
         for row, model in zip(rows, models.values()):
             result = timings[row["name"]]
@@ -96,6 +114,7 @@ def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, rep
     base_flops = rows[0]["gflops_per_sample"]
     for row in rows:
         row["flops_ratio"] = row["gflops_per_sample"] / base_flops if base_flops > 0 else float("nan")
+        row["flop_limit_fraction"] = row["speedup"] * row["flops_ratio"]
     order = ["name", "batch_size", "params_m", "gflops_per_sample", "flops_ratio", "images_per_s", "speedup",
-             "activation_mib"]
+             "flop_limit_fraction", "activation_mib"]
     return [{k: row[k] for k in order} | {k: v for k, v in row.items() if k not in order} for row in rows]

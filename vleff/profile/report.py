@@ -21,6 +21,7 @@ DEFAULT_COLUMNS: dict[str, tuple[str, str]] = {
     "flops_ratio": ("FLOPs ratio", "{:.3f}"),
     "images_per_s": ("img/s", "{:.1f}"),
     "speedup": ("speedup", "{:.2f}x"),
+    "flop_limit_fraction": ("of FLOP limit", "{:.0%}"),
     "activation_mib": ("act. MiB", "{:.2f}"),
     "accuracy": ("accuracy", "{:.1%}"),
     "accuracy_change": ("Δ acc.", "{:+.1%}"),
