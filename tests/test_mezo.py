@@ -140,6 +140,19 @@ def test_default_decay_rule_is_the_reference_one_in_every_path(build):
         torch.testing.assert_close(p.detach(), expect[n], atol=1e-13, rtol=0, msg=n)
 
 
+def test_named_parameters_get_the_callbacks_decay_flags():
+    """From ``named_parameters()`` the direct optimizer marks exactly what the callback's
+    conversion marks (embeddings, class/positional embeddings and ``logit_scale`` too); from
+    bare ``parameters()`` every tensor below 2-D is undecayed."""
+    model = tm.open_clip_model()
+    named = MeZO(model.named_parameters(), lr=1e-3, weight_decay=0.1).param_groups[0]
+    converted = mezo_from_optimizer(None, model, lr=1e-3, weight_decay=0.1).param_groups[0]
+    assert [id(p) for p in named["params"]] == [id(p) for p in converted["params"]]
+    assert named["decay"] == converted["decay"] and not all(named["decay"]) and any(named["decay"])
+    bare = MeZO(model.parameters(), lr=1e-3, weight_decay=0.1).param_groups[0]
+    assert bare["decay"] == [p.ndim >= 2 for p in model.parameters()]
+
+
 def test_step_saves_nothing_for_backward_and_allocates_no_grads():
     from vleff.profile import optimizer_state_bytes, saved_activation_bytes
 
