@@ -85,6 +85,74 @@ def test_one_update_equals_hand_computation():
     assert w.grad is None and bias.grad is None
 
 
+class _TinyNet(torch.nn.Module):
+    """Linear, LayerNorm, Linear in float64, named the way MeZO's reference rule reads names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
+        self.layer_norm = torch.nn.LayerNorm(4, dtype=torch.float64)
+        torch.nn.init.normal_(self.layer_norm.weight)
+        torch.nn.init.normal_(self.layer_norm.bias)
+        self.head = torch.nn.Linear(4, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer_norm(self.fc(x)).tanh())
+
+
+def _reference_mezo_step(model: torch.nn.Module, x: torch.Tensor, lr: float, wd: float, eps: float,
+                         seed: int) -> dict[str, torch.Tensor]:
+    """One step of MeZO's trainer (large_models/trainer.py, ``zo_update``) on copies of the
+    weights: z per parameter in order, ``θ ← θ − lr (g z + wd θ)`` where the name holds neither
+    "bias" nor "layer_norm"/"layernorm", ``θ ← θ − lr g z`` otherwise."""
+    names = [n for n, _ in model.named_parameters()]
+    theta = [p.detach().clone() for p in model.parameters()]
+    z = _independent_z(theta, seed)
+
+    def loss_at(values):
+        out = torch.func.functional_call(model, dict(zip(names, values)), (x,))
+        return out.square().mean()
+
+    g = (loss_at([t + eps * d for t, d in zip(theta, z)]) - loss_at([t - eps * d for t, d in zip(theta, z)])) / (2 * eps)
+    new = {}
+    for n, t, d in zip(names, theta, z):
+        decays = "bias" not in n and "layer_norm" not in n and "layernorm" not in n
+        new[n] = t - lr * (g * d + wd * t) if decays else t - lr * g * d
+    return new
+
+
+@pytest.mark.parametrize("build", ["parameters", "named_parameters", "mezo_from_optimizer"])
+def test_default_decay_rule_is_the_reference_one_in_every_path(build):
+    """MeZO's trainer decays neither biases nor LayerNorm parameters. The optimizer built
+    directly (from ``parameters()`` or ``named_parameters()``) must do what the callback's
+    ``mezo_from_optimizer`` does; before the fix the direct optimizer decayed all of them."""
+    model = _TinyNet()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lr, wd, eps, seed = 0.05, 0.5, 1e-3, 17
+    expect = _reference_mezo_step(model, x, lr, wd, eps, seed)
+    if build == "mezo_from_optimizer":
+        opt = mezo_from_optimizer(None, model, lr=lr, eps=eps, weight_decay=wd, seed=seed)
+    else:
+        opt = MeZO(getattr(model, build)(), lr=lr, eps=eps, weight_decay=wd, seed=seed)
+    opt.step(lambda: model(x).square().mean())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expect[n], atol=1e-13, rtol=0, msg=n)
+
+
+def test_named_parameters_get_the_callbacks_decay_flags():
+    """From ``named_parameters()`` the direct optimizer marks exactly what the callback's
+    conversion marks (embeddings, class/positional embeddings and ``logit_scale`` too); from
+    bare ``parameters()`` every tensor below 2-D is undecayed."""
+    model = tm.open_clip_model()
+    named = MeZO(model.named_parameters(), lr=1e-3, weight_decay=0.1).param_groups[0]
+    converted = mezo_from_optimizer(None, model, lr=1e-3, weight_decay=0.1).param_groups[0]
+    assert [id(p) for p in named["params"]] == [id(p) for p in converted["params"]]
+    assert named["decay"] == converted["decay"] and not all(named["decay"]) and any(named["decay"])
+    bare = MeZO(model.parameters(), lr=1e-3, weight_decay=0.1).param_groups[0]
+    assert bare["decay"] == [p.ndim >= 2 for p in model.parameters()]
+
+
 def test_step_saves_nothing_for_backward_and_allocates_no_grads():
     from vleff.profile import optimizer_state_bytes, saved_activation_bytes
 

@@ -593,3 +593,49 @@ def test_balance_starts_closer_to_the_plain_network():
     assert (c, gain) == pytest.approx(balance_reference(ReversibleConfig(coupling="meft", balance=True)))
     assert (c, gain) == pytest.approx((2 / (3 + 5 ** 0.5), (1 + 5 ** 0.5) / 2))  # 1/φ², φ (ρ = φ², the golden ratio squared)
     assert ReversibleConfig(coupling="revvit", balance=True).balance_factors == (1.0, 1.0)
+
+
+def _hf_tower_with_attention_dropout(p: float) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A float64 Hugging Face CLIP vision tower whose only randomness is the attention's dropout
+    probability (a float, ``CLIPAttention.dropout`` = config ``attention_dropout``), and its input."""
+    torch.manual_seed(0)
+    model = tm.hf_clip_model().double().train()
+    for layer in model.vision_model.encoder.layers:
+        layer.self_attn.dropout = p
+    assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return model, tm.images().double()
+
+
+def _open_clip_with_mha_dropout(p: float) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A float64 open_clip model whose towers' ``nn.MultiheadAttention`` have ``dropout`` = p (a
+    float, the only randomness in the blocks), and an image batch."""
+    torch.manual_seed(0)
+    model = tm.open_clip_model().double().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = p
+    assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return model, tm.images().double()
+
+
+@pytest.mark.parametrize("family", ["hf_clip", "open_clip"])
+@pytest.mark.parametrize("settings", [{"coupling": "revvit"}, {"coupling": "meft"}], ids=["revvit", "meft"])
+def test_attention_dropout_probability_is_replayed(family, settings):
+    """Attention dropout given as a probability (no Dropout module) draws random numbers too:
+    the reversible backward must replay the forward's masks and equal plain autograd through
+    the same forward under the same seed (float64: agreement to rounding). Before the fix no
+    RNG state was saved for these blocks and the whole gradient was 47-67 % wrong."""
+    model, x = (_hf_tower_with_attention_dropout if family == "hf_clip" else _open_clip_with_mha_dropout)(0.3)
+    apply_reversible(model, ReversibleConfig(**settings, towers="image"))
+    run = ((lambda: model.vision_model(pixel_values=x).last_hidden_state) if family == "hf_clip"
+           else (lambda: model.encode_image(x)))
+    with rev.plain_autograd():
+        ref_out, ref = _grads(model, run)
+    out, got = _grads(model, run)
+    with torch.no_grad():
+        assert not torch.allclose(out, run())  # the dropout is on: another seed, another output
+    assert torch.equal(out, ref_out)
+    assert set(got) == set(ref)
+    scale = _flat(ref, ref).norm()  # per parameter against the whole gradient: k_proj.bias's is 0 up to rounding
+    assert max(float((got[n] - ref[n]).norm() / scale) for n in ref) <= 1e-12
+    assert _rel(_flat(got, ref), _flat(ref, ref)) <= 1e-12

@@ -34,8 +34,9 @@ import torch
 from torch.optim import Optimizer
 
 from vleff.checks import check_bool
+from vleff.memory.selection import wants_decay
 
-__all__ = ["LOW_PRECISION", "MeZO", "directions", "perturb_", "spsa_projected_grad"]
+__all__ = ["LOW_PRECISION", "MeZO", "default_decay", "directions", "perturb_", "spsa_projected_grad"]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,18 +96,36 @@ def spsa_projected_grad(params: list[torch.Tensor], loss_fn: Callable[[], Any], 
     return grad, loss_plus, loss_minus
 
 
+def default_decay(group: dict[str, Any]) -> list[bool]:
+    """Per-parameter decay flags of a group given without ``"decay"``: MeZO's trainer
+    (``zo_update``) decays neither biases nor LayerNorm parameters, and the Lightning callback
+    uses :func:`vleff.memory.selection.wants_decay`; with the parameters' names (the group's
+    ``"param_names"``, which ``torch.optim`` fills from ``named_parameters()``) that rule
+    applies here too, without names the shape part of it (decay only tensors of 2-D or more)."""
+    names = group.get("param_names")
+    if names is not None:
+        return [wants_decay(n, p) for n, p in zip(names, group["params"])]
+    return [p.ndim >= 2 for p in group["params"]]
+
+
 class MeZO(Optimizer):
     """Zeroth-order SGD as a closure optimizer: ``optimizer.step(closure)`` with ``closure()``
     returning the loss (a tensor, or a dict with ``"loss"``); the closure is called twice
     under ``torch.no_grad()`` at the perturbed weights.
 
     Args:
-        params: parameters or param groups (each group may set ``lr``, ``weight_decay`` and
-            ``"decay": [bool, ...]`` — one per parameter, ``False`` for biases and norms; the
-            Lightning callback fills it with :func:`vleff.memory.selection.wants_decay`).
+        params: parameters, ``named_parameters()`` or param groups (each group may set ``lr``,
+            ``weight_decay`` and ``"decay": [bool, ...]``, one flag per parameter). Without
+            ``"decay"`` the rule of MeZO's trainer (and of the Lightning callback) applies: no
+            decay on biases and norms. With names (``model.named_parameters()``, or groups with
+            ``"param_names"``) it is :func:`vleff.memory.selection.wants_decay`, the callback's
+            rule (biases, norms, embeddings, ``logit_scale``, anything below 2-D); without names
+            every parameter below 2-D (biases, norm weights, scalars) is left undecayed. Pass
+            ``"decay": [True, ...]`` to decay everything.
         lr: step size (MeZO's full-parameter runs use 1e-6 to 1e-7).
         eps: perturbation size ε.
-        weight_decay: decoupled decay ``lr · wd · θ`` on parameters marked for decay.
+        weight_decay: decoupled decay ``lr · wd · θ`` on parameters marked for decay (MeZO's
+            scripts run with 0).
         seed: base seed; step ``t`` uses ``seed + t`` so every DDP rank draws the same ``z``
             without communicating (the step count is in ``state_dict()`` for resume).
         reduce: optional ``reduce(tensor) -> tensor`` averaging the projected gradient across
@@ -142,7 +161,9 @@ class MeZO(Optimizer):
         if not group["eps"] > 0:
             raise ValueError(f"eps={group['eps']!r} is not allowed; MeZO's perturbation size must be > 0")
         decay = group.get("decay")
-        if decay is not None and len(decay) != len(group["params"]):
+        if decay is None:
+            group["decay"] = default_decay(group)
+        elif len(decay) != len(group["params"]):
             raise ValueError(f"param group key 'decay' has {len(decay)} entries for {len(group['params'])} params")
         low = [p for p in group["params"] if p.requires_grad and p.dtype in LOW_PRECISION]
         if low and not self.allow_low_precision:
@@ -185,7 +206,9 @@ class MeZO(Optimizer):
         """``θ -= lr (g z + wd θ)``; ``z`` regenerated in the same order as the perturbation."""
         flags = []
         for group in self.param_groups:
-            decay = group.get("decay") or [True] * len(group["params"])
+            decay = group.get("decay")  # absent after loading a state_dict saved without it
+            if decay is None:
+                decay = group["decay"] = default_decay(group)
             flags.extend((group["lr"], group["weight_decay"] if d else 0.0)
                          for p, d in zip(group["params"], decay) if p.requires_grad)
         for (p, z), (lr, wd) in zip(directions(self._params(), seed), flags):

@@ -42,7 +42,9 @@ pretrained weights) apply unchanged.
 In training (grad enabled) one custom autograd function, :class:`_ReversibleStack`, runs all
 blocks under ``no_grad`` and saves only the last two streams; backward rebuilds each block's
 inputs from its outputs and recomputes F and G with grad to get the local gradients (about
-one extra forward). Dropout and drop-path replay the forward's random numbers: the CPU (and
+one extra forward). Dropout (modules, or attention dropout given as a probability: open_clip's
+``nn.MultiheadAttention``, Hugging Face CLIP's ``attention_dropout``) and drop-path replay the
+forward's random numbers (:func:`draws_random_numbers`): the CPU (and
 CUDA) RNG state before each F and G call is saved and restored for the recomputation inside
 ``torch.random.fork_rng`` (the way ``torch.utils.checkpoint`` does), so the global RNG is never
 re-seeded and runs stay reproducible. The recomputation re-enters autocast as the forward ran.
@@ -300,7 +302,7 @@ class _Stack:
         for block in self.blocks:
             if c != 1.0:  # balance: the streams' scale, kept
                 x1, x2 = c * x1, c * x2
-            record = states is not None and draws_random_numbers(block)
+            record = states is not None and draws_random_numbers(block, self.adapter)
             sf = capture_rng(x.device) if record else None
             y1 = _scale(lam, x1) + self.f(block, x2, x.dtype)
             sg = capture_rng(x.device) if record else None
@@ -311,15 +313,34 @@ class _Stack:
         return x1, x2
 
 
-def draws_random_numbers(block: nn.Module) -> bool:
-    """Whether ``block`` draws random numbers in this forward (training, with a dropout or drop-path
-    of p > 0). Only then are RNG states saved (a CPU state is about 5 KB, two per block: at
-    depth 24 as much as the two saved streams of a small ViT). A branch drawing random numbers
-    some other way would not be replayed."""
+#: float attributes through which modules take a dropout probability without a Dropout module:
+#: ``nn.MultiheadAttention.dropout`` (open_clip), Hugging Face attention's ``dropout`` (CLIP's
+#: ``attention_dropout``), ``dropout_p`` / ``attn_drop`` given as a number, timm's ``drop_prob``
+RANDOM_ATTRIBUTES = ("dropout", "dropout_p", "attn_drop", "drop_prob")
+
+
+def draws_random_numbers(block: nn.Module, adapter: TowerAdapter | None = None) -> bool:
+    """Whether ``block`` draws random numbers in this forward: in training mode, with any source
+    of randomness of p > 0 — a Dropout module, a probability held as a float attribute of any
+    submodule (:data:`RANDOM_ATTRIBUTES`: attention dropout given as a number, which
+    ``F.scaled_dot_product_attention``/``F.dropout`` draw inside the branch, and drop-path), or
+    the tower adapter's attention dropout (``adapter.attention_config(block).dropout_p``, what
+    the generic attention branch draws). Only then are RNG states saved (a CPU state is about
+    5 KB, two per block: at depth 24 as much as the two saved streams of a small ViT); a block
+    that draws numbers without being seen here would be recomputed with other masks and get
+    wrong gradients, so the rule errs on the side of saving."""
     if not block.training:
         return False
-    return any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-               or float(getattr(m, "drop_prob", 0.0) or 0.0) > 0 for m in block.modules())
+    if adapter is not None and float(adapter.attention_config(block).dropout_p or 0.0) > 0:
+        return True
+    for m in block.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        for name in RANDOM_ATTRIBUTES:
+            value = m.__dict__.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return True
+    return False
 
 
 def _scale(s: float, x: torch.Tensor) -> torch.Tensor:
