@@ -201,7 +201,13 @@ def _model(layers=3, seed=0):
     torch.manual_seed(seed)
     vision = CLIPVisionCfg(layers=layers, width=64, head_width=16, patch_size=tm.PATCH, image_size=tm.IMG)
     text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=layers)
-    return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).double()
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).double()
+    with torch.no_grad():  # norms as after training: ln_pre, ln_post and ln_final differ
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    return model
 
 
 def _ids(batch=2, seed=0):
