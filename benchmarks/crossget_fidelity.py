@@ -11,6 +11,13 @@ merge. Variants: ``metric="head_mean"``, ``ensemble="mean"``, the reference's vi
 cross token (every token may attend to it; vleff hides it), and in training the reference's
 loss (``½[KL(m‖p) + KL(m‖q)]``, what its ``F.kl_div`` computes) next to vleff's true JS.
 Random weights: the sizes are indicative, not the pretrained model's.
+
+``--text-reference`` measures instead, on the float64 tiny open_clip of
+``tests/test_crossget_reference.py`` (its plain-PyTorch reference of the official text tower),
+the text causal mask from merged positions against the reference's by-index mask, and vleff's
+padding handling against the reference's (padding merged freely)::
+
+    python benchmarks/crossget_fidelity.py --text-reference
 """
 from __future__ import annotations
 
@@ -59,13 +66,43 @@ def reference_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((m * (m.log() - p)).sum(-1) + (m * (m.log() - q)).sum(-1)).mean()
 
 
+def text_reference() -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import tiny_models as tm
+    from test_crossget_reference import _ids, _model, _trained_offsets, ref_text
+
+    model = _model(layers=3)
+    vleff.apply_crossget(model, r_image=0, r_text=3)
+    offsets = _trained_offsets(model)["text"].detach()
+    model.eval()
+    with torch.no_grad():
+        ids = _ids(batch=4)  # 16 real tokens each, no padding
+        got = model.encode_text(ids)
+        ic, il = distance(got, ref_text(model, ids, 3, offsets, causal="index")[0])
+        print(f"tiny text tower, r_text=3, no padding: causal mask by merged positions vs by index: "
+              f"1-cos {ic:.2e}, rel L2 {il:.2e}")
+        ids = tm.token_ids(batch=2, length=16)  # EOT at 4 / 7, padding after
+        got = model.encode_text(ids)
+        ic, il = distance(got, ref_text(model, ids, 3, offsets, causal="index")[0])
+        print(f"tiny text tower, r_text=3, padded: vleff vs the reference (by-index mask, padding merged freely): "
+              f"1-cos {ic:.2e}, rel L2 {il:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--r-image", type=int, default=16)
     parser.add_argument("--r-text", type=int, default=6)
+    parser.add_argument("--text-reference", action="store_true",
+                        help="the text tower's deliberate differences on the tests' tiny float64 reference")
     args = parser.parse_args()
+    if args.text_reference:
+        text_reference()
+        return
     import open_clip
 
     torch.manual_seed(args.seed)
