@@ -49,7 +49,9 @@ divergence between the softmaxes of paired layers (image sample ``i`` with text 
 is added, times ``loss_weight``, to the aux losses of the tower that ran second
 (``crossget_js``; :mod:`vleff.tokens.aux` collects it: the callback adds it to the loss, a
 mixin user adds ``self.vleff_aux_loss()``). The reference trains ``0.5·contrastive + 0.5·JS``;
-``loss_weight=1`` is that up to a factor 2 on the whole loss. Nothing crosses between the
+``loss_weight=1`` is that up to a factor 2 on the whole loss. (The reference's ``F.kl_div`` terms
+compute ``½[KL(m‖p) + KL(m‖q)]``, not the JS divergence ``½[KL(p‖m) + KL(q‖m)]`` its paper names;
+vleff keeps the true JS: ``benchmarks/crossget_fidelity.py`` prints both.) Nothing crosses between the
 towers at inference: each tower's output depends on its own input only, so image and text
 embeddings can be computed and cached separately.
 
