@@ -1,31 +1,42 @@
-"""CrossGET: the complete-graph matching and ensemble merge against loop references, a whole
-open_clip forward (both towers, the JS loss) against a plain-PyTorch reference, text towers
-(EOT found, padding), inference independence, layer mapping, errors, callback and mixin."""
+"""CrossGET: the complete-graph matching and weighted merge against loop references, text towers
+(EOT found, padding), inference independence, layer mapping, errors, callback and mixin. The whole
+forward and the loss against the official code's behaviour: tests/test_crossget_reference.py."""
 from __future__ import annotations
 
 import copy
 import math
 
 import pytest
-import torch
-import torch.nn.functional as F
-
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import vleff
 from vleff.backbones import last_token_state, token_counts
 from vleff.backbones.text import POSITION, PROTECTED, SOURCE
-from vleff.kernels.graph_merge import GROUP_PENALTY, complete_graph_matching, ensemble_weights, feasible_sources
+from vleff.kernels.graph_merge import (
+    GROUP_PENALTY,
+    complete_graph_matching,
+    ensemble_weights,
+    feasible_sources,
+)
 from vleff.tokens.aux import pop_aux_losses
-from vleff.tokens.crossget import (OFFSETS, alignment_loss, crossget_offsets, js_divergence, layer_pairs)
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from vleff.tokens.crossget import (
+    OFFSETS,
+    alignment_loss,
+    crossget_offsets,
+    js_divergence,
+    layer_pairs,
+)
 
 
 # --- loop references ----------------------------------------------------------------------------------
 def ref_plan(metric, importance, r, num_protected, protected=None, groups=None):
-    """Per sample, with Python loops: (sources in order, {source: destination})."""
+    """Per sample, with Python loops: (sources in order, {source: destination}). Sources: lowest
+    importance − best similarity towards a token ranked after (by best similarity), padding last."""
     out = []
     b, n, _ = metric.shape
     for s in range(b):
@@ -33,19 +44,18 @@ def ref_plan(metric, importance, r, num_protected, protected=None, groups=None):
         prot = [i < num_protected or (protected is not None and bool(protected[s, i])) for i in range(n)]
         grp = [0 if groups is None else int(groups[s, i]) for i in range(n)]
 
-        def allowed(i, j):
+        def allowed(i, j, prot=prot, grp=grp):
             return i != j and not prot[i] and not prot[j] and grp[i] == grp[j]
 
-        sim = (m @ m.T).tolist()
+        full = m @ m.T
+        sim = ((full + full.T) / 2).tolist()  # exactly symmetric: a mutual best pair ties
+        best = [max([sim[i][j] for j in range(n) if allowed(i, j)], default=-math.inf) for i in range(n)]
+        ranked = sorted(range(n), key=lambda i: (-best[i], i))  # the reference's rank, ties: lower index first
+        rank = {tok: pos for pos, tok in enumerate(ranked)}
         score = []
         for i in range(n):
-            best = max([sim[i][j] for j in range(n) if allowed(i, j)], default=-math.inf)
-            score.append(math.inf if prot[i] else float(importance[s, i]) - best)
-        for g in sorted(set(grp)):
-            members = [i for i in range(n) if grp[i] == g and not prot[i]]
-            if members:
-                anchor = max(members, key=lambda i: (score[i], -i))
-                score[anchor] = math.inf
+            later = max([sim[i][j] for j in range(n) if allowed(i, j) and rank[j] > rank[i]], default=-math.inf)
+            score.append(math.inf if prot[i] else float(importance[s, i]) - later)
         score = [v + GROUP_PENALTY if grp[i] != 0 else v for i, v in enumerate(score)]
         sources = sorted(range(n), key=lambda i: (score[i], i))[:r]
         dst = {}
@@ -124,117 +134,6 @@ def test_layer_pairs_map_unequal_depths_by_relative_depth():
     assert layer_pairs(24, 12) == [(2 * j + 1, j) for j in range(12)]  # ViT-L/14 with a 12-layer text tower
     assert layer_pairs(2, 3) == [(0, 1), (1, 2)]
     assert layer_pairs(3, 2)[-1] == (2, 1)  # last with last
-
-
-# --- a whole open_clip forward against a plain-PyTorch reference -----------------------------------------
-def _heads(t, heads):
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _block_attention(blk, h, bias):
-    mha = blk.attn
-    q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (_heads(t, mha.num_heads) for t in (q, k, v))
-    logits = (q * mha.head_dim ** -0.5) @ k.transpose(-1, -2) + bias
-    o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(h.shape)
-    return mha.out_proj(o), q, k
-
-
-def _tower_input(module, run):
-    got = {}
-    handle = module.register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return got["x"]
-
-
-def ref_image(model, images, r, offsets):
-    """CrossGET on open_clip's image tower written out: returns (embedding, cross outputs per block)."""
-    vis = model.visual
-    plain = copy.deepcopy(model)
-    vleff.remove_crossget(plain)
-    x = _tower_input(plain.visual.transformer, lambda: plain.encode_image(images))
-    init = x[:, :1]
-    x = torch.cat([x[:, :1], init, x[:, 1:]], dim=1)
-    size = torch.ones(x.shape[0], x.shape[1], 1)
-    outs = []
-    for i, blk in enumerate(vis.transformer.resblocks):
-        x = torch.cat([x[:, :1], init + offsets[i], x[:, 2:]], dim=1)
-        bias = size[..., 0].log()[:, None, None, :].clone()
-        bias[..., 1] = -math.inf  # nobody attends to the cross token
-        a, q, k = _block_attention(blk, blk.ln_1(x), bias)
-        x = x + a
-        n = x.shape[1]
-        r_eff = min(r, (n - 2) // 2)
-        keys, query = k.mean(1), q.mean(1)[:, 1:2]
-        imp = F.cosine_similarity(keys, query, dim=-1)
-        plans = ref_plan(keys, imp, r_eff, 2)
-        x, size = ref_merge(x, size, (2 * imp).exp()[..., None], plans)
-        size = size.float()
-        x = x + blk.mlp(blk.ln_2(x))
-        outs.append(x[:, 1])
-    pooled = vis.ln_post(x[:, 0]) @ vis.proj
-    return pooled, torch.stack(outs, 1)
-
-
-def ref_text_cross(model, ids, offsets):
-    """With ``r_text=0``: the text tower is the library's; the cross token (EOT input + offset)
-    reads the tokens up to the EOT in every block. Returns its output per block."""
-    plain = copy.deepcopy(model)
-    vleff.remove_crossget(plain)
-    x = _tower_input(plain.transformer, lambda: plain.encode_text(ids))
-    eot = ids.argmax(-1)
-    init = x[torch.arange(len(ids)), eot][:, None]
-    n = x.shape[1]
-    outs = []
-    for i, blk in enumerate(model.transformer.resblocks):
-        cross = init + offsets[i]
-        seq = torch.cat([x, cross], dim=1)
-        visible = torch.arange(n + 1)[None, None, :] <= torch.arange(n + 1)[None, :, None]  # causal
-        visible = visible.expand(len(ids), -1, -1).clone()
-        visible[:, n, :] = torch.arange(n + 1)[None, :] <= eot[:, None]  # the cross row: up to the EOT
-        visible[:, :, n] = False  # nobody reads the cross token
-        bias = torch.zeros(visible.shape).masked_fill(~visible, -math.inf)[:, None]
-        a, _, _ = _block_attention(blk, blk.ln_1(seq), bias)
-        seq = seq + a
-        seq = seq + blk.mlp(blk.ln_2(seq))
-        x, c = seq[:, :n], seq[:, n]
-        outs.append(c)
-    return torch.stack(outs, 1)
-
-
-def test_open_clip_forward_and_js_loss_match_a_plain_pytorch_reference():
-    torch.manual_seed(0)
-    model = tm.open_clip_model()
-    vleff.apply_crossget(model, r_image=3, r_text=0)
-    offsets = crossget_offsets(model)
-    with torch.no_grad():
-        for p in offsets.values():
-            p.normal_(0, 0.5)  # trained offsets: the cross token differs from cls / EOT
-    images, ids = tm.images(), tm.token_ids()
-    model.train()
-    img = model.encode_image(images)
-    txt = model.encode_text(ids)
-    loss = pop_aux_losses(model)["crossget_js"]
-    with torch.no_grad():
-        ref_img, img_cross = ref_image(model, images, 3, offsets["image"])
-        txt_cross = ref_text_cross(model, ids, offsets["text"])
-        ref_txt = copy.deepcopy(model)
-        vleff.remove_crossget(ref_txt)
-        ref_txt = ref_txt.encode_text(ids)
-    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=1e-4)
-    proj_img = model.visual.ln_post(img_cross) @ model.visual.proj
-    proj_txt = model.ln_final(txt_cross) @ model.text_projection
-    want = js_divergence(proj_img, proj_txt).mean()
-    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
-    loss.backward()  # the loss trains both towers' offsets (and the towers), not the projections
-    assert offsets["image"].grad.abs().sum() > 0 and offsets["text"].grad.abs().sum() > 0
-    assert model.visual.proj.grad is None and model.text_projection.grad is None
-    assert token_counts(model)["image"] == [18, 15]  # 16 patches + cls + cross, then r = 3
 
 
 def test_offsets_start_at_zero_and_the_cross_token_starts_as_cls():

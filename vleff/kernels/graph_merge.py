@@ -2,28 +2,34 @@
 
 ToMe (:mod:`vleff.kernels.tome`) splits the tokens into two alternating sets and merges
 across them. CrossGET matches on the *complete* graph: any token may merge into any other,
-guided by an importance score (from the cross token's or the EOT's query):
+guided by an importance score (from the cross token's or the EOT's query). As the official
+code (``sdc17/CrossGET``, ``CLIP/clip/reducer.py``, ``TokenReduction.match``) does it:
 
 * similarity ``S = k̂ k̂ᵀ`` of the normalised keys, with the diagonal, every edge touching a
   protected token (cls, the cross token, a text tower's SOT/EOT) and every edge between
-  different groups (a text tower's padding and real tokens) at ``-inf``;
-* each token's *best* similarity ``s_i = max_j S_ij``; the ``r`` tokens with the lowest
-  ``importance − s`` (unimportant and redundant) become **sources**, and each merges into
-  its most similar **non-source** token. So no token is both a source and a destination
-  (no chains), which is what the reference's rank rule ("merge only into a token ranked
-  after you") guarantees as well;
-* in every group the token with the highest ``importance − s`` is never a source (its
-  *anchor*), so every source always has a finite-similarity destination in its own group;
+  different groups (a text tower's padding and real tokens; vleff only) at ``-inf``;
+* the tokens are **ranked** by their best similarity ``max_j S_ij``, highest first (ties: the
+  lower index first; ``S`` is made exactly symmetric, so the two tokens of a mutual best pair
+  tie and this rule, not the matmul's rounding, decides which may pair with the other); a token may only pair with tokens ranked *after* it (the reference's
+  rank mask). Its score is ``importance − max_{j ranked after i} S_ij``; the ``r`` tokens with
+  the lowest score become **sources** (unimportant, and redundant with a later token). A token
+  with no later partner scores ``+inf`` and is never a source: so in every group the
+  last-ranked token stays, and every source has a finite-similarity destination in its group;
+* each source merges into its most similar **non-source** token (any rank), so no token is
+  both a source and a destination (no chains);
 * tokens of groups other than 0 (padding) become sources only after every possible source of
   group 0, as in ToMe's text path: padding never takes a merge away from real tokens, so a
-  caption's embedding does not depend on how far it is padded.
+  caption's embedding does not depend on how far it is padded (vleff only: the reference
+  pads every caption to 77 tokens and merges padding like any token).
 
 :class:`GraphMergePlan` applies the result to any per-token tensor. It implements the plan
 protocol of :mod:`vleff.kernels.tome` (``r``, ``num_out``, ``num_tokens``, ``src_idx`` and
 ``merge_sum`` / ``merge_reduce`` / ``merge_weighted``), so :class:`~vleff.backbones.TokenState`
 fields and the block's cached keys follow a CrossGET merge exactly as they follow a ToMe one.
-Output order: the kept tokens in their input order (protected leading tokens stay first);
-each destination holds its sources.
+:meth:`GraphMergePlan.merge_ensemble` is the reference's ensemble merge. Output order: the
+kept tokens in their input order (protected leading tokens stay first); each destination holds
+its sources. Scores and similarities are computed in float32, or in the input's dtype when
+that is wider (float64 stays float64).
 """
 from __future__ import annotations
 
@@ -88,18 +94,52 @@ class GraphMergePlan:
                        weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted mean over each group: ``x' = Σ w·s·x / Σ w·s``, ``s' = Σ s``.
 
-        ``weight`` (``[B, N, 1]``, positive; ``None``: ones) is CrossGET's ensemble weight
-        ``exp(2·importance)``; with ``None`` this is ToMe's size-weighted mean. Tokens that take
-        part in no merge are copied, not recomputed (bit-exact)."""
+        ``weight`` (``[B, N, 1]``, positive; ``None``: ones) is CrossGET's ``ensemble="mean"``
+        weight ``exp(importance)``; with ``None`` this is ToMe's size-weighted mean. Tokens that
+        take part in no merge are copied, not recomputed (bit-exact)."""
         if self.r == 0:
             return x, size
-        w = size.float() if weight is None else size.float() * weight.float()
-        num = self.merge_sum(x.float() * w)
+        w = _wide(size) if weight is None else _wide(size) * _wide(weight)
+        num = self.merge_sum(_wide(x) * w)
         den = self.merge_sum(w)
         received = torch.zeros(x.shape[0], self.num_out, 1, dtype=torch.bool, device=x.device).scatter(
             1, self.dst_pos[..., None], True)
         merged = torch.where(received, (num / den).to(x.dtype), _rows(x, self.keep_idx))
         return merged, self.merge_sum(size)
+
+
+    def merge_ensemble(self, x: torch.Tensor, size: torch.Tensor,
+                       importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's ensemble merge (``TokenReduction.forward``'s ``merge``), ``s' = Σ s``.
+
+        Each source ``k`` and its destination ``d`` get the pair's softmax of importances
+        ``a_k = σ(imp_k − imp_d)`` and ``1 − a_k`` (temperature 1). The reference merges the
+        size-scaled tokens ``s·x``, scales both weights by 2 and adds, per source,
+        ``2·a_k·s_k·x_k + (1 − 2·a_k)·s_d·x_d`` to the destination's ``s_d·x_d``, then divides by
+        the summed size. With one source of size 1 into a destination of size 1 that is the
+        softmax-weighted mean ``a·x_k + (1 − a)·x_d``; with unequal sizes or several sources per
+        destination the coefficients are the reference's (they need not sum to 1 and the
+        destination's can be negative). ``importance``: ``[B, N]``. Tokens that take part in no
+        merge are copied (bit-exact). ``x``: ``[B, N, C]``; ``size``: ``[B, N, 1]``."""
+        if self.r == 0:
+            return x, size
+        imp = _wide(importance)
+        a = torch.sigmoid(imp.gather(1, self.src_idx) - imp.gather(1, self.dst_idx))[..., None]  # [B, r, 1]
+        xs, xd = _rows(_wide(x), self.src_idx), _rows(_wide(x), self.dst_idx)
+        ss, sd = _rows(_wide(size), self.src_idx), _rows(_wide(size), self.dst_idx)
+        contrib = 2 * a * ss * xs + (1 - 2 * a) * sd * xd
+        kept = _rows(_wide(x) * _wide(size), self.keep_idx)
+        num = kept.scatter_add(1, self.dst_pos[..., None].expand(-1, -1, kept.shape[-1]), contrib)
+        new_size = self.merge_sum(size)
+        received = torch.zeros(x.shape[0], self.num_out, 1, dtype=torch.bool, device=x.device).scatter(
+            1, self.dst_pos[..., None], True)
+        merged = torch.where(received, (num / _wide(new_size)).to(x.dtype), _rows(x, self.keep_idx))
+        return merged, new_size
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in its own dtype when that is wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -118,8 +158,9 @@ def max_graph_merge(num_tokens: int, num_protected: int) -> int:
 def similarity_graph(metric: torch.Tensor, protected: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N, N]`` cosine similarities, ``-inf`` on the diagonal, on edges touching a protected
     token (``protected``: ``[B, N]`` bool) and between different ``groups`` (``[B, N]`` ints)."""
-    m = F.normalize(metric.float(), dim=-1)
+    m = F.normalize(_wide(metric), dim=-1)
     s = m @ m.transpose(-1, -2)
+    s = (s + s.transpose(-1, -2)) / 2  # exactly symmetric: a mutual best pair ties, the tie rule decides
     n = s.shape[-1]
     forbid = torch.eye(n, dtype=torch.bool, device=s.device)[None] | protected[:, :, None] | protected[:, None, :]
     if groups is not None:
@@ -134,7 +175,7 @@ NUM_GROUPS = 2
 
 
 def _check_groups(groups: torch.Tensor, num_groups: int) -> None:
-    """Refuse group ids outside ``range(num_groups)`` (their tokens would get no anchor). An
+    """Refuse group ids outside ``range(num_groups)`` (:func:`feasible_sources` would not count their tokens). An
     asynchronous device assert: no host sync per block, and it traces under ``torch.compile``."""
     torch._assert_async(((groups >= 0) & (groups < num_groups)).all(),
                         f"groups must take values in range({num_groups}) (0 = real tokens, 1 = padding)")
@@ -143,7 +184,7 @@ def _check_groups(groups: torch.Tensor, num_groups: int) -> None:
 def feasible_sources(protected: torch.Tensor, groups: torch.Tensor | None = None,
                      num_groups: int = NUM_GROUPS) -> torch.Tensor:
     """``[B]`` most sources each sample can give with every source keeping a destination in its
-    group: ``Σ_groups max(free − 1, 0)`` (one anchor per group stays)."""
+    group: ``Σ_groups max(free − 1, 0)`` (the last-ranked token of each group stays)."""
     free = ~protected
     if groups is None:
         return (free.sum(dim=1) - 1).clamp_min(0)
@@ -160,7 +201,7 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
     """Plan the merge of ``r`` tokens by complete-graph soft matching (see the module docstring).
 
     Args:
-        metric: ``[B, N, C]`` features to compare (keys averaged over heads).
+        metric: ``[B, N, C]`` features to compare (CrossGET: the keys of all heads, concatenated).
         importance: ``[B, N]`` importance of each token (cosine with the guiding query).
         r: tokens to remove; the caller caps it (:func:`max_graph_merge`, :func:`feasible_sources`).
         num_protected: leading tokens never merged.
@@ -176,13 +217,16 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
         prot[:, :num_protected] = True
         if protected is not None:
             prot = prot | protected.bool()
-        sim = similarity_graph(metric, prot, groups)
-        best = sim.amax(dim=-1)
-        score = importance.float() - best  # -inf similarity (isolated) gives +inf: never a source
-        score = score.masked_fill(prot, float("inf"))
         if groups is not None:
             _check_groups(groups, num_groups)
-        score = _mark_anchors(score, prot, groups, num_groups)
+        sim = similarity_graph(metric, prot, groups)
+        # the reference's rank mask: i may pair with j only if j ranks after i by best similarity
+        ranked = sim.amax(dim=-1).sort(dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(n, device=ranked.device).expand(b, n))
+        later = rank[:, None, :] > rank[:, :, None]
+        best_later = sim.masked_fill(~later, float("-inf")).amax(dim=-1)
+        score = _wide(importance) - best_later  # no later partner (the last of a group, protected): +inf
+        score = score.masked_fill(prot, float("inf"))
         if groups is not None:  # finite scores lie in [-2, 2]: every real token ranks first
             score = torch.where(groups != 0, score + GROUP_PENALTY, score)
         order = score.argsort(dim=-1, stable=True)
@@ -196,25 +240,11 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
     return GraphMergePlan(src, dst, keep, dst_pos, num_protected, n)
 
 
-def _mark_anchors(score: torch.Tensor, prot: torch.Tensor, groups: torch.Tensor | None,
-                  num_groups: int = NUM_GROUPS) -> torch.Tensor:
-    """Score ``+inf`` for each group's highest-scoring unprotected token (never a source)."""
-    finite = score.masked_fill(prot, float("-inf"))
-    if groups is None:
-        anchor = finite.argmax(dim=1, keepdim=True)
-        return score.scatter(1, anchor, float("inf"))
-    for g in range(num_groups):
-        in_g = finite.masked_fill(groups != g, float("-inf"))
-        anchor = in_g.argmax(dim=1, keepdim=True)
-        has = torch.isfinite(in_g.gather(1, anchor))
-        score = torch.where(has, score.scatter(1, anchor, float("inf")), score)
-    return score
-
-
-def ensemble_weights(importance: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
-    """``[B, N, 1]`` CrossGET's merge weights before the per-group normalisation:
-    ``exp(scale · importance)`` (a softmax over each group's importances, ×``scale``)."""
-    return (importance.float() * scale).exp()[..., None]
+def ensemble_weights(importance: torch.Tensor) -> torch.Tensor:
+    """``[B, N, 1]`` weights of CrossGET's ``ensemble="mean"`` before the per-group
+    normalisation: ``exp(importance)``, so a group's weights are the softmax of its
+    importances at the reference's temperature 1 (times sizes, in :meth:`GraphMergePlan.merge_weighted`)."""
+    return _wide(importance).exp()[..., None]
 
 
 __all__ = ["GraphMergePlan", "complete_graph_matching", "ensemble_weights", "feasible_sources", "max_graph_merge",

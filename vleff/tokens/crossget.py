@@ -8,20 +8,30 @@ Per tower and per block (between the attention and the MLP, like ToMe):
 
 * **Cross token.** One extra token per tower, started from the cls token's input (image) or
   the EOT's (text; BLIP text: its [CLS]) and, before block ``i``, overwritten with
-  ``x_cross.detach() + offset[i]``: the offsets are a learnable ``zeros(L, D)`` per tower
-  (parameter ``vleff_crossget_offsets`` on the tower), so the token starts as a copy. In vleff
+  ``x_cross.detach() + offset[i]``, where ``x_cross`` is the cross token as it left block
+  ``i − 1`` (image) or the EOT's current state (text; BLIP: the [CLS]'s), as the reference's
+  ``Transformer.forward`` does: the image guidance follows the image. The offsets are a
+  learnable ``zeros(L, D)`` per tower (parameter ``vleff_crossget_offsets`` on the tower), so
+  the token starts as a copy. In vleff
   the cross token *reads* the sequence but no other token attends to it (a key mask), so
   ``r_image = r_text = 0`` is exactly the library and the pretrained function is changed
   only by the merging itself. (In a causal text tower the reference's token, appended last,
   is invisible to the others too; vleff extends that to every tower.)
 * **Importance** of a token: cosine of its key with the cross token's query (image) or the
-  EOT query (text; BLIP: its pooled [CLS]), keys and queries averaged over heads.
-* **Complete-graph soft matching** on the keys (:mod:`vleff.kernels.graph_merge`): the ``r``
-  tokens with the lowest ``importance − best similarity`` merge into their most similar
-  non-source token. Protected: cls, the cross token, a text tower's first token (SOT/[CLS])
-  and its EOT; text padding merges only with padding.
-* **Ensemble merge**: a merged token is the mean of its group weighted by
-  ``size · exp(2 · importance)``; sizes add, and proportional attention adds ``log size``.
+  EOT query (text; BLIP: its pooled [CLS]). ``metric="full"`` (default, the reference's):
+  keys and queries of all heads concatenated (the attention's full-width ``k`` and ``q``);
+  ``metric="head_mean"``: averaged over heads (vleff's earlier metric, kept as an option).
+* **Complete-graph soft matching** on the same keys (:mod:`vleff.kernels.graph_merge`): tokens
+  ranked by best similarity; the ``r`` tokens with the lowest ``importance −`` (best
+  similarity towards a token ranked after them) merge into their most similar non-source
+  token. Protected: cls, the cross token, a text tower's first token (SOT/[CLS]) and its
+  EOT; text padding merges only with padding.
+* **Ensemble merge** (``ensemble="reference"``, default): each source and its destination are
+  weighted by the softmax of their two importances (temperature 1) and combined with sizes as
+  the reference does (:meth:`~vleff.kernels.graph_merge.GraphMergePlan.merge_ensemble`);
+  ``ensemble="mean"``: the group's mean weighted by ``size · exp(importance)`` (a normalised
+  weighted mean: non-negative coefficients summing to 1 with several sources or unequal
+  sizes, where the reference's need not). Sizes add, and proportional attention adds ``log size``.
 * ``r`` is per tower and constant over blocks, capped per block at ``(N − protected) // 2``
   (the reference's cap; ViT-B/16 at ``r_image=16``: 198 → 182 → … → 12 tokens).
 
@@ -30,13 +40,18 @@ Text towers keep their token ids' meaning through the tower's layout fields
 tokens, so the EOT is found and pooled as without CrossGET.
 
 **Alignment loss.** In training (module in train mode, gradients on) each tower keeps its cross
-token's output after every block, projected like the tower's embedding (its final norm and
-projection, weights detached). When both towers of the pair have run, the Jensen–Shannon
+token as it *enters* every block (``x_cross.detach() + offset[i]``: the loss trains the offsets
+only, never the backbone), projected as the reference does with detached weights: image towers
+with the tower's *input* norm (open_clip ``ln_pre``, HF CLIP ``pre_layrnorm``; BLIP has none and
+uses its final norm) and the image projection, text towers with the final norm and the text
+projection. When both towers of the pair have run, the Jensen–Shannon
 divergence between the softmaxes of paired layers (image sample ``i`` with text sample ``i``)
 is added, times ``loss_weight``, to the aux losses of the tower that ran second
 (``crossget_js``; :mod:`vleff.tokens.aux` collects it: the callback adds it to the loss, a
 mixin user adds ``self.vleff_aux_loss()``). The reference trains ``0.5·contrastive + 0.5·JS``;
-``loss_weight=1`` is that up to a factor 2 on the whole loss. Nothing crosses between the
+``loss_weight=1`` is that up to a factor 2 on the whole loss. (The reference's ``F.kl_div`` terms
+compute ``½[KL(m‖p) + KL(m‖q)]``, not the JS divergence ``½[KL(p‖m) + KL(q‖m)]`` its paper names;
+vleff keeps the true JS: ``benchmarks/crossget_fidelity.py`` prints both.) Nothing crosses between the
 towers at inference: each tower's output depends on its own input only, so image and text
 embeddings can be computed and cached separately.
 
@@ -55,12 +70,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
+from vleff.backbones import (
+    BlockInfo,
+    TokenState,
+    TowerAdapter,
+    TowerHook,
+    find_towers,
+    get_patch,
+)
 from vleff.backbones.pairs import PAIRS_SUPPORTED, ModelPair, find_pair, pair_context
 from vleff.backbones.text import PAD, POSITION, PROTECTED, SOURCE, eot_rows
-from vleff.checks import check_bool, check_int, check_number
-from vleff.kernels.graph_merge import (complete_graph_matching, ensemble_weights, feasible_sources,
-                                       max_graph_merge)
+from vleff.checks import check_bool, check_choice, check_int, check_number
+from vleff.kernels.graph_merge import (
+    complete_graph_matching,
+    ensemble_weights,
+    feasible_sources,
+    max_graph_merge,
+)
 from vleff.registry import Method, MethodConfig, register_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks
 
@@ -68,9 +94,11 @@ HOOK_NAME = "crossget"
 OFFSETS = "vleff_crossget_offsets"
 LOSS_NAME = "crossget_js"
 TOWERS = ("image", "text")
-#: CrossGET's ensemble temperature: merge weights ``exp(2 · importance)``
-IMPORTANCE_SCALE = 2.0
 SCRATCH = "crossget"
+#: ``metric``: full-width keys/queries (the reference's) or their mean over heads
+METRICS = ("full", "head_mean")
+#: ``ensemble``: the reference's pairwise softmax merge, or a size-normalised weighted mean
+ENSEMBLES = ("reference", "mean")
 
 
 @dataclass
@@ -84,6 +112,10 @@ class CrossGETConfig(MethodConfig):
         loss_weight: weight of the cross-token JS alignment loss added in training (0: off).
         trace_source: keep the source map (which input tokens each token holds) as the token
             field ``"source"`` (as ToMe's), for pictures of the merge groups; costs ``B·N²`` memory.
+        metric: ``"full"`` (the reference's: keys and queries of all heads concatenated) or
+            ``"head_mean"`` (averaged over heads) for the similarity graph and the importance.
+        ensemble: ``"reference"`` (the reference's pairwise softmax merge) or ``"mean"`` (the
+            group's mean weighted by ``size · exp(importance)``).
     """
 
     method = "crossget"
@@ -92,9 +124,13 @@ class CrossGETConfig(MethodConfig):
     prop_attn: bool = True
     loss_weight: float = 1.0
     trace_source: bool = False
+    metric: str = "full"
+    ensemble: str = "reference"
 
     def __post_init__(self) -> None:
         check_bool("trace_source", self.trace_source)
+        check_choice("metric", self.metric, METRICS)
+        check_choice("ensemble", self.ensemble, ENSEMBLES)
         self.r_image = check_int("r_image", self.r_image, low=0)
         self.r_text = check_int("r_text", self.r_text, low=0)
         check_bool("prop_attn", self.prop_attn)
@@ -116,7 +152,8 @@ def layer_pairs(depth_image: int, depth_text: int) -> list[tuple[int, int]]:
 def js_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Jensen–Shannon divergence between ``softmax(a)`` and ``softmax(b)`` over the last dim:
     ``½ KL(p ‖ m) + ½ KL(q ‖ m)`` with ``m = (p + q) / 2``; shape ``a.shape[:-1]``."""
-    la, lb = a.float().log_softmax(dim=-1), b.float().log_softmax(dim=-1)
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    la, lb = a.to(wide).log_softmax(dim=-1), b.to(wide).log_softmax(dim=-1)
     lm = torch.logaddexp(la, lb) - math.log(2.0)
     return 0.5 * ((la.exp() * (la - lm)).sum(dim=-1) + (lb.exp() * (lb - lm)).sum(dim=-1))
 
@@ -222,31 +259,38 @@ class CrossGETHook(TowerHook):
             values[name] = v  # position: the cross token sees what its source token sees
         index = state.num_prefix
         x = state.insert_prefix(x, init, values)
-        state.scratch[SCRATCH] = {"init": init, "index": index, "outputs": [], "record": self._recording()}
+        state.scratch[SCRATCH] = {"index": index, "device": x.device, "inputs": [], "record": self._recording()}
         return x
 
     def _recording(self) -> bool:
         return self.config.loss_weight > 0 and torch.is_grad_enabled() and self.root.training
 
     def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        """Re-inject the cross token: its own state (image; before block 0 its start value) or the
+        EOT's current state (text), detached, plus this block's offset. In training that is what
+        the alignment loss reads (the reference records the token entering each block)."""
         s = state.scratch[SCRATCH]
         c = s["index"]
         offsets = getattr(self.root, OFFSETS)
-        cross = s["init"] + offsets[info.index].to(x.dtype)
-        return torch.cat([x[:, :c], cross.to(x.dtype), x[:, c + 1:]], dim=1)
+        row = c if self.modality == "image" else eot_rows(state)
+        current = x[:, c:c + 1] if self.modality == "image" else x.gather(1, row[:, None, None].expand(-1, 1, x.shape[-1]))
+        cross = current.detach() + offsets[info.index].to(x.dtype)
+        if s["record"]:
+            s["inputs"].append(cross[:, 0])
+        return torch.cat([x[:, :c], cross, x[:, c + 1:]], dim=1)
 
     def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
         s = state.scratch.get(SCRATCH)
         if s is None:
             return None
         n = state.num_tokens
-        device = state.get(POSITION).device if state.get(POSITION) is not None else s["init"].device
+        device = s["device"]
         hide = torch.zeros(n, dtype=dtype, device=device)
         hide[s["index"]] = float("-inf")  # no token attends to the cross token: it only reads
         bias = hide[None, None, None, :]
         size = state.size
         if self.config.prop_attn and size is not None:
-            bias = bias + size[..., 0].log().to(dtype)[:, None, None, :]
+            bias = bias + size[..., 0].to(dtype).log()[:, None, None, :]  # log in the model's dtype
         return bias
 
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
@@ -264,16 +308,33 @@ class CrossGETHook(TowerHook):
             row = eot_rows(state)
         if r <= 0:
             return x
-        q = info.q.mean(dim=1)  # [B, N, Dh]
-        keys = info.keys.mean(dim=1)
+        q, keys = self._metric(info.q), self._metric(info.keys)  # [B, N, C]
         query = q.gather(1, row[:, None, None].expand(-1, 1, q.shape[-1]))
-        importance = F.cosine_similarity(keys.float(), query.float(), dim=-1)  # [B, N]
-        plan = complete_graph_matching(keys, importance.detach(), r, state.num_prefix,
+        importance = self._importance(keys, query).detach()  # [B, N], no grad as in the reference
+        plan = complete_graph_matching(keys, importance, r, state.num_prefix,
                                        protected=None if protected is None or self.modality == "image" else protected,
                                        groups=groups)
-        x, size = plan.merge_weighted(x, state.sizes(x), ensemble_weights(importance, IMPORTANCE_SCALE))
+        if self.config.ensemble == "reference":
+            x, size = plan.merge_ensemble(x, state.sizes(x), importance)
+        else:
+            x, size = plan.merge_weighted(x, state.sizes(x), ensemble_weights(importance))
         state.merge(plan, merged_size=size)
         return x
+
+    def _metric(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, Dh]`` → ``[B, N, C]``: heads concatenated (``H·Dh``, the attention's
+        full-width projection, as the reference reads it) or averaged (``Dh``)."""
+        if self.config.metric == "head_mean":
+            return t.mean(dim=1)
+        b, h, n, d = t.shape
+        return t.transpose(1, 2).reshape(b, n, h * d)
+
+    @staticmethod
+    def _importance(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Cosine of each key with the guiding query, as ``k̂ · q̂`` (the reference's form)."""
+        k = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=-1)
+        qn = F.normalize(query.to(k.dtype), dim=-1)
+        return (k @ qn.transpose(-1, -2))[..., 0]
 
     def _protected(self, state: TokenState, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Text towers: prefix, the layout's protected token (EOT / [CLS]) and the first input
@@ -287,27 +348,21 @@ class CrossGETHook(TowerHook):
         pad = state.get(PAD)
         return prot, None if pad is None else pad.long()
 
-    def after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        s = state.scratch[SCRATCH]
-        if s["record"]:
-            s["outputs"].append(x[:, s["index"]])
-        return x
-
     def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         s = state.scratch[SCRATCH]
         c, n = s["index"], x.shape[1]
         keep = torch.cat([torch.arange(c, device=x.device), torch.arange(c + 1, n, device=x.device)])
         x = state.select(x, keep[None].expand(x.shape[0], -1))
         state.num_prefix -= 1
-        if s["record"] and s["outputs"]:
-            self._align(torch.stack(s["outputs"], dim=1), state)
-        s["outputs"] = []
+        if s["record"] and s["inputs"]:
+            self._align(torch.stack(s["inputs"], dim=1), state)
+        s["inputs"] = []
         return x
 
-    def _align(self, outputs: torch.Tensor, state: TokenState) -> None:
+    def _align(self, inputs: torch.Tensor, state: TokenState) -> None:
         ctx = pair_context(state)
         pending = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.link.pending
-        pending[self.modality] = self.projector(outputs)
+        pending[self.modality] = self.projector(inputs)
         if "image" in pending and "text" in pending:
             loss = alignment_loss(pending.pop("image"), pending.pop("text"))
             state.add_aux_loss(LOSS_NAME, loss * self.config.loss_weight)
@@ -344,18 +399,20 @@ def resolve_pair(model: nn.Module) -> ModelPair:
 
 
 def projector(pair: ModelPair, modality: str) -> Projector:
-    """How ``modality``'s cross tokens are projected for the loss, per pair family."""
+    """How ``modality``'s cross tokens are projected for the loss, per pair family. Image towers
+    use their input norm (the reference's ``VisionTransformer.forward`` projects with ``ln_pre``),
+    text towers their final norm; both with the tower's projection."""
     m = pair.model
     if pair.family == "open_clip":
         if modality == "image":
-            return Projector((m.visual, "ln_post"), (m.visual, "proj"))
+            return Projector((m.visual, "ln_pre"), (m.visual, "proj"))
         root = pair.text_tower.root
         return Projector((root, "ln_final"), (root, "text_projection"))
     if pair.family == "hf_clip":
         if modality == "image":
-            return Projector((pair.image_tower.root, "post_layernorm"), (m, "visual_projection"))
+            return Projector((pair.image_tower.root, "pre_layrnorm"), (m, "visual_projection"))
         return Projector((pair.text_tower.root, "final_layer_norm"), (m, "text_projection"))
-    if modality == "image":  # BLIP retrieval: ITC projections of token 0; the text tower is post-norm
+    if modality == "image":  # BLIP retrieval (no reference): no input norm, its final one; text is post-norm
         return Projector((pair.image_tower.root, "post_layernorm"), (m, "vision_proj"))
     return Projector(None, (m, "text_proj"))
 
@@ -469,6 +526,21 @@ register_method(Method(
     mixin="vleff.callbacks.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6}, needs_pair=True,
     description="CrossGET cross-guided token ensembles (both towers of CLIP / BLIP)"))
 
-__all__ = ["CrossGETConfig", "CrossGETHook", "IMPORTANCE_SCALE", "LOSS_NAME", "OFFSETS", "PAIRS_SUPPORTED",
-           "alignment_loss", "apply_crossget", "crossget_applied", "crossget_offsets", "js_divergence", "layer_pairs",
-           "remove_crossget", "resolve_pair", "update_crossget"]
+__all__ = [
+    "ENSEMBLES",
+    "LOSS_NAME",
+    "METRICS",
+    "OFFSETS",
+    "PAIRS_SUPPORTED",
+    "CrossGETConfig",
+    "CrossGETHook",
+    "alignment_loss",
+    "apply_crossget",
+    "crossget_applied",
+    "crossget_offsets",
+    "js_divergence",
+    "layer_pairs",
+    "remove_crossget",
+    "resolve_pair",
+    "update_crossget",
+]
