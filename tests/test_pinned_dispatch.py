@@ -83,6 +83,31 @@ def test_auto_picks_triton_for_cuda_tensors_when_triton_imports(clean):
     assert dispatch.auto_backend(torch.zeros(1)) == ("torch", "auto: tensors on cpu, not CUDA")
 
 
+def test_auto_keeps_the_reference_where_it_was_measured_faster_on_cuda(clean):
+    """GaLore's back-projection: cuBLAS beat the Triton kernel on an H200, so auto picks torch
+    for it (and only for it); forcing Triton still runs Triton."""
+    clean.setattr(dispatch, "_triton_importable", True)
+    clean.setattr(dispatch, "_triton_reason", None)
+    cuda = StubTensor("cuda:0")
+    assert set(dispatch.AUTO_ON_CUDA) == {"galore_project_back"}
+    backend, reason = dispatch.auto_backend(cuda, kernel="galore_project_back")
+    assert backend == "torch" and "measured" in reason
+    assert dispatch.kernel_backend(cuda, kernel="galore_project_back") == "torch"
+    assert dispatch.kernel_backend(cuda, "triton", kernel="galore_project_back") == "triton"
+    assert dispatch.kernel_backend(cuda, kernel="galore_project") == "triton"
+    assert dispatch.auto_backend(torch.zeros(1), kernel="galore_project_back")[0] == "torch"
+
+
+def test_project_back_asks_for_its_measured_exception(clean, monkeypatch):
+    from vleff.kernels import lowrank
+
+    asked = []
+    monkeypatch.setattr(lowrank, "kernel_backend", lambda t, b=None, kernel=None: asked.append(kernel) or "torch")
+    low, proj = torch.randn(4, 2), torch.randn(2, 3)
+    torch.testing.assert_close(lowrank.project_back(low, proj, "right"), low @ proj)
+    assert asked == ["galore_project_back"]
+
+
 def test_bad_backend_names_are_refused(clean):
     with pytest.raises(ValueError, match="backend='cuda'"):
         dispatch.kernel_backend(torch.zeros(1), "cuda")
@@ -160,6 +185,6 @@ def test_kernel_bench_reports_the_auto_backend(clean, monkeypatch):
     for row in rows:
         assert row["auto_backend"] == "torch" and row["auto_reason"] == "auto: tensors on cpu, not CUDA", row
     # the column follows the dispatcher: with a stubbed decision the bench reports Triton
-    monkeypatch.setattr(kernels_bench, "auto_backend", lambda t: ("triton", "auto: stub"))
+    monkeypatch.setattr(kernels_bench, "auto_backend", lambda t, kernel=None: ("triton", "auto: stub"))
     rows = kernels_bench.run_kernel_bench(cfg)
     assert [(r["auto_backend"], r["auto_reason"]) for r in rows] == [("triton", "auto: stub")] * 3

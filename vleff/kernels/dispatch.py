@@ -2,7 +2,8 @@
 
 Rule: ``backend`` argument > ``VLEFF_KERNELS`` environment variable > automatic.
 Automatic picks Triton for CUDA tensors when Triton imports (and ``TRITON_INTERPRET`` is not
-``1``), the reference otherwise. Forcing ``"triton"`` on CPU tensors is allowed (it is how the
+``1``), the reference otherwise, except for the kernels in :data:`AUTO_ON_CUDA`, whose Triton
+version was measured slower than the reference on a GPU (the reference is then a cuBLAS call). Forcing ``"triton"`` on CPU tensors is allowed (it is how the
 kernels are tested under ``TRITON_INTERPRET=1``).
 
 Which backend ran and why is logged once per process and decision (logger
@@ -30,6 +31,14 @@ _triton_reason: str | None = None  # why Triton is not importable (None while it
 #: missing shared library); anything else is a bug and propagates
 _IMPORT_FAILURES = (ImportError, OSError)
 _logged: set[tuple[str, str]] = set()  # (backend, reason) decisions already logged
+
+#: kernel name -> (backend ``auto`` picks for CUDA tensors, why): the measured exceptions to
+#: "Triton on CUDA". ``galore_project_back`` is a plain ``[.., r] @ [r, ..]`` product, which cuBLAS
+#: runs faster: the Triton kernel took 0.70x the reference's speed on an NVIDIA H200 (4096x4096,
+#: rank 256, bf16; ``docs/data/gpu/2026-12-04.md``).
+AUTO_ON_CUDA: dict[str, tuple[Backend, str]] = {
+    "galore_project_back": ("torch", "auto: cuBLAS back-projection measured faster than Triton (H200)"),
+}
 
 
 def triton_available() -> bool:
@@ -60,7 +69,7 @@ def triton_unavailable_reason() -> str | None:
     return _triton_reason
 
 
-def _resolve(tensor: torch.Tensor, backend: str | None) -> tuple[Backend, str]:
+def _resolve(tensor: torch.Tensor, backend: str | None, kernel: str | None = None) -> tuple[Backend, str]:
     choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if choice not in _ALLOWED:
         source = "backend" if backend is not None else ENV_VAR
@@ -79,22 +88,25 @@ def _resolve(tensor: torch.Tensor, backend: str | None) -> tuple[Backend, str]:
         return "torch", "auto: TRITON_INTERPRET=1 (the interpreter runs only when forced)"
     if not triton_available():
         return "torch", f"auto: Triton is not importable ({_triton_reason})"
+    if kernel in AUTO_ON_CUDA:
+        return AUTO_ON_CUDA[kernel]
     return "triton", "auto: CUDA tensors and Triton imports"
 
 
-def auto_backend(tensor: torch.Tensor) -> tuple[Backend, str]:
+def auto_backend(tensor: torch.Tensor, kernel: str | None = None) -> tuple[Backend, str]:
     """``(backend, reason)`` that ``backend="auto"`` picks for ``tensor`` (nothing logged)."""
-    return _resolve(tensor, "auto")
+    return _resolve(tensor, "auto", kernel)
 
 
-def kernel_backend(tensor: torch.Tensor, backend: str | None = None) -> Backend:
+def kernel_backend(tensor: torch.Tensor, backend: str | None = None, kernel: str | None = None) -> Backend:
     """Resolve which implementation handles ``tensor``.
 
     Args:
         tensor: an input of the op (its device decides the automatic choice).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``; ``None`` reads ``VLEFF_KERNELS``.
+        kernel: the kernel's name, for the measured exceptions in :data:`AUTO_ON_CUDA`.
     """
-    chosen, reason = _resolve(tensor, backend)
+    chosen, reason = _resolve(tensor, backend, kernel)
     if not torch.compiler.is_compiling() and (chosen, reason) not in _logged:
         _logged.add((chosen, reason))
         logger.info("vleff kernels: backend %r (%s)", chosen, reason)

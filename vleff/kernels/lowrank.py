@@ -47,7 +47,7 @@ def project(grad: torch.Tensor, proj: torch.Tensor, side: Side, backend: str | N
 
 def project_back(low_rank: torch.Tensor, proj: torch.Tensor, side: Side, backend: str | None = None) -> torch.Tensor:
     """Map a rank-r update back to the full weight shape."""
-    if kernel_backend(low_rank, backend) == "triton":
+    if kernel_backend(low_rank, backend, kernel="galore_project_back") == "triton":
         from vleff.kernels import triton_lowrank
 
         return triton_lowrank.project_back_triton(low_rank, proj, side)

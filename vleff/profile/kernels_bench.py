@@ -257,7 +257,8 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
 
     return {
         "galore_project": ({k: proj_fn(k) for k in cfg.backends}, check_tensor, shape, auto),
-        "galore_project_back": ({k: back_fn(k) for k in cfg.backends}, check_tensor, shape, auto),
+        "galore_project_back": ({k: back_fn(k) for k in cfg.backends}, check_tensor, shape,
+                                auto_backend(low, kernel="galore_project_back")),
         "galore_adam_step": ({k: step_fn(k) for k in cfg.backends}, check_step, shape, auto),
     }
 
