@@ -12,9 +12,9 @@ image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face B
 * **Pruning** between the attention residual and the MLP (BLIP text: after self-attention,
   before cross-attention), over the candidate tokens (not cls/prefix, not the text's EOT or
   pooled token, not padding). Importance ``S`` = mean of three scores, each normalised over the
-  candidates: attention received (max over heads, summed over the queries), codebook score (max
-  over codes; shifted to be non-negative before normalising -- the reference divides raw dot
-  products, whose sum can be near zero, by their sum), and the pooling token's attention
+  candidates (divided by their sum, as the reference): attention received (max over heads,
+  summed over the queries), codebook score (max over codes of the raw dot products;
+  ``code_norm="shift"`` subtracts the minimum first), and the pooling token's attention
   weighted per head by the norm of that head's output. Threshold per sample
   ``min_c Σ_j softmax_j(T_jc / τ) · S_j``; a sample keeps the candidates above it (at least
   ``min_keep``), the others are **fused** into one token weighted by ``S``. A sample that would
@@ -76,6 +76,9 @@ TOWERS = ("image", "text")
 #: token methods MADTP cannot share a tower with (each rewrites the sequence its own way)
 CONFLICTS = ("tome", "evit", "dynamicvit", "crossget")
 RAGGED = ("mask", "max")
+CODE_NORMS = ("sum", "shift")
+#: the reference's guard in every normalisation (``x / (x.sum() + 1e-8)``)
+EPS = 1e-8
 
 
 @dataclass
@@ -94,6 +97,10 @@ class MADTPConfig(MethodConfig):
         min_keep: candidates a sample keeps at least at each pruning block.
         ragged: ``"mask"`` (per-sample exact, batch-independent) or ``"max"`` (the reference's
             batch maximum); see the module docstring.
+        code_norm: how the codebook score (max over codes of the raw dot products) is
+            normalised over the candidates: ``"sum"`` (the reference: divided by its sum) or
+            ``"shift"`` (vleff's earlier choice: minus its minimum, then divided by the sum, which
+            guards against a sum near zero; measured in ``docs/fidelity.md``).
         towers: which towers prune: ``"all"``, ``"image"`` or ``"text"`` (the alignment
             features always come from both).
     """
@@ -108,6 +115,7 @@ class MADTPConfig(MethodConfig):
     min_keep: int = 1
     ragged: str = "mask"
     towers: str = "all"
+    code_norm: str = "sum"
 
     def __post_init__(self) -> None:
         self.flops_reduction = check_number("flops_reduction", self.flops_reduction, low=0, high=1,
@@ -121,6 +129,7 @@ class MADTPConfig(MethodConfig):
             self.locations = _check_locations(self.locations)
         self.min_keep = check_int("min_keep", self.min_keep, low=1)
         check_choice("ragged", self.ragged, RAGGED)
+        check_choice("code_norm", self.code_norm, CODE_NORMS)
         check_towers(self.towers, TOWERS)
 
 
@@ -185,9 +194,17 @@ def alignment_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(image.float(), text.float(), dim=-1)).mean()
 
 
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    """Scores are computed in float32 at least (half-precision sums over tokens round badly)
+    and in float64 for a float64 model (so a reference comparison is exact to float noise)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _normalise(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``score / (Σ score + EPS)`` over the tokens in ``mask`` (0 elsewhere), the reference's
+    normalisation of every score and of the fusion weights (a sum of 0, no token, gives 0)."""
     s = score * mask
-    return s / s.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return s / (s.sum(dim=1, keepdim=True) + EPS)
 
 
 class MADTPHook(TowerHook):
@@ -263,7 +280,7 @@ class MADTPHook(TowerHook):
             scratch["feature"] = feature if scratch["feature"] is None else scratch["feature"] + feature
         if not self._prunes(info.index):
             return x
-        return self._prune(x, info, state, t.float())
+        return self._prune(x, info, state, t.to(_score_dtype(t)))
 
     def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         scratch = state.scratch.get(HOOK_NAME, {})
@@ -295,19 +312,21 @@ class MADTPHook(TowerHook):
     def importance(self, info: BlockInfo, state: TokenState, t: torch.Tensor,
                    cand: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` importance ``S`` of the candidates (0 elsewhere)."""
-        probs = info.probs.float()  # [B, H, N, N]
+        probs = info.probs.to(t.dtype)  # [B, H, N, N]
         queries = live.clone()
         queries[:, :state.num_prefix] = False
         received = (probs.amax(dim=1) * queries[:, :, None]).sum(dim=1)  # [B, N] over keys
         s_attn = _normalise(received, cand)
-        code = t.amax(dim=-1)
-        low = code.masked_fill(~cand, float("inf")).amin(dim=1, keepdim=True)
-        s_code = _normalise((code - low).clamp_min(0).masked_fill(~cand, 0), cand)
+        code = t.amax(dim=-1)  # raw dot products: the reference divides them by their sum as they are
+        if self.config.code_norm == "shift":  # vleff's earlier choice, kept as an option
+            low = code.masked_fill(~cand, float("inf")).amin(dim=1, keepdim=True)
+            code = (code - low).clamp_min(0)
+        s_code = _normalise(code.masked_fill(~cand, 0), cand)
         rows = self._pool_rows(state, probs)
         index = rows[:, None, None, None].expand(-1, probs.shape[1], 1, probs.shape[-1])
         pooled = probs.gather(2, index)[:, :, 0]  # [B, H, N]
-        heads = info.head_outputs.float().norm(dim=-1)  # [B, H, N]
-        heads = heads / heads.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        heads = info.head_outputs.to(t.dtype).norm(dim=-1)  # [B, H, N]
+        heads = heads / (heads.sum(dim=1, keepdim=True) + EPS)
         s_cls = (pooled * heads).sum(dim=1) * cand
         return (s_attn + s_code + s_cls) / 3.0
 
@@ -483,7 +502,7 @@ def madtp_tau(model: nn.Module) -> float:
 
 
 def update_madtp(model: nn.Module, **changes: Any) -> None:
-    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep`` or ``ragged`` of an applied MADTP."""
+    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep``, ``ragged`` or ``code_norm`` of an applied MADTP."""
     pair, module = _pair_and_module(model)
     hooks = hooks_named(pair.model, HOOK_NAME)
     old = hooks[0].config
