@@ -177,3 +177,31 @@ def test_mask_rectangle_is_the_neediest_samples_count_and_never_grows(tower, tau
     assert counts == sorted(counts, reverse=True)  # never more tokens out than in
     assert len(set(map(tuple, alone_counts))) > 1  # the samples needed different counts
     torch.testing.assert_close(both, torch.cat(alone), atol=1e-10, rtol=1e-9)  # each sample is its own
+
+
+# --- point 8: the text tower's pooled token is never pruned ------------------------------------------
+@pytest.mark.parametrize("family", ["open_clip", "hf_clip"])
+@pytest.mark.parametrize("ragged", ["mask", "max"])
+def test_the_eot_token_is_never_fused_or_dropped(family, ragged):
+    """Heavy pruning (τ=1e3, every block) of CLIP text: after the last block each caption's EOT
+    is still a token of its own, holding its input position and no other (the reference CLIP
+    code pools at the original EOT index of a reordered sequence; vleff keeps the EOT out of
+    the candidates, as its docstring promises). Making the EOT a candidate fails this test."""
+    from vleff.backbones import find_pair, get_patch
+    from vleff.backbones.text import PROTECTED, SOURCE
+
+    torch.manual_seed(0)
+    model = (_clip(layers=3) if family == "open_clip" else tm.hf_clip_model().double()).eval()
+    apply_madtp(model, tau=1e3, ragged=ragged, towers="text")
+    pair = find_pair(model)
+    ids = tm.token_ids(4, length=16, seed=2)
+    eot = ids.argmax(dim=-1)  # the EOT (id 99) is the largest id, once per caption
+    with torch.no_grad():
+        pair.encode_text(ids)
+    counts = token_counts(model)["text"]
+    state = get_patch(pair.text_tower.root).state
+    source, protected = state.get(SOURCE), state.get(PROTECTED).bool()
+    assert counts[-1] < counts[0] // 2, counts  # most tokens were fused away (or padding dropped)
+    assert protected.sum(dim=1).tolist() == [1] * 4
+    held = source[protected]  # [B, input positions]: what each EOT token holds
+    torch.testing.assert_close(held, F.one_hot(eot, source.shape[-1]).to(held.dtype), atol=0, rtol=0)
