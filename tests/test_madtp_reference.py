@@ -38,7 +38,7 @@ def _images(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 64, 64, generator=g, dtype=torch.float64)
 
 
-def _official_image_tower(model, images: torch.Tensor, tau: float, max_keep: int = 1):
+def _official_image_tower(model, images: torch.Tensor, tau: float, max_keep: int = 1, shift: bool = False):
     """The official CLIP vision forward with MADTP pruning: ``(image embedding, tokens entering
     each block, per block the batch maximum of patches above the threshold)``. Written from the
     reference's behaviour, not from vleff."""
@@ -65,6 +65,8 @@ def _official_image_tower(model, images: torch.Tensor, tau: float, max_keep: int
         received = probs[:, :, 1:, 1:].max(dim=1).values.sum(dim=1)
         received = received / (received.sum(dim=1, keepdim=True) + 1e-8)
         code = scores.max(dim=2).values
+        if shift:  # not the reference: vleff's code_norm="shift"
+            code = code - code.min(dim=1, keepdim=True).values
         code = code / (code.sum(dim=1, keepdim=True) + 1e-8)
         head_norm = heads[:, :, 1:].norm(dim=-1)
         head_norm = head_norm / (head_norm.sum(dim=1, keepdim=True) + 1e-8)
@@ -205,3 +207,29 @@ def test_the_eot_token_is_never_fused_or_dropped(family, ragged):
     assert protected.sum(dim=1).tolist() == [1] * 4
     held = source[protected]  # [B, input positions]: what each EOT token holds
     torch.testing.assert_close(held, F.one_hot(eot, source.shape[-1]).to(held.dtype), atol=0, rtol=0)
+
+
+# --- options and bad input ---------------------------------------------------------------------------
+def test_code_norm_shift_is_the_old_minimum_shift():
+    """``code_norm="shift"`` (kept as an option): the codebook score minus its minimum over the
+    patches, then over its sum; it prunes differently from the reference at the same τ."""
+    model = _clip(layers=3)
+    apply_madtp(model, tau=3.0, ragged="max", towers="image", code_norm="shift")
+    images = _images(3)
+    with torch.no_grad():
+        shifted = model.encode_image(images)
+        counts = token_counts(model)["image"]
+        ref, ref_counts, _ = _official_image_tower(model, images, 3.0, shift=True)
+        official, official_counts, _ = _official_image_tower(model, images, 3.0)
+    assert counts == ref_counts != official_counts
+    torch.testing.assert_close(shifted, ref, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [("code_norm", "max", "'sum', 'shift'"),
+                                                        ("min_keep", -1, ">= 0")])
+def test_bad_settings_are_refused_with_what_is_allowed(name, value, allowed):
+    from vleff.tokens.madtp import MADTPConfig
+
+    with pytest.raises(ValueError, match=f"{name}={value!r}") as err:
+        MADTPConfig(**{name: value})
+    assert allowed in str(err.value)
