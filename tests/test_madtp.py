@@ -55,14 +55,13 @@ def _reference_blocks(visual, x, module, tau):
         recv = attn[:, :, 1:, 1:].max(1)[0].sum(1)
         recv = recv / recv.sum(1, keepdim=True)
         code = t.max(2)[0]
-        code = code - code.min(1, keepdim=True)[0]
-        code = code / code.sum(1, keepdim=True)
+        code = code / code.sum(1, keepdim=True)  # raw scores over their sum, as the reference
         hw = o[:, :, 1:].norm(dim=-1)
         cls = (attn[:, :, 0, 1:] * hw / hw.sum(1, keepdim=True)).sum(1)
         s = (recv + code + cls) / 3
         thr = (torch.softmax(t / tau, dim=1).transpose(1, 2) @ s[..., None]).min(1)[0]
-        keep = max(int((s > thr).sum(1).max()), 1)
-        if n - 1 - keep > 1:
+        keep = int((s > thr).sum(1).max())
+        if keep > 1 and n - 1 - keep > 1:  # the reference skips the block otherwise
             top = s.topk(keep, dim=1).indices.sort(1).values
             rest = torch.ones_like(s, dtype=torch.bool).scatter(1, top, False)
             w = s * rest

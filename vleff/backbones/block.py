@@ -90,7 +90,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionC
     if keep is not None:
         probs = keep_masked_softmax(logits.float(), keep).to(q.dtype)
     elif cfg.softmax_fp32 or need_probs:
-        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        # float32 at least (a float64 model keeps float64: reference comparisons to float noise)
+        probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
     else:
         probs = logits.softmax(dim=-1)
     kept_probs = probs if need_probs else None

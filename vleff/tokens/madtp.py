@@ -12,13 +12,16 @@ image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face B
 * **Pruning** between the attention residual and the MLP (BLIP text: after self-attention,
   before cross-attention), over the candidate tokens (not cls/prefix, not the text's EOT or
   pooled token, not padding). Importance ``S`` = mean of three scores, each normalised over the
-  candidates: attention received (max over heads, summed over the queries), codebook score (max
-  over codes; shifted to be non-negative before normalising -- the reference divides raw dot
-  products, whose sum can be near zero, by their sum), and the pooling token's attention
+  candidates (divided by their sum, as the reference): attention received (max over heads,
+  summed over the queries), codebook score (max over codes of the raw dot products;
+  ``code_norm="shift"`` subtracts the minimum first), and the pooling token's attention
   weighted per head by the norm of that head's output. Threshold per sample
-  ``min_c Σ_j softmax_j(T_jc / τ) · S_j``; a sample keeps the candidates above it (at least
-  ``min_keep``), the others are **fused** into one token weighted by ``S``. A sample that would
-  fuse a single token keeps it instead (fusing one token into one saves nothing). Text padding
+  ``min_c Σ_j softmax_j(T_jc / τ) · S_j``; a sample keeps the candidates above it, the others
+  are **fused** into one token weighted by ``S``. As in the reference CLIP code, a block leaves a
+  sample alone when at most ``min_keep`` (default 1, the reference's ``max_keep``) candidates
+  clear the threshold -- one dominating token is no reason to drop all the others -- or when it
+  would fuse a single token (that saves nothing); ``min_keep=0`` is the reference BLIP code's
+  rule (a block prunes to one token when only one clears the threshold). Text padding
   is never a candidate; the first pruning block drops it (beyond the batch's longest text),
   which changes no real token's output (padding is masked) and is most of a short caption's
   cost in a 77-token context (the reference keeps it as candidates).
@@ -34,8 +37,9 @@ image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face B
   best fused-away tokens) that no token attends to (an additive bias; a filler field follows
   every later reduction) and that later blocks never keep or fuse. A sample's output does not
   depend on the rest of its batch (tested): retrieval embeddings cached one batch at a time
-  stay the same whatever they were batched with. The compute is the batch maximum's, as in
-  the reference.
+  stay the same whatever they were batched with. The rectangle (the compute) is what the
+  neediest sample needs (a sample that fuses nothing while others do puts its last kept token
+  in the fused token's slot), so a block never puts out more tokens than it got.
 * ``"max"`` (the reference): every sample keeps the batch-maximum count of its best tokens,
   so a sample's pruning depends on its batch.
 
@@ -76,6 +80,9 @@ TOWERS = ("image", "text")
 #: token methods MADTP cannot share a tower with (each rewrites the sequence its own way)
 CONFLICTS = ("tome", "evit", "dynamicvit", "crossget")
 RAGGED = ("mask", "max")
+CODE_NORMS = ("sum", "shift")
+#: the reference's guard in every normalisation (``x / (x.sum() + 1e-8)``)
+EPS = 1e-8
 
 
 @dataclass
@@ -91,9 +98,15 @@ class MADTPConfig(MethodConfig):
         align_weight: weight of the cosine alignment loss (paper: 0.1).
         locations: blocks that prune (``None``: every block, as the reference; ``()``: none,
             only the alignment features are computed).
-        min_keep: candidates a sample keeps at least at each pruning block.
+        min_keep: a block prunes a sample (``ragged="max"``: the batch) only if more than
+            ``min_keep`` candidates clear its threshold, else it keeps them all there (the
+            reference CLIP code's ``max_keep``, 1; ``0`` is the reference BLIP code's rule).
         ragged: ``"mask"`` (per-sample exact, batch-independent) or ``"max"`` (the reference's
             batch maximum); see the module docstring.
+        code_norm: how the codebook score (max over codes of the raw dot products) is
+            normalised over the candidates: ``"sum"`` (the reference: divided by its sum) or
+            ``"shift"`` (vleff's earlier choice: minus its minimum, then divided by the sum, which
+            guards against a sum near zero; measured in ``docs/fidelity.md``).
         towers: which towers prune: ``"all"``, ``"image"`` or ``"text"`` (the alignment
             features always come from both).
     """
@@ -108,6 +121,7 @@ class MADTPConfig(MethodConfig):
     min_keep: int = 1
     ragged: str = "mask"
     towers: str = "all"
+    code_norm: str = "sum"
 
     def __post_init__(self) -> None:
         self.flops_reduction = check_number("flops_reduction", self.flops_reduction, low=0, high=1,
@@ -119,8 +133,9 @@ class MADTPConfig(MethodConfig):
         self.align_weight = check_number("align_weight", self.align_weight, low=0, owner="MADTP")
         if self.locations is not None:
             self.locations = _check_locations(self.locations)
-        self.min_keep = check_int("min_keep", self.min_keep, low=1)
+        self.min_keep = check_int("min_keep", self.min_keep, low=0)
         check_choice("ragged", self.ragged, RAGGED)
+        check_choice("code_norm", self.code_norm, CODE_NORMS)
         check_towers(self.towers, TOWERS)
 
 
@@ -185,9 +200,17 @@ def alignment_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(image.float(), text.float(), dim=-1)).mean()
 
 
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    """Scores are computed in float32 at least (half-precision sums over tokens round badly)
+    and in float64 for a float64 model (so a reference comparison is exact to float noise)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _normalise(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``score / (Σ score + EPS)`` over the tokens in ``mask`` (0 elsewhere), the reference's
+    normalisation of every score and of the fusion weights (a sum of 0, no token, gives 0)."""
     s = score * mask
-    return s / s.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return s / (s.sum(dim=1, keepdim=True) + EPS)
 
 
 class MADTPHook(TowerHook):
@@ -263,7 +286,7 @@ class MADTPHook(TowerHook):
             scratch["feature"] = feature if scratch["feature"] is None else scratch["feature"] + feature
         if not self._prunes(info.index):
             return x
-        return self._prune(x, info, state, t.float())
+        return self._prune(x, info, state, t.to(_score_dtype(t)))
 
     def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         scratch = state.scratch.get(HOOK_NAME, {})
@@ -295,19 +318,21 @@ class MADTPHook(TowerHook):
     def importance(self, info: BlockInfo, state: TokenState, t: torch.Tensor,
                    cand: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` importance ``S`` of the candidates (0 elsewhere)."""
-        probs = info.probs.float()  # [B, H, N, N]
+        probs = info.probs.to(t.dtype)  # [B, H, N, N]
         queries = live.clone()
         queries[:, :state.num_prefix] = False
         received = (probs.amax(dim=1) * queries[:, :, None]).sum(dim=1)  # [B, N] over keys
         s_attn = _normalise(received, cand)
-        code = t.amax(dim=-1)
-        low = code.masked_fill(~cand, float("inf")).amin(dim=1, keepdim=True)
-        s_code = _normalise((code - low).clamp_min(0).masked_fill(~cand, 0), cand)
+        code = t.amax(dim=-1)  # raw dot products: the reference divides them by their sum as they are
+        if self.config.code_norm == "shift":  # vleff's earlier choice, kept as an option
+            low = code.masked_fill(~cand, float("inf")).amin(dim=1, keepdim=True)
+            code = (code - low).clamp_min(0)
+        s_code = _normalise(code.masked_fill(~cand, 0), cand)
         rows = self._pool_rows(state, probs)
         index = rows[:, None, None, None].expand(-1, probs.shape[1], 1, probs.shape[-1])
         pooled = probs.gather(2, index)[:, :, 0]  # [B, H, N]
-        heads = info.head_outputs.float().norm(dim=-1)  # [B, H, N]
-        heads = heads / heads.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        heads = info.head_outputs.to(t.dtype).norm(dim=-1)  # [B, H, N]
+        heads = heads / (heads.sum(dim=1, keepdim=True) + EPS)
         s_cls = (pooled * heads).sum(dim=1) * cand
         return (s_attn + s_code + s_cls) / 3.0
 
@@ -331,33 +356,45 @@ class MADTPHook(TowerHook):
         threshold = (w * score[..., None]).sum(dim=1).amin(dim=1)  # [B]
         n_cand = cand.sum(dim=1)
         k = ((score > threshold[:, None]) & cand).sum(dim=1)
-        k = torch.minimum(torch.clamp(k, min=self.config.min_keep), n_cand)
-        if self.config.ragged == "max":  # the reference: the batch maximum, skipped when it fuses <= 1 token
-            k = torch.minimum(k.max().expand_as(k), n_cand)
-            if int((n_cand - k).max()) <= 1:
+        # the reference leaves a block alone where at most ``max_keep`` (CLIP images: 1, here
+        # ``min_keep``) candidates clear the threshold, or where at most one would be fused
+        # (fusing a single token saves nothing)
+        if self.config.ragged == "max":  # the reference: the batch maximum
+            k_max = int(k.max())
+            k = torch.minimum(torch.full_like(k, k_max), n_cand)
+            if k_max <= self.config.min_keep or int((n_cand - k).max()) <= 1:
                 k = n_cand
-        else:
-            k = torch.where(n_cand - k <= 1, n_cand, k)  # per sample: fusing a single token saves nothing
+        else:  # per sample
+            k = torch.where((k <= self.config.min_keep) | (n_cand - k <= 1), n_cand, k)
         ranked = score.masked_fill(~cand, float("-inf"))
         order = ranked.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
         keep = cand & (rank < k[:, None])
+        fuses = (cand & ~keep).any(dim=1)  # [B] samples that fuse at this block
+        carry = torch.zeros_like(keep)
+        if bool(fuses.any()):
+            # one slot is appended for the fused tokens; a sample that fuses nothing moves its last
+            # kept candidate there (a token "fused" alone is that token, exactly), so the batch's
+            # rectangle is what its neediest sample needs and never longer than the block's input
+            carry = keep & (rank == (k - 1)[:, None]) & ~fuses[:, None]
         fixed = live & ~cand  # prefix, protected
         filler_old = state.get(FILLER)
         spare = ~live & ~cand  # padding and earlier fillers: free filler slots
         if filler_old is not None:
             spare = spare | filler_old.bool()
-        # slot order: kept tokens, then spare slots, then the best fused-away candidates
-        key = torch.where(fixed | keep, 3.0, torch.where(spare, 2.0, 1.0 - (rank.float() + 1) / (n + 1)))
-        total = int((fixed | keep).sum(dim=1).max())
+        slots = (fixed | keep) & ~carry
+        # slot order: kept tokens, then spare slots, then the best fused-away candidates (the
+        # carried token last: it is never needed as a filler)
+        fallback = torch.where(carry, 0.0, 1.0 - (rank.to(score.dtype) + 1) / (n + 1))
+        key = torch.where(slots, 3.0, torch.where(spare, 2.0, fallback))
+        total = int(slots.sum(dim=1).max())
         idx = key.topk(total, dim=1).indices.sort(dim=1).values
         chosen = torch.zeros_like(cand).scatter(1, idx, True)
-        if self.config.ragged == "max":
-            keep = cand & chosen  # the reference: filler slots are simply kept
-        dropped = cand & ~keep
-        if not bool(dropped.any()):  # nothing to fuse: only padding beyond the longest text goes
+        keep = cand & chosen if self.config.ragged == "max" else keep & ~carry  # "max": filler slots are kept
+        members = cand & ~keep  # what the appended token holds: the dropped candidates, or the carried one
+        if not bool(members.any()):  # nothing to fuse: only padding beyond the longest text goes
             return x if total == n else state.select(x, idx)
-        weight = _normalise(score, dropped)
+        weight = torch.where(fuses[:, None], _normalise(score, members), members.to(score.dtype))
         fused = (weight.to(x.dtype)[..., None] * x).sum(dim=1, keepdim=True)
         new_filler = None
         if self.config.ragged == "mask":
@@ -365,11 +402,11 @@ class MADTPHook(TowerHook):
                 state.register(FILLER, torch.zeros(b, n, dtype=torch.long, device=dev), "max")
                 filler_old = state.get(FILLER)
             new_filler = (filler_old.bool() | (chosen & cand & ~keep)).long()
-        values = state.fuse(dropped)
+        values = state.fuse(members)
         x = state.select(x, idx)
         if new_filler is not None:
             state.set(FILLER, gather_tokens(new_filler, idx))
-            values[FILLER] = (~dropped.any(dim=1, keepdim=True)).long()  # nothing fused: the slot is filler
+            values[FILLER] = (~members.any(dim=1, keepdim=True)).long()  # nothing fused: the slot is filler
         return state.append(x, fused, values)
 
 
@@ -483,7 +520,7 @@ def madtp_tau(model: nn.Module) -> float:
 
 
 def update_madtp(model: nn.Module, **changes: Any) -> None:
-    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep`` or ``ragged`` of an applied MADTP."""
+    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep``, ``ragged`` or ``code_norm`` of an applied MADTP."""
     pair, module = _pair_and_module(model)
     hooks = hooks_named(pair.model, HOOK_NAME)
     old = hooks[0].config
