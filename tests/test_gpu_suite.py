@@ -25,8 +25,9 @@ def suite():
     sys.modules.pop("gpu_suite", None)
 
 
-# one job of each runner: the others differ from these only in their settings
-DRY_JOBS = ("env", "kernels_vit_l384", "speed_clip_b16_compiled", "memory_side_clip_b32", "memory_clip")
+# one job of each runner: the others differ from these only in their settings (the image-text
+# pair path of speed mode, CrossGET and MADTP, is tested in test_bench_cli.py on a whole CLIP)
+DRY_JOBS = ("env", "kernels_vit_l384", "speed_vit_b16_compiled", "memory_side_clip_b32", "memory_clip")
 
 
 @pytest.mark.slow
@@ -45,15 +46,15 @@ def test_dry_run_writes_every_job(suite, tmp_path):
     kernels = jobs["kernels_vit_l384"]["rows"]
     assert {r["case"] for r in kernels} >= {"tome_match", "tome_merge", "galore_adam_step"}
 
-    speed = jobs["speed_clip_b16_compiled"]["rows"]
-    assert [r["name"].split("(")[0] for r in speed] == ["baseline", "tome", "crossget", "madtp"]
+    speed = jobs["speed_vit_b16_compiled"]["rows"]
+    assert [r["name"].split("(")[0] for r in speed] == ["baseline", "tome", "evit", "dynamicvit"]
     for row in speed:
         assert row["flop_limit_fraction"] == pytest.approx(row["speedup"] * row["flops_ratio"])
         assert row["tflops"] == pytest.approx(row["gflops_per_sample"] * row["images_per_s"] / 1e3)
         assert row["of_matmul_peak"] == pytest.approx(row["tflops"] / env["matmul_tflops"])
         assert row["compile_s"] > 0
     assert speed[0]["flop_limit_fraction"] == pytest.approx(1.0)
-    assert speed[3]["flops_ratio"] == pytest.approx(0.5, abs=0.05)  # MADTP calibrated to its target
+    assert all(r["flops_ratio"] < 1 for r in speed[1:])
 
     side = jobs["memory_side_clip_b32"]["rows"]
     assert [r["method"] for r in side] == ["lst"] and side[0]["peak_mib"] > 0
@@ -67,7 +68,7 @@ def test_dry_run_writes_every_job(suite, tmp_path):
     text = (tmp_path / f"{result['date']}.md").read_text()
     for name in DRY_JOBS:
         assert f"## {name}:" in text
-    assert "| crossget(r_image=16, r_text=6) |" in text
+    assert "| tome(r=16) |" in text
 
 
 def _fake_jobs(suite, calls):
