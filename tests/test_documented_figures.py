@@ -1,0 +1,20 @@
+"""Figures the README quotes are the committed benchmark output they cite (one owner per number)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_madtp_flops_table_follows_its_json():
+    rows = json.loads((ROOT / "docs" / "data" / "madtp_flops.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    readme = (ROOT / "README.md").read_text()
+    assert len(rows) == 6
+    for row in rows:
+        cells = (f"| {row['flops_reduction']} | {row['baseline_gflops']:.2f} | {row['madtp_gflops']:.2f} | "
+                 f"{row['ratio']:.3f} ({row['target_ratio']:.3f}) | {100 * row['error_vs_target']:.2f} %")
+        assert cells in readme, cells
+        tokens = f"| {row['image_tokens'][-1]} | {row['text_tokens'][0]}→{row['text_tokens'][1]}"
+        assert tokens in readme, tokens
