@@ -37,7 +37,11 @@ Per tower and per block (between the attention and the MLP, like ToMe):
 
 Text towers keep their token ids' meaning through the tower's layout fields
 (:mod:`vleff.backbones.text`): positions, the protected EOT and the source map merge with the
-tokens, so the EOT is found and pooled as without CrossGET.
+tokens, so the EOT is found and pooled as without CrossGET. Causal text towers: CLIP's, a causal
+encoder pooled at its EOT, is merged (only the pooled EOT is its result); a causal *decoder* is
+never merged -- the pairs CrossGET accepts have none (BLIP captioning/VQA are refused), and a
+text tower that runs as one is refused at run time (a merge decided on the whole sequence would
+let earlier positions' outputs depend on later tokens).
 
 **Alignment loss.** In training (module in train mode, gradients on) each tower keeps its cross
 token as it *enters* every block (``x_cross.detach() + offset[i]``: the loss trains the offsets
@@ -79,7 +83,14 @@ from vleff.backbones import (
     get_patch,
 )
 from vleff.backbones.pairs import PAIRS_SUPPORTED, ModelPair, find_pair, pair_context
-from vleff.backbones.text import PAD, POSITION, PROTECTED, SOURCE, eot_rows
+from vleff.backbones.text import (
+    PAD,
+    POSITION,
+    PROTECTED,
+    SOURCE,
+    eot_rows,
+    refuse_causal_decoder,
+)
 from vleff.checks import check_bool, check_choice, check_int, check_number
 from vleff.kernels.graph_merge import (
     complete_graph_matching,
@@ -303,6 +314,7 @@ class CrossGETHook(TowerHook):
             r = min(self.r, max_graph_merge(n, state.num_prefix))
             row = torch.full((b,), s["index"], dtype=torch.long, device=x.device)
         else:
+            refuse_causal_decoder(state, "CrossGET")
             n_prot = int(protected.sum(dim=1).max())
             r = min(self.r, max_graph_merge(n, n_prot), int(feasible_sources(protected, groups).min()))
             row = eot_rows(state)

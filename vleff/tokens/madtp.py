@@ -45,7 +45,12 @@ image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face B
 
 Text towers keep causal order and find their EOT after pruning through the framework's text
 layout (:mod:`vleff.backbones.text`), which the reference CLIP code does not (it pools at the
-original EOT index with a fixed mask).
+original EOT index with a fixed mask). A causal *encoder* pooled at its EOT (CLIP) is pruned;
+a causal *decoder* (BLIP captioning's ``text_decoder``, a prediction at every position; the
+reference prunes BLIP's retrieval and NLVR2 encoders only) is refused -- at apply time unless
+``towers="image"``, and when a tower runs as one: the threshold and the fused token mix the whole
+sequence, so outputs at earlier positions would depend on later tokens. With
+``towers="image"`` the decoder only supplies its alignment feature (a loss, not an output).
 
 >>> vleff.apply_madtp(model, flops_reduction=0.5)
 >>> vleff.calibrate_madtp(model, batches)          # τ for 0.5x the measured FLOPs
@@ -67,7 +72,7 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerHook, get_patch
 from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, pair_context
 from vleff.backbones.state import gather_tokens
-from vleff.backbones.text import PAD, PROTECTED, eot_rows
+from vleff.backbones.text import PAD, PROTECTED, eot_rows, refuse_causal_decoder, refuse_causal_decoder_towers
 from vleff.checks import check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, tower_modalities
@@ -343,6 +348,7 @@ class MADTPHook(TowerHook):
 
     @torch.compiler.disable(recursive=True)  # data-dependent keep counts: run eagerly under torch.compile
     def _prune(self, x: torch.Tensor, info: BlockInfo, state: TokenState, t: torch.Tensor) -> torch.Tensor:
+        refuse_causal_decoder(state, "MADTP")
         b, n = x.shape[:2]
         dev = x.device
         live = self._content(state).to(dev)  # not prefix / padding / filler
@@ -465,7 +471,9 @@ def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings:
 
     Raises:
         TypeError: ``model`` has one tower or none (MADTP needs both).
-        ValueError: a bad setting, or another token method on a tower MADTP prunes.
+        ValueError: a bad setting, another token method on a tower MADTP prunes, or ``towers``
+            naming a text tower the model runs as a causal decoder (BLIP captioning: use
+            ``towers="image"``).
 
     Returns:
         ``model``. Applying twice replaces the earlier codebook. τ starts at ``tau``; call
@@ -478,6 +486,9 @@ def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings:
     locs = {m: (tuple(range(len(t.blocks()))) if cfg.locations is None
                 else _check_locations(cfg.locations, len(t.blocks()), m)) for m, t in towers.items()}
     _refuse_conflicts(pair, prune)
+    if "text" in prune:
+        refuse_causal_decoder_towers(pair.model, [pair.text_tower], "MADTP", f"towers={cfg.towers!r}",
+                                     "Use towers='image' (the decoder then only supplies its alignment feature)")
     widths = {m: t.embed_dim for m, t in towers.items()}
     depths = {m: len(t.blocks()) for m, t in towers.items()}
     code_dim = cfg.code_dim or max(widths.values())
