@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 import vleff
 from vleff.backbones import token_counts
 
@@ -103,3 +103,102 @@ def test_madtp_on_the_image_tower_of_a_captioning_model_keeps_the_decoder_causal
     _assert_causal(model)
     counts = token_counts(model)
     assert counts["image"][-1] < counts["image"][0] and counts["text"] == [N, N]
+
+
+# --- item 11: cross-tower state between steps ---------------------------------------------------------
+@pytest.mark.parametrize("method", ["crossget", "madtp"])
+def test_an_unpaired_forward_is_not_paired_with_the_next_step(method):
+    """An image-only training step (forward, backward, optimizer step), then a text-first step:
+    the text must pair with this step's image, not the stale one (whose graph is freed and whose
+    weights changed: autograd failed before). The aux loss must equal the same step's loss
+    computed again with no earlier forward pending."""
+    torch.manual_seed(0)
+    model = tm.open_clip_model().double().train()
+    if method == "crossget":
+        vleff.apply_crossget(model, r_image=2, r_text=2)
+    else:
+        vleff.apply_madtp(model, tau=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    img, ids = tm.images(2).double(), tm.token_ids(2)
+    loss = model.encode_image(tm.images(2, seed=5).double()).square().mean() + vleff.vleff_aux_loss(model)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+    t, i = model.encode_text(ids), model.encode_image(img)
+    aux = vleff.vleff_aux_loss(model)
+    assert aux.requires_grad
+    (t.square().mean() + i.square().mean() + aux).backward()  # before: autograd error
+
+    model.encode_text(ids)  # the same step again, nothing pending: the same pairing
+    model.encode_image(img)
+    again = vleff.vleff_aux_loss(model)
+    torch.testing.assert_close(aux.detach(), again.detach(), atol=1e-12, rtol=0)
+
+
+# --- item 3: MADTP's callback in a stand-alone evaluation ------------------------------------------------
+def _evaluated(tmp_path, stage: str, prepare=None):
+    import warnings
+
+    import tiny_lightning as tl
+
+    from vleff.callbacks import MADTP
+
+    class Evaluated(tl.TinyCLIP):
+        def _step(self, batch):
+            images, ids = batch
+            return (self.model.encode_image(images) * 0).sum() + self.model.encode_text(ids).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val", self._step(batch))
+
+        def test_step(self, batch, batch_idx):
+            self.log("test", self._step(batch))
+
+        def predict_step(self, batch, batch_idx):
+            return self._step(batch)
+
+    torch.manual_seed(0)
+    module = Evaluated()
+    if prepare is not None:
+        prepare(module.model)
+    callback = MADTP(flops_reduction=0.3, calibration_batches=1, max_evals=4)
+    trainer = tl.trainer(tmp_path, [callback])
+    loader = tl.pair_loader(4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a 2-block tower may not reach the target exactly
+        getattr(trainer, stage)(module, loader)
+    return module, callback, loader
+
+
+@pytest.mark.parametrize("stage", ["validate"])  # test and predict take the same path
+def test_madtp_callback_calibrates_before_a_standalone_evaluation(tmp_path, stage):
+    """Without a fit, τ is calibrated on the stage's first batch: the model ends where
+    ``calibrate_madtp`` on that batch puts the same model (before: τ stayed at its start, 1)."""
+    import warnings
+
+    from vleff.tokens.madtp import calibrate_madtp, madtp_tau
+
+    module, callback, loader = _evaluated(tmp_path, stage)
+    model = module.model
+    assert model.vleff_madtp.calibrated and not callback.controller.calibrated  # a later fit calibrates anew
+    expected = vleff.apply_madtp(tm.open_clip_model(), flops_reduction=0.3)
+    expected.load_state_dict(model.state_dict())  # the same weights and codebook
+    expected.vleff_madtp.tau, expected.vleff_madtp.start = 1.0, 0  # τ as applied
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = calibrate_madtp(expected.eval(), [next(iter(loader))], max_evals=4)
+    assert madtp_tau(model) == result.tau != 1.0 and model.vleff_madtp.start == result.start
+
+
+def test_madtp_callback_keeps_a_chosen_tau_in_an_evaluation(tmp_path):
+    """A τ the user set (or a checkpoint or calibrate_madtp brought) is not recalibrated."""
+    from vleff.tokens.madtp import madtp_tau
+
+    def prepare(model):
+        vleff.apply_madtp(model, flops_reduction=0.3)
+        assert not model.vleff_madtp.calibrated and madtp_tau(model) == 1.0  # as applied: not chosen
+        vleff.update(model, "madtp", tau=7.0)
+
+    module, _, _ = _evaluated(tmp_path, "predict", prepare)
+    assert madtp_tau(module.model) == 7.0 and module.model.vleff_madtp.calibrated

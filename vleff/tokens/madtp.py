@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerHook, get_patch
-from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, pair_context
+from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, hold, pair_context, partner
 from vleff.backbones.state import gather_tokens
 from vleff.backbones.text import PAD, PROTECTED, eot_rows, refuse_causal_decoder, refuse_causal_decoder_towers
 from vleff.checks import check_choice, check_int, check_number, check_towers
@@ -178,15 +178,20 @@ class MADTPModule(nn.Module):
         self.tau = float(tau)
         #: the first block that prunes (the controller's second knob, see :func:`calibrate_madtp`)
         self.start = 0
+        #: τ was chosen: by :func:`calibrate_madtp`, a checkpoint, or ``update_madtp(tau=...)``
+        #: (``False`` while τ is the starting value; the callback then calibrates before an evaluation)
+        self.calibrated = False
         self.enabled = True
         self.__dict__["_pending"] = {}
 
     def get_extra_state(self) -> dict[str, float]:
-        return {"tau": self.tau, "start": self.start}
+        return {"tau": self.tau, "start": self.start, "calibrated": self.calibrated}
 
     def set_extra_state(self, state: dict[str, float]) -> None:
         self.tau = float(state["tau"])
         self.start = int(state.get("start", 0))
+        # a checkpoint from before the flag holds the τ it trained with: keep it as chosen
+        self.calibrated = bool(state.get("calibrated", True))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -194,8 +199,9 @@ class MADTPModule(nn.Module):
         return state
 
     @property
-    def pending(self) -> dict[str, torch.Tensor]:
-        """Alignment features waiting for the other tower (outside a :class:`PairContext`)."""
+    def pending(self) -> dict[str, Any]:
+        """Alignment features waiting for the other tower (outside a :class:`PairContext`), as
+        :class:`vleff.backbones.pairs.Held` entries that expire with their step."""
         return self.__dict__.setdefault("_pending", {})
 
 
@@ -300,16 +306,13 @@ class MADTPHook(TowerHook):
             return x
         ctx = pair_context(state)
         store = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.module.pending
-        store[self.modality] = feature
-        other = store.get("text" if self.modality == "image" else "image")
-        if other is None:
-            return x
-        if other.shape == feature.shape:
-            state.add_aux_loss(ALIGN_LOSS, alignment_loss(store["image"], store["text"]) * self.config.align_weight)
-            store.clear()
-        else:  # not the same samples (a class-prompt batch): keep only the newest
-            store.clear()
-            store[self.modality] = feature
+        other = partner(store, self.modality)  # a stale one (its forward backpropagated) is dropped
+        store.clear()
+        if other is not None and other.shape == feature.shape:
+            image, text = (feature, other) if self.modality == "image" else (other, feature)
+            state.add_aux_loss(ALIGN_LOSS, alignment_loss(image, text) * self.config.align_weight)
+        else:  # the other tower has not run in this step (or on other samples): wait for it
+            hold(store, self.modality, feature, x, self.module.codebook)
         return x
 
     def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
@@ -544,6 +547,7 @@ def update_madtp(model: nn.Module, **changes: Any) -> None:
         hook.config = new
     if "tau" in changes:
         module.tau = new.tau
+        module.calibrated = True  # a τ the user (or a restored controller) chose
 
 
 # --- the FLOPs controller -------------------------------------------------------------------------
@@ -817,6 +821,7 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
         outcome = search(first, max(4, (max_evals - len(evals)) // 2))
     best_tau, best, best_start = min(evals, key=lambda e: (abs(e[1] - target), e[2], e[0]))
     module.tau, module.start = best_tau, best_start
+    module.calibrated = True
     for hook in hooks:
         hook.config = hook.config.replace(tau=best_tau, flops_reduction=p)
     result = MADTPCalibration(best_tau, best, baseline, target, p, evals, best_start)
