@@ -229,7 +229,8 @@ def test_reduction_under_the_key_value_cache_is_refused():
     torch.manual_seed(0)
     model = tm.hf_blip_captioning().eval()
     ids, mask = tm.blip_token_ids()
-    vleff.apply_tome(model, r=2, towers="text")
+    # EViT: the token method allowed on a causal decoder (ToMe and MADTP refuse one, see test_token_causal.py)
+    vleff.apply_evit(model, keep_rate=0.5, locations=[0], towers="text")
     with torch.no_grad(), pytest.raises(RuntimeError, match="key/value cache"):
         model(pixel_values=tm.images(), input_ids=ids, attention_mask=mask)  # use_cache defaults to True
     with torch.no_grad():  # without the cache (training, use_cache=False) it runs

@@ -347,9 +347,9 @@ def test_cross_tokens_entering_each_block_are_carried_forward(monkeypatch):
     seen = {}
     real = CrossGETHook._align
 
-    def spy(self, inputs, state):
+    def spy(self, inputs, state, *rest):
         seen[self.modality] = inputs.detach()
-        return real(self, inputs, state)
+        return real(self, inputs, state, *rest)
 
     monkeypatch.setattr(CrossGETHook, "_align", spy)
     model = _model()

@@ -369,7 +369,8 @@ def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
     codebook = "model.vleff_madtp.codebook"
     assert not torch.allclose(straight.state_dict()[codebook], fresh_sd["vleff_madtp.codebook"])  # trained
     assert straight.state_dict()["model.vleff_madtp._extra_state"] == {"tau": madtp_tau(straight.model),
-                                                                       "start": straight.model.vleff_madtp.start}
+                                                                       "start": straight.model.vleff_madtp.start,
+                                                                       "calibrated": True}
 
 
 def _trained_reductions(module) -> list[float]:

@@ -160,6 +160,15 @@ class TowerAdapter(ABC):
         """``[B]`` position of each sample's EOT token, by the library's own pooling rule."""
         raise NotImplementedError(f"{self.describe()} is not a text tower")
 
+    def causal_decoder_in(self, model: nn.Module) -> bool:
+        """Whether ``model`` runs this tower as a *causal decoder*: a tower whose every output
+        position is a prediction under a causal mask (BLIP's captioning/answer decoder,
+        teacher-forced in training). Token methods that decide a reduction on the whole
+        sequence refuse such a tower: an earlier position's output would depend on later tokens.
+        A causal *encoder* pooled at its EOT (CLIP's text tower) is not a decoder: only its pooled
+        output, which sees every real token anyway, is its result. Default: ``False``."""
+        return False
+
     def layout_hook(self) -> "TowerHook | None":
         """A tower-level hook the patch runs ahead of every method's hooks (text towers that keep
         their padding mask right under reductions); ``None`` when the tower needs none. Towers

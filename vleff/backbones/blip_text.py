@@ -20,6 +20,11 @@ per-position logits and the library's ``[:, 0]`` pooling see the length they exp
 The text pools at token 0 ([CLS]/[ENC]/[DEC]): it is the tower's one prefix token, and the
 layout marks it protected, so the methods that rank by a text tower's pooling token (EViT)
 rank by it.
+
+The decoder (``is_decoder=True``: the library's mask is causal) predicts at every position:
+the layout marks such a forward (:data:`vleff.backbones.text.CAUSAL_DECODER`), and the
+``bert`` of a ``BlipTextLMHeadModel`` is known as a decoder before it runs
+(:meth:`HFBlipTextAdapter.causal_decoder_in`), so token methods can refuse it at apply time.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from vleff.backbones.base import AttentionConfig, BlockParts, CrossInputs, Pooli
 from vleff.backbones.block import mask_to_bias
 from vleff.backbones.hooks import TowerHook
 from vleff.backbones.state import TokenState, gather_tokens
-from vleff.backbones.text import LAYOUT_HOOK, PAD, POSITION, PROTECTED, SOURCE, TextLayout
+from vleff.backbones.text import CAUSAL_DECODER, LAYOUT_HOOK, PAD, POSITION, PROTECTED, SOURCE, TextLayout
 
 
 def masked_keys(mask: torch.Tensor) -> torch.Tensor:
@@ -44,6 +49,16 @@ def masked_keys(mask: torch.Tensor) -> torch.Tensor:
     else:
         hidden = mask <= torch.finfo(mask.dtype).min / 2
     return hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])[:, -1]
+
+
+def is_causal_mask(mask: torch.Tensor | None) -> bool:
+    """Whether the library's attention mask hides from some query a key that its last query sees
+    (a causal mask: BLIP's text run with ``is_decoder=True``); a padding-only mask has equal rows."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] < 2:
+        return False
+    hidden = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+    hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+    return bool((hidden[:, :-1] & ~hidden[:, -1:]).any())
 
 
 class PaddedTextLayout(TextLayout):
@@ -73,6 +88,7 @@ class PaddedTextLayout(TextLayout):
     def library_mask(self, mask: torch.Tensor | None, is_causal: bool, state: TokenState):
         if LAYOUT_HOOK not in state.scratch:  # block 0: the library's mask for the input positions
             state.scratch[LAYOUT_HOOK] = mask
+            state.scratch[CAUSAL_DECODER] = is_causal_mask(mask)
             if mask is not None:
                 hidden = masked_keys(mask)[:, -state.num_input_tokens:]  # a cache puts past keys in front
                 hidden = hidden.expand(state.batch_size, -1).long()
@@ -131,6 +147,14 @@ class HFBlipTextAdapter(TowerAdapter):
 
     def layout_hook(self) -> TowerHook:
         return PaddedTextLayout(self)
+
+    def causal_decoder_in(self, model: nn.Module) -> bool:
+        """``True`` when ``model`` holds this tower as the ``bert`` of a ``BlipTextLMHeadModel``
+        (BLIP captioning's and VQA's ``text_decoder``), which the library always runs with
+        ``is_decoder=True``. A tower applied to on its own is caught at run time instead."""
+        from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
+
+        return any(isinstance(m, BlipTextLMHeadModel) and m.bert is self.root for m in model.modules())
 
     def gradient_checkpointing(self) -> bool:
         # transformers 5 keeps the flag on every GradientCheckpointingLayer (the blocks) as well

@@ -70,6 +70,57 @@ class PairContext:
         state.scratch[PAIR_CONTEXT] = self
 
 
+class Held:
+    """A tower's training value waiting for the other tower of its pair (see :func:`hold`)."""
+
+    __slots__ = ("spent", "value", "version", "watch")
+
+    def __init__(self, value: torch.Tensor, watch: torch.Tensor | None) -> None:
+        self.value = value
+        self.watch = watch
+        self.version = None if watch is None else watch._version
+        self.spent = False
+
+    def expire(self, grad: torch.Tensor) -> None:
+        """Tensor hook on the forward's output: a backward pass ran through that forward."""
+        self.spent = True
+
+    @property
+    def stale(self) -> bool:
+        return self.spent or (self.watch is not None and self.watch._version != self.version)
+
+
+def hold(store: dict[str, Any], modality: str, value: torch.Tensor, output: torch.Tensor,
+         watch: torch.Tensor | None = None) -> None:
+    """Leave ``value`` (a cross-modal method's training feature) in ``store`` for the other tower.
+
+    Why it can expire: outside a :class:`PairContext` nothing says which forwards belong to one
+    step, and a value left by a forward whose partner never came (an image-only training
+    forward) must not be paired with a later, unrelated forward of the other tower -- its graph
+    may already be freed by that forward's backward, or its weights changed by an optimizer step
+    (autograd then fails with an error naming neither method), and its samples are not the new
+    ones. So the value is dropped once a backward pass runs through ``output`` (the tower output
+    of the forward that left it) or once ``watch`` (the method's own trained parameter) changes
+    in place. Inside a :class:`PairContext` the same rule holds, and the context bounds the step."""
+    entry = Held(value, watch)
+    store[modality] = entry
+    if output.requires_grad:
+        output.register_hook(entry.expire)
+
+
+def partner(store: dict[str, Any], modality: str) -> torch.Tensor | None:
+    """The other tower's value :func:`hold` left in ``store``, or ``None`` (none, or expired:
+    an expired one is removed)."""
+    other = "text" if modality == "image" else "image"
+    entry = store.get(other)
+    if entry is None:
+        return None
+    if entry.stale:
+        del store[other]
+        return None
+    return entry.value
+
+
 def pair_context(state: TokenState) -> PairContext | None:
     """The context a tower forward ran in (``None`` outside :meth:`ModelPair.context`)."""
     ctx = state.scratch.get(PAIR_CONTEXT)
@@ -291,4 +342,4 @@ class PairEncoder(nn.Module):
 
 
 __all__ = ["BlipPair", "HFCLIPPair", "ModelPair", "OpenClipPair", "PAIR_CONTEXT", "PAIRS_SUPPORTED", "PairContext",
-           "PairEncoder", "caption_mask", "find_pair", "pair_context"]
+           "Held", "PairEncoder", "caption_mask", "find_pair", "hold", "pair_context", "partner"]

@@ -20,6 +20,19 @@ merge or drop tokens would break both. The patch of a text tower therefore insta
 
 A sentence's embedding then does not depend on its padded length or on what follows its EOT
 (tested), as long as a method sizes its reduction from the real tokens.
+
+**Causal encoders and causal decoders.** The rebuilt mask keeps every token from *attending* to a
+later position, but a reduction is decided on the whole sequence (ToMe's matching, MADTP's
+threshold) and a merged token holds several positions, so after a reduction the output at an
+input position may depend on later tokens. For a causal *encoder* pooled at its EOT (CLIP's
+text tower) that is harmless: its result is the pooled EOT, which sees every real token anyway
+(the other positions of ``last_hidden_state`` are then not per-position features). A causal
+*decoder* (BLIP's text decoder, run with ``is_decoder=True``) predicts at every position, and
+teacher-forced training would read the future. Its layout hook marks the forward
+(:func:`runs_as_causal_decoder`, read from the library's causal mask), and each token method
+states its rule: the methods that reduce by a whole-sequence decision refuse such a tower
+(:func:`refuse_causal_decoder`); EViT, whose ranking token (BLIP: token 0) sees no later token,
+keeps the first tokens and stays causal (tested).
 """
 from __future__ import annotations
 
@@ -34,6 +47,8 @@ PROTECTED = "protected"
 PAD = "pad"
 SOURCE = "text_source"
 LAYOUT_HOOK = "text_layout"
+#: ``TokenState.scratch`` key set (``True``) when the library ran the tower as a causal decoder
+CAUSAL_DECODER = "causal_decoder"
 
 
 class TextLayout(TowerHook):
@@ -98,4 +113,38 @@ def eot_rows(state: TokenState) -> torch.Tensor:
     return protected.argmax(dim=1)
 
 
-__all__ = ["BlockInfo", "LAYOUT_HOOK", "PAD", "POSITION", "PROTECTED", "SOURCE", "TextLayout", "eot_rows"]
+def runs_as_causal_decoder(state: TokenState) -> bool:
+    """Whether the tower forward of ``state`` runs as a causal decoder (see the module docstring)."""
+    return bool(state.scratch.get(CAUSAL_DECODER, False))
+
+
+def refuse_causal_decoder(state: TokenState, method: str) -> None:
+    """``RuntimeError`` naming ``method`` when it is about to reduce the tokens of a tower the
+    library runs as a causal decoder (outputs at earlier positions would depend on later tokens)."""
+    if runs_as_causal_decoder(state):
+        raise RuntimeError(
+            f"{method} cannot reduce the tokens of a text tower that runs as a causal decoder (is_decoder=True, "
+            "e.g. BLIP's text_decoder: a prediction at every position): its reduction is decided on the whole "
+            "sequence, so the outputs at earlier positions would depend on later tokens and teacher-forced training "
+            f"would read the future. Apply {method} to the image tower or to a text encoder only (EViT is "
+            "allowed on a decoder)")
+
+
+def refuse_causal_decoder_towers(model: nn.Module, towers: list, method: str, setting: str,
+                                 hint: str | None = None) -> None:
+    """``ValueError`` at apply time when one of ``towers`` (the adapters a method is about to
+    patch) is a causal decoder of ``model`` (:meth:`TowerAdapter.causal_decoder_in`).
+    ``setting``: the offending setting as the user wrote it (``"towers='all'"``); ``hint``: what
+    to do instead (default: the image tower, or the text encoder alone)."""
+    hint = hint or (f"Use towers='image', or apply {method} to the text encoder alone (e.g. model.text_encoder); "
+                    "EViT is allowed on a decoder")
+    for tower in towers:
+        if tower.modality == "text" and tower.causal_decoder_in(model):
+            raise ValueError(
+                f"{setting}: {method} cannot reduce the tokens of {tower.describe()}: {type(model).__name__} runs it "
+                "as a causal decoder (a prediction at every position, teacher-forced in training), and a reduction "
+                f"decided on the whole sequence makes the outputs at earlier positions depend on later tokens. {hint}")
+
+
+__all__ = ["BlockInfo", "CAUSAL_DECODER", "LAYOUT_HOOK", "PAD", "POSITION", "PROTECTED", "SOURCE", "TextLayout", "eot_rows", "refuse_causal_decoder", "refuse_causal_decoder_towers",
+           "runs_as_causal_decoder"]

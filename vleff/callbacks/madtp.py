@@ -17,6 +17,11 @@ Lightning validates at the end of an epoch *before* ``on_train_epoch_end``, so a
 validation metrics are of the τ that epoch trained with, and the re-calibration after the last
 epoch (which keeps the final weights at the FLOPs target) comes after the last validation:
 run ``trainer.validate`` once more for figures of the model training leaves.
+
+A stand-alone ``trainer.validate`` / ``test`` / ``predict`` (no ``fit`` in this run) of a model
+whose τ was never chosen (no fit, no checkpoint with τ, no :func:`vleff.calibrate_madtp`)
+calibrates first, on that stage's first ``calibration_batches`` batches: otherwise it would run
+at the starting τ, far from the FLOPs target, without a word.
 """
 from __future__ import annotations
 
@@ -26,7 +31,13 @@ import lightning.pytorch as pl
 from torch import nn
 
 from vleff.callbacks.aux_loss import AuxLoss
-from vleff.tokens.madtp import MADTPConfig, _find_pair_in, apply_madtp, madtp_applied
+from vleff.tokens.madtp import (
+    MADTPConfig,
+    _find_pair_in,
+    _pair_and_module,
+    apply_madtp,
+    madtp_applied,
+)
 from vleff.tokens.madtp_controller import MADTPController
 
 CHECKPOINT_KEY = "vleff_madtp_controller"
@@ -137,6 +148,46 @@ class MADTP(AuxLoss):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._target is not None
         controller_train_start(trainer, self.controller, self._target)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_for_evaluation(trainer, "validate")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_for_evaluation(trainer, "test")
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_for_evaluation(trainer, "predict")
+
+    def _calibrate_for_evaluation(self, trainer: pl.Trainer, stage: str) -> None:
+        """Calibrate τ on the stage's first batches when no calibration exists (see the module
+        docstring). The training controller is left untouched (a later ``fit`` calibrates on its
+        training batches); rank 0 calibrates and every rank gets its τ."""
+        from lightning.pytorch.trainer.states import TrainerFn
+        from lightning.pytorch.utilities import rank_zero_info
+
+        if self._target is None or trainer.state.fn == TrainerFn.FITTING or self.controller.calibrated:
+            return
+        if _pair_and_module(self._target)[1].calibrated:
+            return
+        loader = {"validate": trainer.val_dataloaders, "test": trainer.test_dataloaders,
+                  "predict": trainer.predict_dataloaders}[stage]
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        c = self.controller
+        probe = MADTPController(c.num_batches, False, c.rtol, c.max_evals, c.epoch_max_evals, c.measure, c.samples,
+                                self.config.flops_reduction)
+        try:
+            if loader is None:
+                raise ValueError("the trainer has no dataloader for it")
+            probe.capture(loader)
+        except (TypeError, ValueError) as err:
+            raise RuntimeError(
+                f"MADTP: trainer.{stage} runs a model whose τ was never calibrated (no fit, no checkpoint with τ), "
+                f"and its {stage} batches cannot calibrate it ({err}); call vleff.calibrate_madtp(model, batches) "
+                "first, or load a checkpoint trained with the MADTP callback") from err
+        rank_zero_info(f"MADTP: τ was never calibrated; calibrating for flops_reduction="
+                       f"{self.config.flops_reduction} on the first {len(probe.batches or [])} {stage} batches")
+        _on_rank_zero(trainer, probe, self._target, lambda: probe.calibrate(self._target, final=True))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._target is None or not controller_epoch_end(trainer, self.controller, self._target):

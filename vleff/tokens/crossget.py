@@ -37,7 +37,11 @@ Per tower and per block (between the attention and the MLP, like ToMe):
 
 Text towers keep their token ids' meaning through the tower's layout fields
 (:mod:`vleff.backbones.text`): positions, the protected EOT and the source map merge with the
-tokens, so the EOT is found and pooled as without CrossGET.
+tokens, so the EOT is found and pooled as without CrossGET. Causal text towers: CLIP's, a causal
+encoder pooled at its EOT, is merged (only the pooled EOT is its result); a causal *decoder* is
+never merged -- the pairs CrossGET accepts have none (BLIP captioning/VQA are refused), and a
+text tower that runs as one is refused at run time (a merge decided on the whole sequence would
+let earlier positions' outputs depend on later tokens).
 
 **Alignment loss.** In training (module in train mode, gradients on) each tower keeps its cross
 token as it *enters* every block (``x_cross.detach() + offset[i]``: the loss trains the offsets
@@ -78,8 +82,22 @@ from vleff.backbones import (
     find_towers,
     get_patch,
 )
-from vleff.backbones.pairs import PAIRS_SUPPORTED, ModelPair, find_pair, pair_context
-from vleff.backbones.text import PAD, POSITION, PROTECTED, SOURCE, eot_rows
+from vleff.backbones.pairs import (
+    PAIRS_SUPPORTED,
+    ModelPair,
+    find_pair,
+    hold,
+    pair_context,
+    partner,
+)
+from vleff.backbones.text import (
+    PAD,
+    POSITION,
+    PROTECTED,
+    SOURCE,
+    eot_rows,
+    refuse_causal_decoder,
+)
 from vleff.checks import check_bool, check_choice, check_int, check_number
 from vleff.kernels.graph_merge import (
     complete_graph_matching,
@@ -206,7 +224,7 @@ class PendingCrossTokens:
     tensors belong to the running step's graph."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, Any] = {}  # modality -> vleff.backbones.pairs.Held
 
     def __getstate__(self) -> dict[str, Any]:
         return {"pending": {}}
@@ -303,6 +321,7 @@ class CrossGETHook(TowerHook):
             r = min(self.r, max_graph_merge(n, state.num_prefix))
             row = torch.full((b,), s["index"], dtype=torch.long, device=x.device)
         else:
+            refuse_causal_decoder(state, "CrossGET")
             n_prot = int(protected.sum(dim=1).max())
             r = min(self.r, max_graph_merge(n, n_prot), int(feasible_sources(protected, groups).min()))
             row = eot_rows(state)
@@ -355,17 +374,25 @@ class CrossGETHook(TowerHook):
         x = state.select(x, keep[None].expand(x.shape[0], -1))
         state.num_prefix -= 1
         if s["record"] and s["inputs"]:
-            self._align(torch.stack(s["inputs"], dim=1), state)
+            self._align(torch.stack(s["inputs"], dim=1), state, x)
         s["inputs"] = []
         return x
 
-    def _align(self, inputs: torch.Tensor, state: TokenState) -> None:
+    def _align(self, inputs: torch.Tensor, state: TokenState, output: torch.Tensor) -> None:
+        """Pair this forward's projected cross tokens with the other tower's of the same step, or
+        leave them for it. A value left by a forward that a backward pass has since run through,
+        or before an optimizer step changed the offsets, is not of this step and is dropped
+        (:func:`vleff.backbones.pairs.hold`), so an unpaired forward never pairs with a later one."""
         ctx = pair_context(state)
         pending = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.link.pending
-        pending[self.modality] = self.projector(inputs)
-        if "image" in pending and "text" in pending:
-            loss = alignment_loss(pending.pop("image"), pending.pop("text"))
-            state.add_aux_loss(LOSS_NAME, loss * self.config.loss_weight)
+        value = self.projector(inputs)
+        other = partner(pending, self.modality)
+        pending.clear()
+        if other is None:
+            hold(pending, self.modality, value, output, getattr(self.root, OFFSETS))
+            return
+        image, text = (value, other) if self.modality == "image" else (other, value)
+        state.add_aux_loss(LOSS_NAME, alignment_loss(image, text) * self.config.loss_weight)
 
 
 # --- the towers of a pair -------------------------------------------------------------------------------

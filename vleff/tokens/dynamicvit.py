@@ -1,5 +1,9 @@
 """DynamicViT (Rao et al., NeurIPS 2021): learned token pruning on every supported image tower.
 
+Image towers only (``towers="image"``): its predictors score the whole sequence at once, so
+on a causal text tower an earlier position's output would depend on later tokens; text
+towers, causal encoders and decoders alike, are not offered.
+
 Small prediction modules sit in front of chosen blocks (default three evenly spaced ones,
 ``(3, 6, 9)`` for 12 blocks) with hierarchical keep ratios ``ρ, ρ², ρ³``.
 

@@ -11,6 +11,15 @@ which matters when fine-tuning a trained model. Its size (``state.size``) is the
 sizes it absorbs, so proportional attention (ToMe's ``+log size``) stays consistent when both
 methods are stacked.
 
+Causal text towers: on a causal encoder pooled at its EOT (CLIP) the EOT ranks the tokens. On a
+causal decoder (BLIP's ``text_decoder``, a prediction at every position) EViT is allowed
+because it stays causal: the ranking token is [DEC] at position 0, which the causal mask lets
+see no later token, so every candidate scores 0 and the kept tokens are the first ``k`` real
+ones (``k`` from the padding mask, not from the content); the fused token gets weight 0 from
+each dropped token and holds only the dropped positions, all after the kept ones. Changing
+token ``t`` leaves every output before ``t`` unchanged (tested); the outputs at dropped
+positions are the fused token's.
+
 >>> vleff.apply_evit(model, keep_rate=0.7, locations=(3, 6, 9))
 >>> vleff.update(model, "evit", keep_rate=0.9)   # schedules change it without re-applying
 >>> vleff.remove_evit(model)

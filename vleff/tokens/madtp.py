@@ -45,7 +45,12 @@ image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face B
 
 Text towers keep causal order and find their EOT after pruning through the framework's text
 layout (:mod:`vleff.backbones.text`), which the reference CLIP code does not (it pools at the
-original EOT index with a fixed mask).
+original EOT index with a fixed mask). A causal *encoder* pooled at its EOT (CLIP) is pruned;
+a causal *decoder* (BLIP captioning's ``text_decoder``, a prediction at every position; the
+reference prunes BLIP's retrieval and NLVR2 encoders only) is refused -- at apply time unless
+``towers="image"``, and when a tower runs as one: the threshold and the fused token mix the whole
+sequence, so outputs at earlier positions would depend on later tokens. With
+``towers="image"`` the decoder only supplies its alignment feature (a loss, not an output).
 
 >>> vleff.apply_madtp(model, flops_reduction=0.5)
 >>> vleff.calibrate_madtp(model, batches)          # τ for 0.5x the measured FLOPs
@@ -65,9 +70,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerHook, get_patch
-from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, pair_context
+from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, hold, pair_context, partner
 from vleff.backbones.state import gather_tokens
-from vleff.backbones.text import PAD, PROTECTED, eot_rows
+from vleff.backbones.text import PAD, PROTECTED, eot_rows, refuse_causal_decoder, refuse_causal_decoder_towers
 from vleff.checks import check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, tower_modalities
@@ -173,15 +178,20 @@ class MADTPModule(nn.Module):
         self.tau = float(tau)
         #: the first block that prunes (the controller's second knob, see :func:`calibrate_madtp`)
         self.start = 0
+        #: τ was chosen: by :func:`calibrate_madtp`, a checkpoint, or ``update_madtp(tau=...)``
+        #: (``False`` while τ is the starting value; the callback then calibrates before an evaluation)
+        self.calibrated = False
         self.enabled = True
         self.__dict__["_pending"] = {}
 
     def get_extra_state(self) -> dict[str, float]:
-        return {"tau": self.tau, "start": self.start}
+        return {"tau": self.tau, "start": self.start, "calibrated": self.calibrated}
 
     def set_extra_state(self, state: dict[str, float]) -> None:
         self.tau = float(state["tau"])
         self.start = int(state.get("start", 0))
+        # a checkpoint from before the flag holds the τ it trained with: keep it as chosen
+        self.calibrated = bool(state.get("calibrated", True))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -189,8 +199,9 @@ class MADTPModule(nn.Module):
         return state
 
     @property
-    def pending(self) -> dict[str, torch.Tensor]:
-        """Alignment features waiting for the other tower (outside a :class:`PairContext`)."""
+    def pending(self) -> dict[str, Any]:
+        """Alignment features waiting for the other tower (outside a :class:`PairContext`), as
+        :class:`vleff.backbones.pairs.Held` entries that expire with their step."""
         return self.__dict__.setdefault("_pending", {})
 
 
@@ -295,16 +306,13 @@ class MADTPHook(TowerHook):
             return x
         ctx = pair_context(state)
         store = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.module.pending
-        store[self.modality] = feature
-        other = store.get("text" if self.modality == "image" else "image")
-        if other is None:
-            return x
-        if other.shape == feature.shape:
-            state.add_aux_loss(ALIGN_LOSS, alignment_loss(store["image"], store["text"]) * self.config.align_weight)
-            store.clear()
-        else:  # not the same samples (a class-prompt batch): keep only the newest
-            store.clear()
-            store[self.modality] = feature
+        other = partner(store, self.modality)  # a stale one (its forward backpropagated) is dropped
+        store.clear()
+        if other is not None and other.shape == feature.shape:
+            image, text = (feature, other) if self.modality == "image" else (other, feature)
+            state.add_aux_loss(ALIGN_LOSS, alignment_loss(image, text) * self.config.align_weight)
+        else:  # the other tower has not run in this step (or on other samples): wait for it
+            hold(store, self.modality, feature, x, self.module.codebook)
         return x
 
     def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
@@ -343,6 +351,7 @@ class MADTPHook(TowerHook):
 
     @torch.compiler.disable(recursive=True)  # data-dependent keep counts: run eagerly under torch.compile
     def _prune(self, x: torch.Tensor, info: BlockInfo, state: TokenState, t: torch.Tensor) -> torch.Tensor:
+        refuse_causal_decoder(state, "MADTP")
         b, n = x.shape[:2]
         dev = x.device
         live = self._content(state).to(dev)  # not prefix / padding / filler
@@ -465,7 +474,9 @@ def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings:
 
     Raises:
         TypeError: ``model`` has one tower or none (MADTP needs both).
-        ValueError: a bad setting, or another token method on a tower MADTP prunes.
+        ValueError: a bad setting, another token method on a tower MADTP prunes, or ``towers``
+            naming a text tower the model runs as a causal decoder (BLIP captioning: use
+            ``towers="image"``).
 
     Returns:
         ``model``. Applying twice replaces the earlier codebook. τ starts at ``tau``; call
@@ -478,6 +489,9 @@ def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings:
     locs = {m: (tuple(range(len(t.blocks()))) if cfg.locations is None
                 else _check_locations(cfg.locations, len(t.blocks()), m)) for m, t in towers.items()}
     _refuse_conflicts(pair, prune)
+    if "text" in prune:
+        refuse_causal_decoder_towers(pair.model, [pair.text_tower], "MADTP", f"towers={cfg.towers!r}",
+                                     "Use towers='image' (the decoder then only supplies its alignment feature)")
     widths = {m: t.embed_dim for m, t in towers.items()}
     depths = {m: len(t.blocks()) for m, t in towers.items()}
     code_dim = cfg.code_dim or max(widths.values())
@@ -533,6 +547,7 @@ def update_madtp(model: nn.Module, **changes: Any) -> None:
         hook.config = new
     if "tau" in changes:
         module.tau = new.tau
+        module.calibrated = True  # a τ the user (or a restored controller) chose
 
 
 # --- the FLOPs controller -------------------------------------------------------------------------
@@ -806,6 +821,7 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
         outcome = search(first, max(4, (max_evals - len(evals)) // 2))
     best_tau, best, best_start = min(evals, key=lambda e: (abs(e[1] - target), e[2], e[0]))
     module.tau, module.start = best_tau, best_start
+    module.calibrated = True
     for hook in hooks:
         hook.config = hook.config.replace(tau=best_tau, flops_reduction=p)
     result = MADTPCalibration(best_tau, best, baseline, target, p, evals, best_start)

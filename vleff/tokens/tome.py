@@ -6,6 +6,12 @@ with size-weighted averages; proportional attention adds ``log(size)`` to the at
 logits so a merged token counts as many tokens. See :mod:`vleff.kernels.tome` for the
 matching itself.
 
+Text towers (``towers="text"``/``"all"``): a causal *encoder* pooled at its EOT (CLIP) is
+merged, its EOT kept apart and pooled as usual (:mod:`vleff.backbones.text`); a causal
+*decoder* (BLIP's ``text_decoder``, a prediction at every position) is refused, at apply time
+and when a tower runs as one: the matching is decided on the whole sequence and a merged token
+holds several positions, so outputs at earlier positions would depend on later tokens.
+
 >>> vleff.apply_tome(model, r=16)             # 16 tokens fewer per block
 >>> vleff.apply_tome(model, r=(16, 0.5))      # linear ramp over depth, mean 16
 >>> vleff.update(model, "tome", r=8)          # re-schedule without re-applying
@@ -24,11 +30,16 @@ import torch
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
-from vleff.backbones.text import PAD, PROTECTED
+from vleff.backbones.text import (
+    PAD,
+    PROTECTED,
+    refuse_causal_decoder,
+    refuse_causal_decoder_towers,
+)
 from vleff.checks import check_bool, check_towers
 from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_weighted
 from vleff.registry import Method, MethodConfig, register_method
-from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
+from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "tome"
 RSpec = Union[int, Sequence[int], tuple[int, float], Mapping[str, float]]
@@ -165,6 +176,7 @@ class ToMeHook(TowerHook):
             return x
         if state.get("keep") is not None:
             raise RuntimeError("ToMe cannot merge tokens while a masking method (DynamicViT training) is active")
+        refuse_causal_decoder(state, "ToMe")
         # text towers: the EOT is protected and padding merges only with padding
         plan = bipartite_soft_matching(info.keys.mean(dim=1), r, state.num_prefix,
                                        protected=state.get(PROTECTED), groups=state.get(PAD))
@@ -184,10 +196,15 @@ def apply_tome(model: nn.Module, config: ToMeConfig | None = None, **settings: A
         config: a :class:`ToMeConfig`; ``settings`` (``r=8``, ``prop_attn=False`` ...) build
             or update it.
 
+    Raises:
+        ValueError: a bad setting, or ``towers`` naming a text tower ``model`` runs as a causal
+            decoder (see the module docstring).
+
     Returns:
         ``model``, for chaining. Applying twice replaces the earlier settings.
     """
     cfg = ToMeConfig.build(config, **settings)
+    refuse_causal_decoder_towers(model, select_towers(model, cfg.towers), "ToMe", f"towers={cfg.towers!r}")
     if hooks_named(model, HOOK_NAME):
         remove_tome(model)
 
