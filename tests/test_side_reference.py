@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
-
-import tiny_models as tm
-import vleff
 from families import IMAGE
+
+import vleff
 from vleff.backbones import find_towers, get_patch
 from vleff.models.vlm import VisionLanguageModel
 from vleff.side import common
@@ -224,6 +224,20 @@ def test_memvp_vision_adapters_are_scaled_by_the_reference_s():
 
 
 # -------------------------------------------------------------- trainable backbone (point 17)
+def _apply_side(method: str, model: torch.nn.Module) -> None:
+    if method == "lst":
+        apply_lst(model, reduction=2, towers="image")
+    elif method == "unipt":
+        apply_unipt(model, towers="image")
+    else:
+        apply_vqt(model, num_queries=2)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "vleff_" in n and (".up." in n or ".proj." in n):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
 def _side_output(model: torch.nn.Module, method: str, family: str, x: torch.Tensor) -> torch.Tensor:
     """Run the model and return only what the side network produced (its correction or VQT's
     projection), by wrapping the side module's last step."""
@@ -254,18 +268,15 @@ def test_no_gradient_reaches_a_trainable_backbone_through_the_side_path(method, 
 
     torch.manual_seed(0)
     model = FAMILIES[family].make().to(D).eval()
-    {"lst": lambda m: apply_lst(m, reduction=2, towers="image"), "unipt": lambda m: apply_unipt(m, towers="image"),
-     "vqt": lambda m: apply_vqt(m, num_queries=2)}[method](model)
+    _apply_side(method, model)  # a non-zero last layer: the side output has a gradient to pass on
     tower = find_towers(model, "image")[0]
     side = {id(p) for p in tower.root.get_submodule(f"vleff_{method}").parameters()}
     backbone = [(n, p) for n, p in tower.root.named_parameters() if id(p) not in side]
     assert all(p.requires_grad for _, p in backbone)
     _side_output(model, method, family, _images()).square().sum().backward()
-    reached = [n for n, p in backbone if p.grad is not None and p.grad.abs().sum() > 0]
-    if method == "vqt":
-        blocks = {id(p) for b in tower.blocks() for p in b.parameters()}
-        reached = [n for n, p in backbone if p.grad is not None and p.grad.abs().sum() > 0 and id(p) not in blocks]
-    assert reached == []
+    blocks = {id(p) for b in tower.blocks() for p in b.parameters()} if method == "vqt" else set()
+    reached = [n for n, p in backbone if p.grad is not None and id(p) not in blocks]
+    assert reached == []  # not even a zero gradient: those weights are not in the side output's graph
     assert all(p.grad is not None for p in tower.root.get_submodule(f"vleff_{method}").parameters()
                if p.requires_grad and p.dim() > 1)
 
@@ -291,20 +302,6 @@ def test_vqt_block_weight_gradients_come_from_the_query_path_alone():
 
 
 # --------------------------------------------------------------------------- lifetime (point 18)
-def _apply_side(method: str, model: torch.nn.Module) -> None:
-    if method == "lst":
-        apply_lst(model, reduction=2, towers="image")
-    elif method == "unipt":
-        apply_unipt(model, towers="image")
-    else:
-        apply_vqt(model, num_queries=2)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "vleff_" in n and (".up." in n or ".proj." in n):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 class _Boom(RuntimeError):
     pass
 
@@ -357,13 +354,34 @@ def test_side_state_ends_with_the_forward_that_set_it(method, family):
         assert not torch.allclose(out, IMAGE[family](model, x), atol=1e-6)
 
 
-def test_side_state_is_dropped_when_a_block_raises_outside_the_root_forward():
-    """Point 18 through an entry point that bypasses the root's ``forward``
-    (``forward_features``): a block that raises drops the partial side state."""
+def _raise_after(*args):
+    raise _Boom("a failure after the module's forward")
+
+
+@pytest.mark.parametrize("where", ["last_block_output_in_model_forward", "final_norm_in_forward_features",
+                                   "block_in_forward_features"])
+def test_side_state_is_dropped_wherever_the_forward_raises(where):
+    """Point 18, each place a forward can end by an exception: after the last block inside the
+    root's ``forward`` (the root's hook drops the state), in the final norm under
+    ``forward_features``, which bypasses the root's ``forward`` (the norm's own hook), in a block
+    under ``forward_features`` (the block's hook). Afterwards the final norm called directly is
+    the plain norm."""
     model = _vit()
     _apply_side("lst", model)
-    handle = model.blocks[2].register_forward_pre_hook(_raise)
+    x = _images()
+    if where == "last_block_output_in_model_forward":
+        handle = model.blocks[-1].register_forward_hook(_raise_after)
+        run = model
+    elif where == "final_norm_in_forward_features":
+        handle = model.norm.register_forward_pre_hook(_raise)
+        run = model.forward_features
+    else:
+        handle = model.blocks[1].register_forward_pre_hook(_raise)
+        run = model.forward_features
     with pytest.raises(_Boom), torch.no_grad():
-        model.forward_features(_images())
+        run(x)
     handle.remove()
     assert "lst" not in get_patch(model).state.scratch
+    y = torch.randn(2, 17, 64, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(model.norm(y), type(model.norm).forward(model.norm, y), atol=0, rtol=0)
