@@ -310,7 +310,7 @@ def _raise(*args):
     raise _Boom("a failure after the blocks")
 
 
-@pytest.mark.parametrize("family", ["timm_vit", "open_clip"])
+@pytest.mark.parametrize("family", ["timm_vit", "open_clip", "hf_clip"])
 @pytest.mark.parametrize("method", ["lst", "unipt", "vqt"])
 def test_side_state_ends_with_the_forward_that_set_it(method, family):
     """Point 18: after a forward (complete, or one that raised after the blocks), the final norm,
@@ -333,9 +333,11 @@ def test_side_state_ends_with_the_forward_that_set_it(method, family):
             torch.testing.assert_close(norm(y), type(norm).forward(norm, y), atol=0, rtol=0)
             if head is not None:
                 torch.testing.assert_close(head(y[:, 0]), type(head).forward(head, y[:, 0]), atol=0, rtol=0)
+            extra = (None,) if family == "hf_clip" else ()  # HF CLIP layers take attention_mask positionally
             for block in tower.blocks()[1:]:
                 # vleff's generic block equals the library's to float64 rounding
-                torch.testing.assert_close(block(y), type(block).forward(block, y), atol=1e-12, rtol=1e-12)
+                torch.testing.assert_close(block(y, *extra), type(block).forward(block, y, *extra), atol=1e-12,
+                                           rtol=1e-12)
 
     with torch.no_grad():
         IMAGE[family](model, x)
