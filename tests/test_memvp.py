@@ -398,7 +398,8 @@ def test_vision_adapters_start_at_zero_and_add_a_parallel_bottleneck():
         for block, adapter in zip(vit.blocks, adapters):
             h = h + block.ls1(block.attn(block.norm1(h)))
             u = block.norm2(h)
-            h = h + block.ls2(block.mlp.forward(u) + adapter.up(F.gelu(adapter.down(u))))  # forward: no hooks
+            # the reference's s = 0.1 on the adapter output (forward_clip)
+            h = h + block.ls2(block.mlp.forward(u) + 0.1 * adapter.up(F.gelu(adapter.down(u))))  # forward: no hooks
         torch.testing.assert_close(feats, h[:, 1:], atol=1e-5, rtol=1e-5)
         assert (feats - plain).abs().max() > 1e-3
     assert sum(p.numel() for p in memvp_module(vlm).parameters()) == memvp_num_parameters(64, 128, 64, 16, 3, 4)

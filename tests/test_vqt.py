@@ -95,7 +95,7 @@ def _vqt_trained(img: int, num_queries: int = 1) -> torch.nn.Module:
 @pytest.mark.parametrize("num_queries", [1, 4])
 def test_only_the_query_path_and_the_frozen_kv_are_saved_for_backward(num_queries):
     """Saved bytes = the frozen K/V copies (2·B·N·C per block: what the queries must read) +
-    the queries' logits/probabilities over N + T keys + a part that does not depend on N.
+    the queries' logits/probabilities over the N frozen keys + a part that does not depend on N.
     Any activation of the token stream (N-sized) in the graph makes the remainder grow with N."""
     b, c, heads, t = 2, 64, 4, num_queries
     remainders = {}
@@ -106,7 +106,7 @@ def test_only_the_query_path_and_the_frozen_kv_are_saved_for_backward(num_querie
         n = (img // tm.PATCH) ** 2 + 1
         total = _storage_bytes(lambda: model(x).square().mean(), model)
         kv = depth * 2 * b * n * c * 4
-        probs = depth * 2 * b * heads * t * (n + t) * 4  # softmax output (fp32) and its cast-back/dropout input
+        probs = depth * 2 * b * heads * t * n * 4  # softmax output (fp32) and its cast-back/dropout input
         remainders[img] = total - kv - probs
         query_path_bound = depth * b * t * c * 4 * 40 + 8 * b * c * 4 * (1 + depth * t)  # ~40 C-vectors/query/block
         assert 0 < remainders[img] <= query_path_bound, (img, total, kv, probs)
@@ -124,7 +124,8 @@ def test_saved_activations_are_at_most_a_fifth_of_full_fine_tuning():
 
 def _by_hand_query_block(block: torch.nn.Module, x_in: torch.Tensor, p: torch.Tensor, heads: int) -> torch.Tensor:
     """One timm block's query path from its weights with plain torch ops: the queries attend to
-    the frozen tokens' keys/values and their own; LayerNorm → qkv → softmax → proj → MLP."""
+    the frozen tokens' keys/values only (the reference's ``Head2ToeAttention``); LayerNorm → qkv →
+    softmax → proj → MLP."""
     b, n, c = x_in.shape
     dh = c // heads
     w_qkv, b_qkv = block.attn.qkv.weight, block.attn.qkv.bias
@@ -140,10 +141,9 @@ def _by_hand_query_block(block: torch.nn.Module, x_in: torch.Tensor, p: torch.Te
 
     _, kx, vx = split(ln(x_in, block.norm1) @ w_qkv.T + b_qkv)
     pp = p.unsqueeze(0).repeat(b, 1, 1)
-    qp, kp, vp = split(ln(pp, block.norm1) @ w_qkv.T + b_qkv)
-    keys, values = torch.cat([kx, kp], dim=2), torch.cat([vx, vp], dim=2)
-    attn = torch.softmax(qp @ keys.transpose(-1, -2) / dh ** 0.5, dim=-1)
-    o = (attn @ values).permute(0, 2, 1, 3).reshape(b, -1, c)
+    qp = split(ln(pp, block.norm1) @ w_qkv.T + b_qkv)[0]
+    attn = torch.softmax(qp @ kx.transpose(-1, -2) / dh ** 0.5, dim=-1)
+    o = (attn @ vx).permute(0, 2, 1, 3).reshape(b, -1, c)
     pp = pp + o @ block.attn.proj.weight.T + block.attn.proj.bias
     hidden = F.gelu(ln(pp, block.norm2) @ block.mlp.fc1.weight.T + block.mlp.fc1.bias)
     return pp + hidden @ block.mlp.fc2.weight.T + block.mlp.fc2.bias

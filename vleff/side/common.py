@@ -5,7 +5,14 @@ backbone, refusing a configuration that would back-propagate through it, and sid
 **Reading.** :class:`LayerReader` is a tower hook that keeps, detached, the tokens entering
 block 0 (the embeddings, after the tower's pre-norm) and every block's output:
 ``H = [h_0, h_1 … h_L]`` in the token state's scratch. Detached, so nothing a side network
-computes from them can reach the backbone's graph; the tower's token stream is not touched.
+computes from them can reach the backbone's graph, even when the backbone is trainable; the
+tower's token stream is not touched.
+
+**Lifetime.** That scratch belongs to one tower forward: it is consumed (popped) by the final
+norm's hook, and :class:`SideStateEnd` hooks drop whatever is left when the tower root's forward
+ends and when a block or the final norm raises. A block or the final norm called directly after
+a forward therefore computes exactly what the unpatched module computes, with no correction
+from an earlier forward.
 
 **Feeding.** The side network's output is a correction ``delta`` (``[B, C]``) added to the
 tower's *final features at the pooled position*: the output of the tower's final norm (timm
@@ -52,15 +59,58 @@ class LayerReader(TowerHook):
         return x
 
     def after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        layers = state.scratch.get(self.name)
+        if not isinstance(layers, list) or len(layers) != info.index + 1:
+            # not inside a tower forward that started at block 0 (a block called directly after a
+            # forward ended): read nothing, the block's own output passes through
+            state.scratch.pop(self.name, None)
+            return x
         if x.shape[1] != state.num_input_tokens:
             raise RuntimeError(
                 f"{self.adapter.describe()} block {info.index}: the side method {self.name!r} reads every block's "
                 "output of the full token stream, but another method changed the number of tokens (ToMe, EViT, "
                 f"DynamicViT); remove it, {self.name} does not stack with token reduction")
-        layers = state.scratch[self.name]
-        assert isinstance(layers, list)
         layers.append(x.detach())
         return x
+
+
+# --- lifetime of the per-forward side state ----------------------------------------------------
+def clear_side_state(root: nn.Module, name: str) -> None:
+    """Drop ``name``'s per-forward scratch from the tower's token state (nothing if none)."""
+    patch = get_patch(root)
+    if patch is not None and patch.state is not None:
+        patch.state.scratch.pop(name, None)
+
+
+class SideStateEnd:
+    """Forward hook registered with ``always_call=True``: ends ``name``'s per-forward scratch.
+
+    On the tower root it runs when the root's forward returns or raises (``on_error_only=False``);
+    on each block only when the block raised (``on_error_only=True``: torch then passes
+    ``output=None``), which covers entry points that bypass the root's ``forward``
+    (``encode_text``, ``forward_features``). A plain object so the model deep-copies and pickles."""
+
+    def __init__(self, root: nn.Module, name: str, on_error_only: bool) -> None:
+        self.root, self.name, self.on_error_only = root, name, on_error_only
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if output is None or not self.on_error_only:
+            clear_side_state(self.root, self.name)
+
+
+def watch_forward_end(tower: TowerAdapter, name: str) -> None:
+    """Register the :class:`SideStateEnd` hooks of ``name`` on the tower root and its blocks."""
+    tower.root.register_forward_hook(SideStateEnd(tower.root, name, False), always_call=True)
+    for block in tower.blocks():
+        block.register_forward_hook(SideStateEnd(tower.root, name, True), always_call=True)
+
+
+def unwatch_forward_end(tower: TowerAdapter, name: str) -> None:
+    """Remove exactly the hooks :func:`watch_forward_end` registered for ``name``."""
+    for module in (tower.root, *tower.blocks()):
+        for key in [k for k, h in module._forward_hooks.items() if isinstance(h, SideStateEnd) and h.name == name]:
+            module._forward_hooks.pop(key)
+            module._forward_hooks_always_called.pop(key, None)
 
 
 # --- where the tower's final features are ----------------------------------------------------
@@ -124,18 +174,20 @@ class SideModule(nn.Module):
 
 
 class FinalFeatures:
-    """Forward hook on the tower's final norm: adds the side network's correction at the pooled
-    row. A plain object (not a closure) so the model deep-copies and pickles with it."""
+    """Forward hook on the tower's final norm (registered with ``always_call=True``): adds the side
+    network's correction at the pooled row, consuming the scratch of the forward that filled it.
+    Without such a scratch (the norm called directly, after that forward ended) the norm's own
+    output passes through; when the norm raises, the scratch is dropped all the same. A plain
+    object (not a closure) so the model deep-copies and pickles with it."""
 
     def __init__(self, root: nn.Module, name: str, module_name: str, tokens: bool) -> None:
         self.root, self.name, self.module_name, self.tokens = root, name, module_name, tokens
 
-    def __call__(self, norm: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, norm: nn.Module, args: tuple[Any, ...], out: torch.Tensor | None) -> torch.Tensor | None:
         patch = get_patch(self.root)
         layers = None if patch is None or patch.state is None else patch.state.scratch.pop(self.name, None)
-        if not layers:
-            raise RuntimeError(f"{self.name}: the tower's final norm ran without a tower forward before it (the side "
-                               f"network reads every block's output); run the whole tower, or remove {self.name} first")
+        if out is None or not layers:
+            return None
         assert patch is not None and patch.state is not None
         module = self.root.get_submodule(self.module_name)
         assert isinstance(module, SideModule)
@@ -197,7 +249,9 @@ def attach_side(tower: TowerAdapter, name: str, module_name: str, module: SideMo
     module.to(device=ref.device, dtype=ref.dtype)
     attach_hooks([tower], [LayerReader(name, tower)])
     tower.root.add_module(module_name, module)
-    module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, name, module_name, tokens)).id
+    module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, name, module_name, tokens),
+                                                     always_call=True).id
+    watch_forward_end(tower, name)
     if tower.family == "timm":
         module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(CompactHeadInput()).id
 
@@ -214,8 +268,11 @@ def detach_side(model: nn.Module, name: str, module_name: str) -> None:
             norm, _ = final_norm(tower)
             if module.norm_hook_id is not None:
                 norm._forward_hooks.pop(module.norm_hook_id, None)
+                norm._forward_hooks_always_called.pop(module.norm_hook_id, None)
             if module.head_pre_hook_id is not None:
                 tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
+            unwatch_forward_end(tower, name)
+            clear_side_state(tower.root, name)
             del tower.root._modules[module_name]
     remove_hooks(model, name)
 

@@ -5,9 +5,16 @@ frozen tower, fed by **ladders** from the embeddings and every block's output (r
 :class:`vleff.side.common.LayerReader`)::
 
     s = Down_0(h_0)
-    for block i:   s = SideBlock_i(s);   g = sigmoid(alpha_i / T)
+    for block i:   g = sigmoid(alpha_i / T)
                    s = g * s + (1 - g) * Down_{i+1}(h_{i+1})          # h_{i+1}: block i's output
+                   s = SideBlock_i(s)
     delta = Up(LayerNorm(s)[pooled row])                            # added to the tower's final feature
+
+The ladder merges block ``i``'s output *before* side block ``i`` runs: the reference's default
+(``add_residual_after=False`` in ylsung/Ladder-Side-Tuning's ``T5Stack.forward`` and in every
+``ladder_side_tuning_*.sh`` script), so side block ``i`` already sees what backbone block ``i``
+computed. ``add_residual_after=True`` keeps the other order the reference also offers (run side
+block ``i``, then merge; the order vleff used before), an option measured in docs/fidelity.md.
 
 ``alpha_i = 0`` and ``T = 0.1`` (each gate starts at 0.5), ``Down`` default-initialised, ``Up``
 (``C/r → C``) zero-initialised so the model starts at the frozen model; ``delta`` is added to the
@@ -41,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import TowerAdapter
-from vleff.checks import check_choice, check_int, check_number, check_towers
+from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 from vleff.side.common import SideModule, attach_side, detach_side, final_norm, refuse_token_methods, side_modules
 from vleff.tokens.common import hooks_named, select_towers
@@ -65,6 +72,9 @@ class LSTConfig(MethodConfig):
         init: channel importance for the side initialisation: ``"magnitude"`` or ``"fisher"``
             (``apply_lst(..., fisher=fisher_information(...))``).
         temperature: gate temperature ``T`` (``g = sigmoid(alpha / T)``; the reference's 0.1).
+        add_residual_after: ``False`` (the reference's default): merge block ``i``'s output
+            into the side state, then run side block ``i``. ``True``: run side block ``i``, then
+            merge (the reference's other setting, vleff's order before issue 23).
         towers: ``"image"``, ``"text"`` or ``"all"``.
     """
 
@@ -73,6 +83,7 @@ class LSTConfig(MethodConfig):
     side_heads: int | None = None
     init: str = "magnitude"
     temperature: float = 0.1
+    add_residual_after: bool = False
     towers: str = "all"
 
     def __post_init__(self) -> None:
@@ -81,6 +92,7 @@ class LSTConfig(MethodConfig):
             self.side_heads = check_int("side_heads", self.side_heads, low=1)
         check_choice("init", self.init, INITS)
         self.temperature = check_number("temperature", self.temperature, low=0.0, low_open=True)
+        self.add_residual_after = check_bool("add_residual_after", self.add_residual_after)
         check_towers(self.towers, TOWERS)
 
 
@@ -186,8 +198,10 @@ class SideBlock(nn.Module):
 class LSTModule(SideModule):
     """Side blocks, ladders (``Down_0 … Down_L``, gates), final norm and zero-init ``Up``."""
 
-    def __init__(self, blocks: list[SideBlock], width: int, side_width: int, eps: float, temperature: float) -> None:
+    def __init__(self, blocks: list[SideBlock], width: int, side_width: int, eps: float, temperature: float,
+                 add_residual_after: bool = False) -> None:
         super().__init__()
+        self.add_residual_after = add_residual_after
         self.blocks = nn.ModuleList(blocks)
         self.downs = nn.ModuleList(nn.Linear(width, side_width) for _ in range(len(blocks) + 1))
         self.gates = nn.Parameter(torch.zeros(len(blocks)))  # alpha_i = 0: g starts at 0.5
@@ -205,9 +219,12 @@ class LSTModule(SideModule):
         s = self.downs[0](layers[0].to(dtype))
         gates = torch.sigmoid(self.gates / self.temperature)
         for i, block in enumerate(self.blocks):
-            s = block(s)
+            if self.add_residual_after:
+                s = block(s)
             g = gates[i].to(s.dtype)
-            s = g * s + (1 - g) * self.downs[i + 1](layers[i + 1].to(dtype))
+            s = g * s + (1 - g) * self.downs[i + 1](layers[i + 1].to(dtype))  # layers[i + 1]: block i's output
+            if not self.add_residual_after:
+                s = block(s)
         pooled = s[torch.arange(s.shape[0], device=s.device), rows]
         return self.up(self.norm(pooled))
 
@@ -269,7 +286,7 @@ def build_side_network(tower: TowerAdapter, cfg: LSTConfig,
         _copy_norm(block.norm1, w.norm1, keep)
         _copy_norm(block.norm2, w.norm2, keep)
         side_blocks.append(block)
-    module = LSTModule(side_blocks, width, side_width, eps, cfg.temperature)
+    module = LSTModule(side_blocks, width, side_width, eps, cfg.temperature, cfg.add_residual_after)
     _copy_norm(module.norm, norm, keep)
     return module
 

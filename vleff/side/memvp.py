@@ -36,8 +36,10 @@ Where the visual features come from:
   so a library ``generate`` on the patched LM uses it at every step).
 
 Optionally (``vision_adapter_dim > 0``, the reference uses 12) every vision block gets a small
-parallel adapter beside its MLP, ``mlp(h) + up(gelu(down(h)))`` with ``up`` zero-initialised,
-hooked on the module the tower adapter names as the block's MLP (timm, open_clip, HF CLIP/BLIP).
+parallel adapter beside its MLP, ``mlp(h) + s_v·up(gelu(down(h)))`` with ``up`` zero-initialised
+and ``s_v = 0.1`` (``vision_adapter_scale``; the reference's ``set_Clip_Adapter(..., s=0.1)``
+multiplies the adapter's output by it in ``forward_clip``), hooked on the module the tower
+adapter names as the block's MLP (timm, open_clip, HF CLIP/BLIP).
 
 The memory of the last visual forward stays set until the next one (generation reads it at
 every step); it is never copied, pickled or saved. With ``scale=0`` the model equals the host.
@@ -83,8 +85,9 @@ class MemVPConfig(MethodConfig):
         visual_tokens: ``"patch"`` drops the tower's prefix (class) tokens, as the paper's
             CLIP patch features; ``"all"`` keeps them.
         vision_adapter_dim: hidden width of the reference's small parallel adapters in every
-            block of the vision tower (``mlp(h) + up(gelu(down(h)))``, ``up`` zero-initialised, so
-            the tower starts unchanged; the reference: 12); 0 (default) adds none.
+            block of the vision tower (``mlp(h) + s_v·up(gelu(down(h)))``, ``up`` zero-initialised,
+            so the tower starts unchanged; the reference: 12); 0 (default) adds none.
+        vision_adapter_scale: ``s_v``, the factor on those adapters' output (the reference: 0.1).
     """
 
     method = "memvp"
@@ -97,6 +100,7 @@ class MemVPConfig(MethodConfig):
     dropout: float = 0.0
     visual_tokens: str = "patch"
     vision_adapter_dim: int = 0
+    vision_adapter_scale: float = 0.1
 
     def __post_init__(self) -> None:
         self.n_mem = check_int("n_mem", self.n_mem, low=1)
@@ -109,6 +113,7 @@ class MemVPConfig(MethodConfig):
         self.dropout = check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_choice("visual_tokens", self.visual_tokens, ("patch", "all"))
         self.vision_adapter_dim = check_int("vision_adapter_dim", self.vision_adapter_dim, low=0)
+        self.vision_adapter_scale = check_number("vision_adapter_scale", self.vision_adapter_scale, low=0.0)
 
 
 class _Slot:
@@ -126,11 +131,13 @@ class _Slot:
 
 
 class VisionAdapter(nn.Module):
-    """A parallel bottleneck beside one vision block's MLP: ``up(dropout(gelu(down(h))))``, ``up``
-    zero-initialised (exactly zero output until trained)."""
+    """A parallel bottleneck beside one vision block's MLP: ``scale·up(dropout(gelu(down(h))))``,
+    ``up`` zero-initialised (exactly zero output until trained). ``scale`` is the reference's
+    ``s = 0.1``: it sets the adapter's effective learning rate relative to the backbone's MLP."""
 
-    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+    def __init__(self, width: int, hidden: int, dropout: float, scale: float = 0.1) -> None:
         super().__init__()
+        self.scale = scale
         self.down = nn.Linear(width, hidden, bias=False)
         self.up = nn.Linear(hidden, width, bias=False)
         nn.init.zeros_(self.up.weight)
@@ -140,7 +147,7 @@ class VisionAdapter(nn.Module):
         a = F.gelu(self.down(h))
         if self.training and self.dropout > 0:
             a = F.dropout(a, p=self.dropout)
-        return self.up(a)
+        return self.scale * self.up(a)
 
 
 class MemVPModule(nn.Module):
@@ -159,7 +166,8 @@ class MemVPModule(nn.Module):
         self.value_offset = nn.Parameter(torch.zeros(config.n_mem, width))
         self.memory = _Slot()
         if config.vision_adapter_dim:
-            self.adapters = nn.ModuleList(VisionAdapter(vision_width, config.vision_adapter_dim, config.dropout)
+            self.adapters = nn.ModuleList(VisionAdapter(vision_width, config.vision_adapter_dim, config.dropout,
+                                                        config.vision_adapter_scale)
                                           for _ in range(vision_blocks))
 
     def set_memory(self, features: torch.Tensor) -> None:
@@ -244,7 +252,7 @@ class _ResidualAdd(_MemVPHook):
 
 
 class _ParallelAdapter(_MemVPHook):
-    """Forward hook on a vision block's MLP: ``mlp(h) + adapter_i(h)``."""
+    """Forward hook on a vision block's MLP: ``mlp(h) + adapter_i(h)`` (the adapter applies its scale)."""
 
     def __init__(self, memory: MemVPModule, index: int) -> None:
         super().__init__(memory)

@@ -2,11 +2,13 @@
 
 Per block ``l`` a few learnable query tokens ``P_l`` (``[T, C]``) pass through that block
 *beside* the frozen token stream: normed with the block's ``norm1``, projected with the
-block's own ``qkv``, they attend to ``[frozen K/V ; their own K/V]`` — the frozen keys and
-values are the ones the block just computed, **sliced** into the queries' rows, not a
-``-inf``-masked joint attention, so the frozen tokens never see the queries and the token
-stream stays bit-identical to the plain forward. Out projection, residual, MLP branch; the
-outputs ``o_l`` are collected and never fed to the next block.
+block's own query projection, they attend to **the frozen tokens' keys and values only** (the
+paper adds the queries to Q alone; andytu28/VQT ``Head2ToeAttention.forward`` computes K/V from
+the rows after the query prompts). The frozen keys and values are the ones the block just
+computed, **sliced** into the queries' rows, not a ``-inf``-masked joint attention, so the
+frozen tokens never see the queries and the token stream stays bit-identical to the plain
+forward. Out projection, residual, MLP branch; the outputs ``o_l`` are collected and never fed
+to the next block.
 
 Why sliced: a masked joint attention computes the same forward but makes every frozen
 token's activation part of the queries' graph, so autograd keeps the whole backbone's
@@ -14,6 +16,10 @@ activations (the failure the reference code shows: ~71 % of full fine-tuning's s
 activations). Here the frozen K/V are detached copies, the only per-token tensors the query
 path saves; with the backbone frozen (:func:`freeze_backbone_for_vqt`, or the
 ``VisualQueryTuning`` callback) nothing of the token stream is saved for backward.
+
+Features: each block's ``T`` outputs are flattened to ``T·C`` values and L2-normalised
+together (the reference's ``F.normalize(q.view(B, -1))`` with ``NORMALIZE_FEATS=True``; for
+``T = 1`` the same as per token).
 
 Head (vleff's choice, documented): the output is ``head(pooled) + proj(concat_l l2norm(o_l))``
 with ``proj`` a zero-initialised ``Linear(depth·T·C → head output)``, added by a forward hook
@@ -40,7 +46,8 @@ from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
-from vleff.side.common import FinalFeatures, SideModule, applied_token_methods, final_norm, freeze_backbone
+from vleff.side.common import (FinalFeatures, SideModule, applied_token_methods, clear_side_state, final_norm,
+                               freeze_backbone, unwatch_forward_end, watch_forward_end)
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "vqt"
@@ -93,9 +100,11 @@ class VQTModule(SideModule):
         self.head_pre_hook_id: int | None = None
 
     def features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """``[B, depth·T·C]``: each block's query outputs, l2-normalised per token (the paper's
-        normalisation keeps layers of different scale comparable), concatenated."""
-        return torch.cat([F.normalize(o, dim=-1).flatten(1) for o in outputs], dim=1)
+        """``[B, depth·T·C]``: each block's ``[B, T, C]`` query outputs flattened and
+        l2-normalised over all ``T·C`` values (the reference's per-layer normalisation: it keeps
+        layers of different scale comparable while the T queries of a layer keep their relative
+        norms), concatenated."""
+        return torch.cat([F.normalize(o.flatten(1), dim=-1) for o in outputs], dim=1)
 
     def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:
@@ -118,6 +127,12 @@ class VQTHook(TowerHook):
         return x
 
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        scratch = state.scratch.get(HOOK_NAME)
+        if not isinstance(scratch, list) or len(scratch) != info.index:
+            # not inside a tower forward that started at block 0 (a block called directly after a
+            # forward ended): no queries, the block's own output passes through
+            state.scratch.pop(HOOK_NAME, None)
+            return x
         n = state.num_input_tokens
         if info.stale or x.shape[1] != n or info.keep is not None or info.bias is not None:
             raise RuntimeError(
@@ -126,8 +141,6 @@ class VQTHook(TowerHook):
                 "keep masks or attention biases: ToMe, EViT, DynamicViT); remove it, VQT does not stack with them")
         out = query_path(self.adapter, info.block, self.module.queries[info.index], info.keys, info.v,
                          x.shape[0], self.module.dropout if self.module.training else 0.0)
-        scratch = state.scratch[HOOK_NAME]
-        assert isinstance(scratch, list)
         scratch.append(out)
         return x
 
@@ -135,7 +148,8 @@ class VQTHook(TowerHook):
 def query_path(adapter: TowerAdapter, block: nn.Module, queries: torch.Tensor, keys: torch.Tensor,
                values: torch.Tensor, batch: int, dropout: float = 0.0) -> torch.Tensor:
     """One block's query tokens ``[T, C]`` through ``block`` beside the frozen tokens whose keys
-    and values (``[B, H, N, Dh]``) the block computed: ``[B, T, C]``.
+    and values (``[B, H, N, Dh]``) the block computed: ``[B, T, C]``. The queries attend to
+    those frozen keys/values only, not to each other (the reference's attention).
 
     The frozen K/V are detached and copied (``contiguous``): the copies are what the query
     path saves for backward (2·N·C per sample), not the ``qkv`` output they are views of
@@ -150,17 +164,15 @@ def query_path(adapter: TowerAdapter, block: nn.Module, queries: torch.Tensor, k
     if dropout > 0:
         p = F.dropout(p, p=dropout, training=True)
     h = parts.norm1(p)
-    q, k, v = adapter.qkv(block, h)  # [B, H, T, Dh]
+    q = adapter.qkv(block, h)[0]  # [B, H, T, Dh]; the queries' own keys/values are not attended to
     k_frozen = keys.detach().to(q.dtype).contiguous()
     v_frozen = values.detach().to(q.dtype).contiguous()
-    qs = q * cfg.scale
-    logits = torch.cat([qs @ k_frozen.transpose(-2, -1), qs @ k.transpose(-2, -1)], dim=-1)
-    probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    logits = (q * cfg.scale) @ k_frozen.transpose(-2, -1)  # [B, H, T, N]
+    # at least float32 (half-precision logits), float64 kept
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     if block.training and cfg.dropout_p > 0:
         probs = F.dropout(probs, p=cfg.dropout_p)
-    n = k_frozen.shape[-2]
-    o = probs[..., :n] @ v_frozen + probs[..., n:] @ v  # the two slices of one softmax
-    o = o.transpose(1, 2).reshape(batch, queries.shape[0], -1)
+    o = (probs @ v_frozen).transpose(1, 2).reshape(batch, queries.shape[0], -1)
     p = p + parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
     return p + mlp_branch(adapter, block, p)
 
@@ -179,19 +191,22 @@ class _CompactHeadInput:
 
 
 class _HeadOutput:
-    """Forward hook on the tower's classifier head: ``head(pooled) + proj(query features)``.
+    """Forward hook on the tower's classifier head (``always_call=True``): ``head(pooled) +
+    proj(query features)``, consuming the query outputs of the forward that collected them.
+    Without them (the head called directly after that forward ended) the head's own output
+    passes through; when the head raises they are dropped all the same. ``forward_features``
+    then ``forward_head`` is one forward here: the outputs wait for the head.
 
     A plain object (not a closure) so the model deep-copies and pickles with it."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
 
-    def __call__(self, head: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, head: nn.Module, args: tuple[Any, ...], output: torch.Tensor | None) -> torch.Tensor | None:
         patch = get_patch(self.root)
         outputs = None if patch is None or patch.state is None else patch.state.scratch.pop(HOOK_NAME, None)
-        if not outputs:
-            raise RuntimeError("VQT: the head was called without a tower forward before it (the query outputs "
-                               "come from the blocks); run the whole model, or remove_vqt first")
+        if output is None or not outputs:
+            return None
         module = self.root.get_submodule(MODULE_NAME)
         assert isinstance(module, VQTModule)
         return output + module.proj(module.features(outputs)).to(output.dtype)
@@ -259,9 +274,11 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
         if tower.family != "timm":  # CLIP image tower: added to the pooled final feature
             norm, tokens = final_norm(tower)
             module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, HOOK_NAME, MODULE_NAME,
-                                                                           tokens)).id
+                                                                           tokens), always_call=True).id
+            watch_forward_end(tower, HOOK_NAME)
             continue
-        module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root)).id
+        module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root), always_call=True).id
+        watch_forward_end(tower, HOOK_NAME)
         module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(_CompactHeadInput()).id
     return model
 
@@ -279,8 +296,12 @@ def remove_vqt(model: nn.Module) -> nn.Module:
         if isinstance(module, VQTModule):
             if module.norm_hook_id is not None:
                 final_norm(tower)[0]._forward_hooks.pop(module.norm_hook_id, None)
+                final_norm(tower)[0]._forward_hooks_always_called.pop(module.norm_hook_id, None)
             if module.head_hook_id is not None:
                 tower.root.head._forward_hooks.pop(module.head_hook_id, None)
+                tower.root.head._forward_hooks_always_called.pop(module.head_hook_id, None)
+            unwatch_forward_end(tower, HOOK_NAME)
+            clear_side_state(tower.root, HOOK_NAME)
             if module.head_pre_hook_id is not None:
                 tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
             del tower.root._modules[MODULE_NAME]
