@@ -288,3 +288,45 @@ def test_lst_remove_on_teardown_then_validate_runs_the_trained_lst(tmp_path):
     trainer.validate(module, data)
     assert outputs.fit is not None and outputs.validate is not None
     torch.testing.assert_close(outputs.validate, outputs.fit, rtol=0, atol=0)
+
+
+# --- the mixins keep the same rule -----------------------------------------------------------------
+MIXINS = {  # method -> (mixin, use_<method>, settings)
+    "tome": ("TokenMergingMixin", "use_tome", {"r": 2}),
+    "evit": ("EViTMixin", "use_evit", {"keep_rate": 0.5, "locations": [0]}),
+    "crossget": ("CrossGETMixin", "use_crossget", {"r_image": 2, "r_text": 4}),
+    "madtp": ("MADTPMixin", "use_madtp", {"flops_reduction": 0.3}),
+    "vqt": ("VQTMixin", "use_vqt", {"num_queries": 1}),
+    "lst": ("LSTMixin", "use_lst", {"reduction": 4}),
+    "unipt": ("UniPTMixin", "use_unipt", {"factor": 2}),
+    "lora": ("LoRAMixin", "use_lora", {"r": 2}),
+    "reversible": ("ReversibleMixin", "use_reversible", {"coupling": "meft"}),
+    "memvp": ("MemVPMixin", "use_memvp", {"n_mem": 20}),
+}
+
+
+def _mixin_module(name: str, **extra: Any) -> pl.LightningModule:
+    import vleff.callbacks
+
+    mixin, use, settings = MIXINS[name]
+    make = CASES[name].make
+
+    class Module(getattr(vleff.callbacks, mixin), Two):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            Two.__init__(self, make)
+            self.reference = CASES[name].forward(self.teacher).detach().clone()
+            getattr(self, use)(**settings, **extra)
+
+    return Module()
+
+
+@pytest.mark.parametrize("name", sorted(MIXINS))
+def test_mixins_refuse_two_models_and_take_module(name):
+    with pytest.raises(ValueError, match=r"teacher.*student.*module="):
+        _mixin_module(name)
+    module = _mixin_module(name, module="student")
+    method = get_method(name)
+    assert method.is_applied(module.student) and not method.is_applied(module.teacher)
+    with torch.no_grad():
+        torch.testing.assert_close(CASES[name].forward(module.teacher), module.reference, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
