@@ -14,16 +14,17 @@ Tiny float64 models; the callbacks' ``setup``/``teardown`` are called as Lightni
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-import torch
-
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
 from host_families import HOSTS
+
 from vleff.registry import get_method
 
 

@@ -22,7 +22,12 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.callbacks.aux_loss import AuxLoss
-from vleff.callbacks.targets import ModuleArg, check_module_arg, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.tokens.crossget import CrossGETConfig, apply_crossget, crossget_applied
 
 

@@ -25,10 +25,21 @@ from torch import nn
 from vleff.backbones import find_towers
 from vleff.callbacks.aux_loss import AuxLoss
 from vleff.callbacks.init_weights import load_initial_weights
-from vleff.callbacks.targets import ModuleArg, check_module_arg, module_at, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    module_at,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool
-from vleff.tokens.dynamicvit import (DISTILLER_ATTR, DynamicViTConfig, apply_dynamicvit, dynamicvit_applied,
-                                     dynamicvit_teacher)
+from vleff.tokens.dynamicvit import (
+    DISTILLER_ATTR,
+    DynamicViTConfig,
+    apply_dynamicvit,
+    dynamicvit_applied,
+    dynamicvit_teacher,
+)
 
 
 def resolve_module(pl_module: nn.Module, path: str | nn.Module | None) -> nn.Module:

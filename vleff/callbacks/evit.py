@@ -23,9 +23,21 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vleff.callbacks.init_weights import load_initial_weights
-from vleff.callbacks.targets import ModuleArg, check_module_arg, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool, check_ratio
-from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, evit_applied, training_progress, update_evit
+from vleff.tokens.evit import (
+    EViTConfig,
+    EViTSchedule,
+    apply_evit,
+    evit_applied,
+    training_progress,
+    update_evit,
+)
 
 
 def _single_backbone(pl_module: pl.LightningModule):

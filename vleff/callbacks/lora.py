@@ -16,7 +16,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import ModuleArg, check_module_arg, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.side.lora import LoRAConfig, apply_lora, lora_applied
 
 

@@ -20,7 +20,8 @@ run ``trainer.validate`` once more for figures of the model training leaves.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn

@@ -16,9 +16,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import ModuleArg, TeardownRemoval, check_module_arg, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool
-from vleff.side.memvp import MemVPConfig, apply_memvp, freeze_host_for_memvp, memvp_applied
+from vleff.side.memvp import (
+    MemVPConfig,
+    apply_memvp,
+    freeze_host_for_memvp,
+    memvp_applied,
+)
 
 
 class MemVP(pl.Callback):

@@ -19,8 +19,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import ModuleArg, TeardownRemoval, check_module_arg, refuse_other_settings, resolve_target
-from vleff.memory.reversible import ReversibleConfig, apply_reversible, reversible_applied
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.checks import check_bool
+from vleff.memory.reversible import (
+    ReversibleConfig,
+    apply_reversible,
+    reversible_applied,
+)
 
 __all__ = ["Reversible"]
 
@@ -43,9 +54,7 @@ class Reversible(pl.Callback):
     def __init__(self, remove_on_teardown: bool = False, module: ModuleArg = None, **settings: Any) -> None:
         super().__init__()
         self.config = ReversibleConfig.build(**settings)
-        if not isinstance(remove_on_teardown, bool):
-            raise ValueError(f"remove_on_teardown={remove_on_teardown!r} is not allowed; use True or False")
-        self.remove_on_teardown = remove_on_teardown
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
         self.module = check_module_arg(module)
         self._target: Any = None
         self._removal = TeardownRemoval()

@@ -33,12 +33,24 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from vleff.callbacks.targets import ModuleArg, TeardownRemoval, check_module_arg, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool
 from vleff.registry import get_method
+from vleff.side.common import (
+    backbone_eval,
+    freeze_backbone,
+    is_side_key,
+    refuse_unfrozen_backbone,
+    side_state_dict,
+)
 from vleff.side.lst import LSTConfig
 from vleff.side.unipt import UniPTConfig
-from vleff.side.common import backbone_eval, freeze_backbone, is_side_key, refuse_unfrozen_backbone, side_state_dict
 
 SIDE_ONLY = "vleff_side_only"
 #: how errors name each side method

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ __all__ = ["ModuleArg", "TeardownRemoval", "applied_settings", "candidates", "ch
            "refuse_other_settings", "resolve_target"]
 
 #: what ``module=`` takes: an attribute path, the module object, or ``None`` (find it)
-ModuleArg = Union[str, nn.Module, None]
+ModuleArg = str | nn.Module | None
 
 #: how errors name each method
 LABELS = {"tome": "ToMe", "evit": "EViT", "dynamicvit": "DynamicViT", "crossget": "CrossGET", "madtp": "MADTP",
@@ -61,14 +61,14 @@ def check_module_arg(module: Any) -> str | nn.Module | None:
 
 def module_at(pl_module: nn.Module, path: str) -> nn.Module:
     """The submodule at dotted attribute ``path`` of ``pl_module`` (``ValueError`` naming the
-    first part that is missing or not a module)."""
+    first part that is missing; ``TypeError`` when the attribute is not a module)."""
     module: Any = pl_module
     for part in path.split("."):
         if not hasattr(module, part):
             raise ValueError(f"module={path!r}: {type(module).__name__} has no attribute {part!r}")
         module = getattr(module, part)
     if not isinstance(module, nn.Module):
-        raise ValueError(f"module={path!r} is a {type(module).__name__}, not an nn.Module")
+        raise TypeError(f"module={path!r} is a {type(module).__name__}, not an nn.Module")
     return module
 
 
@@ -149,6 +149,7 @@ def _hook_config(target: nn.Module, name: str) -> Any:
 
 
 def _towers_with(target: nn.Module, has: Any) -> frozenset[str]:
+    """The modalities of ``target``'s towers for which ``has(tower)`` holds."""
     from vleff.backbones import find_towers
 
     try:
@@ -166,24 +167,18 @@ def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
     """The settings of ``method`` as applied to ``target``, as far as the model shows them
     (``towers``: the set of modalities carrying it). Settings that leave no trace once applied
     (LST's ``init``, MemVP's ``key_init_std``) are not listed."""
-    from vleff.backbones import get_patch
+    if method in ("tome", "evit", "dynamicvit", "crossget", "madtp", "vqt", "reversible"):
+        if method == "reversible":
+            from vleff.memory.reversible import reversible_applied, reversible_config
 
-    if method in ("tome", "evit", "dynamicvit", "crossget", "madtp", "vqt"):
-        config = _hook_config(target, method)
+            config = reversible_config(target) if reversible_applied(target) else None
+        else:
+            config = _hook_config(target, method)
         if config is None:
             return {}
         out = config.as_dict()
-
-        def has_hook(t: Any) -> bool:
-            patch = get_patch(t.root)
-            return patch is not None and patch.get_hook(method) is not None
-        out["towers"] = _towers_with(target, has_hook)
-        return out
-    if method == "reversible":
-        from vleff.memory.reversible import _applied, reversible_config
-
-        out = reversible_config(target).as_dict()
-        out["towers"] = _towers_with(target, lambda t: _applied(t) is not None)
+        if "towers" in out:  # what the towers setting means on this model (MADTP hooks both, prunes these)
+            out["towers"] = _wanted_towers(target, out["towers"])
         return out
     if method in ("lst", "unipt"):
         from vleff.backbones import find_towers

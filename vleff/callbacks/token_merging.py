@@ -18,7 +18,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import ModuleArg, TeardownRemoval, check_module_arg, refuse_other_settings, resolve_target
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.checks import check_bool
 from vleff.tokens.schedule import RSchedule
 from vleff.tokens.tome import ToMeConfig, apply_tome, tome_applied, tome_r, update_tome
 
@@ -48,9 +55,7 @@ class TokenMerging(pl.Callback):
         super().__init__()
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
-        if not isinstance(remove_on_teardown, bool):
-            raise ValueError(f"remove_on_teardown={remove_on_teardown!r} is not allowed; use True or False")
-        self.remove_on_teardown = remove_on_teardown
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
         self.current_r: list[int] | None = None
         self.module = check_module_arg(module)
         self._target: Any = None

@@ -45,9 +45,8 @@ class _SideMixin:
 
     def on_train_start(self) -> None:
         if self._vleff_side is not None:
-            from vleff.side.common import backbone_eval, refuse_unfrozen_backbone
-
             from vleff.callbacks.side import LABELS
+            from vleff.side.common import backbone_eval, refuse_unfrozen_backbone
 
             refuse_unfrozen_backbone(self, LABELS[self._vleff_side[0]], self._vleff_side[1])  # type: ignore[arg-type]
             backbone_eval(self)  # type: ignore[arg-type]

@@ -20,11 +20,21 @@ from typing import Any
 from torch import nn
 
 from vleff.callbacks.madtp import CHECKPOINT_KEY as MADTP_KEY
-from vleff.callbacks.madtp import controller_epoch_end, controller_train_end, controller_train_start
+from vleff.callbacks.madtp import (
+    controller_epoch_end,
+    controller_train_end,
+    controller_train_start,
+)
 from vleff.callbacks.mixins.base import AuxLossMixin, _fitting, _parent
 from vleff.tokens.crossget import CrossGETConfig, apply_crossget
 from vleff.tokens.dynamicvit import apply_dynamicvit, dynamicvit_teacher
-from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, training_progress, update_evit
+from vleff.tokens.evit import (
+    EViTConfig,
+    EViTSchedule,
+    apply_evit,
+    training_progress,
+    update_evit,
+)
 from vleff.tokens.madtp import MADTPConfig, apply_madtp
 from vleff.tokens.madtp_controller import MADTPController
 from vleff.tokens.schedule import RSchedule
