@@ -9,6 +9,11 @@ and before a checkpoint's weights are restored, so a resumed run gets its traine
 back) and, for ``fit``, wraps ``training_step`` so the cross-token JS alignment loss of each
 step is added to the loss (and logged as ``train/aux/crossget_js``). CrossGET stays applied
 after ``fit``: the trained model is the cheap one (``vleff.remove_crossget`` undoes it).
+
+Which model and an already applied CrossGET follow the rules of every method callback
+(:mod:`vleff.callbacks.targets`): a module holding two image-text models (a frozen teacher and
+a student) needs ``module=``, and a CrossGET applied with other settings is refused (it was
+updated to the callback's settings before; now every callback refuses a mismatch alike).
 """
 from __future__ import annotations
 
@@ -17,7 +22,13 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.callbacks.aux_loss import AuxLoss
-from vleff.tokens.crossget import CrossGETConfig, apply_crossget, crossget_applied, update_crossget
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.tokens.crossget import CrossGETConfig, apply_crossget, crossget_applied
 
 
 class CrossGET(AuxLoss):
@@ -25,6 +36,8 @@ class CrossGET(AuxLoss):
 
     Args:
         log: log the alignment loss (``train/aux/crossget_js``).
+        module: the image-text model: attribute path or module object (default: the one the
+            LightningModule holds; several are refused, listing them).
         **settings: :class:`vleff.tokens.crossget.CrossGETConfig` fields (``r_image``, ``r_text``,
             ``prop_attn``, ``loss_weight``), validated here.
     """
@@ -32,15 +45,17 @@ class CrossGET(AuxLoss):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = CrossGETConfig
 
-    def __init__(self, log: bool = True, **settings: Any) -> None:
+    def __init__(self, log: bool = True, module: ModuleArg = None, **settings: Any) -> None:
         super().__init__(log)
         self.config = CrossGETConfig.build(**settings)
+        self.module = check_module_arg(module)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if crossget_applied(pl_module):
-            update_crossget(pl_module, **self.config.as_dict())
+        target = resolve_target(pl_module, self.module, "crossget", self.config)
+        if crossget_applied(target):
+            refuse_other_settings("crossget", target, self.config)
         else:
-            apply_crossget(pl_module, self.config)
+            apply_crossget(target, self.config)
         super().setup(trainer, pl_module, stage)  # the JS loss joins the training loss
 
     def state_dict(self) -> dict[str, Any]:

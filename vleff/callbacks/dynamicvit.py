@@ -25,23 +25,32 @@ from torch import nn
 from vleff.backbones import find_towers
 from vleff.callbacks.aux_loss import AuxLoss
 from vleff.callbacks.init_weights import load_initial_weights
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    module_at,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool
-from vleff.tokens.dynamicvit import (DISTILLER_ATTR, DynamicViTConfig, apply_dynamicvit, dynamicvit_applied,
-                                     dynamicvit_teacher)
+from vleff.tokens.dynamicvit import (
+    DISTILLER_ATTR,
+    DynamicViTConfig,
+    apply_dynamicvit,
+    dynamicvit_applied,
+    dynamicvit_teacher,
+)
 
 
-def resolve_module(pl_module: nn.Module, path: str | None) -> nn.Module:
-    """The submodule at dotted ``path`` of ``pl_module``, or (``path=None``) its single direct
-    child that holds an image tower -- the backbone whose ``forward`` gives the logits."""
+def resolve_module(pl_module: nn.Module, path: str | nn.Module | None) -> nn.Module:
+    """The submodule ``path`` names (dotted attribute path or the module object, as
+    :func:`vleff.callbacks.targets.resolve_target` takes it), or (``path=None``) the single
+    direct child of ``pl_module`` that holds an image tower -- the backbone whose ``forward``
+    gives the logits (several are refused, listing them)."""
+    if isinstance(path, nn.Module):
+        return resolve_target(pl_module, path, "dynamicvit", None)
     if path is not None:
-        module = pl_module
-        for part in path.split("."):
-            if not hasattr(module, part):
-                raise ValueError(f"module={path!r}: {type(module).__name__} has no attribute {part!r}")
-            module = getattr(module, part)
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"module={path!r} is a {type(module).__name__}, not an nn.Module")
-        return module
+        return module_at(pl_module, path)
     candidates = []
     for name, child in pl_module.named_children():
         try:
@@ -66,8 +75,8 @@ class DynamicViT(AuxLoss):
     """DynamicViT (learned token pruning) for an existing LightningModule.
 
     Args:
-        module: dotted attribute path of the backbone in the LightningModule (default: its one
-            child holding an image tower).
+        module: the backbone in the LightningModule, as a dotted attribute path or the module
+            object (default: its one child holding an image tower; several are refused).
         save_teacher: store the teacher's weights in the checkpoint (exact resume).
         log: log the aux losses as ``train/aux/dynamicvit/*``.
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module (or
@@ -80,14 +89,11 @@ class DynamicViT(AuxLoss):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = DynamicViTConfig
 
-    def __init__(self, module: str | None = None, save_teacher: bool = True, log: bool = True,
+    def __init__(self, module: ModuleArg = None, save_teacher: bool = True, log: bool = True,
                  init_from: str | None = None, **settings: Any) -> None:
         super().__init__(log)
         self.config = DynamicViTConfig.build(**settings)
-        if module is not None and (not isinstance(module, str) or not module):
-            raise ValueError(f"module={module!r} is not allowed; give the backbone's attribute path as a string "
-                             "(e.g. 'net' or 'model.backbone') or None to find it")
-        self.module = module
+        self.module = check_module_arg(module)
         self.save_teacher = check_bool("save_teacher", save_teacher)
         self.init_from = None if init_from is None else str(init_from)
         self._initialised = False
@@ -103,7 +109,9 @@ class DynamicViT(AuxLoss):
         if stage == "fit" and self.init_from is not None and not self._initialised:
             load_initial_weights(pl_module, self.init_from, backbone=target)  # before the teacher is copied
             self._initialised = True
-        if not dynamicvit_applied(target):
+        if dynamicvit_applied(target):
+            refuse_other_settings("dynamicvit", target, self.config)
+        else:
             apply_dynamicvit(target, self.config)
         self._target = target
         if self._pending_teacher is not None:

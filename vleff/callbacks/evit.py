@@ -11,6 +11,9 @@ continues the schedule.
 
 ``init_from=<checkpoint>`` loads trained weights in ``setup`` (fine-tuning a model whose
 module starts from random weights; see :mod:`vleff.callbacks.init_weights`).
+
+Which model and an already applied EViT follow the rules of every method callback
+(:mod:`vleff.callbacks.targets`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,21 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vleff.callbacks.init_weights import load_initial_weights
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool, check_ratio
-from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, evit_applied, training_progress, update_evit
+from vleff.tokens.evit import (
+    EViTConfig,
+    EViTSchedule,
+    apply_evit,
+    evit_applied,
+    training_progress,
+    update_evit,
+)
 
 
 def _single_backbone(pl_module: pl.LightningModule):
@@ -44,6 +60,8 @@ class EViT(Callback):
         log: log the current keep rate as ``evit/keep_rate``.
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module at the
             start of the first ``fit`` (fine-tune a trained model; not a resume).
+        module: the model to apply EViT to: attribute path or module object (default: the one
+            model of the LightningModule with a tower ``towers`` names; several are refused).
         **settings: :class:`vleff.tokens.evit.EViTConfig` fields (``keep_rate`` -- the target
             of the schedule --, ``locations``, ``fuse``, ``towers``), validated here.
     """
@@ -52,8 +70,9 @@ class EViT(Callback):
     settings_config = EViTConfig
 
     def __init__(self, start_epoch: float = 0.0, end_epoch: float | None = None, log: bool = True,
-                 init_from: str | None = None, **settings: Any) -> None:
+                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
         self.config = EViTConfig.build(**settings)
+        self.module = check_module_arg(module)
         self.target = self.config.keep_rate
         self.locations = self.config.locations
         self.fuse = self.config.fuse
@@ -65,13 +84,15 @@ class EViT(Callback):
         EViTSchedule(self.target, start_epoch, end_epoch)  # validate now
         self.schedule: EViTSchedule | None = None
         self.current: float | None = None  # set in setup (or restored from a checkpoint)
-        self._module: pl.LightningModule | None = None
+        self._module: Any = None  # the model EViT is applied to
         self._fitting = False
         self._end_from_max_steps = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = resolve_target(pl_module, self.module, "evit", self.config)
         if stage == "fit" and self.init_from is not None and not self._initialised:
-            load_initial_weights(pl_module, self.init_from, backbone=_single_backbone(pl_module))
+            backbone = target if target is not pl_module else _single_backbone(pl_module)
+            load_initial_weights(pl_module, self.init_from, backbone=backbone)
             self._initialised = True
         end = self.end_epoch
         self._end_from_max_steps = False
@@ -94,10 +115,12 @@ class EViT(Callback):
             rate = self.current
         else:  # validate/test/predict: the trained model runs at the target
             rate = self.target
-        if not evit_applied(pl_module):
-            apply_evit(pl_module, self.config.replace(keep_rate=rate))
-        self._module = pl_module
-        update_evit(pl_module, keep_rate=rate)
+        if evit_applied(target):
+            refuse_other_settings("evit", target, self.config, driven=("keep_rate",))  # the schedule's
+        else:
+            apply_evit(target, self.config.replace(keep_rate=rate))
+        self._module = target
+        update_evit(target, keep_rate=rate)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -110,16 +133,17 @@ class EViT(Callback):
             self._end_from_max_steps = False
         progress = training_progress(trainer.global_step, trainer.accumulate_grad_batches, batches,
                                      trainer.current_epoch)
-        self.set_keep_rate(pl_module, self.schedule(progress))
+        self.set_keep_rate(self._module if self._module is not None else pl_module, self.schedule(progress))
         if self.log:
             pl_module.log("evit/keep_rate", self.current, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model leaves fit at the target rate (also when it stopped before the schedule
         # ended); ``current`` keeps the schedule's position for checkpoints
-        update_evit(pl_module, keep_rate=self.target)
+        update_evit(self._module if self._module is not None else pl_module, keep_rate=self.target)
 
-    def set_keep_rate(self, pl_module: pl.LightningModule, keep_rate: float) -> None:
+    def set_keep_rate(self, pl_module: Any, keep_rate: float) -> None:
+        """Set the keep rate of the model EViT is applied to (``pl_module``)."""
         self.current = check_ratio("keep_rate", keep_rate)
         update_evit(pl_module, keep_rate=keep_rate)
 

@@ -6,7 +6,9 @@ Applied in ``setup`` (before ``configure_optimizers`` and before checkpoint weig
 restored, so the adapters exist when a checkpoint loads); only the adapters (and a timm
 classifier head with ``train_head``) train. See :mod:`vleff.side.lora` for the targets and where
 ``peft`` cannot wrap a module. Checkpoints hold the whole model (the base weights' keys are
-renamed by ``peft``: ``...qkv.base_layer.weight``).
+renamed by ``peft``: ``...qkv.base_layer.weight``). Which model and an already applied LoRA
+follow the rules of every method callback (:mod:`vleff.callbacks.targets`): with a frozen
+teacher beside the student, ``module="student"`` leaves the teacher (weights, flags) as it was.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vleff.callbacks.targets import (
+    ModuleArg,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.side.lora import LoRAConfig, apply_lora, lora_applied
 
 
@@ -21,22 +29,28 @@ class LoRA(pl.Callback):
     """Args: ``init_from`` (a checkpoint or ``state_dict`` of the trained model, loaded in
     ``setup`` before the adapters are added) and :class:`vleff.side.lora.LoRAConfig`'s settings:
     ``r`` (rank), ``alpha`` (scale ``alpha / r``), ``dropout`` (on the adapter input),
-    ``train_head`` (keep a timm classifier head trainable), ``towers``."""
+    ``train_head`` (keep a timm classifier head trainable), ``towers``; ``module``: the model to
+    adapt, as an attribute path or module object (default: the one model of the LightningModule
+    with a tower ``towers`` names; several are refused, listing them)."""
 
     settings_config = LoRAConfig
 
-    def __init__(self, init_from: str | None = None, **settings: Any) -> None:
+    def __init__(self, init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
         super().__init__()
         self.config = LoRAConfig.build(**settings)  # bad values fail here, naming the setting
         self.init_from = None if init_from is None else str(init_from)
+        self.module = check_module_arg(module)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not lora_applied(pl_module):
+        target = resolve_target(pl_module, self.module, "lora", self.config)
+        if lora_applied(target):
+            refuse_other_settings("lora", target, self.config)
+        else:
             if stage == "fit" and self.init_from is not None:
                 from vleff.callbacks.side import load_trained_backbone
 
-                load_trained_backbone(pl_module, self.init_from)
-            apply_lora(pl_module, self.config)
+                load_trained_backbone(pl_module, self.init_from, target)
+            apply_lora(target, self.config)
 
     def state_dict(self) -> dict[str, Any]:
         return self.config.as_dict()

@@ -25,7 +25,8 @@ at the starting τ, far from the FLOPs target, without a word.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
@@ -43,12 +44,13 @@ from vleff.tokens.madtp_controller import MADTPController
 CHECKPOINT_KEY = "vleff_madtp_controller"
 
 
-def _target(pl_module: nn.Module, path: str | None) -> nn.Module:
-    if path is None:
-        return _find_pair_in(pl_module).model
-    from vleff.callbacks.dynamicvit import resolve_module
+def _target(pl_module: nn.Module, path: str | nn.Module | None, config: MADTPConfig | None = None) -> nn.Module:
+    """The image-text model MADTP acts on (:func:`vleff.callbacks.targets.resolve_target`:
+    ``path`` names it; ``None``: the one pair inside, several refused listing them)."""
+    from vleff.callbacks.targets import resolve_target
 
-    return resolve_module(pl_module, path)
+    found = resolve_target(pl_module, path, "madtp", config)
+    return _find_pair_in(found).model if path is None else found
 
 
 def _loader(trainer: pl.Trainer) -> Any:
@@ -104,7 +106,8 @@ class MADTP(AuxLoss):
     """MADTP (alignment-guided token pruning, τ kept at a FLOPs target) for an existing LightningModule.
 
     Args:
-        module: dotted attribute path of the image-text model (default: the one the module holds).
+        module: the image-text model: dotted attribute path or module object (default: the one
+            the module holds; several are refused, listing them).
         calibration_batches: training batches the controller measures FLOPs on.
         adjust_every_epoch: re-calibrate τ after every training epoch.
         rtol: relative FLOPs tolerance of the calibration search.
@@ -125,21 +128,25 @@ class MADTP(AuxLoss):
     #: model training leaves is not the one last validated (``vleff-train`` validates again)
     changes_model_after_validation = True
 
-    def __init__(self, module: str | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
+    def __init__(self, module: str | nn.Module | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
                  rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
                  samples: int | None = None, warmup_epochs: int = 0, log: bool = True, **settings: Any) -> None:
         super().__init__(log)
         self.config = MADTPConfig.build(**settings)
-        if module is not None and (not isinstance(module, str) or not module):
-            raise ValueError(f"module={module!r} is not allowed; give the model's attribute path as a string or None")
-        self.module = module
+        from vleff.callbacks.targets import check_module_arg
+
+        self.module = check_module_arg(module)
         self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
                                           measure, samples, self.config.flops_reduction, warmup_epochs)
         self._target: nn.Module | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = _target(pl_module, self.module)
-        if not madtp_applied(target):
+        target = _target(pl_module, self.module, self.config)
+        if madtp_applied(target):  # applied with the callback's settings, or refused naming both
+            from vleff.callbacks.targets import refuse_other_settings
+
+            refuse_other_settings("madtp", target, self.config, driven=("tau", "flops_reduction"))
+        else:
             apply_madtp(target, self.config)
         self._target = target
         self.controller.restore(target)

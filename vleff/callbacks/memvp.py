@@ -6,7 +6,9 @@ MemVP is applied to the host inside the LightningModule (a ``VisionLanguageModel
 ``visual_prompt="memvp"`` mode, or a Hugging Face BLIP captioning / VQA model) in ``setup``:
 before ``configure_optimizers`` and before checkpoint weights are restored, so its parameters
 exist when a checkpoint loads (resuming is exact). With ``freeze_host`` every other weight is
-frozen there (the paper trains only the projector and the memory offsets).
+frozen there (the paper trains only the projector and the memory offsets). Which model, an
+already applied MemVP and ``remove_on_teardown`` follow the rules of every method callback
+(:mod:`vleff.callbacks.targets`).
 """
 from __future__ import annotations
 
@@ -14,8 +16,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool
-from vleff.side.memvp import MemVPConfig, apply_memvp, freeze_host_for_memvp, memvp_applied, remove_memvp
+from vleff.side.memvp import (
+    MemVPConfig,
+    apply_memvp,
+    freeze_host_for_memvp,
+    memvp_applied,
+)
 
 
 class MemVP(pl.Callback):
@@ -23,24 +37,38 @@ class MemVP(pl.Callback):
 
     Args:
         freeze_host: ``requires_grad=False`` on every weight but MemVP's.
-        remove_on_teardown: restore the plain host when the run ends.
+        remove_on_teardown: restore the plain host (and the ``requires_grad`` flags) when the
+            run ends; a later run with this callback re-applies the trained MemVP.
+        module: the host: attribute path or module object (default: the one host of the
+            LightningModule; several are refused, listing them).
         **settings: :class:`vleff.side.memvp.MemVPConfig` fields (``n_mem``, ``scale``, ...), validated here.
     """
 
     settings_config = MemVPConfig
 
-    def __init__(self, freeze_host: bool = True, remove_on_teardown: bool = False, **settings: Any) -> None:
+    def __init__(self, freeze_host: bool = True, remove_on_teardown: bool = False, module: ModuleArg = None,
+                 **settings: Any) -> None:
         super().__init__()
         self.config = MemVPConfig.build(**settings)
         self.freeze_host = check_bool("freeze_host", freeze_host)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.module = check_module_arg(module)
+        self._target: Any = None
+        self._removal = TeardownRemoval()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not memvp_applied(pl_module):
-            apply_memvp(pl_module, self.config)
+        target = self._target = resolve_target(pl_module, self.module, "memvp", self.config)
+        if self.remove_on_teardown:
+            self._removal.note_flags(target)  # before the host is frozen: teardown puts them back
+        if memvp_applied(target):
+            refuse_other_settings("memvp", target, self.config)
+        else:
+            apply_memvp(target, self.config)
+            self._removal.restore(target, "MemVP")  # the trained memory, if removed at a teardown
         if self.freeze_host:
-            freeze_host_for_memvp(pl_module)
+            freeze_host_for_memvp(target)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.remove_on_teardown and memvp_applied(pl_module):
-            remove_memvp(pl_module)
+        target = self._target if self._target is not None else pl_module
+        if self.remove_on_teardown and memvp_applied(target):
+            self._removal.remove("memvp", target)

@@ -8,6 +8,10 @@ checkpoint weights are restored, so MEFT's adapters exist when their weights loa
 stays so after ``fit``: the trained weights belong to the reversible network, so
 ``vleff.apply_reversible`` must be called with the same settings before a
 ``load_from_checkpoint``-ed model is evaluated (the plain forward is a different function).
+
+Which model, an already applied stack and ``remove_on_teardown`` follow the rules of every
+method callback (:mod:`vleff.callbacks.targets`): with a frozen teacher beside the student,
+``module="student"`` leaves the teacher's forward exactly as it was.
 """
 from __future__ import annotations
 
@@ -15,7 +19,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.memory.reversible import ReversibleConfig, apply_reversible, remove_reversible, reversible_applied
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.checks import check_bool
+from vleff.memory.reversible import (
+    ReversibleConfig,
+    apply_reversible,
+    reversible_applied,
+)
 
 __all__ = ["Reversible"]
 
@@ -24,7 +40,10 @@ class Reversible(pl.Callback):
     """Run the LightningModule's towers (timm ViT/DeiT, open_clip, HF CLIP) as reversible stacks.
 
     Args:
-        remove_on_teardown: restore the plain forward when the run ends.
+        remove_on_teardown: restore the plain forward when the run ends (MEFT's trained adapters
+            are kept: a later run with this callback re-applies them).
+        module: the model to make reversible: attribute path or module object (default: the one
+            model of the LightningModule with a tower ``towers`` names; several are refused).
         **settings: :class:`vleff.memory.reversible.ReversibleConfig` fields (``coupling``,
             ``lam``, ``beta``, ``towers``, ``adapter``, ``streams``, ``balance``), validated here.
     """
@@ -32,17 +51,25 @@ class Reversible(pl.Callback):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = ReversibleConfig
 
-    def __init__(self, remove_on_teardown: bool = False, **settings: Any) -> None:
+    def __init__(self, remove_on_teardown: bool = False, module: ModuleArg = None, **settings: Any) -> None:
         super().__init__()
         self.config = ReversibleConfig.build(**settings)
-        if not isinstance(remove_on_teardown, bool):
-            raise ValueError(f"remove_on_teardown={remove_on_teardown!r} is not allowed; use True or False")
-        self.remove_on_teardown = remove_on_teardown
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.module = check_module_arg(module)
+        self._target: Any = None
+        self._removal = TeardownRemoval()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not reversible_applied(pl_module):
-            apply_reversible(pl_module, self.config)
+        target = self._target = resolve_target(pl_module, self.module, "reversible", self.config)
+        if self.remove_on_teardown:
+            self._removal.note_flags(target)
+        if reversible_applied(target):
+            refuse_other_settings("reversible", target, self.config)
+        else:
+            apply_reversible(target, self.config)
+            self._removal.restore(target, "Reversible")  # the trained adapters, if removed at a teardown
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.remove_on_teardown and reversible_applied(pl_module):
-            remove_reversible(pl_module)
+        target = self._target if self._target is not None else pl_module
+        if self.remove_on_teardown and reversible_applied(target):
+            self._removal.remove("reversible", target)

@@ -18,7 +18,13 @@ What the base does, for every side method:
 * checkpoints hold **only the side state** (:func:`vleff.side.side_state_dict`: the side modules
   and trainable heads) unless ``full_checkpoint=True``. Resuming needs the same backbone (the
   module builds it as it did, e.g. from the same pretrained weights); the side keys are checked
-  on load, the backbone's are kept from the module (``strict_loading`` is turned off for that).
+  on load, the backbone's are kept from the module (``strict_loading`` is turned off for that);
+* which model, an already applied method and ``remove_on_teardown`` follow the rules of every
+  method callback (:mod:`vleff.callbacks.targets`): ``module=`` picks the model when the
+  LightningModule holds several (a frozen teacher is then left exactly as it was); a method
+  applied with other settings is refused; removal at teardown keeps the trained side state (a
+  later run with this callback re-applies the trained method) and restores ``requires_grad``
+  as it was before the callback froze the backbone.
 """
 from __future__ import annotations
 
@@ -27,11 +33,24 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
 from vleff.checks import check_bool
 from vleff.registry import get_method
+from vleff.side.common import (
+    backbone_eval,
+    freeze_backbone,
+    is_side_key,
+    refuse_unfrozen_backbone,
+    side_state_dict,
+)
 from vleff.side.lst import LSTConfig
 from vleff.side.unipt import UniPTConfig
-from vleff.side.common import backbone_eval, freeze_backbone, is_side_key, refuse_unfrozen_backbone, side_state_dict
 
 SIDE_ONLY = "vleff_side_only"
 #: how errors name each side method
@@ -58,13 +77,15 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
                        "and settings it was trained with")
 
 
-def load_trained_backbone(pl_module: nn.Module, path: str) -> None:
-    """``init_from``: the weights at ``path`` into the module (or its one backbone), before a
-    side method or LoRA is applied (:func:`vleff.callbacks.init_weights.load_initial_weights`)."""
+def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None = None) -> None:
+    """``init_from``: the weights at ``path`` into the module (or its backbone: ``target`` when
+    it is a submodule the callback was pointed at, else its one backbone), before a side method
+    or LoRA is applied (:func:`vleff.callbacks.init_weights.load_initial_weights`)."""
     from vleff.callbacks.evit import _single_backbone
     from vleff.callbacks.init_weights import load_initial_weights
 
-    load_initial_weights(pl_module, path, backbone=_single_backbone(pl_module))
+    backbone = target if target is not None and target is not pl_module else _single_backbone(pl_module)
+    load_initial_weights(pl_module, path, backbone=backbone)
 
 
 class SideTuning(pl.Callback):
@@ -75,34 +96,46 @@ class SideTuning(pl.Callback):
     settings_config: type = type(None)
 
     def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 init_from: str | None = None, **settings: Any) -> None:
+                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
         super().__init__()
         self.config = self.settings_config.build(**settings)
         self.train_head = check_bool("train_head", train_head)
         self.full_checkpoint = check_bool("full_checkpoint", full_checkpoint)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
         self.init_from = None if init_from is None else str(init_from)
+        self.module = check_module_arg(module)
+        self._target: Any = None
+        self._removal = TeardownRemoval()
 
     @property
     def _method(self):
         return get_method(self.method)
 
+    def _target_of(self, pl_module: nn.Module) -> nn.Module:
+        return self._target if self._target is not None else pl_module
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._method.is_applied(pl_module):
+        target = self._target = resolve_target(pl_module, self.module, self.method, self.config)
+        if self.remove_on_teardown:
+            self._removal.note_flags(target)  # before anything is frozen: teardown puts them back
+        if self._method.is_applied(target):
+            refuse_other_settings(self.method, target, self.config)
+        else:
             if stage == "fit" and self.init_from is not None:
-                load_trained_backbone(pl_module, self.init_from)
-            self._method.apply(pl_module, self.config)
-        freeze_backbone(pl_module, train_head=self.train_head)
+                load_trained_backbone(pl_module, self.init_from, target)
+            self._method.apply(target, self.config)
+            self._removal.restore(target, LABELS.get(self.method, self.method))  # the trained state, if removed
+        freeze_backbone(target, train_head=self.train_head)
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # the backbone keys are not in a side-only checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_unfrozen_backbone(pl_module, LABELS.get(self.method, self.method), self.train_head)
-        backbone_eval(pl_module)
+        refuse_unfrozen_backbone(self._target_of(pl_module), LABELS.get(self.method, self.method), self.train_head)
+        backbone_eval(self._target_of(pl_module))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        backbone_eval(pl_module)
+        backbone_eval(self._target_of(pl_module))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -114,8 +147,9 @@ class SideTuning(pl.Callback):
         check_side_checkpoint(pl_module, checkpoint)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.remove_on_teardown and self._method.is_applied(pl_module):
-            self._method.remove(pl_module)
+        target = self._target_of(pl_module)
+        if self.remove_on_teardown and self._method.is_applied(target):
+            self._removal.remove(self.method, target)
 
 
 class LadderSideTuning(SideTuning):
@@ -124,9 +158,12 @@ class LadderSideTuning(SideTuning):
     Args:
         train_head: keep a timm classifier head trainable (it reads the pooled features only).
         full_checkpoint: save the whole model in checkpoints (default: the side state only).
-        remove_on_teardown: restore the plain model when the run ends.
+        remove_on_teardown: restore the plain model (and the ``requires_grad`` flags) when the
+            run ends; a later run with this callback re-applies the trained LST.
         init_from: a Lightning checkpoint or ``state_dict`` of the trained backbone, loaded in
             ``setup`` before LST is built (not a resume: ``Trainer.fit(ckpt_path=...)`` is).
+        module: the model to tune: attribute path or module object (default: the one model of
+            the LightningModule with a tower ``towers`` names; several are refused).
         **settings: :class:`vleff.side.lst.LSTConfig` fields (``reduction``, ``side_heads``,
             ``temperature``, ``towers``). ``init="fisher"`` needs data: use
             :func:`vleff.side.lst.fisher_information` and :func:`vleff.apply_lst` before ``fit``
@@ -137,8 +174,8 @@ class LadderSideTuning(SideTuning):
     settings_config = LSTConfig
 
     def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 init_from: str | None = None, **settings: Any) -> None:
-        super().__init__(train_head, full_checkpoint, remove_on_teardown, init_from, **settings)
+                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
+        super().__init__(train_head, full_checkpoint, remove_on_teardown, init_from, module, **settings)
         if self.config.init == "fisher":
             raise ValueError("LadderSideTuning(init='fisher') has no data to compute the Fisher information from; "
                              "call vleff.apply_lst(module, init='fisher', fisher=fisher_information(...)) before "

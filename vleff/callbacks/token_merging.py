@@ -8,6 +8,9 @@ are restored) and stays applied after ``fit`` so the trained model is the cheap 
 ``vleff.remove_tome(model)`` to get the plain forward back, and ``vleff.apply_tome`` before
 ``load_from_checkpoint``-ed models are used (ToMe adds no parameters, so the weights load
 either way). The r schedule is saved in checkpoints and continues on resume.
+
+Which model, an already applied ToMe and ``remove_on_teardown`` follow the rules of every
+method callback (:mod:`vleff.callbacks.targets`).
 """
 from __future__ import annotations
 
@@ -15,8 +18,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vleff.callbacks.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.checks import check_bool
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import ToMeConfig, apply_tome, remove_tome, tome_applied, tome_r, update_tome
+from vleff.tokens.tome import ToMeConfig, apply_tome, tome_applied, tome_r, update_tome
 
 
 class TokenMerging(pl.Callback):
@@ -25,7 +36,10 @@ class TokenMerging(pl.Callback):
     Args:
         schedule: ``"constant"`` or ``"linear"`` (r grows from 0 over ``warmup_steps``).
         warmup_steps: optimizer steps of the linear warm-up.
-        remove_on_teardown: restore the plain forward when the run ends.
+        remove_on_teardown: restore the plain forward when the run ends (a later run with this
+            callback applies it again).
+        module: the model to merge in: attribute path or module object (default: the one
+            model of the LightningModule with a tower ``towers`` names; several are refused).
         **settings: :class:`vleff.tokens.tome.ToMeConfig` fields (``r``, ``prop_attn``,
             ``trace_source``, ``towers``), validated here.
 
@@ -37,30 +51,35 @@ class TokenMerging(pl.Callback):
     settings_config = ToMeConfig
 
     def __init__(self, schedule: str = "constant", warmup_steps: int = 0, remove_on_teardown: bool = False,
-                 **settings: Any) -> None:
+                 module: ModuleArg = None, **settings: Any) -> None:
         super().__init__()
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
-        if not isinstance(remove_on_teardown, bool):
-            raise ValueError(f"remove_on_teardown={remove_on_teardown!r} is not allowed; use True or False")
-        self.remove_on_teardown = remove_on_teardown
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
         self.current_r: list[int] | None = None
+        self.module = check_module_arg(module)
+        self._target: Any = None
+        self._removal = TeardownRemoval()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(r=str(self.schedule.r))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not tome_applied(pl_module):
-            apply_tome(pl_module, self.config.replace(r=0))
+        target = self._target = resolve_target(pl_module, self.module, "tome", self.config)
+        if tome_applied(target):
+            refuse_other_settings("tome", target, self.config, driven=("r",))  # r follows the schedule
+        else:
+            apply_tome(target, self.config.replace(r=0))
         step = trainer.global_step if stage == "fit" else self.schedule.warmup_steps
         self._update(pl_module, step)
 
     def _update(self, pl_module: pl.LightningModule, step: int) -> None:
-        running = tome_r(pl_module)
+        target = self._target if self._target is not None else pl_module
+        running = tome_r(target)
         r = self.schedule.r_at(step, len(running))
         if r != running:  # compare with what the model runs, not a cached value
-            update_tome(pl_module, r=r)
+            update_tome(target, r=r)
         self.current_r = r
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -73,8 +92,9 @@ class TokenMerging(pl.Callback):
         self._update(pl_module, max(trainer.global_step, self.schedule.warmup_steps))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.remove_on_teardown and tome_applied(pl_module):
-            remove_tome(pl_module)
+        target = self._target if self._target is not None else pl_module
+        if self.remove_on_teardown and tome_applied(target):
+            self._removal.remove("tome", target)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict(), "current_r": self.current_r}

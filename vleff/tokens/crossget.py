@@ -403,13 +403,19 @@ def resolve_pair(model: nn.Module) -> ModelPair:
         TypeError: no pair ("needs both towers"), or a pair without contrastive projections."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    pair = None
-    for module in model.modules():
+    pair, found = None, []  # the outermost pairs: a module holding two (teacher, student) is ambiguous
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{n}.") or not n for n, _ in found):
+            continue
         try:
-            pair = find_pair(module)
-            break
+            found.append((name, find_pair(module)))
         except TypeError:
             continue
+    if len(found) > 1:
+        raise ValueError(f"{type(model).__name__} holds {len(found)} image-text models ({', '.join(n for n, _ in found)}); "
+                         "apply CrossGET to one of them (the callback: CrossGET(module=...))")
+    if found:
+        pair = found[0][1]
     if pair is None:
         try:
             have = "; ".join(t.describe() for t in find_towers(model))

@@ -94,5 +94,10 @@ class ReversibleMixin:
     in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
     network the weights were trained in). Settings: :class:`vleff.memory.reversible.ReversibleConfig`."""
 
-    def use_reversible(self, **settings: Any) -> None:
-        apply_reversible(self, ReversibleConfig.build(**settings))  # type: ignore[arg-type]
+    def use_reversible(self, module: Any = None, **settings: Any) -> None:
+        """``module``: the model to make reversible when the module holds several (attribute
+        path or module object; :mod:`vleff.callbacks.targets`), else refused listing them."""
+        from vleff.callbacks.targets import check_module_arg, resolve_target
+
+        config = ReversibleConfig.build(**settings)
+        apply_reversible(resolve_target(self, check_module_arg(module), "reversible", config), config)

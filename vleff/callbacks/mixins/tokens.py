@@ -8,6 +8,10 @@
 ...     def training_step(self, batch, i):                 # weights load / optimizers are built
 ...         img, txt = self.clip.encode_image(batch[0]), self.clip.encode_text(batch[1])
 ...         return contrastive(img, txt) + self.vleff_aux_loss()   # + the cross-token JS loss
+
+Every ``use_<method>`` takes ``module=`` (an attribute path or the module object) for a module
+holding several models (a frozen teacher beside the student); without it several are refused,
+listing them (:mod:`vleff.callbacks.targets`). ``use_dynamicvit`` names its backbone already.
 """
 from __future__ import annotations
 
@@ -16,17 +20,34 @@ from typing import Any
 from torch import nn
 
 from vleff.callbacks.madtp import CHECKPOINT_KEY as MADTP_KEY
-from vleff.callbacks.madtp import controller_epoch_end, controller_train_end, controller_train_start
+from vleff.callbacks.madtp import (
+    controller_epoch_end,
+    controller_train_end,
+    controller_train_start,
+)
 from vleff.callbacks.mixins.base import AuxLossMixin, _fitting, _parent
 from vleff.tokens.crossget import CrossGETConfig, apply_crossget
 from vleff.tokens.dynamicvit import apply_dynamicvit, dynamicvit_teacher
-from vleff.tokens.evit import EViTConfig, EViTSchedule, apply_evit, training_progress, update_evit
+from vleff.tokens.evit import (
+    EViTConfig,
+    EViTSchedule,
+    apply_evit,
+    training_progress,
+    update_evit,
+)
 from vleff.tokens.madtp import MADTPConfig, apply_madtp
 from vleff.tokens.madtp_controller import MADTPController
 from vleff.tokens.schedule import RSchedule
 from vleff.tokens.tome import ToMeConfig, apply_tome, tome_r, update_tome
 
 __all__ = ["CrossGETMixin", "DynamicViTMixin", "EViTMixin", "MADTPMixin", "TokenMergingMixin"]
+
+
+def _mixin_target(owner: Any, module: Any, method: str, config: Any) -> Any:
+    """The model inside the mixin's module that ``use_<method>`` acts on."""
+    from vleff.callbacks.targets import check_module_arg, resolve_target
+
+    return resolve_target(owner, check_module_arg(module), method, config)
 
 TOME_KEY = "vleff_tome_schedule"
 EVIT_KEY = "vleff_evit_keep_rate"
@@ -40,10 +61,12 @@ class TokenMergingMixin:
 
     _vleff_tome: RSchedule | None = None
 
-    def use_tome(self, schedule: str = "constant", warmup_steps: int = 0, **settings: Any) -> None:
+    def use_tome(self, schedule: str = "constant", warmup_steps: int = 0, module: Any = None,
+                 **settings: Any) -> None:
         config = ToMeConfig.build(**settings)
+        target = _mixin_target(self, module, "tome", config)
         self._vleff_tome = RSchedule(r=config.r, schedule=schedule, warmup_steps=warmup_steps)
-        apply_tome(self, config)  # type: ignore[arg-type]
+        apply_tome(target, config)  # the schedule then updates the hooks found in this module: the target's
         self._vleff_tome_at(None)
 
     def _vleff_tome_at(self, step: int | None) -> None:
@@ -83,12 +106,13 @@ class EViTMixin:
     _vleff_evit_schedule: EViTSchedule | None = None
     _vleff_evit_keep_rate: float = 1.0
 
-    def use_evit(self, start_epoch: float = 0.0, end_epoch: float | None = None, **settings: Any) -> None:
+    def use_evit(self, start_epoch: float = 0.0, end_epoch: float | None = None, module: Any = None,
+                 **settings: Any) -> None:
         """``end_epoch=None`` jumps to ``keep_rate`` at ``start_epoch`` (give the trainer's
         ``max_epochs`` for the paper's cosine)."""
         config = EViTConfig.build(**settings)
         schedule = EViTSchedule(config.keep_rate, start_epoch, end_epoch)
-        apply_evit(self, config)  # type: ignore[arg-type]  # a model built for use runs at the target
+        apply_evit(_mixin_target(self, module, "evit", config), config)  # a model built for use runs at the target
         self._vleff_evit_schedule = schedule
         self._vleff_evit_keep_rate = schedule.target
 
@@ -153,8 +177,9 @@ class CrossGETMixin(AuxLossMixin):
     Settings: :class:`vleff.tokens.crossget.CrossGETConfig`. The offsets are parameters of the
     module, so they are saved in and restored from checkpoints with the weights."""
 
-    def use_crossget(self, **settings: Any) -> None:
-        apply_crossget(self, CrossGETConfig.build(**settings))  # type: ignore[arg-type]
+    def use_crossget(self, module: Any = None, **settings: Any) -> None:
+        config = CrossGETConfig.build(**settings)
+        apply_crossget(_mixin_target(self, module, "crossget", config), config)
 
 
 class MADTPMixin(AuxLossMixin):
@@ -168,29 +193,34 @@ class MADTPMixin(AuxLossMixin):
 
     def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
                   max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
-                  warmup_epochs: int = 0, **settings: Any) -> None:
+                  warmup_epochs: int = 0, module: Any = None, **settings: Any) -> None:
         config = MADTPConfig.build(**settings)
         controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
                                      measure, samples, config.flops_reduction, warmup_epochs)
-        apply_madtp(self, config)  # type: ignore[arg-type]
+        target = _mixin_target(self, module, "madtp", config)
+        apply_madtp(target, config)
         self._vleff_madtp = controller
+        self.__dict__["_vleff_madtp_target"] = target  # not a child: the model is already one
+
+    def _madtp_target(self) -> Any:
+        return self.__dict__.get("_vleff_madtp_target", self)
 
     def on_train_start(self) -> Any:
         out = _parent(self, MADTPMixin, "on_train_start")
         if self._vleff_madtp is not None:
-            controller_train_start(self.trainer, self._vleff_madtp, self)  # type: ignore[attr-defined,arg-type]
+            controller_train_start(self.trainer, self._vleff_madtp, self._madtp_target())  # type: ignore[attr-defined]
         return out
 
     def on_train_epoch_end(self) -> Any:
         out = _parent(self, MADTPMixin, "on_train_epoch_end")
         if self._vleff_madtp is not None:
-            controller_epoch_end(self.trainer, self._vleff_madtp, self)  # type: ignore[attr-defined,arg-type]
+            controller_epoch_end(self.trainer, self._vleff_madtp, self._madtp_target())  # type: ignore[attr-defined]
         return out
 
     def on_train_end(self) -> Any:
         out = _parent(self, MADTPMixin, "on_train_end")
         if self._vleff_madtp is not None:
-            controller_train_end(self.trainer, self._vleff_madtp, self)  # type: ignore[attr-defined,arg-type]
+            controller_train_end(self.trainer, self._vleff_madtp, self._madtp_target())  # type: ignore[attr-defined]
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -202,4 +232,4 @@ class MADTPMixin(AuxLossMixin):
         _parent(self, MADTPMixin, "on_load_checkpoint", checkpoint)
         if self._vleff_madtp is not None and MADTP_KEY in checkpoint:
             self._vleff_madtp.load_state_dict(checkpoint[MADTP_KEY])
-            self._vleff_madtp.restore(self)  # type: ignore[arg-type]
+            self._vleff_madtp.restore(self._madtp_target())

@@ -1,0 +1,315 @@
+"""The rules every method callback keeps: which model it acts on, what it does when the method
+is already there, and what ``remove_on_teardown`` keeps.
+
+Why one module: a LightningModule often holds more than one model (a frozen teacher beside a
+student, an EMA copy, a reference model). A callback that patched "every tower it finds" or
+"the first pair it finds" changed models the user never meant (reversible ``meft`` moved a
+frozen teacher's outputs), and a callback that silently skipped its settings when the method
+was already applied, or that re-applied an untrained method after removing the trained one,
+changed its job without a word. The three rules, for every callback that applies a method:
+
+* **Which model** (:func:`resolve_target`): ``module=`` names it, as an attribute path
+  (``"student"``, ``"model.backbone"``) or as the module object itself (the LightningModule
+  itself means "every model in it"). With ``module=None`` the callback acts on the
+  LightningModule when exactly one of its children holds what the method acts on (a tower of
+  the kinds ``towers`` names, an image-text pair, a MemVP host); with more than one it refuses
+  and lists them.
+* **Already applied** (:func:`refuse_other_settings`): when the method is already on the
+  target (a mixin, ``vleff.apply_*``, an earlier run), the callback keeps it only if it was
+  applied with the callback's settings; otherwise it refuses, naming both. Rebuilding it
+  would silently throw its trained state away; skipping the settings would silently ignore
+  them. Settings a callback drives itself (ToMe's ``r`` schedule, EViT's ``keep_rate``
+  schedule, MADTP's calibrated ``tau``) are not compared.
+* **Removal at teardown** (:class:`TeardownRemoval`): ``remove_on_teardown=True`` returns the
+  plain model after each run, with every ``requires_grad`` flag as it was before the callback
+  froze anything, and keeps the removed method's trained state, so a later
+  ``trainer.validate``/``test``/``fit`` with the same callback re-applies the *trained*
+  method, not a freshly initialised one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModuleArg", "TeardownRemoval", "applied_settings", "candidates", "check_module_arg", "module_at",
+           "refuse_other_settings", "resolve_target"]
+
+#: what ``module=`` takes: an attribute path, the module object, or ``None`` (find it)
+ModuleArg = str | nn.Module | None
+
+#: how errors name each method
+LABELS = {"tome": "ToMe", "evit": "EViT", "dynamicvit": "DynamicViT", "crossget": "CrossGET", "madtp": "MADTP",
+          "vqt": "VQT", "lst": "LST", "unipt": "UniPT", "lora": "LoRA", "reversible": "Reversible",
+          "memvp": "MemVP"}
+
+
+def check_module_arg(module: Any) -> str | nn.Module | None:
+    """``module=`` as a callback's constructor receives it; a bad value raises ``ValueError``
+    naming it and what is allowed (at construction, before any run)."""
+    if module is None or isinstance(module, nn.Module):
+        return module
+    if isinstance(module, str) and module and all(module.split(".")):
+        return module
+    raise ValueError(f"module={module!r} is not allowed; give the attribute path of the model inside the "
+                     "LightningModule as a dotted string (e.g. 'student' or 'model.backbone'), the model object "
+                     "itself, or None to use the one model the method applies to")
+
+
+def module_at(pl_module: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted attribute ``path`` of ``pl_module`` (``ValueError`` naming the
+    first part that is missing; ``TypeError`` when the attribute is not a module)."""
+    module: Any = pl_module
+    for part in path.split("."):
+        if not hasattr(module, part):
+            raise ValueError(f"module={path!r}: {type(module).__name__} has no attribute {part!r}")
+        module = getattr(module, part)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module={path!r} is a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _holds(child: nn.Module, method: str, config: Any) -> bool:
+    """Whether ``method`` (with ``config``) would act on something inside ``child``."""
+    from vleff.registry import get_method
+
+    entry = get_method(method)
+    if entry.needs_pair:
+        from vleff.backbones import find_pair
+
+        for module in child.modules():
+            try:
+                find_pair(module)
+                return True
+            except TypeError:
+                continue
+        return False
+    if method == "memvp":
+        from vleff.side.memvp import _host_kind
+
+        return any(_host_kind(m) is not None for m in child.modules())
+    towers = getattr(config, "towers", None)
+    if not entry.towers or towers is None:
+        return False
+    from vleff.backbones import find_towers
+    from vleff.tokens.common import tower_modalities
+
+    try:
+        found = find_towers(child)
+    except TypeError:
+        return False
+    return any(t.modality in tower_modalities(towers) for t in found)
+
+
+def candidates(pl_module: nn.Module, method: str, config: Any) -> list[str]:
+    """Attribute paths of the models in ``pl_module`` that ``method`` would act on: its direct
+    children that hold a tower / pair / host of the method (a plain ``ModuleDict`` /
+    ``ModuleList`` / ``Sequential`` child that is the only one is looked into)."""
+    prefix, module = "", pl_module
+    while True:
+        found = [(name, child) for name, child in module.named_children() if _holds(child, method, config)]
+        if len(found) == 1 and type(found[0][1]) in (nn.ModuleDict, nn.ModuleList, nn.Sequential):
+            prefix, module = f"{prefix}{found[0][0]}.", found[0][1]
+            continue
+        return [prefix + name for name, _ in found]
+
+
+def resolve_target(pl_module: nn.Module, module: str | nn.Module | None, method: str, config: Any) -> nn.Module:
+    """The module the callback of ``method`` acts on (see the module docstring).
+
+    Raises:
+        ValueError: ``module=`` names nothing in ``pl_module``, or ``module=None`` and more than
+            one model in ``pl_module`` holds what the method acts on (the message lists them).
+    """
+    label = LABELS.get(method, method)
+    if isinstance(module, nn.Module):
+        if module is pl_module or any(m is module for m in pl_module.modules()):
+            return module
+        raise ValueError(f"module= is a {type(module).__name__} that is not part of {type(pl_module).__name__}; "
+                         f"pass a submodule of the LightningModule the trainer runs (or its attribute path)")
+    if isinstance(module, str):
+        return module_at(pl_module, module)
+    found = candidates(pl_module, method, config)
+    if len(found) > 1:
+        raise ValueError(f"{label}: {type(pl_module).__name__} holds {len(found)} models it could apply to "
+                         f"({', '.join(found)}); pass module= one of {', '.join(repr(f) for f in found)} "
+                         f"(or the LightningModule object itself to apply it to all of them)")
+    return pl_module
+
+
+# --- already applied ---------------------------------------------------------------------------
+def _hook_config(target: nn.Module, name: str) -> Any:
+    from vleff.tokens.common import hooks_named
+
+    hooks = hooks_named(target, name)
+    return hooks[0].config if hooks and getattr(hooks[0], "config", None) is not None else None
+
+
+def _towers_with(target: nn.Module, has: Any) -> frozenset[str]:
+    """The modalities of ``target``'s towers for which ``has(tower)`` holds."""
+    from vleff.backbones import find_towers
+
+    try:
+        return frozenset(t.modality for t in find_towers(target) if has(t))
+    except TypeError:
+        return frozenset()
+
+
+def _side(tower: Any, name: str) -> nn.Module | None:
+    module = tower.root._modules.get(name)
+    return module if isinstance(module, nn.Module) else None
+
+
+def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
+    """The settings of ``method`` as applied to ``target``, as far as the model shows them
+    (``towers``: the set of modalities carrying it). Settings that leave no trace once applied
+    (LST's ``init``, MemVP's ``key_init_std``) are not listed."""
+    if method in ("tome", "evit", "dynamicvit", "crossget", "madtp", "vqt", "reversible"):
+        if method == "reversible":
+            from vleff.memory.reversible import reversible_applied, reversible_config
+
+            config = reversible_config(target) if reversible_applied(target) else None
+        else:
+            config = _hook_config(target, method)
+        if config is None:
+            return {}
+        out = config.as_dict()
+        if "towers" in out:  # what the towers setting means on this model (MADTP hooks both, prunes these)
+            out["towers"] = _wanted_towers(target, out["towers"])
+        return out
+    if method in ("lst", "unipt"):
+        from vleff.backbones import find_towers
+
+        name = f"vleff_{method}"
+        towers = [t for t in find_towers(target) if _side(t, name) is not None]
+        if not towers:
+            return {}
+        side: Any = _side(towers[0], name)
+        out = {"towers": frozenset(t.modality for t in towers)}
+        if method == "lst":
+            out["reduction"] = towers[0].embed_dim // side.downs[0].out_features
+            out["temperature"] = side.temperature
+            if len(side.blocks):
+                out["side_heads"] = side.blocks[0].heads
+        else:
+            out["factor"] = towers[0].embed_dim // side.layers[0].out_features
+        return out
+    if method == "lora":
+        from vleff.side.lora import _lora_layers
+
+        layers = [layer for _, _, layer in _lora_layers(target)]
+        if not layers:
+            return {}
+        layer: Any = layers[0]
+        key = next(iter(layer.r))
+        drop = layer.lora_dropout[key]
+        return {"r": layer.r[key], "alpha": layer.lora_alpha[key],
+                "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+                "towers": _towers_with(target, lambda t: any("lora_A" in n for n, _ in t.root.named_parameters()))}
+    if method == "memvp":
+        from vleff.side.memvp import memvp_module
+
+        module: Any = memvp_module(target)
+        adapters = getattr(module, "adapters", None)
+        return {"n_mem": module.n_mem, "scale": module.scale, "dropout": module.dropout,
+                "projector_scale": module.projector_scale, "projector_hidden": module.projector[0].out_features,
+                "visual_dim": module.visual_dim,
+                "vision_adapter_dim": adapters[0].down.out_features if adapters is not None and len(adapters) else 0}
+    return {}
+
+
+def _wanted_towers(target: nn.Module, towers: str) -> frozenset[str]:
+    from vleff.backbones import find_towers
+    from vleff.tokens.common import tower_modalities
+
+    try:
+        return frozenset(t.modality for t in find_towers(target) if t.modality in tower_modalities(towers))
+    except TypeError:
+        return frozenset()
+
+
+def refuse_other_settings(method: str, target: nn.Module, wanted: Any, driven: tuple[str, ...] = ()) -> None:
+    """``ValueError`` when ``method`` is applied to ``target`` with settings other than
+    ``wanted`` (a config dataclass), naming both; ``driven`` settings (those the callback sets
+    itself, e.g. a schedule) are not compared. Settings given as ``None`` (automatic: LST's
+    ``side_heads``, MemVP's ``visual_dim``) compare only when given."""
+    applied = applied_settings(method, target)
+    fields = {f.name for f in dataclasses.fields(wanted)}
+    diffs = []
+    for key, have in applied.items():
+        if key not in fields or key in driven:
+            continue
+        want = getattr(wanted, key)
+        if key == "towers":
+            want_set = _wanted_towers(target, want)
+            if want_set != have:
+                diffs.append((key, "+".join(sorted(have)) or "none", f"{want!r} ({'+'.join(sorted(want_set)) or 'none'})"))
+            continue
+        if want is None and key in ("side_heads", "visual_dim"):
+            continue
+        if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)):
+            same = list(want) == list(have)
+        else:
+            same = want == have
+        if not same:
+            diffs.append((key, repr(have), repr(want)))
+    if diffs:
+        label = LABELS.get(method, method)
+        applied_text = ", ".join(f"{k}={h}" for k, h, _ in diffs)
+        wanted_text = ", ".join(f"{k}={w}" for k, _, w in diffs)
+        raise ValueError(f"{label} is already applied to {type(target).__name__} with {applied_text}, but the "
+                         f"callback asks for {wanted_text}. The callback does not rebuild an applied method (its "
+                         f"trained state would be lost) nor ignore its own settings: give the callback the settings "
+                         f"the method was applied with, or remove the method first (vleff.remove_all(model))")
+
+
+# --- remove_on_teardown ------------------------------------------------------------------------
+class TeardownRemoval:
+    """What a callback with ``remove_on_teardown=True`` keeps between runs.
+
+    Use: :meth:`note_flags` in ``setup`` before the callback applies or freezes anything,
+    :meth:`restore` right after the callback applied the method, :meth:`remove` in ``teardown``.
+    """
+
+    def __init__(self) -> None:
+        self.flags: dict[str, bool] | None = None
+        self.saved: dict[str, torch.Tensor] | None = None
+        self._owner: weakref.ref[nn.Module] | None = None
+
+    def note_flags(self, target: nn.Module) -> None:
+        """Record ``requires_grad`` of every parameter of ``target`` (once per application)."""
+        if self.flags is None:
+            self.flags = {n: p.requires_grad for n, p in target.named_parameters()}
+
+    def restore(self, target: nn.Module, label: str) -> bool:
+        """Load the state the last removal kept into the method just re-applied to ``target``
+        (the same module object only); whether it did."""
+        saved, owner = self.saved, self._owner() if self._owner is not None else None
+        self.saved, self._owner = None, None
+        if saved is None or owner is not target:
+            return False
+        result = target.load_state_dict(saved, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{label}: the re-applied method has no {result.unexpected_keys[:3]} of the trained "
+                               "one removed at teardown; it was applied with other settings in between")
+        return True
+
+    def remove(self, method: str, target: nn.Module) -> None:
+        """Remove ``method`` from ``target``, keep its state, put the flags back."""
+        from vleff.registry import get_method
+
+        before = target.state_dict(keep_vars=True)
+        entry = get_method(method)
+        assert entry.remove is not None
+        entry.remove(target)
+        after = set(target.state_dict(keep_vars=True))
+        self.saved = {k: v.detach().clone() for k, v in before.items() if k not in after}
+        self._owner = weakref.ref(target)
+        if self.flags is not None:
+            for name, p in target.named_parameters():
+                if name in self.flags:
+                    p.requires_grad_(self.flags[name])
+        self.flags = None
