@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import ToMeConfig, apply_tome, remove_tome, tome_applied, tome_r, update_tome
+from vleff.tokens.tome import ToMeConfig, apply_tome, remove_tome, tome_applied
 
 
 class TokenMerging(pl.Callback):
@@ -44,6 +44,7 @@ class TokenMerging(pl.Callback):
         if not isinstance(remove_on_teardown, bool):
             raise ValueError(f"remove_on_teardown={remove_on_teardown!r} is not allowed; use True or False")
         self.remove_on_teardown = remove_on_teardown
+        #: r per block of the first ToMe tower (what ``tome/r_mean`` logs)
         self.current_r: list[int] | None = None
 
     @property
@@ -57,11 +58,8 @@ class TokenMerging(pl.Callback):
         self._update(pl_module, step)
 
     def _update(self, pl_module: pl.LightningModule, step: int) -> None:
-        running = tome_r(pl_module)
-        r = self.schedule.r_at(step, len(running))
-        if r != running:  # compare with what the model runs, not a cached value
-            update_tome(pl_module, r=r)
-        self.current_r = r
+        # each tower from its own depth (CLIP's image and text towers may differ in depth)
+        self.current_r = self.schedule.apply_at(pl_module, step)[0]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
