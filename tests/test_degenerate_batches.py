@@ -101,3 +101,42 @@ def test_captions_that_are_all_padding(name, family, tower):
     expected = _forward(family, tower, plain, ids)
     out = _forward(family, tower, model, ids)
     assert out.shape == expected.shape and torch.isfinite(out).all()
+
+
+def _host_forward(host: str, model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if host.startswith("vlm"):
+            return model(images, ids)["logits"]
+        return model(pixel_values=images, input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("host", ["vlm_llama_timm", "hf_blip_captioning"])
+def test_memvp_hosts_take_degenerate_batches_as_the_host_does(host):
+    import host_families
+
+    import vleff
+
+    torch.manual_seed(0)
+    plain = host_families.HOSTS[host].make().double().eval()
+    model = host_families.HOSTS[host].make().double().eval()
+    model.load_state_dict(plain.state_dict())
+    settings = SETTINGS["memvp"]
+    vleff.apply_memvp(model, **settings.active)
+    settings.activate(model)
+    images = tm.images(3).double()
+    ids, mask = tm.blip_token_ids(3)
+    if host.startswith("vlm"):
+        ids = ids % 64  # the tiny LM's vocabulary
+    # a batch of 0: whatever the host does (both hosts' libraries refuse it in their own attention)
+    try:
+        expected = _host_forward(host, plain, images[:0], ids[:0], mask[:0])
+    except RuntimeError as library_error:
+        with pytest.raises(type(library_error)):
+            _host_forward(host, model, images[:0], ids[:0], mask[:0])
+    else:
+        assert _host_forward(host, model, images[:0], ids[:0], mask[:0]).shape == expected.shape
+    # a batch of one reads its own image's memory: each row alone equals that row of the batch
+    together = _host_forward(host, model, images, ids, mask)
+    alone = torch.cat([_host_forward(host, model, images[i:i + 1], ids[i:i + 1], mask[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(alone, together, rtol=1e-9, atol=1e-9)
