@@ -145,8 +145,8 @@ def test_amplification_estimate_and_warning():
     assert rev.block_amplification(ReversibleConfig(coupling="revvit")) == 1.0
     deep = tm.timm_vit(depth=12, embed_dim=32, num_heads=2)
     for settings, warns in [({}, False), ({"streams": "float32"}, True), ({"lam": 0.1, "beta": 0.1}, True),
-                            ({"coupling": "revvit"}, False), ({"balance": True}, True),
-                            ({"coupling": "revvit", "balance": True}, False)]:
+                            ({"coupling": "revvit"}, False), ({"balance": True}, True)]:
+        # (revvit with balance=True is refused now: tests/test_method_conflicts.py)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             apply_reversible(deep, **settings)
@@ -592,7 +592,9 @@ def test_balance_starts_closer_to_the_plain_network():
     c, gain = ReversibleConfig(coupling="meft", balance=True).balance_factors
     assert (c, gain) == pytest.approx(balance_reference(ReversibleConfig(coupling="meft", balance=True)))
     assert (c, gain) == pytest.approx((2 / (3 + 5 ** 0.5), (1 + 5 ** 0.5) / 2))  # 1/φ², φ (ρ = φ², the golden ratio squared)
-    assert ReversibleConfig(coupling="revvit", balance=True).balance_factors == (1.0, 1.0)
+    assert ReversibleConfig(coupling="revvit").balance_factors == (1.0, 1.0)
+    with pytest.raises(ValueError, match="coupling='revvit' takes no balance=True"):  # refused, not ignored
+        ReversibleConfig(coupling="revvit", balance=True)
 
 
 def _hf_tower_with_attention_dropout(p: float) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -129,7 +129,8 @@ def _attend(adapter: TowerAdapter, block: nn.Module, h: torch.Tensor, q: torch.T
     if info is not None:
         info.cfg, info.bias, info.keep = cfg, _causal_full(bias, is_causal, q), keep
         info._h, info._q, info._k, info._v, info._head_outputs, info._probs = h, q, k, v, o, probs
-    return o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
+    # explicit width (heads x head dim), not -1: a batch of 0 samples has no size to infer it from
+    return o.transpose(1, 2).reshape(h.shape[0], h.shape[1], o.shape[1] * o.shape[-1])
 
 
 def mlp_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

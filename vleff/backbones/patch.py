@@ -58,6 +58,12 @@ class TowerPatch:
 
     # --- forward -------------------------------------------------------------------------
     def _start(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
+        if x.shape[0] == 0:
+            # the hooks' per-sample work (matching, top-k, thresholds, side layers) has no sample to
+            # run on; refused here, once for every method, rather than failing deep inside one
+            raise ValueError(f"{self.adapter.describe()} got a batch of 0 samples (input shape {tuple(x.shape)}) "
+                             f"with {', '.join(h.name for h in self.running_hooks) or 'vleff hooks'} applied; "
+                             "allowed: a batch of at least 1 sample (skip empty batches before the forward)")
         unreplayable = [h.name for h in self.running_hooks if not h.replayable]
         if unreplayable and torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
             raise RuntimeError(

@@ -39,6 +39,7 @@ Hooks and logging during a MeZO step (the user's ``training_step`` runs twice, a
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,7 @@ from vleff.memory.galore import GaLoreAdamW
 from vleff.memory.mezo import MeZO as MeZOOptimizer
 from vleff.memory.methods import MeZOConfig
 
-__all__ = ["MeZO", "check_automatic_optimization", "install_mezo", "uninstall_mezo"]
+__all__ = ["MeZO", "check_automatic_optimization", "check_trainer_settings", "install_mezo", "uninstall_mezo"]
 
 _ATTR = "_vleff_mezo"
 
@@ -184,9 +185,7 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
     if precision.startswith("16"):
         raise ValueError(f"MeZO does not support precision={precision!r} (the loss scaler needs gradients); use "
                          "'32-true' or 'bf16-mixed' with fp32 weights")
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(f"MeZO takes one step per batch; accumulate_grad_batches={trainer.accumulate_grad_batches} "
-                         "is not supported (use a larger batch)")
+    check_trainer_settings(trainer, pl_module)
     strategy = trainer.strategy
     seed = int(strategy.broadcast(int(seed)))
     distributed = trainer.world_size > 1
@@ -268,6 +267,41 @@ def uninstall_mezo(pl_module: pl.LightningModule, trainer: pl.Trainer | None = N
     delattr(pl_module, _ATTR)
 
 
+#: LightningModule hooks that only run around ``backward`` or on ``.grad`` buffers: a MeZO step has neither
+_BACKWARD_HOOKS = ("backward", "on_before_backward", "on_after_backward", "configure_gradient_clipping")
+
+
+def check_trainer_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse the trainer settings a MeZO step cannot honour; warn about module hooks it never calls.
+
+    A MeZO step updates every parameter by ``lr·g·z`` with one scalar projected gradient ``g``
+    from two losses of the same batch, with no backward and no ``.grad`` buffers, as the
+    reference does (its trainer asserts gradient accumulation off and never clips the ZO
+    update). So:
+
+    * ``accumulate_grad_batches > 1`` is refused (one step per batch; use a larger batch);
+    * ``gradient_clip_val`` is refused: Lightning clips ``.grad`` buffers, which do not exist,
+      and only in automatic optimization, which MeZO switches off at fit start, so the setting
+      would be silently ignored;
+    * a module that overrides ``backward``, ``on_before_backward``, ``on_after_backward`` or
+      ``configure_gradient_clipping`` gets a warning naming them: they never run under MeZO.
+    """
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"MeZO takes one step per batch; accumulate_grad_batches={trainer.accumulate_grad_batches} "
+                         "is not supported (allowed: 1; use a larger batch)")
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip is not None and float(clip) != 0.0:
+        raise ValueError(f"MeZO cannot honour gradient_clip_val={clip!r} "
+                         f"(gradient_clip_algorithm={getattr(trainer, 'gradient_clip_algorithm', None)!r}): its update "
+                         "is one scalar projected gradient, with no .grad buffers to clip, and Lightning clips only "
+                         "in automatic optimization, which MeZO switches off; allowed: gradient_clip_val=None or 0")
+    overridden = [name for name in _BACKWARD_HOOKS
+                  if getattr(type(pl_module), name, None) is not getattr(pl.LightningModule, name)]
+    if overridden:
+        warnings.warn(f"{type(pl_module).__name__} overrides {', '.join(overridden)}, which MeZO never calls "
+                      "(its steps run no backward and leave no .grad buffers)", stacklevel=2)
+
+
 def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
     """MeZO evaluates the loss ``training_step`` returns; a manual-optimization step has none to give."""
     if getattr(pl_module, _ATTR, None) is None and not pl_module.automatic_optimization:
@@ -295,7 +329,8 @@ class MeZO(Callback):
 
     Every argument is checked here, so a bad config fails when it is built. At ``setup`` the
     callback refuses a module with ``automatic_optimization=False`` (MeZO needs the loss
-    ``training_step`` returns) and a trainer that also has the GaLore callback. At fit end
+    ``training_step`` returns), a trainer that also has the GaLore callback, and trainer
+    settings a MeZO step cannot honour (``accumulate_grad_batches > 1``, ``gradient_clip_val``). At fit end
     the module's own ``training_step`` and ``automatic_optimization`` are restored, so a
     later ``Trainer.fit`` without MeZO trains it with backprop.
     """
@@ -309,11 +344,13 @@ class MeZO(Callback):
         self.params, self.seed = self.config.params, self.config.seed
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse, before anything runs, what MeZO cannot train (manual optimization, GaLore)."""
+        """Refuse, before anything runs, what MeZO cannot train (manual optimization, GaLore,
+        gradient accumulation or clipping: :func:`check_trainer_settings`)."""
         if stage != "fit":
             return
         check_automatic_optimization(pl_module)
         refuse_galore_with_mezo(trainer, pl_module)
+        check_trainer_settings(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         install_mezo(trainer, pl_module, self.config)

@@ -27,7 +27,7 @@ from vleff.callbacks.targets import (
 )
 from vleff.checks import check_bool
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import ToMeConfig, apply_tome, tome_applied, tome_r, update_tome
+from vleff.tokens.tome import ToMeConfig, apply_tome, tome_applied
 
 
 class TokenMerging(pl.Callback):
@@ -56,6 +56,7 @@ class TokenMerging(pl.Callback):
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        #: r per block of the first ToMe tower (what ``tome/r_mean`` logs)
         self.current_r: list[int] | None = None
         self.module = check_module_arg(module)
         self._target: Any = None
@@ -75,12 +76,9 @@ class TokenMerging(pl.Callback):
         self._update(pl_module, step)
 
     def _update(self, pl_module: pl.LightningModule, step: int) -> None:
+        # each tower from its own depth (CLIP's image and text towers may differ in depth)
         target = self._target if self._target is not None else pl_module
-        running = tome_r(target)
-        r = self.schedule.r_at(step, len(running))
-        if r != running:  # compare with what the model runs, not a cached value
-            update_tome(target, r=r)
-        self.current_r = r
+        self.current_r = self.schedule.apply_at(target, step)[0]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -1,7 +1,9 @@
 """Captions for the bundled digits image-text set, and the tokenizer every CLIP job here uses."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -23,6 +25,16 @@ def digit_prompts(template: str = DIGIT_TEMPLATE) -> list[str]:
     return [template.format(name) for name in DIGIT_NAMES]
 
 
+@functools.lru_cache(maxsize=8)
+def _open_clip_tokenizer(name: str) -> Any:
+    """open_clip's tokenizer ``name``, built once per process: ``get_tokenizer`` logs three INFO
+    lines per call, and a CLIP run asks for it in the training collate, the validation collate
+    and the zero-shot prompts (the lines printed four times per ``vleff-train`` run)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(name)
+
+
 def clip_tokenizer(name: str = "ViT-B-32", context_length: int | None = None) -> Callable[[Sequence[str]], torch.Tensor]:
     """open_clip's BPE tokenizer (its vocabulary ships in the wheel: works offline).
 
@@ -31,9 +43,7 @@ def clip_tokenizer(name: str = "ViT-B-32", context_length: int | None = None) ->
     accept them too (``bos=49406``, ``eos=49407``). A shorter ``context_length`` suits small
     models trained from scratch.
     """
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _open_clip_tokenizer(name)
     length = context_length or getattr(tokenizer, "context_length", 77)
 
     def tokenize(texts: Sequence[str]) -> torch.Tensor:

@@ -72,8 +72,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,15 +105,15 @@ class ReversibleConfig(MethodConfig):
     Attributes:
         coupling: ``"meft"`` (scaled couplings of the residual sub-blocks, for pretrained
             models) or ``"revvit"`` (RevNet couplings of the branches, for training from scratch).
-        lam: MEFT's λ, the scale of the first stream (> 0; ignored by ``"revvit"``).
-        beta: MEFT's β, the scale of the second stream (> 0; ignored by ``"revvit"``).
+        lam: MEFT's λ, the scale of the first stream (> 0; ``"revvit"`` refuses any value but 1).
+        beta: MEFT's β, the scale of the second stream (> 0; ``"revvit"`` refuses any value but 1).
         towers: ``"image"``, ``"text"`` or ``"all"`` (every supported tower the model has).
         adapter: bottleneck width of MEFT's adapters (see the module docstring); 0: none.
             ``None`` (default): 8 for ``"meft"``, 0 for ``"revvit"``.
 
         streams: dtype of the two streams, ``"float32"``, ``"float64"`` or ``"auto"`` (float64
             for ``"meft"``, float32 for ``"revvit"``; never below the input's dtype).
-        balance: MEFT only (ignored by ``"revvit"``): compensate the couplings' growth (see
+        balance: MEFT only (``"revvit"`` refuses ``True``): compensate the couplings' growth (see
             :meth:`balance_factors`): both streams are divided by ρ, the dominant eigenvalue of
             the couplings' linear part, before each block, and G's branch is weighted
             ``ρ / (ρ − λ)``, so that along the dominant stream direction the network adds the
@@ -157,6 +158,17 @@ class ReversibleConfig(MethodConfig):
         self.lam = check_number("lam", self.lam, low=0, low_open=True)
         self.beta = check_number("beta", self.beta, low=0, low_open=True)
         self.balance = check_bool("balance", self.balance)
+        if self.coupling == "revvit":
+            # Rev-ViT's RevNet couplings have no scales and nothing to balance: a value that
+            # differs from the default would be silently ignored, so it is refused
+            given = {name: value for name, value, default in (("lam", self.lam, 1.0), ("beta", self.beta, 1.0),
+                                                               ("balance", self.balance, False))
+                     if value != default}
+            if given:
+                raise ValueError(f"coupling='revvit' takes no {', '.join(f'{k}={v!r}' for k, v in given.items())}: "
+                                 "RevNet couplings (y1 = x1 + F(x2), y2 = x2 + G(y1)) have no scales and nothing to "
+                                 "balance; allowed with revvit: lam=1.0, beta=1.0, balance=False (or use "
+                                 "coupling='meft')")
 
     @property
     def stream_floor(self) -> torch.dtype:

@@ -105,7 +105,7 @@ from vleff.kernels.graph_merge import (
     feasible_sources,
     max_graph_merge,
 )
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import Method, MethodConfig, get_method, register_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks
 
 HOOK_NAME = "crossget"
@@ -233,6 +233,25 @@ class PendingCrossTokens:
         self.pending = {}
 
 
+def _conflict_reason(other: str) -> str:
+    """Why CrossGET and the hook called ``other`` cannot share a tower, named truthfully.
+
+    Another token method (ToMe, EViT, DynamicViT, MADTP) reduces the same tokens; a side
+    method's hook (LST, UniPT, VQT) reduces nothing but reads every block's full token stream,
+    which CrossGET changes (it adds the cross token and merges tokens).
+    """
+    try:
+        kind = get_method(other).kind
+    except ValueError:  # a hook that is no registered method (a user's, a teacher's capture)
+        kind = None
+    if kind == "tokens":
+        return "both reduce that tower's tokens"
+    if kind == "side":
+        return (f"{other} reads every block's output of the tower's full token stream, which CrossGET changes "
+                "(it adds a cross token and merges tokens)")
+    return f"{other} is a hook on the same blocks, and CrossGET changes the tower's token stream under it"
+
+
 # --- the hook -------------------------------------------------------------------------------------------
 class CrossGETHook(TowerHook):
     """CrossGET on one tower of a pair (see the module docstring)."""
@@ -258,8 +277,8 @@ class CrossGETHook(TowerHook):
         patch = get_patch(self.root)
         others = [h.name for h in patch.hooks if h.name != HOOK_NAME] if patch is not None else []
         if others:
-            raise ValueError(f"CrossGET cannot run with {', '.join(others)} on {self.describe}: both reduce the "
-                             f"tokens of the tower; remove {others[0]} (or crossget)")
+            raise ValueError(f"CrossGET cannot run with {', '.join(others)} on {self.describe}: "
+                             f"{_conflict_reason(others[0])}; remove {others[0]} (or crossget)")
         b = x.shape[0]
         if self.config.trace_source:
             n = x.shape[1]
@@ -497,8 +516,8 @@ def apply_crossget(model: nn.Module, config: CrossGETConfig | None = None, **set
         patch = get_patch(tower.root)
         others = [h.name for h in patch.hooks if h.name != HOOK_NAME] if patch is not None else []
         if others:
-            raise ValueError(f"cannot apply crossget while {others[0]} is applied to {tower.describe()}: both "
-                             f"reduce that tower's tokens; remove {others[0]} first")
+            raise ValueError(f"cannot apply crossget while {others[0]} is applied to {tower.describe()}: "
+                             f"{_conflict_reason(others[0])}; remove {others[0]} first")
     _check_r(pair.image_tower, cfg.r_image)
     _check_r(pair.text_tower, cfg.r_text)
     if crossget_applied(model):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vleff.tokens.tome import RSpec, parse_r, plain_r
+from vleff.tokens.tome import RSpec, parse_r, plain_r, update_tome_per_tower
 
 SCHEDULES = ("constant", "linear")
 
@@ -41,7 +41,12 @@ class RSchedule:
         if self.schedule == "constant" or step >= self.warmup_steps:
             return full
         progress = step / self.warmup_steps
-        return [int(round(r * progress)) for r in full]
+        return [round(r * progress) for r in full]
+
+    def apply_at(self, model: Any, step: int) -> list[list[int]]:
+        """Run every ToMe tower of ``model`` at its r for ``step``, each from its own depth
+        (towers of different depths get their own per-block r); returns them, tower by tower."""
+        return update_tome_per_tower(model, lambda depth: self.r_at(step, depth))
 
     def state_dict(self) -> dict[str, Any]:
         state = asdict(self)
@@ -50,7 +55,7 @@ class RSchedule:
         return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "RSchedule":
+    def from_state_dict(cls, state: dict[str, Any]) -> RSchedule:
         r = state["r"]
         if isinstance(r, list) and r and r[-1] == "__tuple__":
             r = tuple(r[:-1])

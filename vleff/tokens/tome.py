@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from vleff.registry import Method, MethodConfig, register_method
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "tome"
-RSpec = Union[int, Sequence[int], tuple[int, float], Mapping[str, float]]
+RSpec = int | Sequence[int] | tuple[int, float] | Mapping[str, float]
 
 
 def _is_number(value: object) -> bool:
@@ -73,7 +73,7 @@ def parse_r(r: RSpec, depth: int) -> list[int]:
         if depth == 1:
             return [int(base)]
         first, last = base * (1 - inflection), base * (1 + inflection)
-        return [int(round(first + (last - first) * i / (depth - 1))) for i in range(depth)]
+        return [round(first + (last - first) * i / (depth - 1)) for i in range(depth)]
     if isinstance(r, (list, torch.Tensor)) or (isinstance(r, Sequence) and not isinstance(r, str)):
         values = list(r.tolist() if isinstance(r, torch.Tensor) else r)
         if len(values) > depth:
@@ -134,7 +134,8 @@ def plain_r(r: RSpec) -> RSpec:
     """``r`` as plain Python values (an OmegaConf list or dict from a Hydra config becomes a
     ``list`` or ``dict``), so that it pickles into checkpoints ``torch.load(weights_only=True)`` reads."""
     if isinstance(r, torch.Tensor):
-        raise ValueError(f"r={r!r} is not allowed; pass a Python int, list or (r, inflection) tuple, not a tensor")
+        raise ValueError(  # noqa: TRY004 (a bad setting value; the config contract raises ValueError)
+            f"r={r!r} is not allowed; pass a Python int, list or (r, inflection) tuple, not a tensor")
     if isinstance(r, (str, bytes, tuple)):
         return r
     if isinstance(r, Mapping):
@@ -156,6 +157,13 @@ class ToMeHook(TowerHook):
     def configure(self, config: ToMeConfig) -> None:
         self.r_per_block = parse_r(config.r, len(self.r_per_block))
         self.config = config
+
+    def set_r_per_block(self, r_per_block: Sequence[int]) -> None:
+        """Run this tower at ``r_per_block`` (one entry per block; a schedule's value at a step)."""
+        values = list(r_per_block)
+        if len(values) != len(self.r_per_block):
+            raise ValueError(f"r_per_block has {len(values)} entries; this tower has {len(self.r_per_block)} blocks")
+        self.r_per_block = parse_r(values, len(values))
 
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         if self.config.trace_source:
@@ -236,6 +244,26 @@ def update_tome(model: nn.Module, **changes: Any) -> None:
                          "apply it again")
     for hook in hooks:
         hook.configure(new)
+
+
+def update_tome_per_tower(model: nn.Module, r_for_depth: Callable[[int], list[int]]) -> list[list[int]]:
+    """Set each ToMe tower's r per block to ``r_for_depth(its depth)``; returns them, tower by tower.
+
+    Schedules (the callback's and the mixin's warm-up) go through this rather than
+    ``update_tome(r=list)``: one list would be read against every tower, so a deeper tower
+    (ViT-L/14's 24 image blocks beside CLIP's 12 text blocks) would stop merging where the
+    shallower one ends, and a longer list would not fit the shallower one at all.
+    """
+    hooks = hooks_named(model, HOOK_NAME)
+    if not hooks:
+        raise ValueError(f"ToMe is not applied to this {type(model).__name__}; call apply_tome first")
+    out = []
+    for hook in hooks:
+        r = list(r_for_depth(len(hook.r_per_block)))
+        if r != hook.r_per_block:
+            hook.set_r_per_block(r)
+        out.append(list(hook.r_per_block))
+    return out
 
 
 def tome_applied(model: nn.Module) -> bool:

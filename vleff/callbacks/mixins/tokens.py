@@ -38,7 +38,7 @@ from vleff.tokens.evit import (
 from vleff.tokens.madtp import MADTPConfig, apply_madtp
 from vleff.tokens.madtp_controller import MADTPController
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import ToMeConfig, apply_tome, tome_r, update_tome
+from vleff.tokens.tome import ToMeConfig, apply_tome
 
 __all__ = ["CrossGETMixin", "DynamicViTMixin", "EViTMixin", "MADTPMixin", "TokenMergingMixin"]
 
@@ -72,9 +72,8 @@ class TokenMergingMixin:
     def _vleff_tome_at(self, step: int | None) -> None:
         """r for optimizer step ``step`` (``None``: the full r)."""
         assert self._vleff_tome is not None
-        depth = len(tome_r(self))  # type: ignore[arg-type]
-        r = self._vleff_tome.r_at(self._vleff_tome.warmup_steps if step is None else step, depth)
-        update_tome(self, r=r)  # type: ignore[arg-type]
+        # each tower from its own depth (CLIP's image and text towers may differ in depth)
+        self._vleff_tome.apply_at(self, self._vleff_tome.warmup_steps if step is None else step)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         if self._vleff_tome is not None:
