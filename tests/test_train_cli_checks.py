@@ -7,42 +7,20 @@ import shlex
 import warnings
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
 import tiny_models as tm
-from vleff.cli import train as train_cli
-from vleff.cli.train import CONFIG_DIR, finetune_command, run
+import torch
+from train_cli_helpers import FitReached, compose_train, stop_at_fit
+
+from vleff.cli.train import finetune_command, run
 
 FAST = ["trainer.logger=false", "trainer.enable_checkpointing=false", "++trainer.enable_progress_bar=false",
         "++trainer.enable_model_summary=false", "compare.repeats=1", "compare.batch_size=4"]
 
 
-def _compose(overrides, tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[f"trainer.default_root_dir={tmp_path}",
-                                                       f"compare.save_dir={tmp_path}", *overrides])
-
-
-class FitReached(Exception):
-    """Raised by the patched ``Trainer.fit``: the run got past its up-front checks."""
-
-
 @pytest.fixture
 def no_fit(monkeypatch):
-    """Records Trainer.fit calls instead of training: the checks must fire before any."""
-    import lightning.pytorch as pl
-
-    calls = []
-
-    def fit(self, *args, **kwargs):
-        calls.append(1)
-        raise FitReached
-
-    monkeypatch.setattr(pl.Trainer, "fit", fit)
-    return calls
+    """Trainer.fit records the call and raises FitReached: the checks must fire before any."""
+    return stop_at_fit(monkeypatch)
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -51,7 +29,7 @@ def no_fit(monkeypatch):
 ])
 def test_bad_method_values_fail_before_training(override, message, tmp_path, no_fit):
     with pytest.raises(ValueError, match=message):
-        run(_compose([*FAST, override], tmp_path))
+        run(compose_train([*FAST, override], tmp_path))
     assert no_fit == []
 
 
@@ -61,12 +39,12 @@ def test_compare_batch_size_checked_against_the_validation_set(tmp_path, no_fit)
     n_val = len(digits_arrays(image_size=32, split="val")[1])  # 20 % of the 1,797 digits, stratified
     with pytest.raises(ValueError, match=rf"compare\.batch_size={n_val + 1} exceeds the {n_val} validation "
                                          rf"images; allowed: 1 to {n_val}"):
-        run(_compose([*FAST, f"compare.batch_size={n_val + 1}"], tmp_path))
+        run(compose_train([*FAST, f"compare.batch_size={n_val + 1}"], tmp_path))
     with pytest.raises(ValueError, match=r"compare\.batch_size=0 is not allowed"):
-        run(_compose([*FAST, "compare.batch_size=0"], tmp_path))
+        run(compose_train([*FAST, "compare.batch_size=0"], tmp_path))
     assert no_fit == []
     with pytest.raises(FitReached):  # the largest allowed batch passes the checks
-        run(_compose([*FAST, f"compare.batch_size={n_val}"], tmp_path))
+        run(compose_train([*FAST, f"compare.batch_size={n_val}"], tmp_path))
     assert no_fit == [1]
 
 
@@ -76,13 +54,13 @@ def test_finetune_command_survives_the_shell_and_hydra(name, tmp_path):
     command = finetune_command(ckpt)
     argv = shlex.split(command)
     assert argv[:2] == ["vleff-train", "experiment=clip_mezo"]
-    cfg = _compose(argv[1:], tmp_path)  # exactly what Hydra receives from the pasted command
+    cfg = compose_train(argv[1:], tmp_path)  # exactly what Hydra receives from the pasted command
     assert cfg.model.init_checkpoint == str(ckpt.resolve())
     assert "mezo" in cfg.callbacks
 
 
 def test_clip_run_prints_the_ready_to_paste_command(tmp_path, capsys):
-    cfg = _compose(["experiment=clip_finetune", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+    cfg = compose_train(["experiment=clip_finetune", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                     "trainer.limit_val_batches=1", "trainer.logger=false", "++trainer.enable_progress_bar=false",
                     "++trainer.enable_model_summary=false", "data.batch_size=16"], tmp_path)
     result = run(cfg)
@@ -90,14 +68,14 @@ def test_clip_run_prints_the_ready_to_paste_command(tmp_path, capsys):
     assert "=" in ckpt.name  # Lightning's epoch=0-step=1.ckpt
     printed = capsys.readouterr().out
     assert result["finetune_command"] == finetune_command(ckpt) and result["finetune_command"] in printed
-    cfg = _compose(shlex.split(result["finetune_command"])[1:], tmp_path)
+    cfg = compose_train(shlex.split(result["finetune_command"])[1:], tmp_path)
     assert cfg.model.init_checkpoint == str(ckpt.resolve())
 
 
 def test_default_run_console_has_no_tensorboardx_tips_or_leafspec(tmp_path, caplog):
     import logging
 
-    cfg = _compose(["trainer.max_steps=2", "trainer.limit_val_batches=1", "compare.enabled=false",
+    cfg = compose_train(["trainer.max_steps=2", "trainer.limit_val_batches=1", "compare.enabled=false",
                     "++trainer.enable_progress_bar=false"], tmp_path)
     assert cfg.trainer.logger._target_ == "lightning.pytorch.loggers.CSVLogger"
     with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
