@@ -303,10 +303,8 @@ def test_text_tower_matches_the_reference_forward():
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-def test_alignment_loss_reads_the_entering_cross_tokens_and_trains_only_the_offsets():
-    """Point 5: JS of the projected cross tokens entering each block (image: ln_pre and proj;
-    text: ln_final and text_projection, weights detached); the gradient reaches the offsets and
-    nothing else, and equals the reference's."""
+def _paired_training_forward():
+    """A CrossGET model (trained-like offsets) after one training forward of both towers."""
     model = _model()
     vleff.apply_crossget(model, r_image=3, r_text=3)
     offsets = _trained_offsets(model)
@@ -314,6 +312,14 @@ def test_alignment_loss_reads_the_entering_cross_tokens_and_trains_only_the_offs
     images, ids = tm.images().double(), _ids()
     model.encode_image(images)
     model.encode_text(ids)
+    return model, offsets, images, ids
+
+
+def test_alignment_loss_reads_the_entering_cross_tokens_and_trains_only_the_offsets():
+    """Point 5: JS of the projected cross tokens entering each block (image: ln_pre and proj;
+    text: ln_final and text_projection, weights detached); the gradient reaches the offsets and
+    nothing else, and equals the reference's."""
+    model, offsets, images, ids = _paired_training_forward()
     loss = pop_aux_losses(model)["crossget_js"]
     loss.backward()
     grads = {k: p.grad.clone() for k, p in offsets.items()}
@@ -352,13 +358,7 @@ def test_cross_tokens_entering_each_block_are_carried_forward(monkeypatch):
         return real(self, inputs, state, *rest)
 
     monkeypatch.setattr(CrossGETHook, "_align", spy)
-    model = _model()
-    vleff.apply_crossget(model, r_image=3, r_text=3)
-    offsets = _trained_offsets(model)
-    model.train()
-    images, ids = tm.images().double(), _ids()
-    model.encode_image(images)
-    model.encode_text(ids)
+    model, offsets, images, ids = _paired_training_forward()
     pop_aux_losses(model)
     with torch.no_grad():
         _, img_cross, _ = ref_image(model, images, 3, offsets["image"])
