@@ -23,7 +23,8 @@ Jobs (GPU settings; ``--tiny`` shrinks each):
     224 px (197 tokens, C = 768, GaLore 3072x768 rank 128); difference to the reference and the
     backend ``auto`` picks.
 ``speed_*``
-    ``vleff-bench`` speed mode, bf16: ToMe, EViT and DynamicViT on timm ViT-B/16 (batch 256)
+    ``vleff-bench`` speed mode, bf16 (two ToMe diagnoses first: patched at r = 0, and r = 16 without
+    proportional attention, whose log-size bias takes attention off the fused flash kernel): ToMe, EViT and DynamicViT on timm ViT-B/16 (batch 256)
     and ViT-L/16 (batch 128); ToMe, CrossGET and MADTP on the image path of the whole open_clip
     ViT-B-16 CLIP (batch 256); eager and ``torch.compile`` (inductor). Each row adds the achieved
     TFLOP/s and its share of the measured matmul ceiling beside the FLOP-limit fraction
@@ -230,6 +231,10 @@ def jobs(device: str, tiny: bool, scratch: Path) -> list[Job]:
             lambda: _kernel_rows(device, tiny, {}), KERNEL_COLUMNS),
         Job("speed_vit_b16", "Token methods, timm ViT-B/16 224 px, batch 256, eager",
             speed(*vit_b, timm_methods), SPEED_COLUMNS),
+        Job("speed_vit_b16_tome_diagnosis", "ToMe's cost on ViT-B/16, batch 256, eager: patched at r = 0 "
+            "(the generic block's overhead)", speed(*vit_b, "methods={tome: {r: 0}}"), SPEED_COLUMNS),
+        Job("speed_vit_b16_tome_noprop", "ToMe r = 16 without proportional attention (fused attention kept)",
+            speed(*vit_b, "methods={tome: {prop_attn: false}}"), SPEED_COLUMNS),
         Job("speed_clip_b16", "Token methods, image path of the whole open_clip ViT-B-16, batch 256, eager",
             speed(*clip, clip_methods), SPEED_COLUMNS),
         Job("speed_vit_l16", "Token methods, timm ViT-L/16 224 px, batch 128, eager (ToMe r=8)",
