@@ -1,0 +1,181 @@
+"""Issue 24: one rule for what the side methods freeze and save, LoRA's removal, MADTP's messages.
+
+Each test pins one point of the issue (numbered as there) on a tiny randomly initialised model.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tiny_models as tm
+import vleff
+from vleff.side.common import load_side_state_dict, side_state_dict
+
+SIDE = ("vqt", "lst", "unipt")
+CLIPS = {"open_clip": tm.open_clip_model, "hf_clip": tm.hf_clip_model}
+
+
+def _apply(name: str, model: nn.Module) -> None:
+    getattr(vleff, f"apply_{name}")(model)
+
+
+def _side_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters() if "vleff_" in n}
+
+
+# --- 6 / 15: apply_* freezes the whole backbone (both CLIP towers, projections, logit_scale) -------------
+@pytest.mark.parametrize("family", sorted(CLIPS))
+@pytest.mark.parametrize("name", SIDE)
+def test_apply_side_method_trains_only_the_side_module_on_every_clip(name, family):
+    torch.manual_seed(0)
+    model = CLIPS[family]()
+    _apply(name, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == _side_names(model) and trainable
+    # the callback's freezing is the same rule (VQT on a CLIP: the text tower frozen too)
+    vleff.side.freeze_backbone(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == _side_names(model)
+    vleff.remove_all(model) if hasattr(vleff, "remove_all") else getattr(vleff, f"remove_{name}")(model)
+    assert all(p.requires_grad for p in model.parameters())  # the flags as before apply
+
+
+def test_apply_keeps_timm_head_trainable_and_other_modules_untouched():
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.vit, holder.extra = tm.timm_vit(), nn.Linear(3, 3)
+    holder.extra.weight.requires_grad_(False)
+    vleff.apply_lst(holder)
+    trainable = {n for n, p in holder.named_parameters() if p.requires_grad}
+    assert trainable == _side_names(holder) | {"vit.head.weight", "vit.head.bias", "extra.bias"}
+    vleff.remove_lst(holder)
+    assert not holder.extra.weight.requires_grad and all(p.requires_grad for p in holder.vit.parameters())
+
+
+# --- 4: side-only state keeps the user's own modules (a BatchNorm's running statistics) -------------------
+class _WithNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = tm.timm_vit()
+        self.bn = nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.vit(x))
+
+
+@pytest.mark.parametrize("name", SIDE)
+def test_side_state_keeps_buffers_of_modules_beside_the_backbone(name):
+    torch.manual_seed(0)
+    model = _WithNorm().double()
+    _apply(name, model)
+    model.train()
+    with torch.no_grad():
+        model(tm.images(4).double())  # the BatchNorm's running statistics move
+    state = side_state_dict(model)
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "bn.weight", "bn.bias"):
+        assert key in state, key
+    assert not any(k.startswith("vit.blocks.") for k in state)  # the frozen backbone stays out
+    torch.manual_seed(0)
+    fresh = _WithNorm().double()  # the same backbone weights, a fresh BatchNorm
+    _apply(name, fresh)
+    load_side_state_dict(fresh, state)
+    model.eval(), fresh.eval()
+    x = tm.images(2, seed=3).double()
+    torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
+def test_side_only_checkpoint_keeps_buffers_and_refuses_a_checkpoint_without_them():
+    from vleff.callbacks.side import check_side_checkpoint, side_only_checkpoint
+
+    torch.manual_seed(0)
+    model = _WithNorm()
+    vleff.apply_unipt(model)
+    checkpoint = {"state_dict": model.state_dict()}
+    side_only_checkpoint(model, checkpoint)
+    assert "bn.running_mean" in checkpoint["state_dict"]
+    del checkpoint["state_dict"]["bn.running_mean"]
+    with pytest.raises(KeyError, match="bn.running_mean"):
+        check_side_checkpoint(model, checkpoint)
+
+
+# --- 15: remove_lora keeps open_clip's parameter order, even after a forward -------------------------------
+def test_remove_lora_after_forward_keeps_open_clip_parameter_order():
+    torch.manual_seed(0)
+    model = tm.open_clip_model()
+    before = [n for n, _ in model.named_parameters()]
+    vleff.apply_lora(model, r=2)
+    model.encode_image(tm.images(2)).sum().backward()
+    model.encode_text(tm.token_ids(2))
+    vleff.remove_lora(model)
+    assert [n for n, _ in model.named_parameters()] == before
+
+
+# --- 15: what "starts exactly at the frozen model" means on open_clip --------------------------------------
+@pytest.mark.parametrize("name", SIDE)
+def test_open_clip_side_start_is_bit_exact_on_the_training_path(name):
+    torch.manual_seed(0)
+    model = tm.open_clip_model().eval()
+    x, ids = tm.images(2), tm.token_ids(2)
+    with torch.enable_grad():
+        plain = (model.encode_image(x), model.encode_text(ids))
+        _apply(name, model)
+        model.requires_grad_(True)  # the same attention path as the plain forward (no fused inference path)
+        side = (model.encode_image(x), model.encode_text(ids))
+    for a, b in zip(plain, side):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+def test_open_clip_no_grad_fast_path_moves_the_plain_model_by_itself():
+    """Why the README's open_clip exactness is stated for the training path: under ``no_grad``
+    with every weight frozen, PyTorch's ``nn.MultiheadAttention`` takes its fused inference path,
+    which rounds differently: the plain model moves with its flags alone, no vleff involved."""
+    torch.manual_seed(0)
+    model = tm.open_clip_model().eval()
+    ids = tm.token_ids(2)
+    with torch.no_grad():
+        a = model.encode_text(ids)
+        model.requires_grad_(False)
+        b = model.encode_text(ids)
+    assert 0 < float((a - b).abs().max()) < 1e-5
+
+
+# --- 16: MADTP's out-of-budget warning names the τ range it tried ------------------------------------------
+def test_madtp_warning_names_the_tau_range_actually_tried():
+    import re
+
+    from vleff.tokens.madtp import TAU_RANGE, apply_madtp, calibrate_madtp
+
+    torch.manual_seed(0)
+    model = tm.open_clip_model().eval()
+    apply_madtp(model, tau=1e3)
+    batch = (tm.images(2), tm.token_ids(2), (tm.token_ids(2) != 0).long())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = calibrate_madtp(model, [batch], 0.95, max_evals=4)
+    text = " ".join(str(w.message) for w in caught if "could not reach" in str(w.message))
+    match = re.search(r"τ in \[([^,]+), ([^\]]+)\]", text)
+    assert match, text
+    lo, hi = float(match.group(1)), float(match.group(2))
+    taus = [e[0] for e in result.evaluations]
+    assert lo == pytest.approx(min(taus), rel=1e-3) and hi == pytest.approx(max(taus), rel=1e-3)
+    assert (lo, hi) != TAU_RANGE and "max_evals=4" in text
+
+
+# --- 17: MADTP logs with sync_dist -------------------------------------------------------------------------
+def test_madtp_epoch_log_is_synced(monkeypatch):
+    import vleff.callbacks.madtp as cb
+
+    calls = []
+
+    class Module(nn.Module):
+        def log_dict(self, values, **kwargs):
+            calls.append(kwargs)
+
+    callback = cb.MADTP(flops_reduction=0.3)
+    callback._target = nn.Linear(1, 1)
+    callback.controller.history.append({"tau": 1.0, "ratio": 0.7})
+    monkeypatch.setattr(cb, "controller_epoch_end", lambda *a: True)
+    callback.on_train_epoch_end(None, Module())
+    assert calls and calls[0].get("sync_dist") is True
