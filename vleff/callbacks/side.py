@@ -73,8 +73,8 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
     have = set(checkpoint.get("state_dict", {}))
     missing = sorted(k for k in side_state_dict(pl_module) if k not in have)
     if missing:
-        raise KeyError(f"the side-only checkpoint lacks keys {missing[:5]} of this module (not of its frozen "
-                       "backbone); resume with the same side method and settings it was trained with")
+        raise KeyError(f"the side-only checkpoint lacks side keys {missing[:5]} (the side modules and the "
+                       "module's own weights beside its frozen backbone); resume with the same side method and settings it was trained with")
 
 
 def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None = None) -> None:

@@ -456,7 +456,8 @@ def load_side_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     own modules) is missing or a key is unknown."""
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
-    missing = sorted(set(side_state_dict(model)) - set(state))
+    expected = side_state_dict(model) if side_towers(model) else {}  # none applied: the side keys are unknown
+    missing = sorted(set(expected) - set(state))
     if unknown or missing:
         raise KeyError(f"side state does not fit this {type(model).__name__}: unknown keys {unknown[:5]}, missing "
                        f"keys {missing[:5]}; apply the same side method with the same settings first")
