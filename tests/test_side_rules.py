@@ -7,10 +7,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import tiny_models as tm
 import torch
 from torch import nn
 
-import tiny_models as tm
 import vleff
 from vleff.side.common import load_side_state_dict, side_state_dict
 
@@ -179,3 +179,75 @@ def test_madtp_epoch_log_is_synced(monkeypatch):
     monkeypatch.setattr(cb, "controller_epoch_end", lambda *a: True)
     callback.on_train_epoch_end(None, Module())
     assert calls and calls[0].get("sync_dist") is True
+
+
+# --- 8: MemVP's memory belongs to the call that made it ------------------------------------------------------
+def _memvp_host(host: nn.Module, **settings) -> nn.Module:
+    from vleff.side.memvp import memvp_module
+
+    vleff.apply_memvp(host, scale=1.0, **settings)
+    module = memvp_module(host)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # E_v = 0 and the ×0.01 projector barely move a random model: make the memory count
+        module.value_offset.copy_(torch.randn(module.value_offset.shape, generator=g, dtype=module.value_offset.dtype))
+        module.projector[2].weight.mul_(50.0)
+    return host
+
+
+def test_memvp_blip_decoder_reads_the_image_states_it_is_given():
+    torch.manual_seed(0)
+    model = _memvp_host(tm.hf_blip_captioning().double().eval(), n_mem=16)
+    ids, mask = tm.blip_token_ids(2)
+    a, b = tm.images(2, seed=1).double(), tm.images(2, seed=2).double()
+
+    def decode(states):
+        return model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=states).logits
+
+    with torch.no_grad():
+        states_a, states_b = model.vision_model(a)[0], model.vision_model(b)[0]  # b went through last
+        on_a = decode(states_a)
+        model.vision_model(a)  # a went through last
+        on_b = decode(states_b)
+        model.vision_model(b)
+        torch.testing.assert_close(decode(states_a), on_a, atol=0, rtol=0)
+        torch.testing.assert_close(decode(states_b), on_b, atol=0, rtol=0)
+    assert not torch.equal(on_a, on_b)
+
+
+def test_memvp_blip_vqa_beams_read_their_question_image():
+    torch.manual_seed(0)
+    model = _memvp_host(tm.hf_blip_vqa().eval(), n_mem=16)
+    model.config.text_config.sep_token_id = None
+    x = tm.images(2)
+    ids, mask = tm.blip_token_ids(2)
+    kwargs = {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 4}
+    with torch.no_grad():
+        both = model.generate(input_ids=ids, pixel_values=x, attention_mask=mask, **kwargs)
+        alone = [model.generate(input_ids=ids[i:i + 1], pixel_values=x[i:i + 1], attention_mask=mask[i:i + 1],
+                                **kwargs) for i in range(2)]
+    torch.testing.assert_close(both, torch.cat(alone), atol=0, rtol=0)
+
+
+def test_memvp_causal_lm_memory_is_not_spread_over_another_batch():
+    from vleff.side.memvp import set_memvp_memory
+
+    torch.manual_seed(0)
+    lm = _memvp_host(tm.hf_llama_lm().eval(), visual_dim=12, n_mem=4)
+    set_memvp_memory(lm, torch.randn(1, 3, 12))  # one image
+    with torch.no_grad():
+        lm(input_ids=torch.zeros(1, 3, dtype=torch.long))
+        with pytest.raises(RuntimeError, match="batch 4 but the visual memory was set for batch 1"):
+            lm(input_ids=torch.zeros(4, 3, dtype=torch.long))  # four other prompts
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_memvp_vlm_memory_ends_with_its_call(call):
+    from vleff.models import VisionLanguageModel
+
+    torch.manual_seed(0)
+    vlm = VisionLanguageModel(tm.timm_vit(), tm.hf_llama_lm(), "memvp", memvp={"n_mem": 16}).eval()
+    x, ids = tm.images(1), torch.randint(0, 64, (1, 4))
+    with torch.no_grad():
+        vlm(x, ids) if call == "forward" else vlm.generate(x, ids, max_new_tokens=2)
+        with pytest.raises(RuntimeError, match="without visual memory"):
+            vlm.lm(input_ids=torch.randint(0, 64, (4, 3)))  # text-only prompts after the call
