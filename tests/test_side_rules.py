@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import warnings
 
+import lightning.pytorch as pl
 import pytest
+import tiny_lightning as tl
 import tiny_models as tm
 import torch
 from torch import nn
@@ -251,3 +253,86 @@ def test_memvp_vlm_memory_ends_with_its_call(call):
         vlm(x, ids) if call == "forward" else vlm.generate(x, ids, max_new_tokens=2)
         with pytest.raises(RuntimeError, match="without visual memory"):
             vlm.lm(input_ids=torch.randint(0, 64, (4, 3)))  # text-only prompts after the call
+
+
+# --- 12: load_from_checkpoint of callback-trained checkpoints ------------------------------------------------
+
+class _Restoring:
+    """The one line a module needs so ``load_from_checkpoint`` rebuilds the callback's method."""
+
+    def on_load_checkpoint(self, checkpoint):
+        vleff.callbacks.restore_methods(self, checkpoint)
+
+
+class _Classifier(_Restoring, tl.TinyClassifier):
+    def __init__(self) -> None:
+        torch.manual_seed(0)  # the same "pretrained" backbone at every construction
+        super().__init__()
+        self.bn = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        return self.bn(self.model(x))
+
+
+class _CLIP(_Restoring, tl.TinyCLIP):
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__()
+
+
+class _Captioner(_Restoring, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = tm.hf_blip_captioning()
+
+    def training_step(self, batch, batch_idx):
+        images, ids = batch
+        return self.model(pixel_values=images, input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _caption_loader():
+    ids, _ = tm.blip_token_ids(4)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tm.images(4), ids), batch_size=2)
+
+
+def _outputs(module):
+    module.eval()
+    with torch.no_grad():
+        if isinstance(module, _Classifier):
+            return [module(tm.images(2, seed=5))]
+        if isinstance(module, _CLIP):
+            return [module.model.encode_image(tm.images(2, seed=5)), module.model.encode_text(tm.token_ids(2, seed=5))]
+        ids, mask = tm.blip_token_ids(2)
+        return [module.model(pixel_values=tm.images(2, seed=5), input_ids=ids, attention_mask=mask).logits]
+
+
+CASES = {
+    "lst": (_Classifier, tl.loader, lambda: vleff.callbacks.LadderSideTuning(reduction=4)),
+    "crossget": (_CLIP, tl.pair_loader, lambda: vleff.callbacks.CrossGET(r_image=2, r_text=2)),
+    "madtp": (_CLIP, tl.pair_loader, lambda: vleff.callbacks.MADTP(flops_reduction=0.2, max_evals=4,
+                                                                   adjust_every_epoch=False)),
+    "memvp": (_Captioner, _caption_loader, lambda: vleff.callbacks.MemVP(n_mem=16)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_load_from_checkpoint_rebuilds_the_callbacks_method(method, tmp_path):
+    make, data, callback = CASES[method]
+    module = make()
+    trainer = tl.trainer(tmp_path, [callback()], max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, data())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    checkpoint = torch.load(tmp_path / "m.ckpt", weights_only=False)
+    assert [r["method"] for r in checkpoint["vleff_methods"]] == [method]
+    plain = type("Plain", (make,), {"on_load_checkpoint": lambda self, checkpoint: None})
+    with pytest.raises(RuntimeError, match="Unexpected key|Missing key"):  # without the hook: torch's own error
+        plain.load_from_checkpoint(tmp_path / "m.ckpt")
+    loaded = make.load_from_checkpoint(tmp_path / "m.ckpt")
+    for a, b in zip(_outputs(loaded), _outputs(module)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

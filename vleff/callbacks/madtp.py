@@ -210,6 +210,13 @@ class MADTP(AuxLoss):
         if self._target is not None:
             controller_train_end(trainer, self.controller, self._target)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "madtp", self.config)
+
     def state_dict(self) -> dict[str, Any]:
         return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}
 

@@ -141,6 +141,9 @@ class SideTuning(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         if not self.full_checkpoint:
             side_only_checkpoint(pl_module, checkpoint)
+        from vleff.callbacks.restore import record_method
+
+        record_method(checkpoint, pl_module, self._target, self.method, self.config)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
