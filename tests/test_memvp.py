@@ -55,7 +55,7 @@ def test_memory_read_equals_a_row_by_row_sum(b, reps, n, nv, extra, c, scale, se
         module.value_offset.normal_()
     feats = torch.randn(b, nv, 5)
     u = torch.randn(b * reps, n, c)
-    module.set_memory(feats)
+    module.set_memory(feats.repeat_interleave(reps, dim=0))  # one row per sequence: the caller expands (issue 24)
     k, v = _reference_kv(module, feats)
     expect = torch.zeros(b * reps, n, c)
     for i in range(b * reps):  # each sample reads its own image's memory (batch expanded per image)
@@ -227,6 +227,7 @@ def test_vlm_generate_equals_the_library_generate_in_both_modes(lm_name, tower):
         _activate(memvp)
         ours = memvp.generate(x, ids, max_new_tokens=8)
         # the memory is constant per sample: the library's generate on the patched LM, memory set
+        memvp.visual(x)  # set here: the memory of memvp.generate ended with that call (issue 24)
         library = lm.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:]
         torch.testing.assert_close(ours, library, atol=0, rtol=0)
         vleff.remove_memvp(memvp)
@@ -256,6 +257,7 @@ def test_vlm_generate_left_padded_equals_the_library_and_each_prompt_alone(lm_na
         memvp = VisionLanguageModel(TOWERS[tower](), lm, "memvp", memvp={"n_mem": 16, "scale": 1.0}).eval()
         _activate(memvp)
         ours = memvp.generate(x, ids, max_new_tokens=6, attention_mask=mask)
+        memvp.visual(x)  # set here: the memory of memvp.generate ended with that call (issue 24)
         library = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, 5:]
         torch.testing.assert_close(ours, library, atol=0, rtol=0)
         alone = memvp.generate(x[1:], ids[1:, 2:], max_new_tokens=6)

@@ -269,6 +269,7 @@ def test_no_gradient_reaches_a_trainable_backbone_through_the_side_path(method, 
     torch.manual_seed(0)
     model = FAMILIES[family].make().to(D).eval()
     _apply_side(method, model)  # a non-zero last layer: the side output has a gradient to pass on
+    model.requires_grad_(True)  # unfrozen on purpose (apply_* froze the backbone, issue 24 item 15)
     tower = find_towers(model, "image")[0]
     side = {id(p) for p in tower.root.get_submodule(f"vleff_{method}").parameters()}
     backbone = [(n, p) for n, p in tower.root.named_parameters() if id(p) not in side]
@@ -286,6 +287,7 @@ def test_vqt_block_weight_gradients_come_from_the_query_path_alone():
     the reference's query path gives with the frozen keys/values as constants (none through the
     frozen stream's keys/values)."""
     model, x, ins, _ = _vqt_model(num_queries=2)
+    model.requires_grad_(True)  # a trainable backbone on purpose (apply_vqt froze it, issue 24 item 15)
     model.forward_features(x)
     outs = get_patch(model).state.scratch["vqt"]
     outs[1].square().sum().backward()

@@ -36,6 +36,7 @@ _CALLBACKS = {
     "MemVPMixin": "vleff.callbacks.mixins",
     "LoRAMixin": "vleff.callbacks.mixins",
     "MADTPMixin": "vleff.callbacks.mixins",
+    "restore_methods": "vleff.callbacks.restore",
 }
 
 

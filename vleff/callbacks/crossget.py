@@ -49,14 +49,22 @@ class CrossGET(AuxLoss):
         super().__init__(log)
         self.config = CrossGETConfig.build(**settings)
         self.module = check_module_arg(module)
+        self._target: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = resolve_target(pl_module, self.module, "crossget", self.config)
+        target = self._target = resolve_target(pl_module, self.module, "crossget", self.config)
         if crossget_applied(target):
             refuse_other_settings("crossget", target, self.config)
         else:
             apply_crossget(target, self.config)
         super().setup(trainer, pl_module, stage)  # the JS loss joins the training loss
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "crossget", self.config)
 
     def state_dict(self) -> dict[str, Any]:
         # the offsets are parameters of the model (its state_dict); the settings are kept for reference

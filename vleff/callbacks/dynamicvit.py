@@ -119,6 +119,13 @@ class DynamicViT(AuxLoss):
         super().setup(trainer, pl_module, stage)  # the distillation / ratio losses join the training loss
 
     # --- checkpoint state ----------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "dynamicvit", self.config)
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"kwargs": {k: v for k, v in self.kwargs.items() if k != "logits_fn"}}
         teacher = dynamicvit_teacher(self._target) if self._target is not None else None

@@ -40,9 +40,10 @@ class LoRA(pl.Callback):
         self.config = LoRAConfig.build(**settings)  # bad values fail here, naming the setting
         self.init_from = None if init_from is None else str(init_from)
         self.module = check_module_arg(module)
+        self._target: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = resolve_target(pl_module, self.module, "lora", self.config)
+        target = self._target = resolve_target(pl_module, self.module, "lora", self.config)
         if lora_applied(target):
             refuse_other_settings("lora", target, self.config)
         else:
@@ -51,6 +52,13 @@ class LoRA(pl.Callback):
 
                 load_trained_backbone(pl_module, self.init_from, target)
             apply_lora(target, self.config)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "lora", self.config)
 
     def state_dict(self) -> dict[str, Any]:
         return self.config.as_dict()

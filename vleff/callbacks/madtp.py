@@ -118,7 +118,9 @@ class MADTP(AuxLoss):
         warmup_epochs: epochs over which the trained FLOPs reduction ramps linearly up to
             ``flops_reduction`` (0: the target from the first step); the model is at the
             target when training ends (:class:`vleff.tokens.madtp_controller.MADTPController`).
-        log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration.
+        log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration (with
+            ``sync_dist=True``: every rank holds rank 0's τ, so the mean is that value, and
+            Lightning does not warn about epoch-level logging under DDP).
         **settings: :class:`vleff.tokens.madtp.MADTPConfig` fields (``flops_reduction``,
             ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
     """
@@ -202,11 +204,18 @@ class MADTP(AuxLoss):
         if self.log:
             last = self.controller.history[-1]
             pl_module.log_dict({"madtp/tau": float(last["tau"]), "madtp/flops_ratio": float(last["ratio"])},
-                               on_step=False, on_epoch=True, batch_size=1)
+                               on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._target is not None:
             controller_train_end(trainer, self.controller, self._target)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "madtp", self.config)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}

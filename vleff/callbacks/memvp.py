@@ -68,6 +68,13 @@ class MemVP(pl.Callback):
         if self.freeze_host:
             freeze_host_for_memvp(target)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        from vleff.callbacks.restore import record_method
+
+        if self._target is not None and memvp_applied(self._target):
+            record_method(checkpoint, pl_module, self._target, "memvp", self.config)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target if self._target is not None else pl_module
         if self.remove_on_teardown and memvp_applied(target):

@@ -15,8 +15,9 @@ What the base does, for every side method:
   destroy the memory saving; then puts the backbone in eval mode (dropout and drop-path off)
   while the side modules train, again at every training batch (Lightning sets train mode back
   after validation);
-* checkpoints hold **only the side state** (:func:`vleff.side.side_state_dict`: the side modules
-  and trainable heads) unless ``full_checkpoint=True``. Resuming needs the same backbone (the
+* checkpoints leave out **only the frozen backbone** (:func:`vleff.side.side_state_dict`: the
+  side modules, trainable heads and everything of the module beside the backbone, a BatchNorm's
+  running statistics included) unless ``full_checkpoint=True``. Resuming needs the same backbone (the
   module builds it as it did, e.g. from the same pretrained weights); the side keys are checked
   on load, the backbone's are kept from the module (``strict_loading`` is turned off for that);
 * which model, an already applied method and ``remove_on_teardown`` follow the rules of every
@@ -45,7 +46,6 @@ from vleff.registry import get_method
 from vleff.side.common import (
     backbone_eval,
     freeze_backbone,
-    is_side_key,
     refuse_unfrozen_backbone,
     side_state_dict,
 )
@@ -71,10 +71,10 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
     if SIDE_ONLY not in checkpoint:
         return
     have = set(checkpoint.get("state_dict", {}))
-    missing = sorted(k for k in side_state_dict(pl_module) if k not in have and is_side_key(k))
+    missing = sorted(k for k in side_state_dict(pl_module) if k not in have)
     if missing:
-        raise KeyError(f"the side-only checkpoint lacks side keys {missing[:5]}; resume with the same side method "
-                       "and settings it was trained with")
+        raise KeyError(f"the side-only checkpoint lacks side keys {missing[:5]} (the side modules and the "
+                       "module's own weights beside its frozen backbone); resume with the same side method and settings it was trained with")
 
 
 def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None = None) -> None:
@@ -141,6 +141,9 @@ class SideTuning(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         if not self.full_checkpoint:
             side_only_checkpoint(pl_module, checkpoint)
+        from vleff.callbacks.restore import record_method
+
+        record_method(checkpoint, pl_module, self._target, self.method, self.config)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

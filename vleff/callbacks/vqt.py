@@ -7,8 +7,9 @@ The shared side-method callback (:class:`vleff.callbacks.side.SideTuning`): VQT 
 parameters exist when a checkpoint loads), the backbone is frozen there and kept in eval mode
 (dropout and drop-path off) for every training batch while the VQT module trains. At fit start
 any backbone weight that requires grad is refused: it would make the frozen token stream build a
-graph and silently destroy the memory saving. Checkpoints hold only the side state (queries,
-projection, trainable head) unless ``full_checkpoint=True``.
+graph and silently destroy the memory saving. Checkpoints leave out only the frozen backbone
+(they hold the queries, projection, trainable head and the module's own weights beside the
+backbone) unless ``full_checkpoint=True``.
 """
 from __future__ import annotations
 

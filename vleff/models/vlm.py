@@ -173,6 +173,14 @@ class VisionLanguageModel(nn.Module):
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         if attention_mask is not None:
             _check_left_padding(attention_mask, input_ids)
+        try:
+            return self._generate(images, input_ids, max_new_tokens, eos_token_id, attention_mask)
+        finally:
+            if memvp_applied(self):  # MemVP's memory belongs to this call (vleff.side.memvp)
+                self.vleff_memvp.clear_memory()
+
+    def _generate(self, images: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
+                  eos_token_id: int | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
         inputs, _ = self._prepare(images, input_ids, attention_mask)
         mask = inputs.pop("attention_mask")
         extra: dict[str, torch.Tensor] = {}

@@ -23,14 +23,18 @@ projection of a CLIP tower, the classifier head of a timm ViT. With a zero-initi
 layer the model starts exactly at the frozen model. The anchor a side network may read (UniPT)
 is the same pooled, normed feature, frozen.
 
-**Freezing.** Memory is saved only if no backbone activation requires grad. :func:`freeze_backbone`
-freezes every weight of the towers a side method is applied to except the side modules (and a
-timm classifier head when ``train_head``); :func:`refuse_unfrozen_backbone` names any backbone
-weight that requires grad again (the user's code, another method) — the side callbacks call it
-at fit start.
+**Freezing.** Memory is saved only if no backbone activation requires grad. The backbone is
+:func:`backbone_modules`: the side towers and the image-text model holding them (both CLIP towers,
+projections, ``logit_scale``), for every side method and family alike. ``apply_lst`` /
+``apply_unipt`` / ``apply_vqt`` freeze it (as ``apply_lora`` freezes its model; a timm classifier
+head stays trainable) and ``remove_*`` puts the flags back once no side method is left;
+:func:`freeze_backbone` does it again (``train_head=False`` freezes the head too), and
+:func:`refuse_unfrozen_backbone` names any backbone weight that requires grad again (the user's
+code, another method) — the side callbacks call it at fit start.
 
-**Checkpoints.** :func:`side_state_dict` is what a side run trained (side modules + trainable
-head); :func:`load_side_state_dict` puts it onto a fresh backbone of the same kind.
+**Checkpoints.** :func:`side_state_dict` is everything but the frozen backbone (side modules,
+trainable heads, and the user's own modules beside the backbone, buffers included);
+:func:`load_side_state_dict` puts it onto a fresh backbone of the same kind.
 """
 from __future__ import annotations
 
@@ -297,11 +301,43 @@ def _heads(model: nn.Module) -> list[nn.Module]:
     return [t.root.head for t in side_towers(model) if t.family == "timm" and isinstance(t.root.head, nn.Module)]
 
 
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """The frozen backbone of the side methods applied in ``model``: every side tower's root,
+    and the image-text model holding it (open_clip / Hugging Face CLIP, BLIP: both towers, the
+    projections, ``logit_scale``) when that model is inside ``model``.
+
+    Why the whole image-text model: a side method on one tower of a CLIP must leave the other
+    tower and the contrastive pieces as frozen as the tower it reads (Hugging Face keeps the
+    projections and ``logit_scale`` outside the tower roots, open_clip inside), so the rule is
+    the same for every family and every side method. Modules of ``model`` outside these (a
+    user's BatchNorm or classifier after the backbone, a teacher) are not the backbone: they
+    are neither frozen nor left out of side-only state."""
+    from vleff.backbones import find_pair
+
+    roots = [t.root for t in side_towers(model)]
+    if not roots:
+        return []
+    found: dict[int, nn.Module] = {id(r): r for r in roots}
+    root_ids = set(found)
+    for module in model.modules():
+        try:
+            pair = find_pair(module)
+        except TypeError:
+            continue
+        if any(id(m) in root_ids for m in pair.model.modules()):
+            found[id(pair.model)] = pair.model
+    return list(found.values())
+
+
 def _kept(model: nn.Module, train_head: bool) -> set[int]:
     keep = {id(p) for m in side_modules(model) for p in m.parameters()}
     if train_head:
         keep |= {id(p) for h in _heads(model) for p in h.parameters()}
     return keep
+
+
+def _backbone_parameters(model: nn.Module, train_head: bool) -> set[int]:
+    return {id(p) for m in backbone_modules(model) for p in m.parameters()} - _kept(model, train_head)
 
 
 def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> list[str]:
@@ -316,15 +352,40 @@ def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> list[str]:
     return trainable
 
 
+#: where ``apply_lst`` / ``apply_unipt`` / ``apply_vqt`` keep the ``requires_grad`` flags they
+#: changed (name -> flag before), so ``remove_*`` puts them back (as ``apply_lora`` does)
+FLAGS_ATTR = "_vleff_side_requires_grad"
+
+
+def freeze_on_apply(model: nn.Module) -> None:
+    """What every ``apply_*`` of a side method does last: note the flags (once, before the first
+    side method) and freeze the backbone (:func:`freeze_backbone`, timm heads trainable)."""
+    if FLAGS_ATTR not in model.__dict__:
+        object.__setattr__(model, FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+    freeze_backbone(model, train_head=True)
+
+
+def restore_on_remove(model: nn.Module) -> None:
+    """What every ``remove_*`` of a side method does last: once no side method is left, the
+    ``requires_grad`` flags as they were before the first ``apply_*``."""
+    if side_towers(model) or FLAGS_ATTR not in model.__dict__:
+        return
+    flags = model.__dict__.pop(FLAGS_ATTR)
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+
+
 def freeze_backbone(model: nn.Module, train_head: bool = True) -> list[str]:
-    """``requires_grad = False`` on every weight of the side towers except the side modules (and
-    timm classifier heads when ``train_head``: a head reads only the pooled features, so training
-    it saves one ``[B, C]`` tensor). Returns the names of the trainable parameters."""
-    towers = side_towers(model)
-    if not towers:
+    """``requires_grad = False`` on every weight of the backbone (:func:`backbone_modules`: the
+    side towers and the image-text model holding them) except the side modules (and timm
+    classifier heads when ``train_head``: a head reads only the pooled features, so training it
+    saves one ``[B, C]`` tensor). Weights outside the backbone keep their flags. Returns the
+    names of the trainable parameters of the side modules and heads."""
+    if not side_towers(model):
         raise ValueError(f"no side method is applied to this {type(model).__name__}; apply one first")
     keep = _kept(model, train_head)
-    backbone = {id(p) for t in towers for p in t.root.parameters()} - keep
+    backbone = _backbone_parameters(model, train_head)
     trainable = []
     for name, p in model.named_parameters():
         if id(p) in backbone:
@@ -336,9 +397,8 @@ def freeze_backbone(model: nn.Module, train_head: bool = True) -> list[str]:
 
 
 def unfrozen_backbone_parameters(model: nn.Module, train_head: bool = True) -> list[str]:
-    """Names of backbone weights of the side towers that require grad."""
-    keep = _kept(model, train_head)
-    backbone = {id(p) for t in side_towers(model) for p in t.root.parameters()} - keep
+    """Names of backbone weights (:func:`backbone_modules`) that require grad."""
+    backbone = _backbone_parameters(model, train_head)
     return [n for n, p in model.named_parameters() if id(p) in backbone and p.requires_grad]
 
 
@@ -365,14 +425,25 @@ def backbone_eval(model: nn.Module) -> None:
 
 
 # --- side-only state ---------------------------------------------------------------------------
+def backbone_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys of ``model`` that belong to the frozen backbone
+    (:func:`backbone_modules`), side modules excluded: the keys a side-only state leaves out."""
+    prefixes = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    heads = [f"{prefixes[id(m)]}." if prefixes[id(m)] else "" for m in backbone_modules(model)]
+    return {k for k in model.state_dict() if not is_side_key(k) and any(k.startswith(h) for h in heads)}
+
+
 def side_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state a side run trained: every entry of the side modules, and every parameter that
-    requires grad (a trained head). Loading it onto a fresh backbone of the same kind with
-    :func:`load_side_state_dict` reproduces the trained model."""
+    """The state a side run trained or may have changed: everything of ``model`` but the frozen
+    backbone (:func:`backbone_keys`) — the side modules, every parameter that requires grad (a
+    trained head), and every entry of the user's own modules outside the backbone (a BatchNorm's
+    running statistics, a frozen projection of the user's). Loading it onto a fresh backbone of
+    the same kind with :func:`load_side_state_dict` reproduces the trained model."""
     if not side_towers(model):
         raise ValueError(f"no side method is applied to this {type(model).__name__}; apply one first")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in trainable or is_side_key(k)}
+    frozen = backbone_keys(model) - trainable
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
 def is_side_key(key: str) -> bool:
@@ -381,11 +452,13 @@ def is_side_key(key: str) -> bool:
 
 def load_side_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load :func:`side_state_dict` output onto ``model`` (the side method applied, same
-    settings). ``KeyError`` when a side entry of the model is missing or a key is unknown."""
+    settings). ``KeyError`` when an entry the side state must hold (side modules, the user's
+    own modules) is missing or a key is unknown."""
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
-    missing = sorted(k for k in own if is_side_key(k) and k not in state)
+    expected = side_state_dict(model) if side_towers(model) else {}  # none applied: the side keys are unknown
+    missing = sorted(set(expected) - set(state))
     if unknown or missing:
         raise KeyError(f"side state does not fit this {type(model).__name__}: unknown keys {unknown[:5]}, missing "
-                       f"side keys {missing[:5]}; apply the same side method with the same settings first")
+                       f"keys {missing[:5]}; apply the same side method with the same settings first")
     model.load_state_dict(state, strict=False)

@@ -49,6 +49,8 @@ SUPPORTED = "timm ViT, open_clip and Hugging Face CLIP towers"
 #: where :func:`apply_lora` keeps what it changed on the model: ``(name -> requires_grad before
 #: apply, whether peft added its ``peft_config`` attribute)``
 FLAGS_ATTR = "_vleff_lora_requires_grad"
+#: module path -> its parameter names in order before :func:`apply_lora` (targets of ``target_parameters``)
+ORDER_ATTR = "_vleff_lora_parameter_order"
 #: ``peft`` moves a wrapped module's state one level down: ``qkv.weight`` -> ``qkv.base_layer.weight``
 BASE_LAYER = re.compile(r"(\.base_layer)+\.")
 
@@ -139,6 +141,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
                              "in_proj_weight without peft's substitution and would ignore the adapter; remove it first")
     targets = lora_targets(model, cfg.towers)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # peft's ParamWrapper re-registers a targeted parameter (open_clip's in_proj_weight) at every
+    # forward, moving it to the end of its module's parameters; the order is put back on removal
+    orders = {name.rpartition(".")[0]: list(model.get_submodule(name.rpartition(".")[0])._parameters)
+              for name in targets["target_parameters"]}
     added_config = "peft_config" not in model.__dict__
     peft_config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              target_modules=targets["target_modules"],  # peft: [] (not None) for parameters only
@@ -151,6 +157,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
         elif "vleff_" not in name:  # another vleff method's own modules are its business
             p.requires_grad_(False)
     object.__setattr__(model, FLAGS_ATTR, (flags, added_config))  # a plain attribute: deep-copies and pickles with the model
+    object.__setattr__(model, ORDER_ATTR, orders)
     return model
 
 
@@ -171,8 +178,9 @@ def _lora_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_lora`: every peft layer replaced in its parent by the module it wraps
-    (the very module, so the state-dict keys and values are the library's again) and the
-    ``requires_grad`` flags as they were before :func:`apply_lora`."""
+    (the very module, so the state-dict keys and values are the library's again), the
+    parameters of a module targeted by parameter (open_clip's ``in_proj_weight``) in their
+    original order, and the ``requires_grad`` flags as they were before :func:`apply_lora`."""
     if not lora_applied(model):
         raise ValueError(f"LoRA is not applied to this {type(model).__name__}; nothing to remove")
     for parent, child_name, layer in _lora_layers(model):
@@ -180,6 +188,11 @@ def remove_lora(model: nn.Module) -> nn.Module:
         while hasattr(base, "base_layer"):
             base = base.base_layer
         setattr(parent, child_name, base)
+    for path, order in model.__dict__.pop(ORDER_ATTR, {}).items():
+        params = model.get_submodule(path)._parameters
+        ordered = {k: params[k] for k in order if k in params} | {k: v for k, v in params.items() if k not in order}
+        params.clear()
+        params.update(ordered)
     flags, added_config = model.__dict__.pop(FLAGS_ATTR, ({}, False))
     if added_config:
         model.__dict__.pop("peft_config", None)

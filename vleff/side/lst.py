@@ -36,7 +36,7 @@ backbone's, that divide ``C/r`` into heads of at least 16 channels (or 1 head wh
 Text towers' side blocks are causal, like the tower.
 
 >>> vleff.apply_lst(model, reduction=8)
->>> vleff.side.freeze_backbone(model)
+>>> vleff.side.freeze_backbone(model, train_head=False)  # apply froze the backbone; this the head too
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ from torch import nn
 from vleff.backbones import TowerAdapter
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
-from vleff.side.common import SideModule, attach_side, detach_side, final_norm, refuse_token_methods, side_modules
+from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply, refuse_token_methods,
+                               restore_on_remove, side_modules)
 from vleff.tokens.common import hooks_named, select_towers
 
 HOOK_NAME = "lst"
@@ -348,7 +349,8 @@ def fisher_information(model: nn.Module, batches: Iterable[Any],
 def apply_lst(model: nn.Module, config: LSTConfig | None = None, fisher: dict[int, torch.Tensor] | None = None,
               **settings: Any) -> nn.Module:
     """Add a ladder side network to every tower ``towers`` names (in place). Applying again
-    replaces it. Call :func:`vleff.side.freeze_backbone` (the callback does).
+    replaces it. Freezes the backbone
+    (:func:`vleff.side.common.backbone_modules`; a timm head stays trainable); ``remove_*`` restores the flags.
 
     Args:
         fisher: :func:`fisher_information` output, required with ``init="fisher"``.
@@ -376,12 +378,14 @@ def apply_lst(model: nn.Module, config: LSTConfig | None = None, fisher: dict[in
             if missing:
                 raise ValueError(f"fisher holds no entry for {missing[:3]}; compute it on this model")
         attach_side(tower, HOOK_NAME, MODULE_NAME, build_side_network(tower, cfg, fisher))
+    freeze_on_apply(model)  # the backbone frozen, as apply_lora does (remove_* restores the flags)
     return model
 
 
 def remove_lst(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_lst`: no hooks, no ``vleff_lst`` modules, the library's forward."""
     detach_side(model, HOOK_NAME, MODULE_NAME)
+    restore_on_remove(model)
     return model
 
 

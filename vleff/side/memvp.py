@@ -29,8 +29,10 @@ and :func:`remove_memvp` restores it bit-exactly. The sites:
 
 Where the visual features come from:
 
-* BLIP (``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``): a forward hook on
-  ``vision_model`` takes its output tokens (without the class token, ``visual_tokens="patch"``);
+* BLIP (``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``): a forward pre-hook on
+  the text model that cross-attends to the image (the captioning decoder, the VQA question
+  encoder) takes the ``encoder_hidden_states`` of that call (without the class token,
+  ``visual_tokens="patch"``);
 * :class:`vleff.models.VisionLanguageModel`: its visual encoder's patch tokens, the same way;
 * a bare Hugging Face causal LM: :func:`set_memvp_memory` (the memory is constant per sample,
   so a library ``generate`` on the patched LM uses it at every step).
@@ -41,8 +43,14 @@ and ``s_v = 0.1`` (``vision_adapter_scale``; the reference's ``set_Clip_Adapter(
 multiplies the adapter's output by it in ``forward_clip``), hooked on the module the tower
 adapter names as the block's MLP (timm, open_clip, HF CLIP/BLIP).
 
-The memory of the last visual forward stays set until the next one (generation reads it at
-every step); it is never copied, pickled or saved. With ``scale=0`` the model equals the host.
+The memory belongs to the call that made it and does not outlive it: a BLIP text model's call
+makes it from the ``encoder_hidden_states`` it receives (the decoder reads the image it
+cross-attends to; library generation passes them, beam-expanded, at every step), and the VQA
+answer decoder reads the image of the question encoded last; a ``VisionLanguageModel``'s
+``forward`` / ``generate`` clears it when it returns; a bare LM's memory
+(:func:`set_memvp_memory`) stays until set again. An FFN batch other than the memory's is
+refused, never repeated. It is never copied, pickled or saved. With ``scale=0`` the model
+equals the host.
 
 >>> vleff.apply_memvp(blip, n_mem=64)        # projector sized from the vision tower
 >>> vleff.remove_memvp(blip)                 # the original model, exactly
@@ -186,23 +194,26 @@ class MemVPModule(nn.Module):
         self.memory.value = None
 
     def read(self, u: torch.Tensor) -> torch.Tensor:
-        """``s · dropout(silu(u Kᵀ)) V`` for an FFN input ``u`` ``[B', N, C]``.
+        """``s · dropout(silu(u Kᵀ)) V`` for an FFN input ``u`` ``[B, N, C]``.
 
-        ``B'`` may be a multiple of the memory's batch (beam search or several sequences per
-        image repeat each sample consecutively, as the libraries expand their inputs)."""
+        The memory must be of the same batch: a memory set for other samples is refused, not
+        repeated (a memory of one image silently spread over a later batch of text-only prompts
+        would condition them on that image). Beam search and several sequences per image read a
+        memory set from the expanded batch (BLIP's cross-attention states are expanded by the
+        library; a bare LM's features are the caller's to ``repeat_interleave``)."""
         kv = self.memory.value
         if kv is None:
-            raise RuntimeError("MemVP: an FFN ran without visual memory; run the vision tower first (BLIP, "
-                               "VisionLanguageModel) or call vleff.side.memvp.set_memvp_memory(model, features)")
+            raise RuntimeError("MemVP: an FFN ran without visual memory; run the model with its images (BLIP: "
+                               "encoder_hidden_states, VisionLanguageModel: images) or call "
+                               "vleff.side.memvp.set_memvp_memory(model, features) on a bare LM")
         k, v = kv
         if u.shape[-1] != k.shape[-1]:
             raise ValueError(f"MemVP: FFN input width {u.shape[-1]} differs from the memory width {k.shape[-1]}")
         if u.shape[0] != k.shape[0]:
-            if u.shape[0] % k.shape[0]:
-                raise RuntimeError(f"MemVP: the FFN input has batch {u.shape[0]} but the visual memory was set for "
-                                   f"batch {k.shape[0]}; run the vision tower on the same batch")
-            reps = u.shape[0] // k.shape[0]
-            k, v = k.repeat_interleave(reps, dim=0), v.repeat_interleave(reps, dim=0)
+            raise RuntimeError(f"MemVP: the FFN input has batch {u.shape[0]} but the visual memory was set for batch "
+                               f"{k.shape[0]}; set the memory for this batch (set_memvp_memory with one row of "
+                               "features per sequence: repeat_interleave them for beams or several sequences per "
+                               "image)")
         a = F.silu(torch.matmul(u, k.to(u.dtype).transpose(1, 2)))
         if self.training and self.dropout > 0:
             a = F.dropout(a, p=self.dropout)
@@ -261,6 +272,62 @@ class _ParallelAdapter(_MemVPHook):
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         adapter = self.memory.adapters[self.index]
         return output + adapter(args[0]).to(output.dtype)
+
+
+def _cross_states(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``encoder_hidden_states`` a BLIP text model was called with (keyword or positional)."""
+    if "encoder_hidden_states" in kwargs:
+        return kwargs["encoder_hidden_states"]
+    import inspect
+
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    index = names.index("encoder_hidden_states") if "encoder_hidden_states" in names else len(args)
+    return args[index] if index < len(args) else None
+
+
+class _CrossStatesMemory(_MemVPHook):
+    """Forward pre-hook (with kwargs) on a BLIP text model: the memory of *this call*.
+
+    ``role="image"`` (the captioning decoder, the VQA question encoder): the memory is made from
+    the ``encoder_hidden_states`` the call receives (the image tokens, less ``drop`` prefix
+    tokens), so a decoder reads the image it cross-attends to, not the last image that went
+    through ``vision_model``; the VQA encoder also keeps it as the image of its question.
+    ``role="answer"`` (the VQA answer decoder, whose cross-attention reads the question states):
+    the image of the question encoded last, repeated to the batch of the states it receives
+    (beam search expands them question by question)."""
+
+    def __init__(self, memory: MemVPModule, drop: int, role: str, image: _Slot) -> None:
+        super().__init__(memory)
+        self.drop, self.role, self.image = drop, role, image
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        states = _cross_states(module, args, kwargs)
+        if self.role == "image":
+            if states is None:
+                self.memory.clear_memory()
+                return
+            self.memory.set_memory(states[:, self.drop:])
+            self.image.value = self.memory.memory.value
+            return
+        kv = self.image.value
+        if kv is None or states is None:
+            self.memory.clear_memory()
+            return
+        k, v = kv
+        if states.shape[0] != k.shape[0]:
+            if states.shape[0] % k.shape[0]:
+                raise RuntimeError(f"MemVP: the BLIP answer decoder runs on batch {states.shape[0]}, not a multiple "
+                                   f"of the batch of the question encoded last ({k.shape[0]})")
+            reps = states.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(reps, dim=0), v.repeat_interleave(reps, dim=0)
+        self.memory.memory.value = (k, v)
+
+
+class _CallEnd(_MemVPHook):
+    """Forward hook (``always_call``) ending the memory of one call: it does not outlive it."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.memory.clear_memory()
 
 
 class _VisualSource(_MemVPHook):
@@ -444,8 +511,17 @@ def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings:
             layer.output.LayerNorm.register_forward_pre_hook(_ResidualAdd(memory, stash))
     for i, block in enumerate(blocks):
         tower.parts(block).mlp.register_forward_hook(_ParallelAdapter(memory, i))
-    if host.source is not None:
+    if _host_kind(model) == "blip":  # the memory of each text-model call, from the states it cross-attends to
+        image = _Slot()
+        readers = [(model.text_encoder, "image")] if hasattr(model, "text_encoder") else []
+        readers.append((model.text_decoder.bert, "answer" if readers else "image"))
+        for text_model, role in readers:
+            text_model.register_forward_pre_hook(_CrossStatesMemory(memory, drop, role, image), with_kwargs=True)
+            text_model.register_forward_hook(_CallEnd(memory), always_call=True)
+    elif host.source is not None:
         host.source.register_forward_hook(_VisualSource(memory, drop))
+        if _host_kind(model) == "vlm":  # the memory of one forward; generate ends it itself
+            model.register_forward_hook(_CallEnd(memory), always_call=True)
     return root
 
 
@@ -457,6 +533,8 @@ def remove_memvp(model: nn.Module) -> nn.Module:
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, _MemVPHook)]:
                 del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
     for module in list(model.modules()):
         if isinstance(module._modules.get(MODULE_NAME), MemVPModule):
             del module._modules[MODULE_NAME]

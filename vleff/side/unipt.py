@@ -22,7 +22,7 @@ The projection is linear and frozen, so ``proj(a + Up(..))`` is ``proj(a) + proj
 the same function class, and one insertion point for every family (timm heads included).
 
 >>> vleff.apply_unipt(model, factor=2)       # every supported tower (towers="all")
->>> vleff.side.freeze_backbone(model)
+>>> vleff.side.freeze_backbone(model, train_head=False)  # apply froze the backbone; this the head too
 >>> vleff.remove_unipt(model)               # the original model, exactly
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ from torch import nn
 from vleff.backbones import TowerAdapter
 from vleff.checks import check_int, check_towers
 from vleff.registry import Method, MethodConfig, register_method
-from vleff.side.common import SideModule, attach_side, detach_side, final_norm, refuse_token_methods, side_modules
+from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply, refuse_token_methods,
+                               restore_on_remove, side_modules)
 from vleff.tokens.common import hooks_named, select_towers
 
 HOOK_NAME = "unipt"
@@ -117,7 +118,8 @@ def _check_tower(tower: TowerAdapter, cfg: UniPTConfig) -> int:
 
 def apply_unipt(model: nn.Module, config: UniPTConfig | None = None, **settings: Any) -> nn.Module:
     """Add a UniPT side module to every tower ``towers`` names (in place). Applying again
-    replaces it (drawn anew). Call :func:`vleff.side.freeze_backbone` (the callback does).
+    replaces it (drawn anew). Freezes the backbone
+    (:func:`vleff.side.common.backbone_modules`; a timm head stays trainable); ``remove_*`` restores the flags.
 
     Raises:
         TypeError: no supported tower (timm cls-pooled ViT, open_clip and Hugging Face CLIP towers).
@@ -132,12 +134,14 @@ def apply_unipt(model: nn.Module, config: UniPTConfig | None = None, **settings:
     for tower in towers:
         module = UniPTModule(len(tower.blocks()) + 1, tower.embed_dim, hidden[id(tower.root)])
         attach_side(tower, HOOK_NAME, MODULE_NAME, module)
+    freeze_on_apply(model)  # the backbone frozen, as apply_lora does (remove_* restores the flags)
     return model
 
 
 def remove_unipt(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_unipt`: no hooks, no ``vleff_unipt`` modules, the library's forward."""
     detach_side(model, HOOK_NAME, MODULE_NAME)
+    restore_on_remove(model)
     return model
 
 

@@ -30,7 +30,7 @@ with the query part zero-initialised so the model starts exactly at the frozen m
 ``C``-wide head input (7 M).
 
 >>> vleff.apply_vqt(model, num_queries=1)   # timm ViT: queries + zero-init projection
->>> vleff.side.freeze_backbone_for_vqt(model)
+>>> vleff.side.freeze_backbone_for_vqt(model, train_head=False)  # apply froze the backbone; this the head too
 >>> vleff.remove_vqt(model)                 # the original model, exactly
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 from vleff.side.common import (FinalFeatures, SideModule, applied_token_methods, clear_side_state, final_norm,
-                               freeze_backbone, unwatch_forward_end, watch_forward_end)
+                               freeze_backbone, freeze_on_apply, restore_on_remove, unwatch_forward_end,
+                               watch_forward_end)
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "vqt"
@@ -237,9 +238,10 @@ def _check_supported(tower: TowerAdapter) -> nn.Module | None:
 def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any) -> nn.Module:
     """Add per-block query tokens to every image tower of ``model`` (in place).
 
-    Applying twice replaces the earlier queries (drawn anew). The backbone's ``requires_grad``
-    flags are not changed here: call :func:`freeze_backbone_for_vqt` (the callback does) so
-    the frozen stream builds no graph.
+    Applying twice replaces the earlier queries (drawn anew). The backbone
+    (:func:`vleff.side.common.backbone_modules`: the tower and, on a CLIP, the whole image-text
+    model) is frozen here, as ``apply_lora`` freezes its model, so the frozen stream builds no
+    graph (a timm head stays trainable); :func:`remove_vqt` restores the flags.
 
     Raises:
         TypeError: no supported tower (only timm ViT image towers for now).
@@ -280,6 +282,7 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
         module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root), always_call=True).id
         watch_forward_end(tower, HOOK_NAME)
         module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(_CompactHeadInput()).id
+    freeze_on_apply(model)  # the backbone frozen, as apply_lora does (remove_vqt restores the flags)
     return model
 
 
@@ -306,6 +309,7 @@ def remove_vqt(model: nn.Module) -> nn.Module:
                 tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
             del tower.root._modules[MODULE_NAME]
     remove_hooks(model, HOOK_NAME)
+    restore_on_remove(model)
     return model
 
 

@@ -829,8 +829,18 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
         warnings.warn(f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} (first pruning "
                       f"block {best_start}) gives "
                       f"{best / baseline:.3f}x the baseline FLOPs (target {1 - p:.3f}x); "
-                      f"τ in [{lo_bound:g}, {hi_bound:g}] was searched", RuntimeWarning, stacklevel=2)
+                      f"{searched_range(evals, max_evals)}", RuntimeWarning, stacklevel=2)
     return result
+
+
+def searched_range(evals: list[tuple[float, int, int]], max_evals: int) -> str:
+    """What a calibration actually tried, for its out-of-budget warning: the τ range and first
+    pruning blocks of the counted forwards (not the bounds it may search: with a small
+    ``max_evals`` it stops well inside them, and naming the bounds overstated the search)."""
+    taus = [e[0] for e in evals]
+    starts = sorted({e[2] for e in evals})
+    return (f"{len(evals)} counted forwards (max_evals={max_evals}) tried τ in [{min(taus):.4g}, {max(taus):.4g}] "
+            f"with first pruning block(s) {starts}; raise max_evals to search further")
 
 
 register_method(Method(

@@ -26,7 +26,7 @@ def _mixin_target(owner: Any, module: Any, method: str, config: Any) -> Any:
 class _SideMixin:
     """Shared by the VQT, LST and UniPT mixins: the method applied and the backbone frozen in
     ``use_*``; at fit start an unfrozen backbone weight is refused; the backbone stays in eval
-    mode in training; checkpoints hold only the side state unless ``full_checkpoint``."""
+    mode in training; checkpoints leave out only the frozen backbone unless ``full_checkpoint``."""
 
     _vleff_side: tuple[str, bool, bool] | None = None  # (method, train_head, full_checkpoint)
 
@@ -76,8 +76,8 @@ class _SideMixin:
 
 class VQTMixin(_SideMixin):
     """``use_vqt(train_head=True, full_checkpoint=False, **settings)``: VQT
-    (:mod:`vleff.side.vqt`) on this module's image towers, backbone frozen; checkpoints hold only
-    the side state (queries, projection, trainable head) unless ``full_checkpoint``, as with
+    (:mod:`vleff.side.vqt`) on this module's image towers, backbone frozen; checkpoints leave out
+    only the frozen backbone (:func:`vleff.side.side_state_dict`) unless ``full_checkpoint``, as with
     :class:`vleff.callbacks.VisualQueryTuning`."""
 
     def use_vqt(self, train_head: bool = True, full_checkpoint: bool = False, module: Any = None,
