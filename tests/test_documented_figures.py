@@ -18,3 +18,14 @@ def test_madtp_flops_table_follows_its_json():
         assert cells in readme, cells
         tokens = f"| {row['image_tokens'][-1]} | {row['text_tokens'][0]}→{row['text_tokens'][1]}"
         assert tokens in readme, tokens
+
+
+def test_cpu_flop_limit_table_follows_its_json():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("vit_base", "clip_b16"):
+        data = json.loads((ROOT / "docs" / "data" / "cpu_flop_limit" / f"{name}.json").read_text())
+        for row in data["rows"][1:]:
+            cells = (f"| {row['flops_ratio']:.3f} | {row['speedup']:.2f}× | "
+                     f"{100 * row['flop_limit_fraction']:.0f} % |")
+            assert cells in readme, (name, row["name"], cells)
+            assert row["flop_limit_fraction"] == row["speedup"] * row["flops_ratio"]
