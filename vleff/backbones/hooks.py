@@ -240,6 +240,12 @@ class TowerHook:
     #: hooks that change or randomly mask the tokens cannot, and the patch refuses checkpointing
     replayable: ClassVar[bool] = False
 
+    def conflict_with(self, other: TowerHook) -> str | None:
+        """Why this hook cannot share a tower with ``other``, or ``None``. Asked both ways when
+        either is attached (:func:`vleff.backbones.patch.check_attachable`), so a pair that cannot
+        run together is refused at apply time, never at the first forward."""
+        return None
+
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         return x
 

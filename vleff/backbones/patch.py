@@ -17,6 +17,9 @@ from vleff.backbones.hooks import TowerHook
 from vleff.backbones.state import TokenState
 
 PATCH_ATTR = "_vleff_patch"
+#: set on a tower's root (to the method's name) by a method that runs the tower's blocks itself,
+#: as reversible stacks do: the generic block forward, and with it every tower hook, would not run
+BLOCK_RUNNER_ATTR = "_vleff_block_runner"
 
 
 class TowerPatch:
@@ -45,6 +48,7 @@ class TowerPatch:
             raise TypeError(f"hook must be a vleff.backbones.TowerHook, got {type(hook).__name__}")
         if any(h.name == hook.name for h in self.hooks):
             raise ValueError(f"{self.adapter.describe()} already has a {hook.name!r} hook; remove it first")
+        check_attachable(self.adapter, hook)
         self.hooks.append(hook)
 
     def remove_hook(self, name: str) -> TowerHook | None:
@@ -123,6 +127,34 @@ class PatchedForward:
 
 def get_patch(root: nn.Module) -> TowerPatch | None:
     return root.__dict__.get(PATCH_ATTR)
+
+
+def set_block_runner(root: nn.Module, method: str | None) -> None:
+    """Mark ``root``'s tower as run block by block by ``method`` (``None``: unmark)."""
+    if method is None:
+        root.__dict__.pop(BLOCK_RUNNER_ATTR, None)
+    else:
+        root.__dict__[BLOCK_RUNNER_ATTR] = method
+
+
+def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
+    """``ValueError`` when ``hook`` cannot join ``adapter``'s tower: a method runs the tower's
+    blocks itself (the hook would be skipped), or a hook already there conflicts with it (either
+    way, :meth:`TowerHook.conflict_with`). Methods check every tower before patching any, so a
+    refusal leaves the model as it was."""
+    runner = adapter.root.__dict__.get(BLOCK_RUNNER_ATTR)
+    if runner is not None:
+        raise ValueError(f"cannot apply {hook.name} while {runner} is applied to {adapter.describe()}: {runner} "
+                         f"runs the tower's blocks itself and would skip {hook.name} (token reduction inside the "
+                         f"stack is not supported); remove {runner} first")
+    patch = get_patch(adapter.root)
+    for other in patch.hooks if patch is not None else ():
+        if other.name == hook.name:  # the same method again: add_hook refuses or the method updates it
+            continue
+        reason = hook.conflict_with(other) or other.conflict_with(hook)
+        if reason:
+            raise ValueError(f"cannot apply {hook.name} while {other.name} is applied to {adapter.describe()}: "
+                             f"{reason}; remove {other.name} first")
 
 
 def patch_tower(adapter: TowerAdapter) -> TowerPatch:

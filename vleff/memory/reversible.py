@@ -59,7 +59,7 @@ either way, and the plain loop compiles in one graph.
 
 Supported: timm ``VisionTransformer`` (ViT, DeiT, register tokens), both open_clip towers and
 both Hugging Face CLIP towers (the text towers' causal mask, or HF's ``is_causal``, goes into F;
-the library pools the fused output, EOT included). Refused: a token method (ToMe, EViT,
+the library pools the fused output, EOT included). Refused, in either order, at apply: a token method (ToMe, EViT,
 DynamicViT) or another tower hook on the tower, the library's gradient checkpointing,
 BatchNorm-like modules in a branch, Hugging Face BLIP towers (not yet). Hugging Face per-layer
 ``output_hidden_states``/``output_attentions`` are collected by hooks on the layers, which the
@@ -81,6 +81,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
+from vleff.backbones.patch import set_block_runner
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import Method, MethodConfig, register_method
 
@@ -499,10 +500,6 @@ class ReversibleForward:
         if torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
             raise RuntimeError(f"{self.adapter.describe()} has gradient checkpointing on; reversible blocks "
                                "replace it (turn it off: model.set_grad_checkpointing(False))")
-        if get_patch(self.adapter.root) is not None:
-            raise RuntimeError(f"{self.adapter.describe()}: a token method (tower hook) was applied after reversible "
-                               "blocks; the reversible stack runs F and G itself and would ignore it (token "
-                               "reduction inside the stack is not supported). Remove it or remove_reversible(model)")
         if self.adapter.family != "transformers":
             return run_reversible(self.adapter, self.config, x, attn_mask)
         from transformers.modeling_outputs import BaseModelOutput
@@ -606,6 +603,7 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
         if cfg.adapter:
             _add_adapters(tower, cfg.adapter)
         _container(tower).forward = ReversibleForward(tower, cfg, ids)
+        set_block_runner(tower.root, "reversible")  # tower hooks are refused while the stack runs the blocks
     return model
 
 
@@ -635,6 +633,7 @@ def remove_reversible(model: nn.Module) -> nn.Module:
             block._forward_pre_hooks.pop(hook_id, None)
             block._modules.pop(ADAPTER_ATTR, None)
         del _container(tower).__dict__["forward"]
+        set_block_runner(tower.root, None)
         removed += 1
     if not removed:
         raise ValueError(f"reversible blocks are not applied to this {type(model).__name__}; nothing to remove")

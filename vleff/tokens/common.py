@@ -10,7 +10,15 @@ from typing import Callable
 
 from torch import nn
 
-from vleff.backbones import TowerAdapter, TowerHook, find_towers, get_patch, patch_tower, unpatch_tower
+from vleff.backbones import (
+    TowerAdapter,
+    TowerHook,
+    find_towers,
+    get_patch,
+    patch_tower,
+    unpatch_tower,
+)
+from vleff.backbones.patch import check_attachable
 
 
 def tower_modalities(towers: str) -> tuple[str, ...]:
@@ -46,6 +54,8 @@ def install_hooks(model: nn.Module, make_hook: Callable[[TowerAdapter], TowerHoo
 def attach_hooks(towers: list[TowerAdapter], hooks: list[TowerHook]) -> None:
     """Patch each tower (idempotent) and add its hook, for methods that build their hooks first
     (to validate every tower before removing an earlier application)."""
+    for tower, hook in zip(towers, hooks):  # every tower checked before any is patched
+        check_attachable(tower, hook)
     for tower, hook in zip(towers, hooks):
         patch_tower(tower).add_hook(hook)
 

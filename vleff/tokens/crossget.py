@@ -90,6 +90,7 @@ from vleff.backbones.pairs import (
     pair_context,
     partner,
 )
+from vleff.backbones.patch import check_attachable
 from vleff.backbones.text import (
     PAD,
     POSITION,
@@ -272,13 +273,12 @@ class CrossGETHook(TowerHook):
         self.config = config
         self.r = config.r_image if self.modality == "image" else config.r_text
 
+    def conflict_with(self, other: TowerHook) -> str | None:
+        """CrossGET shares a tower with no other method hook (refused when either is applied)."""
+        return _conflict_reason(other.name)
+
     # --- entry points --------------------------------------------------------------------------------
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        patch = get_patch(self.root)
-        others = [h.name for h in patch.hooks if h.name != HOOK_NAME] if patch is not None else []
-        if others:
-            raise ValueError(f"CrossGET cannot run with {', '.join(others)} on {self.describe}: "
-                             f"{_conflict_reason(others[0])}; remove {others[0]} (or crossget)")
         b = x.shape[0]
         if self.config.trace_source:
             n = x.shape[1]
@@ -512,19 +512,15 @@ def apply_crossget(model: nn.Module, config: CrossGETConfig | None = None, **set
     cfg = CrossGETConfig.build(config, **settings)
     pair = resolve_pair(model)
     towers = [pair.image_tower, pair.text_tower]
-    for tower in towers:
-        patch = get_patch(tower.root)
-        others = [h.name for h in patch.hooks if h.name != HOOK_NAME] if patch is not None else []
-        if others:
-            raise ValueError(f"cannot apply crossget while {others[0]} is applied to {tower.describe()}: "
-                             f"{_conflict_reason(others[0])}; remove {others[0]} first")
+    link = PendingCrossTokens()
+    hooks = [CrossGETHook(t, cfg, projector(pair, t.modality), link) for t in towers]
+    for tower, hook in zip(towers, hooks):  # before anything is registered: a refusal changes nothing
+        check_attachable(tower, hook)
     _check_r(pair.image_tower, cfg.r_image)
     _check_r(pair.text_tower, cfg.r_text)
     if crossget_applied(model):
         update_crossget(model, **cfg.as_dict())
         return model
-    link = PendingCrossTokens()
-    hooks = [CrossGETHook(t, cfg, projector(pair, t.modality), link) for t in towers]
     for tower in towers:
         ref = next(tower.root.parameters())
         offsets = nn.Parameter(torch.zeros(len(tower.blocks()), tower.embed_dim, device=ref.device, dtype=ref.dtype))
