@@ -101,10 +101,6 @@ class Method:
     needs_pair: bool = False
     calibrate: Callable[[nn.Module, Any, str], Any] | None = None
 
-    @property
-    def applies_to_models(self) -> bool:
-        return self.apply is not None
-
     def label(self, **settings: Any) -> str:
         args = {**self.bench_settings, **settings}
         return self.name + ("(" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")" if args else "")
