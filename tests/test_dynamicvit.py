@@ -19,7 +19,7 @@ from vleff.callbacks import DynamicViT
 from vleff.callbacks.mixins import DynamicViTMixin
 from vleff.tokens.aux import pop_aux_losses, vleff_aux_loss
 from vleff.tokens.dynamicvit import (MODULE_NAME, apply_dynamicvit, dynamicvit_predictors, dynamicvit_teacher,
-                                     hierarchical_ratios, keep_ratio_loss, remove_dynamicvit,
+                                     hierarchical_ratios, remove_dynamicvit,
                                      token_distillation_loss)
 
 
@@ -51,15 +51,8 @@ def test_decisions_only_shrink_and_prefix_is_kept():
     assert last_token_state(model).token_counts == [18, 2 + 9, 2 + 5, 2 + 3]  # floor(16 * 0.6**s)
 
 
-def test_keep_ratio_loss_matches_hand_computation():
-    d1 = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # kept 0.75, 0.25
-    d2 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # kept 0.25, 0.0
-    # stage 1 target 0.5: ((0.25)^2 + (0.25)^2) / 2 = 0.0625; stage 2 target 0.25: (0 + 0.0625) / 2
-    expected = (0.0625 + 0.03125) / 2
-    assert keep_ratio_loss([d1, d2], [0.5, 0.25]).item() == pytest.approx(expected)
+def test_hierarchical_ratios_multiply_per_stage():
     assert hierarchical_ratios(0.7, 3) == pytest.approx([0.7, 0.49, 0.343])
-    with pytest.raises(ValueError, match="one ratio per decision"):
-        keep_ratio_loss([d1], [0.5, 0.25])
 
 
 def test_new_predictors_start_at_the_target_keep_ratios():
@@ -84,7 +77,9 @@ def test_recorded_ratio_loss_uses_the_decisions_and_weight():
     decisions = _scratch(model)["decisions"]
     losses = pop_aux_losses(model)
     assert set(losses) == {"dynamicvit/ratio"}
-    expected = 2.0 * keep_ratio_loss(decisions, [0.7, 0.49])
+    # mean over stages of mean_b (kept fraction of sample b − stage target)², times the weight
+    terms = [((d.float().mean(dim=1) - r) ** 2).mean() for d, r in zip(decisions, [0.7, 0.49])]
+    expected = 2.0 * torch.stack(terms).mean()
     assert losses["dynamicvit/ratio"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

@@ -12,8 +12,7 @@ Heavy submodules are imported lazily so ``import vleff`` stays fast.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vleff._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -55,12 +54,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("backbones", "callbacks", "data", "kernels", "memory", "models", "profile", "side", "tokens"):
-        return importlib.import_module(f"vleff.{name}")
-    raise AttributeError(f"module 'vleff' has no attribute {name!r}")
+__getattr__ = lazy_getattr("vleff", _LAZY, ("backbones", "callbacks", "data", "kernels", "memory", "models",
+                                             "profile", "side", "tokens"))
 
 
 def __dir__() -> list[str]:

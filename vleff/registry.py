@@ -13,7 +13,7 @@ Every method is
   beside a frozen backbone; ``memory``: less training memory).
 
 :func:`update` (``vleff.update(model, "tome", r=8)``) dispatches to the method's ``update``.
-The conformance suite (``tests/conformance``) runs every registered method through the same
+The conformance suite (``tests/test_conformance.py``) runs every registered method through the same
 checks; a registered method with no settings row there fails the suite.
 """
 from __future__ import annotations
@@ -100,10 +100,6 @@ class Method:
     description: str = ""
     needs_pair: bool = False
     calibrate: Callable[[nn.Module, Any, str], Any] | None = None
-
-    @property
-    def applies_to_models(self) -> bool:
-        return self.apply is not None
 
     def label(self, **settings: Any) -> str:
         args = {**self.bench_settings, **settings}

@@ -2,8 +2,7 @@
 the method and profile layers). Imported lazily so ``import vleff.callbacks`` stays cheap."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vleff._lazy import lazy_getattr
 
 # public callback name -> defining module
 _CALLBACKS = {
@@ -40,14 +39,11 @@ _CALLBACKS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _CALLBACKS:
-        return getattr(importlib.import_module(_CALLBACKS[name]), name)
-    raise AttributeError(f"module 'vleff.callbacks' has no attribute {name!r}; available: {', '.join(sorted(_CALLBACKS))}")
+__getattr__ = lazy_getattr("vleff.callbacks", _CALLBACKS, list_available=True)
 
 
 def __dir__() -> list[str]:
     return sorted(_CALLBACKS)
 
 
-__all__ = sorted(_CALLBACKS)
+__all__ = sorted(_CALLBACKS)  # noqa: PLE0605 -- a list, built from the table above

@@ -5,10 +5,10 @@ class is untouched and :func:`detach_aux_loss` restores it exactly): after the u
 returns its loss, the pending aux losses of the module's towers are popped
 (:func:`vleff.tokens.aux.pop_aux_losses`), added to the loss and logged as
 ``train/aux/<name>``. Users who prefer to own the sum call ``self.vleff_aux_loss()``
-(:class:`vleff.tokens.aux.AuxLossMixin`) in their step; because losses are popped, the wrapper
+(:class:`vleff.callbacks.mixins.AuxLossMixin`) in their step; because losses are popped, the wrapper
 then finds nothing left and adds nothing, so both paths can coexist.
 
-Several callbacks may attach (DynamicViT, later CrossGET ...): the wrapper is installed once
+Several callbacks may attach (DynamicViT, CrossGET, MADTP): the wrapper is installed once
 and reference-counted. Wrapping happens in ``setup``, which Lightning calls before the
 strategy wraps the module (DDP) and before it first looks the step up.
 """

@@ -22,15 +22,13 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from vleff.backbones import find_towers
 from vleff.callbacks.aux_loss import AuxLoss
 from vleff.callbacks.init_weights import load_initial_weights
 from vleff.callbacks.targets import (
     ModuleArg,
     check_module_arg,
-    module_at,
     refuse_other_settings,
-    resolve_target,
+    resolve_backbone,
 )
 from vleff.checks import check_bool
 from vleff.tokens.dynamicvit import (
@@ -40,35 +38,6 @@ from vleff.tokens.dynamicvit import (
     dynamicvit_applied,
     dynamicvit_teacher,
 )
-
-
-def resolve_module(pl_module: nn.Module, path: str | nn.Module | None) -> nn.Module:
-    """The submodule ``path`` names (dotted attribute path or the module object, as
-    :func:`vleff.callbacks.targets.resolve_target` takes it), or (``path=None``) the single
-    direct child of ``pl_module`` that holds an image tower -- the backbone whose ``forward``
-    gives the logits (several are refused, listing them)."""
-    if isinstance(path, nn.Module):
-        return resolve_target(pl_module, path, "dynamicvit", None)
-    if path is not None:
-        return module_at(pl_module, path)
-    candidates = []
-    for name, child in pl_module.named_children():
-        try:
-            find_towers(child, "image")
-        except TypeError:
-            continue
-        candidates.append(name)
-    if not candidates:
-        from vleff.backbones import SUPPORTED
-
-        raise TypeError(f"no child of {type(pl_module).__name__} holds a supported image tower "
-                        f"(children: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}); "
-                        f"DynamicViT supports: {'; '.join(SUPPORTED)}")
-    if len(candidates) > 1:
-        raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone: "
-                         f"{', '.join(candidates)} each hold an image tower; pass module= one of "
-                         f"{', '.join(repr(c) for c in candidates)}")
-    return getattr(pl_module, candidates[0])
 
 
 class DynamicViT(AuxLoss):
@@ -105,7 +74,7 @@ class DynamicViT(AuxLoss):
         return self.config.as_dict()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = resolve_module(pl_module, self.module)
+        target = resolve_backbone(pl_module, self.module, "dynamicvit")
         if stage == "fit" and self.init_from is not None and not self._initialised:
             load_initial_weights(pl_module, self.init_from, backbone=target)  # before the teacher is copied
             self._initialised = True

@@ -28,6 +28,7 @@ from vleff.callbacks.targets import (
     check_module_arg,
     refuse_other_settings,
     resolve_target,
+    single_backbone,
 )
 from vleff.checks import check_bool, check_ratio
 from vleff.tokens.evit import (
@@ -38,16 +39,6 @@ from vleff.tokens.evit import (
     training_progress,
     update_evit,
 )
-
-
-def _single_backbone(pl_module: pl.LightningModule):
-    """The module's one child holding an image tower, if there is exactly one (else ``None``)."""
-    from vleff.callbacks.dynamicvit import resolve_module
-
-    try:
-        return resolve_module(pl_module, None)
-    except ValueError:
-        return None
 
 
 class EViT(Callback):
@@ -91,7 +82,7 @@ class EViT(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = resolve_target(pl_module, self.module, "evit", self.config)
         if stage == "fit" and self.init_from is not None and not self._initialised:
-            backbone = target if target is not pl_module else _single_backbone(pl_module)
+            backbone = target if target is not pl_module else single_backbone(pl_module, "evit")
             load_initial_weights(pl_module, self.init_from, backbone=backbone)
             self._initialised = True
         end = self.end_epoch

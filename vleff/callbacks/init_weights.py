@@ -1,6 +1,7 @@
-"""Start a token-pruning run from trained weights: ``init_from=<checkpoint>`` on a callback.
+"""Start a run from trained weights: ``init_from=<checkpoint>`` on a callback.
 
-DynamicViT and EViT are meant to fine-tune a trained model. When the LightningModule's
+DynamicViT and EViT are meant to fine-tune a trained model, and the side methods and LoRA
+tune beside a trained backbone. When the LightningModule's
 ``__init__`` does not load trained weights itself (a randomly initialised model built from a
 config, as in ``vleff-train``), the callback can load them in ``setup`` — before its surgery,
 so the DynamicViT teacher is the trained model and not the random one.
@@ -11,11 +12,14 @@ these.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
+from vleff.callbacks.targets import single_backbone
 
 # submodules that token methods add; weights saved from a method run may carry them
 METHOD_PARAM_PREFIXES = ("vleff_",)
@@ -57,3 +61,12 @@ def load_initial_weights(pl_module: nn.Module, path: str | Path, backbone: nn.Mo
         problems.append(f"as the {where} ({type(target).__name__}): {len(missing)} missing keys "
                         f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     raise ValueError(f"init_from={str(path)!r} does not fit: " + "; ".join(problems))
+
+
+def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None, method: str) -> None:
+    """``init_from`` of the side-method and LoRA callbacks: the weights at ``path`` into the
+    module (or its backbone: ``target`` when it is a submodule the callback was pointed at, else
+    the module's one backbone, :func:`vleff.callbacks.targets.single_backbone`), before
+    ``method`` is applied (:func:`load_initial_weights`)."""
+    backbone = target if target is not None and target is not pl_module else single_backbone(pl_module, method)
+    load_initial_weights(pl_module, path, backbone=backbone)

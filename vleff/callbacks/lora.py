@@ -48,9 +48,9 @@ class LoRA(pl.Callback):
             refuse_other_settings("lora", target, self.config)
         else:
             if stage == "fit" and self.init_from is not None:
-                from vleff.callbacks.side import load_trained_backbone
+                from vleff.callbacks.init_weights import load_trained_backbone
 
-                load_trained_backbone(pl_module, self.init_from, target)
+                load_trained_backbone(pl_module, self.init_from, target, "lora")
             apply_lora(target, self.config)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -51,6 +51,7 @@ from lightning.pytorch.trainer import call
 
 from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_mezo, swap_optimizers,
                                             user_optimizers)
+from vleff.callbacks.schedulers import step_lr_schedulers
 from vleff.memory.convert import mezo_from_optimizer
 from vleff.memory.galore import GaLoreAdamW
 from vleff.memory.mezo import MeZO as MeZOOptimizer
@@ -59,21 +60,6 @@ from vleff.memory.methods import MeZOConfig
 __all__ = ["MeZO", "check_automatic_optimization", "check_trainer_settings", "install_mezo", "uninstall_mezo"]
 
 _ATTR = "_vleff_mezo"
-
-
-def _step_schedulers(trainer: pl.Trainer, interval: str) -> None:
-    for config in trainer.strategy.lr_scheduler_configs:
-        if config.interval != interval:
-            continue
-        count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
-        if count % config.frequency:
-            continue
-        if config.reduce_on_plateau:
-            metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
-            if metric is not None:
-                config.scheduler.step(metric)
-        else:
-            config.scheduler.step()
 
 
 _LogCall = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
@@ -219,7 +205,7 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
         finally:
             for m, mode in modes:
                 m.training = mode
-        _step_schedulers(trainer, "step")
+        step_lr_schedulers(trainer, "step")
         opt = trainer.strategy.optimizers[0]
         if isinstance(opt, MeZOOptimizer) and opt.last_projected_grad is not None:
             pl_module.log("mezo/projected_grad", opt.last_projected_grad.float(), on_step=True, on_epoch=False)
@@ -356,7 +342,7 @@ class MeZO(Callback):
         install_mezo(trainer, pl_module, self.config)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _step_schedulers(trainer, "epoch")
+        step_lr_schedulers(trainer, "epoch")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         uninstall_mezo(pl_module, trainer)

@@ -34,6 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from vleff.callbacks.init_weights import load_trained_backbone
 from vleff.callbacks.targets import (
     ModuleArg,
     TeardownRemoval,
@@ -77,17 +78,6 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
                        "module's own weights beside its frozen backbone); resume with the same side method and settings it was trained with")
 
 
-def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None = None) -> None:
-    """``init_from``: the weights at ``path`` into the module (or its backbone: ``target`` when
-    it is a submodule the callback was pointed at, else its one backbone), before a side method
-    or LoRA is applied (:func:`vleff.callbacks.init_weights.load_initial_weights`)."""
-    from vleff.callbacks.evit import _single_backbone
-    from vleff.callbacks.init_weights import load_initial_weights
-
-    backbone = target if target is not None and target is not pl_module else _single_backbone(pl_module)
-    load_initial_weights(pl_module, path, backbone=backbone)
-
-
 class SideTuning(pl.Callback):
     """Base of the side-method callbacks (see the module docstring). Subclasses set ``method``
     (the registry name) and ``settings_config``."""
@@ -122,7 +112,7 @@ class SideTuning(pl.Callback):
             refuse_other_settings(self.method, target, self.config)
         else:
             if stage == "fit" and self.init_from is not None:
-                load_trained_backbone(pl_module, self.init_from, target)
+                load_trained_backbone(pl_module, self.init_from, target, self.method)
             self._method.apply(target, self.config)
             self._removal.restore(target, LABELS.get(self.method, self.method))  # the trained state, if removed
         freeze_backbone(target, train_head=self.train_head)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["ModuleArg", "TeardownRemoval", "applied_settings", "candidates", "check_module_arg", "module_at",
-           "refuse_other_settings", "resolve_target"]
+           "refuse_other_settings", "resolve_backbone", "resolve_target", "single_backbone"]
 
 #: what ``module=`` takes: an attribute path, the module object, or ``None`` (find it)
 ModuleArg = str | nn.Module | None
@@ -138,6 +138,54 @@ def resolve_target(pl_module: nn.Module, module: str | nn.Module | None, method:
                          f"({', '.join(found)}); pass module= one of {', '.join(repr(f) for f in found)} "
                          f"(or the LightningModule object itself to apply it to all of them)")
     return pl_module
+
+
+def resolve_backbone(pl_module: nn.Module, module: str | nn.Module | None, method: str) -> nn.Module:
+    """The backbone a callback of ``method`` loads weights into or acts on: the submodule
+    ``module`` names (dotted attribute path or the module object, as :func:`resolve_target`
+    takes it), or (``module=None``) the single direct child of ``pl_module`` that holds an image
+    tower -- the backbone whose ``forward`` gives the logits.
+
+    Shared by DynamicViT (its target) and by ``init_from`` of EViT and the side callbacks
+    (:func:`single_backbone`), so it lives here rather than in one method's callback.
+
+    Raises:
+        TypeError: no child holds a supported image tower (the message lists the families).
+        ValueError: several children hold one (the message lists them; pass ``module=``).
+    """
+    if isinstance(module, nn.Module):
+        return resolve_target(pl_module, module, method, None)
+    if module is not None:
+        return module_at(pl_module, module)
+    from vleff.backbones import find_towers
+
+    found = []
+    for name, child in pl_module.named_children():
+        try:
+            find_towers(child, "image")
+        except TypeError:
+            continue
+        found.append(name)
+    if not found:
+        from vleff.backbones import SUPPORTED
+
+        raise TypeError(f"no child of {type(pl_module).__name__} holds a supported image tower "
+                        f"(children: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}); "
+                        f"{LABELS.get(method, method)} supports: {'; '.join(SUPPORTED)}")
+    if len(found) > 1:
+        raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone: "
+                         f"{', '.join(found)} each hold an image tower; pass module= one of "
+                         f"{', '.join(repr(c) for c in found)}")
+    return getattr(pl_module, found[0])
+
+
+def single_backbone(pl_module: nn.Module, method: str) -> nn.Module | None:
+    """The one child of ``pl_module`` holding an image tower (:func:`resolve_backbone` with
+    ``module=None``), or ``None`` when several do: then ``init_from`` loads into the whole module."""
+    try:
+        return resolve_backbone(pl_module, None, method)
+    except ValueError:
+        return None
 
 
 # --- already applied ---------------------------------------------------------------------------

@@ -13,21 +13,8 @@ backbone) unless ``full_checkpoint=True``.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from vleff.callbacks.side import SideTuning
-from vleff.side import common
 from vleff.side.vqt import VQTConfig
-
-
-def refuse_unfrozen_backbone(module: nn.Module, train_head: bool) -> None:
-    """``RuntimeError`` naming the backbone weights that require grad under VQT."""
-    common.refuse_unfrozen_backbone(module, "VQT", train_head)
-
-
-def backbone_eval(module: nn.Module) -> None:
-    """The side towers in eval mode (dropout, drop-path off), their side modules in train mode."""
-    common.backbone_eval(module)
 
 
 class VisualQueryTuning(SideTuning):

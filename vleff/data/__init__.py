@@ -7,8 +7,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vleff._lazy import lazy_getattr
 
 _LAZY = {
     "DIGITS_CLASSES": "vleff.data.digits",
@@ -21,10 +20,7 @@ _LAZY = {
     "DigitsVLMDataModule": "vleff.data.digits_vlm",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605 -- a list, built from the table above
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vleff.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr("vleff.data", _LAZY)

@@ -8,8 +8,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vleff._lazy import lazy_getattr
 
 _LAZY = {
     "MODELS": "vleff.models.factory",
@@ -25,10 +24,7 @@ _LAZY = {
     "VisionLanguageTask": "vleff.models.vlm_task",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605 -- a list, built from the table above
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'vleff.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr("vleff.models", _LAZY)

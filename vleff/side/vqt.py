@@ -250,7 +250,7 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     cfg = VQTConfig.build(config, **settings)
     if vqt_applied(model):
         remove_vqt(model)
-    tokens = _applied_token_methods(model)
+    tokens = applied_token_methods(model)
     if tokens:
         raise ValueError(f"cannot apply vqt while {', '.join(tokens)} is applied: VQT's queries read each block's "
                          "keys/values of the full frozen token stream; remove the token method first")
@@ -284,10 +284,6 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
         module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(_CompactHeadInput()).id
     freeze_on_apply(model)  # the backbone frozen, as apply_lora does (remove_vqt restores the flags)
     return model
-
-
-def _applied_token_methods(model: nn.Module) -> list[str]:
-    return applied_token_methods(model)
 
 
 def remove_vqt(model: nn.Module) -> nn.Module:

@@ -89,10 +89,3 @@ def hooks_named(model: nn.Module, name: str) -> list[TowerHook]:
         if patch is not None and (hook := patch.get_hook(name)) is not None:
             found.append(hook)
     return found
-
-
-def refuse_stacking(model: nn.Module, name: str, conflicts: tuple[str, ...], why: str) -> None:
-    """``ValueError`` if a method in ``conflicts`` is applied to a tower of ``model``."""
-    for other in conflicts:
-        if hooks_named(model, other):
-            raise ValueError(f"cannot apply {name} while {other} is applied: {why}; remove {other} first")

@@ -161,15 +161,6 @@ class DynamicViTPredictors(nn.Module):
         self.predictors = nn.ModuleList(Predictor(dim, p) for p in priors)
 
 
-def keep_ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float]) -> torch.Tensor:
-    """``mean_s mean_b (mean_n decisions[s][b, n] − ratios[s])²``: each sample's kept fraction
-    at each stage is pulled to its target (DynamicViT's ratio loss, before its weight)."""
-    if len(decisions) != len(ratios) or not decisions:
-        raise ValueError(f"need one ratio per decision tensor, got {len(decisions)} decisions and {len(ratios)} ratios")
-    terms = [((d.float().mean(dim=1) - r) ** 2).mean() for d, r in zip(decisions, ratios)]
-    return torch.stack(terms).mean()
-
-
 def hierarchical_ratios(rho: float, num_stages: int) -> list[float]:
     """``[ρ, ρ², …]``: each stage keeps ``ρ`` of what the previous one kept."""
     return [rho ** (s + 1) for s in range(num_stages)]

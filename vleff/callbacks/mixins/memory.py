@@ -73,12 +73,12 @@ class MeZOMixin:
         install_mezo(self.trainer, self, self._vleff_mezo_config)  # type: ignore[attr-defined, arg-type]
 
     def on_train_epoch_end(self) -> None:
-        from vleff.callbacks.mezo import _step_schedulers
+        from vleff.callbacks.schedulers import step_lr_schedulers
 
         super_hook = getattr(super(), "on_train_epoch_end", None)
         if super_hook is not None:
             super_hook()
-        _step_schedulers(self.trainer, "epoch")  # type: ignore[attr-defined]
+        step_lr_schedulers(self.trainer, "epoch")  # type: ignore[attr-defined]
 
     def on_fit_end(self) -> None:
         from vleff.callbacks.mezo import uninstall_mezo
