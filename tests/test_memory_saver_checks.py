@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import tiny_lightning as tl
-import tiny_models as tm
 from vleff.callbacks import GaLore, MeZO as MeZOCallback
 from vleff.memory import GaLoreAdamW, MeZO, galore_projection, mezo_from_optimizer
 

@@ -418,6 +418,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({"params": [p.detach().clone() for p in module.parameters()], "changed": changed,
                     "optimizer": type(trainer.optimizers[0]).__name__},
                    os.path.join(out_dir, f"{name}_{rank}.pt"))
+    torch.distributed.destroy_process_group()  # before exit: gloo left to exit can abort the process
 
 
 def _free_port() -> int:

@@ -71,6 +71,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     trainer.fit(module, torch.utils.data.DataLoader(_data(), batch_size=BATCH, sampler=sampler))
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    # tear the gloo group down before the interpreter exits: left to exit, gloo's threads can abort
+    # ("terminate called without an active exception"), failing a run whose results were all saved
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -2,7 +2,6 @@
 layer scale, q/k norm, fused and unfused attention)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
