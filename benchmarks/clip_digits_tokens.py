@@ -76,7 +76,7 @@ def _samples(cfg: Any, split: str, count: int) -> list[tuple[torch.Tensor, ...]]
     """The first ``count`` samples of a split (fixed order), each as a batch of one."""
     from hydra.utils import instantiate
 
-    from vleff.tokens.madtp import single_samples
+    from vleff.methods.madtp.core import single_samples
 
     dm = instantiate(cfg.data, shuffle=False)
     dm.setup("fit")
@@ -86,7 +86,7 @@ def _samples(cfg: Any, split: str, count: int) -> list[tuple[torch.Tensor, ...]]
 
 def image_flops(model: Any, samples: list[tuple[torch.Tensor, ...]]) -> int:
     """Image-tower FLOPs (``vleff.profile``, eval, no grad) summed over ``samples``."""
-    from vleff.tokens.madtp import image_forward, measure_flops
+    from vleff.methods.madtp.core import image_forward, measure_flops
 
     return measure_flops(model, samples, image_forward)
 
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from hydra.utils import instantiate
 
     import vleff
-    from vleff.tokens.madtp import image_forward
+    from vleff.methods.madtp.core import image_forward
 
     output = Path(args.output)
     work = output.parent / f"{output.stem}_runs"
@@ -230,7 +230,7 @@ def _madtp_setting(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` (VALUE read as YAML: ``locations=[2,3,4,5]``, ``align_weight=0.5``)."""
     import yaml
 
-    from vleff.tokens.madtp import MADTPConfig
+    from vleff.methods.madtp.core import MADTPConfig
 
     key, sep, value = text.partition("=")
     allowed = {"align_weight", "locations", "min_keep", "num_codes", "code_dim", "ragged"}

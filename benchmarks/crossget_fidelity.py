@@ -31,7 +31,7 @@ from text_tower_flops import (
 )
 
 import vleff
-import vleff.tokens.crossget as cg
+import vleff.methods.crossget.core as cg
 from vleff.tokens.aux import pop_aux_losses
 
 

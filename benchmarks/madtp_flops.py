@@ -36,7 +36,7 @@ import torch
 import vleff
 from vleff.backbones import find_pair, token_counts
 from vleff.profile import count_flops, measure_throughput
-from vleff.tokens.madtp import pair_forward
+from vleff.methods.madtp.core import pair_forward
 
 
 def clip_caption(words: int, context: int = 77, vocab: int = 49408, seed: int = 0) -> torch.Tensor:

@@ -303,7 +303,7 @@ def blip(args: argparse.Namespace) -> dict:
 
     from vleff.profile.flops import count_flops
     from vleff.profile.throughput import measure_throughput
-    from vleff.side.memvp import apply_memvp, memvp_module
+    from vleff.methods.memvp.core import apply_memvp, memvp_module
 
     torch.manual_seed(0)
     config = BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})

@@ -97,7 +97,7 @@ def main() -> None:
     from vleff.callbacks import Reversible
     from vleff.cli.evaluate import accuracy
     from vleff.data import DigitsDataModule
-    from vleff.memory.reversible import apply_reversible, remove_reversible
+    from vleff.methods.reversible.core import apply_reversible, remove_reversible
     from vleff.models import ImageClassifier
 
     class Digits(DigitsDataModule):

@@ -8,9 +8,9 @@ at the real sizes, ``pretrained=False``: no download) and each (λ, β):
   couplings and freshly drawn adapters (bottleneck 8), against the plain tower, eval mode;
 * **grad err**: relative error of the whole gradient (all block parameters, adapters
   included) of the reversible backward against ordinary autograd through the same couplings
-  (:func:`vleff.memory.reversible.plain_autograd`), in a float32 model with float32 streams
+  (:func:`vleff.methods.reversible.core.plain_autograd`), in a float32 model with float32 streams
   and with float64 streams (MEFT's default) — the rounding error the reconstruction
-  amplifies block after block (:func:`vleff.memory.reversible.block_amplification`).
+  amplifies block after block (:func:`vleff.methods.reversible.core.block_amplification`).
 
 Batch 1 image (224 px) / 2 random 77-token texts, fp32, CPU.
 
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from vleff.memory.reversible import (ReversibleConfig, apply_reversible, block_amplification, plain_autograd,
+from vleff.methods.reversible.core import (ReversibleConfig, apply_reversible, block_amplification, plain_autograd,
                                      remove_reversible)
 
 SCALES = (0.1, 0.3, 1.0)

@@ -18,7 +18,7 @@ import time
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vleff.memory.reversible import apply_reversible
+from vleff.methods.reversible.core import apply_reversible
 from vleff.profile import saved_activation_bytes
 
 MODES = ("plain", "checkpointing", "revvit", "meft")

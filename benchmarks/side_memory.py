@@ -85,7 +85,7 @@ def prepare(method: str, net, head) -> None:
         return
     if head is None:
         if method == "lora":
-            from vleff.side.lora import apply_lora
+            from vleff.methods.lora.core import apply_lora
 
             apply_lora(net, r=8, alpha=16)  # both towers' in_proj_weight; only the adapters train
             return
@@ -106,21 +106,21 @@ def prepare(method: str, net, head) -> None:
             p.requires_grad_(True)
         return
     if method == "lora":
-        from vleff.side.lora import apply_lora
+        from vleff.methods.lora.core import apply_lora
 
         apply_lora(net, r=8, alpha=16)
     elif method == "lst":
-        from vleff.side.lst import apply_lst
+        from vleff.methods.lst.core import apply_lst
 
         apply_lst(net, reduction=8)
         common.freeze_backbone(net)
     elif method == "unipt":
-        from vleff.side.unipt import apply_unipt
+        from vleff.methods.unipt.core import apply_unipt
 
         apply_unipt(net, factor=2)
         common.freeze_backbone(net)
     elif method == "vqt":
-        from vleff.side.vqt import apply_vqt
+        from vleff.methods.vqt.core import apply_vqt
 
         apply_vqt(net, num_queries=1)
         common.freeze_backbone(net)

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from vleff.profile.memory import saved_activation_bytes
-from vleff.side.vqt import apply_vqt, freeze_backbone_for_vqt
+from vleff.methods.vqt.core import apply_vqt, freeze_backbone_for_vqt
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ cells = [
          "import matplotlib.pyplot as plt\n"
          "import open_clip\n\n"
          "import vleff\n"
-         "from vleff.tokens.visualize import merge_groups, render_groups, sample_photo\n\n"
+         "from vleff.methods.tome.visualize import merge_groups, render_groups, sample_photo\n\n"
          "torch.manual_seed(0)\n"
          "torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', min(2, os.cpu_count() or 1))))\n"
          "model = open_clip.create_model('ViT-B-16', pretrained=None).eval()"),
@@ -94,7 +94,7 @@ cells = [
     code("from open_clip.model import CLIPTextCfg, CLIPVisionCfg\n"
          "from sklearn.datasets import load_digits\n"
          "from vleff.data.captions import digit_caption\n"
-         "from vleff.tokens.madtp import image_forward\n\n"
+         "from vleff.methods.madtp.core import image_forward\n\n"
          "torch.set_num_threads(1)  # a tiny model: one thread is fastest\n"
          "vision = CLIPVisionCfg(layers=4, width=64, head_width=32, patch_size=4, image_size=32, mlp_ratio=2.0)\n"
          "text = CLIPTextCfg(context_length=16, vocab_size=49408, width=64, heads=2, layers=4, mlp_ratio=2.0)\n"

@@ -44,7 +44,7 @@ cells = [
        "First on validation digits, with the model just trained (a copy, so the trained model "
        "stays as it is):"),
     code("import copy\n"
-         "from vleff.tokens.visualize import merge_groups, render_groups\n\n"
+         "from vleff.methods.tome.visualize import merge_groups, render_groups\n\n"
          "data.setup('validate')\n"
          "images, labels = next(iter(data.val_dataloader()))\n"
          "viewer = copy.deepcopy(module.model).eval()\n"
@@ -65,7 +65,7 @@ cells = [
        "the groups of a trained model. Even at random init the first blocks' keys follow pixel "
        "content, so sky merges with sky:"),
     code("from vleff.models import build_model\n"
-         "from vleff.tokens.visualize import plot_merge_groups, sample_photo\n\n"
+         "from vleff.methods.tome.visualize import plot_merge_groups, sample_photo\n\n"
          "vit_s = build_model('vit_small', num_classes=10, image_size=224).eval()\n"
          "plot_merge_groups(vit_s, sample_photo('china.jpg'), r_values=(8, 16));"),
     md("## Baseline vs ToMe: FLOPs, speed, memory, accuracy\n\n"

@@ -12,37 +12,20 @@ Heavy submodules are imported lazily so ``import vleff`` stays fast.
 """
 from __future__ import annotations
 
+from typing import Any
+
+from vleff import _moved
 from vleff._lazy import lazy_getattr
+
+_moved.install()
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (``apply_<method>`` / ``remove_<method>`` come from the registry)
 _LAZY = {
-    "apply_tome": "vleff.tokens.tome",
-    "remove_tome": "vleff.tokens.tome",
-    "apply_dynamicvit": "vleff.tokens.dynamicvit",
-    "remove_dynamicvit": "vleff.tokens.dynamicvit",
-    "apply_evit": "vleff.tokens.evit",
-    "remove_evit": "vleff.tokens.evit",
-    "apply_crossget": "vleff.tokens.crossget",
-    "remove_crossget": "vleff.tokens.crossget",
-    "apply_madtp": "vleff.tokens.madtp",
-    "remove_madtp": "vleff.tokens.madtp",
-    "calibrate_madtp": "vleff.tokens.madtp",
-    "apply_vqt": "vleff.side.vqt",
-    "remove_vqt": "vleff.side.vqt",
-    "apply_lst": "vleff.side.lst",
-    "remove_lst": "vleff.side.lst",
-    "apply_unipt": "vleff.side.unipt",
-    "remove_unipt": "vleff.side.unipt",
-    "apply_lora": "vleff.side.lora",
-    "remove_lora": "vleff.side.lora",
+    "calibrate_madtp": "vleff.methods.madtp",
     "side_state_dict": "vleff.side.common",
     "load_side_state_dict": "vleff.side.common",
-    "apply_reversible": "vleff.memory.reversible",
-    "remove_reversible": "vleff.memory.reversible",
-    "apply_memvp": "vleff.side.memvp",
-    "remove_memvp": "vleff.side.memvp",
     "update": "vleff.registry",
     "get_method": "vleff.registry",
     "available_methods": "vleff.registry",
@@ -52,11 +35,30 @@ _LAZY = {
     "last_token_state": "vleff.backbones",
     "token_counts": "vleff.backbones",
 }
+_SUBPACKAGES = ("backbones", "callbacks", "data", "kernels", "memory", "methods", "models", "profile", "side",
+                "tokens")
+_lazy = lazy_getattr("vleff", _LAZY, _SUBPACKAGES)
 
 
-__getattr__ = lazy_getattr("vleff", _LAZY, ("backbones", "callbacks", "data", "kernels", "memory", "models",
-                                             "profile", "side", "tokens"))
+def _method_function(name: str) -> Any:
+    """``apply_<method>`` / ``remove_<method>`` of a registered method with a model surgery, or ``None``."""
+    verb, _, method = name.partition("_")
+    if verb not in ("apply", "remove") or not method:
+        return None
+    from vleff.registry import available_methods, get_method
+
+    if method not in available_methods():
+        return None
+    return getattr(get_method(method), verb)
+
+
+def __getattr__(name: str) -> Any:
+    function = _method_function(name)
+    return function if function is not None else _lazy(name)
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+    from vleff.registry import all_methods
+
+    surgery = [f"{verb}_{m.name}" for m in all_methods() if m.apply is not None for verb in ("apply", "remove")]
+    return sorted(list(globals()) + list(_LAZY) + surgery)

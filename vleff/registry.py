@@ -122,22 +122,16 @@ def _load(path: str) -> Any:
 
 
 _METHODS: dict[str, Method] = {}
-# built-in method name -> module that registers it when imported
-_BUILTIN: dict[str, str] = {
-    "tome": "vleff.tokens.tome",
-    "dynamicvit": "vleff.tokens.dynamicvit",
-    "evit": "vleff.tokens.evit",
-    "crossget": "vleff.tokens.crossget",
-    "madtp": "vleff.tokens.madtp",
-    "galore": "vleff.memory.methods",
-    "mezo": "vleff.memory.methods",
-    "vqt": "vleff.side.vqt",
-    "lst": "vleff.side.lst",
-    "unipt": "vleff.side.unipt",
-    "lora": "vleff.side.lora",
-    "reversible": "vleff.memory.reversible",
-    "memvp": "vleff.side.memvp",
-}
+#: the package whose subpackages are the built-in methods, one folder each
+METHODS_PACKAGE = "vleff.methods"
+
+
+def builtin_method_names() -> list[str]:
+    """The built-in methods, found by their folders (``vleff/methods/<name>/``) without importing them."""
+    import pkgutil
+
+    package = importlib.import_module(METHODS_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg and not m.name.startswith("_"))
 
 
 def register_method(method: Method) -> Method:
@@ -153,15 +147,15 @@ def get_method(name: str) -> Method:
     A built-in method whose module fails to import (a missing third-party dependency) raises
     that ``ImportError``, not "not known".
     """
-    if name not in _METHODS and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
+    if name not in _METHODS and name in builtin_method_names():
+        importlib.import_module(f"{METHODS_PACKAGE}.{name}")
     if name not in _METHODS:
         raise ValueError(f"method={name!r} is not known; available: {', '.join(available_methods())}")
     return _METHODS[name]
 
 
 def available_methods(kind: MethodKind | None = None) -> list[str]:
-    names = sorted(set(_METHODS) | set(_BUILTIN))
+    names = sorted(set(_METHODS) | set(builtin_method_names()))
     if kind is None:
         return names
     return [n for n in names if get_method(n).kind == kind]

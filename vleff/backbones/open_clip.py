@@ -132,5 +132,5 @@ def _mha(block: nn.Module) -> nn.MultiheadAttention:
     if not isinstance(mha, nn.MultiheadAttention):
         raise RuntimeError(f"open_clip block attention is a {type(mha).__name__}, not nn.MultiheadAttention: LoRA "
                            "(peft) wraps in_proj_weight and vleff's generic block would bypass the adapter; "
-                           "remove lora (vleff.side.lora.remove_lora) before applying a vleff tower hook")
+                           "remove lora (vleff.methods.lora.core.remove_lora) before applying a vleff tower hook")
     return mha

@@ -3,7 +3,7 @@
 >>> trainer = L.Trainer(callbacks=[vleff.callbacks.CrossGET(r_image=16, r_text=6)])
 >>> trainer.fit(clip_module, datamodule)       # training_step is not edited
 
-``setup`` applies :func:`vleff.tokens.crossget.apply_crossget` to the pair inside the
+``setup`` applies :func:`vleff.methods.crossget.core.apply_crossget` to the pair inside the
 LightningModule (before ``configure_optimizers``, so the cross-token offsets are optimised,
 and before a checkpoint's weights are restored, so a resumed run gets its trained offsets
 back) and, for ``fit``, wraps ``training_step`` so the cross-token JS alignment loss of each
@@ -28,7 +28,7 @@ from vleff.callbacks.targets import (
     refuse_other_settings,
     resolve_target,
 )
-from vleff.tokens.crossget import CrossGETConfig, apply_crossget, crossget_applied
+from vleff.methods.crossget.core import CrossGETConfig, apply_crossget, crossget_applied
 
 
 class CrossGET(AuxLoss):
@@ -38,7 +38,7 @@ class CrossGET(AuxLoss):
         log: log the alignment loss (``train/aux/crossget_js``).
         module: the image-text model: attribute path or module object (default: the one the
             LightningModule holds; several are refused, listing them).
-        **settings: :class:`vleff.tokens.crossget.CrossGETConfig` fields (``r_image``, ``r_text``,
+        **settings: :class:`vleff.methods.crossget.core.CrossGETConfig` fields (``r_image``, ``r_text``,
             ``prop_attn``, ``loss_weight``), validated here.
     """
 

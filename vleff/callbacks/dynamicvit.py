@@ -1,6 +1,6 @@
 """Lightning callback: fine-tune with DynamicViT token pruning, the user's code unchanged.
 
-``setup`` performs the surgery (:func:`vleff.tokens.dynamicvit.apply_dynamicvit`) on the
+``setup`` performs the surgery (:func:`vleff.methods.dynamicvit.core.apply_dynamicvit`) on the
 backbone inside the LightningModule before ``configure_optimizers`` runs (so the predictors
 are in ``self.parameters()`` and reach the optimizer) and before checkpoint weights are
 restored (so resuming restores the predictors). The keep-ratio and distillation losses are
@@ -31,7 +31,7 @@ from vleff.callbacks.targets import (
     resolve_backbone,
 )
 from vleff.checks import check_bool
-from vleff.tokens.dynamicvit import (
+from vleff.methods.dynamicvit.core import (
     DISTILLER_ATTR,
     DynamicViTConfig,
     apply_dynamicvit,
@@ -51,7 +51,7 @@ class DynamicViT(AuxLoss):
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module (or
             its backbone) at the start of the first ``fit``, before the surgery: fine-tune a
             trained model, which then is also the teacher. Not a resume (fresh optimizer).
-        **settings: :class:`vleff.tokens.dynamicvit.DynamicViTConfig` fields (``rho``,
+        **settings: :class:`vleff.methods.dynamicvit.core.DynamicViTConfig` fields (``rho``,
             ``locations``, ``keep_ratios``, ``distill``, the loss weights ...), validated here.
     """
 

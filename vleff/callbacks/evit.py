@@ -1,7 +1,7 @@
 """Lightning callback: train or fine-tune with EViT token reorganisation.
 
-``setup`` applies :func:`vleff.tokens.evit.apply_evit` to every image tower of the
-LightningModule. The keep rate follows :class:`vleff.tokens.evit.EViTSchedule`: 1 until
+``setup`` applies :func:`vleff.methods.evit.core.apply_evit` to every image tower of the
+LightningModule. The keep rate follows :class:`vleff.methods.evit.core.EViTSchedule`: 1 until
 ``start_epoch``, then a cosine (updated every training batch) down to ``keep_rate`` at
 ``end_epoch`` (default: the trainer's ``max_epochs``). Validation during ``fit`` uses the rate
 of the latest training step; when ``fit`` ends the model is set to the target rate (even if
@@ -31,7 +31,7 @@ from vleff.callbacks.targets import (
     single_backbone,
 )
 from vleff.checks import check_bool, check_ratio
-from vleff.tokens.evit import (
+from vleff.methods.evit.core import (
     EViTConfig,
     EViTSchedule,
     apply_evit,
@@ -53,7 +53,7 @@ class EViT(Callback):
             start of the first ``fit`` (fine-tune a trained model; not a resume).
         module: the model to apply EViT to: attribute path or module object (default: the one
             model of the LightningModule with a tower ``towers`` names; several are refused).
-        **settings: :class:`vleff.tokens.evit.EViTConfig` fields (``keep_rate`` -- the target
+        **settings: :class:`vleff.methods.evit.core.EViTConfig` fields (``keep_rate`` -- the target
             of the schedule --, ``locations``, ``fuse``, ``towers``), validated here.
     """
 

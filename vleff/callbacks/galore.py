@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_mezo, swap_optimizers,
                                             user_optimizers)
 from vleff.memory.convert import galore_from_optimizer
-from vleff.memory.methods import GaLoreConfig
+from vleff.methods.galore import GaLoreConfig
 
 __all__ = ["GaLore"]
 
@@ -25,7 +25,7 @@ __all__ = ["GaLore"]
 class GaLore(Callback):
     """Convert the module's AdamW-family optimizer(s) to GaLore at fit start.
 
-    Args (the fields of :class:`vleff.memory.methods.GaLoreConfig`):
+    Args (the fields of :class:`vleff.methods.galore.GaLoreConfig`):
         rank: rank ``r`` of the projected moments (clamped to the matrix size).
         update_proj_gap: steps between SVD refreshes (``T``).
         scale: ``α`` applied to the back-projected update.

@@ -4,7 +4,7 @@
 
 Applied in ``setup`` (before ``configure_optimizers`` and before checkpoint weights are
 restored, so the adapters exist when a checkpoint loads); only the adapters (and a timm
-classifier head with ``train_head``) train. See :mod:`vleff.side.lora` for the targets and where
+classifier head with ``train_head``) train. See :mod:`vleff.methods.lora.core` for the targets and where
 ``peft`` cannot wrap a module. Checkpoints hold the whole model (the base weights' keys are
 renamed by ``peft``: ``...qkv.base_layer.weight``). Which model and an already applied LoRA
 follow the rules of every method callback (:mod:`vleff.callbacks.targets`): with a frozen
@@ -22,12 +22,12 @@ from vleff.callbacks.targets import (
     refuse_other_settings,
     resolve_target,
 )
-from vleff.side.lora import LoRAConfig, apply_lora, lora_applied
+from vleff.methods.lora.core import LoRAConfig, apply_lora, lora_applied
 
 
 class LoRA(pl.Callback):
     """Args: ``init_from`` (a checkpoint or ``state_dict`` of the trained model, loaded in
-    ``setup`` before the adapters are added) and :class:`vleff.side.lora.LoRAConfig`'s settings:
+    ``setup`` before the adapters are added) and :class:`vleff.methods.lora.core.LoRAConfig`'s settings:
     ``r`` (rank), ``alpha`` (scale ``alpha / r``), ``dropout`` (on the adapter input),
     ``train_head`` (keep a timm classifier head trainable), ``towers``; ``module``: the model to
     adapt, as an attribute path or module object (default: the one model of the LightningModule

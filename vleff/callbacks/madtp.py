@@ -1,11 +1,11 @@
 """Lightning callback and mixin: fine-tune an image-text model with MADTP, the user's code unchanged.
 
-``setup`` applies :func:`vleff.tokens.madtp.apply_madtp` to the module's image-text model
+``setup`` applies :func:`vleff.methods.madtp.core.apply_madtp` to the module's image-text model
 before ``configure_optimizers`` (the codebook and projections reach the optimizer) and before
 checkpoint weights load (resume restores them, τ included). The alignment loss is added to the
 loss ``training_step`` returns (:mod:`vleff.callbacks.aux_loss`).
 
-The FLOPs controller (:class:`vleff.tokens.madtp_controller.MADTPController`) keeps the first
+The FLOPs controller (:class:`vleff.methods.madtp.controller.MADTPController`) keeps the first
 ``calibration_batches`` training batches, calibrates τ on them when training starts (so the
 measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
 (τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
@@ -32,14 +32,14 @@ import lightning.pytorch as pl
 from torch import nn
 
 from vleff.callbacks.aux_loss import AuxLoss
-from vleff.tokens.madtp import (
+from vleff.methods.madtp.core import (
     MADTPConfig,
     _find_pair_in,
     _pair_and_module,
     apply_madtp,
     madtp_applied,
 )
-from vleff.tokens.madtp_controller import MADTPController
+from vleff.methods.madtp.controller import MADTPController
 
 CHECKPOINT_KEY = "vleff_madtp_controller"
 
@@ -117,11 +117,11 @@ class MADTP(AuxLoss):
             cost; ``None``: the batches as given, which cost their maximum keep count).
         warmup_epochs: epochs over which the trained FLOPs reduction ramps linearly up to
             ``flops_reduction`` (0: the target from the first step); the model is at the
-            target when training ends (:class:`vleff.tokens.madtp_controller.MADTPController`).
+            target when training ends (:class:`vleff.methods.madtp.controller.MADTPController`).
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration (with
             ``sync_dist=True``: every rank holds rank 0's τ, so the mean is that value, and
             Lightning does not warn about epoch-level logging under DDP).
-        **settings: :class:`vleff.tokens.madtp.MADTPConfig` fields (``flops_reduction``,
+        **settings: :class:`vleff.methods.madtp.core.MADTPConfig` fields (``flops_reduction``,
             ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
     """
 

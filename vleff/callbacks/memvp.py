@@ -24,7 +24,7 @@ from vleff.callbacks.targets import (
     resolve_target,
 )
 from vleff.checks import check_bool
-from vleff.side.memvp import (
+from vleff.methods.memvp.core import (
     MemVPConfig,
     apply_memvp,
     freeze_host_for_memvp,
@@ -41,7 +41,7 @@ class MemVP(pl.Callback):
             run ends; a later run with this callback re-applies the trained MemVP.
         module: the host: attribute path or module object (default: the one host of the
             LightningModule; several are refused, listing them).
-        **settings: :class:`vleff.side.memvp.MemVPConfig` fields (``n_mem``, ``scale``, ...), validated here.
+        **settings: :class:`vleff.methods.memvp.core.MemVPConfig` fields (``n_mem``, ``scale``, ...), validated here.
     """
 
     settings_config = MemVPConfig

@@ -53,9 +53,9 @@ from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_m
                                             user_optimizers)
 from vleff.callbacks.schedulers import step_lr_schedulers
 from vleff.memory.convert import mezo_from_optimizer
-from vleff.memory.galore import GaLoreAdamW
-from vleff.memory.mezo import MeZO as MeZOOptimizer
-from vleff.memory.methods import MeZOConfig
+from vleff.methods.galore.core import GaLoreAdamW
+from vleff.methods.mezo.core import MeZO as MeZOOptimizer
+from vleff.methods.mezo import MeZOConfig
 
 __all__ = ["MeZO", "check_automatic_optimization", "check_trainer_settings", "install_mezo", "uninstall_mezo"]
 
@@ -301,7 +301,7 @@ def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
 class MeZO(Callback):
     """Zeroth-order fine-tuning of an unchanged LightningModule.
 
-    Args (the fields of :class:`vleff.memory.methods.MeZOConfig`):
+    Args (the fields of :class:`vleff.methods.mezo.MeZOConfig`):
         eps: perturbation size ε (> 0).
         lr: step size for every group; ``None`` keeps the lr of the optimizer
             ``configure_optimizers`` returns (required when it returns none). MeZO's

@@ -27,7 +27,7 @@ from vleff.callbacks.targets import (
     resolve_target,
 )
 from vleff.checks import check_bool
-from vleff.memory.reversible import (
+from vleff.methods.reversible.core import (
     ReversibleConfig,
     apply_reversible,
     reversible_applied,
@@ -44,7 +44,7 @@ class Reversible(pl.Callback):
             are kept: a later run with this callback re-applies them).
         module: the model to make reversible: attribute path or module object (default: the one
             model of the LightningModule with a tower ``towers`` names; several are refused).
-        **settings: :class:`vleff.memory.reversible.ReversibleConfig` fields (``coupling``,
+        **settings: :class:`vleff.methods.reversible.core.ReversibleConfig` fields (``coupling``,
             ``lam``, ``beta``, ``towers``, ``adapter``, ``streams``, ``balance``), validated here.
     """
 

@@ -50,8 +50,8 @@ from vleff.side.common import (
     refuse_unfrozen_backbone,
     side_state_dict,
 )
-from vleff.side.lst import LSTConfig
-from vleff.side.unipt import UniPTConfig
+from vleff.methods.lst.core import LSTConfig
+from vleff.methods.unipt.core import UniPTConfig
 
 SIDE_ONLY = "vleff_side_only"
 #: how errors name each side method
@@ -157,9 +157,9 @@ class LadderSideTuning(SideTuning):
             ``setup`` before LST is built (not a resume: ``Trainer.fit(ckpt_path=...)`` is).
         module: the model to tune: attribute path or module object (default: the one model of
             the LightningModule with a tower ``towers`` names; several are refused).
-        **settings: :class:`vleff.side.lst.LSTConfig` fields (``reduction``, ``side_heads``,
+        **settings: :class:`vleff.methods.lst.core.LSTConfig` fields (``reduction``, ``side_heads``,
             ``temperature``, ``towers``). ``init="fisher"`` needs data: use
-            :func:`vleff.side.lst.fisher_information` and :func:`vleff.apply_lst` before ``fit``
+            :func:`vleff.methods.lst.core.fisher_information` and :func:`vleff.apply_lst` before ``fit``
             (the callback then only freezes).
     """
 
@@ -176,9 +176,9 @@ class LadderSideTuning(SideTuning):
 
 
 class UniPT(SideTuning):
-    """UniPT on the LightningModule's towers (see :mod:`vleff.side.unipt`).
+    """UniPT on the LightningModule's towers (see :mod:`vleff.methods.unipt.core`).
 
-    Args: as :class:`LadderSideTuning`; ``**settings``: :class:`vleff.side.unipt.UniPTConfig`
+    Args: as :class:`LadderSideTuning`; ``**settings``: :class:`vleff.methods.unipt.core.UniPTConfig`
     fields (``factor``, ``towers``).
     """
 

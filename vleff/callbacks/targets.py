@@ -88,7 +88,7 @@ def _holds(child: nn.Module, method: str, config: Any) -> bool:
                 continue
         return False
     if method == "memvp":
-        from vleff.side.memvp import _host_kind
+        from vleff.methods.memvp.core import _host_kind
 
         return any(_host_kind(m) is not None for m in child.modules())
     towers = getattr(config, "towers", None)
@@ -217,7 +217,7 @@ def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
     (LST's ``init``, MemVP's ``key_init_std``) are not listed."""
     if method in ("tome", "evit", "dynamicvit", "crossget", "madtp", "vqt", "reversible"):
         if method == "reversible":
-            from vleff.memory.reversible import reversible_applied, reversible_config
+            from vleff.methods.reversible.core import reversible_applied, reversible_config
 
             config = reversible_config(target) if reversible_applied(target) else None
         else:
@@ -246,7 +246,7 @@ def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
             out["factor"] = towers[0].embed_dim // side.layers[0].out_features
         return out
     if method == "lora":
-        from vleff.side.lora import _lora_layers
+        from vleff.methods.lora.core import _lora_layers
 
         layers = [layer for _, _, layer in _lora_layers(target)]
         if not layers:
@@ -258,7 +258,7 @@ def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
                 "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
                 "towers": _towers_with(target, lambda t: any("lora_A" in n for n, _ in t.root.named_parameters()))}
     if method == "memvp":
-        from vleff.side.memvp import memvp_module
+        from vleff.methods.memvp.core import memvp_module
 
         module: Any = memvp_module(target)
         adapters = getattr(module, "adapters", None)

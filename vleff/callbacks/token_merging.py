@@ -27,7 +27,7 @@ from vleff.callbacks.targets import (
 )
 from vleff.checks import check_bool
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import ToMeConfig, apply_tome, tome_applied
+from vleff.methods.tome.core import ToMeConfig, apply_tome, tome_applied
 
 
 class TokenMerging(pl.Callback):
@@ -40,7 +40,7 @@ class TokenMerging(pl.Callback):
             callback applies it again).
         module: the model to merge in: attribute path or module object (default: the one
             model of the LightningModule with a tower ``towers`` names; several are refused).
-        **settings: :class:`vleff.tokens.tome.ToMeConfig` fields (``r``, ``prop_attn``,
+        **settings: :class:`vleff.methods.tome.core.ToMeConfig` fields (``r``, ``prop_attn``,
             ``trace_source``, ``towers``), validated here.
 
     ``fit`` follows the schedule from the trainer's global step; ``validate``/``test``/``predict``

@@ -14,7 +14,7 @@ backbone) unless ``full_checkpoint=True``.
 from __future__ import annotations
 
 from vleff.callbacks.side import SideTuning
-from vleff.side.vqt import VQTConfig
+from vleff.methods.vqt.core import VQTConfig
 
 
 class VisualQueryTuning(SideTuning):
@@ -26,7 +26,7 @@ class VisualQueryTuning(SideTuning):
         full_checkpoint: save the whole model in checkpoints (default: the side state only).
         remove_on_teardown: restore the plain model when the run ends.
         init_from: a checkpoint or ``state_dict`` of the trained backbone, loaded in ``setup``.
-        **settings: :class:`vleff.side.vqt.VQTConfig` fields (``num_queries``, ``dropout``,
+        **settings: :class:`vleff.methods.vqt.core.VQTConfig` fields (``num_queries``, ``dropout``,
             ``towers``), validated here.
     """
 

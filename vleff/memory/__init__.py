@@ -4,25 +4,23 @@
 >>> opt = GaLoreAdamW(galore_param_groups(model, rank=128), lr=1e-4, weight_decay=0.05)
 
 Lightning users add :class:`vleff.callbacks.GaLore` or :class:`vleff.callbacks.MeZO` to the
-trainer instead; both convert the optimizer that ``configure_optimizers`` returns.
+trainer instead; both convert the optimizer that ``configure_optimizers`` returns
+(:mod:`vleff.memory.convert`, shared by the two). The methods themselves live in
+``vleff/methods/galore/`` and ``vleff/methods/mezo/``; their names are resolved lazily here.
 """
-from vleff.memory.convert import galore_from_optimizer, mezo_from_optimizer
-from vleff.memory.galore import PROJ_TYPES, GaLoreAdamW, galore_projection
-from vleff.memory.mezo import MeZO, directions, perturb_, spsa_projected_grad
-from vleff.memory.selection import DEFAULT_EXCLUDE, galore_param_groups, select_galore_params, wants_decay
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_EXCLUDE",
-    "GaLoreAdamW",
-    "MeZO",
-    "PROJ_TYPES",
-    "directions",
-    "galore_from_optimizer",
-    "galore_param_groups",
-    "galore_projection",
-    "mezo_from_optimizer",
-    "perturb_",
-    "select_galore_params",
-    "spsa_projected_grad",
-    "wants_decay",
-]
+from vleff._lazy import lazy_getattr
+
+_LAZY = {
+    **{name: "vleff.memory.convert" for name in ("galore_from_optimizer", "mezo_from_optimizer")},
+    **{name: "vleff.methods.galore" for name in ("DEFAULT_EXCLUDE", "GaLoreAdamW", "PROJ_TYPES", "galore_param_groups",
+                                                 "galore_projection", "select_galore_params", "wants_decay")},
+    **{name: "vleff.methods.mezo" for name in ("MeZO", "directions", "perturb_", "spsa_projected_grad")},
+}
+__getattr__ = lazy_getattr("vleff.memory", _LAZY, ("convert",))
+__all__ = sorted(_LAZY)  # noqa: PLE0605 -- a list, built from the table above
+
+
+def __dir__() -> list[str]:
+    return sorted(_LAZY)

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from vleff.memory.galore import DEFAULT_SVD, GaLoreAdamW
-from vleff.memory.mezo import MeZO, Reduce
-from vleff.memory.selection import DEFAULT_EXCLUDE, check_patterns, select_galore_params, wants_decay
+from vleff.methods.galore.core import DEFAULT_SVD, GaLoreAdamW
+from vleff.methods.mezo.core import MeZO, Reduce
+from vleff.methods.galore.selection import DEFAULT_EXCLUDE, check_patterns, select_galore_params, wants_decay
 
 __all__ = ["galore_from_optimizer", "mezo_from_optimizer", "rebind_scheduler"]
 
@@ -53,7 +53,7 @@ def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tupl
     ``optimizer`` must be :class:`torch.optim.AdamW` or :class:`torch.optim.Adam` (with
     ``amsgrad`` and ``maximize`` off); Adam's L2 weight decay stays L2
     (``decoupled_weight_decay=False``). The parameters selected by ``targets``/``exclude``
-    (see :func:`~vleff.memory.selection.select_galore_params`) are projected with ``rank``.
+    (see :func:`~vleff.methods.galore.selection.select_galore_params`) are projected with ``rank``.
     """
     if isinstance(optimizer, GaLoreAdamW):
         return optimizer

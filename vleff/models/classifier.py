@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vleff.memory.selection import wants_decay
+from vleff.methods.galore.selection import wants_decay
 from vleff.models.factory import build_model, image_input_size
 
 __all__ = ["ImageClassifier"]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones.pairs import ModelPair, find_pair
-from vleff.memory.selection import wants_decay
+from vleff.methods.galore.selection import wants_decay
 
 __all__ = ["CLIPFineTuner", "build_clip", "clip_family", "clip_pair", "contrastive_loss", "retrieval_recalls"]
 

@@ -5,7 +5,7 @@ Two ways to give the LM the image (``visual_prompt``):
 * ``"prefix"`` (the LLaVA baseline): the tower's patch tokens, projected to the LM width by a
   ``Linear → GELU → Linear`` projector, are prepended to the text embeddings: every sequence
   is ``N_v`` tokens longer in every layer (and in the KV cache during generation);
-* ``"memvp"``: the patch tokens become MemVP's FFN memory (:mod:`vleff.side.memvp`), applied to
+* ``"memvp"``: the patch tokens become MemVP's FFN memory (:mod:`vleff.methods.memvp.core`), applied to
   the LM at construction; the text keeps its length.
 
 The image tower is any tower :func:`vleff.backbones.find_tower` finds (timm ViT, open_clip
@@ -30,8 +30,8 @@ from torch import nn
 from vleff.backbones import find_tower
 from vleff.checks import check_choice, check_int
 from vleff.side.common import train_only
-from vleff.side.memvp import Host, MemVPConfig, _Slot, causal_lm_sites, memvp_applied
-from vleff.side.memvp import apply_memvp as _apply_memvp
+from vleff.methods.memvp.core import Host, MemVPConfig, _Slot, causal_lm_sites, memvp_applied
+from vleff.methods.memvp.core import apply_memvp as _apply_memvp
 
 VisualPrompt = Literal["prefix", "memvp"]
 __all__ = ["VisionLanguageModel", "VisualEncoder"]
@@ -113,7 +113,7 @@ class VisionLanguageModel(nn.Module):
                 config = memvp if isinstance(memvp, MemVPConfig) else MemVPConfig.build(**(memvp or {}))
                 _apply_memvp(self, config)
 
-    # --- the MemVP host protocol (vleff.side.memvp.find_host) ----------------------------------
+    # --- the MemVP host protocol (vleff.methods.memvp.core.find_host) ----------------------------------
     def memvp_host(self) -> Host:
         if self.visual_prompt != "memvp":
             raise ValueError("MemVP on a VisionLanguageModel needs visual_prompt='memvp'; this one prepends "
@@ -176,7 +176,7 @@ class VisionLanguageModel(nn.Module):
         try:
             return self._generate(images, input_ids, max_new_tokens, eos_token_id, attention_mask)
         finally:
-            if memvp_applied(self):  # MemVP's memory belongs to this call (vleff.side.memvp)
+            if memvp_applied(self):  # MemVP's memory belongs to this call (vleff.methods.memvp.core)
                 self.vleff_memvp.clear_memory()
 
     def _generate(self, images: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,

@@ -268,7 +268,7 @@ def _vit_case(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple]:
     import timm
 
     from vleff.kernels.dispatch import ENV_VAR
-    from vleff.tokens.tome import apply_tome
+    from vleff.methods.tome.core import apply_tome
 
     model = timm.create_model(cfg.vit_model, pretrained=False, **(cfg.vit_kwargs or {}))
     model = apply_tome(model.to(cfg.device, dtype).eval(), r=cfg.vit_r)

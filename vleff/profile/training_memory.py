@@ -128,7 +128,7 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
     import torch
 
     from vleff.memory import GaLoreAdamW, MeZO, galore_param_groups
-    from vleff.memory.selection import DEFAULT_EXCLUDE
+    from vleff.methods.galore.selection import DEFAULT_EXCLUDE
     from vleff.models.clip_finetuner import contrastive_loss
     from vleff.profile.memory import (optimizer_state_bytes, peak_memory_bytes, saved_activation_bytes,
                                       tensor_storage_bytes)
@@ -141,7 +141,7 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
     clip, tokenizer, vocab = build_clip_for_memory(model)
     clip = clip.to(dev)
     if method.startswith("reversible"):
-        from vleff.memory.reversible import apply_reversible
+        from vleff.methods.reversible.core import apply_reversible
 
         apply_reversible(clip)  # both towers; MEFT's adapters are new parameters, counted below
     n_params = sum(p.numel() for p in clip.parameters())

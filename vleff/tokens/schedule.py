@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vleff.tokens.tome import RSpec, parse_r, plain_r, update_tome_per_tower
+from vleff.methods.tome.core import RSpec, parse_r, plain_r, update_tome_per_tower
 
 SCHEDULES = ("constant", "linear")
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from vleff.memory.galore import DEFAULT_SVD, GaLoreAdamW
-from vleff.memory.reversible import ReversibleConfig, apply_reversible
-from vleff.memory.selection import DEFAULT_EXCLUDE, galore_param_groups
+from vleff.methods.galore.core import DEFAULT_SVD, GaLoreAdamW
+from vleff.methods.reversible.core import ReversibleConfig, apply_reversible
+from vleff.methods.galore.selection import DEFAULT_EXCLUDE, galore_param_groups
 
 __all__ = ["GaLoreMixin", "MeZOMixin", "ReversibleMixin"]
 
@@ -45,7 +45,7 @@ class MeZOMixin:
     """Turns the module's own ``training_step`` into MeZO steps at fit start.
 
     Call ``self.use_mezo(**settings)`` in ``__init__`` (the fields of
-:class:`vleff.memory.methods.MeZOConfig`, validated there, as for :class:`vleff.callbacks.MeZO`). Same
+:class:`vleff.methods.mezo.MeZOConfig`, validated there, as for :class:`vleff.callbacks.MeZO`). Same
     implementation as the callback (:func:`vleff.callbacks.mezo.install_mezo`), so the same
     hook and logging behaviour (see :mod:`vleff.callbacks.mezo`): ``training_step`` runs twice
     per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
@@ -57,7 +57,7 @@ class MeZOMixin:
     _vleff_mezo_config: Any = None
 
     def use_mezo(self, **settings: Any) -> None:
-        from vleff.memory.methods import MeZOConfig
+        from vleff.methods.mezo import MeZOConfig
 
         self._vleff_mezo_config = MeZOConfig.build(**settings)
 
@@ -92,7 +92,7 @@ class MeZOMixin:
 class ReversibleMixin:
     """``use_reversible(**settings)``: run the module's towers as reversible stacks (call it
     in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
-    network the weights were trained in). Settings: :class:`vleff.memory.reversible.ReversibleConfig`."""
+    network the weights were trained in). Settings: :class:`vleff.methods.reversible.core.ReversibleConfig`."""
 
     def use_reversible(self, module: Any = None, **settings: Any) -> None:
         """``module``: the model to make reversible when the module holds several (attribute

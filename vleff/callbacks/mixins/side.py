@@ -76,24 +76,24 @@ class _SideMixin:
 
 class VQTMixin(_SideMixin):
     """``use_vqt(train_head=True, full_checkpoint=False, **settings)``: VQT
-    (:mod:`vleff.side.vqt`) on this module's image towers, backbone frozen; checkpoints leave out
+    (:mod:`vleff.methods.vqt.core`) on this module's image towers, backbone frozen; checkpoints leave out
     only the frozen backbone (:func:`vleff.side.side_state_dict`) unless ``full_checkpoint``, as with
     :class:`vleff.callbacks.VisualQueryTuning`."""
 
     def use_vqt(self, train_head: bool = True, full_checkpoint: bool = False, module: Any = None,
                 **settings: Any) -> None:
-        from vleff.side.vqt import VQTConfig
+        from vleff.methods.vqt.core import VQTConfig
 
         self._use_side("vqt", train_head, full_checkpoint, VQTConfig.build(**settings), module=module)
 
 
 class LSTMixin(_SideMixin):
     """``use_lst(train_head=True, full_checkpoint=False, fisher=None, **settings)``: LST
-    (:mod:`vleff.side.lst`) on this module's towers, backbone frozen."""
+    (:mod:`vleff.methods.lst.core`) on this module's towers, backbone frozen."""
 
     def use_lst(self, train_head: bool = True, full_checkpoint: bool = False, fisher: Any = None,
                 module: Any = None, **settings: Any) -> None:
-        from vleff.side.lst import LSTConfig, apply_lst
+        from vleff.methods.lst.core import LSTConfig, apply_lst
 
         config = LSTConfig.build(**settings)
         target = _mixin_target(self, module, "lst", config)
@@ -103,11 +103,11 @@ class LSTMixin(_SideMixin):
 
 class UniPTMixin(_SideMixin):
     """``use_unipt(train_head=True, full_checkpoint=False, **settings)``: UniPT
-    (:mod:`vleff.side.unipt`) on this module's towers, backbone frozen."""
+    (:mod:`vleff.methods.unipt.core`) on this module's towers, backbone frozen."""
 
     def use_unipt(self, train_head: bool = True, full_checkpoint: bool = False, module: Any = None,
                   **settings: Any) -> None:
-        from vleff.side.unipt import UniPTConfig
+        from vleff.methods.unipt.core import UniPTConfig
 
         self._use_side("unipt", train_head, full_checkpoint, UniPTConfig.build(**settings), module=module)
 class MemVPMixin:
@@ -116,7 +116,7 @@ class MemVPMixin:
     before the weights load), every other weight frozen when ``freeze_host``."""
 
     def use_memvp(self, freeze_host: bool = True, module: Any = None, **settings: Any) -> None:
-        from vleff.side.memvp import MemVPConfig, apply_memvp, freeze_host_for_memvp
+        from vleff.methods.memvp.core import MemVPConfig, apply_memvp, freeze_host_for_memvp
 
         config = MemVPConfig.build(**settings)
         target = _mixin_target(self, module, "memvp", config)
@@ -127,12 +127,12 @@ class MemVPMixin:
 
 class LoRAMixin:
     """``use_lora(**settings)`` in ``__init__`` once the backbone exists: ``peft`` LoRA
-    (:mod:`vleff.side.lora`) on this module's attention projections, everything else but the
+    (:mod:`vleff.methods.lora.core`) on this module's attention projections, everything else but the
     adapters (and a timm head with ``train_head``) frozen; ``load_from_checkpoint`` then finds
     the adapters before the weights load, as with :class:`vleff.callbacks.LoRA`."""
 
     def use_lora(self, module: Any = None, **settings: Any) -> None:
-        from vleff.side.lora import LoRAConfig, apply_lora
+        from vleff.methods.lora.core import LoRAConfig, apply_lora
 
         config = LoRAConfig.build(**settings)
         apply_lora(_mixin_target(self, module, "lora", config), config)

@@ -26,19 +26,19 @@ from vleff.callbacks.madtp import (
     controller_train_start,
 )
 from vleff.callbacks.mixins.base import AuxLossMixin, _fitting, _parent
-from vleff.tokens.crossget import CrossGETConfig, apply_crossget
-from vleff.tokens.dynamicvit import apply_dynamicvit, dynamicvit_teacher
-from vleff.tokens.evit import (
+from vleff.methods.crossget.core import CrossGETConfig, apply_crossget
+from vleff.methods.dynamicvit.core import apply_dynamicvit, dynamicvit_teacher
+from vleff.methods.evit.core import (
     EViTConfig,
     EViTSchedule,
     apply_evit,
     training_progress,
     update_evit,
 )
-from vleff.tokens.madtp import MADTPConfig, apply_madtp
-from vleff.tokens.madtp_controller import MADTPController
+from vleff.methods.madtp.core import MADTPConfig, apply_madtp
+from vleff.methods.madtp.controller import MADTPController
 from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import ToMeConfig, apply_tome
+from vleff.methods.tome.core import ToMeConfig, apply_tome
 
 __all__ = ["CrossGETMixin", "DynamicViTMixin", "EViTMixin", "MADTPMixin", "TokenMergingMixin"]
 
@@ -173,7 +173,7 @@ class DynamicViTMixin(AuxLossMixin):
 
 class CrossGETMixin(AuxLossMixin):
     """``use_crossget(**settings)`` in ``__init__`` + ``self.vleff_aux_loss()`` in the loss.
-    Settings: :class:`vleff.tokens.crossget.CrossGETConfig`. The offsets are parameters of the
+    Settings: :class:`vleff.methods.crossget.core.CrossGETConfig`. The offsets are parameters of the
     module, so they are saved in and restored from checkpoints with the weights."""
 
     def use_crossget(self, module: Any = None, **settings: Any) -> None:

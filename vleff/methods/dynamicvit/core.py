@@ -48,7 +48,7 @@ from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, patch_tower
 from vleff.checks import check_bool, check_choice, check_number, check_ratio, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
 from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices
 
@@ -429,10 +429,3 @@ def dynamicvit_teacher(model: nn.Module) -> nn.Module | None:
 def dynamicvit_predictors(model: nn.Module) -> list[DynamicViTPredictors]:
     """The predictor modules, one per patched tower."""
     return [h.predictors for h in hooks_named(model, HOOK_NAME)]
-
-
-register_method(Method(
-    name="dynamicvit", kind="tokens", config=DynamicViTConfig, apply=apply_dynamicvit, remove=remove_dynamicvit,
-    is_applied=dynamicvit_applied, callback="vleff.callbacks.DynamicViT", mixin="vleff.callbacks.DynamicViTMixin",
-    towers=TOWERS, bench_settings={"rho": 0.7, "distill": False},
-    description="DynamicViT learned token pruning (predictors + masked attention)"))

@@ -45,7 +45,7 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.side.common import (FinalFeatures, SideModule, applied_token_methods, clear_side_state, final_norm,
                                freeze_backbone, freeze_on_apply, restore_on_remove, unwatch_forward_end,
                                watch_forward_end)
@@ -340,10 +340,3 @@ def vqt_num_parameters(depth: int, num_queries: int, width: int, head_out: int) 
     """Parameters VQT adds: ``depth·T·C`` queries and the ``depth·T·C → head_out`` projection."""
     n = depth * num_queries * width
     return n + n * head_out + head_out
-
-
-register_method(Method(
-    name="vqt", kind="side", config=VQTConfig, apply=apply_vqt, remove=remove_vqt, is_applied=vqt_applied,
-    callback="vleff.callbacks.VisualQueryTuning", mixin="vleff.callbacks.VQTMixin", towers=TOWERS,
-    bench_settings={"num_queries": 1},
-    description="VQT: per-layer query tokens beside the frozen stream (sliced K/V), zero-init head projection"))

@@ -36,7 +36,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter
 from vleff.checks import check_int, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply, refuse_token_methods,
                                restore_on_remove, side_modules)
 from vleff.tokens.common import hooks_named, select_towers
@@ -151,10 +151,3 @@ def unipt_applied(model: nn.Module) -> bool:
 
 def unipt_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in side_modules(model) if isinstance(m, UniPTModule) for p in m.parameters()]
-
-
-register_method(Method(
-    name="unipt", kind="side", config=UniPTConfig, apply=apply_unipt, remove=remove_unipt, is_applied=unipt_applied,
-    callback="vleff.callbacks.UniPT", mixin="vleff.callbacks.UniPTMixin", towers=TOWERS,
-    bench_settings={"factor": 2},
-    description="UniPT: parallel interaction + confidence aggregation over frozen layer outputs, zero-init Up"))

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.checks import check_choice, check_int, check_number
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.side.common import train_only
 
 MODULE_NAME = "vleff_memvp"
@@ -205,7 +205,7 @@ class MemVPModule(nn.Module):
         if kv is None:
             raise RuntimeError("MemVP: an FFN ran without visual memory; run the model with its images (BLIP: "
                                "encoder_hidden_states, VisionLanguageModel: images) or call "
-                               "vleff.side.memvp.set_memvp_memory(model, features) on a bare LM")
+                               "vleff.methods.memvp.core.set_memvp_memory(model, features) on a bare LM")
         k, v = kv
         if u.shape[-1] != k.shape[-1]:
             raise ValueError(f"MemVP: FFN input width {u.shape[-1]} differs from the memory width {k.shape[-1]}")
@@ -589,10 +589,3 @@ def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int, v
     one ``visual_dim → adapter_dim → visual_dim`` adapter per vision block."""
     adapters = vision_blocks * 2 * visual_dim * adapter_dim
     return visual_dim * hidden + hidden + hidden * width + width + 2 * n_mem * width + adapters
-
-
-register_method(Method(
-    name="memvp", kind="side", config=MemVPConfig, apply=apply_memvp, remove=remove_memvp,
-    update=update_memvp, is_applied=memvp_applied, callback="vleff.callbacks.MemVP",
-    mixin="vleff.callbacks.MemVPMixin", towers=(), bench_settings={"n_mem": 256},
-    description="MemVP: visual features as extra key/value rows of every FFN of the language model"))

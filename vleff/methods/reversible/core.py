@@ -83,7 +83,7 @@ from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
 from vleff.backbones.patch import set_block_runner
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 
 COUPLINGS = ("meft", "revvit")
 STREAMS = ("auto", "float32", "float64")
@@ -672,10 +672,3 @@ def starting_gap(model: nn.Module, x: Any, config: ReversibleConfig | None = Non
     finally:
         model.train(was)
     return float((out - ref).norm() / ref.norm())
-
-
-register_method(Method(
-    name="reversible", kind="memory", config=ReversibleConfig, apply=apply_reversible, remove=remove_reversible,
-    is_applied=reversible_applied, callback="vleff.callbacks.Reversible", mixin="vleff.callbacks.ReversibleMixin",
-    towers=TOWERS, bench_settings={"coupling": "meft"},
-    description="reversible blocks (RevNet/MEFT couplings): activations constant in depth"))

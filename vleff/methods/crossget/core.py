@@ -106,7 +106,7 @@ from vleff.kernels.graph_merge import (
     feasible_sources,
     max_graph_merge,
 )
-from vleff.registry import Method, MethodConfig, get_method, register_method
+from vleff.registry import MethodConfig, get_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks
 
 HOOK_NAME = "crossget"
@@ -566,14 +566,6 @@ def crossget_offsets(model: nn.Module) -> dict[str, nn.Parameter]:
         if p is not None:
             out[tower.modality] = p
     return out
-
-
-register_method(Method(
-    name="crossget", kind="tokens", config=CrossGETConfig, apply=apply_crossget, remove=remove_crossget,
-    update=update_crossget, is_applied=crossget_applied, callback="vleff.callbacks.CrossGET",
-    mixin="vleff.callbacks.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6}, needs_pair=True,
-    description="CrossGET cross-guided token ensembles (both towers of CLIP / BLIP)"))
-
 __all__ = [
     "ENSEMBLES",
     "LOSS_NAME",

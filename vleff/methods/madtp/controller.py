@@ -28,7 +28,7 @@ from torch import nn
 
 from vleff.checks import check_bool, check_choice, check_int, check_number
 from vleff.tokens.common import hooks_named
-from vleff.tokens.madtp import (FORWARDS, HOOK_NAME, MADTPCalibration, MADTPConfig, _pair_and_module, batch_inputs,
+from vleff.methods.madtp.core import (FORWARDS, HOOK_NAME, MADTPCalibration, MADTPConfig, _pair_and_module, batch_inputs,
                                calibrate_madtp, update_madtp)
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
 from vleff.backbones.text import PAD, PROTECTED
 from vleff.checks import check_bool, check_number, check_ratio, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
 from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices
 
@@ -257,10 +257,3 @@ def evit_keep_rate(model: nn.Module) -> float:
     if not hooks:
         raise ValueError(f"EViT is not applied to this {type(model).__name__}")
     return float(hooks[0].config.keep_rate)
-
-
-register_method(Method(
-    name="evit", kind="tokens", config=EViTConfig, apply=apply_evit, remove=remove_evit, update=update_evit,
-    is_applied=evit_applied, callback="vleff.callbacks.EViT", mixin="vleff.callbacks.EViTMixin", towers=TOWERS,
-    bench_settings={"keep_rate": 0.7},
-    description="EViT: keep the tokens the cls token attends to, fuse the rest"))

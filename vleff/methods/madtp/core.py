@@ -74,7 +74,7 @@ from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, hold, pair
 from vleff.backbones.state import gather_tokens
 from vleff.backbones.text import PAD, PROTECTED, eot_rows, refuse_causal_decoder, refuse_causal_decoder_towers
 from vleff.checks import check_choice, check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, tower_modalities
 
 HOOK_NAME = "madtp"
@@ -841,10 +841,3 @@ def searched_range(evals: list[tuple[float, int, int]], max_evals: int) -> str:
     starts = sorted({e[2] for e in evals})
     return (f"{len(evals)} counted forwards (max_evals={max_evals}) tried τ in [{min(taus):.4g}, {max(taus):.4g}] "
             f"with first pruning block(s) {starts}; raise max_evals to search further")
-
-
-register_method(Method(
-    name="madtp", kind="tokens", config=MADTPConfig, apply=apply_madtp, remove=remove_madtp, update=update_madtp,
-    is_applied=madtp_applied, callback="vleff.callbacks.MADTP", mixin="vleff.callbacks.MADTPMixin", towers=TOWERS,
-    bench_settings={"flops_reduction": 0.5}, needs_pair=True, calibrate=calibrate_madtp_for_bench,
-    description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target"))

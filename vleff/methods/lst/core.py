@@ -49,7 +49,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply, refuse_token_methods,
                                restore_on_remove, side_modules)
 from vleff.tokens.common import hooks_named, select_towers
@@ -362,7 +362,7 @@ def apply_lst(model: nn.Module, config: LSTConfig | None = None, fisher: dict[in
     """
     cfg = LSTConfig.build(config, **settings)
     if cfg.init == "fisher" and fisher is None:
-        raise ValueError("init='fisher' needs fisher=vleff.side.lst.fisher_information(model, batches, loss_fn); "
+        raise ValueError("init='fisher' needs fisher=vleff.methods.lst.core.fisher_information(model, batches, loss_fn); "
                          "or use init='magnitude'")
     if cfg.init == "magnitude" and fisher is not None:
         raise ValueError("fisher= was given but init='magnitude'; pass init='fisher' to use it")
@@ -400,10 +400,3 @@ def lst_parameters(model: nn.Module) -> list[nn.Parameter]:
 def lst_gate_values(model: nn.Module) -> list[torch.Tensor]:
     """Each tower's gates ``g_i = sigmoid(alpha_i / T)`` (for logging)."""
     return [torch.sigmoid(m.gates.detach() / m.temperature) for m in side_modules(model) if isinstance(m, LSTModule)]
-
-
-register_method(Method(
-    name="lst", kind="side", config=LSTConfig, apply=apply_lst, remove=remove_lst, is_applied=lst_applied,
-    callback="vleff.callbacks.LadderSideTuning", mixin="vleff.callbacks.LSTMixin", towers=TOWERS,
-    bench_settings={"reduction": 8},
-    description="LST: width-reduced side network with gated ladders, initialised from the backbone by importance"))

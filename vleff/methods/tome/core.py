@@ -38,7 +38,7 @@ from vleff.backbones.text import (
 )
 from vleff.checks import check_bool, check_towers
 from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_weighted
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "tome"
@@ -276,9 +276,3 @@ def tome_r(model: nn.Module) -> list[int]:
     if not hooks:
         raise ValueError(f"ToMe is not applied to this {type(model).__name__}")
     return list(hooks[0].r_per_block)
-
-
-register_method(Method(
-    name="tome", kind="tokens", config=ToMeConfig, apply=apply_tome, remove=remove_tome, update=update_tome,
-    is_applied=tome_applied, callback="vleff.callbacks.TokenMerging", mixin="vleff.callbacks.TokenMergingMixin",
-    towers=TOWERS, bench_settings={"r": 16}, description="ToMe token merging (bipartite soft matching)"))

@@ -40,7 +40,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, get_patch
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import Method, MethodConfig, register_method
+from vleff.registry import MethodConfig
 from vleff.tokens.common import select_towers
 
 ADAPTER = "default"
@@ -224,13 +224,5 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def library_key(key: str) -> str:
     """The library's own state-dict key of a key of a LoRA-wrapped model (``base_layer`` dropped)."""
     return BASE_LAYER.sub(".", key)
-
-
-register_method(Method(
-    name="lora", kind="side", config=LoRAConfig, apply=apply_lora, remove=remove_lora, is_applied=lora_applied,
-    callback="vleff.callbacks.LoRA", mixin="vleff.callbacks.LoRAMixin", towers=TOWERS,
-    bench_settings={"r": 8},
-    description="LoRA through Hugging Face peft on the attention input projections (the baseline side tuning is compared with)"))
-
 __all__ = ["LoRAConfig", "apply_lora", "library_key", "lora_applied", "lora_num_parameters", "lora_parameters",
            "lora_state_dict", "lora_targets", "remove_lora"]

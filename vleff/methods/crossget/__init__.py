@@ -1,0 +1,37 @@
+"""CrossGET: cross-guided ensemble of tokens on both towers of CLIP/BLIP (Shi et al., ICML 2024).
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.crossget.core import (
+    CrossGETConfig,
+    CrossGETHook,
+    ENSEMBLES,
+    LOSS_NAME,
+    METRICS,
+    OFFSETS,
+    PAIRS_SUPPORTED,
+    TOWERS,
+    alignment_loss,
+    apply_crossget,
+    crossget_applied,
+    crossget_offsets,
+    js_divergence,
+    layer_pairs,
+    remove_crossget,
+    resolve_pair,
+    update_crossget,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="crossget", kind="tokens", config=CrossGETConfig, apply=apply_crossget, remove=remove_crossget,
+    update=update_crossget, is_applied=crossget_applied, callback="vleff.callbacks.CrossGET",
+    mixin="vleff.callbacks.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6}, needs_pair=True,
+    description="CrossGET cross-guided token ensembles (both towers of CLIP / BLIP)"))
+
+__all__ = ["CrossGETConfig", "CrossGETHook", "ENSEMBLES", "LOSS_NAME", "METHOD", "METRICS", "OFFSETS", "PAIRS_SUPPORTED", "TOWERS", "alignment_loss", "apply_crossget", "crossget_applied", "crossget_offsets", "js_divergence", "layer_pairs", "remove_crossget", "resolve_pair", "update_crossget"]

@@ -1,0 +1,25 @@
+"""DynamicViT: learned token pruning with per-stage predictors (Rao et al., NeurIPS 2021).
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.dynamicvit.core import (
+    DynamicViTConfig,
+    TOWERS,
+    apply_dynamicvit,
+    dynamicvit_applied,
+    remove_dynamicvit,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="dynamicvit", kind="tokens", config=DynamicViTConfig, apply=apply_dynamicvit, remove=remove_dynamicvit,
+    is_applied=dynamicvit_applied, callback="vleff.callbacks.DynamicViT", mixin="vleff.callbacks.DynamicViTMixin",
+    towers=TOWERS, bench_settings={"rho": 0.7, "distill": False},
+    description="DynamicViT learned token pruning (predictors + masked attention)"))
+
+__all__ = ["DynamicViTConfig", "METHOD", "TOWERS", "apply_dynamicvit", "dynamicvit_applied", "remove_dynamicvit"]

@@ -1,0 +1,26 @@
+"""EViT: keep the tokens the class token attends to, fuse the rest (Liang et al., ICLR 2022).
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.evit.core import (
+    EViTConfig,
+    TOWERS,
+    apply_evit,
+    evit_applied,
+    remove_evit,
+    update_evit,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="evit", kind="tokens", config=EViTConfig, apply=apply_evit, remove=remove_evit, update=update_evit,
+    is_applied=evit_applied, callback="vleff.callbacks.EViT", mixin="vleff.callbacks.EViTMixin", towers=TOWERS,
+    bench_settings={"keep_rate": 0.7},
+    description="EViT: keep the tokens the cls token attends to, fuse the rest"))
+
+__all__ = ["EViTConfig", "METHOD", "TOWERS", "apply_evit", "evit_applied", "remove_evit", "update_evit"]

@@ -1,0 +1,28 @@
+"""MADTP: multimodal alignment-guided dynamic token pruning (Cao et al., CVPR 2024).
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.madtp.core import (
+    MADTPConfig,
+    TOWERS,
+    apply_madtp,
+    calibrate_madtp,
+    calibrate_madtp_for_bench,
+    madtp_applied,
+    remove_madtp,
+    update_madtp,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="madtp", kind="tokens", config=MADTPConfig, apply=apply_madtp, remove=remove_madtp, update=update_madtp,
+    is_applied=madtp_applied, callback="vleff.callbacks.MADTP", mixin="vleff.callbacks.MADTPMixin", towers=TOWERS,
+    bench_settings={"flops_reduction": 0.5}, needs_pair=True, calibrate=calibrate_madtp_for_bench,
+    description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target"))
+
+__all__ = ["MADTPConfig", "METHOD", "TOWERS", "apply_madtp", "calibrate_madtp", "calibrate_madtp_for_bench", "madtp_applied", "remove_madtp", "update_madtp"]

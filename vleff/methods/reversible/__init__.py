@@ -1,0 +1,25 @@
+"""Reversible blocks (RevNet / Rev-ViT / MEFT couplings): activations constant in depth.
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.reversible.core import (
+    ReversibleConfig,
+    TOWERS,
+    apply_reversible,
+    remove_reversible,
+    reversible_applied,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="reversible", kind="memory", config=ReversibleConfig, apply=apply_reversible, remove=remove_reversible,
+    is_applied=reversible_applied, callback="vleff.callbacks.Reversible", mixin="vleff.callbacks.ReversibleMixin",
+    towers=TOWERS, bench_settings={"coupling": "meft"},
+    description="reversible blocks (RevNet/MEFT couplings): activations constant in depth"))
+
+__all__ = ["METHOD", "ReversibleConfig", "TOWERS", "apply_reversible", "remove_reversible", "reversible_applied"]

@@ -1,0 +1,25 @@
+"""ToMe: token merging by bipartite soft matching (Bolya et al., ICLR 2023).
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.tome.core import (
+    TOWERS,
+    ToMeConfig,
+    apply_tome,
+    remove_tome,
+    tome_applied,
+    update_tome,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="tome", kind="tokens", config=ToMeConfig, apply=apply_tome, remove=remove_tome, update=update_tome,
+    is_applied=tome_applied, callback="vleff.callbacks.TokenMerging", mixin="vleff.callbacks.TokenMergingMixin",
+    towers=TOWERS, bench_settings={"r": 16}, description="ToMe token merging (bipartite soft matching)"))
+
+__all__ = ["METHOD", "TOWERS", "ToMeConfig", "apply_tome", "remove_tome", "tome_applied", "update_tome"]

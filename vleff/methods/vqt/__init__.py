@@ -1,0 +1,27 @@
+"""VQT: visual query tuning, per-layer queries beside a frozen backbone (Tu et al., CVPR 2023).
+
+The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove``; the
+Lightning callback and mixin live beside it and the core never imports them. Importing this
+package registers the method (:mod:`vleff.registry` finds it by its folder).
+"""
+from __future__ import annotations
+
+from vleff.methods.vqt.core import (
+    TOWERS,
+    VQTConfig,
+    apply_vqt,
+    freeze_backbone_for_vqt,
+    remove_vqt,
+    vqt_applied,
+    vqt_parameters,
+)
+from vleff.registry import Method, register_method
+
+#: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
+METHOD = register_method(Method(
+    name="vqt", kind="side", config=VQTConfig, apply=apply_vqt, remove=remove_vqt, is_applied=vqt_applied,
+    callback="vleff.callbacks.VisualQueryTuning", mixin="vleff.callbacks.VQTMixin", towers=TOWERS,
+    bench_settings={"num_queries": 1},
+    description="VQT: per-layer query tokens beside the frozen stream (sliced K/V), zero-init head projection"))
+
+__all__ = ["METHOD", "TOWERS", "VQTConfig", "apply_vqt", "freeze_backbone_for_vqt", "remove_vqt", "vqt_applied", "vqt_parameters"]
