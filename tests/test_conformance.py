@@ -41,7 +41,7 @@ import tiny_lightning as tl
 from families import FAMILIES, family_towers
 from host_families import HOSTS
 from vleff.backbones import find_towers, get_patch
-from vleff.registry import all_methods, get_method
+from vleff.registry import all_methods, conflict, get_method, update
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,6 @@ class Settings:
     #: the families the method supports (``None``: every family with a tower it declares); the
     #: others must be refused with ``TypeError`` naming what is supported
     families: tuple[str, ...] | None = None
-    #: methods it refuses to stack with (``ValueError`` "cannot apply"); left out of the stacking check
-    conflicts: tuple[str, ...] = ()
     #: host methods: the host models (``host_families.HOSTS``) they act on instead of towers
     hosts: tuple[str, ...] | None = None
     #: ``fit() -> (LightningModule, DataLoader)`` for the resume check (default: the tiny ViT classifier)
@@ -168,19 +166,18 @@ SETTINGS: dict[str, Settings] = {
                     refusals=[({"num_queries": 0}, "num_queries"), ({"num_queries": 1.5}, "num_queries"),
                               ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
                     state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
-                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip"),
-                    conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
+                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip")),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(noop={"reduction": 4}, active={"reduction": 2},
                     refusals=[({"reduction": 0}, "reduction"), ({"reduction": 2.5}, "reduction"),
                               ({"side_heads": 0}, "side_heads"), ({"init": "random"}, "init"),
                               ({"temperature": 0}, "temperature"), ({"towers": "audio"}, "towers")],
                     state_prefix="vleff_lst.", callback_args={"reduction": 4}, activate=_perturb_side_up,
-                    families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
+                    families=SIDE_FAMILIES),
     "unipt": Settings(noop={"factor": 2}, active={"factor": 1},
                       refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
                       state_prefix="vleff_unipt.", callback_args={"factor": 2}, activate=_perturb_side_up,
-                      families=SIDE_FAMILIES, conflicts=("tome", "evit", "dynamicvit", "crossget", "madtp")),
+                      families=SIDE_FAMILIES),
     # peft LoRA on the attention input projections: plain modules, so it stacks with tower hooks on timm
     # and HF CLIP; on open_clip a tower hook's generic block reads in_proj_weight without peft's
     # substitution: refused both ways (CrossGET and MADTP meet LoRA on open_clip first)
@@ -189,15 +186,13 @@ SETTINGS: dict[str, Settings] = {
                                ({"alpha": float("nan")}, "alpha"), ({"dropout": 1.0}, "dropout"),
                                ({"train_head": "yes"}, "train_head"), ({"towers": "audio"}, "towers")],
                      state_prefix="lora_", renamed_keys=((r"(\.base_layer)+\.", "."),), callback_args={"r": 2},
-                     families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
-                     conflicts=("crossget", "madtp"), grad_checkpointing=True),
+                     families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"), grad_checkpointing=True),
     "reversible": Settings(noop=None, active={"coupling": "meft"},  # with its adapters
                            refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
                                      ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf"),
                                      ({"adapter": -1}, "adapter=-1"), ({"adapter": 2.5}, "adapter")],
                            state_prefix="vleff_reversible.", callback_args={"coupling": "meft"},
-                           families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
-                           conflicts=("tome", "evit", "dynamicvit", "vqt", "lst", "unipt", "crossget", "madtp")),  # tower hooks do not run in the stack
+                           families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip")),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
     "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5, "vision_adapter_dim": 4},
                       refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
@@ -214,15 +209,14 @@ SETTINGS: dict[str, Settings] = {
                                    ({"prop_attn": 1}, "prop_attn"), ({"loss_weight": -1}, "loss_weight"),
                                    ({"loss_weight": float("nan")}, "loss_weight")],
                          state_prefix="vleff_crossget_offsets", callback_args={"r_image": 2, "r_text": 4},
-                         families=("open_clip", "hf_clip", "hf_blip"), conflicts=("tome", "evit", "dynamicvit", "madtp"),
+                         families=("open_clip", "hf_clip", "hf_blip"),
                          fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
     # MADTP needs both towers of an image-text model (single-tower families are refused)
     "madtp": Settings(noop={"locations": []}, active={"tau": 1e3},
                       refusals=[({"flops_reduction": 0}, "flops_reduction=0"), ({"flops_reduction": 1.0}, "flops_reduction=1.0"),
                                 ({"tau": 0}, "tau=0"), ({"num_codes": 0}, "num_codes"), ({"ragged": "min"}, "ragged"),
                                 ({"locations": [2, 1]}, "locations"), ({"towers": "audio"}, "towers")],
-                      state_prefix="vleff_madtp.", families=("open_clip", "hf_clip", "hf_blip"),
-                      conflicts=("tome", "evit", "dynamicvit"), fullgraph=False,
+                      state_prefix="vleff_madtp.", families=("open_clip", "hf_clip", "hf_blip"), fullgraph=False,
                       callback_args={"flops_reduction": 0.3}, fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
 }
 
@@ -289,6 +283,44 @@ def test_registry_entry_is_complete(name):
     assert dataclasses.is_dataclass(defaults)
     callback, mixin = method.load_callback(), method.load_mixin()
     assert callback.__module__.startswith("vleff.callbacks") and mixin.__module__.startswith("vleff.callbacks")
+
+
+UPDATABLE = [(m.name, f) for m in all_methods() if m.name in HOOK_METHODS for f in m.updatable]
+
+
+@pytest.mark.parametrize("name, setting", UPDATABLE, ids=[f"{n}-{f}" for n, f in UPDATABLE])
+def test_update_changes_every_setting_the_contract_declares_updatable(name, setting):
+    """``Method.updatable`` is what ``vleff.update`` may change: each declared setting, set to its
+    value in the method's active row (else its default), is accepted on an applied model and
+    reaches the method (``applied_settings`` reads it back)."""
+    from vleff.callbacks.targets import applied_settings
+
+    family = _method_families(name)[0]
+    model, fwd = _model_and_forward(family, "image")
+    _apply(name, model, SETTINGS[name].noop or SETTINGS[name].active, "image")
+    method = get_method(name)
+    value = SETTINGS[name].active.get(setting, getattr(method.config(), setting))
+    update(model, name, **{setting: value})
+    assert applied_settings(name, model)[setting] == value
+
+
+def test_contract_schedule_and_update_agree():
+    for method in all_methods():
+        if method.schedule is not None:
+            assert method.schedule in method.updatable, f"{method.name}: its schedule drives a setting update cannot change"
+
+
+@pytest.mark.parametrize("name", HOOK_METHODS)
+def test_required_on_load_is_declared_exactly_for_methods_that_add_state(name):
+    """``required_on_load`` (re-apply before loading a checkpoint) holds exactly when applying the
+    method adds entries to the model's ``state_dict``: a checkpoint of such a model cannot load
+    into the library model."""
+    family = _method_families(name)[0]
+    model, _ = _model_and_forward(family, "image")
+    before = set(model.state_dict())
+    _apply(name, model, SETTINGS[name].active, "image")
+    adds_state = bool(set(model.state_dict()) - before)
+    assert get_method(name).required_on_load == adds_state, (name, adds_state)
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
@@ -407,14 +439,23 @@ def test_gradient_checkpointing_is_refused_clearly(name, family, tower):
         fwd(model)
 
 
+def _refuses(a: str, b: str) -> bool:
+    """``a``'s own conflict rules refuse ``b`` on the family both are checked on (the registry's
+    declarative contract: traits and refusals, never lists of method names)."""
+    family = _common_family(a, b)
+    return family is not None and get_method(a).refusal_of(get_method(b), family) is not None
+
+
 def _conflict(a: str, b: str) -> bool:
-    return any(y in getattr(SETTINGS.get(x), "conflicts", ()) for x, y in ((a, b), (b, a)))
+    return conflict(a, b, _common_family(a, b)) is not None
 
 
+# pairs derived from the rules: ``a`` declares the rule, so ``a`` applied after ``b`` is refused at apply
+CONFLICTS = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS if a != b and _refuses(a, b)]
+# tome + dynamicvit are left out: DynamicViT's training-time masks and ToMe's merged sizes are not
+# checked together (neither refuses the other)
 STACKABLE = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS
              if a != b and {a, b} != {"tome", "dynamicvit"} and not _conflict(a, b) and _common_family(a, b)]
-CONFLICTS = [(a, b) for a in HOOK_METHODS for b in getattr(SETTINGS.get(a), "conflicts", ())
-             if b in HOOK_METHODS and _common_family(a, b)]
 
 
 @pytest.mark.parametrize("name, family, tower", REFUSED_FAMILIES, ids=[f"{n}-{f}-{t}" for n, f, t in REFUSED_FAMILIES])

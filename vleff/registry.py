@@ -27,6 +27,37 @@ from torch import nn
 
 MethodKind = Literal["tokens", "memory", "side"]
 
+#: what a method does to a model, the words conflict rules are written in (one place; a method
+#: declares its traits and the traits it refuses, never the names of other methods)
+TRAITS: dict[str, str] = {
+    "tower_hook": "runs code inside each block of a tower through a TowerHook",
+    "reduces_tokens": "changes the number of tokens a tower's blocks see",
+    "owns_tokens": "decides every token reduction of the towers it acts on (cross-modal guidance)",
+    "reads_full_stream": "reads every block's output of the full-length frozen token stream",
+    "runs_blocks": "runs a tower's blocks itself, so tower hooks do not run",
+    "wraps_projections": "wraps the attention projections in new modules (peft adapters)",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A conflict rule: a method refuses any method with ``trait`` on the same model.
+
+    Attributes:
+        trait: a key of :data:`TRAITS`.
+        reason: the end of the error message ("cannot apply a while b is applied: <reason>").
+        families: only on towers of these families (empty: every family), for conflicts that come
+            from one library's layout (peft's adapters on open_clip's fused ``in_proj_weight``).
+    """
+
+    trait: str
+    reason: str
+    families: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.trait not in TRAITS:
+            raise ValueError(f"Refusal: trait={self.trait!r} is not known; use one of {', '.join(TRAITS)}")
+
 
 @dataclass
 class MethodConfig:
@@ -80,6 +111,15 @@ class Method:
         description: one line for tables and ``--help``.
         needs_pair: the method acts on both towers of an image-text model at once (CrossGET,
             MADTP): ``vleff-bench`` then builds the whole model and measures its image path.
+        traits: what the method does to a model (keys of :data:`TRAITS`); other methods' rules
+            refer to these, never to method names.
+        refuses: conflict rules (:class:`Refusal`): the traits this method cannot share a model
+            with. :func:`conflict` asks both methods, so a rule is written once, on either side.
+        updatable: the settings ``update`` may change on an applied model (``vleff.update`` refuses
+            the rest with the list).
+        required_on_load: the method adds parameters, so it must be applied again before a
+            checkpoint's weights load (``restore_methods``, the callbacks' ``on_load_checkpoint``).
+        schedule: the setting a schedule drives (ToMe's ``r``), or ``None``.
         calibrate: ``calibrate(model, inputs, tower)`` for a method whose setting is a target
             reached by measuring (MADTP's τ for a FLOPs reduction); ``vleff-bench`` runs it after
             ``apply`` on the batch it measures (images, or caption ids for ``tower="text"``), so
@@ -100,6 +140,30 @@ class Method:
     description: str = ""
     needs_pair: bool = False
     calibrate: Callable[[nn.Module, Any, str], Any] | None = None
+    traits: frozenset[str] = frozenset()
+    refuses: tuple[Refusal, ...] = ()
+    updatable: tuple[str, ...] = ()
+    required_on_load: bool = False
+    schedule: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.traits) - set(TRAITS)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: traits {sorted(unknown)} are not known; use {', '.join(TRAITS)}")
+        fields = {f.name for f in dataclasses.fields(self.config)}
+        for what, names in (("updatable", self.updatable), ("schedule", (self.schedule,) if self.schedule else ())):
+            if set(names) - fields:
+                raise ValueError(f"method {self.name!r}: {what} names {sorted(set(names) - fields)}, which are "
+                                 f"not settings of {self.config.__name__}")
+        if self.updatable and self.update is None:
+            raise ValueError(f"method {self.name!r} declares updatable settings but no update function")
+
+    def refusal_of(self, other: "Method", family: str | None = None) -> Refusal | None:
+        """This method's rule that refuses ``other`` on a tower of ``family`` (one direction)."""
+        for rule in self.refuses:
+            if rule.trait in other.traits and (not rule.families or family is None or family in rule.families):
+                return rule
+        return None
 
     def label(self, **settings: Any) -> str:
         args = {**self.bench_settings, **settings}
@@ -172,7 +236,19 @@ def update(model: nn.Module, name: str, **changes: Any) -> None:
     method = get_method(name)
     if method.update is None:
         raise ValueError(f"method {name!r} has no settings that change on an applied model; apply it again")
+    fixed = sorted(set(changes) - set(method.updatable))
+    if fixed:
+        raise ValueError(f"{name}: setting(s) {fixed} cannot change on an applied model; update may change "
+                         f"{', '.join(method.updatable)}; apply {name} again for the others")
     method.update(model, **changes)
+
+
+def conflict(a: str, b: str, family: str | None = None) -> str | None:
+    """Why methods ``a`` and ``b`` cannot be applied to one model (on a tower of ``family``), or
+    ``None``: the first rule of either method that matches the other's traits."""
+    first, second = get_method(a), get_method(b)
+    rule = first.refusal_of(second, family) or second.refusal_of(first, family)
+    return None if rule is None else rule.reason
 
 
 def remove_all(model: nn.Module) -> nn.Module:

@@ -17,6 +17,9 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"tower_hook", "reduces_tokens"}),
+    required_on_load=True,
     name="dynamicvit", kind="tokens", config=DynamicViTConfig, apply=apply_dynamicvit, remove=remove_dynamicvit,
     is_applied=dynamicvit_applied, callback="vleff.callbacks.DynamicViT", mixin="vleff.callbacks.DynamicViTMixin",
     towers=TOWERS, bench_settings={"rho": 0.7, "distill": False},

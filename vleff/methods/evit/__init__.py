@@ -18,6 +18,10 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"tower_hook", "reduces_tokens"}),
+    updatable=("keep_rate", "fuse"),
+    schedule="keep_rate",
     name="evit", kind="tokens", config=EViTConfig, apply=apply_evit, remove=remove_evit, update=update_evit,
     is_applied=evit_applied, callback="vleff.callbacks.EViT", mixin="vleff.callbacks.EViTMixin", towers=TOWERS,
     bench_settings={"keep_rate": 0.7},

@@ -17,4 +17,5 @@ METHOD = register_method(Method(
     mixin="vleff.callbacks.GaLoreMixin", towers=(), bench_settings={"rank": 128},
     description="GaLore: Adam moments in a low-rank projection of each 2-D gradient"))
 
-__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_SVD", "GaLoreAdamW", "GaLoreConfig", "METHOD", "PROJ_TYPES", "SVD_METHODS", "galore_param_groups", "galore_projection", "select_galore_params", "wants_decay"]
+__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_SVD", "GaLoreAdamW", "GaLoreConfig", "METHOD", "PROJ_TYPES", "SVD_METHODS",
+           "galore_param_groups", "galore_projection", "select_galore_params", "wants_decay"]

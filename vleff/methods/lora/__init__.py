@@ -18,13 +18,20 @@ from vleff.methods.lora.core import (
     lora_targets,
     remove_lora,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"wraps_projections"}),
+    refuses=(Refusal("tower_hook",
+                     "vleff's generic block reads in_proj_weight without peft's substitution and would "
+                     "ignore the adapter", families=("open_clip",)),),
+    required_on_load=True,
     name="lora", kind="side", config=LoRAConfig, apply=apply_lora, remove=remove_lora, is_applied=lora_applied,
     callback="vleff.callbacks.LoRA", mixin="vleff.callbacks.LoRAMixin", towers=TOWERS,
     bench_settings={"r": 8},
     description="LoRA through Hugging Face peft on the attention input projections (the baseline side tuning is compared with)"))
 
-__all__ = ["LoRAConfig", "METHOD", "TOWERS", "apply_lora", "library_key", "lora_applied", "lora_num_parameters", "lora_parameters", "lora_state_dict", "lora_targets", "remove_lora"]
+__all__ = ["LoRAConfig", "METHOD", "TOWERS", "apply_lora", "library_key", "lora_applied", "lora_num_parameters",
+           "lora_parameters", "lora_state_dict", "lora_targets", "remove_lora"]

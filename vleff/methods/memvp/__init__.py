@@ -18,6 +18,9 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    updatable=("scale", "dropout"),
+    required_on_load=True,
     name="memvp", kind="side", config=MemVPConfig, apply=apply_memvp, remove=remove_memvp,
     update=update_memvp, is_applied=memvp_applied, callback="vleff.callbacks.MemVP",
     mixin="vleff.callbacks.MemVPMixin", towers=(), bench_settings={"n_mem": 256},

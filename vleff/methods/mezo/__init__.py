@@ -16,4 +16,5 @@ METHOD = register_method(Method(
     mixin="vleff.callbacks.MeZOMixin", towers=(), bench_settings={"eps": 1e-3},
     description="MeZO: zeroth-order SPSA steps, forward passes only"))
 
-__all__ = ["LOW_PRECISION", "METHOD", "MeZO", "MeZOConfig", "default_decay", "directions", "perturb_", "spsa_projected_grad"]
+__all__ = ["LOW_PRECISION", "METHOD", "MeZO", "MeZOConfig", "default_decay", "directions", "perturb_",
+           "spsa_projected_grad"]

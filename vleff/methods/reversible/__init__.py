@@ -13,10 +13,14 @@ from vleff.methods.reversible.core import (
     remove_reversible,
     reversible_applied,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"runs_blocks"}),
+    refuses=(Refusal("tower_hook", "the reversible stack runs F and G itself, not the tower hooks"),),
+    required_on_load=True,
     name="reversible", kind="memory", config=ReversibleConfig, apply=apply_reversible, remove=remove_reversible,
     is_applied=reversible_applied, callback="vleff.callbacks.Reversible", mixin="vleff.callbacks.ReversibleMixin",
     towers=TOWERS, bench_settings={"coupling": "meft"},

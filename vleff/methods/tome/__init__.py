@@ -18,6 +18,10 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"tower_hook", "reduces_tokens"}),
+    updatable=("r", "prop_attn", "trace_source"),
+    schedule="r",
     name="tome", kind="tokens", config=ToMeConfig, apply=apply_tome, remove=remove_tome, update=update_tome,
     is_applied=tome_applied, callback="vleff.callbacks.TokenMerging", mixin="vleff.callbacks.TokenMergingMixin",
     towers=TOWERS, bench_settings={"r": 16}, description="ToMe token merging (bipartite soft matching)"))

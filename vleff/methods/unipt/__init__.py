@@ -13,10 +13,16 @@ from vleff.methods.unipt.core import (
     remove_unipt,
     unipt_applied,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"tower_hook", "reads_full_stream"}),
+    refuses=(Refusal("reduces_tokens",
+                     "UniPT reads every block's output of the full frozen token stream; remove the "
+                     "token method first"),),
+    required_on_load=True,
     name="unipt", kind="side", config=UniPTConfig, apply=apply_unipt, remove=remove_unipt, is_applied=unipt_applied,
     callback="vleff.callbacks.UniPT", mixin="vleff.callbacks.UniPTMixin", towers=TOWERS,
     bench_settings={"factor": 2},

@@ -15,13 +15,20 @@ from vleff.methods.vqt.core import (
     vqt_applied,
     vqt_parameters,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    # the declarative contract: what the method does, what it refuses, what update may change
+    traits=frozenset({"tower_hook", "reads_full_stream"}),
+    refuses=(Refusal("reduces_tokens",
+                     "VQT reads every block's output of the full frozen token stream; remove the token "
+                     "method first"),),
+    required_on_load=True,
     name="vqt", kind="side", config=VQTConfig, apply=apply_vqt, remove=remove_vqt, is_applied=vqt_applied,
     callback="vleff.callbacks.VisualQueryTuning", mixin="vleff.callbacks.VQTMixin", towers=TOWERS,
     bench_settings={"num_queries": 1},
     description="VQT: per-layer query tokens beside the frozen stream (sliced K/V), zero-init head projection"))
 
-__all__ = ["METHOD", "TOWERS", "VQTConfig", "apply_vqt", "freeze_backbone_for_vqt", "remove_vqt", "vqt_applied", "vqt_parameters"]
+__all__ = ["METHOD", "TOWERS", "VQTConfig", "apply_vqt", "freeze_backbone_for_vqt", "remove_vqt", "vqt_applied",
+           "vqt_parameters"]
