@@ -19,6 +19,7 @@ from types import ModuleType
 MOVED: dict[str, str] = {
     "vleff.tokens.tome": "vleff.methods.tome.core",
     "vleff.tokens.visualize": "vleff.methods.tome.visualize",
+    "vleff.tokens.schedule": "vleff.methods.tome.schedule",
     "vleff.tokens.dynamicvit": "vleff.methods.dynamicvit.core",
     "vleff.tokens.evit": "vleff.methods.evit.core",
     "vleff.tokens.crossget": "vleff.methods.crossget.core",

@@ -49,27 +49,53 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def parse_r(r: RSpec, depth: int) -> list[int]:
-    """Turn an r specification into tokens to merge per block.
+def check_r(r: RSpec) -> RSpec:
+    """Validate an r specification without a tower (the config's job, once); returns it.
 
     * ``int``: the same r in every block.
-    * ``list``: one r per block (shorter lists leave the remaining blocks unmerged).
+    * ``list``: one r per block (shorter lists leave the remaining blocks unmerged; a list longer
+      than a tower's depth is refused when applied to that tower).
     * ``(r, inflection)`` tuple: a linear ramp over depth whose mean is r; the first block
       merges ``r·(1 − inflection)`` and the last ``r·(1 + inflection)``, ``inflection`` in [-1, 1].
       A mapping ``{"r": 16, "inflection": 0.5}`` means the same (configs have no tuples).
-
-    The per-block r is capped at run time at what that block can merge.
     """
     if isinstance(r, Mapping):
         if set(r) != {"r", "inflection"}:
             raise ValueError(f"r={dict(r)!r}: a mapping must have exactly the keys 'r' and 'inflection'")
+        _check_ramp((r["r"], r["inflection"]))
+        return r
+    if isinstance(r, tuple):
+        _check_ramp(r)
+        return r
+    if isinstance(r, (list, torch.Tensor)) or (isinstance(r, Sequence) and not isinstance(r, str)):
+        values = list(r.tolist() if isinstance(r, torch.Tensor) else r)
+        for i, v in enumerate(values):
+            if not _is_number(v) or v < 0 or int(v) != v:
+                raise ValueError(f"r[{i}]={v!r} must be a non-negative integer")
+        return r
+    if not _is_number(r):
+        raise ValueError(f"r={r!r} must be an int, a list of ints or an (r, inflection) tuple")
+    if r < 0 or int(r) != r:
+        raise ValueError(f"r={r!r} must be a non-negative integer")
+    return r
+
+
+def _check_ramp(r: tuple) -> None:
+    if len(r) != 2 or not all(_is_number(v) for v in r):
+        raise ValueError(f"r={r!r}: a tuple must be (r, inflection) with two numbers")
+    base, inflection = r
+    if base < 0 or not -1 <= inflection <= 1:
+        raise ValueError(f"r={r!r}: need r >= 0 and inflection in [-1, 1]")
+
+
+def r_per_block(r: RSpec, depth: int) -> list[int]:
+    """The tokens to merge in each of a tower's ``depth`` blocks for a *checked* specification
+    (:func:`check_r`); the only error left is a list longer than the tower. The per-block r is
+    capped at run time at what that block can merge."""
+    if isinstance(r, Mapping):
         r = (r["r"], r["inflection"])
     if isinstance(r, tuple):
-        if len(r) != 2 or not all(_is_number(v) for v in r):
-            raise ValueError(f"r={r!r}: a tuple must be (r, inflection) with two numbers")
         base, inflection = r
-        if base < 0 or not -1 <= inflection <= 1:
-            raise ValueError(f"r={r!r}: need r >= 0 and inflection in [-1, 1]")
         if depth == 1:
             return [int(base)]
         first, last = base * (1 - inflection), base * (1 + inflection)
@@ -78,15 +104,13 @@ def parse_r(r: RSpec, depth: int) -> list[int]:
         values = list(r.tolist() if isinstance(r, torch.Tensor) else r)
         if len(values) > depth:
             raise ValueError(f"r has {len(values)} entries but the tower has only {depth} blocks")
-        for i, v in enumerate(values):
-            if not _is_number(v) or v < 0 or int(v) != v:
-                raise ValueError(f"r[{i}]={v!r} must be a non-negative integer")
         return [int(v) for v in values] + [0] * (depth - len(values))
-    if not _is_number(r):
-        raise ValueError(f"r={r!r} must be an int, a list of ints or an (r, inflection) tuple")
-    if r < 0 or int(r) != r:
-        raise ValueError(f"r={r!r} must be a non-negative integer")
     return [int(r)] * depth
+
+
+def parse_r(r: RSpec, depth: int) -> list[int]:
+    """:func:`check_r` then :func:`r_per_block`, for a specification that was not checked yet."""
+    return r_per_block(check_r(r), depth)
 
 
 def effective_r(r_per_block: Sequence[int], num_tokens: int, num_protected: int) -> list[int]:
@@ -123,8 +147,7 @@ class ToMeConfig(MethodConfig):
         check_bool("prop_attn", self.prop_attn)
         check_bool("trace_source", self.trace_source)
         check_towers(self.towers, TOWERS)
-        self.r = plain_r(self.r)
-        parse_r(self.r, 10_000)  # the same errors as at apply time, now
+        self.r = check_r(plain_r(self.r))  # validated here, once; hooks only expand it per tower
 
 
 TOWERS = ("image", "text")
@@ -152,18 +175,26 @@ class ToMeHook(TowerHook):
 
     def __init__(self, config: ToMeConfig, depth: int) -> None:
         self.config = config
-        self.r_per_block = parse_r(config.r, depth)
+        self.depth = depth
+        self.r_per_block = r_per_block(config.r, depth)
 
     def configure(self, config: ToMeConfig) -> None:
-        self.r_per_block = parse_r(config.r, len(self.r_per_block))
+        self.r_per_block = r_per_block(config.r, self.depth)
         self.config = config
 
-    def set_r_per_block(self, r_per_block: Sequence[int]) -> None:
-        """Run this tower at ``r_per_block`` (one entry per block; a schedule's value at a step)."""
-        values = list(r_per_block)
-        if len(values) != len(self.r_per_block):
-            raise ValueError(f"r_per_block has {len(values)} entries; this tower has {len(self.r_per_block)} blocks")
-        self.r_per_block = parse_r(values, len(values))
+    def set_progress(self, progress: float) -> None:
+        """Run this tower at ``progress`` (0 to 1) of its configured r, block by block (a schedule's
+        warm-up hands every tower the same progress; each scales its own per-block r)."""
+        if not 0 <= progress <= 1:
+            raise ValueError(f"progress={progress!r} must be in [0, 1]")
+        self.r_per_block = [round(r * progress) for r in r_per_block(self.config.r, self.depth)]
+
+    def set_r_per_block(self, values: Sequence[int]) -> None:
+        """Run this tower at ``values`` (one entry per block)."""
+        values = list(values)
+        if len(values) != self.depth:
+            raise ValueError(f"r_per_block has {len(values)} entries; this tower has {self.depth} blocks")
+        self.r_per_block = parse_r(values, self.depth)
 
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         if self.config.trace_source:
@@ -259,11 +290,22 @@ def update_tome_per_tower(model: nn.Module, r_for_depth: Callable[[int], list[in
         raise ValueError(f"ToMe is not applied to this {type(model).__name__}; call apply_tome first")
     out = []
     for hook in hooks:
-        r = list(r_for_depth(len(hook.r_per_block)))
+        r = list(r_for_depth(hook.depth))
         if r != hook.r_per_block:
             hook.set_r_per_block(r)
         out.append(list(hook.r_per_block))
     return out
+
+
+def set_tome_progress(model: nn.Module, progress: float) -> list[list[int]]:
+    """Run every ToMe tower of ``model`` at ``progress`` (0 to 1) of its configured r, each tower
+    from its own depth; returns the r per block, tower by tower."""
+    hooks = hooks_named(model, HOOK_NAME)
+    if not hooks:
+        raise ValueError(f"ToMe is not applied to this {type(model).__name__}; call apply_tome first")
+    for hook in hooks:
+        hook.set_progress(progress)
+    return [list(hook.r_per_block) for hook in hooks]
 
 
 def tome_applied(model: nn.Module) -> bool:

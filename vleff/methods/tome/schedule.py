@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vleff.methods.tome.core import RSpec, parse_r, plain_r, update_tome_per_tower
+from vleff.methods.tome.core import RSpec, check_r, plain_r, r_per_block, update_tome_per_tower
 
 SCHEDULES = ("constant", "linear")
 
@@ -33,15 +33,19 @@ class RSchedule:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
         if self.schedule == "linear" and self.warmup_steps == 0:
             raise ValueError("schedule='linear' needs warmup_steps > 0")
-        parse_r(self.r, 10_000)  # validates the r specification early, with the same errors
+        self.r = check_r(self.r)  # the errors of ToMeConfig, from the one validator
+
+    def progress_at(self, step: int) -> float:
+        """The fraction of the full r that runs at optimizer step ``step`` (one value for every
+        tower: each scales its own per-block r by it)."""
+        if self.schedule == "constant" or step >= self.warmup_steps:
+            return 1.0
+        return step / self.warmup_steps
 
     def r_at(self, step: int, depth: int) -> list[int]:
         """r per block at optimizer step ``step`` for a tower of ``depth`` blocks."""
-        full = parse_r(self.r, depth)
-        if self.schedule == "constant" or step >= self.warmup_steps:
-            return full
-        progress = step / self.warmup_steps
-        return [round(r * progress) for r in full]
+        progress = self.progress_at(step)
+        return [round(r * progress) for r in r_per_block(self.r, depth)]
 
     def apply_at(self, model: Any, step: int) -> list[list[int]]:
         """Run every ToMe tower of ``model`` at its r for ``step``, each from its own depth
