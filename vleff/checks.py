@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,3 +71,24 @@ def check_towers(value: object, supported: Sequence[str]) -> str:
         raise ValueError(f"towers={value!r} is not allowed; this method supports {' and '.join(supported)} "
                          f"towers only (not {', '.join(missing)})")
     return str(value)
+
+
+def check_patterns(what: str, patterns: object) -> list[str]:
+    """``patterns`` as a list of valid regular expressions, or ``ValueError`` naming ``what``.
+
+    Called by the callbacks' constructors so that a bad ``targets``/``exclude``/``params``
+    fails when the config is built, not at fit time after the model was set up.
+    """
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{what}={patterns!r} is not allowed; use None, a regular expression (str) or a list of "
+                         "them, searched in parameter names")
+    for pat in items:
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise ValueError(f"{what} pattern {pat!r} is not a valid regular expression ({err}); {what} takes "
+                             "regular expressions searched in parameter names, e.g. r'attn\\.qkv'") from None
+    return list(items)

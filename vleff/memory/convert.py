@@ -18,9 +18,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from vleff.methods.galore.core import DEFAULT_SVD, GaLoreAdamW
+from vleff.checks import check_patterns
+from vleff.methods.galore.config import DEFAULT_EXCLUDE, GaLoreConfig
+from vleff.methods.galore.core import GaLoreAdamW
+from vleff.methods.galore.selection import select_galore_params, wants_decay
 from vleff.methods.mezo.core import MeZO, Reduce
-from vleff.methods.galore.selection import DEFAULT_EXCLUDE, check_patterns, select_galore_params, wants_decay
 
 __all__ = ["galore_from_optimizer", "mezo_from_optimizer", "rebind_scheduler"]
 
@@ -44,10 +46,11 @@ def _check_fresh(optimizer: Optimizer, target: str) -> None:
 
 
 def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
-                          rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+                          rank: int = GaLoreConfig.rank, update_proj_gap: int = GaLoreConfig.update_proj_gap,
+                          scale: float = GaLoreConfig.scale, proj_type: str = GaLoreConfig.proj_type,
                           targets: str | Sequence[str] | None = None,
                           exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
-                          svd: str = DEFAULT_SVD) -> GaLoreAdamW:
+                          svd: str = GaLoreConfig.svd) -> GaLoreAdamW:
     """A :class:`GaLoreAdamW` with ``optimizer``'s groups and hyperparameters.
 
     ``optimizer`` must be :class:`torch.optim.AdamW` or :class:`torch.optim.Adam` (with

@@ -6,9 +6,19 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 """
 from __future__ import annotations
 
-from vleff.methods.galore.config import GaLoreConfig
-from vleff.methods.galore.core import DEFAULT_SVD, PROJ_TYPES, SVD_METHODS, GaLoreAdamW, galore_projection
-from vleff.methods.galore.selection import DEFAULT_EXCLUDE, galore_param_groups, select_galore_params, wants_decay
+from vleff.methods.galore.config import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_SVD,
+    PROJ_TYPES,
+    SVD_METHODS,
+    GaLoreConfig,
+)
+from vleff.methods.galore.core import GaLoreAdamW, galore_projection
+from vleff.methods.galore.selection import (
+    galore_param_groups,
+    select_galore_params,
+    wants_decay,
+)
 from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method

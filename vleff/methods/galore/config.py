@@ -1,7 +1,8 @@
 """GaLore's settings: one validated dataclass shared by the callback, the mixin and the CLIs.
 
 GaLore does not change a model's forward, so it has no ``apply``/``remove`` on models; the
-config is the one owner of its defaults.
+config is the one owner of its defaults: the optimizer, the param-group builder, the optimizer
+conversion, the callback and the mixin read them from here (``GaLoreConfig.rank`` ...).
 """
 from __future__ import annotations
 
@@ -9,10 +10,24 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vleff.methods.galore.core import DEFAULT_SVD, PROJ_TYPES, SVD_METHODS
-from vleff.methods.galore.selection import DEFAULT_EXCLUDE, check_patterns
+from vleff.checks import check_patterns
 from vleff.registry import MethodConfig
 
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+#: how the projection is refreshed: thin SVD (exact) or randomized low-rank SVD (torch.svd_lowrank)
+SVD_METHODS = ("full", "lowrank")
+#: chosen from benchmarks/galore_svd.py on a 2-core CPU (docs/benchmarks.md, "GaLore projection refresh")
+DEFAULT_SVD = "full"
+
+#: name patterns (``re.search``) kept out of GaLore unless the caller passes ``exclude=()``
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"embed",            # token_embedding, patch_embed, embeddings.*, position_embedding
+    r"positional",       # open_clip positional_embedding
+    r"pos_embed",
+    r"cls_token|class_embedding|dist_token|reg_token",
+    r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
+    r"logit_scale|logit_bias",
+)
 
 @dataclass
 class GaLoreConfig(MethodConfig):

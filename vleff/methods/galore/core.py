@@ -35,14 +35,15 @@ import torch
 from torch.optim import Optimizer
 
 from vleff.kernels.galore_step import galore_adam_step
+from vleff.methods.galore.config import (
+    DEFAULT_SVD,
+    PROJ_TYPES,
+    SVD_METHODS,
+    GaLoreConfig,
+)
 
 __all__ = ["DEFAULT_SVD", "GaLoreAdamW", "PROJ_TYPES", "SVD_METHODS", "galore_projection"]
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
-#: how the projection is refreshed: thin SVD (exact) or randomized low-rank SVD (torch.svd_lowrank)
-SVD_METHODS = ("full", "lowrank")
-#: chosen from benchmarks/galore_svd.py on a 2-core CPU (docs/benchmarks.md, "GaLore projection refresh")
-DEFAULT_SVD = "full"
 #: torch.svd_lowrank settings: extra sampled directions beyond the rank, and power iterations
 LOWRANK_OVERSAMPLE = 8
 LOWRANK_NITER = 2
@@ -170,8 +171,9 @@ class GaLoreAdamW(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None,
-                 update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 svd: str = DEFAULT_SVD, decoupled_weight_decay: bool = True) -> None:
+                 update_proj_gap: int = GaLoreConfig.update_proj_gap, scale: float = GaLoreConfig.scale,
+                 proj_type: str = GaLoreConfig.proj_type, svd: str = GaLoreConfig.svd,
+                 decoupled_weight_decay: bool = True) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         decoupled_weight_decay=decoupled_weight_decay)

@@ -17,42 +17,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_EXCLUDE", "NO_DECAY_PATTERNS", "check_patterns", "galore_param_groups", "select_galore_params", "wants_decay"]
+from vleff.checks import check_patterns
+from vleff.methods.galore.config import DEFAULT_EXCLUDE, GaLoreConfig
 
-#: name patterns (``re.search``) kept out of GaLore unless the caller passes ``exclude=()``
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"embed",            # token_embedding, patch_embed, embeddings.*, position_embedding
-    r"positional",       # open_clip positional_embedding
-    r"pos_embed",
-    r"cls_token|class_embedding|dist_token|reg_token",
-    r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
-    r"logit_scale|logit_bias",
-)
+__all__ = ["DEFAULT_EXCLUDE", "NO_DECAY_PATTERNS", "check_patterns", "galore_param_groups", "select_galore_params", "wants_decay"]
 
 #: names that never get weight decay (besides every parameter with fewer than two dims)
 NO_DECAY_PATTERNS: tuple[str, ...] = (r"bias$", r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
                                       r"logit_scale|logit_bias", r"embedding|pos_embed|cls_token")
-
-
-def check_patterns(what: str, patterns: object) -> list[str]:
-    """``patterns`` as a list of valid regular expressions, or ``ValueError`` naming ``what``.
-
-    Called by the callbacks' constructors so that a bad ``targets``/``exclude``/``params``
-    fails when the config is built, not at fit time after the model was set up.
-    """
-    if patterns is None:
-        return []
-    items = [patterns] if isinstance(patterns, str) else patterns
-    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
-        raise ValueError(f"{what}={patterns!r} is not allowed; use None, a regular expression (str) or a list of "
-                         "them, searched in parameter names")
-    for pat in items:
-        try:
-            re.compile(pat)
-        except re.error as err:
-            raise ValueError(f"{what} pattern {pat!r} is not a valid regular expression ({err}); {what} takes "
-                             "regular expressions searched in parameter names, e.g. r'attn\\.qkv'") from None
-    return list(items)
 
 
 def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
@@ -95,8 +67,9 @@ def select_galore_params(named_params: Iterable[tuple[str, torch.Tensor]] | nn.M
     return chosen
 
 
-def galore_param_groups(model: nn.Module, *, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
-                        proj_type: str = "std", targets: str | Sequence[str] | None = None,
+def galore_param_groups(model: nn.Module, *, rank: int = GaLoreConfig.rank,
+                        update_proj_gap: int = GaLoreConfig.update_proj_gap, scale: float = GaLoreConfig.scale,
+                        proj_type: str = GaLoreConfig.proj_type, targets: str | Sequence[str] | None = None,
                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
                         weight_decay: float | None = None, svd: str | None = None) -> list[dict]:
     """Two param groups for :class:`~vleff.memory.GaLoreAdamW`: projected weights and the rest.

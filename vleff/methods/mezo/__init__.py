@@ -7,7 +7,14 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.mezo.config import MeZOConfig
-from vleff.methods.mezo.core import LOW_PRECISION, MeZO, default_decay, directions, perturb_, spsa_projected_grad
+from vleff.methods.mezo.core import (
+    LOW_PRECISION,
+    MeZO,
+    default_decay,
+    directions,
+    perturb_,
+    spsa_projected_grad,
+)
 from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method

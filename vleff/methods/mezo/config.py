@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vleff.checks import check_bool, check_number
-from vleff.methods.galore.selection import check_patterns
+from vleff.checks import check_bool, check_number, check_patterns
 from vleff.registry import MethodConfig
 
 
