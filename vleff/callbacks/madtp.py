@@ -39,7 +39,7 @@ from vleff.methods.madtp.core import (
     apply_madtp,
     madtp_applied,
 )
-from vleff.methods.madtp.controller import MADTPController
+from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 
 CHECKPOINT_KEY = "vleff_madtp_controller"
 
@@ -91,7 +91,7 @@ def controller_train_start(trainer: pl.Trainer, controller: MADTPController, tar
 
 def controller_epoch_end(trainer: pl.Trainer, controller: MADTPController, target: nn.Module) -> bool:
     """Re-calibrate after the epoch (when enabled); whether it did."""
-    if not controller.adjust_every_epoch or controller.batches is None:
+    if not controller.config.adjust_every_epoch or controller.batches is None:
         return False
     _on_rank_zero(trainer, controller, target, lambda: controller.calibrate(target, epoch=trainer.current_epoch))
     return True
@@ -108,16 +108,9 @@ class MADTP(AuxLoss):
     Args:
         module: the image-text model: dotted attribute path or module object (default: the one
             the module holds; several are refused, listing them).
-        calibration_batches: training batches the controller measures FLOPs on.
-        adjust_every_epoch: re-calibrate τ after every training epoch.
-        rtol: relative FLOPs tolerance of the calibration search.
-        max_evals, epoch_max_evals: counted forwards per calibration (before training / after an epoch).
-        measure: the FLOPs the target is of: ``"pair"`` (both towers), ``"image"`` or ``"text"``.
-        samples: count the first ``samples`` calibration samples one at a time (per-sample
-            cost; ``None``: the batches as given, which cost their maximum keep count).
-        warmup_epochs: epochs over which the trained FLOPs reduction ramps linearly up to
-            ``flops_reduction`` (0: the target from the first step); the model is at the
-            target when training ends (:class:`vleff.methods.madtp.controller.MADTPController`).
+        calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals, measure, samples,
+        warmup_epochs: the FLOPs controller's settings, defaults and rules in
+            :class:`vleff.methods.madtp.controller.ControllerConfig` (their one owner).
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration (with
             ``sync_dist=True``: every rank holds rank 0's τ, so the mean is that value, and
             Lightning does not warn about epoch-level logging under DDP).
@@ -126,20 +119,20 @@ class MADTP(AuxLoss):
     """
 
     settings_config = MADTPConfig
+    #: the FLOPs controller's settings, also taken as keywords (split from the method's)
+    controller_config = ControllerConfig
     #: the after-epoch re-calibration comes after Lightning's validation of the epoch, so the
     #: model training leaves is not the one last validated (``vleff-train`` validates again)
     changes_model_after_validation = True
 
-    def __init__(self, module: str | nn.Module | None = None, calibration_batches: int = 2, adjust_every_epoch: bool = True,
-                 rtol: float = 0.005, max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
-                 samples: int | None = None, warmup_epochs: int = 0, log: bool = True, **settings: Any) -> None:
+    def __init__(self, module: str | nn.Module | None = None, log: bool = True, **settings: Any) -> None:
         super().__init__(log)
+        controller, settings = ControllerConfig.split(settings)
         self.config = MADTPConfig.build(**settings)
         from vleff.callbacks.targets import check_module_arg
 
         self.module = check_module_arg(module)
-        self.controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                          measure, samples, self.config.flops_reduction, warmup_epochs)
+        self.controller = MADTPController(controller, self.config.flops_reduction)
         self._target: nn.Module | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -182,8 +175,7 @@ class MADTP(AuxLoss):
                   "predict": trainer.predict_dataloaders}[stage]
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
-        c = self.controller
-        probe = MADTPController(c.num_batches, False, c.rtol, c.max_evals, c.epoch_max_evals, c.measure, c.samples,
+        probe = MADTPController(self.controller.config.replace(adjust_every_epoch=False, warmup_epochs=0),
                                 self.config.flops_reduction)
         try:
             if loader is None:
@@ -218,13 +210,9 @@ class MADTP(AuxLoss):
             record_method(checkpoint, pl_module, self._target, "madtp", self.config)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.controller.state_dict(), "flops_reduction": self.config.flops_reduction}
+        return self.controller.state_dict()  # its "target" is the callback's flops_reduction
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("flops_reduction")
-        if saved is not None and saved != self.config.flops_reduction:
-            raise ValueError(f"checkpoint was calibrated for MADTP flops_reduction={saved!r} but this callback has "
-                             f"flops_reduction={self.config.flops_reduction!r}")
-        self.controller.load_state_dict(state_dict)
+        self.controller.load_state_dict(state_dict)  # refuses another flops_reduction or ramp
         if self._target is not None:
             self.controller.restore(self._target)

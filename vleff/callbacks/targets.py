@@ -227,6 +227,10 @@ def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
         out = config.as_dict()
         if "towers" in out:  # what the towers setting means on this model (MADTP hooks both, prunes these)
             out["towers"] = _wanted_towers(target, out["towers"])
+        if method == "madtp":  # τ's one owner is the model's MADTP module (the config keeps the start)
+            from vleff.methods.madtp.core import madtp_tau
+
+            out["tau"] = madtp_tau(target)
         return out
     if method in ("lst", "unipt"):
         from vleff.backbones import find_towers

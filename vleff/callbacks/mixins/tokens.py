@@ -36,7 +36,7 @@ from vleff.methods.evit.core import (
     update_evit,
 )
 from vleff.methods.madtp.core import MADTPConfig, apply_madtp
-from vleff.methods.madtp.controller import MADTPController
+from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 from vleff.tokens.schedule import RSchedule
 from vleff.methods.tome.core import ToMeConfig, apply_tome
 
@@ -190,12 +190,12 @@ class MADTPMixin(AuxLossMixin):
     #: see :attr:`vleff.callbacks.MADTP.changes_model_after_validation`
     changes_model_after_validation = True
 
-    def use_madtp(self, calibration_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
-                  max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair", samples: int | None = None,
-                  warmup_epochs: int = 0, module: Any = None, **settings: Any) -> None:
+    def use_madtp(self, module: Any = None, **settings: Any) -> None:
+        """``settings``: :class:`vleff.methods.madtp.core.MADTPConfig` fields and the controller's
+        (:class:`vleff.methods.madtp.controller.ControllerConfig`), as the callback takes them."""
+        controller_config, settings = ControllerConfig.split(settings)
         config = MADTPConfig.build(**settings)
-        controller = MADTPController(calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals,
-                                     measure, samples, config.flops_reduction, warmup_epochs)
+        controller = MADTPController(controller_config, config.flops_reduction)
         target = _mixin_target(self, module, "madtp", config)
         apply_madtp(target, config)
         self._vleff_madtp = controller

@@ -21,6 +21,7 @@ the run's length.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable
 
 import torch
@@ -28,8 +29,17 @@ from torch import nn
 
 from vleff.checks import check_bool, check_choice, check_int, check_number
 from vleff.tokens.common import hooks_named
-from vleff.methods.madtp.core import (FORWARDS, HOOK_NAME, MADTPCalibration, MADTPConfig, _pair_and_module, batch_inputs,
-                               calibrate_madtp, update_madtp)
+from vleff.methods.madtp.core import (
+    FORWARDS,
+    HOOK_NAME,
+    MADTPCalibration,
+    MADTPConfig,
+    _pair_and_module,
+    batch_inputs,
+    calibrate_madtp,
+    check_flops_reduction,
+    update_madtp,
+)
 
 
 def hooks_config(model: nn.Module) -> MADTPConfig:
@@ -38,57 +48,100 @@ def hooks_config(model: nn.Module) -> MADTPConfig:
     return hooks_named(pair.model, HOOK_NAME)[0].config
 
 
-class MADTPController:
-    """τ for a FLOPs target, before training and after each epoch.
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The FLOPs controller's settings, validated here once (the callback, the mixin and the
+    Hydra config take these names; :meth:`split` sorts them out of a callback's keywords).
 
     Args:
-        num_batches: training batches kept for calibration (their batch size sets the cost
-            that is measured, as in training).
+        calibration_batches: training batches kept for calibration (their batch size sets the
+            cost of each counted forward).
         adjust_every_epoch: re-calibrate after every training epoch.
         rtol: relative FLOPs tolerance of the search.
-        max_evals, epoch_max_evals: forwards per calibration (first / per-epoch).
-        measure: what the FLOPs target is of: ``"pair"`` (both towers, BLIP's matching path),
-            ``"image"`` or ``"text"`` (one tower alone).
+        max_evals, epoch_max_evals: counted forwards per calibration (first / per-epoch).
+        measure: the FLOPs the target is of: ``"pair"`` (both towers), ``"image"`` or ``"text"``.
         samples: measure the first ``samples`` calibration samples one at a time (batch 1;
-            ``None``: the batches as given, whose cost is their maximum keep count).
-        flops_reduction: the target (``None``: the applied MADTP's ``flops_reduction``, read at
-            the first calibration).
+            per-sample cost; ``None``: the batches as given, which cost their maximum keep count).
         warmup_epochs: epochs over which the trained reduction ramps up to the target (see
             the module docstring); needs ``adjust_every_epoch``.
     """
 
-    def __init__(self, num_batches: int = 2, adjust_every_epoch: bool = True, rtol: float = 0.005,
-                 max_evals: int = 40, epoch_max_evals: int = 12, measure: str = "pair",
-                 samples: int | None = None, flops_reduction: float | None = None, warmup_epochs: int = 0) -> None:
-        self.num_batches = check_int("calibration_batches", num_batches, low=1)
-        self.adjust_every_epoch = check_bool("adjust_every_epoch", adjust_every_epoch)
-        self.rtol = check_number("rtol", rtol, low=0, low_open=True)
-        self.max_evals = check_int("max_evals", max_evals, low=2)
-        self.epoch_max_evals = check_int("epoch_max_evals", epoch_max_evals, low=2)
-        self.measure = check_choice("measure", measure, tuple(FORWARDS))
-        self.samples = None if samples is None else check_int("samples", samples, low=1)
-        self.flops_reduction = None if flops_reduction is None else check_number(
-            "flops_reduction", flops_reduction, low=0, high=1, low_open=True, high_open=True, owner="MADTP")
-        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
+    calibration_batches: int = 2
+    adjust_every_epoch: bool = True
+    rtol: float = 0.005
+    max_evals: int = 40
+    epoch_max_evals: int = 12
+    measure: str = "pair"
+    samples: int | None = None
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "calibration_batches", check_int("calibration_batches", self.calibration_batches, low=1))
+        put(self, "adjust_every_epoch", check_bool("adjust_every_epoch", self.adjust_every_epoch))
+        put(self, "rtol", check_number("rtol", self.rtol, low=0, low_open=True))
+        put(self, "max_evals", check_int("max_evals", self.max_evals, low=2))
+        put(self, "epoch_max_evals", check_int("epoch_max_evals", self.epoch_max_evals, low=2))
+        put(self, "measure", check_choice("measure", self.measure, tuple(FORWARDS)))
+        put(self, "samples", None if self.samples is None else check_int("samples", self.samples, low=1))
+        put(self, "warmup_epochs", check_int("warmup_epochs", self.warmup_epochs, low=0))
         if self.warmup_epochs and not self.adjust_every_epoch:
-            raise ValueError(f"warmup_epochs={warmup_epochs} needs adjust_every_epoch=True (the ramp moves the "
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} needs adjust_every_epoch=True (the ramp moves the "
                              f"target once per epoch); set warmup_epochs=0 or adjust_every_epoch=True")
+
+    @classmethod
+    def split(cls, settings: dict[str, Any]) -> tuple[ControllerConfig, dict[str, Any]]:
+        """This config from the controller's names in ``settings``, and the other settings (the
+        method's own, for :class:`MADTPConfig`)."""
+        names = {f.name for f in fields(cls)}
+        return (cls(**{k: v for k, v in settings.items() if k in names}),
+                {k: v for k, v in settings.items() if k not in names})
+
+    def replace(self, **changes: Any) -> ControllerConfig:
+        return replace(self, **changes)
+
+
+class MADTPController:
+    """Calibrates MADTP's τ before training and after each epoch, and saves what it needs to
+    resume exactly.
+
+    Args:
+        config: the controller's settings (:class:`ControllerConfig`); ``settings`` (its field
+            names) build it instead.
+        flops_reduction: the target (``None``: the applied MADTP's ``flops_reduction``, read at
+            the first calibration); validated by :func:`check_flops_reduction`, the one rule.
+    """
+
+    def __init__(self, config: ControllerConfig | None = None, flops_reduction: float | None = None,
+                 **settings: Any) -> None:
+        if config is not None and settings:
+            raise TypeError(f"MADTPController takes a config or its settings, not both (got {sorted(settings)})")
+        self.config = config if config is not None else ControllerConfig(**settings)
+        self.flops_reduction = None if flops_reduction is None else check_flops_reduction(flops_reduction)
         self.batches: list[tuple[torch.Tensor, ...]] | None = None
         self.baseline: int | None = None
-        self.tau: float | None = None
         self.history: list[dict[str, Any]] = []
 
     @property
+    def tau(self) -> float | None:
+        """The τ of the last calibration (the history is its one owner); ``None`` before the first."""
+        return float(self.history[-1]["tau"]) if self.history else None
+
+    @property
     def calibrated(self) -> bool:
-        return self.tau is not None
+        return bool(self.history)
+
+    @property
+    def warmup_epochs(self) -> int:
+        return self.config.warmup_epochs
 
     def capture(self, loader: Iterable[Any]) -> None:
-        """Keep the first ``num_batches`` batches of ``loader`` (images, ids, mask on the CPU)."""
+        """Keep the first ``calibration_batches`` batches of ``loader`` (images, ids, mask on the CPU)."""
         batches = []
         for batch in loader:
             images, ids, mask = batch_inputs(batch)
             batches.append(tuple(t.detach().cpu() for t in (images, ids, mask) if t is not None))
-            if len(batches) == self.num_batches:
+            if len(batches) == self.config.calibration_batches:
                 break
         if not batches:
             raise ValueError("MADTP calibration: the training loader gave no batch")
@@ -108,10 +161,11 @@ class MADTPController:
         if self.flops_reduction is None:
             self.flops_reduction = hooks_config(model).flops_reduction
         reduction = self.flops_reduction if final else self.reduction_for(0 if epoch is None else epoch + 1)
-        result = calibrate_madtp(model, self.batches, reduction, rtol=self.rtol, baseline=self.baseline,
-                                 forward=FORWARDS[self.measure], samples=self.samples,
-                                 max_evals=self.max_evals if epoch is None else self.epoch_max_evals)
-        self.baseline, self.tau = result.baseline, result.tau
+        c = self.config
+        result = calibrate_madtp(model, self.batches, reduction, rtol=c.rtol, baseline=self.baseline,
+                                 forward=FORWARDS[c.measure], samples=c.samples,
+                                 max_evals=c.max_evals if epoch is None else c.epoch_max_evals)
+        self.baseline = result.baseline
         self.history.append({"epoch": epoch, "flops_reduction": reduction, "tau": result.tau, "start": result.start,
                              "ratio": result.ratio, "evaluations": len(result.evaluations), "final": final})
         return result
@@ -142,7 +196,6 @@ class MADTPController:
         with the τ of its epoch, exactly as if it had not stopped)."""
         if len(self.history) > 1 and self.history[-1].get("final"):
             self.history.pop()
-            self.tau = float(self.history[-1]["tau"])
         self.restore(model)
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,7 +203,6 @@ class MADTPController:
                 "batches": self.batches, "target": self.flops_reduction, "warmup_epochs": self.warmup_epochs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tau = None if state.get("tau") is None else float(state["tau"])
         self.baseline = state.get("baseline")
         self.history = list(state.get("history", []))
         target = state.get("target")
@@ -163,5 +215,8 @@ class MADTPController:
         if saved != self.warmup_epochs:
             raise ValueError(f"checkpoint was trained with MADTP warmup_epochs={saved} but this controller has "
                              f"warmup_epochs={self.warmup_epochs}; resume with the same ramp")
+        if state.get("tau") is not None and not self.history:
+            raise ValueError("MADTP controller state has a τ but no calibration history; it was not written by "
+                             "MADTPController.state_dict")
         batches = state.get("batches")
         self.batches = None if batches is None else [tuple(t for t in b) for b in batches]

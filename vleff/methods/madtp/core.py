@@ -90,6 +90,12 @@ CODE_NORMS = ("sum", "shift")
 EPS = 1e-8
 
 
+def check_flops_reduction(value: Any) -> float:
+    """MADTP's FLOPs target, in (0, 1): the one rule, asked by :class:`MADTPConfig`, the
+    controller and :func:`calibrate_madtp`."""
+    return check_number("flops_reduction", value, low=0, high=1, low_open=True, high_open=True, owner="MADTP")
+
+
 @dataclass
 class MADTPConfig(MethodConfig):
     """MADTP's settings.
@@ -129,8 +135,7 @@ class MADTPConfig(MethodConfig):
     code_norm: str = "sum"
 
     def __post_init__(self) -> None:
-        self.flops_reduction = check_number("flops_reduction", self.flops_reduction, low=0, high=1,
-                                            low_open=True, high_open=True, owner="MADTP")
+        self.flops_reduction = check_flops_reduction(self.flops_reduction)
         self.tau = check_number("tau", self.tau, low=0, low_open=True, owner="MADTP")
         self.num_codes = check_int("num_codes", self.num_codes, low=1)
         if self.code_dim is not None:
@@ -534,10 +539,15 @@ def madtp_tau(model: nn.Module) -> float:
 
 
 def update_madtp(model: nn.Module, **changes: Any) -> None:
-    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep``, ``ragged`` or ``code_norm`` of an applied MADTP."""
+    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep``, ``ragged`` or ``code_norm`` of an applied MADTP.
+
+    τ lives in one place, the model's MADTP module (:func:`madtp_tau` reads it): the config's
+    ``tau`` is the starting value :func:`apply_madtp` used, so a new ``tau`` is validated by the
+    config's rule and set on the module only."""
     pair, module = _pair_and_module(model)
     hooks = hooks_named(pair.model, HOOK_NAME)
     old = hooks[0].config
+    tau = old.replace(tau=changes.pop("tau")).tau if "tau" in changes else None
     new = old.replace(**changes)
     for key in ("num_codes", "code_dim", "locations", "towers"):
         if getattr(new, key) != getattr(old, key):
@@ -545,8 +555,8 @@ def update_madtp(model: nn.Module, **changes: Any) -> None:
                              f"{getattr(new, key)!r}); apply it again")
     for hook in hooks:
         hook.config = new
-    if "tau" in changes:
-        module.tau = new.tau
+    if tau is not None:
+        module.tau = tau
         module.calibrated = True  # a τ the user (or a restored controller) chose
 
 
@@ -732,8 +742,7 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
     """
     pair, module = _pair_and_module(model)
     hooks = hooks_named(pair.model, HOOK_NAME)
-    p = hooks[0].config.flops_reduction if flops_reduction is None else check_number(
-        "flops_reduction", flops_reduction, low=0, high=1, low_open=True, high_open=True, owner="MADTP")
+    p = hooks[0].config.flops_reduction if flops_reduction is None else check_flops_reduction(flops_reduction)
     rtol = check_number("rtol", rtol, low=0, low_open=True)
     max_evals = check_int("max_evals", max_evals, low=2)
     batches = list(batches)
@@ -823,7 +832,7 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
     module.tau, module.start = best_tau, best_start
     module.calibrated = True
     for hook in hooks:
-        hook.config = hook.config.replace(tau=best_tau, flops_reduction=p)
+        hook.config = hook.config.replace(flops_reduction=p)  # τ's one owner is the module
     result = MADTPCalibration(best_tau, best, baseline, target, p, evals, best_start)
     if result.error > max(rtol, 0.03):
         warnings.warn(f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} (first pruning "
