@@ -52,3 +52,34 @@ def test_builtin_methods_are_found_by_their_folders():
     assert {"tome", "madtp", "galore", "memvp"} <= set(names)
     assert names == sorted(m.name for m in all_methods() if m.name in names)
     assert all(t in TRAITS for m in all_methods() for t in m.traits)
+
+
+def test_a_declared_rule_is_enforced_when_hooks_attach_without_hook_code():
+    """A new method declares its refusal once in its registry entry; the backbone layer enforces it
+    on every tower, in either order, and its hook needs no ``conflict_with`` of its own."""
+    import torch
+
+    import tiny_models as tm
+    import vleff
+    from vleff import registry
+    from vleff.backbones import TowerHook, find_towers
+    from vleff.tokens.common import attach_hooks, remove_hooks
+
+    class ProbeHook(TowerHook):
+        name = "probe"
+
+    registry.register_method(_method(traits=frozenset({"tower_hook"}),
+                                     refuses=(Refusal("reduces_tokens", "the probe needs every token"),)))
+    try:
+        model = tm.timm_vit(depth=2).eval()
+        attach_hooks(find_towers(model), [ProbeHook()])
+        with pytest.raises(ValueError, match="cannot apply tome while probe is applied .*the probe needs every token"):
+            vleff.apply_tome(model, r=2)
+        remove_hooks(model, "probe")
+        vleff.apply_tome(model, r=2)
+        with pytest.raises(ValueError, match="cannot apply probe while tome is applied .*the probe needs every token"):
+            attach_hooks(find_towers(model), [ProbeHook()])
+        with torch.no_grad():
+            model(tm.images())  # the refused attach left the model running
+    finally:
+        registry._METHODS.pop("probe", None)

@@ -25,6 +25,8 @@ from typing import Any, Callable, ClassVar, Literal
 
 from torch import nn
 
+from vleff.backbones.patch import set_method_conflict_rule
+
 MethodKind = Literal["tokens", "memory", "side"]
 
 #: what a method does to a model, the words conflict rules are written in (one place; a method
@@ -249,6 +251,35 @@ def conflict(a: str, b: str, family: str | None = None) -> str | None:
     first, second = get_method(a), get_method(b)
     rule = first.refusal_of(second, family) or second.refusal_of(first, family)
     return None if rule is None else rule.reason
+
+
+def _hook_conflict(a: str, b: str, family: str) -> str | None:
+    """:func:`conflict` for two hooks on a tower; hooks that are no registered method (a user's,
+    a teacher's capture) follow no rule here."""
+    try:
+        return conflict(a, b, family)
+    except ValueError:
+        return None
+
+
+set_method_conflict_rule(_hook_conflict)
+
+
+def refuse_applied_conflicts(model: nn.Module, name: str) -> None:
+    """``ValueError`` when a method applied to ``model`` conflicts with method ``name`` by either
+    one's declared rules, on any of the model's tower families: for methods that act on the model
+    as a whole (side networks), checked before anything changes. Tower hooks are also checked per
+    tower when attached (:func:`vleff.backbones.patch.check_attachable`)."""
+    from vleff.backbones import find_towers
+
+    families = sorted({tower.family for tower in find_towers(model)}) or [None]
+    for other in applied_methods(model):
+        if other == name:
+            continue
+        reason = next((r for r in (conflict(name, other, f) for f in families) if r), None)
+        if reason:
+            raise ValueError(f"cannot apply {name} while {other} is applied to this {type(model).__name__}: {reason}; "
+                             f"remove {other} first")
 
 
 def remove_all(model: nn.Module) -> nn.Module:

@@ -8,6 +8,8 @@ the token state of the latest forward.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -20,6 +22,18 @@ PATCH_ATTR = "_vleff_patch"
 #: set on a tower's root (to the method's name) by a method that runs the tower's blocks itself,
 #: as reversible stacks do: the generic block forward, and with it every tower hook, would not run
 BLOCK_RUNNER_ATTR = "_vleff_block_runner"
+
+#: why two methods (named by their hooks) cannot share a tower of a family, or ``None``. The
+#: registry installs its rule here when it is imported (:func:`vleff.registry.conflict`, the
+#: methods' declared refusals): the backbone layer asks it without knowing any method.
+MethodConflictRule = Callable[[str, str, str], "str | None"]
+_method_conflict_rule: MethodConflictRule | None = None
+
+
+def set_method_conflict_rule(rule: MethodConflictRule | None) -> None:
+    """Install the rule :func:`check_attachable` asks before any hook's own ``conflict_with``."""
+    global _method_conflict_rule
+    _method_conflict_rule = rule
 
 
 class TowerPatch:
@@ -139,8 +153,9 @@ def set_block_runner(root: nn.Module, method: str | None) -> None:
 
 def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
     """``ValueError`` when ``hook`` cannot join ``adapter``'s tower: a method runs the tower's
-    blocks itself (the hook would be skipped), or a hook already there conflicts with it (either
-    way, :meth:`TowerHook.conflict_with`). Methods check every tower before patching any, so a
+    blocks itself (the hook would be skipped), or a hook already there conflicts with it: by the
+    methods' declared rules (the registry's, see :func:`set_method_conflict_rule`), else by either
+    hook's own :meth:`TowerHook.conflict_with` (for hooks that are no registered method). Methods check every tower before patching any, so a
     refusal leaves the model as it was."""
     runner = adapter.root.__dict__.get(BLOCK_RUNNER_ATTR)
     if runner is not None:
@@ -151,7 +166,9 @@ def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
     for other in patch.hooks if patch is not None else ():
         if other.name == hook.name:  # the same method again: add_hook refuses or the method updates it
             continue
-        reason = hook.conflict_with(other) or other.conflict_with(hook)
+        rule = _method_conflict_rule
+        reason = ((rule(hook.name, other.name, adapter.family) if rule is not None else None)
+                  or hook.conflict_with(other) or other.conflict_with(hook))
         if reason:
             raise ValueError(f"cannot apply {hook.name} while {other.name} is applied to {adapter.describe()}: "
                              f"{reason}; remove {other.name} first")

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
-from vleff.registry import get_method
 
 #: module names the side methods register on a tower root
 SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt")
@@ -220,29 +219,6 @@ class CompactHeadInput:
 
 
 # --- apply / remove (the pieces LST and UniPT share) ------------------------------------------
-def applied_token_methods(model: nn.Module) -> list[str]:
-    """Names of the token-reduction methods applied to ``model`` (side methods read full streams)."""
-    from vleff.registry import available_methods
-    from vleff.tokens.common import hooks_named
-
-    names = []
-    for name in available_methods():
-        try:
-            method = get_method(name)
-        except ImportError:
-            continue
-        if method.kind == "tokens" and hooks_named(model, name):
-            names.append(name)
-    return names
-
-
-def refuse_token_methods(model: nn.Module, name: str) -> None:
-    tokens = applied_token_methods(model)
-    if tokens:
-        raise ValueError(f"cannot apply {name} while {', '.join(tokens)} is applied: {name} reads every block's "
-                         "output of the full frozen token stream; remove the token method first")
-
-
 def attach_side(tower: TowerAdapter, name: str, module_name: str, module: SideModule) -> None:
     """Register ``module`` on the tower root, the layer reader on the tower, the final-norm hook
     (and the compact head input on a timm head)."""

@@ -31,7 +31,9 @@ from vleff.registry import Method, Refusal, register_method
 METHOD = register_method(Method(
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reduces_tokens", "owns_tokens"}),
-    refuses=(Refusal("reduces_tokens", "both reduce that tower's tokens"),),
+    refuses=(Refusal("reduces_tokens", "both reduce that tower's tokens"),
+             Refusal("reads_full_stream", "it reads every block's output of the tower's full token stream, which "
+                     "CrossGET changes (it adds a cross token and merges tokens)")),
     updatable=("r_image", "r_text", "prop_attn", "loss_weight", "trace_source", "metric", "ensemble"),
     required_on_load=True,
     name="crossget", kind="tokens", config=CrossGETConfig, apply=apply_crossget, remove=remove_crossget,

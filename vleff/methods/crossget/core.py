@@ -234,23 +234,15 @@ class PendingCrossTokens:
         self.pending = {}
 
 
-def _conflict_reason(other: str) -> str:
-    """Why CrossGET and the hook called ``other`` cannot share a tower, named truthfully.
-
-    Another token method (ToMe, EViT, DynamicViT, MADTP) reduces the same tokens; a side
-    method's hook (LST, UniPT, VQT) reduces nothing but reads every block's full token stream,
-    which CrossGET changes (it adds the cross token and merges tokens).
-    """
+def _hook_conflict_reason(other: str) -> str | None:
+    """Why CrossGET cannot share a tower with the hook called ``other`` when that hook is no
+    registered method (a user's hook, a teacher's capture): registered methods follow their
+    declared rules (``METHOD.refuses``, asked by the patch before this)."""
     try:
-        kind = get_method(other).kind
-    except ValueError:  # a hook that is no registered method (a user's, a teacher's capture)
-        kind = None
-    if kind == "tokens":
-        return "both reduce that tower's tokens"
-    if kind == "side":
-        return (f"{other} reads every block's output of the tower's full token stream, which CrossGET changes "
-                "(it adds a cross token and merges tokens)")
-    return f"{other} is a hook on the same blocks, and CrossGET changes the tower's token stream under it"
+        get_method(other)
+    except ValueError:
+        return f"{other} is a hook on the same blocks, and CrossGET changes the tower's token stream under it"
+    return None
 
 
 # --- the hook -------------------------------------------------------------------------------------------
@@ -274,8 +266,9 @@ class CrossGETHook(TowerHook):
         self.r = config.r_image if self.modality == "image" else config.r_text
 
     def conflict_with(self, other: TowerHook) -> str | None:
-        """CrossGET shares a tower with no other method hook (refused when either is applied)."""
-        return _conflict_reason(other.name)
+        """CrossGET shares a tower with no hook that is not a registered method (registered
+        methods: their declared rules, see :func:`vleff.registry.conflict`)."""
+        return _hook_conflict_reason(other.name)
 
     # --- entry points --------------------------------------------------------------------------------
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:

@@ -20,9 +20,8 @@ from vleff.registry import Method, Refusal, register_method
 METHOD = register_method(Method(
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reads_full_stream"}),
-    refuses=(Refusal("reduces_tokens",
-                     "LST reads every block's output of the full frozen token stream; remove the token "
-                     "method first"),),
+    refuses=(Refusal("reduces_tokens", "LST reads every block's output of the full frozen token stream, which "
+                             "token reduction changes"),),
     required_on_load=True,
     name="lst", kind="side", config=LSTConfig, apply=apply_lst, remove=remove_lst, is_applied=lst_applied,
     callback="vleff.callbacks.LadderSideTuning", mixin="vleff.callbacks.LSTMixin", towers=TOWERS,

@@ -49,8 +49,8 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
-from vleff.registry import MethodConfig
-from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply, refuse_token_methods,
+from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply,
                                restore_on_remove, side_modules)
 from vleff.tokens.common import hooks_named, select_towers
 
@@ -371,7 +371,7 @@ def apply_lst(model: nn.Module, config: LSTConfig | None = None, fisher: dict[in
         _check_tower(tower, cfg)
     if lst_applied(model):
         remove_lst(model)
-    refuse_token_methods(model, HOOK_NAME)
+    refuse_applied_conflicts(model, HOOK_NAME)
     for tower in towers:
         if fisher is not None:
             missing = [n for n, p in tower.root.named_parameters() if p.dim() == 2 and id(p) not in fisher]

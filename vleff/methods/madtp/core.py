@@ -69,7 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerHook, get_patch
+from vleff.backbones import BlockInfo, TokenState, TowerHook
+from vleff.backbones.patch import check_attachable
 from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, hold, pair_context, partner
 from vleff.backbones.state import gather_tokens
 from vleff.backbones.text import PAD, PROTECTED, eot_rows, refuse_causal_decoder, refuse_causal_decoder_towers
@@ -82,8 +83,6 @@ MODULE_NAME = "vleff_madtp"
 FILLER = "madtp_filler"
 ALIGN_LOSS = "madtp/align"
 TOWERS = ("image", "text")
-#: token methods MADTP cannot share a tower with (each rewrites the sequence its own way)
-CONFLICTS = ("tome", "evit", "dynamicvit", "crossget")
 RAGGED = ("mask", "max")
 CODE_NORMS = ("sum", "shift")
 #: the reference's guard in every normalisation (``x / (x.sum() + 1e-8)``)
@@ -266,12 +265,6 @@ class MADTPHook(TowerHook):
 
     # --- entry points ----------------------------------------------------------------------------
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        patch = get_patch(self.root)
-        if patch is not None:
-            others = [h.name for h in patch.hooks if h.name in CONFLICTS]
-            if others:
-                raise ValueError(f"MADTP cannot run with {', '.join(others)} on the same {self.modality} tower (each "
-                                 f"rewrites the token sequence its own way); remove {others[0]} or madtp")
         state.scratch[HOOK_NAME] = {"feature": None}
         return x
 
@@ -458,17 +451,6 @@ def _pair_and_module(model: nn.Module) -> tuple[ModelPair, MADTPModule]:
     return pair, module
 
 
-def _refuse_conflicts(pair: ModelPair, prune: tuple[str, ...]) -> None:
-    for tower in (pair.image_tower, pair.text_tower):
-        if tower.modality not in prune:
-            continue
-        patch = get_patch(tower.root)
-        for other in CONFLICTS:
-            if patch is not None and patch.get_hook(other) is not None:
-                raise ValueError(f"cannot apply madtp while {other} is applied to the {tower.modality} tower: each "
-                                 f"rewrites the token sequence its own way; remove {other} first")
-
-
 def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings: Any) -> nn.Module:
     """MADTP on both towers of an image-text ``model`` (in place).
 
@@ -493,20 +475,21 @@ def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings:
     prune = tower_modalities(cfg.towers)
     locs = {m: (tuple(range(len(t.blocks()))) if cfg.locations is None
                 else _check_locations(cfg.locations, len(t.blocks()), m)) for m, t in towers.items()}
-    _refuse_conflicts(pair, prune)
     if "text" in prune:
         refuse_causal_decoder_towers(pair.model, [pair.text_tower], "MADTP", f"towers={cfg.towers!r}",
                                      "Use towers='image' (the decoder then only supplies its alignment feature)")
     widths = {m: t.embed_dim for m, t in towers.items()}
     depths = {m: len(t.blocks()) for m, t in towers.items()}
     code_dim = cfg.code_dim or max(widths.values())
-    if hooks_named(pair.model, HOOK_NAME):
-        remove_madtp(pair.model)
     param = next(pair.model.parameters())
     module = MADTPModule(cfg.num_codes, code_dim, widths, depths, cfg.tau).to(device=param.device, dtype=param.dtype)
     module.train(pair.model.training)
-    setattr(pair.model, MODULE_NAME, module)
     hooks = [MADTPHook(module, m, t.root, locs[m], m in prune, cfg) for m, t in towers.items()]
+    for tower, hook in zip(towers.values(), hooks):  # every conflict refused before the model changes
+        check_attachable(tower, hook)
+    if hooks_named(pair.model, HOOK_NAME):
+        remove_madtp(pair.model)
+    setattr(pair.model, MODULE_NAME, module)
     attach_hooks(list(towers.values()), hooks)
     return model
 

@@ -19,9 +19,8 @@ from vleff.registry import Method, Refusal, register_method
 METHOD = register_method(Method(
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reads_full_stream"}),
-    refuses=(Refusal("reduces_tokens",
-                     "UniPT reads every block's output of the full frozen token stream; remove the "
-                     "token method first"),),
+    refuses=(Refusal("reduces_tokens", "UniPT reads every block's output of the full frozen token stream, which "
+                             "token reduction changes"),),
     required_on_load=True,
     name="unipt", kind="side", config=UniPTConfig, apply=apply_unipt, remove=remove_unipt, is_applied=unipt_applied,
     callback="vleff.callbacks.UniPT", mixin="vleff.callbacks.UniPTMixin", towers=TOWERS,

@@ -36,8 +36,8 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter
 from vleff.checks import check_int, check_towers
-from vleff.registry import MethodConfig
-from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply, refuse_token_methods,
+from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply,
                                restore_on_remove, side_modules)
 from vleff.tokens.common import hooks_named, select_towers
 
@@ -130,7 +130,7 @@ def apply_unipt(model: nn.Module, config: UniPTConfig | None = None, **settings:
     hidden = {id(t.root): _check_tower(t, cfg) for t in towers}  # every tower checked before any change
     if unipt_applied(model):
         remove_unipt(model)
-    refuse_token_methods(model, HOOK_NAME)
+    refuse_applied_conflicts(model, HOOK_NAME)
     for tower in towers:
         module = UniPTModule(len(tower.blocks()) + 1, tower.embed_dim, hidden[id(tower.root)])
         attach_side(tower, HOOK_NAME, MODULE_NAME, module)

@@ -21,9 +21,8 @@ from vleff.registry import Method, Refusal, register_method
 METHOD = register_method(Method(
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reads_full_stream"}),
-    refuses=(Refusal("reduces_tokens",
-                     "VQT reads every block's output of the full frozen token stream; remove the token "
-                     "method first"),),
+    refuses=(Refusal("reduces_tokens", "VQT's queries read each block's keys/values of the full frozen token "
+                             "stream, which token reduction changes"),),
     required_on_load=True,
     name="vqt", kind="side", config=VQTConfig, apply=apply_vqt, remove=remove_vqt, is_applied=vqt_applied,
     callback="vleff.callbacks.VisualQueryTuning", mixin="vleff.callbacks.VQTMixin", towers=TOWERS,

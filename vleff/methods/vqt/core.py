@@ -45,8 +45,8 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
-from vleff.registry import MethodConfig
-from vleff.side.common import (FinalFeatures, SideModule, applied_token_methods, clear_side_state, final_norm,
+from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.side.common import (FinalFeatures, SideModule, clear_side_state, final_norm,
                                freeze_backbone, freeze_on_apply, restore_on_remove, unwatch_forward_end,
                                watch_forward_end)
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
@@ -250,10 +250,7 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     cfg = VQTConfig.build(config, **settings)
     if vqt_applied(model):
         remove_vqt(model)
-    tokens = applied_token_methods(model)
-    if tokens:
-        raise ValueError(f"cannot apply vqt while {', '.join(tokens)} is applied: VQT's queries read each block's "
-                         "keys/values of the full frozen token stream; remove the token method first")
+    refuse_applied_conflicts(model, HOOK_NAME)
     for tower in select_towers(model, cfg.towers):  # every tower checked before any is changed
         _check_supported(tower)
     modules: dict[int, VQTModule] = {}
