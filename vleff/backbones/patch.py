@@ -129,6 +129,9 @@ class PatchedForward:
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         adapter = self.patch.adapter
+        if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
+            raise TypeError(refusal_message(adapter, "torch.fx symbolic tracing (and torchvision's "
+                                            "create_feature_extractor, which uses it)"))
         x, mask, is_causal = adapter.block_inputs(self.block, *args, **kwargs)
         if adapter.layout == "post_norm_cross":
             cross = adapter.cross_inputs(self.block, *args, **kwargs)
@@ -137,6 +140,30 @@ class PatchedForward:
             x = x.transpose(0, 1)
         out = self.patch.run(self.index, self.depth, self.block, x, mask, is_causal)
         return out.transpose(0, 1) if adapter.sequence_first else out
+
+
+def refusal_message(adapter: TowerAdapter, what: str) -> str:
+    """Why ``what`` cannot take a tower vleff patched, and what to use instead."""
+    return (f"{what} cannot take {adapter.describe()}: vleff replaced its blocks' forward (the token state and its "
+            "control flow are Python, not a traceable graph). Export the patched model with torch.export.export or "
+            "compile it with torch.compile; or remove vleff's methods first (vleff.registry.remove_all(model)) to "
+            "script or trace the library model")
+
+
+class RefuseScripting:
+    """Set as a patched block's ``__prepare_scriptable__``: ``torch.jit.script`` calls it on every
+    submodule before compiling, so scripting a patched model stops here with vleff's reason instead
+    of TorchScript's "'PatchedForward' object has no attribute '__globals__'". TorchScript is
+    deprecated upstream; the export paths that work are named in the message."""
+
+    def __init__(self, adapter: TowerAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self) -> nn.Module:
+        raise TypeError(refusal_message(self.adapter, "torch.jit.script"))
+
+
+SCRIPT_ATTR = "__prepare_scriptable__"
 
 
 def get_patch(root: nn.Module) -> TowerPatch | None:
@@ -194,6 +221,7 @@ def patch_tower(adapter: TowerAdapter) -> TowerPatch:
     blocks = adapter.blocks()
     for index, block in enumerate(blocks):
         block.forward = PatchedForward(patch, index, len(blocks), block)
+        block.__dict__[SCRIPT_ATTR] = RefuseScripting(adapter)
     adapter.root.__dict__[PATCH_ATTR] = patch
     return patch
 
@@ -205,6 +233,7 @@ def unpatch_tower(root: nn.Module) -> bool:
         return False
     for block in patch.adapter.blocks():
         block.__dict__.pop("forward", None)
+        block.__dict__.pop(SCRIPT_ATTR, None)
     if patch._ids_hook is not None:
         embedding, hook_id = patch._ids_hook
         embedding._forward_pre_hooks.pop(hook_id, None)
