@@ -25,6 +25,7 @@ their Lightning resume check fits the LightningModule their row's ``fit`` builds
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -74,8 +75,9 @@ class Settings:
     #: back to the library's key, for methods that move existing state (``peft`` wraps a module:
     #: ``qkv.weight`` -> ``qkv.base_layer.weight``); the renamed entries must hold the library's values
     renamed_keys: tuple[tuple[str, str], ...] = ()
-    #: the method runs under the library's gradient checkpointing (plain modules, no tower hook):
-    #: checked to give the gradients of the same model without it, instead of being refused
+    #: the method runs under the library's gradient checkpointing (its hooks replay a block exactly,
+    #: or it adds plain modules): checked to give the gradients of the same model without it, with
+    #: non-re-entrant and (where the library offers it) re-entrant checkpointing, instead of refused
     grad_checkpointing: bool = False
 
 
@@ -141,12 +143,12 @@ SETTINGS: dict[str, Settings] = {
     "tome": Settings(noop={"r": 0}, active={"r": 2},
                      refusals=[({"r": -1}, "r=-1"), ({"r": float("nan")}, "r=nan"), ({"prop_attn": 1}, "prop_attn"),
                                ({"towers": "audio"}, "towers"), ({"trace_source": "yes"}, "trace_source")],
-                     callback_args={"r": 2}),
+                     callback_args={"r": 2}, grad_checkpointing=True),
     "evit": Settings(noop={"keep_rate": 1.0, "locations": [0]}, active={"keep_rate": 0.5, "locations": [0]},
                      refusals=[({"keep_rate": 0}, "keep_rate"), ({"keep_rate": 1.5}, "keep_rate"),
                                ({"locations": [2, 1]}, "locations"), ({"fuse": "no"}, "fuse"),
                                ({"towers": "audio"}, "towers")],
-                     callback_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 4}),
+                     callback_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 4}, grad_checkpointing=True),
     "dynamicvit": Settings(noop={"keep_ratios": [1.0], "locations": [1], "distill": False},
                            active={"rho": 0.5, "locations": [1], "distill": False},
                            refusals=[({"rho": 0}, "rho"), ({"keep_ratios": [0.5, 0.7]}, "non-increasing"),
@@ -166,18 +168,18 @@ SETTINGS: dict[str, Settings] = {
                     refusals=[({"num_queries": 0}, "num_queries"), ({"num_queries": 1.5}, "num_queries"),
                               ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
                     state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
-                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip")),
+                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip"), grad_checkpointing=True),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(noop={"reduction": 4}, active={"reduction": 2},
                     refusals=[({"reduction": 0}, "reduction"), ({"reduction": 2.5}, "reduction"),
                               ({"side_heads": 0}, "side_heads"), ({"init": "random"}, "init"),
                               ({"temperature": 0}, "temperature"), ({"towers": "audio"}, "towers")],
                     state_prefix="vleff_lst.", callback_args={"reduction": 4}, activate=_perturb_side_up,
-                    families=SIDE_FAMILIES),
+                    families=SIDE_FAMILIES, grad_checkpointing=True),
     "unipt": Settings(noop={"factor": 2}, active={"factor": 1},
                       refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
                       state_prefix="vleff_unipt.", callback_args={"factor": 2}, activate=_perturb_side_up,
-                      families=SIDE_FAMILIES),
+                      families=SIDE_FAMILIES, grad_checkpointing=True),
     # peft LoRA on the attention input projections: plain modules, so it stacks with tower hooks on timm
     # and HF CLIP; on open_clip a tower hook's generic block reads in_proj_weight without peft's
     # substitution: refused both ways (CrossGET and MADTP meet LoRA on open_clip first)
@@ -414,29 +416,74 @@ def test_bf16_autocast_forward_and_backward_agree_with_fp32(name, family, tower)
     _check_bf16_against_fp32(model, fwd)
 
 
-@pytest.mark.parametrize("name, family, tower", [c for c in CASES if FAMILIES[c[1]].grad_checkpointing],
-                         ids=[i for c, i in zip(CASES, CASE_IDS) if FAMILIES[c[1]].grad_checkpointing])
-def test_gradient_checkpointing_is_refused_clearly(name, family, tower):
+@contextlib.contextmanager
+def _checkpointing(family: str, model: torch.nn.Module, reentrant: bool):
+    """The library's own gradient checkpointing on ``model``: non-re-entrant, or re-entrant where
+    the library offers it (timm through its global switch, restored afterwards; Hugging Face)."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(reentrant)
+    try:
+        REENTRANT[family](model, reentrant) if family in REENTRANT else FAMILIES[family].grad_checkpointing(model)
+        yield
+    finally:
+        set_reentrant_ckpt(before)
+
+
+def _hf_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+#: families whose library offers re-entrant checkpointing too (open_clip's is non-re-entrant)
+REENTRANT: dict[str, Callable[[torch.nn.Module, bool], None]] = {
+    **{f: (lambda m, reentrant: m.set_grad_checkpointing(True)) for f in ("timm_vit", "deit_distilled", "timm_registers")},
+    "hf_clip": _hf_checkpointing, "hf_blip": _hf_checkpointing,
+}
+
+
+CHECKPOINT_CASES = [(*c, reentrant) for c in CASES if FAMILIES[c[1]].grad_checkpointing
+                    for reentrant in ((False, True) if c[1] in REENTRANT else (False,))]
+
+
+@pytest.mark.parametrize("name, family, tower, reentrant", CHECKPOINT_CASES,
+                         ids=[f"{n}-{f}-{t}-{'reentrant' if r else 'nonreentrant'}" for n, f, t, r in CHECKPOINT_CASES])
+def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, family, tower, reentrant):
+    """Under the library's checkpointing a method either gives the gradients of the same model
+    without it (blocks replay from the token state they started from) or is refused, when applied
+    or when run, naming checkpointing. A method whose hooks hand gradients out of the blocks (VQT)
+    may be refused under re-entrant checkpointing only; methods that cannot replay always are."""
+    if name == "lora" and reentrant and not family.startswith("hf_"):
+        pytest.xfail("LoRA on a frozen timm tower under re-entrant checkpointing: the blocks' input needs no "
+                     "gradient, so torch's re-entrant checkpoint gives the adapters none (known, not fixed yet)")
     model, fwd = _model_and_forward(family, tower)
-    if SETTINGS[name].grad_checkpointing:  # runs under checkpointing: the same gradients as without
-        _apply(name, model, SETTINGS[name].active, tower)
-        SETTINGS[name].activate(model) if SETTINGS[name].activate is not None else None
-        plain = copy.deepcopy(model)
-        FAMILIES[family].grad_checkpointing(model)
-        grads = []
-        for m in (plain, model):
-            m.train()
-            fwd(m).square().mean().backward()
-            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-        assert grads[0] and set(grads[0]) == set(grads[1])
-        for n, g in grads[0].items():
-            torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
-        return
-    FAMILIES[family].grad_checkpointing(model)
-    model.train()
-    with pytest.raises(RuntimeError, match="gradient checkpointing"):  # when applied or when run
-        _apply(name, model, SETTINGS[name].active, tower)
-        fwd(model)
+    may_refuse = not SETTINGS[name].grad_checkpointing or (reentrant and name == "vqt")
+    with _checkpointing(family, model, reentrant):
+        model.train()
+        try:
+            _apply(name, model, SETTINGS[name].active, tower)
+            SETTINGS[name].activate(model) if SETTINGS[name].activate is not None else None
+            plain = copy.deepcopy(model)
+            _disable_checkpointing(family, plain)
+            grads = []
+            for m in (plain, model):
+                fwd(m).square().mean().backward()
+                grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        except (RuntimeError, ValueError) as err:
+            if not may_refuse or "gradient checkpointing" not in str(err):
+                raise
+            return
+    assert SETTINGS[name].grad_checkpointing, f"{name} ran under checkpointing but its row says it is refused"
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _disable_checkpointing(family: str, model: torch.nn.Module) -> None:
+    if family.startswith("hf_"):
+        model.gradient_checkpointing_disable()
+    else:
+        model.set_grad_checkpointing(False)
 
 
 def _refuses(a: str, b: str) -> bool:

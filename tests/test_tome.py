@@ -1,6 +1,8 @@
 """ToMe: matching and merging against a brute-force reference, and the patched models."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,29 +270,28 @@ def test_flops_fall_with_r():
     assert totals[3] < 0.8 * totals[0]
 
 
-def test_gradient_checkpointing_is_refused_clearly():
-    model = tm.timm_vit().train()
-    model.set_grad_checkpointing(True)
-    apply_tome(model, r=2)
-    with pytest.raises(RuntimeError, match="has gradient checkpointing on"):
-        model(tm.images())
-    with torch.no_grad():  # no recomputation without gradients: merging works
-        assert model(tm.images()).shape[0] == 2
-    model.set_grad_checkpointing(False)
-    model(tm.images()).sum().backward()
-
-
-@pytest.mark.parametrize("family", ["open_clip", "hf_clip", "hf_blip"])
-def test_gradient_checkpointing_is_detected_on_every_family(family):
-    make, fwd = FORWARDS[family]
+@pytest.mark.parametrize("family", ["timm", "open_clip", "hf_clip", "hf_blip"])
+def test_gradient_checkpointing_trains_with_merging_on_every_family(family):
+    """The library's own checkpointing recomputes each block in backward; a merged block replays
+    from the token state it started from, so the gradients are those of the run without it
+    (issue 30: it used to be refused)."""
+    make, fwd = (lambda: tm.timm_vit(), lambda m, x: m(x)) if family == "timm" else FORWARDS[family]
+    torch.manual_seed(0)
     model = make().train()
-    if family == "open_clip":
+    apply_tome(model, r=2)
+    plain = copy.deepcopy(model)
+    if family in ("timm", "open_clip"):
         model.set_grad_checkpointing(True)
     else:
         model.gradient_checkpointing_enable()
-    apply_tome(model, r=2)
-    with pytest.raises(RuntimeError, match="has gradient checkpointing on"):
-        fwd(model, tm.images())
+    grads = []
+    for m in (plain, model):
+        fwd(m, tm.images()).float().square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert last_token_state(model).token_counts[-1] < last_token_state(model).token_counts[0]  # it merged
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("family", list(FORWARDS))

@@ -236,9 +236,15 @@ class TowerHook:
     """
 
     name: ClassVar[str] = ""
-    #: the hook's effect can be recomputed block by block (a library's gradient checkpointing);
-    #: hooks that change or randomly mask the tokens cannot, and the patch refuses checkpointing
+    #: the hook is a pure function of a block's input and the token state the block started from
+    #: (it writes only to that state, never to itself or the model), so gradient checkpointing can
+    #: recompute a block in backward from a copy of that state (:meth:`TowerPatch.run`); towers
+    #: with a hook that is not are refused checkpointing, at apply and at the forward
     replayable: ClassVar[bool] = False
+    #: the hook hands tensors that need gradients to code outside the blocks (collected in the
+    #: token state's scratch and read after the forward). Re-entrant checkpointing runs the forward
+    #: without gradients and would cut them, so only non-re-entrant checkpointing is allowed
+    side_outputs: ClassVar[bool] = False
 
     def conflict_with(self, other: TowerHook) -> str | None:
         """Why this hook cannot share a tower with ``other``, or ``None``. Asked both ways when

@@ -8,6 +8,7 @@ the token state of the latest forward.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 import torch
@@ -36,6 +37,30 @@ def set_method_conflict_rule(rule: MethodConflictRule | None) -> None:
     _method_conflict_rule = rule
 
 
+#: forwards whose block entries are kept for replay: gradient accumulation or two losses may run
+#: several forwards before one backward; the newest entries are searched first
+REPLAY_FORWARDS = 8
+#: a recorded block entry: ``(block index, input data pointer, input shape)``
+EntryKey = tuple[int, int, tuple[int, ...]]
+#: what a replay starts from: the token state the block started from, and (the first block)
+#: whether the hooks' ``start`` left the tower's input unchanged
+Entry = tuple[TokenState, bool]
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread: where gradient
+    checkpointing recomputes blocks (re-entrant and non-re-entrant alike)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def checkpoint_refusal(adapter: TowerAdapter, names: list[str]) -> str:
+    return (f"{adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; the methods "
+            f"applied ({', '.join(names)}) cannot replay a block from its inputs (they read state another tower or "
+            "an earlier step left). Turn it off (timm: model.set_grad_checkpointing(False); open_clip: "
+            "model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) or run "
+            "without gradients")
+
+
 class TowerPatch:
     """The generic forward installed on one tower: adapter, hooks, and the last token state."""
 
@@ -50,6 +75,15 @@ class TowerPatch:
         #: the per-step context both towers of a model pair share (:meth:`vleff.backbones.pairs.ModelPair.context`);
         #: each forward started while it is set records its token state there
         self.context = None
+        #: block entries of the latest forwards that ran with checkpointing on (for replay):
+        #: the token state each block started from (``None`` for block 0: a fresh start)
+        self._recordings: deque[dict[EntryKey, Entry]] = deque(maxlen=REPLAY_FORWARDS)
+        self._recording: dict[EntryKey, Entry] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_recordings"], state["_recording"] = deque(maxlen=REPLAY_FORWARDS), None  # per-forward
+        return state
 
     @property
     def running_hooks(self) -> list[TowerHook]:
@@ -75,38 +109,87 @@ class TowerPatch:
         return next((h for h in self.hooks if h.name == name), None)
 
     # --- forward -------------------------------------------------------------------------
-    def _start(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
+    def _start(self, x: torch.Tensor, replay: bool = False) -> tuple[torch.Tensor, TokenState]:
         if x.shape[0] == 0:
             # the hooks' per-sample work (matching, top-k, thresholds, side layers) has no sample to
             # run on; refused here, once for every method, rather than failing deep inside one
             raise ValueError(f"{self.adapter.describe()} got a batch of 0 samples (input shape {tuple(x.shape)}) "
                              f"with {', '.join(h.name for h in self.running_hooks) or 'vleff hooks'} applied; "
                              "allowed: a batch of at least 1 sample (skip empty batches before the forward)")
-        unreplayable = [h.name for h in self.running_hooks if not h.replayable]
-        if unreplayable and torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
-            raise RuntimeError(
-                f"{self.adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; "
-                f"the methods applied ({', '.join(unreplayable)}) change the tokens from block "
-                "to block and cannot be replayed that way. Turn it off (timm: model.set_grad_checkpointing(False); "
-                "open_clip: model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) "
-                "or run without gradients.")
         state = TokenState(num_prefix=self.adapter.num_prefix_tokens, num_input_tokens=x.shape[1],
                            num_tokens=x.shape[1], batch_size=x.shape[0])
-        self.state = state
-        if self.context is not None:
-            self.context.attach(self.adapter.modality, state)
+        if not replay:
+            # a forward that will be recomputed in backward: gradients on (non-re-entrant), or an
+            # input that needs them (re-entrant checkpointing runs the forward without gradients)
+            # a forward the library may recompute in backward (the flag's walk only when training)
+            training = torch.is_grad_enabled() or x.requires_grad or self.adapter.root.training
+            recomputed = training and not torch.compiler.is_compiling() and self.adapter.gradient_checkpointing()
+            if recomputed:
+                self._check_replayable(x)
+            self._recording = {} if recomputed else None
+            if self._recording is not None:
+                self._recordings.append(self._recording)
+            self.state = state
+            if self.context is not None:
+                self.context.attach(self.adapter.modality, state)
         for hook in self.running_hooks:
             x = hook.start(x, state)
         return x, state
 
+    def _check_replayable(self, x: torch.Tensor) -> None:
+        """Refuse a forward that checkpointing will recompute when a hook cannot replay, or when
+        re-entrant checkpointing (the forward runs without gradients although the tower trains)
+        would cut the gradients a hook hands out of the blocks."""
+        hooks = self.running_hooks
+        unreplayable = [h.name for h in hooks if not h.replayable]
+        if unreplayable and (torch.is_grad_enabled() or x.requires_grad):
+            raise RuntimeError(checkpoint_refusal(self.adapter, unreplayable))
+        exporting = [h.name for h in hooks if h.side_outputs]
+        if exporting and not torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.adapter.describe()} runs a training forward without gradients under gradient checkpointing "
+                f"(re-entrant checkpointing does that): {', '.join(exporting)} hands tensors that need gradients out "
+                "of the blocks, which would get none. Use non-re-entrant checkpointing (timm: "
+                "timm.layers.set_reentrant_ckpt(False); Hugging Face: model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False}); open_clip's is) or put the model in eval()")
+
     def run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor,
             mask: torch.Tensor | None, is_causal: bool, cross: CrossInputs | None = None) -> torch.Tensor:
         """One block of the tower; ``cross`` (post-norm towers) carries the image embeddings,
-        their mask and the cache. The block body follows the adapter's layout."""
+        their mask and the cache. The block body follows the adapter's layout.
+
+        Replay: with gradient checkpointing, the library calls a block again in backward with the
+        same input. The block then runs from a copy of the token state it started from in the
+        forward (recorded by its input's storage and shape), so the recomputation is the forward's
+        exactly and leaves the forward's state (and everything read from it) untouched."""
+        compiling = torch.compiler.is_compiling()  # compiled graphs recompute on their own terms
+        key: EntryKey = (index, 0 if compiling else x.data_ptr(), tuple(x.shape))
+        if not compiling and in_backward():
+            entry = next((rec[key] for rec in reversed(self._recordings) if key in rec), _MISSING)
+            if entry is not _MISSING:
+                return self._replay(index, depth, block, x, mask, is_causal, cross, entry)
         if index == 0 or self.state is None:
-            x, state = self._start(x)
+            x_in = x
+            x, state = self._start(x)  # decides whether this forward is recorded
+            if self._recording is not None:
+                self._recording[key] = (state.snapshot(), x is x_in)
         else:
             state = self.state
+            if self._recording is not None:
+                self._recording[key] = (state.snapshot(), True)
+        return self._run(index, depth, block, x, mask, is_causal, cross, state)
+
+    def _replay(self, index: int, depth: int, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cross: CrossInputs | None, entry: Entry) -> torch.Tensor:
+        recorded, same_input = entry
+        if same_input:  # the state the block started from; x as the library passes it
+            state = recorded.snapshot()
+        else:  # the first block, whose hooks changed x at the start: start again (in a fresh state)
+            x, state = self._start(x, replay=True)
+        return self._run(index, depth, block, x, mask, is_causal, cross, state)
+
+    def _run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+             is_causal: bool, cross: CrossInputs | None, state: TokenState) -> torch.Tensor:
         if self.adapter.layout == "post_norm_cross":
             x = run_post_norm_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask,
                                     is_causal, cross if cross is not None else CrossInputs())
@@ -166,6 +249,9 @@ class RefuseScripting:
 SCRIPT_ATTR = "__prepare_scriptable__"
 
 
+_MISSING = object()
+
+
 def get_patch(root: nn.Module) -> TowerPatch | None:
     return root.__dict__.get(PATCH_ATTR)
 
@@ -184,6 +270,8 @@ def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
     methods' declared rules (the registry's, see :func:`set_method_conflict_rule`), else by either
     hook's own :meth:`TowerHook.conflict_with` (for hooks that are no registered method). Methods check every tower before patching any, so a
     refusal leaves the model as it was."""
+    if not hook.replayable and adapter.gradient_checkpointing():
+        raise ValueError(f"cannot apply {hook.name}: {checkpoint_refusal(adapter, [hook.name])}")
     runner = adapter.root.__dict__.get(BLOCK_RUNNER_ATTR)
     if runner is not None:
         raise ValueError(f"cannot apply {hook.name} while {runner} is applied to {adapter.describe()}: {runner} "

@@ -35,6 +35,17 @@ REDUCE_RULES: tuple[str, ...] = ("sum", "max", "min")
 SIZE = "size"
 
 
+def _copy_containers(value: object) -> object:
+    """``value`` with its dicts, lists and tuples copied (recursively); anything else shared."""
+    if isinstance(value, dict):
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copy_containers(v) for v in value)
+    return value
+
+
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[b, idx[b]]`` for a ``[B, N, ...]`` tensor and ``[B, K]`` indices."""
     index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
@@ -199,6 +210,18 @@ class TokenState:
         missing = set(self.fields) - set(values)
         if missing:
             raise ValueError(f"{what} tokens needs a value for every token field; missing {sorted(missing)}")
+
+    # --- replay ----------------------------------------------------------------------------
+    def snapshot(self) -> "TokenState":
+        """A copy to replay a block from (gradient checkpointing recomputes blocks in backward):
+        every container copied, so a replay's merges, appends and scratch writes stay in the copy;
+        tensors shared (they are never changed in place, only replaced)."""
+        return TokenState(
+            num_prefix=self.num_prefix, num_input_tokens=self.num_input_tokens,
+            fields={name: TokenField(f.value, f.reduce) for name, f in self.fields.items()},
+            token_counts=list(self.token_counts), aux_losses=dict(self.aux_losses),
+            scratch={name: _copy_containers(v) for name, v in self.scratch.items()},
+            num_tokens=self.num_tokens, batch_size=self.batch_size)
 
     # --- losses ----------------------------------------------------------------------------
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:

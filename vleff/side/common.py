@@ -52,6 +52,8 @@ SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt")
 # --- reading ---------------------------------------------------------------------------------
 class LayerReader(TowerHook):
     """Collects ``[h_0 … h_L]`` (detached) in ``state.scratch[name]`` for a side method."""
+    #: reads detached block outputs into the token state: replays exactly, hands out no gradient
+    replayable = True
 
     def __init__(self, name: str, adapter: TowerAdapter) -> None:
         self.name = name  # type: ignore[misc]  # one reader per method, named after it

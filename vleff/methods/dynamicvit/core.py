@@ -390,13 +390,16 @@ def apply_dynamicvit(model: nn.Module, config: DynamicViTConfig | None = None, *
         predictors = DynamicViTPredictors(tower.embed_dim, len(locs), priors).to(device=param.device,
                                                                                  dtype=param.dtype)
         predictors.train(tower.root.training)
-        setattr(tower.root, MODULE_NAME, predictors)
         hook = DynamicViTHook(predictors, locs, stage_ratios, cfg.ratio_weight, cfg.eval_mode)
         hook.config = cfg
         made[id(tower.root)] = hook
+        roots.append(tower.root)
         return hook
 
-    install_hooks(model, make_hook, cfg.towers)
+    roots: list[nn.Module] = []
+    install_hooks(model, make_hook, cfg.towers)  # refuses (a conflict, checkpointing) before attaching any
+    for root in roots:  # the predictors join the model once every hook is in
+        setattr(root, MODULE_NAME, made[id(root)].predictors)
     if teacher is not None:
         model.__dict__[DISTILLER_ATTR] = Distiller(model, teacher, list(made.values()), cfg.kl_weight,
                                                    cfg.token_weight, cfg.logits_fn or default_logits)

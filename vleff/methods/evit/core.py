@@ -79,6 +79,8 @@ class EViTHook(TowerHook):
     """The EViT hook of one tower."""
 
     name = HOOK_NAME
+    #: a pure function of the block input and the token state it started from: replays exactly
+    replayable = True
 
     def __init__(self, config: EViTConfig, depth: int, query: int | str = 0) -> None:
         self.config = config

@@ -172,6 +172,8 @@ class ToMeHook(TowerHook):
     """The token-merging hook of one tower."""
 
     name = HOOK_NAME
+    #: a pure function of the block input and the token state it started from: replays exactly
+    replayable = True
 
     def __init__(self, config: ToMeConfig, depth: int) -> None:
         self.config = config

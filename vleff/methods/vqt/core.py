@@ -119,6 +119,10 @@ class VQTHook(TowerHook):
     fresh there) and collects their outputs in the token state's scratch."""
 
     name = HOOK_NAME
+    #: its query outputs go to the token state's scratch (replays exactly), and from there, with
+    #: their gradients, to the head after the forward: non-re-entrant checkpointing only
+    replayable = True
+    side_outputs = True
 
     def __init__(self, adapter: TowerAdapter, module: VQTModule, config: VQTConfig) -> None:
         self.adapter, self.module, self.config = adapter, module, config

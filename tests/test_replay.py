@@ -1,0 +1,90 @@
+"""Replayable blocks (issue 30, point 1): under gradient checkpointing a patched block is
+recomputed in backward from a copy of the token state it started from, so the recomputation
+equals the forward and leaves the forward's state alone; hooks that cannot replay are refused at
+apply (and at the forward, when checkpointing is turned on later)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+import tiny_models as tm
+import vleff
+from vleff.backbones import last_token_state
+
+
+@pytest.fixture(params=[False, True], ids=["nonreentrant", "reentrant"])
+def reentrant(request):
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(request.param)
+    yield request.param
+    set_reentrant_ckpt(before)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_forwards_then_one_backward_replay_each_its_own_state(reentrant):
+    """Gradient accumulation (or two losses) runs several forwards before one backward: each
+    block is replayed from the state of the forward it belongs to."""
+    torch.manual_seed(0)
+    model = vleff.apply_tome(tm.timm_vit(depth=3).double().train(), r=3)
+    a, b = tm.images(2, seed=1).double(), tm.images(3, seed=2).double()  # other sizes: other merges
+    plain = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    for m in (plain, model):
+        (m(a).square().sum() + m(b).abs().sum()).backward()
+    expected, got = _grads(plain), _grads(model)
+    assert expected.keys() == got.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=0, atol=1e-12, msg=n)
+
+
+def test_replays_leave_the_forwards_token_state_alone():
+    model = vleff.apply_evit(tm.timm_vit(depth=3).train(), keep_rate=0.5, locations=[1])
+    model.set_grad_checkpointing(True)
+    out = model(tm.images())
+    state = last_token_state(model)
+    counts, fields = list(state.token_counts), {k: f.value for k, f in state.fields.items()}
+    out.sum().backward()
+    after = last_token_state(model)
+    assert after is state and after.token_counts == counts
+    assert all(after.fields[k].value is v for k, v in fields.items())
+
+
+def test_a_method_that_cannot_replay_is_refused_at_apply_and_leaves_the_model_as_it_was():
+    model = tm.timm_vit(depth=3).train()
+    model.set_grad_checkpointing(True)
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="cannot apply dynamicvit: .*gradient checkpointing on.*set_grad_checkpointing"):
+        vleff.apply_dynamicvit(model, locations=[1])
+    assert set(model.state_dict()) == keys and vleff.registry.applied_methods(model) == []
+
+
+def test_checkpointing_turned_on_after_apply_is_refused_at_the_forward(reentrant):
+    """Re-entrant checkpointing runs the forward without gradients: the refusal must not slip
+    past it (it used to, and backward then failed with a bare shape error)."""
+    model = vleff.apply_dynamicvit(tm.timm_vit(depth=3).train(), locations=[1])
+    model.set_grad_checkpointing(True)
+    with pytest.raises(RuntimeError, match="gradient checkpointing on.*dynamicvit"):
+        model(tm.images())  # the forward itself, before any backward
+
+
+def test_vqt_refuses_reentrant_checkpointing_which_would_cut_its_gradients(reentrant):
+    model = vleff.apply_vqt(tm.timm_vit(depth=2).train(), num_queries=2)
+    model.set_grad_checkpointing(True)
+    if reentrant:
+        with pytest.raises(RuntimeError, match="re-entrant checkpointing.*vqt.*set_reentrant_ckpt\\(False\\)"):
+            model(tm.images())
+        return
+    plain = copy.deepcopy(model)
+    plain.set_grad_checkpointing(False)
+    for m in (plain, model):
+        m(tm.images()).square().mean().backward()
+    expected, got = _grads(plain), _grads(model)
+    assert any("vqt" in n for n in got) and expected.keys() == got.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], msg=n)
