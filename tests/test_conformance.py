@@ -79,6 +79,9 @@ class Settings:
     #: or it adds plain modules): checked to give the gradients of the same model without it, with
     #: non-re-entrant and (where the library offers it) re-entrant checkpointing, instead of refused
     grad_checkpointing: bool = False
+    #: ``torch.export`` (and ONNX) take the applied model at inference (``False``: data-dependent
+    #: token counts; the method must refuse export naming it)
+    exportable: bool = True
 
 
 def _randomize(model: torch.nn.Module, selected: Callable[[str, torch.nn.Parameter], bool]) -> None:
@@ -219,7 +222,7 @@ SETTINGS: dict[str, Settings] = {
                                 ({"tau": 0}, "tau=0"), ({"num_codes": 0}, "num_codes"), ({"ragged": "min"}, "ragged"),
                                 ({"locations": [2, 1]}, "locations"), ({"towers": "audio"}, "towers")],
                       state_prefix="vleff_madtp.", families=("open_clip", "hf_clip", "hf_blip"), fullgraph=False,
-                      callback_args={"flops_reduction": 0.3}, fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
+                      callback_args={"flops_reduction": 0.3}, fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)), exportable=False),
 }
 
 
@@ -583,6 +586,64 @@ def test_torch_compile_one_graph_matches_eager(name):
         compiled = torch.compile(fwd, backend="aot_eager" if fullgraph else "eager", fullgraph=fullgraph)
         torch.testing.assert_close(compiled(model, x), ref, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+class _ImageForward(torch.nn.Module):
+    """One family's image forward as a module (what ``torch.export`` and ONNX take)."""
+
+    def __init__(self, model: torch.nn.Module, family: str) -> None:
+        super().__init__()
+        self.model, self.family = model, family
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from families import IMAGE
+
+        return IMAGE[self.family](self.model, images)
+
+
+def _exportable_model(name: str) -> tuple[torch.nn.Module, str]:
+    family = _method_families(name)[0]
+    model, _ = _model_and_forward(family, "image")
+    _apply(name, model, SETTINGS[name].active, "image")
+    SETTINGS[name].activate(model) if SETTINGS[name].activate is not None else None
+    return _ImageForward(model.eval(), family).eval(), family
+
+
+@pytest.mark.parametrize("name", HOOK_METHODS)
+def test_torch_export_matches_eager_or_is_refused_clearly(name):
+    """Deployment: ``torch.export`` of the patched model (static settings, inference) gives the
+    eager output, or, for a method whose token counts depend on the data, a clear refusal."""
+    import tiny_models as tm
+
+    module, _ = _exportable_model(name)
+    x = tm.images(2)
+    if not SETTINGS[name].exportable:
+        with pytest.raises(RuntimeError, match="torch.export cannot take"):
+            torch.export.export(module, (x,))
+        return
+    exported = torch.export.export(module, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), module(x), atol=1e-6, rtol=1e-5)
+
+
+ONNX_METHODS = [n for n in HOOK_METHODS if get_method(n).kind == "tokens" and SETTINGS[n].exportable]
+
+
+@pytest.mark.parametrize("name", ONNX_METHODS)
+def test_onnx_export_runs_in_onnxruntime_like_eager(name, tmp_path):
+    """A merged or pruned model deployed through ONNX (the dynamo exporter) and run by onnxruntime
+    gives the eager output."""
+    ort = pytest.importorskip("onnxruntime")
+    import tiny_models as tm
+
+    module, _ = _exportable_model(name)
+    x = tm.images(2)
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(module, (x,), dynamo=True, verbose=False).save(str(path))
+    session = ort.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), module(x), atol=1e-5, rtol=1e-4)
 
 
 class ReseedEachStep(pl.Callback):

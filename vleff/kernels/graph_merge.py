@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vleff.kernels.order import stable_argsort
+
 
 @dataclass(frozen=True)
 class GraphMergePlan:
@@ -221,7 +223,7 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
             _check_groups(groups, num_groups)
         sim = similarity_graph(metric, prot, groups)
         # the reference's rank mask: i may pair with j only if j ranks after i by best similarity
-        ranked = sim.amax(dim=-1).sort(dim=-1, descending=True, stable=True).indices
+        ranked = stable_argsort(sim.amax(dim=-1), descending=True)
         rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(n, device=ranked.device).expand(b, n))
         later = rank[:, None, :] > rank[:, :, None]
         best_later = sim.masked_fill(~later, float("-inf")).amax(dim=-1)
@@ -229,12 +231,12 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
         score = score.masked_fill(prot, float("inf"))
         if groups is not None:  # finite scores lie in [-2, 2]: every real token ranks first
             score = torch.where(groups != 0, score + GROUP_PENALTY, score)
-        order = score.argsort(dim=-1, stable=True)
+        order = stable_argsort(score)
         src = order[:, :r]
         is_src = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter(1, src, True)
         to_dst = sim.masked_fill(is_src[:, None, :], float("-inf"))
         dst = to_dst.gather(1, src[..., None].expand(-1, -1, n)).argmax(dim=-1)
-        keep = is_src.to(torch.int8).argsort(dim=1, stable=True)[:, :n - r]  # non-sources, ascending
+        keep = stable_argsort(is_src.to(torch.int8))[:, :n - r]  # non-sources, ascending
         out_pos = (~is_src).long().cumsum(dim=1) - 1
         dst_pos = out_pos.gather(1, dst)
     return GraphMergePlan(src, dst, keep, dst_pos, num_protected, n)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vleff.kernels.dispatch import kernel_backend
+from vleff.kernels.order import stable_argsort
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def similarity_scores(metric: torch.Tensor, num_protected: int, protected: torch
 def plan_from_best_match(node_max: torch.Tensor, node_idx: torch.Tensor, r: int,
                          num_protected: int, num_tokens: int) -> MergePlan:
     """Turn each A token's best B match (value and index) into a merge plan for r edges."""
-    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    order = stable_argsort(node_max, descending=True)
     src_idx = order[:, :r]
     unm_idx = order[:, r:].sort(dim=-1).values
     dst_idx = node_idx.gather(dim=-1, index=src_idx)

@@ -39,6 +39,7 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
 from vleff.backbones.text import PAD, PROTECTED
 from vleff.checks import check_bool, check_number, check_ratio, check_towers
+from vleff.kernels.order import stable_argsort
 from vleff.registry import MethodConfig
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
 from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices
@@ -128,7 +129,7 @@ class EViTHook(TowerHook):
         if bool((k_real >= n_real).all()):
             return x
         ranked = scores.masked_fill(~real, float("-inf"))
-        order = ranked.argsort(dim=1, descending=True, stable=True)
+        order = stable_argsort(ranked, descending=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
         top = real & (rank < k_real[:, None])
         # keep order: EOT, the top real tokens, then padding (filler), then the other real tokens

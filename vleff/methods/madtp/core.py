@@ -70,13 +70,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerHook
+from vleff.backbones.pairs import (
+    ModelPair,
+    caption_mask,
+    find_pair,
+    hold,
+    pair_context,
+    partner,
+)
 from vleff.backbones.patch import check_attachable
-from vleff.backbones.pairs import ModelPair, caption_mask, find_pair, hold, pair_context, partner
 from vleff.backbones.state import gather_tokens
-from vleff.backbones.text import PAD, PROTECTED, eot_rows, refuse_causal_decoder, refuse_causal_decoder_towers
+from vleff.backbones.text import (
+    PAD,
+    PROTECTED,
+    eot_rows,
+    refuse_causal_decoder,
+    refuse_causal_decoder_towers,
+)
 from vleff.checks import check_choice, check_int, check_number, check_towers
+from vleff.kernels.order import stable_argsort
 from vleff.registry import MethodConfig
-from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, tower_modalities
+from vleff.tokens.common import (
+    attach_hooks,
+    hooks_named,
+    remove_hooks,
+    tower_modalities,
+)
 
 HOOK_NAME = "madtp"
 MODULE_NAME = "vleff_madtp"
@@ -265,8 +284,17 @@ class MADTPHook(TowerHook):
 
     # --- entry points ----------------------------------------------------------------------------
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        if self._prunes_anywhere() and torch.compiler.is_exporting():
+            raise RuntimeError(
+                f"torch.export cannot take MADTP on the {self.modality} tower: it keeps a data-dependent number of "
+                "tokens (those whose codebook score clears τ, per sample), and an exported graph needs token counts "
+                "fixed at export time. Export with MADTP removed (vleff.remove_madtp) or its towers= leaving this "
+                "tower out; torch.compile (not fullgraph) does run it")
         state.scratch[HOOK_NAME] = {"feature": None}
         return x
+
+    def _prunes_anywhere(self) -> bool:
+        return any(self._prunes(i) for i in self.locations)
 
     def needs_attention_probs(self, index: int) -> bool:
         return self._prunes(index)
@@ -374,7 +402,7 @@ class MADTPHook(TowerHook):
         else:  # per sample
             k = torch.where((k <= self.config.min_keep) | (n_cand - k <= 1), n_cand, k)
         ranked = score.masked_fill(~cand, float("-inf"))
-        order = ranked.argsort(dim=1, descending=True, stable=True)
+        order = stable_argsort(ranked, descending=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
         keep = cand & (rank < k[:, None])
         fuses = (cand & ~keep).any(dim=1)  # [B] samples that fuse at this block
