@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -168,6 +168,23 @@ class TowerAdapter(ABC):
         A causal *encoder* pooled at its EOT (CLIP's text tower) is not a decoder: only its pooled
         output, which sees every real token anyway, is its result. Default: ``False``."""
         return False
+
+    def unsupported_reason(self) -> str | None:
+        """Why vleff cannot run this tower although its class matched (a variant the adapter's
+        layout does not cover), or ``None``. Asked before any hook attaches, so such a tower is
+        refused when a method is applied, never at its first forward."""
+        return None
+
+    def entry_guards(self) -> dict[str, Any]:
+        """Callables set on the tower root (instance attributes, removed with the patch) in place
+        of library entry points whose output is wrong once tokens are reduced; each calls the
+        class's own method and refuses what it cannot give. Default: none."""
+        return {}
+
+    def skipped_companions(self) -> list[str]:
+        """Towers of the same model that vleff recognises but cannot run (an open_clip CLIP's
+        convolutional image tower), described for a warning when ``towers="all"`` meets them."""
+        return []
 
     def layout_hook(self) -> "TowerHook | None":
         """A tower-level hook the patch runs ahead of every method's hooks (text towers that keep

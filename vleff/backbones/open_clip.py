@@ -111,6 +111,19 @@ class OpenClipTextAdapter(_OpenClipTower):
     def id_embedding(self) -> nn.Module:
         return self.root.token_embedding
 
+    def skipped_companions(self) -> list[str]:
+        visual = getattr(self.root, "visual", None)
+        if visual is None or OpenClipVisionAdapter.matches(visual):
+            return []
+        return [f"open_clip image tower {type(visual).__name__} (not a transformer: it has no token sequence)"]
+
+    def unsupported_reason(self) -> str | None:
+        if getattr(self.root, "cls_emb", None) is not None:
+            return ("its text tower appends a learned CLS token after the token embedding (CoCa's embed_cls), so the "
+                    "blocks see one token more than the ids vleff tracks causal order and padding by; CoCa's text "
+                    "tower is not supported (its image tower is: towers='image')")
+        return None
+
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         pool = getattr(self.root, "text_pool_type", None) or getattr(self.root, "pool_type", "argmax")
         if pool == "argmax":

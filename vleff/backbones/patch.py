@@ -270,6 +270,9 @@ def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
     methods' declared rules (the registry's, see :func:`set_method_conflict_rule`), else by either
     hook's own :meth:`TowerHook.conflict_with` (for hooks that are no registered method). Methods check every tower before patching any, so a
     refusal leaves the model as it was."""
+    unsupported = adapter.unsupported_reason()
+    if unsupported:
+        raise TypeError(f"cannot apply {hook.name} to {adapter.describe()}: {unsupported}")
     if not hook.replayable and adapter.gradient_checkpointing():
         raise ValueError(f"cannot apply {hook.name}: {checkpoint_refusal(adapter, [hook.name])}")
     runner = adapter.root.__dict__.get(BLOCK_RUNNER_ATTR)
@@ -310,6 +313,8 @@ def patch_tower(adapter: TowerAdapter) -> TowerPatch:
     for index, block in enumerate(blocks):
         block.forward = PatchedForward(patch, index, len(blocks), block)
         block.__dict__[SCRIPT_ATTR] = RefuseScripting(adapter)
+    for name, guard in adapter.entry_guards().items():
+        adapter.root.__dict__[name] = guard
     adapter.root.__dict__[PATCH_ATTR] = patch
     return patch
 
@@ -325,5 +330,7 @@ def unpatch_tower(root: nn.Module) -> bool:
     if patch._ids_hook is not None:
         embedding, hook_id = patch._ids_hook
         embedding._forward_pre_hooks.pop(hook_id, None)
+    for name in patch.adapter.entry_guards():
+        root.__dict__.pop(name, None)
     del root.__dict__[PATCH_ATTR]
     return True

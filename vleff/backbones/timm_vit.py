@@ -2,9 +2,40 @@
 layer scale, q/k norm, fused and unfused attention)."""
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import nn
 
 from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
+
+
+class GridIntermediates:
+    """``forward_intermediates`` of a patched timm ViT: the library's own, refusing the spatial
+    ``output_fmt="NCHW"`` (its default) once tokens were merged or pruned, where timm would fold
+    a shorter token sequence into the patch grid without a word (wrong channels, wrong layout)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from vleff.backbones.patch import get_patch
+
+        method = type(self.root).forward_intermediates
+        out = method(self.root, *args, **kwargs)
+        bound = inspect.signature(method).bind(self.root, *args, **kwargs)
+        bound.apply_defaults()
+        patch = get_patch(self.root)
+        state = patch.state if patch is not None else None
+        reduced = state is not None and (state.num_tokens != state.num_input_tokens
+                                         or any(n != state.num_input_tokens for n in state.token_counts))
+        if bound.arguments.get("output_fmt") == "NCHW" and reduced:
+            raise ValueError(
+                f"forward_intermediates(output_fmt='NCHW') of a timm {type(self.root).__name__} whose tokens vleff "
+                f"merged or pruned ({state.num_input_tokens} -> {state.num_tokens}): merged tokens have no patch grid "
+                "to fold back into. Use output_fmt='NLC' (token sequences; merged tokens' sizes in "
+                "vleff.backbones.last_token_state), or remove the token method for spatial features")
+        return out
 
 
 class TimmViTAdapter(TowerAdapter):
@@ -31,6 +62,9 @@ class TimmViTAdapter(TowerAdapter):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.root.blocks)
+
+    def entry_guards(self) -> dict[str, Any]:
+        return {"forward_intermediates": GridIntermediates(self.root)} if hasattr(self.root, "forward_intermediates") else {}
 
     @property
     def num_prefix_tokens(self) -> int:

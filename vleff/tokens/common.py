@@ -6,6 +6,8 @@ attach one hook per tower, and undo both.
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable
 
 from torch import nn
@@ -32,6 +34,11 @@ def select_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
     found = find_towers(model)
     wanted = tower_modalities(towers)
     chosen = [t for t in found if t.modality in wanted]
+    skipped = [s for t in found for s in t.skipped_companions()]
+    if skipped and len(wanted) > 1:
+        warnings.warn(f"towers={towers!r}: {type(model).__name__} also has {', '.join(skipped)}, which vleff cannot "
+                      f"run; only {', '.join(t.describe() for t in chosen) or 'no tower'} is changed. Pass "
+                      "towers= naming the towers you mean to silence this", UserWarning, stacklevel=3)
     if not chosen:
         have = ", ".join(t.describe() for t in found)
         raise TypeError(f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
