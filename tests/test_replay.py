@@ -55,22 +55,45 @@ def test_replays_leave_the_forwards_token_state_alone():
     assert all(after.fields[k].value is v for k, v in fields.items())
 
 
-def test_a_method_that_cannot_replay_is_refused_at_apply_and_leaves_the_model_as_it_was():
-    model = tm.timm_vit(depth=3).train()
+@pytest.mark.parametrize("method", ["crossget", "madtp"])
+def test_a_method_that_cannot_replay_is_refused_at_apply_and_leaves_the_model_as_it_was(method):
+    """CrossGET and MADTP read what the other tower left (cross tokens, alignment features): a
+    block cannot be recomputed from its own inputs, so checkpointing is refused up front."""
+    model = tm.open_clip_model().train()
     model.set_grad_checkpointing(True)
     keys = set(model.state_dict())
-    with pytest.raises(ValueError, match="cannot apply dynamicvit: .*gradient checkpointing on.*set_grad_checkpointing"):
-        vleff.apply_dynamicvit(model, locations=[1])
+    with pytest.raises(ValueError, match=f"cannot apply {method}: .*gradient checkpointing on.*set_grad_checkpointing"):
+        getattr(vleff, f"apply_{method}")(model)
     assert set(model.state_dict()) == keys and vleff.registry.applied_methods(model) == []
 
 
-def test_checkpointing_turned_on_after_apply_is_refused_at_the_forward(reentrant):
-    """Re-entrant checkpointing runs the forward without gradients: the refusal must not slip
-    past it (it used to, and backward then failed with a bare shape error)."""
-    model = vleff.apply_dynamicvit(tm.timm_vit(depth=3).train(), locations=[1])
+def test_checkpointing_turned_on_after_apply_is_refused_at_the_forward():
+    model = vleff.apply_madtp(tm.open_clip_model().train())
     model.set_grad_checkpointing(True)
-    with pytest.raises(RuntimeError, match="gradient checkpointing on.*dynamicvit"):
-        model(tm.images())  # the forward itself, before any backward
+    with pytest.raises(RuntimeError, match="gradient checkpointing on.*madtp"):
+        model.encode_image(tm.images())
+
+
+def test_reentrant_checkpointing_is_refused_in_the_forward_when_gradients_leave_the_blocks(reentrant):
+    """DynamicViT's keep mask reaches later blocks through the token state: re-entrant
+    checkpointing (a forward without gradients) would cut the predictors' gradient, so the
+    forward itself refuses it (it used to slip past and fail in backward with a shape error);
+    non-re-entrant checkpointing gives the unchecked gradients."""
+    torch.manual_seed(0)
+    model = vleff.apply_dynamicvit(tm.timm_vit(depth=3).train(), locations=[1])
+    plain = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    if reentrant:
+        with pytest.raises(RuntimeError, match="re-entrant checkpointing.*dynamicvit"):
+            model(tm.images())  # the forward itself, before any backward
+        return
+    for m in (plain, model):
+        torch.manual_seed(1)  # the same Gumbel noise
+        m(tm.images()).square().mean().backward()
+    expected, got = _grads(plain), _grads(model)
+    assert any("dynamicvit" in n for n in got) and expected.keys() == got.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], msg=n)
 
 
 def test_vqt_refuses_reentrant_checkpointing_which_would_cut_its_gradients(reentrant):

@@ -179,6 +179,11 @@ class DynamicViTHook(TowerHook):
     """
 
     name = HOOK_NAME
+    #: its decisions live in the token state (replays exactly, the Gumbel noise restored by the
+    #: checkpoint's RNG state); the keep mask reaches later blocks through the state, not the
+    #: block output, so its gradient to the predictors needs non-re-entrant checkpointing
+    replayable = True
+    side_outputs = True
 
     def __init__(self, predictors: DynamicViTPredictors, locations: list[int], ratios: list[float],
                  ratio_weight: float, eval_mode: str = "drop") -> None:
