@@ -111,3 +111,22 @@ def test_vqt_refuses_reentrant_checkpointing_which_would_cut_its_gradients(reent
     assert any("vqt" in n for n in got) and expected.keys() == got.keys()
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], msg=n)
+
+
+def test_a_tome_warmup_from_r0_trains_under_checkpointing_like_without(tmp_path):
+    """A warm-up from r = 0 under checkpointing (how large ViTs are trained) used to stop at the
+    first step; now it trains, and the weights equal those of the same run without checkpointing."""
+    import tiny_lightning as tl
+    from vleff.callbacks import TokenMerging
+
+    trained = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = tl.TinyClassifier()
+        module.model.set_grad_checkpointing(checkpointing)
+        trainer = tl.trainer(tmp_path / str(checkpointing), [TokenMerging(r=3, schedule="linear", warmup_steps=2)],
+                             max_steps=4)
+        trainer.fit(module, tl.loader())
+        assert last_token_state(module).token_counts == [17, 14, 11]  # the full r after the warm-up
+        trained.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=1e-6)
