@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import tiny_lightning as tl
 import tiny_models as tm
-from vleff.callbacks.aux_loss import AuxLoss, attach_aux_loss, aux_loss_attached, detach_aux_loss
+from vleff.lightning.aux_loss import AuxLoss, attach_aux_loss, aux_loss_attached, detach_aux_loss
 from vleff.callbacks.mixins import AuxLossMixin
 from vleff.tokens.aux import add_to_step_output, pop_aux_losses, total_aux_loss, vleff_aux_loss
 from vleff.tokens.dynamicvit import apply_dynamicvit

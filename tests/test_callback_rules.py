@@ -1,4 +1,4 @@
-"""The rules every method callback keeps (issue 24, items 2, 7 and 9; :mod:`vleff.callbacks.targets`).
+"""The rules every method callback keeps (issue 24, items 2, 7 and 9; :mod:`vleff.lightning.targets`).
 
 * Which model: a LightningModule holding a frozen teacher and a student is refused without
   ``module=`` (the error lists both); ``module="student"`` (or the module object) changes the

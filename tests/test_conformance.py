@@ -290,7 +290,7 @@ def test_registry_entry_is_complete(name):
     assert method.config.build(**method.bench_settings) is not None
     assert dataclasses.is_dataclass(defaults)
     callback, mixin = method.load_callback(), method.load_mixin()
-    assert callback.__module__.startswith("vleff.callbacks") and mixin.__module__.startswith("vleff.callbacks")
+    assert callback.__module__ == mixin.__module__ == f"vleff.methods.{name}.lightning"  # beside the method
 
 
 UPDATABLE = [(m.name, f) for m in all_methods() if m.name in HOOK_METHODS for f in m.updatable]
@@ -301,7 +301,7 @@ def test_update_changes_every_setting_the_contract_declares_updatable(name, sett
     """``Method.updatable`` is what ``vleff.update`` may change: each declared setting, set to its
     value in the method's active row (else its default), is accepted on an applied model and
     reaches the method (``applied_settings`` reads it back)."""
-    from vleff.callbacks.targets import applied_settings
+    from vleff.lightning.targets import applied_settings
 
     family = _method_families(name)[0]
     model, fwd = _model_and_forward(family, "image")

@@ -243,7 +243,7 @@ def test_bad_inputs(kwargs, match):
 
 
 def test_callback_trains_predictors_through_the_optimizer(tmp_path, monkeypatch):
-    import vleff.callbacks.aux_loss as aux_mod
+    import vleff.lightning.aux_loss as aux_mod
 
     seen = []
     original_pop = aux_mod.pop_aux_losses

@@ -13,7 +13,7 @@ LAZY_PACKAGES = ["vleff", "vleff.callbacks", "vleff.models", "vleff.data"]
 
 def _table(package: str) -> dict[str, str]:
     module = importlib.import_module(package)
-    return getattr(module, "_LAZY", None) or module._CALLBACKS
+    return getattr(module, "_LAZY", None) or dict(module._EXPORTS)
 
 
 @pytest.mark.parametrize("package", LAZY_PACKAGES)
@@ -48,7 +48,7 @@ def test_callbacks_error_lists_what_is_available():
 
 def test_dir_lists_the_lazy_names():
     assert {"apply_tome", "remove_tome", "update", "__version__"} <= set(dir(vleff))
-    assert dir(vleff.callbacks) == sorted(vleff.callbacks._CALLBACKS)
+    assert dir(vleff.callbacks) == sorted(vleff.callbacks._EXPORTS)
 
 
 def test_import_vleff_does_not_load_heavy_modules():

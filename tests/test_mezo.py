@@ -245,7 +245,7 @@ def test_callback_runs_user_training_step_as_mezo(tmp_path):
     assert isinstance(opt, MeZO) and opt.steps_done == 4
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)  # StepLR(2, 0.5) stepped 4 times
     assert "training_step" not in vars(module)  # the user's step is back after fit
-    from vleff.callbacks.mezo import uninstall_mezo
+    from vleff.methods.mezo.lightning import uninstall_mezo
 
     uninstall_mezo(module)
     assert module.automatic_optimization is True

@@ -89,7 +89,7 @@ def test_side_state_keeps_buffers_of_modules_beside_the_backbone(name):
 
 
 def test_side_only_checkpoint_keeps_buffers_and_refuses_a_checkpoint_without_them():
-    from vleff.callbacks.side import check_side_checkpoint, side_only_checkpoint
+    from vleff.lightning.side import check_side_checkpoint, side_only_checkpoint
 
     torch.manual_seed(0)
     model = _WithNorm()
@@ -167,7 +167,7 @@ def test_madtp_warning_names_the_tau_range_actually_tried():
 
 # --- 17: MADTP logs with sync_dist -------------------------------------------------------------------------
 def test_madtp_epoch_log_is_synced(monkeypatch):
-    import vleff.callbacks.madtp as cb
+    import vleff.methods.madtp.lightning as cb
 
     calls = []
 

@@ -4,7 +4,7 @@ Methods record their extra training losses (DynamicViT keep-ratio and distillati
 CrossGET/MADTP alignment) in the :class:`~vleff.backbones.TokenState` of the tower forward
 that produced them (``state.add_aux_loss(name, weighted_value)``). This module is the single
 place that reads them back, so the Lightning callback path (which wraps ``training_step``,
-:mod:`vleff.callbacks.aux_loss`) and the mixin / plain-PyTorch path
+:mod:`vleff.lightning.aux_loss`) and the mixin / plain-PyTorch path
 (``loss = task_loss + vleff_aux_loss(model)``) add exactly the same thing.
 
 Losses are *popped*: reading clears them, so using both paths at once never counts a loss

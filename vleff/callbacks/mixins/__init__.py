@@ -1,4 +1,4 @@
-"""LightningModule mixins: the callbacks' behaviour for users who own the module.
+"""LightningModule mixins, by name: the callbacks' behaviour for users who own the module.
 
 One convention for every method: put the mixin first in the bases and call
 ``self.use_<method>(...)`` in ``__init__`` once the backbone exists (so
@@ -11,22 +11,27 @@ One convention for every method: put the mixin first in the bases and call
             self.net = timm.create_model("vit_small_patch16_224", num_classes=10)
             self.use_tome(r=16, schedule="linear", warmup_steps=500)
 
-Mixins and callbacks share one implementation (the configs, schedules and aux-loss code of
-the method layer); only where it is triggered differs. Methods with aux losses (DynamicViT,
-CrossGET, MADTP) need one call in ``training_step``: ``loss + self.vleff_aux_loss()``.
-GaLore builds the optimizer (``self.galore_optimizer(...)`` in ``configure_optimizers``) and
-MeZO replaces the step (``self.use_mezo(...)``): see :mod:`vleff.callbacks.mixins.memory`.
-
-One home, one module per kind: :mod:`~vleff.callbacks.mixins.base` (what they share),
-:mod:`~vleff.callbacks.mixins.tokens`, :mod:`~vleff.callbacks.mixins.memory`,
-:mod:`~vleff.callbacks.mixins.side`; every mixin is importable from here.
+Each mixin lives beside its method and its callback (``vleff/methods/<name>/lightning.py``,
+named by the method's registry entry); every mixin calls the next hook first
+(:func:`vleff.lightning.mixin.next_hook`), then does its own work. Methods with aux losses
+(DynamicViT, CrossGET, MADTP) need one call in ``training_step``: ``loss + self.vleff_aux_loss()``.
+GaLore builds the optimizer (``self.galore_optimizer(...)`` in ``configure_optimizers``) and MeZO
+replaces the step (``self.use_mezo(...)``).
 """
 from __future__ import annotations
 
-from vleff.callbacks.mixins.base import AuxLossMixin
-from vleff.callbacks.mixins.memory import GaLoreMixin, MeZOMixin, ReversibleMixin
-from vleff.callbacks.mixins.side import LoRAMixin, LSTMixin, MemVPMixin, UniPTMixin, VQTMixin
-from vleff.callbacks.mixins.tokens import CrossGETMixin, DynamicViTMixin, EViTMixin, MADTPMixin, TokenMergingMixin
+from vleff._lazy import lazy_getattr
+from vleff.callbacks import _Exports
 
-__all__ = ["AuxLossMixin", "CrossGETMixin", "DynamicViTMixin", "EViTMixin", "GaLoreMixin", "LSTMixin", "LoRAMixin",
-           "MADTPMixin", "MeZOMixin", "MemVPMixin", "ReversibleMixin", "TokenMergingMixin", "UniPTMixin", "VQTMixin"]
+_MIXINS = _Exports(kinds=("mixin",))
+_lookup = lazy_getattr("vleff.callbacks.mixins", _MIXINS, list_available=True)
+
+
+def __getattr__(name: str) -> object:
+    if name == "__all__":
+        return sorted(n for n in _MIXINS if n.endswith("Mixin"))
+    return _lookup(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(n for n in _MIXINS if n.endswith("Mixin"))

@@ -37,8 +37,8 @@ METHOD = register_method(Method(
     updatable=("r_image", "r_text", "prop_attn", "loss_weight", "trace_source", "metric", "ensemble"),
     required_on_load=True,
     name="crossget", kind="tokens", config=CrossGETConfig, apply=apply_crossget, remove=remove_crossget,
-    update=update_crossget, is_applied=crossget_applied, callback="vleff.callbacks.CrossGET",
-    mixin="vleff.callbacks.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6}, needs_pair=True,
+    update=update_crossget, is_applied=crossget_applied, callback="vleff.methods.crossget.lightning.CrossGET",
+    mixin="vleff.methods.crossget.lightning.CrossGETMixin", towers=TOWERS, bench_settings={"r_image": 16, "r_text": 6}, needs_pair=True,
     description="CrossGET cross-guided token ensembles (both towers of CLIP / BLIP)"))
 
 __all__ = ["CrossGETConfig", "CrossGETHook", "ENSEMBLES", "LOSS_NAME", "METHOD", "METRICS", "OFFSETS",

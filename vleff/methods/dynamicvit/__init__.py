@@ -21,7 +21,7 @@ METHOD = register_method(Method(
     traits=frozenset({"tower_hook", "reduces_tokens"}),
     required_on_load=True,
     name="dynamicvit", kind="tokens", config=DynamicViTConfig, apply=apply_dynamicvit, remove=remove_dynamicvit,
-    is_applied=dynamicvit_applied, callback="vleff.callbacks.DynamicViT", mixin="vleff.callbacks.DynamicViTMixin",
+    is_applied=dynamicvit_applied, callback="vleff.methods.dynamicvit.lightning.DynamicViT", mixin="vleff.methods.dynamicvit.lightning.DynamicViTMixin",
     towers=TOWERS, bench_settings={"rho": 0.7, "distill": False},
     description="DynamicViT learned token pruning (predictors + masked attention)"))
 

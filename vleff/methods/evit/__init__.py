@@ -23,7 +23,7 @@ METHOD = register_method(Method(
     updatable=("keep_rate", "fuse"),
     schedule="keep_rate",
     name="evit", kind="tokens", config=EViTConfig, apply=apply_evit, remove=remove_evit, update=update_evit,
-    is_applied=evit_applied, callback="vleff.callbacks.EViT", mixin="vleff.callbacks.EViTMixin", towers=TOWERS,
+    is_applied=evit_applied, callback="vleff.methods.evit.lightning.EViT", mixin="vleff.methods.evit.lightning.EViTMixin", towers=TOWERS,
     bench_settings={"keep_rate": 0.7},
     description="EViT: keep the tokens the cls token attends to, fuse the rest"))
 

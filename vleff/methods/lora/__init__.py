@@ -29,7 +29,7 @@ METHOD = register_method(Method(
                      "ignore the adapter", families=("open_clip",)),),
     required_on_load=True,
     name="lora", kind="side", config=LoRAConfig, apply=apply_lora, remove=remove_lora, is_applied=lora_applied,
-    callback="vleff.callbacks.LoRA", mixin="vleff.callbacks.LoRAMixin", towers=TOWERS,
+    callback="vleff.methods.lora.lightning.LoRA", mixin="vleff.methods.lora.lightning.LoRAMixin", towers=TOWERS,
     bench_settings={"r": 8},
     description="LoRA through Hugging Face peft on the attention input projections (the baseline side tuning is compared with)"))
 

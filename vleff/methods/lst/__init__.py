@@ -24,7 +24,7 @@ METHOD = register_method(Method(
                              "token reduction changes"),),
     required_on_load=True,
     name="lst", kind="side", config=LSTConfig, apply=apply_lst, remove=remove_lst, is_applied=lst_applied,
-    callback="vleff.callbacks.LadderSideTuning", mixin="vleff.callbacks.LSTMixin", towers=TOWERS,
+    callback="vleff.methods.lst.lightning.LadderSideTuning", mixin="vleff.methods.lst.lightning.LSTMixin", towers=TOWERS,
     bench_settings={"reduction": 8},
     description="LST: width-reduced side network with gated ladders, initialised from the backbone by importance"))
 

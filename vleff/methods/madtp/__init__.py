@@ -26,7 +26,7 @@ METHOD = register_method(Method(
     updatable=("tau", "flops_reduction", "align_weight", "min_keep", "ragged", "code_norm"),
     required_on_load=True,
     name="madtp", kind="tokens", config=MADTPConfig, apply=apply_madtp, remove=remove_madtp, update=update_madtp,
-    is_applied=madtp_applied, callback="vleff.callbacks.MADTP", mixin="vleff.callbacks.MADTPMixin", towers=TOWERS,
+    is_applied=madtp_applied, callback="vleff.methods.madtp.lightning.MADTP", mixin="vleff.methods.madtp.lightning.MADTPMixin", towers=TOWERS,
     bench_settings={"flops_reduction": 0.5}, needs_pair=True, calibrate=calibrate_madtp_for_bench,
     description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target"))
 

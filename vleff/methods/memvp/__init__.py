@@ -22,8 +22,8 @@ METHOD = register_method(Method(
     updatable=("scale", "dropout"),
     required_on_load=True,
     name="memvp", kind="side", config=MemVPConfig, apply=apply_memvp, remove=remove_memvp,
-    update=update_memvp, is_applied=memvp_applied, callback="vleff.callbacks.MemVP",
-    mixin="vleff.callbacks.MemVPMixin", towers=(), bench_settings={"n_mem": 256},
+    update=update_memvp, is_applied=memvp_applied, callback="vleff.methods.memvp.lightning.MemVP",
+    mixin="vleff.methods.memvp.lightning.MemVPMixin", towers=(), bench_settings={"n_mem": 256},
     description="MemVP: visual features as extra key/value rows of every FFN of the language model"))
 
 __all__ = ["METHOD", "MemVPConfig", "apply_memvp", "memvp_applied", "remove_memvp", "set_memvp_memory", "update_memvp"]

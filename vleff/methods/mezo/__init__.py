@@ -19,8 +19,8 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
-    name="mezo", kind="memory", config=MeZOConfig, apply=None, remove=None, callback="vleff.callbacks.MeZO",
-    mixin="vleff.callbacks.MeZOMixin", towers=(), bench_settings={"eps": 1e-3},
+    name="mezo", kind="memory", config=MeZOConfig, apply=None, remove=None, callback="vleff.methods.mezo.lightning.MeZO",
+    mixin="vleff.methods.mezo.lightning.MeZOMixin", towers=(), bench_settings={"eps": 1e-3},
     description="MeZO: zeroth-order SPSA steps, forward passes only"))
 
 __all__ = ["LOW_PRECISION", "METHOD", "MeZO", "MeZOConfig", "default_decay", "directions", "perturb_",

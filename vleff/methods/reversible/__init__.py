@@ -22,7 +22,7 @@ METHOD = register_method(Method(
     refuses=(Refusal("tower_hook", "the reversible stack runs F and G itself, not the tower hooks"),),
     required_on_load=True,
     name="reversible", kind="memory", config=ReversibleConfig, apply=apply_reversible, remove=remove_reversible,
-    is_applied=reversible_applied, callback="vleff.callbacks.Reversible", mixin="vleff.callbacks.ReversibleMixin",
+    is_applied=reversible_applied, callback="vleff.methods.reversible.lightning.Reversible", mixin="vleff.methods.reversible.lightning.ReversibleMixin",
     towers=TOWERS, bench_settings={"coupling": "meft"},
     description="reversible blocks (RevNet/MEFT couplings): activations constant in depth"))
 

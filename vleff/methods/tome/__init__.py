@@ -23,7 +23,7 @@ METHOD = register_method(Method(
     updatable=("r", "prop_attn", "trace_source"),
     schedule="r",
     name="tome", kind="tokens", config=ToMeConfig, apply=apply_tome, remove=remove_tome, update=update_tome,
-    is_applied=tome_applied, callback="vleff.callbacks.TokenMerging", mixin="vleff.callbacks.TokenMergingMixin",
+    is_applied=tome_applied, callback="vleff.methods.tome.lightning.TokenMerging", mixin="vleff.methods.tome.lightning.TokenMergingMixin",
     towers=TOWERS, bench_settings={"r": 16}, description="ToMe token merging (bipartite soft matching)"))
 
 __all__ = ["METHOD", "TOWERS", "ToMeConfig", "apply_tome", "remove_tome", "tome_applied", "update_tome"]

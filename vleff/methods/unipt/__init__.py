@@ -23,7 +23,7 @@ METHOD = register_method(Method(
                              "token reduction changes"),),
     required_on_load=True,
     name="unipt", kind="side", config=UniPTConfig, apply=apply_unipt, remove=remove_unipt, is_applied=unipt_applied,
-    callback="vleff.callbacks.UniPT", mixin="vleff.callbacks.UniPTMixin", towers=TOWERS,
+    callback="vleff.methods.unipt.lightning.UniPT", mixin="vleff.methods.unipt.lightning.UniPTMixin", towers=TOWERS,
     bench_settings={"factor": 2},
     description="UniPT: parallel interaction + confidence aggregation over frozen layer outputs, zero-init Up"))
 

@@ -25,7 +25,7 @@ METHOD = register_method(Method(
                              "stream, which token reduction changes"),),
     required_on_load=True,
     name="vqt", kind="side", config=VQTConfig, apply=apply_vqt, remove=remove_vqt, is_applied=vqt_applied,
-    callback="vleff.callbacks.VisualQueryTuning", mixin="vleff.callbacks.VQTMixin", towers=TOWERS,
+    callback="vleff.methods.vqt.lightning.VisualQueryTuning", mixin="vleff.methods.vqt.lightning.VQTMixin", towers=TOWERS,
     bench_settings={"num_queries": 1},
     description="VQT: per-layer query tokens beside the frozen stream (sliced K/V), zero-init head projection"))
 

@@ -10,7 +10,7 @@ stays so after ``fit``: the trained weights belong to the reversible network, so
 ``load_from_checkpoint``-ed model is evaluated (the plain forward is a different function).
 
 Which model, an already applied stack and ``remove_on_teardown`` follow the rules of every
-method callback (:mod:`vleff.callbacks.targets`): with a frozen teacher beside the student,
+method callback (:mod:`vleff.lightning.targets`): with a frozen teacher beside the student,
 ``module="student"`` leaves the teacher's forward exactly as it was.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import (
+from vleff.checks import check_bool
+from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
 )
-from vleff.checks import check_bool
 from vleff.methods.reversible.core import (
     ReversibleConfig,
     apply_reversible,
@@ -34,6 +34,7 @@ from vleff.methods.reversible.core import (
 )
 
 __all__ = ["Reversible"]
+
 
 
 class Reversible(pl.Callback):
@@ -73,3 +74,19 @@ class Reversible(pl.Callback):
         target = self._target if self._target is not None else pl_module
         if self.remove_on_teardown and reversible_applied(target):
             self._removal.remove("reversible", target)
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class ReversibleMixin:
+    """``use_reversible(**settings)``: run the module's towers as reversible stacks (call it
+    in ``__init__`` once the backbone exists, so ``load_from_checkpoint`` rebuilds the same
+    network the weights were trained in). Settings: :class:`vleff.methods.reversible.core.ReversibleConfig`."""
+
+    def use_reversible(self, module: Any = None, **settings: Any) -> None:
+        """``module``: the model to make reversible when the module holds several (attribute
+        path or module object; :mod:`vleff.lightning.targets`), else refused listing them."""
+        from vleff.lightning.targets import check_module_arg, resolve_target
+
+        config = ReversibleConfig.build(**settings)
+        apply_reversible(resolve_target(self, check_module_arg(module), "reversible", config), config)

@@ -10,13 +10,13 @@ from vleff.tokens.aux import vleff_aux_loss
 __all__ = ["AuxLossMixin"]
 
 
-def _parent(obj: object, cls: type, hook: str, *args: Any) -> Any:
+def next_hook(obj: object, cls: type, hook: str, *args: Any) -> Any:
     """Call the next ``hook`` in the MRO after ``cls`` if there is one (cooperative mixins)."""
     parent = getattr(super(cls, obj), hook, None)  # type: ignore[arg-type]
     return parent(*args) if parent is not None else None
 
 
-def _fitting(module: object) -> bool:
+def fitting(module: object) -> bool:
     trainer = getattr(module, "_trainer", None)
     return trainer is not None and trainer.state.fn == "fit"
 
@@ -27,3 +27,10 @@ class AuxLossMixin:
 
     def vleff_aux_loss(self) -> torch.Tensor:
         return vleff_aux_loss(self)  # type: ignore[arg-type]
+
+
+def mixin_target(owner: Any, module: Any, method: str, config: Any) -> Any:
+    """The model inside the mixin's module that ``use_<method>`` acts on (see the module docstring)."""
+    from vleff.lightning.targets import check_module_arg, resolve_target
+
+    return resolve_target(owner, check_module_arg(module), method, config)

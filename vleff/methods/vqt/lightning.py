@@ -2,7 +2,7 @@
 
 >>> trainer = L.Trainer(callbacks=[vleff.callbacks.VisualQueryTuning(num_queries=1)])
 
-The shared side-method callback (:class:`vleff.callbacks.side.SideTuning`): VQT is applied in
+The shared side-method callback (:class:`vleff.lightning.side.SideTuning`): VQT is applied in
 ``setup`` (before ``configure_optimizers`` and before checkpoint weights are restored, so its
 parameters exist when a checkpoint loads), the backbone is frozen there and kept in eval mode
 (dropout and drop-path off) for every training batch while the VQT module trains. At fit start
@@ -13,7 +13,9 @@ backbone) unless ``full_checkpoint=True``.
 """
 from __future__ import annotations
 
-from vleff.callbacks.side import SideTuning
+from typing import Any
+
+from vleff.lightning.side import SideMixin, SideTuning
 from vleff.methods.vqt.core import VQTConfig
 
 
@@ -32,3 +34,18 @@ class VisualQueryTuning(SideTuning):
 
     method = "vqt"
     settings_config = VQTConfig
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class VQTMixin(SideMixin):
+    """``use_vqt(train_head=True, full_checkpoint=False, **settings)``: VQT
+    (:mod:`vleff.methods.vqt.core`) on this module's image towers, backbone frozen; checkpoints leave out
+    only the frozen backbone (:func:`vleff.side.side_state_dict`) unless ``full_checkpoint``, as with
+    :class:`vleff.callbacks.VisualQueryTuning`."""
+
+    def use_vqt(self, train_head: bool = True, full_checkpoint: bool = False, module: Any = None,
+                **settings: Any) -> None:
+        from vleff.methods.vqt.core import VQTConfig
+
+        self._use_side("vqt", train_head, full_checkpoint, VQTConfig.build(**settings), module=module)

@@ -57,8 +57,8 @@ def restore_methods(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
     Call it from the module's ``on_load_checkpoint`` (see the module docstring) so that
     ``load_from_checkpoint`` loads the trained method exactly. A checkpoint without records
     (saved before callbacks recorded them, or by no vleff callback) changes nothing."""
-    from vleff.callbacks.side import SIDE_ONLY
-    from vleff.callbacks.targets import LABELS, module_at
+    from vleff.lightning.side import SIDE_ONLY
+    from vleff.lightning.targets import LABELS, module_at
     from vleff.registry import get_method
 
     applied = []

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.callbacks.targets import single_backbone
+from vleff.lightning.targets import single_backbone
 
 # submodules that token methods add; weights saved from a method run may carry them
 METHOD_PARAM_PREFIXES = ("vleff_",)
@@ -66,7 +66,7 @@ def load_initial_weights(pl_module: nn.Module, path: str | Path, backbone: nn.Mo
 def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None, method: str) -> None:
     """``init_from`` of the side-method and LoRA callbacks: the weights at ``path`` into the
     module (or its backbone: ``target`` when it is a submodule the callback was pointed at, else
-    the module's one backbone, :func:`vleff.callbacks.targets.single_backbone`), before
+    the module's one backbone, :func:`vleff.lightning.targets.single_backbone`), before
     ``method`` is applied (:func:`load_initial_weights`)."""
     backbone = target if target is not None and target is not pl_module else single_backbone(pl_module, method)
     load_initial_weights(pl_module, path, backbone=backbone)

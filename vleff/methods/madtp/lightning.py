@@ -3,7 +3,7 @@
 ``setup`` applies :func:`vleff.methods.madtp.core.apply_madtp` to the module's image-text model
 before ``configure_optimizers`` (the codebook and projections reach the optimizer) and before
 checkpoint weights load (resume restores them, τ included). The alignment loss is added to the
-loss ``training_step`` returns (:mod:`vleff.callbacks.aux_loss`).
+loss ``training_step`` returns (:mod:`vleff.lightning.aux_loss`).
 
 The FLOPs controller (:class:`vleff.methods.madtp.controller.MADTPController`) keeps the first
 ``calibration_batches`` training batches, calibrates τ on them when training starts (so the
@@ -31,7 +31,9 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from vleff.callbacks.aux_loss import AuxLoss
+from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.mixin import AuxLossMixin, mixin_target, next_hook
+from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 from vleff.methods.madtp.core import (
     MADTPConfig,
     _find_pair_in,
@@ -39,15 +41,14 @@ from vleff.methods.madtp.core import (
     apply_madtp,
     madtp_applied,
 )
-from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 
 CHECKPOINT_KEY = "vleff_madtp_controller"
 
 
 def _target(pl_module: nn.Module, path: str | nn.Module | None, config: MADTPConfig | None = None) -> nn.Module:
-    """The image-text model MADTP acts on (:func:`vleff.callbacks.targets.resolve_target`:
+    """The image-text model MADTP acts on (:func:`vleff.lightning.targets.resolve_target`:
     ``path`` names it; ``None``: the one pair inside, several refused listing them)."""
-    from vleff.callbacks.targets import resolve_target
+    from vleff.lightning.targets import resolve_target
 
     found = resolve_target(pl_module, path, "madtp", config)
     return _find_pair_in(found).model if path is None else found
@@ -129,7 +130,7 @@ class MADTP(AuxLoss):
         super().__init__(log)
         controller, settings = ControllerConfig.split(settings)
         self.config = MADTPConfig.build(**settings)
-        from vleff.callbacks.targets import check_module_arg
+        from vleff.lightning.targets import check_module_arg
 
         self.module = check_module_arg(module)
         self.controller = MADTPController(controller, self.config.flops_reduction)
@@ -138,7 +139,7 @@ class MADTP(AuxLoss):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = _target(pl_module, self.module, self.config)
         if madtp_applied(target):  # applied with the callback's settings, or refused naming both
-            from vleff.callbacks.targets import refuse_other_settings
+            from vleff.lightning.targets import refuse_other_settings
 
             refuse_other_settings("madtp", target, self.config, driven=("tau", "flops_reduction"))
         else:
@@ -204,7 +205,7 @@ class MADTP(AuxLoss):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.restore import record_method
+        from vleff.lightning.restore import record_method
 
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "madtp", self.config)
@@ -216,3 +217,58 @@ class MADTP(AuxLoss):
         self.controller.load_state_dict(state_dict)  # refuses another flops_reduction or ramp
         if self._target is not None:
             self.controller.restore(self._target)
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class MADTPMixin(AuxLossMixin):
+    """``use_madtp(**settings)`` in ``__init__`` and ``loss + self.vleff_aux_loss()`` in
+    ``training_step``; τ is calibrated when training starts and after each epoch, and the
+    controller's state travels in the checkpoint under ``"vleff_madtp_controller"``."""
+
+    _vleff_madtp: MADTPController | None = None
+    #: see :attr:`vleff.callbacks.MADTP.changes_model_after_validation`
+    changes_model_after_validation = True
+
+    def use_madtp(self, module: Any = None, **settings: Any) -> None:
+        """``settings``: :class:`vleff.methods.madtp.core.MADTPConfig` fields and the controller's
+        (:class:`vleff.methods.madtp.controller.ControllerConfig`), as the callback takes them."""
+        controller_config, settings = ControllerConfig.split(settings)
+        config = MADTPConfig.build(**settings)
+        controller = MADTPController(controller_config, config.flops_reduction)
+        target = mixin_target(self, module, "madtp", config)
+        apply_madtp(target, config)
+        self._vleff_madtp = controller
+        self.__dict__["_vleff_madtp_target"] = target  # not a child: the model is already one
+
+    def _madtp_target(self) -> Any:
+        return self.__dict__.get("_vleff_madtp_target", self)
+
+    def on_train_start(self) -> Any:
+        out = next_hook(self, MADTPMixin, "on_train_start")
+        if self._vleff_madtp is not None:
+            controller_train_start(self.trainer, self._vleff_madtp, self._madtp_target())  # type: ignore[attr-defined]
+        return out
+
+    def on_train_epoch_end(self) -> Any:
+        out = next_hook(self, MADTPMixin, "on_train_epoch_end")
+        if self._vleff_madtp is not None:
+            controller_epoch_end(self.trainer, self._vleff_madtp, self._madtp_target())  # type: ignore[attr-defined]
+        return out
+
+    def on_train_end(self) -> Any:
+        out = next_hook(self, MADTPMixin, "on_train_end")
+        if self._vleff_madtp is not None:
+            controller_train_end(self.trainer, self._vleff_madtp, self._madtp_target())  # type: ignore[attr-defined]
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, MADTPMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_madtp is not None:
+            checkpoint[CHECKPOINT_KEY] = self._vleff_madtp.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, MADTPMixin, "on_load_checkpoint", checkpoint)
+        if self._vleff_madtp is not None and CHECKPOINT_KEY in checkpoint:
+            self._vleff_madtp.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            self._vleff_madtp.restore(self._madtp_target())

@@ -10,7 +10,7 @@ are restored) and stays applied after ``fit`` so the trained model is the cheap 
 either way). The r schedule is saved in checkpoints and continues on resume.
 
 Which model, an already applied ToMe and ``remove_on_teardown`` follow the rules of every
-method callback (:mod:`vleff.callbacks.targets`).
+method callback (:mod:`vleff.lightning.targets`).
 """
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import (
+from vleff.checks import check_bool
+from vleff.lightning.mixin import fitting, mixin_target, next_hook
+from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
 )
-from vleff.checks import check_bool
-from vleff.tokens.schedule import RSchedule
 from vleff.methods.tome.core import ToMeConfig, apply_tome, tome_applied
+from vleff.tokens.schedule import RSchedule
 
 
 class TokenMerging(pl.Callback):
@@ -100,3 +101,53 @@ class TokenMerging(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.schedule = RSchedule.from_state_dict(state_dict["schedule"])
         self.current_r = None  # re-applied from the restored global step at the next batch
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+TOME_KEY = "vleff_tome_schedule"
+
+
+class TokenMergingMixin:
+    """``use_tome(..., schedule=, warmup_steps=)``: ToMe with an r schedule that follows the
+    global step in training; outside training (after ``fit``, after ``load_from_checkpoint``)
+    the model runs at the full r. The schedule is saved in and restored from checkpoints."""
+
+    _vleff_tome: RSchedule | None = None
+
+    def use_tome(self, schedule: str = "constant", warmup_steps: int = 0, module: Any = None,
+                 **settings: Any) -> None:
+        config = ToMeConfig.build(**settings)
+        target = mixin_target(self, module, "tome", config)
+        self._vleff_tome = RSchedule(r=config.r, schedule=schedule, warmup_steps=warmup_steps)
+        apply_tome(target, config)  # the schedule then updates the hooks found in this module: the target's
+        self._vleff_tome_at(None)
+
+    def _vleff_tome_at(self, step: int | None) -> None:
+        """r for optimizer step ``step`` (``None``: the full r)."""
+        assert self._vleff_tome is not None
+        # each tower from its own depth (CLIP's image and text towers may differ in depth)
+        self._vleff_tome.apply_at(self, self._vleff_tome.warmup_steps if step is None else step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        out = next_hook(self, TokenMergingMixin, "on_train_batch_start", batch, batch_idx)
+        if self._vleff_tome is not None:
+            self._vleff_tome_at(self.global_step)  # type: ignore[attr-defined]
+        return out
+
+    def on_train_end(self) -> Any:
+        out = next_hook(self, TokenMergingMixin, "on_train_end")
+        if self._vleff_tome is not None:
+            self._vleff_tome_at(None)
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, TokenMergingMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_tome is not None:
+            checkpoint[TOME_KEY] = self._vleff_tome.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, TokenMergingMixin, "on_load_checkpoint", checkpoint)
+        if TOME_KEY in checkpoint and self._vleff_tome is not None:
+            self._vleff_tome = RSchedule.from_state_dict(checkpoint[TOME_KEY])
+            self._vleff_tome_at(int(checkpoint.get("global_step", 0)) if fitting(self) else None)

@@ -39,9 +39,8 @@ def refuse_galore_with_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     Raises ``ValueError`` naming both when the trainer has both callbacks, or one callback
     and the module the other's mixin.
     """
-    from vleff.callbacks.galore import GaLore
-    from vleff.callbacks.mixins.memory import GaLoreMixin, MeZOMixin
-    from vleff.callbacks.mezo import MeZO
+    from vleff.methods.galore.lightning import GaLore, GaLoreMixin
+    from vleff.methods.mezo.lightning import MeZO, MeZOMixin
 
     has_galore = any(isinstance(cb, GaLore) for cb in trainer.callbacks)
     has_mezo = any(isinstance(cb, MeZO) for cb in trainer.callbacks)

@@ -7,7 +7,7 @@ restored, so the adapters exist when a checkpoint loads); only the adapters (and
 classifier head with ``train_head``) train. See :mod:`vleff.methods.lora.core` for the targets and where
 ``peft`` cannot wrap a module. Checkpoints hold the whole model (the base weights' keys are
 renamed by ``peft``: ``...qkv.base_layer.weight``). Which model and an already applied LoRA
-follow the rules of every method callback (:mod:`vleff.callbacks.targets`): with a frozen
+follow the rules of every method callback (:mod:`vleff.lightning.targets`): with a frozen
 teacher beside the student, ``module="student"`` leaves the teacher (weights, flags) as it was.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import (
+from vleff.lightning.mixin import mixin_target
+from vleff.lightning.targets import (
     ModuleArg,
     check_module_arg,
     refuse_other_settings,
@@ -48,17 +49,32 @@ class LoRA(pl.Callback):
             refuse_other_settings("lora", target, self.config)
         else:
             if stage == "fit" and self.init_from is not None:
-                from vleff.callbacks.init_weights import load_trained_backbone
+                from vleff.lightning.init_weights import load_trained_backbone
 
                 load_trained_backbone(pl_module, self.init_from, target, "lora")
             apply_lora(target, self.config)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.restore import record_method
+        from vleff.lightning.restore import record_method
 
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "lora", self.config)
 
     def state_dict(self) -> dict[str, Any]:
         return self.config.as_dict()
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class LoRAMixin:
+    """``use_lora(**settings)`` in ``__init__`` once the backbone exists: ``peft`` LoRA
+    (:mod:`vleff.methods.lora.core`) on this module's attention projections, everything else but the
+    adapters (and a timm head with ``train_head``) frozen; ``load_from_checkpoint`` then finds
+    the adapters before the weights load, as with :class:`vleff.callbacks.LoRA`."""
+
+    def use_lora(self, module: Any = None, **settings: Any) -> None:
+        from vleff.methods.lora.core import LoRAConfig, apply_lora
+
+        config = LoRAConfig.build(**settings)
+        apply_lora(mixin_target(self, module, "lora", config), config)

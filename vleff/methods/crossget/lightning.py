@@ -11,7 +11,7 @@ step is added to the loss (and logged as ``train/aux/crossget_js``). CrossGET st
 after ``fit``: the trained model is the cheap one (``vleff.remove_crossget`` undoes it).
 
 Which model and an already applied CrossGET follow the rules of every method callback
-(:mod:`vleff.callbacks.targets`): a module holding two image-text models (a frozen teacher and
+(:mod:`vleff.lightning.targets`): a module holding two image-text models (a frozen teacher and
 a student) needs ``module=``, and a CrossGET applied with other settings is refused (it was
 updated to the callback's settings before; now every callback refuses a mismatch alike).
 """
@@ -21,8 +21,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.aux_loss import AuxLoss
-from vleff.callbacks.targets import (
+from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.mixin import AuxLossMixin, mixin_target
+from vleff.lightning.targets import (
     ModuleArg,
     check_module_arg,
     refuse_other_settings,
@@ -61,7 +62,7 @@ class CrossGET(AuxLoss):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.restore import record_method
+        from vleff.lightning.restore import record_method
 
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "crossget", self.config)
@@ -72,3 +73,15 @@ class CrossGET(AuxLoss):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class CrossGETMixin(AuxLossMixin):
+    """``use_crossget(**settings)`` in ``__init__`` + ``self.vleff_aux_loss()`` in the loss.
+    Settings: :class:`vleff.methods.crossget.core.CrossGETConfig`. The offsets are parameters of the
+    module, so they are saved in and restored from checkpoints with the weights."""
+
+    def use_crossget(self, module: Any = None, **settings: Any) -> None:
+        config = CrossGETConfig.build(**settings)
+        apply_crossget(mixin_target(self, module, "crossget", config), config)

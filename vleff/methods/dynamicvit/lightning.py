@@ -4,7 +4,7 @@
 backbone inside the LightningModule before ``configure_optimizers`` runs (so the predictors
 are in ``self.parameters()`` and reach the optimizer) and before checkpoint weights are
 restored (so resuming restores the predictors). The keep-ratio and distillation losses are
-added to the loss the user's ``training_step`` returns (:mod:`vleff.callbacks.aux_loss`).
+added to the loss the user's ``training_step`` returns (:mod:`vleff.lightning.aux_loss`).
 
 The teacher (a frozen copy of the backbone made at setup) is not part of the module's
 ``state_dict``; it is saved in this callback's state so that a resumed run distils from the
@@ -13,7 +13,7 @@ Gradient clipping (``Trainer(gradient_clip_val=...)``) is advised for low keep r
 
 DynamicViT fine-tunes a *trained* model (the teacher is that model). If the module does not
 load trained weights itself, pass ``init_from=<checkpoint>``: the weights are loaded in
-``setup`` before the surgery (see :mod:`vleff.callbacks.init_weights`).
+``setup`` before the surgery (see :mod:`vleff.lightning.init_weights`).
 """
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from vleff.callbacks.aux_loss import AuxLoss
-from vleff.callbacks.init_weights import load_initial_weights
-from vleff.callbacks.targets import (
+from vleff.checks import check_bool
+from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.init_weights import load_initial_weights
+from vleff.lightning.mixin import AuxLossMixin, next_hook
+from vleff.lightning.targets import (
     ModuleArg,
     check_module_arg,
     refuse_other_settings,
     resolve_backbone,
 )
-from vleff.checks import check_bool
 from vleff.methods.dynamicvit.core import (
     DISTILLER_ATTR,
     DynamicViTConfig,
@@ -90,7 +91,7 @@ class DynamicViT(AuxLoss):
     # --- checkpoint state ----------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.restore import record_method
+        from vleff.lightning.restore import record_method
 
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "dynamicvit", self.config)
@@ -119,3 +120,33 @@ class DynamicViT(AuxLoss):
         if teacher is not None:
             teacher.load_state_dict(weights)
         self._pending_teacher = None
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+TEACHER_KEY = "vleff_dynamicvit_teacher"
+
+
+class DynamicViTMixin(AuxLossMixin):
+    """``use_dynamicvit(backbone, **settings)`` + ``vleff_aux_loss()`` in ``training_step``; the
+    teacher's weights travel in the checkpoint under ``"vleff_dynamicvit_teacher"`` (not in the
+    ``state_dict``)."""
+
+    _vleff_dynamicvit_backbone: nn.Module | None = None
+
+    def use_dynamicvit(self, backbone: nn.Module, **settings: Any) -> None:
+        """Apply DynamicViT to ``backbone`` (a child of this module whose forward gives logits)."""
+        apply_dynamicvit(backbone, **settings)
+        self.__dict__["_vleff_dynamicvit_backbone"] = backbone
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, DynamicViTMixin, "on_save_checkpoint", checkpoint)
+        teacher = dynamicvit_teacher(self._vleff_dynamicvit_backbone) if self._vleff_dynamicvit_backbone else None
+        if teacher is not None:
+            checkpoint[TEACHER_KEY] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, DynamicViTMixin, "on_load_checkpoint", checkpoint)
+        teacher = dynamicvit_teacher(self._vleff_dynamicvit_backbone) if self._vleff_dynamicvit_backbone else None
+        if teacher is not None and TEACHER_KEY in checkpoint:
+            teacher.load_state_dict(checkpoint[TEACHER_KEY])

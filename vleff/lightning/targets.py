@@ -217,7 +217,10 @@ def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
     (LST's ``init``, MemVP's ``key_init_std``) are not listed."""
     if method in ("tome", "evit", "dynamicvit", "crossget", "madtp", "vqt", "reversible"):
         if method == "reversible":
-            from vleff.methods.reversible.core import reversible_applied, reversible_config
+            from vleff.methods.reversible.core import (
+                reversible_applied,
+                reversible_config,
+            )
 
             config = reversible_config(target) if reversible_applied(target) else None
         else:

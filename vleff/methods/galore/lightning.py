@@ -14,12 +14,22 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_mezo, swap_optimizers,
-                                            user_optimizers)
+from vleff.lightning.optimizer_swap import (
+    check_strategy,
+    refuse_galore_with_mezo,
+    swap_optimizers,
+    user_optimizers,
+)
 from vleff.memory.convert import galore_from_optimizer
 from vleff.methods.galore import GaLoreConfig
 
 __all__ = ["GaLore"]
+from collections.abc import Sequence
+
+from torch import nn
+
+from vleff.methods.galore.core import DEFAULT_SVD, GaLoreAdamW
+from vleff.methods.galore.selection import DEFAULT_EXCLUDE, galore_param_groups
 
 
 class GaLore(Callback):
@@ -63,3 +73,22 @@ class GaLore(Callback):
                                          exclude=self.exclude, svd=self.svd)
 
         swap_optimizers(trainer, convert)
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class GaLoreMixin:
+    """Adds :meth:`galore_optimizer` (projected 2-D weights + plain AdamW for the rest)."""
+
+    def galore_optimizer(self, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                         eps: float = 1e-8, *, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                         proj_type: str = "std", targets: str | Sequence[str] | None = None,
+                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+                         svd: str = DEFAULT_SVD) -> GaLoreAdamW:
+        """A :class:`GaLoreAdamW` over this module: 2-D weights chosen by ``targets``/``exclude``
+        projected with ``rank`` (refreshed by a ``svd`` SVD every ``update_proj_gap`` steps)."""
+        if not isinstance(self, nn.Module):
+            raise TypeError("GaLoreMixin must be mixed into an nn.Module (a LightningModule)")
+        groups = galore_param_groups(self, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                                     proj_type=proj_type, targets=targets, exclude=exclude, svd=svd)
+        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

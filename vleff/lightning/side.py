@@ -1,5 +1,5 @@
 """Lightning callbacks of the side methods beside a frozen backbone: ``LadderSideTuning`` (LST)
-and ``UniPT`` here, ``VisualQueryTuning`` in :mod:`vleff.callbacks.vqt`, on one shared base.
+and ``UniPT`` here, ``VisualQueryTuning`` in :mod:`vleff.methods.vqt.lightning`, on one shared base.
 
 >>> trainer = L.Trainer(callbacks=[vleff.callbacks.LadderSideTuning(reduction=8)])
 >>> trainer = L.Trainer(callbacks=[vleff.callbacks.UniPT(factor=2)])
@@ -21,7 +21,7 @@ What the base does, for every side method:
   module builds it as it did, e.g. from the same pretrained weights); the side keys are checked
   on load, the backbone's are kept from the module (``strict_loading`` is turned off for that);
 * which model, an already applied method and ``remove_on_teardown`` follow the rules of every
-  method callback (:mod:`vleff.callbacks.targets`): ``module=`` picks the model when the
+  method callback (:mod:`vleff.lightning.targets`): ``module=`` picks the model when the
   LightningModule holds several (a frozen teacher is then left exactly as it was); a method
   applied with other settings is refused; removal at teardown keeps the trained side state (a
   later run with this callback re-applies the trained method) and restores ``requires_grad``
@@ -34,15 +34,16 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from vleff.callbacks.init_weights import load_trained_backbone
-from vleff.callbacks.targets import (
+from vleff.checks import check_bool
+from vleff.lightning.init_weights import load_trained_backbone
+from vleff.lightning.mixin import mixin_target, next_hook
+from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
 )
-from vleff.checks import check_bool
 from vleff.registry import get_method
 from vleff.side.common import (
     backbone_eval,
@@ -50,8 +51,6 @@ from vleff.side.common import (
     refuse_unfrozen_backbone,
     side_state_dict,
 )
-from vleff.methods.lst.core import LSTConfig
-from vleff.methods.unipt.core import UniPTConfig
 
 SIDE_ONLY = "vleff_side_only"
 #: how errors name each side method
@@ -131,7 +130,7 @@ class SideTuning(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         if not self.full_checkpoint:
             side_only_checkpoint(pl_module, checkpoint)
-        from vleff.callbacks.restore import record_method
+        from vleff.lightning.restore import record_method
 
         record_method(checkpoint, pl_module, self._target, self.method, self.config)
 
@@ -145,42 +144,48 @@ class SideTuning(pl.Callback):
             self._removal.remove(self.method, target)
 
 
-class LadderSideTuning(SideTuning):
-    """LST on the LightningModule's towers: the side network trains, the backbone is frozen.
+class SideMixin:
+    """Shared by the VQT, LST and UniPT mixins: the method applied and the backbone frozen in
+    ``use_*``; at fit start an unfrozen backbone weight is refused; the backbone stays in eval
+    mode in training; checkpoints leave out only the frozen backbone unless ``full_checkpoint``."""
 
-    Args:
-        train_head: keep a timm classifier head trainable (it reads the pooled features only).
-        full_checkpoint: save the whole model in checkpoints (default: the side state only).
-        remove_on_teardown: restore the plain model (and the ``requires_grad`` flags) when the
-            run ends; a later run with this callback re-applies the trained LST.
-        init_from: a Lightning checkpoint or ``state_dict`` of the trained backbone, loaded in
-            ``setup`` before LST is built (not a resume: ``Trainer.fit(ckpt_path=...)`` is).
-        module: the model to tune: attribute path or module object (default: the one model of
-            the LightningModule with a tower ``towers`` names; several are refused).
-        **settings: :class:`vleff.methods.lst.core.LSTConfig` fields (``reduction``, ``side_heads``,
-            ``temperature``, ``towers``). ``init="fisher"`` needs data: use
-            :func:`vleff.methods.lst.core.fisher_information` and :func:`vleff.apply_lst` before ``fit``
-            (the callback then only freezes).
-    """
+    _vleff_side: tuple[str, bool, bool] | None = None  # (method, train_head, full_checkpoint)
 
-    method = "lst"
-    settings_config = LSTConfig
+    def _use_side(self, method: str, train_head: bool, full_checkpoint: bool, config: Any, apply: bool = True,
+                  module: Any = None) -> None:
+        from vleff.registry import get_method
+        from vleff.side.common import freeze_backbone
 
-    def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
-        super().__init__(train_head, full_checkpoint, remove_on_teardown, init_from, module, **settings)
-        if self.config.init == "fisher":
-            raise ValueError("LadderSideTuning(init='fisher') has no data to compute the Fisher information from; "
-                             "call vleff.apply_lst(module, init='fisher', fisher=fisher_information(...)) before "
-                             "fit (the callback keeps it), or use init='magnitude'")
+        self._vleff_side = (method, check_bool("train_head", train_head), check_bool("full_checkpoint", full_checkpoint))
+        target = mixin_target(self, module, method, config)
+        if apply:
+            get_method(method).apply(target, config)
+        freeze_backbone(target, train_head=train_head)
+        if not full_checkpoint:
+            self.strict_loading = False  # the backbone keys are not in a side-only checkpoint
 
+    def on_train_start(self) -> None:
+        next_hook(self, SideMixin, "on_train_start")
+        if self._vleff_side is not None:
+            from vleff.side.common import backbone_eval, refuse_unfrozen_backbone
 
-class UniPT(SideTuning):
-    """UniPT on the LightningModule's towers (see :mod:`vleff.methods.unipt.core`).
+            refuse_unfrozen_backbone(self, LABELS[self._vleff_side[0]], self._vleff_side[1])  # type: ignore[arg-type]
+            backbone_eval(self)  # type: ignore[arg-type]
 
-    Args: as :class:`LadderSideTuning`; ``**settings``: :class:`vleff.methods.unipt.core.UniPTConfig`
-    fields (``factor``, ``towers``).
-    """
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        out = next_hook(self, SideMixin, "on_train_batch_start", batch, batch_idx)
+        if self._vleff_side is not None:
+            from vleff.side.common import backbone_eval
 
-    method = "unipt"
-    settings_config = UniPTConfig
+            backbone_eval(self)  # type: ignore[arg-type]
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, SideMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_side is not None and not self._vleff_side[2]:
+            side_only_checkpoint(self, checkpoint)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, SideMixin, "on_load_checkpoint", checkpoint)
+        if self._vleff_side is not None:
+            check_side_checkpoint(self, checkpoint)  # type: ignore[arg-type]

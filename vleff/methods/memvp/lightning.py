@@ -8,7 +8,7 @@ before ``configure_optimizers`` and before checkpoint weights are restored, so i
 exist when a checkpoint loads (resuming is exact). With ``freeze_host`` every other weight is
 frozen there (the paper trains only the projector and the memory offsets). Which model, an
 already applied MemVP and ``remove_on_teardown`` follow the rules of every method callback
-(:mod:`vleff.callbacks.targets`).
+(:mod:`vleff.lightning.targets`).
 """
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.callbacks.targets import (
+from vleff.checks import check_bool
+from vleff.lightning.mixin import mixin_target
+from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
 )
-from vleff.checks import check_bool
 from vleff.methods.memvp.core import (
     MemVPConfig,
     apply_memvp,
@@ -70,7 +71,7 @@ class MemVP(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        from vleff.callbacks.restore import record_method
+        from vleff.lightning.restore import record_method
 
         if self._target is not None and memvp_applied(self._target):
             record_method(checkpoint, pl_module, self._target, "memvp", self.config)
@@ -79,3 +80,24 @@ class MemVP(pl.Callback):
         target = self._target if self._target is not None else pl_module
         if self.remove_on_teardown and memvp_applied(target):
             self._removal.remove("memvp", target)
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class MemVPMixin:
+    """``use_memvp(freeze_host=True, **settings)`` in ``__init__`` once the host exists: MemVP
+    applied to the host inside the module (so ``load_from_checkpoint`` rebuilds its parameters
+    before the weights load), every other weight frozen when ``freeze_host``."""
+
+    def use_memvp(self, freeze_host: bool = True, module: Any = None, **settings: Any) -> None:
+        from vleff.methods.memvp.core import (
+            MemVPConfig,
+            apply_memvp,
+            freeze_host_for_memvp,
+        )
+
+        config = MemVPConfig.build(**settings)
+        target = mixin_target(self, module, "memvp", config)
+        apply_memvp(target, config)
+        if check_bool("freeze_host", freeze_host):
+            freeze_host_for_memvp(target)

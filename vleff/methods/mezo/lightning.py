@@ -49,17 +49,23 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer import call
 
-from vleff.callbacks.optimizer_swap import (check_strategy, refuse_galore_with_mezo, swap_optimizers,
-                                            user_optimizers)
-from vleff.callbacks.schedulers import step_lr_schedulers
+from vleff.lightning.mixin import next_hook
+from vleff.lightning.optimizer_swap import (
+    check_strategy,
+    refuse_galore_with_mezo,
+    swap_optimizers,
+    user_optimizers,
+)
+from vleff.lightning.schedulers import step_lr_schedulers
 from vleff.memory.convert import mezo_from_optimizer
 from vleff.methods.galore.core import GaLoreAdamW
-from vleff.methods.mezo.core import MeZO as MeZOOptimizer
 from vleff.methods.mezo import MeZOConfig
+from vleff.methods.mezo.core import MeZO as MeZOOptimizer
 
 __all__ = ["MeZO", "check_automatic_optimization", "check_trainer_settings", "install_mezo", "uninstall_mezo"]
 
 _ATTR = "_vleff_mezo"
+
 
 
 _LogCall = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
@@ -349,3 +355,43 @@ class MeZO(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         uninstall_mezo(pl_module, trainer)
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class MeZOMixin:
+    """Turns the module's own ``training_step`` into MeZO steps at fit start.
+
+    Call ``self.use_mezo(**settings)`` in ``__init__`` (the fields of
+:class:`vleff.methods.mezo.MeZOConfig`, validated there, as for :class:`vleff.callbacks.MeZO`). Same
+    implementation as the callback (:func:`vleff.methods.mezo.lightning.install_mezo`), so the same
+    hook and logging behaviour (see :mod:`vleff.methods.mezo.lightning`): ``training_step`` runs twice
+    per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
+    logs is logged once (the mean of the two evaluations for floating values). At fit end the
+    module's own ``training_step`` and ``automatic_optimization`` come back (a later fit of the
+    module without the mixin's MeZO trains with backprop); the GaLore callback refuses it.
+    """
+
+    _vleff_mezo_config: Any = None
+
+    def use_mezo(self, **settings: Any) -> None:
+        from vleff.methods.mezo import MeZOConfig
+
+        self._vleff_mezo_config = MeZOConfig.build(**settings)
+
+    def on_fit_start(self) -> None:
+        next_hook(self, MeZOMixin, "on_fit_start")
+        if self._vleff_mezo_config is None:
+            raise RuntimeError(f"{type(self).__name__} mixes in MeZOMixin but never called self.use_mezo(...) in "
+                               "__init__; call it (e.g. self.use_mezo(eps=1e-3, lr=1e-6)) or drop the mixin")
+        install_mezo(self.trainer, self, self._vleff_mezo_config)  # type: ignore[attr-defined, arg-type]
+
+    def on_train_epoch_end(self) -> None:
+        from vleff.lightning.schedulers import step_lr_schedulers
+
+        next_hook(self, MeZOMixin, "on_train_epoch_end")
+        step_lr_schedulers(self.trainer, "epoch")  # type: ignore[attr-defined]
+
+    def on_fit_end(self) -> None:
+        next_hook(self, MeZOMixin, "on_fit_end")
+        uninstall_mezo(self, self.trainer)  # type: ignore[arg-type, attr-defined]

@@ -10,10 +10,10 @@ the target. The schedule's position is in the callback's checkpoint state, so a 
 continues the schedule.
 
 ``init_from=<checkpoint>`` loads trained weights in ``setup`` (fine-tuning a model whose
-module starts from random weights; see :mod:`vleff.callbacks.init_weights`).
+module starts from random weights; see :mod:`vleff.lightning.init_weights`).
 
 Which model and an already applied EViT follow the rules of every method callback
-(:mod:`vleff.callbacks.targets`).
+(:mod:`vleff.lightning.targets`).
 """
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from vleff.callbacks.init_weights import load_initial_weights
-from vleff.callbacks.targets import (
+from vleff.checks import check_bool, check_ratio
+from vleff.lightning.init_weights import load_initial_weights
+from vleff.lightning.mixin import fitting, mixin_target, next_hook
+from vleff.lightning.targets import (
     ModuleArg,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
     single_backbone,
 )
-from vleff.checks import check_bool, check_ratio
 from vleff.methods.evit.core import (
     EViTConfig,
     EViTSchedule,
@@ -147,3 +148,57 @@ class EViT(Callback):
         self.current = float(state_dict["keep_rate"])
         if self._fitting and self._module is not None and evit_applied(self._module):
             update_evit(self._module, keep_rate=self.current)
+
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+EVIT_KEY = "vleff_evit_keep_rate"
+
+
+class EViTMixin:
+    """``use_evit(..., start_epoch=, end_epoch=)`` in ``__init__``; the keep-rate schedule
+    advances every training batch and its current value is saved in the checkpoint. After
+    ``fit``, and when loaded with ``load_from_checkpoint``, the model runs at the target."""
+
+    _vleff_evit_schedule: EViTSchedule | None = None
+    _vleff_evit_keep_rate: float = 1.0
+
+    def use_evit(self, start_epoch: float = 0.0, end_epoch: float | None = None, module: Any = None,
+                 **settings: Any) -> None:
+        """``end_epoch=None`` jumps to ``keep_rate`` at ``start_epoch`` (give the trainer's
+        ``max_epochs`` for the paper's cosine)."""
+        config = EViTConfig.build(**settings)
+        schedule = EViTSchedule(config.keep_rate, start_epoch, end_epoch)
+        apply_evit(mixin_target(self, module, "evit", config), config)  # a model built for use runs at the target
+        self._vleff_evit_schedule = schedule
+        self._vleff_evit_keep_rate = schedule.target
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        out = next_hook(self, EViTMixin, "on_train_batch_start", batch, batch_idx)
+        schedule = self._vleff_evit_schedule
+        trainer = getattr(self, "_trainer", None)
+        if schedule is not None and trainer is not None:
+            batches = trainer.num_training_batches
+            self._vleff_evit_keep_rate = schedule(training_progress(
+                trainer.global_step, trainer.accumulate_grad_batches, batches, trainer.current_epoch))
+            update_evit(self, keep_rate=self._vleff_evit_keep_rate)  # type: ignore[arg-type]
+        return out
+
+    def on_train_end(self) -> Any:
+        out = next_hook(self, EViTMixin, "on_train_end")
+        if self._vleff_evit_schedule is not None:  # leave fit as the cheap model, at the target
+            update_evit(self, keep_rate=self._vleff_evit_schedule.target)  # type: ignore[arg-type]
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, EViTMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_evit_schedule is not None:
+            checkpoint[EVIT_KEY] = self._vleff_evit_keep_rate
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, EViTMixin, "on_load_checkpoint", checkpoint)
+        if self._vleff_evit_schedule is not None and EVIT_KEY in checkpoint:
+            self._vleff_evit_keep_rate = float(checkpoint[EVIT_KEY])
+            # resuming fit continues the schedule; a model loaded for use runs at the target
+            rate = self._vleff_evit_keep_rate if fitting(self) else self._vleff_evit_schedule.target
+            update_evit(self, keep_rate=rate)  # type: ignore[arg-type]
