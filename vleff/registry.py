@@ -122,6 +122,16 @@ class Method:
         required_on_load: the method adds parameters, so it must be applied again before a
             checkpoint's weights load (``restore_methods``, the callbacks' ``on_load_checkpoint``).
         schedule: the setting a schedule drives (ToMe's ``r``), or ``None``.
+        display_name: how messages name the method (``"ToMe"``; default: ``name``).
+        settings_of: ``settings_of(model) -> dict``: the settings as applied, read back from the
+            model (``towers``: the set of modalities carrying it); settings that leave no trace
+            once applied are not listed. Default, for tower-hook methods: the hooks' config.
+        holds: ``holds(module) -> bool``: whether ``module`` holds something the method acts on
+            (which model of a LightningModule a callback picks). Default: a tower of ``towers``
+            (an image-text pair for ``needs_pair`` methods).
+        reapply_settings: ``reapply_settings(settings) -> settings``: the settings to apply the
+            method again with before a checkpoint's trained weights load (``restore_methods``),
+            for a setting whose work the weights make moot (LST's data-driven ``init``). Default: as saved.
         calibrate: ``calibrate(model, inputs, tower)`` for a method whose setting is a target
             reached by measuring (MADTP's τ for a FLOPs reduction); ``vleff-bench`` runs it after
             ``apply`` on the batch it measures (images, or caption ids for ``tower="text"``), so
@@ -147,8 +157,14 @@ class Method:
     updatable: tuple[str, ...] = ()
     required_on_load: bool = False
     schedule: str | None = None
+    display_name: str = ""
+    settings_of: Callable[[nn.Module], dict[str, Any]] | None = None
+    holds: Callable[[nn.Module], bool] | None = None
+    reapply_settings: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
+        if not self.display_name:
+            object.__setattr__(self, "display_name", self.name)
         unknown = set(self.traits) - set(TRAITS)
         if unknown:
             raise ValueError(f"method {self.name!r}: traits {sorted(unknown)} are not known; use {', '.join(TRAITS)}")
@@ -166,6 +182,16 @@ class Method:
             if rule.trait in other.traits and (not rule.families or family is None or family in rule.families):
                 return rule
         return None
+
+    def applied_settings(self, model: nn.Module) -> dict[str, Any]:
+        """The method's settings as applied to ``model`` (``{}`` when it is not applied)."""
+        if self.settings_of is not None:
+            return self.settings_of(model)
+        if "tower_hook" in self.traits:
+            from vleff.tokens.common import hook_settings
+
+            return hook_settings(model, self.name)
+        return {}
 
     def label(self, **settings: Any) -> str:
         args = {**self.bench_settings, **settings}

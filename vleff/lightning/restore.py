@@ -58,7 +58,7 @@ def restore_methods(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
     ``load_from_checkpoint`` loads the trained method exactly. A checkpoint without records
     (saved before callbacks recorded them, or by no vleff callback) changes nothing."""
     from vleff.lightning.side import SIDE_ONLY
-    from vleff.lightning.targets import LABELS, module_at
+    from vleff.lightning.targets import method_label, module_at
     from vleff.registry import get_method
 
     applied = []
@@ -68,12 +68,12 @@ def restore_methods(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
         entry = get_method(method)
         if entry.is_applied(target):
             continue
-        if method == "lst" and settings.get("init") == "fisher":
-            settings["init"] = "magnitude"  # the side weights come from the checkpoint; no data needed
+        if entry.reapply_settings is not None:
+            settings = entry.reapply_settings(settings)
         try:
             entry.apply(target, entry.config.build(**settings))
         except (TypeError, ValueError) as err:
-            label = LABELS.get(method, method)
+            label = method_label(method)
             raise ValueError(f"the checkpoint was trained with {label} on {path or 'the module'} "
                              f"({settings}), which cannot be applied to this {type(module).__name__} ({err}); build "
                              "the module as it was trained") from err

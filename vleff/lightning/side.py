@@ -41,6 +41,7 @@ from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
     check_module_arg,
+    method_label,
     refuse_other_settings,
     resolve_target,
 )
@@ -53,8 +54,6 @@ from vleff.side.common import (
 )
 
 SIDE_ONLY = "vleff_side_only"
-#: how errors name each side method
-LABELS = {"vqt": "VQT", "lst": "LST", "unipt": "UniPT"}
 
 
 def side_only_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -113,13 +112,13 @@ class SideTuning(pl.Callback):
             if stage == "fit" and self.init_from is not None:
                 load_trained_backbone(pl_module, self.init_from, target, self.method)
             self._method.apply(target, self.config)
-            self._removal.restore(target, LABELS.get(self.method, self.method))  # the trained state, if removed
+            self._removal.restore(target, method_label(self.method))  # the trained state, if removed
         freeze_backbone(target, train_head=self.train_head)
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # the backbone keys are not in a side-only checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_unfrozen_backbone(self._target_of(pl_module), LABELS.get(self.method, self.method), self.train_head)
+        refuse_unfrozen_backbone(self._target_of(pl_module), method_label(self.method), self.train_head)
         backbone_eval(self._target_of(pl_module))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -169,7 +168,7 @@ class SideMixin:
         if self._vleff_side is not None:
             from vleff.side.common import backbone_eval, refuse_unfrozen_backbone
 
-            refuse_unfrozen_backbone(self, LABELS[self._vleff_side[0]], self._vleff_side[1])  # type: ignore[arg-type]
+            refuse_unfrozen_backbone(self, method_label(self._vleff_side[0]), self._vleff_side[1])  # type: ignore[arg-type]
             backbone_eval(self)  # type: ignore[arg-type]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:

@@ -35,17 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from vleff.tokens.common import towers_meant
+
 __all__ = ["ModuleArg", "TeardownRemoval", "applied_settings", "candidates", "check_module_arg", "module_at",
            "refuse_other_settings", "resolve_backbone", "resolve_target", "single_backbone"]
 
 #: what ``module=`` takes: an attribute path, the module object, or ``None`` (find it)
 ModuleArg = str | nn.Module | None
-
-#: how errors name each method
-LABELS = {"tome": "ToMe", "evit": "EViT", "dynamicvit": "DynamicViT", "crossget": "CrossGET", "madtp": "MADTP",
-          "vqt": "VQT", "lst": "LST", "unipt": "UniPT", "lora": "LoRA", "reversible": "Reversible",
-          "memvp": "MemVP"}
-
 
 def check_module_arg(module: Any) -> str | nn.Module | None:
     """``module=`` as a callback's constructor receives it; a bad value raises ``ValueError``
@@ -87,10 +83,8 @@ def _holds(child: nn.Module, method: str, config: Any) -> bool:
             except TypeError:
                 continue
         return False
-    if method == "memvp":
-        from vleff.methods.memvp.core import _host_kind
-
-        return any(_host_kind(m) is not None for m in child.modules())
+    if entry.holds is not None:
+        return entry.holds(child)
     towers = getattr(config, "towers", None)
     if not entry.towers or towers is None:
         return False
@@ -124,7 +118,7 @@ def resolve_target(pl_module: nn.Module, module: str | nn.Module | None, method:
         ValueError: ``module=`` names nothing in ``pl_module``, or ``module=None`` and more than
             one model in ``pl_module`` holds what the method acts on (the message lists them).
     """
-    label = LABELS.get(method, method)
+    label = method_label(method)
     if isinstance(module, nn.Module):
         if module is pl_module or any(m is module for m in pl_module.modules()):
             return module
@@ -171,7 +165,7 @@ def resolve_backbone(pl_module: nn.Module, module: str | nn.Module | None, metho
 
         raise TypeError(f"no child of {type(pl_module).__name__} holds a supported image tower "
                         f"(children: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}); "
-                        f"{LABELS.get(method, method)} supports: {'; '.join(SUPPORTED)}")
+                        f"{method_label(method)} supports: {'; '.join(SUPPORTED)}")
     if len(found) > 1:
         raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone: "
                          f"{', '.join(found)} each hold an image tower; pass module= one of "
@@ -189,101 +183,22 @@ def single_backbone(pl_module: nn.Module, method: str) -> nn.Module | None:
 
 
 # --- already applied ---------------------------------------------------------------------------
-def _hook_config(target: nn.Module, name: str) -> Any:
-    from vleff.tokens.common import hooks_named
-
-    hooks = hooks_named(target, name)
-    return hooks[0].config if hooks and getattr(hooks[0], "config", None) is not None else None
-
-
-def _towers_with(target: nn.Module, has: Any) -> frozenset[str]:
-    """The modalities of ``target``'s towers for which ``has(tower)`` holds."""
-    from vleff.backbones import find_towers
-
-    try:
-        return frozenset(t.modality for t in find_towers(target) if has(t))
-    except TypeError:
-        return frozenset()
-
-
-def _side(tower: Any, name: str) -> nn.Module | None:
-    module = tower.root._modules.get(name)
-    return module if isinstance(module, nn.Module) else None
-
-
 def applied_settings(method: str, target: nn.Module) -> dict[str, Any]:
-    """The settings of ``method`` as applied to ``target``, as far as the model shows them
-    (``towers``: the set of modalities carrying it). Settings that leave no trace once applied
-    (LST's ``init``, MemVP's ``key_init_std``) are not listed."""
-    if method in ("tome", "evit", "dynamicvit", "crossget", "madtp", "vqt", "reversible"):
-        if method == "reversible":
-            from vleff.methods.reversible.core import (
-                reversible_applied,
-                reversible_config,
-            )
+    """The settings of ``method`` as applied to ``target``: the method's own reader
+    (:meth:`vleff.registry.Method.applied_settings`), so no shared module names a method."""
+    from vleff.registry import get_method
 
-            config = reversible_config(target) if reversible_applied(target) else None
-        else:
-            config = _hook_config(target, method)
-        if config is None:
-            return {}
-        out = config.as_dict()
-        if "towers" in out:  # what the towers setting means on this model (MADTP hooks both, prunes these)
-            out["towers"] = _wanted_towers(target, out["towers"])
-        if method == "madtp":  # τ's one owner is the model's MADTP module (the config keeps the start)
-            from vleff.methods.madtp.core import madtp_tau
-
-            out["tau"] = madtp_tau(target)
-        return out
-    if method in ("lst", "unipt"):
-        from vleff.backbones import find_towers
-
-        name = f"vleff_{method}"
-        towers = [t for t in find_towers(target) if _side(t, name) is not None]
-        if not towers:
-            return {}
-        side: Any = _side(towers[0], name)
-        out = {"towers": frozenset(t.modality for t in towers)}
-        if method == "lst":
-            out["reduction"] = towers[0].embed_dim // side.downs[0].out_features
-            out["temperature"] = side.temperature
-            if len(side.blocks):
-                out["side_heads"] = side.blocks[0].heads
-        else:
-            out["factor"] = towers[0].embed_dim // side.layers[0].out_features
-        return out
-    if method == "lora":
-        from vleff.methods.lora.core import _lora_layers
-
-        layers = [layer for _, _, layer in _lora_layers(target)]
-        if not layers:
-            return {}
-        layer: Any = layers[0]
-        key = next(iter(layer.r))
-        drop = layer.lora_dropout[key]
-        return {"r": layer.r[key], "alpha": layer.lora_alpha[key],
-                "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
-                "towers": _towers_with(target, lambda t: any("lora_A" in n for n, _ in t.root.named_parameters()))}
-    if method == "memvp":
-        from vleff.methods.memvp.core import memvp_module
-
-        module: Any = memvp_module(target)
-        adapters = getattr(module, "adapters", None)
-        return {"n_mem": module.n_mem, "scale": module.scale, "dropout": module.dropout,
-                "projector_scale": module.projector_scale, "projector_hidden": module.projector[0].out_features,
-                "visual_dim": module.visual_dim,
-                "vision_adapter_dim": adapters[0].down.out_features if adapters is not None and len(adapters) else 0}
-    return {}
+    return get_method(method).applied_settings(target)
 
 
-def _wanted_towers(target: nn.Module, towers: str) -> frozenset[str]:
-    from vleff.backbones import find_towers
-    from vleff.tokens.common import tower_modalities
+def method_label(method: str) -> str:
+    """How messages name ``method`` (its registry entry's ``display_name``)."""
+    from vleff.registry import get_method
 
     try:
-        return frozenset(t.modality for t in find_towers(target) if t.modality in tower_modalities(towers))
-    except TypeError:
-        return frozenset()
+        return get_method(method).display_name
+    except ValueError:
+        return method
 
 
 def refuse_other_settings(method: str, target: nn.Module, wanted: Any, driven: tuple[str, ...] = ()) -> None:
@@ -299,7 +214,7 @@ def refuse_other_settings(method: str, target: nn.Module, wanted: Any, driven: t
             continue
         want = getattr(wanted, key)
         if key == "towers":
-            want_set = _wanted_towers(target, want)
+            want_set = towers_meant(target, want)
             if want_set != have:
                 diffs.append((key, "+".join(sorted(have)) or "none", f"{want!r} ({'+'.join(sorted(want_set)) or 'none'})"))
             continue
@@ -312,7 +227,7 @@ def refuse_other_settings(method: str, target: nn.Module, wanted: Any, driven: t
         if not same:
             diffs.append((key, repr(have), repr(want)))
     if diffs:
-        label = LABELS.get(method, method)
+        label = method_label(method)
         applied_text = ", ".join(f"{k}={h}" for k, h, _ in diffs)
         wanted_text = ", ".join(f"{k}={w}" for k, _, w in diffs)
         raise ValueError(f"{label} is already applied to {type(target).__name__} with {applied_text}, but the "

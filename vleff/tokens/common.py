@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -44,6 +44,28 @@ def select_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
         raise TypeError(f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
                         f"(it has: {have}); pass towers= naming a tower it has")
     return chosen
+
+
+def hook_settings(model: nn.Module, name: str) -> dict[str, Any]:
+    """The config of the tower hooks called ``name`` in ``model``, as a dict (``{}`` when none),
+    with ``towers`` as the set of modalities it means on this model: a method's applied settings
+    read back from the model (:meth:`vleff.registry.Method.applied_settings`)."""
+    hooks = hooks_named(model, name)
+    config = hooks[0].config if hooks and getattr(hooks[0], "config", None) is not None else None
+    if config is None:
+        return {}
+    out = config.as_dict()
+    if "towers" in out:
+        out["towers"] = towers_meant(model, out["towers"])
+    return out
+
+
+def towers_meant(model: nn.Module, towers: str) -> frozenset[str]:
+    """The modalities of ``model``'s towers that ``towers`` names (empty when it has none)."""
+    try:
+        return frozenset(t.modality for t in find_towers(model) if t.modality in tower_modalities(towers))
+    except TypeError:
+        return frozenset()
 
 
 def install_hooks(model: nn.Module, make_hook: Callable[[TowerAdapter], TowerHook],

@@ -7,14 +7,14 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.crossget.core import (
-    CrossGETConfig,
-    CrossGETHook,
     ENSEMBLES,
     LOSS_NAME,
     METRICS,
     OFFSETS,
     PAIRS_SUPPORTED,
     TOWERS,
+    CrossGETConfig,
+    CrossGETHook,
     alignment_loss,
     apply_crossget,
     crossget_applied,
@@ -29,6 +29,7 @@ from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="CrossGET",
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reduces_tokens", "owns_tokens"}),
     refuses=(Refusal("reduces_tokens", "both reduce that tower's tokens"),

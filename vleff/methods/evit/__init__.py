@@ -7,8 +7,8 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.evit.core import (
-    EViTConfig,
     TOWERS,
+    EViTConfig,
     apply_evit,
     evit_applied,
     remove_evit,
@@ -18,6 +18,7 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="EViT",
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reduces_tokens"}),
     updatable=("keep_rate", "fuse"),

@@ -7,13 +7,14 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.lora.core import (
-    LoRAConfig,
     TOWERS,
+    LoRAConfig,
     apply_lora,
     library_key,
     lora_applied,
     lora_num_parameters,
     lora_parameters,
+    lora_settings,
     lora_state_dict,
     lora_targets,
     remove_lora,
@@ -22,6 +23,7 @@ from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="LoRA", settings_of=lora_settings,
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"wraps_projections"}),
     refuses=(Refusal("tower_hook",

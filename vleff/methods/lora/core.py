@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.backbones import TowerAdapter, get_patch
+from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.checks import check_bool, check_int, check_number, check_towers
 from vleff.registry import MethodConfig
 from vleff.tokens.common import select_towers
@@ -226,3 +226,17 @@ def library_key(key: str) -> str:
     return BASE_LAYER.sub(".", key)
 __all__ = ["LoRAConfig", "apply_lora", "library_key", "lora_applied", "lora_num_parameters", "lora_parameters",
            "lora_state_dict", "lora_targets", "remove_lora"]
+
+
+def lora_settings(model: nn.Module) -> dict[str, Any]:
+    """LoRA's settings as applied to ``model``, read back from its ``peft`` layers."""
+    layers = [layer for _, _, layer in _lora_layers(model)]
+    if not layers:
+        return {}
+    layer: Any = layers[0]
+    key = next(iter(layer.r))
+    drop = layer.lora_dropout[key]
+    carrying = frozenset(t.modality for t in find_towers(model)
+                         if any("lora_A" in n for n, _ in t.root.named_parameters()))
+    return {"r": layer.r[key], "alpha": layer.lora_alpha[key],
+            "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, "towers": carrying}

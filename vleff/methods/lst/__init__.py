@@ -7,17 +7,20 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.lst.core import (
-    LSTConfig,
     TOWERS,
+    LSTConfig,
     apply_lst,
     fisher_information,
     lst_applied,
+    lst_reapply_settings,
+    lst_settings,
     remove_lst,
 )
 from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="LST", settings_of=lst_settings, reapply_settings=lst_reapply_settings,
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reads_full_stream"}),
     refuses=(Refusal("reduces_tokens", "LST reads every block's output of the full frozen token stream, which "

@@ -47,11 +47,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import TowerAdapter
+from vleff.backbones import TowerAdapter, find_towers
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import MethodConfig, refuse_applied_conflicts
-from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply,
-                               restore_on_remove, side_modules)
+from vleff.side.common import (
+    SideModule,
+    attach_side,
+    detach_side,
+    final_norm,
+    freeze_on_apply,
+    restore_on_remove,
+    side_modules,
+)
 from vleff.tokens.common import hooks_named, select_towers
 
 HOOK_NAME = "lst"
@@ -400,3 +407,22 @@ def lst_parameters(model: nn.Module) -> list[nn.Parameter]:
 def lst_gate_values(model: nn.Module) -> list[torch.Tensor]:
     """Each tower's gates ``g_i = sigmoid(alpha_i / T)`` (for logging)."""
     return [torch.sigmoid(m.gates.detach() / m.temperature) for m in side_modules(model) if isinstance(m, LSTModule)]
+
+
+def lst_reapply_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings to apply LST again before trained weights load: the side weights come from the
+    checkpoint, so the Fisher initialisation (which needs data) is replaced by the magnitude one."""
+    return {**settings, "init": "magnitude"} if settings.get("init") == "fisher" else settings
+
+
+def lst_settings(model: nn.Module) -> dict[str, Any]:
+    """LST's settings as applied to ``model``, read back from its side networks (``init`` leaves no trace)."""
+    towers = [t for t in find_towers(model) if isinstance(t.root._modules.get(MODULE_NAME), LSTModule)]
+    if not towers:
+        return {}
+    side: Any = towers[0].root._modules[MODULE_NAME]
+    out: dict[str, Any] = {"towers": frozenset(t.modality for t in towers),
+                           "reduction": towers[0].embed_dim // side.downs[0].out_features, "temperature": side.temperature}
+    if len(side.blocks):
+        out["side_heads"] = side.blocks[0].heads
+    return out

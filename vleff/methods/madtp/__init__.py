@@ -7,12 +7,13 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.madtp.core import (
-    MADTPConfig,
     TOWERS,
+    MADTPConfig,
     apply_madtp,
     calibrate_madtp,
     calibrate_madtp_for_bench,
     madtp_applied,
+    madtp_settings,
     remove_madtp,
     update_madtp,
 )
@@ -20,6 +21,7 @@ from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="MADTP", settings_of=madtp_settings,
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reduces_tokens", "owns_tokens"}),
     refuses=(Refusal("reduces_tokens", "each rewrites the token sequence its own way"),),

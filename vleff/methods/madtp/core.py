@@ -92,6 +92,7 @@ from vleff.kernels.order import stable_argsort
 from vleff.registry import MethodConfig
 from vleff.tokens.common import (
     attach_hooks,
+    hook_settings,
     hooks_named,
     remove_hooks,
     tower_modalities,
@@ -861,3 +862,12 @@ def searched_range(evals: list[tuple[float, int, int]], max_evals: int) -> str:
     starts = sorted({e[2] for e in evals})
     return (f"{len(evals)} counted forwards (max_evals={max_evals}) tried τ in [{min(taus):.4g}, {max(taus):.4g}] "
             f"with first pruning block(s) {starts}; raise max_evals to search further")
+
+
+def madtp_settings(model: nn.Module) -> dict[str, Any]:
+    """MADTP's settings as applied to ``model``: its hooks' config, with τ from its one owner, the
+    model's MADTP module (the config keeps the starting value)."""
+    out = hook_settings(model, HOOK_NAME)
+    if out:
+        out["tau"] = madtp_tau(model)
+    return out

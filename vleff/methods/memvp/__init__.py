@@ -9,7 +9,9 @@ from __future__ import annotations
 from vleff.methods.memvp.core import (
     MemVPConfig,
     apply_memvp,
+    holds_memvp_host,
     memvp_applied,
+    memvp_settings,
     remove_memvp,
     set_memvp_memory,
     update_memvp,
@@ -18,6 +20,7 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="MemVP", settings_of=memvp_settings, holds=holds_memvp_host,
     # the declarative contract: what the method does, what it refuses, what update may change
     updatable=("scale", "dropout"),
     required_on_load=True,

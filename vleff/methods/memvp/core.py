@@ -419,11 +419,20 @@ def _blip_host(model: nn.Module) -> Host:
     return Host(sites, widths.pop(), vision, int(vision.config.hidden_size), 1, n + 1, find_tower(vision, "image"))
 
 
+def holds_memvp_host(module: nn.Module) -> bool:
+    """Whether ``module`` holds a model MemVP can be applied to (a host)."""
+    return any(_host_kind(m) is not None for m in module.modules())
+
+
 def _host_kind(model: nn.Module) -> str | None:
     if hasattr(model, "memvp_host"):  # vleff.models.VisionLanguageModel
         return "vlm"
     try:
-        from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, PreTrainedModel
+        from transformers import (
+            BlipForConditionalGeneration,
+            BlipForQuestionAnswering,
+            PreTrainedModel,
+        )
     except ImportError:  # pragma: no cover - transformers is a dependency of every supported host
         return None
     if isinstance(model, (BlipForConditionalGeneration, BlipForQuestionAnswering)):
@@ -589,3 +598,15 @@ def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int, v
     one ``visual_dim → adapter_dim → visual_dim`` adapter per vision block."""
     adapters = vision_blocks * 2 * visual_dim * adapter_dim
     return visual_dim * hidden + hidden + hidden * width + width + 2 * n_mem * width + adapters
+
+
+def memvp_settings(model: nn.Module) -> dict[str, Any]:
+    """MemVP's settings as applied to ``model``, read back from its module (``key_init_std`` leaves no trace)."""
+    if not memvp_applied(model):
+        return {}
+    module: Any = memvp_module(model)
+    adapters = getattr(module, "adapters", None)
+    return {"n_mem": module.n_mem, "scale": module.scale, "dropout": module.dropout,
+            "projector_scale": module.projector_scale, "projector_hidden": module.projector[0].out_features,
+            "visual_dim": module.visual_dim,
+            "vision_adapter_dim": adapters[0].down.out_features if adapters is not None and len(adapters) else 0}

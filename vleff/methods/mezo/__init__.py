@@ -19,6 +19,7 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="MeZO",
     name="mezo", kind="memory", config=MeZOConfig, apply=None, remove=None, callback="vleff.methods.mezo.lightning.MeZO",
     mixin="vleff.methods.mezo.lightning.MeZOMixin", towers=(), bench_settings={"eps": 1e-3},
     description="MeZO: zeroth-order SPSA steps, forward passes only"))

@@ -7,16 +7,18 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 from __future__ import annotations
 
 from vleff.methods.reversible.core import (
-    ReversibleConfig,
     TOWERS,
+    ReversibleConfig,
     apply_reversible,
     remove_reversible,
     reversible_applied,
+    reversible_settings,
 )
 from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="Reversible", settings_of=reversible_settings,
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"runs_blocks"}),
     refuses=(Refusal("tower_hook", "the reversible stack runs F and G itself, not the tower hooks"),),

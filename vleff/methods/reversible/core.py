@@ -84,6 +84,7 @@ from vleff.backbones.block import attention_branch, mask_to_bias, mlp_branch
 from vleff.backbones.patch import set_block_runner
 from vleff.checks import check_bool, check_choice, check_int, check_number, check_towers
 from vleff.registry import MethodConfig
+from vleff.tokens.common import towers_meant
 
 COUPLINGS = ("meft", "revvit")
 STREAMS = ("auto", "float32", "float64")
@@ -672,3 +673,13 @@ def starting_gap(model: nn.Module, x: Any, config: ReversibleConfig | None = Non
     finally:
         model.train(was)
     return float((out - ref).norm() / ref.norm())
+
+
+def reversible_settings(model: nn.Module) -> dict[str, Any]:
+    """The reversible stack's settings as applied to ``model`` (``{}`` when none)."""
+    if not reversible_applied(model):
+        return {}
+    out = reversible_config(model).as_dict()
+    if "towers" in out:
+        out["towers"] = towers_meant(model, out["towers"])
+    return out

@@ -18,6 +18,7 @@ from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="ToMe",
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reduces_tokens"}),
     updatable=("r", "prop_attn", "trace_source"),

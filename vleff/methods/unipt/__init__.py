@@ -12,11 +12,13 @@ from vleff.methods.unipt.core import (
     apply_unipt,
     remove_unipt,
     unipt_applied,
+    unipt_settings,
 )
 from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="UniPT", settings_of=unipt_settings,
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reads_full_stream"}),
     refuses=(Refusal("reduces_tokens", "UniPT reads every block's output of the full frozen token stream, which "

@@ -34,11 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import TowerAdapter
+from vleff.backbones import TowerAdapter, find_towers
 from vleff.checks import check_int, check_towers
 from vleff.registry import MethodConfig, refuse_applied_conflicts
-from vleff.side.common import (SideModule, attach_side, detach_side, final_norm, freeze_on_apply,
-                               restore_on_remove, side_modules)
+from vleff.side.common import (
+    SideModule,
+    attach_side,
+    detach_side,
+    final_norm,
+    freeze_on_apply,
+    restore_on_remove,
+    side_modules,
+)
 from vleff.tokens.common import hooks_named, select_towers
 
 HOOK_NAME = "unipt"
@@ -151,3 +158,12 @@ def unipt_applied(model: nn.Module) -> bool:
 
 def unipt_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in side_modules(model) if isinstance(m, UniPTModule) for p in m.parameters()]
+
+
+def unipt_settings(model: nn.Module) -> dict[str, Any]:
+    """UniPT's settings as applied to ``model``, read back from its side networks."""
+    towers = [t for t in find_towers(model) if isinstance(t.root._modules.get(MODULE_NAME), UniPTModule)]
+    if not towers:
+        return {}
+    side: Any = towers[0].root._modules[MODULE_NAME]
+    return {"towers": frozenset(t.modality for t in towers), "factor": towers[0].embed_dim // side.layers[0].out_features}

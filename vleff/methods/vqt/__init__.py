@@ -19,6 +19,7 @@ from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
+    display_name="VQT",
     # the declarative contract: what the method does, what it refuses, what update may change
     traits=frozenset({"tower_hook", "reads_full_stream"}),
     refuses=(Refusal("reduces_tokens", "VQT's queries read each block's keys/values of the full frozen token "
