@@ -3,7 +3,7 @@
     python benchmarks/clip_memory.py results/clip_memory.json            # ViT-B-32, batch 32, rank 128
     python benchmarks/clip_memory.py out.json --model RN50 --batch-size 8 --rank 64
 
-A thin command line over :mod:`vleff.profile.training_memory` (also ``vleff-bench memory``),
+A thin command line over :mod:`vleff.cli.training_memory` (also ``vleff-bench memory``),
 which documents the methods and what is measured. Every method runs in its own fresh Python
 process unless ``--no-isolate``.
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from vleff.profile.report import rows_to_json
-from vleff.profile.training_memory import METHODS, print_memory_rows, run_training_memory
+from vleff.cli.training_memory import METHODS, print_memory_rows, run_training_memory
 
 
 def main(argv: list[str] | None = None) -> int:

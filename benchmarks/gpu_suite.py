@@ -117,7 +117,7 @@ def _time(fn: Callable[[], Any], dev: Any, repeats: int) -> float:
 
 
 def _kernel_rows(device: str, tiny: bool, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    from vleff.profile.kernels_bench import run_kernel_bench
+    from vleff.cli.kernels_bench import run_kernel_bench
 
     if tiny:  # the CPU defaults: small shapes, reference backend (no Triton without the interpreter)
         settings = {"repeats": 2, "warmup": 1}
@@ -163,7 +163,7 @@ def _side_memory_rows(device: str, tiny: bool, model: str) -> list[dict[str, Any
 
 
 def _clip_memory_rows(device: str, tiny: bool, tiny_config: Path) -> list[dict[str, Any]]:
-    from vleff.profile.training_memory import run_training_memory
+    from vleff.cli.training_memory import run_training_memory
 
     if tiny:  # in this process (no interpreter start-ups): the plumbing, not the isolation
         rows = run_training_memory(str(tiny_config), batch_size=2, rank=8, device=device, isolate=False)

@@ -46,7 +46,7 @@ def build(model: str):
 
     torch.manual_seed(0)
     if model == CLIP_BOTH:
-        from vleff.profile.training_memory import build_clip_for_memory
+        from vleff.cli.training_memory import build_clip_for_memory
 
         clip, _, _ = build_clip_for_memory("ViT-B-32")
         return clip, None, 224
@@ -187,7 +187,7 @@ def measure(model: str, method: str, batch: int, device: str = "cpu") -> dict[st
     import torch
 
     from vleff.profile.memory import tensor_storage_bytes
-    from vleff.profile.training_memory import _memory_now
+    from vleff.cli.training_memory import _memory_now
 
     dev = torch.device(device)
     net, head, size = build(model)
@@ -201,7 +201,7 @@ def measure(model: str, method: str, batch: int, device: str = "cpu") -> dict[st
         import torch.nn.functional as F
 
         from vleff.models.clip_finetuner import contrastive_loss
-        from vleff.profile.training_memory import _tokens
+        from vleff.cli.training_memory import _tokens
 
         tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0).to(dev)
         extra_inputs = [tokens]

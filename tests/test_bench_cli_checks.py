@@ -78,7 +78,7 @@ def test_clip_memory_script_is_a_thin_wrapper_over_the_library():
     source = Path(__file__).resolve().parent.parent / "benchmarks" / "clip_memory.py"
     tree = ast.parse(source.read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "vleff.profile.training_memory" in imported
+    assert "vleff.cli.training_memory" in imported
     defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert defined == {"main"}  # the measuring code lives in the library
 

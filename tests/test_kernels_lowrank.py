@@ -101,7 +101,7 @@ def test_full_rank_round_trip_is_identity(side, shape):
 
 
 def test_projection_rejects_mismatched_shapes():
-    from vleff.kernels.triton_lowrank import project_back_triton, project_triton
+    from vleff.kernels.triton_ops import project_back_triton, project_triton
 
     grad = torch.randn(8, 6)
     with pytest.raises(ValueError, match="does not fit proj"):

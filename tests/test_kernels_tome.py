@@ -261,14 +261,16 @@ def test_merge_is_deterministic_and_handles_strided_inputs():
 
 
 def test_merge_rejects_bad_inputs():
+    from vleff.kernels import triton_ops
+
     plan = _random_plan(0, 2, 9, 1, 2)
     x = torch.randn(2, 9, 4)
     with pytest.raises(ValueError, match="size must be"):
-        tt.merge_weighted_triton(x, torch.ones(2, 9), plan)
+        triton_ops.merge_weighted_triton(x, torch.ones(2, 9), plan)
     with pytest.raises(ValueError, match=r"t must be \[B, N, C\]"):
-        tt.merge_sum_triton(torch.randn(2, 8, 4), plan)
+        triton_ops.merge_sum_triton(torch.randn(2, 8, 4), plan)
     with pytest.raises(ValueError, match="floating point"):
-        tt.merge_sum_triton(torch.ones(2, 9, 4, dtype=torch.int64), plan)
+        triton_ops.merge_sum_triton(torch.ones(2, 9, 4, dtype=torch.int64), plan)
 
 
 # ----------------------------------------------------------------------------- ops, FLOPs
@@ -303,7 +305,7 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_kernel_bench_runs_both_backends_and_they_agree(tmp_path):
-    from vleff.profile.kernels_bench import run_kernel_bench
+    from vleff.cli.kernels_bench import run_kernel_bench
 
     out = tmp_path / "kernels.json"
     cfg = {"mode": "kernels", "kernels": {"interpret": True, "tome_batch": 2, "tome_tokens": 33,
@@ -325,7 +327,7 @@ def test_kernel_bench_runs_both_backends_and_they_agree(tmp_path):
 
 def test_tome_model_end_to_end_on_the_triton_path(monkeypatch):
     # the whole ToMe model (helper hooks + these kernels), switched by VLEFF_KERNELS
-    from vleff.profile.kernels_bench import run_kernel_bench
+    from vleff.cli.kernels_bench import run_kernel_bench
 
     calls = {"match": 0, "merge": 0}
     match, merge = tt.best_match_launch, tt.merge_fwd_launch

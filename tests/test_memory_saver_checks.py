@@ -143,7 +143,7 @@ def test_mezo_refuses_manual_optimization_at_setup(tmp_path):
 def test_galore_and_mezo_callbacks_together_are_refused(tmp_path):
     for order in ([GaLore(rank=4), MeZOCallback()], [MeZOCallback(), GaLore(rank=4)]):
         trainer = tl.trainer(tmp_path, callbacks=order, max_steps=1)
-        with pytest.raises(ValueError, match="GaLore and MeZO callbacks cannot be used together"):
+        with pytest.raises(ValueError, match=r"the (GaLore|MeZO) callback cannot be used with the (MeZO|GaLore) callback: both replace the optimizer"):
             trainer.fit(tl.TinyClassifier(depth=1), tl.loader(n=4, batch_size=4))
 
 
@@ -155,7 +155,7 @@ def test_mezo_callback_refuses_galore_mixin_module(tmp_path):
             return self.galore_optimizer(rank=4)
 
     trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback()], max_steps=1)
-    with pytest.raises(ValueError, match="MeZO callback.*GaLoreMixin"):
+    with pytest.raises(ValueError, match="the MeZO callback cannot be used with Own, a GaLoreMixin module: both replace the optimizer"):
         trainer.fit(Own(depth=1), tl.loader(n=4, batch_size=4))
 
 

@@ -405,7 +405,7 @@ def test_combines_with_galore():
     """GaLore reads ordinary ``.grad``s, which the reversible backward delivers: it trains the
     reversible network. (Step-by-step equality with the plain-autograd network is not a fair
     check here: GaLore's rank-4 SVD subspace of a tiny model flips under 1e-6 gradient changes.)"""
-    from vleff.memory.convert import galore_from_optimizer
+    from vleff.methods.galore.convert import galore_from_optimizer
 
     model = apply_reversible(_vit(depth=3).train(), coupling="revvit")
     opt = galore_from_optimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model, rank=4, update_proj_gap=2)
@@ -494,7 +494,7 @@ def test_clip_memory_rows_reversible_and_reversible_galore(tmp_path):
     backprop; with GaLore less optimizer state."""
     import json
 
-    from vleff.profile.training_memory import run_training_memory
+    from vleff.cli.training_memory import run_training_memory
 
     config = tmp_path / "tiny_clip.json"
     config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 16,

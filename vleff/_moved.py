@@ -53,6 +53,9 @@ MOVED: dict[str, str] = {
     "vleff.callbacks.vqt": "vleff.methods.vqt.lightning",
     "vleff.callbacks.memvp": "vleff.methods.memvp.lightning",
     "vleff.callbacks.lora": "vleff.methods.lora.lightning",
+    # benchmark programs out of the meters' package (profile/ holds only meters)
+    "vleff.profile.kernels_bench": "vleff.cli.kernels_bench",
+    "vleff.profile.training_memory": "vleff.cli.training_memory",
 }
 
 #: old modules whose names went to several new homes: old path -> {name: new module}; a name not
@@ -64,6 +67,8 @@ SPLIT: dict[str, dict[str, str]] = {
                                       "TEACHER_KEY": "vleff.methods.dynamicvit.lightning", "*": "vleff.callbacks.mixins"},
     "vleff.callbacks.mixins.side": {"*": "vleff.callbacks.mixins"},
     "vleff.callbacks.mixins.memory": {"*": "vleff.callbacks.mixins"},
+    "vleff.memory.convert": {"galore_from_optimizer": "vleff.methods.galore.convert",
+                             "mezo_from_optimizer": "vleff.methods.mezo.convert", "*": "vleff.optim"},
 }
 
 

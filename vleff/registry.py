@@ -38,6 +38,7 @@ TRAITS: dict[str, str] = {
     "reads_full_stream": "reads every block's output of the full-length frozen token stream",
     "runs_blocks": "runs a tower's blocks itself, so tower hooks do not run",
     "wraps_projections": "wraps the attention projections in new modules (peft adapters)",
+    "replaces_optimizer": "replaces the optimizer the module's configure_optimizers returns",
 }
 
 

@@ -31,11 +31,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, BlockParts, CrossInputs, Pooling, TowerAdapter
+from vleff.backbones.base import (
+    AttentionConfig,
+    BlockParts,
+    CrossInputs,
+    Pooling,
+    TowerAdapter,
+)
 from vleff.backbones.block import mask_to_bias
 from vleff.backbones.hooks import TowerHook
 from vleff.backbones.state import TokenState, gather_tokens
-from vleff.backbones.text import CAUSAL_DECODER, LAYOUT_HOOK, PAD, POSITION, PROTECTED, SOURCE, TextLayout
+from vleff.backbones.text import (
+    CAUSAL_DECODER,
+    LAYOUT_HOOK,
+    PAD,
+    POSITION,
+    PROTECTED,
+    SOURCE,
+    TextLayout,
+)
 
 
 def masked_keys(mask: torch.Tensor) -> torch.Tensor:

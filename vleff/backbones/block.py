@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones.base import AttentionConfig, CrossInputs, TowerAdapter
-from vleff.backbones.hooks import BlockInfo, TowerHook
+from vleff.backbones.hooks import KEEP_MASK_EPS, BlockInfo, TowerHook
 from vleff.backbones.state import TokenState
-
-KEEP_MASK_EPS = 1e-6
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from vleff.backbones.state import TokenState
+from vleff.backbones.state import TokenState, eot_rows, gather_tokens
 
 if TYPE_CHECKING:
     from vleff.backbones.base import AttentionConfig
+
+KEEP_MASK_EPS = 1e-6
 
 
 class StaleBlockInfo(RuntimeError):
@@ -128,8 +130,6 @@ class BlockInfo:
         cfg = self.cfg
         assert cfg is not None
         if row == "eot":  # per sample: the text tower's EOT token
-            from vleff.backbones.text import eot_rows
-
             assert self.state is not None
             rows = eot_rows(self.state)
         elif isinstance(row, int):
@@ -153,8 +153,6 @@ class BlockInfo:
 
     # --- following a reduction (called by the state) ----------------------------------------
     def _after_select(self, idx: torch.Tensor) -> None:
-        from vleff.backbones.state import gather_tokens
-
         if self._k is not None:
             self._pending_keys.append(_KeySelect(idx))
         self._rows = {r: gather_tokens(a, idx) for r, a in self._rows.items()}
@@ -192,8 +190,6 @@ class _KeySelect:
         self.idx = idx
 
     def __call__(self, k: torch.Tensor) -> torch.Tensor:
-        from vleff.backbones.state import gather_tokens
-
         return gather_tokens(k.transpose(1, 2), self.idx).transpose(1, 2)
 
 
@@ -215,8 +211,6 @@ def _keep_row(logits: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> t
     """Rows ``rows`` (``[B]``) of the block's keep-masked softmax
     (:func:`vleff.backbones.block.keep_masked_softmax`), for the logits of those rows ``[B, H, 1, N]``:
     dropped keys get no weight except from themselves; shifted by the maximum over allowed keys."""
-    from vleff.backbones.block import KEEP_MASK_EPS
-
     n = logits.shape[-1]
     k = keep.to(logits.dtype)[:, None, None, :]
     own = torch.zeros_like(k).scatter(-1, rows[:, None, None, None], 1.0)

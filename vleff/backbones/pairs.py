@@ -276,7 +276,7 @@ def _pooled(out: Any) -> torch.Tensor:
 
 
 def _towers(model: nn.Module) -> tuple[TowerAdapter, TowerAdapter]:
-    from vleff.backbones import find_tower
+    from vleff.backbones.towers import find_tower
 
     return find_tower(model, "image"), find_tower(model, "text")
 

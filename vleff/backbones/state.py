@@ -227,3 +227,15 @@ class TokenState:
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
         """Accumulate an auxiliary loss under ``name`` (summed if added twice)."""
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+
+
+#: the text layout's field marking each sample's protected token (its EOT, or BLIP's first token)
+PROTECTED = "protected"
+
+
+def eot_rows(state: TokenState) -> torch.Tensor:
+    """``[B]`` current index of each sample's EOT token."""
+    protected = state.get(PROTECTED)
+    if protected is None:
+        raise RuntimeError("this tower tracks no EOT token (not a text tower)")
+    return protected.argmax(dim=1)

@@ -40,10 +40,9 @@ import torch
 from torch import nn
 
 from vleff.backbones.hooks import BlockInfo, TowerHook
-from vleff.backbones.state import TokenState, gather_tokens
+from vleff.backbones.state import PROTECTED, TokenState, eot_rows, gather_tokens
 
 POSITION = "position"
-PROTECTED = "protected"
 PAD = "pad"
 SOURCE = "text_source"
 LAYOUT_HOOK = "text_layout"
@@ -103,14 +102,6 @@ class TextLayout(TowerHook):
         holder = source.argmax(dim=1)  # [B, N0]: the token holding each input position
         held = (source.amax(dim=1) > 0).to(x.dtype)[..., None]
         return gather_tokens(x, holder) * held
-
-
-def eot_rows(state: TokenState) -> torch.Tensor:
-    """``[B]`` current index of each sample's EOT token."""
-    protected = state.get(PROTECTED)
-    if protected is None:
-        raise RuntimeError("this tower tracks no EOT token (not a text tower)")
-    return protected.argmax(dim=1)
 
 
 def runs_as_causal_decoder(state: TokenState) -> bool:

@@ -3,8 +3,8 @@
 Three modes, picked by the first word (default ``speed``)::
 
     vleff-bench model=vit_base methods=[tome] image_size=224 batch_size=16 repeats=5
-    vleff-bench kernels tome_batch=64 out=kernels.json      # vleff.profile.kernels_bench
-    vleff-bench memory batch_size=32 out=memory.json         # vleff.profile.training_memory
+    vleff-bench kernels tome_batch=64 out=kernels.json      # vleff.cli.kernels_bench
+    vleff-bench memory batch_size=32 out=memory.json         # vleff.cli.training_memory
 
 Settings are ``key=value`` overrides in Hydra's grammar (lists ``[a,b]``, dicts ``{a: {r: 8}}``,
 ``null``, dotted keys ``method_args.tome.r=8``), applied to ``vleff/configs/bench.yaml``,
@@ -109,8 +109,8 @@ def _usage() -> str:
         "usage: vleff-bench [speed|kernels|memory] [key=value ...]\n\n"
         "speed (default): baseline vs token methods on one model -> table of GFLOPs/img, FLOPs ratio,\n"
         "  img/s, speedup, activation MiB; save=path/prefix writes CSV, JSON and PNG.\n"
-        "kernels: reference vs Triton kernels (settings of vleff.profile.kernels_bench.KernelBenchConfig).\n"
-        "memory: CLIP training memory, AdamW vs GaLore vs MeZO (vleff.profile.training_memory); settings\n"
+        "kernels: reference vs Triton kernels (settings of vleff.cli.kernels_bench.KernelBenchConfig).\n"
+        "memory: CLIP training memory, AdamW vs GaLore vs MeZO (vleff.cli.training_memory); settings\n"
         f"  {', '.join(MEMORY_SETTINGS)}; out=file.json|.csv writes the rows.\n\n"
         f"models: {', '.join(MODELS)} (or any timm model name)\n"
         f"methods: {', '.join(available_methods())}\n"
@@ -324,7 +324,13 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
 
     from vleff.backbones.pairs import PairEncoder, find_pair
     from vleff.models.factory import build_model, build_pair_model, patch_size_of
-    from vleff.profile import compare_models, plot_rows, print_table, rows_to_csv, rows_to_json
+    from vleff.profile import (
+        compare_models,
+        plot_rows,
+        print_table,
+        rows_to_csv,
+        rows_to_json,
+    )
 
     _check_model_name(cfg.model)
     if cfg.precision not in PRECISIONS:
@@ -463,10 +469,10 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
 
 # --- kernels and memory modes ---------------------------------------------------------------
 def run_kernels(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Kernel mode: :func:`vleff.profile.kernels_bench.run_kernel_bench` with these settings."""
+    """Kernel mode: :func:`vleff.cli.kernels_bench.run_kernel_bench` with these settings."""
     from dataclasses import fields
 
-    from vleff.profile.kernels_bench import KernelBenchConfig, run_kernel_bench
+    from vleff.cli.kernels_bench import KernelBenchConfig, run_kernel_bench
 
     names = [f.name for f in fields(KernelBenchConfig)]
     values = {k.removeprefix("kernels."): v for k, v in settings.items()}
@@ -507,15 +513,19 @@ def check_writable(path: str | Path, key: str) -> Path:
 
 
 def run_memory(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Memory mode: :func:`vleff.profile.training_memory.run_training_memory`, printed as a table.
+    """Memory mode: :func:`vleff.cli.training_memory.run_training_memory`, printed as a table.
 
     Settings: ``model`` (open_clip name or CLIP config ``.json``), ``batch_size``, ``rank``,
     ``device``, ``methods`` (subset of adamw, galore, galore_embed, mezo), ``isolate`` (a fresh
     process per method, default true), ``seed`` and ``out`` (a ``.json`` or ``.csv`` file for
     the rows, checked for writability before anything is measured). Returns the rows.
     """
+    from vleff.cli.training_memory import (
+        check_settings,
+        print_memory_rows,
+        run_training_memory,
+    )
     from vleff.profile.report import rows_to_csv, rows_to_json
-    from vleff.profile.training_memory import check_settings, print_memory_rows, run_training_memory
 
     values = {k.removeprefix("memory."): v for k, v in settings.items()}
     unknown = sorted(set(values) - set(MEMORY_SETTINGS))
@@ -525,7 +535,7 @@ def run_memory(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     options = {"model": "ViT-B-32", "batch_size": 32, "rank": 128, "device": "cpu", "methods": None,
                "isolate": True, "seed": 0, **values}
     if options["methods"] is None:
-        from vleff.profile.training_memory import METHODS
+        from vleff.cli.training_memory import METHODS
 
         options["methods"] = list(METHODS)
     if not isinstance(options["isolate"], bool):

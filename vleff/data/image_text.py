@@ -27,7 +27,12 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vleff.data.captions import DIGIT_TEMPLATE, clip_tokenizer, digit_caption, digit_prompts
+from vleff.data.captions import (
+    DIGIT_TEMPLATE,
+    clip_tokenizer,
+    digit_caption,
+    digit_prompts,
+)
 from vleff.data.checks import check_image_size, verify_images
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "DigitsImageText", "ImageTextDataModule", "ImageTextFiles",

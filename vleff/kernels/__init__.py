@@ -6,7 +6,12 @@ This layer knows nothing about models or Lightning.
 """
 from vleff.kernels.dispatch import kernel_backend
 from vleff.kernels.lowrank import project, project_back
-from vleff.kernels.tome import MergePlan, bipartite_soft_matching, merge_sum, merge_weighted
+from vleff.kernels.tome import (
+    MergePlan,
+    bipartite_soft_matching,
+    merge_sum,
+    merge_weighted,
+)
 
 __all__ = [
     "MergePlan",

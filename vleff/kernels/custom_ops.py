@@ -189,7 +189,7 @@ def _(low_rank, proj, side):
 def galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
                      exp_avg_sq: torch.Tensor, side: str, step: int, lr: float, beta1: float, beta2: float,
                      eps: float, weight_decay: float, scale: float) -> None:
-    """One fused GaLore-AdamW step (see ``triton_lowrank.galore_adam_step_triton``)."""
+    """One fused GaLore-AdamW step (see ``triton_ops.galore_adam_step_triton``)."""
     from vleff.kernels.triton_lowrank import galore_adam_step_launch
 
     galore_adam_step_launch(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,

@@ -1,6 +1,6 @@
 """One GaLore-AdamW update of one 2-D weight: project, Adam in rank r, back-project, apply.
 
-This is the op the Triton path fuses (:func:`vleff.kernels.triton_lowrank.galore_adam_step_triton`);
+This is the op the Triton path fuses (:func:`vleff.kernels.triton_ops.galore_adam_step_triton`);
 the reference below is the contract. The formula is torch ``AdamW``'s (decoupled decay
 first, ``eps`` added after the bias-corrected square root) with the moments living in
 the projected space and the update scaled by GaLore's ``scale`` (alpha):
@@ -20,7 +20,12 @@ import math
 import torch
 
 from vleff.kernels.dispatch import kernel_backend
-from vleff.kernels.lowrank import Side, _check_side, project_back_reference, project_reference
+from vleff.kernels.lowrank import (
+    Side,
+    _check_side,
+    project_back_reference,
+    project_reference,
+)
 
 
 def _check_step_args(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
@@ -75,7 +80,7 @@ def galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor
     _check_step_args(param, grad, proj, exp_avg, exp_avg_sq, side, step)
     beta1, beta2 = betas
     if kernel_backend(param, backend) == "triton" and torch.float64 not in (param.dtype, grad.dtype, proj.dtype):
-        from vleff.kernels.triton_lowrank import galore_adam_step_triton
+        from vleff.kernels.triton_ops import galore_adam_step_triton
 
         with torch.no_grad():
             galore_adam_step_triton(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,

@@ -12,43 +12,30 @@ is picked by :func:`vleff.kernels.dispatch.kernel_backend`.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from vleff.kernels.dispatch import kernel_backend
-
-Side = Literal["left", "right"]
-
-
-def _check_side(side: str) -> None:
-    if side not in ("left", "right"):
-        raise ValueError(f"side={side!r} is not allowed; use 'left' or 'right'")
-
-
-def project_reference(grad: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
-    _check_side(side)
-    return grad @ proj.T if side == "right" else proj.T @ grad
-
-
-def project_back_reference(low_rank: torch.Tensor, proj: torch.Tensor, side: Side) -> torch.Tensor:
-    _check_side(side)
-    return low_rank @ proj if side == "right" else proj @ low_rank
+from vleff.kernels.lowrank_reference import (  # noqa: F401
+    Side,
+    _check_side,
+    project_back_reference,
+    project_reference,
+)
 
 
 def project(grad: torch.Tensor, proj: torch.Tensor, side: Side, backend: str | None = None) -> torch.Tensor:
     """Project ``grad`` into the rank-r space spanned by ``proj``."""
     if kernel_backend(grad, backend) == "triton":
-        from vleff.kernels import triton_lowrank
+        from vleff.kernels import triton_ops
 
-        return triton_lowrank.project_triton(grad, proj, side)
+        return triton_ops.project_triton(grad, proj, side)
     return project_reference(grad, proj, side)
 
 
 def project_back(low_rank: torch.Tensor, proj: torch.Tensor, side: Side, backend: str | None = None) -> torch.Tensor:
     """Map a rank-r update back to the full weight shape."""
     if kernel_backend(low_rank, backend, kernel="galore_project_back") == "triton":
-        from vleff.kernels import triton_lowrank
+        from vleff.kernels import triton_ops
 
-        return triton_lowrank.project_back_triton(low_rank, proj, side)
+        return triton_ops.project_back_triton(low_rank, proj, side)
     return project_back_reference(low_rank, proj, side)

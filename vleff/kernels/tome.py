@@ -22,56 +22,16 @@ A :class:`MergePlan` is computed once per layer and then applied to any per-toke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from vleff.kernels.dispatch import kernel_backend
-from vleff.kernels.order import stable_argsort
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """Which A tokens merge into which B tokens, for one layer of one batch.
-
-    Attributes:
-        src_idx: ``[B, r]`` indices into set A of the merged (source) tokens.
-        dst_idx: ``[B, r]`` indices into set B of their destinations.
-        unm_idx: ``[B, Na - r]`` indices into set A of the unmerged tokens, ascending.
-        num_protected: leading tokens that are never merged.
-        num_tokens: tokens before merging.
-    """
-
-    src_idx: torch.Tensor
-    dst_idx: torch.Tensor
-    unm_idx: torch.Tensor
-    num_protected: int
-    num_tokens: int
-
-    @property
-    def r(self) -> int:
-        return self.src_idx.shape[1]
-
-    @property
-    def num_out(self) -> int:
-        return self.num_tokens - self.r
-
-
-def _protected_counts(num_protected: int) -> tuple[int, int]:
-    """How many protected tokens fall into set A (even positions) and set B (odd)."""
-    return (num_protected + 1) // 2, num_protected // 2
-
-
-def max_merge(num_tokens: int, num_protected: int) -> int:
-    """Largest r one bipartite step can merge for a sequence of ``num_tokens`` tokens."""
-    a_prot, b_prot = _protected_counts(num_protected)
-    a_free = (num_tokens + 1) // 2 - a_prot
-    b_free = num_tokens // 2 - b_prot
-    if b_free <= 0 or a_free <= 0:
-        return 0
-    return min(a_free, (num_tokens - num_protected) // 2)
-
+from vleff.kernels.plan import (  # noqa: F401 (re-exported)
+    MergePlan,
+    _protected_counts,
+    max_merge,
+    plan_from_best_match,
+)
 
 #: added to the scores of edges inside a non-zero merge group (padding): cosine similarities
 #: lie in [-1, 1], so every real-token edge outranks every padding edge
@@ -103,16 +63,6 @@ def similarity_scores(metric: torch.Tensor, num_protected: int, protected: torch
         scores = scores.masked_fill(ga[:, :, None] != gb[:, None, :], -torch.inf)
         scores = torch.where(ga[:, :, None] != 0, scores - GROUP_PENALTY, scores)
     return scores
-
-
-def plan_from_best_match(node_max: torch.Tensor, node_idx: torch.Tensor, r: int,
-                         num_protected: int, num_tokens: int) -> MergePlan:
-    """Turn each A token's best B match (value and index) into a merge plan for r edges."""
-    order = stable_argsort(node_max, descending=True)
-    src_idx = order[:, :r]
-    unm_idx = order[:, r:].sort(dim=-1).values
-    dst_idx = node_idx.gather(dim=-1, index=src_idx)
-    return MergePlan(src_idx, dst_idx, unm_idx, num_protected, num_tokens)
 
 
 def bipartite_soft_matching_reference(metric: torch.Tensor, r: int, num_protected: int = 1,
@@ -149,9 +99,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
         if protected is not None or groups is not None:
             return bipartite_soft_matching_reference(metric, r, num_protected, protected, groups)
         if kernel_backend(metric, backend) == "triton":
-            from vleff.kernels import triton_tome
+            from vleff.kernels import triton_ops
 
-            return triton_tome.bipartite_soft_matching_triton(metric, r, num_protected)
+            return triton_ops.bipartite_soft_matching_triton(metric, r, num_protected)
         return bipartite_soft_matching_reference(metric, r, num_protected)
 
 
@@ -177,9 +127,9 @@ def merge_sum(t: torch.Tensor, plan: MergePlan, backend: str | None = None) -> t
     if plan.r == 0:
         return t
     if kernel_backend(t, backend) == "triton":
-        from vleff.kernels import triton_tome
+        from vleff.kernels import triton_ops
 
-        return triton_tome.merge_sum_triton(t, plan)
+        return triton_ops.merge_sum_triton(t, plan)
     return merge_sum_reference(t, plan)
 
 
@@ -218,9 +168,9 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,
     if plan.r == 0:
         return x, size
     if kernel_backend(x, backend) == "triton":
-        from vleff.kernels import triton_tome
+        from vleff.kernels import triton_ops
 
-        return triton_tome.merge_weighted_triton(x, size, plan)
+        return triton_ops.merge_weighted_triton(x, size, plan)
     return merge_weighted_reference(x, size, plan)
 
 

@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vleff.kernels.lowrank import _check_side, project_back_reference, project_reference
+from vleff.kernels.lowrank_reference import (
+    _check_side,
+)
 from vleff.kernels.triton_tome import fp32_dot_precision
 
 EPI_STORE, EPI_ADAM, EPI_UPDATE = 0, 1, 2
@@ -174,30 +176,6 @@ def project_back_launch(low_rank: torch.Tensor, proj: torch.Tensor, side: str) -
     return out
 
 
-def project_triton(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
-    """Triton version of :func:`vleff.kernels.lowrank.project_reference`.
-
-    Unlike the reference it accepts different float dtypes for ``grad`` and ``proj`` (the
-    result has their promoted dtype). Not differentiable (GaLore projects gradients).
-    """
-    from vleff.kernels import custom_ops  # noqa: F401
-
-    _check_pair("grad", grad, proj, side, low_rank=False)
-    if torch.float64 in (grad.dtype, proj.dtype):
-        return project_reference(grad.double(), proj.double(), side)
-    return torch.ops.vleff.lowrank_project(grad, proj, side)
-
-
-def project_back_triton(low_rank: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
-    """Triton version of :func:`vleff.kernels.lowrank.project_back_reference` (mixed dtypes allowed)."""
-    from vleff.kernels import custom_ops  # noqa: F401
-
-    _check_pair("low_rank", low_rank, proj, side, low_rank=True)
-    if torch.float64 in (low_rank.dtype, proj.dtype):
-        return project_back_reference(low_rank.double(), proj.double(), side)
-    return torch.ops.vleff.lowrank_project_back(low_rank, proj, side)
-
-
 def galore_adam_step_launch(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
                             exp_avg_sq: torch.Tensor, side: str, step: int, lr: float, beta1: float, beta2: float,
                             eps: float, weight_decay: float, scale: float) -> None:
@@ -213,11 +191,3 @@ def galore_adam_step_launch(param: torch.Tensor, grad: torch.Tensor, proj: torch
     _matmul(a, sa, b, sb, param, param.stride(), m, n, k, epi=EPI_UPDATE, coeffs=coeffs)
 
 
-def galore_adam_step_triton(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                            exp_avg_sq: torch.Tensor, side: str, step: int, lr: float, beta1: float, beta2: float,
-                            eps: float, weight_decay: float, scale: float) -> None:
-    """Triton version of :func:`vleff.kernels.galore_step.galore_adam_step_reference` (in place)."""
-    from vleff.kernels import custom_ops  # noqa: F401
-
-    torch.ops.vleff.galore_adam_step(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,
-                                     weight_decay, scale)

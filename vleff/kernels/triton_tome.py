@@ -48,7 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vleff.kernels.tome import MergePlan, _protected_counts, max_merge, plan_from_best_match
+from vleff.kernels.plan import (
+    MergePlan,
+    _protected_counts,
+)
 
 # --------------------------------------------------------------------------------------
 # matching
@@ -176,26 +179,6 @@ def best_match_launch(metric: torch.Tensor, num_protected: int,
         num_warps=warps,
     )
     return node_max, node_idx
-
-
-def _identity_plan(bsz: int, num_tokens: int, num_protected: int, device: torch.device) -> MergePlan:
-    """The r = 0 plan (what the reference returns for r = 0), built without any kernel."""
-    na = (num_tokens + 1) // 2
-    empty = torch.empty(bsz, 0, dtype=torch.int64, device=device)
-    unm = torch.arange(na, device=device).expand(bsz, na).contiguous()
-    return MergePlan(empty, empty.clone(), unm, num_protected, num_tokens)
-
-
-def bipartite_soft_matching_triton(metric: torch.Tensor, r: int, num_protected: int) -> MergePlan:
-    """Triton version of :func:`vleff.kernels.tome.bipartite_soft_matching_reference`."""
-    from vleff.kernels import custom_ops  # noqa: F401  (registers torch.ops.vleff.*)
-
-    num_tokens = metric.shape[1]
-    r = min(r, max_merge(num_tokens, num_protected))
-    if r == 0:
-        return _identity_plan(metric.shape[0], num_tokens, num_protected, metric.device)
-    node_max, node_idx = torch.ops.vleff.tome_best_match(metric, num_protected)
-    return plan_from_best_match(node_max, node_idx, r, num_protected, num_tokens)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,35 +365,3 @@ def merge_bwd_launch(grad_out: torch.Tensor, out_row: torch.Tensor, weight: torc
     return grad_in
 
 
-def merge_sum_triton(t: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """Triton version of :func:`vleff.kernels.tome.merge_sum_reference` (differentiable in ``t``)."""
-    from vleff.kernels import custom_ops  # noqa: F401
-
-    if plan.r == 0:
-        return t
-    index = merge_index(plan)
-    _check_merge_input("t", t, index)
-    return torch.ops.vleff.tome_merge_sum(t, index.base, index.seg_start, index.seg_end, index.srcs,
-                                          index.out_row)
-
-
-def merge_weighted_triton(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`vleff.kernels.tome.merge_weighted_reference`.
-
-    One pass writes the weighted mean of every group and its total size; accumulation in
-    fp32 (the reference accumulates ``x * size`` in ``x.dtype``, so in fp16/bf16 the Triton
-    result is the more accurate one). Differentiable in ``x`` and in ``size``.
-    """
-    from vleff.kernels import custom_ops  # noqa: F401
-
-    if plan.r == 0:
-        return x, size
-    index = merge_index(plan)
-    _check_merge_input("x", x, index)
-    if size.shape != (*x.shape[:2], 1):
-        raise ValueError(f"size must be [B, N, 1] = {(*x.shape[:2], 1)}; got shape {tuple(size.shape)}")
-    if not size.is_floating_point():
-        raise ValueError(f"size must be floating point; got dtype {size.dtype}")
-    out, out_size = torch.ops.vleff.tome_merge_weighted(x, size, index.base, index.seg_start, index.seg_end,
-                                                        index.srcs, index.out_row)
-    return out, out_size

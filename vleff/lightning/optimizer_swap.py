@@ -13,9 +13,9 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 
-from vleff.memory.convert import rebind_scheduler
+from vleff.optim import rebind_scheduler
 
-__all__ = ["check_strategy", "refuse_galore_with_mezo", "swap_optimizers", "user_optimizers"]
+__all__ = ["check_strategy", "refuse_conflicting_methods", "swap_optimizers", "user_optimizers"]
 
 
 def user_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
@@ -33,27 +33,25 @@ def check_strategy(trainer: pl.Trainer, saver: str) -> None:
                            "parameters, which the per-matrix optimizer state cannot follow")
 
 
-def refuse_galore_with_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """GaLore and MeZO both replace the optimizer; whichever runs last would silently win.
+def refuse_conflicting_methods(trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
+    """``ValueError`` when another method in this run (a callback on the trainer, or the module's
+    mixin) conflicts with method ``name`` by either one's declared rules (e.g. two methods that
+    both replace the optimizer: whichever ran last would silently win). Only methods that replace
+    the optimizer are looked for: the tower methods meet at apply time already."""
+    from vleff.registry import all_methods, conflict, get_method
 
-    Raises ``ValueError`` naming both when the trainer has both callbacks, or one callback
-    and the module the other's mixin.
-    """
-    from vleff.methods.galore.lightning import GaLore, GaLoreMixin
-    from vleff.methods.mezo.lightning import MeZO, MeZOMixin
-
-    has_galore = any(isinstance(cb, GaLore) for cb in trainer.callbacks)
-    has_mezo = any(isinstance(cb, MeZO) for cb in trainer.callbacks)
-    if has_galore and has_mezo:
-        raise ValueError("the GaLore and MeZO callbacks cannot be used together: both replace the optimizer and "
-                         "MeZO (no gradients) would silently discard GaLore (a gradient optimizer); "
-                         "keep one of vleff.callbacks.GaLore and vleff.callbacks.MeZO")
-    if has_galore and isinstance(pl_module, MeZOMixin):
-        raise ValueError(f"the GaLore callback cannot train {type(pl_module).__name__}, a MeZOMixin module: MeZO "
-                         "replaces the optimizer with a gradient-free one; remove the GaLore callback or the mixin")
-    if has_mezo and isinstance(pl_module, GaLoreMixin):
-        raise ValueError(f"the MeZO callback on {type(pl_module).__name__}, a GaLoreMixin module, would silently "
-                         "replace its GaLore optimizer; GaLore and MeZO cannot be combined: use one of them")
+    me = get_method(name)
+    for other in all_methods():
+        if other.name == name or "replaces_optimizer" not in other.traits:
+            continue
+        as_callback = any(isinstance(cb, other.load_callback()) for cb in trainer.callbacks)
+        as_mixin = isinstance(pl_module, other.load_mixin())
+        reason = conflict(name, other.name) if as_callback or as_mixin else None
+        if not reason:
+            continue
+        theirs = (f"the {other.display_name} callback" if as_callback
+                  else f"{type(pl_module).__name__}, a {other.load_mixin().__name__} module")
+        raise ValueError(f"the {me.display_name} callback cannot be used with {theirs}: {reason}; keep one of them")
 
 
 def swap_optimizers(trainer: pl.Trainer, convert: Callable[[Optimizer | None], Optimizer],

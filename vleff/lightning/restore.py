@@ -30,6 +30,10 @@ from torch import nn
 RECORD_KEY = "vleff_methods"
 
 
+#: the checkpoint key listing the keys a side-only checkpoint keeps (the frozen backbone left out)
+SIDE_ONLY = "vleff_side_only"
+
+
 def _path_in(pl_module: nn.Module, target: nn.Module) -> str:
     for name, module in pl_module.named_modules(remove_duplicate=False):
         if module is target:
@@ -57,7 +61,6 @@ def restore_methods(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
     Call it from the module's ``on_load_checkpoint`` (see the module docstring) so that
     ``load_from_checkpoint`` loads the trained method exactly. A checkpoint without records
     (saved before callbacks recorded them, or by no vleff callback) changes nothing."""
-    from vleff.lightning.side import SIDE_ONLY
     from vleff.lightning.targets import method_label, module_at
     from vleff.registry import get_method
 

@@ -37,6 +37,7 @@ from torch import nn
 from vleff.checks import check_bool
 from vleff.lightning.init_weights import load_trained_backbone
 from vleff.lightning.mixin import mixin_target, next_hook
+from vleff.lightning.restore import SIDE_ONLY
 from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
@@ -52,8 +53,6 @@ from vleff.side.common import (
     refuse_unfrozen_backbone,
     side_state_dict,
 )
-
-SIDE_ONLY = "vleff_side_only"
 
 
 def side_only_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@
 
 Lightning users add :class:`vleff.callbacks.GaLore` or :class:`vleff.callbacks.MeZO` to the
 trainer instead; both convert the optimizer that ``configure_optimizers`` returns
-(:mod:`vleff.memory.convert`, shared by the two). The methods themselves live in
+(:mod:`vleff.methods.galore.convert`, :mod:`vleff.methods.mezo.convert`; what they share in :mod:`vleff.optim`). The methods themselves live in
 ``vleff/methods/galore/`` and ``vleff/methods/mezo/``; their names are resolved lazily here.
 """
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 from vleff._lazy import lazy_getattr
 
 _LAZY = {
-    **{name: "vleff.memory.convert" for name in ("galore_from_optimizer", "mezo_from_optimizer")},
+    "galore_from_optimizer": "vleff.methods.galore.convert",
+    "mezo_from_optimizer": "vleff.methods.mezo.convert",
+    "rebind_scheduler": "vleff.optim",
     **{name: "vleff.methods.galore" for name in ("DEFAULT_EXCLUDE", "GaLoreAdamW", "PROJ_TYPES", "galore_param_groups",
                                                  "galore_projection", "select_galore_params", "wants_decay")},
     **{name: "vleff.methods.mezo" for name in ("MeZO", "directions", "perturb_", "spsa_projected_grad")},
 }
-__getattr__ = lazy_getattr("vleff.memory", _LAZY, ("convert",))
+__getattr__ = lazy_getattr("vleff.memory", _LAZY)
 __all__ = sorted(_LAZY)  # noqa: PLE0605 -- a list, built from the table above
 
 

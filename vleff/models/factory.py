@@ -254,7 +254,11 @@ def build_model(name: str, num_classes: int | None = None, image_size: int | Non
             tower = CLIPVisionModel(CLIPVisionConfig(image_size=size, patch_size=spec.patch_size, **kwargs))
         dim = tower.config.hidden_size
     elif spec.family == "hf_blip":
-        from transformers import BlipForImageTextRetrieval, BlipVisionConfig, BlipVisionModel
+        from transformers import (
+            BlipForImageTextRetrieval,
+            BlipVisionConfig,
+            BlipVisionModel,
+        )
 
         if pretrained:
             tower = BlipForImageTextRetrieval.from_pretrained(spec.source, **kwargs).vision_model

@@ -29,9 +29,15 @@ from torch import nn
 
 from vleff.backbones import find_tower
 from vleff.checks import check_choice, check_int
-from vleff.side.common import train_only
-from vleff.methods.memvp.core import Host, MemVPConfig, _Slot, causal_lm_sites, memvp_applied
+from vleff.methods.memvp.core import (
+    Host,
+    MemVPConfig,
+    _Slot,
+    causal_lm_sites,
+    memvp_applied,
+)
 from vleff.methods.memvp.core import apply_memvp as _apply_memvp
+from vleff.side.common import train_only
 
 VisualPrompt = Literal["prefix", "memvp"]
 __all__ = ["VisionLanguageModel", "VisualEncoder"]

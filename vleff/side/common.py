@@ -43,7 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
+from vleff.backbones import (
+    BlockInfo,
+    TokenState,
+    TowerAdapter,
+    TowerHook,
+    find_towers,
+    get_patch,
+)
 
 #: module names the side methods register on a tower root
 SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt")

@@ -7,7 +7,6 @@ attach one hook per tower, and undo both.
 from __future__ import annotations
 
 import warnings
-
 from typing import Any, Callable
 
 from torch import nn

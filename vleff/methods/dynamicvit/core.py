@@ -46,8 +46,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, patch_tower
-from vleff.checks import check_bool, check_choice, check_number, check_ratio, check_towers
+from vleff.backbones import (
+    BlockInfo,
+    TokenState,
+    TowerAdapter,
+    TowerHook,
+    find_towers,
+    patch_tower,
+)
+from vleff.checks import (
+    check_bool,
+    check_choice,
+    check_number,
+    check_ratio,
+    check_towers,
+)
 from vleff.registry import MethodConfig
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks
 from vleff.tokens.pruning import check_locations, count_for_ratio, keep_indices

@@ -24,6 +24,7 @@ from vleff.registry import Method, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
     display_name="GaLore",
+    traits=frozenset({"replaces_optimizer"}),
     name="galore", kind="memory", config=GaLoreConfig, apply=None, remove=None, callback="vleff.methods.galore.lightning.GaLore",
     mixin="vleff.methods.galore.lightning.GaLoreMixin", towers=(), bench_settings={"rank": 128},
     description="GaLore: Adam moments in a low-rank projection of each 2-D gradient"))

@@ -169,6 +169,9 @@ class GaLoreAdamW(Optimizer):
             gradient first (``torch.optim.Adam``'s L2 penalty), so Adam can be converted too.
     """
 
+    #: the registry method this optimizer is (another optimizer-replacing method asks its rules)
+    vleff_method = "galore"
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None,
                  update_proj_gap: int = GaLoreConfig.update_proj_gap, scale: float = GaLoreConfig.scale,

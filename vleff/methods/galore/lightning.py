@@ -16,12 +16,12 @@ from lightning.pytorch.callbacks import Callback
 
 from vleff.lightning.optimizer_swap import (
     check_strategy,
-    refuse_galore_with_mezo,
+    refuse_conflicting_methods,
     swap_optimizers,
     user_optimizers,
 )
-from vleff.memory.convert import galore_from_optimizer
 from vleff.methods.galore import GaLoreConfig
+from vleff.methods.galore.convert import galore_from_optimizer
 
 __all__ = ["GaLore"]
 from collections.abc import Sequence
@@ -60,7 +60,7 @@ class GaLore(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse GaLore together with MeZO before anything runs (MeZO would silently replace it)."""
         if stage == "fit":
-            refuse_galore_with_mezo(trainer, pl_module)
+            refuse_conflicting_methods(trainer, pl_module, "galore")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_strategy(trainer, "GaLore")

@@ -19,12 +19,10 @@ from torch import nn
 
 from vleff.checks import check_patterns
 from vleff.methods.galore.config import DEFAULT_EXCLUDE, GaLoreConfig
+from vleff.optim import NO_DECAY_PATTERNS, wants_decay  # noqa: F401 (re-exported)
 
 __all__ = ["DEFAULT_EXCLUDE", "NO_DECAY_PATTERNS", "check_patterns", "galore_param_groups", "select_galore_params", "wants_decay"]
 
-#: names that never get weight decay (besides every parameter with fewer than two dims)
-NO_DECAY_PATTERNS: tuple[str, ...] = (r"bias$", r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
-                                      r"logit_scale|logit_bias", r"embedding|pos_embed|cls_token")
 
 
 def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
@@ -92,8 +90,3 @@ def galore_param_groups(model: nn.Module, *, rank: int = GaLoreConfig.rank,
     return groups
 
 
-def wants_decay(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: not to biases, norms, embeddings-like vectors or scalars."""
-    if param.ndim < 2:
-        return False
-    return not any(re.search(pat, name) for pat in NO_DECAY_PATTERNS)

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from vleff.checks import check_bool, check_choice, check_int, check_number
-from vleff.tokens.common import hooks_named
 from vleff.methods.madtp.core import (
     FORWARDS,
     HOOK_NAME,
@@ -40,6 +39,7 @@ from vleff.methods.madtp.core import (
     check_flops_reduction,
     update_madtp,
 )
+from vleff.tokens.common import hooks_named
 
 
 def hooks_config(model: nn.Module) -> MADTPConfig:

@@ -15,11 +15,14 @@ from vleff.methods.mezo.core import (
     perturb_,
     spsa_projected_grad,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(Method(
     display_name="MeZO",
+    traits=frozenset({"replaces_optimizer"}),
+    refuses=(Refusal("replaces_optimizer", "both replace the optimizer, and MeZO (no gradients) would silently "
+                     "discard a gradient optimizer such as GaLore's, or be discarded by it"),),
     name="mezo", kind="memory", config=MeZOConfig, apply=None, remove=None, callback="vleff.methods.mezo.lightning.MeZO",
     mixin="vleff.methods.mezo.lightning.MeZOMixin", towers=(), bench_settings={"eps": 1e-3},
     description="MeZO: zeroth-order SPSA steps, forward passes only"))

@@ -34,7 +34,7 @@ import torch
 from torch.optim import Optimizer
 
 from vleff.checks import check_bool
-from vleff.methods.galore.selection import wants_decay
+from vleff.optim import wants_decay
 
 __all__ = ["LOW_PRECISION", "MeZO", "default_decay", "directions", "perturb_", "spsa_projected_grad"]
 
@@ -99,7 +99,7 @@ def spsa_projected_grad(params: list[torch.Tensor], loss_fn: Callable[[], Any], 
 def default_decay(group: dict[str, Any]) -> list[bool]:
     """Per-parameter decay flags of a group given without ``"decay"``: MeZO's trainer
     (``zo_update``) decays neither biases nor LayerNorm parameters, and the Lightning callback
-    uses :func:`vleff.methods.galore.selection.wants_decay`; with the parameters' names (the group's
+    uses :func:`vleff.optim.wants_decay`; with the parameters' names (the group's
     ``"param_names"``, which ``torch.optim`` fills from ``named_parameters()``) that rule
     applies here too, without names the shape part of it (decay only tensors of 2-D or more)."""
     names = group.get("param_names")
@@ -118,7 +118,7 @@ class MeZO(Optimizer):
             ``weight_decay`` and ``"decay": [bool, ...]``, one flag per parameter). Without
             ``"decay"`` the rule of MeZO's trainer (and of the Lightning callback) applies: no
             decay on biases and norms. With names (``model.named_parameters()``, or groups with
-            ``"param_names"``) it is :func:`vleff.methods.galore.selection.wants_decay`, the callback's
+            ``"param_names"``) it is :func:`vleff.optim.wants_decay`, the callback's
             rule (biases, norms, embeddings, ``logit_scale``, anything below 2-D); without names
             every parameter below 2-D (biases, norm weights, scalars) is left undecayed. Pass
             ``"decay": [True, ...]`` to decay everything.

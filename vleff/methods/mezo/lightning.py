@@ -52,14 +52,13 @@ from lightning.pytorch.trainer import call
 from vleff.lightning.mixin import next_hook
 from vleff.lightning.optimizer_swap import (
     check_strategy,
-    refuse_galore_with_mezo,
+    refuse_conflicting_methods,
     swap_optimizers,
     user_optimizers,
 )
 from vleff.lightning.schedulers import step_lr_schedulers
-from vleff.memory.convert import mezo_from_optimizer
-from vleff.methods.galore.core import GaLoreAdamW
 from vleff.methods.mezo import MeZOConfig
+from vleff.methods.mezo.convert import mezo_from_optimizer
 from vleff.methods.mezo.core import MeZO as MeZOOptimizer
 
 __all__ = ["MeZO", "check_automatic_optimization", "check_trainer_settings", "install_mezo", "uninstall_mezo"]
@@ -166,10 +165,14 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
     uninstall_mezo(pl_module)  # a second fit: start from the user's own module
     check_automatic_optimization(pl_module)
     olds = user_optimizers(trainer)
-    galore = [o for o in olds if isinstance(o, GaLoreAdamW)]
-    if galore:
-        raise ValueError("MeZO would replace the GaLoreAdamW optimizer configure_optimizers returns (GaLoreMixin), "
-                         "silently training without GaLore; GaLore and MeZO cannot be combined: use one of them")
+    from vleff.registry import conflict
+
+    for old in olds:  # an optimizer that is another method (GaLoreAdamW built by hand, or by GaLoreMixin)
+        other = getattr(old, "vleff_method", None)
+        reason = conflict("mezo", other) if other else None
+        if reason:
+            raise ValueError(f"MeZO would replace the {type(old).__name__} optimizer configure_optimizers returns: "
+                             f"{reason}; use one of them")
     if len(olds) > 1:
         raise ValueError(f"MeZO works with one optimizer, but configure_optimizers returned {len(olds)} "
                          f"({', '.join(type(o).__name__ for o in olds)}); return one (with param groups) instead")
@@ -341,7 +344,7 @@ class MeZO(Callback):
         if stage != "fit":
             return
         check_automatic_optimization(pl_module)
-        refuse_galore_with_mezo(trainer, pl_module)
+        refuse_conflicting_methods(trainer, pl_module, "mezo")
         check_trainer_settings(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

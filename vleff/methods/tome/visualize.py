@@ -92,8 +92,8 @@ def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[
     """
     import matplotlib.pyplot as plt  # no backend switch here: that would stop inline plots in notebooks
 
-    from vleff.tokens.common import hooks_named
     from vleff.methods.tome.core import HOOK_NAME, apply_tome, remove_tome
+    from vleff.tokens.common import hooks_named
 
     earlier = hooks_named(model, HOOK_NAME)
     restore = earlier[0].config.replace(r=list(earlier[0].r_per_block)) if earlier else None

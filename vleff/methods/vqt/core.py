@@ -42,13 +42,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers, get_patch
+from vleff.backbones import (
+    BlockInfo,
+    TokenState,
+    TowerAdapter,
+    TowerHook,
+    find_towers,
+    get_patch,
+)
 from vleff.backbones.block import mlp_branch
 from vleff.checks import check_int, check_number, check_towers
 from vleff.registry import MethodConfig, refuse_applied_conflicts
-from vleff.side.common import (FinalFeatures, SideModule, clear_side_state, final_norm,
-                               freeze_backbone, freeze_on_apply, restore_on_remove, unwatch_forward_end,
-                               watch_forward_end)
+from vleff.side.common import (
+    FinalFeatures,
+    SideModule,
+    clear_side_state,
+    final_norm,
+    freeze_backbone,
+    freeze_on_apply,
+    restore_on_remove,
+    unwatch_forward_end,
+    watch_forward_end,
+)
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
 
 HOOK_NAME = "vqt"

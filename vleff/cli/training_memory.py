@@ -1,6 +1,6 @@
 """Training memory of an open_clip CLIP with AdamW, GaLore and MeZO (random init, fp32).
 
->>> from vleff.profile.training_memory import run_training_memory, print_memory_rows
+>>> from vleff.cli.training_memory import run_training_memory, print_memory_rows
 >>> rows = run_training_memory("ViT-B-32", batch_size=32, rank=128)
 >>> print_memory_rows(rows)
 
@@ -32,7 +32,7 @@ Measured per method (all bytes, nothing timed):
   importing the libraries: weights + batch + optimizer + everything the step allocates.
 
 With ``isolate=True`` (the default) every method runs in a fresh Python process
-(``python -m vleff.profile.training_memory --worker ...``), so the peak of one cannot hide in
+(``python -m vleff.cli.training_memory --worker ...``), so the peak of one cannot hide in
 memory another already reserved; the byte counts that do not depend on the allocator
 (optimizer state, ``.grad``, saved for backward) are the same either way.
 
@@ -130,8 +130,12 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
     from vleff.memory import GaLoreAdamW, MeZO, galore_param_groups
     from vleff.methods.galore.selection import DEFAULT_EXCLUDE
     from vleff.models.clip_finetuner import contrastive_loss
-    from vleff.profile.memory import (optimizer_state_bytes, peak_memory_bytes, saved_activation_bytes,
-                                      tensor_storage_bytes)
+    from vleff.profile.memory import (
+        optimizer_state_bytes,
+        peak_memory_bytes,
+        saved_activation_bytes,
+        tensor_storage_bytes,
+    )
 
     dev = torch.device(device)
     start = _memory_now(dev)  # libraries loaded, nothing of the model yet
@@ -211,7 +215,7 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
 
 
 def _run_subprocess(method: str, model: str, batch_size: int, rank: int, device: str, seed: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vleff.profile.training_memory", "--worker", method, "--model", model,
+    cmd = [sys.executable, "-m", "vleff.cli.training_memory", "--worker", method, "--model", model,
            "--batch-size", str(batch_size), "--rank", str(rank), "--device", device, "--seed", str(seed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = None
@@ -310,7 +314,7 @@ def print_memory_rows(rows: Sequence[dict[str, Any]], title: str | None = None, 
 
 
 def _worker_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vleff.profile.training_memory --worker METHOD ...``: one row as a tagged JSON line."""
+    """``python -m vleff.cli.training_memory --worker METHOD ...``: one row as a tagged JSON line."""
     parser = argparse.ArgumentParser(description="one training-memory measurement (used by isolate=True)")
     parser.add_argument("--worker", choices=METHODS, required=True)
     parser.add_argument("--model", default="ViT-B-32")

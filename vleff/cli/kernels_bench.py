@@ -27,9 +27,9 @@ shapes: a smoke test, its timings mean nothing.
 
 Usage::
 
-    python -m vleff.profile.kernels_bench                       # defaults for this machine
-    python -m vleff.profile.kernels_bench tome_batch=64 out=kernels.json
-    TRITON_INTERPRET=1 python -m vleff.profile.kernels_bench interpret=true
+    python -m vleff.cli.kernels_bench                       # defaults for this machine
+    python -m vleff.cli.kernels_bench tome_batch=64 out=kernels.json
+    TRITON_INTERPRET=1 python -m vleff.cli.kernels_bench interpret=true
 """
 from __future__ import annotations
 
