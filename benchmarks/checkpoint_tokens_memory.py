@@ -9,6 +9,7 @@ the gradients of the run without checkpointing.
 
     python benchmarks/checkpoint_tokens_memory.py [--out docs/data/checkpoint_tokens_memory.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ def row(method: str, images: torch.Tensor) -> dict[str, object]:
         m(images).square().mean().backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     out["max_grad_difference"] = max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
-    out["checkpointing_fraction"] = (out["checkpointing_saved_bytes"] + out["replay_record_bytes"]) / out["plain_saved_bytes"]
+    out["checkpointing_fraction"] = (out["checkpointing_saved_bytes"] + out["replay_record_bytes"]) / out[
+        "plain_saved_bytes"
+    ]
     return out
 
 
@@ -69,12 +72,19 @@ def main() -> None:
     print("| method | saved, plain | saved, checkpointing | replay records | checkpointing / plain | max grad diff |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['plain_saved_bytes'] / 2**20:.1f} MiB | {r['checkpointing_saved_bytes'] / 2**20:.1f} MiB "
-              f"| {r['replay_record_bytes'] / 2**10:.1f} KiB | {r['checkpointing_fraction']:.3f} | {r['max_grad_difference']:.1e} |")
+        print(
+            f"| {r['method']} | {r['plain_saved_bytes'] / 2**20:.1f} MiB | "
+            f"{r['checkpointing_saved_bytes'] / 2**20:.1f} MiB "
+            f"| {r['replay_record_bytes'] / 2**10:.1f} KiB | {r['checkpointing_fraction']:.3f} | "
+            f"{r['max_grad_difference']:.1e} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": "vit_small_patch16_224", "batch_size": args.batch_size, "device": "cpu", "rows": rows}, f,
-                      indent=1)
+            json.dump(
+                {"model": "vit_small_patch16_224", "batch_size": args.batch_size, "device": "cpu", "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

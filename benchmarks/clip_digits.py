@@ -17,6 +17,7 @@ accuracy (the digits' ten captions make image→text R@1 equal zero-shot accurac
 validation loss, the training loss over the whole training set in a fixed order (eval mode,
 no dropout) before and after, the optimizer-state bytes and the number of steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,17 +87,31 @@ def _row(name: str, module: Any, trainer: Any, metrics: dict[str, float], cfg: A
     from vleff.profile import optimizer_state_bytes
 
     opt = trainer.optimizers[0]
-    return {"name": name, "optimizer": type(opt).__name__, "steps": int(trainer.global_step),
-            "i2t_R@1": metrics.get("val/i2t_R@1"), "t2i_R@1": metrics.get("val/t2i_R@1"),
-            "i2t_R@5": metrics.get("val/i2t_R@5"), "t2i_R@5": metrics.get("val/t2i_R@5"),
-            "zero_shot_acc": metrics.get("val/zero_shot_acc"), "val_loss": metrics.get("val/loss"),
-            "train_loss_before": metrics["train_loss_before"], "train_loss_after": training_loss(module, cfg),
-            "optimizer_state_bytes": optimizer_state_bytes(opt),
-            "grad_tensors": sum(p.grad is not None for p in module.parameters())}
+    return {
+        "name": name,
+        "optimizer": type(opt).__name__,
+        "steps": int(trainer.global_step),
+        "i2t_R@1": metrics.get("val/i2t_R@1"),
+        "t2i_R@1": metrics.get("val/t2i_R@1"),
+        "i2t_R@5": metrics.get("val/i2t_R@5"),
+        "t2i_R@5": metrics.get("val/t2i_R@5"),
+        "zero_shot_acc": metrics.get("val/zero_shot_acc"),
+        "val_loss": metrics.get("val/loss"),
+        "train_loss_before": metrics["train_loss_before"],
+        "train_loss_after": training_loss(module, cfg),
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "grad_tensors": sum(p.grad is not None for p in module.parameters()),
+    }
 
 
-def run_clip_digits(output: str | Path, epochs: int = 6, mezo_epochs: int = 2, mezo_lr: float = 1e-4,
-                    galore_rank: int = 16, extra_overrides: list[str] | None = None) -> list[dict[str, Any]]:
+def run_clip_digits(
+    output: str | Path,
+    epochs: int = 6,
+    mezo_epochs: int = 2,
+    mezo_lr: float = 1e-4,
+    galore_rank: int = 16,
+    extra_overrides: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Run the three experiments; returns one row each (AdamW, GaLore, MeZO)."""
     for key, value in (("epochs", epochs), ("mezo_epochs", mezo_epochs), ("galore_rank", galore_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,8 +121,14 @@ def run_clip_digits(output: str | Path, epochs: int = 6, mezo_epochs: int = 2, m
     output = Path(output)
     work = output.parent / f"{output.stem}_runs"
     work.mkdir(parents=True, exist_ok=True)
-    common = ["trainer.logger=false", "trainer.enable_checkpointing=false", "++trainer.enable_progress_bar=false",
-              "++trainer.enable_model_summary=false", f"trainer.default_root_dir={work}", *(extra_overrides or [])]
+    common = [
+        "trainer.logger=false",
+        "trainer.enable_checkpointing=false",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+        f"trainer.default_root_dir={work}",
+        *(extra_overrides or []),
+    ]
     rows = []
 
     _log(f"1/3 AdamW: experiment=clip_finetune, {epochs} epochs")
@@ -119,19 +140,29 @@ def run_clip_digits(output: str | Path, epochs: int = 6, mezo_epochs: int = 2, m
     _log(f"AdamW: i2t R@1 {rows[-1]['i2t_R@1']:.3f}; weights saved to {checkpoint}")
 
     _log(f"2/3 GaLore: experiment=clip_galore rank {galore_rank}, {epochs} epochs")
-    cfg = compose_experiment("clip_galore", [f"trainer.max_epochs={epochs}", f"callbacks.galore.rank={galore_rank}",
-                                             *common])
+    cfg = compose_experiment(
+        "clip_galore", [f"trainer.max_epochs={epochs}", f"callbacks.galore.rank={galore_rank}", *common]
+    )
     module, trainer, metrics = fit(cfg)
     rows.append(_row(f"GaLore r={galore_rank}", module, trainer, metrics, cfg))
     _log(f"GaLore: i2t R@1 {rows[-1]['i2t_R@1']:.3f}")
 
     _log(f"3/3 MeZO: experiment=clip_mezo from the AdamW weights, lr {mezo_lr}, {mezo_epochs} epochs")
-    cfg = compose_experiment("clip_mezo", [f"trainer.max_epochs={mezo_epochs}", f"callbacks.mezo.lr={mezo_lr}",
-                                           f"model.init_checkpoint={checkpoint}", *common])
+    cfg = compose_experiment(
+        "clip_mezo",
+        [
+            f"trainer.max_epochs={mezo_epochs}",
+            f"callbacks.mezo.lr={mezo_lr}",
+            f"model.init_checkpoint={checkpoint}",
+            *common,
+        ],
+    )
     module, trainer, metrics = fit(cfg)
     rows.append(_row("MeZO from AdamW", module, trainer, metrics, cfg))
-    _log(f"MeZO: train loss {rows[-1]['train_loss_before']:.4f} -> {rows[-1]['train_loss_after']:.4f}, "
-         f"i2t R@1 {rows[-1]['i2t_R@1']:.3f}")
+    _log(
+        f"MeZO: train loss {rows[-1]['train_loss_before']:.4f} -> {rows[-1]['train_loss_after']:.4f}, "
+        f"i2t R@1 {rows[-1]['i2t_R@1']:.3f}"
+    )
     rows[-1]["i2t_R@1_before"] = rows[0]["i2t_R@1"]
     return rows
 
@@ -145,22 +176,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--galore-rank", type=int, default=16)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for all three runs, e.g. seed=1")
     args = parser.parse_args(argv)
-    rows = run_clip_digits(args.output, args.epochs, args.mezo_epochs, args.mezo_lr, args.galore_rank,
-                           args.overrides)
+    rows = run_clip_digits(args.output, args.epochs, args.mezo_epochs, args.mezo_lr, args.galore_rank, args.overrides)
     from vleff.profile import print_table, rows_to_json
 
     def pct(v: Any) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
-    table = [{"name": r["name"], "steps": r["steps"], "i2t": pct(r["i2t_R@1"]), "t2i": pct(r["t2i_R@1"]),
-              "zs": pct(r["zero_shot_acc"]), "loss": f"{r['train_loss_before']:.4f} -> {r['train_loss_after']:.4f}",
-              "state": f"{r['optimizer_state_bytes'] / 2 ** 20:.2f}"} for r in rows]
-    print_table(table, title="Digits-CLIP (from scratch; MeZO from the AdamW weights)", extra_columns={
-        "steps": "steps", "i2t": "i2t R@1 %", "t2i": "t2i R@1 %", "zs": "zero-shot %",
-        "loss": "train loss before -> after", "state": "opt. state MiB"})
-    path = rows_to_json(rows, args.output, benchmark="clip_digits", command=" ".join(["python", *sys.argv]),
-                        epochs=args.epochs, mezo_epochs=args.mezo_epochs, mezo_lr=args.mezo_lr,
-                        galore_rank=args.galore_rank, threads=torch.get_num_threads())
+    table = [
+        {
+            "name": r["name"],
+            "steps": r["steps"],
+            "i2t": pct(r["i2t_R@1"]),
+            "t2i": pct(r["t2i_R@1"]),
+            "zs": pct(r["zero_shot_acc"]),
+            "loss": f"{r['train_loss_before']:.4f} -> {r['train_loss_after']:.4f}",
+            "state": f"{r['optimizer_state_bytes'] / 2**20:.2f}",
+        }
+        for r in rows
+    ]
+    print_table(
+        table,
+        title="Digits-CLIP (from scratch; MeZO from the AdamW weights)",
+        extra_columns={
+            "steps": "steps",
+            "i2t": "i2t R@1 %",
+            "t2i": "t2i R@1 %",
+            "zs": "zero-shot %",
+            "loss": "train loss before -> after",
+            "state": "opt. state MiB",
+        },
+    )
+    path = rows_to_json(
+        rows,
+        args.output,
+        benchmark="clip_digits",
+        command=" ".join(["python", *sys.argv]),
+        epochs=args.epochs,
+        mezo_epochs=args.mezo_epochs,
+        mezo_lr=args.mezo_lr,
+        galore_rank=args.galore_rank,
+        threads=torch.get_num_threads(),
+    )
     _log(f"rows written to {path}")
     return 0
 

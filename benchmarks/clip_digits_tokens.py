@@ -46,6 +46,7 @@ captions image→text R@1 equals zero-shot accuracy), and the image tower's FLOP
 keeps a different number of tokens per image: the ratio is the mean per-sample cost; a batch
 costs its largest keep count). Nothing is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,8 +110,14 @@ def smallest_r(model: Any, samples: list[tuple[torch.Tensor, ...]], ratio: float
 
 
 def _row(run: str, metrics: dict[str, float], ratio: float, **extra: Any) -> dict[str, Any]:
-    return {"run": run, "image_flops_ratio": ratio, "i2t_R@1": metrics.get("val/i2t_R@1"),
-            "t2i_R@1": metrics.get("val/t2i_R@1"), "zero_shot_acc": metrics.get("val/zero_shot_acc"), **extra}
+    return {
+        "run": run,
+        "image_flops_ratio": ratio,
+        "i2t_R@1": metrics.get("val/i2t_R@1"),
+        "t2i_R@1": metrics.get("val/t2i_R@1"),
+        "zero_shot_acc": metrics.get("val/zero_shot_acc"),
+        **extra,
+    }
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -122,11 +129,25 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     output = Path(args.output)
     work = output.parent / f"{output.stem}_runs"
     work.mkdir(parents=True, exist_ok=True)
-    arch = [f"model.model_kwargs.layers={args.layers}", f"model.model_kwargs.patch_size={args.patch_size}",
-            f"model.model_kwargs.width={args.width}"]
-    common = ["trainer.logger=false", "trainer.enable_checkpointing=false", "++trainer.enable_progress_bar=false",
-              "++trainer.enable_model_summary=false", f"trainer.default_root_dir={work}", *arch, *args.overrides]
-    finetune = [f"trainer.max_epochs={args.ft_epochs}", f"model.lr={args.ft_lr}", f"model.warmup_steps={args.ft_warmup}"]
+    arch = [
+        f"model.model_kwargs.layers={args.layers}",
+        f"model.model_kwargs.patch_size={args.patch_size}",
+        f"model.model_kwargs.width={args.width}",
+    ]
+    common = [
+        "trainer.logger=false",
+        "trainer.enable_checkpointing=false",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+        f"trainer.default_root_dir={work}",
+        *arch,
+        *args.overrides,
+    ]
+    finetune = [
+        f"trainer.max_epochs={args.ft_epochs}",
+        f"model.lr={args.ft_lr}",
+        f"model.warmup_steps={args.ft_warmup}",
+    ]
     target = 1.0 - args.flops_reduction
     rows: list[dict[str, Any]] = []
 
@@ -143,8 +164,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         metrics, steps = _validate(module, cfg), None
     val_samples = _samples(cfg, "val", args.flops_samples)
     base_flops = image_flops(module.model, val_samples)
-    rows.append(_row(f"baseline ({args.epochs} epochs)", metrics, 1.0, steps=steps, weights=str(weights),
-                     image_gflops_per_sample=base_flops / len(val_samples) / 1e9))
+    rows.append(
+        _row(
+            f"baseline ({args.epochs} epochs)",
+            metrics,
+            1.0,
+            steps=steps,
+            weights=str(weights),
+            image_gflops_per_sample=base_flops / len(val_samples) / 1e9,
+        )
+    )
     _log(json.dumps(rows[-1]))
 
     def measured(model: Any) -> float:
@@ -157,8 +186,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.control:
         _, trainer_c, metrics_c = fine_tune("control", [])
-        rows.append(_row(f"baseline + {args.ft_epochs} epochs, no method", metrics_c, 1.0,
-                         steps=int(trainer_c.global_step)))
+        rows.append(
+            _row(f"baseline + {args.ft_epochs} epochs, no method", metrics_c, 1.0, steps=int(trainer_c.global_step))
+        )
         _log(json.dumps(rows[-1]))
 
     if "crossget" in args.methods:
@@ -168,14 +198,30 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         off = compose_experiment("clip_finetune", [*common])
         fresh = instantiate(off.model, init_checkpoint=str(weights))
         vleff.apply_crossget(fresh.model, r_image=r, r_text=args.r_text)
-        rows.append(_row(f"CrossGET r_image={r} r_text={args.r_text}, off the shelf", _validate(fresh, off),
-                         measured(fresh.model), r_image=r, r_text=args.r_text))
+        rows.append(
+            _row(
+                f"CrossGET r_image={r} r_text={args.r_text}, off the shelf",
+                _validate(fresh, off),
+                measured(fresh.model),
+                r_image=r,
+                r_text=args.r_text,
+            )
+        )
         _log(json.dumps(rows[-1]))
-        module_f, trainer_f, metrics_f = fine_tune("CrossGET", [
-            "callbacks=[crossget]", f"callbacks.crossget.r_image={r}", f"callbacks.crossget.r_text={args.r_text}"])
-        rows.append(_row(f"CrossGET r_image={r} r_text={args.r_text}, fine-tuned {args.ft_epochs} epochs",
-                         metrics_f, measured(module_f.model), steps=int(trainer_f.global_step), r_image=r,
-                         r_text=args.r_text))
+        module_f, trainer_f, metrics_f = fine_tune(
+            "CrossGET",
+            ["callbacks=[crossget]", f"callbacks.crossget.r_image={r}", f"callbacks.crossget.r_text={args.r_text}"],
+        )
+        rows.append(
+            _row(
+                f"CrossGET r_image={r} r_text={args.r_text}, fine-tuned {args.ft_epochs} epochs",
+                metrics_f,
+                measured(module_f.model),
+                steps=int(trainer_f.global_step),
+                r_image=r,
+                r_text=args.r_text,
+            )
+        )
         _log(json.dumps(rows[-1]))
 
     if "madtp" in args.methods:
@@ -189,26 +235,50 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             cal = vleff.calibrate_madtp(fresh.model, calib, forward=image_forward)
-        rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, off the shelf (random codebook)",
-                         _validate(fresh, off), measured(fresh.model), tau=cal.tau, start=cal.start, calibrated_ratio=cal.ratio,
-                         warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]))
+        rows.append(
+            _row(
+                f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, off the shelf (random codebook)",
+                _validate(fresh, off),
+                measured(fresh.model),
+                tau=cal.tau,
+                start=cal.start,
+                calibrated_ratio=cal.ratio,
+                warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+            )
+        )
         _log(json.dumps(rows[-1]))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
-            module_f, trainer_f, metrics_f = fine_tune("MADTP", [
-                "callbacks=[madtp]", f"callbacks.madtp.flops_reduction={madtp_reduction}",
-                "callbacks.madtp.measure=image", f"callbacks.madtp.samples={args.madtp_samples}",
-                f"callbacks.madtp.towers={args.madtp_towers}", f"callbacks.madtp.warmup_epochs={args.madtp_warmup}",
-                *(f"callbacks.madtp.{k}={_hydra_value(v)}" for k, v in args.madtp_set.items())])
+            module_f, trainer_f, metrics_f = fine_tune(
+                "MADTP",
+                [
+                    "callbacks=[madtp]",
+                    f"callbacks.madtp.flops_reduction={madtp_reduction}",
+                    "callbacks.madtp.measure=image",
+                    f"callbacks.madtp.samples={args.madtp_samples}",
+                    f"callbacks.madtp.towers={args.madtp_towers}",
+                    f"callbacks.madtp.warmup_epochs={args.madtp_warmup}",
+                    *(f"callbacks.madtp.{k}={_hydra_value(v)}" for k, v in args.madtp_set.items()),
+                ],
+            )
         controller = next(c for c in trainer_f.callbacks if type(c).__name__ == "MADTP").controller
         # the last validation ran before the controller's last re-calibration (after the epoch):
         # validate again, so accuracy and FLOPs are of the same model, the one training leaves
         last_epoch = metrics_f
         metrics_f = _validate(module_f, off)  # off: the same overrides, no callbacks
         warm = f", warm-up {args.madtp_warmup} epochs" if args.madtp_warmup else ""
-        rows.append(_row(f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, fine-tuned {args.ft_epochs} epochs{warm}", metrics_f,
-                         measured(module_f.model), steps=int(trainer_f.global_step),
-                         last_epoch_i2t_R1=last_epoch.get("val/i2t_R@1"), controller_history=controller.history, warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]))
+        rows.append(
+            _row(
+                f"MADTP towers={args.madtp_towers}{_settings(args.madtp_set)}, fine-tuned {args.ft_epochs} "
+                f"epochs{warm}",
+                metrics_f,
+                measured(module_f.model),
+                steps=int(trainer_f.global_step),
+                last_epoch_i2t_R1=last_epoch.get("val/i2t_R@1"),
+                controller_history=controller.history,
+                warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+            )
+        )
         _log(json.dumps(rows[-1]))
     return rows
 
@@ -235,8 +305,10 @@ def _madtp_setting(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     allowed = {"align_weight", "locations", "min_keep", "num_codes", "code_dim", "ragged"}
     if not sep or key not in allowed:
-        raise argparse.ArgumentTypeError(f"--madtp-set {text!r} is not allowed; give KEY=VALUE with KEY one of "
-                                         f"{sorted(allowed)} (towers and flops_reduction have their own options)")
+        raise argparse.ArgumentTypeError(
+            f"--madtp-set {text!r} is not allowed; give KEY=VALUE with KEY one of "
+            f"{sorted(allowed)} (towers and flops_reduction have their own options)"
+        )
     parsed = yaml.safe_load(value)
     try:
         MADTPConfig.build(**{key: parsed})  # the config's own checks name the parameter and the value
@@ -263,21 +335,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--r-image", type=int, default=None, help="CrossGET r_image (default: smallest at target)")
     parser.add_argument("--r-text", type=int, default=0)
-    parser.add_argument("--madtp-margin", type=float, default=0.02,
-                        help="MADTP's controller is asked for flops_reduction + this (see the docstring)")
+    parser.add_argument(
+        "--madtp-margin",
+        type=float,
+        default=0.02,
+        help="MADTP's controller is asked for flops_reduction + this (see the docstring)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a shared CPU)")
     parser.add_argument("--madtp-towers", choices=("image", "all"), default="image")
-    parser.add_argument("--madtp-set", dest="madtp_set", type=_madtp_setting, action="append", default=[],
-                        metavar="KEY=VALUE", help="a MADTP setting for both the off-the-shelf and the fine-tuned run "
-                        "(repeatable), e.g. locations=[2,3,4,5] or align_weight=0.5")
-    parser.add_argument("--madtp-samples", type=int, default=16,
-                        help="training samples MADTP's controller counts one at a time (from its 2 calibration batches)")
-    parser.add_argument("--madtp-warmup", type=int, default=0, metavar="EPOCHS",
-                        help="fine-tuning: MADTP's reduction ramps linearly to the target over this many epochs")
+    parser.add_argument(
+        "--madtp-set",
+        dest="madtp_set",
+        type=_madtp_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MADTP setting for both the off-the-shelf and the fine-tuned run "
+        "(repeatable), e.g. locations=[2,3,4,5] or align_weight=0.5",
+    )
+    parser.add_argument(
+        "--madtp-samples",
+        type=int,
+        default=16,
+        help="training samples MADTP's controller counts one at a time (from its 2 calibration batches)",
+    )
+    parser.add_argument(
+        "--madtp-warmup",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="fine-tuning: MADTP's reduction ramps linearly to the target over this many epochs",
+    )
     parser.add_argument("--flops-samples", type=int, default=64, help="validation images the FLOPs ratio is of")
     parser.add_argument("--baseline-weights", default=None, help="reuse a baseline state dict (skips training it)")
-    parser.add_argument("--no-control", dest="control", action="store_false",
-                        help="skip the baseline fine-tuned without a method")
+    parser.add_argument(
+        "--no-control", dest="control", action="store_false", help="skip the baseline fine-tuned without a method"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. seed=1")
     args = parser.parse_intermixed_args(argv)
     args.madtp_set = dict(args.madtp_set)
@@ -285,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} is not allowed; use a positive int")
     if not 0 <= args.madtp_warmup < args.ft_epochs:
-        raise SystemExit(f"--madtp-warmup={args.madtp_warmup} is not allowed; use 0 <= warm-up < --ft-epochs "
-                         f"({args.ft_epochs}), so the last epochs train at the target")
+        raise SystemExit(
+            f"--madtp-warmup={args.madtp_warmup} is not allowed; use 0 <= warm-up < --ft-epochs "
+            f"({args.ft_epochs}), so the last epochs train at the target"
+        )
     if not 0 < args.flops_reduction < 1:
         raise SystemExit(f"--flops-reduction={args.flops_reduction} is not allowed; it must be in (0, 1)")
     if not 0 <= args.madtp_margin < 1 - args.flops_reduction:
@@ -295,12 +390,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     from vleff.profile import print_table, rows_to_json
 
-    table = [{"name": r["run"], "flops": f"{r['image_flops_ratio']:.3f}", "i2t": _pct(r["i2t_R@1"]),
-              "t2i": _pct(r["t2i_R@1"])} for r in rows]
-    print_table(table, title="Digits-CLIP with cross-modal token reduction", extra_columns={
-        "flops": "image FLOPs x", "i2t": "i2t R@1 %", "t2i": "t2i R@1 %"})
-    path = rows_to_json(rows, args.output, benchmark="clip_digits_tokens", command=" ".join(["python", *sys.argv]),
-                        **{k: v for k, v in vars(args).items() if k not in ("output",)})
+    table = [
+        {
+            "name": r["run"],
+            "flops": f"{r['image_flops_ratio']:.3f}",
+            "i2t": _pct(r["i2t_R@1"]),
+            "t2i": _pct(r["t2i_R@1"]),
+        }
+        for r in rows
+    ]
+    print_table(
+        table,
+        title="Digits-CLIP with cross-modal token reduction",
+        extra_columns={"flops": "image FLOPs x", "i2t": "i2t R@1 %", "t2i": "t2i R@1 %"},
+    )
+    path = rows_to_json(
+        rows,
+        args.output,
+        benchmark="clip_digits_tokens",
+        command=" ".join(["python", *sys.argv]),
+        **{k: v for k, v in vars(args).items() if k not in ("output",)},
+    )
     _log(f"rows written to {path}")
     return 0
 

@@ -7,13 +7,14 @@ A thin command line over :mod:`vleff.cli.training_memory` (also ``vleff-bench me
 which documents the methods and what is measured. Every method runs in its own fresh Python
 process unless ``--no-isolate``.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from vleff.profile.report import rows_to_json
 from vleff.cli.training_memory import METHODS, print_memory_rows, run_training_memory
+from vleff.profile.report import rows_to_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-isolate", action="store_true", help="measure every method in this process")
     args = parser.parse_args(argv)
     try:
-        rows = run_training_memory(args.model, args.batch_size, args.rank, args.device, args.methods,
-                                   isolate=not args.no_isolate)
+        rows = run_training_memory(
+            args.model, args.batch_size, args.rank, args.device, args.methods, isolate=not args.no_isolate
+        )
     except ValueError as err:
         parser.error(str(err))
     print_memory_rows(rows)
-    path = rows_to_json(rows, args.output, benchmark="clip_memory", model=args.model, batch_size=args.batch_size,
-                        rank=args.rank, device=args.device, command=" ".join(["python", *sys.argv]))
+    path = rows_to_json(
+        rows,
+        args.output,
+        benchmark="clip_memory",
+        model=args.model,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        device=args.device,
+        command=" ".join(["python", *sys.argv]),
+    )
     print(f"rows written to {path}")
     return 0
 

@@ -10,6 +10,7 @@ compiled with ``fullgraph=False`` (backends ``aot_eager`` and ``eager``) and com
 eager output. Not in the test suite: compiling a text tower with its graph breaks takes
 20-50 s per family on the shared 2-core CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ FAMILIES_WITH_TEXT = ("open_clip", "hf_clip", "hf_blip")
 
 def check(family: str, backends: tuple[str, ...]) -> dict:
     import torch._dynamo
+    from families import FAMILIES
 
     import vleff
-    from families import FAMILIES
 
     torch.manual_seed(0)
     fam = FAMILIES[family]
@@ -61,8 +62,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for family in args.families:
         row = check(family, tuple(args.backends))
-        diffs = ", ".join(f"{b}: max |compiled - eager| {row[f'{b}_max_abs_diff']:.2e} ({row[f'{b}_s']:.0f} s)"
-                          for b in args.backends)
+        diffs = ", ".join(
+            f"{b}: max |compiled - eager| {row[f'{b}_max_abs_diff']:.2e} ({row[f'{b}_s']:.0f} s)" for b in args.backends
+        )
         print(f"{family} text tower: {row['graph_breaks']} graph breaks; {diffs}")
         for reason in row["break_reasons"]:
             print(f"    break: {reason}")

@@ -19,6 +19,7 @@ padding handling against the reference's (padding merged freely)::
 
     python benchmarks/crossget_fidelity.py --text-reference
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,13 +83,17 @@ def text_reference() -> None:
         ids = _ids(batch=4)  # 16 real tokens each, no padding
         got = model.encode_text(ids)
         ic, il = distance(got, ref_text(model, ids, 3, offsets, causal="index")[0])
-        print(f"tiny text tower, r_text=3, no padding: causal mask by merged positions vs by index: "
-              f"1-cos {ic:.2e}, rel L2 {il:.2e}")
+        print(
+            f"tiny text tower, r_text=3, no padding: causal mask by merged positions vs by index: "
+            f"1-cos {ic:.2e}, rel L2 {il:.2e}"
+        )
         ids = tm.token_ids(batch=2, length=16)  # EOT at 4 / 7, padding after
         got = model.encode_text(ids)
         ic, il = distance(got, ref_text(model, ids, 3, offsets, causal="index")[0])
-        print(f"tiny text tower, r_text=3, padded: vleff vs the reference (by-index mask, padding merged freely): "
-              f"1-cos {ic:.2e}, rel L2 {il:.2e}")
+        print(
+            f"tiny text tower, r_text=3, padded: vleff vs the reference (by-index mask, padding merged freely): "
+            f"1-cos {ic:.2e}, rel L2 {il:.2e}"
+        )
 
 
 def main() -> None:
@@ -97,8 +102,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--r-image", type=int, default=16)
     parser.add_argument("--r-text", type=int, default=6)
-    parser.add_argument("--text-reference", action="store_true",
-                        help="the text tower's deliberate differences on the tests' tiny float64 reference")
+    parser.add_argument(
+        "--text-reference",
+        action="store_true",
+        help="the text tower's deliberate differences on the tests' tiny float64 reference",
+    )
     args = parser.parse_args()
     if args.text_reference:
         text_reference()
@@ -133,13 +141,24 @@ def main() -> None:
     src = first_sources(head_mean, images)
     shared = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(src, src_default)]
     with torch.no_grad():
-        rows.append(("metric='head_mean'", distance(head_mean.encode_image(images), ref_img),
-                     distance(head_mean.encode_text(ids), ref_txt),
-                     f"first-merge sources shared with the default: {shared} of {src.shape[1]}"))
+        rows.append(
+            (
+                "metric='head_mean'",
+                distance(head_mean.encode_image(images), ref_img),
+                distance(head_mean.encode_text(ids), ref_txt),
+                f"first-merge sources shared with the default: {shared} of {src.shape[1]}",
+            )
+        )
     mean = build(ensemble="mean")
     with torch.no_grad():
-        rows.append(("ensemble='mean'", distance(mean.encode_image(images), ref_img),
-                     distance(mean.encode_text(ids), ref_txt), ""))
+        rows.append(
+            (
+                "ensemble='mean'",
+                distance(mean.encode_image(images), ref_img),
+                distance(mean.encode_text(ids), ref_txt),
+                "",
+            )
+        )
 
     visible = build()
     real_bias = cg.CrossGETHook.attention_bias
@@ -154,13 +173,21 @@ def main() -> None:
     cg.CrossGETHook.attention_bias = no_hide
     try:
         with torch.no_grad():
-            rows.append(("cross token visible (reference)", distance(visible.encode_image(images), ref_img),
-                         (0.0, 0.0), "image tower only; text: the reference's causal mask hides it too"))
+            rows.append(
+                (
+                    "cross token visible (reference)",
+                    distance(visible.encode_image(images), ref_img),
+                    (0.0, 0.0),
+                    "image tower only; text: the reference's causal mask hides it too",
+                )
+            )
     finally:
         cg.CrossGETHook.attention_bias = real_bias
 
-    print(f"open_clip ViT-B-16, random init, {args.batch} images / captions, r_image={args.r_image}, "
-          f"r_text={args.r_text}; distance of each variant's embeddings to the default's")
+    print(
+        f"open_clip ViT-B-16, random init, {args.batch} images / captions, r_image={args.r_image}, "
+        f"r_text={args.r_text}; distance of each variant's embeddings to the default's"
+    )
     print(f"{'variant':34s} {'image 1-cos':>12s} {'image rel L2':>13s} {'text 1-cos':>11s} {'text rel L2':>12s}")
     for name, (ic, il), (tc, tl), note in rows:
         print(f"{name:34s} {ic:12.2e} {il:13.2e} {tc:11.2e} {tl:12.2e}  {note}")
@@ -182,8 +209,10 @@ def main() -> None:
         cg.alignment_loss = real_align
     js = float(pop_aux_losses(trained)["crossget_js"].detach())
     kl = float(reference_kl(*captured["pair"]))
-    print(f"alignment loss on the same projected cross tokens: vleff JS {js:.4e}, "
-          f"reference ½[KL(m‖p)+KL(m‖q)] {kl:.4e} (ratio {kl / js:.3f})")
+    print(
+        f"alignment loss on the same projected cross tokens: vleff JS {js:.4e}, "
+        f"reference ½[KL(m‖p)+KL(m‖q)] {kl:.4e} (ratio {kl / js:.3f})"
+    )
 
 
 if __name__ == "__main__":

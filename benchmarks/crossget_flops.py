@@ -13,6 +13,7 @@ Throughput: eval mode, no grad, one process, each candidate a separate model cop
 interleaved rounds (:func:`vleff.profile.measure_throughput`, median of ``--repeats``); the
 per-round speed-ups (baseline time / CrossGET time within a round) are printed with their range.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,21 +22,25 @@ import json
 import statistics
 
 import torch
+from text_tower_flops import caption_ids  # same folder: one caption layout for both benchmarks
 
 import vleff
 from vleff.profile import count_flops
 from vleff.profile.throughput import measure_throughput
 
-from text_tower_flops import caption_ids  # same folder: one caption layout for both benchmarks
-
-REFERENCE = {"baseline": 1.0, "r_image=16": 12.036 / 20.567, "r_text=6": 19.275 / 20.567,
-             "r_image=16, r_text=6": 10.612 / 20.567}
+REFERENCE = {
+    "baseline": 1.0,
+    "r_image=16": 12.036 / 20.567,
+    "r_text=6": 19.275 / 20.567,
+    "r_image=16, r_text=6": 10.612 / 20.567,
+}
 
 
 def both_towers(model, image, ids):
     def run():
         model.encode_image(image)
         model.encode_text(ids)
+
     return run
 
 
@@ -67,8 +72,12 @@ def main() -> None:
     model = open_clip.create_model(args.model, pretrained=None).eval()
     image = torch.randn(1, 3, 224, 224)
     ids = caption_ids(1, args.words)
-    settings = {"baseline": None, "r_image=16": {"r_image": 16, "r_text": 0},
-                "r_text=6": {"r_image": 0, "r_text": 6}, "r_image=16, r_text=6": {"r_image": 16, "r_text": 6}}
+    settings = {
+        "baseline": None,
+        "r_image=16": {"r_image": 16, "r_text": 0},
+        "r_text=6": {"r_image": 0, "r_text": 6},
+        "r_image=16, r_text=6": {"r_image": 16, "r_text": 6},
+    }
     rows = []
     base = None
     for label, kwargs in settings.items():
@@ -79,16 +88,27 @@ def main() -> None:
         total = image_flops + text_flops
         base = base or total
         counts = vleff.token_counts(model)
-        rows.append({"setting": label, "gflops": total / 1e9, "image_gflops": image_flops / 1e9,
-                     "text_gflops": text_flops / 1e9, "ratio": total / base, "reference_ratio": REFERENCE[label],
-                     "image_tokens": counts.get("image"), "text_tokens": counts.get("text")})
+        rows.append(
+            {
+                "setting": label,
+                "gflops": total / 1e9,
+                "image_gflops": image_flops / 1e9,
+                "text_gflops": text_flops / 1e9,
+                "ratio": total / base,
+                "reference_ratio": REFERENCE[label],
+                "image_tokens": counts.get("image"),
+                "text_tokens": counts.get("text"),
+            }
+        )
         if kwargs is not None:
             vleff.remove_crossget(model)
     print(f"open_clip {args.model} (random init): one 224 px image + one 77-token caption ({args.words} words)")
     print(f"{'setting':<24}{'GFLOPs':>9}{'image':>9}{'text':>9}{'ratio':>8}{'reference':>11}")
     for r in rows:
-        print(f"{r['setting']:<24}{r['gflops']:>9.3f}{r['image_gflops']:>9.3f}{r['text_gflops']:>9.3f}"
-              f"{r['ratio']:>8.3f}{r['reference_ratio']:>11.3f}")
+        print(
+            f"{r['setting']:<24}{r['gflops']:>9.3f}{r['image_gflops']:>9.3f}{r['text_gflops']:>9.3f}"
+            f"{r['ratio']:>8.3f}{r['reference_ratio']:>11.3f}"
+        )
     for r in rows[1:]:
         print(f"  {r['setting']}: image tokens per block {r['image_tokens']}, text {r['text_tokens']}")
 
@@ -98,25 +118,42 @@ def main() -> None:
         texts = caption_ids(args.text_batch, args.words)
         fast = vleff.apply_crossget(copy.deepcopy(model), r_image=16, r_text=6)
         with torch.no_grad():
-            img = measure_throughput({"baseline": lambda: model.encode_image(images),
-                                      "crossget r_image=16": lambda: fast.encode_image(images)},
-                                     items_per_call=args.image_batch, repeats=args.repeats, progress=False)
-            txt = measure_throughput({"baseline": lambda: model.encode_text(texts),
-                                      "crossget r_text=6": lambda: fast.encode_text(texts)},
-                                     items_per_call=args.text_batch, repeats=args.repeats, progress=False)
+            img = measure_throughput(
+                {
+                    "baseline": lambda: model.encode_image(images),
+                    "crossget r_image=16": lambda: fast.encode_image(images),
+                },
+                items_per_call=args.image_batch,
+                repeats=args.repeats,
+                progress=False,
+            )
+            txt = measure_throughput(
+                {"baseline": lambda: model.encode_text(texts), "crossget r_text=6": lambda: fast.encode_text(texts)},
+                items_per_call=args.text_batch,
+                repeats=args.repeats,
+                progress=False,
+            )
         print(f"CPU throughput ({torch.get_num_threads()} threads, interleaved, median of {args.repeats}):")
         spread = {}
         for tower, res in (("image", img), ("text", txt)):
             for name, r in res.items():
-                print(f"  {tower:<6}{name:<22}{r.items_per_s:>9.2f} /s  x{r.speedup:.2f}  "
-                      f"(call {min(r.times_s):.3f}-{max(r.times_s):.3f} s)")
+                print(
+                    f"  {tower:<6}{name:<22}{r.items_per_s:>9.2f} /s  x{r.speedup:.2f}  "
+                    f"(call {min(r.times_s):.3f}-{max(r.times_s):.3f} s)"
+                )
             spread[tower] = round_ratios(*res.values())
-            print(f"  {tower:<6}per-round speed-up: min x{min(spread[tower]):.2f}, "
-                  f"median x{statistics.median(spread[tower]):.2f}, max x{max(spread[tower]):.2f}")
-        result["throughput"] = {"threads": torch.get_num_threads(), "image_batch": args.image_batch,
-                                "text_batch": args.text_batch,
-                                "image": {k: v.as_dict() for k, v in img.items()},
-                                "text": {k: v.as_dict() for k, v in txt.items()}, "round_speedups": spread}
+            print(
+                f"  {tower:<6}per-round speed-up: min x{min(spread[tower]):.2f}, "
+                f"median x{statistics.median(spread[tower]):.2f}, max x{max(spread[tower]):.2f}"
+            )
+        result["throughput"] = {
+            "threads": torch.get_num_threads(),
+            "image_batch": args.image_batch,
+            "text_batch": args.text_batch,
+            "image": {k: v.as_dict() for k, v in img.items()},
+            "text": {k: v.as_dict() for k, v in txt.items()},
+            "round_speedups": spread,
+        }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -19,6 +19,7 @@ method), ``decay1`` (singular values ``1/i``, random singular vectors), and ``vi
 real gradient of that weight in a random-init timm ``vit_base_patch16_224`` after one
 cross-entropy backward on a batch of random images; skip with ``--no-vit``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,9 +106,12 @@ def run(rank: int = 128, repeats: int = 5, vit: bool = True, seed: int = 0) -> l
         for shape, grad in by_shape.items():
             row = {"shape": shape, "matrix": kind, **compare(grad, rank, repeats)}
             rows.append(row)
-            print(f"{shape:>9} {kind:>9}: full {row['full_ms']:7.1f} ms, lowrank {row['lowrank_ms']:6.1f} ms "
-                  f"({row['speedup']:.1f}x), proj_dist {row['proj_dist']:.3f}, max angle "
-                  f"{row['max_angle_deg']:.1f} deg, energy {row['energy']:.4f}", flush=True)
+            print(
+                f"{shape:>9} {kind:>9}: full {row['full_ms']:7.1f} ms, lowrank {row['lowrank_ms']:6.1f} ms "
+                f"({row['speedup']:.1f}x), proj_dist {row['proj_dist']:.3f}, max angle "
+                f"{row['max_angle_deg']:.1f} deg, energy {row['energy']:.4f}",
+                flush=True,
+            )
     return rows
 
 
@@ -125,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         path = Path(args.output)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
-                "threads": torch.get_num_threads()}
+        meta = {
+            "command": " ".join(["python", *sys.argv]),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"written: {path}")
     return 0

@@ -24,7 +24,8 @@ Jobs (GPU settings; ``--tiny`` shrinks each):
     backend ``auto`` picks.
 ``speed_*``
     ``vleff-bench`` speed mode, bf16 (two ToMe diagnoses first: patched at r = 0, and r = 16 without
-    proportional attention, whose log-size bias takes attention off the fused flash kernel): ToMe, EViT and DynamicViT on timm ViT-B/16 (batch 256)
+    proportional attention, whose log-size bias takes attention off the fused flash kernel): ToMe, EViT and
+    DynamicViT on timm ViT-B/16 (batch 256)
     and ViT-L/16 (batch 128); ToMe, CrossGET and MADTP on the image path of the whole open_clip
     ViT-B-16 CLIP (batch 256); eager and ``torch.compile`` (inductor). Each row adds the achieved
     TFLOP/s and its share of the measured matmul ceiling beside the FLOP-limit fraction
@@ -42,6 +43,7 @@ Usage::
     python benchmarks/gpu_suite.py --out /tmp/gpu --budget-s 420 --jobs speed_vit_b16,memory_clip
     python benchmarks/gpu_suite.py --device cpu --tiny --out /tmp/dry   # plumbing check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,15 +87,19 @@ def _env_rows(device: str, tiny: bool) -> list[dict[str, Any]]:
     dev = torch.device(device)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        row.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   memory_gib=props.total_memory / 2 ** 30, multiprocessors=props.multi_processor_count)
+        row.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+        )
     else:
         row.update(device=f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     n = 512 if tiny else 8192
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    row["matmul_tflops"] = 2 * n ** 3 / _time(lambda: a @ b, dev, 3 if tiny else 10) / 1e12
+    row["matmul_tflops"] = 2 * n**3 / _time(lambda: a @ b, dev, 3 if tiny else 10) / 1e12
     row["matmul_shape"] = f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')}"
     src = torch.empty(2 ** (22 if tiny else 30), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
@@ -124,14 +130,18 @@ def _kernel_rows(device: str, tiny: bool, settings: dict[str, Any]) -> list[dict
     return run_kernel_bench({"device": device, **settings})
 
 
-def _speed_rows(device: str, tiny: bool, overrides: list[str], matmul_tflops: Callable[[], float | None]
-                ) -> list[dict[str, Any]]:
+def _speed_rows(
+    device: str, tiny: bool, overrides: list[str], matmul_tflops: Callable[[], float | None]
+) -> list[dict[str, Any]]:
     """``vleff-bench`` speed mode in this process, plus achieved TFLOP/s and its share of the ceiling."""
     from vleff.cli.bench import run
 
     base = [f"device={device}", "progress=false"]
-    base += ["precision=fp32", "batch_size=2", "repeats=2", "warmup=1"] if tiny else \
-        ["precision=bf16", "repeats=10", "warmup=3"]
+    base += (
+        ["precision=fp32", "batch_size=2", "repeats=2", "warmup=1"]
+        if tiny
+        else ["precision=bf16", "repeats=10", "warmup=3"]
+    )
     rows = run(["speed", *base, *overrides])
     peak = matmul_tflops()
     for row in rows:
@@ -144,18 +154,28 @@ def _speed_rows(device: str, tiny: bool, overrides: list[str], matmul_tflops: Ca
 def _side_memory_rows(device: str, tiny: bool, model: str) -> list[dict[str, Any]]:
     """``benchmarks/side_memory.py`` (each method in a fresh process), rows parsed from its output."""
     methods = ("full,lst" if model == "vit_b16" else "lst") if tiny else "full,linear,lora,lst,unipt,vqt"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "side_memory.py"), "--device", device,
-           "--batch", "1" if tiny else "64", "--models", model, "--methods", methods]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "side_memory.py"),
+        "--device",
+        device,
+        "--batch",
+        "1" if tiny else "64",
+        "--models",
+        model,
+        "--methods",
+        methods,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if out.returncode:
         raise RuntimeError(f"side_memory.py exited {out.returncode}: {out.stderr.strip()[-2000:]}")
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     full = next((r for r in rows if r["method"] == "full"), None)
     for row in rows:
-        row["peak_mib"] = row["process_peak_bytes"] / 2 ** 20
+        row["peak_mib"] = row["process_peak_bytes"] / 2**20
         row["peak_vs_full"] = row["process_peak_bytes"] / full["process_peak_bytes"] if full else None
-        row["saved_mib"] = row["saved_bytes"] / 2 ** 20
-        row["optimizer_mib"] = row["optimizer_bytes"] / 2 ** 20
+        row["saved_mib"] = row["saved_bytes"] / 2**20
+        row["optimizer_mib"] = row["optimizer_bytes"] / 2**20
     failed = [m for m in methods.split(",") if m not in {r["method"] for r in rows}]
     if failed:
         rows.append({"method": ",".join(failed), "error": out.stderr.strip()[-1000:]})
@@ -170,24 +190,64 @@ def _clip_memory_rows(device: str, tiny: bool, tiny_config: Path) -> list[dict[s
     else:
         rows = run_training_memory("ViT-B-32", batch_size=64, rank=128, device=device)
     for row in rows:
-        row["training_mib"] = row["training_bytes"] / 2 ** 20
-        row["step_peak_mib"] = row["step_peak_bytes"] / 2 ** 20
-        row["optimizer_mib"] = row["optimizer_state_bytes"] / 2 ** 20
-        row["saved_mib"] = row["saved_for_backward_bytes"] / 2 ** 20
+        row["training_mib"] = row["training_bytes"] / 2**20
+        row["step_peak_mib"] = row["step_peak_bytes"] / 2**20
+        row["optimizer_mib"] = row["optimizer_state_bytes"] / 2**20
+        row["saved_mib"] = row["saved_for_backward_bytes"] / 2**20
     return rows
 
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+}
 
-SPEED_COLUMNS = ("name", "batch_size", "flops_ratio", "images_per_s", "speedup", "flop_limit_fraction", "tflops",
-                 "of_matmul_peak", "compile_s", "tokens")
-KERNEL_COLUMNS = ("case", "backend", "auto_backend", "shape", "ms", "speedup", "max_abs_diff", "same_sources",
-                  "img_per_s")
-SIDE_COLUMNS = ("model", "method", "batch", "peak_mib", "peak_vs_full", "saved_mib", "optimizer_mib",
-                "trainable_pct", "step_seconds", "error")
-CLIP_COLUMNS = ("name", "batch_size", "training_mib", "training_bytes_vs_adamw", "step_peak_mib", "optimizer_mib",
-                "optimizer_state_bytes_vs_adamw", "saved_mib")
+SPEED_COLUMNS = (
+    "name",
+    "batch_size",
+    "flops_ratio",
+    "images_per_s",
+    "speedup",
+    "flop_limit_fraction",
+    "tflops",
+    "of_matmul_peak",
+    "compile_s",
+    "tokens",
+)
+KERNEL_COLUMNS = (
+    "case",
+    "backend",
+    "auto_backend",
+    "shape",
+    "ms",
+    "speedup",
+    "max_abs_diff",
+    "same_sources",
+    "img_per_s",
+)
+SIDE_COLUMNS = (
+    "model",
+    "method",
+    "batch",
+    "peak_mib",
+    "peak_vs_full",
+    "saved_mib",
+    "optimizer_mib",
+    "trainable_pct",
+    "step_seconds",
+    "error",
+)
+CLIP_COLUMNS = (
+    "name",
+    "batch_size",
+    "training_mib",
+    "training_bytes_vs_adamw",
+    "step_peak_mib",
+    "optimizer_mib",
+    "optimizer_state_bytes_vs_adamw",
+    "saved_mib",
+)
 
 
 def jobs(device: str, tiny: bool, scratch: Path) -> list[Job]:
@@ -206,8 +266,7 @@ def jobs(device: str, tiny: bool, scratch: Path) -> list[Job]:
 
     compiler = "eager" if tiny else "inductor"  # tiny: the compile plumbing without code generation
     vit_b = ["model=vit_tiny_digits"] if tiny else ["model=vit_base", "batch_size=256"]
-    vit_l = ["model=vit_tiny_digits"] if tiny else ["model=vit_large", "batch_size=128",
-                                                    "method_args.tome.r=8"]
+    vit_l = ["model=vit_tiny_digits"] if tiny else ["model=vit_large", "batch_size=128", "method_args.tome.r=8"]
     timm_methods = "methods=[tome,evit,dynamicvit]"
     clip = ["model=open_clip_vit_b32"] if tiny else ["model=open_clip_vit_b16", "batch_size=256"]
     clip_methods = "methods=[tome,crossget,madtp]"
@@ -216,43 +275,116 @@ def jobs(device: str, tiny: bool, scratch: Path) -> list[Job]:
     def speed(*overrides: str) -> Callable[[], list[dict[str, Any]]]:
         return lambda: _speed_rows(device, tiny, list(overrides), peak)
 
-    vit_b16_kernels = {"tome_tokens": 197, "tome_channels": 768, "lowrank_m": 3072, "lowrank_n": 768,
-                       "lowrank_rank": 128, "vit_model": "vit_base_patch16_224", "vit_r": 16}
+    vit_b16_kernels = {
+        "tome_tokens": 197,
+        "tome_channels": 768,
+        "lowrank_m": 3072,
+        "lowrank_n": 768,
+        "lowrank_rank": 128,
+        "vit_model": "vit_base_patch16_224",
+        "vit_r": 16,
+    }
 
     def clip_memory() -> list[dict[str, Any]]:
         tiny_clip.write_text(json.dumps(TINY_CLIP))
         return _clip_memory_rows(device, tiny, tiny_clip)
 
     return [
-        Job("env", "Device, versions and measured ceilings", run_env,
-            ("device", "capability", "memory_gib", "torch", "triton", "timm", "open_clip", "matmul_shape",
-             "matmul_tflops", "copy_gb_s")),
-        Job("kernels_vit_l384", "Kernels: Triton vs PyTorch reference, ViT-L/16 384 px shapes, batch 256",
-            lambda: _kernel_rows(device, tiny, {}), KERNEL_COLUMNS),
-        Job("speed_vit_b16", "Token methods, timm ViT-B/16 224 px, batch 256, eager",
-            speed(*vit_b, timm_methods), SPEED_COLUMNS),
-        Job("speed_vit_b16_tome_diagnosis", "ToMe's cost on ViT-B/16, batch 256, eager: patched at r = 0 "
-            "(the generic block's overhead)", speed(*vit_b, "methods={tome: {r: 0}}"), SPEED_COLUMNS),
-        Job("speed_vit_b16_tome_noprop", "ToMe r = 16 without proportional attention (fused attention kept)",
-            speed(*vit_b, "methods={tome: {prop_attn: false}}"), SPEED_COLUMNS),
-        Job("speed_clip_b16", "Token methods, image path of the whole open_clip ViT-B-16, batch 256, eager",
-            speed(*clip, clip_methods), SPEED_COLUMNS),
-        Job("speed_vit_l16", "Token methods, timm ViT-L/16 224 px, batch 128, eager (ToMe r=8)",
-            speed(*vit_l, timm_methods), SPEED_COLUMNS),
-        Job("kernels_vit_b224", "Kernels: Triton vs PyTorch reference, ViT-B/16 224 px shapes, batch 256",
-            lambda: _kernel_rows(device, tiny, vit_b16_kernels), KERNEL_COLUMNS),
-        Job("memory_side_vit_b16", "Training memory of one step, timm ViT-B/16, batch 64 (CUDA allocator peak)",
-            lambda: _side_memory_rows(device, tiny, "vit_b16"), SIDE_COLUMNS),
-        Job("memory_side_clip_b32", "Training memory of one step, open_clip ViT-B-32 image tower, batch 64",
-            lambda: _side_memory_rows(device, tiny, "clip_b32"), SIDE_COLUMNS),
-        Job("memory_clip", "Training memory of one step, whole open_clip ViT-B-32 CLIP, batch 64", clip_memory,
-            CLIP_COLUMNS),
-        Job("speed_vit_b16_compiled", f"Token methods, timm ViT-B/16, batch 256, torch.compile({compiler})",
-            speed(*vit_b, timm_methods, f"compile={compiler}"), SPEED_COLUMNS),
-        Job("speed_clip_b16_compiled", f"Token methods, open_clip ViT-B-16 image path, torch.compile({compiler})",
-            speed(*clip, clip_methods, f"compile={compiler}"), SPEED_COLUMNS),
-        Job("speed_vit_l16_compiled", f"Token methods, timm ViT-L/16, batch 128, torch.compile({compiler})",
-            speed(*vit_l, timm_methods, f"compile={compiler}"), SPEED_COLUMNS),
+        Job(
+            "env",
+            "Device, versions and measured ceilings",
+            run_env,
+            (
+                "device",
+                "capability",
+                "memory_gib",
+                "torch",
+                "triton",
+                "timm",
+                "open_clip",
+                "matmul_shape",
+                "matmul_tflops",
+                "copy_gb_s",
+            ),
+        ),
+        Job(
+            "kernels_vit_l384",
+            "Kernels: Triton vs PyTorch reference, ViT-L/16 384 px shapes, batch 256",
+            lambda: _kernel_rows(device, tiny, {}),
+            KERNEL_COLUMNS,
+        ),
+        Job(
+            "speed_vit_b16",
+            "Token methods, timm ViT-B/16 224 px, batch 256, eager",
+            speed(*vit_b, timm_methods),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "speed_vit_b16_tome_diagnosis",
+            "ToMe's cost on ViT-B/16, batch 256, eager: patched at r = 0 (the generic block's overhead)",
+            speed(*vit_b, "methods={tome: {r: 0}}"),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "speed_vit_b16_tome_noprop",
+            "ToMe r = 16 without proportional attention (fused attention kept)",
+            speed(*vit_b, "methods={tome: {prop_attn: false}}"),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "speed_clip_b16",
+            "Token methods, image path of the whole open_clip ViT-B-16, batch 256, eager",
+            speed(*clip, clip_methods),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "speed_vit_l16",
+            "Token methods, timm ViT-L/16 224 px, batch 128, eager (ToMe r=8)",
+            speed(*vit_l, timm_methods),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "kernels_vit_b224",
+            "Kernels: Triton vs PyTorch reference, ViT-B/16 224 px shapes, batch 256",
+            lambda: _kernel_rows(device, tiny, vit_b16_kernels),
+            KERNEL_COLUMNS,
+        ),
+        Job(
+            "memory_side_vit_b16",
+            "Training memory of one step, timm ViT-B/16, batch 64 (CUDA allocator peak)",
+            lambda: _side_memory_rows(device, tiny, "vit_b16"),
+            SIDE_COLUMNS,
+        ),
+        Job(
+            "memory_side_clip_b32",
+            "Training memory of one step, open_clip ViT-B-32 image tower, batch 64",
+            lambda: _side_memory_rows(device, tiny, "clip_b32"),
+            SIDE_COLUMNS,
+        ),
+        Job(
+            "memory_clip",
+            "Training memory of one step, whole open_clip ViT-B-32 CLIP, batch 64",
+            clip_memory,
+            CLIP_COLUMNS,
+        ),
+        Job(
+            "speed_vit_b16_compiled",
+            f"Token methods, timm ViT-B/16, batch 256, torch.compile({compiler})",
+            speed(*vit_b, timm_methods, f"compile={compiler}"),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "speed_clip_b16_compiled",
+            f"Token methods, open_clip ViT-B-16 image path, torch.compile({compiler})",
+            speed(*clip, clip_methods, f"compile={compiler}"),
+            SPEED_COLUMNS,
+        ),
+        Job(
+            "speed_vit_l16_compiled",
+            f"Token methods, timm ViT-L/16, batch 128, torch.compile({compiler})",
+            speed(*vit_l, timm_methods, f"compile={compiler}"),
+            SPEED_COLUMNS,
+        ),
     ]
 
 
@@ -267,9 +399,15 @@ def _cell(value: Any) -> str:
 
 def markdown(result: dict[str, Any], columns: dict[str, tuple[str, ...]]) -> str:
     """The result as markdown: a header with the device and command, then one table per job."""
-    lines = [f"# vleff GPU run, {result['date']}", "",
-             (f"Device: {result.get('device', '?')}. Command: `{result['command']}`. "
-              f"Total {result.get('seconds', 0):.0f} s."), ""]
+    lines = [
+        f"# vleff GPU run, {result['date']}",
+        "",
+        (
+            f"Device: {result.get('device', '?')}. Command: `{result['command']}`. "
+            f"Total {result.get('seconds', 0):.0f} s."
+        ),
+        "",
+    ]
     for job in result["jobs"]:
         lines += [f"## {job['name']}: {job['title']}", ""]
         if job["status"] != "ok":
@@ -282,8 +420,14 @@ def markdown(result: dict[str, Any], columns: dict[str, tuple[str, ...]]) -> str
     return "\n".join(lines)
 
 
-def run_suite(device: str = "cuda", tiny: bool = False, out: Path = DEFAULT_OUT, budget_s: float = 420.0,
-              only: tuple[str, ...] | None = None, command: str = "") -> dict[str, Any]:
+def run_suite(
+    device: str = "cuda",
+    tiny: bool = False,
+    out: Path = DEFAULT_OUT,
+    budget_s: float = 420.0,
+    only: tuple[str, ...] | None = None,
+    command: str = "",
+) -> dict[str, Any]:
     """Run the jobs (all, or ``only``), rewriting ``out/<date>.json`` and ``.md`` after each."""
     import torch
 
@@ -320,8 +464,9 @@ def run_suite(device: str = "cuda", tiny: bool = False, out: Path = DEFAULT_OUT,
             try:
                 entry.update(status="ok", rows=job.run())
             except Exception as err:  # noqa: BLE001 - record it and go on with the next job
-                entry.update(status="failed", error=f"{err.__class__.__name__}: {err}",
-                             traceback=traceback.format_exc()[-4000:])
+                entry.update(
+                    status="failed", error=f"{err.__class__.__name__}: {err}", traceback=traceback.format_exc()[-4000:]
+                )
                 print(entry["traceback"], file=sys.stderr, flush=True)
             entry["seconds"] = time.perf_counter() - t0
             if device.startswith("cuda"):
@@ -339,8 +484,12 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
 
     A job measured in more than one of them keeps its last successful entry."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    merged = {**parts[0], "command": " ; ".join(p["command"] for p in parts),
-              "seconds": sum(p.get("seconds", 0.0) for p in parts), "jobs": []}
+    merged = {
+        **parts[0],
+        "command": " ; ".join(p["command"] for p in parts),
+        "seconds": sum(p.get("seconds", 0.0) for p in parts),
+        "jobs": [],
+    }
     order = [j.name for j in jobs("cuda", False, out)]
     latest: dict[str, dict[str, Any]] = {}
     for part in parts:
@@ -348,9 +497,15 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
             if job["status"] == "ok" or job["name"] not in latest:
                 latest[job["name"]] = job
     for name in order:
-        latest.setdefault(name, {"name": name, "title": next(j.title for j in jobs("cuda", False, out)
-                                                             if j.name == name),
-                                 "status": "not run", "error": "in none of the merged runs"})
+        latest.setdefault(
+            name,
+            {
+                "name": name,
+                "title": next(j.title for j in jobs("cuda", False, out) if j.name == name),
+                "status": "not run",
+                "error": "in none of the merged runs",
+            },
+        )
     merged["jobs"] = sorted(latest.values(), key=lambda j: order.index(j["name"]) if j["name"] in order else 99)
     env = next((j["rows"][0] for j in merged["jobs"] if j["name"] == "env" and j["status"] == "ok"), None)
     if env is not None:  # a run without the env job had no ceiling: read it against the merged one

@@ -24,6 +24,7 @@ point here is that the controller reaches the FLOPs target from *measured* FLOPs
     python benchmarks/madtp_flops.py --out madtp_flops.json
     python benchmarks/madtp_flops.py --models open_clip --reductions 0.5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,15 @@ import torch
 
 import vleff
 from vleff.backbones import find_pair, token_counts
-from vleff.profile import count_flops, measure_throughput
 from vleff.methods.madtp.core import pair_forward
+from vleff.profile import count_flops, measure_throughput
 
 
 def clip_caption(words: int, context: int = 77, vocab: int = 49408, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(1, context, dtype=torch.long)
     ids[0, 0] = vocab - 2
-    ids[0, 1:words + 1] = torch.randint(1, vocab - 3, (words,), generator=g)
+    ids[0, 1 : words + 1] = torch.randint(1, vocab - 3, (words,), generator=g)
     ids[0, words + 1] = vocab - 1
     return ids
 
@@ -52,7 +53,7 @@ def blip_caption(words: int, context: int = 35, seed: int = 0) -> tuple[torch.Te
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(1, context, dtype=torch.long)
     ids[0, 0] = 101
-    ids[0, 1:words + 1] = torch.randint(1000, 30000, (words,), generator=g)
+    ids[0, 1 : words + 1] = torch.randint(1000, 30000, (words,), generator=g)
     ids[0, words + 1] = 102
     return ids, (ids != 0).long()
 
@@ -83,13 +84,17 @@ def tower_calls(model, batch):
         return {"image": lambda: pair.encode_image(images), "text": lambda: pair.encode_text(ids, mask)}
     image = model.vision_model(pixel_values=images).last_hidden_state.detach()
     enc = torch.ones(image.shape[:2], dtype=torch.long)
-    return {"image": lambda: model.vision_model(pixel_values=images),
-            "text": lambda: pair.text_tower.root(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
-                                                 encoder_attention_mask=enc)}
+    return {
+        "image": lambda: model.vision_model(pixel_values=images),
+        "text": lambda: pair.text_tower.root(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=image, encoder_attention_mask=enc
+        ),
+    }
 
 
-def run(name: str, reductions: list[float], words: int, throughput_at: float | None, repeats: int,
-        blip_size: int = 224) -> list[dict]:
+def run(
+    name: str, reductions: list[float], words: int, throughput_at: float | None, repeats: int, blip_size: int = 224
+) -> list[dict]:
     model, batch = build(name, words, blip_size)
     plain = copy.deepcopy(model)
     pair = find_pair(plain)
@@ -104,17 +109,33 @@ def run(name: str, reductions: list[float], words: int, throughput_at: float | N
         with torch.no_grad():
             pair_forward(find_pair(model), batch)
         counts = token_counts(model)
-        row = {"model": name, "flops_reduction": p, "baseline_gflops": baseline / 1e9,
-               "madtp_gflops": result.flops / 1e9, "ratio": result.flops / baseline, "target_ratio": 1 - p,
-               "error_vs_target": result.error, "baseline_matches_unpatched": result.baseline == baseline,
-               "tau": result.tau, "start": result.start, "evaluations": len(result.evaluations), "calibration_s": seconds,
-               "image_tokens": counts.get("image"), "text_tokens": counts.get("text")}
+        row = {
+            "model": name,
+            "flops_reduction": p,
+            "baseline_gflops": baseline / 1e9,
+            "madtp_gflops": result.flops / 1e9,
+            "ratio": result.flops / baseline,
+            "target_ratio": 1 - p,
+            "error_vs_target": result.error,
+            "baseline_matches_unpatched": result.baseline == baseline,
+            "tau": result.tau,
+            "start": result.start,
+            "evaluations": len(result.evaluations),
+            "calibration_s": seconds,
+            "image_tokens": counts.get("image"),
+            "text_tokens": counts.get("text"),
+        }
         if throughput_at is not None and abs(p - throughput_at) < 1e-9:
             base_calls, madtp_calls = tower_calls(plain, batch), tower_calls(model, batch)
             with torch.no_grad():
                 for tower in ("image", "text"):
-                    res = measure_throughput({"baseline": base_calls[tower], "madtp": madtp_calls[tower]},
-                                             items_per_call=1, warmup=2, repeats=repeats, progress=False)
+                    res = measure_throughput(
+                        {"baseline": base_calls[tower], "madtp": madtp_calls[tower]},
+                        items_per_call=1,
+                        warmup=2,
+                        repeats=repeats,
+                        progress=False,
+                    )
                     row[f"{tower}_speedup"] = res["madtp"].speedup
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -126,12 +147,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["open_clip", "blip"])
     parser.add_argument("--reductions", nargs="+", type=float, default=[0.3, 0.5, 0.8])
     parser.add_argument("--words", type=int, default=12, help="word tokens of the caption")
-    parser.add_argument("--throughput-reduction", type=float, default=0.5,
-                        help="measure per-tower throughput at this flops_reduction (negative: skip)")
+    parser.add_argument(
+        "--throughput-reduction",
+        type=float,
+        default=0.5,
+        help="measure per-tower throughput at this flops_reduction (negative: skip)",
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--blip-size", type=int, default=224, help="BLIP image size (its own: 384)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's; 1 on a shared CPU avoids spin-waiting)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; 1 on a shared CPU avoids spin-waiting)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads is not None:

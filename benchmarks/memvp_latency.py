@@ -28,6 +28,7 @@ why the frozen prefix baseline stays at chance (see :func:`prefix_probe`).
 
 Part 3 (``--part blip``): FLOPs and interleaved latency, see :func:`blip`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,42 @@ import json
 import torch
 
 
-def build(visual_prompt: str, width: int = 512, layers: int = 4, vocab: int = 2048, image: int = 64,
-          patch: int = 4, vit_width: int = 384, vit_depth: int = 4, n_mem: int = 256, seed: int = 0):
+def build(
+    visual_prompt: str,
+    width: int = 512,
+    layers: int = 4,
+    vocab: int = 2048,
+    image: int = 64,
+    patch: int = 4,
+    vit_width: int = 384,
+    vit_depth: int = 4,
+    n_mem: int = 256,
+    seed: int = 0,
+):
     from timm.models.vision_transformer import VisionTransformer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vleff.models.vlm import VisionLanguageModel
 
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=int(width * 2.6875),
-                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-                                      pad_token_id=None, tie_word_embeddings=False))
-    vit = VisionTransformer(img_size=image, patch_size=patch, embed_dim=vit_width, depth=vit_depth,
-                            num_heads=6, num_classes=0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=int(width * 2.6875),
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+        )
+    )
+    vit = VisionTransformer(
+        img_size=image, patch_size=patch, embed_dim=vit_width, depth=vit_depth, num_heads=6, num_classes=0
+    )
     memvp = {"n_mem": n_mem} if visual_prompt == "memvp" else None
     vlm = VisionLanguageModel(vit, lm, visual_prompt, projector_hidden=width, memvp=memvp)
     vlm.freeze_host()
@@ -94,18 +117,35 @@ def cost(args: argparse.Namespace) -> dict:
         vlm.eval()
         out[name] = row
     with torch.no_grad():
-        fwd = measure_throughput({n: (lambda m=m: m(x, ids)) for n, m in models.items()}, args.batch,
-                                 warmup=2, repeats=args.repeats, progress=False)
-        gen = measure_throughput({n: (lambda m=m: m.generate(x, ids, max_new_tokens=args.new_tokens))
-                                  for n, m in models.items()}, args.batch, warmup=1, repeats=args.repeats,
-                                 progress=False)
+        fwd = measure_throughput(
+            {n: (lambda m=m: m(x, ids)) for n, m in models.items()},
+            args.batch,
+            warmup=2,
+            repeats=args.repeats,
+            progress=False,
+        )
+        gen = measure_throughput(
+            {n: (lambda m=m: m.generate(x, ids, max_new_tokens=args.new_tokens)) for n, m in models.items()},
+            args.batch,
+            warmup=1,
+            repeats=args.repeats,
+            progress=False,
+        )
     for n in models:
         out[n]["forward_median_s"] = fwd[n].median_s
         out[n]["generate_median_s"] = gen[n].median_s
     p, m = out["prefix"], out["memvp"]
-    out["ratios_memvp_over_prefix"] = {k: m[k] / p[k] for k in ("forward_flops", "lm_forward_flops", "generate_flops",
-                                                                "forward_median_s", "generate_median_s",
-                                                                "saved_for_backward_bytes")}
+    out["ratios_memvp_over_prefix"] = {
+        k: m[k] / p[k]
+        for k in (
+            "forward_flops",
+            "lm_forward_flops",
+            "generate_flops",
+            "forward_median_s",
+            "generate_median_s",
+            "saved_for_backward_bytes",
+        )
+    }
     return out
 
 
@@ -117,17 +157,29 @@ def text_pretrained_lm(task: str, steps: int):
     from vleff.data.digits_vlm import VOCAB, digit_text_batch
 
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=344,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                      max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
-                                      pad_token_id=None, tie_word_embeddings=False))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+        )
+    )
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         ids, labels = digit_text_batch(task, torch.randint(0, 10, (64,), generator=g))
-        loss = torch.nn.functional.cross_entropy(lm(input_ids=ids).logits[:, :-1].flatten(0, 1),
-                                                 labels[:, 1:].flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            lm(input_ids=ids).logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -154,21 +206,38 @@ def accuracy(args: argparse.Namespace) -> dict:
 
     lm, text_loss = text_pretrained_lm(args.task, args.text_steps)
     state = {k: v.clone() for k, v in lm.state_dict().items()}
-    results: dict = {"task": args.task, "steps": args.steps, "text_pretrain_steps": args.text_steps,
-                     "text_pretrain_loss": text_loss, "lr": args.lr, "train_host": args.train_host}
+    results: dict = {
+        "task": args.task,
+        "steps": args.steps,
+        "text_pretrain_steps": args.text_steps,
+        "text_pretrain_loss": text_loss,
+        "lr": args.lr,
+        "train_host": args.train_host,
+    }
     for mode in ("prefix", "memvp"):
         lm.load_state_dict(state)
         lm.requires_grad_(True)
         vlm = digits_vlm(lm, mode)
         task = VisionLanguageTask(vlm, args.task, lr=args.lr, train_host=args.train_host)
         dm = DigitsVLMDataModule(args.task, batch_size=32)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, max_epochs=-1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, val_check_interval=None, check_val_every_n_epoch=10 ** 6)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=args.steps,
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            val_check_interval=None,
+            check_val_every_n_epoch=10**6,
+        )
         trainer.fit(task, dm)
         metrics = trainer.validate(task, dm, verbose=False)[0]
-        results[mode] = {"val_acc": metrics["val/acc"],
-                         "trainable_parameters": sum(p.numel() for p in vlm.parameters() if p.requires_grad)}
+        results[mode] = {
+            "val_acc": metrics["val/acc"],
+            "trainable_parameters": sum(p.numel() for p in vlm.parameters() if p.requires_grad),
+        }
     return results
 
 
@@ -194,8 +263,8 @@ def prefix_probe(args: argparse.Namespace) -> dict:
 
     import torch.nn.functional as F
 
-    from vleff.data.digits_vlm import DIGIT_TOKEN, digit_text_batch, prompt
     from vleff.data.digits import digits_arrays
+    from vleff.data.digits_vlm import DIGIT_TOKEN, digit_text_batch, prompt
 
     out: dict = {"steps": args.steps, "text_pretrain_steps": args.text_steps}
     answer = len(prompt("qa")) - 1  # the position whose next-token logits are the answer
@@ -209,8 +278,9 @@ def prefix_probe(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             att = lm(inputs_embeds=torch.cat([prefix, emb], 1), output_attentions=True).attentions
         lm.set_attn_implementation("sdpa")
-        return [[round(float(a[:, h, n_vis + answer, :n_vis].sum(-1).mean()), 4) for h in range(a.shape[1])]
-                for a in att]
+        return [
+            [round(float(a[:, h, n_vis + answer, :n_vis].sum(-1).mean()), 4) for h in range(a.shape[1])] for a in att
+        ]
 
     def residual_at_answer(lm) -> dict:
         """Mean norm of the answer position's hidden state after each layer (the last is after the
@@ -219,11 +289,19 @@ def prefix_probe(args: argparse.Namespace) -> dict:
         emb = lm.get_input_embeddings()(ids)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            a, b = (lm(inputs_embeds=torch.cat([torch.randn(10, n_vis, emb.shape[-1], generator=g) * 0.15, emb], 1),
-                       output_hidden_states=True).hidden_states[1:] for _ in range(2))
-        return {"norm": [round(float(h[:, n_vis + answer].norm(dim=-1).mean()), 3) for h in a],
-                "moved_by_another_prefix": [round(float((x - y)[:, n_vis + answer].norm(dim=-1).mean()), 4)
-                                            for x, y in zip(a, b)]}
+            a, b = (
+                lm(
+                    inputs_embeds=torch.cat([torch.randn(10, n_vis, emb.shape[-1], generator=g) * 0.15, emb], 1),
+                    output_hidden_states=True,
+                ).hidden_states[1:]
+                for _ in range(2)
+            )
+        return {
+            "norm": [round(float(h[:, n_vis + answer].norm(dim=-1).mean()), 3) for h in a],
+            "moved_by_another_prefix": [
+                round(float((x - y)[:, n_vis + answer].norm(dim=-1).mean()), 4) for x, y in zip(a, b)
+            ],
+        }
 
     lm0, _ = text_pretrained_lm("qa", 0)
     out["prefix_attention_mass"] = {"init": attention_mass(lm0)}
@@ -252,7 +330,7 @@ def prefix_probe(args: argparse.Namespace) -> dict:
 
     def logits_of(prefix: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, labels = digit_text_batch("qa", d)
-        logits = lm(inputs_embeds=torch.cat([prefix, emb(ids)], 1)).logits[:, prefix.shape[1]:]
+        logits = lm(inputs_embeds=torch.cat([prefix, emb(ids)], 1)).logits[:, prefix.shape[1] :]
         return logits, F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
     out["projector_lr_sweep"], out["oracle_prefix_lr_sweep"] = {}, {}
@@ -283,8 +361,10 @@ def prefix_probe(args: argparse.Namespace) -> dict:
             opt.step()
             if step >= args.steps - 5:
                 hits.append((logits[:, answer].argmax(-1) == DIGIT_TOKEN[d]).float().mean())
-        out["oracle_prefix_lr_sweep"][str(lr)] = {"acc_last_5_batches": float(torch.stack(hits).mean()),
-                                                  "final_train_loss": float(loss.detach())}
+        out["oracle_prefix_lr_sweep"][str(lr)] = {
+            "acc_last_5_batches": float(torch.stack(hits).mean()),
+            "final_train_loss": float(loss.detach()),
+        }
     return out
 
 
@@ -301,9 +381,9 @@ def blip(args: argparse.Namespace) -> dict:
 
     from transformers import BlipConfig, BlipForConditionalGeneration
 
+    from vleff.methods.memvp.core import apply_memvp, memvp_module
     from vleff.profile.flops import count_flops
     from vleff.profile.throughput import measure_throughput
-    from vleff.methods.memvp.core import apply_memvp, memvp_module
 
     torch.manual_seed(0)
     config = BlipConfig(vision_config={"image_size": 384, "initializer_range": 0.02})
@@ -323,15 +403,29 @@ def blip(args: argparse.Namespace) -> dict:
         return model.text_decoder(input_ids=ids)
 
     with torch.no_grad():
-        times = measure_throughput({"cross_attention": lambda: cross_decoder(input_ids=ids, encoder_hidden_states=image),
-                                    "memvp_instead": memvp_forward}, 1, warmup=2, repeats=args.repeats,
-                                   progress=False)
+        times = measure_throughput(
+            {
+                "cross_attention": lambda: cross_decoder(input_ids=ids, encoder_hidden_states=image),
+                "memvp_instead": memvp_forward,
+            },
+            1,
+            warmup=2,
+            repeats=args.repeats,
+            progress=False,
+        )
     cross_s, memvp_s = times["cross_attention"].median_s, times["memvp_instead"].median_s
-    return {"text_tokens": 32, "image_tokens": 577, "decoder_with_cross_attention_flops": cross,
-            "decoder_without_cross_attention_flops": plain, "decoder_memvp_instead_flops": memvp,
-            "ratio_memvp_over_cross_attention": memvp / cross, "repeats": args.repeats,
-            "cross_attention_median_s": cross_s, "memvp_instead_median_s": memvp_s,
-            "latency_ratio_memvp_over_cross_attention": memvp_s / cross_s}
+    return {
+        "text_tokens": 32,
+        "image_tokens": 577,
+        "decoder_with_cross_attention_flops": cross,
+        "decoder_without_cross_attention_flops": plain,
+        "decoder_memvp_instead_flops": memvp,
+        "ratio_memvp_over_cross_attention": memvp / cross,
+        "repeats": args.repeats,
+        "cross_attention_median_s": cross_s,
+        "memvp_instead_median_s": memvp_s,
+        "latency_ratio_memvp_over_cross_attention": memvp_s / cross_s,
+    }
 
 
 def main() -> None:
@@ -345,8 +439,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--text-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--train-host", action="store_true",
-                        help="accuracy: train the LM and the ViT too (both modes), not only the visual prompt")
+    parser.add_argument(
+        "--train-host",
+        action="store_true",
+        help="accuracy: train the LM and the ViT too (both modes), not only the visual prompt",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = {"cost": cost, "accuracy": accuracy, "prefix-probe": prefix_probe, "blip": blip}[args.part](args)

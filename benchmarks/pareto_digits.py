@@ -36,6 +36,7 @@ Locations for the 6-block model are blocks (1, 3, 4) for both pruning methods (t
 FLOPs, matched by ToMe r=7 (~0.67x). No speeds are measured here (shared machine); see
 ``vleff-bench`` for throughput.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,9 @@ def _quiet() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=25, help="baseline training epochs")
     p.add_argument("--ft-epochs", type=int, default=5, help="fine-tuning epochs per method")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size (45 steps per epoch)")
@@ -82,8 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tome-shelf", type=int, nargs="*", default=[2, 4, 6, 7, 8, 10], help="ToMe r, off the shelf")
     p.add_argument("--evit-shelf", type=float, nargs="*", default=[0.5, 0.7, 0.85], help="EViT kr, off the shelf")
     p.add_argument("--seed", type=int, default=0, help="data split seed (and the training seed without --seeds)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="training seeds; each variant is trained and measured once per seed (default: --seed)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training seeds; each variant is trained and measured once per seed (default: --seed)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "pareto_digits", help="results folder")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "pareto_digits.png")
@@ -139,9 +147,18 @@ class EpochBar:
 def fit(module, datamodule, epochs: int, callbacks: list, label: str, clip: float | None) -> float:
     import lightning.pytorch as pl
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         gradient_clip_val=clip, callbacks=[*callbacks, EpochBar(label)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=clip,
+        callbacks=[*callbacks, EpochBar(label)],
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     return time.perf_counter() - start
@@ -156,8 +173,9 @@ def new_classifier(lr: float, state: dict | None = None):
     return module
 
 
-def run_seed(seed: int, args: argparse.Namespace, datamodule, batches: list,
-             flops_images: torch.Tensor) -> list[dict[str, Any]]:
+def run_seed(
+    seed: int, args: argparse.Namespace, datamodule, batches: list, flops_images: torch.Tensor
+) -> list[dict[str, Any]]:
     """Train and measure every variant once with training seed ``seed``; one row per variant."""
     import lightning.pytorch as pl
     from tqdm.auto import tqdm
@@ -199,24 +217,40 @@ def run_seed(seed: int, args: argparse.Namespace, datamodule, batches: list,
             callbacks = {
                 "baseline+ft": lambda: [],
                 "dynamicvit_ft": lambda: [DynamicViT(rho=value, locations=LOCATIONS, distill=True)],
-                "evit_ft": lambda: [EViT(keep_rate=value, locations=LOCATIONS, start_epoch=0,
-                                         end_epoch=min(1, args.ft_epochs))],
+                "evit_ft": lambda: [
+                    EViT(keep_rate=value, locations=LOCATIONS, start_epoch=0, end_epoch=min(1, args.ft_epochs))
+                ],
                 "tome_ft": lambda: [TokenMerging(r=value)],
             }[family]()
             seconds = fit(module, datamodule, args.ft_epochs, callbacks, name, clip=args.clip)
             model = module.model
-        row = {"seed": seed, "family": family, "name": name, "setting": setting,
-               **measure(model, batches, flops_images), "train_seconds": round(seconds, 1)}
+        row = {
+            "seed": seed,
+            "family": family,
+            "name": name,
+            "setting": setting,
+            **measure(model, batches, flops_images),
+            "train_seconds": round(seconds, 1),
+        }
         rows.append(row)
-        tqdm.write(f"{name:34s} acc {100 * row['accuracy']:6.2f}%  {row['gflops']:.4f} GFLOPs/img"
-                   + (f"  ({seconds:.0f} s training)" if seconds else ""))
+        tqdm.write(
+            f"{name:34s} acc {100 * row['accuracy']:6.2f}%  {row['gflops']:.4f} GFLOPs/img"
+            + (f"  ({seconds:.0f} s training)" if seconds else "")
+        )
 
     return rows
 
 
 #: the control a variant's Δ is taken against (same seed, same training epochs)
-CONTROL = {"baseline": None, "tome_shelf": "baseline", "evit_shelf": "baseline", "baseline+ft": "baseline",
-           "dynamicvit_ft": "baseline+ft", "evit_ft": "baseline+ft", "tome_ft": "baseline+ft"}
+CONTROL = {
+    "baseline": None,
+    "tome_shelf": "baseline",
+    "evit_shelf": "baseline",
+    "baseline+ft": "baseline",
+    "dynamicvit_ft": "baseline+ft",
+    "evit_ft": "baseline+ft",
+    "tome_ft": "baseline+ft",
+}
 
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
@@ -253,11 +287,24 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         acc, acc_std = _mean_std([r["accuracy"] for r in group])
         d_base, d_base_std = _mean_std([r["accuracy_change_points"] for r in group])
         d_ctrl, d_ctrl_std = _mean_std([r["delta_vs_control_points"] for r in group])
-        out.append({"family": first["family"], "name": name, "setting": first["setting"],
-                    "seeds": [r["seed"] for r in group], "accuracy": acc, "accuracy_std": acc_std,
-                    "accuracy_change_points": d_base, "accuracy_change_std": d_base_std,
-                    "control": first["control"], "delta_vs_control_points": d_ctrl, "delta_vs_control_std": d_ctrl_std,
-                    "gflops": first["gflops"], "flops_ratio": first["flops_ratio"], "pareto": False})
+        out.append(
+            {
+                "family": first["family"],
+                "name": name,
+                "setting": first["setting"],
+                "seeds": [r["seed"] for r in group],
+                "accuracy": acc,
+                "accuracy_std": acc_std,
+                "accuracy_change_points": d_base,
+                "accuracy_change_std": d_base_std,
+                "control": first["control"],
+                "delta_vs_control_points": d_ctrl,
+                "delta_vs_control_std": d_ctrl_std,
+                "gflops": first["gflops"],
+                "flops_ratio": first["flops_ratio"],
+                "pareto": False,
+            }
+        )
     return out
 
 
@@ -273,8 +320,9 @@ def vit_s_flops() -> list[dict[str, Any]]:
     x = torch.randn(1, 3, 224, 224)
     variants = {
         "baseline": lambda m: m,
-        "dynamicvit(rho=0.7, locations=(3,6,9))": lambda m: apply_dynamicvit(m, rho=0.7, locations=VIT_S_LOCATIONS,
-                                                                              distill=False),
+        "dynamicvit(rho=0.7, locations=(3,6,9))": lambda m: apply_dynamicvit(
+            m, rho=0.7, locations=VIT_S_LOCATIONS, distill=False
+        ),
         "evit(keep_rate=0.7, locations=(3,6,9))": lambda m: apply_evit(m, keep_rate=0.7, locations=VIT_S_LOCATIONS),
         "tome(r=13)": lambda m: apply_tome(m, r=13),
     }
@@ -317,20 +365,42 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9.5, 5), dpi=130)
     front = pareto_front(rows)
-    ax.step([r["gflops"] for r in front], [100 * r["accuracy"] for r in front], where="post", color="0.8",
-            lw=6, zorder=0, label="Pareto front")
+    ax.step(
+        [r["gflops"] for r in front],
+        [100 * r["accuracy"] for r in front],
+        where="post",
+        color="0.8",
+        lw=6,
+        zorder=0,
+        label="Pareto front",
+    )
     for family, (colour, marker, label) in STYLE.items():
         pts = sorted((r for r in rows if r["family"] == family), key=lambda r: r["gflops"])
         if not pts:
             continue
         xs, ys = [r["gflops"] for r in pts], [100 * r["accuracy"] for r in pts]
         dashed = family.endswith("_shelf")
-        ax.plot(xs, ys, marker=marker, color=colour, ls="--" if dashed else "-", lw=1.2,
-                ms=12 if marker == "*" else 7, mfc="white" if dashed else colour, label=label)
+        ax.plot(
+            xs,
+            ys,
+            marker=marker,
+            color=colour,
+            ls="--" if dashed else "-",
+            lw=1.2,
+            ms=12 if marker == "*" else 7,
+            mfc="white" if dashed else colour,
+            label=label,
+        )
         for r in pts:
             if r.get("setting"):
-                ax.annotate(r["setting"], (r["gflops"], 100 * r["accuracy"]), textcoords="offset points",
-                            xytext=(4, -11 if dashed else 5), fontsize=7, color=colour)
+                ax.annotate(
+                    r["setting"],
+                    (r["gflops"], 100 * r["accuracy"]),
+                    textcoords="offset points",
+                    xytext=(4, -11 if dashed else 5),
+                    fontsize=7,
+                    color=colour,
+                )
     base = next(r for r in rows if r["family"] == "baseline")
     ax.axhline(100 * base["accuracy"] - 1, color="black", lw=0.6, ls=":", label="baseline − 1 point")
     ax.set_xlabel("GFLOPs per image (forward, eval)")
@@ -346,7 +416,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 # --- main ----------------------------------------------------------------------------------
 def _title(settings: dict[str, Any]) -> str:
-    return f"digits ViT (6 blocks, 65 tokens): baseline {settings['epochs']} epochs, fine-tunes {settings['ft_epochs']} epochs"
+    return (
+        f"digits ViT (6 blocks, 65 tokens): baseline {settings['epochs']} epochs, "
+        f"fine-tunes {settings['ft_epochs']} epochs"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -384,8 +457,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/pareto_digits.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "locations": LOCATIONS,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        },
         "elapsed_seconds": round(elapsed, 1),
         "rows": rows,
         "summary": summary,
@@ -393,14 +470,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    fields = ["name", "family", "setting", "accuracy", "accuracy_std", "accuracy_change_points", "control",
-              "delta_vs_control_points", "delta_vs_control_std", "gflops", "flops_ratio", "pareto"]
+    fields = [
+        "name",
+        "family",
+        "setting",
+        "accuracy",
+        "accuracy_std",
+        "accuracy_change_points",
+        "control",
+        "delta_vs_control_points",
+        "delta_vs_control_std",
+        "gflops",
+        "flops_ratio",
+        "pareto",
+    ]
     with open(args.out / "results.csv", "w", newline="") as f:  # one row per variant (means over seeds)
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(summary)
-    seed_fields = ["seed", "name", "family", "setting", "accuracy", "accuracy_change_points", "control",
-                   "delta_vs_control_points", "gflops", "flops_ratio", "train_seconds"]
+    seed_fields = [
+        "seed",
+        "name",
+        "family",
+        "setting",
+        "accuracy",
+        "accuracy_change_points",
+        "control",
+        "delta_vs_control_points",
+        "gflops",
+        "flops_ratio",
+        "train_seconds",
+    ]
     with open(args.out / "results_seeds.csv", "w", newline="") as f:  # every seed's rows
         writer = csv.DictWriter(f, fieldnames=seed_fields, extrasaction="ignore")
         writer.writeheader()
@@ -416,17 +516,27 @@ def print_summary(rows: list[dict[str, Any]], vit_s: list[dict[str, Any]], elaps
 
     seeds = len(rows[0]["seeds"]) if rows else 0
     pm = seeds > 1  # show ± std over seeds
-    table = Table(title=f"digits: accuracy vs GFLOPs (eval forward), {seeds} seed{'s' if seeds != 1 else ''}"
-                        + (" (mean ± std)" if pm else ""))
-    for col in ("variant", "top-1 %", "Δ vs baseline", "Δ vs control", "control", "GFLOPs/img", "× baseline",
-                "Pareto"):
+    table = Table(
+        title=f"digits: accuracy vs GFLOPs (eval forward), {seeds} seed{'s' if seeds != 1 else ''}"
+        + (" (mean ± std)" if pm else "")
+    )
+    for col in ("variant", "top-1 %", "Δ vs baseline", "Δ vs control", "control", "GFLOPs/img", "× baseline", "Pareto"):
         table.add_column(col, justify="left" if col in ("variant", "control") else "right")
     for r in rows:
-        table.add_row(r["name"], f"{100 * r['accuracy']:.2f}" + (f" ± {100 * r['accuracy_std']:.2f}" if pm else ""),
-                      f"{r['accuracy_change_points']:+.2f}" + (f" ± {r['accuracy_change_std']:.2f}" if pm else ""),
-                      ("" if not r["control"] else f"{r['delta_vs_control_points']:+.2f}"
-                       + (f" ± {r['delta_vs_control_std']:.2f}" if pm else "")),
-                      r["control"], f"{r['gflops']:.4f}", f"{r['flops_ratio']:.3f}", "●" if r["pareto"] else "")
+        table.add_row(
+            r["name"],
+            f"{100 * r['accuracy']:.2f}" + (f" ± {100 * r['accuracy_std']:.2f}" if pm else ""),
+            f"{r['accuracy_change_points']:+.2f}" + (f" ± {r['accuracy_change_std']:.2f}" if pm else ""),
+            (
+                ""
+                if not r["control"]
+                else f"{r['delta_vs_control_points']:+.2f}" + (f" ± {r['delta_vs_control_std']:.2f}" if pm else "")
+            ),
+            r["control"],
+            f"{r['gflops']:.4f}",
+            f"{r['flops_ratio']:.3f}",
+            "●" if r["pareto"] else "",
+        )
     console = Console(width=max(Console().width, 140))
     console.print(table)
     if vit_s:
@@ -436,8 +546,10 @@ def print_summary(rows: list[dict[str, Any]], vit_s: list[dict[str, Any]], elaps
         for r in vit_s:
             t2.add_row(r["name"], f"{r['gflops']:.3f}", f"{r['flops_ratio']:.3f}")
         console.print(t2)
-    console.print(f"results: {args.out}/results.json, results.csv (per variant), results_seeds.csv (per seed); "
-                  f"plot: {args.plot}; total {elapsed / 60:.1f} min")
+    console.print(
+        f"results: {args.out}/results.json, results.csv (per variant), results_seeds.csv (per seed); "
+        f"plot: {args.plot}; total {elapsed / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

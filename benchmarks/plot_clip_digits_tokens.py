@@ -11,6 +11,7 @@ seed's baseline R@1, so seeds whose baselines differ by a point can be read toge
 shaded band is the issue's target (within 1 point of the baseline; every method row is at
 ≤ 0.6× image FLOPs, written under its column).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,11 +59,19 @@ def load_points(paths: list[Path]) -> list[dict[str, Any]]:
             if stage == "baseline":
                 known = baselines.setdefault(seed, (r1, row.get("weights")))
                 if abs(known[0] - r1) > 1e-6:
-                    raise ValueError(f"{path}: seed {seed}'s baseline R@1 is {r1:.2f} here and {known[0]:.2f} "
-                                     "in another file: join only runs of the same baseline weights")
+                    raise ValueError(
+                        f"{path}: seed {seed}'s baseline R@1 is {r1:.2f} here and {known[0]:.2f} "
+                        "in another file: join only runs of the same baseline weights"
+                    )
                 continue
-            points[(seed, method, stage)] = {"seed": seed, "method": method, "stage": stage, "r1": r1,
-                                             "ratio": row["image_flops_ratio"], "run": row["run"]}
+            points[(seed, method, stage)] = {
+                "seed": seed,
+                "method": method,
+                "stage": stage,
+                "r1": r1,
+                "ratio": row["image_flops_ratio"],
+                "run": row["run"],
+            }
     for point in points.values():
         if point["seed"] not in baselines:
             raise ValueError(f"seed {point['seed']}: no baseline row among the inputs")
@@ -102,21 +111,36 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         for p in mine:
             i = seeds.index(p["seed"])
             dx = (i - (len(seeds) - 1) / 2) * 0.12
-            ax.scatter(x + dx, p["delta"], marker=SEED_MARKERS[i % len(SEED_MARKERS)], s=52, zorder=4,
-                       facecolors=colour if stage == "tuned" else "white", edgecolors=colour)
+            ax.scatter(
+                x + dx,
+                p["delta"],
+                marker=SEED_MARKERS[i % len(SEED_MARKERS)],
+                s=52,
+                zorder=4,
+                facecolors=colour if stage == "tuned" else "white",
+                edgecolors=colour,
+            )
         ratios = [p["ratio"] for p in mine]
         flops = f"{min(ratios):.3f}×" if max(ratios) - min(ratios) < 5e-4 else f"{min(ratios):.3f}–{max(ratios):.3f}×"
         ticks.append(f"{label}\n{flops} FLOPs")
     for i, seed in enumerate(seeds):  # legend: seeds only (columns are labelled on the axis)
-        ax.scatter([], [], marker=SEED_MARKERS[i % len(SEED_MARKERS)], facecolors="white", edgecolors="black",
-                   label=f"seed {seed}")
-    ax.fill_between([], [], [], color="tab:green", alpha=0.15,
-                    label=f"within {TARGET_DROP:g} point of the baseline")
+        ax.scatter(
+            [],
+            [],
+            marker=SEED_MARKERS[i % len(SEED_MARKERS)],
+            facecolors="white",
+            edgecolors="black",
+            label=f"seed {seed}",
+        )
+    ax.fill_between([], [], [], color="tab:green", alpha=0.15, label=f"within {TARGET_DROP:g} point of the baseline")
     ax.set_xticks(range(len(columns)), ticks, fontsize=7.5)
     ax.set_xlim(-0.5, len(columns) - 0.5)
     ax.set_ylabel("image→text R@1 − the seed's baseline (points)")
-    ax.set_title(f"Digits-CLIP (6 blocks, 65 image tokens, 360 val pairs = 0.28 points each), "
-                 f"image tower reduced to ≤ {TARGET_RATIO}× FLOPs", fontsize=9)
+    ax.set_title(
+        f"Digits-CLIP (6 blocks, 65 image tokens, 360 val pairs = 0.28 points each), "
+        f"image tower reduced to ≤ {TARGET_RATIO}× FLOPs",
+        fontsize=9,
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +157,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     points = load_points(args.inputs)
     plot(points, args.plot)
     for p in points:
-        print(f"seed {p['seed']}  {p['method']:8s} {p['stage']:7s} {p['ratio']:.3f}x  R@1 {p['r1']:6.2f}  "
-              f"({p['delta']:+.2f})")
+        print(
+            f"seed {p['seed']}  {p['method']:8s} {p['stage']:7s} {p['ratio']:.3f}x  R@1 {p['r1']:6.2f}  "
+            f"({p['delta']:+.2f})"
+        )
     print(f"plot: {args.plot}")
     return points
 

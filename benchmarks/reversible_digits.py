@@ -24,6 +24,7 @@ Top-1 is measured in eval mode on the validation split (the reversible networks 
 reversible stack, as they were trained); nothing is selected on it. ``--save-pretrained`` /
 ``--load-pretrained`` reuse one pretraining across invocations (same ``--seed`` and ``--epochs``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,13 @@ def _freeze_all_but_meft_set():
 
 
 FINETUNE = ("full", "meft", "meft-balance", "meft-balance-peft", "meft-peft")
-TITLES = {"full": "full fine-tuning (plain)", "meft": "MEFT fine-tuning, all parameters",
-          "meft-balance": "MEFT balance=True, all parameters",
-          "meft-balance-peft": "MEFT balance=True, adapters+norms+head",
-          "meft-peft": "MEFT fine-tuning, adapters+norms+head"}
+TITLES = {
+    "full": "full fine-tuning (plain)",
+    "meft": "MEFT fine-tuning, all parameters",
+    "meft-balance": "MEFT balance=True, all parameters",
+    "meft-balance-peft": "MEFT balance=True, adapters+norms+head",
+    "meft-peft": "MEFT fine-tuning, adapters+norms+head",
+}
 
 
 def main() -> None:
@@ -72,16 +76,23 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0, help="data split, initial weights, pretraining")
     parser.add_argument("--ft-seeds", default="0", help="comma-separated fine-tuning seeds (adapters, batch order)")
-    parser.add_argument("--variants", default=",".join(FINETUNE[:4]),
-                        help=f"comma-separated fine-tuning variants among {FINETUNE}")
-    parser.add_argument("--ft-shuffle", action="store_true",
-                        help="the fine-tuning seed also draws the batch order (default: the --seed order, so "
-                             "full fine-tuning is the same for every fine-tuning seed)")
+    parser.add_argument(
+        "--variants", default=",".join(FINETUNE[:4]), help=f"comma-separated fine-tuning variants among {FINETUNE}"
+    )
+    parser.add_argument(
+        "--ft-shuffle",
+        action="store_true",
+        help="the fine-tuning seed also draws the batch order (default: the --seed order, so "
+        "full fine-tuning is the same for every fine-tuning seed)",
+    )
     parser.add_argument("--no-scratch-revvit", action="store_true", help="skip the Rev-ViT from-scratch run")
     parser.add_argument("--save-pretrained", default=None, help="write the plain ViT's trained weights here")
-    parser.add_argument("--load-pretrained", default=None,
-                        help="fine-tune these weights (a --save-pretrained file of the same --seed and --epochs) "
-                             "instead of training the plain ViT again; implies --no-scratch-revvit")
+    parser.add_argument(
+        "--load-pretrained",
+        default=None,
+        help="fine-tune these weights (a --save-pretrained file of the same --seed and --epochs) "
+        "instead of training the plain ViT again; implies --no-scratch-revvit",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -110,8 +121,13 @@ def main() -> None:
                 return super().train_dataloader()
             from torch.utils.data import DataLoader
 
-            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._shift,
-                              generator=torch.Generator().manual_seed(self.shuffle_seed))
+            return DataLoader(
+                self.train_set,
+                batch_size=self.batch_size,
+                shuffle=True,
+                collate_fn=self._shift,
+                generator=torch.Generator().manual_seed(self.shuffle_seed),
+            )
 
     datamodule = Digits(image_size=32, batch_size=64, seed=args.seed)
     datamodule.setup("fit")
@@ -127,9 +143,17 @@ def main() -> None:
     def fit(module: ImageClassifier, epochs: int, callbacks: list, seed: int, shuffle: bool = False) -> float:
         pl.seed_everything(seed + 1, verbose=False)
         datamodule.shuffle_seed = 1000 + seed if shuffle else None
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, callbacks=callbacks)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+        )
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         return time.perf_counter() - start
@@ -137,16 +161,27 @@ def main() -> None:
     rows = []
 
     def report(name: str, module: ImageClassifier, seconds: float, **extra) -> None:
-        row = {"variant": name, "accuracy": accuracy(module.eval(), batches), "train_seconds": round(seconds, 1),
-               "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad), **extra}
+        row = {
+            "variant": name,
+            "accuracy": accuracy(module.eval(), batches),
+            "train_seconds": round(seconds, 1),
+            "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            **extra,
+        }
         rows.append(row)
-        print(f"{name:<40} top-1 {100 * row['accuracy']:6.2f}%  {row['train_seconds']:7.1f} s  "
-              f"{row['trainable']:>8} trainable" + "".join(f"  {k} {v}" for k, v in extra.items()), flush=True)
+        print(
+            f"{name:<40} top-1 {100 * row['accuracy']:6.2f}%  {row['train_seconds']:7.1f} s  "
+            f"{row['trainable']:>8} trainable" + "".join(f"  {k} {v}" for k, v in extra.items()),
+            flush=True,
+        )
 
     if args.load_pretrained:
         pretrained = torch.load(args.load_pretrained, weights_only=True)
-        print(f"pretrained weights from {args.load_pretrained}: top-1 "
-              f"{100 * accuracy(new(args.lr, pretrained).eval(), batches):.2f}%", flush=True)
+        print(
+            f"pretrained weights from {args.load_pretrained}: top-1 "
+            f"{100 * accuracy(new(args.lr, pretrained).eval(), batches):.2f}%",
+            flush=True,
+        )
     else:
         plain = new(args.lr)
         report("plain ViT (scratch)", plain, fit(plain, args.epochs, [], args.seed))
@@ -179,15 +214,20 @@ def main() -> None:
         by.setdefault(r["variant"], []).append(100 * r["accuracy"])
     for name, values in by.items():
         t = torch.tensor(values, dtype=torch.float64)
-        summary[name] = {"mean": round(float(t.mean()), 2), "std": round(float(t.std()), 2) if len(values) > 1 else 0.0,
-                         "runs": values}
+        summary[name] = {
+            "mean": round(float(t.mean()), 2),
+            "std": round(float(t.std()), 2) if len(values) > 1 else 0.0,
+            "runs": values,
+        }
     if "full" in variants:
         full = torch.tensor(by[TITLES["full"]], dtype=torch.float64)
         for variant in variants[1:] if variants[0] == "full" else variants:
             if variant != "full":
                 diff = torch.tensor(by[TITLES[variant]], dtype=torch.float64) - full  # paired by fine-tuning seed
-                summary[f"{variant}_minus_full_points"] = {"mean": round(float(diff.mean()), 2), "per_seed":
-                                                           [round(float(d), 2) for d in diff]}
+                summary[f"{variant}_minus_full_points"] = {
+                    "mean": round(float(diff.mean()), 2),
+                    "per_seed": [round(float(d), 2) for d in diff],
+                }
     print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -17,17 +17,23 @@ Batch 1 image (224 px) / 2 random 77-token texts, fp32, CPU.
     python benchmarks/reversible_gap.py [--out reversible_gap.json] [--towers timm,image,text]
         [--streams float64,float32] [--settings 1:1,1:1:balance,revvit]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from vleff.methods.reversible.core import (ReversibleConfig, apply_reversible, block_amplification, plain_autograd,
-                                     remove_reversible)
+from vleff.methods.reversible.core import (
+    ReversibleConfig,
+    apply_reversible,
+    block_amplification,
+    plain_autograd,
+    remove_reversible,
+)
 
 SCALES = (0.1, 0.3, 1.0)
 
@@ -42,8 +48,11 @@ def towers(names: list[str]) -> dict[str, tuple[torch.nn.Module, Callable, torch
 
         torch.manual_seed(0)
         vit = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-        out["timm ViT-B/16 image"] = (vit, lambda m: m.forward_head(m.forward_features(image), pre_logits=True),
-                                      vit.blocks)
+        out["timm ViT-B/16 image"] = (
+            vit,
+            lambda m: m.forward_head(m.forward_features(image), pre_logits=True),
+            vit.blocks,
+        )
     if {"image", "text"} & set(names):
         import open_clip
 
@@ -65,8 +74,13 @@ def _grads(run: Callable[[], torch.Tensor], params: list[torch.Tensor], directio
     return torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for p, g in zip(params, got)])
 
 
-def measure(model: torch.nn.Module, fn: Callable, blocks: torch.nn.Module, settings: dict,
-            streams_list: tuple[str, ...] = ("float64", "float32")) -> dict:
+def measure(
+    model: torch.nn.Module,
+    fn: Callable,
+    blocks: torch.nn.Module,
+    settings: dict,
+    streams_list: tuple[str, ...] = ("float64", "float32"),
+) -> dict:
     with torch.no_grad():
         ref = fn(model)
     tower = "text" if blocks is getattr(model, "transformer", None) else "image"
@@ -109,25 +123,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     parser.add_argument("--towers", default="timm,image,text", help="comma-separated: timm, image, text")
-    parser.add_argument("--streams", default="float64,float32",
-                        help="stream dtypes to measure the gradient error with (the first also gives the gap)")
-    parser.add_argument("--settings", default=None,
-                        help="comma-separated MEFT settings 'lam:beta' or 'lam:beta:balance' and/or 'revvit' "
-                             "(default: the 3x3 grid of λ, β in {0.1, 0.3, 1} and revvit)")
+    parser.add_argument(
+        "--streams",
+        default="float64,float32",
+        help="stream dtypes to measure the gradient error with (the first also gives the gap)",
+    )
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help="comma-separated MEFT settings 'lam:beta' or 'lam:beta:balance' and/or 'revvit' "
+        "(default: the 3x3 grid of λ, β in {0.1, 0.3, 1} and revvit)",
+    )
     args = parser.parse_args()
     grid = [dict(coupling="meft", lam=lam, beta=beta) for lam in SCALES for beta in SCALES] + [dict(coupling="revvit")]
     if args.settings:
         grid = [_setting(spec) for spec in args.settings.split(",")]
     rows = []
-    print(f"{'tower':<26}{'coupling':>9}{'lam':>6}{'beta':>6}{'gap':>8}{'grad err f32 streams':>22}"
-          f"{'grad err f64 streams':>22}")
+    print(
+        f"{'tower':<26}{'coupling':>9}{'lam':>6}{'beta':>6}{'gap':>8}{'grad err f32 streams':>22}"
+        f"{'grad err f64 streams':>22}"
+    )
     for name, (model, fn, blocks) in towers(args.towers.split(",")).items():
         for settings in grid:
             row = {"tower": name, **settings, **measure(model, fn, blocks, settings, tuple(args.streams.split(",")))}
             rows.append(row)
-            print(f"{name:<26}{row['coupling'] + ('+bal' if row.get('balance') else ''):>9}"
-                  f"{row.get('lam', '-'):>6}{row.get('beta', '-'):>6}{row['gap']:>8.3g}{row.get('grad_err_float32', float('nan')):>22.2g}"
-                  f"{row.get('grad_err_float64', float('nan')):>22.2g}", flush=True)
+            print(
+                f"{name:<26}{row['coupling'] + ('+bal' if row.get('balance') else ''):>9}"
+                f"{row.get('lam', '-'):>6}{row.get('beta', '-'):>6}{row['gap']:>8.3g}"
+                f"{row.get('grad_err_float32', float('nan')):>22.2g}"
+                f"{row.get('grad_err_float64', float('nan')):>22.2g}",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

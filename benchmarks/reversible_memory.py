@@ -9,6 +9,7 @@ float64 streams).
 
     python benchmarks/reversible_memory.py [--out reversible_memory.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ MODES = ("plain", "checkpointing", "revvit", "meft")
 
 def make(depth: int, mode: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4,
-                              num_classes=10).train()
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4, num_classes=10).train()
     if mode in ("revvit", "meft"):
         apply_reversible(model, coupling=mode)
     if mode == "checkpointing":
@@ -58,13 +58,19 @@ def main() -> None:
             row[mode] = saved_activation_bytes(lambda: model(x))
         rows.append(row)
     steps = {mode: step_seconds(make(12, mode), x) for mode in MODES}
-    ratios = {mode: {"vs_plain": s / steps["plain"], "vs_checkpointing": s / steps["checkpointing"]}
-              for mode, s in steps.items()}
+    ratios = {
+        mode: {"vs_plain": s / steps["plain"], "vs_checkpointing": s / steps["checkpointing"]}
+        for mode, s in steps.items()
+    }
     print(f"{'depth':>5}" + "".join(f"{m + ' MB':>18}" for m in MODES))
     for row in rows:
         print(f"{row['depth']:>5}" + "".join(f"{row[m] / 1e6:>18.2f}" for m in MODES))
-    print("ratios: depth 24 / depth 6: " + ", ".join(f"{m} {rows[-1][m] / rows[0][m]:.2f}x" for m in MODES)
-          + "; against plain at depth 12: " + ", ".join(f"{m} {rows[1][m] / rows[1]['plain']:.3f}x" for m in MODES))
+    print(
+        "ratios: depth 24 / depth 6: "
+        + ", ".join(f"{m} {rows[-1][m] / rows[0][m]:.2f}x" for m in MODES)
+        + "; against plain at depth 12: "
+        + ", ".join(f"{m} {rows[1][m] / rows[1]['plain']:.3f}x" for m in MODES)
+    )
     print(f"{'step time, depth 12, 1 thread':<32}{'seconds':>9}{'vs plain':>10}{'vs checkpointing':>18}")
     for mode, s in steps.items():
         print(f"{mode:<32}{s:>9.3f}{ratios[mode]['vs_plain']:>9.2f}x{ratios[mode]['vs_checkpointing']:>17.2f}x")

@@ -23,6 +23,7 @@ step at the training batch (64) on the trained module, measured with
 once, parameters excluded; ``.grad`` bytes; AdamW state bytes). The plot puts accuracy against
 their sum. One seed, CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,15 @@ from pareto_digits import _quiet, fit, new_classifier  # noqa: E402  (same folde
 from side_memory import measure_step  # noqa: E402  (same folder: one memory measurement)
 
 METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
-LABELS = {"full": "full fine-tuning", "linear": "linear probe", "lora": "LoRA r=8 (peft)", "lst": "LST r=8",
-          "unipt": "UniPT", "vqt": "VQT T=1"}
-MIB = 2 ** 20
+LABELS = {
+    "full": "full fine-tuning",
+    "linear": "linear probe",
+    "lora": "LoRA r=8 (peft)",
+    "lst": "LST r=8",
+    "unipt": "UniPT",
+    "vqt": "VQT T=1",
+}
+MIB = 2**20
 
 
 def rotated_digits(seed: int):
@@ -74,9 +81,14 @@ def head_only():
 def callbacks_for(method: str) -> list:
     from vleff.callbacks import LadderSideTuning, LoRA, UniPT, VisualQueryTuning
 
-    return {"full": [], "linear": [head_only()], "lora": [LoRA(r=8, alpha=16)],
-            "lst": [LadderSideTuning(reduction=8)], "unipt": [UniPT(factor=2)],
-            "vqt": [VisualQueryTuning(num_queries=1)]}[method]
+    return {
+        "full": [],
+        "linear": [head_only()],
+        "lora": [LoRA(r=8, alpha=16)],
+        "lst": [LadderSideTuning(reduction=8)],
+        "unipt": [UniPT(factor=2)],
+        "vqt": [VisualQueryTuning(num_queries=1)],
+    }[method]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -89,8 +101,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for r in rows:
         x = r["training_bytes"] / MIB
         ax.scatter([x], [100 * r["accuracy"]], s=60, zorder=3)
-        ax.annotate(LABELS[r["method"]], (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+        ax.annotate(
+            LABELS[r["method"]], (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     ax.axhline(100 * rows[0]["start_accuracy"], color="0.5", lw=0.8, ls=":", label="pretrained, before tuning")
     ax.set_xscale("log")
     ax.margins(x=0.2)  # room for the labels of the outermost points
@@ -140,10 +153,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = new_classifier(args.lr)
     seconds = fit(base, upright, args.epochs, [], "pretrain", None)
     upright.setup("fit")
-    pre = {"upright_accuracy": accuracy(base, list(upright.val_dataloader())), "start_accuracy": accuracy(base, val),
-           "pretrain_seconds": round(seconds, 1)}
-    print(f"pretrained: upright {100 * pre['upright_accuracy']:.2f} %, rotated before tuning "
-          f"{100 * pre['start_accuracy']:.2f} % ({seconds:.0f} s)", flush=True)
+    pre = {
+        "upright_accuracy": accuracy(base, list(upright.val_dataloader())),
+        "start_accuracy": accuracy(base, val),
+        "pretrain_seconds": round(seconds, 1),
+    }
+    print(
+        f"pretrained: upright {100 * pre['upright_accuracy']:.2f} %, rotated before tuning "
+        f"{100 * pre['start_accuracy']:.2f} % ({seconds:.0f} s)",
+        flush=True,
+    )
     weights = {k: v.clone() for k, v in base.state_dict().items()}
 
     rows = []
@@ -154,15 +173,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seconds = fit(module, shifted, args.ft_epochs, callbacks_for(method), method, None)
         acc = accuracy(module, val)
         mem = measure_step(module, method, train_x, train_y)  # one more step, after the accuracy
-        row = {"method": method, "accuracy": acc, "train_seconds": round(seconds, 1), **pre,
-               "saved_bytes": mem["saved_bytes"], "grad_bytes": mem["grad_bytes"],
-               "optimizer_bytes": mem["optimizer_bytes"],
-               "training_bytes": mem["saved_bytes"] + mem["grad_bytes"] + mem["optimizer_bytes"],
-               "trainable": mem["trainable"], "trainable_pct": mem["trainable_pct"]}
+        row = {
+            "method": method,
+            "accuracy": acc,
+            "train_seconds": round(seconds, 1),
+            **pre,
+            "saved_bytes": mem["saved_bytes"],
+            "grad_bytes": mem["grad_bytes"],
+            "optimizer_bytes": mem["optimizer_bytes"],
+            "training_bytes": mem["saved_bytes"] + mem["grad_bytes"] + mem["optimizer_bytes"],
+            "trainable": mem["trainable"],
+            "trainable_pct": mem["trainable_pct"],
+        }
         rows.append(row)
-        print(f"{LABELS[method]:<18} top-1 {100 * acc:6.2f} %  saved {row['saved_bytes'] / MIB:7.2f} MiB  "
-              f"grad {row['grad_bytes'] / MIB:6.2f} MiB  optimizer {row['optimizer_bytes'] / MIB:6.2f} MiB  "
-              f"trainable {row['trainable_pct']:6.2f} %  {seconds:5.0f} s", flush=True)
+        print(
+            f"{LABELS[method]:<18} top-1 {100 * acc:6.2f} %  saved {row['saved_bytes'] / MIB:7.2f} MiB  "
+            f"grad {row['grad_bytes'] / MIB:6.2f} MiB  optimizer {row['optimizer_bytes'] / MIB:6.2f} MiB  "
+            f"trainable {row['trainable_pct']:6.2f} %  {seconds:5.0f} s",
+            flush=True,
+        )
     elapsed = time.perf_counter() - started
     print(table(rows))
     print(f"total {elapsed:.0f} s")
@@ -170,20 +199,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "settings": vars(args), "seconds": round(elapsed, 1)}, f, indent=2)
     if args.plot:
-        plot(rows, Path(args.plot), f"digits ViT pretrained {args.epochs} epochs upright; every method "
-                                    f"{args.ft_epochs} epochs on 90°-rotated digits (CPU, one seed)")
+        plot(
+            rows,
+            Path(args.plot),
+            f"digits ViT pretrained {args.epochs} epochs upright; every method "
+            f"{args.ft_epochs} epochs on 90°-rotated digits (CPU, one seed)",
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
     full = next((r for r in rows if r["method"] == "full"), None)
-    lines = ["| method | top-1 rotated | saved for backward MiB | .grad MiB | AdamW state MiB | sum MiB (× full) "
-             "| trainable % | train time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | top-1 rotated | saved for backward MiB | .grad MiB | AdamW state MiB | sum MiB (× full) "
+        "| trainable % | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = f" ({r['training_bytes'] / full['training_bytes']:.3f}×)" if full else ""
-        lines.append(f"| {LABELS[r['method']]} | {100 * r['accuracy']:.2f} % | {r['saved_bytes'] / MIB:.2f} | "
-                     f"{r['grad_bytes'] / MIB:.2f} | {r['optimizer_bytes'] / MIB:.2f} | "
-                     f"{r['training_bytes'] / MIB:.2f}{ratio} | {r['trainable_pct']:.2f} | {r['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {LABELS[r['method']]} | {100 * r['accuracy']:.2f} % | {r['saved_bytes'] / MIB:.2f} | "
+            f"{r['grad_bytes'] / MIB:.2f} | {r['optimizer_bytes'] / MIB:.2f} | "
+            f"{r['training_bytes'] / MIB:.2f}{ratio} | {r['trainable_pct']:.2f} | {r['train_seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 

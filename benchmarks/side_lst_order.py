@@ -7,6 +7,7 @@ One upright pretraining, then LST r=8 on 90°-rotated digits twice from the same
 seeds; prints top-1, validation loss, the learned gates and the share of validation predictions
 that differ between the two orders (issue 23, point 12; docs/fidelity.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> dict[bool, float]:
         n = sum(len(y) for _, y in val)
         predictions[after], accuracies[after] = torch.cat(preds), correct / n
         gates = [round(g, 3) for g in torch.sigmoid(module.model.vleff_lst.gates / 0.1).tolist()]
-        print(f"LST r=8 add_residual_after={after}: top-1 rotated {100 * correct / n:.2f} %, val loss {loss / n:.4f}, "
-              f"gates {gates}", flush=True)
+        print(
+            f"LST r=8 add_residual_after={after}: top-1 rotated {100 * correct / n:.2f} %, val loss {loss / n:.4f}, "
+            f"gates {gates}",
+            flush=True,
+        )
     differ = (predictions[False] != predictions[True]).float().mean().item()
     print(f"validation predictions that differ between the orders: {100 * differ:.1f} %")
     return accuracies

@@ -23,6 +23,7 @@ Per method, each in a fresh process (so one's peak cannot hide in memory another
     python benchmarks/side_memory.py [--batch 32] [--models vit_b16,clip_b32|clip_both] [--methods full,linear,...]
                                      [--device cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ MODELS = ("vit_b16", "clip_b32")
 CLIP_BOTH = "clip_both"
 METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
 TAG = "SIDE_MEMORY_RESULT "
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def build(model: str):
@@ -177,17 +178,26 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in params)
-    return {"method": method, "batch": int(len(y)), "saved_bytes": saved, "grad_bytes": grads,
-            "parameter_bytes": tensor_storage_bytes(list(net.parameters())),
-            "optimizer_bytes": optimizer_state_bytes(opt), "step_peak_bytes": peak, "trainable": trainable,
-            "parameters": total, "trainable_pct": 100.0 * trainable / total, "step_seconds": seconds}
+    return {
+        "method": method,
+        "batch": int(len(y)),
+        "saved_bytes": saved,
+        "grad_bytes": grads,
+        "parameter_bytes": tensor_storage_bytes(list(net.parameters())),
+        "optimizer_bytes": optimizer_state_bytes(opt),
+        "step_peak_bytes": peak,
+        "trainable": trainable,
+        "parameters": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "step_seconds": seconds,
+    }
 
 
 def measure(model: str, method: str, batch: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
-    from vleff.profile.memory import tensor_storage_bytes
     from vleff.cli.training_memory import _memory_now
+    from vleff.profile.memory import tensor_storage_bytes
 
     dev = torch.device(device)
     net, head, size = build(model)
@@ -200,8 +210,8 @@ def measure(model: str, method: str, batch: int, device: str = "cpu") -> dict[st
     if model == CLIP_BOTH:
         import torch.nn.functional as F
 
-        from vleff.models.clip_finetuner import contrastive_loss
         from vleff.cli.training_memory import _tokens
+        from vleff.models.clip_finetuner import contrastive_loss
 
         tokens = _tokens(net, open_clip_tokenizer(), 49408, batch, 0).to(dev)
         extra_inputs = [tokens]
@@ -215,8 +225,13 @@ def measure(model: str, method: str, batch: int, device: str = "cpu") -> dict[st
     before = _memory_now(dev)
     row = measure_step(net, method, x, y, loss_fn)
     inputs = tensor_storage_bytes([x, *extra_inputs])
-    return {"model": model, "device": str(dev), **row, "process_peak_bytes": before + row["step_peak_bytes"],
-            "tensor_peak_bytes": row["parameter_bytes"] + inputs + row["step_peak_bytes"]}
+    return {
+        "model": model,
+        "device": str(dev),
+        **row,
+        "process_peak_bytes": before + row["step_peak_bytes"],
+        "tensor_peak_bytes": row["parameter_bytes"] + inputs + row["step_peak_bytes"],
+    }
 
 
 def open_clip_tokenizer():
@@ -227,9 +242,11 @@ def open_clip_tokenizer():
 
 def table(rows: list[dict[str, Any]]) -> str:
     full = {r["model"]: r for r in rows if r["method"] == "full"}
-    lines = ["| model | method | saved for backward MiB (× full) | .grad MiB | optimizer MiB | process peak MiB "
-             "(× full) | step peak MiB (× full) | tensor peak MiB (× full) | trainable % | step time × full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | saved for backward MiB (× full) | .grad MiB | optimizer MiB | process peak MiB "
+        "(× full) | step peak MiB (× full) | tensor peak MiB (× full) | trainable % | step time × full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         f = full.get(r["model"])
         if "error" in r:
@@ -241,12 +258,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
         time_ratio = f"{r['step_seconds'] / f['step_seconds']:.2f}" if f else ""
         tensor = f"{r['tensor_peak_bytes'] / MIB:.0f}{ratio('tensor_peak_bytes')}" if "tensor_peak_bytes" in r else ""
-        lines.append(f"| {r['model']} | {r['method']} | {r['saved_bytes'] / MIB:.1f}{ratio('saved_bytes')} | "
-                     f"{r['grad_bytes'] / MIB:.1f} | {r['optimizer_bytes'] / MIB:.1f} | "
-                     f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | "
-                     f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | "
-                     f"{tensor} | {r['trainable_pct']:.2f} | "
-                     f"{time_ratio} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['saved_bytes'] / MIB:.1f}{ratio('saved_bytes')} | "
+            f"{r['grad_bytes'] / MIB:.1f} | {r['optimizer_bytes'] / MIB:.1f} | "
+            f"{r['process_peak_bytes'] / MIB:.0f}{ratio('process_peak_bytes')} | "
+            f"{r['step_peak_bytes'] / MIB:.0f}{ratio('step_peak_bytes')} | "
+            f"{tensor} | {r['trainable_pct']:.2f} | "
+            f"{time_ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -270,11 +289,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in args.models.split(","):
         for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch),
-                   "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                model,
+                method,
+                "--batch",
+                str(args.batch),
+                "--device",
+                args.device,
+            ]
             print(f"[side_memory {time.strftime('%H:%M:%S')}] {model} {method}", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True)
-            found = [line[len(TAG):] for line in out.stdout.splitlines() if line.startswith(TAG)]
+            found = [line[len(TAG) :] for line in out.stdout.splitlines() if line.startswith(TAG)]
             if out.returncode or not found:
                 rows.append({"model": model, "method": method, "error": out.stderr.strip().splitlines()[-1:]})
             else:

@@ -12,6 +12,7 @@ The padding tokens are merged among themselves (never with real tokens), so for 
 captions most merges at moderate r land on padding: the FLOPs fall while the caption's own
 tokens stay unmerged. ``--words 75`` shows a full-length caption.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def caption_ids(batch: int, words: int, context: int = 77, vocab: int = 49408, s
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(batch, context, dtype=torch.long)
     ids[:, 0] = vocab - 2
-    ids[:, 1:words + 1] = torch.randint(1, vocab - 3, (batch, words), generator=g)
+    ids[:, 1 : words + 1] = torch.randint(1, vocab - 3, (batch, words), generator=g)
     ids[:, words + 1] = vocab - 1
     return ids
 
@@ -49,23 +50,29 @@ def main() -> None:
     ids = caption_ids(args.batch, args.words)
     encode = model.encode_text
     base = count_flops(encode, ids)
-    settings = [("baseline", None, {})] + [("tome", "tome", {"r": r}) for r in (2, 4, 6, 8)] + [
-        ("evit", "evit", {"keep_rate": k, "locations": [3, 6, 9]}) for k in (0.7, 0.5)]
+    settings = (
+        [("baseline", None, {})]
+        + [("tome", "tome", {"r": r}) for r in (2, 4, 6, 8)]
+        + [("evit", "evit", {"keep_rate": k, "locations": [3, 6, 9]}) for k in (0.7, 0.5)]
+    )
     rows = []
     for label, name, kwargs in settings:
         if name is not None:
             vleff.get_method(name).apply(model, towers="text", **kwargs)
         flops = count_flops(encode, ids)
         counts = vleff.token_counts(model).get("text", [ids.shape[1]] * 12)
-        rows.append({"method": label, **kwargs, "gflops": flops / 1e9, "ratio": flops / base,
-                     "tokens_last_block": counts[-1]})
+        rows.append(
+            {"method": label, **kwargs, "gflops": flops / 1e9, "ratio": flops / base, "tokens_last_block": counts[-1]}
+        )
         if name is not None:
             vleff.get_method(name).remove(model)
     print(f"open_clip {args.model} text tower, 77-token context, {args.words} words + SOT/EOT, batch {args.batch}")
     print(f"{'method':<10}{'setting':<36}{'GFLOPs':>9}{'ratio':>8}{'tokens@last':>13}")
     for row in rows:
         setting = ", ".join(f"{k}={row[k]}" for k in ("r", "keep_rate", "locations") if k in row)
-        print(f"{row['method']:<10}{setting:<36}{row['gflops']:>9.3f}{row['ratio']:>8.3f}{row['tokens_last_block']:>13}")
+        print(
+            f"{row['method']:<10}{setting:<36}{row['gflops']:>9.3f}{row['ratio']:>8.3f}{row['tokens_last_block']:>13}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

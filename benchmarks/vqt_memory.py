@@ -5,6 +5,7 @@ Random init (no download), batch 8, fp32, CPU; counted with
 
     python benchmarks/vqt_memory.py [--batch 8] [--queries 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,8 @@ import argparse
 import timm
 import torch
 
-from vleff.profile.memory import saved_activation_bytes
 from vleff.methods.vqt.core import apply_vqt, freeze_backbone_for_vqt
+from vleff.profile.memory import saved_activation_bytes
 
 
 def main() -> None:
@@ -31,9 +32,11 @@ def main() -> None:
     vqt = saved_activation_bytes(lambda: model(x).logsumexp(-1).mean())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}, batch {args.batch}, T={args.queries}: full fine-tuning {full / 2**20:.1f} MiB, "
-          f"VQT {vqt / 2**20:.1f} MiB ({vqt / full:.3f}x); trainable {trainable:,} of {total:,} "
-          f"({100 * trainable / total:.2f} %)")
+    print(
+        f"{args.model}, batch {args.batch}, T={args.queries}: full fine-tuning {full / 2**20:.1f} MiB, "
+        f"VQT {vqt / 2**20:.1f} MiB ({vqt / full:.3f}x); trainable {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f} %)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Test set-up shared by all test files: tiny models on the path, quiet libraries."""
+
 from __future__ import annotations
 
 import os

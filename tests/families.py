@@ -4,14 +4,14 @@ library classes, and how to run each tower (image, text) of each.
 A family row names its towers; a tower forward takes the model and returns a tensor whose
 value depends on every token of that tower (a pooled embedding or the logits).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
 
 import tiny_models as tm
+import torch
 
 Forward = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -53,26 +53,62 @@ def _blip_text(model: torch.nn.Module) -> torch.Tensor:
     return model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image).last_hidden_state[:, 0]
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("timm_vit", lambda: tm.timm_vit(), {"image": lambda m: IMAGE["timm_vit"](m, tm.images())},
-           lambda m: m.set_grad_checkpointing(True), ("cls",)),
-    Family("deit_distilled", lambda: tm.timm_deit_distilled(), {"image": lambda m: IMAGE["deit_distilled"](m, tm.images())},
-           lambda m: m.set_grad_checkpointing(True), ("cls",)),
-    Family("timm_registers", lambda: tm.timm_vit(reg_tokens=2), {"image": lambda m: IMAGE["timm_registers"](m, tm.images())},
-           lambda m: m.set_grad_checkpointing(True), ("cls",)),
-    Family("open_clip", tm.open_clip_model, {
-        "image": lambda m: IMAGE["open_clip"](m, tm.images()),
-        "text": lambda m: m.encode_text(tm.token_ids()),
-    }, lambda m: m.set_grad_checkpointing(True), ("cls", "pair")),
-    Family("hf_clip", tm.hf_clip_model, {
-        "image": lambda m: IMAGE["hf_clip"](m, tm.images()),
-        "text": lambda m: m.get_text_features(input_ids=tm.token_ids()).pooler_output,
-    }, _hf_gc, ("cls", "pair")),
-    Family("hf_blip", tm.hf_blip_retrieval, {
-        "image": lambda m: IMAGE["hf_blip"](m, tm.images()),
-        "text": _blip_text,
-    }, _hf_gc, ("cls",)),
-]}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            "timm_vit",
+            lambda: tm.timm_vit(),
+            {"image": lambda m: IMAGE["timm_vit"](m, tm.images())},
+            lambda m: m.set_grad_checkpointing(True),
+            ("cls",),
+        ),
+        Family(
+            "deit_distilled",
+            lambda: tm.timm_deit_distilled(),
+            {"image": lambda m: IMAGE["deit_distilled"](m, tm.images())},
+            lambda m: m.set_grad_checkpointing(True),
+            ("cls",),
+        ),
+        Family(
+            "timm_registers",
+            lambda: tm.timm_vit(reg_tokens=2),
+            {"image": lambda m: IMAGE["timm_registers"](m, tm.images())},
+            lambda m: m.set_grad_checkpointing(True),
+            ("cls",),
+        ),
+        Family(
+            "open_clip",
+            tm.open_clip_model,
+            {
+                "image": lambda m: IMAGE["open_clip"](m, tm.images()),
+                "text": lambda m: m.encode_text(tm.token_ids()),
+            },
+            lambda m: m.set_grad_checkpointing(True),
+            ("cls", "pair"),
+        ),
+        Family(
+            "hf_clip",
+            tm.hf_clip_model,
+            {
+                "image": lambda m: IMAGE["hf_clip"](m, tm.images()),
+                "text": lambda m: m.get_text_features(input_ids=tm.token_ids()).pooler_output,
+            },
+            _hf_gc,
+            ("cls", "pair"),
+        ),
+        Family(
+            "hf_blip",
+            tm.hf_blip_retrieval,
+            {
+                "image": lambda m: IMAGE["hf_blip"](m, tm.images()),
+                "text": _blip_text,
+            },
+            _hf_gc,
+            ("cls",),
+        ),
+    ]
+}
 
 
 def family_towers(towers: tuple[str, ...]) -> list[tuple[str, str]]:

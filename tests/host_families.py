@@ -5,14 +5,14 @@ forward whose value depends on the image and the text (logits or text states).
 A host method's conformance row names the hosts it supports; the host section of
 ``test_conformance.py`` runs every such method on every host it names.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
 
 import tiny_models as tm
+import torch
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,13 @@ def _vlm_forward(model: torch.nn.Module) -> torch.Tensor:
     return model(tm.images(), ids)["logits"]
 
 
-HOSTS: dict[str, HostFamily] = {h.name: h for h in [
-    HostFamily("hf_blip_captioning", tm.hf_blip_captioning, _blip_caption),
-    HostFamily("hf_blip_vqa", tm.hf_blip_vqa, _blip_vqa),
-    HostFamily("vlm_llama_timm", lambda: vlm("llama", "timm"), _vlm_forward),
-    HostFamily("vlm_gpt2_open_clip", lambda: vlm("gpt2", "open_clip"), _vlm_forward),
-    HostFamily("vlm_llama_hf_clip", lambda: vlm("llama", "hf_clip"), _vlm_forward),
-]}
+HOSTS: dict[str, HostFamily] = {
+    h.name: h
+    for h in [
+        HostFamily("hf_blip_captioning", tm.hf_blip_captioning, _blip_caption),
+        HostFamily("hf_blip_vqa", tm.hf_blip_vqa, _blip_vqa),
+        HostFamily("vlm_llama_timm", lambda: vlm("llama", "timm"), _vlm_forward),
+        HostFamily("vlm_gpt2_open_clip", lambda: vlm("gpt2", "open_clip"), _vlm_forward),
+        HostFamily("vlm_llama_hf_clip", lambda: vlm("llama", "hf_clip"), _vlm_forward),
+    ]
+}

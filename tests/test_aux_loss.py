@@ -1,17 +1,18 @@
 """The shared aux-loss plumbing: pop semantics, step-output handling, callback and mixin paths."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
-import torch
-import torch.nn.functional as F
-
 import tiny_lightning as tl
 import tiny_models as tm
-from vleff.lightning.aux_loss import AuxLoss, attach_aux_loss, aux_loss_attached, detach_aux_loss
-from vleff.callbacks.mixins import AuxLossMixin
-from vleff.tokens.aux import add_to_step_output, pop_aux_losses, total_aux_loss, vleff_aux_loss
+import torch
+import torch.nn.functional as F
 from vleff.tokens.dynamicvit import apply_dynamicvit
+
+from vleff.callbacks.mixins import AuxLossMixin
+from vleff.lightning.aux_loss import AuxLoss, attach_aux_loss, aux_loss_attached, detach_aux_loss
+from vleff.tokens.aux import add_to_step_output, pop_aux_losses, total_aux_loss, vleff_aux_loss
 
 
 def test_pop_counts_each_loss_once():

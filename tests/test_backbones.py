@@ -1,13 +1,14 @@
 """The generic block forward must reproduce every library's own output and gradients."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
+import tiny_models as tm
 import torch
 from torch import nn
 
-import tiny_models as tm
 from vleff.backbones import find_tower, find_towers, last_token_state, patch_tower, unpatch_tower
 from vleff.backbones.patch import PatchedForward
 
@@ -44,8 +45,15 @@ FAMILIES = {
     "hf_clip_eager": lambda: tm.hf_clip_model("eager"),
     "hf_blip": lambda: tm.hf_blip_retrieval(),
 }
-UNFUSED = {"timm_vit_unfused", "timm_layerscale_qknorm_registers_unfused", "timm_registers_unfused",
-           "timm_qknorm_unfused", "timm_layerscale_unfused", "timm_dropout_droppath", "deit_distilled_unfused"}
+UNFUSED = {
+    "timm_vit_unfused",
+    "timm_layerscale_qknorm_registers_unfused",
+    "timm_registers_unfused",
+    "timm_qknorm_unfused",
+    "timm_layerscale_unfused",
+    "timm_dropout_droppath",
+    "deit_distilled_unfused",
+}
 assert UNFUSED <= set(FAMILIES)
 
 
@@ -84,8 +92,9 @@ def test_generic_block_reproduces_library(family, train):
     x.requires_grad_(True)
 
     ref = run(model, x, ids)
-    ref_grads = torch.autograd.grad(sum(o.float().square().mean() for o in ref), [x, *model.parameters()],
-                                    allow_unused=True)
+    ref_grads = torch.autograd.grad(
+        sum(o.float().square().mean() for o in ref), [x, *model.parameters()], allow_unused=True
+    )
 
     towers = find_towers(model)
     if family.startswith(("timm", "deit")):  # the attention path under test is the one the library ran
@@ -96,8 +105,9 @@ def test_generic_block_reproduces_library(family, train):
         patch_tower(tower)
         assert all(isinstance(b.__dict__["forward"], PatchedForward) for b in tower.blocks())
     out = run(model, x, ids)
-    grads = torch.autograd.grad(sum(o.float().square().mean() for o in out), [x, *model.parameters()],
-                                allow_unused=True)
+    grads = torch.autograd.grad(
+        sum(o.float().square().mean() for o in out), [x, *model.parameters()], allow_unused=True
+    )
 
     for tower in towers:  # the generic path really ran, once per block
         state = last_token_state(model, tower.modality)
@@ -121,7 +131,9 @@ def test_towers_found_per_family():
     assert [t.modality for t in find_towers(tm.open_clip_model())] == ["text", "image"]
     assert sorted(t.modality for t in find_towers(tm.hf_clip_model())) == ["image", "text"]
     assert [(t.family, t.modality) for t in find_towers(tm.hf_blip_retrieval())] == [
-        ("transformers", "image"), ("transformers", "text")]
+        ("transformers", "image"),
+        ("transformers", "text"),
+    ]
     deit = find_tower(tm.timm_deit_distilled())
     assert deit.num_prefix_tokens == 2 and deit.has_cls_token
     reg = find_tower(tm.timm_vit(reg_tokens=3))
@@ -166,10 +178,11 @@ def test_batch_first_false_open_clip_tower():
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    model = open_clip.CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8,
-                                                                     image_size=32),
-                           text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=2),
-                           ).eval()
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=2),
+    ).eval()
     model.visual.transformer = open_clip.transformer.Transformer(width=32, layers=2, heads=2, batch_first=False)
     model.eval()
     x = tm.images()

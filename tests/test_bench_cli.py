@@ -1,4 +1,5 @@
 """``vleff-bench`` on tiny configs: rows, saved files, the three modes, and bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,9 @@ def test_speed_rows_and_saved_files(tmp_path, capsys):
     assert by_name["baseline"]["tokens"] == "65→65"
 
     # the baseline's FLOPs equal a direct count of the same model
-    from vleff.models import build_model
     import torch
+
+    from vleff.models import build_model
 
     torch.manual_seed(0)
     model = build_model("vit_tiny_digits", image_size=32).eval()
@@ -56,7 +58,7 @@ def test_method_arguments_precedence_and_forms():
     assert resolved == {"tome": {"r": 4}, "evit": {"keep_rate": 0.5}}  # method_args wins
     assert [m.name for m, _ in bench.resolve_methods("tome,evit")] == ["tome", "evit"]
     assert bench.resolve_methods([]) == [] and bench.resolve_methods(None) == []
-    (method, kwargs), = bench.resolve_methods(["dynamicvit"])
+    ((method, kwargs),) = bench.resolve_methods(["dynamicvit"])
     assert kwargs == method.bench_settings  # registry defaults when nothing is given
     cfg = bench.load_config(["methods=tome,dynamicvit", "image_size=null", "method_args.tome.prop_attn=false"])
     assert list(cfg.methods) == ["tome", "dynamicvit"] and cfg.image_size is None
@@ -69,34 +71,45 @@ def test_baseline_only_and_bf16(capsys):
     assert "bf16" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model=vit_nope"], ["'vit_nope'", "vit_base", "vit_tiny_digits"]),
-    (["methods=[tomee]"], ["'tomee'", "tome", "evit", "dynamicvit"]),
-    (["model=vit_base", "image_size=100"], ["image_size=100", "patch size 16"]),
-    (["model=vit_tiny_digits", "image_size=30"], ["image_size=30", "patch size 4"]),
-    (["precision=fp64"], ["'fp64'", "fp32, bf16, fp16"]),
-    (["device=tpu"], ["'tpu'", "cpu"]),
-    (["bogus=1"], ["'bogus'", "model", "methods"]),
-    (["batch_size=0"], ["batch_size=0"]),
-    (["methods=[tome"], ["methods=[tome"]),
-    (["method_args.evit.keep_rate=0.5"], ["evit", "methods"]),
-    ([*TINY, "method_args.tome.r=-3"], ["tome", "r=-3"]),
-    ([*TINY, "methods=[crossget]"], ["crossget act(s) on both towers", "'vit_tiny_digits'", "open_clip_vit_b32",
-                                     "hf_clip_vit_b32", "hf_blip_base"]),
-    ([*TINY, "tower=text"], ["tower=text measures the text path", "'vit_tiny_digits'", "open_clip_vit_b32"]),
-    (["tower=audio"], ["tower='audio'", "image, text"]),
-    # hf_clip: building it logs nothing (open_clip logs a warning, which an earlier in-process
-    # vleff-train run can leave routed to a closed stream: "--- Logging error ---" on stderr)
-    (["model=hf_clip_vit_b32", "tower=text", "words=76", "methods=[]"], ["words=76", "1..75"]),
-    (["frobnicate"], ["'frobnicate'", "speed, kernels, memory"]),
-    (["kernels", "foo=1"], ["'foo'", "tome_batch"]),
-    (["kernels", "dtype=fp8"], ["'fp8'", "bfloat16"]),
-    (["memory", "script=/nonexistent/clip_memory.py"], ["'script'", "model", "out"]),
-    (["memory", "methods=[adamw,sgd]"], ["methods=['adamw', 'sgd']", "galore_embed"]),
-    (["memory", "batch_size=0"], ["batch_size=0"]),
-    (["memory", "out=/proc/nope/memory.json"], ["out='/proc/nope/memory.json'", "cannot be written"]),
-    ([*TINY, "save=/proc/nope/bench"], ["save=", "cannot be written"]),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=vit_nope"], ["'vit_nope'", "vit_base", "vit_tiny_digits"]),
+        (["methods=[tomee]"], ["'tomee'", "tome", "evit", "dynamicvit"]),
+        (["model=vit_base", "image_size=100"], ["image_size=100", "patch size 16"]),
+        (["model=vit_tiny_digits", "image_size=30"], ["image_size=30", "patch size 4"]),
+        (["precision=fp64"], ["'fp64'", "fp32, bf16, fp16"]),
+        (["device=tpu"], ["'tpu'", "cpu"]),
+        (["bogus=1"], ["'bogus'", "model", "methods"]),
+        (["batch_size=0"], ["batch_size=0"]),
+        (["methods=[tome"], ["methods=[tome"]),
+        (["method_args.evit.keep_rate=0.5"], ["evit", "methods"]),
+        ([*TINY, "method_args.tome.r=-3"], ["tome", "r=-3"]),
+        (
+            [*TINY, "methods=[crossget]"],
+            [
+                "crossget act(s) on both towers",
+                "'vit_tiny_digits'",
+                "open_clip_vit_b32",
+                "hf_clip_vit_b32",
+                "hf_blip_base",
+            ],
+        ),
+        ([*TINY, "tower=text"], ["tower=text measures the text path", "'vit_tiny_digits'", "open_clip_vit_b32"]),
+        (["tower=audio"], ["tower='audio'", "image, text"]),
+        # hf_clip: building it logs nothing (open_clip logs a warning, which an earlier in-process
+        # vleff-train run can leave routed to a closed stream: "--- Logging error ---" on stderr)
+        (["model=hf_clip_vit_b32", "tower=text", "words=76", "methods=[]"], ["words=76", "1..75"]),
+        (["frobnicate"], ["'frobnicate'", "speed, kernels, memory"]),
+        (["kernels", "foo=1"], ["'foo'", "tome_batch"]),
+        (["kernels", "dtype=fp8"], ["'fp8'", "bfloat16"]),
+        (["memory", "script=/nonexistent/clip_memory.py"], ["'script'", "model", "out"]),
+        (["memory", "methods=[adamw,sgd]"], ["methods=['adamw', 'sgd']", "galore_embed"]),
+        (["memory", "batch_size=0"], ["batch_size=0"]),
+        (["memory", "out=/proc/nope/memory.json"], ["out='/proc/nope/memory.json'", "cannot be written"]),
+        ([*TINY, "save=/proc/nope/bench"], ["save=", "cannot be written"]),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(args)
@@ -115,8 +128,16 @@ def test_pair_methods_measure_the_image_path_of_the_whole_model(capsys):
 
     from vleff.models.factory import build_pair_model
 
-    args = ["model=open_clip_vit_b32", "image_size=128", "batch_size=2", "repeats=1", "warmup=0", "progress=false",
-            "memory=false", "methods={tome: {r: 2}, crossget: {r_image: 3, r_text: 0}, madtp: {flops_reduction: 0.4}}"]
+    args = [
+        "model=open_clip_vit_b32",
+        "image_size=128",
+        "batch_size=2",
+        "repeats=1",
+        "warmup=0",
+        "progress=false",
+        "memory=false",
+        "methods={tome: {r: 2}, crossget: {r_image: 3, r_text: 0}, madtp: {flops_reduction: 0.4}}",
+    ]
     rows = {r["name"]: r for r in bench.run(args)}
     torch.manual_seed(0)
     clip = build_pair_model("open_clip_vit_b32", image_size=128).eval()
@@ -141,8 +162,17 @@ def test_text_tower_rows_measure_encode_text_of_sampled_captions():
     from vleff.backbones.pairs import find_pair
     from vleff.models.factory import build_pair_model
 
-    args = ["model=open_clip_vit_b32", "tower=text", "words=15", "batch_size=2", "repeats=1", "warmup=0",
-            "progress=false", "memory=false", "methods={tome: {r: 4}, madtp: {flops_reduction: 0.4}}"]
+    args = [
+        "model=open_clip_vit_b32",
+        "tower=text",
+        "words=15",
+        "batch_size=2",
+        "repeats=1",
+        "warmup=0",
+        "progress=false",
+        "memory=false",
+        "methods={tome: {r: 4}, madtp: {flops_reduction: 0.4}}",
+    ]
     rows = {r["name"]: r for r in bench.run(args)}
     torch.manual_seed(0)
     clip = build_pair_model("open_clip_vit_b32").eval()
@@ -165,9 +195,22 @@ def test_help_lists_models_methods_and_defaults(capsys):
 
 def test_kernels_mode_delegates(tmp_path):
     out = tmp_path / "k.json"
-    rows = bench.run(["kernels", "cases=[tome_match,galore_project]", "tome_batch=2", "tome_tokens=17",
-                      "tome_channels=8", "lowrank_m=16", "lowrank_n=8", "lowrank_rank=2", "warmup=0", "repeats=1",
-                      "device=cpu", f"out={out}"])
+    rows = bench.run(
+        [
+            "kernels",
+            "cases=[tome_match,galore_project]",
+            "tome_batch=2",
+            "tome_tokens=17",
+            "tome_channels=8",
+            "lowrank_m=16",
+            "lowrank_n=8",
+            "lowrank_rank=2",
+            "warmup=0",
+            "repeats=1",
+            "device=cpu",
+            f"out={out}",
+        ]
+    )
     assert {(r["case"], r["backend"]) for r in rows} == {("tome_match", "torch"), ("galore_project", "torch")}
     assert json.loads(out.read_text())["rows"]
 
@@ -182,14 +225,21 @@ def _console_script() -> str:
 def test_console_script_from_another_directory(tmp_path):
     """The installed command finds its packaged config from any working directory."""
     env = dict(os.environ, COLUMNS="160")
-    proc = subprocess.run([_console_script(), *TINY, "methods=[tome]", "save=res/tiny"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [_console_script(), *TINY, "methods=[tome]", "save=res/tiny"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "baseline" in proc.stdout and "tome(r=16)" in proc.stdout
     assert all((tmp_path / "res" / f"tiny{s}").exists() for s in (".csv", ".json", ".png"))
     rows = json.loads((tmp_path / "res" / "tiny.json").read_text())["rows"]
     assert rows[1]["flops_ratio"] < 1
 
-    bad = subprocess.run([_console_script(), "model=vit_nope"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run(
+        [_console_script(), "model=vit_nope"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "vit_nope" in bad.stderr and "Traceback" not in bad.stderr

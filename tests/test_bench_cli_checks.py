@@ -1,6 +1,7 @@
 """``vleff-bench``: memory mode runs the library (table printed, file written, optimizer
 state checked analytically on a tiny CLIP); ``save=``/``out=`` checked before measuring;
 ``pretrained=true`` without network answers at once."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,11 @@ import pytest
 from vleff.cli import bench
 
 # a tiny open_clip CLIP (the same shape as tests/tiny_models.open_clip_model)
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 8, "image_size": 32},
-             "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 4, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 8, "image_size": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 4, "layers": 2},
+}
 
 
 @pytest.fixture()
@@ -31,11 +34,25 @@ def _tiny_clip():
 
 def test_memory_mode_prints_the_table_and_writes_the_file(tiny_clip_config, tmp_path, capsys):
     out = tmp_path / "results" / "memory.json"
-    rows = bench.run(["memory", f"model={tiny_clip_config}", "batch_size=2", "rank=4",
-                      "methods=[adamw,galore,mezo]", "isolate=false", f"out={out}"])
+    rows = bench.run(
+        [
+            "memory",
+            f"model={tiny_clip_config}",
+            "batch_size=2",
+            "rank=4",
+            "methods=[adamw,galore,mezo]",
+            "isolate=false",
+            f"out={out}",
+        ]
+    )
     printed = capsys.readouterr().out
-    for text in ("AdamW (backprop)", "GaLoreAdamW r=4 (backprop)", "MeZO (2 forwards)", "optimizer state MiB",
-                 f"saved: {out}"):
+    for text in (
+        "AdamW (backprop)",
+        "GaLoreAdamW r=4 (backprop)",
+        "MeZO (2 forwards)",
+        "optimizer state MiB",
+        f"saved: {out}",
+    ):
         assert text in printed, text
     saved = json.loads(out.read_text())
     assert [r["method"] for r in saved["rows"]] == ["adamw", "galore", "mezo"]
@@ -52,12 +69,13 @@ def test_memory_mode_prints_the_table_and_writes_the_file(tiny_clip_config, tmp_
     from vleff.memory import galore_param_groups
 
     projected = galore_param_groups(model, rank=4)[0]["params"]
-    rank_space = sum(4 * (2 * max(p.shape) * min(4, *p.shape) + min(4, *p.shape) * min(p.shape))
-                     for p in projected)
+    rank_space = sum(4 * (2 * max(p.shape) * min(4, *p.shape) + min(4, *p.shape) * min(p.shape)) for p in projected)
     plain = n - sum(p.numel() for p in projected)
     assert galore["optimizer_state_bytes"] == rank_space + 8 * plain + 4 * tensors
     assert mezo["optimizer_state_bytes"] == 0 and mezo["grad_bytes"] == 0 and mezo["saved_for_backward_bytes"] == 0
-    assert galore["optimizer_state_bytes_vs_adamw"] == pytest.approx(galore["optimizer_state_bytes"] / (8 * n + 4 * tensors))
+    assert galore["optimizer_state_bytes_vs_adamw"] == pytest.approx(
+        galore["optimizer_state_bytes"] / (8 * n + 4 * tensors)
+    )
 
 
 def test_memory_mode_in_fresh_processes_writes_csv(tiny_clip_config, tmp_path, capsys):
@@ -89,8 +107,17 @@ def test_unwritable_save_fails_before_measuring(tmp_path, monkeypatch):
     measured = []
     monkeypatch.setattr("vleff.profile.compare_models", lambda *a, **k: measured.append(1) or [])
     with pytest.raises(bench.BenchError, match=r"save=.*a_file/sub/bench.* cannot be written"):
-        bench.run(["model=vit_tiny_digits", "image_size=32", "batch_size=2", "repeats=1", "warmup=0",
-                   "progress=false", f"save={blocker}/sub/bench"])
+        bench.run(
+            [
+                "model=vit_tiny_digits",
+                "image_size=32",
+                "batch_size=2",
+                "repeats=1",
+                "warmup=0",
+                "progress=false",
+                f"save={blocker}/sub/bench",
+            ]
+        )
     assert measured == []
     with pytest.raises(bench.BenchError, match="cannot be written"):
         bench.run(["memory", "methods=[adamw]", f"out={blocker}/memory.json"])
@@ -112,8 +139,18 @@ def test_pretrained_without_network_says_so_at_once(how, monkeypatch):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(bench.BenchError, match="no network: pretrained weights cannot be downloaded") as err:
-        bench.run(["model=vit_small", "methods=[]", "batch_size=1", "repeats=1", "warmup=0", "progress=false",
-                   "pretrained=true", "memory=false"])
+        bench.run(
+            [
+                "model=vit_small",
+                "methods=[]",
+                "batch_size=1",
+                "repeats=1",
+                "warmup=0",
+                "progress=false",
+                "pretrained=true",
+                "memory=false",
+            ]
+        )
     assert time.perf_counter() - start < 20
     assert "pretrained=false" in str(err.value)
     assert ("HF_HUB_OFFLINE=1 is set" if how == "env" else "cannot reach huggingface.co:443") in str(err.value)

@@ -5,12 +5,13 @@ give the library's outputs and gradients (encoder with and without cross-attenti
 decoder, VQA's two text towers, generation with the key/value cache), and a hook that drops
 padding between self- and cross-attention must give the library's output on the shortened text.
 """
+
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from vleff.backbones import (
     BlockInfo,
     TokenState,
@@ -81,8 +82,15 @@ def _caption_cached(m):  # no labels: the decoder runs with the library's key/va
 def _vqa(m):
     ids, mask = tm.blip_token_ids()
     answer, answer_mask = tm.blip_token_ids(length=10, seed=1)
-    return [m(input_ids=ids, pixel_values=tm.images(), attention_mask=mask, labels=answer,
-              decoder_attention_mask=answer_mask).loss]
+    return [
+        m(
+            input_ids=ids,
+            pixel_values=tm.images(),
+            attention_mask=mask,
+            labels=answer,
+            decoder_attention_mask=answer_mask,
+        ).loss
+    ]
 
 
 CASES = {
@@ -183,10 +191,12 @@ def test_dropping_padding_in_between_equals_library_on_shortened_text(role, inde
     def run(i, m):
         with torch.no_grad():
             if role == "encoder_cross":
-                return model.text_encoder(input_ids=i, attention_mask=m,
-                                          encoder_hidden_states=_image_embeds(model)).last_hidden_state
-            return model.text_decoder(input_ids=i, attention_mask=m, encoder_hidden_states=_image_embeds(model),
-                                      use_cache=False).logits
+                return model.text_encoder(
+                    input_ids=i, attention_mask=m, encoder_hidden_states=_image_embeds(model)
+                ).last_hidden_state
+            return model.text_decoder(
+                input_ids=i, attention_mask=m, encoder_hidden_states=_image_embeds(model), use_cache=False
+            ).logits
 
     short = run(ids[:, :k], mask[:, :k])
     patch_tower(tower).add_hook(KeepFirst(k, index, reverse))
@@ -203,14 +213,17 @@ def test_tome_keeps_padding_apart_and_evit_never_fuses_it_on_blip_text():
     import vleff
 
     ids, mask = tm.blip_token_ids()
-    for apply in (lambda m: vleff.apply_tome(m, r=3, towers="text", trace_source=True),
-                  lambda m: vleff.apply_evit(m, keep_rate=0.5, locations=[0], towers="text")):
+    for apply in (
+        lambda m: vleff.apply_tome(m, r=3, towers="text", trace_source=True),
+        lambda m: vleff.apply_evit(m, keep_rate=0.5, locations=[0], towers="text"),
+    ):
         torch.manual_seed(0)
         model = tm.hf_blip_retrieval().eval()
         apply(model)
         with torch.no_grad():
-            out = model.text_encoder(input_ids=ids, attention_mask=mask,
-                                     encoder_hidden_states=_image_embeds(model)).last_hidden_state
+            out = model.text_encoder(
+                input_ids=ids, attention_mask=mask, encoder_hidden_states=_image_embeds(model)
+            ).last_hidden_state
         assert torch.isfinite(out).all()
         state = last_token_state(model, "text")
         assert state.token_counts[-1] < ids.shape[1]
@@ -234,5 +247,6 @@ def test_reduction_under_the_key_value_cache_is_refused():
     with torch.no_grad(), pytest.raises(RuntimeError, match="key/value cache"):
         model(pixel_values=tm.images(), input_ids=ids, attention_mask=mask)  # use_cache defaults to True
     with torch.no_grad():  # without the cache (training, use_cache=False) it runs
-        model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=_image_embeds(model),
-                           use_cache=False)
+        model.text_decoder(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=_image_embeds(model), use_cache=False
+        )

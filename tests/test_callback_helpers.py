@@ -1,6 +1,7 @@
 """The helpers several callbacks share live in neutral modules (``targets``, ``init_weights``,
 ``schedulers``), not in one method's callback: their behaviour, and that no callback imports
 another callback's private names."""
+
 import ast
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,8 +49,12 @@ def test_resolve_backbone_names_the_calling_method_when_nothing_holds_a_tower():
 
 
 def _trainer(configs, global_step=0, current_epoch=0, metrics=None):
-    return SimpleNamespace(strategy=SimpleNamespace(lr_scheduler_configs=configs), global_step=global_step,
-                           current_epoch=current_epoch, callback_metrics=metrics or {})
+    return SimpleNamespace(
+        strategy=SimpleNamespace(lr_scheduler_configs=configs),
+        global_step=global_step,
+        current_epoch=current_epoch,
+        callback_metrics=metrics or {},
+    )
 
 
 def _lrs(*schedulers):
@@ -62,9 +67,11 @@ def test_step_lr_schedulers_follows_interval_and_frequency():
     per_step = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([p], lr=1.0), step_size=1, gamma=0.5)
     every_2_steps = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([p], lr=1.0), step_size=1, gamma=0.5)
     per_epoch = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([p], lr=1.0), step_size=1, gamma=0.5)
-    configs = [LRSchedulerConfig(per_step, interval="step"), LRSchedulerConfig(every_2_steps, interval="step",
-                                                                               frequency=2),
-               LRSchedulerConfig(per_epoch, interval="epoch")]
+    configs = [
+        LRSchedulerConfig(per_step, interval="step"),
+        LRSchedulerConfig(every_2_steps, interval="step", frequency=2),
+        LRSchedulerConfig(per_epoch, interval="epoch"),
+    ]
     step_lr_schedulers(_trainer(configs, global_step=1), "step")  # 1 % 2 != 0: the second waits
     assert _lrs(per_step, every_2_steps, per_epoch) == [0.5, 1.0, 1.0]
     step_lr_schedulers(_trainer(configs, global_step=2), "step")
@@ -91,8 +98,12 @@ def test_no_callback_imports_another_callbacks_private_names():
     bad = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vleff.callbacks.")
-                    and node.module != "vleff.lightning.mixin"):  # the mixins' own shared base
-                bad += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_")]
+            if (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("vleff.callbacks.")
+                and node.module != "vleff.lightning.mixin"
+            ):  # the mixins' own shared base
+                bad += [
+                    f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
     assert not bad, bad

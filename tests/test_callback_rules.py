@@ -11,6 +11,7 @@
 Tiny float64 models; the callbacks' ``setup``/``teardown`` are called as Lightning calls them
 (one real fit for the LST scenario of the issue).
 """
+
 from __future__ import annotations
 
 import re
@@ -43,24 +44,36 @@ def _blip_forward(model: torch.nn.Module) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Case:
-    callback: str                      # vleff.callbacks.<name>
-    settings: dict[str, Any]           # the callback's method settings
+    callback: str  # vleff.callbacks.<name>
+    settings: dict[str, Any]  # the callback's method settings
     make: Callable[[], torch.nn.Module]
     forward: Callable[[torch.nn.Module], torch.Tensor]
     other: dict[str, Any] | None = None  # settings of an earlier application that the callback must refuse
-    removable: bool = False            # has remove_on_teardown
+    removable: bool = False  # has remove_on_teardown
 
 
 CASES: dict[str, Case] = {
     "tome": Case("TokenMerging", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 2, "prop_attn": False}, True),
-    "evit": Case("EViT", {"keep_rate": 0.5, "locations": [0], "end_epoch": 1}, tm.timm_vit, _vit_forward,
-                 {"keep_rate": 0.5, "locations": [1]}),
-    "dynamicvit": Case("DynamicViT", {"rho": 0.5, "locations": [1], "distill": False}, tm.timm_vit, _vit_forward,
-                       {"rho": 0.7, "locations": [1], "distill": False}),
-    "crossget": Case("CrossGET", {"r_image": 2, "r_text": 4}, tm.open_clip_model, _clip_forward,
-                     {"r_image": 4, "r_text": 4}),
-    "madtp": Case("MADTP", {"flops_reduction": 0.3}, tm.open_clip_model, _clip_forward,
-                  {"flops_reduction": 0.3, "num_codes": 8}),
+    "evit": Case(
+        "EViT",
+        {"keep_rate": 0.5, "locations": [0], "end_epoch": 1},
+        tm.timm_vit,
+        _vit_forward,
+        {"keep_rate": 0.5, "locations": [1]},
+    ),
+    "dynamicvit": Case(
+        "DynamicViT",
+        {"rho": 0.5, "locations": [1], "distill": False},
+        tm.timm_vit,
+        _vit_forward,
+        {"rho": 0.7, "locations": [1], "distill": False},
+    ),
+    "crossget": Case(
+        "CrossGET", {"r_image": 2, "r_text": 4}, tm.open_clip_model, _clip_forward, {"r_image": 4, "r_text": 4}
+    ),
+    "madtp": Case(
+        "MADTP", {"flops_reduction": 0.3}, tm.open_clip_model, _clip_forward, {"flops_reduction": 0.3, "num_codes": 8}
+    ),
     "vqt": Case("VisualQueryTuning", {"num_queries": 1}, tm.timm_vit, _vit_forward, {"num_queries": 2}, True),
     "lst": Case("LadderSideTuning", {"reduction": 4}, tm.timm_vit, _vit_forward, {"reduction": 2}, True),
     "unipt": Case("UniPT", {"factor": 2}, tm.timm_vit, _vit_forward, {"factor": 1}, True),
@@ -69,9 +82,19 @@ CASES: dict[str, Case] = {
     "memvp": Case("MemVP", {"n_mem": 20}, HOSTS["hf_blip_captioning"].make, _blip_forward, {"n_mem": 24}, True),
 }
 # the callback's own setting each refusal must name (the field the two applications differ in)
-DIFFERS = {"tome": "prop_attn", "evit": "locations", "dynamicvit": "rho", "crossget": "r_image", "madtp": "num_codes",
-           "vqt": "num_queries", "lst": "reduction", "unipt": "factor", "lora": "r", "reversible": "coupling",
-           "memvp": "n_mem"}
+DIFFERS = {
+    "tome": "prop_attn",
+    "evit": "locations",
+    "dynamicvit": "rho",
+    "crossget": "r_image",
+    "madtp": "num_codes",
+    "vqt": "num_queries",
+    "lst": "reduction",
+    "unipt": "factor",
+    "lora": "r",
+    "reversible": "coupling",
+    "memvp": "n_mem",
+}
 #: the settings of the callback that are not method settings
 CALLBACK_ONLY = {"end_epoch"}
 
@@ -279,11 +302,13 @@ def test_lst_remove_on_teardown_then_validate_runs_the_trained_lst(tmp_path):
     module = tl.TinyClassifier(lr=0.05).double()
     flags = _flags(module)
     outputs = _Outputs()
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.LadderSideTuning(reduction=4, remove_on_teardown=True), outputs],
-                         max_steps=3)
+    trainer = tl.trainer(
+        tmp_path, [vleff.callbacks.LadderSideTuning(reduction=4, remove_on_teardown=True), outputs], max_steps=3
+    )
     data = tl.loader(8, seed=0)
     data = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data.dataset.tensors[0].double(), data.dataset.tensors[1]), batch_size=4)
+        torch.utils.data.TensorDataset(data.dataset.tensors[0].double(), data.dataset.tensors[1]), batch_size=4
+    )
     trainer.fit(module, data)
     assert not get_method("lst").is_applied(module) and _flags(module) == flags
     trainer.validate(module, data)

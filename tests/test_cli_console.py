@@ -1,5 +1,6 @@
 """Issue 24 item 17: a CLIP ``vleff-train`` run's console — open_clip's tokenizer lines once, and
 the progress bar's ``v_num`` as the integer version (``v_num: 0``, not ``v_num: 0.000``)."""
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,11 @@ def test_open_clip_tokenizer_is_built_once_per_process(caplog):
 
 def _bar_texts(bar, version: int) -> list[str]:
     """The metric texts Lightning's rich bar renders (``f"{value:.3f}"`` for non-strings)."""
-    trainer = SimpleNamespace(progress_bar_metrics={"train/loss": 2.5},
-                              loggers=[SimpleNamespace(version=version)], logger=SimpleNamespace(version=version))
+    trainer = SimpleNamespace(
+        progress_bar_metrics={"train/loss": 2.5},
+        loggers=[SimpleNamespace(version=version)],
+        logger=SimpleNamespace(version=version),
+    )
     metrics = bar.get_metrics(trainer, None)
     return [f"{k}: {v if isinstance(v, str) else format(v, '.3f')}" for k, v in metrics.items()]
 

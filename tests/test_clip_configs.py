@@ -1,4 +1,5 @@
 """The CLIP experiment configs through vleff-train's ``run``: AdamW, GaLore and MeZO, one fast_dev_run each."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,23 @@ from lightning.pytorch.callbacks import Callback
 import vleff.cli.train as train_cli
 from vleff.cli.train import CONFIG_DIR, run
 
-FAST = ["trainer.fast_dev_run=true", "trainer.logger=false", "trainer.enable_checkpointing=false",
-        "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "data.batch_size=16"]
+FAST = [
+    "trainer.fast_dev_run=true",
+    "trainer.logger=false",
+    "trainer.enable_checkpointing=false",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+    "data.batch_size=16",
+]
 
 
 def _compose(overrides, tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[*FAST, f"trainer.default_root_dir={tmp_path}",
-                                                       f"compare.save_dir={tmp_path}", *overrides])
+        return compose(
+            config_name="train",
+            overrides=[*FAST, f"trainer.default_root_dir={tmp_path}", f"compare.save_dir={tmp_path}", *overrides],
+        )
 
 
 class Probe(Callback):
@@ -69,8 +78,17 @@ def test_clip_finetune_experiment_trains_with_adamw(tmp_path, probe):
     cfg = _compose(["experiment=clip_finetune"], tmp_path)
     assert cfg.model._target_ == "vleff.models.CLIPFineTuner" and cfg.data.source == "digits"
     assert cfg.data.context_length == cfg.model.context_length == cfg.model.model_kwargs.context_length
-    cfg = _compose(["experiment=clip_finetune", "trainer.fast_dev_run=false", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-                    "trainer.limit_val_batches=1", "trainer.enable_checkpointing=true"], tmp_path)
+    cfg = _compose(
+        [
+            "experiment=clip_finetune",
+            "trainer.fast_dev_run=false",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_checkpointing=true",
+        ],
+        tmp_path,
+    )
     result = run(cfg)
     _check_common(result, probe)
     assert type(probe.optimizer) is torch.optim.AdamW
@@ -80,8 +98,12 @@ def test_clip_finetune_experiment_trains_with_adamw(tmp_path, probe):
     assert saved["hyper_parameters"]["model_kwargs"]["width"] == 64
     from vleff.models import CLIPFineTuner
 
-    again = CLIPFineTuner("digits-tiny", model_kwargs=saved["hyper_parameters"]["model_kwargs"],
-                          context_length=16, init_checkpoint=str(ckpt))
+    again = CLIPFineTuner(
+        "digits-tiny",
+        model_kwargs=saved["hyper_parameters"]["model_kwargs"],
+        context_length=16,
+        init_checkpoint=str(ckpt),
+    )
     for (name, p), q in zip(again.named_parameters(), probe.module.parameters()):
         torch.testing.assert_close(p, q.detach(), rtol=0, atol=0, msg=name)
 
@@ -130,8 +152,17 @@ def test_clip_experiment_on_user_files(tmp_path, probe):
         Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         rows.append({"image": f"{i}.png", "caption": f"picture number {i}"})
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _compose(["experiment=clip_finetune", "data=image_text_files", f"data.train_file={tmp_path / 'pairs.jsonl'}",
-                    f"data.val_file={tmp_path / 'pairs.jsonl'}", "data.image_size=32", "data.num_workers=0"], tmp_path)
+    cfg = _compose(
+        [
+            "experiment=clip_finetune",
+            "data=image_text_files",
+            f"data.train_file={tmp_path / 'pairs.jsonl'}",
+            f"data.val_file={tmp_path / 'pairs.jsonl'}",
+            "data.image_size=32",
+            "data.num_workers=0",
+        ],
+        tmp_path,
+    )
     result = run(cfg)
     assert probe.losses and all(math.isfinite(v) for v in probe.losses)
     assert 0.0 <= result["val"]["val/i2t_R@1"] <= 1.0 and "val/zero_shot_acc" not in result["val"]  # no labels
@@ -153,8 +184,12 @@ def test_clip_cross_modal_experiments_fine_tune_a_baseline_with_the_method(metho
     torch.manual_seed(5)
     baseline = instantiate(cfg.model)
     torch.save({"state_dict": baseline.state_dict()}, tmp_path / "baseline.ckpt")
-    quick = ["callbacks.madtp.max_evals=6", "callbacks.madtp.samples=4"] if method == "madtp" else []  # fewer counted forwards
-    cfg = _compose([f"experiment=clip_{method}", f"model.init_checkpoint={tmp_path / 'baseline.ckpt'}", *quick], tmp_path)
+    quick = (
+        ["callbacks.madtp.max_evals=6", "callbacks.madtp.samples=4"] if method == "madtp" else []
+    )  # fewer counted forwards
+    cfg = _compose(
+        [f"experiment=clip_{method}", f"model.init_checkpoint={tmp_path / 'baseline.ckpt'}", *quick], tmp_path
+    )
     result = run(cfg)
     _check_common(result, probe)
     for name, p in baseline.named_parameters():  # started from the baseline, not a fresh init

@@ -1,5 +1,6 @@
 """CLIP fine-tuning: data (files the test writes, digits captions), loss and metrics against
 independent computations, both model families through Lightning, GaLore/MeZO on CLIP."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,27 @@ def _tiny_hf_clip():
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=CTX, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=CTX,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     return CLIPModel(cfg)
 
 
@@ -111,13 +127,22 @@ def test_finetuner_trains_on_user_files(tmp_path, family):
 
     path = _write_pairs(tmp_path)
     model = _tiny_open_clip() if family == "open_clip" else _tiny_hf_clip()
-    module = CLIPFineTuner(model, lr=1e-3, context_length=CTX,
-                           class_prompts=[f"a photo of thing {i}" for i in range(4)])
-    dm = ImageTextDataModule(source="files", train_file=str(path), val_file=str(path), image_size=32,
-                             batch_size=4, context_length=CTX)
+    module = CLIPFineTuner(
+        model, lr=1e-3, context_length=CTX, class_prompts=[f"a photo of thing {i}" for i in range(4)]
+    )
+    dm = ImageTextDataModule(
+        source="files", train_file=str(path), val_file=str(path), image_size=32, batch_size=4, context_length=CTX
+    )
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, dm)
     assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
     for key in ("val/i2t_R@1", "val/t2i_R@5", "val/zero_shot_acc", "val/loss"):
@@ -147,8 +172,15 @@ def test_memory_savers_convert_the_finetuner_optimizer(tmp_path, saver):
     module = CLIPFineTuner(_tiny_open_clip(), lr=1e-3, context_length=CTX)
     dm = ImageTextDataModule(source="files", train_file=str(path), image_size=32, batch_size=4, context_length=CTX)
     callback = GaLore(rank=4, update_proj_gap=2) if saver == "galore" else MeZO(lr=1e-3)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     trainer.fit(module, dm)
     opt = trainer.optimizers[0]
     assert isinstance(opt, GaLoreAdamW if saver == "galore" else MeZOOptimizer)
@@ -213,8 +245,15 @@ def test_token_merging_and_efficiency_monitor_on_the_clip_finetuner(tmp_path):
     module = CLIPFineTuner(clip, lr=1e-3, context_length=CTX)
     dm = ImageTextDataModule(source="files", train_file=str(path), image_size=32, batch_size=4, context_length=CTX)
     monitor = EfficiencyMonitor(measure_activation=False)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[TokenMerging(r=2), monitor])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenMerging(r=2), monitor],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, dm)

@@ -3,6 +3,7 @@
 Reversible blocks and LoRA are part of the function the weights were trained as; removing
 them for the baseline row (and for the token methods' rows) measured a different model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,7 @@ def test_baseline_row_is_the_model_as_trained(kind, caplog):
     with torch.no_grad():
         y = model(x).argmax(-1)  # the trained model is right on every image by construction
     plain = timm_vit().double().eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if k in plain.state_dict()}, strict=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()}, strict=False)
     assert _top1(plain, x, y) < 1.0  # without the method the weights compute something else
 
     with caplog.at_level(logging.WARNING, logger="vleff.evaluate"):

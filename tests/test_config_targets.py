@@ -6,12 +6,14 @@ composed into the full train config (so interpolations such as ``${data.image_si
 every mapping with a ``_target_`` is found at any depth, the target is imported (nothing is
 instantiated) and its keys are checked against ``inspect.signature``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -128,12 +130,16 @@ def test_experiments_compose_their_callbacks(tmp_path):
     assert cfg["model"]["_target_"] == "vleff.models.CLIPFineTuner" and "callbacks.galore" in dict(find_targets(cfg))
 
 
-@pytest.mark.parametrize("override, bad", [
-    ("+model.learning_rate=0.1", "learning_rate"),
-    ("+data.batchsize=8", "batchsize"),
-    ("+trainer.max_epoch=3", "max_epoch"),
-    ("+callbacks.tome.ratio=3", "ratio"),
-], ids=["model", "data", "trainer", "callback"])
+@pytest.mark.parametrize(
+    "override, bad",
+    [
+        ("+model.learning_rate=0.1", "learning_rate"),
+        ("+data.batchsize=8", "batchsize"),
+        ("+trainer.max_epoch=3", "max_epoch"),
+        ("+callbacks.tome.ratio=3", "ratio"),
+    ],
+    ids=["model", "data", "trainer", "callback"],
+)
 def test_a_misspelt_key_is_reported(override, bad, tmp_path):
     overrides = ["callbacks=[tome]", override]
     cfg = _compose(overrides, tmp_path)
@@ -142,9 +148,13 @@ def test_a_misspelt_key_is_reported(override, bad, tmp_path):
 
 
 def test_nested_and_unimportable_targets_are_reported():
-    cfg = {"model": {"_target_": "vleff.models.ImageClassifier",
-                     "model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3, "bias_": True}},
-           "other": [{"_target_": "vleff.no_such_module.Thing"}]}
+    cfg = {
+        "model": {
+            "_target_": "vleff.models.ImageClassifier",
+            "model": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3, "bias_": True},
+        },
+        "other": [{"_target_": "vleff.no_such_module.Thing"}],
+    }
     found = dict(find_targets(cfg))
     assert set(found) == {"model", "model.model", "other[0]"}
     assert target_problems("model", found["model"]) == []

@@ -23,6 +23,7 @@ host section at the end runs the same kind of checks on every host they name (no
 host, ``remove`` restores it bit-exactly, re-apply / deepcopy / pickle / ``state_dict``, bf16);
 their Lightning resume check fits the LightningModule their row's ``fit`` builds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,16 +32,17 @@ import dataclasses
 import io
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-import torch
-
 import tiny_lightning as tl
+import torch
 from families import FAMILIES, family_towers
 from host_families import HOSTS
+
 from vleff.backbones import find_towers, get_patch
 from vleff.registry import all_methods, conflict, get_method, update
 
@@ -132,9 +134,9 @@ def _perturb_memvp(model: torch.nn.Module) -> None:
 
 def _memvp_fit() -> tuple[pl.LightningModule, Any]:
     """A tiny Llama VisionLanguageModel on four digits "which digit is this?" samples."""
+    import host_families
     from torch.utils.data import DataLoader, TensorDataset
 
-    import host_families
     from vleff.data.digits import digits_arrays
     from vleff.data.digits_vlm import VOCAB, digit_text_batch
     from vleff.models.vlm_task import VisionLanguageTask
@@ -146,86 +148,209 @@ def _memvp_fit() -> tuple[pl.LightningModule, Any]:
 
 
 SETTINGS: dict[str, Settings] = {
-    "tome": Settings(noop={"r": 0}, active={"r": 2},
-                     refusals=[({"r": -1}, "r=-1"), ({"r": float("nan")}, "r=nan"), ({"prop_attn": 1}, "prop_attn"),
-                               ({"towers": "audio"}, "towers"), ({"trace_source": "yes"}, "trace_source")],
-                     callback_args={"r": 2}, grad_checkpointing=True),
-    "evit": Settings(noop={"keep_rate": 1.0, "locations": [0]}, active={"keep_rate": 0.5, "locations": [0]},
-                     refusals=[({"keep_rate": 0}, "keep_rate"), ({"keep_rate": 1.5}, "keep_rate"),
-                               ({"locations": [2, 1]}, "locations"), ({"fuse": "no"}, "fuse"),
-                               ({"towers": "audio"}, "towers")],
-                     callback_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 4}, grad_checkpointing=True),
-    "dynamicvit": Settings(noop={"keep_ratios": [1.0], "locations": [1], "distill": False},
-                           active={"rho": 0.5, "locations": [1], "distill": False},
-                           refusals=[({"rho": 0}, "rho"), ({"keep_ratios": [0.5, 0.7]}, "non-increasing"),
-                                     ({"kl_weight": -1}, "kl_weight"), ({"eval_mode": "soft"}, "eval_mode"),
-                                     ({"logits_fn": 3}, "logits_fn"), ({"distill": 1}, "distill")],
-                           state_prefix="vleff_dynamicvit.", callback_args={"rho": 0.5, "locations": [1]}, grad_checkpointing=True, reentrant=False),
-    "galore": Settings(noop={}, active={"rank": 4},
-                       refusals=[({"rank": 0}, "rank"), ({"scale": float("inf")}, "scale"),
-                                 ({"proj_type": "up"}, "proj_type"), ({"targets": "("}, "targets")],
-                       callback_args={"rank": 4, "update_proj_gap": 3}),
-    "mezo": Settings(noop={}, active={"eps": 1e-3},
-                     refusals=[({"eps": 0}, "eps"), ({"lr": float("inf")}, "lr"), ({"seed": -1}, "seed"),
-                               ({"params": "("}, "params")],
-                     callback_args={"eps": 1e-3, "lr": 1e-3}),
+    "tome": Settings(
+        noop={"r": 0},
+        active={"r": 2},
+        refusals=[
+            ({"r": -1}, "r=-1"),
+            ({"r": float("nan")}, "r=nan"),
+            ({"prop_attn": 1}, "prop_attn"),
+            ({"towers": "audio"}, "towers"),
+            ({"trace_source": "yes"}, "trace_source"),
+        ],
+        callback_args={"r": 2},
+        grad_checkpointing=True,
+    ),
+    "evit": Settings(
+        noop={"keep_rate": 1.0, "locations": [0]},
+        active={"keep_rate": 0.5, "locations": [0]},
+        refusals=[
+            ({"keep_rate": 0}, "keep_rate"),
+            ({"keep_rate": 1.5}, "keep_rate"),
+            ({"locations": [2, 1]}, "locations"),
+            ({"fuse": "no"}, "fuse"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 4},
+        grad_checkpointing=True,
+    ),
+    "dynamicvit": Settings(
+        noop={"keep_ratios": [1.0], "locations": [1], "distill": False},
+        active={"rho": 0.5, "locations": [1], "distill": False},
+        refusals=[
+            ({"rho": 0}, "rho"),
+            ({"keep_ratios": [0.5, 0.7]}, "non-increasing"),
+            ({"kl_weight": -1}, "kl_weight"),
+            ({"eval_mode": "soft"}, "eval_mode"),
+            ({"logits_fn": 3}, "logits_fn"),
+            ({"distill": 1}, "distill"),
+        ],
+        state_prefix="vleff_dynamicvit.",
+        callback_args={"rho": 0.5, "locations": [1]},
+        grad_checkpointing=True,
+        reentrant=False,
+    ),
+    "galore": Settings(
+        noop={},
+        active={"rank": 4},
+        refusals=[
+            ({"rank": 0}, "rank"),
+            ({"scale": float("inf")}, "scale"),
+            ({"proj_type": "up"}, "proj_type"),
+            ({"targets": "("}, "targets"),
+        ],
+        callback_args={"rank": 4, "update_proj_gap": 3},
+    ),
+    "mezo": Settings(
+        noop={},
+        active={"eps": 1e-3},
+        refusals=[
+            ({"eps": 0}, "eps"),
+            ({"lr": float("inf")}, "lr"),
+            ({"seed": -1}, "seed"),
+            ({"params": "("}, "params"),
+        ],
+        callback_args={"eps": 1e-3, "lr": 1e-3},
+    ),
     # VQT reads each block's K/V of the full frozen stream: token reduction (which changes them) is refused
-    "vqt": Settings(noop={"num_queries": 1}, active={"num_queries": 2},
-                    refusals=[({"num_queries": 0}, "num_queries"), ({"num_queries": 1.5}, "num_queries"),
-                              ({"dropout": 1.0}, "dropout"), ({"towers": "text"}, "towers")],
-                    state_prefix="vleff_vqt.", callback_args={"num_queries": 1}, activate=_perturb_vqt,
-                    families=("timm_vit", "timm_registers", "open_clip", "hf_clip"), grad_checkpointing=True, reentrant=False),
+    "vqt": Settings(
+        noop={"num_queries": 1},
+        active={"num_queries": 2},
+        refusals=[
+            ({"num_queries": 0}, "num_queries"),
+            ({"num_queries": 1.5}, "num_queries"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"towers": "text"}, "towers"),
+        ],
+        state_prefix="vleff_vqt.",
+        callback_args={"num_queries": 1},
+        activate=_perturb_vqt,
+        families=("timm_vit", "timm_registers", "open_clip", "hf_clip"),
+        grad_checkpointing=True,
+        reentrant=False,
+    ),
     # side networks read every block's output of the full stream: token reduction is refused
-    "lst": Settings(noop={"reduction": 4}, active={"reduction": 2},
-                    refusals=[({"reduction": 0}, "reduction"), ({"reduction": 2.5}, "reduction"),
-                              ({"side_heads": 0}, "side_heads"), ({"init": "random"}, "init"),
-                              ({"temperature": 0}, "temperature"), ({"towers": "audio"}, "towers")],
-                    state_prefix="vleff_lst.", callback_args={"reduction": 4}, activate=_perturb_side_up,
-                    families=SIDE_FAMILIES, grad_checkpointing=True),
-    "unipt": Settings(noop={"factor": 2}, active={"factor": 1},
-                      refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
-                      state_prefix="vleff_unipt.", callback_args={"factor": 2}, activate=_perturb_side_up,
-                      families=SIDE_FAMILIES, grad_checkpointing=True),
+    "lst": Settings(
+        noop={"reduction": 4},
+        active={"reduction": 2},
+        refusals=[
+            ({"reduction": 0}, "reduction"),
+            ({"reduction": 2.5}, "reduction"),
+            ({"side_heads": 0}, "side_heads"),
+            ({"init": "random"}, "init"),
+            ({"temperature": 0}, "temperature"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_lst.",
+        callback_args={"reduction": 4},
+        activate=_perturb_side_up,
+        families=SIDE_FAMILIES,
+        grad_checkpointing=True,
+    ),
+    "unipt": Settings(
+        noop={"factor": 2},
+        active={"factor": 1},
+        refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
+        state_prefix="vleff_unipt.",
+        callback_args={"factor": 2},
+        activate=_perturb_side_up,
+        families=SIDE_FAMILIES,
+        grad_checkpointing=True,
+    ),
     # peft LoRA on the attention input projections: plain modules, so it stacks with tower hooks on timm
     # and HF CLIP; on open_clip a tower hook's generic block reads in_proj_weight without peft's
     # substitution: refused both ways (CrossGET and MADTP meet LoRA on open_clip first)
-    "lora": Settings(noop={"r": 2}, active={"r": 2, "alpha": 8.0}, activate=_perturb_lora,
-                     refusals=[({"r": 0}, "r=0"), ({"r": 1.5}, "r=1.5"), ({"alpha": 0}, "alpha=0"),
-                               ({"alpha": float("nan")}, "alpha"), ({"dropout": 1.0}, "dropout"),
-                               ({"train_head": "yes"}, "train_head"), ({"towers": "audio"}, "towers")],
-                     state_prefix="lora_", renamed_keys=((r"(\.base_layer)+\.", "."),), callback_args={"r": 2},
-                     families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"), grad_checkpointing=True),
-    "reversible": Settings(noop=None, active={"coupling": "meft"},  # with its adapters
-                           refusals=[({"coupling": "revnet"}, "coupling='revnet'"), ({"lam": 0}, "lam=0"),
-                                     ({"beta": -1}, "beta=-1"), ({"lam": float("inf")}, "lam=inf"),
-                                     ({"adapter": -1}, "adapter=-1"), ({"adapter": 2.5}, "adapter")],
-                           state_prefix="vleff_reversible.", callback_args={"coupling": "meft"},
-                           families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip")),  # tower hooks do not run in the stack
+    "lora": Settings(
+        noop={"r": 2},
+        active={"r": 2, "alpha": 8.0},
+        activate=_perturb_lora,
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"r": 1.5}, "r=1.5"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"alpha": float("nan")}, "alpha"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"train_head": "yes"}, "train_head"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="lora_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"r": 2},
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
+        grad_checkpointing=True,
+    ),
+    "reversible": Settings(
+        noop=None,
+        active={"coupling": "meft"},  # with its adapters
+        refusals=[
+            ({"coupling": "revnet"}, "coupling='revnet'"),
+            ({"lam": 0}, "lam=0"),
+            ({"beta": -1}, "beta=-1"),
+            ({"lam": float("inf")}, "lam=inf"),
+            ({"adapter": -1}, "adapter=-1"),
+            ({"adapter": 2.5}, "adapter"),
+        ],
+        state_prefix="vleff_reversible.",
+        callback_args={"coupling": "meft"},
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
+    ),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
-    "memvp": Settings(noop={"n_mem": 20, "scale": 0.0}, active={"n_mem": 20, "scale": 0.5, "vision_adapter_dim": 4},
-                      refusals=[({"n_mem": 0}, "n_mem"), ({"scale": -1}, "scale=-1"),
-                                ({"scale": float("nan")}, "scale"),
-                                ({"dropout": 1.0}, "dropout"), ({"visual_tokens": "cls"}, "visual_tokens"),
-                                ({"projector_scale": 0}, "projector_scale"), ({"visual_dim": 0}, "visual_dim"),
-                                ({"vision_adapter_dim": -1}, "vision_adapter_dim")],
-                      state_prefix="vleff_memvp.", callback_args={"n_mem": 16}, activate=_perturb_memvp,
-                      # both host kinds; GPT-2, open_clip and HF CLIP hosts run the same checks in test_memvp.py
-                      hosts=("hf_blip_captioning", "hf_blip_vqa", "vlm_llama_timm"), fit=_memvp_fit),
+    "memvp": Settings(
+        noop={"n_mem": 20, "scale": 0.0},
+        active={"n_mem": 20, "scale": 0.5, "vision_adapter_dim": 4},
+        refusals=[
+            ({"n_mem": 0}, "n_mem"),
+            ({"scale": -1}, "scale=-1"),
+            ({"scale": float("nan")}, "scale"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"visual_tokens": "cls"}, "visual_tokens"),
+            ({"projector_scale": 0}, "projector_scale"),
+            ({"visual_dim": 0}, "visual_dim"),
+            ({"vision_adapter_dim": -1}, "vision_adapter_dim"),
+        ],
+        state_prefix="vleff_memvp.",
+        callback_args={"n_mem": 16},
+        activate=_perturb_memvp,
+        # both host kinds; GPT-2, open_clip and HF CLIP hosts run the same checks in test_memvp.py
+        hosts=("hf_blip_captioning", "hf_blip_vqa", "vlm_llama_timm"),
+        fit=_memvp_fit,
+    ),
     # CrossGET needs both towers of an image-text pair; its cross token and merges own the towers' tokens
-    "crossget": Settings(noop={"r_image": 0, "r_text": 0}, active={"r_image": 2, "r_text": 4},
-                         refusals=[({"r_image": -1}, "r_image=-1"), ({"r_text": 1.5}, "r_text=1.5"),
-                                   ({"prop_attn": 1}, "prop_attn"), ({"loss_weight": -1}, "loss_weight"),
-                                   ({"loss_weight": float("nan")}, "loss_weight")],
-                         state_prefix="vleff_crossget_offsets", callback_args={"r_image": 2, "r_text": 4},
-                         families=("open_clip", "hf_clip", "hf_blip"),
-                         fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1))),
+    "crossget": Settings(
+        noop={"r_image": 0, "r_text": 0},
+        active={"r_image": 2, "r_text": 4},
+        refusals=[
+            ({"r_image": -1}, "r_image=-1"),
+            ({"r_text": 1.5}, "r_text=1.5"),
+            ({"prop_attn": 1}, "prop_attn"),
+            ({"loss_weight": -1}, "loss_weight"),
+            ({"loss_weight": float("nan")}, "loss_weight"),
+        ],
+        state_prefix="vleff_crossget_offsets",
+        callback_args={"r_image": 2, "r_text": 4},
+        families=("open_clip", "hf_clip", "hf_blip"),
+        fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),
+    ),
     # MADTP needs both towers of an image-text model (single-tower families are refused)
-    "madtp": Settings(noop={"locations": []}, active={"tau": 1e3},
-                      refusals=[({"flops_reduction": 0}, "flops_reduction=0"), ({"flops_reduction": 1.0}, "flops_reduction=1.0"),
-                                ({"tau": 0}, "tau=0"), ({"num_codes": 0}, "num_codes"), ({"ragged": "min"}, "ragged"),
-                                ({"locations": [2, 1]}, "locations"), ({"towers": "audio"}, "towers")],
-                      state_prefix="vleff_madtp.", families=("open_clip", "hf_clip", "hf_blip"), fullgraph=False,
-                      callback_args={"flops_reduction": 0.3}, fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)), exportable=False),
+    "madtp": Settings(
+        noop={"locations": []},
+        active={"tau": 1e3},
+        refusals=[
+            ({"flops_reduction": 0}, "flops_reduction=0"),
+            ({"flops_reduction": 1.0}, "flops_reduction=1.0"),
+            ({"tau": 0}, "tau=0"),
+            ({"num_codes": 0}, "num_codes"),
+            ({"ragged": "min"}, "ragged"),
+            ({"locations": [2, 1]}, "locations"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_madtp.",
+        families=("open_clip", "hf_clip", "hf_blip"),
+        fullgraph=False,
+        callback_args={"flops_reduction": 0.3},
+        fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),
+        exportable=False,
+    ),
 }
 
 
@@ -247,8 +372,11 @@ def _families(name: str) -> tuple[str, ...] | None:
 
 def _method_families(name: str, tower: str = "image") -> list[str]:
     """Families whose ``tower`` the method runs on, in table order."""
-    return [f for f, t in family_towers(get_method(name).towers) if t == tower
-            and (_families(name) is None or f in _families(name))]
+    return [
+        f
+        for f, t in family_towers(get_method(name).towers)
+        if t == tower and (_families(name) is None or f in _families(name))
+    ]
 
 
 def _common_family(a: str, b: str) -> str | None:
@@ -258,10 +386,18 @@ def _common_family(a: str, b: str) -> str | None:
     return shared[0] if shared else None
 
 
-CASES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)
-         if _families(name) is None or fam in _families(name)]
-REFUSED_FAMILIES = [(name, fam, tower) for name in HOOK_METHODS for fam, tower in family_towers(get_method(name).towers)
-                    if _families(name) is not None and fam not in _families(name)]
+CASES = [
+    (name, fam, tower)
+    for name in HOOK_METHODS
+    for fam, tower in family_towers(get_method(name).towers)
+    if _families(name) is None or fam in _families(name)
+]
+REFUSED_FAMILIES = [
+    (name, fam, tower)
+    for name in HOOK_METHODS
+    for fam, tower in family_towers(get_method(name).towers)
+    if _families(name) is not None and fam not in _families(name)
+]
 CASE_IDS = [f"{n}-{f}-{t}" for n, f, t in CASES]
 
 
@@ -315,7 +451,9 @@ def test_update_changes_every_setting_the_contract_declares_updatable(name, sett
 def test_contract_schedule_and_update_agree():
     for method in all_methods():
         if method.schedule is not None:
-            assert method.schedule in method.updatable, f"{method.name}: its schedule drives a setting update cannot change"
+            assert method.schedule in method.updatable, (
+                f"{method.name}: its schedule drives a setting update cannot change"
+            )
 
 
 @pytest.mark.parametrize("name", HOOK_METHODS)
@@ -443,25 +581,38 @@ def _hf_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
 
 #: families whose library offers re-entrant checkpointing too (open_clip's is non-re-entrant)
 REENTRANT: dict[str, Callable[[torch.nn.Module, bool], None]] = {
-    **{f: (lambda m, reentrant: m.set_grad_checkpointing(True)) for f in ("timm_vit", "deit_distilled", "timm_registers")},
-    "hf_clip": _hf_checkpointing, "hf_blip": _hf_checkpointing,
+    **{
+        f: (lambda m, reentrant: m.set_grad_checkpointing(True))
+        for f in ("timm_vit", "deit_distilled", "timm_registers")
+    },
+    "hf_clip": _hf_checkpointing,
+    "hf_blip": _hf_checkpointing,
 }
 
 
-CHECKPOINT_CASES = [(*c, reentrant) for c in CASES if FAMILIES[c[1]].grad_checkpointing
-                    for reentrant in ((False, True) if c[1] in REENTRANT else (False,))]
+CHECKPOINT_CASES = [
+    (*c, reentrant)
+    for c in CASES
+    if FAMILIES[c[1]].grad_checkpointing
+    for reentrant in ((False, True) if c[1] in REENTRANT else (False,))
+]
 
 
-@pytest.mark.parametrize("name, family, tower, reentrant", CHECKPOINT_CASES,
-                         ids=[f"{n}-{f}-{t}-{'reentrant' if r else 'nonreentrant'}" for n, f, t, r in CHECKPOINT_CASES])
+@pytest.mark.parametrize(
+    "name, family, tower, reentrant",
+    CHECKPOINT_CASES,
+    ids=[f"{n}-{f}-{t}-{'reentrant' if r else 'nonreentrant'}" for n, f, t, r in CHECKPOINT_CASES],
+)
 def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, family, tower, reentrant):
     """Under the library's checkpointing a method either gives the gradients of the same model
     without it (blocks replay from the token state they started from) or is refused, when applied
     or when run, naming checkpointing. A method whose hooks hand gradients out of the blocks (VQT,
     DynamicViT) may be refused under re-entrant checkpointing only; methods that cannot replay always are."""
     if name == "lora" and reentrant and not family.startswith("hf_"):
-        pytest.xfail("LoRA on a frozen timm tower under re-entrant checkpointing: the blocks' input needs no "
-                     "gradient, so torch's re-entrant checkpoint gives the adapters none (known, not fixed yet)")
+        pytest.xfail(
+            "LoRA on a frozen timm tower under re-entrant checkpointing: the blocks' input needs no "
+            "gradient, so torch's re-entrant checkpoint gives the adapters none (known, not fixed yet)"
+        )
     model, fwd = _model_and_forward(family, tower)
     may_refuse = not SETTINGS[name].grad_checkpointing or (reentrant and not SETTINGS[name].reentrant)
     with _checkpointing(family, model, reentrant):
@@ -508,8 +659,12 @@ def _conflict(a: str, b: str) -> bool:
 CONFLICTS = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS if a != b and _refuses(a, b)]
 # tome + dynamicvit are left out: DynamicViT's training-time masks and ToMe's merged sizes are not
 # checked together (neither refuses the other)
-STACKABLE = [(a, b) for a in HOOK_METHODS for b in HOOK_METHODS
-             if a != b and {a, b} != {"tome", "dynamicvit"} and not _conflict(a, b) and _common_family(a, b)]
+STACKABLE = [
+    (a, b)
+    for a in HOOK_METHODS
+    for b in HOOK_METHODS
+    if a != b and {a, b} != {"tome", "dynamicvit"} and not _conflict(a, b) and _common_family(a, b)
+]
 
 
 @pytest.mark.parametrize("name, family, tower", REFUSED_FAMILIES, ids=[f"{n}-{f}-{t}" for n, f, t in REFUSED_FAMILIES])
@@ -545,8 +700,6 @@ def test_conflicting_methods_are_refused_clearly(name, other):
         fwd(model)
 
 
-
-
 @pytest.mark.parametrize("first, second", STACKABLE, ids=[f"{a}+{b}" for a, b in STACKABLE])
 def test_two_methods_stacked_then_one_removed_equals_the_other_alone(first, second):
     """Apply ``first`` then ``second``, remove ``first``: the model equals ``second`` alone
@@ -566,9 +719,8 @@ def test_two_methods_stacked_then_one_removed_equals_the_other_alone(first, seco
 
 @pytest.mark.parametrize("name", HOOK_METHODS)
 def test_torch_compile_one_graph_matches_eager(name):
-    import torch._dynamo
-
     import tiny_models as tm
+    import torch._dynamo
     from families import IMAGE
 
     family = _method_families(name)[0]  # the first family whose image tower the method runs on
@@ -658,14 +810,22 @@ class ReseedEachStep(pl.Callback):
         torch.manual_seed(1000 + trainer.global_step)
 
 
-def _fit(tmp_path, name: str, max_steps: int, ckpt: str | None = None, save: str | None = None,
-         precision: str = "32-true", extra: tuple[pl.Callback, ...] = ()) -> torch.nn.Module:
+def _fit(
+    tmp_path,
+    name: str,
+    max_steps: int,
+    ckpt: str | None = None,
+    save: str | None = None,
+    precision: str = "32-true",
+    extra: tuple[pl.Callback, ...] = (),
+) -> torch.nn.Module:
     torch.manual_seed(0)
     callback = get_method(name).load_callback()(**SETTINGS[name].callback_args)
     fit = SETTINGS[name].fit
     module, loader = fit() if fit is not None else (tl.TinyClassifier(), tl.loader(4, seed=1))
-    trainer = tl.trainer(tmp_path, [callback, *extra, ReseedEachStep()], max_steps=max_steps, max_epochs=-1,
-                         precision=precision)
+    trainer = tl.trainer(
+        tmp_path, [callback, *extra, ReseedEachStep()], max_steps=max_steps, max_epochs=-1, precision=precision
+    )
     # one batch per epoch: Lightning restarts a resumed epoch at a batch index that depends on how
     # the first run stopped; with one batch every step sees the same data either way
     trainer.fit(module, loader, ckpt_path=ckpt)
@@ -695,8 +855,11 @@ class _StateAtTrainStart(pl.Callback):
     added its parameters in ``setup``)."""
 
     def on_train_start(self, trainer, pl_module):
-        self.state = {k: v.detach().float().clone() for k, v in pl_module.state_dict().items()
-                      if torch.is_tensor(v) and v.is_floating_point()}
+        self.state = {
+            k: v.detach().float().clone()
+            for k, v in pl_module.state_dict().items()
+            if torch.is_tensor(v) and v.is_floating_point()
+        }
 
 
 def _trained_delta(tmp_path, name: str, precision: str, steps: int = 3) -> torch.Tensor:

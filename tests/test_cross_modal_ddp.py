@@ -6,6 +6,7 @@ moved; and for MADTP, every rank prunes with the *same* τ, first pruning block 
 history, although each rank's sampler gives it other calibration batches (calibrated on rank
 0, broadcast to the others).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
+import tiny_lightning as tl
 import torch
 
-import tiny_lightning as tl
 import vleff
 
 
@@ -38,14 +39,22 @@ class _RankReport(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         gathered = trainer.strategy.all_gather(flat)
-        report = {"same": bool(torch.equal(gathered[0], gathered[1])), "moved": not torch.equal(flat, self.start),
-                  "names": sorted(n for n, _ in pl_module.named_parameters() if "vleff" in n)[:3]}
+        report = {
+            "same": bool(torch.equal(gathered[0], gathered[1])),
+            "moved": not torch.equal(flat, self.start),
+            "names": sorted(n for n, _ in pl_module.named_parameters() if "vleff" in n)[:3],
+        }
         madtp = next((c for c in trainer.callbacks if isinstance(c, vleff.callbacks.MADTP)), None)
         controller = madtp.controller if madtp is not None else getattr(pl_module, "_vleff_madtp", None)
         if controller is not None:
             module = pl_module.model.vleff_madtp
-            report.update(tau=module.tau, start=module.start, history=controller.history, trained_with=self.trained_with,
-                          first_ids=controller.batches[0][1][0].tolist())
+            report.update(
+                tau=module.tau,
+                start=module.start,
+                history=controller.history,
+                trained_with=self.trained_with,
+                first_ids=controller.batches[0][1][0].tolist(),
+            )
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
@@ -60,8 +69,13 @@ class _MixinCLIP(vleff.callbacks.MADTPMixin, tl.TinyCLIP):
         return super().training_step(batch, batch_idx) + self.vleff_aux_loss()
 
 
-_MADTP_SETTINGS = {"flops_reduction": 0.3, "calibration_batches": 1, "max_evals": 8, "epoch_max_evals": 4,
-                   "measure": "image"}
+_MADTP_SETTINGS = {
+    "flops_reduction": 0.3,
+    "calibration_batches": 1,
+    "max_evals": 8,
+    "epoch_max_evals": 4,
+    "measure": "image",
+}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
@@ -80,13 +94,13 @@ def test_madtp_mixin_under_two_process_ddp_gloo(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
-@pytest.mark.parametrize("method", [{"CrossGET": {"r_image": 2, "r_text": 1}},
-                                    {"MADTP": _MADTP_SETTINGS}],
-                         ids=["crossget", "madtp"])
+@pytest.mark.parametrize(
+    "method", [{"CrossGET": {"r_image": 2, "r_text": 1}}, {"MADTP": _MADTP_SETTINGS}], ids=["crossget", "madtp"]
+)
 def test_cross_modal_callbacks_under_two_process_ddp_gloo(method, tmp_path):
     torch.manual_seed(0)
     module = tl.TinyCLIP()
-    (name, settings), = method.items()
+    ((name, settings),) = method.items()
     callback = getattr(vleff.callbacks, name)(**settings)
     trainer = tl.trainer(tmp_path, [callback, _RankReport(tmp_path)], max_epochs=2, devices=2, strategy="ddp_fork")
     with warnings.catch_warnings():
@@ -100,5 +114,8 @@ def test_cross_modal_callbacks_under_two_process_ddp_gloo(method, tmp_path):
         r0, r1 = reports
         assert r0["first_ids"] == r1["first_ids"]  # rank 0's calibration batches everywhere
         assert (r0["tau"], r0["start"]) == (r1["tau"], r1["start"])
-        assert r0["history"] == r1["history"] and len(r0["history"]) == 3, (r0["history"], r1["history"])  # before, after 2 epochs
+        assert r0["history"] == r1["history"] and len(r0["history"]) == 3, (
+            r0["history"],
+            r1["history"],
+        )  # before, after 2 epochs
         assert r0["trained_with"] == r1["trained_with"] and len(r0["trained_with"]) == 2  # every epoch, same τ

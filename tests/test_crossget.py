@@ -1,6 +1,7 @@
 """CrossGET: the complete-graph matching and weighted merge against loop references, text towers
 (EOT found, padding), inference independence, layer mapping, errors, callback and mixin. The whole
 forward and the loss against the official code's behaviour: tests/test_crossget_reference.py."""
+
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vleff.tokens.crossget import (
+    OFFSETS,
+    alignment_loss,
+    crossget_offsets,
+    js_divergence,
+    layer_pairs,
+)
 
 import vleff
 from vleff.backbones import last_token_state, token_counts
@@ -24,13 +32,6 @@ from vleff.kernels.graph_merge import (
     feasible_sources,
 )
 from vleff.tokens.aux import pop_aux_losses
-from vleff.tokens.crossget import (
-    OFFSETS,
-    alignment_loss,
-    crossget_offsets,
-    js_divergence,
-    layer_pairs,
-)
 
 
 # --- loop references ----------------------------------------------------------------------------------
@@ -84,7 +85,9 @@ def ref_merge(x, size, weight, plans):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(6, 14), r=st.integers(0, 12), prefix=st.integers(0, 2), padded=st.booleans(), seed=st.integers(0, 99))
+@given(
+    n=st.integers(6, 14), r=st.integers(0, 12), prefix=st.integers(0, 2), padded=st.booleans(), seed=st.integers(0, 99)
+)
 def test_complete_graph_matching_and_ensemble_merge_match_loop_references(n, r, prefix, padded, seed):
     g = torch.Generator().manual_seed(seed)
     b = 2
@@ -201,8 +204,8 @@ def test_blip_text_is_reduced_with_its_padding_mask():
         # the same captions without their padding: each sample alone, cut at its last real token
         for i in range(2):
             real = int(mask[i].sum())
-            alone = model.text_encoder(input_ids=ids[i:i + 1, :real], attention_mask=mask[i:i + 1, :real])
-            torch.testing.assert_close(alone.last_hidden_state[:, 0], out[i:i + 1], atol=1e-5, rtol=1e-5)
+            alone = model.text_encoder(input_ids=ids[i : i + 1, :real], attention_mask=mask[i : i + 1, :real])
+            torch.testing.assert_close(alone.last_hidden_state[:, 0], out[i : i + 1], atol=1e-5, rtol=1e-5)
     vleff.update(model, "crossget", r_text=2)
     with torch.no_grad():
         model.text_encoder(input_ids=ids, attention_mask=mask)
@@ -249,9 +252,19 @@ def test_unequal_depths_use_the_documented_mapping():
 def test_single_tower_models_are_refused():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    for model in (tm.timm_vit(), CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                                                   num_hidden_layers=1, num_attention_heads=2,
-                                                                   image_size=32, patch_size=8))):
+    for model in (
+        tm.timm_vit(),
+        CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            )
+        ),
+    ):
         with pytest.raises(TypeError, match="needs both towers"):
             vleff.apply_crossget(model)
     with pytest.raises(TypeError, match="BlipForImageTextRetrieval"):

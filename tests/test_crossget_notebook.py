@@ -1,4 +1,5 @@
 """The CrossGET/MADTP notebook runs top to bottom and shows what it promises; it matches its generator."""
+
 from __future__ import annotations
 
 import ast
@@ -19,8 +20,9 @@ NAME = "crossget_madtp.ipynb"
 @pytest.mark.slow
 def test_crossget_notebook_executes(tmp_path):
     nb = nbformat.read(NOTEBOOKS / NAME, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     text = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream")

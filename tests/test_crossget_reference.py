@@ -16,6 +16,7 @@ reference's causal mask does that already), the text causal mask from merged pos
 (``causal="positions"``; the reference: by index), and the true JS divergence. No padding is used
 here (vleff merges padding only with padding; the reference pads to 77 and merges it freely).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,12 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from vleff.tokens.crossget import crossget_offsets, js_divergence
 
 import vleff
 from vleff.backbones import token_counts
 from vleff.kernels.graph_merge import complete_graph_matching, ensemble_weights
 from vleff.tokens.aux import pop_aux_losses
-from vleff.tokens.crossget import crossget_offsets, js_divergence
 
 INF = math.inf
 
@@ -82,8 +83,7 @@ def official_merge(x, size, src, dst, imp, ensemble="reference"):
         w_s, w_d = 2 * e_s / (e_s + e_d), 2 * e_d / (e_s + e_d)
         acc[d] = acc[d] + w_s * xs[i] + (w_d - 1) * xs[d]
         tot[d] += float(size[i])
-    return (torch.stack([acc[k] / tot[k] for k in kept]),
-            torch.tensor([tot[k] for k in kept], dtype=x.dtype))
+    return (torch.stack([acc[k] / tot[k] for k in kept]), torch.tensor([tot[k] for k in kept], dtype=x.dtype))
 
 
 # --- whole towers, the reference's layout (cross token appended last) ------------------------------------
@@ -97,7 +97,7 @@ def _attend(blk, h, bias):
     mha = blk.attn
     q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
     qh, kh, vh = (_split(t, mha.num_heads) for t in (q, k, v))
-    logits = (qh * mha.head_dim ** -0.5) @ kh.transpose(-1, -2) + bias
+    logits = (qh * mha.head_dim**-0.5) @ kh.transpose(-1, -2) + bias
     o = (logits.softmax(-1) @ vh).transpose(1, 2).reshape(h.shape)
     return mha.out_proj(o), q, k
 
@@ -330,10 +330,22 @@ def test_alignment_loss_reads_the_entering_cross_tokens_and_trains_only_the_offs
     _, img_cross, _ = ref_image(model, images, 3, leaf["image"])
     _, txt_cross, _ = ref_text(model, ids, 3, leaf["text"])
     vis = model.visual
-    proj_img = F.layer_norm(img_cross, vis.ln_pre.normalized_shape, vis.ln_pre.weight.detach(),
-                            vis.ln_pre.bias.detach(), vis.ln_pre.eps) @ vis.proj.detach()
-    proj_txt = F.layer_norm(txt_cross, model.ln_final.normalized_shape, model.ln_final.weight.detach(),
-                            model.ln_final.bias.detach(), model.ln_final.eps) @ model.text_projection.detach()
+    proj_img = (
+        F.layer_norm(
+            img_cross, vis.ln_pre.normalized_shape, vis.ln_pre.weight.detach(), vis.ln_pre.bias.detach(), vis.ln_pre.eps
+        )
+        @ vis.proj.detach()
+    )
+    proj_txt = (
+        F.layer_norm(
+            txt_cross,
+            model.ln_final.normalized_shape,
+            model.ln_final.weight.detach(),
+            model.ln_final.bias.detach(),
+            model.ln_final.eps,
+        )
+        @ model.text_projection.detach()
+    )
     p, q = proj_img.softmax(-1), proj_txt.softmax(-1)
     mid = (p + q) / 2
     want = (0.5 * (p * (p / mid).log()).sum(-1) + 0.5 * (q * (q / mid).log()).sum(-1)).mean()  # true JS

@@ -1,4 +1,5 @@
 """Data modules: bundled digits (deterministic, stratified) and ImageFolder on PNGs the test writes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,9 +41,15 @@ def test_digits_upsampling_shape_range_and_channels():
     assert torch.allclose(x.mean(dim=(1, 2, 3)), small.mean(dim=(1, 2, 3)), atol=0.05)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"split": "test"}, "split='test'"), ({"image_size": 4}, "image_size=4"),
-    ({"val_fraction": 1.5}, "val_fraction=1.5"), ({"channels": 2}, "channels=2")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "test"}, "split='test'"),
+        ({"image_size": 4}, "image_size=4"),
+        ({"val_fraction": 1.5}, "val_fraction=1.5"),
+        ({"channels": 2}, "channels=2"),
+    ],
+)
 def test_digits_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         digits_arrays(**kwargs)

@@ -1,5 +1,6 @@
 """Data: bad files fail at setup naming the file, the line and the column (not
 mid-epoch in a worker); image_size <= 0 is rejected; large sets show a progress bar."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vleff.data import ImageFolderDataModule, ImageTextDataModule, ImageTextFiles
-from vleff.data import checks
+from vleff.data import ImageFolderDataModule, ImageTextDataModule, ImageTextFiles, checks
 
 
 def _image(path, seed=0):
@@ -26,10 +26,15 @@ def _csv(path, rows):
 
 def test_csv_row_naming_a_missing_image_fails_at_construction(tmp_path):
     _image(tmp_path / "a.png")
-    _csv(tmp_path / "pairs.csv", [{"image": "a.png", "caption": "one", "label": "0"},
-                                  {"image": "gone.png", "caption": "two", "label": "1"}])
-    with pytest.raises(FileNotFoundError, match=r"pairs\.csv' line 3, column 'image': image '.*gone\.png' "
-                                                r"does not exist"):
+    _csv(
+        tmp_path / "pairs.csv",
+        [{"image": "a.png", "caption": "one", "label": "0"}, {"image": "gone.png", "caption": "two", "label": "1"}],
+    )
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"pairs\.csv' line 3, column 'image': image '.*gone\.png' "
+        r"does not exist",
+    ):
         ImageTextFiles(tmp_path / "pairs.csv", image_size=8)
     dm = ImageTextDataModule(source="files", train_file=str(tmp_path / "pairs.csv"), image_size=8)
     with pytest.raises(FileNotFoundError, match="gone.png"):
@@ -38,8 +43,10 @@ def test_csv_row_naming_a_missing_image_fails_at_construction(tmp_path):
 
 def test_non_integer_label_names_line_and_column(tmp_path):
     _image(tmp_path / "a.png")
-    _csv(tmp_path / "pairs.csv", [{"image": "a.png", "caption": "one", "label": "0"},
-                                  {"image": "a.png", "caption": "two", "label": "cat"}])
+    _csv(
+        tmp_path / "pairs.csv",
+        [{"image": "a.png", "caption": "one", "label": "0"}, {"image": "a.png", "caption": "two", "label": "cat"}],
+    )
     with pytest.raises(ValueError, match=r"pairs\.csv' line 3, column 'label': label='cat' is not an integer"):
         ImageTextFiles(tmp_path / "pairs.csv", image_size=8)
     (tmp_path / "pairs.jsonl").write_text('{"image": "a.png", "caption": "x", "label": 2.5}\n')

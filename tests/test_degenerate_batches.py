@@ -6,6 +6,7 @@ The methods are applied generically as in the conformance suite (its settings ta
 image family and one text family per method keep it fast. Host methods (MemVP) act on whole
 vision-language models and are left to their own tests.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -84,7 +85,7 @@ def test_batch_of_one_is_that_sample_of_a_larger_batch(name, family, tower):
     _, model = _models(name, family, tower)
     batch = _inputs(tower, 3)
     together = _forward(family, tower, model, batch)
-    alone = torch.cat([_forward(family, tower, model, batch[i:i + 1]) for i in range(3)])
+    alone = torch.cat([_forward(family, tower, model, batch[i : i + 1]) for i in range(3)])
     assert alone.shape == together.shape and torch.isfinite(alone).all()
     torch.testing.assert_close(alone, together, rtol=1e-9, atol=1e-9)
 
@@ -103,8 +104,9 @@ def test_captions_that_are_all_padding(name, family, tower):
     assert out.shape == expected.shape and torch.isfinite(out).all()
 
 
-def _host_forward(host: str, model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
+def _host_forward(
+    host: str, model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     with torch.no_grad():
         if host.startswith("vlm"):
             return model(images, ids)["logits"]
@@ -138,5 +140,7 @@ def test_memvp_hosts_take_degenerate_batches_as_the_host_does(host):
         assert _host_forward(host, model, images[:0], ids[:0], mask[:0]).shape == expected.shape
     # a batch of one reads its own image's memory: each row alone equals that row of the batch
     together = _host_forward(host, model, images, ids, mask)
-    alone = torch.cat([_host_forward(host, model, images[i:i + 1], ids[i:i + 1], mask[i:i + 1]) for i in range(3)])
+    alone = torch.cat(
+        [_host_forward(host, model, images[i : i + 1], ids[i : i + 1], mask[i : i + 1]) for i in range(3)]
+    )
     torch.testing.assert_close(alone, together, rtol=1e-9, atol=1e-9)

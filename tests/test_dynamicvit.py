@@ -1,26 +1,33 @@
 """DynamicViT: decisions, losses, masked-vs-dropped equivalence, teacher, Lightning integration."""
+
 from __future__ import annotations
 
 import os
 
 import lightning.pytorch as pl
 import pytest
-import torch
-import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
+import torch.nn.functional as F
 from families import image_forwards
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vleff.tokens.dynamicvit import (
+    MODULE_NAME,
+    apply_dynamicvit,
+    dynamicvit_predictors,
+    dynamicvit_teacher,
+    hierarchical_ratios,
+    remove_dynamicvit,
+    token_distillation_loss,
+)
+
 import vleff
 from vleff.backbones import last_token_state
 from vleff.callbacks import DynamicViT
 from vleff.callbacks.mixins import DynamicViTMixin
 from vleff.tokens.aux import pop_aux_losses, vleff_aux_loss
-from vleff.tokens.dynamicvit import (MODULE_NAME, apply_dynamicvit, dynamicvit_predictors, dynamicvit_teacher,
-                                     hierarchical_ratios, remove_dynamicvit,
-                                     token_distillation_loss)
 
 
 def _scratch(model):
@@ -101,8 +108,8 @@ def test_eval_masked_computation_equals_real_drop(family):
         dropped = run(model, x)
         dropped_state = last_token_state(model)
     assert dropped_state.token_counts[-1] < masked_state.token_counts[-1]
-    final_mask = masked_state.get("keep")[:, masked_state.num_prefix:]
-    kept = dropped_state.scratch["dynamicvit"]["kept"][:, masked_state.num_prefix:] - masked_state.num_prefix
+    final_mask = masked_state.get("keep")[:, masked_state.num_prefix :]
+    kept = dropped_state.scratch["dynamicvit"]["kept"][:, masked_state.num_prefix :] - masked_state.num_prefix
     assert bool((final_mask.sum(dim=1) == kept.shape[1]).all())
     assert bool((final_mask.gather(1, kept) == 1).all())  # the same tokens survive
     if masked.dim() == 3:  # token sequences (timm forward_features): every surviving token must agree
@@ -207,7 +214,9 @@ def test_bf16_autocast_on_every_family(family):
         loss = run(model, tm.images(2)).float().square().mean() + vleff_aux_loss(model)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dynamicvit_predictors(model)[0].parameters())
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in dynamicvit_predictors(model)[0].parameters()
+    )
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(run(model, tm.images(2)).float()).all()
@@ -227,14 +236,23 @@ def test_default_locations_are_three_evenly_spaced_blocks():
     assert [i for i in range(1, 12) if counts[i] < counts[i - 1]] == [3, 6, 9]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rho=0.0), "rho=0.0"), (dict(rho=1.5), "rho=1.5"), (dict(rho=True), "rho=True"),
-    (dict(locations=[3]), r"locations=\[3\].*\[0, 3\)"), (dict(locations=[2, 1]), "strictly increasing"),
-    (dict(locations=[1, 1]), "strictly increasing"), (dict(locations=[-1]), "-1"),
-    (dict(keep_ratios=[0.5, 0.7], locations=[1, 2]), "non-increasing"),
-    (dict(keep_ratios=[0.5], locations=[1, 2]), "1 entries"), (dict(keep_ratios=[1.2]), r"keep_ratios\[0\]=1.2"),
-    (dict(kl_weight=-1), "kl_weight=-1"), (dict(eval_mode="fast"), "eval_mode='fast'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=0.0), "rho=0.0"),
+        (dict(rho=1.5), "rho=1.5"),
+        (dict(rho=True), "rho=True"),
+        (dict(locations=[3]), r"locations=\[3\].*\[0, 3\)"),
+        (dict(locations=[2, 1]), "strictly increasing"),
+        (dict(locations=[1, 1]), "strictly increasing"),
+        (dict(locations=[-1]), "-1"),
+        (dict(keep_ratios=[0.5, 0.7], locations=[1, 2]), "non-increasing"),
+        (dict(keep_ratios=[0.5], locations=[1, 2]), "1 entries"),
+        (dict(keep_ratios=[1.2]), r"keep_ratios\[0\]=1.2"),
+        (dict(kl_weight=-1), "kl_weight=-1"),
+        (dict(eval_mode="fast"), "eval_mode='fast'"),
+    ],
+)
 def test_bad_inputs(kwargs, match):
     model = tm.timm_vit(depth=3)
     with pytest.raises(ValueError, match=match):
@@ -313,7 +331,8 @@ def test_checkpoint_resume_restores_predictors_and_teacher(tmp_path):
     assert check.checked and resumed.global_step == 3
     with pytest.raises(ValueError, match="rho=0.7"):
         tl.trainer(tmp_path, [DynamicViT(rho=0.5, locations=[1, 2])], max_steps=3, max_epochs=-1).fit(
-            tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
+            tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt
+        )
 
 
 def test_model_without_prefix_tokens():
@@ -366,7 +385,8 @@ def test_callback_init_from_loads_trained_weights_before_the_teacher_is_copied(t
         torch.manual_seed(1)
         module = tl.TinyClassifier()  # random weights, unlike the checkpoint
         tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2], init_from=str(path))], max_steps=1).fit(
-            module, tl.loader(8))
+            module, tl.loader(8)
+        )
         for k, v in trained.model.state_dict().items():  # the teacher is the loaded model
             assert torch.equal(dynamicvit_teacher(module.model).state_dict()[k], v), k
     other = tmp_path / "other.pt"
@@ -375,7 +395,8 @@ def test_callback_init_from_loads_trained_weights_before_the_teacher_is_copied(t
         tl.trainer(tmp_path, [DynamicViT(init_from=str(other))], max_steps=1).fit(tl.TinyClassifier(), tl.loader(8))
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         tl.trainer(tmp_path, [DynamicViT(init_from=str(tmp_path / "missing.ckpt"))], max_steps=1).fit(
-            tl.TinyClassifier(), tl.loader(8))
+            tl.TinyClassifier(), tl.loader(8)
+        )
 
 
 class SyncCheck(pl.Callback):
@@ -385,7 +406,9 @@ class SyncCheck(pl.Callback):
         self.out_dir = out_dir
 
     def on_train_start(self, trainer, pl_module):
-        self.start = torch.cat([p.detach().flatten().clone() for p in dynamicvit_predictors(pl_module.model)[0].parameters()])
+        self.start = torch.cat(
+            [p.detach().flatten().clone() for p in dynamicvit_predictors(pl_module.model)[0].parameters()]
+        )
 
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for p in dynamicvit_predictors(pl_module.model)[0].parameters()])
@@ -400,8 +423,13 @@ def test_ddp_two_processes_cpu(tmp_path):
     # ddp_fork: gloo workers forked from this process (ddp_spawn would re-import torch and
     # Lightning in each worker, ~30 s on a busy 2-core machine, for the same check)
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [DynamicViT(rho=0.7, locations=[1, 2]), SyncCheck(tmp_path)], max_steps=2,
-                         devices=2, strategy="ddp_fork")
+    trainer = tl.trainer(
+        tmp_path,
+        [DynamicViT(rho=0.7, locations=[1, 2]), SyncCheck(tmp_path)],
+        max_steps=2,
+        devices=2,
+        strategy="ddp_fork",
+    )
     trainer.fit(module, tl.loader(16))
     assert trainer.state.finished
     for rank in (0, 1):

@@ -1,5 +1,6 @@
 """EfficiencyMonitor in real ``Trainer.fit`` runs (CPU): values checked against vleff.profile
 computed independently, token recount on a schedule change, odd batches, 2-process DDP."""
+
 from __future__ import annotations
 
 import csv
@@ -9,15 +10,15 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import tiny_lightning as tl
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
+from test_profile import vit_flops
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import tiny_lightning as tl
-import tiny_models as tm
-from test_profile import vit_flops
 from vleff.callbacks import EfficiencyMonitor
 from vleff.profile import count_flops, saved_activation_bytes
 
@@ -66,9 +67,18 @@ def loader(n: int = 16, as_dict: bool = False) -> DataLoader:
 
 
 def trainer(tmp_path: Path, callbacks, max_steps: int = 3, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks,
-                      logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def logged_rows(tmp_path: Path) -> list[dict[str, str]]:
@@ -97,7 +107,7 @@ def test_fit_sets_flops_per_batch_and_logs(tmp_path):
 
     rows = logged_rows(tmp_path)
     assert column(rows, "eff/gflops_per_sample") == pytest.approx([forward / BATCH / 1e9] * 3)
-    assert column(rows, "eff/activation_mib")[0] == pytest.approx(monitor.activation_bytes / 2 ** 20)
+    assert column(rows, "eff/activation_mib")[0] == pytest.approx(monitor.activation_bytes / 2**20)
     assert len(column(rows, "eff/samples_per_s")) == 3 and min(column(rows, "eff/samples_per_s")) > 0
     assert column(rows, "train/device/flops_per_sec"), "ThroughputMonitor did not see flops_per_batch"
     assert not any(k.startswith("eff/tokens_layer") for k in rows[0])  # no token method: no token columns
@@ -170,8 +180,13 @@ class RecordRank(pl.Callback):
 
         import torch.distributed as dist
 
-        record = {"rank": trainer.global_rank, "world": dist.get_world_size(), "backend": dist.get_backend(),
-                  "flops_per_batch": pl_module.flops_per_batch, "tokens": self.monitor.token_counts}
+        record = {
+            "rank": trainer.global_rank,
+            "world": dist.get_world_size(),
+            "backend": dist.get_backend(),
+            "flops_per_batch": pl_module.flops_per_batch,
+            "tokens": self.monitor.token_counts,
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -183,10 +198,18 @@ def test_ddp_two_processes_cpu(tmp_path):
 
     module = TinyClassifier(tome_r=2)
     monitor = EfficiencyMonitor()
-    fit = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=2,
-                     callbacks=[monitor, RecordRank(tmp_path, monitor)], logger=CSVLogger(tmp_path),
-                     log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False)
+    fit = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=2,
+        callbacks=[monitor, RecordRank(tmp_path, monitor)],
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     tl.fork_with_one_thread(fit).fit(module, loader(16))
     rows = logged_rows(tmp_path)  # written by rank 0 (global_step stays in the workers)
     assert [r["step"] for r in rows] == ["0", "1"]

@@ -1,4 +1,5 @@
 """EViT: selection by cls attention, fusion, sizes, schedule, every family, Lightning integration."""
+
 from __future__ import annotations
 
 import math
@@ -6,17 +7,25 @@ import os
 
 import lightning.pytorch as pl
 import pytest
-import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
 from families import image_forwards
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vleff.tokens.evit import (
+    EViTConfig,
+    EViTHook,
+    EViTSchedule,
+    apply_evit,
+    evit_keep_rate,
+    keep_rate_schedule,
+    remove_evit,
+    update_evit,
+)
+
 from vleff.backbones import BlockInfo, TokenState, last_token_state
 from vleff.callbacks import EViT
-from vleff.tokens.evit import (EViTConfig, EViTHook, EViTSchedule, apply_evit, evit_keep_rate, keep_rate_schedule,
-                               remove_evit, update_evit)
 from vleff.callbacks.mixins import EViTMixin
 
 
@@ -143,20 +152,27 @@ def test_schedule():
     assert keep_rate_schedule(0.5, 0.7, start_epoch=1, end_epoch=3) == 1.0
     assert keep_rate_schedule(1.0, 0.7, start_epoch=1, end_epoch=3) == pytest.approx(1.0)
     assert keep_rate_schedule(2.0, 0.7, start_epoch=1, end_epoch=3) == pytest.approx(0.85)  # cos(pi/2) = 0
-    assert keep_rate_schedule(2.5, 0.7, start_epoch=1, end_epoch=3) == pytest.approx(0.7 + 0.3 * (1 + math.cos(
-        0.75 * math.pi)) / 2)
+    assert keep_rate_schedule(2.5, 0.7, start_epoch=1, end_epoch=3) == pytest.approx(
+        0.7 + 0.3 * (1 + math.cos(0.75 * math.pi)) / 2
+    )
     assert keep_rate_schedule(9.0, 0.7, start_epoch=1, end_epoch=3) == pytest.approx(0.7)
     assert keep_rate_schedule(0.0, 0.7) == 0.7  # no end: straight to the target
     with pytest.raises(ValueError, match="end_epoch=1"):
         EViTSchedule(0.7, start_epoch=2, end_epoch=1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(keep_rate=0.0), "keep_rate=0.0"), (dict(keep_rate=1.01), "keep_rate=1.01"),
-    (dict(keep_rate="0.7"), "keep_rate='0.7'"), (dict(locations=[3]), r"locations=\[3\]"),
-    (dict(locations=[2, 1]), "strictly increasing"), (dict(locations=[]), "at least one"),
-    (dict(fuse=1), "fuse=1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(keep_rate=0.0), "keep_rate=0.0"),
+        (dict(keep_rate=1.01), "keep_rate=1.01"),
+        (dict(keep_rate="0.7"), "keep_rate='0.7'"),
+        (dict(locations=[3]), r"locations=\[3\]"),
+        (dict(locations=[2, 1]), "strictly increasing"),
+        (dict(locations=[]), "at least one"),
+        (dict(fuse=1), "fuse=1"),
+    ],
+)
 def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         apply_evit(tm.timm_vit(depth=3), **kwargs)
@@ -184,7 +200,8 @@ def test_callback_schedule_and_resume(tmp_path):
     expected = [round(keep_rate_schedule(e + b / 4, 0.5, 0, 3), 6) for e in range(3) for b in range(4)]
     full = RecordKeepRate()
     tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2], end_epoch=3), full], max_epochs=3).fit(
-        tl.TinyClassifier(), tl.loader(16))
+        tl.TinyClassifier(), tl.loader(16)
+    )
     assert full.seen == expected
 
     first = RecordKeepRate()
@@ -200,7 +217,8 @@ def test_callback_schedule_and_resume(tmp_path):
 
     check = CheckRestored()
     tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2], end_epoch=3), second, check], max_epochs=3).fit(
-        tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
+        tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt
+    )
     assert check.rate == pytest.approx(first.seen[-1])  # restored before the first resumed batch
     assert first.seen + second.seen == expected
 
@@ -209,12 +227,14 @@ def test_schedule_ends_at_max_steps_when_training_is_limited_by_steps(tmp_path):
     # tl.loader(16) has 4 batches per epoch: max_steps=6 ends at epoch 1.5
     seen = RecordKeepRate()
     tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2]), seen], max_steps=6, max_epochs=-1).fit(
-        tl.TinyClassifier(), tl.loader(16))
+        tl.TinyClassifier(), tl.loader(16)
+    )
     expected = [round(keep_rate_schedule(step / 4, 0.5, 0, 1.5), 6) for step in range(6)]
     assert seen.seen == expected and seen.seen[1] > 0.9  # a cosine, not a jump to the target
     with pytest.raises(ValueError, match="neither is set"):
         tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2])], max_epochs=-1).fit(
-            tl.TinyClassifier(), tl.loader(16))
+            tl.TinyClassifier(), tl.loader(16)
+        )
 
 
 def test_callback_leaves_fit_at_the_target_and_evaluates_there(tmp_path):
@@ -234,7 +254,8 @@ def test_callback_leaves_fit_at_the_target_and_evaluates_there(tmp_path):
 
     rate = Rate()
     tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2], end_epoch=3), rate]).validate(
-        tl.TinyClassifier(), tl.loader(8), ckpt_path=ckpt)
+        tl.TinyClassifier(), tl.loader(8), ckpt_path=ckpt
+    )
     assert rate.rate == 0.5
     with torch.no_grad():
         module.eval()(tm.images(2))
@@ -254,7 +275,8 @@ def test_callback_init_from_loads_weights(tmp_path):
     check = Check()
     torch.manual_seed(1)
     tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1], init_from=str(ckpt)), check], max_steps=1).fit(
-        tl.TinyClassifier(), tl.loader(8))
+        tl.TinyClassifier(), tl.loader(8)
+    )
     assert check.same
 
 
@@ -296,8 +318,13 @@ class RankReport(pl.Callback):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
 def test_ddp_two_processes_cpu(tmp_path):
-    trainer = tl.trainer(tmp_path, [EViT(keep_rate=0.5, locations=[1, 2]), RankReport(tmp_path)], max_steps=2,
-                         devices=2, strategy="ddp_fork")
+    trainer = tl.trainer(
+        tmp_path,
+        [EViT(keep_rate=0.5, locations=[1, 2]), RankReport(tmp_path)],
+        max_steps=2,
+        devices=2,
+        strategy="ddp_fork",
+    )
     trainer.fit(tl.TinyClassifier(), tl.loader(16))
     assert trainer.state.finished
     # 16 samples over 2 ranks at batch 4: 2 batches per epoch, last step at epoch 0.5 of max_epochs=1

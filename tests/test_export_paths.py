@@ -2,12 +2,13 @@
 are refused at their entry with vleff's reason and the working alternatives; the library model
 is scriptable/traceable again once the methods are removed; torch.export of a token method
 equals eager."""
+
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 import vleff
 from vleff.registry import remove_all
 
@@ -23,8 +24,11 @@ def _patched(family: str) -> torch.nn.Module:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_torchscript_is_refused_at_its_entry_naming_vleff_and_the_alternatives(family):
     model = _patched(family)
-    with pytest.raises(TypeError, match=r"torch.jit.script cannot take .* tower .*vleff replaced its blocks' forward"
-                                        r".*torch.export.export .*torch.compile"):
+    with pytest.raises(
+        TypeError,
+        match=r"torch.jit.script cannot take .* tower .*vleff replaced its blocks' forward"
+        r".*torch.export.export .*torch.compile",
+    ):
         torch.jit.script(model)
 
 

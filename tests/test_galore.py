@@ -1,19 +1,25 @@
 """GaLore: optimizer maths against independent computations, selection, Lightning conversion and resume."""
+
 from __future__ import annotations
 
 import copy
 import math
 
 import pytest
+import tiny_models as tm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiny_models as tm
 from vleff.kernels.lowrank import project, project_back
-from vleff.memory import GaLoreAdamW, galore_from_optimizer, galore_param_groups, galore_projection
+from vleff.memory import (
+    GaLoreAdamW,
+    galore_from_optimizer,
+    galore_param_groups,
+    galore_projection,
+    select_galore_params,
+)
 from vleff.memory import galore as galore_module
-from vleff.memory import select_galore_params
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
@@ -43,8 +49,12 @@ def test_group_without_projection_equals_torch_adam(decoupled):
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 12), n=st.integers(1, 12), proj_type=st.sampled_from(["std", "reverse_std", "left", "right"]),
-       seed=st.integers(0, 1000))
+@given(
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    proj_type=st.sampled_from(["std", "reverse_std", "left", "right"]),
+    seed=st.integers(0, 1000),
+)
 def test_full_rank_round_trip_is_identity(m, n, proj_type, seed):
     grad = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
     proj, right = galore_projection(grad, rank=max(m, n) + 3, proj_type=proj_type)
@@ -178,8 +188,7 @@ def test_selection_open_clip_and_hf_clip():
     hf = select_galore_params(tm.hf_clip_model())
     assert any(n.endswith("q_proj.weight") for n in hf) and "visual_projection.weight" in hf
     assert not any("embedding" in n for n in hf)
-    assert select_galore_params(tm.open_clip_model(), targets=[r"mlp\.c_fc"]) == [
-        n for n in names if "mlp.c_fc" in n]
+    assert select_galore_params(tm.open_clip_model(), targets=[r"mlp\.c_fc"]) == [n for n in names if "mlp.c_fc" in n]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -206,8 +215,12 @@ def test_conversion_keeps_groups_and_hyperparameters():
     model = tm.open_clip_model()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2, "name": "decay"},
-                             {"params": rest, "weight_decay": 0.0}], lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.2, "name": "decay"}, {"params": rest, "weight_decay": 0.0}],
+        lr=5e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     new = galore_from_optimizer(opt, model, rank=4)
     assert len(new.param_groups) == 2 and new.param_groups[0]["name"] == "decay"
     for old_g, new_g in zip(opt.param_groups, new.param_groups):
@@ -222,8 +235,8 @@ def test_conversion_keeps_groups_and_hyperparameters():
 
 def _fit(tmp_path, epochs, ckpt_in=None, ckpt_out=None, weights_only=None):
     import lightning.pytorch as pl
-
     import tiny_lightning as tl
+
     from vleff.callbacks import GaLore
 
     class Scheduled(tl.TinyClassifier):

@@ -1,6 +1,7 @@
 """The prepared GPU run (``benchmarks/gpu_suite.py``) in its CPU dry-run mode: every kind of job runs
 end to end on tiny shapes, results are written after each job, a failing job does not stop the run,
 the time budget skips jobs, and split runs merge into one file."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,9 @@ DRY_JOBS = ("env", "kernels_vit_l384", "speed_vit_b16_compiled", "memory_side_cl
 @pytest.mark.slow
 def test_dry_run_writes_every_job(suite, tmp_path):
     result = suite.run_suite("cpu", tiny=True, out=tmp_path, budget_s=1e9, only=DRY_JOBS, command="test")
-    assert [j["name"] for j in result["jobs"]] == [j.name for j in suite.jobs("cpu", True, tmp_path)
-                                                   if j.name in DRY_JOBS]
+    assert [j["name"] for j in result["jobs"]] == [
+        j.name for j in suite.jobs("cpu", True, tmp_path) if j.name in DRY_JOBS
+    ]
     for job in result["jobs"]:
         assert job["status"] == "ok", (job["name"], job.get("traceback"))
         assert job["rows"], job["name"]
@@ -76,6 +78,7 @@ def _fake_jobs(suite, calls):
         def run():
             calls.append(name)
             return [{"name": name, "value": 1.5}]
+
         return run
 
     def broken():
@@ -116,14 +119,28 @@ def test_unknown_job_names_are_refused(suite, tmp_path):
 
 
 def test_split_runs_merge_into_one_file(suite, tmp_path):
-    env = {"name": "env", "title": "env", "status": "ok", "seconds": 1.0,
-           "rows": [{"device": "GPU X", "matmul_tflops": 500.0}]}
-    speed = {"name": "speed_vit_b16", "title": "speed", "status": "ok", "seconds": 2.0,
-             "rows": [{"name": "baseline", "tflops": 100.0, "of_matmul_peak": None}]}
+    env = {
+        "name": "env",
+        "title": "env",
+        "status": "ok",
+        "seconds": 1.0,
+        "rows": [{"device": "GPU X", "matmul_tflops": 500.0}],
+    }
+    speed = {
+        "name": "speed_vit_b16",
+        "title": "speed",
+        "status": "ok",
+        "seconds": 2.0,
+        "rows": [{"name": "baseline", "tflops": 100.0, "of_matmul_peak": None}],
+    }
     failed_then_ok = {"name": "speed_clip_b16", "title": "clip", "status": "failed", "error": "x"}
     first = {"date": "2026-01-01", "command": "a", "seconds": 3.0, "jobs": [env, failed_then_ok]}
-    second = {"date": "2026-01-01", "command": "b", "seconds": 4.0,
-              "jobs": [speed, {**failed_then_ok, "status": "ok", "rows": [{"name": "baseline"}]}]}
+    second = {
+        "date": "2026-01-01",
+        "command": "b",
+        "seconds": 4.0,
+        "jobs": [speed, {**failed_then_ok, "status": "ok", "rows": [{"name": "baseline"}]}],
+    }
     paths = []
     for i, part in enumerate((first, second)):
         paths.append(tmp_path / f"part{i}.json")
@@ -167,8 +184,8 @@ def test_documented_gpu_figures_follow_the_committed_run():
     page = (ROOT / "docs" / "gpu.md").read_text()
     quoted = {
         f"{speed['tome']['speedup']:.2f}× at {speed['tome']['flops_ratio']:.2f}× FLOPs": readme,
-        f"{100 * speed['evit']['flop_limit_fraction']:.0f}–{100 * speed['dynamicvit']['flop_limit_fraction']:.0f} %":
-            readme,
+        f"{100 * speed['evit']['flop_limit_fraction']:.0f}–"
+        f"{100 * speed['dynamicvit']['flop_limit_fraction']:.0f} %": readme,
         f"merge {kernels[('tome_merge', 'triton')]['speedup']:.1f}×": readme,
         f"was {kernels[('galore_project_back', 'triton')]['speedup']:.2f}×": readme,
         f"state −{100 * (1 - clip['galore']['optimizer_state_bytes_vs_adamw']):.0f} %": readme,

@@ -1,13 +1,14 @@
 """The hook seams: BlockInfo's attention rows against the block's own probabilities, keys and
 rows following an earlier hook's reduction, stale per-token tensors refused clearly."""
+
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiny_models as tm
 from vleff.backbones import StaleBlockInfo, TowerHook, find_tower, patch_tower, unpatch_tower
 from vleff.backbones.block import keep_masked_softmax
 from vleff.backbones.hooks import _keep_row
@@ -63,8 +64,12 @@ def test_keep_row_equals_the_keep_masked_softmax_rows(n, seed, scale):
     keep = (torch.rand(2, n, generator=g) > 0.5).float()
     rows = torch.randint(0, n, (2,), generator=g)
     index = rows[:, None, None, None].expand(-1, 2, 1, n)
-    torch.testing.assert_close(_keep_row(logits.gather(2, index), keep, rows),
-                               keep_masked_softmax(logits, keep).gather(2, index), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        _keep_row(logits.gather(2, index), keep, rows),
+        keep_masked_softmax(logits, keep).gather(2, index),
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 class DropHalf(TowerHook):

@@ -1,6 +1,7 @@
 """The layering of the package, enforced: import-linter's contracts (``[tool.importlinter]`` in
 pyproject.toml: layers, a method's own code free of Lightning, methods independent of each
 other, shared layers naming no method) and no import cycle between any two modules."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,6 +1,7 @@
 """Triton low-rank projection kernels and the fused GaLore-AdamW step against the reference,
 on CPU under ``TRITON_INTERPRET=1`` (in a subprocess when Triton was imported without it;
 see ``tests/test_kernels_tome.py``)."""
+
 from __future__ import annotations
 
 import os
@@ -38,15 +39,26 @@ def test_kernels_under_triton_interpreter():
         pytest.skip("already running under TRITON_INTERPRET=1: the tests below ran in-process")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
 
 
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # (grad dtype, proj dtype): fp32, the usual GaLore mix (16-bit grad, fp32 projector), pure 16-bit
-DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+]
 EPS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -60,8 +72,15 @@ def _projector(m: int, n: int, rank: int, side: str, gen: torch.Generator) -> to
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), m=st.integers(1, 40), n=st.integers(1, 40), rank_frac=st.floats(0, 1),
-       side=st.sampled_from(["left", "right"]), dtypes=st.sampled_from(DTYPE_PAIRS), transposed=st.booleans())
+@given(
+    seed=st.integers(0, 2**16),
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    rank_frac=st.floats(0, 1),
+    side=st.sampled_from(["left", "right"]),
+    dtypes=st.sampled_from(DTYPE_PAIRS),
+    transposed=st.booleans(),
+)
 def test_project_and_back_equal_reference(seed, m, n, rank_frac, side, dtypes, transposed):
     gen = torch.Generator().manual_seed(seed)
     rank = 1 + round(rank_frac * (min(m, n) - 1))
@@ -79,12 +98,12 @@ def test_project_and_back_equal_reference(seed, m, n, rank_frac, side, dtypes, t
     # inputs are exact in fp64; only the output rounding and fp32 accumulation differ
     k = n if side == "right" else m
     eps = EPS[low.dtype]
-    torch.testing.assert_close(low.double(), ref_low, atol=eps * 4 * k ** 0.5, rtol=eps * 2)
+    torch.testing.assert_close(low.double(), ref_low, atol=eps * 4 * k**0.5, rtol=eps * 2)
 
     back = lowrank.project_back(low, proj, side, backend="triton")
     ref_back = lowrank.project_back_reference(low.double(), proj.double(), side)
     assert back.shape == (m, n)
-    torch.testing.assert_close(back.double(), ref_back, atol=eps * 4 * rank ** 0.5, rtol=eps * 2)
+    torch.testing.assert_close(back.double(), ref_back, atol=eps * 4 * rank**0.5, rtol=eps * 2)
     if dtypes == (torch.float32, torch.float32):  # same dtype: against the fp32 reference itself
         torch.testing.assert_close(low, lowrank.project(grad, proj, side, backend="torch"))
 
@@ -127,8 +146,10 @@ HYPER = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, scale=0.25)
 
 
 @pytest.mark.parametrize("side,shape", [("right", (37, 20)), ("left", (20, 37))])
-@pytest.mark.parametrize("param_dtype,grad_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                                    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "param_dtype,grad_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+)
 def test_fused_galore_step_equals_reference(side, shape, param_dtype, grad_dtype):
     gen = torch.Generator().manual_seed(2)
     m, n = shape
@@ -162,8 +183,21 @@ def test_fused_step_without_decay_moves_by_scaled_adam_direction():
     grad = torch.randn(m, n, generator=gen)
     w = torch.zeros(m, n)
     exp_avg, exp_avg_sq = torch.zeros(m, rank), torch.zeros(m, rank)
-    galore_adam_step(w, grad, proj, exp_avg, exp_avg_sq, side="right", step=1, lr=0.1, betas=(0.9, 0.999),
-                     eps=1e-30, weight_decay=0.0, scale=0.5, backend="triton")
+    galore_adam_step(
+        w,
+        grad,
+        proj,
+        exp_avg,
+        exp_avg_sq,
+        side="right",
+        step=1,
+        lr=0.1,
+        betas=(0.9, 0.999),
+        eps=1e-30,
+        weight_decay=0.0,
+        scale=0.5,
+        backend="triton",
+    )
     expected = -0.1 * 0.5 * torch.sign(grad @ proj.T) @ proj
     torch.testing.assert_close(w, expected, atol=1e-6, rtol=1e-5)
 
@@ -193,8 +227,21 @@ def test_fused_step_on_bf16_weights_decays_exactly_once(backend):
     w = w0.clone()
     exp_avg, exp_avg_sq = torch.zeros(m, rank), torch.zeros(m, rank)
     lr, wd = 0.5, 0.2  # lr·wd = 0.1
-    galore_adam_step(w, torch.zeros(m, n, dtype=torch.bfloat16), proj, exp_avg, exp_avg_sq, side="right", step=1,
-                     lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, scale=0.25, backend=backend)
+    galore_adam_step(
+        w,
+        torch.zeros(m, n, dtype=torch.bfloat16),
+        proj,
+        exp_avg,
+        exp_avg_sq,
+        side="right",
+        step=1,
+        lr=lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=wd,
+        scale=0.25,
+        backend=backend,
+    )
     exact = w0.double() * (1 - lr * wd)
     assert bool(((w.double() - exact).abs() < _bf16_ulp(exact)).all())
     in_fp32 = w0.float() * torch.tensor(1 - lr * wd, dtype=torch.float32)  # the kernel's arithmetic
@@ -207,14 +254,17 @@ def test_fused_step_rejects_bad_state():
     w = torch.zeros(8, 6)
     proj = torch.zeros(3, 6)
     with pytest.raises(ValueError, match="exp_avg must be float32 of shape"):
-        galore_adam_step(w, w, proj, torch.zeros(6, 3), torch.zeros(8, 3), side="right", step=1, backend="triton",
-                         **HYPER)
+        galore_adam_step(
+            w, w, proj, torch.zeros(6, 3), torch.zeros(8, 3), side="right", step=1, backend="triton", **HYPER
+        )
     with pytest.raises(ValueError, match="step=0"):
-        galore_adam_step(w, w, proj, torch.zeros(8, 3), torch.zeros(8, 3), side="right", step=0, backend="triton",
-                         **HYPER)
+        galore_adam_step(
+            w, w, proj, torch.zeros(8, 3), torch.zeros(8, 3), side="right", step=0, backend="triton", **HYPER
+        )
     with pytest.raises(ValueError, match="proj shape"):
-        galore_adam_step(w, w, proj, torch.zeros(8, 3), torch.zeros(8, 3), side="left", step=1, backend="triton",
-                         **HYPER)
+        galore_adam_step(
+            w, w, proj, torch.zeros(8, 3), torch.zeros(8, 3), side="left", step=1, backend="triton", **HYPER
+        )
 
 
 # ----------------------------------------------------------------------------- FLOPs, ops
@@ -237,8 +287,17 @@ def test_flop_counts_equal_the_reference_matmuls():
         assert counts["torch"] == counts["triton"] == 2 * 2 * m * n * rank
         low_shape = (m, rank) if side == "right" else (rank, n)
         with FlopCounterMode(display=False) as fc:
-            galore_adam_step(torch.zeros(m, n), grad, proj, torch.zeros(low_shape), torch.zeros(low_shape),
-                             side=side, step=1, backend="triton", **HYPER)
+            galore_adam_step(
+                torch.zeros(m, n),
+                grad,
+                proj,
+                torch.zeros(low_shape),
+                torch.zeros(low_shape),
+                side=side,
+                step=1,
+                backend="triton",
+                **HYPER,
+            )
         assert fc.get_total_flops() == 4 * m * n * rank
 
 
@@ -249,8 +308,21 @@ def test_custom_ops_pass_opcheck():
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.vleff.lowrank_project.default, (grad, proj, "right"), test_utils=tests)
     torch.library.opcheck(torch.ops.vleff.lowrank_project_back.default, (low, proj, "right"), test_utils=tests)
-    args = (torch.randn(10, 8), grad, proj, torch.zeros(10, 3), torch.zeros(10, 3), "right", 1, 1e-2, 0.9, 0.99,
-            1e-8, 0.0, 0.25)
+    args = (
+        torch.randn(10, 8),
+        grad,
+        proj,
+        torch.zeros(10, 3),
+        torch.zeros(10, 3),
+        "right",
+        1,
+        1e-2,
+        0.9,
+        0.99,
+        1e-8,
+        0.0,
+        0.25,
+    )
     torch.library.opcheck(torch.ops.vleff.galore_adam_step.default, args, test_utils=tests)
 
 

@@ -7,6 +7,7 @@ collects a single test that re-runs this file in a fresh subprocess with the var
 run directly with ``TRITON_INTERPRET=1`` (e.g. ``TRITON_INTERPRET=1 pytest tests/test_kernels_tome.py``)
 the tests run in-process.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,14 @@ def run_file_under_interpreter(path: str) -> None:
     """Run the test file ``path`` in a fresh interpreter-mode process; fail with its output."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", path, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(path))),
+    )
     assert proc.returncode == 0, f"interpreter run of {path} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -69,9 +76,13 @@ def _metric(seed: int, b: int, n: int, c: int, dtype: torch.dtype) -> torch.Tens
 
 
 def _plans_equal(p: tome.MergePlan, q: tome.MergePlan) -> bool:
-    return (torch.equal(p.src_idx, q.src_idx) and torch.equal(p.dst_idx, q.dst_idx)
-            and torch.equal(p.unm_idx, q.unm_idx) and p.num_protected == q.num_protected
-            and p.num_tokens == q.num_tokens)
+    return (
+        torch.equal(p.src_idx, q.src_idx)
+        and torch.equal(p.dst_idx, q.dst_idx)
+        and torch.equal(p.unm_idx, q.unm_idx)
+        and p.num_protected == q.num_protected
+        and p.num_tokens == q.num_tokens
+    )
 
 
 def _well_separated(metric: torch.Tensor, num_protected: int, gap: float = 1e-4) -> bool:
@@ -94,8 +105,15 @@ def _well_separated(metric: torch.Tensor, num_protected: int, gap: float = 1e-4)
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), b=st.integers(1, 2), n=st.integers(2, 33), c=st.integers(1, 32),
-       p=st.integers(0, 2), dtype=st.sampled_from(DTYPES), small_tiles=st.booleans())
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    n=st.integers(2, 33),
+    c=st.integers(1, 32),
+    p=st.integers(0, 2),
+    dtype=st.sampled_from(DTYPES),
+    small_tiles=st.booleans(),
+)
 def test_best_match_equals_reference_max(seed, b, n, c, p, dtype, small_tiles):
     metric = _metric(seed, b, n, c, dtype)
     blocks = (16, 16, 16) if small_tiles else (32, 32, 32)
@@ -136,8 +154,15 @@ def test_best_match_ties_pick_lowest_index_like_torch_max():
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), b=st.integers(1, 2), n=st.integers(3, 33), c=st.integers(2, 32),
-       p=st.integers(0, 2), dtype=st.sampled_from(DTYPES), r_frac=st.floats(0.0, 1.0))
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    n=st.integers(3, 33),
+    c=st.integers(2, 32),
+    p=st.integers(0, 2),
+    dtype=st.sampled_from(DTYPES),
+    r_frac=st.floats(0.0, 1.0),
+)
 def test_plan_equals_reference(seed, b, n, c, p, dtype, r_frac):
     metric = _metric(seed, b, n, c, dtype)
     assume(_well_separated(metric, p))
@@ -175,9 +200,16 @@ def _grads(fn, inputs, grad_out):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), b=st.integers(1, 2), n=st.integers(3, 33), c=st.integers(1, 32),
-       p=st.integers(0, 2), dtype=st.sampled_from(DTYPES), r_frac=st.floats(0.0, 1.0),
-       size_grad=st.booleans())
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    n=st.integers(3, 33),
+    c=st.integers(1, 32),
+    p=st.integers(0, 2),
+    dtype=st.sampled_from(DTYPES),
+    r_frac=st.floats(0.0, 1.0),
+    size_grad=st.booleans(),
+)
 def test_merge_weighted_forward_backward_equal_reference(seed, b, n, c, p, dtype, r_frac, size_grad):
     r = round(r_frac * max_merge(n, p))
     plan = _random_plan(seed, b, n, p, r)
@@ -191,14 +223,18 @@ def test_merge_weighted_forward_backward_equal_reference(seed, b, n, c, p, dtype
     x64 = x.double().requires_grad_()
     s64 = size.double().requires_grad_(size_grad)
     inputs64 = (x64, s64) if size_grad else (x64,)
-    (ref_x, ref_s), ref_grads = _grads(lambda *t: tome.merge_weighted(x64, s64, plan, backend="torch"),
-                                       inputs64, (g_x.double(), None if g_s is None else g_s.double()))
+    (ref_x, ref_s), ref_grads = _grads(
+        lambda *t: tome.merge_weighted(x64, s64, plan, backend="torch"),
+        inputs64,
+        (g_x.double(), None if g_s is None else g_s.double()),
+    )
 
     xt = x.clone().requires_grad_()
     st_ = size.clone().requires_grad_(size_grad)
     inputs = (xt, st_) if size_grad else (xt,)
-    (out_x, out_s), grads = _grads(lambda *t: tome.merge_weighted(xt, st_, plan, backend="triton"),
-                                   inputs, (g_x.to(dtype), g_s))
+    (out_x, out_s), grads = _grads(
+        lambda *t: tome.merge_weighted(xt, st_, plan, backend="triton"), inputs, (g_x.to(dtype), g_s)
+    )
     assert out_x.dtype == dtype and out_s.dtype == size.dtype
     assert out_x.shape == (b, n - plan.r, c)
     tol = TOL[dtype]
@@ -213,8 +249,15 @@ def test_merge_weighted_forward_backward_equal_reference(seed, b, n, c, p, dtype
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), b=st.integers(1, 2), n=st.integers(3, 33), c=st.integers(1, 32),
-       p=st.integers(0, 2), dtype=st.sampled_from(DTYPES), r_frac=st.floats(0.0, 1.0))
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 2),
+    n=st.integers(3, 33),
+    c=st.integers(1, 32),
+    p=st.integers(0, 2),
+    dtype=st.sampled_from(DTYPES),
+    r_frac=st.floats(0.0, 1.0),
+)
 def test_merge_sum_forward_backward_equal_reference(seed, b, n, c, p, dtype, r_frac):
     r = round(r_frac * max_merge(n, p))
     plan = _random_plan(seed, b, n, p, r)
@@ -308,13 +351,35 @@ def test_kernel_bench_runs_both_backends_and_they_agree(tmp_path):
     from vleff.cli.kernels_bench import run_kernel_bench
 
     out = tmp_path / "kernels.json"
-    cfg = {"mode": "kernels", "kernels": {"interpret": True, "tome_batch": 2, "tome_tokens": 33,
-                                          "tome_channels": 16, "lowrank_m": 32, "lowrank_n": 24,
-                                          "lowrank_rank": 4, "warmup": 0, "repeats": 1, "out": str(out)}}
+    cfg = {
+        "mode": "kernels",
+        "kernels": {
+            "interpret": True,
+            "tome_batch": 2,
+            "tome_tokens": 33,
+            "tome_channels": 16,
+            "lowrank_m": 32,
+            "lowrank_n": 24,
+            "lowrank_rank": 4,
+            "warmup": 0,
+            "repeats": 1,
+            "out": str(out),
+        },
+    }
     rows = run_kernel_bench(cfg)
     assert {(r["case"], r["backend"]) for r in rows} == {
-        (c, b) for c in ("tome_match", "tome_merge", "tome_match+merge", "tome_merge_fwd+bwd", "galore_project",
-                         "galore_project_back", "galore_adam_step") for b in ("torch", "triton")}
+        (c, b)
+        for c in (
+            "tome_match",
+            "tome_merge",
+            "tome_match+merge",
+            "tome_merge_fwd+bwd",
+            "galore_project",
+            "galore_project_back",
+            "galore_adam_step",
+        )
+        for b in ("torch", "triton")
+    }
     for row in rows:
         assert row["ms"] > 0
         if row["case"] == "tome_match":
@@ -322,7 +387,6 @@ def test_kernel_bench_runs_both_backends_and_they_agree(tmp_path):
         else:
             assert row["max_abs_diff"] < 1e-4, row
     assert out.exists()
-
 
 
 def test_tome_model_end_to_end_on_the_triton_path(monkeypatch):
@@ -336,16 +400,27 @@ def test_tome_model_end_to_end_on_the_triton_path(monkeypatch):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(tt, "best_match_launch", counted("match", match))
     monkeypatch.setattr(tt, "merge_fwd_launch", counted("merge", merge))
-    rows = run_kernel_bench({"interpret": True, "cases": ["tome_vit_e2e"], "vit_model": "vit_tiny_patch16_224",
-                             "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}, "vit_batch": 2,
-                             "vit_r": 3, "warmup": 0, "repeats": 1})
+    rows = run_kernel_bench(
+        {
+            "interpret": True,
+            "cases": ["tome_vit_e2e"],
+            "vit_model": "vit_tiny_patch16_224",
+            "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
+            "vit_batch": 2,
+            "vit_r": 3,
+            "warmup": 0,
+            "repeats": 1,
+        }
+    )
     assert calls["match"] == calls["merge"] == 2 * 2  # 2 blocks x (first run + 1 timed run)
     triton_row = next(r for r in rows if r["backend"] == "triton")
     assert triton_row["max_abs_diff"] < 1e-4 and triton_row["img_per_s"] > 0
+
 
 if not IN_INTERPRETER:  # collected in the subprocess only
     for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_kernels_under_triton_interpreter"]:

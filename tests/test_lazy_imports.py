@@ -1,5 +1,6 @@
 """The lazily importing packages (one helper, :mod:`vleff._lazy`): every public name imports,
 unknown names raise ``AttributeError`` naming the package, and ``import vleff`` stays light."""
+
 import importlib
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def test_dir_lists_the_lazy_names():
 
 
 def test_import_vleff_does_not_load_heavy_modules():
-    code = ("import sys, vleff, vleff.callbacks, vleff.models, vleff.data; "
-            "print(sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))")
+    code = (
+        "import sys, vleff, vleff.callbacks, vleff.models, vleff.data; "
+        "print(sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -1,19 +1,24 @@
 """LoRA through peft: exact at initialisation on every supported tower, only the adapters train
 (counted analytically), the backbone does not move, the Lightning callback, clear refusals."""
+
 from __future__ import annotations
 
 import pytest
-import torch
-
-
 import tiny_lightning as tl
 import tiny_models as tm
-import vleff
+import torch
 from families import FAMILIES
 from vleff.side.lora import apply_lora, lora_parameters
 
-CASES = [("timm_vit", "image"), ("open_clip", "image"), ("open_clip", "text"), ("hf_clip", "image"),
-         ("hf_clip", "text")]
+import vleff
+
+CASES = [
+    ("timm_vit", "image"),
+    ("open_clip", "image"),
+    ("open_clip", "text"),
+    ("hf_clip", "image"),
+    ("hf_clip", "text"),
+]
 
 
 @pytest.mark.parametrize("family, tower", CASES, ids=[f"{f}-{t}" for f, t in CASES])
@@ -88,7 +93,6 @@ def test_lora_stacks_with_a_vleff_token_method_on_timm():
         torch.testing.assert_close(model(tm.images()), ref, atol=1e-5, rtol=1e-5)
 
 
-
 def _fit(tmp_path, max_steps, ckpt=None, save=None):
     torch.manual_seed(0)
     module = tl.TinyClassifier()
@@ -107,8 +111,10 @@ def test_lora_callback_fit_saved_and_resumed_equals_uninterrupted(tmp_path):
     assert set(straight.state_dict()) == set(resumed.state_dict())
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=key)
-    assert not torch.equal(straight.model.blocks[0].attn.qkv.lora_B["default"].weight,
-                           torch.zeros_like(straight.model.blocks[0].attn.qkv.lora_B["default"].weight))
+    assert not torch.equal(
+        straight.model.blocks[0].attn.qkv.lora_B["default"].weight,
+        torch.zeros_like(straight.model.blocks[0].attn.qkv.lora_B["default"].weight),
+    )
 
 
 def test_lora_mixin_applies_in_init_and_remove_gives_back_the_library_module():
@@ -125,8 +131,9 @@ def test_lora_mixin_applies_in_init_and_remove_gives_back_the_library_module():
     module = Module()
     qkv = module.model.blocks[0].attn.qkv.base_layer
     assert module.model.blocks[0].attn.qkv.scaling["default"] == 2.0  # alpha / r
-    assert {n.split(".")[-3] if "lora_" in n else n.split(".")[1] for n, p in module.named_parameters()
-            if p.requires_grad} == {"lora_A", "lora_B", "head"}
+    assert {
+        n.split(".")[-3] if "lora_" in n else n.split(".")[1] for n, p in module.named_parameters() if p.requires_grad
+    } == {"lora_A", "lora_B", "head"}
     vleff.remove_lora(module)
     assert module.model.blocks[0].attn.qkv is qkv and type(qkv) is torch.nn.Linear
     assert all(p.requires_grad for p in module.parameters())

@@ -1,6 +1,7 @@
 """MADTP: pruning against a plain-PyTorch reference, batch independence, text layout, the
 alignment loss against a hand computation, the FLOPs controller against an independent count,
 bad input, and the callback's exact resume."""
+
 from __future__ import annotations
 
 import copy
@@ -8,16 +9,26 @@ import math
 import warnings
 
 import pytest
-import torch
-import torch.nn.functional as F
-
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
+import torch.nn.functional as F
+from vleff.tokens.madtp import (
+    FILLER,
+    MADTPConfig,
+    apply_madtp,
+    calibrate_madtp,
+    image_forward,
+    madtp_applied,
+    madtp_tau,
+    measure_flops,
+    pair_forward,
+    update_madtp,
+)
+
 from vleff.backbones import find_pair, token_counts
 from vleff.profile import count_flops
 from vleff.tokens.aux import pop_aux_losses
-from vleff.tokens.madtp import (FILLER, MADTPConfig, apply_madtp, calibrate_madtp, image_forward, madtp_applied,
-                                madtp_tau, measure_flops, pair_forward, remove_madtp, update_madtp)
 
 PAIRS = {"open_clip": tm.open_clip_model, "hf_clip": tm.hf_clip_model, "hf_blip": tm.hf_blip_retrieval}
 
@@ -47,8 +58,9 @@ def _reference_blocks(visual, x, module, tau):
         h = blk.ln_1(x)
         mha = blk.attn
         b, n, c = h.shape
-        q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).reshape(b, n, 3, mha.num_heads, -1).permute(
-            2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(h, mha.in_proj_weight, mha.in_proj_bias).reshape(b, n, 3, mha.num_heads, -1).permute(2, 0, 3, 1, 4)
+        )
         attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
         o = attn @ v
         x = x + mha.out_proj(o.transpose(1, 2).reshape(b, n, c))
@@ -118,9 +130,9 @@ def test_max_mode_is_the_reference_batch_maximum_and_depends_on_the_batch():
     with torch.no_grad():
         both = pair.encode_image(images)
         n_both = token_counts(model)["image"]
-        alone = [pair.encode_image(images[i:i + 1]) for i in range(2)]
+        alone = [pair.encode_image(images[i : i + 1]) for i in range(2)]
         n_alone = [token_counts(model)["image"]]
-    changed = any(not torch.allclose(both[i:i + 1], alone[i], atol=1e-5) for i in range(2))
+    changed = any(not torch.allclose(both[i : i + 1], alone[i], atol=1e-5) for i in range(2))
     assert changed or n_both == n_alone[0]  # samples keep the batch's count, not their own
     assert FILLER not in (model.visual._vleff_patch.state.fields)
 
@@ -171,8 +183,12 @@ def _features_by_hand(model, family, images, ids, mask):
     feats = {}
     for modality, tower in (("image", pair.image_tower), ("text", pair.text_tower)):
         inputs = []
-        hooks = [b.register_forward_pre_hook(lambda m, args, kw: inputs.append(kw.get("hidden_states", args[0] if args else None)),
-                                             with_kwargs=True) for b in tower.blocks()]
+        hooks = [
+            b.register_forward_pre_hook(
+                lambda m, args, kw: inputs.append(kw.get("hidden_states", args[0] if args else None)), with_kwargs=True
+            )
+            for b in tower.blocks()
+        ]
         saved = module.enabled
         module.enabled = False
         with torch.no_grad():
@@ -282,8 +298,12 @@ def test_flops_reduction_outside_open_unit_interval_is_refused(value):
 def test_single_tower_models_are_refused():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    for model in (tm.timm_vit(), CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                                                  num_hidden_layers=1, num_attention_heads=2))):
+    for model in (
+        tm.timm_vit(),
+        CLIPVisionModel(
+            CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        ),
+    ):
         with pytest.raises(TypeError, match="needs both towers"):
             apply_madtp(model)
         assert not madtp_applied(model)
@@ -318,7 +338,7 @@ class _Captions(torch.utils.data.Dataset):
         self.tokens = torch.randint(1, 400, (n, 16), generator=g)
         for i in range(n):
             self.tokens[i, 5 + i] = 49407
-            self.tokens[i, 6 + i:] = 0
+            self.tokens[i, 6 + i :] = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -335,8 +355,7 @@ def _finetuner():
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     torch.manual_seed(0)
-    clip = build_clip("digits-tiny", width=32, layers=2, embed_dim=16, patch_size=8, image_size=32,
-                      context_length=16)
+    clip = build_clip("digits-tiny", width=32, layers=2, embed_dim=16, patch_size=8, image_size=32, context_length=16)
     return ConstantLR(clip, context_length=16)
 
 
@@ -370,9 +389,11 @@ def test_callback_calibrates_trains_the_codebook_and_resumes_exactly(tmp_path):
     assert madtp_tau(resumed.model) == madtp_tau(straight.model)
     codebook = "model.vleff_madtp.codebook"
     assert not torch.allclose(straight.state_dict()[codebook], fresh_sd["vleff_madtp.codebook"])  # trained
-    assert straight.state_dict()["model.vleff_madtp._extra_state"] == {"tau": madtp_tau(straight.model),
-                                                                       "start": straight.model.vleff_madtp.start,
-                                                                       "calibrated": True}
+    assert straight.state_dict()["model.vleff_madtp._extra_state"] == {
+        "tau": madtp_tau(straight.model),
+        "start": straight.model.vleff_madtp.start,
+        "calibrated": True,
+    }
 
 
 def _trained_reductions(module) -> list[float]:
@@ -444,8 +465,13 @@ def test_mixin_adds_the_loss_with_one_call_and_checkpoints_the_controller(tmp_pa
     class Tuner(MADTPMixin, CLIPFineTuner):
         def __init__(self):
             torch.manual_seed(0)
-            super().__init__(build_clip("digits-tiny", width=32, layers=2, embed_dim=16, patch_size=8,
-                                        image_size=32, context_length=16), lr=1e-3, context_length=16)
+            super().__init__(
+                build_clip(
+                    "digits-tiny", width=32, layers=2, embed_dim=16, patch_size=8, image_size=32, context_length=16
+                ),
+                lr=1e-3,
+                context_length=16,
+            )
             self.use_madtp(flops_reduction=0.3, calibration_batches=1, max_evals=4, epoch_max_evals=2)
             self.aux = []
 
@@ -471,7 +497,6 @@ def test_mixin_adds_the_loss_with_one_call_and_checkpoints_the_controller(tmp_pa
 def test_alignment_loss_is_torch_cosine_embedding_loss():
     from hypothesis import given, settings
     from hypothesis import strategies as st
-
     from vleff.tokens.madtp import alignment_loss
 
     @settings(max_examples=25, deadline=None)
@@ -502,7 +527,9 @@ def test_controller_moves_the_first_pruning_block_when_the_lowest_tau_prunes_too
         return int(10_000 * ratio)
 
     monkeypatch.setattr(madtp, "measure_flops", fake)
-    monkeypatch.setattr(madtp, "hooks_named", lambda m, n: [type("H", (), {"locations": (0, 1, 2, 3, 4), "config": MADTPConfig()})()])
+    monkeypatch.setattr(
+        madtp, "hooks_named", lambda m, n: [type("H", (), {"locations": (0, 1, 2, 3, 4), "config": MADTPConfig()})()]
+    )
     result = calibrate_madtp(model, [_batch("open_clip")], 0.3, tau0=1.0)
     assert result.start == 3 and module.start == 3
     assert result.error <= 0.005, result.evaluations

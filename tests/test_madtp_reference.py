@@ -11,15 +11,16 @@ same float64 weights:
   out of a block than into it (point 7);
 * the text tower's EOT is never fused (point 8).
 """
+
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
-
-import tiny_models as tm
-from vleff.backbones import token_counts
 from vleff.tokens.madtp import apply_madtp
+
+from vleff.backbones import token_counts
 
 
 def _clip(layers: int = 4):
@@ -173,7 +174,7 @@ def test_mask_rectangle_is_the_neediest_samples_count_and_never_grows(tower, tau
         counts = token_counts(model)[tower]
         alone, alone_counts = [], []
         for i in range(inputs.shape[0]):
-            alone.append(encode(inputs[i:i + 1]))
+            alone.append(encode(inputs[i : i + 1]))
             alone_counts.append(token_counts(model)[tower])
     assert counts == [max(c) for c in zip(*alone_counts)], alone_counts
     assert counts == sorted(counts, reverse=True)  # never more tokens out than in
@@ -225,8 +226,9 @@ def test_code_norm_shift_is_the_old_minimum_shift():
     torch.testing.assert_close(shifted, ref, atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize(("name", "value", "allowed"), [("code_norm", "max", "'sum', 'shift'"),
-                                                        ("min_keep", -1, ">= 0")])
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"), [("code_norm", "max", "'sum', 'shift'"), ("min_keep", -1, ">= 0")]
+)
 def test_bad_settings_are_refused_with_what_is_allowed(name, value, allowed):
     from vleff.tokens.madtp import MADTPConfig
 

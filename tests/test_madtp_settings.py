@@ -1,14 +1,15 @@
 """MADTP's settings have one owner each (issue 25): τ lives on the model's MADTP module, the FLOPs
 controller's settings in :class:`ControllerConfig`, ``flops_reduction``'s rule in one function."""
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from vleff.callbacks import MADTP, MADTPMixin
 from vleff.methods.madtp.controller import ControllerConfig, MADTPController, hooks_config
 from vleff.methods.madtp.core import apply_madtp, calibrate_madtp, check_flops_reduction, madtp_tau, update_madtp
@@ -65,7 +66,10 @@ def test_controller_defaults_and_rules_have_one_owner():
 
 @pytest.mark.parametrize("value", [0, 1, -0.5, 1.5, "half"])
 def test_flops_reduction_has_one_rule(value):
-    for build in (check_flops_reduction, lambda v: MADTPController(flops_reduction=v),
-                  lambda v: MADTP(flops_reduction=v)):
+    for build in (
+        check_flops_reduction,
+        lambda v: MADTPController(flops_reduction=v),
+        lambda v: MADTP(flops_reduction=v),
+    ):
         with pytest.raises((ValueError, TypeError), match="flops_reduction"):
             build(value)

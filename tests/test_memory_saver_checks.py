@@ -1,15 +1,17 @@
 """Memory savers: frozen parameters under MeZO, the module restored after a MeZO fit,
 manual optimization and GaLore+MeZO refused at setup, constructor validation, and GaLore's
 randomized low-rank SVD option."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
+import tiny_lightning as tl
 import torch
 
-import tiny_lightning as tl
-from vleff.callbacks import GaLore, MeZO as MeZOCallback
+from vleff.callbacks import GaLore
+from vleff.callbacks import MeZO as MeZOCallback
 from vleff.memory import GaLoreAdamW, MeZO, galore_projection, mezo_from_optimizer
 
 
@@ -131,8 +133,11 @@ def test_mezo_refuses_manual_optimization_at_setup(tmp_path):
             return super().configure_optimizers()
 
     trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback()], max_steps=1)
-    with pytest.raises(ValueError, match=r"MeZO needs a module with automatic optimization.*"
-                                         r"automatic_optimization=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"MeZO needs a module with automatic optimization.*"
+        r"automatic_optimization=False",
+    ):
         trainer.fit(Manual(), tl.loader(n=4, batch_size=4))
     assert calls == []  # refused at setup: before the optimizer is built or a step runs
 
@@ -143,7 +148,11 @@ def test_mezo_refuses_manual_optimization_at_setup(tmp_path):
 def test_galore_and_mezo_callbacks_together_are_refused(tmp_path):
     for order in ([GaLore(rank=4), MeZOCallback()], [MeZOCallback(), GaLore(rank=4)]):
         trainer = tl.trainer(tmp_path, callbacks=order, max_steps=1)
-        with pytest.raises(ValueError, match=r"the (GaLore|MeZO) callback cannot be used with the (MeZO|GaLore) callback: both replace the optimizer"):
+        with pytest.raises(
+            ValueError,
+            match=r"the (GaLore|MeZO) callback cannot be used with the (MeZO|GaLore) callback: "
+            r"both replace the optimizer",
+        ):
             trainer.fit(tl.TinyClassifier(depth=1), tl.loader(n=4, batch_size=4))
 
 
@@ -155,42 +164,50 @@ def test_mezo_callback_refuses_galore_mixin_module(tmp_path):
             return self.galore_optimizer(rank=4)
 
     trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback()], max_steps=1)
-    with pytest.raises(ValueError, match="the MeZO callback cannot be used with Own, a GaLoreMixin module: both replace the optimizer"):
+    with pytest.raises(
+        ValueError, match="the MeZO callback cannot be used with Own, a GaLoreMixin module: both replace the optimizer"
+    ):
         trainer.fit(Own(depth=1), tl.loader(n=4, batch_size=4))
 
 
 # ---------------------------------------------------------------- 6. constructor validation
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"seed": -1}, r"seed=-1 .*int in \[0"),
-    ({"seed": 1.5}, r"seed=1.5 "),
-    ({"seed": True}, r"seed=True "),
-    ({"params": "(unclosed"}, r"params pattern '\(unclosed' is not a valid regular expression"),
-    ({"params": 3}, r"params=3 is not allowed"),
-    ({"lr": math.inf}, r"lr=inf .*finite"),
-    ({"lr": math.nan}, r"lr=nan .*finite"),
-    ({"eps": math.inf}, r"eps=inf .*finite number > 0"),
-    ({"eps": 0.0}, r"eps=0.0 "),
-    ({"eps": "1e-3"}, r"eps='1e-3' "),
-    ({"weight_decay": -1.0}, r"weight_decay=-1.0 "),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": -1}, r"seed=-1 .*int in \[0"),
+        ({"seed": 1.5}, r"seed=1.5 "),
+        ({"seed": True}, r"seed=True "),
+        ({"params": "(unclosed"}, r"params pattern '\(unclosed' is not a valid regular expression"),
+        ({"params": 3}, r"params=3 is not allowed"),
+        ({"lr": math.inf}, r"lr=inf .*finite"),
+        ({"lr": math.nan}, r"lr=nan .*finite"),
+        ({"eps": math.inf}, r"eps=inf .*finite number > 0"),
+        ({"eps": 0.0}, r"eps=0.0 "),
+        ({"eps": "1e-3"}, r"eps='1e-3' "),
+        ({"weight_decay": -1.0}, r"weight_decay=-1.0 "),
+    ],
+)
 def test_mezo_callback_validates_in_init(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MeZOCallback(**kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"targets": "(bad"}, r"targets pattern '\(bad' is not a valid regular expression"),
-    ({"targets": 5}, r"targets=5 is not allowed"),
-    ({"exclude": ["ok", 1]}, r"exclude=\['ok', 1\] is not allowed"),
-    ({"scale": 0}, r"scale=0 .*finite number > 0"),
-    ({"scale": math.inf}, r"scale=inf "),
-    ({"scale": math.nan}, r"scale=nan "),
-    ({"rank": 2.0}, r"rank=2.0 .*positive int"),
-    ({"update_proj_gap": -5}, r"update_proj_gap=-5 .*positive int"),
-    ({"svd": "qr"}, r"svd='qr' is not allowed; use one of full, lowrank"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"targets": "(bad"}, r"targets pattern '\(bad' is not a valid regular expression"),
+        ({"targets": 5}, r"targets=5 is not allowed"),
+        ({"exclude": ["ok", 1]}, r"exclude=\['ok', 1\] is not allowed"),
+        ({"scale": 0}, r"scale=0 .*finite number > 0"),
+        ({"scale": math.inf}, r"scale=inf "),
+        ({"scale": math.nan}, r"scale=nan "),
+        ({"rank": 2.0}, r"rank=2.0 .*positive int"),
+        ({"update_proj_gap": -5}, r"update_proj_gap=-5 .*positive int"),
+        ({"svd": "qr"}, r"svd='qr' is not allowed; use one of full, lowrank"),
+    ],
+)
 def test_galore_callback_validates_in_init(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GaLore(**kwargs)
@@ -249,14 +266,17 @@ def test_galore_adamw_svd_option_reaches_the_refresh(monkeypatch):
         GaLoreAdamW([w], rank=4, svd="randomized")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"example_input_fn": "images"}, r"example_input_fn='images' is not allowed; it must be a callable"),
-    ({"batch_size_fn": 4}, r"batch_size_fn=4 is not allowed; it must be a callable"),
-    ({"window": 0}, r"window=0 is not allowed; it must be an int >= 1"),
-    ({"window": 2.5}, r"window=2.5 is not allowed"),
-    ({"recount_interval": True}, r"recount_interval=True is not allowed"),
-    ({"training_flops_factor": math.nan}, r"training_flops_factor=nan is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"example_input_fn": "images"}, r"example_input_fn='images' is not allowed; it must be a callable"),
+        ({"batch_size_fn": 4}, r"batch_size_fn=4 is not allowed; it must be a callable"),
+        ({"window": 0}, r"window=0 is not allowed; it must be an int >= 1"),
+        ({"window": 2.5}, r"window=2.5 is not allowed"),
+        ({"recount_interval": True}, r"recount_interval=True is not allowed"),
+        ({"training_flops_factor": math.nan}, r"training_flops_factor=nan is not allowed"),
+    ],
+)
 def test_efficiency_monitor_validates_in_init(kwargs, message):
     from vleff.callbacks import EfficiencyMonitor
 

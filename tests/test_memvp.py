@@ -9,21 +9,22 @@
   batch (and against each prompt alone);
 * bad input: unsupported FFN layout, wrong feature width, ``n_mem`` below the token count.
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from vleff.side.memvp import MemVPConfig, MemVPModule, memvp_applied, memvp_module, set_memvp_memory, update_memvp
 
-import tiny_models as tm
 import vleff
 from vleff.models.vlm import VisionLanguageModel
-from vleff.side.memvp import MemVPConfig, MemVPModule, memvp_applied, memvp_module, set_memvp_memory, update_memvp
 
 
 def _activate(model: nn.Module, seed: int = 0) -> None:
@@ -46,8 +47,16 @@ def _reference_kv(module: MemVPModule, features: torch.Tensor) -> tuple[torch.Te
 
 # --- the memory read ------------------------------------------------------------------------------------
 @settings(max_examples=10, deadline=None)
-@given(b=st.integers(1, 3), reps=st.integers(1, 2), n=st.integers(1, 5), nv=st.integers(1, 6),
-       extra=st.integers(0, 3), c=st.sampled_from([4, 8]), scale=st.floats(0.0, 2.0), seed=st.integers(0, 1000))
+@given(
+    b=st.integers(1, 3),
+    reps=st.integers(1, 2),
+    n=st.integers(1, 5),
+    nv=st.integers(1, 6),
+    extra=st.integers(0, 3),
+    c=st.sampled_from([4, 8]),
+    scale=st.floats(0.0, 2.0),
+    seed=st.integers(0, 1000),
+)
 def test_memory_read_equals_a_row_by_row_sum(b, reps, n, nv, extra, c, scale, seed):
     torch.manual_seed(seed)
     module = MemVPModule(5, c, MemVPConfig(n_mem=nv + extra, scale=scale, projector_hidden=6))
@@ -121,8 +130,11 @@ def test_blip_memvp_equals_reference_noop_and_remove(kind):
         vleff.remove_memvp(model)
         assert not memvp_applied(model)
         torch.testing.assert_close(fwd(model, x, ids, mask), host, atol=0, rtol=0)
-        assert not any(type(h).__module__ == "vleff.side.memvp" for m in model.modules()
-                       for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+        assert not any(
+            type(h).__module__ == "vleff.side.memvp"
+            for m in model.modules()
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        )
 
 
 def test_blip_memvp_under_a_token_method_patch_uses_the_generic_block():
@@ -228,7 +240,7 @@ def test_vlm_generate_equals_the_library_generate_in_both_modes(lm_name, tower):
         ours = memvp.generate(x, ids, max_new_tokens=8)
         # the memory is constant per sample: the library's generate on the patched LM, memory set
         memvp.visual(x)  # set here: the memory of memvp.generate ended with that call (issue 24)
-        library = lm.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:]
+        library = lm.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[:, ids.shape[1] :]
         torch.testing.assert_close(ours, library, atol=0, rtol=0)
         vleff.remove_memvp(memvp)
         prefix = VisionLanguageModel(TOWERS[tower](), lm, "prefix").eval()
@@ -272,8 +284,7 @@ def test_vlm_generate_left_padded_equals_the_library_and_each_prompt_alone(lm_na
         library_p = lm.generate(inputs_embeds=embeds, attention_mask=full, max_new_tokens=6, do_sample=False)
         torch.testing.assert_close(ours_p, library_p[:, -6:], atol=0, rtol=0)
         torch.testing.assert_close(ours_p[1:], prefix.generate(x[1:], ids[1:, 2:], max_new_tokens=6), atol=0, rtol=0)
-        for bad, match in ((mask[:, :4], "input_ids' shape"), (mask * 2, "only 0"),
-                           (mask.flip(1), "left padding")):
+        for bad, match in ((mask[:, :4], "input_ids' shape"), (mask * 2, "only 0"), (mask.flip(1), "left padding")):
             with pytest.raises(ValueError, match=match):
                 prefix.generate(x, ids, attention_mask=bad)
 
@@ -322,8 +333,17 @@ def test_trainable_parameters_are_the_analytic_count():
 def test_unsupported_ffn_layout_names_the_module_type():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2))
+    moe = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=2,
+        )
+    )
     with pytest.raises(TypeError, match="MixtralSparseMoeBlock.*model.layers.0.mlp"):
         vleff.apply_memvp(moe, visual_dim=8)
     lm = tm.hf_llama_lm()
@@ -374,8 +394,9 @@ def test_blip_beam_search_reads_each_images_memory():
     x = tm.images()
     with torch.no_grad():
         both = model.generate(pixel_values=x, num_beams=2, max_new_tokens=5, min_new_tokens=5)
-        alone = [model.generate(pixel_values=x[i:i + 1], num_beams=2, max_new_tokens=5, min_new_tokens=5)
-                 for i in range(2)]
+        alone = [
+            model.generate(pixel_values=x[i : i + 1], num_beams=2, max_new_tokens=5, min_new_tokens=5) for i in range(2)
+        ]
     torch.testing.assert_close(both, torch.cat(alone), atol=0, rtol=0)
     assert not torch.equal(alone[0], alone[1])
 

@@ -6,22 +6,23 @@ move (the host stays bit-identical); the logged accuracy equals the accuracy rec
 a Hugging Face BLIP captioning host trains through ``Trainer.fit`` with the ``MemVP`` callback
 exactly as a plain PyTorch loop does.
 """
+
 from __future__ import annotations
 
 import copy
 
+import host_families
 import lightning.pytorch as pl
 import pytest
-import torch
-
-import host_families
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
+from vleff.side.memvp import freeze_host_for_memvp
+
 import vleff
 import vleff.callbacks as cb
-from vleff.data.digits import digits_arrays
-from vleff.side.memvp import freeze_host_for_memvp
 from vleff.callbacks.mixins import MemVPMixin
+from vleff.data.digits import digits_arrays
 from vleff.data.digits_vlm import DIGIT_TOKEN, VOCAB, DigitsVLMDataModule, answer_position, digit_text_batch, prompt
 from vleff.models.vlm_task import VisionLanguageTask
 
@@ -38,7 +39,7 @@ def test_data_module_batches_are_prompt_plus_target():
     assert (labels[:, :1] == -100).all() and torch.equal(labels[:, 1:], ids[:, 1:])
     ids_qa, labels_qa = digit_text_batch("qa", torch.tensor([3]))
     assert [VOCAB[t] for t in ids_qa[0]] == ["<bos>", "which", "digit", "is", "this", "?", "three", "<eos>"]
-    assert (labels_qa[0, :len(prompt("qa"))] == -100).all()
+    assert (labels_qa[0, : len(prompt("qa"))] == -100).all()
     with pytest.raises(ValueError, match="task='count'"):
         DigitsVLMDataModule("count")
 
@@ -82,7 +83,8 @@ def test_mixin_rebuilds_memvp_so_a_saved_state_loads():
     torch.manual_seed(0)
     a = _MixinTask().eval()
     assert {n for n, p in a.named_parameters() if p.requires_grad} == {
-        "model.vleff_memvp." + n for n, _ in a.model.vleff_memvp.named_parameters()}
+        "model.vleff_memvp." + n for n, _ in a.model.vleff_memvp.named_parameters()
+    }
     with torch.no_grad():
         a.model.vleff_memvp.value_offset.normal_()
     torch.manual_seed(1)
@@ -134,9 +136,16 @@ def test_blip_captioning_trains_through_lightning_with_the_memvp_callback():
     images, ids = data.tensors
     with torch.no_grad():
         before = host(pixel_values=images, input_ids=ids, labels=ids).loss
-    trainer = pl.Trainer(accelerator="cpu", max_steps=4, max_epochs=-1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[cb.MemVP(n_mem=16, scale=1.0)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb.MemVP(n_mem=16, scale=1.0)],
+    )
     torch.manual_seed(1)
     trainer.fit(module, loader)
     # the same run written out, from the same host and MemVP's init under the same seed

@@ -4,27 +4,31 @@
   no λ, β and nothing to balance: ``coupling="revvit"`` used to accept and silently ignore them.
 * CrossGET refused a side method (LST reduces no token) with "both reduce that tower's tokens".
 """
+
 from __future__ import annotations
 
 import pytest
 import tiny_models as tm
 import torch
+from vleff.memory.reversible import ReversibleConfig, apply_reversible
 
 import vleff
 from vleff.callbacks import Reversible
-from vleff.memory.reversible import ReversibleConfig, apply_reversible
 
 
-@pytest.mark.parametrize("settings", [{"lam": 0.1}, {"beta": 0.5}, {"balance": True},
-                                      {"lam": 0.1, "beta": 0.1, "balance": True}])
+@pytest.mark.parametrize(
+    "settings", [{"lam": 0.1}, {"beta": 0.5}, {"balance": True}, {"lam": 0.1, "beta": 0.1, "balance": True}]
+)
 def test_revvit_refuses_meft_only_settings(settings):
     model = tm.timm_vit(depth=2).double()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = next(iter(settings))
     pattern = rf"coupling='revvit' takes no {first}=.*allowed with revvit: lam=1\.0, beta=1\.0, balance=False"
-    for build in (lambda: ReversibleConfig(coupling="revvit", **settings),
-                  lambda: Reversible(coupling="revvit", **settings),
-                  lambda: apply_reversible(model, coupling="revvit", **settings)):
+    for build in (
+        lambda: ReversibleConfig(coupling="revvit", **settings),
+        lambda: Reversible(coupling="revvit", **settings),
+        lambda: apply_reversible(model, coupling="revvit", **settings),
+    ):
         with pytest.raises(ValueError, match=pattern):
             build()
     assert not vleff.registry.applied_methods(model)  # nothing half-applied
@@ -46,7 +50,9 @@ def test_crossget_names_the_real_conflict_with_a_side_method():
 
     other = tm.open_clip_model().double()
     vleff.apply_tome(other, r=2)
-    with pytest.raises(ValueError, match="cannot apply crossget while tome is applied .*both reduce that tower's tokens"):
+    with pytest.raises(
+        ValueError, match="cannot apply crossget while tome is applied .*both reduce that tower's tokens"
+    ):
         vleff.apply_crossget(other, r_image=2, r_text=2)
 
 
@@ -60,7 +66,9 @@ def test_a_tower_hook_on_reversible_blocks_is_refused_at_apply(method, settings)
     with torch.no_grad():
         before = model(images)
     keys = set(model.state_dict())
-    with pytest.raises(ValueError, match=rf"cannot apply {method} while reversible is applied .*remove reversible first"):
+    with pytest.raises(
+        ValueError, match=rf"cannot apply {method} while reversible is applied .*remove reversible first"
+    ):
         getattr(vleff, f"apply_{method}")(model, **settings)
     assert vleff.registry.applied_methods(model) == ["reversible"] and set(model.state_dict()) == keys
     with torch.no_grad():

@@ -2,6 +2,7 @@
 method's own code (core, configs, schedules) importing neither Lightning nor vleff's Lightning
 layer — so ``vleff.apply_<name>`` works in plain PyTorch, and the Lightning half can change
 without touching the method."""
+
 from __future__ import annotations
 
 import subprocess
@@ -38,8 +39,15 @@ def test_a_methods_callback_and_mixin_live_beside_it(name):
     assert method.load_callback().__module__ == method.load_mixin().__module__ == f"vleff.methods.{name}.lightning"
 
 
-SHARED_LAYERS = ("vleff/lightning", "vleff/callbacks", "vleff/tokens", "vleff/backbones", "vleff/side",
-                 "vleff/registry.py", "vleff/checks.py")
+SHARED_LAYERS = (
+    "vleff/lightning",
+    "vleff/callbacks",
+    "vleff/tokens",
+    "vleff/backbones",
+    "vleff/side",
+    "vleff/registry.py",
+    "vleff/checks.py",
+)
 
 
 def _method_names_in_code(path) -> list[str]:
@@ -48,11 +56,19 @@ def _method_names_in_code(path) -> list[str]:
 
     names = set(builtin_method_names())
     tree = ast.parse(path.read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
-    return [f"{path}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings]
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        f"{path}:{node.lineno}: {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings
+    ]
 
 
 def test_no_shared_layer_names_a_method():
@@ -62,7 +78,10 @@ def test_no_shared_layer_names_a_method():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    files = [p for layer in SHARED_LAYERS for p in ((root / layer).rglob("*.py") if (root / layer).is_dir()
-                                                    else [root / layer])]
+    files = [
+        p
+        for layer in SHARED_LAYERS
+        for p in ((root / layer).rglob("*.py") if (root / layer).is_dir() else [root / layer])
+    ]
     found = [hit for path in files for hit in _method_names_in_code(path)]
     assert not found, "shared code that names a method:\n" + "\n".join(found)

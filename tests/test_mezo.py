@@ -1,16 +1,17 @@
 """MeZO: the estimate against the true directional derivative, exact restore, a hand-computed
 update, the Lightning callback, and 2-process DDP (gloo) for both memory savers."""
+
 from __future__ import annotations
 
 import os
 import socket
 
 import pytest
+import tiny_models as tm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiny_models as tm
 from vleff.memory import MeZO, directions, mezo_from_optimizer, spsa_projected_grad
 
 
@@ -101,8 +102,9 @@ class _TinyNet(torch.nn.Module):
         return self.head(self.layer_norm(self.fc(x)).tanh())
 
 
-def _reference_mezo_step(model: torch.nn.Module, x: torch.Tensor, lr: float, wd: float, eps: float,
-                         seed: int) -> dict[str, torch.Tensor]:
+def _reference_mezo_step(
+    model: torch.nn.Module, x: torch.Tensor, lr: float, wd: float, eps: float, seed: int
+) -> dict[str, torch.Tensor]:
     """One step of MeZO's trainer (large_models/trainer.py, ``zo_update``) on copies of the
     weights: z per parameter in order, ``θ ← θ − lr (g z + wd θ)`` where the name holds neither
     "bias" nor "layer_norm"/"layernorm", ``θ ← θ − lr g z`` otherwise."""
@@ -114,7 +116,9 @@ def _reference_mezo_step(model: torch.nn.Module, x: torch.Tensor, lr: float, wd:
         out = torch.func.functional_call(model, dict(zip(names, values)), (x,))
         return out.square().mean()
 
-    g = (loss_at([t + eps * d for t, d in zip(theta, z)]) - loss_at([t - eps * d for t, d in zip(theta, z)])) / (2 * eps)
+    g = (loss_at([t + eps * d for t, d in zip(theta, z)]) - loss_at([t - eps * d for t, d in zip(theta, z)])) / (
+        2 * eps
+    )
     new = {}
     for n, t, d in zip(names, theta, z):
         decays = "bias" not in n and "layer_norm" not in n and "layernorm" not in n
@@ -229,6 +233,7 @@ def _probe_module(n_optimizers: int = 1):
 
 def test_callback_runs_user_training_step_as_mezo(tmp_path):
     import tiny_lightning as tl
+
     from vleff.callbacks import MeZO as MeZOCallback
 
     torch.manual_seed(0)
@@ -254,6 +259,7 @@ def test_callback_runs_user_training_step_as_mezo(tmp_path):
 
 def test_callback_rejects_several_optimizers(tmp_path):
     import tiny_lightning as tl
+
     from vleff.callbacks import MeZO as MeZOCallback
 
     # Lightning needs manual optimization for two optimizers, and MeZO refuses manual mode at setup
@@ -280,18 +286,26 @@ class _HookProbe:
                 now = [p.detach().clone() for p in pl_module.parameters()]
                 # restore is exact up to fp32 rounding; the perturbation is eps * z ~ 1e-3
                 unperturbed = all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(now, probe.start))
-                probe.calls.append({"step": trainer.global_step, "unperturbed": unperturbed, "weights": now,
-                                    "optimizer": type(optimizer).__name__})
+                probe.calls.append(
+                    {
+                        "step": trainer.global_step,
+                        "unperturbed": unperturbed,
+                        "weights": now,
+                        "optimizer": type(optimizer).__name__,
+                    }
+                )
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                probe.calls[-1]["updated"] = any(not torch.equal(p, q)
-                                                 for p, q in zip(pl_module.parameters(), probe.calls[-1]["weights"]))
+                probe.calls[-1]["updated"] = any(
+                    not torch.equal(p, q) for p, q in zip(pl_module.parameters(), probe.calls[-1]["weights"])
+                )
 
         self.callback = _CB()
 
 
 def test_on_before_optimizer_step_fires_once_per_step_at_unperturbed_weights(tmp_path):
     import tiny_lightning as tl
+
     from vleff.callbacks import MeZO as MeZOCallback
 
     logged: list[tuple[str, float]] = []
@@ -338,6 +352,7 @@ def test_on_before_optimizer_step_fires_once_per_step_at_unperturbed_weights(tmp
 
 def test_mixin_trains_with_mezo(tmp_path):
     import tiny_lightning as tl
+
     from vleff.callbacks.mixins import MeZOMixin
 
     steps: list[bool] = []
@@ -394,8 +409,14 @@ class _LinearModule:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), NODE_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        NODE_RANK="0",
+    )
     torch.set_num_threads(1)
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DDPStrategy
@@ -410,14 +431,28 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         pl.seed_everything(0)
         module = _LinearModule.make()
         init = [p.detach().clone() for p in module.parameters()]
-        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
-                             max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=world,
+            strategy=DDPStrategy(process_group_backend="gloo"),
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[callback],
+        )
         trainer.fit(module, DataLoader(data, batch_size=4))
         changed = any(not torch.equal(p, q) for p, q in zip(module.parameters(), init))
-        torch.save({"params": [p.detach().clone() for p in module.parameters()], "changed": changed,
-                    "optimizer": type(trainer.optimizers[0]).__name__},
-                   os.path.join(out_dir, f"{name}_{rank}.pt"))
+        torch.save(
+            {
+                "params": [p.detach().clone() for p in module.parameters()],
+                "changed": changed,
+                "optimizer": type(trainer.optimizers[0]).__name__,
+            },
+            os.path.join(out_dir, f"{name}_{rank}.pt"),
+        )
     torch.distributed.destroy_process_group()  # before exit: gloo left to exit can abort the process
 
 
@@ -482,8 +517,11 @@ def test_bf16_weights_drift_instead_of_training_and_bf16_autocast_does_not():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_trainable_weights_are_refused_unless_allowed(dtype):
     lin = torch.nn.Linear(4, 2).to(dtype)
-    with pytest.raises(ValueError, match=rf"2 trainable parameter\(s\) are {dtype}.*allow_low_precision=False"
-                                         r".*precision='bf16-mixed'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"2 trainable parameter\(s\) are {dtype}.*allow_low_precision=False"
+        r".*precision='bf16-mixed'",
+    ):
         MeZO(lin.parameters(), lr=1e-6)
     with pytest.raises(ValueError, match="allow_low_precision"):  # a group added later too
         MeZO(torch.nn.Linear(4, 2).parameters()).add_param_group({"params": list(lin.parameters())})
@@ -496,14 +534,16 @@ def test_16_bit_trainable_weights_are_refused_unless_allowed(dtype):
 
 def test_callback_refuses_bf16_true_and_trains_under_bf16_mixed(tmp_path):
     import tiny_lightning as tl
+
     from vleff.callbacks import MeZO as MeZOCallback
 
     def fit(precision: str, **settings):
         torch.manual_seed(0)
         module = tl.TinyClassifier(depth=1)
         before = torch.cat([p.detach().float().flatten().clone() for p in module.parameters()])
-        trainer = tl.trainer(tmp_path, callbacks=[MeZOCallback(eps=1e-3, lr=1e-3, **settings)], max_steps=3,
-                             precision=precision)
+        trainer = tl.trainer(
+            tmp_path, callbacks=[MeZOCallback(eps=1e-3, lr=1e-3, **settings)], max_steps=3, precision=precision
+        )
         trainer.fit(module, tl.loader(n=12, batch_size=4))
         return module, torch.cat([p.detach().float().flatten() for p in module.parameters()]) - before
 

@@ -5,6 +5,7 @@ gradient from two losses of one batch: no ``.grad`` buffers exist to clip, and t
 asserts gradient accumulation off. Lightning would silently skip ``gradient_clip_val`` (it
 clips only in automatic optimization, which MeZO switches off at fit start).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -54,7 +55,9 @@ class ClipsItself(tl.TinyClassifier):
 
 
 def test_backward_hooks_the_module_overrides_are_named_in_a_warning(tmp_path):
-    with pytest.warns(UserWarning, match="ClipsItself overrides on_after_backward, configure_gradient_clipping, "
-                                         "which MeZO never calls"):
+    with pytest.warns(
+        UserWarning,
+        match="ClipsItself overrides on_after_backward, configure_gradient_clipping, which MeZO never calls",
+    ):
         trainer = _fit(tmp_path, ClipsItself(depth=1), [MeZO(eps=1e-3, lr=1e-3)])
     assert trainer.global_step == 1

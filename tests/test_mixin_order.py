@@ -1,11 +1,12 @@
 """Mixins call the next hook first (the user's code, another mixin's), then do their own work:
 one rule for every mixin (issue 25), checked with two stacked mixins and a user's hook."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
-
 import tiny_models as tm
+
 from vleff.callbacks.mixins import EViTMixin, LSTMixin, TokenMergingMixin
 from vleff.methods.evit.lightning import EVIT_KEY
 from vleff.methods.tome.lightning import TOME_KEY

@@ -1,4 +1,5 @@
 """Model factory and ImageClassifier: names, sizes, towers, clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,12 +46,19 @@ def test_random_init_blip_tower_is_not_degenerate():
     assert tiny.std().item() == pytest.approx(1e-3, rel=0.05)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"name": "resnet_nonexistent"}, ValueError, "model 'resnet_nonexistent' is not known"),
-    ({"name": "vit_base", "image_size": 100}, ValueError, "image_size=100 is not a positive multiple of the patch size 16"),
-    ({"name": "vit_tiny_digits", "num_classes": 0}, ValueError, "num_classes=0"),
-    ({"name": "vit_tiny_digits", "pretrained": True}, ValueError, "no published weights"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"name": "resnet_nonexistent"}, ValueError, "model 'resnet_nonexistent' is not known"),
+        (
+            {"name": "vit_base", "image_size": 100},
+            ValueError,
+            "image_size=100 is not a positive multiple of the patch size 16",
+        ),
+        ({"name": "vit_tiny_digits", "num_classes": 0}, ValueError, "num_classes=0"),
+        ({"name": "vit_tiny_digits", "pretrained": True}, ValueError, "no published weights"),
+    ],
+)
 def test_bad_model_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         build_model(**kwargs)
@@ -62,8 +70,14 @@ def test_classifier_takes_module_or_name_and_steps():
     module = ImageClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)), lr=1e-2)
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     before = module.model[1].weight.detach().clone()
     trainer.fit(module, loader, loader)
     assert not torch.equal(before, module.model[1].weight)

@@ -1,4 +1,5 @@
 """The notebooks run top to bottom (one training epoch) and show what they promise."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,13 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def _outputs(nb, kind: str) -> list:
-    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-            if out.get("output_type") == kind or kind in out.get("data", {})]
+    return [
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == kind or kind in out.get("data", {})
+    ]
 
 
 @pytest.mark.slow
@@ -23,8 +29,9 @@ def test_tome_digits_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("VLEFF_NOTEBOOK_STEPS", "8")  # the ToMe warm-up still reaches r=4 by the last step
     monkeypatch.setenv("VLEFF_NOTEBOOK_REPEATS", "1")
     nb = nbformat.read(NOTEBOOKS / "tome_digits.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     text = "".join(out.get("text", "") for out in _outputs(nb, "stream"))
     assert "validation accuracy with ToMe:" in text

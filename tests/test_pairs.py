@@ -1,11 +1,12 @@
 """Model pairs: the embeddings, pooling position and temperature must be the library's own."""
+
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
 
-import tiny_models as tm
 from vleff.backbones import TowerHook, find_pair, find_towers, get_patch, patch_tower
 from vleff.backbones.pairs import PairContext, pair_context
 
@@ -132,7 +133,7 @@ def test_context_is_one_object_on_both_patches_and_links_the_towers(name):
     patch_tower(pair.image_tower).add_hook(Noop())
     patch_tower(pair.text_tower).add_hook(recorder)
     image_patch, text_patch = get_patch(pair.image_tower.root), get_patch(pair.text_tower.root)
-    ids, mask = (tm.blip_token_ids() if name.startswith("blip") else (_clip_ids(), None))
+    ids, mask = tm.blip_token_ids() if name.startswith("blip") else (_clip_ids(), None)
     with torch.no_grad():
         with pair.context() as ctx:
             assert image_patch.context is ctx and text_patch.context is ctx
@@ -204,8 +205,10 @@ def test_pair_encoder_is_the_library_path_and_refuses_bad_input():
     images, ids = tm.images(), _clip_ids()
     with torch.no_grad():
         _exact(PairEncoder(model)(images), model.get_image_features(pixel_values=images).pooler_output)
-        _exact(PairEncoder(model, path="text")(ids),
-               model.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()).pooler_output)
+        _exact(
+            PairEncoder(model, path="text")(ids),
+            model.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()).pooler_output,
+        )
     assert caption_mask(torch.tensor([[5, 7, 0, 0]])).tolist() == [[1, 1, 0, 0]]
     with pytest.raises(ValueError, match="path='audio' is not allowed; use 'image' or 'text'"):
         PairEncoder(model, path="audio")

@@ -11,14 +11,15 @@ blocks the error observed is ≤ 0.011 of the output's scale; the bound is
   elementwise bound; where a near tie flipped a decision, the outputs must still point the same
   way (cosine ≥ 0.99 per sample).
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 import torch
-
 from families import FAMILIES, family_towers
+
 from vleff.backbones import find_towers, get_patch
 from vleff.registry import get_method
 
@@ -51,8 +52,9 @@ def _decisions(model, tower: str):
         state = patch.state
         src = state.get("source")
         kept = state.scratch.get("dynamicvit", {}).get("kept")
-        out.append((list(state.token_counts), None if src is None else src.clone(),
-                    None if kept is None else kept.clone()))
+        out.append(
+            (list(state.token_counts), None if src is None else src.clone(), None if kept is None else kept.clone())
+        )
     return out
 
 
@@ -73,8 +75,9 @@ def _within(low: torch.Tensor, ref: torch.Tensor) -> float:
     return float((low - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("family, tower", family_towers(("image", "text")),
-                         ids=[f"{f}-{t}" for f, t in family_towers(("image", "text"))])
+@pytest.mark.parametrize(
+    "family, tower", family_towers(("image", "text")), ids=[f"{f}-{t}" for f, t in family_towers(("image", "text"))]
+)
 def test_bf16_without_decisions_matches_the_fp32_library(family, tower):
     model = _model(family)
     fwd = FAMILIES[family].forwards[tower]

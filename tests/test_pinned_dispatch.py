@@ -6,6 +6,7 @@ against an independent table over every combination, on a stub "CUDA tensor" (no
 ``triton_available`` records import failures and lets other errors through; the decision is logged
 once; ``vleff-bench kernels`` reports what auto picked.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -45,8 +46,15 @@ def _expected(arg, env, cuda, interpret, available):
     return "triton" if cuda and not interpret and available else "torch"
 
 
-COMBOS = list(itertools.product([None, "auto", "torch", "triton"], [None, "auto", "torch", "triton"],
-                                [True, False], [True, False], [True, False]))
+COMBOS = list(
+    itertools.product(
+        [None, "auto", "torch", "triton"],
+        [None, "auto", "torch", "triton"],
+        [True, False],
+        [True, False],
+        [True, False],
+    )
+)
 
 
 def test_rule_table_on_a_stub_device(clean):
@@ -156,12 +164,15 @@ def test_decision_is_logged_once_per_process(clean, caplog):
     dispatch.kernel_backend(x, "torch")
     dispatch.kernel_backend(x)
     messages = [r.getMessage() for r in caplog.records if r.name == "vleff.kernels.dispatch"]
-    assert messages == ["vleff kernels: backend 'torch' (auto: tensors on cpu, not CUDA)",
-                        "vleff kernels: backend 'torch' (forced by backend argument)"]
+    assert messages == [
+        "vleff kernels: backend 'torch' (auto: tensors on cpu, not CUDA)",
+        "vleff kernels: backend 'torch' (forced by backend argument)",
+    ]
 
 
 def test_a_tome_model_logs_its_backend_once(clean, caplog):
     import tiny_models as tm
+
     from vleff import apply_tome
 
     caplog.set_level(logging.INFO, logger="vleff.kernels.dispatch")
@@ -176,10 +187,22 @@ def test_a_tome_model_logs_its_backend_once(clean, caplog):
 def test_kernel_bench_reports_the_auto_backend(clean, monkeypatch):
     from vleff.profile import kernels_bench
 
-    cfg = {"device": "cpu", "cases": ["tome_match", "galore_project", "tome_vit_e2e"], "tome_batch": 1,
-           "tome_tokens": 9, "tome_channels": 8, "lowrank_m": 8, "lowrank_n": 6, "lowrank_rank": 2,
-           "vit_model": "vit_tiny_patch16_224", "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1},
-           "vit_batch": 1, "vit_r": 2, "warmup": 0, "repeats": 1}
+    cfg = {
+        "device": "cpu",
+        "cases": ["tome_match", "galore_project", "tome_vit_e2e"],
+        "tome_batch": 1,
+        "tome_tokens": 9,
+        "tome_channels": 8,
+        "lowrank_m": 8,
+        "lowrank_n": 6,
+        "lowrank_rank": 2,
+        "vit_model": "vit_tiny_patch16_224",
+        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1},
+        "vit_batch": 1,
+        "vit_r": 2,
+        "warmup": 0,
+        "repeats": 1,
+    }
     rows = kernels_bench.run_kernel_bench(cfg)
     assert {r["case"] for r in rows} == {"tome_match", "galore_project", "tome_vit_e2e"}
     for row in rows:

@@ -10,13 +10,14 @@ after DynamicViT's. The recorded aux losses (``pop_aux_losses``) must equal
   *final* keep mask is 1;
 * ``ratio_weight / S · Σ_s mean_b (mean_n d_s − ρ_s)²``.
 """
+
 from __future__ import annotations
 
 import copy
 
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from vleff import apply_dynamicvit
 from vleff.backbones import TowerHook, find_tower, last_token_state, patch_tower
 from vleff.tokens.aux import pop_aux_losses
@@ -40,8 +41,9 @@ def _run(seed: int = 0):
     with torch.no_grad():  # peaked output distributions: KL's two directions differ clearly
         model.head.weight.mul_(100.0)
     teacher = copy.deepcopy(model).eval()  # independent of the library's own teacher copy
-    apply_dynamicvit(model, rho=0.5, locations=[1, 2], distill=True, kl_weight=KL_W, token_weight=TOKEN_W,
-                     ratio_weight=RATIO_W)
+    apply_dynamicvit(
+        model, rho=0.5, locations=[1, 2], distill=True, kl_weight=KL_W, token_weight=TOKEN_W, ratio_weight=RATIO_W
+    )
     last = LastTokens()
     patch_tower(find_tower(model)).add_hook(last)
     x = tm.images(batch=4, seed=seed + 1)

@@ -5,14 +5,15 @@ hook on its ``attn_drop`` receives the attention probabilities ``[B, H, N, N]``;
 averaged over heads is what EViT must rank by. Checked: the row a real forward hands EViT
 (``BlockInfo.row_attention(0)``) and the tokens EViT keeps.
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from vleff import apply_evit
 from vleff.backbones import TowerHook, find_tower, patch_tower
 
@@ -52,8 +53,11 @@ def _reference_probs(model: torch.nn.Module, x: torch.Tensor) -> dict[int, torch
     handles = []
     for i, block in enumerate(ref.blocks):
         block.attn.fused_attn = False
-        handles.append(block.attn.attn_drop.register_forward_hook(
-            lambda mod, args, out, i=i: probs.__setitem__(i, args[0].detach().clone())))
+        handles.append(
+            block.attn.attn_drop.register_forward_hook(
+                lambda mod, args, out, i=i: probs.__setitem__(i, args[0].detach().clone())
+            )
+        )
     with torch.no_grad():
         ref(x)
     for h in handles:

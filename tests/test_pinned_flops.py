@@ -10,11 +10,12 @@ runs on the tokens that leave it, the next block's count, or the tower output's 
 * the methods' own matmuls: ToMe's A·Bᵀ similarity of the head-averaged keys
   ``2·B·⌈N/2⌉·⌊N/2⌋·Dh``, EViT's cls-attention row ``2·B·H·N·Dh``, DynamicViT's predictor MLP.
 """
+
 from __future__ import annotations
 
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 from vleff import apply_dynamicvit, apply_evit, apply_tome
 from vleff.backbones import last_token_state
 from vleff.profile import count_flops

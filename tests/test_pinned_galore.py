@@ -8,6 +8,7 @@
   fp32 step rounded once to bf16 (a kernel that drops the update of bf16 weights fails).
   The Triton kernel runs on CPU under ``TRITON_INTERPRET=1`` in a subprocess.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def _interpreter_active() -> bool:
 
 IN_INTERPRETER = _interpreter_active()
 
-from vleff.kernels.galore_step import galore_adam_step  # noqa: E402
 from vleff.memory.galore import GaLoreAdamW, galore_projection  # noqa: E402
+
+from vleff.kernels.galore_step import galore_adam_step  # noqa: E402
 
 
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -45,7 +47,7 @@ def _known_svd(m: int, n: int, gen: torch.Generator):
     """G = U diag(s) Vᵀ with known factors and well separated singular values."""
     k = min(m, n)
     u, v = _orthonormal(m, k, gen), _orthonormal(n, k, gen)
-    s = torch.tensor([2.0 ** -i for i in range(k)], dtype=torch.float64) * 10
+    s = torch.tensor([2.0**-i for i in range(k)], dtype=torch.float64) * 10
     return (u * s) @ v.T, u, v
 
 
@@ -88,15 +90,22 @@ def _hand_step(w, g, proj, side, steps, lr, b1, b2, eps, wd, scale):
         r = gt.double() @ proj.T if side == "right" else proj.T @ gt.double()
         m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
         v = (1 - b2) * r * r if v is None else b2 * v + (1 - b2) * r * r
-        n = (m / (1 - b1 ** t)) / (v.sqrt() / math.sqrt(1 - b2 ** t) + eps)
+        n = (m / (1 - b1**t)) / (v.sqrt() / math.sqrt(1 - b2**t) + eps)
         u = n @ proj if side == "right" else proj @ n
         w = w * (1 - lr * wd) - lr * scale * u
     return w
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), m=st.integers(2, 24), n=st.integers(2, 24), rank=st.integers(1, 6),
-       lr=st.floats(1e-4, 1e-1), wd=st.floats(0, 0.2), scale=st.floats(0.1, 2.0))
+@given(
+    seed=st.integers(0, 2**16),
+    m=st.integers(2, 24),
+    n=st.integers(2, 24),
+    rank=st.integers(1, 6),
+    lr=st.floats(1e-4, 1e-1),
+    wd=st.floats(0, 0.2),
+    scale=st.floats(0.1, 2.0),
+)
 def test_reference_step_equals_the_hand_formula(seed, m, n, rank, lr, wd, scale):
     gen = torch.Generator().manual_seed(seed)
     side = "right" if m >= n else "left"
@@ -108,8 +117,21 @@ def test_reference_step_equals_the_hand_formula(seed, m, n, rank, lr, wd, scale)
     expected = _hand_step(w, None, proj, side, grads, lr, 0.9, 0.99, 1e-8, wd, scale)
     exp_avg, exp_avg_sq = torch.zeros(low), torch.zeros(low)
     for t, g in enumerate(grads, start=1):
-        galore_adam_step(w, g, proj, exp_avg, exp_avg_sq, side=side, step=t, lr=lr, betas=(0.9, 0.99), eps=1e-8,
-                         weight_decay=wd, scale=scale, backend="torch")
+        galore_adam_step(
+            w,
+            g,
+            proj,
+            exp_avg,
+            exp_avg_sq,
+            side=side,
+            step=t,
+            lr=lr,
+            betas=(0.9, 0.99),
+            eps=1e-8,
+            weight_decay=wd,
+            scale=scale,
+            backend="torch",
+        )
     torch.testing.assert_close(w.double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -121,8 +143,18 @@ def _bf16_case(side: str):
     w = (0.01 * torch.randn(m, n, generator=gen)).to(torch.bfloat16)  # small weights: fine bf16 grid
     grad = torch.randn(m, n, generator=gen).to(torch.bfloat16)
     hyper = dict(lr=0.02, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, scale=0.5)
-    expected32 = _hand_step(w.float(), None, proj, side, [grad.float()], hyper["lr"], *hyper["betas"], hyper["eps"],
-                            hyper["weight_decay"], hyper["scale"]).float()
+    expected32 = _hand_step(
+        w.float(),
+        None,
+        proj,
+        side,
+        [grad.float()],
+        hyper["lr"],
+        *hyper["betas"],
+        hyper["eps"],
+        hyper["weight_decay"],
+        hyper["scale"],
+    ).float()
     return w, grad, proj, hyper, expected32, (m, rank) if side == "right" else (rank, n)
 
 
@@ -159,9 +191,27 @@ def test_triton_kernels_in_interpreter():
     if IN_INTERPRETER:
         pytest.skip("already under TRITON_INTERPRET=1")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore",
-           "-k", "test_triton_bf16"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore",
+        "-k",
+        "test_triton_bf16",
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert "2 passed" in proc.stdout, proc.stdout[-2000:]

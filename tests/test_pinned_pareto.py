@@ -1,5 +1,6 @@
 """benchmarks/pareto_digits.py over several seeds: Δ against the same-seed, same-epochs control,
 and the mean ± std summary, on hand-made rows (no training)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,8 +27,11 @@ def _rows():
         2: {"baseline": 0.86, "tome_shelf": 0.80, "baseline+ft": 0.88, "tome_ft": 0.85},
     }
     gflops = {"baseline": 1.0, "tome_shelf": 0.6, "baseline+ft": 1.0, "tome_ft": 0.6}
-    return [{"seed": s, "family": f, "name": f, "setting": "", "accuracy": a, "gflops": gflops[f]}
-            for s, fams in acc.items() for f, a in fams.items()], acc
+    return [
+        {"seed": s, "family": f, "name": f, "setting": "", "accuracy": a, "gflops": gflops[f]}
+        for s, fams in acc.items()
+        for f, a in fams.items()
+    ], acc
 
 
 def test_seeds_option(pareto):
@@ -43,8 +47,12 @@ def test_delta_is_against_the_same_seed_control(pareto):
     pareto.add_deltas(rows)
     for row in rows:
         a = acc[row["seed"]]
-        want = {"baseline": 0.0, "tome_shelf": a["tome_shelf"] - a["baseline"],
-                "baseline+ft": a["baseline+ft"] - a["baseline"], "tome_ft": a["tome_ft"] - a["baseline+ft"]}
+        want = {
+            "baseline": 0.0,
+            "tome_shelf": a["tome_shelf"] - a["baseline"],
+            "baseline+ft": a["baseline+ft"] - a["baseline"],
+            "tome_ft": a["tome_ft"] - a["baseline+ft"],
+        }
         assert math.isclose(row["delta_vs_control_points"], 100 * want[row["family"]], abs_tol=1e-9), row
         assert math.isclose(row["accuracy_change_points"], 100 * (a[row["family"]] - a["baseline"]), abs_tol=1e-9)
 

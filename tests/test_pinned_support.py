@@ -9,17 +9,18 @@
 * One ``MeZO`` step: ``θ − lr·g·z`` with ``z`` regenerated from the documented seed contract and
   ``g = (L(θ + εz) − L(θ − εz)) / 2ε`` computed here on a copy.
 """
+
 from __future__ import annotations
 
 import copy
 
 import lightning.pytorch as pl
 import pytest
+import tiny_lightning as tl
+import tiny_models as tm
 import torch
 from torch import nn
 
-import tiny_lightning as tl
-import tiny_models as tm
 from vleff.backbones import last_token_state
 
 FAMILIES = ["hf_clip", "hf_blip"]
@@ -81,8 +82,9 @@ def test_galore_step_on_hf_towers_by_hand(family):
 
     model = _backbone(family).eval()
     vision = model.vision_model
-    square_name = "encoder.layers.0.self_attn.q_proj.weight" if family == "hf_clip" else \
-        "encoder.layers.0.mlp.fc1.weight"
+    square_name = (
+        "encoder.layers.0.self_attn.q_proj.weight" if family == "hf_clip" else "encoder.layers.0.mlp.fc1.weight"
+    )
     named = dict(vision.named_parameters())
     square = named[square_name]
     others = [p for n, p in named.items() if n != square_name]

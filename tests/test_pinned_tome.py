@@ -7,18 +7,19 @@
 * the matching metric is the block's keys averaged over heads, recomputed here from the
   timm block's own ``qkv`` projection (keys and token features disagree about the best pairs).
 """
+
 from __future__ import annotations
 
 import copy
 import math
 
-import torch
-
 import tiny_models as tm
+import torch
+from vleff.tokens.tome import ToMeConfig, ToMeHook
+
 from vleff import apply_tome
 from vleff.backbones import TowerHook, find_tower, last_token_state, patch_tower
 from vleff.kernels.tome import bipartite_soft_matching_reference, merge_weighted_reference
-from vleff.tokens.tome import ToMeConfig, ToMeHook
 
 
 class Capture(TowerHook):

@@ -1,21 +1,33 @@
 """vleff.profile against independent hand counts: FLOPs, saved activations, optimizer state."""
+
 from __future__ import annotations
 
 import json
 import types
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import tiny_models as tm
 import vleff.profile.throughput as throughput_module
-from vleff.profile import (ThroughputResult, compare_models, count_flops, flop_counter, measure_throughput,
-                           optimizer_state_bytes, peak_memory_bytes, plot_rows, print_table, rows_to_csv,
-                           rows_to_json, saved_activation_bytes)
+from vleff.profile import (
+    ThroughputResult,
+    compare_models,
+    count_flops,
+    flop_counter,
+    measure_throughput,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+    plot_rows,
+    print_table,
+    rows_to_csv,
+    rows_to_json,
+    saved_activation_bytes,
+)
 
 B = 2
 
@@ -35,9 +47,11 @@ def patch_embed_flops(batch: int, image: int, patch: int, width: int, channels: 
 
 def vit_flops(batch=B, image=tm.IMG, patch=tm.PATCH, width=64, depth=3, mlp_hidden=256, classes=10, prefix=1):
     tokens = (image // patch) ** 2 + prefix
-    return (patch_embed_flops(batch, image, patch, width)
-            + depth * transformer_block_flops(batch, tokens, width, mlp_hidden)
-            + 2 * batch * width * classes)
+    return (
+        patch_embed_flops(batch, image, patch, width)
+        + depth * transformer_block_flops(batch, tokens, width, mlp_hidden)
+        + 2 * batch * width * classes
+    )
 
 
 def set_fused(model: nn.Module, fused: bool) -> None:
@@ -88,9 +102,11 @@ def test_deit_distilled_flops_equal_analytic():
 
 def open_clip_image_flops(batch=B, width=64, layers=2, embed_dim=32):
     tokens = (tm.IMG // tm.PATCH) ** 2 + 1
-    return (patch_embed_flops(batch, tm.IMG, tm.PATCH, width)
-            + layers * transformer_block_flops(batch, tokens, width, 4 * width)
-            + 2 * batch * width * embed_dim)
+    return (
+        patch_embed_flops(batch, tm.IMG, tm.PATCH, width)
+        + layers * transformer_block_flops(batch, tokens, width, 4 * width)
+        + 2 * batch * width * embed_dim
+    )
 
 
 @pytest.mark.parametrize("disable_fastpath", [True, False])
@@ -135,12 +151,13 @@ def test_hf_blip_vision_flops_equal_analytic():
 
 
 @settings(max_examples=15, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 3), nq=st.integers(1, 9), nk=st.integers(1, 9),
-       d=st.sampled_from([4, 8, 16]))
+@given(
+    b=st.integers(1, 3), h=st.integers(1, 3), nq=st.integers(1, 9), nk=st.integers(1, 9), d=st.sampled_from([4, 8, 16])
+)
 def test_sdpa_flops_equal_explicit_matmuls(b, h, nq, nk, d):
     q, k, v = torch.randn(b, h, nq, d), torch.randn(b, h, nk, d), torch.randn(b, h, nk, d)
     fused = count_flops(F.scaled_dot_product_attention, q, k, v)
-    explicit = count_flops(lambda: ((q @ k.transpose(-2, -1)).softmax(-1) @ v))
+    explicit = count_flops(lambda: (q @ k.transpose(-2, -1)).softmax(-1) @ v)
     assert fused == explicit == 4 * b * h * nq * nk * d
 
 
@@ -216,7 +233,7 @@ def test_peak_memory_bytes_cpu_sees_large_allocation():
     holds resident after earlier tests (the documented under-count), which made this flaky."""
     import mmap
 
-    size = 64 * 2 ** 20
+    size = 64 * 2**20
 
     def touch() -> mmap.mmap:
         buf = mmap.mmap(-1, size)
@@ -240,10 +257,12 @@ def test_measure_throughput_structure():
     def make(name):
         def fn():
             calls[name] += 1
+
         return fn
 
-    results = measure_throughput({"a": make("a"), "b": make("b")}, items_per_call=8, warmup=2, repeats=3,
-                                 progress=False)
+    results = measure_throughput(
+        {"a": make("a"), "b": make("b")}, items_per_call=8, warmup=2, repeats=3, progress=False
+    )
     assert list(results) == ["a", "b"] and calls == {"a": 5, "b": 5}
     for name, r in results.items():
         assert isinstance(r, ThroughputResult) and r.name == name and len(r.times_s) == 3
@@ -265,9 +284,11 @@ def test_measure_throughput_order_and_medians_with_fake_clock(monkeypatch):
     monkeypatch.setattr(throughput_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
     names, warmup, repeats, items = ["a", "b", "c"], 2, 5, 6
     warmup_cost = 1000.0  # would dominate any timed repeat it leaked into
-    timed_costs = {"a": [4.0, 1.0, 7.0, 2.0, 5.0],    # median 4 (mean 3.8, min 1)
-                   "b": [2.0, 50.0, 1.0, 3.0, 2.0],   # median 2 (mean 11.6)
-                   "c": [8.0, 7.0, 30.0, 9.0, 8.0]}   # median 8 (mean 12.4)
+    timed_costs = {
+        "a": [4.0, 1.0, 7.0, 2.0, 5.0],  # median 4 (mean 3.8, min 1)
+        "b": [2.0, 50.0, 1.0, 3.0, 2.0],  # median 2 (mean 11.6)
+        "c": [8.0, 7.0, 30.0, 9.0, 8.0],
+    }  # median 8 (mean 12.4)
     calls_so_far = dict.fromkeys(names, 0)
 
     def make(name):
@@ -276,10 +297,12 @@ def test_measure_throughput_order_and_medians_with_fake_clock(monkeypatch):
             calls_so_far[name] += 1
             events.append(name)
             now[0] += warmup_cost if k < warmup else timed_costs[name][k - warmup]
+
         return fn
 
-    results = measure_throughput({n: make(n) for n in names}, items_per_call=items, warmup=warmup,
-                                 repeats=repeats, progress=False)
+    results = measure_throughput(
+        {n: make(n) for n in names}, items_per_call=items, warmup=warmup, repeats=repeats, progress=False
+    )
 
     # warm-up: every candidate `warmup` times, before the clock is ever read
     n_warm = len(names) * warmup
@@ -290,7 +313,7 @@ def test_measure_throughput_order_and_medians_with_fake_clock(monkeypatch):
     assert len(timed) == 3 * len(names) * repeats
     calls = timed[1::3]
     assert timed[0::3] == ["t"] * len(calls) and timed[2::3] == ["t"] * len(calls)
-    rounds = [calls[i * len(names):(i + 1) * len(names)] for i in range(repeats)]
+    rounds = [calls[i * len(names) : (i + 1) * len(names)] for i in range(repeats)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"], ["b", "c", "a"]]
 
     # each timed repeat is exactly that call's cost (no warm-up time leaks in), in round order
@@ -311,8 +334,13 @@ def test_measure_throughput_even_repeats_median_and_real_clock():
     (only lower bounds are asserted: a loaded machine makes sleeps overshoot, never undershoot)."""
     import time
 
-    results = measure_throughput({"fast": lambda: time.sleep(0.005), "slow": lambda: time.sleep(0.02)},
-                                 items_per_call=1, warmup=1, repeats=4, progress=False)
+    results = measure_throughput(
+        {"fast": lambda: time.sleep(0.005), "slow": lambda: time.sleep(0.02)},
+        items_per_call=1,
+        warmup=1,
+        repeats=4,
+        progress=False,
+    )
     for r in results.values():
         ordered = sorted(r.times_s)
         assert r.median_s == pytest.approx((ordered[1] + ordered[2]) / 2)

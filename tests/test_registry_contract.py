@@ -1,5 +1,6 @@
 """The registry's declarative contract: traits and refusals instead of name lists, validated when
 a method is registered, and :func:`vleff.registry.conflict` asked both ways."""
+
 from dataclasses import dataclass
 
 import pytest
@@ -34,8 +35,9 @@ def test_updatable_and_schedule_must_name_settings_and_need_an_update():
 
 
 def test_a_rule_is_written_once_and_asked_both_ways():
-    reader = _method(traits=frozenset({"reads_full_stream"}),
-                     refuses=(Refusal("reduces_tokens", "reads the full stream"),))
+    reader = _method(
+        traits=frozenset({"reads_full_stream"}), refuses=(Refusal("reduces_tokens", "reads the full stream"),)
+    )
     reducer = _method(traits=frozenset({"reduces_tokens"}))
     assert reader.refusal_of(reducer).reason == "reads the full stream"
     assert reducer.refusal_of(reader) is None  # one direction holds the rule ...
@@ -57,9 +59,9 @@ def test_builtin_methods_are_found_by_their_folders():
 def test_a_declared_rule_is_enforced_when_hooks_attach_without_hook_code():
     """A new method declares its refusal once in its registry entry; the backbone layer enforces it
     on every tower, in either order, and its hook needs no ``conflict_with`` of its own."""
+    import tiny_models as tm
     import torch
 
-    import tiny_models as tm
     import vleff
     from vleff import registry
     from vleff.backbones import TowerHook, find_towers
@@ -68,8 +70,9 @@ def test_a_declared_rule_is_enforced_when_hooks_attach_without_hook_code():
     class ProbeHook(TowerHook):
         name = "probe"
 
-    registry.register_method(_method(traits=frozenset({"tower_hook"}),
-                                     refuses=(Refusal("reduces_tokens", "the probe needs every token"),)))
+    registry.register_method(
+        _method(traits=frozenset({"tower_hook"}), refuses=(Refusal("reduces_tokens", "the probe needs every token"),))
+    )
     try:
         model = tm.timm_vit(depth=2).eval()
         attach_hooks(find_towers(model), [ProbeHook()])

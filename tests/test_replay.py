@@ -2,15 +2,16 @@
 recomputed in backward from a copy of the token state it started from, so the recomputation
 equals the forward and leaves the forward's state alone; hooks that cannot replay are refused at
 apply (and at the forward, when checkpointing is turned on later)."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
+import tiny_models as tm
 import torch
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
-import tiny_models as tm
 import vleff
 from vleff.backbones import last_token_state
 
@@ -117,6 +118,7 @@ def test_a_tome_warmup_from_r0_trains_under_checkpointing_like_without(tmp_path)
     """A warm-up from r = 0 under checkpointing (how large ViTs are trained) used to stop at the
     first step; now it trains, and the weights equal those of the same run without checkpointing."""
     import tiny_lightning as tl
+
     from vleff.callbacks import TokenMerging
 
     trained = []
@@ -124,8 +126,9 @@ def test_a_tome_warmup_from_r0_trains_under_checkpointing_like_without(tmp_path)
         torch.manual_seed(0)
         module = tl.TinyClassifier()
         module.model.set_grad_checkpointing(checkpointing)
-        trainer = tl.trainer(tmp_path / str(checkpointing), [TokenMerging(r=3, schedule="linear", warmup_steps=2)],
-                             max_steps=4)
+        trainer = tl.trainer(
+            tmp_path / str(checkpointing), [TokenMerging(r=3, schedule="linear", warmup_steps=2)], max_steps=4
+        )
         trainer.fit(module, tl.loader())
         assert last_token_state(module).token_counts == [17, 14, 11]  # the full r after the warm-up
         trained.append(torch.cat([p.detach().flatten() for p in module.parameters()]))

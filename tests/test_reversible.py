@@ -5,6 +5,7 @@ The reference network here is written from timm's own modules (``blk.attn``, ``b
 stack must give the same output and the same gradients with dropout and drop-path on, which
 only holds if the recomputation replays the forward's random numbers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,11 +15,11 @@ import pickle
 import warnings
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 import vleff.memory.reversible as rev
 from vleff.memory.reversible import ReversibleConfig, apply_reversible, remove_reversible, reversible_applied
+
 from vleff.profile import saved_activation_bytes
 
 DROPOUT = dict(attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.2)
@@ -88,14 +89,20 @@ def _flat(grads: dict[str, torch.Tensor], names) -> torch.Tensor:
 
 # (settings, tolerance on the relative error of the whole gradient): MEFT's couplings amplify
 # rounding error block after block (its streams are float64 by default, so 1e-5 holds here)
-COUPLINGS = [(dict(coupling="revvit"), 1e-5), (dict(coupling="meft", adapter=0), 1e-5),
-             (dict(coupling="meft"), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8), 1e-5),
-             (dict(coupling="meft", balance=True), 1e-5), (dict(coupling="meft", lam=0.5, beta=0.8, balance=True), 1e-5),
-             (dict(coupling="revvit", adapter=4), 1e-5)]
+COUPLINGS = [
+    (dict(coupling="revvit"), 1e-5),
+    (dict(coupling="meft", adapter=0), 1e-5),
+    (dict(coupling="meft"), 1e-5),
+    (dict(coupling="meft", lam=0.5, beta=0.8), 1e-5),
+    (dict(coupling="meft", balance=True), 1e-5),
+    (dict(coupling="meft", lam=0.5, beta=0.8, balance=True), 1e-5),
+    (dict(coupling="revvit", adapter=4), 1e-5),
+]
 
 
-@pytest.mark.parametrize("settings, tol", COUPLINGS, ids=lambda s: "-".join(f"{v}" for v in s.values())
-                         if isinstance(s, dict) else str(s))
+@pytest.mark.parametrize(
+    "settings, tol", COUPLINGS, ids=lambda s: "-".join(f"{v}" for v in s.values()) if isinstance(s, dict) else str(s)
+)
 def test_gradients_equal_autograd_through_the_plain_couplings_with_dropout(settings, tol):
     model = _vit(depth=4, **DROPOUT).train()
     config = ReversibleConfig(**settings)
@@ -140,19 +147,25 @@ def test_meft_needs_float64_streams_at_depth_12():
 
 
 def test_amplification_estimate_and_warning():
-    golden = (1 + 5 ** 0.5) / 2
-    assert rev.block_amplification(ReversibleConfig()) == pytest.approx(golden ** 4)  # [[1, 1], [1, 2]]
+    golden = (1 + 5**0.5) / 2
+    assert rev.block_amplification(ReversibleConfig()) == pytest.approx(golden**4)  # [[1, 1], [1, 2]]
     assert rev.block_amplification(ReversibleConfig(coupling="revvit")) == 1.0
     deep = tm.timm_vit(depth=12, embed_dim=32, num_heads=2)
-    for settings, warns in [({}, False), ({"streams": "float32"}, True), ({"lam": 0.1, "beta": 0.1}, True),
-                            ({"coupling": "revvit"}, False), ({"balance": True}, True)]:
+    for settings, warns in [
+        ({}, False),
+        ({"streams": "float32"}, True),
+        ({"lam": 0.1, "beta": 0.1}, True),
+        ({"coupling": "revvit"}, False),
+        ({"balance": True}, True),
+    ]:
         # (revvit with balance=True is refused now: tests/test_method_conflicts.py)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             apply_reversible(deep, **settings)
         messages = [str(w.message) for w in caught]
-        assert any("amplifies rounding error" in m or "balance=True over 12 blocks" in m for m in messages) == warns, \
+        assert any("amplifies rounding error" in m or "balance=True over 12 blocks" in m for m in messages) == warns, (
             settings
+        )
 
 
 def test_without_rng_replay_the_gradients_are_wrong(monkeypatch):
@@ -250,8 +263,9 @@ def test_remove_restores_the_library_bit_exactly_and_copies_work():
         assert list(model.state_dict()) == keys
         out = model(x)
         assert not torch.allclose(out, ref)
-        torch.testing.assert_close(out, reference_forward(model, x, ReversibleConfig(coupling="revvit")),
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            out, reference_forward(model, x, ReversibleConfig(coupling="revvit")), atol=1e-6, rtol=1e-5
+        )
         for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             assert reversible_applied(other)
             torch.testing.assert_close(other(x), out, atol=0, rtol=0)
@@ -271,9 +285,13 @@ def test_remove_restores_the_library_bit_exactly_and_copies_work():
 def test_refusals():
     from vleff.tokens.tome import apply_tome
 
-    for bad, match in [({"coupling": "revnet"}, "coupling='revnet'.*meft"), ({"lam": 0}, "lam=0.*> 0"),
-                       ({"beta": -1.0}, "beta=-1.0"), ({"lam": float("nan")}, "lam=nan"),
-                       ({"balance": 1}, "balance=1.*True or False")]:
+    for bad, match in [
+        ({"coupling": "revnet"}, "coupling='revnet'.*meft"),
+        ({"lam": 0}, "lam=0.*> 0"),
+        ({"beta": -1.0}, "beta=-1.0"),
+        ({"lam": float("nan")}, "lam=nan"),
+        ({"balance": 1}, "balance=1.*True or False"),
+    ]:
         with pytest.raises(ValueError, match=match):
             apply_reversible(_vit(), **bad)
     model = apply_tome(_vit(), r=1)
@@ -346,8 +364,9 @@ def test_rng_states_are_saved_only_for_blocks_that_draw_random_numbers():
         assert len(seen) == 2 * 2  # drop-path rates rise from 0: blocks 1 and 2 draw, block 0 does not
 
 
-def reference_open_clip_stack(transformer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
-                              config: ReversibleConfig) -> torch.Tensor:
+def reference_open_clip_stack(
+    transformer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, config: ReversibleConfig
+) -> torch.Tensor:
     """open_clip's ``Transformer`` with the couplings, from its own block modules (``attention``
     is the library's ``nn.MultiheadAttention`` call, in the transformer's own layout)."""
     lam, beta = config.scales
@@ -369,8 +388,11 @@ def reference_open_clip_stack(transformer: torch.nn.Module, x: torch.Tensor, mas
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-@pytest.mark.parametrize("settings", [dict(coupling="revvit"), dict(coupling="meft", lam=0.7, beta=0.9, balance=True)],
-                         ids=["revvit", "meft"])
+@pytest.mark.parametrize(
+    "settings",
+    [dict(coupling="revvit"), dict(coupling="meft", lam=0.7, beta=0.9, balance=True)],
+    ids=["revvit", "meft"],
+)
 def test_open_clip_towers_gradients_equal_the_reference(tower, settings):
     """Both open_clip towers; the text tower's causal mask must reach F (without it the text
     output attends to later tokens and differs from the reference)."""
@@ -421,9 +443,14 @@ def test_combines_with_galore():
     assert losses[-1] < 0.7 * losses[0] and losses == sorted(losses, reverse=True), losses
 
 
-@pytest.mark.parametrize("settings, streams", [(dict(coupling="meft", lam=0.5, beta=0.5), torch.float64),
-                                               (dict(coupling="revvit"), torch.float32),
-                                               (dict(coupling="meft", streams="float32"), torch.float32)])
+@pytest.mark.parametrize(
+    "settings, streams",
+    [
+        (dict(coupling="meft", lam=0.5, beta=0.5), torch.float64),
+        (dict(coupling="revvit"), torch.float32),
+        (dict(coupling="meft", streams="float32"), torch.float32),
+    ],
+)
 def test_bf16_model_keeps_high_precision_streams(settings, streams):
     """A model cast to bf16 (no autocast): branches run in bf16, the streams in float32 (RevNet)
     or float64 (MEFT, whose couplings amplify rounding error)."""
@@ -497,12 +524,18 @@ def test_clip_memory_rows_reversible_and_reversible_galore(tmp_path):
     from vleff.cli.training_memory import run_training_memory
 
     config = tmp_path / "tiny_clip.json"
-    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 16,
-                                                                  "patch_size": 8, "image_size": 32},
-                                  "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 4,
-                                               "layers": 2}}))
-    rows = run_training_memory(str(config), batch_size=4, rank=4, methods="adamw,reversible,reversible_galore",
-                               isolate=False)
+    config.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"layers": 2, "width": 64, "head_width": 16, "patch_size": 8, "image_size": 32},
+                "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 4, "layers": 2},
+            }
+        )
+    )
+    rows = run_training_memory(
+        str(config), batch_size=4, rank=4, methods="adamw,reversible,reversible_galore", isolate=False
+    )
     adamw, rev_adamw, rev_galore = rows
     adapters = 2 * 2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)  # towers x blocks x (A_F, A_G) x (down + up)
     assert rev_adamw["parameters"] == adamw["parameters"] + adapters == rev_galore["parameters"]
@@ -529,8 +562,8 @@ class _DropoutClassifier:
 
 def _fit_dropout(tmp_path, max_steps: int, ckpt: str | None = None, save: str | None = None, adapter_seed: int = 5):
     import lightning.pytorch as pl
-
     import tiny_lightning as tl
+
     from vleff.callbacks import Reversible
 
     class Reseed(pl.Callback):  # Lightning checkpoints do not hold the global RNG
@@ -539,8 +572,9 @@ def _fit_dropout(tmp_path, max_steps: int, ckpt: str | None = None, save: str | 
 
     torch.manual_seed(0)
     module = _DropoutClassifier.make()
-    trainer = tl.trainer(tmp_path, [Reversible(coupling="meft", lam=0.8, beta=0.9), Reseed()],
-                         max_steps=max_steps, max_epochs=-1)
+    trainer = tl.trainer(
+        tmp_path, [Reversible(coupling="meft", lam=0.8, beta=0.9), Reseed()], max_steps=max_steps, max_epochs=-1
+    )
     torch.manual_seed(adapter_seed)  # MEFT's adapters are drawn in the callback's setup
     trainer.fit(module, tl.loader(4, seed=1), ckpt_path=ckpt)
     if save:
@@ -590,7 +624,9 @@ def test_balance_starts_closer_to_the_plain_network():
     assert balanced < 0.5 * plain
     c, gain = ReversibleConfig(coupling="meft", balance=True).balance_factors
     assert (c, gain) == pytest.approx(balance_reference(ReversibleConfig(coupling="meft", balance=True)))
-    assert (c, gain) == pytest.approx((2 / (3 + 5 ** 0.5), (1 + 5 ** 0.5) / 2))  # 1/φ², φ (ρ = φ², the golden ratio squared)
+    assert (c, gain) == pytest.approx(
+        (2 / (3 + 5**0.5), (1 + 5**0.5) / 2)
+    )  # 1/φ², φ (ρ = φ², the golden ratio squared)
     assert ReversibleConfig(coupling="revvit").balance_factors == (1.0, 1.0)
     with pytest.raises(ValueError, match="coupling='revvit' takes no balance=True"):  # refused, not ignored
         ReversibleConfig(coupling="revvit", balance=True)
@@ -628,8 +664,11 @@ def test_attention_dropout_probability_is_replayed(family, settings):
     RNG state was saved for these blocks and the whole gradient was 47-67 % wrong."""
     model, x = (_hf_tower_with_attention_dropout if family == "hf_clip" else _open_clip_with_mha_dropout)(0.3)
     apply_reversible(model, ReversibleConfig(**settings, towers="image"))
-    run = ((lambda: model.vision_model(pixel_values=x).last_hidden_state) if family == "hf_clip"
-           else (lambda: model.encode_image(x)))
+    run = (
+        (lambda: model.vision_model(pixel_values=x).last_hidden_state)
+        if family == "hf_clip"
+        else (lambda: model.encode_image(x))
+    )
     with rev.plain_autograd():
         ref_out, ref = _grads(model, run)
     out, got = _grads(model, run)

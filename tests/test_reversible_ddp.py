@@ -5,15 +5,15 @@ parameter's gradient from one autograd node, after which DDP's all-reduce must s
 them. Both ranks must end with identical weights, equal to one process doing the same SGD
 steps on the union of the two ranks' batches (equal shards: the mean of the two losses).
 """
+
 from __future__ import annotations
 
 import os
 import socket
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 
 STEPS, BATCH, LR = 3, 4, 0.05
 
@@ -40,13 +40,20 @@ def _module():
 def _data() -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(0)
     n = 2 * BATCH * STEPS
-    return torch.utils.data.TensorDataset(torch.randn(n, 3, tm.IMG, tm.IMG, generator=g),
-                                          torch.randint(0, 10, (n,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.randn(n, 3, tm.IMG, tm.IMG, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), NODE_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        NODE_RANK="0",
+    )
     torch.set_num_threads(1)
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DDPStrategy
@@ -58,19 +65,29 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         broadcasts rank 0's)."""
 
         def on_train_start(self, trainer, pl_module):
-            torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                       os.path.join(out_dir, f"start{rank}.pt"))
+            torch.save(
+                {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                os.path.join(out_dir, f"start{rank}.pt"),
+            )
 
     module = _module()
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=DDPStrategy(process_group_backend="gloo"),
-                         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-                         callbacks=[Reversible(coupling="meft", lam=0.7, beta=0.9), SaveStart()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[Reversible(coupling="meft", lam=0.7, beta=0.9), SaveStart()],
+    )
     # rank r: samples r, r + 2, ... (Lightning's own sampler would shuffle)
     sampler = torch.utils.data.DistributedSampler(_data(), num_replicas=world, rank=rank, shuffle=False)
     trainer.fit(module, torch.utils.data.DataLoader(_data(), batch_size=BATCH, sampler=sampler))
-    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
     # tear the gloo group down before the interpreter exits: left to exit, gloo's threads can abort
     # ("terminate called without an active exception"), failing a run whose results were all saved
     torch.distributed.destroy_process_group()

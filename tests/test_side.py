@@ -3,27 +3,33 @@ backbone is saved for backward (a check that fails once a backbone weight is unf
 starts at the frozen model and computes the paper's formula, LST's side blocks are the backbone's
 blocks with channels kept by importance, side-only state reproduces a trained model on a fresh
 backbone, Lightning checkpoints hold only the side state, 2-process DDP, clear refusals."""
+
 from __future__ import annotations
 
 import os
 
 import lightning.pytorch as pl
 import pytest
-import torch
-import torch.nn.functional as F
-
 import tiny_lightning as tl
 import tiny_models as tm
-import vleff
+import torch
+import torch.nn.functional as F
 from families import FAMILIES
-from vleff.backbones import TowerHook, find_towers, patch_tower, unpatch_tower
-from vleff.side import common
 from vleff.side.lst import apply_lst, choose_side_heads, fisher_information, lst_gate_values, remove_lst
 from vleff.side.unipt import apply_unipt, remove_unipt
 from vleff.side.vqt import apply_vqt
 
-SIDE_CASES = [("timm_vit", "image"), ("open_clip", "image"), ("open_clip", "text"), ("hf_clip", "image"),
-              ("hf_clip", "text")]
+import vleff
+from vleff.backbones import TowerHook, find_towers, patch_tower, unpatch_tower
+from vleff.side import common
+
+SIDE_CASES = [
+    ("timm_vit", "image"),
+    ("open_clip", "image"),
+    ("open_clip", "text"),
+    ("hf_clip", "image"),
+    ("hf_clip", "text"),
+]
 CASE_IDS = [f"{f}-{t}" for f, t in SIDE_CASES]
 
 
@@ -68,6 +74,7 @@ def backbone_saved_tensors(model: torch.nn.Module, fn) -> list[tuple[int, ...]]:
     tokens: dict[int, int] = {}
     handles = []
     for tower in find_towers(model):
+
         def start(block, args, key=id(tower.root), seq_first=tower.sequence_first):
             tokens[key] = args[0].shape[0 if seq_first else 1]
 
@@ -75,6 +82,7 @@ def backbone_saved_tensors(model: torch.nn.Module, fn) -> list[tuple[int, ...]]:
         inner = [m for b in tower.blocks() for m in b.modules() if m is not b]
         norm, _ = common.final_norm(tower)
         for module in [*inner, norm]:
+
             def record(module, args, out, key=id(tower.root)):
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     # the token stream's [B, N, ...] (VQT's query path through the same modules is [B, T, ...])
@@ -150,7 +158,7 @@ def test_vqt_on_clip_image_towers_keeps_the_stream_and_starts_at_the_frozen_mode
         torch.testing.assert_close(fwd(model), plain, atol=0, rtol=0)
         t.root.vleff_vqt.proj.weight.normal_()
         assert not torch.allclose(fwd(model), plain, atol=1e-4)
-    for a, b in zip(outs[-len(plain_stream):], plain_stream):  # the frozen token stream is untouched
+    for a, b in zip(outs[-len(plain_stream) :], plain_stream):  # the frozen token stream is untouched
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -296,7 +304,9 @@ def test_lst_keeps_the_most_important_channels(init):
     torch.testing.assert_close(side.blocks[0].norm1.weight, model.blocks[0].norm1.weight[keep], atol=0, rtol=0)
     torch.testing.assert_close(side.norm.weight, model.norm.weight[keep], atol=0, rtol=0)
     b = model.blocks[1]
-    attn_scores = sum(square(b.attn.qkv.weight).chunk(3)[i].sum(1) for i in range(3)) + square(b.attn.proj.weight).sum(0)
+    attn_scores = sum(square(b.attn.qkv.weight).chunk(3)[i].sum(1) for i in range(3)) + square(b.attn.proj.weight).sum(
+        0
+    )
     attn = attn_scores.topk(16).indices.sort().values
     torch.testing.assert_close(side.blocks[1].proj.weight, b.attn.proj.weight[keep][:, attn], atol=0, rtol=0)
     if init == "fisher":  # a different importance picks different channels than magnitude
@@ -342,8 +352,9 @@ class _Unfreezes(tl.TinyClassifier):
         return super().configure_optimizers()
 
 
-@pytest.mark.parametrize("callback, label", [("LadderSideTuning", "LST"), ("UniPT", "UniPT"),
-                                             ("VisualQueryTuning", "VQT")])
+@pytest.mark.parametrize(
+    "callback, label", [("LadderSideTuning", "LST"), ("UniPT", "UniPT"), ("VisualQueryTuning", "VQT")]
+)
 def test_callbacks_refuse_a_module_that_unfreezes_the_backbone(callback, label, tmp_path):
     trainer = tl.trainer(tmp_path, [getattr(vleff.callbacks, callback)()], max_steps=1)
     with pytest.raises(RuntimeError, match=rf"{label} needs a frozen backbone.*blocks\.1\.mlp\.fc1\.weight"):
@@ -380,8 +391,9 @@ def test_lightning_checkpoints_hold_only_the_side_state_unless_asked(full, tmp_p
     trained = tl.TinyClassifier().model.state_dict()  # a bare model's weights: init_from loads them into the backbone
     torch.save(trained, tmp_path / "trained.pt")
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.UniPT(full_checkpoint=full, init_from=tmp_path / "trained.pt")],
-                         max_steps=1)
+    trainer = tl.trainer(
+        tmp_path, [vleff.callbacks.UniPT(full_checkpoint=full, init_from=tmp_path / "trained.pt")], max_steps=1
+    )
     trainer.fit(module, tl.loader(4))
     assert torch.equal(module.model.blocks[2].mlp.fc2.weight, trained["blocks.2.mlp.fc2.weight"])  # frozen, loaded
     trainer.save_checkpoint(tmp_path / "c.ckpt")
@@ -427,13 +439,21 @@ class _SyncCheck(pl.Callback):
         gathered = trainer.strategy.all_gather(flat)
         same = bool(torch.equal(gathered[0], gathered[1]))
         frozen = all(not p.requires_grad for n, p in pl_module.model.blocks.named_parameters() if "lora_" not in n)
-        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{same} {not torch.equal(flat, self.start)} {frozen}")
+        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(
+            f"{same} {not torch.equal(flat, self.start)} {frozen}"
+        )
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
-@pytest.mark.parametrize("callbacks", [{"LadderSideTuning": {"reduction": 4}}, {"LoRA": {"r": 4}},
-                                       {"UniPT": {"factor": 2}, "VisualQueryTuning": {"num_queries": 1}}],
-                         ids=["lst", "lora", "unipt+vqt"])
+@pytest.mark.parametrize(
+    "callbacks",
+    [
+        {"LadderSideTuning": {"reduction": 4}},
+        {"LoRA": {"r": 4}},
+        {"UniPT": {"factor": 2}, "VisualQueryTuning": {"num_queries": 1}},
+    ],
+    ids=["lst", "lora", "unipt+vqt"],
+)
 def test_side_and_lora_callbacks_under_two_process_ddp_gloo(callbacks, tmp_path):
     module = tl.TinyClassifier()
     methods = [getattr(vleff.callbacks, name)(**settings) for name, settings in callbacks.items()]

@@ -13,6 +13,7 @@ them calls the vleff helper it checks.
 * Side methods in general: no gradient reaches a *trainable* backbone through the side path; the
   per-forward side state ends with the forward that set it.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,15 +23,15 @@ import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from families import IMAGE
+from vleff.side.lst import LSTConfig, apply_lst
+from vleff.side.memvp import memvp_module
+from vleff.side.unipt import apply_unipt
+from vleff.side.vqt import apply_vqt
 
 import vleff
 from vleff.backbones import find_towers, get_patch
 from vleff.models.vlm import VisionLanguageModel
 from vleff.side import common
-from vleff.side.lst import LSTConfig, apply_lst
-from vleff.side.memvp import memvp_module
-from vleff.side.unipt import apply_unipt
-from vleff.side.vqt import apply_vqt
 
 D = torch.float64
 
@@ -128,8 +129,9 @@ def test_vqt_normalises_each_layer_over_all_of_its_query_outputs():
     with torch.no_grad():
         got = model(x)
         outs = [_h2t_block(b, i, p, heads=4) for b, i, p in zip(model.blocks, ins, model.vleff_vqt.queries)]
-        feats = torch.cat([o.reshape(o.shape[0], -1) / o.reshape(o.shape[0], -1).norm(dim=1, keepdim=True)
-                           for o in outs], dim=1)
+        feats = torch.cat(
+            [o.reshape(o.shape[0], -1) / o.reshape(o.shape[0], -1).norm(dim=1, keepdim=True) for o in outs], dim=1
+        )
         proj = model.vleff_vqt.proj
         torch.testing.assert_close(got, plain + feats @ proj.weight.T + proj.bias, atol=1e-10, rtol=1e-10)
         per_token = torch.cat([F.normalize(o, dim=-1).flatten(1) for o in outs], dim=1)
@@ -137,8 +139,9 @@ def test_vqt_normalises_each_layer_over_all_of_its_query_outputs():
 
 
 # ----------------------------------------------------------------------------------------- LST
-def _lst_by_hand(side: torch.nn.Module, layers: list[torch.Tensor], alphas: list[float], temperature: float,
-                 residual_after: bool) -> torch.Tensor:
+def _lst_by_hand(
+    side: torch.nn.Module, layers: list[torch.Tensor], alphas: list[float], temperature: float, residual_after: bool
+) -> torch.Tensor:
     """The reference's ``T5Stack.forward`` ladder with ``use_gate="learnable"``:
     ``s = Down_first(h_0)``; per layer ``i``, ``mu_i = 1 / (1 + exp(-alpha_i / T))`` and
     ``s = mu_i·s + (1 − mu_i)·Down_i(h_{i+1})`` merged before side block ``i``
@@ -183,7 +186,7 @@ def test_lst_ladder_order_and_gates_follow_the_reference(residual_after):
     model.norm.register_forward_hook(lambda m, a, o: fed.append(o.detach().clone()))  # after LST's hook
     with torch.no_grad():
         model(x)
-        layers = layers[:len(model.blocks) + 1]
+        layers = layers[: len(model.blocks) + 1]
         want = _lst_by_hand(side, layers, alphas, 0.1, residual_after=bool(residual_after))
         other = _lst_by_hand(side, layers, alphas, 0.1, residual_after=not residual_after)
     torch.testing.assert_close(fed[0][:, 0] - plain[0][:, 0], want, atol=1e-10, rtol=1e-10)
@@ -256,8 +259,17 @@ def _side_output(model: torch.nn.Module, method: str, family: str, x: torch.Tens
     return seen[0]
 
 
-@pytest.mark.parametrize("method, family", [("lst", "timm_vit"), ("unipt", "timm_vit"), ("lst", "open_clip"),
-                                            ("unipt", "hf_clip"), ("vqt", "timm_vit"), ("vqt", "open_clip")])
+@pytest.mark.parametrize(
+    "method, family",
+    [
+        ("lst", "timm_vit"),
+        ("unipt", "timm_vit"),
+        ("lst", "open_clip"),
+        ("unipt", "hf_clip"),
+        ("vqt", "timm_vit"),
+        ("vqt", "open_clip"),
+    ],
+)
 def test_no_gradient_reaches_a_trainable_backbone_through_the_side_path(method, family):
     """Point 17: backbone weights left trainable (no freezing, unlike the callbacks), a loss on
     the side output alone: LST and UniPT read detached layer outputs, so no backbone weight gets a
@@ -278,8 +290,11 @@ def test_no_gradient_reaches_a_trainable_backbone_through_the_side_path(method, 
     blocks = {id(p) for b in tower.blocks() for p in b.parameters()} if method == "vqt" else set()
     reached = [n for n, p in backbone if p.grad is not None and id(p) not in blocks]
     assert reached == []  # not even a zero gradient: those weights are not in the side output's graph
-    assert all(p.grad is not None for p in tower.root.get_submodule(f"vleff_{method}").parameters()
-               if p.requires_grad and p.dim() > 1)
+    assert all(
+        p.grad is not None
+        for p in tower.root.get_submodule(f"vleff_{method}").parameters()
+        if p.requires_grad and p.dim() > 1
+    )
 
 
 def test_vqt_block_weight_gradients_come_from_the_query_path_alone():
@@ -300,7 +315,7 @@ def test_vqt_block_weight_gradients_come_from_the_query_path_alone():
     w = block.attn.qkv.weight
     q_rows = slice(0, w.shape[0] // 3)
     torch.testing.assert_close(w.grad[q_rows], ref_block.attn.qkv.weight.grad[q_rows], atol=1e-10, rtol=1e-10)
-    assert torch.count_nonzero(w.grad[q_rows.stop:]) == 0  # no gradient into the frozen stream's K/V rows
+    assert torch.count_nonzero(w.grad[q_rows.stop :]) == 0  # no gradient into the frozen stream's K/V rows
 
 
 # --------------------------------------------------------------------------- lifetime (point 18)
@@ -338,8 +353,9 @@ def test_side_state_ends_with_the_forward_that_set_it(method, family):
             extra = (None,) if family == "hf_clip" else ()  # HF CLIP layers take attention_mask positionally
             for block in tower.blocks()[1:]:
                 # vleff's generic block equals the library's to float64 rounding
-                torch.testing.assert_close(block(y, *extra), type(block).forward(block, y, *extra), atol=1e-12,
-                                           rtol=1e-12)
+                torch.testing.assert_close(
+                    block(y, *extra), type(block).forward(block, y, *extra), atol=1e-12, rtol=1e-12
+                )
 
     with torch.no_grad():
         IMAGE[family](model, x)
@@ -362,8 +378,9 @@ def _raise_after(*args):
     raise _Boom("a failure after the module's forward")
 
 
-@pytest.mark.parametrize("where", ["last_block_output_in_model_forward", "final_norm_in_forward_features",
-                                   "block_in_forward_features"])
+@pytest.mark.parametrize(
+    "where", ["last_block_output_in_model_forward", "final_norm_in_forward_features", "block_in_forward_features"]
+)
 def test_side_state_is_dropped_wherever_the_forward_raises(where):
     """Point 18, each place a forward can end by an exception: after the last block inside the
     root's ``forward`` (the root's hook drops the state), in the final norm under

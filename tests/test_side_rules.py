@@ -2,6 +2,7 @@
 
 Each test pins one point of the issue (numbered as there) on a tiny randomly initialised model.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -225,8 +226,12 @@ def test_memvp_blip_vqa_beams_read_their_question_image():
     kwargs = {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 4}
     with torch.no_grad():
         both = model.generate(input_ids=ids, pixel_values=x, attention_mask=mask, **kwargs)
-        alone = [model.generate(input_ids=ids[i:i + 1], pixel_values=x[i:i + 1], attention_mask=mask[i:i + 1],
-                                **kwargs) for i in range(2)]
+        alone = [
+            model.generate(
+                input_ids=ids[i : i + 1], pixel_values=x[i : i + 1], attention_mask=mask[i : i + 1], **kwargs
+            )
+            for i in range(2)
+        ]
     torch.testing.assert_close(both, torch.cat(alone), atol=0, rtol=0)
 
 
@@ -256,6 +261,7 @@ def test_memvp_vlm_memory_ends_with_its_call(call):
 
 
 # --- 12: load_from_checkpoint of callback-trained checkpoints ------------------------------------------------
+
 
 class _Restoring:
     """The one line a module needs so ``load_from_checkpoint`` rebuilds the callback's method."""
@@ -313,8 +319,11 @@ def _outputs(module):
 CASES = {
     "lst": (_Classifier, tl.loader, lambda: vleff.callbacks.LadderSideTuning(reduction=4)),
     "crossget": (_CLIP, tl.pair_loader, lambda: vleff.callbacks.CrossGET(r_image=2, r_text=2)),
-    "madtp": (_CLIP, tl.pair_loader, lambda: vleff.callbacks.MADTP(flops_reduction=0.2, max_evals=4,
-                                                                   adjust_every_epoch=False)),
+    "madtp": (
+        _CLIP,
+        tl.pair_loader,
+        lambda: vleff.callbacks.MADTP(flops_reduction=0.2, max_evals=4, adjust_every_epoch=False),
+    ),
     "memvp": (_Captioner, _caption_loader, lambda: vleff.callbacks.MemVP(n_mem=16)),
 }
 

@@ -1,5 +1,6 @@
 """The exportable stable order (``vleff.kernels.order``) equals ``argsort(stable=True)``, ties
 included, in both directions — checked on the counting path that export takes."""
+
 from __future__ import annotations
 
 from unittest import mock
@@ -12,8 +13,13 @@ from vleff.kernels.order import stable_argsort
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 3), n=st.integers(1, 40), levels=st.integers(1, 6), descending=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 3),
+    n=st.integers(1, 40),
+    levels=st.integers(1, 6),
+    descending=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_counting_order_equals_stable_argsort(rows, n, levels, descending, seed):
     g = torch.Generator().manual_seed(seed)
     values = torch.randint(0, levels, (rows, n), generator=g).float()  # few levels: many ties

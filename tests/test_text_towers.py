@@ -5,12 +5,13 @@ follows its EOT or on its padded length; the EOT is never merged or dropped; pad
 merges with real tokens; the causal mask rebuilt at the new length equals running the
 library's own block on the kept tokens with the causal mask of their positions.
 """
+
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 import vleff
 from vleff.backbones import last_token_state
 from vleff.backbones.text import PAD, PROTECTED, SOURCE
@@ -28,7 +29,7 @@ def _other_padding(ids: torch.Tensor, seed: int = 1) -> torch.Tensor:
     out = ids.clone()
     for b in range(ids.shape[0]):
         eot = int(ids[b].argmax())
-        out[b, eot + 1:] = torch.randint(1, 90, (ids.shape[1] - eot - 1,), generator=g)
+        out[b, eot + 1 :] = torch.randint(1, 90, (ids.shape[1] - eot - 1,), generator=g)
     return out
 
 

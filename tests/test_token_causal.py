@@ -10,6 +10,7 @@
   forward that left them (or an optimizer step changed the method's parameters), so a later,
   unrelated forward never pairs with them.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -61,8 +62,10 @@ def _assert_causal(model: torch.nn.Module, t: int = T, seen: bool = True) -> Non
 @pytest.mark.parametrize("method", ["tome", "madtp"])
 def test_whole_sequence_reducers_are_refused_on_a_causal_decoder_at_apply(method):
     model = _captioning()
-    apply = {"tome": lambda: vleff.apply_tome(model, r=2, towers="text"),
-             "madtp": lambda: vleff.apply_madtp(model, tau=1e3)}[method]
+    apply = {
+        "tome": lambda: vleff.apply_tome(model, r=2, towers="text"),
+        "madtp": lambda: vleff.apply_madtp(model, tau=1e3),
+    }[method]
     with pytest.raises(ValueError, match=r"towers='(text|all)'.*causal decoder.*towers='image'"):
         apply()
     assert token_counts(model) == {} and not vleff.tokens.common.hooks_named(model, method)
@@ -83,7 +86,9 @@ def test_whole_sequence_reducers_are_refused_when_a_text_tower_runs_as_a_decoder
     with torch.no_grad():
         model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image)
         assert token_counts(model.text_encoder)["text"][-1] < N
-        with pytest.raises(RuntimeError, match=f"{'ToMe' if method == 'tome' else 'MADTP'} cannot reduce.*causal decoder"):
+        with pytest.raises(
+            RuntimeError, match=f"{'ToMe' if method == 'tome' else 'MADTP'} cannot reduce.*causal decoder"
+        ):
             model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image, is_decoder=True)
 
 

@@ -1,5 +1,6 @@
 """Hydra configs for DynamicViT and EViT: the experiments compose, train with the method and
 compare; fine-tuning from a checkpoint (``init_from``) goes through the same configs."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,15 @@ from hydra.utils import instantiate
 
 from vleff.cli.train import CONFIG_DIR, run
 
-FAST = ["trainer.fast_dev_run=true", "trainer.logger=false", "trainer.enable_checkpointing=false",
-        "compare.repeats=1", "compare.batch_size=4", "data.batch_size=8", "data.val_fraction=0.05"]
+FAST = [
+    "trainer.fast_dev_run=true",
+    "trainer.logger=false",
+    "trainer.enable_checkpointing=false",
+    "compare.repeats=1",
+    "compare.batch_size=4",
+    "data.batch_size=8",
+    "data.val_fraction=0.05",
+]
 
 
 def _compose(overrides, tmp_path):
@@ -41,8 +49,11 @@ def test_dynamicvit_experiment_fine_tunes_from_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "baseline.ckpt"  # what a baseline vleff-train run leaves (its state_dict part)
     torch.save({"state_dict": instantiate(cfg.model, num_classes=10).state_dict(), "epoch": 3}, ckpt)
-    cfg = _compose(["experiment=vit_dynamicvit", f"callbacks.dynamicvit.init_from={ckpt}",
-                    "callbacks.dynamicvit.distill=true"] + FAST, tmp_path)
+    cfg = _compose(
+        ["experiment=vit_dynamicvit", f"callbacks.dynamicvit.init_from={ckpt}", "callbacks.dynamicvit.distill=true"]
+        + FAST,
+        tmp_path,
+    )
     callback = instantiate(cfg.callbacks.dynamicvit)
     assert callback.init_from == str(ckpt) and callback.kwargs["distill"] is True
     assert 0.58 < _method_row(run(cfg), "dynamicvit")["flops_ratio"] < 0.7  # 0.64x at rho=0.7

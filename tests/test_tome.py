@@ -1,21 +1,22 @@
 """ToMe: matching and merging against a brute-force reference, and the patched models."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from families import image_forwards
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vleff.tokens.tome import apply_tome, effective_r, parse_r, remove_tome, tome_r, update_tome
 
-import tiny_models as tm
-from families import image_forwards
 import vleff
 from vleff.backbones import AttentionConfig, find_tower, get_patch, last_token_state
 from vleff.backbones.block import attention
 from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_sum, merge_weighted
-from vleff.tokens.tome import apply_tome, effective_r, parse_r, remove_tome, update_tome, tome_r
 
 
 def brute_force_merge(x, size, metric, r, protected):
@@ -38,7 +39,9 @@ def brute_force_merge(x, size, metric, r, protected):
     groups = {j: [j] for j in b}
     for i, j in merged.items():
         groups[j].append(i)
-    order = list(range(protected)) + [i for i in a if i >= protected and i not in merged] + [j for j in b if j >= protected]
+    order = (
+        list(range(protected)) + [i for i in a if i >= protected and i not in merged] + [j for j in b if j >= protected]
+    )
     out_x, out_s = [], []
     for t in order:
         members = groups.get(t, [t])
@@ -49,8 +52,13 @@ def brute_force_merge(x, size, metric, r, protected):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(2, 23), c=st.integers(1, 6), protected=st.integers(0, 3), r_frac=st.floats(0, 1),
-       seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(2, 23),
+    c=st.integers(1, 6),
+    protected=st.integers(0, 3),
+    r_frac=st.floats(0, 1),
+    seed=st.integers(0, 10_000),
+)
 def test_merge_matches_brute_force(n, c, protected, r_frac, seed):
     protected = min(protected, n)
     g = torch.Generator().manual_seed(seed)
@@ -92,23 +100,35 @@ def test_max_merge_edges():
     assert max_merge(4, 0) == 2
 
 
-@pytest.mark.parametrize("spec,expected", [
-    (3, [3, 3, 3, 3]),
-    ([1, 2], [1, 2, 0, 0]),
-    ((4, 0.5), [2, 3, 5, 6]),
-    ((4, 0.0), [4, 4, 4, 4]),
-    (torch.tensor([1, 1, 1, 1]), [1, 1, 1, 1]),
-    ({"r": 4, "inflection": 0.5}, [2, 3, 5, 6]),  # the ramp as a config can write it
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        (3, [3, 3, 3, 3]),
+        ([1, 2], [1, 2, 0, 0]),
+        ((4, 0.5), [2, 3, 5, 6]),
+        ((4, 0.0), [4, 4, 4, 4]),
+        (torch.tensor([1, 1, 1, 1]), [1, 1, 1, 1]),
+        ({"r": 4, "inflection": 0.5}, [2, 3, 5, 6]),  # the ramp as a config can write it
+    ],
+)
 def test_parse_r(spec, expected):
     assert parse_r(spec, 4) == expected
 
 
-@pytest.mark.parametrize("bad,match", [
-    (-1, "r=-1"), ([1, 2, 3, 4, 5], "5 entries"), ("16", "r='16'"), ([1, -2], r"r\[1\]=-2"),
-    ((4, 2.0), "inflection"), (1.5, "r=1.5"), (True, "r=True"), ([1, "a"], r"r\[1\]='a'"),
-    ({"r": 4}, "exactly the keys 'r' and 'inflection'"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (-1, "r=-1"),
+        ([1, 2, 3, 4, 5], "5 entries"),
+        ("16", "r='16'"),
+        ([1, -2], r"r\[1\]=-2"),
+        ((4, 2.0), "inflection"),
+        (1.5, "r=1.5"),
+        (True, "r=True"),
+        ([1, "a"], r"r\[1\]='a'"),
+        ({"r": 4}, "exactly the keys 'r' and 'inflection'"),
+    ],
+)
 def test_parse_r_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_r(bad, 4)
@@ -122,7 +142,7 @@ def test_proportional_attention_equals_duplicated_tokens():
     sizes = torch.tensor([1, 3, 1, 2, 1])
     idx = torch.repeat_interleave(torch.arange(n), sizes)
     for fused in (False, True):
-        cfg = AttentionConfig(num_heads=h, scale=d ** -0.5, dropout_p=0.0, fused=fused)
+        cfg = AttentionConfig(num_heads=h, scale=d**-0.5, dropout_p=0.0, fused=fused)
         bias = sizes.double().log()[None, None, None, :].expand(b, 1, 1, n)
         merged = attention(q, k, v, cfg, False, bias, False, None)
         dup = attention(q, k[:, :, idx], v[:, :, idx], cfg, False, None, False, None)
@@ -252,7 +272,7 @@ def test_top_level_api_and_registry():
 def test_flops_fall_with_r():
     """count_flops of the merged model equals the analytic count from the per-block token counts
     (tests/test_pinned_flops.py has the formula); r=0 is the baseline's."""
-    from test_pinned_flops import B, DH, vit_flops
+    from test_pinned_flops import DH, B, vit_flops
 
     from vleff.profile import count_flops
 
@@ -323,9 +343,15 @@ def test_torch_compile_traces_one_graph_and_matches_eager(family):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.tensor(3), "not a tensor"), (float("nan"), "r=nan"), (float("inf"), "r=inf"), ((4, float("nan")), "r=\\(4, nan\\)"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.tensor(3), "not a tensor"),
+        (float("nan"), "r=nan"),
+        (float("inf"), "r=inf"),
+        ((4, float("nan")), "r=\\(4, nan\\)"),
+    ],
+)
 def test_r_values_python_cannot_convert_get_clear_errors(bad, match):
     """Issue 13: ``r=torch.tensor(3)`` and ``r=nan`` surfaced Python internals."""
     with pytest.raises(ValueError, match=match):

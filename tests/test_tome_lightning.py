@@ -1,18 +1,19 @@
 """ToMe in a real Trainer.fit: callback, schedule through checkpoints, mixin, DDP."""
+
 from __future__ import annotations
 
 import os
 
 import lightning.pytorch as pl
 import pytest
-import torch
-
 import tiny_lightning as tl
+import torch
+from vleff.tokens.schedule import RSchedule
+from vleff.tokens.tome import tome_r
+
 import vleff
 from vleff.callbacks import TokenMerging
 from vleff.callbacks.mixins import TokenMergingMixin
-from vleff.tokens.schedule import RSchedule
-from vleff.tokens.tome import tome_r
 
 
 class RecordR(pl.Callback):
@@ -59,7 +60,9 @@ def test_checkpoint_resume_continues_schedule(tmp_path):
     assert any("TokenMerging" in key for key in saved)
 
     second = RecordR()
-    resumed = tl.trainer(tmp_path, [TokenMerging(r=4, schedule="linear", warmup_steps=8), second], max_steps=9, max_epochs=-1)
+    resumed = tl.trainer(
+        tmp_path, [TokenMerging(r=4, schedule="linear", warmup_steps=8), second], max_steps=9, max_epochs=-1
+    )
     resumed.fit(tl.TinyClassifier(), tl.loader(32), ckpt_path=ckpt)
     assert second.seen[0] == (4, 2)  # continues at step 4, not from 0
     assert [r for _, r in second.seen] == [2, 2, 3, 4, 4]
@@ -105,8 +108,9 @@ def test_r_from_a_hydra_config_resumes_from_a_weights_only_checkpoint(tmp_path):
     (state,) = [v for k, v in states.items() if "TokenMerging" in k]
     assert state["schedule"]["r"] == [4, 2, 1] and type(state["schedule"]["r"]) is list
     record = RecordR()
-    resumed = tl.trainer(tmp_path, [TokenMerging(r=r, schedule="linear", warmup_steps=2), record], max_steps=3,
-                         max_epochs=-1)
+    resumed = tl.trainer(
+        tmp_path, [TokenMerging(r=r, schedule="linear", warmup_steps=2), record], max_steps=3, max_epochs=-1
+    )
     resumed.fit(tl.TinyClassifier(), tl.loader(16), ckpt_path=ckpt)
     assert record.seen == [(2, 4)]
 
@@ -122,8 +126,12 @@ class RecordTokens(pl.Callback):
 
         import torch.distributed as dist
 
-        record = {"rank": trainer.global_rank, "world": dist.get_world_size(),
-                  "tokens": vleff.token_counts(pl_module), "r": tome_r(pl_module)}
+        record = {
+            "rank": trainer.global_rank,
+            "world": dist.get_world_size(),
+            "tokens": vleff.token_counts(pl_module),
+            "r": tome_r(pl_module),
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -132,8 +140,9 @@ def test_ddp_two_processes_cpu(tmp_path):
     import json
 
     module = tl.TinyClassifier()
-    trainer = tl.trainer(tmp_path, [TokenMerging(r=3), RecordTokens(tmp_path)], max_steps=2, devices=2,
-                         strategy="ddp_fork")
+    trainer = tl.trainer(
+        tmp_path, [TokenMerging(r=3), RecordTokens(tmp_path)], max_steps=2, devices=2, strategy="ddp_fork"
+    )
     trainer.fit(module, tl.loader(16))
     assert trainer.state.finished
     records = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])

@@ -1,5 +1,6 @@
 """ToMe's r has one validator (:func:`check_r`, run by the config) and one expansion per tower
 (:func:`r_per_block`); a schedule hands every tower one progress value and each scales its own r."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,17 @@ from vleff.methods.tome.core import check_r, r_per_block, set_tome_progress
 from vleff.methods.tome.schedule import RSchedule
 
 
-@pytest.mark.parametrize("bad, match", [(-1, "non-negative"), ([1, -2], r"r\[1\]=-2"), ((4, 2.0), "inflection"),
-                                        ({"r": 4}, "exactly the keys"), ("4", "must be an int"), ((1, 2, 3), "tuple")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (-1, "non-negative"),
+        ([1, -2], r"r\[1\]=-2"),
+        ((4, 2.0), "inflection"),
+        ({"r": 4}, "exactly the keys"),
+        ("4", "must be an int"),
+        ((1, 2, 3), "tuple"),
+    ],
+)
 def test_check_r_refuses_without_a_depth_and_the_config_and_schedule_use_it(bad, match):
     for build in (check_r, lambda r: ToMeConfig(r=r), lambda r: RSchedule(r=r)):
         with pytest.raises(ValueError, match=match):

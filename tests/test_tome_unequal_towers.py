@@ -5,6 +5,7 @@ tower: a deeper second tower stopped merging where the first ended, and a shallo
 refused the list ("r has 4 entries but the tower has only 2 blocks"). Each tower must run
 what ``apply_tome`` gives it: r expanded against its own depth.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -1,12 +1,13 @@
 """Merge-group pictures: labels come from the source map, each group is one colour."""
+
 from __future__ import annotations
 
-import torch
-
 import tiny_models as tm
-import vleff
+import torch
 from vleff.tokens.tome import apply_tome
 from vleff.tokens.visualize import group_labels, merge_groups, plot_merge_groups, render_groups, sample_photo
+
+import vleff
 
 
 def test_group_labels_and_rendering():

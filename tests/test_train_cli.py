@@ -1,4 +1,5 @@
 """vleff-train through Hydra: every config composes, a fast_dev_run trains and compares, bad input is clear."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from vleff.cli.train import CONFIG_DIR, run
 
 CONFIGS = Path(CONFIG_DIR)
 GROUPS = ("model", "data", "trainer", "callbacks", "experiment")
-FAST = ["trainer.fast_dev_run=true", "trainer.logger=false", "trainer.enable_checkpointing=false",
-        "compare.repeats=1", "compare.batch_size=4"]
+FAST = [
+    "trainer.fast_dev_run=true",
+    "trainer.logger=false",
+    "trainer.enable_checkpointing=false",
+    "compare.repeats=1",
+    "compare.batch_size=4",
+]
 
 
 def _compose(overrides, tmp_path=None):

@@ -1,6 +1,7 @@
 """``vleff-train``: compare values and batch size checked before training, the
 fine-tune command printed ready to paste (Hydra-quoted), a quiet console, and model summaries
 with FLOPs."""
+
 from __future__ import annotations
 
 import shlex
@@ -13,8 +14,14 @@ from train_cli_helpers import FitReached, compose_train, stop_at_fit
 
 from vleff.cli.train import finetune_command, run
 
-FAST = ["trainer.logger=false", "trainer.enable_checkpointing=false", "++trainer.enable_progress_bar=false",
-        "++trainer.enable_model_summary=false", "compare.repeats=1", "compare.batch_size=4"]
+FAST = [
+    "trainer.logger=false",
+    "trainer.enable_checkpointing=false",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+    "compare.repeats=1",
+    "compare.batch_size=4",
+]
 
 
 @pytest.fixture
@@ -23,10 +30,13 @@ def no_fit(monkeypatch):
     return stop_at_fit(monkeypatch)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("compare.methods={tome: {r: -4}}", r"compare\.methods\.tome.*r=-4"),
-    ("+compare.methods.evit.keep_rate=1.5", r"compare\.methods\.evit.*keep_rate=1\.5"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compare.methods={tome: {r: -4}}", r"compare\.methods\.tome.*r=-4"),
+        ("+compare.methods.evit.keep_rate=1.5", r"compare\.methods\.evit.*keep_rate=1\.5"),
+    ],
+)
 def test_bad_method_values_fail_before_training(override, message, tmp_path, no_fit):
     with pytest.raises(ValueError, match=message):
         run(compose_train([*FAST, override], tmp_path))
@@ -37,8 +47,11 @@ def test_compare_batch_size_checked_against_the_validation_set(tmp_path, no_fit)
     from vleff.data.digits import digits_arrays
 
     n_val = len(digits_arrays(image_size=32, split="val")[1])  # 20 % of the 1,797 digits, stratified
-    with pytest.raises(ValueError, match=rf"compare\.batch_size={n_val + 1} exceeds the {n_val} validation "
-                                         rf"images; allowed: 1 to {n_val}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"compare\.batch_size={n_val + 1} exceeds the {n_val} validation "
+        rf"images; allowed: 1 to {n_val}",
+    ):
         run(compose_train([*FAST, f"compare.batch_size={n_val + 1}"], tmp_path))
     with pytest.raises(ValueError, match=r"compare\.batch_size=0 is not allowed"):
         run(compose_train([*FAST, "compare.batch_size=0"], tmp_path))
@@ -60,9 +73,19 @@ def test_finetune_command_survives_the_shell_and_hydra(name, tmp_path):
 
 
 def test_clip_run_prints_the_ready_to_paste_command(tmp_path, capsys):
-    cfg = compose_train(["experiment=clip_finetune", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-                    "trainer.limit_val_batches=1", "trainer.logger=false", "++trainer.enable_progress_bar=false",
-                    "++trainer.enable_model_summary=false", "data.batch_size=16"], tmp_path)
+    cfg = compose_train(
+        [
+            "experiment=clip_finetune",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "trainer.logger=false",
+            "++trainer.enable_progress_bar=false",
+            "++trainer.enable_model_summary=false",
+            "data.batch_size=16",
+        ],
+        tmp_path,
+    )
     result = run(cfg)
     (ckpt,) = tmp_path.rglob("*.ckpt")
     assert "=" in ckpt.name  # Lightning's epoch=0-step=1.ckpt
@@ -75,8 +98,15 @@ def test_clip_run_prints_the_ready_to_paste_command(tmp_path, capsys):
 def test_default_run_console_has_no_tensorboardx_tips_or_leafspec(tmp_path, caplog):
     import logging
 
-    cfg = compose_train(["trainer.max_steps=2", "trainer.limit_val_batches=1", "compare.enabled=false",
-                    "++trainer.enable_progress_bar=false"], tmp_path)
+    cfg = compose_train(
+        [
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=1",
+            "compare.enabled=false",
+            "++trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
     assert cfg.trainer.logger._target_ == "lightning.pytorch.loggers.CSVLogger"
     with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")

@@ -1,14 +1,15 @@
 """Models outside the support list are refused when a method is applied, not at the first forward
 (issue 30, point 4): open_clip's CoCa text tower, an open_clip CLIP whose image tower is a CNN
 (towers='all' says what it changes), and timm's spatial intermediates of merged tokens."""
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
+import tiny_models as tm
 import torch
 
-import tiny_models as tm
 import vleff
 
 
@@ -42,8 +43,10 @@ def test_towers_all_on_a_cnn_clip_says_only_the_text_tower_changes():
     vision = CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=64)
     text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
     model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
-    with pytest.warns(UserWarning, match="towers='all': CLIP also has open_clip image tower ModifiedResNet .*only "
-                                         "open_clip text tower"):
+    with pytest.warns(
+        UserWarning,
+        match="towers='all': CLIP also has open_clip image tower ModifiedResNet .*only open_clip text tower",
+    ):
         vleff.apply_tome(model, r=1, towers="all")
     vleff.remove_tome(model)
     with warnings.catch_warnings():

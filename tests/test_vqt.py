@@ -1,21 +1,22 @@
 """Visual Query Tuning: the frozen stream is untouched, the model starts at the frozen model, the
 query path alone is saved for backward, its gradients match a by-hand computation, and the
 refusals are clear."""
+
 from __future__ import annotations
 
 import copy
 
 import lightning.pytorch as pl
 import pytest
-import torch
-import torch.nn.functional as F
-
 import tiny_lightning as tl
 import tiny_models as tm
+import torch
+import torch.nn.functional as F
+from vleff.side.vqt import VQTConfig, apply_vqt, freeze_backbone_for_vqt, remove_vqt, vqt_applied, vqt_parameters
+
 import vleff
 from vleff.backbones import get_patch
 from vleff.profile.memory import saved_activation_bytes
-from vleff.side.vqt import VQTConfig, apply_vqt, freeze_backbone_for_vqt, remove_vqt, vqt_applied, vqt_parameters
 
 
 def _model(**kwargs) -> torch.nn.Module:
@@ -142,7 +143,7 @@ def _by_hand_query_block(block: torch.nn.Module, x_in: torch.Tensor, p: torch.Te
     _, kx, vx = split(ln(x_in, block.norm1) @ w_qkv.T + b_qkv)
     pp = p.unsqueeze(0).repeat(b, 1, 1)
     qp = split(ln(pp, block.norm1) @ w_qkv.T + b_qkv)[0]
-    attn = torch.softmax(qp @ kx.transpose(-1, -2) / dh ** 0.5, dim=-1)
+    attn = torch.softmax(qp @ kx.transpose(-1, -2) / dh**0.5, dim=-1)
     o = (attn @ vx).permute(0, 2, 1, 3).reshape(b, -1, c)
     pp = pp + o @ block.attn.proj.weight.T + block.attn.proj.bias
     hidden = F.gelu(ln(pp, block.norm2) @ block.mlp.fc1.weight.T + block.mlp.fc1.bias)
@@ -202,8 +203,15 @@ def test_public_entry_points_and_registry():
     assert method.kind == "side" and method.config is VQTConfig and method.load_callback().settings_config is VQTConfig
 
 
-@pytest.mark.parametrize("bad, match", [({"num_queries": 0}, "num_queries=0"), ({"num_queries": True}, "num_queries"),
-                                        ({"dropout": -0.1}, "dropout"), ({"towers": "all"}, "towers")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"num_queries": 0}, "num_queries=0"),
+        ({"num_queries": True}, "num_queries"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"towers": "all"}, "towers"),
+    ],
+)
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         apply_vqt(_model(), **bad)
@@ -236,12 +244,22 @@ def test_callback_freezes_the_backbone_keeps_it_in_eval_and_refuses_an_unfrozen_
 
     before = copy.deepcopy(module.model.blocks.state_dict())
     # validation after every step: Lightning puts the module back in train mode after it
-    trainer = tl.trainer(tmp_path, [vleff.callbacks.VisualQueryTuning(num_queries=2), Watch()], max_steps=3,
-                         val_check_interval=1, limit_val_batches=1)
+    trainer = tl.trainer(
+        tmp_path,
+        [vleff.callbacks.VisualQueryTuning(num_queries=2), Watch()],
+        max_steps=3,
+        val_check_interval=1,
+        limit_val_batches=1,
+    )
     trainer.fit(module, tl.loader(8), tl.loader(4))
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"model.vleff_vqt.queries", "model.vleff_vqt.proj.weight", "model.vleff_vqt.proj.bias",
-                         "model.head.weight", "model.head.bias"}
+    assert trainable == {
+        "model.vleff_vqt.queries",
+        "model.vleff_vqt.proj.weight",
+        "model.vleff_vqt.proj.bias",
+        "model.head.weight",
+        "model.head.bias",
+    }
     assert seen and all(s == (False, True) for s in seen)
     for key, value in module.model.blocks.state_dict().items():  # the backbone did not move
         torch.testing.assert_close(value, before[key], atol=0, rtol=0)

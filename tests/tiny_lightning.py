@@ -1,11 +1,11 @@
 """A minimal LightningModule and data for callback tests (independent of vleff's apps layer)."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import tiny_models as tm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-
-import tiny_models as tm
 
 
 class TinyClassifier(pl.LightningModule):
@@ -39,9 +39,17 @@ def loader(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
 
 
 def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
-    opts = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0)
+    opts = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     opts.update(kwargs)
     made = pl.Trainer(callbacks=list(callbacks), **opts)
     if opts.get("strategy") == "ddp_fork":
@@ -84,7 +92,9 @@ class TinyCLIP(pl.LightningModule):
         txt = self.model.encode_text(ids, normalize=True)
         logits = self.model.logit_scale.exp() * img @ txt.T
         target = torch.arange(len(img))
-        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        loss = (
+            torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+        ) / 2
         self.log("train_loss", loss)
         return loss
 

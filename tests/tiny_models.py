@@ -1,4 +1,5 @@
 """Small randomly initialised models of every supported family (no downloads)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,11 +37,25 @@ def hf_clip_model(attn_implementation: str = "sdpa"):
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=98, eos_token_id=99,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMG, patch_size=PATCH),
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=98,
+            eos_token_id=99,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMG,
+            patch_size=PATCH,
+        ),
         projection_dim=32,
     )
     cfg._attn_implementation = attn_implementation
@@ -54,13 +69,33 @@ def blip_config():
     from transformers import BlipConfig
 
     return BlipConfig(
-        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, encoder_hidden_size=64,
-                         bos_token_id=98, eos_token_id=99, sep_token_id=97, pad_token_id=0,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMG, patch_size=PATCH, initializer_range=0.02),  # BLIP's default is 1e-10
-        projection_dim=32, image_text_hidden_size=32,
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            encoder_hidden_size=64,
+            bos_token_id=98,
+            eos_token_id=99,
+            sep_token_id=97,
+            pad_token_id=0,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            initializer_range=0.02,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMG,
+            patch_size=PATCH,
+            initializer_range=0.02,
+        ),  # BLIP's default is 1e-10
+        projection_dim=32,
+        image_text_hidden_size=32,
     )
 
 
@@ -91,7 +126,7 @@ def blip_token_ids(batch: int = 2, length: int = 16, seed: int = 0) -> tuple[tor
     for i in range(batch):
         end = 4 + i * 3
         ids[i, end] = 97
-        ids[i, end + 1:] = 0
+        ids[i, end + 1 :] = 0
     return ids, (ids != 0).long()
 
 
@@ -106,7 +141,7 @@ def token_ids(batch: int = 2, length: int = 16, vocab: int = 100, seed: int = 0)
     for i in range(batch):
         end = 4 + i * 3
         ids[i, end] = vocab - 1
-        ids[i, end + 1:] = 0
+        ids[i, end + 1 :] = 0
     return ids
 
 
@@ -115,9 +150,19 @@ def hf_llama_lm(vocab: int = 64, width: int = 64, layers: int = 2, **kwargs):
     runs its full length in every implementation."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-               bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     cfg.update(kwargs)
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
@@ -126,6 +171,16 @@ def hf_gpt2_lm(vocab: int = 64, width: int = 64, layers: int = 2):
     """A tiny GPT-2 (plain MLP with Conv1D, learned positions), dropout 0, no eos."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=4, n_positions=128,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return GPT2LMHeadModel(cfg)

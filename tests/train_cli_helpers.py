@@ -1,4 +1,5 @@
 """Shared by the ``vleff-train`` tests: compose the packaged config, and stop before ``Trainer.fit``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,10 @@ def compose_train(overrides: list[str], tmp_path: Path):
     """``train.yaml`` with ``overrides``, its outputs under ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[f"trainer.default_root_dir={tmp_path}",
-                                                       f"compare.save_dir={tmp_path}", *overrides])
+        return compose(
+            config_name="train",
+            overrides=[f"trainer.default_root_dir={tmp_path}", f"compare.save_dir={tmp_path}", *overrides],
+        )
 
 
 class FitReached(Exception):

@@ -10,6 +10,7 @@ Functional API (plain PyTorch)::
 Lightning callbacks live in :mod:`vleff.callbacks`; measurement in :mod:`vleff.profile`.
 Heavy submodules are imported lazily so ``import vleff`` stays fast.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +36,7 @@ _LAZY = {
     "last_token_state": "vleff.backbones",
     "token_counts": "vleff.backbones",
 }
-_SUBPACKAGES = ("backbones", "callbacks", "data", "kernels", "memory", "methods", "models", "profile", "side",
-                "tokens")
+_SUBPACKAGES = ("backbones", "callbacks", "data", "kernels", "memory", "methods", "models", "profile", "side", "tokens")
 _lazy = lazy_getattr("vleff", _LAZY, _SUBPACKAGES)
 
 

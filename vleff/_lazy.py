@@ -6,6 +6,7 @@ packages keeps a table ``{public name: defining module}`` and gets its module-le
 ``__getattr__`` (PEP 562) from :func:`lazy_getattr`, so the lookup and its error message are
 written once instead of once per package. This module imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
-def lazy_getattr(package: str, table: Mapping[str, str], submodules: Iterable[str] = (),
-                 list_available: bool = False) -> Callable[[str], Any]:
+def lazy_getattr(
+    package: str, table: Mapping[str, str], submodules: Iterable[str] = (), list_available: bool = False
+) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``package``.
 
     Args:

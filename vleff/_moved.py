@@ -6,6 +6,7 @@ new path (so monkeypatching and ``isinstance`` keep working) and one ``Deprecati
 naming the new path. The table is the only place old paths are listed; this module imports
 nothing heavy and is installed by ``import vleff``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -61,14 +62,24 @@ MOVED: dict[str, str] = {
 #: old modules whose names went to several new homes: old path -> {name: new module}; a name not
 #: listed is looked up in the ``"*"`` module
 SPLIT: dict[str, dict[str, str]] = {
-    "vleff.callbacks.side": {"LadderSideTuning": "vleff.methods.lst.lightning",
-                             "UniPT": "vleff.methods.unipt.lightning", "*": "vleff.lightning.side"},
-    "vleff.callbacks.mixins.tokens": {"TOME_KEY": "vleff.methods.tome.lightning", "EVIT_KEY": "vleff.methods.evit.lightning",
-                                      "TEACHER_KEY": "vleff.methods.dynamicvit.lightning", "*": "vleff.callbacks.mixins"},
+    "vleff.callbacks.side": {
+        "LadderSideTuning": "vleff.methods.lst.lightning",
+        "UniPT": "vleff.methods.unipt.lightning",
+        "*": "vleff.lightning.side",
+    },
+    "vleff.callbacks.mixins.tokens": {
+        "TOME_KEY": "vleff.methods.tome.lightning",
+        "EVIT_KEY": "vleff.methods.evit.lightning",
+        "TEACHER_KEY": "vleff.methods.dynamicvit.lightning",
+        "*": "vleff.callbacks.mixins",
+    },
     "vleff.callbacks.mixins.side": {"*": "vleff.callbacks.mixins"},
     "vleff.callbacks.mixins.memory": {"*": "vleff.callbacks.mixins"},
-    "vleff.memory.convert": {"galore_from_optimizer": "vleff.methods.galore.convert",
-                             "mezo_from_optimizer": "vleff.methods.mezo.convert", "*": "vleff.optim"},
+    "vleff.memory.convert": {
+        "galore_from_optimizer": "vleff.methods.galore.convert",
+        "mezo_from_optimizer": "vleff.methods.mezo.convert",
+        "*": "vleff.optim",
+    },
 }
 
 
@@ -79,8 +90,9 @@ class _Alias(importlib.abc.Loader):
         self.new = new
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        warnings.warn(f"{spec.name} moved to {self.new}; the old path goes in vleff 0.3",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{spec.name} moved to {self.new}; the old path goes in vleff 0.3", DeprecationWarning, stacklevel=3
+        )
         module = importlib.import_module(self.new)
         self.spec = module.__spec__
         return module
@@ -100,8 +112,11 @@ class _Split(importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         homes = sorted(set(self.table.values()))
-        warnings.warn(f"{spec.name} was split into {', '.join(homes)}; the old path goes in vleff 0.3",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{spec.name} was split into {', '.join(homes)}; the old path goes in vleff 0.3",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         module = ModuleType(spec.name)
         table = self.table
 
@@ -116,7 +131,9 @@ class _Split(importlib.abc.Loader):
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname in SPLIT:
             return importlib.machinery.ModuleSpec(fullname, _Split(SPLIT[fullname]))
         new = MOVED.get(fullname)

@@ -3,6 +3,7 @@
 Each check returns the normalised value or raises ``ValueError`` naming the parameter, the
 value it got and what is allowed, so a bad setting fails where it is written, not at fit time.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,16 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, owner: str = "") -> float:
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    owner: str = "",
+) -> float:
     """A finite real number in the given range (``low_open``: ``value > low`` instead of ``>=``);
     ``owner`` (``"MeZO"``) prefixes the message with the method the setting belongs to."""
     ok = _is_real(value) and math.isfinite(float(value))  # type: ignore[arg-type]
@@ -37,8 +46,9 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
         hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
         rule = " and ".join(p for p in (lo, hi) if p) or "finite"
-        raise ValueError(f"{owner + ': ' if owner else ''}{name}={value!r} is not allowed; "
-                         f"it must be a finite number {rule}")
+        raise ValueError(
+            f"{owner + ': ' if owner else ''}{name}={value!r} is not allowed; it must be a finite number {rule}"
+        )
     return float(value)  # type: ignore[arg-type]
 
 
@@ -68,8 +78,10 @@ def check_towers(value: object, supported: Sequence[str]) -> str:
     wanted = ("image", "text") if value == "all" else (value,)
     missing = [t for t in wanted if t not in supported]
     if missing:
-        raise ValueError(f"towers={value!r} is not allowed; this method supports {' and '.join(supported)} "
-                         f"towers only (not {', '.join(missing)})")
+        raise ValueError(
+            f"towers={value!r} is not allowed; this method supports {' and '.join(supported)} "
+            f"towers only (not {', '.join(missing)})"
+        )
     return str(value)
 
 
@@ -83,12 +95,16 @@ def check_patterns(what: str, patterns: object) -> list[str]:
         return []
     items = [patterns] if isinstance(patterns, str) else patterns
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
-        raise ValueError(f"{what}={patterns!r} is not allowed; use None, a regular expression (str) or a list of "
-                         "them, searched in parameter names")
+        raise ValueError(
+            f"{what}={patterns!r} is not allowed; use None, a regular expression (str) or a list of "
+            "them, searched in parameter names"
+        )
     for pat in items:
         try:
             re.compile(pat)
         except re.error as err:
-            raise ValueError(f"{what} pattern {pat!r} is not a valid regular expression ({err}); {what} takes "
-                             "regular expressions searched in parameter names, e.g. r'attn\\.qkv'") from None
+            raise ValueError(
+                f"{what} pattern {pat!r} is not a valid regular expression ({err}); {what} takes "
+                "regular expressions searched in parameter names, e.g. r'attn\\.qkv'"
+            ) from None
     return list(items)

@@ -1,5 +1,6 @@
 """What the optimizer-replacing methods share: the weight-decay rule (which parameters decay), and
 converting a user's optimizer (parameter names, the fresh-optimizer check, LR schedulers rebound)."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 # torch.optim.Adam(W) implementation switches that have no meaning for the converted optimizer
-_IMPLEMENTATION_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
-                        "decoupled_weight_decay")
+_IMPLEMENTATION_KEYS = (
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+)
 
 
 def _named(model: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
@@ -27,8 +35,10 @@ def _names_by_id(pairs: list[tuple[str, torch.Tensor]]) -> dict[int, str]:
 
 def _check_fresh(optimizer: Optimizer, target: str) -> None:
     if any(len(s) for s in optimizer.state.values()):
-        raise ValueError(f"cannot convert {type(optimizer).__name__} to {target} after it has stepped (its state "
-                         "holds moments); convert before the first step, then load checkpoints into the result")
+        raise ValueError(
+            f"cannot convert {type(optimizer).__name__} to {target} after it has stepped (its state "
+            "holds moments); convert before the first step, then load checkpoints into the result"
+        )
 
 
 def _track_step_for_scheduler(optimizer: Optimizer) -> None:
@@ -49,8 +59,7 @@ def _track_step_for_scheduler(optimizer: Optimizer) -> None:
     optimizer.step = wrapper  # type: ignore[method-assign]
 
 
-def rebind_scheduler(scheduler: Any, old: Optimizer, new: Optimizer,
-                     base_lr: float | None = None) -> None:
+def rebind_scheduler(scheduler: Any, old: Optimizer, new: Optimizer, base_lr: float | None = None) -> None:
     """Point ``scheduler`` (and the schedulers it chains) from ``old`` to ``new``.
 
     ``base_lr`` replaces the scheduler's base learning rates (MeZO with an explicit ``lr``).
@@ -66,8 +75,12 @@ def rebind_scheduler(scheduler: Any, old: Optimizer, new: Optimizer,
 
 
 #: names that never get weight decay (besides every parameter with fewer than two dims)
-NO_DECAY_PATTERNS: tuple[str, ...] = (r"bias$", r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
-                                      r"logit_scale|logit_bias", r"embedding|pos_embed|cls_token")
+NO_DECAY_PATTERNS: tuple[str, ...] = (
+    r"bias$",
+    r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
+    r"logit_scale|logit_bias",
+    r"embedding|pos_embed|cls_token",
+)
 
 
 def wants_decay(name: str, param: torch.Tensor) -> bool:

@@ -16,12 +16,14 @@ Every method is
 The conformance suite (``tests/test_conformance.py``) runs every registered method through the same
 checks; a registered method with no settings row there fails the suite.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -69,19 +71,21 @@ class MethodConfig:
     #: the registry name of the method this config belongs to
     method: ClassVar[str] = ""
 
-    def replace(self, **changes: Any) -> "MethodConfig":
+    def replace(self, **changes: Any) -> MethodConfig:
         """A validated copy with ``changes`` (unknown names raise ``TypeError`` listing the fields)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no setting(s) {sorted(unknown)}; "
-                            f"settings: {[f.name for f in dataclasses.fields(self)]}")
+            raise TypeError(
+                f"{type(self).__name__} has no setting(s) {sorted(unknown)}; "
+                f"settings: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def build(cls, config: "MethodConfig | None" = None, **settings: Any) -> "MethodConfig":
+    def build(cls, config: MethodConfig | None = None, **settings: Any) -> MethodConfig:
         """``config`` updated with ``settings``, or a new config from ``settings``."""
         if config is not None:
             if not isinstance(config, cls):
@@ -89,8 +93,10 @@ class MethodConfig:
             return config.replace(**settings) if settings else config
         unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise TypeError(f"{cls.method or cls.__name__} has no setting(s) {sorted(unknown)}; "
-                            f"settings: {[f.name for f in dataclasses.fields(cls)]}")
+            raise TypeError(
+                f"{cls.method or cls.__name__} has no setting(s) {sorted(unknown)}; "
+                f"settings: {[f.name for f in dataclasses.fields(cls)]}"
+            )
         return cls(**settings)
 
 
@@ -172,12 +178,14 @@ class Method:
         fields = {f.name for f in dataclasses.fields(self.config)}
         for what, names in (("updatable", self.updatable), ("schedule", (self.schedule,) if self.schedule else ())):
             if set(names) - fields:
-                raise ValueError(f"method {self.name!r}: {what} names {sorted(set(names) - fields)}, which are "
-                                 f"not settings of {self.config.__name__}")
+                raise ValueError(
+                    f"method {self.name!r}: {what} names {sorted(set(names) - fields)}, which are "
+                    f"not settings of {self.config.__name__}"
+                )
         if self.updatable and self.update is None:
             raise ValueError(f"method {self.name!r} declares updatable settings but no update function")
 
-    def refusal_of(self, other: "Method", family: str | None = None) -> Refusal | None:
+    def refusal_of(self, other: Method, family: str | None = None) -> Refusal | None:
         """This method's rule that refuses ``other`` on a tower of ``family`` (one direction)."""
         for rule in self.refuses:
             if rule.trait in other.traits and (not rule.families or family is None or family in rule.families):
@@ -267,8 +275,10 @@ def update(model: nn.Module, name: str, **changes: Any) -> None:
         raise ValueError(f"method {name!r} has no settings that change on an applied model; apply it again")
     fixed = sorted(set(changes) - set(method.updatable))
     if fixed:
-        raise ValueError(f"{name}: setting(s) {fixed} cannot change on an applied model; update may change "
-                         f"{', '.join(method.updatable)}; apply {name} again for the others")
+        raise ValueError(
+            f"{name}: setting(s) {fixed} cannot change on an applied model; update may change "
+            f"{', '.join(method.updatable)}; apply {name} again for the others"
+        )
     method.update(model, **changes)
 
 
@@ -305,8 +315,10 @@ def refuse_applied_conflicts(model: nn.Module, name: str) -> None:
             continue
         reason = next((r for r in (conflict(name, other, f) for f in families) if r), None)
         if reason:
-            raise ValueError(f"cannot apply {name} while {other} is applied to this {type(model).__name__}: {reason}; "
-                             f"remove {other} first")
+            raise ValueError(
+                f"cannot apply {name} while {other} is applied to this {type(model).__name__}: {reason}; "
+                f"remove {other} first"
+            )
 
 
 def remove_all(model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ Supported families (the adapters never change weights or parameter names):
 * Hugging Face ``BlipTextModel``: BLIP's text encoder and the ``bert`` of its text decoder
   (post-norm layers with image cross-attention, layout ``"post_norm_cross"``)
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -57,7 +58,8 @@ def token_counts(model: nn.Module) -> dict[str, list[int]]:
         patch = get_patch(tower.root)
         if patch is not None and patch.state is not None and patch.hooks:
             counts[tower.modality if tower.modality not in counts else f"{tower.modality}_{len(counts)}"] = list(
-                patch.state.token_counts)
+                patch.state.token_counts
+            )
     return counts
 
 

@@ -19,6 +19,7 @@ towers with image cross-attention (Hugging Face BLIP's text encoder and decoder)
 :func:`vleff.backbones.block.run_post_norm_block` runs it with the same hook entry points;
 ``between`` falls after the self-attention, before the cross-attention.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -186,7 +187,7 @@ class TowerAdapter(ABC):
         convolutional image tower), described for a warning when ``towers="all"`` meets them."""
         return []
 
-    def layout_hook(self) -> "TowerHook | None":
+    def layout_hook(self) -> TowerHook | None:
         """A tower-level hook the patch runs ahead of every method's hooks (text towers that keep
         their padding mask right under reductions); ``None`` when the tower needs none. Towers
         with an :meth:`id_embedding` get :class:`vleff.backbones.text.TextLayout` instead."""
@@ -197,8 +198,9 @@ class TowerAdapter(ABC):
         """Read the image embeddings, their mask and the cache from the arguments of ``block.forward``."""
         raise NotImplementedError(f"{self.describe()} has layout {self.layout!r}; it has no cross inputs")
 
-    def cached_kv(self, block: nn.Module, k: torch.Tensor, v: torch.Tensor,
-                  cross: CrossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_kv(
+        self, block: nn.Module, k: torch.Tensor, v: torch.Tensor, cross: CrossInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention keys and values with the library's cache applied (past keys in front;
         the cache is updated as the library would). Without a cache: ``k, v`` unchanged."""
         return k, v
@@ -218,8 +220,10 @@ class TowerAdapter(ABC):
         Hugging Face ``gradient_checkpointing``). The libraries keep the flag on the tower root
         (timm) or on its block container, a direct child (open_clip ``transformer``, HF
         ``encoder``); only those are looked at, so the check stays cheap enough for every forward."""
-        return any(getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
-                   for m in (self.root, *self.root.children()))
+        return any(
+            getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
+            for m in (self.root, *self.root.children())
+        )
 
     def describe(self) -> str:
         return f"{self.family} {self.modality} tower ({type(self.root).__name__}, {len(self.blocks())} blocks)"

@@ -26,6 +26,7 @@ the layout marks such a forward (:data:`vleff.backbones.text.CAUSAL_DECODER`), a
 ``bert`` of a ``BlipTextLMHeadModel`` is known as a decoder before it runs
 (:meth:`HFBlipTextAdapter.causal_decoder_in`), so token methods can refuse it at apply time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -104,7 +105,7 @@ class PaddedTextLayout(TextLayout):
             state.scratch[LAYOUT_HOOK] = mask
             state.scratch[CAUSAL_DECODER] = is_causal_mask(mask)
             if mask is not None:
-                hidden = masked_keys(mask)[:, -state.num_input_tokens:]  # a cache puts past keys in front
+                hidden = masked_keys(mask)[:, -state.num_input_tokens :]  # a cache puts past keys in front
                 hidden = hidden.expand(state.batch_size, -1).long()
                 state.set(PAD, gather_tokens(hidden, state.get(POSITION)))
         return super().library_mask(mask, is_causal, state)
@@ -173,18 +174,30 @@ class HFBlipTextAdapter(TowerAdapter):
     def gradient_checkpointing(self) -> bool:
         # transformers 5 keeps the flag on every GradientCheckpointingLayer (the blocks) as well
         return super().gradient_checkpointing() or any(
-            getattr(b, "gradient_checkpointing", False) is True for b in self.blocks()[:1])
+            getattr(b, "gradient_checkpointing", False) is True for b in self.blocks()[:1]
+        )
 
     # --- block level ---------------------------------------------------------------------------
     def parts(self, block: nn.Module) -> BlockParts:
         identity = nn.Identity()
-        return BlockParts(block.attention.output.LayerNorm, block.output.LayerNorm, block.intermediate,
-                          identity, identity, identity, identity)
+        return BlockParts(
+            block.attention.output.LayerNorm,
+            block.output.LayerNorm,
+            block.intermediate,
+            identity,
+            identity,
+            identity,
+            identity,
+        )
 
     def attention_config(self, block: nn.Module) -> AttentionConfig:
         attn = block.attention.self
-        return AttentionConfig(num_heads=attn.num_attention_heads, scale=attn.attention_head_size ** -0.5,
-                               dropout_p=attn.dropout.p, fused=False)
+        return AttentionConfig(
+            num_heads=attn.num_attention_heads,
+            scale=attn.attention_head_size**-0.5,
+            dropout_p=attn.dropout.p,
+            fused=False,
+        )
 
     def qkv(self, block, h):
         attn = block.attention.self
@@ -199,12 +212,28 @@ class HFBlipTextAdapter(TowerAdapter):
         out = block.output
         return out.dropout(out.dense(block.intermediate(x)))
 
-    def block_inputs(self, block, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                     encoder_attention_mask=None, cache=None, **kwargs):
+    def block_inputs(
+        self,
+        block,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        cache=None,
+        **kwargs,
+    ):
         return hidden_states, attention_mask, False
 
-    def cross_inputs(self, block, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                     encoder_attention_mask=None, cache=None, **kwargs) -> CrossInputs:
+    def cross_inputs(
+        self,
+        block,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        cache=None,
+        **kwargs,
+    ) -> CrossInputs:
         if cache is None:  # the deprecated name the library's own forward still accepts
             cache = kwargs.get("past_key_values")
         return CrossInputs(encoder_hidden_states, encoder_attention_mask, cache)
@@ -227,5 +256,6 @@ class HFBlipTextAdapter(TowerAdapter):
         mask = cross.encoder_attention_mask
         if mask is not None and mask.dim() == 4 and mask.shape[-2] not in (1, x.shape[1]):
             mask = mask[..., :1, :]
-        return block.crossattention(x, attention_mask=mask, encoder_hidden_states=cross.encoder_hidden_states,
-                                    cache=cross.cache)[0]
+        return block.crossattention(
+            x, attention_mask=mask, encoder_hidden_states=cross.encoder_hidden_states, cache=cross.cache
+        )[0]

@@ -11,6 +11,7 @@ explicit attention as the library does), which the equivalence tests check. The 
 gets the library's mask plus every hook's additive bias and keep mask; the block knows no
 method's fields.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,9 +69,17 @@ def keep_masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     return (e + KEEP_MASK_EPS / n) / (e.sum(dim=-1, keepdim=True) + KEEP_MASK_EPS)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, training: bool,
-              bias: torch.Tensor | None, is_causal: bool, keep: torch.Tensor | None,
-              need_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: AttentionConfig,
+    training: bool,
+    bias: torch.Tensor | None,
+    is_causal: bool,
+    keep: torch.Tensor | None,
+    need_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head attention ``[B, H, N, Dh]`` the way the library block would compute it, and the
     attention probabilities when ``need_probs`` (which forces the explicit path)."""
     dropout_p = cfg.dropout_p if training else 0.0
@@ -78,8 +87,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionC
         if is_causal and bias is not None:
             bias = bias + causal_bias(q.shape[-2], bias.dtype, bias.device)
             is_causal = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=cfg.scale), None
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal, scale=cfg.scale
+        ), None
     logits = (q * cfg.scale) @ k.transpose(-2, -1)
     if is_causal:
         bias = _add(bias, causal_bias(q.shape[-2], logits.dtype, logits.device))
@@ -98,9 +108,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionC
     return probs @ v, kept_probs
 
 
-def attention_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
-                     is_causal: bool = False, keep: torch.Tensor | None = None,
-                     info: BlockInfo | None = None) -> torch.Tensor:
+def attention_branch(
+    adapter: TowerAdapter,
+    block: nn.Module,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    keep: torch.Tensor | None = None,
+    info: BlockInfo | None = None,
+) -> torch.Tensor:
     """F: the attention residual branch ``drop_path1(ls1(attn_out(attention(qkv(norm1(x))))))``.
 
     Returns the branch output (the block adds it to ``x``). When ``info`` is given it is filled
@@ -114,9 +130,18 @@ def attention_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, b
     return parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
 
 
-def _attend(adapter: TowerAdapter, block: nn.Module, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor, bias: torch.Tensor | None, is_causal: bool, keep: torch.Tensor | None,
-            info: BlockInfo | None) -> torch.Tensor:
+def _attend(
+    adapter: TowerAdapter,
+    block: nn.Module,
+    h: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    is_causal: bool,
+    keep: torch.Tensor | None,
+    info: BlockInfo | None,
+) -> torch.Tensor:
     """Every layout's self-attention: the library's attention computation, ``info`` filled (the
     normed input ``h``, q, k, v, per-head outputs, probabilities if asked), heads merged ``[B, N, C]``."""
     cfg = adapter.attention_config(block)
@@ -160,9 +185,17 @@ def hooks_keep(hooks: list[TowerHook], state: TokenState) -> torch.Tensor | None
     return keep
 
 
-def _enter_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module, index: int,
-                 depth: int, x: torch.Tensor, mask: torch.Tensor | None,
-                 is_causal: bool) -> tuple[torch.Tensor, BlockInfo, torch.Tensor | None, bool]:
+def _enter_block(
+    adapter: TowerAdapter,
+    state: TokenState,
+    hooks: list[TowerHook],
+    block: nn.Module,
+    index: int,
+    depth: int,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+) -> tuple[torch.Tensor, BlockInfo, torch.Tensor | None, bool]:
     """What every block layout does before its attention: ``before`` hooks, the hooks' say on the
     library mask, the token count, the attention bias (library mask + hooks' biases)."""
     info = BlockInfo(index=index, depth=depth, block=block, state=state)
@@ -175,10 +208,12 @@ def _enter_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook
         raise RuntimeError(
             f"{adapter.describe()}: block {index} got a library attention mask for "
             f"{state.num_input_tokens} tokens but the sequence now has {x.shape[1]}; token "
-            "reduction is not supported on this tower's attention masks")
+            "reduction is not supported on this tower's attention masks"
+        )
     info.want_probs = any(hook.needs_attention_probs(index) for hook in hooks)
-    bias = _add(mask_to_bias(mask, x.dtype if x.is_floating_point() else torch.float32),
-                hooks_bias(hooks, state, x.dtype))
+    bias = _add(
+        mask_to_bias(mask, x.dtype if x.is_floating_point() else torch.float32), hooks_bias(hooks, state, x.dtype)
+    )
     return x, info, bias, is_causal
 
 
@@ -196,8 +231,17 @@ def _between(hooks: list[TowerHook], info: BlockInfo, state: TokenState, x: torc
     return x
 
 
-def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module,
-              index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+def run_block(
+    adapter: TowerAdapter,
+    state: TokenState,
+    hooks: list[TowerHook],
+    block: nn.Module,
+    index: int,
+    depth: int,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
     """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
     x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal)
     x = x + attention_branch(adapter, block, x, bias, is_causal, hooks_keep(hooks, state), info)
@@ -209,9 +253,16 @@ def run_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], 
 
 
 # --- post-norm blocks with cross-attention (layout "post_norm_cross": Hugging Face BLIP text) ---------
-def post_norm_attention(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor, cross: CrossInputs,
-                        bias: torch.Tensor | None = None, is_causal: bool = False,
-                        keep: torch.Tensor | None = None, info: BlockInfo | None = None) -> torch.Tensor:
+def post_norm_attention(
+    adapter: TowerAdapter,
+    block: nn.Module,
+    x: torch.Tensor,
+    cross: CrossInputs,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    keep: torch.Tensor | None = None,
+    info: BlockInfo | None = None,
+) -> torch.Tensor:
     """The self-attention sub-layer of a post-norm block: ``norm1(x + attn_out(attention(qkv(x))))``.
 
     Unlike :func:`attention_branch` it returns the new ``x`` (the norm follows the residual add,
@@ -232,9 +283,18 @@ def post_norm_ffn(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> t
     return parts.norm2(x + parts.drop_path2(parts.ls2(adapter.ffn(block, x))))
 
 
-def run_post_norm_block(adapter: TowerAdapter, state: TokenState, hooks: list[TowerHook], block: nn.Module,
-                        index: int, depth: int, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                        cross: CrossInputs) -> torch.Tensor:
+def run_post_norm_block(
+    adapter: TowerAdapter,
+    state: TokenState,
+    hooks: list[TowerHook],
+    block: nn.Module,
+    index: int,
+    depth: int,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    cross: CrossInputs,
+) -> torch.Tensor:
     """One post-norm block (self-attention, cross-attention, FFN) with ``hooks`` applied.
 
     The entry points are :func:`run_block`'s: ``before``; the hooks' library mask, attention
@@ -250,7 +310,8 @@ def run_post_norm_block(adapter: TowerAdapter, state: TokenState, hooks: list[To
         raise RuntimeError(
             f"{adapter.describe()}: block {index}: a hook changed the number of tokens while the library "
             "runs with a key/value cache (generation); the cache would hold keys of tokens that no longer "
-            "exist. Pass use_cache=False (training) or remove the token-reduction method for generation")
+            "exist. Pass use_cache=False (training) or remove the token-reduction method for generation"
+        )
     x = adapter.cross_attention(block, x, cross)
     x = post_norm_ffn(adapter, block, x)
     for hook in hooks:

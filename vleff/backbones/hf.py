@@ -1,6 +1,7 @@
 """Hugging Face transformers: ``CLIPVisionModel``/``CLIPTextModel`` (also inside ``CLIPModel``
 and the ``*WithProjection`` models; separate q/k/v projections) and ``BlipVisionModel``
 (inside ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration`` ...; fused ``qkv``)."""
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,13 @@ class HFCLIPAdapter(_HFTower):
     def attention_config(self, block: nn.Module) -> AttentionConfig:
         attn = block.self_attn
         impl = getattr(attn.config, "_attn_implementation", None) or "eager"
-        return AttentionConfig(num_heads=attn.num_heads, scale=attn.scale, dropout_p=float(attn.dropout),
-                               fused=impl in _FUSED_IMPLEMENTATIONS, softmax_fp32=True)
+        return AttentionConfig(
+            num_heads=attn.num_heads,
+            scale=attn.scale,
+            dropout_p=float(attn.dropout),
+            fused=impl in _FUSED_IMPLEMENTATIONS,
+            softmax_fp32=True,
+        )
 
     def qkv(self, block, h):
         attn = block.self_attn

@@ -17,6 +17,7 @@ Hooks also contribute to every block's attention: :meth:`TowerHook.attention_bia
 e.g. proportional attention's ``+log size``) and :meth:`TowerHook.attention_keep` (a soft keep
 mask over keys, DynamicViT's training masks). The block itself knows no method's fields.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class BlockInfo:
     index: int
     depth: int
     block: torch.nn.Module | None = None
-    cfg: "AttentionConfig | None" = None
+    cfg: AttentionConfig | None = None
     bias: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     want_probs: bool = False
@@ -77,8 +78,10 @@ class BlockInfo:
 
     def _fresh(self, name: str, value: torch.Tensor | None) -> torch.Tensor:
         if self.stale:
-            raise StaleBlockInfo(f"block {self.index}: BlockInfo.{name} describes the tokens before an earlier hook "
-                                 "changed them; read it before the change (install this hook first) or use keys")
+            raise StaleBlockInfo(
+                f"block {self.index}: BlockInfo.{name} describes the tokens before an earlier hook "
+                "changed them; read it before the change (install this hook first) or use keys"
+            )
         if value is None:
             raise AttributeError(f"block {self.index}: BlockInfo.{name} is not available at this entry point")
         return value
@@ -102,8 +105,10 @@ class BlockInfo:
     @property
     def probs(self) -> torch.Tensor:
         if self._probs is None and not self.stale:
-            raise AttributeError(f"block {self.index}: attention probabilities were not computed; a hook must "
-                                 "return True from needs_attention_probs(index) for this block")
+            raise AttributeError(
+                f"block {self.index}: attention probabilities were not computed; a hook must "
+                "return True from needs_attention_probs(index) for this block"
+            )
         return self._fresh("probs", self._probs)
 
     @property
@@ -124,8 +129,10 @@ class BlockInfo:
         if row in self._rows:
             return self._rows[row]
         if self.stale:
-            raise StaleBlockInfo(f"block {self.index}: attention row {row} was not computed before an earlier hook "
-                                 "changed the tokens; return it from the hook's attention_rows(index)")
+            raise StaleBlockInfo(
+                f"block {self.index}: attention row {row} was not computed before an earlier hook "
+                "changed the tokens; return it from the hook's attention_rows(index)"
+            )
         q, k = self.q, self.keys
         cfg = self.cfg
         assert cfg is not None
@@ -171,7 +178,7 @@ class BlockInfo:
         k_extra = None
         if self._k is not None:
             keys = self.keys
-            w = (size[..., 0] * members.to(size.dtype))
+            w = size[..., 0] * members.to(size.dtype)
             w = (w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)).to(keys.dtype)
             k_extra = (keys * w[:, None, :, None]).sum(dim=2, keepdim=True)
         rows = {r: (a * members.to(a.dtype)).sum(dim=1, keepdim=True) for r, a in self._rows.items()}
@@ -270,8 +277,9 @@ class TowerHook:
         """Whether block ``index`` must materialise the full attention probabilities."""
         return False
 
-    def library_mask(self, mask: torch.Tensor | None, is_causal: bool,
-                     state: TokenState) -> tuple[torch.Tensor | None, bool]:
+    def library_mask(
+        self, mask: torch.Tensor | None, is_causal: bool, state: TokenState
+    ) -> tuple[torch.Tensor | None, bool]:
         """The library's attention mask and causal flag for this block, possibly replaced (a text
         tower's layout hook rebuilds the causal mask once the sequence has changed)."""
         return mask, is_causal

@@ -1,6 +1,7 @@
 """open_clip CLIP: the image tower (``VisionTransformer``) and the text tower (the ``CLIP``
 model's own ``transformer``, or ``TextTransformer`` in ``CustomTextCLIP``), whose blocks are
 ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (a raw ``in_proj_weight``)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,8 @@ def _check_blocks(root: nn.Module, transformer: nn.Module) -> None:
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
             raise TypeError(
                 f"open_clip {type(root).__name__} block {i} is {type(block).__name__}; vleff supports "
-                "self-attention open_clip.transformer.ResidualAttentionBlock")
+                "self-attention open_clip.transformer.ResidualAttentionBlock"
+            )
 
 
 class _OpenClipTower(TowerAdapter):
@@ -42,8 +44,7 @@ class _OpenClipTower(TowerAdapter):
 
     def attention_config(self, block: nn.Module) -> AttentionConfig:
         mha = _mha(block)
-        return AttentionConfig(num_heads=mha.num_heads, scale=mha.head_dim ** -0.5, dropout_p=mha.dropout,
-                               fused=True)
+        return AttentionConfig(num_heads=mha.num_heads, scale=mha.head_dim**-0.5, dropout_p=mha.dropout, fused=True)
 
     def qkv(self, block, h):
         mha = _mha(block)
@@ -119,9 +120,11 @@ class OpenClipTextAdapter(_OpenClipTower):
 
     def unsupported_reason(self) -> str | None:
         if getattr(self.root, "cls_emb", None) is not None:
-            return ("its text tower appends a learned CLS token after the token embedding (CoCa's embed_cls), so the "
-                    "blocks see one token more than the ids vleff tracks causal order and padding by; CoCa's text "
-                    "tower is not supported (its image tower is: towers='image')")
+            return (
+                "its text tower appends a learned CLS token after the token embedding (CoCa's embed_cls), so the "
+                "blocks see one token more than the ids vleff tracks causal order and padding by; CoCa's text "
+                "tower is not supported (its image tower is: towers='image')"
+            )
         return None
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
@@ -143,7 +146,9 @@ def _mha(block: nn.Module) -> nn.MultiheadAttention:
     reading the raw weight here would silently bypass the adapter)."""
     mha = block.attn
     if not isinstance(mha, nn.MultiheadAttention):
-        raise RuntimeError(f"open_clip block attention is a {type(mha).__name__}, not nn.MultiheadAttention: LoRA "
-                           "(peft) wraps in_proj_weight and vleff's generic block would bypass the adapter; "
-                           "remove lora (vleff.methods.lora.core.remove_lora) before applying a vleff tower hook")
+        raise RuntimeError(
+            f"open_clip block attention is a {type(mha).__name__}, not nn.MultiheadAttention: LoRA "
+            "(peft) wraps in_proj_weight and vleff's generic block would bypass the adapter; "
+            "remove lora (vleff.methods.lora.core.remove_lora) before applying a vleff tower hook"
+        )
     return mha

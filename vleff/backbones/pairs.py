@@ -22,12 +22,14 @@ path ``vision_proj``/``text_proj`` of token 0. BLIP captioning and VQA models ha
 contrastive projection: their ``encode_*`` return token 0 of the image tower and of the text
 tower (unimodal, no cross-attention), and ``logit_scale`` is ``None``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +92,9 @@ class Held:
         return self.spent or (self.watch is not None and self.watch._version != self.version)
 
 
-def hold(store: dict[str, Any], modality: str, value: torch.Tensor, output: torch.Tensor,
-         watch: torch.Tensor | None = None) -> None:
+def hold(
+    store: dict[str, Any], modality: str, value: torch.Tensor, output: torch.Tensor, watch: torch.Tensor | None = None
+) -> None:
     """Leave ``value`` (a cross-modal method's training feature) in ``store`` for the other tower.
 
     Why it can expire: outside a :class:`PairContext` nothing says which forwards belong to one
@@ -145,8 +148,9 @@ class ModelPair:
         """``[B, D]`` image embeddings as the library computes them."""
         raise NotImplementedError
 
-    def encode_text(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    normalize: bool = False) -> torch.Tensor:
+    def encode_text(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
+    ) -> torch.Tensor:
         """``[B, D]`` text embeddings as the library computes them (``attention_mask``: the padding
         mask Hugging Face towers take; open_clip's causal text tower needs none and ignores it)."""
         raise NotImplementedError
@@ -174,12 +178,14 @@ class ModelPair:
         BERT vocabulary); FLOPs and speed depend on the layout, not on which words."""
         context, start, end, (low, high) = self.text_layout()
         if isinstance(words, bool) or not isinstance(words, int) or not 1 <= words <= context - 2:
-            raise ValueError(f"words={words!r} is not allowed for a {self.family} caption: use 1..{context - 2} "
-                             f"(the context is {context} tokens with the start and end tokens)")
+            raise ValueError(
+                f"words={words!r} is not allowed for a {self.family} caption: use 1..{context - 2} "
+                f"(the context is {context} tokens with the start and end tokens)"
+            )
         g = torch.Generator().manual_seed(int(seed))
         ids = torch.zeros(batch, context, dtype=torch.long)
         ids[:, 0] = start
-        ids[:, 1:words + 1] = torch.randint(low, high, (batch, words), generator=g)
+        ids[:, 1 : words + 1] = torch.randint(low, high, (batch, words), generator=g)
         ids[:, words + 1] = end
         return ids
 
@@ -244,7 +250,12 @@ class HFCLIPPair(ModelPair):
 
     def text_layout(self):
         cfg = self.model.config.text_config
-        return cfg.max_position_embeddings, cfg.bos_token_id, cfg.eos_token_id, (1, min(cfg.bos_token_id, cfg.eos_token_id))
+        return (
+            cfg.max_position_embeddings,
+            cfg.bos_token_id,
+            cfg.eos_token_id,
+            (1, min(cfg.bos_token_id, cfg.eos_token_id)),
+        )
 
 
 class BlipPair(ModelPair):
@@ -312,8 +323,10 @@ def find_pair(model: nn.Module) -> ModelPair:
             return BlipPair(model, HFBlipVisionAdapter(model.vision_model), HFBlipTextAdapter(model.text_encoder))
         if isinstance(model, BlipForConditionalGeneration):
             return BlipPair(model, HFBlipVisionAdapter(model.vision_model), HFBlipTextAdapter(model.text_decoder.bert))
-    raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not an image-text model pair vleff knows; "
-                    f"supported: {'; '.join(PAIRS_SUPPORTED)}")
+    raise TypeError(
+        f"{type(model).__module__}.{type(model).__name__} is not an image-text model pair vleff knows; "
+        f"supported: {'; '.join(PAIRS_SUPPORTED)}"
+    )
 
 
 def caption_mask(ids: torch.Tensor) -> torch.Tensor:
@@ -341,5 +354,19 @@ class PairEncoder(nn.Module):
         return pair.encode_image(x) if self.path == "image" else pair.encode_text(x, attention_mask=caption_mask(x))
 
 
-__all__ = ["BlipPair", "HFCLIPPair", "ModelPair", "OpenClipPair", "PAIR_CONTEXT", "PAIRS_SUPPORTED", "PairContext",
-           "Held", "PairEncoder", "caption_mask", "find_pair", "hold", "pair_context", "partner"]
+__all__ = [
+    "BlipPair",
+    "HFCLIPPair",
+    "ModelPair",
+    "OpenClipPair",
+    "PAIR_CONTEXT",
+    "PAIRS_SUPPORTED",
+    "PairContext",
+    "Held",
+    "PairEncoder",
+    "caption_mask",
+    "find_pair",
+    "hold",
+    "pair_context",
+    "partner",
+]

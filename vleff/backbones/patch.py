@@ -6,10 +6,11 @@ the class's own ``forward`` exactly. Weights, parameter names and ``state_dict``
 A :class:`TowerPatch` is stored on the tower root as ``_vleff_patch``; it owns the hooks and
 the token state of the latest forward.
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -54,11 +55,13 @@ def in_backward() -> bool:
 
 
 def checkpoint_refusal(adapter: TowerAdapter, names: list[str]) -> str:
-    return (f"{adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; the methods "
-            f"applied ({', '.join(names)}) cannot replay a block from its inputs (they read state another tower or "
-            "an earlier step left). Turn it off (timm: model.set_grad_checkpointing(False); open_clip: "
-            "model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) or run "
-            "without gradients")
+    return (
+        f"{adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; the methods "
+        f"applied ({', '.join(names)}) cannot replay a block from its inputs (they read state another tower or "
+        "an earlier step left). Turn it off (timm: model.set_grad_checkpointing(False); open_clip: "
+        "model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) or run "
+        "without gradients"
+    )
 
 
 class TowerPatch:
@@ -113,11 +116,17 @@ class TowerPatch:
         if x.shape[0] == 0:
             # the hooks' per-sample work (matching, top-k, thresholds, side layers) has no sample to
             # run on; refused here, once for every method, rather than failing deep inside one
-            raise ValueError(f"{self.adapter.describe()} got a batch of 0 samples (input shape {tuple(x.shape)}) "
-                             f"with {', '.join(h.name for h in self.running_hooks) or 'vleff hooks'} applied; "
-                             "allowed: a batch of at least 1 sample (skip empty batches before the forward)")
-        state = TokenState(num_prefix=self.adapter.num_prefix_tokens, num_input_tokens=x.shape[1],
-                           num_tokens=x.shape[1], batch_size=x.shape[0])
+            raise ValueError(
+                f"{self.adapter.describe()} got a batch of 0 samples (input shape {tuple(x.shape)}) "
+                f"with {', '.join(h.name for h in self.running_hooks) or 'vleff hooks'} applied; "
+                "allowed: a batch of at least 1 sample (skip empty batches before the forward)"
+            )
+        state = TokenState(
+            num_prefix=self.adapter.num_prefix_tokens,
+            num_input_tokens=x.shape[1],
+            num_tokens=x.shape[1],
+            batch_size=x.shape[0],
+        )
         if not replay:
             # a forward that will be recomputed in backward: gradients on (non-re-entrant), or an
             # input that needs them (re-entrant checkpointing runs the forward without gradients)
@@ -151,10 +160,19 @@ class TowerPatch:
                 f"(re-entrant checkpointing does that): {', '.join(exporting)} hands tensors that need gradients out "
                 "of the blocks, which would get none. Use non-re-entrant checkpointing (timm: "
                 "timm.layers.set_reentrant_ckpt(False); Hugging Face: model.gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs={'use_reentrant': False}); open_clip's is) or put the model in eval()")
+                "gradient_checkpointing_kwargs={'use_reentrant': False}); open_clip's is) or put the model in eval()"
+            )
 
-    def run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor,
-            mask: torch.Tensor | None, is_causal: bool, cross: CrossInputs | None = None) -> torch.Tensor:
+    def run(
+        self,
+        index: int,
+        depth: int,
+        block: nn.Module,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cross: CrossInputs | None = None,
+    ) -> torch.Tensor:
         """One block of the tower; ``cross`` (post-norm towers) carries the image embeddings,
         their mask and the cache. The block body follows the adapter's layout.
 
@@ -179,8 +197,17 @@ class TowerPatch:
                 self._recording[key] = (state.snapshot(), True)
         return self._run(index, depth, block, x, mask, is_causal, cross, state)
 
-    def _replay(self, index: int, depth: int, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cross: CrossInputs | None, entry: Entry) -> torch.Tensor:
+    def _replay(
+        self,
+        index: int,
+        depth: int,
+        block: nn.Module,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cross: CrossInputs | None,
+        entry: Entry,
+    ) -> torch.Tensor:
         recorded, same_input = entry
         if same_input:  # the state the block started from; x as the library passes it
             state = recorded.snapshot()
@@ -188,11 +215,30 @@ class TowerPatch:
             x, state = self._start(x, replay=True)
         return self._run(index, depth, block, x, mask, is_causal, cross, state)
 
-    def _run(self, index: int, depth: int, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
-             is_causal: bool, cross: CrossInputs | None, state: TokenState) -> torch.Tensor:
+    def _run(
+        self,
+        index: int,
+        depth: int,
+        block: nn.Module,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cross: CrossInputs | None,
+        state: TokenState,
+    ) -> torch.Tensor:
         if self.adapter.layout == "post_norm_cross":
-            x = run_post_norm_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask,
-                                    is_causal, cross if cross is not None else CrossInputs())
+            x = run_post_norm_block(
+                self.adapter,
+                state,
+                self.running_hooks,
+                block,
+                index,
+                depth,
+                x,
+                mask,
+                is_causal,
+                cross if cross is not None else CrossInputs(),
+            )
         else:
             x = run_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask, is_causal)
         if index == depth - 1:
@@ -213,8 +259,11 @@ class PatchedForward:
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         adapter = self.patch.adapter
         if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
-            raise TypeError(refusal_message(adapter, "torch.fx symbolic tracing (and torchvision's "
-                                            "create_feature_extractor, which uses it)"))
+            raise TypeError(
+                refusal_message(
+                    adapter, "torch.fx symbolic tracing (and torchvision's create_feature_extractor, which uses it)"
+                )
+            )
         x, mask, is_causal = adapter.block_inputs(self.block, *args, **kwargs)
         if adapter.layout == "post_norm_cross":
             cross = adapter.cross_inputs(self.block, *args, **kwargs)
@@ -227,10 +276,12 @@ class PatchedForward:
 
 def refusal_message(adapter: TowerAdapter, what: str) -> str:
     """Why ``what`` cannot take a tower vleff patched, and what to use instead."""
-    return (f"{what} cannot take {adapter.describe()}: vleff replaced its blocks' forward (the token state and its "
-            "control flow are Python, not a traceable graph). Export the patched model with torch.export.export or "
-            "compile it with torch.compile; or remove vleff's methods first (vleff.registry.remove_all(model)) to "
-            "script or trace the library model")
+    return (
+        f"{what} cannot take {adapter.describe()}: vleff replaced its blocks' forward (the token state and its "
+        "control flow are Python, not a traceable graph). Export the patched model with torch.export.export or "
+        "compile it with torch.compile; or remove vleff's methods first (vleff.registry.remove_all(model)) to "
+        "script or trace the library model"
+    )
 
 
 class RefuseScripting:
@@ -268,7 +319,8 @@ def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
     """``ValueError`` when ``hook`` cannot join ``adapter``'s tower: a method runs the tower's
     blocks itself (the hook would be skipped), or a hook already there conflicts with it: by the
     methods' declared rules (the registry's, see :func:`set_method_conflict_rule`), else by either
-    hook's own :meth:`TowerHook.conflict_with` (for hooks that are no registered method). Methods check every tower before patching any, so a
+    hook's own :meth:`TowerHook.conflict_with` (for hooks that are no registered method). Methods check every tower
+    before patching any, so a
     refusal leaves the model as it was."""
     unsupported = adapter.unsupported_reason()
     if unsupported:
@@ -277,19 +329,26 @@ def check_attachable(adapter: TowerAdapter, hook: TowerHook) -> None:
         raise ValueError(f"cannot apply {hook.name}: {checkpoint_refusal(adapter, [hook.name])}")
     runner = adapter.root.__dict__.get(BLOCK_RUNNER_ATTR)
     if runner is not None:
-        raise ValueError(f"cannot apply {hook.name} while {runner} is applied to {adapter.describe()}: {runner} "
-                         f"runs the tower's blocks itself and would skip {hook.name} (token reduction inside the "
-                         f"stack is not supported); remove {runner} first")
+        raise ValueError(
+            f"cannot apply {hook.name} while {runner} is applied to {adapter.describe()}: {runner} "
+            f"runs the tower's blocks itself and would skip {hook.name} (token reduction inside the "
+            f"stack is not supported); remove {runner} first"
+        )
     patch = get_patch(adapter.root)
     for other in patch.hooks if patch is not None else ():
         if other.name == hook.name:  # the same method again: add_hook refuses or the method updates it
             continue
         rule = _method_conflict_rule
-        reason = ((rule(hook.name, other.name, adapter.family) if rule is not None else None)
-                  or hook.conflict_with(other) or other.conflict_with(hook))
+        reason = (
+            (rule(hook.name, other.name, adapter.family) if rule is not None else None)
+            or hook.conflict_with(other)
+            or other.conflict_with(hook)
+        )
         if reason:
-            raise ValueError(f"cannot apply {hook.name} while {other.name} is applied to {adapter.describe()}: "
-                             f"{reason}; remove {other.name} first")
+            raise ValueError(
+                f"cannot apply {hook.name} while {other.name} is applied to {adapter.describe()}: "
+                f"{reason}; remove {other.name} first"
+            )
 
 
 def patch_tower(adapter: TowerAdapter) -> TowerPatch:

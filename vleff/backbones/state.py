@@ -20,6 +20,7 @@ Rules (``reduce``) say what a token made of several tokens holds:
 ``size`` is built in: it is materialised (as ones) the first time tokens combine, so towers
 where nothing merged never carry it and stay bit-exact with the library.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -113,8 +114,10 @@ class TokenState:
         if name in self.fields:
             raise ValueError(f"token field {name!r} is already registered (by another hook?)")
         if value.dim() < 2 or value.shape[:2] != (self.batch_size, self.num_tokens):
-            raise ValueError(f"token field {name!r} has shape {tuple(value.shape)}; expected "
-                             f"[{self.batch_size}, {self.num_tokens}, ...] for the current sequence")
+            raise ValueError(
+                f"token field {name!r} has shape {tuple(value.shape)}; expected "
+                f"[{self.batch_size}, {self.num_tokens}, ...] for the current sequence"
+            )
         self.fields[name] = TokenField(value, reduce)
 
     def get(self, name: str) -> torch.Tensor | None:
@@ -127,8 +130,10 @@ class TokenState:
         if name not in self.fields:
             raise KeyError(f"token field {name!r} is not registered")
         if value.shape[:2] != (self.batch_size, self.num_tokens):
-            raise ValueError(f"token field {name!r}: shape {tuple(value.shape)} does not match the "
-                             f"sequence [{self.batch_size}, {self.num_tokens}]")
+            raise ValueError(
+                f"token field {name!r}: shape {tuple(value.shape)} does not match the "
+                f"sequence [{self.batch_size}, {self.num_tokens}]"
+            )
         self.fields[name].value = value
 
     @property
@@ -158,7 +163,7 @@ class TokenState:
             self.block_info._after_select(idx)
         return gather_tokens(x, idx)
 
-    def merge(self, plan: "MergePlan", merged_size: torch.Tensor | None = None) -> None:
+    def merge(self, plan: MergePlan, merged_size: torch.Tensor | None = None) -> None:
         """Apply a merge plan to every field (``x`` itself is merged by the method, which knows
         its weights: ToMe's size-weighted mean, CrossGET's importance-weighted one).
         ``merged_size``: the new sizes when the method's merge already computed them."""
@@ -212,16 +217,20 @@ class TokenState:
             raise ValueError(f"{what} tokens needs a value for every token field; missing {sorted(missing)}")
 
     # --- replay ----------------------------------------------------------------------------
-    def snapshot(self) -> "TokenState":
+    def snapshot(self) -> TokenState:
         """A copy to replay a block from (gradient checkpointing recomputes blocks in backward):
         every container copied, so a replay's merges, appends and scratch writes stay in the copy;
         tensors shared (they are never changed in place, only replaced)."""
         return TokenState(
-            num_prefix=self.num_prefix, num_input_tokens=self.num_input_tokens,
+            num_prefix=self.num_prefix,
+            num_input_tokens=self.num_input_tokens,
             fields={name: TokenField(f.value, f.reduce) for name, f in self.fields.items()},
-            token_counts=list(self.token_counts), aux_losses=dict(self.aux_losses),
+            token_counts=list(self.token_counts),
+            aux_losses=dict(self.aux_losses),
             scratch={name: _copy_containers(v) for name, v in self.scratch.items()},
-            num_tokens=self.num_tokens, batch_size=self.batch_size)
+            num_tokens=self.num_tokens,
+            batch_size=self.batch_size,
+        )
 
     # --- losses ----------------------------------------------------------------------------
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ states its rule: the methods that reduce by a whole-sequence decision refuse suc
 (:func:`refuse_causal_decoder`); EViT, whose ranking token (BLIP: token 0) sees no later token,
 keeps the first tokens and stays causal (tested).
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,10 @@ class TextLayout(TowerHook):
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         ids = self.ids
         if ids is None or ids.shape[:2] != x.shape[:2]:
-            raise RuntimeError(f"{self.adapter.describe()}: the blocks ran without token ids from the tower's token "
-                               "embedding in this forward; call the text tower through its own forward / encode_text")
+            raise RuntimeError(
+                f"{self.adapter.describe()}: the blocks ran without token ids from the tower's token "
+                "embedding in this forward; call the text tower through its own forward / encode_text"
+            )
         self.ids = None
         b, n = x.shape[:2]
         eot = self.adapter.eot_positions(ids).to(x.device).long()
@@ -118,24 +121,41 @@ def refuse_causal_decoder(state: TokenState, method: str) -> None:
             "e.g. BLIP's text_decoder: a prediction at every position): its reduction is decided on the whole "
             "sequence, so the outputs at earlier positions would depend on later tokens and teacher-forced training "
             f"would read the future. Apply {method} to the image tower or to a text encoder only (EViT is "
-            "allowed on a decoder)")
+            "allowed on a decoder)"
+        )
 
 
-def refuse_causal_decoder_towers(model: nn.Module, towers: list, method: str, setting: str,
-                                 hint: str | None = None) -> None:
+def refuse_causal_decoder_towers(
+    model: nn.Module, towers: list, method: str, setting: str, hint: str | None = None
+) -> None:
     """``ValueError`` at apply time when one of ``towers`` (the adapters a method is about to
     patch) is a causal decoder of ``model`` (:meth:`TowerAdapter.causal_decoder_in`).
     ``setting``: the offending setting as the user wrote it (``"towers='all'"``); ``hint``: what
     to do instead (default: the image tower, or the text encoder alone)."""
-    hint = hint or (f"Use towers='image', or apply {method} to the text encoder alone (e.g. model.text_encoder); "
-                    "EViT is allowed on a decoder")
+    hint = hint or (
+        f"Use towers='image', or apply {method} to the text encoder alone (e.g. model.text_encoder); "
+        "EViT is allowed on a decoder"
+    )
     for tower in towers:
         if tower.modality == "text" and tower.causal_decoder_in(model):
             raise ValueError(
                 f"{setting}: {method} cannot reduce the tokens of {tower.describe()}: {type(model).__name__} runs it "
                 "as a causal decoder (a prediction at every position, teacher-forced in training), and a reduction "
-                f"decided on the whole sequence makes the outputs at earlier positions depend on later tokens. {hint}")
+                f"decided on the whole sequence makes the outputs at earlier positions depend on later tokens. {hint}"
+            )
 
 
-__all__ = ["BlockInfo", "CAUSAL_DECODER", "LAYOUT_HOOK", "PAD", "POSITION", "PROTECTED", "SOURCE", "TextLayout", "eot_rows", "refuse_causal_decoder", "refuse_causal_decoder_towers",
-           "runs_as_causal_decoder"]
+__all__ = [
+    "BlockInfo",
+    "CAUSAL_DECODER",
+    "LAYOUT_HOOK",
+    "PAD",
+    "POSITION",
+    "PROTECTED",
+    "SOURCE",
+    "TextLayout",
+    "eot_rows",
+    "refuse_causal_decoder",
+    "refuse_causal_decoder_towers",
+    "runs_as_causal_decoder",
+]

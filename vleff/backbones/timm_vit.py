@@ -1,5 +1,6 @@
 """timm ``VisionTransformer`` (ViT, DeiT incl. the distilled variant, register tokens,
 layer scale, q/k norm, fused and unfused attention)."""
+
 from __future__ import annotations
 
 import inspect
@@ -27,14 +28,16 @@ class GridIntermediates:
         bound.apply_defaults()
         patch = get_patch(self.root)
         state = patch.state if patch is not None else None
-        reduced = state is not None and (state.num_tokens != state.num_input_tokens
-                                         or any(n != state.num_input_tokens for n in state.token_counts))
+        reduced = state is not None and (
+            state.num_tokens != state.num_input_tokens or any(n != state.num_input_tokens for n in state.token_counts)
+        )
         if bound.arguments.get("output_fmt") == "NCHW" and reduced:
             raise ValueError(
                 f"forward_intermediates(output_fmt='NCHW') of a timm {type(self.root).__name__} whose tokens vleff "
                 f"merged or pruned ({state.num_input_tokens} -> {state.num_tokens}): merged tokens have no patch grid "
                 "to fold back into. Use output_fmt='NLC' (token sequences; merged tokens' sizes in "
-                "vleff.backbones.last_token_state), or remove the token method for spatial features")
+                "vleff.backbones.last_token_state), or remove the token method for spatial features"
+            )
         return out
 
 
@@ -58,13 +61,18 @@ class TimmViTAdapter(TowerAdapter):
                 raise TypeError(
                     f"timm {type(root).__name__} block {i} is {type(block).__name__} with "
                     f"{type(getattr(block, 'attn', None)).__name__} attention; vleff supports pre-norm "
-                    "timm.models.vision_transformer.Block with timm.layers.Attention")
+                    "timm.models.vision_transformer.Block with timm.layers.Attention"
+                )
 
     def blocks(self) -> list[nn.Module]:
         return list(self.root.blocks)
 
     def entry_guards(self) -> dict[str, Any]:
-        return {"forward_intermediates": GridIntermediates(self.root)} if hasattr(self.root, "forward_intermediates") else {}
+        return (
+            {"forward_intermediates": GridIntermediates(self.root)}
+            if hasattr(self.root, "forward_intermediates")
+            else {}
+        )
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -84,13 +92,13 @@ class TimmViTAdapter(TowerAdapter):
         return int(self.root.embed_dim)
 
     def parts(self, block: nn.Module) -> BlockParts:
-        return BlockParts(block.norm1, block.norm2, block.mlp, block.ls1, block.ls2,
-                          block.drop_path1, block.drop_path2)
+        return BlockParts(block.norm1, block.norm2, block.mlp, block.ls1, block.ls2, block.drop_path1, block.drop_path2)
 
     def attention_config(self, block: nn.Module) -> AttentionConfig:
         attn = block.attn
-        return AttentionConfig(num_heads=attn.num_heads, scale=attn.scale, dropout_p=attn.attn_drop.p,
-                               fused=bool(attn.fused_attn))
+        return AttentionConfig(
+            num_heads=attn.num_heads, scale=attn.scale, dropout_p=attn.attn_drop.p, fused=bool(attn.fused_attn)
+        )
 
     def qkv(self, block, h):
         attn = block.attn

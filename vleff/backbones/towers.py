@@ -3,10 +3,11 @@
 The one place that lists the families (:data:`SUPPORTED`, the adapter classes by library); a
 family's adapter module is imported only when its library is (a model of that family implies it).
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -78,7 +79,8 @@ def find_towers(model: nn.Module, modality: Modality | None = None) -> list[Towe
         what = f"{modality} tower" if modality else "transformer tower"
         raise TypeError(
             f"no supported {what} found in {type(model).__module__}.{type(model).__name__}; "
-            f"vleff supports: {'; '.join(SUPPORTED)}")
+            f"vleff supports: {'; '.join(SUPPORTED)}"
+        )
     return towers
 
 

@@ -8,6 +8,7 @@ checkpoint records, aux-loss attachment, optimizer conversion) is in :mod:`vleff
 measurement callback ``EfficiencyMonitor`` is here. Imported lazily so ``import vleff.callbacks``
 stays cheap.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping

@@ -35,6 +35,7 @@ logs with ``sync_dist=False``, so nothing can deadlock; the logger writes rank 0
 If a measurement fails (a forward that does not take the batch as given), the monitor warns
 once, naming ``example_input_fn``, and keeps logging what it can.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -55,7 +56,7 @@ from vleff.profile.memory import saved_activation_bytes
 __all__ = ["EfficiencyMonitor", "default_example_input"]
 
 _INPUT_KEYS = ("pixel_values", "images", "image", "x", "inputs", "input")
-MIB = 2 ** 20
+MIB = 2**20
 
 ExampleInput = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -72,8 +73,10 @@ def default_example_input(batch: Any) -> Any:
         for key in _INPUT_KEYS:
             if key in batch:
                 return batch[key]
-        raise ValueError(f"cannot find the model input in a batch with keys {sorted(map(str, batch))}; "
-                         f"expected one of {_INPUT_KEYS} or pass example_input_fn=lambda batch: (...,)")
+        raise ValueError(
+            f"cannot find the model input in a batch with keys {sorted(map(str, batch))}; "
+            f"expected one of {_INPUT_KEYS} or pass example_input_fn=lambda batch: (...,)"
+        )
     return batch
 
 
@@ -132,25 +135,42 @@ class EfficiencyMonitor(pl.Callback):
             progress bar.
     """
 
-    def __init__(self, example_input_fn: Callable[[Any], Any] | None = None,
-                 batch_size_fn: Callable[[Any], int] | None = None, training_flops_factor: float = 3.0,
-                 measure_activation: bool = True, log_tokens: bool = True, window: int = 20,
-                 recount_interval: int = 10, prog_bar: bool = False) -> None:
+    def __init__(
+        self,
+        example_input_fn: Callable[[Any], Any] | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        training_flops_factor: float = 3.0,
+        measure_activation: bool = True,
+        log_tokens: bool = True,
+        window: int = 20,
+        recount_interval: int = 10,
+        prog_bar: bool = False,
+    ) -> None:
         super().__init__()
         # checked here so that a bad config fails when it is built, not at the first batch
         for name, fn in (("example_input_fn", example_input_fn), ("batch_size_fn", batch_size_fn)):
             if fn is not None and not callable(fn):
-                raise ValueError(f"EfficiencyMonitor: {name}={fn!r} is not allowed; it must be a callable "
-                                 f"batch -> {'forward input' if name == 'example_input_fn' else 'int'}, or None "
-                                 "for the default")
-        if isinstance(training_flops_factor, bool) or not isinstance(training_flops_factor, (int, float)) or \
-                not math.isfinite(training_flops_factor) or training_flops_factor <= 0:
-            raise ValueError(f"EfficiencyMonitor: training_flops_factor={training_flops_factor!r} is not allowed; "
-                             "it must be a finite number > 0 (3: backward ~ 2x forward)")
+                raise ValueError(
+                    f"EfficiencyMonitor: {name}={fn!r} is not allowed; it must be a callable "
+                    f"batch -> {'forward input' if name == 'example_input_fn' else 'int'}, or None "
+                    "for the default"
+                )
+        if (
+            isinstance(training_flops_factor, bool)
+            or not isinstance(training_flops_factor, (int, float))
+            or not math.isfinite(training_flops_factor)
+            or training_flops_factor <= 0
+        ):
+            raise ValueError(
+                f"EfficiencyMonitor: training_flops_factor={training_flops_factor!r} is not allowed; "
+                "it must be a finite number > 0 (3: backward ~ 2x forward)"
+            )
         for name, value in (("window", window), ("recount_interval", recount_interval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EfficiencyMonitor: {name}={value!r} is not allowed; it must be an int >= 1 "
-                                 f"({'steps averaged for eff/samples_per_s' if name == 'window' else 'steps'})")
+                raise ValueError(
+                    f"EfficiencyMonitor: {name}={value!r} is not allowed; it must be an int >= 1 "
+                    f"({'steps averaged for eff/samples_per_s' if name == 'window' else 'steps'})"
+                )
         self.example_input_fn = example_input_fn
         self.batch_size_fn = batch_size_fn
         self.training_flops_factor = training_flops_factor
@@ -169,7 +189,7 @@ class EfficiencyMonitor(pl.Callback):
         self.recounts = 0  # how many times FLOPs were counted (for tests and curiosity)
         self._dirty = True
         self._failed: set[str] = set()
-        self._last_count_step = -(10 ** 9)
+        self._last_count_step = -(10**9)
         self._step_start: float | None = None
         self._steps: deque[tuple[int, float]] = deque(maxlen=self.window)
 
@@ -193,10 +213,12 @@ class EfficiencyMonitor(pl.Callback):
     def _warn_once(self, what: str, err: BaseException) -> None:
         if what not in self._failed:
             self._failed.add(what)
-            rank_zero_warn(f"EfficiencyMonitor could not measure {what}: {type(err).__name__}: {err}. "
-                           "If the module's forward does not take what example_input_fn(batch) returns "
-                           "(default: batch[0] of a tuple batch), pass example_input_fn=lambda batch: "
-                           "(args...) or a dict of keyword arguments.")
+            rank_zero_warn(
+                f"EfficiencyMonitor could not measure {what}: {type(err).__name__}: {err}. "
+                "If the module's forward does not take what example_input_fn(batch) returns "
+                "(default: batch[0] of a tuple batch), pass example_input_fn=lambda batch: "
+                "(args...) or a dict of keyword arguments."
+            )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Count FLOPs (and, the first time, activation bytes) on ``batch``; set ``flops_per_batch``."""
@@ -225,19 +247,22 @@ class EfficiencyMonitor(pl.Callback):
         # no batch exists yet: the first count happens at the first training batch
         self._reset()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
-        if self._dirty and step - self._last_count_step >= (1 if self.flops_per_sample is None
-                                                             else self.recount_interval):
+        if self._dirty and step - self._last_count_step >= (
+            1 if self.flops_per_sample is None else self.recount_interval
+        ):
             self.measure(trainer, pl_module, batch)
             self._dirty = False
             self._last_count_step = step
         self._sync(pl_module)
         self._step_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._step_start is not None:
             self._sync(pl_module)
             elapsed = time.perf_counter() - self._step_start
@@ -288,5 +313,12 @@ class EfficiencyMonitor(pl.Callback):
                 for i, n in enumerate(counts):
                     metrics[f"{prefix}{i}"] = float(n)
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False, batch_size=1,
-                          prog_bar=self.prog_bar and name in ("eff/gflops_per_sample", "eff/samples_per_s"))
+            pl_module.log(
+                name,
+                value,
+                on_step=True,
+                on_epoch=False,
+                sync_dist=False,
+                batch_size=1,
+                prog_bar=self.prog_bar and name in ("eff/gflops_per_sample", "eff/samples_per_s"),
+            )

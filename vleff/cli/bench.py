@@ -29,6 +29,7 @@ name) on synthetic captions of ``words`` word tokens padded to the family's cont
 input (unknown model, method, mode or setting; an image size that is not a multiple of the
 patch size; a bad precision or device) prints one line to stderr and exits with status 2.
 """
+
 from __future__ import annotations
 
 import copy
@@ -168,8 +169,11 @@ def resolve_methods(methods: Any, method_args: Mapping[str, Any] | None = None) 
 
     if isinstance(methods, (DictConfig,)) or OmegaConf.is_config(methods):
         methods = OmegaConf.to_container(methods, resolve=True)
-    method_args = OmegaConf.to_container(method_args, resolve=True) if OmegaConf.is_config(method_args) else (
-        dict(method_args or {}))
+    method_args = (
+        OmegaConf.to_container(method_args, resolve=True)
+        if OmegaConf.is_config(method_args)
+        else (dict(method_args or {}))
+    )
     entries: list[tuple[str, dict[str, Any]]] = []
     if methods is None or methods == "" or methods == "none":
         pass
@@ -245,8 +249,10 @@ def _compile_backend(spec: Any) -> str | None:
 
     backends = torch.compiler.list_backends(exclude_tags=())
     if not isinstance(spec, str) or spec not in backends:
-        raise BenchError(f"compile={spec!r} is not allowed; use null (eager) or a torch.compile backend: "
-                         f"{', '.join(sorted(torch.compiler.list_backends()))}")
+        raise BenchError(
+            f"compile={spec!r} is not allowed; use null (eager) or a torch.compile backend: "
+            f"{', '.join(sorted(torch.compiler.list_backends()))}"
+        )
     return spec
 
 
@@ -283,8 +289,10 @@ def _check_model_name(name: Any) -> None:
     import timm
 
     if not timm.is_model(name):
-        raise BenchError(f"model {name!r} is not known; use one of: {', '.join(MODELS)} "
-                         "(or a timm model name, see timm.list_models())")
+        raise BenchError(
+            f"model {name!r} is not known; use one of: {', '.join(MODELS)} "
+            "(or a timm model name, see timm.list_models())"
+        )
 
 
 def _status(enabled: bool, message: str) -> Any:
@@ -346,8 +354,10 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         size = cfg.image_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % patch:
             near = patch * max(1, round(size / patch)) if isinstance(size, (int, float)) else patch * (224 // patch)
-            raise BenchError(f"image_size={size!r} is not a positive multiple of the patch size {patch} of model "
-                             f"{cfg.model!r} (e.g. image_size={near})")
+            raise BenchError(
+                f"image_size={size!r} is not a positive multiple of the patch size {patch} of model "
+                f"{cfg.model!r} (e.g. image_size={near})"
+            )
     methods = resolve_methods(cfg.methods, cfg.method_args)
     if cfg.save is not None and not isinstance(cfg.save, str):
         raise BenchError(f"save={cfg.save!r} must be a path prefix")
@@ -372,24 +382,28 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     with _status(cfg.progress, f"building {cfg.model} ..."):
         try:
             if whole_model:  # every row measures one path of the whole model, baseline included
-                model = PairEncoder(build_pair_model(cfg.model, image_size=cfg.image_size,
-                                                     pretrained=bool(cfg.pretrained)), path=tower)
+                model = PairEncoder(
+                    build_pair_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained)), path=tower
+                )
             else:
                 model = build_model(cfg.model, image_size=cfg.image_size, pretrained=bool(cfg.pretrained))
         except ValueError as err:
             if tower == "text":
                 raise BenchError(f"tower=text measures the text path of an image-text model: {err}") from None
             if pair_methods:
-                raise BenchError(f"{', '.join(pair_methods)} act(s) on both towers of an image-text model: "
-                                 f"{err}") from None
+                raise BenchError(
+                    f"{', '.join(pair_methods)} act(s) on both towers of an image-text model: {err}"
+                ) from None
             raise BenchError(str(err)) from None
         except Exception as err:
             if offline is None:
                 raise
-            raise BenchError(f"no network: pretrained weights cannot be downloaded ({offline}), and the weights of "
-                             f"{cfg.model!r} are not in the local cache ({err.__class__.__name__}). Use "
-                             "pretrained=false (FLOPs and speed do not depend on the weights) or run once with "
-                             "network to cache them") from None
+            raise BenchError(
+                f"no network: pretrained weights cannot be downloaded ({offline}), and the weights of "
+                f"{cfg.model!r} are not in the local cache ({err.__class__.__name__}). Use "
+                "pretrained=false (FLOPs and speed do not depend on the weights) or run once with "
+                "network to cache them"
+            ) from None
         model.eval()
         variants = {"baseline": model}
         to_calibrate = []
@@ -422,9 +436,15 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     for method, target in to_calibrate:  # a target setting (MADTP's FLOPs) is met on the batch measured
         with _status(cfg.progress, f"calibrating {method.name} on the benchmark batch ..."):
             method.calibrate(target, inputs, tower)
-    rows = compare_models(variants, inputs, repeats=repeats, warmup=warmup, measure_memory=bool(cfg.memory),
-                          compile_backend=compile_backend,
-                          progress=bool(cfg.progress))
+    rows = compare_models(
+        variants,
+        inputs,
+        repeats=repeats,
+        warmup=warmup,
+        measure_memory=bool(cfg.memory),
+        compile_backend=compile_backend,
+        progress=bool(cfg.progress),
+    )
     for row, variant in zip(rows, variants.values()):
         counts = _token_summary(variant, inputs, tower)
         row["tokens_per_layer"] = counts
@@ -441,8 +461,10 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         rows[0]["tokens"] = f"{entering}→{entering}"
     where = device_name(device)
     if tower == "text":
-        title = (f"vleff-bench: {cfg.model} text path, {words}-word captions padded to {inputs.shape[1]} tokens, "
-                 f"batch {batch_size}, {cfg.precision}, {where} (img/s = captions/s)")
+        title = (
+            f"vleff-bench: {cfg.model} text path, {words}-word captions padded to {inputs.shape[1]} tokens, "
+            f"batch {batch_size}, {cfg.precision}, {where} (img/s = captions/s)"
+        )
     else:
         title = f"vleff-bench: {cfg.model} at {size}px, batch {batch_size}, {cfg.precision}, {where}"
         if pair_methods:
@@ -451,18 +473,29 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
         title += f", torch.compile({compile_backend})"
     from rich.console import Console
 
-    print_table(rows, title=title, extra_columns={"tokens": "tokens (block 0→last)"},
-                console=Console(width=max(Console().width, 120)))
+    print_table(
+        rows,
+        title=title,
+        extra_columns={"tokens": "tokens (block 0→last)"},
+        console=Console(width=max(Console().width, 120)),
+    )
     if device.type == "cpu":
         print("note: img/s on CPU are indicative; compare ratios measured in one run, absolute numbers on a GPU.")
     if cfg.save:
         prefix = _save_paths(cfg.save)
-        meta = {"config": OmegaConf.to_container(cfg, resolve=True), "device": where,
-                "torch": torch.__version__, "image_size": size}
-        written = [rows_to_csv([{k: v for k, v in r.items() if k != "tokens_per_layer"} for r in rows],
-                               prefix.with_suffix(".csv")),
-                   rows_to_json(rows, prefix.with_suffix(".json"), **meta),
-                   plot_rows(rows, prefix.with_suffix(".png"), title=title.removeprefix("vleff-bench: "))]
+        meta = {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "device": where,
+            "torch": torch.__version__,
+            "image_size": size,
+        }
+        written = [
+            rows_to_csv(
+                [{k: v for k, v in r.items() if k != "tokens_per_layer"} for r in rows], prefix.with_suffix(".csv")
+            ),
+            rows_to_json(rows, prefix.with_suffix(".json"), **meta),
+            plot_rows(rows, prefix.with_suffix(".png"), title=title.removeprefix("vleff-bench: ")),
+        ]
         print("saved: " + ", ".join(str(p) for p in written))
     return rows
 
@@ -505,8 +538,10 @@ def check_writable(path: str | Path, key: str) -> Path:
         with target.open("a"):
             pass
     except OSError as err:
-        raise BenchError(f"{key}={str(path)!r} cannot be written ({err.strerror or err}: "
-                         f"{err.filename or target}); choose a writable path") from None
+        raise BenchError(
+            f"{key}={str(path)!r} cannot be written ({err.strerror or err}: "
+            f"{err.filename or target}); choose a writable path"
+        ) from None
     if not existed:
         target.unlink()
     return target
@@ -532,8 +567,16 @@ def run_memory(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     if unknown:
         raise BenchError(f"unknown memory setting(s) {unknown}; settings: {', '.join(MEMORY_SETTINGS)}")
     out = values.pop("out", None)
-    options = {"model": "ViT-B-32", "batch_size": 32, "rank": 128, "device": "cpu", "methods": None,
-               "isolate": True, "seed": 0, **values}
+    options = {
+        "model": "ViT-B-32",
+        "batch_size": 32,
+        "rank": 128,
+        "device": "cpu",
+        "methods": None,
+        "isolate": True,
+        "seed": 0,
+        **values,
+    }
     if options["methods"] is None:
         from vleff.cli.training_memory import METHODS
 
@@ -541,8 +584,14 @@ def run_memory(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(options["isolate"], bool):
         raise BenchError(f"isolate={options['isolate']!r} is not allowed; use true or false")
     try:
-        check_settings(options["model"], options["batch_size"], options["rank"], options["device"],
-                       options["methods"], options["seed"])
+        check_settings(
+            options["model"],
+            options["batch_size"],
+            options["rank"],
+            options["device"],
+            options["methods"],
+            options["seed"],
+        )
     except ValueError as err:
         raise BenchError(str(err)) from None
     if str(options["device"]).startswith("cuda"):
@@ -560,8 +609,13 @@ def run_memory(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
         if target.suffix == ".csv":
             rows_to_csv(rows, target)
         else:
-            rows_to_json(rows, target, benchmark="training_memory", settings=options,
-                         command=" ".join(["vleff-bench", "memory", *[f"{k}={v}" for k, v in settings.items()]]))
+            rows_to_json(
+                rows,
+                target,
+                benchmark="training_memory",
+                settings=options,
+                command=" ".join(["vleff-bench", "memory", *[f"{k}={v}" for k, v in settings.items()]]),
+            )
         print(f"saved: {target}")
     return rows
 

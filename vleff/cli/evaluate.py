@@ -11,6 +11,7 @@ removed scored 23 % where the trained model scored 96 %). A method off the shelf
 a copy of that baseline; one that cannot run on it (a token method inside a reversible stack)
 is left out of the table with a warning rather than measured on a different model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,9 +66,15 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return correct / total
 
 
-def compare_methods(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    methods: Mapping[str, Mapping[str, Any]], *, batch_size: int = 16, repeats: int = 5,
-                    trained_label: str | None = None) -> list[dict[str, Any]]:
+def compare_methods(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    methods: Mapping[str, Mapping[str, Any]],
+    *,
+    batch_size: int = 16,
+    repeats: int = 5,
+    trained_label: str | None = None,
+) -> list[dict[str, Any]]:
     """Rows for: baseline, the model as trained (if it carries token hooks), each method off the shelf.
 
     The baseline is ``model`` with its token methods removed and every other method kept (see
@@ -97,8 +104,12 @@ def compare_methods(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
         except (ValueError, RuntimeError, TypeError) as err:
             if not kept:  # nothing of the trained model's own is in the way: a real failure
                 raise
-            log.warning("compare: %s left out: it cannot run on the trained model (with %s): %s",
-                        method.label(**dict(kwargs)), "+".join(kept), err)
+            log.warning(
+                "compare: %s left out: it cannot run on the trained model (with %s): %s",
+                method.label(**dict(kwargs)),
+                "+".join(kept),
+                err,
+            )
             continue
         variants[method.label(**dict(kwargs)) + " off the shelf"] = variant
     rows = compare_models(variants, inputs, repeats=repeats)

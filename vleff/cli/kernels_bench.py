@@ -31,6 +31,7 @@ Usage::
     python -m vleff.cli.kernels_bench tome_batch=64 out=kernels.json
     TRITON_INTERPRET=1 python -m vleff.cli.kernels_bench interpret=true
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,15 @@ from vleff.profile.throughput import measure_throughput
 
 __all__ = ["KernelBenchConfig", "run_kernel_bench"]
 
-_KERNEL_CASES = ("tome_match", "tome_merge", "tome_match+merge", "tome_merge_fwd+bwd", "galore_project",
-                 "galore_project_back", "galore_adam_step")
+_KERNEL_CASES = (
+    "tome_match",
+    "tome_merge",
+    "tome_match+merge",
+    "tome_merge_fwd+bwd",
+    "galore_project",
+    "galore_project_back",
+    "galore_adam_step",
+)
 _CASES = (*_KERNEL_CASES, "tome_vit_e2e")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,7 +67,7 @@ class KernelBenchConfig:
     """Settings of :func:`run_kernel_bench`; ``None`` means "the default for the device"."""
 
     device: str = "auto"
-    dtype: str | None = None             # ToMe tensors and GaLore gradients
+    dtype: str | None = None  # ToMe tensors and GaLore gradients
     tome_batch: int | None = None
     tome_tokens: int | None = None
     tome_channels: int | None = None
@@ -69,16 +77,16 @@ class KernelBenchConfig:
     lowrank_n: int | None = None
     lowrank_rank: int | None = None
     vit_model: str = "vit_large_patch16_384"
-    vit_kwargs: dict | None = None       # extra timm.create_model kwargs (img_size, depth, ...)
+    vit_kwargs: dict | None = None  # extra timm.create_model kwargs (img_size, depth, ...)
     vit_batch: int | None = None
     vit_r: int = 8
     cases: tuple[str, ...] | None = None  # default: all (CUDA), kernel cases (CPU)
     backends: tuple[str, ...] | None = None
-    interpret: bool = False              # CPU: also run the Triton interpreter (tiny shapes)
+    interpret: bool = False  # CPU: also run the Triton interpreter (tiny shapes)
     warmup: int = 3
     repeats: int = 10
-    inner: int | None = None             # op calls per timed call (amortises launch/sync cost)
-    out: str | None = None               # write the rows as JSON here
+    inner: int | None = None  # op calls per timed call (amortises launch/sync cost)
+    out: str | None = None  # write the rows as JSON here
     progress: bool = False
 
     def resolved(self) -> KernelBenchConfig:
@@ -88,8 +96,12 @@ class KernelBenchConfig:
             raise ValueError(f"device={self.device!r} but CUDA is not available")
         gpu = device.startswith("cuda")
         tiny = not gpu and self.interpret
-        pick = lambda value, gpu_v, cpu_v, tiny_v: value if value is not None else (  # noqa: E731
-            gpu_v if gpu else tiny_v if tiny else cpu_v)
+        pick = lambda value, gpu_v, cpu_v, tiny_v: (
+            value
+            if value is not None
+            # noqa: E731
+            else (gpu_v if gpu else tiny_v if tiny else cpu_v)
+        )
         cfg = KernelBenchConfig(**asdict(self))
         cfg.device = device
         cfg.dtype = pick(self.dtype, "bfloat16", "float32", "float32")
@@ -100,8 +112,11 @@ class KernelBenchConfig:
         cfg.lowrank_n = pick(self.lowrank_n, 4096, 1024, 48)
         cfg.lowrank_rank = pick(self.lowrank_rank, 256, 64, 8)
         cfg.inner = pick(self.inner, 10, 1, 1)
-        cfg.backends = tuple(self.backends) if self.backends is not None else (
-            ("torch", "triton") if gpu or self.interpret else ("torch",))
+        cfg.backends = (
+            tuple(self.backends)
+            if self.backends is not None
+            else (("torch", "triton") if gpu or self.interpret else ("torch",))
+        )
         cfg.vit_batch = pick(self.vit_batch, 256, 8, 2)
         cfg.cases = tuple(self.cases) if self.cases is not None else (_CASES if gpu else _KERNEL_CASES)
         if cfg.dtype not in _DTYPES:
@@ -113,8 +128,10 @@ class KernelBenchConfig:
         if bad:
             raise ValueError(f"backends={bad} are not allowed; use 'torch' and/or 'triton'")
         if "triton" in cfg.backends and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend 'triton' on CPU needs the interpreter: run with TRITON_INTERPRET=1 "
-                             "(set before Triton is imported) and interpret=true")
+            raise ValueError(
+                "backend 'triton' on CPU needs the interpreter: run with TRITON_INTERPRET=1 "
+                "(set before Triton is imported) and interpret=true"
+            )
         if cfg.lowrank_rank > min(cfg.lowrank_m, cfg.lowrank_n):
             raise ValueError(f"lowrank_rank={cfg.lowrank_rank} exceeds min(lowrank_m, lowrank_n)")
         return cfg
@@ -181,12 +198,14 @@ def _tome_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple[d
         def fn():
             pl = bipartite_soft_matching(metric, r, p, backend=backend)
             return merge_weighted(x, size, pl, backend=backend)[0]
+
         return fn
 
     def train(backend):
         def fn():
             out = merge_weighted(x_req, size, plan, backend=backend)[0]
             return torch.autograd.grad(out, x_req, grad)[0]
+
         return fn
 
     def check_match(outs):
@@ -220,8 +239,9 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
     shape = f"{m}x{n} rank {rank} {side}"
     auto = auto_backend(grad)
     weights = {k: torch.randn(m, n, device=cfg.device, generator=gen) for k in cfg.backends}
-    moments = {k: (torch.zeros(low_shape, device=cfg.device), torch.zeros(low_shape, device=cfg.device))
-               for k in cfg.backends}
+    moments = {
+        k: (torch.zeros(low_shape, device=cfg.device), torch.zeros(low_shape, device=cfg.device)) for k in cfg.backends
+    }
     steps = {k: 0 for k in cfg.backends}
 
     def proj_fn(backend):
@@ -237,9 +257,22 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
         def fn():
             steps[backend] += 1
             w = weights[backend]
-            galore_adam_step(w, grad, proj, *moments[backend], side=side, step=steps[backend], lr=1e-5,
-                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, scale=0.25, backend=backend)
+            galore_adam_step(
+                w,
+                grad,
+                proj,
+                *moments[backend],
+                side=side,
+                step=steps[backend],
+                lr=1e-5,
+                betas=(0.9, 0.999),
+                eps=1e-8,
+                weight_decay=0.01,
+                scale=0.25,
+                backend=backend,
+            )
             return moments[backend][0]
+
         return fn
 
     def check_tensor(outs):
@@ -250,15 +283,31 @@ def _lowrank_cases(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tupl
         for k in outs:
             w = torch.zeros(m, n, device=cfg.device)
             mom = (torch.zeros(low_shape, device=cfg.device), torch.zeros(low_shape, device=cfg.device))
-            galore_adam_step(w, grad, proj, *mom, side=side, step=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=0.0, scale=0.25, backend=k)
+            galore_adam_step(
+                w,
+                grad,
+                proj,
+                *mom,
+                side=side,
+                step=1,
+                lr=1e-3,
+                betas=(0.9, 0.999),
+                eps=1e-8,
+                weight_decay=0.0,
+                scale=0.25,
+                backend=k,
+            )
             fresh[k] = w
         return {k: {"max_abs_diff": _max_diff(v, fresh["torch"])} for k, v in fresh.items()}
 
     return {
         "galore_project": ({k: proj_fn(k) for k in cfg.backends}, check_tensor, shape, auto),
-        "galore_project_back": ({k: back_fn(k) for k in cfg.backends}, check_tensor, shape,
-                                auto_backend(low, kernel="galore_project_back")),
+        "galore_project_back": (
+            {k: back_fn(k) for k in cfg.backends},
+            check_tensor,
+            shape,
+            auto_backend(low, kernel="galore_project_back"),
+        ),
         "galore_adam_step": ({k: step_fn(k) for k in cfg.backends}, check_step, shape, auto),
     }
 
@@ -272,8 +321,11 @@ def _vit_case(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple]:
 
     model = timm.create_model(cfg.vit_model, pretrained=False, **(cfg.vit_kwargs or {}))
     model = apply_tome(model.to(cfg.device, dtype).eval(), r=cfg.vit_r)
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:] if not cfg.vit_kwargs or \
-        "img_size" not in cfg.vit_kwargs else (cfg.vit_kwargs["img_size"],) * 2
+    size = (
+        model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+        if not cfg.vit_kwargs or "img_size" not in cfg.vit_kwargs
+        else (cfg.vit_kwargs["img_size"],) * 2
+    )
     gen = torch.Generator(device=cfg.device).manual_seed(2)
     images = torch.randn(cfg.vit_batch, 3, *size, device=cfg.device, dtype=dtype, generator=gen)
     shape = f"{cfg.vit_model} {cfg.vit_batch}x3x{size[0]}x{size[1]} r={cfg.vit_r}"
@@ -290,6 +342,7 @@ def _vit_case(cfg: KernelBenchConfig, dtype: torch.dtype) -> dict[str, tuple]:
                     os.environ.pop(ENV_VAR, None)
                 else:
                     os.environ[ENV_VAR] = before
+
         return fn
 
     def check(outs):
@@ -305,7 +358,8 @@ def _device_name(device: str) -> str:
         return torch.cuda.get_device_name(torch.device(device))
     import platform
 
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''})"
 
 
 def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:
@@ -338,23 +392,47 @@ def run_kernel_bench(cfg: Any = None) -> list[dict[str, Any]]:
             def call():
                 for _ in range(times):
                     fn()
+
             return call
 
-        timed = measure_throughput({k: repeat(fn) for k, fn in fns.items()}, items_per_call=inner,
-                                   warmup=cfg.warmup, repeats=cfg.repeats, progress=cfg.progress)
+        timed = measure_throughput(
+            {k: repeat(fn) for k, fn in fns.items()},
+            items_per_call=inner,
+            warmup=cfg.warmup,
+            repeats=cfg.repeats,
+            progress=cfg.progress,
+        )
         for backend, res in timed.items():
-            rows.append({"case": case, "backend": backend, "shape": shape, "dtype": cfg.dtype,
-                         "ms": 1e3 * res.median_s / inner, "speedup": res.speedup, **extra[backend],
-                         **({"img_per_s": cfg.vit_batch / res.median_s} if case == "tome_vit_e2e" else {}),
-                         "auto_backend": auto, "auto_reason": auto_reason,
-                         "device": device_name, "interpreted": cfg.device == "cpu" and backend == "triton"})
+            rows.append(
+                {
+                    "case": case,
+                    "backend": backend,
+                    "shape": shape,
+                    "dtype": cfg.dtype,
+                    "ms": 1e3 * res.median_s / inner,
+                    "speedup": res.speedup,
+                    **extra[backend],
+                    **({"img_per_s": cfg.vit_batch / res.median_s} if case == "tome_vit_e2e" else {}),
+                    "auto_backend": auto,
+                    "auto_reason": auto_reason,
+                    "device": device_name,
+                    "interpreted": cfg.device == "cpu" and backend == "triton",
+                }
+            )
     _print(rows)
     if cfg.out:
         path = Path(cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"config": {k: (list(v) if isinstance(v, tuple) else v)
-                                               for k, v in asdict(cfg).items()},
-                                    "torch": torch.__version__, "rows": rows}, indent=2))
+        path.write_text(
+            json.dumps(
+                {
+                    "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return rows
 
 
@@ -368,16 +446,31 @@ def _print(rows: list[dict[str, Any]]) -> None:
         return
     table = Table(title=f"vleff kernels ({rows[0]['device'] if rows else ''})")
     images = any("img_per_s" in row for row in rows)
-    for col in ("case", "backend", "auto", "shape", "dtype", "ms", "speedup", "max_abs_diff / same_sources",
-                *(("img/s",) if images else ())):
+    for col in (
+        "case",
+        "backend",
+        "auto",
+        "shape",
+        "dtype",
+        "ms",
+        "speedup",
+        "max_abs_diff / same_sources",
+        *(("img/s",) if images else ()),
+    ):
         table.add_column(col, justify="left" if col in ("case", "backend", "auto", "shape") else "right")
     for row in rows:
         check = row.get("max_abs_diff", row.get("same_sources"))
-        table.add_row(row["case"], row["backend"] + (" (interp.)" if row["interpreted"] else ""),
-                      row.get("auto_backend", ""), row["shape"],
-                      row["dtype"], f"{row['ms']:.3f}", f"{row['speedup']:.2f}x",
-                      "" if check is None else f"{check:.3g}",
-                      *((f"{row['img_per_s']:.1f}" if "img_per_s" in row else "",) if images else ()))
+        table.add_row(
+            row["case"],
+            row["backend"] + (" (interp.)" if row["interpreted"] else ""),
+            row.get("auto_backend", ""),
+            row["shape"],
+            row["dtype"],
+            f"{row['ms']:.3f}",
+            f"{row['speedup']:.2f}x",
+            "" if check is None else f"{check:.3g}",
+            *((f"{row['img_per_s']:.1f}" if "img_per_s" in row else "",) if images else ()),
+        )
     Console(width=max(Console().width, 120)).print(table)
 
 

@@ -3,6 +3,7 @@
 Lightning adds ``v_num`` (the logger's version) to the bar's metrics as an ``int``; the rich
 bar formats every non-string metric with ``.3f``, so the console read ``v_num: 0.000``.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -4,6 +4,7 @@ The configs ship inside the package (``vleff/configs``, linked as the repository
 ``configs/``), so the command works from any directory. See ``configs/train.yaml`` for the
 groups and ``README.md`` for examples.
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,11 +110,17 @@ def _warn_random_frozen_backbone(cfg: DictConfig, callbacks: list[Any]) -> list[
         if get_method(config.method).kind != "side":
             continue
         warned.append(name)
-        log.warning("callbacks.%s: %s trains beside a frozen, randomly initialised %s (no callbacks.%s.init_from, "
-                    "model.pretrained=false): it learns on random features (14-22 %% on the digits). Train the "
-                    "baseline first (vleff-train trainer.max_epochs=15) and pass its checkpoint: "
-                    "'callbacks.%s.init_from=\"/path/to/epoch=14-step=NNN.ckpt\"'",
-                    name, config.method, model.get("model", "model"), name, name)
+        log.warning(
+            "callbacks.%s: %s trains beside a frozen, randomly initialised %s (no callbacks.%s.init_from, "
+            "model.pretrained=false): it learns on random features (14-22 %% on the digits). Train the "
+            "baseline first (vleff-train trainer.max_epochs=15) and pass its checkpoint: "
+            "'callbacks.%s.init_from=\"/path/to/epoch=14-step=NNN.ckpt\"'",
+            name,
+            config.method,
+            model.get("model", "model"),
+            name,
+            name,
+        )
     return warned
 
 
@@ -138,8 +145,9 @@ def _check_method_arguments(name: str, kwargs: dict[str, Any]) -> None:
         signature.bind_partial(None, **kwargs)
     except TypeError:
         unknown = sorted(set(kwargs) - set(params))
-        raise ValueError(f"compare.methods.{name} has arguments {unknown} that {name} does not take; "
-                         f"allowed: {params}") from None
+        raise ValueError(
+            f"compare.methods.{name} has arguments {unknown} that {name} does not take; allowed: {params}"
+        ) from None
 
 
 def _check_compare(cfg: DictConfig, methods: dict[str, dict[str, Any]], module: Any, datamodule: Any) -> None:
@@ -172,8 +180,10 @@ def _check_compare(cfg: DictConfig, methods: dict[str, dict[str, Any]], module: 
     dataset = getattr(loader, "dataset", None)
     n_val = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
     if n_val is not None and cfg.compare.batch_size > n_val:
-        raise ValueError(f"compare.batch_size={cfg.compare.batch_size} exceeds the {n_val} validation images; "
-                         f"allowed: 1 to {n_val} (it is the batch of one timed forward)")
+        raise ValueError(
+            f"compare.batch_size={cfg.compare.batch_size} exceeds the {n_val} validation images; "
+            f"allowed: 1 to {n_val} (it is the batch of one timed forward)"
+        )
 
 
 def hydra_quote(value: str) -> str:
@@ -258,8 +268,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["finetune_command"] = _print_checkpoint_hint(trainer, module)
         if not (cfg.compare.enabled and isinstance(module, ImageClassifier)) and val:
             # no comparison table follows (CLIP fine-tuning): the run's own figures are its result
-            print_table([{"metric": k, "value": v} for k, v in sorted(val.items())],
-                        title="vleff-train: last validation", extra_columns={"metric": "metric", "value": "value"})
+            print_table(
+                [{"metric": k, "value": v} for k, v in sorted(val.items())],
+                title="vleff-train: last validation",
+                extra_columns={"metric": "metric", "value": "value"},
+            )
     if not cfg.compare.enabled or not trainer.is_global_zero:
         return result
     if not isinstance(module, ImageClassifier):
@@ -267,8 +280,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     datamodule.setup("validate")
     batches = [(images, labels) for images, labels in datamodule.val_dataloader()]
-    rows = compare_methods(module.model, batches, methods, batch_size=cfg.compare.batch_size,
-                           repeats=cfg.compare.repeats)
+    rows = compare_methods(
+        module.model, batches, methods, batch_size=cfg.compare.batch_size, repeats=cfg.compare.repeats
+    )
     result["rows"] = rows
     print_table(rows, title="vleff-train: baseline vs method (validation accuracy; inference speed, fp32)")
     save_dir = Path(cfg.compare.save_dir)

@@ -40,6 +40,7 @@ memory another already reserved; the byte counts that do not depend on the alloc
 ``open_clip.CLIP`` config (``embed_dim``, ``vision_cfg``, ``text_cfg``), e.g. a tiny model for
 a quick check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "build_clip_for_memory", "measure_one", "memory_table", "print_memory_rows",
-           "run_training_memory"]
+__all__ = [
+    "METHODS",
+    "build_clip_for_memory",
+    "measure_one",
+    "memory_table",
+    "print_memory_rows",
+    "run_training_memory",
+]
 
 METHODS = ("adamw", "galore", "galore_embed", "mezo", "reversible", "reversible_galore")
 _RESULT_TAG = "VLEFF_TRAINING_MEMORY_RESULT "
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def _log(msg: str) -> None:
@@ -103,8 +110,9 @@ def build_clip_for_memory(model: str) -> tuple[Any, Callable[[Sequence[str]], An
         clip = open_clip.CLIP(**cfg)
         return clip, None, int(cfg.get("text_cfg", {}).get("vocab_size", 49408))
     if model not in open_clip.list_models():
-        raise ValueError(f"model={model!r} is not an open_clip model name (open_clip.list_models()) or a .json "
-                         "CLIP config file")
+        raise ValueError(
+            f"model={model!r} is not an open_clip model name (open_clip.list_models()) or a .json CLIP config file"
+        )
     return open_clip.create_model(model), open_clip.get_tokenizer(model), 49408
 
 
@@ -120,8 +128,9 @@ def _tokens(clip: Any, tokenizer: Any, vocab: int, batch_size: int, seed: int) -
     return ids
 
 
-def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank: int = 128, device: str = "cpu",
-                seed: int = 0) -> dict[str, Any]:
+def measure_one(
+    method: str, model: str = "ViT-B-32", batch_size: int = 32, rank: int = 128, device: str = "cpu", seed: int = 0
+) -> dict[str, Any]:
     """All measurements for one method in this process (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
@@ -187,7 +196,10 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
     step_peak = peak_memory_bytes(lambda: losses.append(step()), device=dev)
     grads = [p.grad for p in clip.parameters() if p.grad is not None]
     row: dict[str, Any] = {
-        "method": method, "model": model, "batch_size": batch_size, "device": str(dev),
+        "method": method,
+        "model": model,
+        "batch_size": batch_size,
+        "device": str(dev),
         "parameters": n_params,
         "parameter_tensors": sum(1 for _ in clip.parameters()),
         "parameter_bytes": sum(p.numel() * p.element_size() for p in clip.parameters()),
@@ -205,8 +217,9 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
     _log(f"{method}: saved-for-backward bytes of one step's forward")
     if method == "mezo":
         row["saved_for_backward_bytes"] = saved_activation_bytes(lambda: opt.step(loss_fn))
-        row["grad_bytes_after_two_steps"] = tensor_storage_bytes([p.grad for p in clip.parameters()
-                                                                  if p.grad is not None])
+        row["grad_bytes_after_two_steps"] = tensor_storage_bytes(
+            [p.grad for p in clip.parameters() if p.grad is not None]
+        )
     else:
         clip.train()
         row["saved_for_backward_bytes"] = saved_activation_bytes(loss_fn)
@@ -215,15 +228,30 @@ def measure_one(method: str, model: str = "ViT-B-32", batch_size: int = 32, rank
 
 
 def _run_subprocess(method: str, model: str, batch_size: int, rank: int, device: str, seed: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "vleff.cli.training_memory", "--worker", method, "--model", model,
-           "--batch-size", str(batch_size), "--rank", str(rank), "--device", device, "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vleff.cli.training_memory",
+        "--worker",
+        method,
+        "--model",
+        model,
+        "--batch-size",
+        str(batch_size),
+        "--rank",
+        str(rank),
+        "--device",
+        device,
+        "--seed",
+        str(seed),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = None
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith(_RESULT_TAG):
-            result = json.loads(line[len(_RESULT_TAG):])
+            result = json.loads(line[len(_RESULT_TAG) :])
         else:
             tail = (tail + [line])[-30:]
             if line.startswith("[training_memory"):
@@ -234,10 +262,14 @@ def _run_subprocess(method: str, model: str, batch_size: int, rank: int, device:
 
 
 def _names(rank: int) -> dict[str, str]:
-    return {"adamw": "AdamW (backprop)", "galore": f"GaLoreAdamW r={rank} (backprop)",
-            "galore_embed": f"GaLoreAdamW r={rank}, token embedding projected too",
-            "mezo": "MeZO (2 forwards)", "reversible": "reversible (MEFT) + AdamW",
-            "reversible_galore": f"reversible (MEFT) + GaLoreAdamW r={rank}"}
+    return {
+        "adamw": "AdamW (backprop)",
+        "galore": f"GaLoreAdamW r={rank} (backprop)",
+        "galore_embed": f"GaLoreAdamW r={rank}, token embedding projected too",
+        "mezo": "MeZO (2 forwards)",
+        "reversible": "reversible (MEFT) + AdamW",
+        "reversible_galore": f"reversible (MEFT) + GaLoreAdamW r={rank}",
+    }
 
 
 def check_settings(model: Any, batch_size: Any, rank: Any, device: Any, methods: Any, seed: Any = 0) -> tuple[str, ...]:
@@ -262,9 +294,15 @@ def check_settings(model: Any, batch_size: Any, rank: Any, device: Any, methods:
     return methods
 
 
-def run_training_memory(model: str = "ViT-B-32", batch_size: int = 32, rank: int = 128, device: str = "cpu",
-                        methods: Sequence[str] | str = METHODS, isolate: bool = True,
-                        seed: int = 0) -> list[dict[str, Any]]:
+def run_training_memory(
+    model: str = "ViT-B-32",
+    batch_size: int = 32,
+    rank: int = 128,
+    device: str = "cpu",
+    methods: Sequence[str] | str = METHODS,
+    isolate: bool = True,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """One row per method (in the order given), each in a fresh process when ``isolate``;
     ratios ``*_vs_adamw`` are against the AdamW row when there is one."""
     methods = check_settings(model, batch_size, rank, device, methods, seed)
@@ -287,17 +325,23 @@ def run_training_memory(model: str = "ViT-B-32", batch_size: int = 32, rank: int
 
 def memory_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """The rows as the printed table's cells (MiB, ratios against AdamW)."""
+
     def ratio(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}x"
 
-    return [{"name": r["name"],
-             "opt_state": f"{r['optimizer_state_bytes'] / MIB:,.2f}",
-             "opt_ratio": ratio(r.get("optimizer_state_bytes_vs_adamw")),
-             "saved": f"{r['saved_for_backward_bytes'] / MIB:,.2f}",
-             "grads": f"{r['grad_bytes'] / MIB:,.2f}",
-             "step_peak": f"{r['step_peak_bytes'] / MIB:,.0f}",
-             "training": f"{r['training_bytes'] / MIB:,.0f}",
-             "train_ratio": ratio(r.get("training_bytes_vs_adamw"))} for r in rows]
+    return [
+        {
+            "name": r["name"],
+            "opt_state": f"{r['optimizer_state_bytes'] / MIB:,.2f}",
+            "opt_ratio": ratio(r.get("optimizer_state_bytes_vs_adamw")),
+            "saved": f"{r['saved_for_backward_bytes'] / MIB:,.2f}",
+            "grads": f"{r['grad_bytes'] / MIB:,.2f}",
+            "step_peak": f"{r['step_peak_bytes'] / MIB:,.0f}",
+            "training": f"{r['training_bytes'] / MIB:,.0f}",
+            "train_ratio": ratio(r.get("training_bytes_vs_adamw")),
+        }
+        for r in rows
+    ]
 
 
 def print_memory_rows(rows: Sequence[dict[str, Any]], title: str | None = None, console: Any = None) -> None:
@@ -307,10 +351,20 @@ def print_memory_rows(rows: Sequence[dict[str, Any]], title: str | None = None, 
     if title is None and rows:
         r = rows[0]
         title = f"CLIP {r['model']} training memory, batch {r['batch_size']}, fp32, {r['device']}"
-    print_table(memory_table(rows), title=title, console=console, extra_columns={
-        "opt_state": "optimizer state MiB", "opt_ratio": "vs AdamW", "saved": "saved for backward MiB",
-        "grads": ".grad MiB", "step_peak": "step peak MiB", "training": "training memory MiB",
-        "train_ratio": "vs AdamW"})
+    print_table(
+        memory_table(rows),
+        title=title,
+        console=console,
+        extra_columns={
+            "opt_state": "optimizer state MiB",
+            "opt_ratio": "vs AdamW",
+            "saved": "saved for backward MiB",
+            "grads": ".grad MiB",
+            "step_peak": "step peak MiB",
+            "training": "training memory MiB",
+            "train_ratio": "vs AdamW",
+        },
+    )
 
 
 def _worker_main(argv: Sequence[str] | None = None) -> int:

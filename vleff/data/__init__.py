@@ -5,6 +5,7 @@
 * :class:`ImageTextDataModule` — image-caption pairs for CLIP (digits with captions, or CSV/JSONL)
 * :class:`DigitsVLMDataModule` — digits captioning / "which digit is this?" for vision-language models
 """
+
 from __future__ import annotations
 
 from vleff._lazy import lazy_getattr

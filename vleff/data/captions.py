@@ -1,4 +1,5 @@
 """Captions for the bundled digits image-text set, and the tokenizer every CLIP job here uses."""
+
 from __future__ import annotations
 
 import functools
@@ -35,7 +36,9 @@ def _open_clip_tokenizer(name: str) -> Any:
     return open_clip.get_tokenizer(name)
 
 
-def clip_tokenizer(name: str = "ViT-B-32", context_length: int | None = None) -> Callable[[Sequence[str]], torch.Tensor]:
+def clip_tokenizer(
+    name: str = "ViT-B-32", context_length: int | None = None
+) -> Callable[[Sequence[str]], torch.Tensor]:
     """open_clip's BPE tokenizer (its vocabulary ships in the wheel: works offline).
 
     Returns ``tokenize(texts) -> LongTensor [B, context_length]`` with start/end tokens and

@@ -6,6 +6,7 @@ training, inside a DataLoader worker, with a traceback that names neither the fi
 row. :func:`verify_images` opens every image once (header and integrity check with PIL's
 ``verify``, no full decode), with a tqdm progress bar on large sets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,8 +21,10 @@ PROGRESS_ABOVE = 2000
 def check_image_size(image_size: object) -> int:
     """``image_size`` as a positive int, or ``ValueError`` naming it."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ValueError(f"image_size={image_size!r} is not allowed; it must be a positive int (the side, in "
-                         "pixels, of the square images the model sees)")
+        raise ValueError(
+            f"image_size={image_size!r} is not allowed; it must be a positive int (the side, in "
+            "pixels, of the square images the model sees)"
+        )
     return image_size
 
 
@@ -45,5 +48,7 @@ def verify_images(items: Sequence[tuple[Path, str]], what: str) -> None:
             with Image.open(path) as img:
                 img.verify()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"{where}: image {str(path)!r} is not a readable image "
-                             f"({err.__class__.__name__}: {err}); fix or remove it") from None
+            raise ValueError(
+                f"{where}: image {str(path)!r} is not a readable image "
+                f"({err.__class__.__name__}: {err}); fix or remove it"
+            ) from None

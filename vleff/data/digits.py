@@ -5,6 +5,7 @@ bilinearly from 8x8 to ``image_size`` (so a patch size of ``image_size / 8`` see
 pixel), repeated to ``channels`` channels and scaled to [-1, 1]. The train/val split is
 stratified and fixed by ``seed``: the same arguments always give the same tensors.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -30,8 +31,9 @@ def _split_indices(seed: int, val_fraction: float) -> tuple[torch.Tensor, torch.
     return torch.as_tensor(sorted(train)), torch.as_tensor(sorted(val))
 
 
-def digits_arrays(image_size: int = 32, split: str = "train", seed: int = 0, val_fraction: float = 0.2,
-                  channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_arrays(
+    image_size: int = 32, split: str = "train", seed: int = 0, val_fraction: float = 0.2, channels: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[N, channels, image_size, image_size]`` (float32 in [-1, 1]) and labels ``[N]`` (int64).
 
     ``split`` is ``"train"``, ``"val"`` or ``"all"``; ``val_fraction`` of every class goes to
@@ -70,8 +72,16 @@ class DigitsDataModule(pl.LightningDataModule):
 
     num_classes = DIGITS_CLASSES
 
-    def __init__(self, image_size: int = 32, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 val_fraction: float = 0.2, channels: int = 3, augment: bool = False) -> None:
+    def __init__(
+        self,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.2,
+        channels: int = 3,
+        augment: bool = False,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be >= 1")
@@ -97,8 +107,15 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=generator, collate_fn=self._shift, drop_last=False)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=generator,
+            collate_fn=self._shift,
+            drop_last=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=max(self.batch_size, 128), num_workers=self.num_workers)

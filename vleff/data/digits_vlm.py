@@ -12,6 +12,7 @@ positions set to ``-100`` (the loss reads the target only), ``digits`` the class
 :data:`DIGIT_TOKEN` maps a digit to its token id; :func:`answer_position` is the index of the
 digit word among the generated tokens (what accuracy reads).
 """
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -22,11 +23,32 @@ from vleff.checks import check_choice, check_int
 from vleff.data.captions import DIGIT_NAMES
 from vleff.data.digits import digits_arrays
 
-__all__ = ["DIGIT_TOKEN", "DigitsVLMDataModule", "VOCAB", "answer_position", "digit_text_batch", "encode", "prompt",
-           "target"]
+__all__ = [
+    "DIGIT_TOKEN",
+    "DigitsVLMDataModule",
+    "VOCAB",
+    "answer_position",
+    "digit_text_batch",
+    "encode",
+    "prompt",
+    "target",
+]
 
-VOCAB: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "which", "digit", "is", "this", "?", "a", "photo", "of", "the",
-                          *DIGIT_NAMES)
+VOCAB: tuple[str, ...] = (
+    "<pad>",
+    "<bos>",
+    "<eos>",
+    "which",
+    "digit",
+    "is",
+    "this",
+    "?",
+    "a",
+    "photo",
+    "of",
+    "the",
+    *DIGIT_NAMES,
+)
 TOKEN = {w: i for i, w in enumerate(VOCAB)}
 DIGIT_TOKEN = torch.tensor([TOKEN[name] for name in DIGIT_NAMES])
 TASKS = ("caption", "qa")
@@ -62,7 +84,7 @@ def digit_text_batch(task: str, digits: torch.Tensor) -> tuple[torch.Tensor, tor
     p = prompt(task)
     ids = torch.tensor([p + target(task, int(d)) for d in digits], dtype=torch.long)
     labels = ids.clone()
-    labels[:, :len(p)] = -100
+    labels[:, : len(p)] = -100
     return ids, labels
 
 
@@ -71,8 +93,16 @@ class DigitsVLMDataModule(pl.LightningDataModule):
 
     vocab_size = len(VOCAB)
 
-    def __init__(self, task: str = "qa", image_size: int = 32, batch_size: int = 32, seed: int = 0,
-                 val_fraction: float = 0.2, limit_train: int | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        task: str = "qa",
+        image_size: int = 32,
+        batch_size: int = 32,
+        seed: int = 0,
+        val_fraction: float = 0.2,
+        limit_train: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.task = check_choice("task", task, TASKS)
         self.batch_size = check_int("batch_size", batch_size, low=1)
@@ -93,8 +123,13 @@ class DigitsVLMDataModule(pl.LightningDataModule):
         self.val_set = self._dataset("val")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=max(self.batch_size, 128), num_workers=self.num_workers)

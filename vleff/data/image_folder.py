@@ -8,6 +8,7 @@ CLIP's). Training adds a random horizontal flip. Every image is opened once at t
 ``setup`` (:func:`vleff.data.checks.verify_images`), so a corrupt file fails there, named,
 instead of mid-epoch in a worker.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,14 +39,24 @@ def _transform(image_size: int, mean, std, train: bool):
 class ImageFolderDataModule(pl.LightningDataModule):
     """Classification data from a directory tree of images (see the module docstring)."""
 
-    def __init__(self, root: str | Path, image_size: int = 224, batch_size: int = 32, num_workers: int = 0,
-                 val_fraction: float = 0.1, seed: int = 0, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data root {str(self.root)!r} is not a directory; pass root=<folder with one "
-                                    "sub-folder per class> (or with train/ and val/ sub-folders)")
+            raise FileNotFoundError(
+                f"data root {str(self.root)!r} is not a directory; pass root=<folder with one "
+                "sub-folder per class> (or with train/ and val/ sub-folders)"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r} must lie in (0, 1)")
         if batch_size < 1:
@@ -55,8 +66,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.val_fraction, self.seed, self.mean, self.std = val_fraction, seed, tuple(mean), tuple(std)
         self.has_split = (self.root / "train").is_dir() and (self.root / "val").is_dir()
         self._verified: set[str] = set()
-        self.classes = self._dataset(self.root / "train" if self.has_split else self.root, train=False,
-                                     verify=False).classes
+        self.classes = self._dataset(
+            self.root / "train" if self.has_split else self.root, train=False, verify=False
+        ).classes
 
     @property
     def num_classes(self) -> int:
@@ -68,8 +80,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         try:
             dataset = ImageFolder(str(folder), transform=_transform(self.image_size, self.mean, self.std, train))
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"no images found under {str(folder)!r}: ImageFolder wants "
-                                    f"<root>/<class>/<image> files ({err})") from None
+            raise FileNotFoundError(
+                f"no images found under {str(folder)!r}: ImageFolder wants <root>/<class>/<image> files ({err})"
+            ) from None
         if verify:
             self._verify(dataset)
         return dataset
@@ -78,8 +91,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
         """Open every image once (first ``setup`` only), naming the class folder of a bad one."""
         if str(dataset.root) in self._verified:
             return
-        verify_images([(Path(path), f"image folder {dataset.root!r}, class {dataset.classes[label]!r}")
-                       for path, label in dataset.samples], what=Path(dataset.root).name)
+        verify_images(
+            [
+                (Path(path), f"image folder {dataset.root!r}, class {dataset.classes[label]!r}")
+                for path, label in dataset.samples
+            ],
+            what=Path(dataset.root).name,
+        )
         self._verified.add(str(dataset.root))
 
     def setup(self, stage: str | None = None) -> None:
@@ -91,13 +109,20 @@ class ImageFolderDataModule(pl.LightningDataModule):
         order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = max(1, round(self.val_fraction * len(order)))
         if n_val >= len(order):
-            raise ValueError(f"{len(order)} images under {str(self.root)!r} are too few to split with "
-                             f"val_fraction={self.val_fraction}")
+            raise ValueError(
+                f"{len(order)} images under {str(self.root)!r} are too few to split with "
+                f"val_fraction={self.val_fraction}"
+            )
         self.val_set, self.train_set = Subset(val_full, order[:n_val]), Subset(train_full, order[n_val:])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -15,6 +15,7 @@ JSONL with the same keys. Relative image paths are resolved against ``image_root
 file's folder. Images are resized (bicubic, shorter side), centre-cropped to
 ``image_size`` and normalised with CLIP's mean/std.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,8 +36,15 @@ from vleff.data.captions import (
 )
 from vleff.data.checks import check_image_size, verify_images
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "DigitsImageText", "ImageTextDataModule", "ImageTextFiles",
-           "collate_image_text", "read_pairs"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DigitsImageText",
+    "ImageTextDataModule",
+    "ImageTextFiles",
+    "collate_image_text",
+    "read_pairs",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,8 +55,9 @@ class DigitsImageText(Dataset):
     """scikit-learn's digits (8x8, upsampled to ``image_size``) with captions like
     "a photo of the digit seven". Deterministic split from :func:`vleff.data.digits.digits_arrays`."""
 
-    def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0,
-                 template: str = DIGIT_TEMPLATE) -> None:
+    def __init__(
+        self, split: str = "train", image_size: int = 32, seed: int = 0, template: str = DIGIT_TEMPLATE
+    ) -> None:
         from vleff.data.digits import digits_arrays
 
         self.images, labels = digits_arrays(image_size=image_size, split=split, seed=seed)
@@ -68,8 +77,9 @@ class DigitsImageText(Dataset):
         return digit_prompts(self.template)
 
 
-def read_pairs(path: str | Path, image_key: str = "image", caption_key: str = "caption",
-               label_key: str = "label") -> list[dict[str, Any]]:
+def read_pairs(
+    path: str | Path, image_key: str = "image", caption_key: str = "caption", label_key: str = "label"
+) -> list[dict[str, Any]]:
     """Rows ``{"image", "caption", "label", "line"}`` from a CSV (header row) or JSONL file.
 
     Every row is checked here (columns present, label an integer or empty), and errors name
@@ -114,18 +124,25 @@ def read_pairs(path: str | Path, image_key: str = "image", caption_key: str = "c
             except (TypeError, ValueError):
                 value = None
             if value is None or isinstance(label, bool):
-                raise ValueError(f"{str(path)!r} line {line_no}, column {label_key!r}: label={label!r} is not an "
-                                 "integer class index; use an int (or leave it empty for no label)")
-        out.append({"image": str(row[image_key]), "caption": str(row[caption_key]), "label": value,
-                    "line": line_no})
+                raise ValueError(
+                    f"{str(path)!r} line {line_no}, column {label_key!r}: label={label!r} is not an "
+                    "integer class index; use an int (or leave it empty for no label)"
+                )
+        out.append({"image": str(row[image_key]), "caption": str(row[caption_key]), "label": value, "line": line_no})
     return out
 
 
 def _clip_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
 
 
 class ImageTextFiles(Dataset):
@@ -136,16 +153,26 @@ class ImageTextFiles(Dataset):
     naming the line and column, instead of mid-epoch in a DataLoader worker.
     """
 
-    def __init__(self, path: str | Path, image_root: str | Path | None = None, image_size: int = 224,
-                 transform: Callable[[Any], torch.Tensor] | None = None, image_key: str = "image",
-                 caption_key: str = "caption", label_key: str = "label", verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: str | Path | None = None,
+        image_size: int = 224,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+        label_key: str = "label",
+        verify: bool = True,
+    ) -> None:
         check_image_size(image_size)
         self.rows = read_pairs(path, image_key, caption_key, label_key)
         self.root = Path(image_root) if image_root is not None else Path(path).parent
         self.transform = transform or _clip_transform(image_size)
         if verify:  # fail now, naming the row, not in a worker when the batch loads
-            verify_images([(self._path(r), f"{str(path)!r} line {r['line']}, column {image_key!r}")
-                           for r in self.rows], what=Path(path).name)
+            verify_images(
+                [(self._path(r), f"{str(path)!r} line {r['line']}, column {image_key!r}") for r in self.rows],
+                what=Path(path).name,
+            )
         ids: dict[str, int] = {}
         self.caption_ids = [ids.setdefault(r["caption"], len(ids)) for r in self.rows]
 
@@ -167,8 +194,13 @@ class ImageTextFiles(Dataset):
 
 def collate_image_text(items: Sequence[Item], tokenize: Callable[[Sequence[str]], torch.Tensor]) -> dict[str, Any]:
     images, captions, caption_ids, labels = zip(*items)
-    return {"images": torch.stack(list(images)), "tokens": tokenize(captions), "captions": list(captions),
-            "caption_ids": torch.tensor(caption_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+    return {
+        "images": torch.stack(list(images)),
+        "tokens": tokenize(captions),
+        "captions": list(captions),
+        "caption_ids": torch.tensor(caption_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
 
 
 class _Collate:
@@ -200,11 +232,22 @@ class ImageTextDataModule(pl.LightningDataModule):
         train_limit: keep only the first N training pairs (quick runs).
     """
 
-    def __init__(self, source: str = "digits", train_file: str | None = None, val_file: str | None = None,
-                 image_root: str | None = None, image_size: int = 32, batch_size: int = 64, num_workers: int = 0,
-                 tokenizer: str = "ViT-B-32", context_length: int | None = None, seed: int = 0,
-                 class_prompts: Sequence[str] | None = None, train_limit: int | None = None,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        source: str = "digits",
+        train_file: str | None = None,
+        val_file: str | None = None,
+        image_root: str | None = None,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        tokenizer: str = "ViT-B-32",
+        context_length: int | None = None,
+        seed: int = 0,
+        class_prompts: Sequence[str] | None = None,
+        train_limit: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
         super().__init__()
         if source not in ("digits", "files"):
             raise ValueError(f"source={source!r} is not allowed; use 'digits' or 'files'")
@@ -215,8 +258,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.seed, self.train_limit, self.shuffle = seed, train_limit, shuffle
         self.collate = _Collate(tokenizer, context_length)
-        self.class_prompts = list(class_prompts) if class_prompts is not None else (
-            digit_prompts() if source == "digits" else None)
+        self.class_prompts = (
+            list(class_prompts) if class_prompts is not None else (digit_prompts() if source == "digits" else None)
+        )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -234,8 +278,15 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate, generator=g, drop_last=shuffle and len(dataset) > self.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            generator=g,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

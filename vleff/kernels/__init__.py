@@ -4,6 +4,7 @@ Each op has one public function that dispatches (see :mod:`vleff.kernels.dispatc
 the ``*_reference`` functions are the ground truth the Triton kernels are tested against.
 This layer knows nothing about models or Lightning.
 """
+
 from vleff.kernels.dispatch import kernel_backend
 from vleff.kernels.lowrank import project, project_back
 from vleff.kernels.tome import (

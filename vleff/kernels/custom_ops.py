@@ -23,6 +23,7 @@ Ops (all functional, no mutation, except ``galore_adam_step``):
 * ``vleff::lowrank_project_back(low_rank, proj, side) -> full``
 * ``vleff::galore_adam_step(param!, grad, proj, exp_avg!, exp_avg_sq!, side, ...) -> ()``
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,14 @@ def _(metric: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @custom_op("vleff::tome_merge_sum", mutates_args=())
-def tome_merge_sum(t: torch.Tensor, base: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.Tensor,
-                   srcs: torch.Tensor, out_row: torch.Tensor) -> torch.Tensor:
+def tome_merge_sum(
+    t: torch.Tensor,
+    base: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_end: torch.Tensor,
+    srcs: torch.Tensor,
+    out_row: torch.Tensor,
+) -> torch.Tensor:
     """Sum every merge group of ``t`` into one row (see ``triton_tome.MergeIndex``)."""
     from vleff.kernels.triton_tome import merge_fwd_launch
 
@@ -63,9 +70,15 @@ def _(t, base, seg_start, seg_end, srcs, out_row):
 
 
 @custom_op("vleff::tome_merge_weighted", mutates_args=())
-def tome_merge_weighted(x: torch.Tensor, size: torch.Tensor, base: torch.Tensor, seg_start: torch.Tensor,
-                        seg_end: torch.Tensor, srcs: torch.Tensor,
-                        out_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tome_merge_weighted(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    base: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_end: torch.Tensor,
+    srcs: torch.Tensor,
+    out_row: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted mean of every merge group of ``x`` and the summed sizes."""
     from vleff.kernels.triton_tome import merge_fwd_launch
 
@@ -80,8 +93,9 @@ def _(x, size, base, seg_start, seg_end, srcs, out_row):
 
 
 @custom_op("vleff::tome_merge_backward", mutates_args=())
-def tome_merge_backward(grad_out: torch.Tensor, out_row: torch.Tensor, weight: torch.Tensor | None,
-                        like: torch.Tensor) -> torch.Tensor:
+def tome_merge_backward(
+    grad_out: torch.Tensor, out_row: torch.Tensor, weight: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
     """``grad_in[b, i] = grad_out[b, out_row[b, i]] * weight[b, i]`` in ``like``'s dtype."""
     from vleff.kernels.triton_tome import merge_bwd_launch
 
@@ -181,19 +195,31 @@ def lowrank_project_back(low_rank: torch.Tensor, proj: torch.Tensor, side: str) 
 
 @lowrank_project_back.register_fake
 def _(low_rank, proj, side):
-    return low_rank.new_empty(_full_shape(low_rank, proj, side),
-                              dtype=torch.promote_types(low_rank.dtype, proj.dtype))
+    return low_rank.new_empty(_full_shape(low_rank, proj, side), dtype=torch.promote_types(low_rank.dtype, proj.dtype))
 
 
 @custom_op("vleff::galore_adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
-def galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                     exp_avg_sq: torch.Tensor, side: str, step: int, lr: float, beta1: float, beta2: float,
-                     eps: float, weight_decay: float, scale: float) -> None:
+def galore_adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    side: str,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
     """One fused GaLore-AdamW step (see ``triton_ops.galore_adam_step_triton``)."""
     from vleff.kernels.triton_lowrank import galore_adam_step_launch
 
-    galore_adam_step_launch(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,
-                            weight_decay, scale)
+    galore_adam_step_launch(
+        param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps, weight_decay, scale
+    )
 
 
 @galore_adam_step.register_fake

@@ -3,7 +3,8 @@
 Rule: ``backend`` argument > ``VLEFF_KERNELS`` environment variable > automatic.
 Automatic picks Triton for CUDA tensors when Triton imports (and ``TRITON_INTERPRET`` is not
 ``1``), the reference otherwise, except for the kernels in :data:`AUTO_ON_CUDA`, whose Triton
-version was measured slower than the reference on a GPU (the reference is then a cuBLAS call). Forcing ``"triton"`` on CPU tensors is allowed (it is how the
+version was measured slower than the reference on a GPU (the reference is then a cuBLAS call). Forcing ``"triton"``
+on CPU tensors is allowed (it is how the
 kernels are tested under ``TRITON_INTERPRET=1``).
 
 Which backend ran and why is logged once per process and decision (logger
@@ -11,6 +12,7 @@ Which backend ran and why is logged once per process and decision (logger
 cpu, not CUDA)``; :func:`auto_backend` returns the same decision and reason without logging.
 When Triton does not import, :func:`triton_unavailable_reason` says why.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,8 +81,9 @@ def _resolve(tensor: torch.Tensor, backend: str | None, kernel: str | None = Non
         return "torch", f"forced by {source}"
     if choice == "triton":
         if not triton_available():
-            raise RuntimeError(f"{ENV_VAR}/backend asks for 'triton' but Triton is not importable here "
-                               f"({_triton_reason})")
+            raise RuntimeError(
+                f"{ENV_VAR}/backend asks for 'triton' but Triton is not importable here ({_triton_reason})"
+            )
         return "triton", f"forced by {source}"
     if not tensor.is_cuda:
         return "torch", f"auto: tensors on {tensor.device.type}, not CUDA"

@@ -18,6 +18,7 @@ matrix products count. Hence
 So a FLOP table compares equal work whichever backend ran, e.g. a ToMe model counts the
 same on the reference path and on the Triton path.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -40,8 +41,7 @@ def _rank(proj_shape: Sequence[int], side: str) -> int:
     return proj_shape[0] if side == "right" else proj_shape[1]
 
 
-def lowrank_flops(x_shape: Sequence[int], proj_shape: Sequence[int], side: str, *args, out_shape=None,
-                  **kwargs) -> int:
+def lowrank_flops(x_shape: Sequence[int], proj_shape: Sequence[int], side: str, *args, out_shape=None, **kwargs) -> int:
     """``2·m·n·r`` for a projection or back-projection (``out_shape`` or ``x_shape`` is [m, n])."""
     rank = _rank(proj_shape, side)
     full = proj_shape[1] if side == "right" else proj_shape[0]
@@ -49,9 +49,17 @@ def lowrank_flops(x_shape: Sequence[int], proj_shape: Sequence[int], side: str, 
     return 2 * full * other * rank
 
 
-def galore_step_flops(param_shape: Sequence[int], grad_shape: Sequence[int], proj_shape: Sequence[int],
-                      exp_avg_shape: Sequence[int], exp_avg_sq_shape: Sequence[int], side: str, *args,
-                      out_shape=None, **kwargs) -> int:
+def galore_step_flops(
+    param_shape: Sequence[int],
+    grad_shape: Sequence[int],
+    proj_shape: Sequence[int],
+    exp_avg_shape: Sequence[int],
+    exp_avg_sq_shape: Sequence[int],
+    side: str,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
     """``4·m·n·r``: projection plus back-projection of an ``[m, n]`` weight."""
     m, n = param_shape
     return 4 * m * n * _rank(proj_shape, side)

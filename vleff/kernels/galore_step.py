@@ -13,6 +13,7 @@ the projected space and the update scaled by GaLore's ``scale`` (alpha):
 (The GaLore paper's released optimizer adds ``eps`` before the bias correction and decays
 after the update; vleff follows torch so that a group without projection equals AdamW.)
 """
+
 from __future__ import annotations
 
 import math
@@ -28,16 +29,25 @@ from vleff.kernels.lowrank import (
 )
 
 
-def _check_step_args(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                     exp_avg_sq: torch.Tensor, side: str, step: int) -> None:
+def _check_step_args(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    side: str,
+    step: int,
+) -> None:
     _check_side(side)
     if param.dim() != 2 or grad.shape != param.shape:
         raise ValueError(f"param and grad must be the same 2-D shape; got {tuple(param.shape)} and {tuple(grad.shape)}")
     m, n = param.shape
     want_proj = (proj.shape[0], n) if side == "right" else (m, proj.shape[1])
     if proj.dim() != 2 or tuple(proj.shape) != want_proj:
-        raise ValueError(f"proj shape {tuple(proj.shape)} does not fit param {tuple(param.shape)} for side={side!r} "
-                         f"(expected [r, {n}] for 'right', [{m}, r] for 'left')")
+        raise ValueError(
+            f"proj shape {tuple(proj.shape)} does not fit param {tuple(param.shape)} for side={side!r} "
+            f"(expected [r, {n}] for 'right', [{m}, r] for 'left')"
+        )
     rank = proj.shape[0] if side == "right" else proj.shape[1]
     low = (m, rank) if side == "right" else (rank, n)
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -47,9 +57,21 @@ def _check_step_args(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor
         raise ValueError(f"step={step} must be >= 1 (the count after this update)")
 
 
-def galore_adam_step_reference(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                               exp_avg_sq: torch.Tensor, side: Side, step: int, lr: float, beta1: float,
-                               beta2: float, eps: float, weight_decay: float, scale: float) -> None:
+def galore_adam_step_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    side: Side,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
     """PyTorch reference of the fused step; updates ``param``, ``exp_avg``, ``exp_avg_sq`` in place."""
     _check_step_args(param, grad, proj, exp_avg, exp_avg_sq, side, step)
     with torch.no_grad():
@@ -57,16 +79,29 @@ def galore_adam_step_reference(param: torch.Tensor, grad: torch.Tensor, proj: to
         low = project_reference(grad.float(), p32, side)
         exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(eps)
-        norm = exp_avg / (1.0 - beta1 ** step) / denom
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+        norm = exp_avg / (1.0 - beta1**step) / denom
         update = project_back_reference(norm, p32, side)
         new = param.float().mul_(1.0 - lr * weight_decay).sub_(update, alpha=lr * scale)
         param.copy_(new)
 
 
-def galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                     exp_avg_sq: torch.Tensor, *, side: Side, step: int, lr: float, betas: tuple[float, float],
-                     eps: float, weight_decay: float, scale: float, backend: str | None = None) -> None:
+def galore_adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    side: Side,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    backend: str | None = None,
+) -> None:
     """Apply one GaLore-AdamW update to a 2-D ``param`` in place (see the module docstring).
 
     Args:
@@ -83,8 +118,10 @@ def galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor
         from vleff.kernels.triton_ops import galore_adam_step_triton
 
         with torch.no_grad():
-            galore_adam_step_triton(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,
-                                    weight_decay, scale)
+            galore_adam_step_triton(
+                param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps, weight_decay, scale
+            )
         return
-    galore_adam_step_reference(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,
-                               weight_decay, scale)
+    galore_adam_step_reference(
+        param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps, weight_decay, scale
+    )

@@ -10,7 +10,8 @@ code (``sdc17/CrossGET``, ``CLIP/clip/reducer.py``, ``TokenReduction.match``) do
   different groups (a text tower's padding and real tokens; vleff only) at ``-inf``;
 * the tokens are **ranked** by their best similarity ``max_j S_ij``, highest first (ties: the
   lower index first; ``S`` is made exactly symmetric, so the two tokens of a mutual best pair
-  tie and this rule, not the matmul's rounding, decides which may pair with the other); a token may only pair with tokens ranked *after* it (the reference's
+  tie and this rule, not the matmul's rounding, decides which may pair with the other); a token may only pair with
+  tokens ranked *after* it (the reference's
   rank mask). Its score is ``importance − max_{j ranked after i} S_ij``; the ``r`` tokens with
   the lowest score become **sources** (unimportant, and redundant with a later token). A token
   with no later partner scores ``+inf`` and is never a source: so in every group the
@@ -31,6 +32,7 @@ kept tokens in their input order (protected leading tokens stay first); each des
 its sources. Scores and similarities are computed in float32, or in the input's dtype when
 that is wider (float64 stays float64).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -92,8 +94,9 @@ class GraphMergePlan:
     def merge_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.merge_reduce(t, "sum")
 
-    def merge_weighted(self, x: torch.Tensor, size: torch.Tensor,
-                       weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge_weighted(
+        self, x: torch.Tensor, size: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted mean over each group: ``x' = Σ w·s·x / Σ w·s``, ``s' = Σ s``.
 
         ``weight`` (``[B, N, 1]``, positive; ``None``: ones) is CrossGET's ``ensemble="mean"``
@@ -105,13 +108,14 @@ class GraphMergePlan:
         num = self.merge_sum(_wide(x) * w)
         den = self.merge_sum(w)
         received = torch.zeros(x.shape[0], self.num_out, 1, dtype=torch.bool, device=x.device).scatter(
-            1, self.dst_pos[..., None], True)
+            1, self.dst_pos[..., None], True
+        )
         merged = torch.where(received, (num / den).to(x.dtype), _rows(x, self.keep_idx))
         return merged, self.merge_sum(size)
 
-
-    def merge_ensemble(self, x: torch.Tensor, size: torch.Tensor,
-                       importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge_ensemble(
+        self, x: torch.Tensor, size: torch.Tensor, importance: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's ensemble merge (``TokenReduction.forward``'s ``merge``), ``s' = Σ s``.
 
         Each source ``k`` and its destination ``d`` get the pair's softmax of importances
@@ -134,7 +138,8 @@ class GraphMergePlan:
         num = kept.scatter_add(1, self.dst_pos[..., None].expand(-1, -1, kept.shape[-1]), contrib)
         new_size = self.merge_sum(size)
         received = torch.zeros(x.shape[0], self.num_out, 1, dtype=torch.bool, device=x.device).scatter(
-            1, self.dst_pos[..., None], True)
+            1, self.dst_pos[..., None], True
+        )
         merged = torch.where(received, (num / _wide(new_size)).to(x.dtype), _rows(x, self.keep_idx))
         return merged, new_size
 
@@ -179,12 +184,15 @@ NUM_GROUPS = 2
 def _check_groups(groups: torch.Tensor, num_groups: int) -> None:
     """Refuse group ids outside ``range(num_groups)`` (:func:`feasible_sources` would not count their tokens). An
     asynchronous device assert: no host sync per block, and it traces under ``torch.compile``."""
-    torch._assert_async(((groups >= 0) & (groups < num_groups)).all(),
-                        f"groups must take values in range({num_groups}) (0 = real tokens, 1 = padding)")
+    torch._assert_async(
+        ((groups >= 0) & (groups < num_groups)).all(),
+        f"groups must take values in range({num_groups}) (0 = real tokens, 1 = padding)",
+    )
 
 
-def feasible_sources(protected: torch.Tensor, groups: torch.Tensor | None = None,
-                     num_groups: int = NUM_GROUPS) -> torch.Tensor:
+def feasible_sources(
+    protected: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = NUM_GROUPS
+) -> torch.Tensor:
     """``[B]`` most sources each sample can give with every source keeping a destination in its
     group: ``Σ_groups max(free − 1, 0)`` (the last-ranked token of each group stays)."""
     free = ~protected
@@ -197,9 +205,15 @@ def feasible_sources(protected: torch.Tensor, groups: torch.Tensor | None = None
     return total
 
 
-def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: int, num_protected: int,
-                            protected: torch.Tensor | None = None,
-                            groups: torch.Tensor | None = None, num_groups: int = NUM_GROUPS) -> GraphMergePlan:
+def complete_graph_matching(
+    metric: torch.Tensor,
+    importance: torch.Tensor,
+    r: int,
+    num_protected: int,
+    protected: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    num_groups: int = NUM_GROUPS,
+) -> GraphMergePlan:
     """Plan the merge of ``r`` tokens by complete-graph soft matching (see the module docstring).
 
     Args:
@@ -236,7 +250,7 @@ def complete_graph_matching(metric: torch.Tensor, importance: torch.Tensor, r: i
         is_src = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter(1, src, True)
         to_dst = sim.masked_fill(is_src[:, None, :], float("-inf"))
         dst = to_dst.gather(1, src[..., None].expand(-1, -1, n)).argmax(dim=-1)
-        keep = stable_argsort(is_src.to(torch.int8))[:, :n - r]  # non-sources, ascending
+        keep = stable_argsort(is_src.to(torch.int8))[:, : n - r]  # non-sources, ascending
         out_pos = (~is_src).long().cumsum(dim=1) - 1
         dst_pos = out_pos.gather(1, dst)
     return GraphMergePlan(src, dst, keep, dst_pos, num_protected, n)
@@ -249,5 +263,11 @@ def ensemble_weights(importance: torch.Tensor) -> torch.Tensor:
     return _wide(importance).exp()[..., None]
 
 
-__all__ = ["GraphMergePlan", "complete_graph_matching", "ensemble_weights", "feasible_sources", "max_graph_merge",
-           "similarity_graph"]
+__all__ = [
+    "GraphMergePlan",
+    "complete_graph_matching",
+    "ensemble_weights",
+    "feasible_sources",
+    "max_graph_merge",
+    "similarity_graph",
+]

@@ -10,6 +10,7 @@ For a weight gradient ``G`` of shape ``[m, n]``:
 The reference is plain matrix products; the Triton path (``vleff.kernels.triton_lowrank``)
 is picked by :func:`vleff.kernels.dispatch.kernel_backend`.
 """
+
 from __future__ import annotations
 
 import torch

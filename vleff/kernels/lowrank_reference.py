@@ -1,5 +1,6 @@
 """GaLore's low-rank projections in plain PyTorch: the ground truth the Triton kernels are tested
 against, below both the dispatching functions (:mod:`vleff.kernels.lowrank`) and the launchers."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -8,6 +8,7 @@ while ``torch.export`` traces a model (ONNX export runs it) the order is compute
 entry's rank: the number of entries that come before it. That is ``O(N²)`` comparisons per row,
 cheap beside attention at token counts (≤ a few hundred), and gives exactly the same order.
 """
+
 from __future__ import annotations
 
 import torch

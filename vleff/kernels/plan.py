@@ -3,6 +3,7 @@
 The lowest piece of the merge kernels: the PyTorch references (:mod:`vleff.kernels.tome`), the
 Triton launchers (:mod:`vleff.kernels.triton_tome`) and the methods all read a plan the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,9 @@ def max_merge(num_tokens: int, num_protected: int) -> int:
     return min(a_free, (num_tokens - num_protected) // 2)
 
 
-def plan_from_best_match(node_max: torch.Tensor, node_idx: torch.Tensor, r: int,
-                         num_protected: int, num_tokens: int) -> MergePlan:
+def plan_from_best_match(
+    node_max: torch.Tensor, node_idx: torch.Tensor, r: int, num_protected: int, num_tokens: int
+) -> MergePlan:
     """Turn each A token's best B match (value and index) into a merge plan for r edges."""
     order = stable_argsort(node_max, descending=True)
     src_idx = order[:, :r]

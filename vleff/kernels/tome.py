@@ -20,6 +20,7 @@ With ``r = 0`` nothing changes, not even the order.
 A :class:`MergePlan` is computed once per layer and then applied to any per-token tensor
 (features, sizes, source maps), so all of them stay aligned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ from vleff.kernels.plan import (  # noqa: F401 (re-exported)
 GROUP_PENALTY = 4.0
 
 
-def similarity_scores(metric: torch.Tensor, num_protected: int, protected: torch.Tensor | None = None,
-                      groups: torch.Tensor | None = None) -> torch.Tensor:
+def similarity_scores(
+    metric: torch.Tensor, num_protected: int, protected: torch.Tensor | None = None, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cosine similarity of A tokens (rows) to B tokens (columns), protected pairs at -inf.
 
     ``protected`` (``[B, N]`` bool) protects tokens anywhere in the sequence (a text tower's
@@ -65,9 +67,13 @@ def similarity_scores(metric: torch.Tensor, num_protected: int, protected: torch
     return scores
 
 
-def bipartite_soft_matching_reference(metric: torch.Tensor, r: int, num_protected: int = 1,
-                                      protected: torch.Tensor | None = None,
-                                      groups: torch.Tensor | None = None) -> MergePlan:
+def bipartite_soft_matching_reference(
+    metric: torch.Tensor,
+    r: int,
+    num_protected: int = 1,
+    protected: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+) -> MergePlan:
     """PyTorch reference for :func:`bipartite_soft_matching` (materialises the score matrix)."""
     num_tokens = metric.shape[1]
     r = min(r, max_merge(num_tokens, num_protected))
@@ -78,9 +84,14 @@ def bipartite_soft_matching_reference(metric: torch.Tensor, r: int, num_protecte
     return plan_from_best_match(node_max, node_idx, r, num_protected, num_tokens)
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1,
-                            backend: str | None = None, protected: torch.Tensor | None = None,
-                            groups: torch.Tensor | None = None) -> MergePlan:
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    num_protected: int = 1,
+    backend: str | None = None,
+    protected: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+) -> MergePlan:
     """Plan the merge of ``r`` token pairs by bipartite soft matching.
 
     Args:
@@ -156,8 +167,9 @@ def merge_weighted_reference(x: torch.Tensor, size: torch.Tensor, plan: MergePla
     return new_x, new_size
 
 
-def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan,
-                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_weighted(
+    x: torch.Tensor, size: torch.Tensor, plan: MergePlan, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge token features ``x`` (``[B, N, C]``) weighted by ``size`` (``[B, N, 1]``).
 
     Returns the merged features and sizes (``[B, N - r, C]``, ``[B, N - r, 1]``).

@@ -18,6 +18,7 @@ cast to fp32 in registers instead of materialising ``grad.float()``. fp32 produc
 :func:`vleff.kernels.triton_tome.fp32_dot_precision`). fp64 inputs go to the PyTorch
 reference (tensor-core matmuls have no fp64 path worth having here).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,12 +37,36 @@ EPI_STORE, EPI_ADAM, EPI_UPDATE = 0, 1, 2
 
 @triton.jit
 def _mm_kernel(
-    a_ptr, b_ptr, c_ptr, m_ptr, v_ptr,
-    M, N, K,
-    sam, sak, sbk, sbn, scm, scn, smm, smn,
-    beta1, beta2, bc1, bc2_sqrt, eps, decay, step_scale,
-    EPI: tl.constexpr, UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    m_ptr,
+    v_ptr,
+    M,
+    N,
+    K,
+    sam,
+    sak,
+    sbk,
+    sbn,
+    scm,
+    scn,
+    smm,
+    smn,
+    beta1,
+    beta2,
+    bc1,
+    bc2_sqrt,
+    eps,
+    decay,
+    step_scale,
+    EPI: tl.constexpr,
+    UPCAST: tl.constexpr,
+    F32_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -94,28 +119,60 @@ def _mm_kernel(
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
-        (128, 128, 32, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-        (64, 64, 128, 4, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4), (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (32, 64, 128, 4, 4),
+        (64, 32, 128, 4, 4),
+        (128, 128, 64, 8, 3),
     ]
 ]
 # In-place epilogues must not leak the tuning runs' writes: restore the mutated buffers.
 _mm_kernel_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["M", "N", "K", "EPI", "UPCAST"], restore_value=["c_ptr", "m_ptr", "v_ptr"],
+    configs=_GPU_CONFIGS,
+    key=["M", "N", "K", "EPI", "UPCAST"],
+    restore_value=["c_ptr", "m_ptr", "v_ptr"],
 )(_mm_kernel)
 
 
-def _matmul(a: torch.Tensor, a_strides: tuple[int, int], b: torch.Tensor, b_strides: tuple[int, int],
-            c: torch.Tensor, c_strides: tuple[int, int], m: int, n: int, k: int, epi: int = EPI_STORE,
-            moments: tuple[torch.Tensor, torch.Tensor] | None = None,
-            coeffs: tuple[float, ...] = (0.0,) * 7) -> None:
+def _matmul(
+    a: torch.Tensor,
+    a_strides: tuple[int, int],
+    b: torch.Tensor,
+    b_strides: tuple[int, int],
+    c: torch.Tensor,
+    c_strides: tuple[int, int],
+    m: int,
+    n: int,
+    k: int,
+    epi: int = EPI_STORE,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    coeffs: tuple[float, ...] = (0.0,) * 7,
+) -> None:
     """Launch ``c[m, n] (op)= a[m, k] @ b[k, n]`` with the given element strides."""
     if m == 0 or n == 0:
         return
     on_gpu = c.is_cuda
     upcast = (a.dtype != b.dtype) or (not on_gpu and a.dtype != torch.float32)
     mom_m, mom_v = moments if moments is not None else (c, c)
-    args = (a, b, c, mom_m, mom_v, m, n, k, *a_strides, *b_strides, *c_strides,
-            mom_m.stride(0), mom_m.stride(1), *coeffs)
+    args = (
+        a,
+        b,
+        c,
+        mom_m,
+        mom_v,
+        m,
+        n,
+        k,
+        *a_strides,
+        *b_strides,
+        *c_strides,
+        mom_m.stride(0),
+        mom_m.stride(1),
+        *coeffs,
+    )
     consts = dict(EPI=epi, UPCAST=upcast, F32_PREC=fp32_dot_precision(c.device))
     if on_gpu:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -138,8 +195,9 @@ def _check_pair(name: str, full: torch.Tensor, proj: torch.Tensor, side: str, lo
     else:  # full is [m, n]
         ok = full.shape[1] == proj.shape[1] if side == "right" else full.shape[0] == proj.shape[0]
     if not ok:
-        raise ValueError(f"{name} shape {tuple(full.shape)} does not fit proj shape {tuple(proj.shape)} "
-                         f"for side={side!r}")
+        raise ValueError(
+            f"{name} shape {tuple(full.shape)} does not fit proj shape {tuple(proj.shape)} for side={side!r}"
+        )
     if full.device != proj.device:
         raise ValueError(f"{name} is on {full.device} but proj is on {proj.device}")
 
@@ -176,18 +234,27 @@ def project_back_launch(low_rank: torch.Tensor, proj: torch.Tensor, side: str) -
     return out
 
 
-def galore_adam_step_launch(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                            exp_avg_sq: torch.Tensor, side: str, step: int, lr: float, beta1: float, beta2: float,
-                            eps: float, weight_decay: float, scale: float) -> None:
+def galore_adam_step_launch(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    side: str,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
     """Two kernels: projection with the Adam-moment epilogue, back-projection with the weight update."""
     a, sa, b, sb, m, n, k = _operands_project(grad, proj, side)
     norm = torch.empty(m, n, device=grad.device, dtype=torch.float32)
-    bc1 = 1.0 - beta1 ** step
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = math.sqrt(1.0 - beta2**step)
     coeffs = (beta1, beta2, bc1, bc2_sqrt, eps, 1.0 - lr * weight_decay, lr * scale)
-    _matmul(a, sa, b, sb, norm, norm.stride(), m, n, k, epi=EPI_ADAM, moments=(exp_avg, exp_avg_sq),
-            coeffs=coeffs)
+    _matmul(a, sa, b, sb, norm, norm.stride(), m, n, k, epi=EPI_ADAM, moments=(exp_avg, exp_avg_sq), coeffs=coeffs)
     a, sa, b, sb, m, n, k = _operands_back(norm, proj, side)
     _matmul(a, sa, b, sb, param, param.stride(), m, n, k, epi=EPI_UPDATE, coeffs=coeffs)
-
-

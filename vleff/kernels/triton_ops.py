@@ -7,6 +7,7 @@ raw launch. The dispatching functions (:mod:`vleff.kernels.tome`, :mod:`vleff.ke
 package: ``plan``/``lowrank_reference`` < ``triton_tome``/``triton_lowrank`` (launchers) <
 ``custom_ops`` < ``triton_ops`` < the dispatchers; no module imports one above it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,7 @@ def merge_sum_triton(t: torch.Tensor, plan: MergePlan) -> torch.Tensor:
         return t
     index = merge_index(plan)
     _check_merge_input("t", t, index)
-    return torch.ops.vleff.tome_merge_sum(t, index.base, index.seg_start, index.seg_end, index.srcs,
-                                          index.out_row)
+    return torch.ops.vleff.tome_merge_sum(t, index.base, index.seg_start, index.seg_end, index.srcs, index.out_row)
 
 
 def merge_weighted_triton(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +61,9 @@ def merge_weighted_triton(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) 
         raise ValueError(f"size must be [B, N, 1] = {(*x.shape[:2], 1)}; got shape {tuple(size.shape)}")
     if not size.is_floating_point():
         raise ValueError(f"size must be floating point; got dtype {size.dtype}")
-    out, out_size = torch.ops.vleff.tome_merge_weighted(x, size, index.base, index.seg_start, index.seg_end,
-                                                        index.srcs, index.out_row)
+    out, out_size = torch.ops.vleff.tome_merge_weighted(
+        x, size, index.base, index.seg_start, index.seg_end, index.srcs, index.out_row
+    )
     return out, out_size
 
 
@@ -86,9 +87,22 @@ def project_back_triton(low_rank: torch.Tensor, proj: torch.Tensor, side: str) -
     return torch.ops.vleff.lowrank_project_back(low_rank, proj, side)
 
 
-def galore_adam_step_triton(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
-                            exp_avg_sq: torch.Tensor, side: str, step: int, lr: float, beta1: float, beta2: float,
-                            eps: float, weight_decay: float, scale: float) -> None:
+def galore_adam_step_triton(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    side: str,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
     """Triton version of :func:`vleff.kernels.galore_step.galore_adam_step_reference` (in place)."""
-    torch.ops.vleff.galore_adam_step(param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps,
-                                     weight_decay, scale)
+    torch.ops.vleff.galore_adam_step(
+        param, grad, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps, weight_decay, scale
+    )

@@ -40,6 +40,7 @@ The ops are registered as ``torch.library`` custom ops in :mod:`vleff.kernels.cu
 (autograd, fake tensors for ``torch.compile``, FLOP formulas in :mod:`vleff.kernels.flops`);
 this module holds the kernels and their launchers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,11 +61,22 @@ from vleff.kernels.plan import (
 
 @triton.jit
 def _best_match_kernel(
-    m_ptr, max_ptr, idx_ptr,
-    Na, Nb, C, a_prot, b_prot,
-    stride_b, stride_n, stride_c,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    F32_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    m_ptr,
+    max_ptr,
+    idx_ptr,
+    Na,
+    Nb,
+    C,
+    a_prot,
+    b_prot,
+    stride_b,
+    stride_n,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    F32_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -144,8 +156,9 @@ def _match_blocks(na: int, nb: int, c: int, on_gpu: bool) -> tuple[int, int, int
     return 64, 64, min(_pow2_at_least(c, 16), 64), 4
 
 
-def best_match_launch(metric: torch.Tensor, num_protected: int,
-                      blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def best_match_launch(
+    metric: torch.Tensor, num_protected: int, blocks: tuple[int, int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each A token's best cosine similarity to a B token and that B token's index.
 
     Equals ``similarity_scores(metric, num_protected).max(dim=-1)`` (values to fp32
@@ -171,10 +184,21 @@ def best_match_launch(metric: torch.Tensor, num_protected: int,
         bm, bn, bk = blocks
     grid = (triton.cdiv(na, bm), bsz)
     _best_match_kernel[grid](
-        metric, node_max, node_idx,
-        na, nb, c, a_prot, b_prot,
-        metric.stride(0), metric.stride(1), metric.stride(2),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, F32_PREC=fp32_dot_precision(metric.device),
+        metric,
+        node_max,
+        node_idx,
+        na,
+        nb,
+        c,
+        a_prot,
+        b_prot,
+        metric.stride(0),
+        metric.stride(1),
+        metric.stride(2),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        F32_PREC=fp32_dot_precision(metric.device),
         DOT_UPCAST=not on_gpu,
         num_warps=warps,
     )
@@ -232,11 +256,14 @@ def merge_index(plan: MergePlan) -> MergeIndex:
     ends = counts.cumsum(dim=1)
     starts = ends - counts
 
-    base = torch.cat([
-        torch.arange(p, device=device).expand(bsz, p),
-        2 * unm[:, a_prot:],
-        (2 * torch.arange(b_prot, nb, device=device) + 1).expand(bsz, nb - b_prot),
-    ], dim=1).contiguous()
+    base = torch.cat(
+        [
+            torch.arange(p, device=device).expand(bsz, p),
+            2 * unm[:, a_prot:],
+            (2 * torch.arange(b_prot, nb, device=device) + 1).expand(bsz, nb - b_prot),
+        ],
+        dim=1,
+    ).contiguous()
     zeros = torch.zeros(bsz, p + n_unm, dtype=torch.int64, device=device)
     seg_start = torch.cat([zeros, starts[:, b_prot:]], dim=1).contiguous()
     seg_end = torch.cat([zeros, ends[:, b_prot:]], dim=1).contiguous()
@@ -252,11 +279,24 @@ def merge_index(plan: MergePlan) -> MergeIndex:
 
 @triton.jit
 def _merge_fwd_kernel(
-    x_ptr, s_ptr, out_ptr, out_s_ptr,
-    base_ptr, start_ptr, end_ptr, srcs_ptr,
-    N_out, R, C,
-    sxb, sxn, sxc, ssb, ssn,
-    WEIGHTED: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    s_ptr,
+    out_ptr,
+    out_s_ptr,
+    base_ptr,
+    start_ptr,
+    end_ptr,
+    srcs_ptr,
+    N_out,
+    R,
+    C,
+    sxb,
+    sxn,
+    sxc,
+    ssb,
+    ssn,
+    WEIGHTED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * N_out + j
     pid_c = tl.program_id(1)
@@ -290,10 +330,18 @@ def _merge_fwd_kernel(
 
 @triton.jit
 def _merge_bwd_kernel(
-    g_ptr, w_ptr, out_ptr, row_ptr,
-    N, N_out, C,
-    sgb, sgn, sgc,
-    WEIGHTED: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr,
+    w_ptr,
+    out_ptr,
+    row_ptr,
+    N,
+    N_out,
+    C,
+    sgb,
+    sgn,
+    sgc,
+    WEIGHTED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     tok = tl.program_id(0)  # b * N + i
     pid_c = tl.program_id(1)
@@ -315,15 +363,25 @@ def _block_c(c: int, on_gpu: bool) -> tuple[int, int]:
 
 def _check_merge_input(name: str, t: torch.Tensor, index: MergeIndex) -> None:
     if t.dim() != 3 or t.shape[:2] != index.out_row.shape:
-        raise ValueError(f"{name} must be [B, N, C] with [B, N] = {tuple(index.out_row.shape)} from the plan; "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be [B, N, C] with [B, N] = {tuple(index.out_row.shape)} from the plan; "
+            f"got shape {tuple(t.shape)}"
+        )
     if not t.is_floating_point():
-        raise ValueError(f"{name} must be floating point for the Triton merge; got dtype {t.dtype} "
-                         "(use backend='torch' for integer tensors)")
+        raise ValueError(
+            f"{name} must be floating point for the Triton merge; got dtype {t.dtype} "
+            "(use backend='torch' for integer tensors)"
+        )
 
 
-def merge_fwd_launch(x: torch.Tensor, size: torch.Tensor | None, base: torch.Tensor, seg_start: torch.Tensor,
-                     seg_end: torch.Tensor, srcs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def merge_fwd_launch(
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    base: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_end: torch.Tensor,
+    srcs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merged ``x`` (sum, or size-weighted mean when ``size`` is given) and merged sizes."""
     bsz, _, c = x.shape
     n_out = base.shape[1]
@@ -337,17 +395,32 @@ def merge_fwd_launch(x: torch.Tensor, size: torch.Tensor | None, base: torch.Ten
     grid = (bsz * n_out, triton.cdiv(c, block))
     s = size if size is not None else x  # dummy pointer when unweighted
     _merge_fwd_kernel[grid](
-        x, s, out, out_s if out_s is not None else out,
-        base, seg_start, seg_end, srcs,
-        n_out, srcs.shape[1], c,
-        x.stride(0), x.stride(1), x.stride(2), s.stride(0), s.stride(1),
-        WEIGHTED=size is not None, BLOCK_C=block, num_warps=warps,
+        x,
+        s,
+        out,
+        out_s if out_s is not None else out,
+        base,
+        seg_start,
+        seg_end,
+        srcs,
+        n_out,
+        srcs.shape[1],
+        c,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        s.stride(0),
+        s.stride(1),
+        WEIGHTED=size is not None,
+        BLOCK_C=block,
+        num_warps=warps,
     )
     return out, out_s
 
 
-def merge_bwd_launch(grad_out: torch.Tensor, out_row: torch.Tensor, weight: torch.Tensor | None,
-                     dtype: torch.dtype) -> torch.Tensor:
+def merge_bwd_launch(
+    grad_out: torch.Tensor, out_row: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     """Gradient w.r.t. the merged input: ``grad_in[i] = grad_out[out_row[i]] * weight[i]``."""
     bsz, n_out, c = grad_out.shape
     n = out_row.shape[1]
@@ -357,11 +430,18 @@ def merge_bwd_launch(grad_out: torch.Tensor, out_row: torch.Tensor, weight: torc
     block, warps = _block_c(c, grad_out.is_cuda)
     w = weight.contiguous() if weight is not None else out_row
     _merge_bwd_kernel[(bsz * n, triton.cdiv(c, block))](
-        grad_out, w, grad_in, out_row,
-        n, n_out, c,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        WEIGHTED=weight is not None, BLOCK_C=block, num_warps=warps,
+        grad_out,
+        w,
+        grad_in,
+        out_row,
+        n,
+        n_out,
+        c,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
+        WEIGHTED=weight is not None,
+        BLOCK_C=block,
+        num_warps=warps,
     )
     return grad_in
-
-

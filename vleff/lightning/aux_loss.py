@@ -12,6 +12,7 @@ Several callbacks may attach (DynamicViT, CrossGET, MADTP): the wrapper is insta
 and reference-counted. Wrapping happens in ``setup``, which Lightning calls before the
 strategy wraps the module (DDP) and before it first looks the step up.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -45,15 +46,22 @@ class _StepWrapper:
             return output
         if not self.module.automatic_optimization:
             if not self._warned_manual:
-                warnings.warn("manual optimization: vleff cannot add its aux losses to your loss; add "
-                              "self.vleff_aux_loss() (AuxLossMixin) before manual_backward", stacklevel=2)
+                warnings.warn(
+                    "manual optimization: vleff cannot add its aux losses to your loss; add "
+                    "self.vleff_aux_loss() (AuxLossMixin) before manual_backward",
+                    stacklevel=2,
+                )
                 self._warned_manual = True
             return output
         total = sum(v.float().reshape(()) for v in losses.values())
         if self.log and self.module._trainer is not None:
             batch_size = _batch_size(args[0]) if args else None
-            self.module.log_dict({f"train/aux/{k}": v.detach().float() for k, v in losses.items()},
-                                 on_step=True, on_epoch=False, batch_size=batch_size)
+            self.module.log_dict(
+                {f"train/aux/{k}": v.detach().float() for k, v in losses.items()},
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
         return add_to_step_output(output, total)
 
 

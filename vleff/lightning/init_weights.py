@@ -10,6 +10,7 @@ This is not a resume: optimizer, schedule and step start fresh (use ``Trainer.fi
 to resume a run). A resumed run restores its own weights after ``setup`` and so overrides
 these.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -58,8 +59,10 @@ def load_initial_weights(pl_module: nn.Module, path: str | Path, backbone: nn.Mo
         if not missing and not unexpected:
             target.load_state_dict(weights, strict=False)
             return where
-        problems.append(f"as the {where} ({type(target).__name__}): {len(missing)} missing keys "
-                        f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+        problems.append(
+            f"as the {where} ({type(target).__name__}): {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
     raise ValueError(f"init_from={str(path)!r} does not fit: " + "; ".join(problems))
 
 

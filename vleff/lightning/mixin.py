@@ -1,4 +1,5 @@
 """What every mixin shares: cooperative Lightning hooks (:func:`_parent`) and ``vleff_aux_loss``."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -6,6 +6,7 @@ schedulers in ``trainer.strategy.lr_scheduler_configs``. The swap runs in ``on_f
 after the strategy created the optimizers and before a checkpoint's optimizer state is
 restored, so resuming loads the state into the converted optimizer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,8 +30,10 @@ def check_strategy(trainer: pl.Trainer, saver: str) -> None:
     """Refuse strategies that shard or flatten parameters: per-matrix state cannot follow them."""
     name = type(trainer.strategy).__name__
     if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
-        raise RuntimeError(f"{saver} supports single-device and DDP strategies; {name} shards or flattens "
-                           "parameters, which the per-matrix optimizer state cannot follow")
+        raise RuntimeError(
+            f"{saver} supports single-device and DDP strategies; {name} shards or flattens "
+            "parameters, which the per-matrix optimizer state cannot follow"
+        )
 
 
 def refuse_conflicting_methods(trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
@@ -49,13 +52,17 @@ def refuse_conflicting_methods(trainer: pl.Trainer, pl_module: pl.LightningModul
         reason = conflict(name, other.name) if as_callback or as_mixin else None
         if not reason:
             continue
-        theirs = (f"the {other.display_name} callback" if as_callback
-                  else f"{type(pl_module).__name__}, a {other.load_mixin().__name__} module")
+        theirs = (
+            f"the {other.display_name} callback"
+            if as_callback
+            else f"{type(pl_module).__name__}, a {other.load_mixin().__name__} module"
+        )
         raise ValueError(f"the {me.display_name} callback cannot be used with {theirs}: {reason}; keep one of them")
 
 
-def swap_optimizers(trainer: pl.Trainer, convert: Callable[[Optimizer | None], Optimizer],
-                    base_lr: float | None = None) -> list[Optimizer]:
+def swap_optimizers(
+    trainer: pl.Trainer, convert: Callable[[Optimizer | None], Optimizer], base_lr: float | None = None
+) -> list[Optimizer]:
     """Replace every user optimizer (or the placeholder, when there is none) by ``convert(opt)``
     and point the LR schedulers at the replacement. Returns the new optimizers."""
     strategy = trainer.strategy

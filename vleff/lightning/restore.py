@@ -20,6 +20,7 @@ backbone entries from the freshly built module (the same pretrained backbone, as
 assumes). Without that hook: apply the method first (``vleff.apply_X(model.<backbone>, ...)``
 with the training settings), then ``load_state_dict`` (``strict=False`` for a side-only one).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,9 @@ def _path_in(pl_module: nn.Module, target: nn.Module) -> str:
     raise ValueError(f"{type(target).__name__} is not part of {type(pl_module).__name__}")
 
 
-def record_method(checkpoint: dict[str, Any], pl_module: nn.Module, target: nn.Module | None, method: str,
-                  config: Any) -> None:
+def record_method(
+    checkpoint: dict[str, Any], pl_module: nn.Module, target: nn.Module | None, method: str, config: Any
+) -> None:
     """Note in ``checkpoint`` that ``method`` was applied to ``target`` (a submodule of
     ``pl_module``; ``None``: the module itself) with ``config`` (a method config dataclass)."""
     path = "" if target is None else _path_in(pl_module, target)
@@ -77,9 +79,11 @@ def restore_methods(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
             entry.apply(target, entry.config.build(**settings))
         except (TypeError, ValueError) as err:
             label = method_label(method)
-            raise ValueError(f"the checkpoint was trained with {label} on {path or 'the module'} "
-                             f"({settings}), which cannot be applied to this {type(module).__name__} ({err}); build "
-                             "the module as it was trained") from err
+            raise ValueError(
+                f"the checkpoint was trained with {label} on {path or 'the module'} "
+                f"({settings}), which cannot be applied to this {type(module).__name__} ({err}); build "
+                "the module as it was trained"
+            ) from err
         applied.append(method)
     if SIDE_ONLY in checkpoint:
         from vleff.side.common import backbone_keys, side_towers

@@ -6,6 +6,7 @@ the MeZO callback steps the ``interval="step"`` ones after each update and the
 does the same from the module. Both use this one function, in its own module so that neither
 imports the other's private names.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -27,6 +27,7 @@ What the base does, for every side method:
   later run with this callback re-applies the trained method) and restores ``requires_grad``
   as it was before the callback froze the backbone.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -71,8 +72,11 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
     have = set(checkpoint.get("state_dict", {}))
     missing = sorted(k for k in side_state_dict(pl_module) if k not in have)
     if missing:
-        raise KeyError(f"the side-only checkpoint lacks side keys {missing[:5]} (the side modules and the "
-                       "module's own weights beside its frozen backbone); resume with the same side method and settings it was trained with")
+        raise KeyError(
+            f"the side-only checkpoint lacks side keys {missing[:5]} (the side modules and the "
+            "module's own weights beside its frozen backbone); resume with the same side method and settings "
+            "it was trained with"
+        )
 
 
 class SideTuning(pl.Callback):
@@ -82,8 +86,15 @@ class SideTuning(pl.Callback):
     method: str = ""
     settings_config: type = type(None)
 
-    def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        train_head: bool = True,
+        full_checkpoint: bool = False,
+        remove_on_teardown: bool = False,
+        init_from: str | None = None,
+        module: ModuleArg = None,
+        **settings: Any,
+    ) -> None:
         super().__init__()
         self.config = self.settings_config.build(**settings)
         self.train_head = check_bool("train_head", train_head)
@@ -120,20 +131,23 @@ class SideTuning(pl.Callback):
         refuse_unfrozen_backbone(self._target_of(pl_module), method_label(self.method), self.train_head)
         backbone_eval(self._target_of(pl_module))
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         backbone_eval(self._target_of(pl_module))
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if not self.full_checkpoint:
             side_only_checkpoint(pl_module, checkpoint)
         from vleff.lightning.restore import record_method
 
         record_method(checkpoint, pl_module, self._target, self.method, self.config)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         check_side_checkpoint(pl_module, checkpoint)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -149,12 +163,17 @@ class SideMixin:
 
     _vleff_side: tuple[str, bool, bool] | None = None  # (method, train_head, full_checkpoint)
 
-    def _use_side(self, method: str, train_head: bool, full_checkpoint: bool, config: Any, apply: bool = True,
-                  module: Any = None) -> None:
+    def _use_side(
+        self, method: str, train_head: bool, full_checkpoint: bool, config: Any, apply: bool = True, module: Any = None
+    ) -> None:
         from vleff.registry import get_method
         from vleff.side.common import freeze_backbone
 
-        self._vleff_side = (method, check_bool("train_head", train_head), check_bool("full_checkpoint", full_checkpoint))
+        self._vleff_side = (
+            method,
+            check_bool("train_head", train_head),
+            check_bool("full_checkpoint", full_checkpoint),
+        )
         target = mixin_target(self, module, method, config)
         if apply:
             get_method(method).apply(target, config)

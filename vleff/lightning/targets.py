@@ -26,6 +26,7 @@ changed its job without a word. The three rules, for every callback that applies
   ``trainer.validate``/``test``/``fit`` with the same callback re-applies the *trained*
   method, not a freshly initialised one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,22 @@ from torch import nn
 
 from vleff.tokens.common import towers_meant
 
-__all__ = ["ModuleArg", "TeardownRemoval", "applied_settings", "candidates", "check_module_arg", "module_at",
-           "refuse_other_settings", "resolve_backbone", "resolve_target", "single_backbone"]
+__all__ = [
+    "ModuleArg",
+    "TeardownRemoval",
+    "applied_settings",
+    "candidates",
+    "check_module_arg",
+    "module_at",
+    "refuse_other_settings",
+    "resolve_backbone",
+    "resolve_target",
+    "single_backbone",
+]
 
 #: what ``module=`` takes: an attribute path, the module object, or ``None`` (find it)
 ModuleArg = str | nn.Module | None
+
 
 def check_module_arg(module: Any) -> str | nn.Module | None:
     """``module=`` as a callback's constructor receives it; a bad value raises ``ValueError``
@@ -50,9 +62,11 @@ def check_module_arg(module: Any) -> str | nn.Module | None:
         return module
     if isinstance(module, str) and module and all(module.split(".")):
         return module
-    raise ValueError(f"module={module!r} is not allowed; give the attribute path of the model inside the "
-                     "LightningModule as a dotted string (e.g. 'student' or 'model.backbone'), the model object "
-                     "itself, or None to use the one model the method applies to")
+    raise ValueError(
+        f"module={module!r} is not allowed; give the attribute path of the model inside the "
+        "LightningModule as a dotted string (e.g. 'student' or 'model.backbone'), the model object "
+        "itself, or None to use the one model the method applies to"
+    )
 
 
 def module_at(pl_module: nn.Module, path: str) -> nn.Module:
@@ -122,15 +136,19 @@ def resolve_target(pl_module: nn.Module, module: str | nn.Module | None, method:
     if isinstance(module, nn.Module):
         if module is pl_module or any(m is module for m in pl_module.modules()):
             return module
-        raise ValueError(f"module= is a {type(module).__name__} that is not part of {type(pl_module).__name__}; "
-                         f"pass a submodule of the LightningModule the trainer runs (or its attribute path)")
+        raise ValueError(
+            f"module= is a {type(module).__name__} that is not part of {type(pl_module).__name__}; "
+            f"pass a submodule of the LightningModule the trainer runs (or its attribute path)"
+        )
     if isinstance(module, str):
         return module_at(pl_module, module)
     found = candidates(pl_module, method, config)
     if len(found) > 1:
-        raise ValueError(f"{label}: {type(pl_module).__name__} holds {len(found)} models it could apply to "
-                         f"({', '.join(found)}); pass module= one of {', '.join(repr(f) for f in found)} "
-                         f"(or the LightningModule object itself to apply it to all of them)")
+        raise ValueError(
+            f"{label}: {type(pl_module).__name__} holds {len(found)} models it could apply to "
+            f"({', '.join(found)}); pass module= one of {', '.join(repr(f) for f in found)} "
+            f"(or the LightningModule object itself to apply it to all of them)"
+        )
     return pl_module
 
 
@@ -163,13 +181,17 @@ def resolve_backbone(pl_module: nn.Module, module: str | nn.Module | None, metho
     if not found:
         from vleff.backbones import SUPPORTED
 
-        raise TypeError(f"no child of {type(pl_module).__name__} holds a supported image tower "
-                        f"(children: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}); "
-                        f"{method_label(method)} supports: {'; '.join(SUPPORTED)}")
+        raise TypeError(
+            f"no child of {type(pl_module).__name__} holds a supported image tower "
+            f"(children: {', '.join(n for n, _ in pl_module.named_children()) or 'none'}); "
+            f"{method_label(method)} supports: {'; '.join(SUPPORTED)}"
+        )
     if len(found) > 1:
-        raise ValueError(f"cannot tell which submodule of {type(pl_module).__name__} is the backbone: "
-                         f"{', '.join(found)} each hold an image tower; pass module= one of "
-                         f"{', '.join(repr(c) for c in found)}")
+        raise ValueError(
+            f"cannot tell which submodule of {type(pl_module).__name__} is the backbone: "
+            f"{', '.join(found)} each hold an image tower; pass module= one of "
+            f"{', '.join(repr(c) for c in found)}"
+        )
     return getattr(pl_module, found[0])
 
 
@@ -216,7 +238,9 @@ def refuse_other_settings(method: str, target: nn.Module, wanted: Any, driven: t
         if key == "towers":
             want_set = towers_meant(target, want)
             if want_set != have:
-                diffs.append((key, "+".join(sorted(have)) or "none", f"{want!r} ({'+'.join(sorted(want_set)) or 'none'})"))
+                diffs.append(
+                    (key, "+".join(sorted(have)) or "none", f"{want!r} ({'+'.join(sorted(want_set)) or 'none'})")
+                )
             continue
         if want is None and key in ("side_heads", "visual_dim"):
             continue
@@ -230,10 +254,12 @@ def refuse_other_settings(method: str, target: nn.Module, wanted: Any, driven: t
         label = method_label(method)
         applied_text = ", ".join(f"{k}={h}" for k, h, _ in diffs)
         wanted_text = ", ".join(f"{k}={w}" for k, _, w in diffs)
-        raise ValueError(f"{label} is already applied to {type(target).__name__} with {applied_text}, but the "
-                         f"callback asks for {wanted_text}. The callback does not rebuild an applied method (its "
-                         f"trained state would be lost) nor ignore its own settings: give the callback the settings "
-                         f"the method was applied with, or remove the method first (vleff.remove_all(model))")
+        raise ValueError(
+            f"{label} is already applied to {type(target).__name__} with {applied_text}, but the "
+            f"callback asks for {wanted_text}. The callback does not rebuild an applied method (its "
+            f"trained state would be lost) nor ignore its own settings: give the callback the settings "
+            f"the method was applied with, or remove the method first (vleff.remove_all(model))"
+        )
 
 
 # --- remove_on_teardown ------------------------------------------------------------------------
@@ -263,8 +289,10 @@ class TeardownRemoval:
             return False
         result = target.load_state_dict(saved, strict=False)
         if result.unexpected_keys:
-            raise RuntimeError(f"{label}: the re-applied method has no {result.unexpected_keys[:3]} of the trained "
-                               "one removed at teardown; it was applied with other settings in between")
+            raise RuntimeError(
+                f"{label}: the re-applied method has no {result.unexpected_keys[:3]} of the trained "
+                "one removed at teardown; it was applied with other settings in between"
+            )
         return True
 
     def remove(self, method: str, target: nn.Module) -> None:

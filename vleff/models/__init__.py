@@ -6,6 +6,7 @@
 * :class:`CLIPFineTuner` — contrastive image-text fine-tuning of open_clip / HF CLIP
 * :class:`VisionLanguageModel` — an image tower + a causal LM, visual prefix tokens or MemVP memory
 """
+
 from __future__ import annotations
 
 from vleff._lazy import lazy_getattr

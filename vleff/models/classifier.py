@@ -4,6 +4,7 @@ It is deliberately plain — cross-entropy, AdamW without decay on biases/norms,
 warm-up then cosine — so that a vleff callback added to the ``Trainer`` is the only
 difference between a baseline run and a method run.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,18 @@ class ImageClassifier(pl.LightningModule):
     (one zero image of the model's input size) so Lightning's model summary shows the FLOPs.
     """
 
-    def __init__(self, model: str | nn.Module = "vit_tiny_digits", num_classes: int = 10,
-                 image_size: int | None = None, pretrained: bool = False, lr: float = 1e-3,
-                 weight_decay: float = 0.05, warmup_fraction: float = 0.1, label_smoothing: float = 0.0,
-                 model_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | nn.Module = "vit_tiny_digits",
+        num_classes: int = 10,
+        image_size: int | None = None,
+        pretrained: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.1,
+        label_smoothing: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr={lr!r} must be > 0")
@@ -39,8 +48,9 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"warmup_fraction={warmup_fraction!r} must lie in [0, 1)")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, str):
-            model = build_model(model, num_classes=num_classes, image_size=image_size, pretrained=pretrained,
-                                **(model_kwargs or {}))
+            model = build_model(
+                model, num_classes=num_classes, image_size=image_size, pretrained=pretrained, **(model_kwargs or {})
+            )
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -78,8 +88,10 @@ class ImageClassifier(pl.LightningModule):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (decay if wants_decay(name, param) else no_decay).append(param)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_fraction * total)
 

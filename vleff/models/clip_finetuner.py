@@ -15,6 +15,7 @@
 Models: pass an ``nn.Module`` or a name for :func:`build_clip` (``"open_clip:ViT-B-32"``,
 ``"hf:<path or hub id>"``, ``"digits-tiny"``).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,10 +58,22 @@ def build_clip(name: str, pretrained: str | None = None, **cfg: Any) -> nn.Modul
         if unknown := sorted(set(cfg) - allowed):
             raise ValueError(f"model 'digits-tiny' does not take {unknown}; it takes {sorted(allowed)}")
         width, layers = cfg.get("width", 128), cfg.get("layers", 3)
-        vision = CLIPVisionCfg(layers=layers, width=width, head_width=32, patch_size=cfg.get("patch_size", 4),
-                               image_size=cfg.get("image_size", 32), mlp_ratio=2.0)
-        text = CLIPTextCfg(context_length=cfg.get("context_length", 16), vocab_size=49408, width=width,
-                           heads=width // 32, layers=layers, mlp_ratio=2.0)
+        vision = CLIPVisionCfg(
+            layers=layers,
+            width=width,
+            head_width=32,
+            patch_size=cfg.get("patch_size", 4),
+            image_size=cfg.get("image_size", 32),
+            mlp_ratio=2.0,
+        )
+        text = CLIPTextCfg(
+            context_length=cfg.get("context_length", 16),
+            vocab_size=49408,
+            width=width,
+            heads=width // 32,
+            layers=layers,
+            mlp_ratio=2.0,
+        )
         return open_clip.CLIP(embed_dim=cfg.get("embed_dim", 64), vision_cfg=vision, text_cfg=text)
     raise ValueError(f"model name {name!r} is not known; use 'open_clip:<arch>', 'hf:<path>' or 'digits-tiny'")
 
@@ -77,11 +90,14 @@ def clip_pair(model: nn.Module) -> ModelPair:
     try:
         pair = find_pair(model)
     except TypeError as err:
-        raise TypeError(f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel "
-                        f"({err})") from None
+        raise TypeError(
+            f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel ({err})"
+        ) from None
     if pair.family not in _CLIP_PAIRS:
-        raise TypeError(f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel "
-                        f"(it is a {pair.family} pair without a contrastive temperature)")
+        raise TypeError(
+            f"{type(model).__name__} is neither an open_clip CLIP nor a Hugging Face CLIPModel "
+            f"(it is a {pair.family} pair without a contrastive temperature)"
+        )
     return pair
 
 
@@ -99,8 +115,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _example_inputs(model: nn.Module, family: str,
-                    context_length: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _example_inputs(
+    model: nn.Module, family: str, context_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One image and one caption of the model's sizes (``None`` when a size is unknown).
 
     The caption is all ones: non-zero, so a Hugging Face attention mask (``tokens != 0``)
@@ -119,8 +136,9 @@ def _example_inputs(model: nn.Module, family: str,
     return torch.zeros(1, size[0], size[1], size[1]), torch.ones(1, length, dtype=torch.long)
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                     caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, caption_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric CLIP loss on L2-normalised embeddings; repeated captions share the target mass."""
     logits = logit_scale.exp() * image_emb @ text_emb.T
     if caption_ids is None:
@@ -133,8 +151,9 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return (loss_i + loss_t) / 2
 
 
-def retrieval_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ids: torch.Tensor,
-                      ks: Sequence[int] = (1, 5)) -> dict[str, torch.Tensor]:
+def retrieval_recalls(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, caption_ids: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, torch.Tensor]:
     """Recall@k both ways over a whole set, as retrieval papers report it: the share of queries
     with at least one relevant item (same ``caption_id``) among the k most similar.
 
@@ -185,11 +204,21 @@ class CLIPFineTuner(pl.LightningModule):
     Lightning's model summary shows the FLOPs of ``forward(images, tokens)``.
     """
 
-    def __init__(self, model: nn.Module | str = "digits-tiny", model_kwargs: dict[str, Any] | None = None,
-                 lr: float = 5e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
-                 eps: float = 1e-6, warmup_steps: int = 0, class_prompts: Sequence[str] | None = None,
-                 tokenizer: str = "ViT-B-32", context_length: int | None = None,
-                 max_logit_scale: float = math.log(100.0), init_checkpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | str = "digits-tiny",
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        class_prompts: Sequence[str] | None = None,
+        tokenizer: str = "ViT-B-32",
+        context_length: int | None = None,
+        max_logit_scale: float = math.log(100.0),
+        init_checkpoint: str | None = None,
+    ) -> None:
         super().__init__()
         # Hydra hands nested values over as DictConfig/ListConfig; plain containers keep the
         # checkpoint's hyperparameters loadable with torch.load(weights_only=True)
@@ -224,12 +253,13 @@ class CLIPFineTuner(pl.LightningModule):
         if not isinstance(state, dict):
             raise ValueError(f"init_checkpoint={str(path)!r} holds a {type(state).__name__}, not a state dict")
         if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"init_checkpoint={str(path)!r} does not fit this model "
-                             f"({type(self.model).__name__}): {err}") from err
+            raise ValueError(
+                f"init_checkpoint={str(path)!r} does not fit this model ({type(self.model).__name__}): {err}"
+            ) from err
 
     # ------------------------------------------------------------------ encoders
     @property
@@ -266,8 +296,12 @@ class CLIPFineTuner(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         img, txt = self(batch["images"], batch["tokens"])
-        self.log("val/loss", contrastive_loss(img, txt, self.logit_scale, batch.get("caption_ids")),
-                 batch_size=len(img), sync_dist=True)
+        self.log(
+            "val/loss",
+            contrastive_loss(img, txt, self.logit_scale, batch.get("caption_ids")),
+            batch_size=len(img),
+            sync_dist=True,
+        )
         self._val.append((img, txt, batch["caption_ids"], batch["labels"]))
 
     def _prompts(self) -> list[str] | None:
@@ -315,9 +349,12 @@ class CLIPFineTuner(pl.LightningModule):
             if p.requires_grad:
                 (decay if wants_decay(name, p) else no_decay).append(p)
         hp = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
-                                eps=hp.eps)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = int(hp.warmup_steps)
 

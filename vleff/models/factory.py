@@ -13,6 +13,7 @@ loads the published weights through the owning library (timm's hub, open_clip's
 
 Any timm model name that is not an alias is passed to ``timm.create_model`` unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BLIP_RANDOM_INIT_STD", "MODELS", "ModelSpec", "PAIR_FAMILIES", "TowerClassifier", "build_model",
-           "build_pair_model", "patch_size_of"]
+__all__ = [
+    "BLIP_RANDOM_INIT_STD",
+    "MODELS",
+    "ModelSpec",
+    "PAIR_FAMILIES",
+    "TowerClassifier",
+    "build_model",
+    "build_pair_model",
+    "patch_size_of",
+]
 
 #: weight std of a random-init BLIP vision tower (``BlipVisionConfig``'s default, 1e-10, is degenerate)
 BLIP_RANDOM_INIT_STD = 0.02
@@ -41,22 +50,34 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "vit_tiny_digits": ModelSpec("timm", "vit_tiny_patch16_224", 4, 32,
-                                 dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, num_classes=10),
-                                 "6-block, 128-wide ViT for 32x32 digits (trains in ~1 min on 2 CPU cores)"),
+    "vit_tiny_digits": ModelSpec(
+        "timm",
+        "vit_tiny_patch16_224",
+        4,
+        32,
+        dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, num_classes=10),
+        "6-block, 128-wide ViT for 32x32 digits (trains in ~1 min on 2 CPU cores)",
+    ),
     "vit_small": ModelSpec("timm", "vit_small_patch16_224", 16, 224, description="ViT-S/16"),
     "vit_base": ModelSpec("timm", "vit_base_patch16_224", 16, 224, description="ViT-B/16"),
     "vit_large": ModelSpec("timm", "vit_large_patch16_224", 16, 224, description="ViT-L/16"),
     "deit_small": ModelSpec("timm", "deit_small_patch16_224", 16, 224, description="DeiT-S/16"),
-    "deit_small_distilled": ModelSpec("timm", "deit_small_distilled_patch16_224", 16, 224,
-                                      description="DeiT-S/16 with distillation token"),
+    "deit_small_distilled": ModelSpec(
+        "timm", "deit_small_distilled_patch16_224", 16, 224, description="DeiT-S/16 with distillation token"
+    ),
     "open_clip_vit_b32": ModelSpec("open_clip", "ViT-B-32", 32, 224, description="open_clip ViT-B-32 image tower"),
     "open_clip_vit_b16": ModelSpec("open_clip", "ViT-B-16", 16, 224, description="open_clip ViT-B-16 image tower"),
     "open_clip_vit_l14": ModelSpec("open_clip", "ViT-L-14", 14, 224, description="open_clip ViT-L-14 image tower"),
-    "hf_clip_vit_b32": ModelSpec("hf_clip", "openai/clip-vit-base-patch32", 32, 224,
-                                 description="Hugging Face CLIP ViT-B/32 image tower"),
-    "hf_blip_base": ModelSpec("hf_blip", "Salesforce/blip-itm-base-coco", 16, 384,
-                              description="Hugging Face BLIP ViT-B/16 image tower (384 px)"),
+    "hf_clip_vit_b32": ModelSpec(
+        "hf_clip", "openai/clip-vit-base-patch32", 32, 224, description="Hugging Face CLIP ViT-B/32 image tower"
+    ),
+    "hf_blip_base": ModelSpec(
+        "hf_blip",
+        "Salesforce/blip-itm-base-coco",
+        16,
+        384,
+        description="Hugging Face BLIP ViT-B/16 image tower (384 px)",
+    ),
 }
 
 
@@ -75,8 +96,10 @@ def build_pair_model(name: str, image_size: int | None = None, pretrained: bool 
     spec = MODELS.get(name) if isinstance(name, str) else None
     if spec is None or spec.family not in PAIR_FAMILIES:
         pairs = [n for n, s in MODELS.items() if s.family in PAIR_FAMILIES]
-        raise ValueError(f"model {name!r} has no image-text model (a method needing both towers of one): "
-                         f"use one of {', '.join(pairs)}")
+        raise ValueError(
+            f"model {name!r} has no image-text model (a method needing both towers of one): "
+            f"use one of {', '.join(pairs)}"
+        )
     size = image_size or spec.image_size
     _check_image_size(name, size, spec.patch_size)
     if spec.family == "open_clip":
@@ -93,8 +116,11 @@ def build_pair_model(name: str, image_size: int | None = None, pretrained: bool 
 
     if pretrained:
         return BlipForImageTextRetrieval.from_pretrained(spec.source)
-    return BlipForImageTextRetrieval(BlipConfig(vision_config={
-        "image_size": size, "patch_size": spec.patch_size, "initializer_range": BLIP_RANDOM_INIT_STD}))
+    return BlipForImageTextRetrieval(
+        BlipConfig(
+            vision_config={"image_size": size, "patch_size": spec.patch_size, "initializer_range": BLIP_RANDOM_INIT_STD}
+        )
+    )
 
 
 class TowerClassifier(nn.Module):
@@ -119,8 +145,9 @@ class TowerClassifier(nn.Module):
 
 def _check_image_size(name: str, image_size: int, patch_size: int) -> None:
     if not isinstance(image_size, int) or image_size <= 0 or image_size % patch_size:
-        raise ValueError(f"image_size={image_size!r} is not a positive multiple of the patch size {patch_size} "
-                         f"of model {name!r}")
+        raise ValueError(
+            f"image_size={image_size!r} is not a positive multiple of the patch size {patch_size} of model {name!r}"
+        )
 
 
 def patch_size_of(name: str) -> int:
@@ -135,12 +162,19 @@ def patch_size_of(name: str) -> int:
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(f"model {name!r} is not known: use one of {sorted(MODELS)}, or a timm model name "
-                      "(see timm.list_models())")
+    return ValueError(
+        f"model {name!r} is not known: use one of {sorted(MODELS)}, or a timm model name (see timm.list_models())"
+    )
 
 
-def _timm(name: str, spec: ModelSpec | None, num_classes: int | None, image_size: int | None,
-          pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+def _timm(
+    name: str,
+    spec: ModelSpec | None,
+    num_classes: int | None,
+    image_size: int | None,
+    pretrained: bool,
+    kwargs: dict[str, Any],
+) -> nn.Module:
     import timm
 
     if pretrained and spec is not None and spec.kwargs:
@@ -226,8 +260,9 @@ def use_offline_hub() -> None:
     constants.HF_HUB_OFFLINE = True  # read once at import; the variable alone is too late here
 
 
-def build_model(name: str, num_classes: int | None = None, image_size: int | None = None,
-                pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str, num_classes: int | None = None, image_size: int | None = None, pretrained: bool = False, **kwargs: Any
+) -> nn.Module:
     """Build a model by alias (see :data:`MODELS`) or timm name; see the module docstring."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
@@ -242,8 +277,9 @@ def build_model(name: str, num_classes: int | None = None, image_size: int | Non
     if spec.family == "open_clip":
         import open_clip
 
-        clip = open_clip.create_model(spec.source, pretrained="openai" if pretrained else None,
-                                      force_image_size=size, **kwargs)
+        clip = open_clip.create_model(
+            spec.source, pretrained="openai" if pretrained else None, force_image_size=size, **kwargs
+        )
         tower, dim = clip.visual, clip.visual.output_dim
     elif spec.family == "hf_clip":
         from transformers import CLIPVisionConfig, CLIPVisionModel

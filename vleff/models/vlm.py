@@ -19,6 +19,7 @@ of one length or left-padded with an attention mask: in prefix mode the first st
 visual prefix and the prompt, later steps one token against the cache; in MemVP mode the
 memory is set once per image and read at every step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -81,7 +82,7 @@ class VisualEncoder(nn.Module):
         tokens, self._tokens.value = self._tokens.value, None
         if tokens is None:
             raise RuntimeError("VisualEncoder: the tower's last block did not run in its forward")
-        return tokens[:, self.prefix_tokens:]
+        return tokens[:, self.prefix_tokens :]
 
 
 class VisionLanguageModel(nn.Module):
@@ -97,22 +98,31 @@ class VisionLanguageModel(nn.Module):
             ``MemVP`` callback or :func:`vleff.apply_memvp` to apply later).
     """
 
-    def __init__(self, vision: nn.Module, lm: nn.Module, visual_prompt: VisualPrompt = "memvp",
-                 projector_hidden: int = 128, memvp: MemVPConfig | dict[str, Any] | None = None,
-                 apply_memvp: bool = True) -> None:
+    def __init__(
+        self,
+        vision: nn.Module,
+        lm: nn.Module,
+        visual_prompt: VisualPrompt = "memvp",
+        projector_hidden: int = 128,
+        memvp: MemVPConfig | dict[str, Any] | None = None,
+        apply_memvp: bool = True,
+    ) -> None:
         super().__init__()
         self.visual_prompt = check_choice("visual_prompt", visual_prompt, ("prefix", "memvp"))
         if memvp is not None and (visual_prompt == "prefix" or not apply_memvp):
-            raise ValueError(f"memvp={memvp!r} is not allowed with visual_prompt={visual_prompt!r} and "
-                             f"apply_memvp={apply_memvp}: MemVP settings apply only when MemVP is applied here "
-                             "(visual_prompt='memvp', apply_memvp=True)")
+            raise ValueError(
+                f"memvp={memvp!r} is not allowed with visual_prompt={visual_prompt!r} and "
+                f"apply_memvp={apply_memvp}: MemVP settings apply only when MemVP is applied here "
+                "(visual_prompt='memvp', apply_memvp=True)"
+            )
         self.visual = VisualEncoder(vision)
         self.lm = lm
         self.width = int(getattr(lm.config, "hidden_size", 0) or lm.config.n_embd)
         if visual_prompt == "prefix":
             hidden = check_int("projector_hidden", projector_hidden, low=1)
-            self.projector = nn.Sequential(nn.Linear(self.visual.embed_dim, hidden), nn.GELU(),
-                                           nn.Linear(hidden, self.width))
+            self.projector = nn.Sequential(
+                nn.Linear(self.visual.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, self.width)
+            )
         else:
             causal_lm_sites(lm)  # an unsupported FFN fails here, in either case
             if apply_memvp:
@@ -122,8 +132,10 @@ class VisionLanguageModel(nn.Module):
     # --- the MemVP host protocol (vleff.methods.memvp.core.find_host) ----------------------------------
     def memvp_host(self) -> Host:
         if self.visual_prompt != "memvp":
-            raise ValueError("MemVP on a VisionLanguageModel needs visual_prompt='memvp'; this one prepends "
-                             "visual tokens (visual_prompt='prefix'); build it with visual_prompt='memvp'")
+            raise ValueError(
+                "MemVP on a VisionLanguageModel needs visual_prompt='memvp'; this one prepends "
+                "visual tokens (visual_prompt='prefix'); build it with visual_prompt='memvp'"
+            )
         sites, width = causal_lm_sites(self.lm, prefix="lm")
         return Host(sites, width, self.visual, self.visual.embed_dim, 0, None, find_tower(self.visual.vision, "image"))
 
@@ -138,8 +150,9 @@ class VisionLanguageModel(nn.Module):
         return train_only(self, self.trainable_parameters())
 
     # --- forward ---------------------------------------------------------------------------------------
-    def _prepare(self, images: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None) -> tuple[dict[str, Any], int]:
+    def _prepare(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[dict[str, Any], int]:
         """The LM's inputs for ``images`` + text, and the number of prefix positions."""
         if self.visual_prompt == "prefix":
             prefix = self.projector(self.visual(images))
@@ -153,21 +166,33 @@ class VisionLanguageModel(nn.Module):
             self.visual(images)  # sets the memory (MemVP's hook on the visual encoder)
         return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``{"logits": [B, T, vocab]}`` at the text positions (plus ``"loss"``: next-token cross
         entropy over ``labels``, ``-100`` ignored, when given)."""
         inputs, n_prefix = self._prepare(images, input_ids, attention_mask)
         logits = self.lm(**inputs).logits[:, n_prefix:]
         out = {"logits": logits}
         if labels is not None:
-            out["loss"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                          labels[:, 1:].reshape(-1), ignore_index=-100)
+            out["loss"] = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return out
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 16,
+        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Greedy decoding with the LM's KV cache: the new tokens ``[B, max_new_tokens]`` (after
         ``eos_token_id`` a sequence repeats it).
 
@@ -185,8 +210,14 @@ class VisionLanguageModel(nn.Module):
             if memvp_applied(self):  # MemVP's memory belongs to this call (vleff.methods.memvp.core)
                 self.vleff_memvp.clear_memory()
 
-    def _generate(self, images: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
-                  eos_token_id: int | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _generate(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         inputs, _ = self._prepare(images, input_ids, attention_mask)
         mask = inputs.pop("attention_mask")
         extra: dict[str, torch.Tensor] = {}
@@ -214,13 +245,16 @@ def _check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -
     """``generate`` reads the last position's logits: the mask must match the ids, hold only 0/1 and
     be left padding (ones to the end of each row, no row empty)."""
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
     m = attention_mask.long()
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     bad = (m[:, 1:] < m[:, :-1]).any(dim=1) | (m[:, -1] == 0)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
-        raise ValueError("attention_mask must be left padding (zeros, then ones to the last column) for "
-                         f"generate; row {row} is {m[row].tolist()}")
+        raise ValueError(
+            "attention_mask must be left padding (zeros, then ones to the last column) for "
+            f"generate; row {row} is {m[row].tolist()}"
+        )

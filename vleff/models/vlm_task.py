@@ -7,6 +7,7 @@ With ``train_host=False`` only the visual prompt is trained (the prefix projecto
 parameters — applied at construction or by the ``MemVP`` callback in ``setup``), the paper's
 setting of a frozen LM and a frozen vision tower.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,8 +25,9 @@ __all__ = ["VisionLanguageTask"]
 class VisionLanguageTask(pl.LightningModule):
     """Train ``model`` on batches ``(images, input_ids, labels, digits)``; logs ``train/loss`` and ``val/acc``."""
 
-    def __init__(self, model: VisionLanguageModel, task: str = "qa", lr: float = 1e-3,
-                 train_host: bool = False) -> None:
+    def __init__(
+        self, model: VisionLanguageModel, task: str = "qa", lr: float = 1e-3, train_host: bool = False
+    ) -> None:
         super().__init__()
         if not isinstance(model, VisionLanguageModel):
             raise TypeError(f"model must be a VisionLanguageModel, got {type(model).__name__}")
@@ -62,6 +64,8 @@ class VisionLanguageTask(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("VisionLanguageTask: no parameter requires grad (frozen host and no visual prompt "
-                               "parameters: apply MemVP, or use visual_prompt='prefix')")
+            raise RuntimeError(
+                "VisionLanguageTask: no parameter requires grad (frozen host and no visual prompt "
+                "parameters: apply MemVP, or use visual_prompt='prefix')"
+            )
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)

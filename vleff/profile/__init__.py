@@ -13,19 +13,20 @@
 The Lightning callback that logs these during training is
 :class:`vleff.callbacks.EfficiencyMonitor`.
 """
+
 from vleff.profile.compare import compare_models, preserved_state
 from vleff.profile.flops import (
-                                 attention_backward_flops,
-                                 attention_flops,
-                                 count_flops,
-                                 flop_counter,
-                                 mha_fastpath_disabled,
+    attention_backward_flops,
+    attention_flops,
+    count_flops,
+    flop_counter,
+    mha_fastpath_disabled,
 )
 from vleff.profile.memory import (
-                                 optimizer_state_bytes,
-                                 peak_memory_bytes,
-                                 saved_activation_bytes,
-                                 tensor_storage_bytes,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+    saved_activation_bytes,
+    tensor_storage_bytes,
 )
 from vleff.profile.report import plot_rows, print_table, rows_to_csv, rows_to_json
 from vleff.profile.throughput import ThroughputResult, measure_throughput

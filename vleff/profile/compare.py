@@ -1,4 +1,5 @@
 """Baseline against methods in one process: FLOPs, images/s, activation memory, as rows."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ from vleff.profile.throughput import measure_throughput
 
 __all__ = ["compare_models", "preserved_state"]
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 @contextlib.contextmanager
@@ -45,9 +46,16 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, repeats: int = 5, warmup: int = 2,
-                   measure_memory: bool = True, progress: bool = True,
-                   compile_backend: str | None = None) -> list[dict[str, Any]]:
+def compare_models(
+    models: Mapping[str, nn.Module],
+    inputs: torch.Tensor,
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    measure_memory: bool = True,
+    progress: bool = True,
+    compile_backend: str | None = None,
+) -> list[dict[str, Any]]:
     """Measure every model on the same batch ``inputs``; the first entry is the baseline.
 
     Returns one row (a dict) per model with:
@@ -81,13 +89,20 @@ def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, rep
             model.eval()
         for name, model in models.items():
             flops = count_flops(model, inputs)
-            rows.append({"name": name, "batch_size": batch, "params_m": _num_params(model) / 1e6,
-                         "gflops_per_sample": flops / batch / 1e9})
+            rows.append(
+                {
+                    "name": name,
+                    "batch_size": batch,
+                    "params_m": _num_params(model) / 1e6,
+                    "gflops_per_sample": flops / batch / 1e9,
+                }
+            )
 
         def forward(m: nn.Module):
             def call() -> None:
                 with torch.no_grad():
                     m(inputs)
+
             return call
 
         timed = dict(models)
@@ -99,8 +114,13 @@ def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, rep
                 if inputs.is_cuda:  # the kernels queued by the first call are part of compiling
                     torch.cuda.synchronize(inputs.device)
                 row["compile_s"] = time.perf_counter() - start
-        timings = measure_throughput({name: forward(m) for name, m in timed.items()}, items_per_call=batch,
-                                     warmup=warmup, repeats=repeats, progress=progress)
+        timings = measure_throughput(
+            {name: forward(m) for name, m in timed.items()},
+            items_per_call=batch,
+            warmup=warmup,
+            repeats=repeats,
+            progress=progress,
+        )
         for row, model in zip(rows, models.values()):
             result = timings[row["name"]]
             row["images_per_s"] = result.items_per_s
@@ -115,6 +135,15 @@ def compare_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, *, rep
     for row in rows:
         row["flops_ratio"] = row["gflops_per_sample"] / base_flops if base_flops > 0 else float("nan")
         row["flop_limit_fraction"] = row["speedup"] * row["flops_ratio"]
-    order = ["name", "batch_size", "params_m", "gflops_per_sample", "flops_ratio", "images_per_s", "speedup",
-             "flop_limit_fraction", "activation_mib"]
+    order = [
+        "name",
+        "batch_size",
+        "params_m",
+        "gflops_per_sample",
+        "flops_ratio",
+        "images_per_s",
+        "speedup",
+        "flop_limit_fraction",
+        "activation_mib",
+    ]
     return [{k: row[k] for k in order} | {k: v for k, v in row.items() if k not in order} for row in rows]

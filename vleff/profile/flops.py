@@ -24,6 +24,7 @@ Custom ops (vleff's Triton kernels) register formulas with ``register_flop_formu
 ``vleff.kernels.flops``; :func:`flop_counter` imports that module, when it exists, before it
 snapshots the registry.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,7 @@ def attention_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_
     return 2 * b * hq * nq * nk * dq + 2 * b * hq * nq * nk * dv
 
 
-def attention_backward_flops(query_shape: Sequence[int], key_shape: Sequence[int],
-                             value_shape: Sequence[int]) -> int:
+def attention_backward_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int]) -> int:
     """Backward FLOPs of attention as torch counts its own fused kernels: the scores are
     recomputed (q kᵀ), then dP = dO vᵀ, dV = Pᵀ dO, dQ = dS k, dK = dSᵀ q (five products)."""
     b, hq, nq, dq = query_shape[-4:]
@@ -73,13 +73,15 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return attention_flops(query_shape, key_shape, value_shape)
 
 
-def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                            **kwargs) -> int:
+def _sdpa_cpu_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return attention_backward_flops(query_shape, key_shape, value_shape)
 
 
-def _native_mha_flop(query_shape, key_shape, value_shape, embed_dim: int, num_head: int, *args,
-                     out_shape=None, **kwargs) -> int:
+def _native_mha_flop(
+    query_shape, key_shape, value_shape, embed_dim: int, num_head: int, *args, out_shape=None, **kwargs
+) -> int:
     """``nn.MultiheadAttention`` fast path: q/k/v projections, attention, output projection.
 
     Shapes are ``[B, N, E]`` (batch first) or ``[N, E]`` (unbatched). Nested tensors (the fast
@@ -88,7 +90,8 @@ def _native_mha_flop(query_shape, key_shape, value_shape, embed_dim: int, num_he
     if not isinstance(query_shape, torch.Size) or len(query_shape) not in (2, 3):
         raise NotImplementedError(
             f"cannot count FLOPs of nn.MultiheadAttention's fast path for query shape {query_shape!r}; "
-            "count with disable_mha_fastpath=True (the default)")
+            "count with disable_mha_fastpath=True (the default)"
+        )
     q = tuple(query_shape) if len(query_shape) == 3 else (1, *query_shape)
     k = tuple(key_shape) if len(key_shape) == 3 else (1, *key_shape)
     b, nq, e = q
@@ -103,8 +106,9 @@ def _overrideable_flop(query_shape, key_shape, value_shape, *args, out_shape=Non
     return attention_flops(query_shape, key_shape, value_shape)
 
 
-def _overrideable_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                                **kwargs) -> int:
+def _overrideable_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return attention_backward_flops(query_shape, key_shape, value_shape)
 
 
@@ -166,13 +170,20 @@ def flop_counter(disable_mha_fastpath: bool = True) -> Iterator[FlopCounterMode]
         fc.get_total_flops()
     """
     _import_kernel_formulas()  # before the mode snapshots the registry
-    with mha_fastpath_disabled(disable_mha_fastpath), FlopCounterMode(
-            display=False, custom_mapping=extra_flop_formulas()) as counter:
+    with (
+        mha_fastpath_disabled(disable_mha_fastpath),
+        FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter,
+    ):
         yield counter
 
 
-def count_flops(model: nn.Module | Callable[..., Any], *inputs: Any, no_grad: bool = True,
-                disable_mha_fastpath: bool = True, **kwargs: Any) -> int:
+def count_flops(
+    model: nn.Module | Callable[..., Any],
+    *inputs: Any,
+    no_grad: bool = True,
+    disable_mha_fastpath: bool = True,
+    **kwargs: Any,
+) -> int:
     """FLOPs of one forward ``model(*inputs, **kwargs)`` (for the whole batch given).
 
     The model runs in whatever train/eval mode it is in (call ``model.eval()`` for inference

@@ -10,6 +10,7 @@
   allocator's peak on GPU; on CPU the growth of the process's peak resident set size, which
   is noisy (see its docstring) and only a rough check.
 """
+
 from __future__ import annotations
 
 import resource
@@ -36,8 +37,12 @@ def _is_parameter(t: torch.Tensor) -> bool:
     return isinstance(base, nn.Parameter)
 
 
-def saved_activation_bytes(fn: Callable[[], Any], *, include_parameters: bool = False,
-                           exclude: nn.Module | Iterable[torch.Tensor] | None = None) -> int:
+def saved_activation_bytes(
+    fn: Callable[[], Any],
+    *,
+    include_parameters: bool = False,
+    exclude: nn.Module | Iterable[torch.Tensor] | None = None,
+) -> int:
     """Bytes of the tensors saved for backward while ``fn()`` runs (grad must be enabled).
 
     Each underlying storage is counted once, at its full size: ``q``, ``k`` and ``v`` split
@@ -165,8 +170,7 @@ def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device | None =
 
     ``device=None`` means CUDA when it is available, else CPU.
     """
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
@@ -179,4 +183,3 @@ def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device | None =
     if dev.type == "cpu":
         return _cpu_peak_growth(fn)
     raise ValueError(f"device={str(dev)!r} is not supported by peak_memory_bytes; use 'cpu' or 'cuda'")
-

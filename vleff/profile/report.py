@@ -3,6 +3,7 @@
 Rows are plain dicts (as :func:`vleff.profile.compare_models` returns them), so callers can
 add columns (``accuracy``...) and pass their names as ``extra_columns``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,9 @@ def format_value(value: Any, fmt: str = "{}") -> str:
         return str(value)
 
 
-def _columns(rows: Sequence[dict[str, Any]], extra_columns: Sequence[str] | dict[str, str] | None
-             ) -> list[tuple[str, str, str]]:
+def _columns(
+    rows: Sequence[dict[str, Any]], extra_columns: Sequence[str] | dict[str, str] | None
+) -> list[tuple[str, str, str]]:
     cols = [(k, h, f) for k, (h, f) in DEFAULT_COLUMNS.items() if any(k in r for r in rows)]
     if isinstance(extra_columns, dict):
         cols += [(k, h, "{}") for k, h in extra_columns.items()]
@@ -50,8 +52,12 @@ def _columns(rows: Sequence[dict[str, Any]], extra_columns: Sequence[str] | dict
     return cols
 
 
-def print_table(rows: Sequence[dict[str, Any]], title: str | None = "vleff benchmark",
-                extra_columns: Sequence[str] | dict[str, str] | None = None, console: Any = None) -> Any:
+def print_table(
+    rows: Sequence[dict[str, Any]],
+    title: str | None = "vleff benchmark",
+    extra_columns: Sequence[str] | dict[str, str] | None = None,
+    console: Any = None,
+) -> Any:
     """Print ``rows`` as a rich table and return the ``rich.table.Table``.
 
     ``extra_columns`` adds keys beyond the defaults: a list of keys, or ``{key: header}``.
@@ -94,6 +100,7 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def rows_to_json(rows: Sequence[dict[str, Any]], path: str | Path, **metadata: Any) -> Path:
     """Write ``{"rows": rows, **metadata}`` as JSON (NaN becomes null); returns the path."""
+
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -113,9 +120,16 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path, title: str | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(k, h) for k, h in (("gflops_per_sample", "GFLOPs / image"), ("speedup", "speedup (x)"),
-                                  ("activation_mib", "activation MiB"), ("images_per_s", "images / s"))
-              if any(isinstance(r.get(k), (int, float)) for r in rows)][:3]
+    panels = [
+        (k, h)
+        for k, h in (
+            ("gflops_per_sample", "GFLOPs / image"),
+            ("speedup", "speedup (x)"),
+            ("activation_mib", "activation MiB"),
+            ("images_per_s", "images / s"),
+        )
+        if any(isinstance(r.get(k), (int, float)) for r in rows)
+    ][:3]
     if not panels:
         raise ValueError("rows have none of gflops_per_sample, speedup, activation_mib, images_per_s to plot")
     names = [str(r.get("name", i)) for i, r in enumerate(rows)]

@@ -6,6 +6,7 @@ ratio; running one call of each candidate per round (in a rotating order) expose
 to the same conditions, and the median over rounds discards the odd slow round.
 Absolute items/s are only meaningful on a quiet GPU; on a CPU report the speedup.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -41,8 +42,14 @@ class ThroughputResult:
     speedup: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "median_s": self.median_s, "items_per_s": self.items_per_s,
-                "speedup": self.speedup, "items_per_call": self.items_per_call, "times_s": list(self.times_s)}
+        return {
+            "name": self.name,
+            "median_s": self.median_s,
+            "items_per_s": self.items_per_s,
+            "speedup": self.speedup,
+            "items_per_call": self.items_per_call,
+            "times_s": list(self.times_s),
+        }
 
 
 def _sync() -> None:
@@ -68,14 +75,20 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callab
         TimeElapsedColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
 
-def measure_throughput(candidates: Mapping[str, Callable[[], object]], items_per_call: int, warmup: int = 2,
-                       repeats: int = 5, progress: bool = True) -> dict[str, ThroughputResult]:
+def measure_throughput(
+    candidates: Mapping[str, Callable[[], object]],
+    items_per_call: int,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: bool = True,
+) -> dict[str, ThroughputResult]:
     """Time each zero-argument callable ``repeats`` times, interleaved, after ``warmup`` calls.
 
     Round ``i`` calls every candidate once, starting at candidate ``i mod n`` (a rotating
@@ -101,7 +114,7 @@ def measure_throughput(candidates: Mapping[str, Callable[[], object]], items_per
                 advance()
         _sync()
         for i in range(repeats):
-            order = names[i % len(names):] + names[:i % len(names)]
+            order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 _sync()
                 start = time.perf_counter()
@@ -116,6 +129,12 @@ def measure_throughput(candidates: Mapping[str, Callable[[], object]], items_per
         rate = items_per_call / median if median > 0 else float("inf")
         if base_rate is None:
             base_rate = rate
-        results[name] = ThroughputResult(name=name, times_s=times[name], items_per_call=items_per_call,
-                                         median_s=median, items_per_s=rate, speedup=rate / base_rate)
+        results[name] = ThroughputResult(
+            name=name,
+            times_s=times[name],
+            items_per_call=items_per_call,
+            median_s=median,
+            items_per_s=rate,
+            speedup=rate / base_rate,
+        )
     return results

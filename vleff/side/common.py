@@ -36,6 +36,7 @@ code, another method) — the side callbacks call it at fit start.
 trainable heads, and the user's own modules beside the backbone, buffers included);
 :func:`load_side_state_dict` puts it onto a fresh backbone of the same kind.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,6 +60,7 @@ SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt")
 # --- reading ---------------------------------------------------------------------------------
 class LayerReader(TowerHook):
     """Collects ``[h_0 … h_L]`` (detached) in ``state.scratch[name]`` for a side method."""
+
     #: reads detached block outputs into the token state: replays exactly, hands out no gradient
     replayable = True
 
@@ -81,7 +83,8 @@ class LayerReader(TowerHook):
             raise RuntimeError(
                 f"{self.adapter.describe()} block {info.index}: the side method {self.name!r} reads every block's "
                 "output of the full token stream, but another method changed the number of tokens (ToMe, EViT, "
-                f"DynamicViT); remove it, {self.name} does not stack with token reduction")
+                f"DynamicViT); remove it, {self.name} does not stack with token reduction"
+            )
         layers.append(x.detach())
         return x
 
@@ -134,15 +137,23 @@ def final_norm(tower: TowerAdapter) -> tuple[nn.Module, bool]:
     if family == "timm":
         from timm.models.deit import VisionTransformerDistilled
 
-        if isinstance(root, VisionTransformerDistilled) or tower.pooling != "cls" or not isinstance(
-                root.fc_norm, nn.Identity) or getattr(root, "attn_pool", None) is not None:
-            raise TypeError(f"side tuning does not support {tower.describe()}: it feeds the cls token of a "
-                            "class-token-pooled timm ViT (global_pool='token', one head)")
+        if (
+            isinstance(root, VisionTransformerDistilled)
+            or tower.pooling != "cls"
+            or not isinstance(root.fc_norm, nn.Identity)
+            or getattr(root, "attn_pool", None) is not None
+        ):
+            raise TypeError(
+                f"side tuning does not support {tower.describe()}: it feeds the cls token of a "
+                "class-token-pooled timm ViT (global_pool='token', one head)"
+            )
         return root.norm, True
     if family == "open_clip" and tower.modality == "image":
         if getattr(root, "attn_pool", None) is not None or tower.pooling != "cls":
-            raise TypeError(f"side tuning does not support {tower.describe()} (attention or average pooling); "
-                            "it supports open_clip image towers pooled at the class token")
+            raise TypeError(
+                f"side tuning does not support {tower.describe()} (attention or average pooling); "
+                "it supports open_clip image towers pooled at the class token"
+            )
         return root.ln_post, not bool(getattr(root, "final_ln_after_pool", False))
     if family == "open_clip":
         return root.ln_final, True
@@ -150,8 +161,10 @@ def final_norm(tower: TowerAdapter) -> tuple[nn.Module, bool]:
         if tower.modality == "image":
             return root.post_layernorm, False
         return root.final_layer_norm, True
-    raise TypeError(f"side tuning does not support {tower.describe()}; it supports timm ViT, open_clip and "
-                    "Hugging Face CLIP towers (image and text)")
+    raise TypeError(
+        f"side tuning does not support {tower.describe()}; it supports timm ViT, open_clip and "
+        "Hugging Face CLIP towers (image and text)"
+    )
 
 
 def pooled_rows(tower: TowerAdapter, state: TokenState, batch: int, device: torch.device) -> torch.Tensor:
@@ -180,8 +193,9 @@ class SideModule(nn.Module):
     norm_hook_id: int | None = None
     head_pre_hook_id: int | None = None
 
-    def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
-                   rows: torch.Tensor) -> torch.Tensor:
+    def correction(
+        self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -238,8 +252,9 @@ def attach_side(tower: TowerAdapter, name: str, module_name: str, module: SideMo
     module.to(device=ref.device, dtype=ref.dtype)
     attach_hooks([tower], [LayerReader(name, tower)])
     tower.root.add_module(module_name, module)
-    module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, name, module_name, tokens),
-                                                     always_call=True).id
+    module.norm_hook_id = norm.register_forward_hook(
+        FinalFeatures(tower.root, name, module_name, tokens), always_call=True
+    ).id
     watch_forward_end(tower, name)
     if tower.family == "timm":
         module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(CompactHeadInput()).id
@@ -277,8 +292,12 @@ def side_towers(model: nn.Module) -> list[TowerAdapter]:
 
 
 def side_modules(model: nn.Module) -> list[nn.Module]:
-    return [t.root._modules[n] for t in side_towers(model) for n in SIDE_MODULES
-            if isinstance(t.root._modules.get(n), nn.Module)]
+    return [
+        t.root._modules[n]
+        for t in side_towers(model)
+        for n in SIDE_MODULES
+        if isinstance(t.root._modules.get(n), nn.Module)
+    ]
 
 
 def _heads(model: nn.Module) -> list[nn.Module]:
@@ -396,7 +415,8 @@ def refuse_unfrozen_backbone(model: nn.Module, method: str, train_head: bool = T
             f"{method} needs a frozen backbone, but {len(unfrozen)} backbone weight(s) require grad: {shown}. "
             "Something unfroze them after the callback froze the backbone (the module's own code, another "
             f"method); a trainable backbone makes its activations part of the graph and removes {method}'s memory "
-            f"saving. Set requires_grad=False on them, or fine-tune without {method}")
+            f"saving. Set requires_grad=False on them, or fine-tune without {method}"
+        )
 
 
 def backbone_eval(model: nn.Module) -> None:
@@ -444,6 +464,8 @@ def load_side_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     expected = side_state_dict(model) if side_towers(model) else {}  # none applied: the side keys are unknown
     missing = sorted(set(expected) - set(state))
     if unknown or missing:
-        raise KeyError(f"side state does not fit this {type(model).__name__}: unknown keys {unknown[:5]}, missing "
-                       f"keys {missing[:5]}; apply the same side method with the same settings first")
+        raise KeyError(
+            f"side state does not fit this {type(model).__name__}: unknown keys {unknown[:5]}, missing "
+            f"keys {missing[:5]}; apply the same side method with the same settings first"
+        )
     model.load_state_dict(state, strict=False)

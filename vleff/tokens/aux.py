@@ -12,6 +12,7 @@ twice, and a later evaluation forward cannot resurrect a stale training graph. A
 only its latest forward's state: call the model once per training step, or add the aux loss
 after each forward yourself.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,6 +70,8 @@ def add_to_step_output(output: Any, aux: torch.Tensor | None) -> Any:
         return output + aux.to(output.dtype)
     if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
         return {**output, "loss": output["loss"] + aux.to(output["loss"].dtype)}
-    raise TypeError(f"cannot add vleff's auxiliary loss to a training_step output of type "
-                    f"{type(output).__name__}; return a loss tensor or a dict with a 'loss' tensor, "
-                    "or add vleff_aux_loss() to your loss yourself")
+    raise TypeError(
+        f"cannot add vleff's auxiliary loss to a training_step output of type "
+        f"{type(output).__name__}; return a loss tensor or a dict with a 'loss' tensor, "
+        "or add vleff_aux_loss() to your loss yourself"
+    )

@@ -4,10 +4,12 @@ Every hook-based method (ToMe, DynamicViT, EViT ...) is a :class:`~vleff.backbon
 factory; these helpers patch the towers that ``towers`` names with the generic block forward,
 attach one hook per tower, and undo both.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -35,13 +37,19 @@ def select_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
     chosen = [t for t in found if t.modality in wanted]
     skipped = [s for t in found for s in t.skipped_companions()]
     if skipped and len(wanted) > 1:
-        warnings.warn(f"towers={towers!r}: {type(model).__name__} also has {', '.join(skipped)}, which vleff cannot "
-                      f"run; only {', '.join(t.describe() for t in chosen) or 'no tower'} is changed. Pass "
-                      "towers= naming the towers you mean to silence this", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"towers={towers!r}: {type(model).__name__} also has {', '.join(skipped)}, which vleff cannot "
+            f"run; only {', '.join(t.describe() for t in chosen) or 'no tower'} is changed. Pass "
+            "towers= naming the towers you mean to silence this",
+            UserWarning,
+            stacklevel=3,
+        )
     if not chosen:
         have = ", ".join(t.describe() for t in found)
-        raise TypeError(f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
-                        f"(it has: {have}); pass towers= naming a tower it has")
+        raise TypeError(
+            f"towers={towers!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
+            f"(it has: {have}); pass towers= naming a tower it has"
+        )
     return chosen
 
 
@@ -67,8 +75,9 @@ def towers_meant(model: nn.Module, towers: str) -> frozenset[str]:
         return frozenset()
 
 
-def install_hooks(model: nn.Module, make_hook: Callable[[TowerAdapter], TowerHook],
-                  towers: str = "image") -> list[TowerAdapter]:
+def install_hooks(
+    model: nn.Module, make_hook: Callable[[TowerAdapter], TowerHook], towers: str = "image"
+) -> list[TowerAdapter]:
     """Attach ``make_hook(tower)`` to every tower of ``model`` that ``towers`` names.
 
     Every hook is built before any tower is patched, so a bad argument for one tower leaves

@@ -6,11 +6,12 @@ keep their original order, which keeps positional structure readable (visualisat
 pooling). The selection itself is :meth:`vleff.backbones.TokenState.select`, which gathers
 every registered token field with the same indices.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,8 +33,9 @@ def check_locations(name: str, locations: Sequence[int] | None, depth: int) -> l
         raise ValueError(f"{name}={locations!r} must name at least one block")
     for loc in locs:
         if not isinstance(loc, numbers.Integral) or isinstance(loc, bool) or not 0 <= loc < depth:
-            raise ValueError(f"{name}={locations!r}: {loc!r} is not a block index in [0, {depth}) "
-                             f"(the tower has {depth} blocks)")
+            raise ValueError(
+                f"{name}={locations!r}: {loc!r} is not a block index in [0, {depth}) (the tower has {depth} blocks)"
+            )
     if any(b <= a for a, b in zip(locs, locs[1:])):
         raise ValueError(f"{name}={locations!r} must be strictly increasing")
     return [int(loc) for loc in locs]
@@ -52,5 +54,3 @@ def keep_indices(scores: torch.Tensor, k: int, num_prefix: int) -> torch.Tensor:
     top = scores.topk(k, dim=1).indices.sort(dim=1).values + num_prefix
     prefix = torch.arange(num_prefix, device=scores.device).expand(scores.shape[0], num_prefix)
     return torch.cat([prefix, top], dim=1)
-
-

@@ -18,6 +18,7 @@ named by the method's registry entry); every mixin calls the next hook first
 GaLore builds the optimizer (``self.galore_optimizer(...)`` in ``configure_optimizers``) and MeZO
 replaces the step (``self.use_mezo(...)``).
 """
+
 from __future__ import annotations
 
 from vleff._lazy import lazy_getattr

@@ -64,6 +64,7 @@ embeddings can be computed and cached separately.
 ``Ld``): pairs at the same relative depth, last with last; ``Ls`` pairs enter the loss. With
 equal depths this is block ``i`` with block ``i``, as in the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -181,12 +182,16 @@ def alignment_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Mean JS divergence between per-layer projected cross tokens ``[B, Li, D]`` and ``[B, Lt, D]``
     over the :func:`layer_pairs` of the two depths and the batch."""
     if image.shape[0] != text.shape[0]:
-        raise ValueError(f"CrossGET's alignment loss pairs image i with text i of a training step, but the image "
-                         f"tower ran on {image.shape[0]} samples and the text tower on {text.shape[0]}; run both "
-                         "towers on matching batches, or set loss_weight=0")
+        raise ValueError(
+            f"CrossGET's alignment loss pairs image i with text i of a training step, but the image "
+            f"tower ran on {image.shape[0]} samples and the text tower on {text.shape[0]}; run both "
+            "towers on matching batches, or set loss_weight=0"
+        )
     if image.shape[-1] != text.shape[-1]:
-        raise ValueError(f"CrossGET: the projected cross tokens have widths {image.shape[-1]} (image) and "
-                         f"{text.shape[-1]} (text); the towers' projections must share the embedding width")
+        raise ValueError(
+            f"CrossGET: the projected cross tokens have widths {image.shape[-1]} (image) and "
+            f"{text.shape[-1]} (text); the towers' projections must share the embedding width"
+        )
     pairs = layer_pairs(image.shape[1], text.shape[1])
     ii = torch.tensor([p[0] for p in pairs], device=image.device)
     tt = torch.tensor([p[1] for p in pairs], device=text.device)
@@ -215,7 +220,9 @@ class Projector:
             elif isinstance(p, torch.Tensor):
                 x = x @ p.detach().to(x.dtype)
             elif p is not None:
-                raise TypeError(f"CrossGET: the tower's projection is {type(p).__name__}; expected a Linear or a matrix")
+                raise TypeError(
+                    f"CrossGET: the tower's projection is {type(p).__name__}; expected a Linear or a matrix"
+                )
         return x
 
 
@@ -251,8 +258,9 @@ class CrossGETHook(TowerHook):
 
     name = HOOK_NAME
 
-    def __init__(self, tower: TowerAdapter, config: CrossGETConfig, projector: Projector,
-                 link: PendingCrossTokens) -> None:
+    def __init__(
+        self, tower: TowerAdapter, config: CrossGETConfig, projector: Projector, link: PendingCrossTokens
+    ) -> None:
         self.root = tower.root
         self.modality = tower.modality
         self.describe = tower.describe()
@@ -303,11 +311,13 @@ class CrossGETHook(TowerHook):
         c = s["index"]
         offsets = getattr(self.root, OFFSETS)
         row = c if self.modality == "image" else eot_rows(state)
-        current = x[:, c:c + 1] if self.modality == "image" else x.gather(1, row[:, None, None].expand(-1, 1, x.shape[-1]))
+        current = (
+            x[:, c : c + 1] if self.modality == "image" else x.gather(1, row[:, None, None].expand(-1, 1, x.shape[-1]))
+        )
         cross = current.detach() + offsets[info.index].to(x.dtype)
         if s["record"]:
             s["inputs"].append(cross[:, 0])
-        return torch.cat([x[:, :c], cross, x[:, c + 1:]], dim=1)
+        return torch.cat([x[:, :c], cross, x[:, c + 1 :]], dim=1)
 
     def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
         s = state.scratch.get(SCRATCH)
@@ -342,9 +352,14 @@ class CrossGETHook(TowerHook):
         q, keys = self._metric(info.q), self._metric(info.keys)  # [B, N, C]
         query = q.gather(1, row[:, None, None].expand(-1, 1, q.shape[-1]))
         importance = self._importance(keys, query).detach()  # [B, N], no grad as in the reference
-        plan = complete_graph_matching(keys, importance, r, state.num_prefix,
-                                       protected=None if protected is None or self.modality == "image" else protected,
-                                       groups=groups)
+        plan = complete_graph_matching(
+            keys,
+            importance,
+            r,
+            state.num_prefix,
+            protected=None if protected is None or self.modality == "image" else protected,
+            groups=groups,
+        )
         if self.config.ensemble == "reference":
             x, size = plan.merge_ensemble(x, state.sizes(x), importance)
         else:
@@ -374,7 +389,7 @@ class CrossGETHook(TowerHook):
             return None, None
         b, n = x.shape[:2]
         prot = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-        prot[:, :state.num_prefix] = True
+        prot[:, : state.num_prefix] = True
         prot = prot | state.get(PROTECTED).bool() | (state.get(POSITION) == 0)
         pad = state.get(PAD)
         return prot, None if pad is None else pad.long()
@@ -424,8 +439,10 @@ def resolve_pair(model: nn.Module) -> ModelPair:
         except TypeError:
             continue
     if len(found) > 1:
-        raise ValueError(f"{type(model).__name__} holds {len(found)} image-text models ({', '.join(n for n, _ in found)}); "
-                         "apply CrossGET to one of them (the callback: CrossGET(module=...))")
+        raise ValueError(
+            f"{type(model).__name__} holds {len(found)} image-text models ({', '.join(n for n, _ in found)}); "
+            "apply CrossGET to one of them (the callback: CrossGET(module=...))"
+        )
     if found:
         pair = found[0][1]
     if pair is None:
@@ -433,13 +450,17 @@ def resolve_pair(model: nn.Module) -> ModelPair:
             have = "; ".join(t.describe() for t in find_towers(model))
         except TypeError:
             have = "no supported tower"
-        raise TypeError(f"CrossGET does not support {type(model).__name__} ({have}): it needs both towers of an "
-                        f"image-text model (the image and text cross tokens are aligned in training); supported: "
-                        f"open_clip CLIP, transformers CLIPModel, BlipForImageTextRetrieval")
+        raise TypeError(
+            f"CrossGET does not support {type(model).__name__} ({have}): it needs both towers of an "
+            f"image-text model (the image and text cross tokens are aligned in training); supported: "
+            f"open_clip CLIP, transformers CLIPModel, BlipForImageTextRetrieval"
+        )
     if pair.family == "hf_blip" and getattr(pair.model, "vision_proj", None) is None:
-        raise TypeError(f"CrossGET does not support {type(pair.model).__name__}: it needs both towers with their "
-                        "contrastive projections (BLIP: BlipForImageTextRetrieval); BLIP captioning and VQA "
-                        "models have none")
+        raise TypeError(
+            f"CrossGET does not support {type(pair.model).__name__}: it needs both towers with their "
+            "contrastive projections (BLIP: BlipForImageTextRetrieval); BLIP captioning and VQA "
+            "models have none"
+        )
     return pair
 
 
@@ -486,9 +507,11 @@ def _check_r(tower: TowerAdapter, r: int) -> None:
     cap = max_graph_merge(n0 + 1, protected)
     if r > cap:
         name = "r_image" if tower.modality == "image" else "r_text"
-        raise ValueError(f"{name}={r} is larger than the {tower.modality} tower can merge: its first block has "
-                         f"{n0 + 1} tokens with the cross token ({what} protected), so at most {cap} per block "
-                         f"({tower.describe()})")
+        raise ValueError(
+            f"{name}={r} is larger than the {tower.modality} tower can merge: its first block has "
+            f"{n0 + 1} tokens with the cross token ({what} protected), so at most {cap} per block "
+            f"({tower.describe()})"
+        )
 
 
 def apply_crossget(model: nn.Module, config: CrossGETConfig | None = None, **settings: Any) -> nn.Module:
@@ -559,6 +582,8 @@ def crossget_offsets(model: nn.Module) -> dict[str, nn.Parameter]:
         if p is not None:
             out[tower.modality] = p
     return out
+
+
 __all__ = [
     "ENSEMBLES",
     "LOSS_NAME",

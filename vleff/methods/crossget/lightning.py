@@ -15,6 +15,7 @@ Which model and an already applied CrossGET follow the rules of every method cal
 a student) needs ``module=``, and a CrossGET applied with other settings is refused (it was
 updated to the callback's settings before; now every callback refuses a mismatch alike).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -60,8 +61,9 @@ class CrossGET(AuxLoss):
             apply_crossget(target, self.config)
         super().setup(trainer, pl_module, stage)  # the JS loss joins the training loss
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         from vleff.lightning.restore import record_method
 
         if self._target is not None:
@@ -73,7 +75,6 @@ class CrossGET(AuxLoss):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -4,6 +4,7 @@ The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove
 Lightning callback and mixin live beside it and the core never imports them. Importing this
 package registers the method (:mod:`vleff.registry` finds it by its folder).
 """
+
 from __future__ import annotations
 
 from vleff.methods.dynamicvit.core import (
@@ -16,14 +17,24 @@ from vleff.methods.dynamicvit.core import (
 from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
-METHOD = register_method(Method(
-    display_name="DynamicViT",
-    # the declarative contract: what the method does, what it refuses, what update may change
-    traits=frozenset({"tower_hook", "reduces_tokens"}),
-    required_on_load=True,
-    name="dynamicvit", kind="tokens", config=DynamicViTConfig, apply=apply_dynamicvit, remove=remove_dynamicvit,
-    is_applied=dynamicvit_applied, callback="vleff.methods.dynamicvit.lightning.DynamicViT", mixin="vleff.methods.dynamicvit.lightning.DynamicViTMixin",
-    towers=TOWERS, bench_settings={"rho": 0.7, "distill": False},
-    description="DynamicViT learned token pruning (predictors + masked attention)"))
+METHOD = register_method(
+    Method(
+        display_name="DynamicViT",
+        # the declarative contract: what the method does, what it refuses, what update may change
+        traits=frozenset({"tower_hook", "reduces_tokens"}),
+        required_on_load=True,
+        name="dynamicvit",
+        kind="tokens",
+        config=DynamicViTConfig,
+        apply=apply_dynamicvit,
+        remove=remove_dynamicvit,
+        is_applied=dynamicvit_applied,
+        callback="vleff.methods.dynamicvit.lightning.DynamicViT",
+        mixin="vleff.methods.dynamicvit.lightning.DynamicViTMixin",
+        towers=TOWERS,
+        bench_settings={"rho": 0.7, "distill": False},
+        description="DynamicViT learned token pruning (predictors + masked attention)",
+    )
+)
 
 __all__ = ["DynamicViTConfig", "METHOD", "TOWERS", "apply_dynamicvit", "dynamicvit_applied", "remove_dynamicvit"]

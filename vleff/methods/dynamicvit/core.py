@@ -34,13 +34,15 @@ without gradient clipping: use ``Trainer(gradient_clip_val=1.0)`` or similar.
 >>> vleff.apply_dynamicvit(model, rho=0.7)                       # training: add vleff_aux_loss(model)
 >>> vleff.remove_dynamicvit(model)
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -107,17 +109,22 @@ class DynamicViTConfig(MethodConfig):
         self.rho = check_ratio("rho", self.rho)
         if self.keep_ratios is not None:
             if isinstance(self.keep_ratios, (str, bytes)) or not isinstance(self.keep_ratios, Sequence):
-                raise ValueError(f"keep_ratios={self.keep_ratios!r} is not allowed; it must be a sequence of "
-                                 "numbers in (0, 1]")
+                raise ValueError(
+                    f"keep_ratios={self.keep_ratios!r} is not allowed; it must be a sequence of numbers in (0, 1]"
+                )
             ratios = [check_ratio(f"keep_ratios[{i}]", r) for i, r in enumerate(self.keep_ratios)]
             if any(b > a for a, b in zip(ratios, ratios[1:])):
-                raise ValueError(f"keep_ratios={ratios!r} is not allowed; it must be non-increasing (masks only shrink)")
+                raise ValueError(
+                    f"keep_ratios={ratios!r} is not allowed; it must be non-increasing (masks only shrink)"
+                )
             self.keep_ratios = ratios
         if self.locations is not None:
             self.locations = check_locations("locations", self.locations, 10_000)
             if self.keep_ratios is not None and len(self.keep_ratios) != len(self.locations):
-                raise ValueError(f"keep_ratios has {len(self.keep_ratios)} entries but there are "
-                                 f"{len(self.locations)} locations {self.locations}")
+                raise ValueError(
+                    f"keep_ratios has {len(self.keep_ratios)} entries but there are "
+                    f"{len(self.locations)} locations {self.locations}"
+                )
         check_bool("distill", self.distill)
         for name in ("ratio_weight", "kl_weight", "token_weight"):
             setattr(self, name, check_number(name, getattr(self, name), low=0))
@@ -147,8 +154,9 @@ class Predictor(nn.Module):
             raise ValueError(f"embed dim {dim} is too small for a DynamicViT predictor (need >= 4)")
         self.local_dim = dim // 2
         self.in_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
-        self.out = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
-                                 nn.Linear(dim // 4, 2))
+        self.out = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2)
+        )
         prior = min(max(float(keep_prior), 0.02), 0.98)
         with torch.no_grad():  # softmax(bias) = (prior, 1 - prior)
             self.out[-1].bias.copy_(torch.tensor([math.log(prior), math.log(1.0 - prior)]))
@@ -157,7 +165,7 @@ class Predictor(nn.Module):
         """``x`` ``[B, M, C]`` tokens, ``policy`` ``[B, M]`` keep weights → ``[B, M, 2]`` log-probs (float32)."""
         h = self.in_proj(x)
         w = policy.to(h.dtype)[..., None]
-        local, rest = h[..., :self.local_dim], h[..., self.local_dim:]
+        local, rest = h[..., : self.local_dim], h[..., self.local_dim :]
         pooled = (rest * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
         h = torch.cat([local, pooled.expand(-1, h.shape[1], -1)], dim=-1)
         return self.out(h).float().log_softmax(dim=-1)
@@ -198,8 +206,14 @@ class DynamicViTHook(TowerHook):
     replayable = True
     side_outputs = True
 
-    def __init__(self, predictors: DynamicViTPredictors, locations: list[int], ratios: list[float],
-                 ratio_weight: float, eval_mode: str = "drop") -> None:
+    def __init__(
+        self,
+        predictors: DynamicViTPredictors,
+        locations: list[int],
+        ratios: list[float],
+        ratio_weight: float,
+        eval_mode: str = "drop",
+    ) -> None:
         self.predictors = predictors
         self.locations = locations
         self.ratios = ratios
@@ -283,8 +297,10 @@ def default_logits(output: Any) -> torch.Tensor:
         value = getattr(output, attr, None)
         if isinstance(value, torch.Tensor):
             return value
-    raise TypeError(f"DynamicViT logit distillation cannot find logits in a {type(output).__name__} output; "
-                    "pass logits_fn=... (output -> logits tensor) or kl_weight=0")
+    raise TypeError(
+        f"DynamicViT logit distillation cannot find logits in a {type(output).__name__} output; "
+        "pass logits_fn=... (output -> logits tensor) or kl_weight=0"
+    )
 
 
 def token_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -306,13 +322,20 @@ class Distiller:
     :class:`TokenCapture` hook on each teacher tower. No closures: the model stays picklable.
     """
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, hooks: list[DynamicViTHook],
-                 kl_weight: float, token_weight: float, logits_fn: Callable[[Any], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        hooks: list[DynamicViTHook],
+        kl_weight: float,
+        token_weight: float,
+        logits_fn: Callable[[Any], torch.Tensor],
+    ) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.hooks = hooks
         self.kl_weight, self.token_weight, self.logits_fn = kl_weight, token_weight, logits_fn
         self.captures: list[TokenCapture] = []
-        for tower in find_towers(teacher, "image")[:len(hooks)]:
+        for tower in find_towers(teacher, "image")[: len(hooks)]:
             capture = TokenCapture()
             patch_tower(tower).add_hook(capture)
             self.captures.append(capture)
@@ -331,10 +354,13 @@ class Distiller:
         states = [h.last_state for h in self.hooks]
         if not states or any(s is None or not s.scratch.get(HOOK_NAME, {}).get("decisions") for s in states):
             if not self._warned:
-                warnings.warn("DynamicViT distillation skipped: the training forward did not run the towers' "
-                              "masked DynamicViT path (the towers were not called through this module, or the "
-                              "predictors are in eval mode); the KL and token losses are not added",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "DynamicViT distillation skipped: the training forward did not run the towers' "
+                    "masked DynamicViT path (the towers were not called through this module, or the "
+                    "predictors are in eval mode); the KL and token losses are not added",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self._warned = True
             return
         self._sync_teacher(model)
@@ -343,8 +369,10 @@ class Distiller:
             teacher_out = self.teacher(*args, **kwargs)
         first = states[0]
         if self.kl_weight > 0:
-            first.add_aux_loss("dynamicvit/kl", kl_teacher_student(self.logits_fn(output), self.logits_fn(teacher_out))
-                               * self.kl_weight)
+            first.add_aux_loss(
+                "dynamicvit/kl",
+                kl_teacher_student(self.logits_fn(output), self.logits_fn(teacher_out)) * self.kl_weight,
+            )
         if self.token_weight > 0:
             for capture, state in zip(self.captures, states):
                 scratch = state.scratch[HOOK_NAME]
@@ -392,9 +420,12 @@ def apply_dynamicvit(model: nn.Module, config: DynamicViTConfig | None = None, *
     for tower in towers:  # validate every tower before changing any
         locs = check_locations("locations", cfg.locations, len(tower.blocks()))
         if cfg.keep_ratios is not None and len(cfg.keep_ratios) != len(locs):
-            raise ValueError(f"keep_ratios has {len(cfg.keep_ratios)} entries but there are {len(locs)} locations {locs}")
-        plans.append((locs, list(cfg.keep_ratios) if cfg.keep_ratios is not None
-                      else hierarchical_ratios(cfg.rho, len(locs))))
+            raise ValueError(
+                f"keep_ratios has {len(cfg.keep_ratios)} entries but there are {len(locs)} locations {locs}"
+            )
+        plans.append(
+            (locs, list(cfg.keep_ratios) if cfg.keep_ratios is not None else hierarchical_ratios(cfg.rho, len(locs)))
+        )
     if hooks_named(model, HOOK_NAME):
         remove_dynamicvit(model)
     teacher = copy.deepcopy(model) if cfg.distill else None
@@ -405,8 +436,7 @@ def apply_dynamicvit(model: nn.Module, config: DynamicViTConfig | None = None, *
         locs, stage_ratios = plans[len(made)]
         param = next(tower.root.parameters())
         priors = [r / prev for r, prev in zip(stage_ratios, [1.0] + stage_ratios[:-1])]  # kept / seen
-        predictors = DynamicViTPredictors(tower.embed_dim, len(locs), priors).to(device=param.device,
-                                                                                 dtype=param.dtype)
+        predictors = DynamicViTPredictors(tower.embed_dim, len(locs), priors).to(device=param.device, dtype=param.dtype)
         predictors.train(tower.root.training)
         hook = DynamicViTHook(predictors, locs, stage_ratios, cfg.ratio_weight, cfg.eval_mode)
         hook.config = cfg
@@ -419,8 +449,9 @@ def apply_dynamicvit(model: nn.Module, config: DynamicViTConfig | None = None, *
     for root in roots:  # the predictors join the model once every hook is in
         setattr(root, MODULE_NAME, made[id(root)].predictors)
     if teacher is not None:
-        model.__dict__[DISTILLER_ATTR] = Distiller(model, teacher, list(made.values()), cfg.kl_weight,
-                                                   cfg.token_weight, cfg.logits_fn or default_logits)
+        model.__dict__[DISTILLER_ATTR] = Distiller(
+            model, teacher, list(made.values()), cfg.kl_weight, cfg.token_weight, cfg.logits_fn or default_logits
+        )
     return model
 
 

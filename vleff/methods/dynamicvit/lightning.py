@@ -15,6 +15,7 @@ DynamicViT fine-tunes a *trained* model (the teacher is that model). If the modu
 load trained weights itself, pass ``init_from=<checkpoint>``: the weights are loaded in
 ``setup`` before the surgery (see :mod:`vleff.lightning.init_weights`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,8 +60,14 @@ class DynamicViT(AuxLoss):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = DynamicViTConfig
 
-    def __init__(self, module: ModuleArg = None, save_teacher: bool = True, log: bool = True,
-                 init_from: str | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        module: ModuleArg = None,
+        save_teacher: bool = True,
+        log: bool = True,
+        init_from: str | None = None,
+        **settings: Any,
+    ) -> None:
         super().__init__(log)
         self.config = DynamicViTConfig.build(**settings)
         self.module = check_module_arg(module)
@@ -89,8 +96,9 @@ class DynamicViT(AuxLoss):
         super().setup(trainer, pl_module, stage)  # the distillation / ratio losses join the training loss
 
     # --- checkpoint state ----------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         from vleff.lightning.restore import record_method
 
         if self._target is not None:
@@ -107,8 +115,10 @@ class DynamicViT(AuxLoss):
         saved = state_dict.get("kwargs", {})
         for key in ("rho", "locations", "keep_ratios"):
             if key in saved and saved[key] != self.kwargs[key]:
-                raise ValueError(f"checkpoint was trained with DynamicViT {key}={saved[key]!r} but this callback "
-                                 f"has {key}={self.kwargs[key]!r}; the predictors would not match")
+                raise ValueError(
+                    f"checkpoint was trained with DynamicViT {key}={saved[key]!r} but this callback "
+                    f"has {key}={self.kwargs[key]!r}; the predictors would not match"
+                )
         if "teacher" in state_dict:
             if self._target is not None and DISTILLER_ATTR in self._target.__dict__:
                 self._load_teacher(state_dict["teacher"])
@@ -120,7 +130,6 @@ class DynamicViT(AuxLoss):
         if teacher is not None:
             teacher.load_state_dict(weights)
         self._pending_teacher = None
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

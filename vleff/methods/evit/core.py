@@ -27,11 +27,13 @@ positions are the fused token's.
 Training: the keep rate usually follows :func:`keep_rate_schedule` (1 until a start epoch,
 then cosine to the target); :class:`vleff.callbacks.EViT` does that.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,7 +132,9 @@ class EViTHook(TowerHook):
             return x
         ranked = scores.masked_fill(~real, float("-inf"))
         order = stable_argsort(ranked, descending=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=x.device).expand_as(order)
+        )
         top = real & (rank < k_real[:, None])
         # keep order: EOT, the top real tokens, then padding (filler), then the other real tokens
         key = torch.where(eot, 4.0, torch.where(top, 2.0 + scores, torch.where(pad, 1.0, scores.clamp(0, 1) - 1.0)))
@@ -142,8 +146,9 @@ class EViTHook(TowerHook):
         return _select_and_fuse(x, state, idx, scores, dropped)
 
 
-def _select_and_fuse(x: torch.Tensor, state: TokenState, idx: torch.Tensor, scores: torch.Tensor,
-                     dropped: torch.Tensor) -> torch.Tensor:
+def _select_and_fuse(
+    x: torch.Tensor, state: TokenState, idx: torch.Tensor, scores: torch.Tensor, dropped: torch.Tensor
+) -> torch.Tensor:
     """Keep tokens ``idx`` and append one token fusing the ``dropped`` ones (``[B, N]`` bool),
     weighted by their attention ``scores`` normalised over them; every token field follows."""
     weight = scores * dropped
@@ -184,8 +189,9 @@ class EViTSchedule:
         return keep_rate_schedule(epoch, self.target, self.start_epoch, self.end_epoch)
 
 
-def training_progress(global_step: int, accumulate_grad_batches: int, batches_per_epoch: object,
-                      current_epoch: int) -> float:
+def training_progress(
+    global_step: int, accumulate_grad_batches: int, batches_per_epoch: object, current_epoch: int
+) -> float:
     """Epochs of training done, fractional, from the optimizer step count: ``global_step ·
     accumulate / batches per epoch``. Counting from the step (not ``current_epoch + batch_idx /
     batches``) keeps a resumed run on the same schedule: Lightning restores the step exactly but
@@ -216,8 +222,10 @@ def apply_evit(model: nn.Module, config: EViTConfig | None = None, **settings: A
         if tower.modality == "text":
             return EViTHook(cfg, len(tower.blocks()), query="eot")
         if not tower.has_cls_token or tower.num_prefix_tokens < 1:
-            raise ValueError(f"EViT needs a cls token (it ranks tokens by the cls token's attention), but "
-                             f"{tower.describe()} has none (pooling={tower.pooling!r}); use DynamicViT or ToMe")
+            raise ValueError(
+                f"EViT needs a cls token (it ranks tokens by the cls token's attention), but "
+                f"{tower.describe()} has none (pooling={tower.pooling!r}); use DynamicViT or ToMe"
+            )
         return EViTHook(cfg, len(tower.blocks()))
 
     towers = select_towers(model, cfg.towers)
@@ -244,8 +252,10 @@ def update_evit(model: nn.Module, **changes: Any) -> None:
     new = old.replace(**changes)
     for key in ("locations", "towers"):
         if getattr(new, key) != getattr(old, key):
-            raise ValueError(f"{key} cannot change on an applied EViT ({getattr(old, key)!r} -> "
-                             f"{getattr(new, key)!r}); apply it again")
+            raise ValueError(
+                f"{key} cannot change on an applied EViT ({getattr(old, key)!r} -> "
+                f"{getattr(new, key)!r}); apply it again"
+            )
     for hook in hooks:
         hook.configure(new)
 

@@ -15,6 +15,7 @@ module starts from random weights; see :mod:`vleff.lightning.init_weights`).
 Which model and an already applied EViT follow the rules of every method callback
 (:mod:`vleff.lightning.targets`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,8 +62,15 @@ class EViT(Callback):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = EViTConfig
 
-    def __init__(self, start_epoch: float = 0.0, end_epoch: float | None = None, log: bool = True,
-                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        start_epoch: float = 0.0,
+        end_epoch: float | None = None,
+        log: bool = True,
+        init_from: str | None = None,
+        module: ModuleArg = None,
+        **settings: Any,
+    ) -> None:
         self.config = EViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.target = self.config.keep_rate
@@ -95,8 +103,10 @@ class EViT(Callback):
                 end = self.start_epoch  # placed at the first batch, once the batches per epoch are known
                 self._end_from_max_steps = True
             elif stage == "fit":
-                raise ValueError("EViT(end_epoch=None) ends its keep-rate cosine at the trainer's max_epochs or "
-                                 "max_steps, but neither is set; pass end_epoch=<epoch>")
+                raise ValueError(
+                    "EViT(end_epoch=None) ends its keep-rate cosine at the trainer's max_epochs or "
+                    "max_steps, but neither is set; pass end_epoch=<epoch>"
+                )
             else:
                 end = self.start_epoch
         self.schedule = EViTSchedule(self.target, self.start_epoch, end)
@@ -114,8 +124,9 @@ class EViT(Callback):
         self._module = target
         update_evit(target, keep_rate=rate)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         assert self.schedule is not None
         batches = trainer.num_training_batches
         if self._end_from_max_steps and isinstance(batches, int) and batches > 0:
@@ -123,8 +134,9 @@ class EViT(Callback):
             end = trainer.max_steps * trainer.accumulate_grad_batches / batches
             self.schedule = EViTSchedule(self.target, self.start_epoch, max(end, self.start_epoch))
             self._end_from_max_steps = False
-        progress = training_progress(trainer.global_step, trainer.accumulate_grad_batches, batches,
-                                     trainer.current_epoch)
+        progress = training_progress(
+            trainer.global_step, trainer.accumulate_grad_batches, batches, trainer.current_epoch
+        )
         self.set_keep_rate(self._module if self._module is not None else pl_module, self.schedule(progress))
         if self.log:
             pl_module.log("evit/keep_rate", self.current, on_step=True, on_epoch=False, batch_size=1)
@@ -141,14 +153,19 @@ class EViT(Callback):
 
     # --- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"keep_rate": self.current, "target": self.target, "start_epoch": self.start_epoch,
-                "end_epoch": self.end_epoch, "locations": self.locations, "fuse": self.fuse}
+        return {
+            "keep_rate": self.current,
+            "target": self.target,
+            "start_epoch": self.start_epoch,
+            "end_epoch": self.end_epoch,
+            "locations": self.locations,
+            "fuse": self.fuse,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current = float(state_dict["keep_rate"])
         if self._fitting and self._module is not None and evit_applied(self._module):
             update_evit(self._module, keep_rate=self.current)
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
@@ -163,8 +180,9 @@ class EViTMixin:
     _vleff_evit_schedule: EViTSchedule | None = None
     _vleff_evit_keep_rate: float = 1.0
 
-    def use_evit(self, start_epoch: float = 0.0, end_epoch: float | None = None, module: Any = None,
-                 **settings: Any) -> None:
+    def use_evit(
+        self, start_epoch: float = 0.0, end_epoch: float | None = None, module: Any = None, **settings: Any
+    ) -> None:
         """``end_epoch=None`` jumps to ``keep_rate`` at ``start_epoch`` (give the trainer's
         ``max_epochs`` for the paper's cosine)."""
         config = EViTConfig.build(**settings)
@@ -179,8 +197,9 @@ class EViTMixin:
         trainer = getattr(self, "_trainer", None)
         if schedule is not None and trainer is not None:
             batches = trainer.num_training_batches
-            self._vleff_evit_keep_rate = schedule(training_progress(
-                trainer.global_step, trainer.accumulate_grad_batches, batches, trainer.current_epoch))
+            self._vleff_evit_keep_rate = schedule(
+                training_progress(trainer.global_step, trainer.accumulate_grad_batches, batches, trainer.current_epoch)
+            )
             update_evit(self, keep_rate=self._vleff_evit_keep_rate)  # type: ignore[arg-type]
         return out
 

@@ -4,6 +4,7 @@ The method's folder: :mod:`.core` holds its config, hooks and ``apply``/``remove
 Lightning callback and mixin live beside it and the core never imports them. Importing this
 package registers the method (:mod:`vleff.registry` finds it by its folder).
 """
+
 from __future__ import annotations
 
 from vleff.methods.galore.config import (
@@ -22,12 +23,33 @@ from vleff.methods.galore.selection import (
 from vleff.registry import Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
-METHOD = register_method(Method(
-    display_name="GaLore",
-    traits=frozenset({"replaces_optimizer"}),
-    name="galore", kind="memory", config=GaLoreConfig, apply=None, remove=None, callback="vleff.methods.galore.lightning.GaLore",
-    mixin="vleff.methods.galore.lightning.GaLoreMixin", towers=(), bench_settings={"rank": 128},
-    description="GaLore: Adam moments in a low-rank projection of each 2-D gradient"))
+METHOD = register_method(
+    Method(
+        display_name="GaLore",
+        traits=frozenset({"replaces_optimizer"}),
+        name="galore",
+        kind="memory",
+        config=GaLoreConfig,
+        apply=None,
+        remove=None,
+        callback="vleff.methods.galore.lightning.GaLore",
+        mixin="vleff.methods.galore.lightning.GaLoreMixin",
+        towers=(),
+        bench_settings={"rank": 128},
+        description="GaLore: Adam moments in a low-rank projection of each 2-D gradient",
+    )
+)
 
-__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_SVD", "GaLoreAdamW", "GaLoreConfig", "METHOD", "PROJ_TYPES", "SVD_METHODS",
-           "galore_param_groups", "galore_projection", "select_galore_params", "wants_decay"]
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "DEFAULT_SVD",
+    "GaLoreAdamW",
+    "GaLoreConfig",
+    "METHOD",
+    "PROJ_TYPES",
+    "SVD_METHODS",
+    "galore_param_groups",
+    "galore_projection",
+    "select_galore_params",
+    "wants_decay",
+]

@@ -4,6 +4,7 @@ GaLore does not change a model's forward, so it has no ``apply``/``remove`` on m
 config is the one owner of its defaults: the optimizer, the param-group builder, the optimizer
 conversion, the callback and the mixin read them from here (``GaLoreConfig.rank`` ...).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,13 +22,14 @@ DEFAULT_SVD = "full"
 
 #: name patterns (``re.search``) kept out of GaLore unless the caller passes ``exclude=()``
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"embed",            # token_embedding, patch_embed, embeddings.*, position_embedding
-    r"positional",       # open_clip positional_embedding
+    r"embed",  # token_embedding, patch_embed, embeddings.*, position_embedding
+    r"positional",  # open_clip positional_embedding
     r"pos_embed",
     r"cls_token|class_embedding|dist_token|reg_token",
     r"(^|\.)(ln|norm)|layernorm|layer_norm|ln_\w*",
     r"logit_scale|logit_bias",
 )
+
 
 @dataclass
 class GaLoreConfig(MethodConfig):
@@ -45,14 +47,19 @@ class GaLoreConfig(MethodConfig):
     def __post_init__(self) -> None:
         rank, gap, scale = self.rank, self.update_proj_gap, self.scale
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"GaLore: rank={rank!r} is not allowed; use a positive int (the rank of the "
-                             "projected moments)")
+            raise ValueError(
+                f"GaLore: rank={rank!r} is not allowed; use a positive int (the rank of the projected moments)"
+            )
         if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-            raise ValueError(f"GaLore: update_proj_gap={gap!r} is not allowed; use a positive int "
-                             "(steps between projection refreshes)")
+            raise ValueError(
+                f"GaLore: update_proj_gap={gap!r} is not allowed; use a positive int "
+                "(steps between projection refreshes)"
+            )
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"GaLore: scale={scale!r} is not allowed; it must be a finite number > 0 "
-                             "(alpha, the factor on the back-projected update; the paper uses 0.25)")
+            raise ValueError(
+                f"GaLore: scale={scale!r} is not allowed; it must be a finite number > 0 "
+                "(alpha, the factor on the back-projected update; the paper uses 0.25)"
+            )
         if self.proj_type not in PROJ_TYPES:
             raise ValueError(f"proj_type={self.proj_type!r} is not allowed; use one of {', '.join(PROJ_TYPES)}")
         if self.svd not in SVD_METHODS:

@@ -1,4 +1,5 @@
 """GaLore from the optimizer a user built: same parameter groups, learning rate, betas and decay."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -13,12 +14,18 @@ from vleff.methods.galore.selection import select_galore_params
 from vleff.optim import _IMPLEMENTATION_KEYS, _check_fresh, _named, _names_by_id
 
 
-def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
-                          rank: int = GaLoreConfig.rank, update_proj_gap: int = GaLoreConfig.update_proj_gap,
-                          scale: float = GaLoreConfig.scale, proj_type: str = GaLoreConfig.proj_type,
-                          targets: str | Sequence[str] | None = None,
-                          exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
-                          svd: str = GaLoreConfig.svd) -> GaLoreAdamW:
+def galore_from_optimizer(
+    optimizer: Optimizer,
+    model: nn.Module | Iterable[tuple[str, torch.Tensor]],
+    *,
+    rank: int = GaLoreConfig.rank,
+    update_proj_gap: int = GaLoreConfig.update_proj_gap,
+    scale: float = GaLoreConfig.scale,
+    proj_type: str = GaLoreConfig.proj_type,
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+    svd: str = GaLoreConfig.svd,
+) -> GaLoreAdamW:
     """A :class:`GaLoreAdamW` with ``optimizer``'s groups and hyperparameters.
 
     ``optimizer`` must be :class:`torch.optim.AdamW` or :class:`torch.optim.Adam` (with
@@ -29,8 +36,10 @@ def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tupl
     if isinstance(optimizer, GaLoreAdamW):
         return optimizer
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise TypeError(f"GaLore converts torch.optim.AdamW or torch.optim.Adam, got {type(optimizer).__name__}; "
-                            "build vleff.memory.GaLoreAdamW yourself (GaLoreMixin) for other optimizers")
+        raise TypeError(
+            f"GaLore converts torch.optim.AdamW or torch.optim.Adam, got {type(optimizer).__name__}; "
+            "build vleff.memory.GaLoreAdamW yourself (GaLoreMixin) for other optimizers"
+        )
     _check_fresh(optimizer, "GaLoreAdamW")
     pairs = _named(model)
     names = _names_by_id(pairs)
@@ -43,9 +52,14 @@ def galore_from_optimizer(optimizer: Optimizer, model: nn.Module | Iterable[tupl
                 raise ValueError(f"param_groups[{i}] has {key}=True, which GaLoreAdamW does not support")
         decoupled = bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
         new = {k: v for k, v in g.items() if k not in _IMPLEMENTATION_KEYS}
-        new.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                   decoupled_weight_decay=decoupled,
-                   project=[names.get(id(p)) in selected for p in g["params"]])
+        new.update(
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            svd=svd,
+            decoupled_weight_decay=decoupled,
+            project=[names.get(id(p)) in selected for p in g["params"]],
+        )
         groups.append(new)
-    return GaLoreAdamW(groups, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-                       svd=svd)
+    return GaLoreAdamW(groups, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd)

@@ -25,6 +25,7 @@ The projected update is :func:`vleff.kernels.galore_step.galore_adam_step`: proj
 back-projection of :mod:`vleff.kernels.lowrank` (reference) or one fused Triton kernel on GPU.
 Moments of projected weights are fp32 whatever the parameter dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,9 @@ def _lowrank_factors(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
     return u[:, :r], v[:, :r]
 
 
-def galore_projection(grad: torch.Tensor, rank: int, proj_type: str = "std",
-                      svd: str = DEFAULT_SVD) -> tuple[torch.Tensor, bool]:
+def galore_projection(
+    grad: torch.Tensor, rank: int, proj_type: str = "std", svd: str = DEFAULT_SVD
+) -> tuple[torch.Tensor, bool]:
     """Top-``rank`` singular vectors of a 2-D gradient, computed in fp32.
 
     Returns ``(P, right)``: ``P = Vh[:r]`` (``[r, n]``) when ``right`` else ``U[:, :r]``
@@ -144,8 +146,10 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"svd={group['svd']!r} is not allowed; use one of {', '.join(SVD_METHODS)}")
     mask = group.get("project")
     if mask is not None and len(mask) != len(group["params"]):
-        raise ValueError(f"param group key 'project' has {len(mask)} entries for {len(group['params'])} params; "
-                         "it must hold one bool per parameter")
+        raise ValueError(
+            f"param group key 'project' has {len(mask)} entries for {len(group['params'])} params; "
+            "it must hold one bool per parameter"
+        )
 
 
 class GaLoreAdamW(Optimizer):
@@ -172,14 +176,33 @@ class GaLoreAdamW(Optimizer):
     #: the registry method this optimizer is (another optimizer-replacing method asks its rules)
     vleff_method = "galore"
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None,
-                 update_proj_gap: int = GaLoreConfig.update_proj_gap, scale: float = GaLoreConfig.scale,
-                 proj_type: str = GaLoreConfig.proj_type, svd: str = GaLoreConfig.svd,
-                 decoupled_weight_decay: bool = True) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                        decoupled_weight_decay=decoupled_weight_decay)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = GaLoreConfig.update_proj_gap,
+        scale: float = GaLoreConfig.scale,
+        proj_type: str = GaLoreConfig.proj_type,
+        svd: str = GaLoreConfig.svd,
+        decoupled_weight_decay: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            svd=svd,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         _check_group({**defaults, "params": []})
         super().__init__(params, defaults)
 
@@ -208,8 +231,10 @@ class GaLoreAdamW(Optimizer):
             return
         params = [p for group in self.param_groups for p in group["params"]]
         if len(params) != len(saved_ids):  # a load_state_dict pre-hook changed the layout
-            raise ValueError(f"GaLoreAdamW: the loaded state has {len(saved_ids)} parameters, the optimizer "
-                             f"{len(params)}; cannot match the fp32 state of projected weights")
+            raise ValueError(
+                f"GaLoreAdamW: the loaded state has {len(saved_ids)} parameters, the optimizer "
+                f"{len(params)}; cannot match the fp32 state of projected weights"
+            )
         for pid, p in zip(saved_ids, params):
             for key, value in keep.get(pid, {}).items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
@@ -254,8 +279,9 @@ class GaLoreAdamW(Optimizer):
 
         if projected:
             if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
-                state["proj"], state["proj_right"] = galore_projection(grad, group["rank"], group["proj_type"],
-                                                                       group.get("svd", "full"))
+                state["proj"], state["proj_right"] = galore_projection(
+                    grad, group["rank"], group["proj_type"], group.get("svd", "full")
+                )
             proj = state["proj"]
             side = "right" if state["proj_right"] else "left"
             if "exp_avg" not in state:
@@ -264,9 +290,20 @@ class GaLoreAdamW(Optimizer):
                 state["exp_avg"] = torch.zeros(low_shape, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(low_shape, dtype=torch.float32, device=p.device)
             # project -> Adam in rank r -> project back -> decoupled decay + update (fused on GPU)
-            galore_adam_step(p, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=step, lr=lr,
-                             betas=(beta1, beta2), eps=eps,
-                             weight_decay=wd if group["decoupled_weight_decay"] else 0.0, scale=group["scale"])
+            galore_adam_step(
+                p,
+                grad,
+                proj,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                side=side,
+                step=step,
+                lr=lr,
+                betas=(beta1, beta2),
+                eps=eps,
+                weight_decay=wd if group["decoupled_weight_decay"] else 0.0,
+                scale=group["scale"],
+            )
             return
 
         if "exp_avg" not in state:
@@ -275,8 +312,8 @@ class GaLoreAdamW(Optimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         if wd and group["decoupled_weight_decay"]:
             p.mul_(1 - lr * wd)

@@ -7,6 +7,7 @@ with the same groups, lr, betas, eps and weight decay; the LR scheduler keeps dr
 Users who build their own optimizer use :class:`vleff.callbacks.mixins.GaLoreMixin`
 (or :func:`vleff.memory.galore_param_groups`) instead.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -68,27 +69,52 @@ class GaLore(Callback):
             raise RuntimeError("GaLore converts the optimizer configure_optimizers returns, but it returned none")
 
         def convert(opt: Any) -> Any:
-            return galore_from_optimizer(opt, pl_module, rank=self.rank, update_proj_gap=self.update_proj_gap,
-                                         scale=self.scale, proj_type=self.proj_type, targets=self.targets,
-                                         exclude=self.exclude, svd=self.svd)
+            return galore_from_optimizer(
+                opt,
+                pl_module,
+                rank=self.rank,
+                update_proj_gap=self.update_proj_gap,
+                scale=self.scale,
+                proj_type=self.proj_type,
+                targets=self.targets,
+                exclude=self.exclude,
+                svd=self.svd,
+            )
 
         swap_optimizers(trainer, convert)
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
 class GaLoreMixin:
     """Adds :meth:`galore_optimizer` (projected 2-D weights + plain AdamW for the rest)."""
 
-    def galore_optimizer(self, lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                         eps: float = 1e-8, *, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
-                         proj_type: str = "std", targets: str | Sequence[str] | None = None,
-                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
-                         svd: str = DEFAULT_SVD) -> GaLoreAdamW:
+    def galore_optimizer(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        targets: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+        svd: str = DEFAULT_SVD,
+    ) -> GaLoreAdamW:
         """A :class:`GaLoreAdamW` over this module: 2-D weights chosen by ``targets``/``exclude``
         projected with ``rank`` (refreshed by a ``svd`` SVD every ``update_proj_gap`` steps)."""
         if not isinstance(self, nn.Module):
             raise TypeError("GaLoreMixin must be mixed into an nn.Module (a LightningModule)")
-        groups = galore_param_groups(self, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                                     proj_type=proj_type, targets=targets, exclude=exclude, svd=svd)
+        groups = galore_param_groups(
+            self,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            targets=targets,
+            exclude=exclude,
+            svd=svd,
+        )
         return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -9,6 +9,7 @@ position embeddings, class tokens and the CLIP temperature.
 
 MeZO's weight-decay rule (no decay on biases and norms) also lives here.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,17 +22,25 @@ from vleff.checks import check_patterns
 from vleff.methods.galore.config import DEFAULT_EXCLUDE, GaLoreConfig
 from vleff.optim import NO_DECAY_PATTERNS, wants_decay  # noqa: F401 (re-exported)
 
-__all__ = ["DEFAULT_EXCLUDE", "NO_DECAY_PATTERNS", "check_patterns", "galore_param_groups", "select_galore_params", "wants_decay"]
-
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "NO_DECAY_PATTERNS",
+    "check_patterns",
+    "galore_param_groups",
+    "select_galore_params",
+    "wants_decay",
+]
 
 
 def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
     return [re.compile(pat) for pat in check_patterns(what, patterns)]
 
 
-def select_galore_params(named_params: Iterable[tuple[str, torch.Tensor]] | nn.Module,
-                         targets: str | Sequence[str] | None = None,
-                         exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE) -> list[str]:
+def select_galore_params(
+    named_params: Iterable[tuple[str, torch.Tensor]] | nn.Module,
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+) -> list[str]:
     """Names of the trainable 2-D parameters GaLore should project.
 
     Args:
@@ -61,15 +70,23 @@ def select_galore_params(named_params: Iterable[tuple[str, torch.Tensor]] | nn.M
         candidates = [n for n, p in pairs if p.ndim == 2][:6]
         raise ValueError(
             f"GaLore matched no parameter: targets={targets!r}, exclude={exclude!r}. Only trainable 2-D "
-            f"parameters can be projected; some 2-D parameter names here: {candidates or 'none'}")
+            f"parameters can be projected; some 2-D parameter names here: {candidates or 'none'}"
+        )
     return chosen
 
 
-def galore_param_groups(model: nn.Module, *, rank: int = GaLoreConfig.rank,
-                        update_proj_gap: int = GaLoreConfig.update_proj_gap, scale: float = GaLoreConfig.scale,
-                        proj_type: str = GaLoreConfig.proj_type, targets: str | Sequence[str] | None = None,
-                        exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
-                        weight_decay: float | None = None, svd: str | None = None) -> list[dict]:
+def galore_param_groups(
+    model: nn.Module,
+    *,
+    rank: int = GaLoreConfig.rank,
+    update_proj_gap: int = GaLoreConfig.update_proj_gap,
+    scale: float = GaLoreConfig.scale,
+    proj_type: str = GaLoreConfig.proj_type,
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = DEFAULT_EXCLUDE,
+    weight_decay: float | None = None,
+    svd: str | None = None,
+) -> list[dict]:
     """Two param groups for :class:`~vleff.memory.GaLoreAdamW`: projected weights and the rest.
 
     ``weight_decay`` (when given) is set on the projected group and on the rest alike; pass
@@ -83,10 +100,17 @@ def galore_param_groups(model: nn.Module, *, rank: int = GaLoreConfig.rank,
             (low_rank if name in names else rest).append(p)
     extra = {} if weight_decay is None else {"weight_decay": weight_decay}
     svd_key = {} if svd is None else {"svd": svd}
-    groups = [dict(params=low_rank, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                   proj_type=proj_type, **svd_key, **extra)]
+    groups = [
+        dict(
+            params=low_rank,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            **svd_key,
+            **extra,
+        )
+    ]
     if rest:
         groups.append(dict(params=rest, rank=None, **extra))
     return groups
-
-

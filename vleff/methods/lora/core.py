@@ -29,6 +29,7 @@ wrapped, so keys, values and ``requires_grad`` flags are the library's again), t
 module / parameter names of the chosen towers' blocks (``towers``), so a model's other
 ``qkv`` / ``in_proj_weight`` modules are left alone.
 """
+
 from __future__ import annotations
 
 import re
@@ -136,19 +137,27 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
     towers = _selected_towers(model, cfg.towers)
     for tower in towers:
         if tower.family == "open_clip" and get_patch(tower.root) is not None:
-            raise ValueError(f"cannot apply lora while {', '.join(h.name for h in get_patch(tower.root).hooks)} is "
-                             f"applied to {tower.describe()} (a vleff tower hook): vleff's generic block reads "
-                             "in_proj_weight without peft's substitution and would ignore the adapter; remove it first")
+            raise ValueError(
+                f"cannot apply lora while {', '.join(h.name for h in get_patch(tower.root).hooks)} is "
+                f"applied to {tower.describe()} (a vleff tower hook): vleff's generic block reads "
+                "in_proj_weight without peft's substitution and would ignore the adapter; remove it first"
+            )
     targets = lora_targets(model, cfg.towers)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     # peft's ParamWrapper re-registers a targeted parameter (open_clip's in_proj_weight) at every
     # forward, moving it to the end of its module's parameters; the order is put back on removal
-    orders = {name.rpartition(".")[0]: list(model.get_submodule(name.rpartition(".")[0])._parameters)
-              for name in targets["target_parameters"]}
+    orders = {
+        name.rpartition(".")[0]: list(model.get_submodule(name.rpartition(".")[0])._parameters)
+        for name in targets["target_parameters"]
+    }
     added_config = "peft_config" not in model.__dict__
-    peft_config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=targets["target_modules"],  # peft: [] (not None) for parameters only
-                             target_parameters=targets["target_parameters"] or None)
+    peft_config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets["target_modules"],  # peft: [] (not None) for parameters only
+        target_parameters=targets["target_parameters"] or None,
+    )
     inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
     heads = {id(p) for t in towers if t.family == "timm" and cfg.train_head for p in t.root.head.parameters()}
     for name, p in model.named_parameters():
@@ -156,7 +165,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
             p.requires_grad_(True)
         elif "vleff_" not in name:  # another vleff method's own modules are its business
             p.requires_grad_(False)
-    object.__setattr__(model, FLAGS_ATTR, (flags, added_config))  # a plain attribute: deep-copies and pickles with the model
+    object.__setattr__(
+        model, FLAGS_ATTR, (flags, added_config)
+    )  # a plain attribute: deep-copies and pickles with the model
     object.__setattr__(model, ORDER_ATTR, orders)
     return model
 
@@ -224,8 +235,19 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def library_key(key: str) -> str:
     """The library's own state-dict key of a key of a LoRA-wrapped model (``base_layer`` dropped)."""
     return BASE_LAYER.sub(".", key)
-__all__ = ["LoRAConfig", "apply_lora", "library_key", "lora_applied", "lora_num_parameters", "lora_parameters",
-           "lora_state_dict", "lora_targets", "remove_lora"]
+
+
+__all__ = [
+    "LoRAConfig",
+    "apply_lora",
+    "library_key",
+    "lora_applied",
+    "lora_num_parameters",
+    "lora_parameters",
+    "lora_state_dict",
+    "lora_targets",
+    "remove_lora",
+]
 
 
 def lora_settings(model: nn.Module) -> dict[str, Any]:
@@ -236,7 +258,12 @@ def lora_settings(model: nn.Module) -> dict[str, Any]:
     layer: Any = layers[0]
     key = next(iter(layer.r))
     drop = layer.lora_dropout[key]
-    carrying = frozenset(t.modality for t in find_towers(model)
-                         if any("lora_A" in n for n, _ in t.root.named_parameters()))
-    return {"r": layer.r[key], "alpha": layer.lora_alpha[key],
-            "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, "towers": carrying}
+    carrying = frozenset(
+        t.modality for t in find_towers(model) if any("lora_A" in n for n, _ in t.root.named_parameters())
+    )
+    return {
+        "r": layer.r[key],
+        "alpha": layer.lora_alpha[key],
+        "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+        "towers": carrying,
+    }

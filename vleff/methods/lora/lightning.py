@@ -10,6 +10,7 @@ renamed by ``peft``: ``...qkv.base_layer.weight``). Which model and an already a
 follow the rules of every method callback (:mod:`vleff.lightning.targets`): with a frozen
 teacher beside the student, ``module="student"`` leaves the teacher (weights, flags) as it was.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,8 +55,9 @@ class LoRA(pl.Callback):
                 load_trained_backbone(pl_module, self.init_from, target, "lora")
             apply_lora(target, self.config)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         from vleff.lightning.restore import record_method
 
         if self._target is not None:
@@ -63,7 +65,6 @@ class LoRA(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return self.config.as_dict()
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -38,10 +38,12 @@ Text towers' side blocks are causal, like the tower.
 >>> vleff.apply_lst(model, reduction=8)
 >>> vleff.side.freeze_backbone(model, train_head=False)  # apply froze the backbone; this the head too
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,14 +155,27 @@ def block_weights(tower: TowerAdapter, block: nn.Module) -> BlockWeights:
         sources = {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "out": att.out_proj.weight}
     sources.update(fc1=fc1.weight, fc2=fc2.weight)
     q, k, v = w.detach().chunk(3)
-    return BlockWeights(q, k, v, None if b is None else b.detach(), out.weight.detach(),
-                        None if out.bias is None else out.bias.detach(), fc1, fc2, act, parts.norm1, parts.norm2,
-                        heads, sources)
+    return BlockWeights(
+        q,
+        k,
+        v,
+        None if b is None else b.detach(),
+        out.weight.detach(),
+        None if out.bias is None else out.bias.detach(),
+        fc1,
+        fc2,
+        act,
+        parts.norm1,
+        parts.norm2,
+        heads,
+        sources,
+    )
 
 
 def _importance(weights: BlockWeights, fisher: dict[int, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """Squared entries (magnitude) or accumulated squared gradients (Fisher) of every weight,
     as ``[rows, cols]`` matrices in the q/k/v/out/fc1/fc2 layout."""
+
     def score(name: str, value: torch.Tensor) -> torch.Tensor:
         if fisher is None:
             return value.detach().float().square()
@@ -170,9 +185,14 @@ def _importance(weights: BlockWeights, fisher: dict[int, torch.Tensor] | None) -
             return g.chunk(3)[("q", "k", "v").index(name)]
         return fisher[id(src[name])].float()
 
-    return {"q": score("q", weights.q), "k": score("k", weights.k), "v": score("v", weights.v),
-            "out": score("out", weights.out), "fc1": score("fc1", weights.fc1.weight),
-            "fc2": score("fc2", weights.fc2.weight)}
+    return {
+        "q": score("q", weights.q),
+        "k": score("k", weights.k),
+        "v": score("v", weights.v),
+        "out": score("out", weights.out),
+        "fc1": score("fc1", weights.fc1.weight),
+        "fc2": score("fc2", weights.fc2.weight),
+    }
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -206,8 +226,15 @@ class SideBlock(nn.Module):
 class LSTModule(SideModule):
     """Side blocks, ladders (``Down_0 … Down_L``, gates), final norm and zero-init ``Up``."""
 
-    def __init__(self, blocks: list[SideBlock], width: int, side_width: int, eps: float, temperature: float,
-                 add_residual_after: bool = False) -> None:
+    def __init__(
+        self,
+        blocks: list[SideBlock],
+        width: int,
+        side_width: int,
+        eps: float,
+        temperature: float,
+        add_residual_after: bool = False,
+    ) -> None:
         super().__init__()
         self.add_residual_after = add_residual_after
         self.blocks = nn.ModuleList(blocks)
@@ -219,8 +246,9 @@ class LSTModule(SideModule):
         nn.init.zeros_(self.up.weight)  # zero: the model starts exactly at the frozen model
         nn.init.zeros_(self.up.bias)
 
-    def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
-                   rows: torch.Tensor) -> torch.Tensor:
+    def correction(
+        self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         if len(layers) != len(self.downs):
             raise RuntimeError(f"lst: read {len(layers)} layer outputs, the side network has {len(self.downs)} ladders")
         dtype = self.up.weight.dtype
@@ -254,8 +282,7 @@ def _copy_norm(dst: nn.LayerNorm, src: nn.Module, idx: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def build_side_network(tower: TowerAdapter, cfg: LSTConfig,
-                       fisher: dict[int, torch.Tensor] | None = None) -> LSTModule:
+def build_side_network(tower: TowerAdapter, cfg: LSTConfig, fisher: dict[int, torch.Tensor] | None = None) -> LSTModule:
     """The side network of ``tower``, initialised from its weights by channel importance."""
     width, r = tower.embed_dim, cfg.reduction
     side_width = width // r
@@ -263,13 +290,17 @@ def build_side_network(tower: TowerAdapter, cfg: LSTConfig,
     weights = [block_weights(tower, b) for b in blocks]
     imps = [_importance(w, fisher) for w in weights]
     # one residual channel set for the whole side network: columns read + rows written, all blocks
-    stream = sum(i["q"].sum(0) + i["k"].sum(0) + i["v"].sum(0) + i["fc1"].sum(0) + i["out"].sum(1) + i["fc2"].sum(1)
-                 for i in imps)
+    stream = sum(
+        i["q"].sum(0) + i["k"].sum(0) + i["v"].sum(0) + i["fc1"].sum(0) + i["out"].sum(1) + i["fc2"].sum(1)
+        for i in imps
+    )
     keep = _top(stream, side_width)
     heads = cfg.side_heads if cfg.side_heads is not None else choose_side_heads(side_width, weights[0].heads)
     if side_width % heads:
-        raise ValueError(f"side_heads={heads} does not divide the side width {side_width} (= {width} / reduction "
-                         f"{r}) of {tower.describe()}; use a divisor of {side_width}")
+        raise ValueError(
+            f"side_heads={heads} does not divide the side width {side_width} (= {width} / reduction "
+            f"{r}) of {tower.describe()}; use a divisor of {side_width}"
+        )
     norm, _ = final_norm(tower)
     eps = float(getattr(weights[0].norm1, "eps", 1e-6))
     side_blocks = []
@@ -313,15 +344,20 @@ def _check_tower(tower: TowerAdapter, cfg: LSTConfig) -> None:
     width, r = tower.embed_dim, cfg.reduction
     if width % r or width // r < 1:
         divisors = [d for d in range(2, min(width, 64) + 1) if width % d == 0]
-        raise ValueError(f"reduction={r} does not divide the width {width} of {tower.describe()}; use a divisor of "
-                         f"{width} (e.g. {divisors})")
+        raise ValueError(
+            f"reduction={r} does not divide the width {width} of {tower.describe()}; use a divisor of "
+            f"{width} (e.g. {divisors})"
+        )
     if cfg.side_heads is not None and (width // r) % cfg.side_heads:
-        raise ValueError(f"side_heads={cfg.side_heads} does not divide the side width {width // r} (= {width} / "
-                         f"reduction {r}) of {tower.describe()}; use a divisor of {width // r}")
+        raise ValueError(
+            f"side_heads={cfg.side_heads} does not divide the side width {width // r} (= {width} / "
+            f"reduction {r}) of {tower.describe()}; use a divisor of {width // r}"
+        )
 
 
-def fisher_information(model: nn.Module, batches: Iterable[Any],
-                       loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> dict[int, torch.Tensor]:
+def fisher_information(
+    model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+) -> dict[int, torch.Tensor]:
     """Squared gradients of every parameter, summed over ``batches`` (the empirical Fisher the
     reference ranks channels by); keyed by ``id(parameter)`` for :func:`apply_lst`'s ``fisher``.
 
@@ -353,8 +389,9 @@ def fisher_information(model: nn.Module, batches: Iterable[Any],
     return total
 
 
-def apply_lst(model: nn.Module, config: LSTConfig | None = None, fisher: dict[int, torch.Tensor] | None = None,
-              **settings: Any) -> nn.Module:
+def apply_lst(
+    model: nn.Module, config: LSTConfig | None = None, fisher: dict[int, torch.Tensor] | None = None, **settings: Any
+) -> nn.Module:
     """Add a ladder side network to every tower ``towers`` names (in place). Applying again
     replaces it. Freezes the backbone
     (:func:`vleff.side.common.backbone_modules`; a timm head stays trainable); ``remove_*`` restores the flags.
@@ -369,8 +406,10 @@ def apply_lst(model: nn.Module, config: LSTConfig | None = None, fisher: dict[in
     """
     cfg = LSTConfig.build(config, **settings)
     if cfg.init == "fisher" and fisher is None:
-        raise ValueError("init='fisher' needs fisher=vleff.methods.lst.core.fisher_information(model, batches, loss_fn); "
-                         "or use init='magnitude'")
+        raise ValueError(
+            "init='fisher' needs fisher=vleff.methods.lst.core.fisher_information(model, batches, loss_fn); "
+            "or use init='magnitude'"
+        )
     if cfg.init == "magnitude" and fisher is not None:
         raise ValueError("fisher= was given but init='magnitude'; pass init='fisher' to use it")
     towers = select_towers(model, cfg.towers)
@@ -421,8 +460,11 @@ def lst_settings(model: nn.Module) -> dict[str, Any]:
     if not towers:
         return {}
     side: Any = towers[0].root._modules[MODULE_NAME]
-    out: dict[str, Any] = {"towers": frozenset(t.modality for t in towers),
-                           "reduction": towers[0].embed_dim // side.downs[0].out_features, "temperature": side.temperature}
+    out: dict[str, Any] = {
+        "towers": frozenset(t.modality for t in towers),
+        "reduction": towers[0].embed_dim // side.downs[0].out_features,
+        "temperature": side.temperature,
+    }
     if len(side.blocks):
         out["side_heads"] = side.blocks[0].heads
     return out

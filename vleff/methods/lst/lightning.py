@@ -1,4 +1,5 @@
 """Lightning callback and mixin of LST (ladder side tuning): the side-method base with LST's settings."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,21 +33,36 @@ class LadderSideTuning(SideTuning):
     method = "lst"
     settings_config = LSTConfig
 
-    def __init__(self, train_head: bool = True, full_checkpoint: bool = False, remove_on_teardown: bool = False,
-                 init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        train_head: bool = True,
+        full_checkpoint: bool = False,
+        remove_on_teardown: bool = False,
+        init_from: str | None = None,
+        module: ModuleArg = None,
+        **settings: Any,
+    ) -> None:
         super().__init__(train_head, full_checkpoint, remove_on_teardown, init_from, module, **settings)
         if self.config.init == "fisher":
-            raise ValueError("LadderSideTuning(init='fisher') has no data to compute the Fisher information from; "
-                             "call vleff.apply_lst(module, init='fisher', fisher=fisher_information(...)) before "
-                             "fit (the callback keeps it), or use init='magnitude'")
+            raise ValueError(
+                "LadderSideTuning(init='fisher') has no data to compute the Fisher information from; "
+                "call vleff.apply_lst(module, init='fisher', fisher=fisher_information(...)) before "
+                "fit (the callback keeps it), or use init='magnitude'"
+            )
 
 
 class LSTMixin(SideMixin):
     """``use_lst(train_head=True, full_checkpoint=False, fisher=None, **settings)``: LST
     (:mod:`vleff.methods.lst.core`) on this module's towers, backbone frozen."""
 
-    def use_lst(self, train_head: bool = True, full_checkpoint: bool = False, fisher: Any = None,
-                module: Any = None, **settings: Any) -> None:
+    def use_lst(
+        self,
+        train_head: bool = True,
+        full_checkpoint: bool = False,
+        fisher: Any = None,
+        module: Any = None,
+        **settings: Any,
+    ) -> None:
         from vleff.methods.lst.core import LSTConfig, apply_lst
 
         config = LSTConfig.build(**settings)

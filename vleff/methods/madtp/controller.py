@@ -19,10 +19,12 @@ pruning at once. With ``warmup_epochs=W`` the reduction trained at in epoch ``e`
 ``W`` and stays there; the model is re-calibrated at the target when training ends, whatever
 the run's length.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,16 +88,20 @@ class ControllerConfig:
         put(self, "samples", None if self.samples is None else check_int("samples", self.samples, low=1))
         put(self, "warmup_epochs", check_int("warmup_epochs", self.warmup_epochs, low=0))
         if self.warmup_epochs and not self.adjust_every_epoch:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs} needs adjust_every_epoch=True (the ramp moves the "
-                             f"target once per epoch); set warmup_epochs=0 or adjust_every_epoch=True")
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} needs adjust_every_epoch=True (the ramp moves the "
+                f"target once per epoch); set warmup_epochs=0 or adjust_every_epoch=True"
+            )
 
     @classmethod
     def split(cls, settings: dict[str, Any]) -> tuple[ControllerConfig, dict[str, Any]]:
         """This config from the controller's names in ``settings``, and the other settings (the
         method's own, for :class:`MADTPConfig`)."""
         names = {f.name for f in fields(cls)}
-        return (cls(**{k: v for k, v in settings.items() if k in names}),
-                {k: v for k, v in settings.items() if k not in names})
+        return (
+            cls(**{k: v for k, v in settings.items() if k in names}),
+            {k: v for k, v in settings.items() if k not in names},
+        )
 
     def replace(self, **changes: Any) -> ControllerConfig:
         return replace(self, **changes)
@@ -112,8 +118,9 @@ class MADTPController:
             the first calibration); validated by :func:`check_flops_reduction`, the one rule.
     """
 
-    def __init__(self, config: ControllerConfig | None = None, flops_reduction: float | None = None,
-                 **settings: Any) -> None:
+    def __init__(
+        self, config: ControllerConfig | None = None, flops_reduction: float | None = None, **settings: Any
+    ) -> None:
         if config is not None and settings:
             raise TypeError(f"MADTPController takes a config or its settings, not both (got {sorted(settings)})")
         self.config = config if config is not None else ControllerConfig(**settings)
@@ -162,18 +169,38 @@ class MADTPController:
             self.flops_reduction = hooks_config(model).flops_reduction
         reduction = self.flops_reduction if final else self.reduction_for(0 if epoch is None else epoch + 1)
         c = self.config
-        result = calibrate_madtp(model, self.batches, reduction, rtol=c.rtol, baseline=self.baseline,
-                                 forward=FORWARDS[c.measure], samples=c.samples,
-                                 max_evals=c.max_evals if epoch is None else c.epoch_max_evals)
+        result = calibrate_madtp(
+            model,
+            self.batches,
+            reduction,
+            rtol=c.rtol,
+            baseline=self.baseline,
+            forward=FORWARDS[c.measure],
+            samples=c.samples,
+            max_evals=c.max_evals if epoch is None else c.epoch_max_evals,
+        )
         self.baseline = result.baseline
-        self.history.append({"epoch": epoch, "flops_reduction": reduction, "tau": result.tau, "start": result.start,
-                             "ratio": result.ratio, "evaluations": len(result.evaluations), "final": final})
+        self.history.append(
+            {
+                "epoch": epoch,
+                "flops_reduction": reduction,
+                "tau": result.tau,
+                "start": result.start,
+                "ratio": result.ratio,
+                "evaluations": len(result.evaluations),
+                "final": final,
+            }
+        )
         return result
 
     def finish(self, model: nn.Module) -> MADTPCalibration | None:
         """At the end of training: re-calibrate at the full target if the last calibration was
         for a warm-up epoch (a run shorter than the ramp); ``None`` when it already was."""
-        if not self.history or self.flops_reduction is None or self.history[-1].get("flops_reduction") == self.flops_reduction:
+        if (
+            not self.history
+            or self.flops_reduction is None
+            or self.history[-1].get("flops_reduction") == self.flops_reduction
+        ):
             return None
         return self.calibrate(model, epoch=self.history[-1]["epoch"], final=True)
 
@@ -199,24 +226,36 @@ class MADTPController:
         self.restore(model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tau": self.tau, "baseline": self.baseline, "history": list(self.history),
-                "batches": self.batches, "target": self.flops_reduction, "warmup_epochs": self.warmup_epochs}
+        return {
+            "tau": self.tau,
+            "baseline": self.baseline,
+            "history": list(self.history),
+            "batches": self.batches,
+            "target": self.flops_reduction,
+            "warmup_epochs": self.warmup_epochs,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline = state.get("baseline")
         self.history = list(state.get("history", []))
         target = state.get("target")
         if target is not None and self.flops_reduction is not None and float(target) != self.flops_reduction:
-            raise ValueError(f"checkpoint was calibrated for MADTP flops_reduction={target!r} but this controller has "
-                             f"flops_reduction={self.flops_reduction!r}")
+            raise ValueError(
+                f"checkpoint was calibrated for MADTP flops_reduction={target!r} but this controller has "
+                f"flops_reduction={self.flops_reduction!r}"
+            )
         if target is not None:
             self.flops_reduction = float(target)
         saved = state.get("warmup_epochs", 0)
         if saved != self.warmup_epochs:
-            raise ValueError(f"checkpoint was trained with MADTP warmup_epochs={saved} but this controller has "
-                             f"warmup_epochs={self.warmup_epochs}; resume with the same ramp")
+            raise ValueError(
+                f"checkpoint was trained with MADTP warmup_epochs={saved} but this controller has "
+                f"warmup_epochs={self.warmup_epochs}; resume with the same ramp"
+            )
         if state.get("tau") is not None and not self.history:
-            raise ValueError("MADTP controller state has a τ but no calibration history; it was not written by "
-                             "MADTPController.state_dict")
+            raise ValueError(
+                "MADTP controller state has a τ but no calibration history; it was not written by "
+                "MADTPController.state_dict"
+            )
         batches = state.get("batches")
         self.batches = None if batches is None else [tuple(t for t in b) for b in batches]

@@ -57,13 +57,15 @@ sequence, so outputs at earlier positions would depend on later tokens. With
 >>> loss = task_loss + vleff.vleff_aux_loss(model) # training: the alignment loss
 >>> vleff.remove_madtp(model)
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,8 +178,9 @@ def _check_locations(locations: object, depth: int | None = None, tower: str = "
         if not isinstance(loc, numbers.Integral) or isinstance(loc, bool) or loc < 0:
             raise ValueError(f"locations={locations!r}: {loc!r} is not a block index (an integer >= 0)")
         if depth is not None and loc >= depth:
-            raise ValueError(f"locations={locations!r}: {loc} is not a block of the {tower} tower "
-                             f"(it has {depth} blocks)")
+            raise ValueError(
+                f"locations={locations!r}: {loc} is not a block of the {tower} tower (it has {depth} blocks)"
+            )
     if any(b <= a for a, b in zip(locs, locs[1:])):
         raise ValueError(f"locations={locations!r} must be strictly increasing")
     return tuple(int(loc) for loc in locs)
@@ -191,14 +194,20 @@ class MADTPModule(nn.Module):
     round it and every checkpoint carries it). ``enabled=False`` turns both towers' hooks into
     pass-throughs (the controller measures the baseline that way)."""
 
-    def __init__(self, num_codes: int, code_dim: int, widths: dict[str, int], depths: dict[str, int],
-                 tau: float) -> None:
+    def __init__(
+        self, num_codes: int, code_dim: int, widths: dict[str, int], depths: dict[str, int], tau: float
+    ) -> None:
         super().__init__()
         self.codebook = nn.Parameter(torch.randn(num_codes, code_dim))
         project = len(set(widths.values())) > 1 or any(w != code_dim for w in widths.values())
-        self.proj = nn.ModuleDict({
-            m: nn.ModuleList([nn.Linear(widths[m], code_dim) if project else nn.Identity() for _ in range(depths[m])])
-            for m in widths})
+        self.proj = nn.ModuleDict(
+            {
+                m: nn.ModuleList(
+                    [nn.Linear(widths[m], code_dim) if project else nn.Identity() for _ in range(depths[m])]
+                )
+                for m in widths
+            }
+        )
         self.tau = float(tau)
         #: the first block that prunes (the controller's second knob, see :func:`calibrate_madtp`)
         self.start = 0
@@ -253,8 +262,15 @@ class MADTPHook(TowerHook):
 
     name = HOOK_NAME
 
-    def __init__(self, module: MADTPModule, modality: str, root: nn.Module, locations: tuple[int, ...],
-                 prune: bool, config: MADTPConfig) -> None:
+    def __init__(
+        self,
+        module: MADTPModule,
+        modality: str,
+        root: nn.Module,
+        locations: tuple[int, ...],
+        prune: bool,
+        config: MADTPConfig,
+    ) -> None:
         self.module = module
         self.modality = modality
         self.root = root
@@ -276,7 +292,7 @@ class MADTPHook(TowerHook):
         b, n = state.batch_size, state.num_tokens
         dev = self.module.codebook.device
         mask = torch.ones(b, n, dtype=torch.bool, device=dev)
-        mask[:, :state.num_prefix] = False
+        mask[:, : state.num_prefix] = False
         for name in (PAD, FILLER):
             v = state.get(name)
             if v is not None:
@@ -290,7 +306,8 @@ class MADTPHook(TowerHook):
                 f"torch.export cannot take MADTP on the {self.modality} tower: it keeps a data-dependent number of "
                 "tokens (those whose codebook score clears τ, per sample), and an exported graph needs token counts "
                 "fixed at export time. Export with MADTP removed (vleff.remove_madtp) or its towers= leaving this "
-                "tower out; torch.compile (not fullgraph) does run it")
+                "tower out; torch.compile (not fullgraph) does run it"
+            )
         state.scratch[HOOK_NAME] = {"feature": None}
         return x
 
@@ -350,12 +367,13 @@ class MADTPHook(TowerHook):
         return (filler.to(dtype) * low)[:, None, None, :]
 
     # --- pruning ----------------------------------------------------------------------------
-    def importance(self, info: BlockInfo, state: TokenState, t: torch.Tensor,
-                   cand: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    def importance(
+        self, info: BlockInfo, state: TokenState, t: torch.Tensor, cand: torch.Tensor, live: torch.Tensor
+    ) -> torch.Tensor:
         """``[B, N]`` importance ``S`` of the candidates (0 elsewhere)."""
         probs = info.probs.to(t.dtype)  # [B, H, N, N]
         queries = live.clone()
-        queries[:, :state.num_prefix] = False
+        queries[:, : state.num_prefix] = False
         received = (probs.amax(dim=1) * queries[:, :, None]).sum(dim=1)  # [B, N] over keys
         s_attn = _normalise(received, cand)
         code = t.amax(dim=-1)  # raw dot products: the reference divides them by their sum as they are
@@ -385,7 +403,7 @@ class MADTPHook(TowerHook):
         protected = state.get(PROTECTED)
         cand = live & ~protected.bool() if protected is not None else live
         live = live.clone()
-        live[:, :state.num_prefix] = True  # prefix tokens are live queries and always kept
+        live[:, : state.num_prefix] = True  # prefix tokens are live queries and always kept
         score = self.importance(info, state, t, cand, live)
         # per-sample threshold: min over codes of the code-weighted mean importance
         w = (t / self.module.tau).masked_fill(~cand[..., None], float("-inf")).softmax(dim=1).nan_to_num(0.0)
@@ -465,11 +483,15 @@ def _find_pair_in(model: nn.Module) -> ModelPair:
         if len(outer) == 1:
             return outer[0][1]
         if len(outer) > 1:
-            raise ValueError(f"{type(model).__name__} holds {len(outer)} image-text models "
-                             f"({', '.join(n for n, _ in outer)}); apply MADTP to one of them") from None
-        raise TypeError(f"MADTP does not support {type(model).__name__}: it needs both towers (image and text) of "
-                        f"one image-text model, because each tower's pruning is guided by a codebook aligned "
-                        f"across the two ({first})") from None
+            raise ValueError(
+                f"{type(model).__name__} holds {len(outer)} image-text models "
+                f"({', '.join(n for n, _ in outer)}); apply MADTP to one of them"
+            ) from None
+        raise TypeError(
+            f"MADTP does not support {type(model).__name__}: it needs both towers (image and text) of "
+            f"one image-text model, because each tower's pruning is guided by a codebook aligned "
+            f"across the two ({first})"
+        ) from None
 
 
 def _pair_and_module(model: nn.Module) -> tuple[ModelPair, MADTPModule]:
@@ -502,11 +524,22 @@ def apply_madtp(model: nn.Module, config: MADTPConfig | None = None, **settings:
     pair = _find_pair_in(model)
     towers = {"image": pair.image_tower, "text": pair.text_tower}
     prune = tower_modalities(cfg.towers)
-    locs = {m: (tuple(range(len(t.blocks()))) if cfg.locations is None
-                else _check_locations(cfg.locations, len(t.blocks()), m)) for m, t in towers.items()}
+    locs = {
+        m: (
+            tuple(range(len(t.blocks())))
+            if cfg.locations is None
+            else _check_locations(cfg.locations, len(t.blocks()), m)
+        )
+        for m, t in towers.items()
+    }
     if "text" in prune:
-        refuse_causal_decoder_towers(pair.model, [pair.text_tower], "MADTP", f"towers={cfg.towers!r}",
-                                     "Use towers='image' (the decoder then only supplies its alignment feature)")
+        refuse_causal_decoder_towers(
+            pair.model,
+            [pair.text_tower],
+            "MADTP",
+            f"towers={cfg.towers!r}",
+            "Use towers='image' (the decoder then only supplies its alignment feature)",
+        )
     widths = {m: t.embed_dim for m, t in towers.items()}
     depths = {m: len(t.blocks()) for m, t in towers.items()}
     code_dim = cfg.code_dim or max(widths.values())
@@ -551,7 +584,8 @@ def madtp_tau(model: nn.Module) -> float:
 
 
 def update_madtp(model: nn.Module, **changes: Any) -> None:
-    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep``, ``ragged`` or ``code_norm`` of an applied MADTP.
+    """Change ``tau``, ``flops_reduction``, ``align_weight``, ``min_keep``, ``ragged`` or ``code_norm`` of an
+    applied MADTP.
 
     τ lives in one place, the model's MADTP module (:func:`madtp_tau` reads it): the config's
     ``tau`` is the starting value :func:`apply_madtp` used, so a new ``tau`` is validated by the
@@ -563,8 +597,10 @@ def update_madtp(model: nn.Module, **changes: Any) -> None:
     new = old.replace(**changes)
     for key in ("num_codes", "code_dim", "locations", "towers"):
         if getattr(new, key) != getattr(old, key):
-            raise ValueError(f"{key} cannot change on an applied MADTP ({getattr(old, key)!r} -> "
-                             f"{getattr(new, key)!r}); apply it again")
+            raise ValueError(
+                f"{key} cannot change on an applied MADTP ({getattr(old, key)!r} -> "
+                f"{getattr(new, key)!r}); apply it again"
+            )
     for hook in hooks:
         hook.config = new
     if tau is not None:
@@ -590,8 +626,10 @@ def batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     else:
         images = ids = mask = None
     if not isinstance(images, torch.Tensor) or not isinstance(ids, torch.Tensor):
-        raise TypeError(f"a MADTP calibration batch must be (images, token_ids[, attention_mask]) or a dict with "
-                        f"'images'/'pixel_values' and 'tokens'/'input_ids'; got {type(batch).__name__}")
+        raise TypeError(
+            f"a MADTP calibration batch must be (images, token_ids[, attention_mask]) or a dict with "
+            f"'images'/'pixel_values' and 'tokens'/'input_ids'; got {type(batch).__name__}"
+        )
     return images, ids, mask
 
 
@@ -609,8 +647,12 @@ def pair_forward(pair: ModelPair, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     image = pair.model.vision_model(pixel_values=images).last_hidden_state
     if mask is None:
         mask = torch.ones_like(ids)
-    out = pair.text_tower.root(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
-                               encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device))
+    out = pair.text_tower.root(
+        input_ids=ids,
+        attention_mask=mask,
+        encoder_hidden_states=image,
+        encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device),
+    )
     return image[:, 0], out.last_hidden_state[:, 0]
 
 
@@ -642,12 +684,16 @@ def calibrate_madtp_for_bench(model: nn.Module, inputs: torch.Tensor, tower: str
 
 
 #: what the controller counts, by name (``measure=`` of the callback, mixin and controller)
-FORWARDS: dict[str, Callable[[ModelPair, Batch], Any]] = {"pair": pair_forward, "image": image_forward,
-                                                           "text": text_forward}
+FORWARDS: dict[str, Callable[[ModelPair, Batch], Any]] = {
+    "pair": pair_forward,
+    "image": image_forward,
+    "text": text_forward,
+}
 
 
-def measure_flops(model: nn.Module, batches: Sequence[Batch],
-                  forward: Callable[[ModelPair, Batch], Any] | None = None) -> int:
+def measure_flops(
+    model: nn.Module, batches: Sequence[Batch], forward: Callable[[ModelPair, Batch], Any] | None = None
+) -> int:
     """FLOPs (:func:`vleff.profile.count_flops`) of ``forward(pair, batch)`` summed over ``batches``,
     in eval mode without gradients (the model's mode is restored)."""
     from vleff.profile import count_flops
@@ -694,9 +740,15 @@ class MADTPCalibration:
         return abs(self.flops - self.target) / self.target
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tau": self.tau, "flops": self.flops, "baseline": self.baseline, "target": self.target,
-                "flops_reduction": self.flops_reduction, "evaluations": [list(e) for e in self.evaluations],
-                "start": self.start}
+        return {
+            "tau": self.tau,
+            "flops": self.flops,
+            "baseline": self.baseline,
+            "target": self.target,
+            "flops_reduction": self.flops_reduction,
+            "evaluations": [list(e) for e in self.evaluations],
+            "start": self.start,
+        }
 
 
 TAU_RANGE = (1e-4, 1e6)
@@ -710,14 +762,22 @@ def single_samples(batches: Iterable[Batch], samples: int) -> list[tuple[torch.T
         for i in range(images.shape[0]):
             if len(out) == samples:
                 return out
-            out.append((images[i:i + 1], ids[i:i + 1]) + ((mask[i:i + 1],) if mask is not None else ()))
+            out.append((images[i : i + 1], ids[i : i + 1]) + ((mask[i : i + 1],) if mask is not None else ()))
     return out
 
 
-def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction: float | None = None, *,
-                    forward: Callable[[ModelPair, Batch], Any] | None = None, tau0: float | None = None,
-                    rtol: float = 0.005, max_evals: int = 40, baseline: int | None = None,
-                    samples: int | None = None) -> MADTPCalibration:
+def calibrate_madtp(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    flops_reduction: float | None = None,
+    *,
+    forward: Callable[[ModelPair, Batch], Any] | None = None,
+    tau0: float | None = None,
+    rtol: float = 0.005,
+    max_evals: int = 40,
+    baseline: int | None = None,
+    samples: int | None = None,
+) -> MADTPCalibration:
     """Set MADTP's τ so the measured FLOPs of ``model`` on ``batches`` hit ``baseline × (1 − flops_reduction)``.
 
     The FLOPs are counted (:mod:`vleff.profile`, eval mode, no grad) on the calibration batches
@@ -847,10 +907,14 @@ def calibrate_madtp(model: nn.Module, batches: Iterable[Batch], flops_reduction:
         hook.config = hook.config.replace(flops_reduction=p)  # τ's one owner is the module
     result = MADTPCalibration(best_tau, best, baseline, target, p, evals, best_start)
     if result.error > max(rtol, 0.03):
-        warnings.warn(f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} (first pruning "
-                      f"block {best_start}) gives "
-                      f"{best / baseline:.3f}x the baseline FLOPs (target {1 - p:.3f}x); "
-                      f"{searched_range(evals, max_evals)}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"MADTP could not reach flops_reduction={p}: the closest τ={best_tau:.4g} (first pruning "
+            f"block {best_start}) gives "
+            f"{best / baseline:.3f}x the baseline FLOPs (target {1 - p:.3f}x); "
+            f"{searched_range(evals, max_evals)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result
 
 
@@ -860,8 +924,10 @@ def searched_range(evals: list[tuple[float, int, int]], max_evals: int) -> str:
     ``max_evals`` it stops well inside them, and naming the bounds overstated the search)."""
     taus = [e[0] for e in evals]
     starts = sorted({e[2] for e in evals})
-    return (f"{len(evals)} counted forwards (max_evals={max_evals}) tried τ in [{min(taus):.4g}, {max(taus):.4g}] "
-            f"with first pruning block(s) {starts}; raise max_evals to search further")
+    return (
+        f"{len(evals)} counted forwards (max_evals={max_evals}) tried τ in [{min(taus):.4g}, {max(taus):.4g}] "
+        f"with first pruning block(s) {starts}; raise max_evals to search further"
+    )
 
 
 def madtp_settings(model: nn.Module) -> dict[str, Any]:

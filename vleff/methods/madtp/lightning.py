@@ -23,6 +23,7 @@ whose τ was never chosen (no fit, no checkpoint with τ, no :func:`vleff.calibr
 calibrates first, on that stage's first ``calibration_batches`` batches: otherwise it would run
 at the starting τ, far from the FLOPs target, without a word.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,8 +62,9 @@ def _loader(trainer: pl.Trainer) -> Any:
     return loader
 
 
-def _on_rank_zero(trainer: pl.Trainer, controller: MADTPController, target: nn.Module,
-                  calibrate: Callable[[], Any]) -> None:
+def _on_rank_zero(
+    trainer: pl.Trainer, controller: MADTPController, target: nn.Module, calibrate: Callable[[], Any]
+) -> None:
     """Run ``calibrate`` (a controller calibration) on global rank 0 only and give every rank
     its controller state (τ, first pruning block, baseline, history, calibration batches).
 
@@ -172,12 +174,16 @@ class MADTP(AuxLoss):
             return
         if _pair_and_module(self._target)[1].calibrated:
             return
-        loader = {"validate": trainer.val_dataloaders, "test": trainer.test_dataloaders,
-                  "predict": trainer.predict_dataloaders}[stage]
+        loader = {
+            "validate": trainer.val_dataloaders,
+            "test": trainer.test_dataloaders,
+            "predict": trainer.predict_dataloaders,
+        }[stage]
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
-        probe = MADTPController(self.controller.config.replace(adjust_every_epoch=False, warmup_epochs=0),
-                                self.config.flops_reduction)
+        probe = MADTPController(
+            self.controller.config.replace(adjust_every_epoch=False, warmup_epochs=0), self.config.flops_reduction
+        )
         try:
             if loader is None:
                 raise ValueError("the trainer has no dataloader for it")
@@ -186,9 +192,12 @@ class MADTP(AuxLoss):
             raise RuntimeError(
                 f"MADTP: trainer.{stage} runs a model whose τ was never calibrated (no fit, no checkpoint with τ), "
                 f"and its {stage} batches cannot calibrate it ({err}); call vleff.calibrate_madtp(model, batches) "
-                "first, or load a checkpoint trained with the MADTP callback") from err
-        rank_zero_info(f"MADTP: τ was never calibrated; calibrating for flops_reduction="
-                       f"{self.config.flops_reduction} on the first {len(probe.batches or [])} {stage} batches")
+                "first, or load a checkpoint trained with the MADTP callback"
+            ) from err
+        rank_zero_info(
+            f"MADTP: τ was never calibrated; calibrating for flops_reduction="
+            f"{self.config.flops_reduction} on the first {len(probe.batches or [])} {stage} batches"
+        )
         _on_rank_zero(trainer, probe, self._target, lambda: probe.calibrate(self._target, final=True))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,15 +205,21 @@ class MADTP(AuxLoss):
             return
         if self.log:
             last = self.controller.history[-1]
-            pl_module.log_dict({"madtp/tau": float(last["tau"]), "madtp/flops_ratio": float(last["ratio"])},
-                               on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+            pl_module.log_dict(
+                {"madtp/tau": float(last["tau"]), "madtp/flops_ratio": float(last["ratio"])},
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                sync_dist=True,
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._target is not None:
             controller_train_end(trainer, self.controller, self._target)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         from vleff.lightning.restore import record_method
 
         if self._target is not None:
@@ -217,7 +232,6 @@ class MADTP(AuxLoss):
         self.controller.load_state_dict(state_dict)  # refuses another flops_reduction or ramp
         if self._target is not None:
             self.controller.restore(self._target)
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -55,6 +55,7 @@ equals the host.
 >>> vleff.apply_memvp(blip, n_mem=64)        # projector sized from the vision tower
 >>> vleff.remove_memvp(blip)                 # the original model, exactly
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,10 +70,14 @@ from vleff.registry import MethodConfig
 from vleff.side.common import train_only
 
 MODULE_NAME = "vleff_memvp"
-SUPPORTED_FFN = ("gated MLP with gate_proj/up_proj/down_proj (Llama family), plain MLP with c_fc/c_proj (GPT-2) "
-                 "or fc1/fc2, and Hugging Face BLIP text layers (intermediate/output)")
-SUPPORTED_HOSTS = ("Hugging Face BlipForConditionalGeneration / BlipForQuestionAnswering, "
-                   "vleff.models.VisionLanguageModel, or a Hugging Face causal LM with such FFNs")
+SUPPORTED_FFN = (
+    "gated MLP with gate_proj/up_proj/down_proj (Llama family), plain MLP with c_fc/c_proj (GPT-2) "
+    "or fc1/fc2, and Hugging Face BLIP text layers (intermediate/output)"
+)
+SUPPORTED_HOSTS = (
+    "Hugging Face BlipForConditionalGeneration / BlipForQuestionAnswering, "
+    "vleff.models.VisionLanguageModel, or a Hugging Face causal LM with such FFNs"
+)
 
 
 @dataclass
@@ -131,7 +136,7 @@ class _Slot:
     def __init__(self) -> None:
         self.value: Any = None
 
-    def __deepcopy__(self, memo: dict) -> "_Slot":
+    def __deepcopy__(self, memo: dict) -> _Slot:
         return _Slot()
 
     def __reduce__(self) -> tuple:
@@ -162,30 +167,37 @@ class MemVPModule(nn.Module):
     """The trained parts, registered on the host as ``vleff_memvp``: the projector and the
     shared key/value offsets. Holds the current sample memory ``(K, V)`` (``[B, n_mem, C]``)."""
 
-    def __init__(self, visual_dim: int, width: int, config: MemVPConfig, vision_blocks: int = 0,
-                 vision_width: int = 0) -> None:
+    def __init__(
+        self, visual_dim: int, width: int, config: MemVPConfig, vision_blocks: int = 0, vision_width: int = 0
+    ) -> None:
         super().__init__()
         self.visual_dim, self.width = visual_dim, width
         self.n_mem, self.scale, self.dropout = config.n_mem, config.scale, config.dropout
         self.projector_scale = config.projector_scale
-        self.projector = nn.Sequential(nn.Linear(visual_dim, config.projector_hidden), nn.SiLU(),
-                                       nn.Linear(config.projector_hidden, width))
+        self.projector = nn.Sequential(
+            nn.Linear(visual_dim, config.projector_hidden), nn.SiLU(), nn.Linear(config.projector_hidden, width)
+        )
         self.key_offset = nn.Parameter(torch.randn(config.n_mem, width) * config.key_init_std)
         self.value_offset = nn.Parameter(torch.zeros(config.n_mem, width))
         self.memory = _Slot()
         if config.vision_adapter_dim:
-            self.adapters = nn.ModuleList(VisionAdapter(vision_width, config.vision_adapter_dim, config.dropout,
-                                                        config.vision_adapter_scale)
-                                          for _ in range(vision_blocks))
+            self.adapters = nn.ModuleList(
+                VisionAdapter(vision_width, config.vision_adapter_dim, config.dropout, config.vision_adapter_scale)
+                for _ in range(vision_blocks)
+            )
 
     def set_memory(self, features: torch.Tensor) -> None:
         """Project ``features`` ``[B, N_v, visual_dim]`` into this batch's memory."""
         if features.dim() != 3 or features.shape[-1] != self.visual_dim:
-            raise ValueError(f"MemVP: visual features have shape {tuple(features.shape)}; expected "
-                             f"[batch, tokens, visual_dim={self.visual_dim}] (the projector's input width)")
+            raise ValueError(
+                f"MemVP: visual features have shape {tuple(features.shape)}; expected "
+                f"[batch, tokens, visual_dim={self.visual_dim}] (the projector's input width)"
+            )
         if features.shape[1] > self.n_mem:
-            raise ValueError(f"MemVP: n_mem={self.n_mem} is smaller than the number of visual tokens "
-                             f"({features.shape[1]}); use n_mem >= {features.shape[1]}")
+            raise ValueError(
+                f"MemVP: n_mem={self.n_mem} is smaller than the number of visual tokens "
+                f"({features.shape[1]}); use n_mem >= {features.shape[1]}"
+            )
         z = self.projector(features) * self.projector_scale
         z = F.pad(z, (0, 0, 0, self.n_mem - z.shape[1]))
         self.memory.value = (z + self.key_offset.to(z.dtype), z + self.value_offset.to(z.dtype))
@@ -203,17 +215,21 @@ class MemVPModule(nn.Module):
         library; a bare LM's features are the caller's to ``repeat_interleave``)."""
         kv = self.memory.value
         if kv is None:
-            raise RuntimeError("MemVP: an FFN ran without visual memory; run the model with its images (BLIP: "
-                               "encoder_hidden_states, VisionLanguageModel: images) or call "
-                               "vleff.methods.memvp.core.set_memvp_memory(model, features) on a bare LM")
+            raise RuntimeError(
+                "MemVP: an FFN ran without visual memory; run the model with its images (BLIP: "
+                "encoder_hidden_states, VisionLanguageModel: images) or call "
+                "vleff.methods.memvp.core.set_memvp_memory(model, features) on a bare LM"
+            )
         k, v = kv
         if u.shape[-1] != k.shape[-1]:
             raise ValueError(f"MemVP: FFN input width {u.shape[-1]} differs from the memory width {k.shape[-1]}")
         if u.shape[0] != k.shape[0]:
-            raise RuntimeError(f"MemVP: the FFN input has batch {u.shape[0]} but the visual memory was set for batch "
-                               f"{k.shape[0]}; set the memory for this batch (set_memvp_memory with one row of "
-                               "features per sequence: repeat_interleave them for beams or several sequences per "
-                               "image)")
+            raise RuntimeError(
+                f"MemVP: the FFN input has batch {u.shape[0]} but the visual memory was set for batch "
+                f"{k.shape[0]}; set the memory for this batch (set_memvp_memory with one row of "
+                "features per sequence: repeat_interleave them for beams or several sequences per "
+                "image)"
+            )
         a = F.silu(torch.matmul(u, k.to(u.dtype).transpose(1, 2)))
         if self.training and self.dropout > 0:
             a = F.dropout(a, p=self.dropout)
@@ -257,8 +273,10 @@ class _ResidualAdd(_MemVPHook):
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         read, self.stash.value = self.stash.value, None
         if read is None:
-            raise RuntimeError("MemVP: a BLIP text layer's output LayerNorm ran without its FFN input hook "
-                               "(intermediate) before it; the layer's FFN order is not the one MemVP supports")
+            raise RuntimeError(
+                "MemVP: a BLIP text layer's output LayerNorm ran without its FFN input hook "
+                "(intermediate) before it; the layer's FFN order is not the one MemVP supports"
+            )
         return (args[0] + read.to(args[0].dtype), *args[1:])
 
 
@@ -306,7 +324,7 @@ class _CrossStatesMemory(_MemVPHook):
             if states is None:
                 self.memory.clear_memory()
                 return
-            self.memory.set_memory(states[:, self.drop:])
+            self.memory.set_memory(states[:, self.drop :])
             self.image.value = self.memory.memory.value
             return
         kv = self.image.value
@@ -316,8 +334,10 @@ class _CrossStatesMemory(_MemVPHook):
         k, v = kv
         if states.shape[0] != k.shape[0]:
             if states.shape[0] % k.shape[0]:
-                raise RuntimeError(f"MemVP: the BLIP answer decoder runs on batch {states.shape[0]}, not a multiple "
-                                   f"of the batch of the question encoded last ({k.shape[0]})")
+                raise RuntimeError(
+                    f"MemVP: the BLIP answer decoder runs on batch {states.shape[0]}, not a multiple "
+                    f"of the batch of the question encoded last ({k.shape[0]})"
+                )
             reps = states.shape[0] // k.shape[0]
             k, v = k.repeat_interleave(reps, dim=0), v.repeat_interleave(reps, dim=0)
         self.memory.memory.value = (k, v)
@@ -343,7 +363,7 @@ class _VisualSource(_MemVPHook):
             tokens = getattr(output, "last_hidden_state", None)
             if tokens is None:
                 tokens = output[0]
-        self.memory.set_memory(tokens[:, self.drop:])
+        self.memory.set_memory(tokens[:, self.drop :])
 
 
 # --- hosts --------------------------------------------------------------------------------------------
@@ -378,8 +398,10 @@ def causal_lm_sites(lm: nn.Module, prefix: str = "") -> tuple[list[tuple[str, nn
     if layers is None:
         layers, attr = getattr(base, "h", None), "h"
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TypeError(f"MemVP does not support {type(lm).__name__}: no decoder layers found "
-                        f"(base_model.layers or .h); supported hosts: {SUPPORTED_HOSTS}")
+        raise TypeError(
+            f"MemVP does not support {type(lm).__name__}: no decoder layers found "
+            f"(base_model.layers or .h); supported hosts: {SUPPORTED_HOSTS}"
+        )
     base_name = next((n for n, m in lm.named_modules() if m is base), "")
     sites = []
     for i, layer in enumerate(layers):
@@ -406,12 +428,16 @@ def _blip_host(model: nn.Module) -> Host:
             widths.add(int(module.config.hidden_size))
             for i, layer in enumerate(module.encoder.layer):
                 if not isinstance(layer, BlipTextLayer):
-                    raise TypeError(f"MemVP does not support the FFN module type {type(layer).__name__} "
-                                    f"({name}.encoder.layer.{i}); supported: {SUPPORTED_FFN}")
+                    raise TypeError(
+                        f"MemVP does not support the FFN module type {type(layer).__name__} "
+                        f"({name}.encoder.layer.{i}); supported: {SUPPORTED_FFN}"
+                    )
                 sites.append((f"{name}.encoder.layer.{i}", layer, "blip"))
     if not sites or len(widths) != 1:
-        raise TypeError(f"MemVP does not support {type(model).__name__}: no BLIP text model of one width found; "
-                        f"supported hosts: {SUPPORTED_HOSTS}")
+        raise TypeError(
+            f"MemVP does not support {type(model).__name__}: no BLIP text model of one width found; "
+            f"supported hosts: {SUPPORTED_HOSTS}"
+        )
     vision = model.vision_model
     n = (int(vision.config.image_size) // int(vision.config.patch_size)) ** 2
     from vleff.backbones import find_tower
@@ -454,8 +480,10 @@ def locate_host(model: nn.Module) -> nn.Module:
             found.append((name, module))
     if len(found) != 1:
         what = "none" if not found else ", ".join(f"{n} ({type(m).__name__})" for n, m in found)
-        raise TypeError(f"MemVP does not support {type(model).__name__}: it needs one host model inside, found "
-                        f"{what}; supported hosts: {SUPPORTED_HOSTS}")
+        raise TypeError(
+            f"MemVP does not support {type(model).__name__}: it needs one host model inside, found "
+            f"{what}; supported hosts: {SUPPORTED_HOSTS}"
+        )
     return found[0][1]
 
 
@@ -491,21 +519,29 @@ def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings:
     host = find_host(model)  # every check before anything is changed
     visual_dim = cfg.visual_dim if cfg.visual_dim is not None else host.visual_dim
     if visual_dim is None:
-        raise ValueError(f"MemVP: {type(model).__name__} has no vision tower to read visual_dim from; "
-                         "pass visual_dim=<width of the features you give set_memvp_memory>")
+        raise ValueError(
+            f"MemVP: {type(model).__name__} has no vision tower to read visual_dim from; "
+            "pass visual_dim=<width of the features you give set_memvp_memory>"
+        )
     if host.visual_dim is not None and visual_dim != host.visual_dim:
-        raise ValueError(f"visual_dim={visual_dim} is not allowed: the vision tower's tokens of "
-                         f"{type(model).__name__} have width {host.visual_dim}")
+        raise ValueError(
+            f"visual_dim={visual_dim} is not allowed: the vision tower's tokens of "
+            f"{type(model).__name__} have width {host.visual_dim}"
+        )
     drop = host.prefix_tokens if cfg.visual_tokens == "patch" else 0
     if host.num_visual_tokens is not None and cfg.n_mem < host.num_visual_tokens - drop:
-        raise ValueError(f"n_mem={cfg.n_mem} is not allowed: it is smaller than the number of visual tokens "
-                         f"({host.num_visual_tokens - drop}); use n_mem >= {host.num_visual_tokens - drop}")
+        raise ValueError(
+            f"n_mem={cfg.n_mem} is not allowed: it is smaller than the number of visual tokens "
+            f"({host.num_visual_tokens - drop}); use n_mem >= {host.num_visual_tokens - drop}"
+        )
     if memvp_applied(model):
         remove_memvp(model)
     tower = host.vision_tower
     if cfg.vision_adapter_dim and tower is None:
-        raise ValueError(f"vision_adapter_dim={cfg.vision_adapter_dim} is not allowed: {type(model).__name__} has no "
-                         "vision tower MemVP can reach; use vision_adapter_dim=0")
+        raise ValueError(
+            f"vision_adapter_dim={cfg.vision_adapter_dim} is not allowed: {type(model).__name__} has no "
+            "vision tower MemVP can reach; use vision_adapter_dim=0"
+        )
     blocks = tower.blocks() if tower is not None and cfg.vision_adapter_dim else []
     memory = MemVPModule(visual_dim, host.width, cfg, len(blocks), tower.embed_dim if blocks else 0)
     ref = next(model.parameters())
@@ -576,10 +612,12 @@ def update_memvp(model: nn.Module, **changes: Any) -> None:
     allowed = {"scale", "dropout"}
     if set(changes) - allowed:
         unknown = sorted(set(changes) - allowed)
-        raise ValueError(f"MemVP: only {sorted(allowed)} change on an applied model, not {unknown}; "
-                         "apply it again for the others")
-    cfg = MemVPConfig(n_mem=module.n_mem, scale=changes.get("scale", module.scale),
-                      dropout=changes.get("dropout", module.dropout))
+        raise ValueError(
+            f"MemVP: only {sorted(allowed)} change on an applied model, not {unknown}; apply it again for the others"
+        )
+    cfg = MemVPConfig(
+        n_mem=module.n_mem, scale=changes.get("scale", module.scale), dropout=changes.get("dropout", module.dropout)
+    )
     module.scale, module.dropout = cfg.scale, cfg.dropout
 
 
@@ -592,8 +630,9 @@ def freeze_host_for_memvp(model: nn.Module) -> list[str]:
     return train_only(model, memvp_parameters(model))
 
 
-def memvp_num_parameters(visual_dim: int, hidden: int, width: int, n_mem: int, vision_blocks: int = 0,
-                         adapter_dim: int = 0) -> int:
+def memvp_num_parameters(
+    visual_dim: int, hidden: int, width: int, n_mem: int, vision_blocks: int = 0, adapter_dim: int = 0
+) -> int:
     """Parameters MemVP adds: the projector, the two ``[n_mem, width]`` offsets and, optionally,
     one ``visual_dim → adapter_dim → visual_dim`` adapter per vision block."""
     adapters = vision_blocks * 2 * visual_dim * adapter_dim
@@ -606,7 +645,12 @@ def memvp_settings(model: nn.Module) -> dict[str, Any]:
         return {}
     module: Any = memvp_module(model)
     adapters = getattr(module, "adapters", None)
-    return {"n_mem": module.n_mem, "scale": module.scale, "dropout": module.dropout,
-            "projector_scale": module.projector_scale, "projector_hidden": module.projector[0].out_features,
-            "visual_dim": module.visual_dim,
-            "vision_adapter_dim": adapters[0].down.out_features if adapters is not None and len(adapters) else 0}
+    return {
+        "n_mem": module.n_mem,
+        "scale": module.scale,
+        "dropout": module.dropout,
+        "projector_scale": module.projector_scale,
+        "projector_hidden": module.projector[0].out_features,
+        "visual_dim": module.visual_dim,
+        "vision_adapter_dim": adapters[0].down.out_features if adapters is not None and len(adapters) else 0,
+    }

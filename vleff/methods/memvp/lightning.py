@@ -10,6 +10,7 @@ frozen there (the paper trains only the projector and the memory offsets). Which
 already applied MemVP and ``remove_on_teardown`` follow the rules of every method callback
 (:mod:`vleff.lightning.targets`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,8 +48,9 @@ class MemVP(pl.Callback):
 
     settings_config = MemVPConfig
 
-    def __init__(self, freeze_host: bool = True, remove_on_teardown: bool = False, module: ModuleArg = None,
-                 **settings: Any) -> None:
+    def __init__(
+        self, freeze_host: bool = True, remove_on_teardown: bool = False, module: ModuleArg = None, **settings: Any
+    ) -> None:
         super().__init__()
         self.config = MemVPConfig.build(**settings)
         self.freeze_host = check_bool("freeze_host", freeze_host)
@@ -69,8 +71,9 @@ class MemVP(pl.Callback):
         if self.freeze_host:
             freeze_host_for_memvp(target)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         from vleff.lightning.restore import record_method
 
         if self._target is not None and memvp_applied(self._target):
@@ -80,7 +83,6 @@ class MemVP(pl.Callback):
         target = self._target if self._target is not None else pl_module
         if self.remove_on_teardown and memvp_applied(target):
             self._removal.remove("memvp", target)
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -3,6 +3,7 @@
 MeZO replaces the training step rather than the model's forward, so it has no
 ``apply``/``remove`` on models; the config is the one owner of its defaults.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,10 @@ class MeZOConfig(MethodConfig):
         if self.weight_decay is not None:
             check_number("weight_decay", self.weight_decay, low=0, owner="MeZO")
         seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
-            raise ValueError(f"MeZO: seed={seed!r} is not allowed; it must be an int in [0, 2**62) "
-                             "(step t draws its direction from seed + t)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+            raise ValueError(
+                f"MeZO: seed={seed!r} is not allowed; it must be an int in [0, 2**62) "
+                "(step t draws its direction from seed + t)"
+            )
         check_patterns("params", self.params)
         self.params = list(self.params) if isinstance(self.params, (list, tuple)) else self.params

@@ -1,4 +1,5 @@
 """MeZO from the optimizer a user built: same parameters and learning rate, decay by the reference's rule."""
+
 from __future__ import annotations
 
 import re
@@ -19,10 +20,18 @@ from vleff.optim import (
 )
 
 
-def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable[tuple[str, torch.Tensor]], *,
-                        lr: float | None = None, eps: float = 1e-3, weight_decay: float | None = None,
-                        params: str | Sequence[str] | None = None, seed: int = 0,
-                        reduce: Reduce | None = None, allow_low_precision: bool = False) -> MeZO:
+def mezo_from_optimizer(
+    optimizer: Optimizer | None,
+    model: nn.Module | Iterable[tuple[str, torch.Tensor]],
+    *,
+    lr: float | None = None,
+    eps: float = 1e-3,
+    weight_decay: float | None = None,
+    params: str | Sequence[str] | None = None,
+    seed: int = 0,
+    reduce: Reduce | None = None,
+    allow_low_precision: bool = False,
+) -> MeZO:
     """A :class:`MeZO` optimizer over ``optimizer``'s parameters (or all trainable ones).
 
     ``lr``/``weight_decay`` override every group's value when given (``initial_lr`` too, so a
@@ -67,6 +76,8 @@ def mezo_from_optimizer(optimizer: Optimizer | None, model: nn.Module | Iterable
         new.setdefault("weight_decay", 0.0)
         groups.append(new)
     if not any(g["params"] for g in groups):
-        raise ValueError(f"MeZO selected no parameter: params={params!r} matched none of the optimizer's "
-                         f"trainable (requires_grad=True) parameters (some names: {[n for n, _ in pairs][:6]})")
+        raise ValueError(
+            f"MeZO selected no parameter: params={params!r} matched none of the optimizer's "
+            f"trainable (requires_grad=True) parameters (some names: {[n for n, _ in pairs][:6]})"
+        )
     return MeZO(groups, lr=groups[0]["lr"], eps=eps, seed=seed, reduce=reduce, allow_low_precision=allow_low_precision)

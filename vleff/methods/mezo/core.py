@@ -25,6 +25,7 @@ fp32 weights under bf16 autocast followed the fp32 run (cosine 0.998). The optim
 fp16 trainable parameters unless ``allow_low_precision=True``: keep fp32 weights and run the
 forward in bf16 (Lightning's ``precision="bf16-mixed"``, ``torch.autocast``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -67,14 +68,17 @@ def _as_loss(value: Any) -> torch.Tensor:
             raise ValueError(f"MeZO needs a loss; the closure returned a dict without 'loss' (keys: {list(value)})")
         value = value["loss"]
     if not torch.is_tensor(value) or value.numel() != 1:
-        raise ValueError(f"MeZO needs a scalar loss tensor from the closure, got {type(value).__name__}"
-                         + (f" of shape {tuple(value.shape)}" if torch.is_tensor(value) else ""))
+        raise ValueError(
+            f"MeZO needs a scalar loss tensor from the closure, got {type(value).__name__}"
+            + (f" of shape {tuple(value.shape)}" if torch.is_tensor(value) else "")
+        )
     return value.detach().reshape(())
 
 
 @torch.no_grad()
-def spsa_projected_grad(params: list[torch.Tensor], loss_fn: Callable[[], Any], seed: int,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def spsa_projected_grad(
+    params: list[torch.Tensor], loss_fn: Callable[[], Any], seed: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two-point estimate ``(L(θ+εz) - L(θ-εz)) / 2ε``; the weights are restored afterwards.
 
     Returns ``(projected_grad, loss_plus, loss_minus)`` as 0-d tensors (fp64 for the gradient
@@ -137,8 +141,16 @@ class MeZO(Optimizer):
     leaves ``last_projected_grad``, ``last_loss_plus``/``last_loss_minus`` for logging.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0, reduce: Reduce | None = None, allow_low_precision: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        reduce: Reduce | None = None,
+        allow_low_precision: bool = False,
+    ) -> None:
         # read by add_param_group, which __init__ calls
         self.allow_low_precision = check_bool("allow_low_precision", allow_low_precision)
         if not eps > 0:
@@ -168,11 +180,13 @@ class MeZO(Optimizer):
         low = [p for p in group["params"] if p.requires_grad and p.dtype in LOW_PRECISION]
         if low and not self.allow_low_precision:
             raise ValueError(
-                f"MeZO: {len(low)} trainable parameter(s) are {low[0].dtype} (the first of shape {tuple(low[0].shape)}) "
+                f"MeZO: {len(low)} trainable parameter(s) are {low[0].dtype} (the first of shape "
+                f"{tuple(low[0].shape)}) "
                 "and allow_low_precision=False. In 16-bit weights the restore θ+εz−2εz+εz is inexact and an update "
                 "lr·g·z below a weight's rounding step is rounded away, so the weights drift instead of training. "
                 "Keep fp32 weights and run the forward in bf16 (Lightning: precision='bf16-mixed'; plain PyTorch: "
-                "torch.autocast), or pass allow_low_precision=True to accept the drift.")
+                "torch.autocast), or pass allow_low_precision=True to accept the drift."
+            )
 
     def _params(self) -> list[torch.Tensor]:
         """The parameters MeZO perturbs and updates: those with ``requires_grad`` (frozen ones
@@ -209,8 +223,11 @@ class MeZO(Optimizer):
             decay = group.get("decay")  # absent after loading a state_dict saved without it
             if decay is None:
                 decay = group["decay"] = default_decay(group)
-            flags.extend((group["lr"], group["weight_decay"] if d else 0.0)
-                         for p, d in zip(group["params"], decay) if p.requires_grad)
+            flags.extend(
+                (group["lr"], group["weight_decay"] if d else 0.0)
+                for p, d in zip(group["params"], decay)
+                if p.requires_grad
+            )
         for (p, z), (lr, wd) in zip(directions(self._params(), seed), flags):
             if wd:
                 p.mul_(1 - lr * wd)

@@ -36,6 +36,7 @@ Hooks and logging during a MeZO step (the user's ``training_step`` runs twice, a
   logged with their ``θ-εz`` value. A torchmetrics object the step *updates* is still updated
   twice per step, since the step itself runs twice.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,7 +67,6 @@ __all__ = ["MeZO", "check_automatic_optimization", "check_trainer_settings", "in
 _ATTR = "_vleff_mezo"
 
 
-
 _LogCall = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
 
 
@@ -74,8 +74,13 @@ def _mean_of_two(plus: Any, minus: Any) -> Any:
     """What to log for a value logged at both ``θ+εz`` and ``θ-εz``: the mean of floating values."""
     if isinstance(plus, float) and isinstance(minus, float):
         return (plus + minus) / 2
-    if (torch.is_tensor(plus) and torch.is_tensor(minus) and plus.is_floating_point()
-            and minus.is_floating_point() and plus.shape == minus.shape):
+    if (
+        torch.is_tensor(plus)
+        and torch.is_tensor(minus)
+        and plus.is_floating_point()
+        and minus.is_floating_point()
+        and plus.shape == minus.shape
+    ):
         return (plus.detach() + minus.detach()) / 2
     return minus
 
@@ -93,12 +98,13 @@ def _replay_logs(pl_module: pl.LightningModule, plus: list[_LogCall], minus: lis
             used[name] += 1
         pl_module.log(name, value, *args, **kwargs)
     for name, entries in earlier.items():  # logged only at θ+εz
-        for _, value, args, kwargs in entries[used[name]:]:
+        for _, value, args, kwargs in entries[used[name] :]:
             pl_module.log(name, value, *args, **kwargs)
 
 
 def _recording_logs(pl_module: pl.LightningModule, fn: Callable[[], Any], into: list[_LogCall]) -> Any:
     """Run ``fn`` with ``pl_module.log`` (and so ``log_dict``) recording its calls into ``into``."""
+
     def record(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         into.append((name, value, args, kwargs))
 
@@ -171,15 +177,21 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
         other = getattr(old, "vleff_method", None)
         reason = conflict("mezo", other) if other else None
         if reason:
-            raise ValueError(f"MeZO would replace the {type(old).__name__} optimizer configure_optimizers returns: "
-                             f"{reason}; use one of them")
+            raise ValueError(
+                f"MeZO would replace the {type(old).__name__} optimizer configure_optimizers returns: "
+                f"{reason}; use one of them"
+            )
     if len(olds) > 1:
-        raise ValueError(f"MeZO works with one optimizer, but configure_optimizers returned {len(olds)} "
-                         f"({', '.join(type(o).__name__ for o in olds)}); return one (with param groups) instead")
+        raise ValueError(
+            f"MeZO works with one optimizer, but configure_optimizers returned {len(olds)} "
+            f"({', '.join(type(o).__name__ for o in olds)}); return one (with param groups) instead"
+        )
     precision = str(trainer.precision)
     if precision.startswith("16"):
-        raise ValueError(f"MeZO does not support precision={precision!r} (the loss scaler needs gradients); use "
-                         "'32-true' or 'bf16-mixed' with fp32 weights")
+        raise ValueError(
+            f"MeZO does not support precision={precision!r} (the loss scaler needs gradients); use "
+            "'32-true' or 'bf16-mixed' with fp32 weights"
+        )
     check_trainer_settings(trainer, pl_module)
     strategy = trainer.strategy
     seed = int(strategy.broadcast(int(seed)))
@@ -189,9 +201,17 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
         return strategy.reduce(t, reduce_op="mean")
 
     def convert(opt: Any) -> MeZOOptimizer:
-        return mezo_from_optimizer(opt, pl_module, lr=lr, eps=eps, weight_decay=weight_decay, params=params,
-                                   seed=seed, reduce=reduce if distributed else None,
-                                   allow_low_precision=config.allow_low_precision)
+        return mezo_from_optimizer(
+            opt,
+            pl_module,
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            params=params,
+            seed=seed,
+            reduce=reduce if distributed else None,
+            allow_low_precision=config.allow_low_precision,
+        )
 
     (optimizer,) = swap_optimizers(trainer, convert, base_lr=lr)
     if not olds:  # no scheduler can drive a placeholder optimizer
@@ -201,8 +221,11 @@ def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZ
         ddp.require_backward_grad_sync = False  # nothing runs backward: keep the reducer idle
 
     original = pl_module.training_step
-    saved = {"automatic_optimization": pl_module.automatic_optimization, "original": original,
-             "had_instance_attr": "training_step" in vars(pl_module)}
+    saved = {
+        "automatic_optimization": pl_module.automatic_optimization,
+        "original": original,
+        "had_instance_attr": "training_step" in vars(pl_module),
+    }
     pl_module.automatic_optimization = False
 
     @functools.wraps(original)
@@ -282,19 +305,29 @@ def check_trainer_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -
       ``configure_gradient_clipping`` gets a warning naming them: they never run under MeZO.
     """
     if trainer.accumulate_grad_batches != 1:
-        raise ValueError(f"MeZO takes one step per batch; accumulate_grad_batches={trainer.accumulate_grad_batches} "
-                         "is not supported (allowed: 1; use a larger batch)")
+        raise ValueError(
+            f"MeZO takes one step per batch; accumulate_grad_batches={trainer.accumulate_grad_batches} "
+            "is not supported (allowed: 1; use a larger batch)"
+        )
     clip = getattr(trainer, "gradient_clip_val", None)
     if clip is not None and float(clip) != 0.0:
-        raise ValueError(f"MeZO cannot honour gradient_clip_val={clip!r} "
-                         f"(gradient_clip_algorithm={getattr(trainer, 'gradient_clip_algorithm', None)!r}): its update "
-                         "is one scalar projected gradient, with no .grad buffers to clip, and Lightning clips only "
-                         "in automatic optimization, which MeZO switches off; allowed: gradient_clip_val=None or 0")
-    overridden = [name for name in _BACKWARD_HOOKS
-                  if getattr(type(pl_module), name, None) is not getattr(pl.LightningModule, name)]
+        raise ValueError(
+            f"MeZO cannot honour gradient_clip_val={clip!r} "
+            f"(gradient_clip_algorithm={getattr(trainer, 'gradient_clip_algorithm', None)!r}): its update "
+            "is one scalar projected gradient, with no .grad buffers to clip, and Lightning clips only "
+            "in automatic optimization, which MeZO switches off; allowed: gradient_clip_val=None or 0"
+        )
+    overridden = [
+        name
+        for name in _BACKWARD_HOOKS
+        if getattr(type(pl_module), name, None) is not getattr(pl.LightningModule, name)
+    ]
     if overridden:
-        warnings.warn(f"{type(pl_module).__name__} overrides {', '.join(overridden)}, which MeZO never calls "
-                      "(its steps run no backward and leave no .grad buffers)", stacklevel=2)
+        warnings.warn(
+            f"{type(pl_module).__name__} overrides {', '.join(overridden)}, which MeZO never calls "
+            "(its steps run no backward and leave no .grad buffers)",
+            stacklevel=2,
+        )
 
 
 def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
@@ -304,7 +337,8 @@ def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
             f"MeZO needs a module with automatic optimization, but {type(pl_module).__name__} sets "
             "automatic_optimization=False (its training_step calls manual_backward/optimizer.step itself). MeZO "
             "runs training_step twice under torch.no_grad() and needs it to return the loss without calling "
-            "backward: remove automatic_optimization=False and the manual backward/step calls, or train without MeZO")
+            "backward: remove automatic_optimization=False and the manual backward/step calls, or train without MeZO"
+        )
 
 
 class MeZO(Callback):
@@ -360,19 +394,18 @@ class MeZO(Callback):
         uninstall_mezo(pl_module, trainer)
 
 
-
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
 class MeZOMixin:
     """Turns the module's own ``training_step`` into MeZO steps at fit start.
 
-    Call ``self.use_mezo(**settings)`` in ``__init__`` (the fields of
-:class:`vleff.methods.mezo.MeZOConfig`, validated there, as for :class:`vleff.callbacks.MeZO`). Same
-    implementation as the callback (:func:`vleff.methods.mezo.lightning.install_mezo`), so the same
-    hook and logging behaviour (see :mod:`vleff.methods.mezo.lightning`): ``training_step`` runs twice
-    per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
-    logs is logged once (the mean of the two evaluations for floating values). At fit end the
-    module's own ``training_step`` and ``automatic_optimization`` come back (a later fit of the
-    module without the mixin's MeZO trains with backprop); the GaLore callback refuses it.
+        Call ``self.use_mezo(**settings)`` in ``__init__`` (the fields of
+    :class:`vleff.methods.mezo.MeZOConfig`, validated there, as for :class:`vleff.callbacks.MeZO`). Same
+        implementation as the callback (:func:`vleff.methods.mezo.lightning.install_mezo`), so the same
+        hook and logging behaviour (see :mod:`vleff.methods.mezo.lightning`): ``training_step`` runs twice
+        per step, ``on_before_optimizer_step`` fires once at the restored weights, and what the step
+        logs is logged once (the mean of the two evaluations for floating values). At fit end the
+        module's own ``training_step`` and ``automatic_optimization`` come back (a later fit of the
+        module without the mixin's MeZO trains with backprop); the GaLore callback refuses it.
     """
 
     _vleff_mezo_config: Any = None
@@ -385,8 +418,10 @@ class MeZOMixin:
     def on_fit_start(self) -> None:
         next_hook(self, MeZOMixin, "on_fit_start")
         if self._vleff_mezo_config is None:
-            raise RuntimeError(f"{type(self).__name__} mixes in MeZOMixin but never called self.use_mezo(...) in "
-                               "__init__; call it (e.g. self.use_mezo(eps=1e-3, lr=1e-6)) or drop the mixin")
+            raise RuntimeError(
+                f"{type(self).__name__} mixes in MeZOMixin but never called self.use_mezo(...) in "
+                "__init__; call it (e.g. self.use_mezo(eps=1e-3, lr=1e-6)) or drop the mixin"
+            )
         install_mezo(self.trainer, self, self._vleff_mezo_config)  # type: ignore[attr-defined, arg-type]
 
     def on_train_epoch_end(self) -> None:

@@ -18,7 +18,8 @@ tower's stack runs on two streams with a coupling whose inverse is exact up to r
   with MEFT's small adapters (variant 3, bottleneck ``adapter`` = 8, weights N(0, 0.02²),
   biases 0, so the tower starts close to the block it wraps): F̃ has a sequential adapter on
   the attention branch's output, ``F̃(x) = x + a + A_F(a)`` with ``a = F(x)``, and G̃ a parallel
-  one beside the MLP, ``G̃(x) = x + drop_path(ls(mlp(n) + A_G(n)))`` with ``n = norm2(x)``. The adapters are new parameters of each
+  one beside the MLP, ``G̃(x) = x + drop_path(ls(mlp(n) + A_G(n)))`` with ``n = norm2(x)``. The adapters are new
+  parameters of each
   block (``blocks.<i>.vleff_reversible.{f,g}``), trained with the rest; ``remove_reversible``
   drops them.
 
@@ -68,6 +69,7 @@ stack never calls: they are not available while reversible blocks are applied.
 >>> vleff.apply_reversible(model, coupling="revvit")
 >>> vleff.remove_reversible(model)            # the library's own forward, exactly
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -163,14 +165,22 @@ class ReversibleConfig(MethodConfig):
         if self.coupling == "revvit":
             # Rev-ViT's RevNet couplings have no scales and nothing to balance: a value that
             # differs from the default would be silently ignored, so it is refused
-            given = {name: value for name, value, default in (("lam", self.lam, 1.0), ("beta", self.beta, 1.0),
-                                                               ("balance", self.balance, False))
-                     if value != default}
+            given = {
+                name: value
+                for name, value, default in (
+                    ("lam", self.lam, 1.0),
+                    ("beta", self.beta, 1.0),
+                    ("balance", self.balance, False),
+                )
+                if value != default
+            }
             if given:
-                raise ValueError(f"coupling='revvit' takes no {', '.join(f'{k}={v!r}' for k, v in given.items())}: "
-                                 "RevNet couplings (y1 = x1 + F(x2), y2 = x2 + G(y1)) have no scales and nothing to "
-                                 "balance; allowed with revvit: lam=1.0, beta=1.0, balance=False (or use "
-                                 "coupling='meft')")
+                raise ValueError(
+                    f"coupling='revvit' takes no {', '.join(f'{k}={v!r}' for k, v in given.items())}: "
+                    "RevNet couplings (y1 = x1 + F(x2), y2 = x2 + G(y1)) have no scales and nothing to "
+                    "balance; allowed with revvit: lam=1.0, beta=1.0, balance=False (or use "
+                    "coupling='meft')"
+                )
 
     @property
     def stream_floor(self) -> torch.dtype:
@@ -273,8 +283,9 @@ def replay_rng(state: RNGState | None) -> Iterator[None]:
 class _Stack:
     """The blocks of one tower with their coupling (not a module: it holds no parameters of its own)."""
 
-    def __init__(self, adapter: TowerAdapter, config: ReversibleConfig, bias: torch.Tensor | None = None,
-                 is_causal: bool = False) -> None:
+    def __init__(
+        self, adapter: TowerAdapter, config: ReversibleConfig, bias: torch.Tensor | None = None, is_causal: bool = False
+    ) -> None:
         self.adapter = adapter
         self.config = config
         #: the library's attention mask as an additive bias (open_clip text: causal), or None
@@ -307,8 +318,9 @@ class _Stack:
         gain = self.config.balance_factors[1]
         return x + (out if gain == 1.0 else gain * out)
 
-    def forward(self, x: torch.Tensor, states: list[tuple[RNGState | None, RNGState | None]] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, states: list[tuple[RNGState | None, RNGState | None]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both output streams; ``states`` collects each block's (F, G) RNG states when given."""
         lam, beta = self.config.scales
         c = self.config.balance_factors[0]
@@ -422,8 +434,7 @@ class _ReversibleStack(torch.autograd.Function):
         enabled, ac_dtype = ctx.autocast
         grads: dict[int, torch.Tensor] = {}
 
-        def local(out: torch.Tensor, inp: torch.Tensor, params: list[torch.Tensor],
-                  grad: torch.Tensor) -> torch.Tensor:
+        def local(out: torch.Tensor, inp: torch.Tensor, params: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
             got = torch.autograd.grad(out, [inp, *params], grad, allow_unused=True)
             for p, g in zip(params, got[1:]):
                 if g is not None:
@@ -472,8 +483,13 @@ def plain_autograd() -> Iterator[None]:
         _PLAIN_AUTOGRAD = was
 
 
-def run_reversible(adapter: TowerAdapter, config: ReversibleConfig, x: torch.Tensor,
-                   attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+def run_reversible(
+    adapter: TowerAdapter,
+    config: ReversibleConfig,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
     """The tower's blocks as a reversible stack on ``x`` ``[B, N, C]`` (fused output, ``x``'s dtype);
     ``attn_mask`` is the library's mask (bool: True = may attend, or additive)."""
     stack = _Stack(adapter, config, mask_to_bias(attn_mask, torch.float32), is_causal)
@@ -499,8 +515,10 @@ class ReversibleForward:
             x = kwargs.pop("inputs_embeds")
         attn_mask = kwargs.pop("attention_mask", attn_mask)
         if torch.is_grad_enabled() and self.adapter.gradient_checkpointing():
-            raise RuntimeError(f"{self.adapter.describe()} has gradient checkpointing on; reversible blocks "
-                               "replace it (turn it off: model.set_grad_checkpointing(False))")
+            raise RuntimeError(
+                f"{self.adapter.describe()} has gradient checkpointing on; reversible blocks "
+                "replace it (turn it off: model.set_grad_checkpointing(False))"
+            )
         if self.adapter.family != "transformers":
             return run_reversible(self.adapter, self.config, x, attn_mask)
         from transformers.modeling_outputs import BaseModelOutput
@@ -521,7 +539,8 @@ class DirectCallGuard:
         raise RuntimeError(
             f"{self.describe}: a block was called directly while reversible blocks are applied. The library "
             "bypasses the reversible stack when its own gradient checkpointing is on (turn it off: "
-            "model.set_grad_checkpointing(False)) or when it gets an attention mask; neither is supported")
+            "model.set_grad_checkpointing(False)) or when it gets an attention mask; neither is supported"
+        )
 
 
 def _container(tower: TowerAdapter) -> nn.Module:
@@ -546,12 +565,16 @@ def _supported(model: nn.Module, towers_setting: str) -> list[TowerAdapter]:
     wanted = ("image", "text") if towers_setting == "all" else (towers_setting,)
     image = [t for t in towers if t.modality in wanted]
     if not image:
-        raise TypeError(f"towers={towers_setting!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
-                        f"(it has: {', '.join(t.describe() for t in towers)})")
+        raise TypeError(
+            f"towers={towers_setting!r}: {type(model).__name__} has no {' or '.join(wanted)} tower "
+            f"(it has: {', '.join(t.describe() for t in towers)})"
+        )
     bad = [t for t in image if not _is_supported(t)]
     if bad:
-        raise TypeError(f"reversible does not support {bad[0].describe()}; supported: "
-                        "timm VisionTransformer (ViT, DeiT), open_clip and Hugging Face CLIP towers only for now")
+        raise TypeError(
+            f"reversible does not support {bad[0].describe()}; supported: "
+            "timm VisionTransformer (ViT, DeiT), open_clip and Hugging Face CLIP towers only for now"
+        )
     return image
 
 
@@ -570,32 +593,44 @@ def apply_reversible(model: nn.Module, config: ReversibleConfig | None = None, *
     for tower in towers:
         if get_patch(tower.root) is not None:
             names = ", ".join(h.name for h in get_patch(tower.root).hooks) or "a token method"
-            raise ValueError(f"cannot apply reversible while {names} is applied to {tower.describe()}: the "
-                             "reversible stack runs F and G itself, not the tower hooks (token reduction inside "
-                             "the stack is not supported); remove it first")
+            raise ValueError(
+                f"cannot apply reversible while {names} is applied to {tower.describe()}: the "
+                "reversible stack runs F and G itself, not the tower hooks (token reduction inside "
+                "the stack is not supported); remove it first"
+            )
         if tower.gradient_checkpointing():
-            raise RuntimeError(f"{tower.describe()} has gradient checkpointing on; reversible blocks replace it "
-                               "(turn it off: model.set_grad_checkpointing(False))")
+            raise RuntimeError(
+                f"{tower.describe()} has gradient checkpointing on; reversible blocks replace it "
+                "(turn it off: model.set_grad_checkpointing(False))"
+            )
         for i, block in enumerate(tower.blocks()):
             stateful = [type(m).__name__ for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
             if stateful:
-                raise ValueError(f"{tower.describe()} block {i} holds {stateful[0]} (running statistics); "
-                                 "recomputing it in backward would update them twice")
+                raise ValueError(
+                    f"{tower.describe()} block {i} holds {stateful[0]} (running statistics); "
+                    "recomputing it in backward would update them twice"
+                )
     lam, beta = cfg.scales
     depth = max(len(t.blocks()) for t in towers)
     if (error := predicted_error(cfg, depth)) > 1e-3:
-        warnings.warn(f"reversible coupling={cfg.coupling!r} with lam={lam}, beta={beta}, {cfg.stream_floor} "
-                      f"streams over {depth} blocks: the reconstruction in backward amplifies rounding error "
-                      f"{block_amplification(cfg):.3g}x per block; predicted gradient error {error:.1e} relative "
-                      "(MEFT is right up to about 15 blocks at lam = beta = 1 with float64 streams; "
-                      "coupling='revvit' does not amplify)", stacklevel=2)
+        warnings.warn(
+            f"reversible coupling={cfg.coupling!r} with lam={lam}, beta={beta}, {cfg.stream_floor} "
+            f"streams over {depth} blocks: the reconstruction in backward amplifies rounding error "
+            f"{block_amplification(cfg):.3g}x per block; predicted gradient error {error:.1e} relative "
+            "(MEFT is right up to about 15 blocks at lam = beta = 1 with float64 streams; "
+            "coupling='revvit' does not amplify)",
+            stacklevel=2,
+        )
     if cfg.balance and cfg.residual and depth > BALANCE_CHECKED_DEPTH:
-        warnings.warn(f"reversible balance=True over {depth} blocks: with the streams kept at the branches' scale "
-                      "the reconstruction's error also grows with the branches' Jacobians, which no estimate "
-                      "predicts; float64 streams measured 4.5e-8 relative gradient error on the 6-block digits ViT "
-                      "but 0.43 (timm ViT-B/16) and 1.9e-4 / 0.046 (open_clip ViT-B-32 image / text) at depth 12 "
-                      "(random weights): measure yours (benchmarks/reversible_gap.py --settings 1:1:balance) "
-                      "before training", stacklevel=2)
+        warnings.warn(
+            f"reversible balance=True over {depth} blocks: with the streams kept at the branches' scale "
+            "the reconstruction's error also grows with the branches' Jacobians, which no estimate "
+            "predicts; float64 streams measured 4.5e-8 relative gradient error on the 6-block digits ViT "
+            "but 0.43 (timm ViT-B/16) and 1.9e-4 / 0.046 (open_clip ViT-B-32 image / text) at depth 12 "
+            "(random weights): measure yours (benchmarks/reversible_gap.py --settings 1:1:balance) "
+            "before training",
+            stacklevel=2,
+        )
     if reversible_applied(model):
         remove_reversible(model)
     for tower in towers:
@@ -654,8 +689,9 @@ def reversible_config(model: nn.Module) -> ReversibleConfig:
 
 
 @torch.no_grad()
-def starting_gap(model: nn.Module, x: Any, config: ReversibleConfig | None = None, forward: Any = None,
-                 **settings: Any) -> float:
+def starting_gap(
+    model: nn.Module, x: Any, config: ReversibleConfig | None = None, forward: Any = None, **settings: Any
+) -> float:
     """Relative output difference ``‖f_rev(x) − f(x)‖ / ‖f(x)‖`` of ``model`` made reversible
     (before any training: MEFT's adapters freshly drawn) against the model as it is, in eval
     mode; ``forward(model, x)`` picks the output (default ``model(x)``, e.g. ``encode_text``).

@@ -13,6 +13,7 @@ Which model, an already applied stack and ``remove_on_teardown`` follow the rule
 method callback (:mod:`vleff.lightning.targets`): with a frozen teacher beside the student,
 ``module="student"`` leaves the teacher's forward exactly as it was.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,7 +35,6 @@ from vleff.methods.reversible.core import (
 )
 
 __all__ = ["Reversible"]
-
 
 
 class Reversible(pl.Callback):
@@ -74,7 +74,6 @@ class Reversible(pl.Callback):
         target = self._target if self._target is not None else pl_module
         if self.remove_on_teardown and reversible_applied(target):
             self._removal.remove("reversible", target)
-
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -17,6 +17,7 @@ holds several positions, so outputs at earlier positions would depend on later t
 >>> vleff.update(model, "tome", r=8)          # re-schedule without re-applying
 >>> vleff.remove_tome(model)                  # the original forward, exactly
 """
+
 from __future__ import annotations
 
 import math
@@ -158,7 +159,8 @@ def plain_r(r: RSpec) -> RSpec:
     ``list`` or ``dict``), so that it pickles into checkpoints ``torch.load(weights_only=True)`` reads."""
     if isinstance(r, torch.Tensor):
         raise ValueError(  # noqa: TRY004 (a bad setting value; the config contract raises ValueError)
-            f"r={r!r} is not allowed; pass a Python int, list or (r, inflection) tuple, not a tensor")
+            f"r={r!r} is not allowed; pass a Python int, list or (r, inflection) tuple, not a tensor"
+        )
     if isinstance(r, (str, bytes, tuple)):
         return r
     if isinstance(r, Mapping):
@@ -201,8 +203,7 @@ class ToMeHook(TowerHook):
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         if self.config.trace_source:
             n = x.shape[1]
-            state.register("source", torch.eye(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n),
-                           "sum")
+            state.register("source", torch.eye(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n), "sum")
         return x
 
     def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
@@ -219,8 +220,9 @@ class ToMeHook(TowerHook):
             raise RuntimeError("ToMe cannot merge tokens while a masking method (DynamicViT training) is active")
         refuse_causal_decoder(state, "ToMe")
         # text towers: the EOT is protected and padding merges only with padding
-        plan = bipartite_soft_matching(info.keys.mean(dim=1), r, state.num_prefix,
-                                       protected=state.get(PROTECTED), groups=state.get(PAD))
+        plan = bipartite_soft_matching(
+            info.keys.mean(dim=1), r, state.num_prefix, protected=state.get(PROTECTED), groups=state.get(PAD)
+        )
         if plan.r == 0:
             return x
         x, size = merge_weighted(x, state.sizes(x), plan)
@@ -251,8 +253,11 @@ def apply_tome(model: nn.Module, config: ToMeConfig | None = None, **settings: A
 
     def make_hook(tower: TowerAdapter) -> ToMeHook:
         if tower.pooling == "avg":
-            warnings.warn(f"{tower.describe()} average-pools its tokens; after merging the average is over "
-                          "merged tokens (not weighted by size)", stacklevel=3)
+            warnings.warn(
+                f"{tower.describe()} average-pools its tokens; after merging the average is over "
+                "merged tokens (not weighted by size)",
+                stacklevel=3,
+            )
         return ToMeHook(cfg, len(tower.blocks()))
 
     install_hooks(model, make_hook, cfg.towers)
@@ -273,8 +278,9 @@ def update_tome(model: nn.Module, **changes: Any) -> None:
         raise ValueError(f"ToMe is not applied to this {type(model).__name__}; call apply_tome first")
     new = hooks[0].config.replace(**changes)
     if new.towers != hooks[0].config.towers:
-        raise ValueError(f"towers cannot change on an applied ToMe ({hooks[0].config.towers!r} -> {new.towers!r}); "
-                         "apply it again")
+        raise ValueError(
+            f"towers cannot change on an applied ToMe ({hooks[0].config.towers!r} -> {new.towers!r}); apply it again"
+        )
     for hook in hooks:
         hook.configure(new)
 

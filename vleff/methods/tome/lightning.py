@@ -12,6 +12,7 @@ either way). The r schedule is saved in checkpoints and continues on resume.
 Which model, an already applied ToMe and ``remove_on_teardown`` follow the rules of every
 method callback (:mod:`vleff.lightning.targets`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,8 +52,14 @@ class TokenMerging(pl.Callback):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = ToMeConfig
 
-    def __init__(self, schedule: str = "constant", warmup_steps: int = 0, remove_on_teardown: bool = False,
-                 module: ModuleArg = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        remove_on_teardown: bool = False,
+        module: ModuleArg = None,
+        **settings: Any,
+    ) -> None:
         super().__init__()
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
@@ -81,8 +88,9 @@ class TokenMerging(pl.Callback):
         target = self._target if self._target is not None else pl_module
         self.current_r = self.schedule.apply_at(target, step)[0]
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._update(pl_module, trainer.global_step)
         if self.current_r:
             pl_module.log("tome/r_mean", sum(self.current_r) / len(self.current_r), on_step=True, on_epoch=False)
@@ -103,7 +111,6 @@ class TokenMerging(pl.Callback):
         self.current_r = None  # re-applied from the restored global step at the next batch
 
 
-
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
 TOME_KEY = "vleff_tome_schedule"
 
@@ -115,8 +122,7 @@ class TokenMergingMixin:
 
     _vleff_tome: RSchedule | None = None
 
-    def use_tome(self, schedule: str = "constant", warmup_steps: int = 0, module: Any = None,
-                 **settings: Any) -> None:
+    def use_tome(self, schedule: str = "constant", warmup_steps: int = 0, module: Any = None, **settings: Any) -> None:
         config = ToMeConfig.build(**settings)
         target = mixin_target(self, module, "tome", config)
         self._vleff_tome = RSchedule(r=config.r, schedule=schedule, warmup_steps=warmup_steps)

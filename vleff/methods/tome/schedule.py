@@ -2,6 +2,7 @@
 
 A schedule is plain data (no Lightning), so it can be saved in checkpoints and tested alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -4,11 +4,12 @@ From the source map (``apply_tome(..., trace_source=True)``), every patch gets t
 token that holds it; each group is painted in the mean colour of its pixels with dark borders
 between groups, like the figures of the ToMe paper.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def sample_photo(name: str = "china.jpg", size: int = 224) -> torch.Tensor:
     img = torch.from_numpy(np.array(data.images[names.index(name)])).permute(2, 0, 1).float() / 255.0
     side = min(img.shape[1:])  # centre crop to a square, then resize
     top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
-    img = img[:, top:top + side, left:left + side]
+    img = img[:, top : top + side, left : left + side]
     img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     return img.clamp(0, 1)
 
@@ -73,7 +74,9 @@ def merge_groups(model: nn.Module, image: torch.Tensor, forward=None) -> tuple[t
         (forward or model)(image[None])
     state = last_token_state(model)
     if state is None or state.get("source") is None:
-        raise RuntimeError("no source map: apply ToMe with trace_source=True first (vleff.apply_tome(model, r, trace_source=True))")
+        raise RuntimeError(
+            "no source map: apply ToMe with trace_source=True first (vleff.apply_tome(model, r, trace_source=True))"
+        )
     n0 = state.get("source").shape[-1] - tower.num_prefix_tokens
     side = int(math.isqrt(n0))
     if side * side != n0:
@@ -82,8 +85,15 @@ def merge_groups(model: nn.Module, image: torch.Tensor, forward=None) -> tuple[t
     return labels, state.get("source").shape[1] - tower.num_prefix_tokens
 
 
-def plot_merge_groups(model: nn.Module, image: torch.Tensor, r_values: Sequence[int] = (8, 16),
-                      path: str | Path | None = None, forward=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+def plot_merge_groups(
+    model: nn.Module,
+    image: torch.Tensor,
+    r_values: Sequence[int] = (8, 16),
+    path: str | Path | None = None,
+    forward=None,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+):
     """Figure: the image, then its merge groups at each r. ``image`` is ``[3, H, W]`` in [0, 1].
 
     ToMe is (re-)applied at each r with source tracking; afterwards the model is left as it was

@@ -25,6 +25,7 @@ the same function class, and one insertion point for every family (timm heads in
 >>> vleff.side.freeze_backbone(model, train_head=False)  # apply froze the backbone; this the head too
 >>> vleff.remove_unipt(model)               # the original model, exactly
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ class UniPTModule(SideModule):
         nn.init.zeros_(self.up.weight)  # zero: the model starts exactly at the frozen model
         nn.init.zeros_(self.up.bias)
 
-    def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
-                   rows: torch.Tensor) -> torch.Tensor:
+    def correction(
+        self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         if len(layers) != len(self.layers):
             raise RuntimeError(f"unipt: read {len(layers)} layer outputs, the module has {len(self.layers)} layers")
         dtype = self.anchor.weight.dtype
@@ -118,8 +120,10 @@ def _check_tower(tower: TowerAdapter, cfg: UniPTConfig) -> int:
     width = tower.embed_dim
     if width % cfg.factor:
         divisors = [d for d in range(1, min(width, 16) + 1) if width % d == 0]
-        raise ValueError(f"factor={cfg.factor} does not divide the width {width} of {tower.describe()}; "
-                         f"use a divisor of {width} (e.g. {divisors})")
+        raise ValueError(
+            f"factor={cfg.factor} does not divide the width {width} of {tower.describe()}; "
+            f"use a divisor of {width} (e.g. {divisors})"
+        )
     return width // cfg.factor
 
 
@@ -166,4 +170,7 @@ def unipt_settings(model: nn.Module) -> dict[str, Any]:
     if not towers:
         return {}
     side: Any = towers[0].root._modules[MODULE_NAME]
-    return {"towers": frozenset(t.modality for t in towers), "factor": towers[0].embed_dim // side.layers[0].out_features}
+    return {
+        "towers": frozenset(t.modality for t in towers),
+        "factor": towers[0].embed_dim // side.layers[0].out_features,
+    }

@@ -33,6 +33,7 @@ with the query part zero-initialised so the model starts exactly at the frozen m
 >>> vleff.side.freeze_backbone_for_vqt(model, train_head=False)  # apply froze the backbone; this the head too
 >>> vleff.remove_vqt(model)                 # the original model, exactly
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,10 @@ HOOK_NAME = "vqt"
 MODULE_NAME = "vleff_vqt"
 TOWERS = ("image",)
 #: families VQT feeds: a timm head's output, or a CLIP image tower's pooled final feature
-SUPPORTED = ("timm VisionTransformer (ViT/DeiT with one head; registers allowed), open_clip and Hugging Face "
-             "CLIP image towers (class-token pooled)")
+SUPPORTED = (
+    "timm VisionTransformer (ViT/DeiT with one head; registers allowed), open_clip and Hugging Face "
+    "CLIP image towers (class-token pooled)"
+)
 
 
 @dataclass
@@ -122,8 +125,9 @@ class VQTModule(SideModule):
         norms), concatenated."""
         return torch.cat([F.normalize(o.flatten(1), dim=-1) for o in outputs], dim=1)
 
-    def correction(self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor,
-                   rows: torch.Tensor) -> torch.Tensor:
+    def correction(
+        self, layers: list[torch.Tensor], anchor: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         """CLIP towers: ``layers`` are the collected query outputs (the scratch this method's
         hook fills); the projection of their features is added to the pooled final feature."""
         return self.proj(self.features(layers))
@@ -158,15 +162,30 @@ class VQTHook(TowerHook):
             raise RuntimeError(
                 f"{self.adapter.describe()} block {info.index}: VQT reads the block's keys/values of the full "
                 "frozen token stream, but another method changed the tokens or the attention (token reduction, "
-                "keep masks or attention biases: ToMe, EViT, DynamicViT); remove it, VQT does not stack with them")
-        out = query_path(self.adapter, info.block, self.module.queries[info.index], info.keys, info.v,
-                         x.shape[0], self.module.dropout if self.module.training else 0.0)
+                "keep masks or attention biases: ToMe, EViT, DynamicViT); remove it, VQT does not stack with them"
+            )
+        out = query_path(
+            self.adapter,
+            info.block,
+            self.module.queries[info.index],
+            info.keys,
+            info.v,
+            x.shape[0],
+            self.module.dropout if self.module.training else 0.0,
+        )
         scratch.append(out)
         return x
 
 
-def query_path(adapter: TowerAdapter, block: nn.Module, queries: torch.Tensor, keys: torch.Tensor,
-               values: torch.Tensor, batch: int, dropout: float = 0.0) -> torch.Tensor:
+def query_path(
+    adapter: TowerAdapter,
+    block: nn.Module,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    batch: int,
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """One block's query tokens ``[T, C]`` through ``block`` beside the frozen tokens whose keys
     and values (``[B, H, N, Dh]``) the block computed: ``[B, T, C]``. The queries attend to
     those frozen keys/values only, not to each other (the reference's attention).
@@ -277,8 +296,9 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     def make_hook(tower: TowerAdapter) -> VQTHook:
         head = _check_supported(tower)
         width = tower.embed_dim
-        head_out = width if head is None else int(getattr(head, "out_features", getattr(tower.root, "num_features",
-                                                                                               width)))
+        head_out = (
+            width if head is None else int(getattr(head, "out_features", getattr(tower.root, "num_features", width)))
+        )
         module = VQTModule(len(tower.blocks()), cfg.num_queries, width, head_out, cfg.dropout)
         ref = next(tower.root.parameters())
         module.to(device=ref.device, dtype=ref.dtype)
@@ -291,8 +311,9 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
         tower.root.add_module(MODULE_NAME, module)
         if tower.family != "timm":  # CLIP image tower: added to the pooled final feature
             norm, tokens = final_norm(tower)
-            module.norm_hook_id = norm.register_forward_hook(FinalFeatures(tower.root, HOOK_NAME, MODULE_NAME,
-                                                                           tokens), always_call=True).id
+            module.norm_hook_id = norm.register_forward_hook(
+                FinalFeatures(tower.root, HOOK_NAME, MODULE_NAME, tokens), always_call=True
+            ).id
             watch_forward_end(tower, HOOK_NAME)
             continue
         module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root), always_call=True).id

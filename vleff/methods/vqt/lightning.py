@@ -11,6 +11,7 @@ graph and silently destroy the memory saving. Checkpoints leave out only the fro
 (they hold the queries, projection, trainable head and the module's own weights beside the
 backbone) unless ``full_checkpoint=True``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,7 +37,6 @@ class VisualQueryTuning(SideTuning):
     settings_config = VQTConfig
 
 
-
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
 class VQTMixin(SideMixin):
     """``use_vqt(train_head=True, full_checkpoint=False, **settings)``: VQT
@@ -44,8 +44,9 @@ class VQTMixin(SideMixin):
     only the frozen backbone (:func:`vleff.side.side_state_dict`) unless ``full_checkpoint``, as with
     :class:`vleff.callbacks.VisualQueryTuning`."""
 
-    def use_vqt(self, train_head: bool = True, full_checkpoint: bool = False, module: Any = None,
-                **settings: Any) -> None:
+    def use_vqt(
+        self, train_head: bool = True, full_checkpoint: bool = False, module: Any = None, **settings: Any
+    ) -> None:
         from vleff.methods.vqt.core import VQTConfig
 
         self._use_side("vqt", train_head, full_checkpoint, VQTConfig.build(**settings), module=module)
