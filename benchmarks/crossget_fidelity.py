@@ -13,7 +13,7 @@ loss (``½[KL(m‖p) + KL(m‖q)]``, what its ``F.kl_div`` computes) next to vle
 Random weights: the sizes are indicative, not the pretrained model's.
 
 ``--text-reference`` measures instead, on the float64 tiny open_clip of
-``tests/test_crossget_reference.py`` (its plain-PyTorch reference of the official text tower),
+``tests/reference/test_crossget_reference.py`` (its plain-PyTorch reference of the official text tower),
 the text causal mask from merged positions against the reference's by-index mask, and vleff's
 padding handling against the reference's (padding merged freely)::
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole check: set up .venv if needed, lint and format check (ruff), then pytest (extra arguments go to
-# pytest; the suite includes the import-layering contracts, tests/test_import_contracts.py).
+# pytest; the suite includes the import-layering contracts, tests/conformance/test_import_contracts.py).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"

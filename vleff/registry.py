@@ -13,7 +13,7 @@ Every method is
   beside a frozen backbone; ``memory``: less training memory).
 
 :func:`update` (``vleff.update(model, "tome", r=8)``) dispatches to the method's ``update``.
-The conformance suite (``tests/test_conformance.py``) runs every registered method through the same
+The conformance suite (``tests/conformance/test_conformance.py``) runs every registered method through the same
 checks; a registered method with no settings row there fails the suite.
 """
 

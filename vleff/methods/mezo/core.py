@@ -19,7 +19,7 @@ from one ``torch.Generator(device=p.device).manual_seed(s)`` per device, drawn i
 Restoring is exact only up to rounding (``θ + εz - 2εz + εz``), and an update ``lr · g · z``
 smaller than half a weight's rounding step is rounded away. In fp32 both are negligible; in
 bf16 (8 significant bits) they are the whole story at MeZO's learning rates: on a linear
-regression (30 steps, ``tests/test_mezo.py``) at lr 1e-4 the bf16 weights moved 3.2× as far as
+regression (30 steps, ``tests/methods/mezo/test_mezo.py``) at lr 1e-4 the bf16 weights moved 3.2× as far as
 the fp32 run's and in an unrelated direction (cosine 0.11; at lr 1e-6, 311× and −0.13), while
 fp32 weights under bf16 autocast followed the fp32 run (cosine 0.998). The optimizer therefore refuses bf16 and
 fp16 trainable parameters unless ``allow_low_precision=True``: keep fp32 weights and run the

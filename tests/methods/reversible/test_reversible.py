@@ -158,7 +158,7 @@ def test_amplification_estimate_and_warning():
         ({"coupling": "revvit"}, False),
         ({"balance": True}, True),
     ]:
-        # (revvit with balance=True is refused now: tests/test_method_conflicts.py)
+        # (revvit with balance=True is refused now: tests/conformance/test_method_conflicts.py)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             apply_reversible(deep, **settings)

@@ -1,6 +1,6 @@
 """Triton low-rank projection kernels and the fused GaLore-AdamW step against the reference,
 on CPU under ``TRITON_INTERPRET=1`` (in a subprocess when Triton was imported without it;
-see ``tests/test_kernels_tome.py``)."""
+see ``tests/kernels/test_tome_kernels.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ IN_INTERPRETER = _interpreter_active()
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from repo import ROOT  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from vleff.kernels import lowrank  # noqa: E402
@@ -45,7 +46,7 @@ def test_kernels_under_triton_interpreter():
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=str(ROOT),
     )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
 

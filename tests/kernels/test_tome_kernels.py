@@ -4,7 +4,7 @@ Triton reads ``TRITON_INTERPRET`` when a function is *decorated*, including its 
 standard library, so the interpreter only works in a process that set the variable before
 importing Triton. timm and Lightning import Triton, so in a normal test session this module
 collects a single test that re-runs this file in a fresh subprocess with the variable set;
-run directly with ``TRITON_INTERPRET=1`` (e.g. ``TRITON_INTERPRET=1 pytest tests/test_kernels_tome.py``)
+run directly with ``TRITON_INTERPRET=1`` (e.g. ``TRITON_INTERPRET=1 pytest tests/kernels/test_tome_kernels.py``)
 the tests run in-process.
 """
 

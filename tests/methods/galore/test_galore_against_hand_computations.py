@@ -34,6 +34,7 @@ def _interpreter_active() -> bool:
 
 IN_INTERPRETER = _interpreter_active()
 
+from repo import ROOT  # noqa: E402
 from vleff.memory.galore import GaLoreAdamW, galore_projection  # noqa: E402
 
 from vleff.kernels.galore_step import galore_adam_step  # noqa: E402
@@ -211,7 +212,7 @@ def test_triton_kernels_in_interpreter():
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=str(ROOT),
     )
     assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert "2 passed" in proc.stdout, proc.stdout[-2000:]

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "docs" / "data" / "clip_digits_tokens"
 
 
@@ -97,7 +97,7 @@ def test_committed_data_is_the_readme_table(plotter):
     """The README's Digits-CLIP rows (i2t R@1 %, seeds 0 / 1 / 2) are the files the plot draws."""
     points = plotter.load_points(sorted(DATA.glob("*.json")))
     r1 = {(p["method"], p["stage"], p["seed"]): p["r1"] for p in points}
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     rows = {
         ("baseline", "control"): "baseline + 10 epochs, no method (control)",
         ("CrossGET", "tuned"): "CrossGET `r_image=10`, fine-tuned 10 epochs",

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo import ROOT
 
 
 def test_madtp_flops_table_follows_its_json():

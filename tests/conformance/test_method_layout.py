@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from repo import ROOT
 
 from vleff.registry import builtin_method_names, get_method
 
@@ -75,9 +76,8 @@ def test_no_shared_layer_names_a_method():
     """What every method shares (the Lightning base, the facades, tokens, backbones, side machinery,
     the registry) asks the registry entry instead of branching on a method's name, so a new method
     edits no shared module."""
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     files = [
         p
         for layer in SHARED_LAYERS

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
-from test_profile import vit_flops
+from measure.test_profile import vit_flops
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vleff.callbacks import EfficiencyMonitor

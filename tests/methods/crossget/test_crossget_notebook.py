@@ -6,14 +6,14 @@ import ast
 import os
 import re
 import runpy
-from pathlib import Path
 
 import pytest
+from repo import ROOT
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = ROOT / "notebooks"
 NAME = "crossget_madtp.ipynb"
 
 

@@ -271,8 +271,8 @@ def test_top_level_api_and_registry():
 
 def test_flops_fall_with_r():
     """count_flops of the merged model equals the analytic count from the per-block token counts
-    (tests/test_pinned_flops.py has the formula); r=0 is the baseline's."""
-    from test_pinned_flops import DH, B, vit_flops
+    (tests/measure/test_flops_against_formulas.py has the formula); r=0 is the baseline's."""
+    from measure.test_flops_against_formulas import DH, B, vit_flops
 
     from vleff.profile import count_flops
 

@@ -1,6 +1,6 @@
 """CrossGET: the complete-graph matching and weighted merge against loop references, text towers
 (EOT found, padding), inference independence, layer mapping, errors, callback and mixin. The whole
-forward and the loss against the official code's behaviour: tests/test_crossget_reference.py."""
+forward and the loss against the official code's behaviour: tests/reference/test_crossget_reference.py."""
 
 from __future__ import annotations
 

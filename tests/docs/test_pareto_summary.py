@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from repo import ROOT
 
 
 @pytest.fixture(scope="module")

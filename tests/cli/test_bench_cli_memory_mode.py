@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from repo import ROOT
 
 from vleff.cli import bench
 
@@ -91,9 +92,8 @@ def test_memory_mode_in_fresh_processes_writes_csv(tiny_clip_config, tmp_path, c
 
 def test_clip_memory_script_is_a_thin_wrapper_over_the_library():
     import ast
-    from pathlib import Path
 
-    source = Path(__file__).resolve().parent.parent / "benchmarks" / "clip_memory.py"
+    source = ROOT / "benchmarks" / "clip_memory.py"
     tree = ast.parse(source.read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "vleff.cli.training_memory" in imported

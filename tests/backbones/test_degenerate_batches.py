@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import tiny_models as tm
 import torch
+from conformance.test_conformance import HOOK_METHODS, SETTINGS, _apply
 from families import FAMILIES, IMAGE
-from test_conformance import HOOK_METHODS, SETTINGS, _apply
 
 from vleff.registry import get_method
 

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from repo import ROOT
 
 from vleff.cli.train import CONFIG_DIR, run
 
@@ -40,7 +41,7 @@ def _options():
 
 
 def test_top_level_configs_link_is_the_package_configs():
-    assert (Path(__file__).parent.parent / "configs").resolve() == CONFIGS.resolve()
+    assert (ROOT / "configs").resolve() == CONFIGS.resolve()
 
 
 @pytest.mark.parametrize("group, option", list(_options()))
