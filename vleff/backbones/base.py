@@ -53,6 +53,19 @@ class BlockParts:
 
 
 @dataclass(frozen=True)
+class AttentionWeights:
+    """A block's attention projections as live parameters (methods that copy or read them, LST):
+    the fused ``[3C, C]`` query/key/value weight and bias (concatenated where the library keeps
+    three ``nn.Linear``), the output ``nn.Linear``, and ``sources``: the parameters they come from,
+    by role (``qkv`` or ``q``/``k``/``v``, ``out``)."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out: nn.Linear
+    sources: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """How a block's own attention computes, so the generic path reproduces it exactly.
 
@@ -223,6 +236,60 @@ class TowerAdapter(ABC):
         return any(
             getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
             for m in (self.root, *self.root.children())
+        )
+
+    # --- model-level seams (methods ask these instead of branching on the family) ------------
+    def classifier_head(self) -> nn.Module | None:
+        """The tower's own classifier head when it has one a method may train or compact (timm's
+        ``head``); ``None`` for towers without one (CLIP/BLIP towers project, they do not classify)."""
+        return None
+
+    def attention_weights(self, block: nn.Module) -> AttentionWeights:
+        """``block``'s attention projections (:class:`AttentionWeights`)."""
+        raise self.unsupported("reading attention projections")
+
+    def block_container(self) -> nn.Module | None:
+        """The module whose ``forward`` runs every block in order with the library's call convention
+        (timm ``blocks``, open_clip ``Transformer``, Hugging Face CLIP ``encoder``): methods that
+        replace the whole stack (reversible) patch its ``forward``. ``None`` where vleff has not
+        verified that convention for the family (BLIP)."""
+        return None
+
+    def container_output(self, out: torch.Tensor) -> object:
+        """Wrap a replacement stack's output ``[B, N, C]`` as :meth:`block_container` returns it
+        (default: the tensor itself)."""
+        return out
+
+    @property
+    def classifier_heads(self) -> int:
+        """How many classifier heads read the pooled feature: 0 (the feature leaves through the
+        final norm, CLIP/BLIP), 1 (timm's ``head``), 2 (distilled DeiT's ``head`` and ``head_dist``).
+        Methods that add to "the" head's output refuse more than one."""
+        return 0
+
+    def side_final_norm(self) -> tuple[nn.Module, bool]:
+        """``(module, tokens)``: the final norm whose output a side method reads, and whether that
+        output holds every token (``[B, N, C]``; else the pooled ``[B, C]``). Families that side
+        tuning cannot feed raise ``TypeError`` (this default, or an override for unsupported pooling)."""
+        raise self.unsupported("side tuning")
+
+    def lora_targets(self, block: str) -> tuple[list[str], list[str]]:
+        """``(module names, parameter names)`` LoRA wraps in the block named ``block`` (relative to
+        the model), read from the one per-family table :data:`vleff.backbones.targets.LORA_TARGETS`."""
+        from vleff.backbones.targets import LORA_TARGETS
+
+        row = LORA_TARGETS.get(type(self).__name__)
+        if row is None:
+            raise self.unsupported("LoRA", "timm ViT, open_clip and Hugging Face CLIP towers")
+        return [f"{block}.{m}" for m in row[0]], [f"{block}.{p}" for p in row[1]]
+
+    def unsupported(
+        self, what: str, supported: str = "timm ViT, open_clip and Hugging Face CLIP towers (image and text)"
+    ) -> TypeError:
+        """The one error for a tower a method cannot use: names the model class and what is supported."""
+        return TypeError(
+            f"{what} does not support {self.describe()} (model class {type(self.root).__name__}); "
+            f"it supports {supported}"
         )
 
     def describe(self) -> str:

@@ -7,13 +7,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
+from vleff.backbones.base import (
+    AttentionConfig,
+    AttentionWeights,
+    BlockParts,
+    Pooling,
+    TowerAdapter,
+)
 
 _FUSED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class _HFTower(TowerAdapter):
     family = "transformers"
+
+    def attention_weights(self, block: nn.Module) -> AttentionWeights:
+        """Separate ``q_proj``/``k_proj``/``v_proj``, concatenated, and ``out_proj``."""
+        att = block.self_attn
+        w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+        b = None if att.q_proj.bias is None else torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
+        return AttentionWeights(
+            w,
+            b,
+            att.out_proj,
+            {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "out": att.out_proj.weight},
+        )
 
     def blocks(self) -> list[nn.Module]:
         return list(self.root.encoder.layers)
@@ -44,6 +62,22 @@ class HFCLIPAdapter(_HFTower):
 
         super().__init__(root)
         self.modality = "text" if isinstance(root, CLIPTextModel) else "image"
+
+    def block_container(self) -> nn.Module | None:
+        """The ``encoder`` (called with ``inputs_embeds``/``attention_mask``/``is_causal``)."""
+        return self.root.encoder
+
+    def container_output(self, out: torch.Tensor) -> object:
+        """The encoder returns a ``BaseModelOutput``."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=out)
+
+    def side_final_norm(self) -> tuple[nn.Module, bool]:
+        """Image: ``post_layernorm`` on the pooled token; text: ``final_layer_norm`` on every token."""
+        if self.modality == "image":
+            return self.root.post_layernorm, False
+        return self.root.final_layer_norm, True
 
     @property
     def num_prefix_tokens(self) -> int:

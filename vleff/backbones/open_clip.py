@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
+from vleff.backbones.base import (
+    AttentionConfig,
+    AttentionWeights,
+    BlockParts,
+    Pooling,
+    TowerAdapter,
+)
 
 
 def _check_blocks(root: nn.Module, transformer: nn.Module) -> None:
@@ -33,6 +39,17 @@ class _OpenClipTower(TowerAdapter):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.transformer.resblocks)
+
+    def block_container(self) -> nn.Module | None:
+        """The ``Transformer`` (``forward(x, attn_mask)`` over ``resblocks``)."""
+        return self.transformer
+
+    def attention_weights(self, block: nn.Module) -> AttentionWeights:
+        """``nn.MultiheadAttention``'s fused ``in_proj_weight``/``in_proj_bias`` and ``out_proj``."""
+        mha = block.attn
+        return AttentionWeights(
+            mha.in_proj_weight, mha.in_proj_bias, mha.out_proj, {"qkv": mha.in_proj_weight, "out": mha.out_proj.weight}
+        )
 
     @property
     def embed_dim(self) -> int:
@@ -85,11 +102,25 @@ class OpenClipVisionAdapter(_OpenClipTower):
             return "map"
         return {"tok": "cls", "avg": "avg"}.get(self.root.pool_type, "none")
 
+    def side_final_norm(self) -> tuple[nn.Module, bool]:
+        """``ln_post``: over every token unless the model normalizes after pooling; class-token
+        pooling only (side methods feed the cls token)."""
+        if getattr(self.root, "attn_pool", None) is not None or self.pooling != "cls":
+            raise TypeError(
+                f"side tuning does not support {self.describe()} (attention or average pooling); "
+                "it supports open_clip image towers pooled at the class token"
+            )
+        return self.root.ln_post, not bool(getattr(self.root, "final_ln_after_pool", False))
+
 
 class OpenClipTextAdapter(_OpenClipTower):
     """Text tower: causal mask, pooled at the EOT token (argmax of token ids)."""
 
     modality = "text"
+
+    def side_final_norm(self) -> tuple[nn.Module, bool]:
+        """``ln_final``, over every token (the EOT row is pooled after it)."""
+        return self.root.ln_final, True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:

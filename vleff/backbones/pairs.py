@@ -165,6 +165,30 @@ class ModelPair:
         ``None`` when the model has none."""
         return None
 
+    # --- model-level seams (pair methods ask these instead of branching on the family) ----------
+    @property
+    def has_contrastive_projections(self) -> bool:
+        """Whether both towers carry their contrastive projection (CLIP always; BLIP only the
+        retrieval model: captioning and VQA models have none)."""
+        return True
+
+    def cross_token_norm_and_projection(
+        self, modality: str
+    ) -> tuple[tuple[nn.Module, str] | None, tuple[nn.Module, str]]:
+        """``(norm, projection)`` as ``(module, attribute)`` pairs that map ``modality``'s tokens into
+        the shared embedding space (read at call time, so a method never holds stale weights):
+        image towers their input norm, text towers their final norm, each with its projection.
+        ``norm`` is ``None`` where the tower has none to apply (BLIP's post-norm text tower)."""
+        raise NotImplementedError(f"{self.describe()} names no projection for {modality} tokens")
+
+    def matching_forward(
+        self, images: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image feature, text feature)`` of one image-text forward as the model matches pairs:
+        CLIP encodes both towers; BLIP runs the text encoder cross-attending to the image tokens (the
+        image-text matching path) and returns token 0 of each."""
+        return self.encode_image(images), self.encode_text(ids, attention_mask)
+
     # --- synthetic captions (benchmarks: no tokenizer download) -----------------------------------
     def text_layout(self) -> tuple[int, int, int, tuple[int, int]]:
         """``(context length, start id, end id, (lowest, highest) word id)`` of the family's
@@ -229,6 +253,12 @@ class OpenClipPair(ModelPair):
     def logit_scale(self):
         return self.model.logit_scale
 
+    def cross_token_norm_and_projection(self, modality):
+        if modality == "image":
+            return (self.model.visual, "ln_pre"), (self.model.visual, "proj")
+        root = self.text_tower.root
+        return (root, "ln_final"), (root, "text_projection")
+
     def text_layout(self):
         vocab = self.model.vocab_size  # open_clip's tokenizer: SOT = vocab - 2, EOT = vocab - 1
         return self.model.context_length, vocab - 2, vocab - 1, (1, vocab - 2)
@@ -248,6 +278,11 @@ class HFCLIPPair(ModelPair):
     def logit_scale(self):
         return self.model.logit_scale
 
+    def cross_token_norm_and_projection(self, modality):
+        if modality == "image":
+            return (self.image_tower.root, "pre_layrnorm"), (self.model, "visual_projection")
+        return (self.text_tower.root, "final_layer_norm"), (self.model, "text_projection")
+
     def text_layout(self):
         cfg = self.model.config.text_config
         return (
@@ -262,6 +297,28 @@ class BlipPair(ModelPair):
     """BLIP: the retrieval model's ITC path; captioning/VQA: token 0 of each tower (no projection)."""
 
     family = "hf_blip"
+
+    @property
+    def has_contrastive_projections(self) -> bool:
+        return getattr(self.model, "vision_proj", None) is not None
+
+    def cross_token_norm_and_projection(self, modality):
+        """Image: no input norm, the final ``post_layernorm``; text: post-norm, so no norm."""
+        if modality == "image":
+            return (self.image_tower.root, "post_layernorm"), (self.model, "vision_proj")
+        return None, (self.model, "text_proj")
+
+    def matching_forward(self, images, ids, attention_mask):
+        image = self.model.vision_model(pixel_values=images).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        out = self.text_tower.root(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device),
+        )
+        return image[:, 0], out.last_hidden_state[:, 0]
 
     def encode_image(self, images, normalize=False):
         cls = self.model.vision_model(pixel_values=images).last_hidden_state[:, 0, :]

@@ -8,7 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from vleff.backbones.base import AttentionConfig, BlockParts, Pooling, TowerAdapter
+from vleff.backbones.base import (
+    AttentionConfig,
+    AttentionWeights,
+    BlockParts,
+    Pooling,
+    TowerAdapter,
+)
 
 
 class GridIntermediates:
@@ -73,6 +79,46 @@ class TimmViTAdapter(TowerAdapter):
             if hasattr(self.root, "forward_intermediates")
             else {}
         )
+
+    def classifier_head(self) -> nn.Module | None:
+        """timm's ``head`` (trained with LoRA's ``train_head``; side methods compact its input)."""
+        head = getattr(self.root, "head", None)
+        return head if isinstance(head, nn.Module) else None
+
+    def attention_weights(self, block: nn.Module) -> AttentionWeights:
+        """timm's fused ``attn.qkv`` and ``attn.proj``."""
+        attn = block.attn
+        return AttentionWeights(
+            attn.qkv.weight, attn.qkv.bias, attn.proj, {"qkv": attn.qkv.weight, "out": attn.proj.weight}
+        )
+
+    def block_container(self) -> nn.Module | None:
+        """The ``blocks`` ``nn.Sequential``."""
+        return self.root.blocks
+
+    @property
+    def classifier_heads(self) -> int:
+        from timm.models.deit import VisionTransformerDistilled
+
+        return 2 if isinstance(self.root, VisionTransformerDistilled) else 1
+
+    def side_final_norm(self) -> tuple[nn.Module, bool]:
+        """``root.norm`` over every token; only class-token-pooled, one-head ViTs (not distilled
+        DeiT, average or attention pooling), since side methods feed the cls token."""
+        from timm.models.deit import VisionTransformerDistilled
+
+        root = self.root
+        if (
+            isinstance(root, VisionTransformerDistilled)
+            or self.pooling != "cls"
+            or not isinstance(root.fc_norm, nn.Identity)
+            or getattr(root, "attn_pool", None) is not None
+        ):
+            raise TypeError(
+                f"side tuning does not support {self.describe()}: it feeds the cls token of a "
+                "class-token-pooled timm ViT (global_pool='token', one head)"
+            )
+        return root.norm, True
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -133,38 +133,7 @@ def final_norm(tower: TowerAdapter) -> tuple[nn.Module, bool]:
     """``(module, tokens)``: the tower's final norm, and whether its output holds every token
     (``[B, N, C]``; else the pooled ``[B, C]``). ``TypeError`` for towers whose pooling a side
     method cannot feed (distilled DeiT's two tokens, average or attention pooling)."""
-    root, family = tower.root, tower.family
-    if family == "timm":
-        from timm.models.deit import VisionTransformerDistilled
-
-        if (
-            isinstance(root, VisionTransformerDistilled)
-            or tower.pooling != "cls"
-            or not isinstance(root.fc_norm, nn.Identity)
-            or getattr(root, "attn_pool", None) is not None
-        ):
-            raise TypeError(
-                f"side tuning does not support {tower.describe()}: it feeds the cls token of a "
-                "class-token-pooled timm ViT (global_pool='token', one head)"
-            )
-        return root.norm, True
-    if family == "open_clip" and tower.modality == "image":
-        if getattr(root, "attn_pool", None) is not None or tower.pooling != "cls":
-            raise TypeError(
-                f"side tuning does not support {tower.describe()} (attention or average pooling); "
-                "it supports open_clip image towers pooled at the class token"
-            )
-        return root.ln_post, not bool(getattr(root, "final_ln_after_pool", False))
-    if family == "open_clip":
-        return root.ln_final, True
-    if family == "transformers" and type(root).__name__ in ("CLIPVisionModel", "CLIPTextModel"):
-        if tower.modality == "image":
-            return root.post_layernorm, False
-        return root.final_layer_norm, True
-    raise TypeError(
-        f"side tuning does not support {tower.describe()}; it supports timm ViT, open_clip and "
-        "Hugging Face CLIP towers (image and text)"
-    )
+    return tower.side_final_norm()  # the adapter owns the family knowledge; unsupported towers raise there
 
 
 def pooled_rows(tower: TowerAdapter, state: TokenState, batch: int, device: torch.device) -> torch.Tensor:
@@ -256,8 +225,9 @@ def attach_side(tower: TowerAdapter, name: str, module_name: str, module: SideMo
         FinalFeatures(tower.root, name, module_name, tokens), always_call=True
     ).id
     watch_forward_end(tower, name)
-    if tower.family == "timm":
-        module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(CompactHeadInput()).id
+    head = tower.classifier_head()
+    if head is not None:
+        module.head_pre_hook_id = head.register_forward_pre_hook(CompactHeadInput()).id
 
 
 def detach_side(model: nn.Module, name: str, module_name: str) -> None:
@@ -274,7 +244,7 @@ def detach_side(model: nn.Module, name: str, module_name: str) -> None:
                 norm._forward_hooks.pop(module.norm_hook_id, None)
                 norm._forward_hooks_always_called.pop(module.norm_hook_id, None)
             if module.head_pre_hook_id is not None:
-                tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
+                tower.classifier_head()._forward_pre_hooks.pop(module.head_pre_hook_id, None)
             unwatch_forward_end(tower, name)
             clear_side_state(tower.root, name)
             del tower.root._modules[module_name]
@@ -302,7 +272,7 @@ def side_modules(model: nn.Module) -> list[nn.Module]:
 
 def _heads(model: nn.Module) -> list[nn.Module]:
     """The classifier heads of timm side towers (trainable with ``train_head``)."""
-    return [t.root.head for t in side_towers(model) if t.family == "timm" and isinstance(t.root.head, nn.Module)]
+    return [h for h in (t.classifier_head() for t in side_towers(model)) if h is not None]
 
 
 def backbone_modules(model: nn.Module) -> list[nn.Module]:

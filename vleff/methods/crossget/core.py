@@ -455,7 +455,7 @@ def resolve_pair(model: nn.Module) -> ModelPair:
             f"image-text model (the image and text cross tokens are aligned in training); supported: "
             f"open_clip CLIP, transformers CLIPModel, BlipForImageTextRetrieval"
         )
-    if pair.family == "hf_blip" and getattr(pair.model, "vision_proj", None) is None:
+    if not pair.has_contrastive_projections:
         raise TypeError(
             f"CrossGET does not support {type(pair.model).__name__}: it needs both towers with their "
             "contrastive projections (BLIP: BlipForImageTextRetrieval); BLIP captioning and VQA "
@@ -468,19 +468,7 @@ def projector(pair: ModelPair, modality: str) -> Projector:
     """How ``modality``'s cross tokens are projected for the loss, per pair family. Image towers
     use their input norm (the reference's ``VisionTransformer.forward`` projects with ``ln_pre``),
     text towers their final norm; both with the tower's projection."""
-    m = pair.model
-    if pair.family == "open_clip":
-        if modality == "image":
-            return Projector((m.visual, "ln_pre"), (m.visual, "proj"))
-        root = pair.text_tower.root
-        return Projector((root, "ln_final"), (root, "text_projection"))
-    if pair.family == "hf_clip":
-        if modality == "image":
-            return Projector((pair.image_tower.root, "pre_layrnorm"), (m, "visual_projection"))
-        return Projector((pair.text_tower.root, "final_layer_norm"), (m, "text_projection"))
-    if modality == "image":  # BLIP retrieval (no reference): no input norm, its final one; text is post-norm
-        return Projector((pair.image_tower.root, "post_layernorm"), (m, "vision_proj"))
-    return Projector(None, (m, "text_proj"))
+    return Projector(*pair.cross_token_norm_and_projection(modality))  # the pair adapter knows its family
 
 
 def input_tokens(tower: TowerAdapter) -> int | None:

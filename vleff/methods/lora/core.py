@@ -93,13 +93,7 @@ def _selected_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
 
 def _tower_targets(tower: TowerAdapter, block: str) -> tuple[list[str], list[str]]:
     """``(module names, parameter names)`` peft wraps in one block named ``block``."""
-    if tower.family == "timm":
-        return [f"{block}.attn.qkv"], []
-    if tower.family == "transformers" and type(tower.root).__name__ in ("CLIPVisionModel", "CLIPTextModel"):
-        return [f"{block}.self_attn.{p}_proj" for p in "qkv"], []
-    if tower.family == "open_clip":
-        return [], [f"{block}.attn.in_proj_weight"]
-    raise TypeError(f"LoRA does not support {tower.describe()} yet; it supports {SUPPORTED}")
+    return tower.lora_targets(block)  # the per-family table lives with the adapters (vleff.backbones.targets)
 
 
 def lora_targets(model: nn.Module, towers: str = "all") -> dict[str, list[str]]:
@@ -136,7 +130,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
         remove_lora(model)
     towers = _selected_towers(model, cfg.towers)
     for tower in towers:
-        if tower.family == "open_clip" and get_patch(tower.root) is not None:
+        if tower.lora_targets("")[1] and get_patch(tower.root) is not None:  # wraps bare parameters
             raise ValueError(
                 f"cannot apply lora while {', '.join(h.name for h in get_patch(tower.root).hooks)} is "
                 f"applied to {tower.describe()} (a vleff tower hook): vleff's generic block reads "
@@ -159,7 +153,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
         target_parameters=targets["target_parameters"] or None,
     )
     inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
-    heads = {id(p) for t in towers if t.family == "timm" and cfg.train_head for p in t.root.head.parameters()}
+    heads = {
+        id(p)
+        for t in towers
+        if cfg.train_head and t.classifier_head() is not None
+        for p in t.classifier_head().parameters()
+    }
     for name, p in model.named_parameters():
         if "lora_" in name or id(p) in heads:
             p.requires_grad_(True)

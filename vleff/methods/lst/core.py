@@ -139,20 +139,8 @@ def block_weights(tower: TowerAdapter, block: nn.Module) -> BlockWeights:
     parts = tower.parts(block)
     fc1, act, fc2 = _mlp_parts(parts.mlp)
     heads = tower.attention_config(block).num_heads
-    if tower.family == "timm":
-        attn = block.attn
-        w, b, out = attn.qkv.weight, attn.qkv.bias, attn.proj
-        sources = {"qkv": attn.qkv.weight, "out": attn.proj.weight}
-    elif tower.family == "open_clip":
-        mha = block.attn
-        w, b, out = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
-        sources = {"qkv": mha.in_proj_weight, "out": mha.out_proj.weight}
-    else:
-        att = block.self_attn
-        w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
-        b = None if att.q_proj.bias is None else torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias])
-        out = att.out_proj
-        sources = {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "out": att.out_proj.weight}
+    aw = tower.attention_weights(block)  # family knowledge stays in the adapter
+    w, b, out, sources = aw.qkv_weight, aw.qkv_bias, aw.out, dict(aw.sources)
     sources.update(fc1=fc1.weight, fc2=fc2.weight)
     q, k, v = w.detach().chunk(3)
     return BlockWeights(

@@ -26,7 +26,7 @@ image-text model (open_clip ``CLIP``, Hugging Face ``CLIPModel``, Hugging Face B
   which changes no real token's output (padding is masked) and is most of a short caption's
   cost in a 77-token context (the reference keeps it as candidates).
 * **τ** is not learned: :func:`calibrate_madtp` searches it so the *measured* FLOPs
-  (:mod:`vleff.profile`) of the model hit ``baseline × (1 − flops_reduction)``;
+  (:mod:`vleff.flops`) of the model hit ``baseline × (1 − flops_reduction)``;
   :class:`vleff.callbacks.MADTP` does that before training and after every epoch. τ lives in
   the model's ``state_dict`` (``vleff_madtp._extra_state``), so checkpoints restore it.
 
@@ -642,18 +642,7 @@ def pair_forward(pair: ModelPair, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     images = images.to(device=param.device, dtype=param.dtype if images.is_floating_point() else None)
     ids = ids.to(param.device)
     mask = mask.to(param.device) if mask is not None else None
-    if pair.family != "hf_blip":
-        return pair.encode_image(images), pair.encode_text(ids, mask)
-    image = pair.model.vision_model(pixel_values=images).last_hidden_state
-    if mask is None:
-        mask = torch.ones_like(ids)
-    out = pair.text_tower.root(
-        input_ids=ids,
-        attention_mask=mask,
-        encoder_hidden_states=image,
-        encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device),
-    )
-    return image[:, 0], out.last_hidden_state[:, 0]
+    return pair.matching_forward(images, ids, mask)  # BLIP's matching path lives in its pair adapter
 
 
 def image_forward(pair: ModelPair, batch: Batch) -> torch.Tensor:
@@ -694,9 +683,9 @@ FORWARDS: dict[str, Callable[[ModelPair, Batch], Any]] = {
 def measure_flops(
     model: nn.Module, batches: Sequence[Batch], forward: Callable[[ModelPair, Batch], Any] | None = None
 ) -> int:
-    """FLOPs (:func:`vleff.profile.count_flops`) of ``forward(pair, batch)`` summed over ``batches``,
+    """FLOPs (:func:`vleff.flops.count_flops`) of ``forward(pair, batch)`` summed over ``batches``,
     in eval mode without gradients (the model's mode is restored)."""
-    from vleff.profile import count_flops
+    from vleff.flops import count_flops
 
     pair = _find_pair_in(model)
     fwd = forward or pair_forward
@@ -780,7 +769,7 @@ def calibrate_madtp(
 ) -> MADTPCalibration:
     """Set MADTP's τ so the measured FLOPs of ``model`` on ``batches`` hit ``baseline × (1 − flops_reduction)``.
 
-    The FLOPs are counted (:mod:`vleff.profile`, eval mode, no grad) on the calibration batches
+    The FLOPs are counted (:mod:`vleff.flops`, eval mode, no grad) on the calibration batches
     for MADTP off (the baseline) and for each τ tried. FLOPs fall as τ grows (a flatter
     softmax moves each sample's threshold towards its mean importance), but only in steps and
     not strictly monotonically (pruning more at one block changes the next block's scores).

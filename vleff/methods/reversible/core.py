@@ -519,12 +519,8 @@ class ReversibleForward:
                 f"{self.adapter.describe()} has gradient checkpointing on; reversible blocks "
                 "replace it (turn it off: model.set_grad_checkpointing(False))"
             )
-        if self.adapter.family != "transformers":
-            return run_reversible(self.adapter, self.config, x, attn_mask)
-        from transformers.modeling_outputs import BaseModelOutput
-
         out = run_reversible(self.adapter, self.config, x, attn_mask, bool(kwargs.get("is_causal", False)))
-        return BaseModelOutput(last_hidden_state=out)
+        return self.adapter.container_output(out)
 
 
 class DirectCallGuard:
@@ -544,20 +540,18 @@ class DirectCallGuard:
 
 
 def _container(tower: TowerAdapter) -> nn.Module:
-    """The module whose ``forward`` runs the blocks: timm's ``blocks`` Sequential, open_clip's ``Transformer``."""
-    if tower.family == "open_clip":
-        return tower.transformer  # type: ignore[attr-defined]
-    return tower.root.encoder if tower.family == "transformers" else tower.root.blocks
+    """The module whose ``forward`` runs the blocks (the adapter's :meth:`block_container`)."""
+    container = tower.block_container()
+    if container is None:
+        raise tower.unsupported("reversible blocks", "timm ViT/DeiT, open_clip and Hugging Face CLIP towers")
+    return container
 
 
 def _is_supported(tower: TowerAdapter) -> bool:
-    """timm ViT/DeiT, open_clip towers and Hugging Face CLIP towers (BLIP's are not yet: its text
-    tower is post-norm with cross-attention, and its vision tower is untested)."""
-    if tower.family == "transformers":
-        from vleff.backbones.hf import HFCLIPAdapter
-
-        return isinstance(tower, HFCLIPAdapter)
-    return tower.family in FAMILIES
+    """Towers whose adapter names a verified block container: timm ViT/DeiT, open_clip towers and
+    Hugging Face CLIP towers (BLIP's are not yet: its text tower is post-norm with cross-attention,
+    and its vision tower is untested)."""
+    return tower.block_container() is not None
 
 
 def _supported(model: nn.Module, towers_setting: str) -> list[TowerAdapter]:

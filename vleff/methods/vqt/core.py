@@ -254,21 +254,16 @@ class _HeadOutput:
 def _check_supported(tower: TowerAdapter) -> nn.Module | None:
     """The timm head module VQT feeds (``None`` for a CLIP image tower, fed at its final norm),
     or ``TypeError`` naming what is supported."""
-    root = tower.root
-    if tower.family in ("open_clip", "transformers") and tower.modality == "image":
+    if tower.classifier_heads == 0 and tower.modality == "image":  # a CLIP-style image tower
         try:
             final_norm(tower)
         except TypeError as e:
             raise TypeError(f"VQT does not support {tower.describe()}: {e}; it supports {SUPPORTED}") from None
         return None
-    if tower.family != "timm":
+    if tower.classifier_heads != 1:
         raise TypeError(f"VQT does not support {tower.describe()} yet; it supports {SUPPORTED}")
-    from timm.models.deit import VisionTransformerDistilled
-
-    if isinstance(root, VisionTransformerDistilled):
-        raise TypeError(f"VQT does not support {tower.describe()} yet; it supports {SUPPORTED}")
-    head = getattr(root, "head", None)
-    if not isinstance(head, nn.Module):
+    head = tower.classifier_head()
+    if head is None:
         raise TypeError(f"VQT: {tower.describe()} has no head module to feed the query outputs into")
     return head
 
@@ -309,16 +304,17 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     for tower in installed:
         module = modules[id(tower.root)]
         tower.root.add_module(MODULE_NAME, module)
-        if tower.family != "timm":  # CLIP image tower: added to the pooled final feature
+        head = tower.classifier_head() if tower.classifier_heads else None
+        if head is None:  # CLIP image tower: added to the pooled final feature
             norm, tokens = final_norm(tower)
             module.norm_hook_id = norm.register_forward_hook(
                 FinalFeatures(tower.root, HOOK_NAME, MODULE_NAME, tokens), always_call=True
             ).id
             watch_forward_end(tower, HOOK_NAME)
             continue
-        module.head_hook_id = tower.root.head.register_forward_hook(_HeadOutput(tower.root), always_call=True).id
+        module.head_hook_id = head.register_forward_hook(_HeadOutput(tower.root), always_call=True).id
         watch_forward_end(tower, HOOK_NAME)
-        module.head_pre_hook_id = tower.root.head.register_forward_pre_hook(_CompactHeadInput()).id
+        module.head_pre_hook_id = head.register_forward_pre_hook(_CompactHeadInput()).id
     freeze_on_apply(model)  # the backbone frozen, as apply_lora does (remove_vqt restores the flags)
     return model
 
@@ -334,12 +330,12 @@ def remove_vqt(model: nn.Module) -> nn.Module:
                 final_norm(tower)[0]._forward_hooks.pop(module.norm_hook_id, None)
                 final_norm(tower)[0]._forward_hooks_always_called.pop(module.norm_hook_id, None)
             if module.head_hook_id is not None:
-                tower.root.head._forward_hooks.pop(module.head_hook_id, None)
-                tower.root.head._forward_hooks_always_called.pop(module.head_hook_id, None)
+                tower.classifier_head()._forward_hooks.pop(module.head_hook_id, None)
+                tower.classifier_head()._forward_hooks_always_called.pop(module.head_hook_id, None)
             unwatch_forward_end(tower, HOOK_NAME)
             clear_side_state(tower.root, HOOK_NAME)
             if module.head_pre_hook_id is not None:
-                tower.root.head._forward_pre_hooks.pop(module.head_pre_hook_id, None)
+                tower.classifier_head()._forward_pre_hooks.pop(module.head_pre_hook_id, None)
             del tower.root._modules[MODULE_NAME]
     remove_hooks(model, HOOK_NAME)
     restore_on_remove(model)

@@ -1,0 +1,18 @@
+"""Per-family LoRA targets: the one table saying which attention input projections of a block
+an adapter method (LoRA via peft) wraps, keyed by tower-adapter class name.
+
+Why a table: which sub-modules are "the attention input projection" is family knowledge; keeping
+it as data beside the adapters means methods never branch on a family, and adding a family is one
+row. Each row is ``(module suffixes, parameter suffixes)`` relative to a block: peft wraps whole
+``nn.Linear`` modules (``target_modules``) or bare parameters (``target_parameters``, open_clip's
+fused ``in_proj_weight`` of ``nn.MultiheadAttention``).
+"""
+
+from __future__ import annotations
+
+LORA_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "TimmViTAdapter": (("attn.qkv",), ()),
+    "HFCLIPAdapter": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ()),
+    "OpenClipVisionAdapter": ((), ("attn.in_proj_weight",)),
+    "OpenClipTextAdapter": ((), ("attn.in_proj_weight",)),
+}
