@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 # torch.optim.Adam(W) implementation switches that have no meaning for the converted optimizer
-_IMPLEMENTATION_KEYS = (
+IMPLEMENTATION_KEYS = (
     "amsgrad",
     "maximize",
     "foreach",
@@ -25,15 +25,15 @@ _IMPLEMENTATION_KEYS = (
 )
 
 
-def _named(model: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def named_parameters(model: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     return list(model.named_parameters() if isinstance(model, nn.Module) else model)
 
 
-def _names_by_id(pairs: list[tuple[str, torch.Tensor]]) -> dict[int, str]:
+def names_by_id(pairs: list[tuple[str, torch.Tensor]]) -> dict[int, str]:
     return {id(p): n for n, p in pairs}
 
 
-def _check_fresh(optimizer: Optimizer, target: str) -> None:
+def check_fresh(optimizer: Optimizer, target: str) -> None:
     if any(len(s) for s in optimizer.state.values()):
         raise ValueError(
             f"cannot convert {type(optimizer).__name__} to {target} after it has stepped (its state "

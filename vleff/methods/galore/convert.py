@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from vleff.methods.galore.config import DEFAULT_EXCLUDE, GaLoreConfig
 from vleff.methods.galore.core import GaLoreAdamW
 from vleff.methods.galore.selection import select_galore_params
-from vleff.optim import _IMPLEMENTATION_KEYS, _check_fresh, _named, _names_by_id
+from vleff.optim import IMPLEMENTATION_KEYS, check_fresh, named_parameters, names_by_id
 
 
 def galore_from_optimizer(
@@ -40,9 +40,9 @@ def galore_from_optimizer(
             f"GaLore converts torch.optim.AdamW or torch.optim.Adam, got {type(optimizer).__name__}; "
             "build vleff.memory.GaLoreAdamW yourself (GaLoreMixin) for other optimizers"
         )
-    _check_fresh(optimizer, "GaLoreAdamW")
-    pairs = _named(model)
-    names = _names_by_id(pairs)
+    check_fresh(optimizer, "GaLoreAdamW")
+    pairs = named_parameters(model)
+    names = names_by_id(pairs)
     in_optimizer = [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"] if id(p) in names]
     selected = set(select_galore_params(in_optimizer, targets, exclude))
     groups = []
@@ -51,7 +51,7 @@ def galore_from_optimizer(
             if g.get(key):
                 raise ValueError(f"param_groups[{i}] has {key}=True, which GaLoreAdamW does not support")
         decoupled = bool(g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-        new = {k: v for k, v in g.items() if k not in _IMPLEMENTATION_KEYS}
+        new = {k: v for k, v in g.items() if k not in IMPLEMENTATION_KEYS}
         new.update(
             rank=rank,
             update_proj_gap=update_proj_gap,

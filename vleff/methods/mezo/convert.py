@@ -12,10 +12,10 @@ from torch.optim import Optimizer
 from vleff.checks import check_patterns
 from vleff.methods.mezo.core import MeZO, Reduce
 from vleff.optim import (
-    _IMPLEMENTATION_KEYS,
-    _check_fresh,
-    _named,
-    _names_by_id,
+    IMPLEMENTATION_KEYS,
+    check_fresh,
+    named_parameters,
+    names_by_id,
     wants_decay,
 )
 
@@ -43,8 +43,8 @@ def mezo_from_optimizer(
     """
     if not eps > 0:
         raise ValueError(f"eps={eps!r} is not allowed; MeZO's perturbation size must be > 0")
-    pairs = _named(model)
-    names = _names_by_id(pairs)
+    pairs = named_parameters(model)
+    names = names_by_id(pairs)
     compiled = [re.compile(p) for p in check_patterns("params", params)]
 
     def keep(p: torch.Tensor) -> bool:
@@ -58,12 +58,12 @@ def mezo_from_optimizer(
             raise ValueError("MeZO needs lr=... when configure_optimizers returns no optimizer")
         source = [{"params": [p for _, p in pairs if p.requires_grad], "lr": lr, "weight_decay": weight_decay or 0.0}]
     else:
-        _check_fresh(optimizer, "MeZO")
+        check_fresh(optimizer, "MeZO")
         source = optimizer.param_groups
     groups = []
     for g in source:
         chosen = [p for p in g["params"] if keep(p)]
-        new = {k: v for k, v in g.items() if k not in _IMPLEMENTATION_KEYS and k not in ("betas", "momentum")}
+        new = {k: v for k, v in g.items() if k not in IMPLEMENTATION_KEYS and k not in ("betas", "momentum")}
         new["params"] = chosen
         new["decay"] = [wants_decay(names[id(p)], p) for p in chosen]
         new["eps"] = eps
