@@ -35,6 +35,7 @@ IMAGE: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
     "deit_distilled": lambda m, x: m(x),
     "timm_registers": lambda m, x: m(x),
     "open_clip": lambda m, x: m.encode_image(x),
+    "open_clip_unequal": lambda m, x: m.encode_image(x),
     "hf_clip": lambda m, x: m.get_image_features(pixel_values=x).pooler_output,
     "hf_blip": lambda m, x: m.vision_model(pixel_values=x).pooler_output,
 }
@@ -80,6 +81,16 @@ FAMILIES: dict[str, Family] = {
         Family(
             "open_clip",
             tm.open_clip_model,
+            {
+                "image": lambda m: IMAGE["open_clip"](m, tm.images()),
+                "text": lambda m: m.encode_text(tm.token_ids()),
+            },
+            lambda m: m.set_grad_checkpointing(True),
+            ("cls", "pair"),
+        ),
+        Family(
+            "open_clip_unequal",
+            lambda: tm.open_clip_model(vision_layers=4, text_layers=2),
             {
                 "image": lambda m: IMAGE["open_clip"](m, tm.images()),
                 "text": lambda m: m.encode_text(tm.token_ids()),

@@ -24,12 +24,14 @@ def timm_deit_distilled(**kwargs):
     return VisionTransformerDistilled(**cfg)
 
 
-def open_clip_model():
+def open_clip_model(vision_layers: int = 2, text_layers: int = 2):
+    """A tiny open_clip CLIP; towers of unequal depth (as ViT-L/14's 24 image and 12 text blocks)
+    with ``vision_layers != text_layers``."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=PATCH, image_size=IMG)
-    text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
+    vision = CLIPVisionCfg(layers=vision_layers, width=64, head_width=16, patch_size=PATCH, image_size=IMG)
+    text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=text_layers)
     return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
 
 

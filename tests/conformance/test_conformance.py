@@ -111,7 +111,7 @@ def _perturb_side_up(model: torch.nn.Module) -> None:
     _randomize(model, lambda name, p: ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2)
 
 
-SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "hf_clip")
+SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip")
 
 
 def _perturb_lora(model: torch.nn.Module) -> None:
@@ -225,7 +225,7 @@ SETTINGS: dict[str, Settings] = {
         state_prefix="vleff_vqt.",
         callback_args={"num_queries": 1},
         activate=_perturb_vqt,
-        families=("timm_vit", "timm_registers", "open_clip", "hf_clip"),
+        families=("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
         grad_checkpointing=True,
         reentrant=False,
     ),
@@ -276,7 +276,7 @@ SETTINGS: dict[str, Settings] = {
         state_prefix="lora_",
         renamed_keys=((r"(\.base_layer)+\.", "."),),
         callback_args={"r": 2},
-        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
         grad_checkpointing=True,
     ),
     "reversible": Settings(
@@ -292,7 +292,7 @@ SETTINGS: dict[str, Settings] = {
         ],
         state_prefix="vleff_reversible.",
         callback_args={"coupling": "meft"},
-        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "hf_clip"),
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
     ),  # tower hooks do not run in the stack
     # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
     "memvp": Settings(
@@ -328,7 +328,7 @@ SETTINGS: dict[str, Settings] = {
         ],
         state_prefix="vleff_crossget_offsets",
         callback_args={"r_image": 2, "r_text": 4},
-        families=("open_clip", "hf_clip", "hf_blip"),
+        families=("open_clip", "open_clip_unequal", "hf_clip", "hf_blip"),
         fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),
     ),
     # MADTP needs both towers of an image-text model (single-tower families are refused)
@@ -345,7 +345,7 @@ SETTINGS: dict[str, Settings] = {
             ({"towers": "audio"}, "towers"),
         ],
         state_prefix="vleff_madtp.",
-        families=("open_clip", "hf_clip", "hf_blip"),
+        families=("open_clip", "open_clip_unequal", "hf_clip", "hf_blip"),
         fullgraph=False,
         callback_args={"flops_reduction": 0.3},
         fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),

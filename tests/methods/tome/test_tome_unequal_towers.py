@@ -12,21 +12,16 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
+import tiny_models
 import torch
-from tiny_models import IMG, PATCH
 
 from vleff.backbones import find_towers, get_patch, token_counts
 from vleff.callbacks import TokenMerging, TokenMergingMixin
 
 
 def _clip(vision_layers: int, text_layers: int) -> torch.nn.Module:
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
     torch.manual_seed(0)
-    vision = CLIPVisionCfg(layers=vision_layers, width=64, head_width=16, patch_size=PATCH, image_size=IMG)
-    text = CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=text_layers)
-    return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).double().eval()
+    return tiny_models.open_clip_model(vision_layers=vision_layers, text_layers=text_layers).double().eval()
 
 
 class Holder(pl.LightningModule):
@@ -71,7 +66,7 @@ def test_callback_gives_each_tower_r_for_its_own_depth(vision_layers, text_layer
     callback.on_train_end(SimpleNamespace(global_step=4), module)
     assert _running(module) == {"image": _expected(r, vision_layers), "text": _expected(r, text_layers)}
 
-    images = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    images = torch.randn(2, 3, tiny_models.IMG, tiny_models.IMG, dtype=torch.float64)
     with torch.no_grad():
         module.clip.encode_image(images)
     # the deeper image tower merges in every block: tokens entering block i = 17 - sum(r[:i])
