@@ -608,11 +608,6 @@ def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, fami
     without it (blocks replay from the token state they started from) or is refused, when applied
     or when run, naming checkpointing. A method whose hooks hand gradients out of the blocks (VQT,
     DynamicViT) may be refused under re-entrant checkpointing only; methods that cannot replay always are."""
-    if name == "lora" and reentrant and not family.startswith("hf_"):
-        pytest.xfail(
-            "LoRA on a frozen timm tower under re-entrant checkpointing: the blocks' input needs no "
-            "gradient, so torch's re-entrant checkpoint gives the adapters none (known, not fixed yet)"
-        )
     model, fwd = _model_and_forward(family, tower)
     may_refuse = not SETTINGS[name].grad_checkpointing or (reentrant and not SETTINGS[name].reentrant)
     with _checkpointing(family, model, reentrant):

@@ -195,6 +195,13 @@ class TowerAdapter(ABC):
         class's own method and refuses what it cannot give. Default: none."""
         return {}
 
+    def blocks_input_module(self) -> nn.Module | None:
+        """The module whose output the library hands to the first block (timm's ``norm_pre``), for
+        methods that must make that input require gradients: under re-entrant checkpointing a
+        frozen tower's blocks give trainable adapters inside them no gradient otherwise.
+        ``None``: the library needs nothing (its checkpointing is non-re-entrant or handles it)."""
+        return None
+
     def skipped_companions(self) -> list[str]:
         """Towers of the same model that vleff recognises but cannot run (an open_clip CLIP's
         convolutional image tower), described for a warning when ``towers="all"`` meets them."""

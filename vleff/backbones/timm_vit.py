@@ -73,6 +73,9 @@ class TimmViTAdapter(TowerAdapter):
     def blocks(self) -> list[nn.Module]:
         return list(self.root.blocks)
 
+    def blocks_input_module(self) -> nn.Module | None:
+        return getattr(self.root, "norm_pre", None)
+
     def entry_guards(self) -> dict[str, Any]:
         return (
             {"forward_intermediates": GridIntermediates(self.root)}
