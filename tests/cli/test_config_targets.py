@@ -186,6 +186,7 @@ YAML_CHOICES = {
     ("mezo", "lr"): "MeZO needs its own learning rate (the config's None means: the optimizer's)",
     ("mezo", "seed"): "the run's seed (an interpolation)",
     ("tome", "r"): "4 of the digits ViT's 64 tokens per block (16 is for 196)",
+    ("turbo", "r"): "4 of the digits ViT's 64 tokens per block (16 is for 196)",
 }
 
 

@@ -161,6 +161,22 @@ SETTINGS: dict[str, Settings] = {
         callback_args={"r": 2},
         grad_checkpointing=True,
     ),
+    # ToMe plus the class token's attention; the tiny towers' 17 tokens are under the official
+    # r_threshold of 40, so the active row merges from any length. On text towers padding (which the
+    # EOT never attends to) ranks first, so r=6 also merges real tokens of the tiny captions
+    "turbo": Settings(
+        noop={"r": 0},
+        active={"r": 6, "alpha": 5.0, "r_threshold": 0},
+        refusals=[
+            ({"r": -1}, "r=-1"),
+            ({"alpha": -1}, "alpha"),
+            ({"beta": 0}, "beta"),
+            ({"r_threshold": -1}, "r_threshold"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"r": 2, "r_threshold": 0},
+        grad_checkpointing=True,
+    ),
     "evit": Settings(
         noop={"keep_rate": 1.0, "locations": [0]},
         active={"keep_rate": 0.5, "locations": [0]},

@@ -54,6 +54,9 @@ class Case:
 
 CASES: dict[str, Case] = {
     "tome": Case("TokenMerging", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 2, "prop_attn": False}, True),
+    "turbo": Case(
+        "Turbo", {"r": 2, "r_threshold": 0}, tm.timm_vit, _vit_forward, {"r": 2, "r_threshold": 0, "alpha": 1.0}, True
+    ),
     "evit": Case(
         "EViT",
         {"keep_rate": 0.5, "locations": [0], "end_epoch": 1},
@@ -84,6 +87,7 @@ CASES: dict[str, Case] = {
 # the callback's own setting each refusal must name (the field the two applications differ in)
 DIFFERS = {
     "tome": "prop_attn",
+    "turbo": "alpha",
     "evit": "locations",
     "dynamicvit": "rho",
     "crossget": "r_image",

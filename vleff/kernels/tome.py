@@ -73,12 +73,15 @@ def bipartite_soft_matching_reference(
     num_protected: int = 1,
     protected: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    source_penalty: torch.Tensor | None = None,
 ) -> MergePlan:
     """PyTorch reference for :func:`bipartite_soft_matching` (materialises the score matrix)."""
     num_tokens = metric.shape[1]
     r = min(r, max_merge(num_tokens, num_protected))
     scores = similarity_scores(metric, num_protected, protected, groups)
     node_max, node_idx = scores.max(dim=-1)
+    if source_penalty is not None:  # a per-source term: which sources merge, not where each goes
+        node_max = node_max - source_penalty[:, ::2].to(node_max.dtype)
     if protected is not None or groups is not None:  # never merge along a forbidden (-inf) edge
         r = min(r, int(torch.isfinite(node_max).sum(dim=-1).min()))
     return plan_from_best_match(node_max, node_idx, r, num_protected, num_tokens)
@@ -91,6 +94,7 @@ def bipartite_soft_matching(
     backend: str | None = None,
     protected: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    source_penalty: torch.Tensor | None = None,
 ) -> MergePlan:
     """Plan the merge of ``r`` token pairs by bipartite soft matching.
 
@@ -101,14 +105,17 @@ def bipartite_soft_matching(
         backend: ``"torch"``, ``"triton"`` or ``None``/``"auto"`` (see :mod:`vleff.kernels.dispatch`).
         protected, groups: see :func:`similarity_scores` (text towers); with either, the
             PyTorch path runs (the Triton kernel handles leading protected tokens only).
+        source_penalty: ``[B, N]`` subtracted from each source token's best similarity before the
+            ``r`` edges are ranked (Turbo's semantic value): it changes *which* tokens merge, not
+            the destination each merges into. PyTorch path.
     """
     if r < 0:
         raise ValueError(f"r={r} must be >= 0")
     if num_protected < 0:
         raise ValueError(f"num_protected={num_protected} must be >= 0")
     with torch.no_grad():
-        if protected is not None or groups is not None:
-            return bipartite_soft_matching_reference(metric, r, num_protected, protected, groups)
+        if protected is not None or groups is not None or source_penalty is not None:
+            return bipartite_soft_matching_reference(metric, r, num_protected, protected, groups, source_penalty)
         if kernel_backend(metric, backend) == "triton":
             from vleff.kernels import triton_ops
 

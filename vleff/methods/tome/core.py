@@ -174,6 +174,8 @@ class ToMeHook(TowerHook):
     """The token-merging hook of one tower."""
 
     name = HOOK_NAME
+    #: how messages name the method (a variant built on this hook names itself)
+    label = "ToMe"
     #: a pure function of the block input and the token state it started from: replays exactly
     replayable = True
 
@@ -212,16 +214,33 @@ class ToMeHook(TowerHook):
             return None
         return size[..., 0].log().to(dtype)[:, None, None, :]
 
+    def source_penalty(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor | None:
+        """``[B, N]`` subtracted from each token's best similarity before the merges are ranked
+        (``None``: ToMe's ranking). The seam a ToMe variant overrides to choose *which* tokens merge
+        (Turbo: their semantic value) with ToMe's matching, merge and bookkeeping unchanged."""
+        return None
+
+    def merges_at(self, x: torch.Tensor, info: BlockInfo) -> int:
+        """Tokens to merge in this block (the schedule's r; a variant may stop early)."""
+        return self.r_per_block[info.index]
+
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        r = self.r_per_block[info.index]
+        r = self.merges_at(x, info)
         if r <= 0:
             return x
         if state.get("keep") is not None:
-            raise RuntimeError("ToMe cannot merge tokens while a masking method (DynamicViT training) is active")
-        refuse_causal_decoder(state, "ToMe")
+            raise RuntimeError(
+                f"{self.label} cannot merge tokens while a masking method (DynamicViT training) is active"
+            )
+        refuse_causal_decoder(state, self.label)
         # text towers: the EOT is protected and padding merges only with padding
         plan = bipartite_soft_matching(
-            info.keys.mean(dim=1), r, state.num_prefix, protected=state.get(PROTECTED), groups=state.get(PAD)
+            info.keys.mean(dim=1),
+            r,
+            state.num_prefix,
+            protected=state.get(PROTECTED),
+            groups=state.get(PAD),
+            source_penalty=self.source_penalty(x, info, state),
         )
         if plan.r == 0:
             return x

@@ -1,0 +1,80 @@
+"""Lightning callback and mixin of Turbo: applied in ``setup`` (before ``configure_optimizers`` and
+before checkpoint weights load), the same settings kept for every stage, a method already applied
+with other settings refused, the method recorded in checkpoints (``restore_methods``); ``module=``
+picks the model when the LightningModule holds several (the rules of every method callback,
+:mod:`vleff.lightning.targets`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from vleff.checks import check_bool
+from vleff.lightning.mixin import mixin_target
+from vleff.lightning.targets import (
+    ModuleArg,
+    TeardownRemoval,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.methods.turbo.core import TurboConfig, apply_turbo, turbo_applied
+
+
+class Turbo(pl.Callback):
+    """Turbo (training-free informativity-driven merging) for an existing LightningModule.
+
+    Args:
+        module: the model to merge in: attribute path or module object (default: the one model of
+            the LightningModule with a tower ``towers`` names; several are refused, listing them).
+        remove_on_teardown: restore the plain forward when the run ends (a later run with this
+            callback applies Turbo again).
+        **settings: :class:`vleff.methods.turbo.core.TurboConfig` fields (``r``, ``alpha``,
+            ``r_threshold``, ``towers`` ...), validated here.
+    """
+
+    #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    settings_config = TurboConfig
+
+    def __init__(self, module: ModuleArg = None, remove_on_teardown: bool = False, **settings: Any) -> None:
+        self.config = TurboConfig.build(**settings)
+        self.module = check_module_arg(module)
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self._target: Any = None
+        self._removal = TeardownRemoval()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = self._target = resolve_target(pl_module, self.module, "turbo", self.config)
+        if turbo_applied(target):
+            refuse_other_settings("turbo", target, self.config)
+        else:
+            apply_turbo(target, self.config)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.remove_on_teardown and self._target is not None and turbo_applied(self._target):
+            self._removal.remove("turbo", self._target)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from vleff.lightning.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "turbo", self.config)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.as_dict()}  # Turbo has no state of its own
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class TurboMixin:
+    """``use_turbo(**settings)`` in ``__init__`` (the model is built for use: Turbo applies at once
+    and stays for training, validation and inference)."""
+
+    def use_turbo(self, module: Any = None, **settings: Any) -> None:
+        config = TurboConfig.build(**settings)
+        apply_turbo(mixin_target(self, module, "turbo", config), config)
