@@ -59,10 +59,11 @@ CASES: dict[str, Case] = {
     ),
     "evit": Case(
         "EViT",
-        {"keep_rate": 0.5, "locations": [0], "end_epoch": 1},
+        {"keep_rate": 0.5, "locations": [0], "end_epoch": 0},  # the target at once: fit and validate run one function
         tm.timm_vit,
         _vit_forward,
         {"keep_rate": 0.5, "locations": [1]},
+        True,
     ),
     "dynamicvit": Case(
         "DynamicViT",
@@ -70,17 +71,23 @@ CASES: dict[str, Case] = {
         tm.timm_vit,
         _vit_forward,
         {"rho": 0.7, "locations": [1], "distill": False},
+        True,
     ),
     "crossget": Case(
-        "CrossGET", {"r_image": 2, "r_text": 4}, tm.open_clip_model, _clip_forward, {"r_image": 4, "r_text": 4}
+        "CrossGET", {"r_image": 2, "r_text": 4}, tm.open_clip_model, _clip_forward, {"r_image": 4, "r_text": 4}, True
     ),
     "madtp": Case(
-        "MADTP", {"flops_reduction": 0.3}, tm.open_clip_model, _clip_forward, {"flops_reduction": 0.3, "num_codes": 8}
+        "MADTP",
+        {"flops_reduction": 0.3},
+        tm.open_clip_model,
+        _clip_forward,
+        {"flops_reduction": 0.3, "num_codes": 8},
+        True,
     ),
     "vqt": Case("VisualQueryTuning", {"num_queries": 1}, tm.timm_vit, _vit_forward, {"num_queries": 2}, True),
     "lst": Case("LadderSideTuning", {"reduction": 4}, tm.timm_vit, _vit_forward, {"reduction": 2}, True),
     "unipt": Case("UniPT", {"factor": 2}, tm.timm_vit, _vit_forward, {"factor": 1}, True),
-    "lora": Case("LoRA", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 4}),
+    "lora": Case("LoRA", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 4}, True),
     "reversible": Case("Reversible", {"coupling": "meft"}, tm.timm_vit, _vit_forward, {"coupling": "revvit"}, True),
     "memvp": Case("MemVP", {"n_mem": 20}, HOSTS["hf_blip_captioning"].make, _blip_forward, {"n_mem": 24}, True),
 }

@@ -29,6 +29,7 @@ changed its job without a word. The three rules, for every callback that applies
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vleff.checks import check_bool
 from vleff.tokens.common import towers_meant
 
 __all__ = [
@@ -304,10 +306,44 @@ class TeardownRemoval:
         assert entry.remove is not None
         entry.remove(target)
         after = set(target.state_dict(keep_vars=True))
-        self.saved = {k: v.detach().clone() for k, v in before.items() if k not in after}
+        # tensors cloned; a module's extra state (MADTP's τ) is any picklable object: copied
+        self.saved = {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in before.items()
+            if k not in after
+        }
         self._owner = weakref.ref(target)
         if self.flags is not None:
             for name, p in target.named_parameters():
                 if name in self.flags:
                     p.requires_grad_(self.flags[name])
         self.flags = None
+
+
+class RemovalOption:
+    """The ``remove_on_teardown`` option of a method callback, written once.
+
+    Use: :meth:`init_removal` in ``__init__``; :meth:`apply_removable` around the callback's
+    ``apply`` in ``setup`` (flags noted before, the trained state of an earlier removal loaded
+    after); :meth:`remove_at_teardown` in ``teardown``. The class attribute ``method`` names the
+    registry entry."""
+
+    method: str = ""
+
+    def init_removal(self, remove_on_teardown: bool) -> None:
+        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self._removal = TeardownRemoval()
+
+    def apply_removable(self, target: nn.Module, apply: Any) -> None:
+        if self.remove_on_teardown:
+            self._removal.note_flags(target)
+        apply()
+        if self.remove_on_teardown:
+            self._removal.restore(target, method_label(self.method))  # the trained state, if removed earlier
+
+    def remove_at_teardown(self, target: nn.Module | None) -> None:
+        from vleff.registry import get_method
+
+        entry = get_method(self.method)
+        if self.remove_on_teardown and target is not None and entry.is_applied(target):
+            self._removal.remove(self.method, target)

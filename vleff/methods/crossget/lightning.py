@@ -26,6 +26,7 @@ from vleff.lightning.aux_loss import AuxLoss
 from vleff.lightning.mixin import AuxLossMixin, mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -33,22 +34,28 @@ from vleff.lightning.targets import (
 from vleff.methods.crossget.core import CrossGETConfig, apply_crossget, crossget_applied
 
 
-class CrossGET(AuxLoss):
+class CrossGET(RemovalOption, AuxLoss):
     """CrossGET for an existing LightningModule holding an open_clip / HF CLIP / BLIP retrieval model.
 
     Args:
         log: log the alignment loss (``train/aux/crossget_js``).
         module: the image-text model: attribute path or module object (default: the one the
             LightningModule holds; several are refused, listing them).
+        remove_on_teardown: take CrossGET out when the run ends, keeping its trained offsets for a
+            later run (the flags as they were).
         **settings: :class:`vleff.methods.crossget.core.CrossGETConfig` fields (``r_image``, ``r_text``,
             ``prop_attn``, ``loss_weight``), validated here.
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = CrossGETConfig
+    method = "crossget"
 
-    def __init__(self, log: bool = True, module: ModuleArg = None, **settings: Any) -> None:
+    def __init__(
+        self, log: bool = True, module: ModuleArg = None, remove_on_teardown: bool = False, **settings: Any
+    ) -> None:
         super().__init__(log)
+        self.init_removal(remove_on_teardown)
         self.config = CrossGETConfig.build(**settings)
         self.module = check_module_arg(module)
         self._target: Any = None
@@ -58,8 +65,12 @@ class CrossGET(AuxLoss):
         if crossget_applied(target):
             refuse_other_settings("crossget", target, self.config)
         else:
-            apply_crossget(target, self.config)
+            self.apply_removable(target, lambda: apply_crossget(target, self.config))
         super().setup(trainer, pl_module, stage)  # the JS loss joins the training loss
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)  # the loss wrapper released
+        self.remove_at_teardown(self._target)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

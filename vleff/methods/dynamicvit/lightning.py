@@ -29,6 +29,7 @@ from vleff.lightning.init_weights import load_initial_weights
 from vleff.lightning.mixin import AuxLossMixin, next_hook
 from vleff.lightning.targets import (
     ModuleArg,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_backbone,
@@ -42,7 +43,7 @@ from vleff.methods.dynamicvit.core import (
 )
 
 
-class DynamicViT(AuxLoss):
+class DynamicViT(RemovalOption, AuxLoss):
     """DynamicViT (learned token pruning) for an existing LightningModule.
 
     Args:
@@ -59,6 +60,7 @@ class DynamicViT(AuxLoss):
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = DynamicViTConfig
+    method = "dynamicvit"
 
     def __init__(
         self,
@@ -66,9 +68,11 @@ class DynamicViT(AuxLoss):
         save_teacher: bool = True,
         log: bool = True,
         init_from: str | None = None,
+        remove_on_teardown: bool = False,
         **settings: Any,
     ) -> None:
         super().__init__(log)
+        self.init_removal(remove_on_teardown)
         self.config = DynamicViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.save_teacher = check_bool("save_teacher", save_teacher)
@@ -89,11 +93,15 @@ class DynamicViT(AuxLoss):
         if dynamicvit_applied(target):
             refuse_other_settings("dynamicvit", target, self.config)
         else:
-            apply_dynamicvit(target, self.config)
+            self.apply_removable(target, lambda: apply_dynamicvit(target, self.config))
         self._target = target
         if self._pending_teacher is not None:
             self._load_teacher(self._pending_teacher)
         super().setup(trainer, pl_module, stage)  # the distillation / ratio losses join the training loss
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)  # the loss wrapper released
+        self.remove_at_teardown(self._target)
 
     # --- checkpoint state ----------------------------------------------------------------
     def on_save_checkpoint(

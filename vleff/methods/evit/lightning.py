@@ -28,6 +28,7 @@ from vleff.lightning.init_weights import load_initial_weights
 from vleff.lightning.mixin import fitting, mixin_target, next_hook
 from vleff.lightning.targets import (
     ModuleArg,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -43,7 +44,7 @@ from vleff.methods.evit.core import (
 )
 
 
-class EViT(Callback):
+class EViT(RemovalOption, Callback):
     """EViT (keep the tokens the cls token attends to, fuse the rest) for an existing LightningModule.
 
     Args:
@@ -55,12 +56,15 @@ class EViT(Callback):
             start of the first ``fit`` (fine-tune a trained model; not a resume).
         module: the model to apply EViT to: attribute path or module object (default: the one
             model of the LightningModule with a tower ``towers`` names; several are refused).
+        remove_on_teardown: restore the plain forward when the run ends (a later run with this
+            callback applies EViT again).
         **settings: :class:`vleff.methods.evit.core.EViTConfig` fields (``keep_rate`` -- the target
             of the schedule --, ``locations``, ``fuse``, ``towers``), validated here.
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = EViTConfig
+    method = "evit"
 
     def __init__(
         self,
@@ -69,8 +73,10 @@ class EViT(Callback):
         log: bool = True,
         init_from: str | None = None,
         module: ModuleArg = None,
+        remove_on_teardown: bool = False,
         **settings: Any,
     ) -> None:
+        self.init_removal(remove_on_teardown)
         self.config = EViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.target = self.config.keep_rate
@@ -120,7 +126,7 @@ class EViT(Callback):
         if evit_applied(target):
             refuse_other_settings("evit", target, self.config, driven=("keep_rate",))  # the schedule's
         else:
-            apply_evit(target, self.config.replace(keep_rate=rate))
+            self.apply_removable(target, lambda: apply_evit(target, self.config.replace(keep_rate=rate)))
         self._module = target
         update_evit(target, keep_rate=rate)
 
@@ -140,6 +146,9 @@ class EViT(Callback):
         self.set_keep_rate(self._module if self._module is not None else pl_module, self.schedule(progress))
         if self.log:
             pl_module.log("evit/keep_rate", self.current, on_step=True, on_epoch=False, batch_size=1)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.remove_at_teardown(self._module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model leaves fit at the target rate (also when it stopped before the schedule

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -27,17 +28,27 @@ from vleff.lightning.targets import (
 from vleff.methods.lora.core import LoRAConfig, apply_lora, lora_applied
 
 
-class LoRA(pl.Callback):
+class LoRA(RemovalOption, pl.Callback):
     """Args: ``init_from`` (a checkpoint or ``state_dict`` of the trained model, loaded in
     ``setup`` before the adapters are added) and :class:`vleff.methods.lora.core.LoRAConfig`'s settings:
     ``r`` (rank), ``alpha`` (scale ``alpha / r``), ``dropout`` (on the adapter input),
     ``train_head`` (keep a timm classifier head trainable), ``towers``; ``module``: the model to
     adapt, as an attribute path or module object (default: the one model of the LightningModule
-    with a tower ``towers`` names; several are refused, listing them)."""
+    with a tower ``towers`` names; several are refused, listing them); ``remove_on_teardown``: take
+    the adapters out when the run ends, keeping them for a later run (the flags as they were)."""
 
     settings_config = LoRAConfig
 
-    def __init__(self, init_from: str | None = None, module: ModuleArg = None, **settings: Any) -> None:
+    method = "lora"
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        module: ModuleArg = None,
+        remove_on_teardown: bool = False,
+        **settings: Any,
+    ) -> None:
+        self.init_removal(remove_on_teardown)
         super().__init__()
         self.config = LoRAConfig.build(**settings)  # bad values fail here, naming the setting
         self.init_from = None if init_from is None else str(init_from)
@@ -53,7 +64,10 @@ class LoRA(pl.Callback):
                 from vleff.lightning.init_weights import load_trained_backbone
 
                 load_trained_backbone(pl_module, self.init_from, target, "lora")
-            apply_lora(target, self.config)
+            self.apply_removable(target, lambda: apply_lora(target, self.config))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.remove_at_teardown(self._target)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

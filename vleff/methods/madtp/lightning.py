@@ -34,6 +34,7 @@ from torch import nn
 
 from vleff.lightning.aux_loss import AuxLoss
 from vleff.lightning.mixin import AuxLossMixin, mixin_target, next_hook
+from vleff.lightning.targets import RemovalOption
 from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 from vleff.methods.madtp.core import (
     MADTPConfig,
@@ -105,7 +106,7 @@ def controller_train_end(trainer: pl.Trainer, controller: MADTPController, targe
     _on_rank_zero(trainer, controller, target, lambda: controller.finish(target))
 
 
-class MADTP(AuxLoss):
+class MADTP(RemovalOption, AuxLoss):
     """MADTP (alignment-guided token pruning, τ kept at a FLOPs target) for an existing LightningModule.
 
     Args:
@@ -122,14 +123,18 @@ class MADTP(AuxLoss):
     """
 
     settings_config = MADTPConfig
+    method = "madtp"
     #: the FLOPs controller's settings, also taken as keywords (split from the method's)
     controller_config = ControllerConfig
     #: the after-epoch re-calibration comes after Lightning's validation of the epoch, so the
     #: model training leaves is not the one last validated (``vleff-train`` validates again)
     changes_model_after_validation = True
 
-    def __init__(self, module: str | nn.Module | None = None, log: bool = True, **settings: Any) -> None:
+    def __init__(
+        self, module: str | nn.Module | None = None, log: bool = True, remove_on_teardown: bool = False, **settings: Any
+    ) -> None:
         super().__init__(log)
+        self.init_removal(remove_on_teardown)
         controller, settings = ControllerConfig.split(settings)
         self.config = MADTPConfig.build(**settings)
         from vleff.lightning.targets import check_module_arg
@@ -145,10 +150,14 @@ class MADTP(AuxLoss):
 
             refuse_other_settings("madtp", target, self.config, driven=("tau", "flops_reduction"))
         else:
-            apply_madtp(target, self.config)
+            self.apply_removable(target, lambda: apply_madtp(target, self.config))
         self._target = target
         self.controller.restore(target)
         super().setup(trainer, pl_module, stage)  # the alignment loss joins the training loss
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)  # the loss wrapper released
+        self.remove_at_teardown(self._target)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._target is not None
