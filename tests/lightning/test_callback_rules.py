@@ -367,3 +367,33 @@ def test_mixins_refuse_two_models_and_take_module(name):
     with torch.no_grad():
         torch.testing.assert_close(CASES[name].forward(module.teacher), module.reference, rtol=0, atol=0)
     assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+# --- the options every method callback takes ------------------------------------------------------
+def test_every_method_callback_takes_module_init_from_and_remove_on_teardown():
+    """One set of options for the callbacks of methods that change the model (GaLore and MeZO
+    change the optimizer, not the model)."""
+    import inspect
+
+    for name, case in CASES.items():
+        params = set(inspect.signature(getattr(__import__("vleff.callbacks").callbacks, case.callback)).parameters)
+        assert {"module", "init_from", "remove_on_teardown"} <= params, (name, sorted(params))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_init_from_loads_the_trained_weights_before_the_method_is_applied(name, trainer, tmp_path):
+    case = CASES[name]
+    torch.manual_seed(0)
+    trained = One(case.make().double())
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "trained.pt"
+    torch.save(trained.state_dict(), path)
+    fresh = One(case.make().double())
+    callback = _callback(case, init_from=str(path))
+    callback.setup(trainer, fresh, "fit")
+    mine = fresh.state_dict()
+    for key, value in trained.state_dict().items():
+        match = key if key in mine else next((k for k in mine if k.replace(".base_layer", "") == key), None)
+        assert match is not None and torch.equal(mine[match], value), key

@@ -73,3 +73,19 @@ def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | N
     ``method`` is applied (:func:`load_initial_weights`)."""
     backbone = target if target is not None and target is not pl_module else single_backbone(pl_module, method)
     load_initial_weights(pl_module, path, backbone=backbone)
+
+
+class InitFromOption:
+    """The ``init_from`` option of a method callback, written once: a Lightning checkpoint or
+    ``state_dict`` file loaded into the module (or, with a bare model's keys, into the model the
+    method acts on) at the start of the first ``fit``, before the method is applied — fine-tuning a
+    trained model, not resuming (:func:`vleff.lightning.init_weights.load_initial_weights`)."""
+
+    def init_initial(self, init_from: str | None) -> None:
+        self.init_from = None if init_from is None else str(init_from)
+        self._initialised = False
+
+    def load_initial_once(self, pl_module: nn.Module, target: nn.Module, stage: str) -> None:
+        if stage == "fit" and self.init_from is not None and not self._initialised:
+            load_initial_weights(pl_module, self.init_from, backbone=None if target is pl_module else target)
+            self._initialised = True

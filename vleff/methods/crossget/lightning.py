@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
@@ -34,7 +35,7 @@ from vleff.lightning.targets import (
 from vleff.methods.crossget.core import CrossGETConfig, apply_crossget, crossget_applied
 
 
-class CrossGET(RemovalOption, AuxLoss):
+class CrossGET(InitFromOption, RemovalOption, AuxLoss):
     """CrossGET for an existing LightningModule holding an open_clip / HF CLIP / BLIP retrieval model.
 
     Args:
@@ -43,6 +44,8 @@ class CrossGET(RemovalOption, AuxLoss):
             LightningModule holds; several are refused, listing them).
         remove_on_teardown: take CrossGET out when the run ends, keeping its trained offsets for a
             later run (the flags as they were).
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the method is applied (fine-tuning, not resuming).
         **settings: :class:`vleff.methods.crossget.core.CrossGETConfig` fields (``r_image``, ``r_text``,
             ``prop_attn``, ``loss_weight``), validated here.
     """
@@ -52,9 +55,15 @@ class CrossGET(RemovalOption, AuxLoss):
     method = "crossget"
 
     def __init__(
-        self, log: bool = True, module: ModuleArg = None, remove_on_teardown: bool = False, **settings: Any
+        self,
+        log: bool = True,
+        module: ModuleArg = None,
+        remove_on_teardown: bool = False,
+        init_from: str | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__(log)
+        self.init_initial(init_from)
         self.init_removal(remove_on_teardown)
         self.config = CrossGETConfig.build(**settings)
         self.module = check_module_arg(module)
@@ -62,6 +71,7 @@ class CrossGET(RemovalOption, AuxLoss):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "crossget", self.config)
+        self.load_initial_once(pl_module, target, stage)
         if crossget_applied(target):
             refuse_other_settings("crossget", target, self.config)
         else:

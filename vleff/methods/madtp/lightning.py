@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target, next_hook
 from vleff.lightning.targets import RemovalOption
 from vleff.methods.madtp.controller import ControllerConfig, MADTPController
@@ -106,7 +107,7 @@ def controller_train_end(trainer: pl.Trainer, controller: MADTPController, targe
     _on_rank_zero(trainer, controller, target, lambda: controller.finish(target))
 
 
-class MADTP(RemovalOption, AuxLoss):
+class MADTP(InitFromOption, RemovalOption, AuxLoss):
     """MADTP (alignment-guided token pruning, τ kept at a FLOPs target) for an existing LightningModule.
 
     Args:
@@ -118,6 +119,8 @@ class MADTP(RemovalOption, AuxLoss):
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration (with
             ``sync_dist=True``: every rank holds rank 0's τ, so the mean is that value, and
             Lightning does not warn about epoch-level logging under DDP).
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the method is applied (fine-tuning, not resuming).
         **settings: :class:`vleff.methods.madtp.core.MADTPConfig` fields (``flops_reduction``,
             ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
     """
@@ -131,9 +134,15 @@ class MADTP(RemovalOption, AuxLoss):
     changes_model_after_validation = True
 
     def __init__(
-        self, module: str | nn.Module | None = None, log: bool = True, remove_on_teardown: bool = False, **settings: Any
+        self,
+        module: str | nn.Module | None = None,
+        log: bool = True,
+        remove_on_teardown: bool = False,
+        init_from: str | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__(log)
+        self.init_initial(init_from)
         self.init_removal(remove_on_teardown)
         controller, settings = ControllerConfig.split(settings)
         self.config = MADTPConfig.build(**settings)
@@ -145,6 +154,7 @@ class MADTP(RemovalOption, AuxLoss):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = _target(pl_module, self.module, self.config)
+        self.load_initial_once(pl_module, target, stage)
         if madtp_applied(target):  # applied with the callback's settings, or refused naming both
             from vleff.lightning.targets import refuse_other_settings
 

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.checks import check_bool
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
@@ -34,7 +35,7 @@ from vleff.methods.memvp.core import (
 )
 
 
-class MemVP(pl.Callback):
+class MemVP(InitFromOption, pl.Callback):
     """Apply MemVP to the LightningModule's host model (and freeze the host).
 
     Args:
@@ -43,15 +44,23 @@ class MemVP(pl.Callback):
             run ends; a later run with this callback re-applies the trained MemVP.
         module: the host: attribute path or module object (default: the one host of the
             LightningModule; several are refused, listing them).
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the method is applied (fine-tuning, not resuming).
         **settings: :class:`vleff.methods.memvp.core.MemVPConfig` fields (``n_mem``, ``scale``, ...), validated here.
     """
 
     settings_config = MemVPConfig
 
     def __init__(
-        self, freeze_host: bool = True, remove_on_teardown: bool = False, module: ModuleArg = None, **settings: Any
+        self,
+        freeze_host: bool = True,
+        remove_on_teardown: bool = False,
+        module: ModuleArg = None,
+        init_from: str | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        self.init_initial(init_from)
         self.config = MemVPConfig.build(**settings)
         self.freeze_host = check_bool("freeze_host", freeze_host)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
@@ -61,6 +70,7 @@ class MemVP(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "memvp", self.config)
+        self.load_initial_once(pl_module, target, stage)
         if self.remove_on_teardown:
             self._removal.note_flags(target)  # before the host is frozen: teardown puts them back
         if memvp_applied(target):

@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.checks import check_bool
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.targets import (
     ModuleArg,
     TeardownRemoval,
@@ -37,7 +38,7 @@ from vleff.methods.reversible.core import (
 __all__ = ["Reversible"]
 
 
-class Reversible(pl.Callback):
+class Reversible(InitFromOption, pl.Callback):
     """Run the LightningModule's towers (timm ViT/DeiT, open_clip, HF CLIP) as reversible stacks.
 
     Args:
@@ -45,6 +46,8 @@ class Reversible(pl.Callback):
             are kept: a later run with this callback re-applies them).
         module: the model to make reversible: attribute path or module object (default: the one
             model of the LightningModule with a tower ``towers`` names; several are refused).
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the method is applied (fine-tuning, not resuming).
         **settings: :class:`vleff.methods.reversible.core.ReversibleConfig` fields (``coupling``,
             ``lam``, ``beta``, ``towers``, ``adapter``, ``streams``, ``balance``), validated here.
     """
@@ -52,8 +55,15 @@ class Reversible(pl.Callback):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = ReversibleConfig
 
-    def __init__(self, remove_on_teardown: bool = False, module: ModuleArg = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        remove_on_teardown: bool = False,
+        module: ModuleArg = None,
+        init_from: str | None = None,
+        **settings: Any,
+    ) -> None:
         super().__init__()
+        self.init_initial(init_from)
         self.config = ReversibleConfig.build(**settings)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
         self.module = check_module_arg(module)
@@ -62,6 +72,7 @@ class Reversible(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "reversible", self.config)
+        self.load_initial_once(pl_module, target, stage)
         if self.remove_on_teardown:
             self._removal.note_flags(target)
         if reversible_applied(target):

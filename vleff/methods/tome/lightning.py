@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.checks import check_bool
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import fitting, mixin_target, next_hook
 from vleff.lightning.targets import (
     ModuleArg,
@@ -32,7 +33,7 @@ from vleff.methods.tome.core import ToMeConfig, apply_tome, tome_applied
 from vleff.tokens.schedule import RSchedule
 
 
-class TokenMerging(pl.Callback):
+class TokenMerging(InitFromOption, pl.Callback):
     """Apply ToMe to the towers of the LightningModule.
 
     Args:
@@ -42,6 +43,8 @@ class TokenMerging(pl.Callback):
             callback applies it again).
         module: the model to merge in: attribute path or module object (default: the one
             model of the LightningModule with a tower ``towers`` names; several are refused).
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the method is applied (fine-tuning, not resuming).
         **settings: :class:`vleff.methods.tome.core.ToMeConfig` fields (``r``, ``prop_attn``,
             ``trace_source``, ``towers``), validated here.
 
@@ -58,9 +61,11 @@ class TokenMerging(pl.Callback):
         warmup_steps: int = 0,
         remove_on_teardown: bool = False,
         module: ModuleArg = None,
+        init_from: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__()
+        self.init_initial(init_from)
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
@@ -76,6 +81,7 @@ class TokenMerging(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "tome", self.config)
+        self.load_initial_once(pl_module, target, stage)
         if tome_applied(target):
             refuse_other_settings("tome", target, self.config, driven=("r",))  # r follows the schedule
         else:

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.checks import check_bool
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
@@ -22,7 +23,7 @@ from vleff.lightning.targets import (
 from vleff.methods.turbo.core import TurboConfig, apply_turbo, turbo_applied
 
 
-class Turbo(pl.Callback):
+class Turbo(InitFromOption, pl.Callback):
     """Turbo (training-free informativity-driven merging) for an existing LightningModule.
 
     Args:
@@ -30,6 +31,8 @@ class Turbo(pl.Callback):
             the LightningModule with a tower ``towers`` names; several are refused, listing them).
         remove_on_teardown: restore the plain forward when the run ends (a later run with this
             callback applies Turbo again).
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the method is applied (fine-tuning, not resuming).
         **settings: :class:`vleff.methods.turbo.core.TurboConfig` fields (``r``, ``alpha``,
             ``r_threshold``, ``towers`` ...), validated here.
     """
@@ -37,7 +40,14 @@ class Turbo(pl.Callback):
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
     settings_config = TurboConfig
 
-    def __init__(self, module: ModuleArg = None, remove_on_teardown: bool = False, **settings: Any) -> None:
+    def __init__(
+        self,
+        module: ModuleArg = None,
+        remove_on_teardown: bool = False,
+        init_from: str | None = None,
+        **settings: Any,
+    ) -> None:
+        self.init_initial(init_from)
         self.config = TurboConfig.build(**settings)
         self.module = check_module_arg(module)
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
@@ -46,6 +56,7 @@ class Turbo(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "turbo", self.config)
+        self.load_initial_once(pl_module, target, stage)
         if turbo_applied(target):
             refuse_other_settings("turbo", target, self.config)
         else:
