@@ -180,21 +180,20 @@ class TowerPatch:
         same input. The block then runs from a copy of the token state it started from in the
         forward (recorded by its input's storage and shape), so the recomputation is the forward's
         exactly and leaves the forward's state (and everything read from it) untouched."""
-        compiling = torch.compiler.is_compiling()  # compiled graphs recompute on their own terms
-        key: EntryKey = (index, 0 if compiling else x.data_ptr(), tuple(x.shape))
-        if not compiling and in_backward():
+        # the entry key is built only where recordings exist (never under torch.compile, whose
+        # graphs recompute on their own terms): the plain forward pays nothing for replay
+        if self._recordings and not torch.compiler.is_compiling() and in_backward():
+            key: EntryKey = (index, x.data_ptr(), tuple(x.shape))
             entry = next((rec[key] for rec in reversed(self._recordings) if key in rec), _MISSING)
             if entry is not _MISSING:
                 return self._replay(index, depth, block, x, mask, is_causal, cross, entry)
+        x_in = x
         if index == 0 or self.state is None:
-            x_in = x
             x, state = self._start(x)  # decides whether this forward is recorded
-            if self._recording is not None:
-                self._recording[key] = (state.snapshot(), x is x_in)
         else:
             state = self.state
-            if self._recording is not None:
-                self._recording[key] = (state.snapshot(), True)
+        if self._recording is not None:
+            self._recording[(index, x_in.data_ptr(), tuple(x_in.shape))] = (state.snapshot(), x is x_in)
         return self._run(index, depth, block, x, mask, is_causal, cross, state)
 
     def _replay(

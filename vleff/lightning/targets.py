@@ -323,10 +323,11 @@ class TeardownRemoval:
 class RemovalOption:
     """The ``remove_on_teardown`` option of a method callback, written once.
 
-    Use: :meth:`init_removal` in ``__init__``; :meth:`apply_removable` around the callback's
-    ``apply`` in ``setup`` (flags noted before, the trained state of an earlier removal loaded
-    after); :meth:`remove_at_teardown` in ``teardown``. The class attribute ``method`` names the
-    registry entry."""
+    Use: :meth:`init_removal` in ``__init__``; :meth:`note_removal` first in ``setup`` (the
+    ``requires_grad`` flags as they were, whether the callback applies the method or finds it
+    applied); :meth:`apply_removable` around the callback's ``apply`` (the trained state of an
+    earlier removal loaded after it); :meth:`remove_at_teardown` in ``teardown``. The class
+    attribute ``method`` names the registry entry."""
 
     method: str = ""
 
@@ -334,9 +335,12 @@ class RemovalOption:
         self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
         self._removal = TeardownRemoval()
 
-    def apply_removable(self, target: nn.Module, apply: Any) -> None:
+    def note_removal(self, target: nn.Module) -> None:
         if self.remove_on_teardown:
             self._removal.note_flags(target)
+
+    def apply_removable(self, target: nn.Module, apply: Any) -> None:
+        self.note_removal(target)  # no-op when setup noted them already
         apply()
         if self.remove_on_teardown:
             self._removal.restore(target, method_label(self.method))  # the trained state, if removed earlier

@@ -72,6 +72,7 @@ class CrossGET(InitFromOption, RemovalOption, AuxLoss):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "crossget", self.config)
         self.load_initial_once(pl_module, target, stage)
+        self.note_removal(target)
         if crossget_applied(target):
             refuse_other_settings("crossget", target, self.config)
         else:

@@ -25,7 +25,7 @@ from torch import nn
 
 from vleff.checks import check_bool
 from vleff.lightning.aux_loss import AuxLoss
-from vleff.lightning.init_weights import load_initial_weights
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, next_hook
 from vleff.lightning.targets import (
     ModuleArg,
@@ -43,7 +43,7 @@ from vleff.methods.dynamicvit.core import (
 )
 
 
-class DynamicViT(RemovalOption, AuxLoss):
+class DynamicViT(InitFromOption, RemovalOption, AuxLoss):
     """DynamicViT (learned token pruning) for an existing LightningModule.
 
     Args:
@@ -76,8 +76,7 @@ class DynamicViT(RemovalOption, AuxLoss):
         self.config = DynamicViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.save_teacher = check_bool("save_teacher", save_teacher)
-        self.init_from = None if init_from is None else str(init_from)
-        self._initialised = False
+        self.init_initial(init_from)
         self._target: nn.Module | None = None
         self._pending_teacher: dict[str, Any] | None = None
 
@@ -87,9 +86,8 @@ class DynamicViT(RemovalOption, AuxLoss):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = resolve_backbone(pl_module, self.module, "dynamicvit")
-        if stage == "fit" and self.init_from is not None and not self._initialised:
-            load_initial_weights(pl_module, self.init_from, backbone=target)  # before the teacher is copied
-            self._initialised = True
+        self.load_initial_once(pl_module, target, stage)  # before the teacher is copied
+        self.note_removal(target)
         if dynamicvit_applied(target):
             refuse_other_settings("dynamicvit", target, self.config)
         else:

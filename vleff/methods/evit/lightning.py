@@ -123,6 +123,7 @@ class EViT(RemovalOption, Callback):
             rate = self.current
         else:  # validate/test/predict: the trained model runs at the target
             rate = self.target
+        self.note_removal(target)
         if evit_applied(target):
             refuse_other_settings("evit", target, self.config, driven=("keep_rate",))  # the schedule's
         else:

@@ -57,6 +57,7 @@ class LoRA(RemovalOption, pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "lora", self.config)
+        self.note_removal(target)
         if lora_applied(target):
             refuse_other_settings("lora", target, self.config)
         else:

@@ -301,7 +301,7 @@ class MADTPHook(TowerHook):
 
     # --- entry points ----------------------------------------------------------------------------
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        if self._prunes_anywhere() and torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() and self._prunes_anywhere():
             raise RuntimeError(
                 f"torch.export cannot take MADTP on the {self.modality} tower: it keeps a data-dependent number of "
                 "tokens (those whose codebook score clears τ, per sample), and an exported graph needs token counts "

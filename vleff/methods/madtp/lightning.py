@@ -155,6 +155,7 @@ class MADTP(InitFromOption, RemovalOption, AuxLoss):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = _target(pl_module, self.module, self.config)
         self.load_initial_once(pl_module, target, stage)
+        self.note_removal(target)
         if madtp_applied(target):  # applied with the callback's settings, or refused naming both
             from vleff.lightning.targets import refuse_other_settings
 

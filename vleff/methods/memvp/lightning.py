@@ -22,7 +22,7 @@ from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
-    TeardownRemoval,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -35,7 +35,7 @@ from vleff.methods.memvp.core import (
 )
 
 
-class MemVP(InitFromOption, pl.Callback):
+class MemVP(InitFromOption, RemovalOption, pl.Callback):
     """Apply MemVP to the LightningModule's host model (and freeze the host).
 
     Args:
@@ -49,6 +49,7 @@ class MemVP(InitFromOption, pl.Callback):
         **settings: :class:`vleff.methods.memvp.core.MemVPConfig` fields (``n_mem``, ``scale``, ...), validated here.
     """
 
+    method = "memvp"
     settings_config = MemVPConfig
 
     def __init__(
@@ -63,21 +64,18 @@ class MemVP(InitFromOption, pl.Callback):
         self.init_initial(init_from)
         self.config = MemVPConfig.build(**settings)
         self.freeze_host = check_bool("freeze_host", freeze_host)
-        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.init_removal(remove_on_teardown)
         self.module = check_module_arg(module)
         self._target: Any = None
-        self._removal = TeardownRemoval()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "memvp", self.config)
         self.load_initial_once(pl_module, target, stage)
-        if self.remove_on_teardown:
-            self._removal.note_flags(target)  # before the host is frozen: teardown puts them back
+        self.note_removal(target)  # before the host is frozen: teardown puts them back
         if memvp_applied(target):
             refuse_other_settings("memvp", target, self.config)
         else:
-            apply_memvp(target, self.config)
-            self._removal.restore(target, "MemVP")  # the trained memory, if removed at a teardown
+            self.apply_removable(target, lambda: apply_memvp(target, self.config))
         if self.freeze_host:
             freeze_host_for_memvp(target)
 
@@ -90,9 +88,7 @@ class MemVP(InitFromOption, pl.Callback):
             record_method(checkpoint, pl_module, self._target, "memvp", self.config)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = self._target if self._target is not None else pl_module
-        if self.remove_on_teardown and memvp_applied(target):
-            self._removal.remove("memvp", target)
+        self.remove_at_teardown(self._target if self._target is not None else pl_module)
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -20,11 +20,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.targets import (
     ModuleArg,
-    TeardownRemoval,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -38,7 +37,7 @@ from vleff.methods.reversible.core import (
 __all__ = ["Reversible"]
 
 
-class Reversible(InitFromOption, pl.Callback):
+class Reversible(InitFromOption, RemovalOption, pl.Callback):
     """Run the LightningModule's towers (timm ViT/DeiT, open_clip, HF CLIP) as reversible stacks.
 
     Args:
@@ -53,6 +52,7 @@ class Reversible(InitFromOption, pl.Callback):
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    method = "reversible"
     settings_config = ReversibleConfig
 
     def __init__(
@@ -65,26 +65,21 @@ class Reversible(InitFromOption, pl.Callback):
         super().__init__()
         self.init_initial(init_from)
         self.config = ReversibleConfig.build(**settings)
-        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.init_removal(remove_on_teardown)
         self.module = check_module_arg(module)
         self._target: Any = None
-        self._removal = TeardownRemoval()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "reversible", self.config)
         self.load_initial_once(pl_module, target, stage)
-        if self.remove_on_teardown:
-            self._removal.note_flags(target)
+        self.note_removal(target)
         if reversible_applied(target):
             refuse_other_settings("reversible", target, self.config)
         else:
-            apply_reversible(target, self.config)
-            self._removal.restore(target, "Reversible")  # the trained adapters, if removed at a teardown
+            self.apply_removable(target, lambda: apply_reversible(target, self.config))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = self._target if self._target is not None else pl_module
-        if self.remove_on_teardown and reversible_applied(target):
-            self._removal.remove("reversible", target)
+        self.remove_at_teardown(self._target if self._target is not None else pl_module)
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -19,12 +19,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import fitting, mixin_target, next_hook
 from vleff.lightning.targets import (
     ModuleArg,
-    TeardownRemoval,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -33,7 +32,7 @@ from vleff.methods.tome.core import ToMeConfig, apply_tome, tome_applied
 from vleff.tokens.schedule import RSchedule
 
 
-class TokenMerging(InitFromOption, pl.Callback):
+class TokenMerging(InitFromOption, RemovalOption, pl.Callback):
     """Apply ToMe to the towers of the LightningModule.
 
     Args:
@@ -53,6 +52,7 @@ class TokenMerging(InitFromOption, pl.Callback):
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    method = "tome"
     settings_config = ToMeConfig
 
     def __init__(
@@ -68,12 +68,11 @@ class TokenMerging(InitFromOption, pl.Callback):
         self.init_initial(init_from)
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
-        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.init_removal(remove_on_teardown)
         #: r per block of the first ToMe tower (what ``tome/r_mean`` logs)
         self.current_r: list[int] | None = None
         self.module = check_module_arg(module)
         self._target: Any = None
-        self._removal = TeardownRemoval()
 
     @property
     def state_key(self) -> str:
@@ -82,10 +81,11 @@ class TokenMerging(InitFromOption, pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "tome", self.config)
         self.load_initial_once(pl_module, target, stage)
+        self.note_removal(target)
         if tome_applied(target):
             refuse_other_settings("tome", target, self.config, driven=("r",))  # r follows the schedule
         else:
-            apply_tome(target, self.config.replace(r=0))
+            self.apply_removable(target, lambda: apply_tome(target, self.config.replace(r=0)))
         step = trainer.global_step if stage == "fit" else self.schedule.warmup_steps
         self._update(pl_module, step)
 
@@ -105,9 +105,7 @@ class TokenMerging(InitFromOption, pl.Callback):
         self._update(pl_module, max(trainer.global_step, self.schedule.warmup_steps))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = self._target if self._target is not None else pl_module
-        if self.remove_on_teardown and tome_applied(target):
-            self._removal.remove("tome", target)
+        self.remove_at_teardown(self._target if self._target is not None else pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict(), "current_r": self.current_r}

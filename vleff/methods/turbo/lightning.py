@@ -10,12 +10,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
-    TeardownRemoval,
+    RemovalOption,
     check_module_arg,
     refuse_other_settings,
     resolve_target,
@@ -23,7 +22,7 @@ from vleff.lightning.targets import (
 from vleff.methods.turbo.core import TurboConfig, apply_turbo, turbo_applied
 
 
-class Turbo(InitFromOption, pl.Callback):
+class Turbo(InitFromOption, RemovalOption, pl.Callback):
     """Turbo (training-free informativity-driven merging) for an existing LightningModule.
 
     Args:
@@ -38,6 +37,7 @@ class Turbo(InitFromOption, pl.Callback):
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    method = "turbo"
     settings_config = TurboConfig
 
     def __init__(
@@ -50,21 +50,20 @@ class Turbo(InitFromOption, pl.Callback):
         self.init_initial(init_from)
         self.config = TurboConfig.build(**settings)
         self.module = check_module_arg(module)
-        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
+        self.init_removal(remove_on_teardown)
         self._target: Any = None
-        self._removal = TeardownRemoval()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "turbo", self.config)
         self.load_initial_once(pl_module, target, stage)
+        self.note_removal(target)
         if turbo_applied(target):
             refuse_other_settings("turbo", target, self.config)
         else:
-            apply_turbo(target, self.config)
+            self.apply_removable(target, lambda: apply_turbo(target, self.config))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.remove_on_teardown and self._target is not None and turbo_applied(self._target):
-            self._removal.remove("turbo", self._target)
+        self.remove_at_teardown(self._target)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
