@@ -14,6 +14,8 @@ Tiny float64 models; the callbacks' ``setup``/``teardown`` are called as Lightni
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,97 +26,58 @@ import pytest
 import tiny_lightning as tl
 import tiny_models as tm
 import torch
+from families import FAMILIES
 from host_families import HOSTS
+from method_rows import SETTINGS
 
-from vleff.registry import get_method
-
-
-def _vit_forward(model: torch.nn.Module) -> torch.Tensor:
-    return model(tm.images(seed=3).double())
-
-
-def _clip_forward(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([model.encode_image(tm.images(seed=3).double()), model.encode_text(tm.token_ids(seed=3))], 1)
-
-
-def _blip_forward(model: torch.nn.Module) -> torch.Tensor:
-    ids, mask = tm.blip_token_ids()
-    return model(pixel_values=tm.images().double(), input_ids=ids, attention_mask=mask).logits
+from vleff.registry import all_methods, get_method
 
 
 @dataclass(frozen=True)
 class Case:
-    callback: str  # vleff.callbacks.<name>
-    settings: dict[str, Any]  # the callback's method settings
+    """A method callback's rule case, derived from the method's row (``tests/method_rows.py``)
+    and its registry entry: no table here names a method."""
+
+    callback: type  # the registry entry's Lightning callback
+    settings: dict[str, Any]  # the callback's settings
     make: Callable[[], torch.nn.Module]
     forward: Callable[[torch.nn.Module], torch.Tensor]
-    other: dict[str, Any] | None = None  # settings of an earlier application that the callback must refuse
-    removable: bool = False  # has remove_on_teardown
+    other: dict[str, Any]  # settings of an earlier application that the callback must refuse
 
 
-CASES: dict[str, Case] = {
-    "tome": Case("TokenMerging", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 2, "prop_attn": False}, True),
-    "turbo": Case(
-        "Turbo", {"r": 2, "r_threshold": 0}, tm.timm_vit, _vit_forward, {"r": 2, "r_threshold": 0, "alpha": 1.0}, True
-    ),
-    "evit": Case(
-        "EViT",
-        {"keep_rate": 0.5, "locations": [0], "end_epoch": 0},  # the target at once: fit and validate run one function
-        tm.timm_vit,
-        _vit_forward,
-        {"keep_rate": 0.5, "locations": [1]},
-        True,
-    ),
-    "dynamicvit": Case(
-        "DynamicViT",
-        {"rho": 0.5, "locations": [1], "distill": False},
-        tm.timm_vit,
-        _vit_forward,
-        {"rho": 0.7, "locations": [1], "distill": False},
-        True,
-    ),
-    "crossget": Case(
-        "CrossGET", {"r_image": 2, "r_text": 4}, tm.open_clip_model, _clip_forward, {"r_image": 4, "r_text": 4}, True
-    ),
-    "madtp": Case(
-        "MADTP",
-        {"flops_reduction": 0.3},
-        tm.open_clip_model,
-        _clip_forward,
-        {"flops_reduction": 0.3, "num_codes": 8},
-        True,
-    ),
-    "vqt": Case("VisualQueryTuning", {"num_queries": 1}, tm.timm_vit, _vit_forward, {"num_queries": 2}, True),
-    "lst": Case("LadderSideTuning", {"reduction": 4}, tm.timm_vit, _vit_forward, {"reduction": 2}, True),
-    "unipt": Case("UniPT", {"factor": 2}, tm.timm_vit, _vit_forward, {"factor": 1}, True),
-    "lora": Case("LoRA", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 4}, True),
-    "reversible": Case("Reversible", {"coupling": "meft"}, tm.timm_vit, _vit_forward, {"coupling": "revvit"}, True),
-    "memvp": Case("MemVP", {"n_mem": 20}, HOSTS["hf_blip_captioning"].make, _blip_forward, {"n_mem": 24}, True),
-}
-# the callback's own setting each refusal must name (the field the two applications differ in)
-DIFFERS = {
-    "tome": "prop_attn",
-    "turbo": "alpha",
-    "evit": "locations",
-    "dynamicvit": "rho",
-    "crossget": "r_image",
-    "madtp": "num_codes",
-    "vqt": "num_queries",
-    "lst": "reduction",
-    "unipt": "factor",
-    "lora": "r",
-    "reversible": "coupling",
-    "memvp": "n_mem",
-}
+def _model_of(name: str) -> tuple[Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]:
+    """The first model the method's row supports, and a forward through every tower it changes."""
+    row = SETTINGS[name]
+    if row.hosts:
+        return HOSTS[row.hosts[0]].make, HOSTS[row.hosts[0]].forward
+    towers = get_method(name).towers
+    family = next(f for f in FAMILIES.values() if row.families is None or f.name in row.families)
+    forwards = [fwd for tower, fwd in family.forwards.items() if tower in towers]
+    return family.make, lambda model: torch.cat([fwd(model).flatten(1) for fwd in forwards], 1)
+
+
+def _case(name: str) -> Case:
+    row = SETTINGS[name]
+    assert row.applied_other is not None, f"{name}: its row needs applied_other (a callback's method)"
+    make, forward = _model_of(name)
+    settings = row.rules_args if row.rules_args is not None else row.callback_args
+    return Case(get_method(name).load_callback(), settings, make, forward, row.applied_other)
+
+
+#: every method whose callback changes the model (GaLore and MeZO change the optimizer)
+CASES: dict[str, Case] = {m.name: _case(m.name) for m in all_methods() if m.apply is not None}
 #: the settings of the callback that are not method settings
 CALLBACK_ONLY = {"end_epoch"}
 
 
-def test_every_model_callback_has_a_case():
-    from vleff.registry import all_methods
-
-    model_methods = {m.name for m in all_methods() if m.apply is not None}
-    assert model_methods == set(CASES), "a method callback without a row in CASES"
+def _differs(name: str) -> str:
+    """The setting the earlier application and the callback differ in (the one the refusal names)."""
+    method, case = get_method(name), CASES[name]
+    mine = method.config.build(**_method_settings(case, case.settings))
+    theirs = method.config.build(**case.other)
+    keys = [f.name for f in dataclasses.fields(mine) if getattr(mine, f.name) != getattr(theirs, f.name)]
+    assert keys, f"{name}: its row's applied_other equals the callback's settings"
+    return keys[0]
 
 
 class Two(pl.LightningModule):
@@ -123,8 +86,8 @@ class Two(pl.LightningModule):
     def __init__(self, make: Callable[[], torch.nn.Module]) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.teacher = make().double().eval()
-        self.student = make().double().eval()
+        self.teacher = make().eval()
+        self.student = make().eval()
         self.teacher.requires_grad_(False)
 
 
@@ -135,9 +98,7 @@ class One(pl.LightningModule):
 
 
 def _callback(case: Case, **extra: Any) -> pl.Callback:
-    import vleff.callbacks
-
-    return getattr(vleff.callbacks, case.callback)(**case.settings, **extra)
+    return case.callback(**case.settings, **extra)
 
 
 def _flags(model: torch.nn.Module) -> dict[str, bool]:
@@ -218,10 +179,9 @@ def test_apply_crossget_on_a_module_with_two_pairs_is_refused():
 def test_applied_with_other_settings_is_refused_naming_both(name, trainer):
     case = CASES[name]
     torch.manual_seed(0)
-    model = case.make().double()
-    assert case.other is not None
+    model = case.make()
     get_method(name).apply(model, **case.other)
-    key = DIFFERS[name]
+    key = _differs(name)
     have = getattr(get_method(name).config.build(**case.other), key)
     want = getattr(get_method(name).config.build(**_method_settings(case, case.settings)), key)
     pattern = rf"already applied.*{re.escape(f'{key}={have!r}')}.*asks for {re.escape(f'{key}={want!r}')}"
@@ -233,7 +193,7 @@ def test_applied_with_other_settings_is_refused_naming_both(name, trainer):
 def test_applied_with_the_same_settings_is_kept(name, trainer):
     case = CASES[name]
     torch.manual_seed(0)
-    model = case.make().double()
+    model = case.make()
     get_method(name).apply(model, **_method_settings(case, case.settings))
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     callback = _callback(case)
@@ -260,11 +220,11 @@ def _train_method_parameters(model: torch.nn.Module, before: set[str]) -> None:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.removable))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_remove_on_teardown_restores_flags_and_a_later_run_gets_the_trained_method(name, trainer):
     case = CASES[name]
     torch.manual_seed(0)
-    model = case.make().double().eval()
+    model = case.make().eval()
     for p in model.parameters():  # some weights frozen by the user already: they must stay so
         p.requires_grad_(p.dim() != 1)
     flags, names = _flags(model), set(dict(model.named_parameters()))
@@ -328,36 +288,35 @@ def test_lst_remove_on_teardown_then_validate_runs_the_trained_lst(tmp_path):
 
 
 # --- the mixins keep the same rule -----------------------------------------------------------------
-MIXINS = {  # method -> (mixin, use_<method>, settings)
-    "tome": ("TokenMergingMixin", "use_tome", {"r": 2}),
-    "evit": ("EViTMixin", "use_evit", {"keep_rate": 0.5, "locations": [0]}),
-    "crossget": ("CrossGETMixin", "use_crossget", {"r_image": 2, "r_text": 4}),
-    "madtp": ("MADTPMixin", "use_madtp", {"flops_reduction": 0.3}),
-    "vqt": ("VQTMixin", "use_vqt", {"num_queries": 1}),
-    "lst": ("LSTMixin", "use_lst", {"reduction": 4}),
-    "unipt": ("UniPTMixin", "use_unipt", {"factor": 2}),
-    "lora": ("LoRAMixin", "use_lora", {"r": 2}),
-    "reversible": ("ReversibleMixin", "use_reversible", {"coupling": "meft"}),
-    "memvp": ("MemVPMixin", "use_memvp", {"n_mem": 20}),
-}
+def _use(name: str) -> Callable[..., None]:
+    """The mixin's ``use_<name>``, looked up on the registry entry's mixin."""
+    return getattr(get_method(name).load_mixin(), f"use_{name}")
+
+
+#: methods whose mixin picks its model like the callbacks (``module=``); the others take the
+#: model explicitly (``use_dynamicvit(backbone)``), so there is nothing to pick
+MIXINS = sorted(n for n in CASES if "module" in inspect.signature(_use(n)).parameters)
+
+
+def test_mixins_without_module_take_the_model_explicitly():
+    for name in sorted(set(CASES) - set(MIXINS)):
+        params = list(inspect.signature(_use(name)).parameters.values())[1:]  # after self
+        assert params and params[0].default is inspect.Parameter.empty, f"use_{name} takes neither module= nor a model"
 
 
 def _mixin_module(name: str, **extra: Any) -> pl.LightningModule:
-    import vleff.callbacks
+    case = CASES[name]
 
-    mixin, use, settings = MIXINS[name]
-    make = CASES[name].make
-
-    class Module(getattr(vleff.callbacks, mixin), Two):  # type: ignore[misc, valid-type]
+    class Module(get_method(name).load_mixin(), Two):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
-            Two.__init__(self, make)
-            self.reference = CASES[name].forward(self.teacher).detach().clone()
-            getattr(self, use)(**settings, **extra)
+            Two.__init__(self, case.make)
+            self.reference = case.forward(self.teacher).detach().clone()
+            getattr(self, f"use_{name}")(**_method_settings(case, case.settings), **extra)
 
     return Module()
 
 
-@pytest.mark.parametrize("name", sorted(MIXINS))
+@pytest.mark.parametrize("name", MIXINS)
 def test_mixins_refuse_two_models_and_take_module(name):
     with pytest.raises(ValueError, match=r"teacher.*student.*module="):
         _mixin_module(name)
@@ -373,10 +332,8 @@ def test_mixins_refuse_two_models_and_take_module(name):
 def test_every_method_callback_takes_module_init_from_and_remove_on_teardown():
     """One set of options for the callbacks of methods that change the model (GaLore and MeZO
     change the optimizer, not the model)."""
-    import inspect
-
     for name, case in CASES.items():
-        params = set(inspect.signature(getattr(__import__("vleff.callbacks").callbacks, case.callback)).parameters)
+        params = set(inspect.signature(case.callback).parameters)
         assert {"module", "init_from", "remove_on_teardown"} <= params, (name, sorted(params))
 
 
@@ -384,13 +341,13 @@ def test_every_method_callback_takes_module_init_from_and_remove_on_teardown():
 def test_init_from_loads_the_trained_weights_before_the_method_is_applied(name, trainer, tmp_path):
     case = CASES[name]
     torch.manual_seed(0)
-    trained = One(case.make().double())
+    trained = One(case.make())
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path / "trained.pt"
     torch.save(trained.state_dict(), path)
-    fresh = One(case.make().double())
+    fresh = One(case.make())
     callback = _callback(case, init_from=str(path))
     callback.setup(trainer, fresh, "fit")
     mine = fresh.state_dict()

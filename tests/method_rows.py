@@ -1,0 +1,360 @@
+"""One row per registered method: the settings every generic test runs it with.
+
+The conformance suite (``tests/conformance``) and the Lightning rules
+(``tests/lightning/test_callback_rules.py``) read their per-method cases from these rows and from
+the registry entry; a new method adds its row here and edits no other test's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import tiny_lightning as tl
+import torch
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One method's row: settings that change nothing, settings that act, refusals.
+
+    ``noop=None``: the method has no setting that leaves the function unchanged (reversible
+    blocks run another network); the no-op equality is skipped, ``remove`` is still checked.
+    """
+
+    noop: dict[str, Any] | None
+    active: dict[str, Any]
+    refusals: list[tuple[dict[str, Any], str]]
+    state_prefix: str | None = None  # state_dict keys the method adds start with ...<prefix>
+    callback_args: dict[str, Any] = field(default_factory=dict)
+    #: methods that start exactly at the library (zero-initialised side heads: VQT) act only once
+    #: trained; ``activate(model)`` gives their new parameters non-zero values for the "active" checks
+    activate: Callable[[torch.nn.Module], None] | None = None
+    #: the families the method supports (``None``: every family with a tower it declares); the
+    #: others must be refused with ``TypeError`` naming what is supported
+    families: tuple[str, ...] | None = None
+    #: host methods: the host models (``host_families.HOSTS``) they act on instead of towers
+    hosts: tuple[str, ...] | None = None
+    #: ``fit() -> (LightningModule, DataLoader)`` for the resume check (default: the tiny ViT classifier)
+    fit: Callable[[], tuple[pl.LightningModule, Any]] | None = None
+    #: ``torch.compile`` traces the method in one graph (``False``: data-dependent token counts, as
+    #: MADTP's per-sample thresholds, break the graph; compiled must still equal eager)
+    fullgraph: bool = True
+    #: ``(pattern, replacement)`` regex rules mapping a key of the applied model's ``state_dict``
+    #: back to the library's key, for methods that move existing state (``peft`` wraps a module:
+    #: ``qkv.weight`` -> ``qkv.base_layer.weight``); the renamed entries must hold the library's values
+    renamed_keys: tuple[tuple[str, str], ...] = ()
+    #: the method runs under the library's gradient checkpointing (its hooks replay a block exactly,
+    #: or it adds plain modules): checked to give the gradients of the same model without it, with
+    #: non-re-entrant and (where the library offers it) re-entrant checkpointing, instead of refused
+    grad_checkpointing: bool = False
+    #: ``torch.export`` (and ONNX) take the applied model at inference (``False``: data-dependent
+    #: token counts; the method must refuse export naming it)
+    exportable: bool = True
+    #: with ``grad_checkpointing``: also under re-entrant checkpointing (``False``: the method hands
+    #: gradients out of the blocks through the token state, and refuses re-entrant checkpointing)
+    reentrant: bool = True
+    #: settings of an earlier application that the callback (built from ``callback_args``) must
+    #: refuse, naming the setting they differ in (``None``: the method has no callback)
+    applied_other: dict[str, Any] | None = None
+    #: the callback's settings for the Lightning rule checks where they differ from
+    #: ``callback_args`` (a schedule that reaches its target at once, so fit and validate run one
+    #: function)
+    rules_args: dict[str, Any] | None = None
+
+
+def _randomize(model: torch.nn.Module, selected: Callable[[str, torch.nn.Parameter], bool]) -> None:
+    """Seeded ``N(0, 0.1²)`` values for the parameters ``selected(name, p)`` picks: methods that
+    start exactly at the library (a zero-initialised output projection) act only once trained."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if selected(name, p):
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _perturb_vqt(model: torch.nn.Module) -> None:
+    """VQT's head projection starts at zero (the model starts at the frozen model); random
+    values make the query path reach the output."""
+    _randomize(model, lambda name, p: "vleff_vqt.proj" in name)
+
+
+def _perturb_side_up(model: torch.nn.Module) -> None:
+    """LST's and UniPT's ``Up`` start at zero (the model starts at the frozen model); random
+    values make the side network reach the output."""
+    _randomize(model, lambda name, p: ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2)
+
+
+SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip")
+
+
+def _perturb_lora(model: torch.nn.Module) -> None:
+    """LoRA's ``B`` starts at zero (the model starts at the frozen model); random values make
+    the adapters reach the output."""
+    _randomize(model, lambda name, p: ".lora_B." in name)
+
+
+def _perturb_memvp(model: torch.nn.Module) -> None:
+    """MemVP's value offset starts at zero and its projector output is x0.01: random offsets and
+    a larger projector make the memory read reach the output."""
+    from vleff.side.memvp import memvp_module
+
+    module = memvp_module(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        module.value_offset.copy_(torch.randn(module.value_offset.shape, generator=g))
+        module.projector[2].weight.mul_(50.0)
+
+
+def _memvp_fit() -> tuple[pl.LightningModule, Any]:
+    """A tiny Llama VisionLanguageModel on four digits "which digit is this?" samples."""
+    import host_families
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vleff.data.digits import digits_arrays
+    from vleff.data.digits_vlm import VOCAB, digit_text_batch
+    from vleff.models.vlm_task import VisionLanguageTask
+
+    images, digits = digits_arrays(32, "train")
+    ids, labels = digit_text_batch("qa", digits[:4])
+    loader = DataLoader(TensorDataset(images[:4], ids, labels, digits[:4]), batch_size=4)
+    return VisionLanguageTask(host_families.vlm("llama", "timm", vocab=len(VOCAB)), "qa"), loader
+
+
+SETTINGS: dict[str, Settings] = {
+    "tome": Settings(
+        noop={"r": 0},
+        active={"r": 2},
+        refusals=[
+            ({"r": -1}, "r=-1"),
+            ({"r": float("nan")}, "r=nan"),
+            ({"prop_attn": 1}, "prop_attn"),
+            ({"towers": "audio"}, "towers"),
+            ({"trace_source": "yes"}, "trace_source"),
+        ],
+        callback_args={"r": 2},
+        applied_other={"r": 2, "prop_attn": False},
+        grad_checkpointing=True,
+    ),
+    # ToMe plus the class token's attention; the tiny towers' 17 tokens are under the official
+    # r_threshold of 40, so the active row merges from any length. On text towers padding (which the
+    # EOT never attends to) ranks first, so r=6 also merges real tokens of the tiny captions
+    "turbo": Settings(
+        noop={"r": 0},
+        active={"r": 6, "alpha": 5.0, "r_threshold": 0},
+        refusals=[
+            ({"r": -1}, "r=-1"),
+            ({"alpha": -1}, "alpha"),
+            ({"beta": 0}, "beta"),
+            ({"r_threshold": -1}, "r_threshold"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"r": 2, "r_threshold": 0},
+        applied_other={"r": 2, "r_threshold": 0, "alpha": 1.0},
+        grad_checkpointing=True,
+    ),
+    "evit": Settings(
+        noop={"keep_rate": 1.0, "locations": [0]},
+        active={"keep_rate": 0.5, "locations": [0]},
+        refusals=[
+            ({"keep_rate": 0}, "keep_rate"),
+            ({"keep_rate": 1.5}, "keep_rate"),
+            ({"locations": [2, 1]}, "locations"),
+            ({"fuse": "no"}, "fuse"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 4},
+        applied_other={"keep_rate": 0.5, "locations": [1]},
+        rules_args={"keep_rate": 0.5, "locations": [0], "end_epoch": 0},
+        grad_checkpointing=True,
+    ),
+    "dynamicvit": Settings(
+        noop={"keep_ratios": [1.0], "locations": [1], "distill": False},
+        active={"rho": 0.5, "locations": [1], "distill": False},
+        refusals=[
+            ({"rho": 0}, "rho"),
+            ({"keep_ratios": [0.5, 0.7]}, "non-increasing"),
+            ({"kl_weight": -1}, "kl_weight"),
+            ({"eval_mode": "soft"}, "eval_mode"),
+            ({"logits_fn": 3}, "logits_fn"),
+            ({"distill": 1}, "distill"),
+        ],
+        state_prefix="vleff_dynamicvit.",
+        callback_args={"rho": 0.5, "locations": [1]},
+        applied_other={"rho": 0.7, "locations": [1], "distill": False},
+        rules_args={"rho": 0.5, "locations": [1], "distill": False},
+        grad_checkpointing=True,
+        reentrant=False,
+    ),
+    "galore": Settings(
+        noop={},
+        active={"rank": 4},
+        refusals=[
+            ({"rank": 0}, "rank"),
+            ({"scale": float("inf")}, "scale"),
+            ({"proj_type": "up"}, "proj_type"),
+            ({"targets": "("}, "targets"),
+        ],
+        callback_args={"rank": 4, "update_proj_gap": 3},
+    ),
+    "mezo": Settings(
+        noop={},
+        active={"eps": 1e-3},
+        refusals=[
+            ({"eps": 0}, "eps"),
+            ({"lr": float("inf")}, "lr"),
+            ({"seed": -1}, "seed"),
+            ({"params": "("}, "params"),
+        ],
+        callback_args={"eps": 1e-3, "lr": 1e-3},
+    ),
+    # VQT reads each block's K/V of the full frozen stream: token reduction (which changes them) is refused
+    "vqt": Settings(
+        noop={"num_queries": 1},
+        active={"num_queries": 2},
+        refusals=[
+            ({"num_queries": 0}, "num_queries"),
+            ({"num_queries": 1.5}, "num_queries"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"towers": "text"}, "towers"),
+        ],
+        state_prefix="vleff_vqt.",
+        callback_args={"num_queries": 1},
+        applied_other={"num_queries": 2},
+        activate=_perturb_vqt,
+        families=("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
+        grad_checkpointing=True,
+        reentrant=False,
+    ),
+    # side networks read every block's output of the full stream: token reduction is refused
+    "lst": Settings(
+        noop={"reduction": 4},
+        active={"reduction": 2},
+        refusals=[
+            ({"reduction": 0}, "reduction"),
+            ({"reduction": 2.5}, "reduction"),
+            ({"side_heads": 0}, "side_heads"),
+            ({"init": "random"}, "init"),
+            ({"temperature": 0}, "temperature"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_lst.",
+        callback_args={"reduction": 4},
+        applied_other={"reduction": 2},
+        activate=_perturb_side_up,
+        families=SIDE_FAMILIES,
+        grad_checkpointing=True,
+    ),
+    "unipt": Settings(
+        noop={"factor": 2},
+        active={"factor": 1},
+        refusals=[({"factor": 0}, "factor"), ({"factor": 1.5}, "factor"), ({"towers": "audio"}, "towers")],
+        state_prefix="vleff_unipt.",
+        callback_args={"factor": 2},
+        applied_other={"factor": 1},
+        activate=_perturb_side_up,
+        families=SIDE_FAMILIES,
+        grad_checkpointing=True,
+    ),
+    # peft LoRA on the attention input projections: plain modules, so it stacks with tower hooks on timm
+    # and HF CLIP; on open_clip a tower hook's generic block reads in_proj_weight without peft's
+    # substitution: refused both ways (CrossGET and MADTP meet LoRA on open_clip first)
+    "lora": Settings(
+        noop={"r": 2},
+        active={"r": 2, "alpha": 8.0},
+        activate=_perturb_lora,
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"r": 1.5}, "r=1.5"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"alpha": float("nan")}, "alpha"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"train_head": "yes"}, "train_head"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="lora_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"r": 2},
+        applied_other={"r": 4},
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
+        grad_checkpointing=True,
+    ),
+    "reversible": Settings(
+        noop=None,
+        active={"coupling": "meft"},  # with its adapters
+        refusals=[
+            ({"coupling": "revnet"}, "coupling='revnet'"),
+            ({"lam": 0}, "lam=0"),
+            ({"beta": -1}, "beta=-1"),
+            ({"lam": float("inf")}, "lam=inf"),
+            ({"adapter": -1}, "adapter=-1"),
+            ({"adapter": 2.5}, "adapter"),
+        ],
+        state_prefix="vleff_reversible.",
+        callback_args={"coupling": "meft"},
+        applied_other={"coupling": "revvit"},
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
+    ),  # tower hooks do not run in the stack
+    # MemVP acts on a vision-language host (the LM's FFNs), not on one tower
+    "memvp": Settings(
+        noop={"n_mem": 20, "scale": 0.0},
+        active={"n_mem": 20, "scale": 0.5, "vision_adapter_dim": 4},
+        refusals=[
+            ({"n_mem": 0}, "n_mem"),
+            ({"scale": -1}, "scale=-1"),
+            ({"scale": float("nan")}, "scale"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"visual_tokens": "cls"}, "visual_tokens"),
+            ({"projector_scale": 0}, "projector_scale"),
+            ({"visual_dim": 0}, "visual_dim"),
+            ({"vision_adapter_dim": -1}, "vision_adapter_dim"),
+        ],
+        state_prefix="vleff_memvp.",
+        callback_args={"n_mem": 16},
+        applied_other={"n_mem": 24},
+        activate=_perturb_memvp,
+        # both host kinds; GPT-2, open_clip and HF CLIP hosts run the same checks in test_memvp.py
+        hosts=("hf_blip_captioning", "hf_blip_vqa", "vlm_llama_timm"),
+        fit=_memvp_fit,
+    ),
+    # CrossGET needs both towers of an image-text pair; its cross token and merges own the towers' tokens
+    "crossget": Settings(
+        noop={"r_image": 0, "r_text": 0},
+        active={"r_image": 2, "r_text": 4},
+        refusals=[
+            ({"r_image": -1}, "r_image=-1"),
+            ({"r_text": 1.5}, "r_text=1.5"),
+            ({"prop_attn": 1}, "prop_attn"),
+            ({"loss_weight": -1}, "loss_weight"),
+            ({"loss_weight": float("nan")}, "loss_weight"),
+        ],
+        state_prefix="vleff_crossget_offsets",
+        callback_args={"r_image": 2, "r_text": 4},
+        applied_other={"r_image": 4, "r_text": 4},
+        families=("open_clip", "open_clip_unequal", "hf_clip", "hf_blip"),
+        fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),
+    ),
+    # MADTP needs both towers of an image-text model (single-tower families are refused)
+    "madtp": Settings(
+        noop={"locations": []},
+        active={"tau": 1e3},
+        refusals=[
+            ({"flops_reduction": 0}, "flops_reduction=0"),
+            ({"flops_reduction": 1.0}, "flops_reduction=1.0"),
+            ({"tau": 0}, "tau=0"),
+            ({"num_codes": 0}, "num_codes"),
+            ({"ragged": "min"}, "ragged"),
+            ({"locations": [2, 1]}, "locations"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_madtp.",
+        families=("open_clip", "open_clip_unequal", "hf_clip", "hf_blip"),
+        fullgraph=False,
+        callback_args={"flops_reduction": 0.3},
+        applied_other={"flops_reduction": 0.3, "num_codes": 8},
+        fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),
+        exportable=False,
+    ),
+}
