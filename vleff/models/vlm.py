@@ -29,14 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import find_tower
+from vleff.backbones.hosts import Host, Slot, causal_lm_sites
 from vleff.checks import check_choice, check_int
-from vleff.methods.memvp.core import (
-    Host,
-    MemVPConfig,
-    _Slot,
-    causal_lm_sites,
-    memvp_applied,
-)
+from vleff.methods.memvp.core import MemVPConfig, memvp_applied
 from vleff.methods.memvp.core import apply_memvp as _apply_memvp
 from vleff.side.common import train_only
 
@@ -53,7 +48,7 @@ def _cache(output: Any) -> Any:
 class _Capture:
     """Forward hook on the tower's last block: keeps its output for :class:`VisualEncoder`."""
 
-    def __init__(self, slot: _Slot) -> None:
+    def __init__(self, slot: Slot) -> None:
         self.slot = slot
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -73,7 +68,7 @@ class VisualEncoder(nn.Module):
         self.embed_dim = int(adapter.embed_dim)
         self.prefix_tokens = int(adapter.num_prefix_tokens)
         self._root = next(n for n, m in vision.named_modules() if m is adapter.root)
-        self._tokens = _Slot()
+        self._tokens = Slot()
         adapter.blocks()[-1].register_forward_hook(_Capture(self._tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,20 +119,26 @@ class VisionLanguageModel(nn.Module):
                 nn.Linear(self.visual.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, self.width)
             )
         else:
-            causal_lm_sites(lm)  # an unsupported FFN fails here, in either case
+            try:  # an unsupported FFN fails here, in either case
+                causal_lm_sites(lm)
+            except TypeError as error:
+                raise TypeError(f"MemVP {error}") from None
             if apply_memvp:
                 config = memvp if isinstance(memvp, MemVPConfig) else MemVPConfig.build(**(memvp or {}))
                 _apply_memvp(self, config)
 
-    # --- the MemVP host protocol (vleff.methods.memvp.core.find_host) ----------------------------------
-    def memvp_host(self) -> Host:
+    # --- the host protocol (vleff.backbones.hosts.HostModel) ------------------------------------------
+    def vleff_host(self) -> Host:
+        """This model as host methods see it: the LM's FFNs, the visual encoder's tokens, and
+        one forward (or ``generate``) as one image-text call."""
         if self.visual_prompt != "memvp":
             raise ValueError(
                 "MemVP on a VisionLanguageModel needs visual_prompt='memvp'; this one prepends "
                 "visual tokens (visual_prompt='prefix'); build it with visual_prompt='memvp'"
             )
         sites, width = causal_lm_sites(self.lm, prefix="lm")
-        return Host(sites, width, self.visual, self.visual.embed_dim, 0, None, find_tower(self.visual.vision, "image"))
+        tower = find_tower(self.visual.vision, "image")
+        return Host(sites, width, self.visual, self.visual.embed_dim, 0, None, tower, call=self)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What a frozen-host run trains: the prefix projector, or MemVP's parameters."""

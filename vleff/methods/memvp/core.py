@@ -65,19 +65,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vleff.backbones.hosts import Slot, find_host, holds_host, locate_host
 from vleff.checks import check_choice, check_int, check_number
 from vleff.registry import MethodConfig
 from vleff.side.common import train_only
 
 MODULE_NAME = "vleff_memvp"
-SUPPORTED_FFN = (
-    "gated MLP with gate_proj/up_proj/down_proj (Llama family), plain MLP with c_fc/c_proj (GPT-2) "
-    "or fc1/fc2, and Hugging Face BLIP text layers (intermediate/output)"
-)
-SUPPORTED_HOSTS = (
-    "Hugging Face BlipForConditionalGeneration / BlipForQuestionAnswering, "
-    "vleff.models.VisionLanguageModel, or a Hugging Face causal LM with such FFNs"
-)
 
 
 @dataclass
@@ -129,20 +122,6 @@ class MemVPConfig(MethodConfig):
         self.vision_adapter_scale = check_number("vision_adapter_scale", self.vision_adapter_scale, low=0.0)
 
 
-class _Slot:
-    """Holds a per-forward tensor (the current memory, a stashed read). Never copied or pickled:
-    the tensors belong to one forward's graph (``deepcopy`` of a non-leaf tensor fails)."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-
-    def __deepcopy__(self, memo: dict) -> _Slot:
-        return _Slot()
-
-    def __reduce__(self) -> tuple:
-        return (_Slot, ())
-
-
 class VisionAdapter(nn.Module):
     """A parallel bottleneck beside one vision block's MLP: ``scale·up(dropout(gelu(down(h))))``,
     ``up`` zero-initialised (exactly zero output until trained). ``scale`` is the reference's
@@ -179,7 +158,7 @@ class MemVPModule(nn.Module):
         )
         self.key_offset = nn.Parameter(torch.randn(config.n_mem, width) * config.key_init_std)
         self.value_offset = nn.Parameter(torch.zeros(config.n_mem, width))
-        self.memory = _Slot()
+        self.memory = Slot()
         if config.vision_adapter_dim:
             self.adapters = nn.ModuleList(
                 VisionAdapter(vision_width, config.vision_adapter_dim, config.dropout, config.vision_adapter_scale)
@@ -254,7 +233,7 @@ class _FFNOutput(_MemVPHook):
 class _FFNInput(_MemVPHook):
     """Forward hook on a BLIP text layer's ``intermediate``: reads its input ``a``, stashes ``read(a)``."""
 
-    def __init__(self, memory: MemVPModule, stash: _Slot) -> None:
+    def __init__(self, memory: MemVPModule, stash: Slot) -> None:
         super().__init__(memory)
         self.stash = stash
 
@@ -266,7 +245,7 @@ class _ResidualAdd(_MemVPHook):
     """Forward pre-hook on a BLIP text layer's ``output.LayerNorm``: adds the stashed read to the
     residual sum ``a + FFN(a)`` the norm receives."""
 
-    def __init__(self, memory: MemVPModule, stash: _Slot) -> None:
+    def __init__(self, memory: MemVPModule, stash: Slot) -> None:
         super().__init__(memory)
         self.stash = stash
 
@@ -314,7 +293,7 @@ class _CrossStatesMemory(_MemVPHook):
     the image of the question encoded last, repeated to the batch of the states it receives
     (beam search expands them question by question)."""
 
-    def __init__(self, memory: MemVPModule, drop: int, role: str, image: _Slot) -> None:
+    def __init__(self, memory: MemVPModule, drop: int, role: str, image: Slot) -> None:
         super().__init__(memory)
         self.drop, self.role, self.image = drop, role, image
 
@@ -366,138 +345,9 @@ class _VisualSource(_MemVPHook):
         self.memory.set_memory(tokens[:, self.drop :])
 
 
-# --- hosts --------------------------------------------------------------------------------------------
-@dataclass
-class Host:
-    """What MemVP needs of a host: FFN sites, the LM width, and the visual source (if any)."""
-
-    sites: list[tuple[str, nn.Module, str]]  # (qualified name, layer, layout "pre_norm" | "blip")
-    width: int
-    source: nn.Module | None = None
-    visual_dim: int | None = None
-    prefix_tokens: int = 0
-    num_visual_tokens: int | None = None
-    vision_tower: Any = None  # the vision TowerAdapter (for the optional parallel adapters)
-
-
-def _ffn_kind(mlp: nn.Module) -> str | None:
-    names = set(mlp._modules)
-    if {"gate_proj", "up_proj", "down_proj"} <= names:
-        return "gated"
-    if {"c_fc", "c_proj"} <= names or {"fc1", "fc2"} <= names:
-        return "plain"
-    return None
-
-
-def causal_lm_sites(lm: nn.Module, prefix: str = "") -> tuple[list[tuple[str, nn.Module, str]], int]:
-    """The FFN sites of a Hugging Face causal LM (decoder layers under ``base_model.layers`` or
-    ``.h``) and its width; ``TypeError`` naming the module type of an unsupported FFN."""
-    base = getattr(lm, "base_model", lm)
-    layers = getattr(base, "layers", None)
-    attr = "layers"
-    if layers is None:
-        layers, attr = getattr(base, "h", None), "h"
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TypeError(
-            f"MemVP does not support {type(lm).__name__}: no decoder layers found "
-            f"(base_model.layers or .h); supported hosts: {SUPPORTED_HOSTS}"
-        )
-    base_name = next((n for n, m in lm.named_modules() if m is base), "")
-    sites = []
-    for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        where = ".".join(p for p in (prefix, base_name, attr, str(i), "mlp") if p)
-        if not isinstance(mlp, nn.Module) or _ffn_kind(mlp) is None:
-            kind = type(mlp).__name__ if mlp is not None else f"{type(layer).__name__} without .mlp"
-            raise TypeError(f"MemVP does not support the FFN module type {kind} ({where}); supported: {SUPPORTED_FFN}")
-        sites.append((where, mlp, "pre_norm"))
-    config = getattr(lm, "config", None)
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if width is None:
-        raise TypeError(f"MemVP: {type(lm).__name__} has no config.hidden_size; supported hosts: {SUPPORTED_HOSTS}")
-    return sites, int(width)
-
-
-def _blip_host(model: nn.Module) -> Host:
-    from transformers.models.blip.modeling_blip_text import BlipTextLayer, BlipTextModel
-
-    sites = []
-    widths = set()
-    for name, module in model.named_modules():
-        if isinstance(module, BlipTextModel):
-            widths.add(int(module.config.hidden_size))
-            for i, layer in enumerate(module.encoder.layer):
-                if not isinstance(layer, BlipTextLayer):
-                    raise TypeError(
-                        f"MemVP does not support the FFN module type {type(layer).__name__} "
-                        f"({name}.encoder.layer.{i}); supported: {SUPPORTED_FFN}"
-                    )
-                sites.append((f"{name}.encoder.layer.{i}", layer, "blip"))
-    if not sites or len(widths) != 1:
-        raise TypeError(
-            f"MemVP does not support {type(model).__name__}: no BLIP text model of one width found; "
-            f"supported hosts: {SUPPORTED_HOSTS}"
-        )
-    vision = model.vision_model
-    n = (int(vision.config.image_size) // int(vision.config.patch_size)) ** 2
-    from vleff.backbones import find_tower
-
-    return Host(sites, widths.pop(), vision, int(vision.config.hidden_size), 1, n + 1, find_tower(vision, "image"))
-
-
 def holds_memvp_host(module: nn.Module) -> bool:
     """Whether ``module`` holds a model MemVP can be applied to (a host)."""
-    return any(_host_kind(m) is not None for m in module.modules())
-
-
-def _host_kind(model: nn.Module) -> str | None:
-    if hasattr(model, "memvp_host"):  # vleff.models.VisionLanguageModel
-        return "vlm"
-    try:
-        from transformers import (
-            BlipForConditionalGeneration,
-            BlipForQuestionAnswering,
-            PreTrainedModel,
-        )
-    except ImportError:  # pragma: no cover - transformers is a dependency of every supported host
-        return None
-    if isinstance(model, (BlipForConditionalGeneration, BlipForQuestionAnswering)):
-        return "blip"
-    name = type(model).__name__
-    if isinstance(model, PreTrainedModel) and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel")):
-        return "causal_lm"
-    return None
-
-
-def locate_host(model: nn.Module) -> nn.Module:
-    """``model`` itself when it is a host, else its one outermost host submodule (a
-    LightningModule holding a VisionLanguageModel or a BLIP model); ``TypeError`` otherwise."""
-    if _host_kind(model) is not None:
-        return model
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if _host_kind(module) is not None and not any(name.startswith(f + ".") for f, _ in found):
-            found.append((name, module))
-    if len(found) != 1:
-        what = "none" if not found else ", ".join(f"{n} ({type(m).__name__})" for n, m in found)
-        raise TypeError(
-            f"MemVP does not support {type(model).__name__}: it needs one host model inside, found "
-            f"{what}; supported hosts: {SUPPORTED_HOSTS}"
-        )
-    return found[0][1]
-
-
-def find_host(model: nn.Module) -> Host:
-    """The :class:`Host` of ``model`` (itself a host), or ``TypeError`` naming what is supported."""
-    kind = _host_kind(model)
-    if kind == "vlm":
-        return model.memvp_host()  # type: ignore[operator]
-    if kind == "blip":
-        return _blip_host(model)
-    if kind == "causal_lm":
-        sites, width = causal_lm_sites(model)
-        return Host(sites, width)
-    raise TypeError(f"MemVP does not support {type(model).__name__}; supported hosts: {SUPPORTED_HOSTS}")
+    return holds_host(module)
 
 
 # --- apply / remove -------------------------------------------------------------------------------------
@@ -515,8 +365,8 @@ def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings:
     """
     cfg = MemVPConfig.build(config, **settings)
     root = model
-    model = locate_host(model)
-    host = find_host(model)  # every check before anything is changed
+    model = locate_host(model, "MemVP")
+    host = find_host(model, "MemVP")  # every check before anything is changed
     visual_dim = cfg.visual_dim if cfg.visual_dim is not None else host.visual_dim
     if visual_dim is None:
         raise ValueError(
@@ -547,26 +397,26 @@ def apply_memvp(model: nn.Module, config: MemVPConfig | None = None, **settings:
     ref = next(model.parameters())
     memory.to(device=ref.device, dtype=ref.dtype)
     model.add_module(MODULE_NAME, memory)
-    for _, layer, layout in host.sites:
-        if layout == "pre_norm":
-            layer.register_forward_hook(_FFNOutput(memory))
+    for site in host.sites:
+        if site.norm is None:
+            site.ffn.register_forward_hook(_FFNOutput(memory))
         else:
-            stash = _Slot()
-            layer.intermediate.register_forward_hook(_FFNInput(memory, stash))
-            layer.output.LayerNorm.register_forward_pre_hook(_ResidualAdd(memory, stash))
+            stash = Slot()
+            site.ffn.register_forward_hook(_FFNInput(memory, stash))
+            site.norm.register_forward_pre_hook(_ResidualAdd(memory, stash))
     for i, block in enumerate(blocks):
         tower.parts(block).mlp.register_forward_hook(_ParallelAdapter(memory, i))
-    if _host_kind(model) == "blip":  # the memory of each text-model call, from the states it cross-attends to
-        image = _Slot()
-        readers = [(model.text_encoder, "image")] if hasattr(model, "text_encoder") else []
-        readers.append((model.text_decoder.bert, "answer" if readers else "image"))
-        for text_model, role in readers:
-            text_model.register_forward_pre_hook(_CrossStatesMemory(memory, drop, role, image), with_kwargs=True)
-            text_model.register_forward_hook(_CallEnd(memory), always_call=True)
+    if host.cross_readers:  # the memory of each text-model call, from the states it cross-attends to
+        image = Slot()
+        for reader in host.cross_readers:
+            reader.module.register_forward_pre_hook(
+                _CrossStatesMemory(memory, drop, reader.role, image), with_kwargs=True
+            )
+            reader.module.register_forward_hook(_CallEnd(memory), always_call=True)
     elif host.source is not None:
         host.source.register_forward_hook(_VisualSource(memory, drop))
-        if _host_kind(model) == "vlm":  # the memory of one forward; generate ends it itself
-            model.register_forward_hook(_CallEnd(memory), always_call=True)
+    if host.call is not None:  # the memory of one forward; generate ends it itself
+        host.call.register_forward_hook(_CallEnd(memory), always_call=True)
     return root
 
 
