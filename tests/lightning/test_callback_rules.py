@@ -354,3 +354,29 @@ def test_init_from_loads_the_trained_weights_before_the_method_is_applied(name, 
     for key, value in trained.state_dict().items():
         match = key if key in mine else next((k for k in mine if k.replace(".base_layer", "") == key), None)
         assert match is not None and torch.equal(mine[match], value), key
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_init_from_loads_once_so_a_second_fit_keeps_what_the_first_trained(name, trainer, tmp_path):
+    """``remove_on_teardown`` then a second ``fit`` with the same callback: the initial weights
+    are not loaded over the trained ones again."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    path = tmp_path / "initial.pt"
+    torch.save(One(case.make()).state_dict(), path)
+    module = One(case.make())
+    callback = _callback(case, init_from=str(path), remove_on_teardown=True)
+    callback.setup(trainer, module, "fit")
+    with torch.no_grad():  # stand-in for training everything the first fit trains
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    trained = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+    callback.teardown(trainer, module, "fit")
+    callback.setup(trainer, module, "fit")
+    try:
+        now = module.state_dict()
+        for key, value in trained.items():
+            match = key if key in now else next((k for k in now if k.replace(".base_layer", "") == key), None)
+            assert match is not None and torch.equal(now[match], value), key
+    finally:
+        callback.teardown(trainer, module, "fit")

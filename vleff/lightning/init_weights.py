@@ -1,7 +1,8 @@
 """Start a run from trained weights: ``init_from=<checkpoint>`` on a callback.
 
-DynamicViT and EViT are meant to fine-tune a trained model, and the side methods and LoRA
-tune beside a trained backbone. When the LightningModule's
+DynamicViT and EViT are meant to fine-tune a trained model, the side methods and LoRA tune
+beside a trained backbone, and every callback of a method that changes the model takes the option
+(:class:`InitFromOption`, its one implementation). When the LightningModule's
 ``__init__`` does not load trained weights itself (a randomly initialised model built from a
 config, as in ``vleff-train``), the callback can load them in ``setup`` — before its surgery,
 so the DynamicViT teacher is the trained model and not the random one.
@@ -66,13 +67,16 @@ def load_initial_weights(pl_module: nn.Module, path: str | Path, backbone: nn.Mo
     raise ValueError(f"init_from={str(path)!r} does not fit: " + "; ".join(problems))
 
 
-def load_trained_backbone(pl_module: nn.Module, path: str, target: nn.Module | None, method: str) -> None:
-    """``init_from`` of the side-method and LoRA callbacks: the weights at ``path`` into the
-    module (or its backbone: ``target`` when it is a submodule the callback was pointed at, else
-    the module's one backbone, :func:`vleff.lightning.targets.single_backbone`), before
-    ``method`` is applied (:func:`load_initial_weights`)."""
-    backbone = target if target is not None and target is not pl_module else single_backbone(pl_module, method)
-    load_initial_weights(pl_module, path, backbone=backbone)
+def _load_target(pl_module: nn.Module, target: nn.Module, method: str) -> nn.Module | None:
+    """Where a bare model's ``state_dict`` goes: the model the method acts on, or, when that is
+    the whole LightningModule, its one backbone (:func:`vleff.lightning.targets.single_backbone`;
+    ``None`` when it has none or several)."""
+    if target is not pl_module:
+        return target
+    try:
+        return single_backbone(pl_module, method)
+    except TypeError:  # no child holds an image tower (a vision-language host, a pair)
+        return None
 
 
 class InitFromOption:
@@ -81,11 +85,15 @@ class InitFromOption:
     method acts on) at the start of the first ``fit``, before the method is applied — fine-tuning a
     trained model, not resuming (:func:`vleff.lightning.init_weights.load_initial_weights`)."""
 
+    method: str = ""
+
     def init_initial(self, init_from: str | None) -> None:
         self.init_from = None if init_from is None else str(init_from)
         self._initialised = False
 
     def load_initial_once(self, pl_module: nn.Module, target: nn.Module, stage: str) -> None:
+        """Load once per callback: a second ``fit`` (after ``remove_on_teardown``) keeps what
+        the first trained instead of loading the initial weights over it."""
         if stage == "fit" and self.init_from is not None and not self._initialised:
-            load_initial_weights(pl_module, self.init_from, backbone=None if target is pl_module else target)
+            load_initial_weights(pl_module, self.init_from, backbone=_load_target(pl_module, target, self.method))
             self._initialised = True

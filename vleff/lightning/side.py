@@ -36,12 +36,12 @@ import lightning.pytorch as pl
 from torch import nn
 
 from vleff.checks import check_bool
-from vleff.lightning.init_weights import load_trained_backbone
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target, next_hook
 from vleff.lightning.restore import SIDE_ONLY
 from vleff.lightning.targets import (
     ModuleArg,
-    TeardownRemoval,
+    RemovalOption,
     check_module_arg,
     method_label,
     refuse_other_settings,
@@ -79,7 +79,7 @@ def check_side_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> N
         )
 
 
-class SideTuning(pl.Callback):
+class SideTuning(InitFromOption, RemovalOption, pl.Callback):
     """Base of the side-method callbacks (see the module docstring). Subclasses set ``method``
     (the registry name) and ``settings_config``."""
 
@@ -99,11 +99,10 @@ class SideTuning(pl.Callback):
         self.config = self.settings_config.build(**settings)
         self.train_head = check_bool("train_head", train_head)
         self.full_checkpoint = check_bool("full_checkpoint", full_checkpoint)
-        self.remove_on_teardown = check_bool("remove_on_teardown", remove_on_teardown)
-        self.init_from = None if init_from is None else str(init_from)
+        self.init_removal(remove_on_teardown)
+        self.init_initial(init_from)
         self.module = check_module_arg(module)
         self._target: Any = None
-        self._removal = TeardownRemoval()
 
     @property
     def _method(self):
@@ -114,15 +113,12 @@ class SideTuning(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, self.method, self.config)
-        if self.remove_on_teardown:
-            self._removal.note_flags(target)  # before anything is frozen: teardown puts them back
+        self.note_removal(target)  # before anything is frozen: teardown puts them back
         if self._method.is_applied(target):
             refuse_other_settings(self.method, target, self.config)
         else:
-            if stage == "fit" and self.init_from is not None:
-                load_trained_backbone(pl_module, self.init_from, target, self.method)
-            self._method.apply(target, self.config)
-            self._removal.restore(target, method_label(self.method))  # the trained state, if removed
+            self.load_initial_once(pl_module, target, stage)
+            self.apply_removable(target, lambda: self._method.apply(target, self.config))
         freeze_backbone(target, train_head=self.train_head)
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # the backbone keys are not in a side-only checkpoint
@@ -151,9 +147,7 @@ class SideTuning(pl.Callback):
         check_side_checkpoint(pl_module, checkpoint)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        target = self._target_of(pl_module)
-        if self.remove_on_teardown and self._method.is_applied(target):
-            self._removal.remove(self.method, target)
+        self.remove_at_teardown(self._target_of(pl_module))
 
 
 class SideMixin:

@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vleff.checks import check_bool, check_ratio
-from vleff.lightning.init_weights import load_initial_weights
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import fitting, mixin_target, next_hook
 from vleff.lightning.targets import (
     ModuleArg,
@@ -32,7 +32,6 @@ from vleff.lightning.targets import (
     check_module_arg,
     refuse_other_settings,
     resolve_target,
-    single_backbone,
 )
 from vleff.methods.evit.core import (
     EViTConfig,
@@ -44,7 +43,7 @@ from vleff.methods.evit.core import (
 )
 
 
-class EViT(RemovalOption, Callback):
+class EViT(InitFromOption, RemovalOption, Callback):
     """EViT (keep the tokens the cls token attends to, fuse the rest) for an existing LightningModule.
 
     Args:
@@ -85,8 +84,7 @@ class EViT(RemovalOption, Callback):
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
         self.log = check_bool("log", log)
-        self.init_from = None if init_from is None else str(init_from)
-        self._initialised = False
+        self.init_initial(init_from)
         EViTSchedule(self.target, start_epoch, end_epoch)  # validate now
         self.schedule: EViTSchedule | None = None
         self.current: float | None = None  # set in setup (or restored from a checkpoint)
@@ -96,10 +94,7 @@ class EViT(RemovalOption, Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = resolve_target(pl_module, self.module, "evit", self.config)
-        if stage == "fit" and self.init_from is not None and not self._initialised:
-            backbone = target if target is not pl_module else single_backbone(pl_module, "evit")
-            load_initial_weights(pl_module, self.init_from, backbone=backbone)
-            self._initialised = True
+        self.load_initial_once(pl_module, target, stage)
         end = self.end_epoch
         self._end_from_max_steps = False
         if end is None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
     ModuleArg,
@@ -28,7 +29,7 @@ from vleff.lightning.targets import (
 from vleff.methods.lora.core import LoRAConfig, apply_lora, lora_applied
 
 
-class LoRA(RemovalOption, pl.Callback):
+class LoRA(InitFromOption, RemovalOption, pl.Callback):
     """Args: ``init_from`` (a checkpoint or ``state_dict`` of the trained model, loaded in
     ``setup`` before the adapters are added) and :class:`vleff.methods.lora.core.LoRAConfig`'s settings:
     ``r`` (rank), ``alpha`` (scale ``alpha / r``), ``dropout`` (on the adapter input),
@@ -51,7 +52,7 @@ class LoRA(RemovalOption, pl.Callback):
         self.init_removal(remove_on_teardown)
         super().__init__()
         self.config = LoRAConfig.build(**settings)  # bad values fail here, naming the setting
-        self.init_from = None if init_from is None else str(init_from)
+        self.init_initial(init_from)
         self.module = check_module_arg(module)
         self._target: Any = None
 
@@ -61,10 +62,7 @@ class LoRA(RemovalOption, pl.Callback):
         if lora_applied(target):
             refuse_other_settings("lora", target, self.config)
         else:
-            if stage == "fit" and self.init_from is not None:
-                from vleff.lightning.init_weights import load_trained_backbone
-
-                load_trained_backbone(pl_module, self.init_from, target, "lora")
+            self.load_initial_once(pl_module, target, stage)
             self.apply_removable(target, lambda: apply_lora(target, self.config))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
