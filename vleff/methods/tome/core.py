@@ -20,108 +20,28 @@ holds several positions, so outputs at earlier positions would depend on later t
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
-from vleff.backbones.text import (
-    PAD,
-    PROTECTED,
-    refuse_causal_decoder,
-    refuse_causal_decoder_towers,
-)
+from vleff.backbones import TowerAdapter
+from vleff.backbones.text import refuse_causal_decoder_towers
 from vleff.checks import check_bool, check_towers
-from vleff.kernels.tome import bipartite_soft_matching, max_merge, merge_weighted
 from vleff.registry import MethodConfig
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
+from vleff.tokens.merging import MergeHook, check_r, plain_r
+
+# the r specification lives in the merging layer ToMe and its variants share; these names stay
+# importable from here (and from the old path ``vleff.tokens.tome``)
+from vleff.tokens.merging import RSpec as RSpec
+from vleff.tokens.merging import effective_r as effective_r
+from vleff.tokens.merging import parse_r as parse_r
+from vleff.tokens.merging import r_per_block as r_per_block
 
 HOOK_NAME = "tome"
-RSpec = int | Sequence[int] | tuple[int, float] | Mapping[str, float]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def check_r(r: RSpec) -> RSpec:
-    """Validate an r specification without a tower (the config's job, once); returns it.
-
-    * ``int``: the same r in every block.
-    * ``list``: one r per block (shorter lists leave the remaining blocks unmerged; a list longer
-      than a tower's depth is refused when applied to that tower).
-    * ``(r, inflection)`` tuple: a linear ramp over depth whose mean is r; the first block
-      merges ``r·(1 − inflection)`` and the last ``r·(1 + inflection)``, ``inflection`` in [-1, 1].
-      A mapping ``{"r": 16, "inflection": 0.5}`` means the same (configs have no tuples).
-    """
-    if isinstance(r, Mapping):
-        if set(r) != {"r", "inflection"}:
-            raise ValueError(f"r={dict(r)!r}: a mapping must have exactly the keys 'r' and 'inflection'")
-        _check_ramp((r["r"], r["inflection"]))
-        return r
-    if isinstance(r, tuple):
-        _check_ramp(r)
-        return r
-    if isinstance(r, (list, torch.Tensor)) or (isinstance(r, Sequence) and not isinstance(r, str)):
-        values = list(r.tolist() if isinstance(r, torch.Tensor) else r)
-        for i, v in enumerate(values):
-            if not _is_number(v) or v < 0 or int(v) != v:
-                raise ValueError(f"r[{i}]={v!r} must be a non-negative integer")
-        return r
-    if not _is_number(r):
-        raise ValueError(f"r={r!r} must be an int, a list of ints or an (r, inflection) tuple")
-    if r < 0 or int(r) != r:
-        raise ValueError(f"r={r!r} must be a non-negative integer")
-    return r
-
-
-def _check_ramp(r: tuple) -> None:
-    if len(r) != 2 or not all(_is_number(v) for v in r):
-        raise ValueError(f"r={r!r}: a tuple must be (r, inflection) with two numbers")
-    base, inflection = r
-    if base < 0 or not -1 <= inflection <= 1:
-        raise ValueError(f"r={r!r}: need r >= 0 and inflection in [-1, 1]")
-
-
-def r_per_block(r: RSpec, depth: int) -> list[int]:
-    """The tokens to merge in each of a tower's ``depth`` blocks for a *checked* specification
-    (:func:`check_r`); the only error left is a list longer than the tower. The per-block r is
-    capped at run time at what that block can merge."""
-    if isinstance(r, Mapping):
-        r = (r["r"], r["inflection"])
-    if isinstance(r, tuple):
-        base, inflection = r
-        if depth == 1:
-            return [int(base)]
-        first, last = base * (1 - inflection), base * (1 + inflection)
-        return [round(first + (last - first) * i / (depth - 1)) for i in range(depth)]
-    if isinstance(r, (list, torch.Tensor)) or (isinstance(r, Sequence) and not isinstance(r, str)):
-        values = list(r.tolist() if isinstance(r, torch.Tensor) else r)
-        if len(values) > depth:
-            raise ValueError(f"r has {len(values)} entries but the tower has only {depth} blocks")
-        return [int(v) for v in values] + [0] * (depth - len(values))
-    return [int(r)] * depth
-
-
-def parse_r(r: RSpec, depth: int) -> list[int]:
-    """:func:`check_r` then :func:`r_per_block`, for a specification that was not checked yet."""
-    return r_per_block(check_r(r), depth)
-
-
-def effective_r(r_per_block: Sequence[int], num_tokens: int, num_protected: int) -> list[int]:
-    """The r each block really merges, given the tokens left (what ``between`` will do)."""
-    out = []
-    for r in r_per_block:
-        r_eff = min(r, max_merge(num_tokens, num_protected))
-        out.append(r_eff)
-        num_tokens -= r_eff
-    return out
 
 
 @dataclass
@@ -154,99 +74,11 @@ class ToMeConfig(MethodConfig):
 TOWERS = ("image", "text")
 
 
-def plain_r(r: RSpec) -> RSpec:
-    """``r`` as plain Python values (an OmegaConf list or dict from a Hydra config becomes a
-    ``list`` or ``dict``), so that it pickles into checkpoints ``torch.load(weights_only=True)`` reads."""
-    if isinstance(r, torch.Tensor):
-        raise ValueError(  # noqa: TRY004 (a bad setting value; the config contract raises ValueError)
-            f"r={r!r} is not allowed; pass a Python int, list or (r, inflection) tuple, not a tensor"
-        )
-    if isinstance(r, (str, bytes, tuple)):
-        return r
-    if isinstance(r, Mapping):
-        return dict(r)
-    if isinstance(r, Sequence):
-        return list(r)
-    return r
-
-
-class ToMeHook(TowerHook):
-    """The token-merging hook of one tower."""
+class ToMeHook(MergeHook):
+    """The token-merging hook of one tower (ToMe's ranking: each source's best similarity)."""
 
     name = HOOK_NAME
-    #: how messages name the method (a variant built on this hook names itself)
     label = "ToMe"
-    #: a pure function of the block input and the token state it started from: replays exactly
-    replayable = True
-
-    def __init__(self, config: ToMeConfig, depth: int) -> None:
-        self.config = config
-        self.depth = depth
-        self.r_per_block = r_per_block(config.r, depth)
-
-    def configure(self, config: ToMeConfig) -> None:
-        self.r_per_block = r_per_block(config.r, self.depth)
-        self.config = config
-
-    def set_progress(self, progress: float) -> None:
-        """Run this tower at ``progress`` (0 to 1) of its configured r, block by block (a schedule's
-        warm-up hands every tower the same progress; each scales its own per-block r)."""
-        if not 0 <= progress <= 1:
-            raise ValueError(f"progress={progress!r} must be in [0, 1]")
-        self.r_per_block = [round(r * progress) for r in r_per_block(self.config.r, self.depth)]
-
-    def set_r_per_block(self, values: Sequence[int]) -> None:
-        """Run this tower at ``values`` (one entry per block)."""
-        values = list(values)
-        if len(values) != self.depth:
-            raise ValueError(f"r_per_block has {len(values)} entries; this tower has {self.depth} blocks")
-        self.r_per_block = parse_r(values, self.depth)
-
-    def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        if self.config.trace_source:
-            n = x.shape[1]
-            state.register("source", torch.eye(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n, n), "sum")
-        return x
-
-    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
-        size = state.size
-        if not self.config.prop_attn or size is None:
-            return None
-        return size[..., 0].log().to(dtype)[:, None, None, :]
-
-    def source_penalty(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor | None:
-        """``[B, N]`` subtracted from each token's best similarity before the merges are ranked
-        (``None``: ToMe's ranking). The seam a ToMe variant overrides to choose *which* tokens merge
-        (Turbo: their semantic value) with ToMe's matching, merge and bookkeeping unchanged."""
-        return None
-
-    def merges_at(self, x: torch.Tensor, info: BlockInfo) -> int:
-        """Tokens to merge in this block (the schedule's r; a variant may stop early)."""
-        return self.r_per_block[info.index]
-
-    def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        r = self.merges_at(x, info)
-        if r <= 0:
-            return x
-        if state.get("keep") is not None:
-            raise RuntimeError(
-                f"{self.label} cannot merge tokens while a masking method (DynamicViT training) is active"
-            )
-        refuse_causal_decoder(state, self.label)
-        # text towers: the EOT is protected and padding merges only with padding
-        plan = bipartite_soft_matching(
-            info.keys.mean(dim=1),
-            r,
-            state.num_prefix,
-            protected=state.get(PROTECTED),
-            groups=state.get(PAD),
-            source_penalty=self.source_penalty(x, info, state),
-        )
-        if plan.r == 0:
-            return x
-        x, size = merge_weighted(x, state.sizes(x), plan)
-        state.merge(plan, merged_size=size)
-        return x
 
 
 def apply_tome(model: nn.Module, config: ToMeConfig | None = None, **settings: Any) -> nn.Module:

@@ -8,13 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vleff.methods.tome.core import (
-    RSpec,
-    check_r,
-    plain_r,
-    r_per_block,
-    update_tome_per_tower,
-)
+from vleff.methods.tome.core import update_tome_per_tower
+from vleff.tokens.merging import RSpec, check_r, plain_r, r_per_block
 
 SCHEDULES = ("constant", "linear")
 

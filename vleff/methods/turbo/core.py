@@ -14,7 +14,7 @@ bookkeeping; a block whose sequence is shorter than ``r_threshold`` merges nothi
 source side's semantic value is subtracted, so where a source goes is ToMe's choice and *which*
 sources go is Turbo's: redundant **and** unimportant tokens. ``alpha=0`` is ToMe exactly.
 
-vleff runs it through ToMe's hook (:class:`vleff.methods.tome.core.ToMeHook`, whose
+vleff runs it through the merging hook ToMe runs on (:class:`vleff.tokens.merging.MergeHook`, whose
 ``source_penalty`` and ``merges_at`` seams it fills): the same matching kernels, merge plans,
 token fields, text-tower rules and replay under checkpointing. Image towers read the class token's
 row; text towers (not in the official release, which merges only BLIP's image tokens) read the
@@ -32,9 +32,9 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter
 from vleff.backbones.text import refuse_causal_decoder_towers
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.methods.tome.core import ToMeHook, check_r, plain_r
 from vleff.registry import MethodConfig
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
+from vleff.tokens.merging import MergeHook, check_r, plain_r
 
 HOOK_NAME = "turbo"
 TOWERS = ("image", "text")
@@ -75,8 +75,8 @@ class TurboConfig(MethodConfig):
         check_towers(self.towers, TOWERS)
 
 
-class TurboHook(ToMeHook):
-    """ToMe's hook with Turbo's source ranking and early stop."""
+class TurboHook(MergeHook):
+    """The merging hook with Turbo's source ranking and early stop."""
 
     name = HOOK_NAME
     label = "Turbo"
