@@ -335,6 +335,8 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"r_image": 4, "r_text": 4},
         families=("open_clip", "open_clip_unequal", "hf_clip", "hf_blip"),
         fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),
+        grad_checkpointing=True,
+        reentrant=False,
     ),
     # MADTP needs both towers of an image-text model (single-tower families are refused)
     "madtp": Settings(
@@ -352,6 +354,8 @@ SETTINGS: dict[str, Settings] = {
         state_prefix="vleff_madtp.",
         families=("open_clip", "open_clip_unequal", "hf_clip", "hf_blip"),
         fullgraph=False,
+        grad_checkpointing=True,
+        reentrant=False,
         callback_args={"flops_reduction": 0.3},
         applied_other={"flops_reduction": 0.3, "num_codes": 8},
         fit=lambda: (tl.TinyCLIP(), tl.pair_loader(4, seed=1)),

@@ -13,7 +13,8 @@ import torch
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
 import vleff
-from vleff.backbones import last_token_state
+from vleff.backbones import TowerHook, get_patch, last_token_state
+from vleff.tokens.common import install_hooks
 
 
 @pytest.fixture(params=[False, True], ids=["nonreentrant", "reentrant"])
@@ -56,22 +57,38 @@ def test_replays_leave_the_forwards_token_state_alone():
     assert all(after.fields[k].value is v for k, v in fields.items())
 
 
-@pytest.mark.parametrize("method", ["crossget", "madtp"])
-def test_a_method_that_cannot_replay_is_refused_at_apply_and_leaves_the_model_as_it_was(method):
-    """CrossGET and MADTP read what the other tower left (cross tokens, alignment features): a
-    block cannot be recomputed from its own inputs, so checkpointing is refused up front."""
+class CountingHook(TowerHook):
+    """A user's hook that keeps state on itself (a counter of the blocks it ran): a recomputed
+    block would count twice, so it does not declare ``replayable``."""
+
+    name = "user_counter"
+
+    def __init__(self) -> None:
+        self.blocks = 0
+
+    def between(self, x, info, state):
+        self.blocks += 1
+        return x
+
+
+def test_a_hook_that_cannot_replay_is_refused_at_apply_and_leaves_the_model_as_it_was():
+    """Every method's hooks replay (CrossGET and MADTP too: their losses pair in the last block
+    with what the forward recorded); a hook that does not say so is refused up front."""
     model = tm.open_clip_model().train()
     model.set_grad_checkpointing(True)
     keys = set(model.state_dict())
-    with pytest.raises(ValueError, match=f"cannot apply {method}: .*gradient checkpointing on.*set_grad_checkpointing"):
-        getattr(vleff, f"apply_{method}")(model)
-    assert set(model.state_dict()) == keys and vleff.registry.applied_methods(model) == []
+    with pytest.raises(
+        ValueError, match="cannot apply user_counter: .*gradient checkpointing on.*set_grad_checkpointing"
+    ):
+        install_hooks(model, lambda tower: CountingHook(), "all")
+    assert set(model.state_dict()) == keys and get_patch(model.visual) is None
 
 
 def test_checkpointing_turned_on_after_apply_is_refused_at_the_forward():
-    model = vleff.apply_madtp(tm.open_clip_model().train())
+    model = tm.open_clip_model().train()
+    install_hooks(model, lambda tower: CountingHook(), "image")
     model.set_grad_checkpointing(True)
-    with pytest.raises(RuntimeError, match="gradient checkpointing on.*madtp"):
+    with pytest.raises(RuntimeError, match="gradient checkpointing on.*user_counter"):
         model.encode_image(tm.images())
 
 

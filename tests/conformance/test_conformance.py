@@ -297,7 +297,7 @@ CHECKPOINT_CASES = [
     CHECKPOINT_CASES,
     ids=[f"{n}-{f}-{t}-{'reentrant' if r else 'nonreentrant'}" for n, f, t, r in CHECKPOINT_CASES],
 )
-def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, family, tower, reentrant):
+def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, family, tower, reentrant, monkeypatch):
     """Under the library's checkpointing a method either gives the gradients of the same model
     without it (blocks replay from the token state they started from) or is refused, when applied
     or when run, naming checkpointing. A method whose hooks hand gradients out of the blocks (VQT,
@@ -312,6 +312,7 @@ def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, fami
             plain = copy.deepcopy(model)
             _disable_checkpointing(family, plain)
             grads = []
+            replays = _count_replays(monkeypatch)
             for m in (plain, model):
                 torch.manual_seed(0)  # the same random decisions (DynamicViT's Gumbel noise) in both runs
                 fwd(m).square().mean().backward()
@@ -321,9 +322,72 @@ def test_gradient_checkpointing_replays_exactly_or_is_refused_clearly(name, fami
                 raise
             return
     assert SETTINGS[name].grad_checkpointing, f"{name} ran under checkpointing but its row says it is refused"
+    patched_blocks = [b for t in find_towers(model) if get_patch(t.root) is not None for b in t.blocks()]
+    if any(p.grad is not None for b in patched_blocks for p in b.parameters()):  # backward ran through them
+        assert replays, f"{family}: no block of the patched tower was recomputed in backward (checkpointing lost)"
     assert grads[0] and set(grads[0]) == set(grads[1])
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _is_method_parameter(name: str) -> bool:
+    return any(part.startswith("vleff_") for part in name.split("."))
+
+
+PAIR_CHECKPOINT_CASES = [
+    (name, family)
+    for name in HOOK_METHODS
+    if get_method(name).needs_pair and SETTINGS[name].grad_checkpointing
+    for family in _method_families(name)
+]
+
+
+@pytest.mark.parametrize("name, family", PAIR_CHECKPOINT_CASES, ids=[f"{n}-{f}" for n, f in PAIR_CHECKPOINT_CASES])
+def test_pair_training_step_with_its_losses_replays_exactly(name, family):
+    """A pair method's training step (both towers, its cross-modal loss paired in the second
+    tower's last block) under non-re-entrant checkpointing gives the gradients of the plain model:
+    the replayed last block pairs with what the forward paired with."""
+    from vleff.tokens.aux import pop_aux_losses
+
+    torch.manual_seed(0)
+    model = FAMILIES[family].make()
+    _apply(name, model, SETTINGS[name].active, "image")
+    SETTINGS[name].activate(model) if SETTINGS[name].activate is not None else None
+    with torch.no_grad():  # the method's parameters away from their start values
+        for n, p in model.named_parameters():
+            if _is_method_parameter(n):
+                p.add_(torch.randn_like(p) * 0.1)
+    plain = copy.deepcopy(model)
+    grads = []
+    with _checkpointing(family, model, reentrant=False):
+        for m in (plain, model):
+            m.train()
+            torch.manual_seed(0)
+            loss = sum(fwd(m).square().mean() for fwd in FAMILIES[family].forwards.values())
+            aux = pop_aux_losses(m)
+            assert aux and all(v.requires_grad for v in aux.values()), f"{name} made no trainable pair loss"
+            (loss + sum(aux.values())).backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert any(_is_method_parameter(n) for n in grads[0]), "the method's parameters got no gradient"
+    assert set(grads[0]) == set(grads[1])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _count_replays(monkeypatch) -> list[int]:
+    """Block indices the patched towers run in backward (gradient checkpointing's recomputation)."""
+    from vleff.backbones import patch
+
+    replays: list[int] = []
+    run = patch.TowerPatch.run
+
+    def counted(self, index, *args, **kwargs):
+        if patch.in_backward():
+            replays.append(index)
+        return run(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(patch.TowerPatch, "run", counted)
+    return replays
 
 
 def _disable_checkpointing(family: str, model: torch.nn.Module) -> None:

@@ -23,6 +23,7 @@ towers with image cross-attention (Hugging Face BLIP's text encoder and decoder)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -244,6 +245,15 @@ class TowerAdapter(ABC):
             getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
             for m in (self.root, *self.root.children())
         )
+
+    def block_checkpoint(self, block: nn.Module) -> Callable[..., Any] | None:
+        """The library's checkpoint function for one call of ``block``, where the library
+        checkpoints each block by wrapping its class's ``forward`` (transformers 5:
+        ``GradientCheckpointingLayer``), which the patched block's own ``forward`` bypasses; the
+        patched forward then calls it around the block, under the library's conditions. ``None``
+        (the default): the library checkpoints around the block call (timm, open_clip), so the
+        patched forward already runs inside its checkpoint."""
+        return None
 
     # --- model-level seams (methods ask these instead of branching on the family) ------------
     def classifier_head(self) -> nn.Module | None:

@@ -29,6 +29,9 @@ the layout marks such a forward (:data:`vleff.backbones.text.CAUSAL_DECODER`), a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -170,6 +173,11 @@ class HFBlipTextAdapter(TowerAdapter):
         from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
         return any(isinstance(m, BlipTextLMHeadModel) and m.bert is self.root for m in model.modules())
+
+    def block_checkpoint(self, block: nn.Module) -> Callable[..., Any] | None:
+        from vleff.backbones.hf import hf_block_checkpoint
+
+        return hf_block_checkpoint(block)
 
     def gradient_checkpointing(self) -> bool:
         # transformers 5 keeps the flag on every GradientCheckpointingLayer (the blocks) as well

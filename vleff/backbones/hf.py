@@ -4,6 +4,9 @@ and the ``*WithProjection`` models; separate q/k/v projections) and ``BlipVision
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,8 +21,20 @@ from vleff.backbones.base import (
 _FUSED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
+def hf_block_checkpoint(block: nn.Module) -> Callable[..., Any] | None:
+    """transformers 5 checkpoints a ``GradientCheckpointingLayer`` in its class's ``forward``
+    when its flag is on, it trains and gradients are on: the same conditions, and its function
+    (re-entrant or not, as ``gradient_checkpointing_enable`` set it)."""
+    if getattr(block, "gradient_checkpointing", False) is True and block.training and torch.is_grad_enabled():
+        return getattr(block, "_gradient_checkpointing_func", None)
+    return None
+
+
 class _HFTower(TowerAdapter):
     family = "transformers"
+
+    def block_checkpoint(self, block: nn.Module) -> Callable[..., Any] | None:
+        return hf_block_checkpoint(block)
 
     def attention_weights(self, block: nn.Module) -> AttentionWeights:
         """Separate ``q_proj``/``k_proj``/``v_proj``, concatenated, and ``out_proj``."""

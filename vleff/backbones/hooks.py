@@ -21,7 +21,7 @@ mask over keys, DynamicViT's training masks). The block itself knows no method's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -252,6 +252,15 @@ class TowerHook:
         either is attached (:func:`vleff.backbones.patch.check_attachable`), so a pair that cannot
         run together is refused at apply time, never at the first forward."""
         return None
+
+    def forward_inputs(self) -> Any:
+        """What :meth:`start` reads besides its arguments, captured earlier in the same forward
+        (a text tower's token ids). Recorded with the first block's entry, so that a replay of the
+        first block, which runs ``start`` again, starts from the same. Default: nothing."""
+        return None
+
+    def restore_forward_inputs(self, inputs: Any) -> None:
+        """Put back what :meth:`forward_inputs` returned, before a replayed ``start``."""
 
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         return x

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +122,51 @@ def partner(store: dict[str, Any], modality: str) -> torch.Tensor | None:
         del store[other]
         return None
     return entry.value
+
+
+class Pairing:
+    """What one tower forward's cross-modal loss paired with: the other tower's value (``None``:
+    it held its own for the other tower instead). Kept in the forward's token state and shared
+    with its replay copies, so that gradient checkpointing, recomputing the last block (where the
+    loss is computed) in backward, pairs with the same value and computes the same tensors. Never
+    copied or pickled: the tensor belongs to one step's graph."""
+
+    def __init__(self) -> None:
+        self.other: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> Pairing:
+        return Pairing()
+
+    def __reduce__(self) -> tuple:
+        return (Pairing, ())
+
+
+def pair_or_hold(
+    state: TokenState,
+    store: dict[str, Any],
+    pairing: Pairing,
+    modality: str,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    watch: torch.Tensor | None = None,
+    compatible: Callable[[torch.Tensor], bool] | None = None,
+) -> torch.Tensor | None:
+    """The other tower's value to pair ``value`` with, or ``None`` after holding ``value`` in
+    ``store`` for the other tower (:func:`hold`; ``compatible(other)`` false: held too).
+
+    A forward consumes what the store holds and notes it in ``pairing``; a replay
+    (``state.replaying``) returns what its forward paired with and changes nothing outside the
+    state, so the recomputed loss is the forward's."""
+    if state.replaying:
+        return pairing.other
+    other = partner(store, modality)  # a stale one (its forward backpropagated) is dropped
+    store.clear()
+    if other is not None and compatible is not None and not compatible(other):
+        other = None
+    pairing.other = other
+    if other is None:
+        hold(store, modality, value, output, watch)
+    return other
 
 
 def pair_context(state: TokenState) -> PairContext | None:

@@ -9,8 +9,10 @@ the token state of the latest forward.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,9 +45,10 @@ def set_method_conflict_rule(rule: MethodConflictRule | None) -> None:
 REPLAY_FORWARDS = 8
 #: a recorded block entry: ``(block index, input data pointer, input shape)``
 EntryKey = tuple[int, int, tuple[int, ...]]
-#: what a replay starts from: the token state the block started from, and (the first block)
-#: whether the hooks' ``start`` left the tower's input unchanged
-Entry = tuple[TokenState, bool]
+#: what a replay starts from: the token state the block started from, whether (the first block)
+#: the hooks' ``start`` left the tower's input unchanged, and otherwise what each running hook's
+#: ``start`` read besides its arguments (:meth:`TowerHook.forward_inputs`), to run it again
+Entry = tuple[TokenState, bool, list[Any] | None]
 
 
 def in_backward() -> bool:
@@ -82,10 +85,12 @@ class TowerPatch:
         #: the token state each block started from (``None`` for block 0: a fresh start)
         self._recordings: deque[dict[EntryKey, Entry]] = deque(maxlen=REPLAY_FORWARDS)
         self._recording: dict[EntryKey, Entry] | None = None
+        self._start_inputs: list[Any] = []  # the running hooks' forward inputs at the latest start
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_recordings"], state["_recording"] = deque(maxlen=REPLAY_FORWARDS), None  # per-forward
+        state["_start_inputs"] = []
         return state
 
     @property
@@ -126,8 +131,10 @@ class TowerPatch:
             num_input_tokens=x.shape[1],
             num_tokens=x.shape[1],
             batch_size=x.shape[0],
+            replaying=replay,
         )
         if not replay:
+            self._start_inputs = [h.forward_inputs() for h in self.running_hooks]
             # a forward that will be recomputed in backward: gradients on (non-re-entrant), or an
             # input that needs them (re-entrant checkpointing runs the forward without gradients)
             # a forward the library may recompute in backward (the flag's walk only when training)
@@ -193,7 +200,9 @@ class TowerPatch:
         else:
             state = self.state
         if self._recording is not None:
-            self._recording[(index, x_in.data_ptr(), tuple(x_in.shape))] = (state.snapshot(), x is x_in)
+            same = x is x_in
+            inputs = None if same else self._start_inputs
+            self._recording[(index, x_in.data_ptr(), tuple(x_in.shape))] = (state.snapshot(), same, inputs)
         return self._run(index, depth, block, x, mask, is_causal, cross, state)
 
     def _replay(
@@ -207,10 +216,13 @@ class TowerPatch:
         cross: CrossInputs | None,
         entry: Entry,
     ) -> torch.Tensor:
-        recorded, same_input = entry
+        recorded, same_input, inputs = entry
         if same_input:  # the state the block started from; x as the library passes it
             state = recorded.snapshot()
+            state.replaying = True
         else:  # the first block, whose hooks changed x at the start: start again (in a fresh state)
+            for hook, value in zip(self.running_hooks, inputs or (), strict=True):
+                hook.restore_forward_inputs(value)
             x, state = self._start(x, replay=True)
         return self._run(index, depth, block, x, mask, is_causal, cross, state)
 
@@ -263,6 +275,13 @@ class PatchedForward:
                     adapter, "torch.fx symbolic tracing (and torchvision's create_feature_extractor, which uses it)"
                 )
             )
+        checkpoint = adapter.block_checkpoint(self.block)
+        if checkpoint is not None:  # the library checkpoints in the forward this one replaced
+            return checkpoint(functools.partial(self._forward, **kwargs), *args)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs) -> torch.Tensor:
+        adapter = self.patch.adapter
         x, mask, is_causal = adapter.block_inputs(self.block, *args, **kwargs)
         if adapter.layout == "post_norm_cross":
             cross = adapter.cross_inputs(self.block, *args, **kwargs)

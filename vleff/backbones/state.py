@@ -104,6 +104,11 @@ class TokenState:
     #: the :class:`~vleff.backbones.hooks.BlockInfo` of the block now running (its keys and
     #: attention rows follow reductions so that stacked hooks read valid values)
     block_info: object | None = None
+    #: this state runs a replay: gradient checkpointing recomputing a block in backward. Hooks
+    #: compute exactly what the forward computed (the same tensors, so that the recomputation
+    #: saves what the forward saved) but leave nothing outside the state (no pairing, no
+    #: holding a value for another tower)
+    replaying: bool = False
     _pending_fuse: object | None = None
 
     # --- fields ----------------------------------------------------------------------------

@@ -65,6 +65,12 @@ class TextLayout(TowerHook):
     def capture_ids(self, module: nn.Module, args: tuple) -> None:
         self.ids = args[0] if args else None
 
+    def forward_inputs(self) -> torch.Tensor | None:
+        return self.ids
+
+    def restore_forward_inputs(self, inputs: torch.Tensor | None) -> None:
+        self.ids = inputs
+
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         ids = self.ids
         if ids is None or ids.shape[:2] != x.shape[:2]:

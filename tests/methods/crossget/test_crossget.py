@@ -372,3 +372,49 @@ def test_graph_matching_refuses_group_ids_outside_real_and_padding():
     with pytest.raises(RuntimeError, match=r"groups must take values in range\(2\)"):
         complete_graph_matching(torch.randn(1, 6, 4), torch.randn(1, 6), 1, 0, protected, bad)
     assert int(feasible_sources(protected, torch.tensor([[0, 0, 0, 1, 1, 1]]))) == 4  # (3 - 1) + (3 - 1)
+
+
+# --- gradient checkpointing ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["open_clip", "open_clip_unequal", "hf_clip"])
+def test_checkpointed_training_step_with_the_alignment_loss_equals_the_plain_one(family):
+    """Both towers and the JS alignment loss (whose cross tokens are made inside the checkpointed
+    blocks): the library's non-re-entrant checkpointing gives the gradients of the plain model,
+    the offsets' included."""
+    from families import FAMILIES
+
+    torch.manual_seed(0)
+    model = FAMILIES[family].make()
+    vleff.apply_crossget(model, r_image=2, r_text=4)
+    with torch.no_grad():  # trained offsets: the cross tokens differ from their start values
+        for p in vleff.tokens.crossget.crossget_offsets(model).values():
+            p.normal_(0, 0.1)
+    plain = copy.deepcopy(model)
+    if family.startswith("hf_"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.set_grad_checkpointing(True)
+    fwd = FAMILIES[family].forwards
+    grads = []
+    for m in (plain, model):
+        m.train()
+        loss = fwd["image"](m).square().mean() + fwd["text"](m).square().mean()
+        aux = pop_aux_losses(m)["crossget_js"]
+        assert aux.requires_grad
+        (loss + aux).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert any("vleff_crossget_offsets" in n for n in grads[0])
+    assert set(grads[0]) == set(grads[1])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_reentrant_checkpointing_is_refused_naming_it():
+    """Re-entrant checkpointing runs the blocks without gradients: the cross tokens the
+    alignment loss reads would get none, so the forward is refused."""
+    torch.manual_seed(0)
+    model = tm.hf_clip_model()
+    vleff.apply_crossget(model, r_image=2, r_text=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises(RuntimeError, match="re-entrant checkpointing"):
+        model.get_image_features(pixel_values=tm.images().requires_grad_())

@@ -86,10 +86,10 @@ from vleff.backbones import (
 from vleff.backbones.pairs import (
     PAIRS_SUPPORTED,
     ModelPair,
+    Pairing,
     find_pair,
-    hold,
     pair_context,
-    partner,
+    pair_or_hold,
 )
 from vleff.backbones.patch import check_attachable
 from vleff.backbones.text import (
@@ -257,6 +257,11 @@ class CrossGETHook(TowerHook):
     """CrossGET on one tower of a pair (see the module docstring)."""
 
     name = HOOK_NAME
+    #: replays from its state (its cross token and offsets are in the block input and the model;
+    #: the alignment loss pairs in the last block with the partner the forward recorded)
+    replayable = True
+    #: the cross tokens entering each block leave the blocks for the alignment loss
+    side_outputs = True
 
     def __init__(
         self, tower: TowerAdapter, config: CrossGETConfig, projector: Projector, link: PendingCrossTokens
@@ -297,7 +302,13 @@ class CrossGETHook(TowerHook):
             values[name] = v  # position: the cross token sees what its source token sees
         index = state.num_prefix
         x = state.insert_prefix(x, init, values)
-        state.scratch[SCRATCH] = {"index": index, "device": x.device, "inputs": [], "record": self._recording()}
+        state.scratch[SCRATCH] = {
+            "index": index,
+            "device": x.device,
+            "inputs": [],
+            "record": self._recording(),
+            "pairing": Pairing(),  # shared by the state's replay copies
+        }
         return x
 
     def _recording(self) -> bool:
@@ -401,22 +412,23 @@ class CrossGETHook(TowerHook):
         x = state.select(x, keep[None].expand(x.shape[0], -1))
         state.num_prefix -= 1
         if s["record"] and s["inputs"]:
-            self._align(torch.stack(s["inputs"], dim=1), state, x)
+            self._align(torch.stack(s["inputs"], dim=1), state, x, s["pairing"])
         s["inputs"] = []
         return x
 
-    def _align(self, inputs: torch.Tensor, state: TokenState, output: torch.Tensor) -> None:
+    def _align(self, inputs: torch.Tensor, state: TokenState, output: torch.Tensor, pairing: Pairing) -> None:
         """Pair this forward's projected cross tokens with the other tower's of the same step, or
         leave them for it. A value left by a forward that a backward pass has since run through,
         or before an optimizer step changed the offsets, is not of this step and is dropped
-        (:func:`vleff.backbones.pairs.hold`), so an unpaired forward never pairs with a later one."""
+        (:func:`vleff.backbones.pairs.hold`), so an unpaired forward never pairs with a later one.
+
+        A replay (gradient checkpointing recomputing the last block) computes the same loss with
+        the partner the forward paired with (``pairing``), into the replay's own state."""
+        value = self.projector(inputs)
         ctx = pair_context(state)
         pending = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.link.pending
-        value = self.projector(inputs)
-        other = partner(pending, self.modality)
-        pending.clear()
+        other = pair_or_hold(state, pending, pairing, self.modality, value, output, getattr(self.root, OFFSETS))
         if other is None:
-            hold(pending, self.modality, value, output, getattr(self.root, OFFSETS))
             return
         image, text = (value, other) if self.modality == "image" else (other, value)
         state.add_aux_loss(LOSS_NAME, alignment_loss(image, text) * self.config.loss_weight)

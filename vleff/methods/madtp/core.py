@@ -74,11 +74,11 @@ from torch import nn
 from vleff.backbones import BlockInfo, TokenState, TowerHook
 from vleff.backbones.pairs import (
     ModelPair,
+    Pairing,
     caption_mask,
     find_pair,
-    hold,
     pair_context,
-    partner,
+    pair_or_hold,
 )
 from vleff.backbones.patch import check_attachable
 from vleff.backbones.state import gather_tokens
@@ -261,6 +261,11 @@ class MADTPHook(TowerHook):
     """MADTP on one tower: alignment features before each block, pruning between attention and MLP."""
 
     name = HOOK_NAME
+    #: replays from its state (scores, masks and the alignment feature are made in the block from
+    #: its input; the alignment loss pairs in the last block with the partner the forward recorded)
+    replayable = True
+    #: the alignment feature is built inside the blocks and read by the loss outside them
+    side_outputs = True
 
     def __init__(
         self,
@@ -308,7 +313,7 @@ class MADTPHook(TowerHook):
                 "fixed at export time. Export with MADTP removed (vleff.remove_madtp) or its towers= leaving this "
                 "tower out; torch.compile (not fullgraph) does run it"
             )
-        state.scratch[HOOK_NAME] = {"feature": None}
+        state.scratch[HOOK_NAME] = {"feature": None, "pairing": Pairing()}  # pairing: shared by replay copies
         return x
 
     def _prunes_anywhere(self) -> bool:
@@ -350,13 +355,20 @@ class MADTPHook(TowerHook):
             return x
         ctx = pair_context(state)
         store = ctx.data.setdefault(HOOK_NAME, {}) if ctx is not None else self.module.pending
-        other = partner(store, self.modality)  # a stale one (its forward backpropagated) is dropped
-        store.clear()
-        if other is not None and other.shape == feature.shape:
+        # the other tower has not run in this step (or ran on other samples): hold, wait for it
+        other = pair_or_hold(
+            state,
+            store,
+            scratch["pairing"],
+            self.modality,
+            feature,
+            x,
+            self.module.codebook,
+            compatible=lambda other: other.shape == feature.shape,
+        )
+        if other is not None:
             image, text = (feature, other) if self.modality == "image" else (other, feature)
             state.add_aux_loss(ALIGN_LOSS, alignment_loss(image, text) * self.config.align_weight)
-        else:  # the other tower has not run in this step (or on other samples): wait for it
-            hold(store, self.modality, feature, x, self.module.codebook)
         return x
 
     def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
