@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it (``apply_<method>`` / ``remove_<method>`` come from the registry)
 _LAZY = {
     "calibrate_madtp": "vleff.methods.madtp",
+    "fit_budget": "vleff.budget",
+    "BudgetFit": "vleff.budget",
     "side_state_dict": "vleff.side.common",
     "load_side_state_dict": "vleff.side.common",
     "update": "vleff.registry",

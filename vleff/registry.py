@@ -101,6 +101,27 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How :func:`vleff.fit_budget` drives a method's FLOPs: one knob, from no reduction to the most.
+
+    Attributes:
+        setting: what messages name the knob by (``"r"``, ``"keep_rate"``).
+        settings: ``settings(model, knob) -> dict``: the settings ``update`` gets for a knob value
+            on this model (an int level for a discrete knob, a float in [0, 1] otherwise); more
+            knob means fewer FLOPs.
+        levels: ``levels(model) -> int``: a discrete knob's largest level on this model (levels
+            ``0..levels``); ``None``: a continuous knob in [0, 1].
+        fit: ``fit(model, batches, flops, forward, max_evals) -> dict`` for a method with its own
+            FLOPs controller (MADTP's τ search); it sets the method and returns its settings.
+    """
+
+    setting: str
+    settings: Callable[[nn.Module, Any], dict[str, Any]] | None = None
+    levels: Callable[[nn.Module], int] | None = None
+    fit: Callable[..., dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """A registry entry.
 
@@ -139,6 +160,8 @@ class Method:
         reapply_settings: ``reapply_settings(settings) -> settings``: the settings to apply the
             method again with before a checkpoint's trained weights load (``restore_methods``),
             for a setting whose work the weights make moot (LST's data-driven ``init``). Default: as saved.
+        budget: how :func:`vleff.fit_budget` sets the method's FLOPs (:class:`Budget`), or ``None``
+            for a method that does not reduce FLOPs by a setting.
         calibrate: ``calibrate(model, inputs, tower)`` for a method whose setting is a target
             reached by measuring (MADTP's τ for a FLOPs reduction); ``vleff-bench`` runs it after
             ``apply`` on the batch it measures (images, or caption ids for ``tower="text"``), so
@@ -159,6 +182,7 @@ class Method:
     description: str = ""
     needs_pair: bool = False
     calibrate: Callable[[nn.Module, Any, str], Any] | None = None
+    budget: Budget | None = None
     traits: frozenset[str] = frozenset()
     refuses: tuple[Refusal, ...] = ()
     updatable: tuple[str, ...] = ()

@@ -201,3 +201,33 @@ class MergeHook(TowerHook):
         x, size = merge_weighted(x, state.sizes(x), plan)
         state.merge(plan, merged_size=size)
         return x
+
+
+# --- the FLOPs knob of the merging methods (vleff.fit_budget) ----------------------------------------
+#: merges per block a budget search may ask for at most (a block merges at most half its tokens;
+#: 512 covers 1024-token towers, and the hook caps each block at what it can merge)
+MAX_BUDGET_MERGES_PER_BLOCK = 512
+
+
+def _budget_depth(model: Any, hook_name: str) -> int:
+    from vleff.tokens.common import hooks_named
+
+    hooks = hooks_named(model, hook_name)
+    if not hooks:
+        raise ValueError(f"{hook_name} is not applied to this {type(model).__name__}")
+    return min(h.depth for h in hooks)
+
+
+def budget_levels(model: Any, hook_name: str) -> int:
+    """The merging methods' FLOPs knob counts merges in the whole tower (levels ``0..this``)."""
+    return _budget_depth(model, hook_name) * MAX_BUDGET_MERGES_PER_BLOCK
+
+
+def budget_settings(model: Any, level: float, hook_name: str) -> dict[str, Any]:
+    """``level`` merges spread over the blocks, one more in the first ``level mod depth`` blocks
+    (front-loaded: every extra merge lowers the FLOPs, and by about one token's cost in the
+    later blocks, so the knob has fine steps). A list as long as the shallowest tower (a deeper
+    tower leaves its remaining blocks unmerged)."""
+    depth = _budget_depth(model, hook_name)
+    base, extra = divmod(int(level), depth)
+    return {"r": [base + (1 if b < extra else 0) for b in range(depth)]}

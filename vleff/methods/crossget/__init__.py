@@ -18,6 +18,8 @@ from vleff.methods.crossget.core import (
     CrossGETHook,
     alignment_loss,
     apply_crossget,
+    budget_levels,
+    budget_settings,
     crossget_applied,
     crossget_offsets,
     js_divergence,
@@ -26,7 +28,7 @@ from vleff.methods.crossget.core import (
     resolve_pair,
     update_crossget,
 )
-from vleff.registry import Method, Refusal, register_method
+from vleff.registry import Budget, Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -57,6 +59,7 @@ METHOD = register_method(
         bench_settings={"r_image": 16, "r_text": 6},
         needs_pair=True,
         description="CrossGET cross-guided token ensembles (both towers of CLIP / BLIP)",
+        budget=Budget("r_image/r_text", budget_settings, budget_levels),
     )
 )
 

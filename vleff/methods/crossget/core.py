@@ -495,6 +495,30 @@ def input_tokens(tower: TowerAdapter) -> int | None:
     return None
 
 
+def max_r(tower: TowerAdapter) -> int | None:
+    """The most tokens a block of ``tower`` can merge (its first block, the cross token
+    included), or ``None`` when the tower's input length is not known ahead."""
+    n0 = input_tokens(tower)
+    if n0 is None:
+        return None
+    protected = tower.num_prefix_tokens + 1 if tower.modality == "image" else (2 if tower.num_prefix_tokens else 3)
+    return max_graph_merge(n0 + 1, protected)
+
+
+def budget_levels(model: nn.Module) -> int:
+    """CrossGET's FLOPs knob (:func:`vleff.fit_budget`): levels ``0..`` the larger tower's most merges."""
+    pair = resolve_pair(model)
+    return max(max_r(pair.image_tower) or 1, max_r(pair.text_tower) or 1)
+
+
+def budget_settings(model: nn.Module, level: float) -> dict[str, int]:
+    """Both towers' ``r`` at ``level``: each tower its share of its own most merges (so the two
+    towers reduce in proportion), rounded."""
+    pair, top = resolve_pair(model), budget_levels(model)
+    image, text = max_r(pair.image_tower) or top, max_r(pair.text_tower) or top
+    return {"r_image": round(int(level) * image / top), "r_text": round(int(level) * text / top)}
+
+
 def _check_r(tower: TowerAdapter, r: int) -> None:
     n0 = input_tokens(tower)
     if n0 is None:

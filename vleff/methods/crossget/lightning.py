@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target
 from vleff.lightning.targets import (
@@ -35,7 +36,7 @@ from vleff.lightning.targets import (
 from vleff.methods.crossget.core import CrossGETConfig, apply_crossget, crossget_applied
 
 
-class CrossGET(InitFromOption, RemovalOption, AuxLoss):
+class CrossGET(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
     """CrossGET for an existing LightningModule holding an open_clip / HF CLIP / BLIP retrieval model.
 
     Args:
@@ -46,6 +47,9 @@ class CrossGET(InitFromOption, RemovalOption, AuxLoss):
             later run (the flags as they were).
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the method is applied (fine-tuning, not resuming).
+        flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
+            fraction of the model without the method (:func:`vleff.fit_budget` on the first
+            ``budget_batches`` training batches; kept in checkpoints).
         **settings: :class:`vleff.methods.crossget.core.CrossGETConfig` fields (``r_image``, ``r_text``,
             ``prop_attn``, ``loss_weight``), validated here.
     """
@@ -60,11 +64,14 @@ class CrossGET(InitFromOption, RemovalOption, AuxLoss):
         module: ModuleArg = None,
         remove_on_teardown: bool = False,
         init_from: str | None = None,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_initial(init_from)
         self.init_removal(remove_on_teardown)
+        self.init_budget(flops_target, budget_batches)
         self.config = CrossGETConfig.build(**settings)
         self.module = check_module_arg(module)
         self._target: Any = None
@@ -91,12 +98,15 @@ class CrossGET(InitFromOption, RemovalOption, AuxLoss):
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "crossget", self.config)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
+
     def state_dict(self) -> dict[str, Any]:
         # the offsets are parameters of the model (its state_dict); the settings are kept for reference
-        return {"config": self.config.as_dict()}
+        return {"config": self.config.as_dict(), "budget": self.budget_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        self.load_budget_state(state_dict.get("budget", {}))
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

@@ -13,8 +13,9 @@ from vleff.methods.dynamicvit.core import (
     apply_dynamicvit,
     dynamicvit_applied,
     remove_dynamicvit,
+    update_dynamicvit,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Budget, Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -28,13 +29,25 @@ METHOD = register_method(
         config=DynamicViTConfig,
         apply=apply_dynamicvit,
         remove=remove_dynamicvit,
+        update=update_dynamicvit,
+        updatable=("rho", "keep_ratios"),
         is_applied=dynamicvit_applied,
         callback="vleff.methods.dynamicvit.lightning.DynamicViT",
         mixin="vleff.methods.dynamicvit.lightning.DynamicViTMixin",
         towers=TOWERS,
         bench_settings={"rho": 0.7, "distill": False},
         description="DynamicViT learned token pruning (predictors + masked attention)",
+        # the base keep ratio ρ (stages keep ρ, ρ², ...): 1 (knob 0) down to 0.01 (knob 1)
+        budget=Budget("rho", lambda model, knob: {"rho": 1.0 - 0.99 * float(knob), "keep_ratios": None}),
     )
 )
 
-__all__ = ["DynamicViTConfig", "METHOD", "TOWERS", "apply_dynamicvit", "dynamicvit_applied", "remove_dynamicvit"]
+__all__ = [
+    "DynamicViTConfig",
+    "METHOD",
+    "TOWERS",
+    "apply_dynamicvit",
+    "dynamicvit_applied",
+    "remove_dynamicvit",
+    "update_dynamicvit",
+]

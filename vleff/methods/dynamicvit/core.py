@@ -455,6 +455,26 @@ def apply_dynamicvit(model: nn.Module, config: DynamicViTConfig | None = None, *
     return model
 
 
+def update_dynamicvit(model: nn.Module, **changes: Any) -> None:
+    """Change the keep ratios (``rho`` or ``keep_ratios``) of an applied DynamicViT: the token
+    counts kept at inference and the ratio loss's target in training; the trained predictors
+    stay (a FLOPs budget, :func:`vleff.fit_budget`, moves ``rho``)."""
+    hooks = hooks_named(model, HOOK_NAME)
+    if not hooks:
+        raise ValueError(f"DynamicViT is not applied to this {type(model).__name__}; call apply_dynamicvit first")
+    new = hooks[0].config.replace(**changes)
+    for hook in hooks:
+        if new.keep_ratios is not None and len(new.keep_ratios) != len(hook.locations):
+            raise ValueError(
+                f"keep_ratios has {len(new.keep_ratios)} entries but there are {len(hook.locations)} "
+                f"locations {list(hook.locations)}"
+            )
+    for hook in hooks:
+        n = len(hook.locations)
+        hook.ratios = list(new.keep_ratios) if new.keep_ratios is not None else hierarchical_ratios(new.rho, n)
+        hook.config = new
+
+
 def remove_dynamicvit(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_dynamicvit`: drop the hooks, the predictors and the teacher."""
     distiller = model.__dict__.pop(DISTILLER_ATTR, None)

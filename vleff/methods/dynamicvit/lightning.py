@@ -25,6 +25,7 @@ from torch import nn
 
 from vleff.checks import check_bool
 from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, next_hook
 from vleff.lightning.targets import (
@@ -43,7 +44,7 @@ from vleff.methods.dynamicvit.core import (
 )
 
 
-class DynamicViT(InitFromOption, RemovalOption, AuxLoss):
+class DynamicViT(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
     """DynamicViT (learned token pruning) for an existing LightningModule.
 
     Args:
@@ -54,6 +55,9 @@ class DynamicViT(InitFromOption, RemovalOption, AuxLoss):
         init_from: a Lightning checkpoint or ``state_dict`` file loaded into the module (or
             its backbone) at the start of the first ``fit``, before the surgery: fine-tune a
             trained model, which then is also the teacher. Not a resume (fresh optimizer).
+        flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
+            fraction of the model without the method (:func:`vleff.fit_budget` on the first
+            ``budget_batches`` training batches; kept in checkpoints).
         **settings: :class:`vleff.methods.dynamicvit.core.DynamicViTConfig` fields (``rho``,
             ``locations``, ``keep_ratios``, ``distill``, the loss weights ...), validated here.
     """
@@ -69,10 +73,13 @@ class DynamicViT(InitFromOption, RemovalOption, AuxLoss):
         log: bool = True,
         init_from: str | None = None,
         remove_on_teardown: bool = False,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_removal(remove_on_teardown)
+        self.init_budget(flops_target, budget_batches)
         self.config = DynamicViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.save_teacher = check_bool("save_teacher", save_teacher)
@@ -110,8 +117,14 @@ class DynamicViT(InitFromOption, RemovalOption, AuxLoss):
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "dynamicvit", self.config)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"kwargs": {k: v for k, v in self.kwargs.items() if k != "logits_fn"}}
+        state: dict[str, Any] = {
+            "kwargs": {k: v for k, v in self.kwargs.items() if k != "logits_fn"},
+            "budget": self.budget_state(),
+        }
         teacher = dynamicvit_teacher(self._target) if self._target is not None else None
         if self.save_teacher and teacher is not None:
             state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
@@ -119,6 +132,7 @@ class DynamicViT(InitFromOption, RemovalOption, AuxLoss):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("kwargs", {})
+        self.load_budget_state(state_dict.get("budget", {}))
         for key in ("rho", "locations", "keep_ratios"):
             if key in saved and saved[key] != self.kwargs[key]:
                 raise ValueError(

@@ -15,7 +15,7 @@ from vleff.methods.evit.core import (
     remove_evit,
     update_evit,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Budget, Method, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -37,6 +37,8 @@ METHOD = register_method(
         towers=TOWERS,
         bench_settings={"keep_rate": 0.7},
         description="EViT: keep the tokens the cls token attends to, fuse the rest",
+        # keep rate 1 (knob 0) down to 1 % of the tokens (knob 1)
+        budget=Budget("keep_rate", lambda model, knob: {"keep_rate": 1.0 - 0.99 * float(knob)}),
     )
 )
 

@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vleff.checks import check_bool, check_ratio
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import fitting, mixin_target, next_hook
 from vleff.lightning.targets import (
@@ -43,7 +44,7 @@ from vleff.methods.evit.core import (
 )
 
 
-class EViT(InitFromOption, RemovalOption, Callback):
+class EViT(InitFromOption, RemovalOption, BudgetOption, Callback):
     """EViT (keep the tokens the cls token attends to, fuse the rest) for an existing LightningModule.
 
     Args:
@@ -57,6 +58,9 @@ class EViT(InitFromOption, RemovalOption, Callback):
             model of the LightningModule with a tower ``towers`` names; several are refused).
         remove_on_teardown: restore the plain forward when the run ends (a later run with this
             callback applies EViT again).
+        flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
+            fraction of the model without the method (:func:`vleff.fit_budget` on the first
+            ``budget_batches`` training batches; kept in checkpoints).
         **settings: :class:`vleff.methods.evit.core.EViTConfig` fields (``keep_rate`` -- the target
             of the schedule --, ``locations``, ``fuse``, ``towers``), validated here.
     """
@@ -73,9 +77,12 @@ class EViT(InitFromOption, RemovalOption, Callback):
         init_from: str | None = None,
         module: ModuleArg = None,
         remove_on_teardown: bool = False,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         self.init_removal(remove_on_teardown)
+        self.init_budget(flops_target, budget_batches)
         self.config = EViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.target = self.config.keep_rate
@@ -157,6 +164,16 @@ class EViT(InitFromOption, RemovalOption, Callback):
         update_evit(pl_module, keep_rate=keep_rate)
 
     # --- checkpoint state ----------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._module if self._module is not None else pl_module)
+
+    def take_budget(self, settings: dict[str, Any]) -> None:
+        """The fitted keep rate is where the cosine ends."""
+        self.config = self.config.replace(**settings)
+        self.target = self.config.keep_rate
+        if self.schedule is not None:
+            self.schedule = EViTSchedule(self.target, self.schedule.start_epoch, self.schedule.end_epoch)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "keep_rate": self.current,
@@ -165,10 +182,12 @@ class EViT(InitFromOption, RemovalOption, Callback):
             "end_epoch": self.end_epoch,
             "locations": self.locations,
             "fuse": self.fuse,
+            "budget": self.budget_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.current = float(state_dict["keep_rate"])
+        self.load_budget_state(state_dict.get("budget", {}))
         if self._fitting and self._module is not None and evit_applied(self._module):
             update_evit(self._module, keep_rate=self.current)
 

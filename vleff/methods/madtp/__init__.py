@@ -13,12 +13,13 @@ from vleff.methods.madtp.core import (
     apply_madtp,
     calibrate_madtp,
     calibrate_madtp_for_bench,
+    fit_flops,
     madtp_applied,
     madtp_settings,
     remove_madtp,
     update_madtp,
 )
-from vleff.registry import Method, Refusal, register_method
+from vleff.registry import Budget, Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -44,6 +45,7 @@ METHOD = register_method(
         needs_pair=True,
         calibrate=calibrate_madtp_for_bench,
         description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target",
+        budget=Budget("tau", fit=fit_flops),
     )
 )
 

@@ -919,6 +919,18 @@ def calibrate_madtp(
     return result
 
 
+def fit_flops(
+    model: nn.Module, batches: list[Batch], flops: float, forward: Callable[[nn.Module, Batch], Any], max_evals: int
+) -> dict:
+    """MADTP's FLOPs knob for :func:`vleff.fit_budget`: its controller searches τ (and the first
+    pruning block) for ``flops_reduction = 1 − flops``, counting ``forward(model, batch)``."""
+    reduction = 1.0 - flops if flops < 1 else 1e-6  # the controller's range is open at 0
+    result = calibrate_madtp(
+        model, batches, reduction, forward=lambda pair, batch: forward(model, batch), max_evals=max_evals
+    )
+    return {"tau": result.tau, "flops_reduction": result.flops_reduction}
+
+
 def searched_range(evals: list[tuple[float, int, int]], max_evals: int) -> str:
     """What a calibration actually tried, for its out-of-budget warning: the τ range and first
     pruning blocks of the counted forwards (not the bounds it may search: with a small

@@ -7,6 +7,8 @@ package registers the method (:mod:`vleff.registry` finds it by its folder).
 
 from __future__ import annotations
 
+from functools import partial
+
 from vleff.methods.tome.core import (
     TOWERS,
     ToMeConfig,
@@ -15,7 +17,8 @@ from vleff.methods.tome.core import (
     tome_applied,
     update_tome,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Budget, Method, register_method
+from vleff.tokens.merging import budget_levels, budget_settings
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -37,6 +40,7 @@ METHOD = register_method(
         towers=TOWERS,
         bench_settings={"r": 16},
         description="ToMe token merging (bipartite soft matching)",
+        budget=Budget("r", partial(budget_settings, hook_name="tome"), partial(budget_levels, hook_name="tome")),
     )
 )
 

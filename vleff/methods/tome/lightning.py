@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import fitting, mixin_target, next_hook
 from vleff.lightning.targets import (
@@ -32,7 +33,7 @@ from vleff.methods.tome.core import ToMeConfig, apply_tome, tome_applied
 from vleff.tokens.schedule import RSchedule
 
 
-class TokenMerging(InitFromOption, RemovalOption, pl.Callback):
+class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
     """Apply ToMe to the towers of the LightningModule.
 
     Args:
@@ -44,6 +45,9 @@ class TokenMerging(InitFromOption, RemovalOption, pl.Callback):
             model of the LightningModule with a tower ``towers`` names; several are refused).
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the method is applied (fine-tuning, not resuming).
+        flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
+            fraction of the model without the method (:func:`vleff.fit_budget` on the first
+            ``budget_batches`` training batches; kept in checkpoints).
         **settings: :class:`vleff.methods.tome.core.ToMeConfig` fields (``r``, ``prop_attn``,
             ``trace_source``, ``towers``), validated here.
 
@@ -62,13 +66,17 @@ class TokenMerging(InitFromOption, RemovalOption, pl.Callback):
         remove_on_teardown: bool = False,
         module: ModuleArg = None,
         init_from: str | None = None,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         super().__init__()
         self.init_initial(init_from)
         self.config = ToMeConfig.build(**settings)
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
+        self._asked_r = self.config.r
         self.init_removal(remove_on_teardown)
+        self.init_budget(flops_target, budget_batches)
         #: r per block of the first ToMe tower (what ``tome/r_mean`` logs)
         self.current_r: list[int] | None = None
         self.module = check_module_arg(module)
@@ -76,7 +84,8 @@ class TokenMerging(InitFromOption, RemovalOption, pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(r=str(self.schedule.r))
+        # the r asked for at construction: a budget-fitted r is state, not identity
+        return self._generate_state_key(r=str(self._asked_r))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target = resolve_target(pl_module, self.module, "tome", self.config)
@@ -107,12 +116,23 @@ class TokenMerging(InitFromOption, RemovalOption, pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_at_teardown(self._target if self._target is not None else pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
+
+    def take_budget(self, settings: dict[str, Any]) -> None:
+        """The fitted ``r`` is where the schedule ends (a warm-up still starts from 0)."""
+        self.config = self.config.replace(**settings)
+        self.schedule = RSchedule(
+            r=settings["r"], schedule=self.schedule.schedule, warmup_steps=self.schedule.warmup_steps
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule.state_dict(), "current_r": self.current_r}
+        return {"schedule": self.schedule.state_dict(), "current_r": self.current_r, "budget": self.budget_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.schedule = RSchedule.from_state_dict(state_dict["schedule"])
         self.current_r = None  # re-applied from the restored global step at the next batch
+        self.load_budget_state(state_dict.get("budget", {}))
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

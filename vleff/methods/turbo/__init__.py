@@ -7,8 +7,11 @@ registers the method (:mod:`vleff.registry` finds it by its folder).
 
 from __future__ import annotations
 
+from functools import partial
+
 from vleff.methods.turbo.core import TOWERS, TurboConfig, apply_turbo, remove_turbo, turbo_applied, update_turbo
-from vleff.registry import Method, register_method
+from vleff.registry import Budget, Method, register_method
+from vleff.tokens.merging import budget_levels, budget_settings
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -28,6 +31,7 @@ METHOD = register_method(
         towers=TOWERS,
         bench_settings={"r": 16, "alpha": 5.0},
         description="Turbo: ToMe's merging, sources ranked by redundancy minus the class token's attention",
+        budget=Budget("r", partial(budget_settings, hook_name="turbo"), partial(budget_levels, hook_name="turbo")),
     )
 )
 

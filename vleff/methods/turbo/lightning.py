@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
@@ -22,7 +23,7 @@ from vleff.lightning.targets import (
 from vleff.methods.turbo.core import TurboConfig, apply_turbo, turbo_applied
 
 
-class Turbo(InitFromOption, RemovalOption, pl.Callback):
+class Turbo(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
     """Turbo (training-free informativity-driven merging) for an existing LightningModule.
 
     Args:
@@ -32,6 +33,9 @@ class Turbo(InitFromOption, RemovalOption, pl.Callback):
             callback applies Turbo again).
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the method is applied (fine-tuning, not resuming).
+        flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
+            fraction of the model without the method (:func:`vleff.fit_budget` on the first
+            ``budget_batches`` training batches; kept in checkpoints).
         **settings: :class:`vleff.methods.turbo.core.TurboConfig` fields (``r``, ``alpha``,
             ``r_threshold``, ``towers`` ...), validated here.
     """
@@ -45,12 +49,15 @@ class Turbo(InitFromOption, RemovalOption, pl.Callback):
         module: ModuleArg = None,
         remove_on_teardown: bool = False,
         init_from: str | None = None,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         self.init_initial(init_from)
         self.config = TurboConfig.build(**settings)
         self.module = check_module_arg(module)
         self.init_removal(remove_on_teardown)
+        self.init_budget(flops_target, budget_batches)
         self._target: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -73,11 +80,14 @@ class Turbo(InitFromOption, RemovalOption, pl.Callback):
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "turbo", self.config)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.as_dict()}  # Turbo has no state of its own
+        return {"config": self.config.as_dict(), "budget": self.budget_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        self.load_budget_state(state_dict.get("budget", {}))
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

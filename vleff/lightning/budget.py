@@ -1,0 +1,73 @@
+"""The ``flops_target=`` option of the token-method callbacks, written once.
+
+At the start of ``fit`` the callback measures its first ``budget_batches`` training batches and
+sets its method's knob with :func:`vleff.fit_budget` so the FLOPs of the model it acts on are
+``flops_target`` × the model without the method (within 2 %); the callback then runs its own
+schedule towards those settings (ToMe's warm-up ends at the fitted ``r``, EViT's cosine at the
+fitted keep rate). Under DDP global rank 0's settings go to every rank (each rank sees other
+batches). The fitted settings are in the callback's checkpoint state, so a resumed run continues
+with them instead of measuring again.
+
+Use: :meth:`init_budget` in ``__init__``; :meth:`fit_budget_at_train_start` in
+``on_train_start`` with the model the method acts on; :meth:`budget_state` /
+:meth:`load_budget_state` in ``state_dict`` / ``load_state_dict``; override
+:meth:`take_budget` where the callback drives a setting by a schedule.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from vleff.checks import check_int, check_number
+
+
+class BudgetOption:
+    """``flops_target`` and ``budget_batches`` of a token-method callback (see the module docstring).
+    The class attribute ``method`` names the registry entry."""
+
+    method: str = ""
+
+    def init_budget(self, flops_target: float | None, budget_batches: int) -> None:
+        self.flops_target = (
+            None if flops_target is None else check_number("flops_target", flops_target, low=0, high=1, low_open=True)
+        )
+        self.budget_batches = check_int("budget_batches", budget_batches, low=1)
+        #: the settings the budget search set (restored from a checkpoint on resume)
+        self.budget_settings: dict[str, Any] | None = None
+
+    def fit_budget_at_train_start(self, trainer: pl.Trainer, target: nn.Module) -> None:
+        """Measure and set the knob once per run (a restored run reuses its settings)."""
+        if self.flops_target is None:
+            return
+        from vleff.registry import update
+
+        if self.budget_settings is None:
+            settings = None
+            if trainer.is_global_zero:
+                from vleff.budget import fit_budget
+
+                loader = trainer.train_dataloader
+                if loader is None:
+                    raise RuntimeError(f"flops_target={self.flops_target} needs the training dataloader to measure on")
+                batches = list(itertools.islice(iter(loader), self.budget_batches))
+                settings = fit_budget(target, batches, flops=self.flops_target, method=self.method).settings
+            self.budget_settings = trainer.strategy.broadcast(settings, src=0)
+        assert self.budget_settings is not None
+        update(target, self.method, **self.budget_settings)
+        self.take_budget(self.budget_settings)
+
+    def take_budget(self, settings: dict[str, Any]) -> None:
+        """The fitted settings become the callback's own (default: its ``config``)."""
+        self.config = self.config.replace(**settings)  # type: ignore[attr-defined]
+
+    def budget_state(self) -> dict[str, Any]:
+        return {"flops_target": self.flops_target, "budget_settings": self.budget_settings}
+
+    def load_budget_state(self, state: dict[str, Any]) -> None:
+        if state.get("flops_target") == self.flops_target and state.get("budget_settings") is not None:
+            self.budget_settings = dict(state["budget_settings"])  # a checkpoint of this budget
+            self.take_budget(self.budget_settings)
