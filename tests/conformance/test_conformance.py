@@ -206,6 +206,29 @@ SETTINGS: dict[str, Settings] = {
         grad_checkpointing=True,
         reentrant=False,
     ),
+    # the default (unbalanced init, bias +-5) keeps every token at inference: the deterministic decision
+    # is logit_keep - logit_skip > 0 and the logits sit at 10 +- 0.2, so the no-op row is the defaults
+    # (exact in eval; training still skims ~4.5e-5 of the tokens, as the reference). init_bias=-5 makes
+    # the predictors skim every patch token at block 0 (robust decisions under bf16); removing tokens
+    # (a data-dependent count) breaks torch.compile's graph and is refused by torch.export
+    "transkimmer": Settings(
+        noop={},
+        active={"init_bias": -5.0},
+        refusals=[
+            ({"skim_coefficient": -1}, "skim_coefficient"),
+            ({"init_bias": float("nan")}, "init_bias"),
+            ({"tau": 0}, "tau"),
+            ({"locations": [2, 1]}, "locations"),
+            ({"eval_mode": "soft"}, "eval_mode"),
+            ({"towers": "text"}, "towers"),
+        ],
+        state_prefix="vleff_transkimmer.",
+        callback_args={"skim_coefficient": 0.5},
+        fullgraph=False,
+        exportable=False,
+        grad_checkpointing=True,
+        reentrant=False,
+    ),
     "galore": Settings(
         noop={},
         active={"rank": 4},
