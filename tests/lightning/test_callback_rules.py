@@ -90,6 +90,9 @@ CASES: dict[str, Case] = {
     "lora": Case("LoRA", {"r": 2}, tm.timm_vit, _vit_forward, {"r": 4}, True),
     "reversible": Case("Reversible", {"coupling": "meft"}, tm.timm_vit, _vit_forward, {"coupling": "revvit"}, True),
     "memvp": Case("MemVP", {"n_mem": 20}, HOSTS["hf_blip_captioning"].make, _blip_forward, {"n_mem": 24}, True),
+    "transkimmer": Case(
+        "Transkimmer", {"init_bias": -5.0}, tm.timm_vit, _vit_forward, {"init_bias": -5.0, "tau": 0.5}, True
+    ),
 }
 # the callback's own setting each refusal must name (the field the two applications differ in)
 DIFFERS = {
@@ -105,6 +108,7 @@ DIFFERS = {
     "lora": "r",
     "reversible": "coupling",
     "memvp": "n_mem",
+    "transkimmer": "tau",
 }
 #: the settings of the callback that are not method settings
 CALLBACK_ONLY = {"end_epoch"}
@@ -339,6 +343,7 @@ MIXINS = {  # method -> (mixin, use_<method>, settings)
     "lora": ("LoRAMixin", "use_lora", {"r": 2}),
     "reversible": ("ReversibleMixin", "use_reversible", {"coupling": "meft"}),
     "memvp": ("MemVPMixin", "use_memvp", {"n_mem": 20}),
+    "transkimmer": ("TranskimmerMixin", "use_transkimmer", {"init_bias": -5.0}),
 }
 
 
