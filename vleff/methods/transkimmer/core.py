@@ -176,7 +176,8 @@ class TranskimmerHook(TowerHook):
     def _decide(self, x: torch.Tensor, slot: int, state: TokenState, scratch: dict[str, Any]) -> torch.Tensor:
         p = state.num_prefix
         prev = state.get(KEEP)
-        logits = self.predictors.predictors[slot](x[:, p:]).float()
+        logits = self.predictors.predictors[slot](x[:, p:])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         if self.predictors.training:
             decision = F.gumbel_softmax(logits, tau=self.config.tau, hard=True)[..., KEEP_CHANNEL]
         else:  # deterministic: keep iff the keep logit is the larger (no Gumbel noise)
