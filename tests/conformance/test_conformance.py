@@ -220,7 +220,7 @@ SETTINGS: dict[str, Settings] = {
             ({"tau": 0}, "tau"),
             ({"locations": [2, 1]}, "locations"),
             ({"eval_mode": "soft"}, "eval_mode"),
-            ({"towers": "text"}, "towers"),
+            ({"towers": "audio"}, "towers"),
         ],
         state_prefix="vleff_transkimmer.",
         callback_args={"skim_coefficient": 0.5},

@@ -205,7 +205,7 @@ def test_vleff_masking_is_the_reference_masking_renormalised_over_kept_keys():
         ({"init_bias": float("inf")}, r"init_bias=inf is not allowed; it must be a finite number"),
         ({"eval_mode": "soft"}, r"eval_mode='soft' is not allowed; use one of \('drop', 'mask'\)"),
         ({"locations": [1, 1]}, r"locations=\[1, 1\] must be strictly increasing"),
-        ({"towers": "text"}, r"towers='text' is not allowed; this method supports image towers only"),
+        ({"towers": "audio"}, r"towers='audio' is not allowed; use one of \('image', 'text', 'all'\)"),
     ],
 )
 def test_bad_settings_are_refused_naming_setting_value_and_rule(bad, message):
@@ -281,3 +281,60 @@ def test_experiment_config_composes_and_trains(tmp_path):
         cfg = compose(config_name="train", overrides=["experiment=vit_transkimmer"])
     callback = instantiate(cfg.callbacks.transkimmer)
     assert callback.config == TranskimmerConfig()  # the YAML holds the defaults
+
+
+# --- text towers: the EOT protected, causal order kept ------------------------------------------------
+def _text_model(**settings):
+    torch.manual_seed(0)
+    model = tm.open_clip_model().eval().double()
+    apply_transkimmer(model, towers="text", **settings)
+    return model
+
+
+def _text_state(model):
+    from vleff.backbones import find_towers, get_patch
+
+    return get_patch(find_towers(model, "text")[0].root).state
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_text_tower_never_skims_the_eot_and_drop_equals_mask(batch):
+    ids = tm.token_ids(batch)
+    eot = ids.argmax(dim=1)
+    model = _text_model(init_bias=-0.1)
+    with torch.no_grad():
+        dropped = model.encode_text(ids)
+        state = _text_state(model)
+        counts, masks = state.token_counts, state.scratch["transkimmer"]["masks"]
+        sd = model.state_dict()
+        apply_transkimmer(model, towers="text", init_bias=-0.1, eval_mode="mask")
+        model.load_state_dict(sd)
+        masked = model.encode_text(ids)
+        full = _text_state(model).scratch["transkimmer"]["masks"]
+    assert all(bool((m[torch.arange(batch), eot] == 1).all()) for m in full)  # the pooled token stays
+    assert counts[-1] < 16 and bool((full[-1].sum(dim=1) < eot + 1).all())  # real tokens skimmed, some removed
+    assert len(masks) == len(full) == 2
+    torch.testing.assert_close(dropped, masked, atol=1e-5, rtol=1e-4)
+
+
+def test_text_embedding_does_not_depend_on_what_follows_the_eot():
+    ids = tm.token_ids(3)
+    other = ids.clone()
+    after = torch.arange(16)[None, :] > ids.argmax(dim=1, keepdim=True)
+    other[after] = 7  # real-looking tokens after the EOT instead of padding
+    model = _text_model(init_bias=-0.1)
+    with torch.no_grad():
+        # where samples differ the batch runs masked: the keep-masked softmax's epsilon (1e-6 spread over
+        # every key, later positions included: vleff.backbones.block.keep_masked_softmax) is the only leak
+        torch.testing.assert_close(model.encode_text(other), model.encode_text(ids), atol=1e-5, rtol=0)
+        for i in range(3):  # one sample alone runs its kept tokens only: nothing of a later position reaches it
+            torch.testing.assert_close(
+                model.encode_text(other[i : i + 1]), model.encode_text(ids[i : i + 1]), atol=1e-12, rtol=0
+            )
+
+
+def test_causal_decoders_are_refused():
+    model = tm.hf_blip_captioning()
+    with pytest.raises(ValueError, match="causal decoder"):
+        apply_transkimmer(model, towers="text")
+    assert not any(MODULE_NAME in n for n, _ in model.named_parameters())

@@ -1,8 +1,9 @@
-"""Transkimmer (Guan et al., ACL 2022): learned layer-wise token skimming, on image towers.
+"""Transkimmer (Guan et al., ACL 2022): learned layer-wise token skimming, on image and text towers.
 
 A small *skim predictor* sits in front of chosen blocks (default: every block, as the paper),
 ``LayerNorm(d) → Linear(d, d) → LayerNorm(d) → GELU → Linear(d, 2)``, reading each block's input
-tokens except the protected prefix (cls, distillation token, registers). Output channel 1 is
+tokens except the protected ones (image towers: the prefix, i.e. cls, distillation token, registers;
+text towers: the pooled token, CLIP's EOT or BLIP's first token). Output channel 1 is
 "keep", channel 0 "skip". The last Linear starts "unbalanced": weight ``N(0, 0.02)``, bias
 ``[skip, keep] ~ (N(−b, 0.02), N(+b, 0.02))`` with ``b = init_bias`` (paper: 5), so a new
 predictor skims almost nothing (P(skip) ≈ 4.5·10⁻⁵ per token and block for ``b = 5``).
@@ -28,6 +29,13 @@ predictor skims almost nothing (P(skip) ≈ 4.5·10⁻⁵ per token and block fo
   the union of its samples' kept tokens. At the end every token is put back at its input
   position with its forwarded state, so the tower's output has its input length.
   ``eval_mode="mask"`` keeps every token and masks (the test of drop against mask).
+* **Text towers** (CLIP's causal text towers, BLIP's text encoder; causal decoders refused): the
+  tower's layout hook rebuilds the causal / padding mask once tokens are removed and puts the
+  tokens back at their input positions after the last block, where removed positions get zeros
+  (the pooled token, never skimmed, is what the tower's embedding reads). Decisions are per
+  token from its own state, so a sample's embedding does not depend on later positions; where a
+  batch runs masked, the keep-masked softmax's epsilon (``1e-6`` spread over all keys) is the
+  only leak.
 
 The predictors are an ``nn.Module`` registered on each tower root as ``vleff_transkimmer``
 (trained by ``model.parameters()``, saved in ``state_dict``): to load such a checkpoint, call
@@ -49,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers
+from vleff.backbones.state import PROTECTED
+from vleff.backbones.text import refuse_causal_decoder_towers
 from vleff.checks import check_choice, check_number, check_towers
 from vleff.registry import MethodConfig
 from vleff.tokens.common import hooks_named, install_hooks, remove_hooks, select_towers
@@ -59,7 +69,7 @@ MODULE_NAME = "vleff_transkimmer"
 KEEP = "transkimmer_keep"  # token field: the keep mask (float 0/1), prefix 1
 POSITION = "transkimmer_position"  # token field (eval drop mode): each token's input position
 KEEP_CHANNEL, SKIP_CHANNEL = 1, 0
-TOWERS = ("image",)
+TOWERS = ("image", "text")
 
 
 @dataclass
@@ -74,7 +84,7 @@ class TranskimmerConfig(MethodConfig):
         locations: block indices (strictly increasing) with a predictor in front; ``None``: every block.
         eval_mode: ``"drop"`` (tokens that no sample keeps are removed) or ``"mask"`` (kept in
             place and masked, the training computation made deterministic).
-        towers: ``"image"``.
+        towers: ``"image"``, ``"text"`` or ``"all"``.
     """
 
     method = "transkimmer"
@@ -137,10 +147,19 @@ class TranskimmerHook(TowerHook):
     replayable = True
     side_outputs = True
 
-    def __init__(self, predictors: TranskimmerPredictors, locations: list[int], config: TranskimmerConfig) -> None:
+    def __init__(
+        self,
+        predictors: TranskimmerPredictors,
+        locations: list[int],
+        config: TranskimmerConfig,
+        forward_skimmed: bool = True,
+    ) -> None:
         self.predictors = predictors
         self.locations = locations
         self.config = config
+        #: image towers: removed tokens are put back at their input positions after the last block;
+        #: text towers leave that to the tower's layout hook (removed positions get zeros there)
+        self.forward_skimmed = forward_skimmed
         self._slot = {loc: i for i, loc in enumerate(locations)}
 
     # --- entry points ------------------------------------------------------------------------
@@ -153,7 +172,7 @@ class TranskimmerHook(TowerHook):
                 "Export with Transkimmer removed (vleff.remove_transkimmer) or with eval_mode='mask'"
             )
         scratch: dict[str, Any] = {"masks": [], "positions": [], "num_input": x.shape[1], "masked": False}
-        if dropping:
+        if dropping and self.forward_skimmed:
             scratch["out"] = x
             pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
             state.register(POSITION, pos, "min")
@@ -182,8 +201,11 @@ class TranskimmerHook(TowerHook):
             decision = F.gumbel_softmax(logits, tau=self.config.tau, hard=True)[..., KEEP_CHANNEL]
         else:  # deterministic: keep iff the keep logit is the larger (no Gumbel noise)
             decision = (logits[..., KEEP_CHANNEL] > logits[..., SKIP_CHANNEL]).float()
+        protected = state.get(PROTECTED)  # text towers: the EOT (BLIP: token 0), never skimmed
+        if protected is not None:
+            decision = torch.maximum(decision, protected[:, p:].to(decision.dtype))
         if prev is not None:
-            decision = decision * prev[:, p:].float()
+            decision = decision * prev[:, p:].to(decision.dtype)
         mask = torch.cat([decision.new_ones(decision.shape[0], p), decision], dim=1)  # [B, N], prefix kept
         scratch["masks"].append(mask)
         if self.predictors.training:
@@ -220,10 +242,11 @@ class TranskimmerHook(TowerHook):
             state.set(KEEP, mask)
 
     def _drop(self, x: torch.Tensor, mask: torch.Tensor, state: TokenState, scratch: dict[str, Any]) -> torch.Tensor:
-        scratch["positions"].append(state.get(POSITION))
         wanted = mask.bool().any(dim=0)  # tokens some sample keeps (the prefix always)
         if not bool(wanted.all()):
-            scratch["out"] = _put(scratch["out"], state.get(POSITION), x)  # the removed tokens' final states
+            if self.forward_skimmed:
+                scratch["positions"].append(state.get(POSITION))
+                scratch["out"] = _put(scratch["out"], state.get(POSITION), x)  # the removed tokens' final states
             x = state.select(x, wanted.nonzero()[:, 0].expand(x.shape[0], -1))
             mask = mask[:, wanted]
         self._set_keep(state, mask)
@@ -271,8 +294,10 @@ def apply_transkimmer(model: nn.Module, config: TranskimmerConfig | None = None,
     cfg = TranskimmerConfig.build(config, **settings)
     towers = select_towers(model, cfg.towers)
     plans = {}
+    refuse_causal_decoder_towers(model, towers, "Transkimmer", f"towers={cfg.towers!r}")
     for tower in towers:  # every tower checked before any changes
-        _check_prefix(tower)
+        if tower.modality == "image":
+            _check_prefix(tower)
         plans[id(tower.root)] = _tower_locations(cfg, tower)
     if hooks_named(model, HOOK_NAME):
         remove_transkimmer(model)
@@ -283,7 +308,7 @@ def apply_transkimmer(model: nn.Module, config: TranskimmerConfig | None = None,
         param = next(tower.root.parameters())
         predictors = TranskimmerPredictors(tower.embed_dim, len(locs), cfg.init_bias)
         predictors = predictors.to(device=param.device, dtype=param.dtype).train(tower.root.training)
-        hook = TranskimmerHook(predictors, locs, cfg)
+        hook = TranskimmerHook(predictors, locs, cfg, forward_skimmed=tower.modality == "image")
         made[id(tower.root)] = hook
         return hook
 
