@@ -338,3 +338,24 @@ def test_causal_decoders_are_refused():
     with pytest.raises(ValueError, match="causal decoder"):
         apply_transkimmer(model, towers="text")
     assert not any(MODULE_NAME in n for n, _ in model.named_parameters())
+
+
+def test_update_changes_the_coefficient_and_eval_mode_keeping_the_predictors():
+    import vleff.registry
+
+    model = _model(init_bias=0.05)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    vleff.registry.update(model, "transkimmer", skim_coefficient=1.0, eval_mode="mask")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    model.train()
+    torch.manual_seed(0)
+    model(tm.images(2).double())
+    masks = last_token_state(model).scratch["transkimmer"]["masks"]
+    expected = sum(m.sum(dim=1).mean() / 17 for m in masks) / len(masks)
+    torch.testing.assert_close(pop_aux_losses(model)["transkimmer/skim"], expected)
+    model.eval()
+    with torch.no_grad():
+        model(tm.images(2).double())
+    assert last_token_state(model).token_counts == [17, 17, 17]  # masked, not removed
+    with pytest.raises(ValueError, match="locations"):
+        vleff.registry.update(model, "transkimmer", locations=[0])

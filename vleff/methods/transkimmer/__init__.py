@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from vleff.methods.transkimmer.core import (
     TOWERS,
+    UPDATABLE,
     TranskimmerConfig,
     apply_transkimmer,
     remove_transkimmer,
     transkimmer_applied,
+    update_transkimmer,
 )
 from vleff.registry import Method, Refusal, register_method
 
@@ -30,11 +32,13 @@ METHOD = register_method(
             ),
         ),
         required_on_load=True,
+        updatable=UPDATABLE,
         name="transkimmer",
         kind="tokens",
         config=TranskimmerConfig,
         apply=apply_transkimmer,
         remove=remove_transkimmer,
+        update=update_transkimmer,
         is_applied=transkimmer_applied,
         callback="vleff.methods.transkimmer.lightning.Transkimmer",
         mixin="vleff.methods.transkimmer.lightning.TranskimmerMixin",
@@ -44,4 +48,12 @@ METHOD = register_method(
     )
 )
 
-__all__ = ["METHOD", "TOWERS", "TranskimmerConfig", "apply_transkimmer", "remove_transkimmer", "transkimmer_applied"]
+__all__ = [
+    "METHOD",
+    "TOWERS",
+    "TranskimmerConfig",
+    "apply_transkimmer",
+    "remove_transkimmer",
+    "transkimmer_applied",
+    "update_transkimmer",
+]

@@ -328,6 +328,27 @@ def remove_transkimmer(model: nn.Module) -> nn.Module:
     return model
 
 
+#: settings an applied Transkimmer may change (the others shape the predictors or the towers)
+UPDATABLE = ("skim_coefficient", "tau", "eval_mode")
+
+
+def update_transkimmer(model: nn.Module, **changes: Any) -> None:
+    """Change ``skim_coefficient``, ``tau`` or ``eval_mode`` of an applied Transkimmer (the
+    predictors are kept); the other settings need :func:`apply_transkimmer` again."""
+    hooks = hooks_named(model, HOOK_NAME)
+    if not hooks:
+        raise ValueError(f"Transkimmer is not applied to this {type(model).__name__}; call apply_transkimmer first")
+    fixed = sorted(k for k in changes if k not in UPDATABLE)
+    if fixed:
+        raise ValueError(
+            f"Transkimmer: {fixed} cannot change on an applied model (update may change {', '.join(UPDATABLE)}); "
+            "apply it again"
+        )
+    new = hooks[0].config.replace(**changes)
+    for hook in hooks:
+        hook.config = new
+
+
 def transkimmer_applied(model: nn.Module) -> bool:
     return bool(hooks_named(model, HOOK_NAME))
 
