@@ -24,18 +24,19 @@ predictor skims almost nothing (P(skip) ≈ 4.5·10⁻⁵ per token and block fo
 * **Inference** (eval mode): deterministic decisions, keep iff ``logit_keep − logit_skip > 0``
   (the reference samples Gumbel noise in eval too; vleff does not). Tokens that *no sample* of
   the batch keeps are really removed (gathered out); a token that some samples keep and others
-  skim stays in the sequence, masked for the samples that skim it (the training computation,
-  deterministic). A batch of one sample therefore runs only its kept tokens; a larger batch runs
-  the union of its samples' kept tokens. At the end every token is put back at its input
-  position with its forwarded state, so the tower's output has its input length.
+  skim stays in the sequence, masked for the samples that skim it (a ``−inf`` attention bias on
+  those keys, each token still seeing itself: exactly what the sample computes alone, where the
+  training's keep-masked softmax spreads an epsilon of 1e-6 over all keys). A batch of one sample
+  therefore runs only its kept tokens; a larger batch runs the union of its samples' kept tokens.
+  At the end every token is put back at its input position with its forwarded state, so the
+  tower's output has its input length.
   ``eval_mode="mask"`` keeps every token and masks (the test of drop against mask).
 * **Text towers** (CLIP's causal text towers, BLIP's text encoder; causal decoders refused): the
   tower's layout hook rebuilds the causal / padding mask once tokens are removed and puts the
   tokens back at their input positions after the last block, where removed positions get zeros
   (the pooled token, never skimmed, is what the tower's embedding reads). Decisions are per
-  token from its own state, so a sample's embedding does not depend on later positions; where a
-  batch runs masked, the keep-masked softmax's epsilon (``1e-6`` spread over all keys) is the
-  only leak.
+  token from its own state, so a sample's embedding does not depend on later positions (in
+  training, up to the keep-masked softmax's epsilon of 1e-6 spread over all keys).
 
 The predictors are an ``nn.Module`` registered on each tower root as ``vleff_transkimmer``
 (trained by ``model.parameters()``, saved in ``state_dict``): to load such a checkpoint, call
@@ -137,8 +138,9 @@ class TranskimmerHook(TowerHook):
 
     ``state.scratch["transkimmer"]`` holds, per forward: ``masks`` (``[B, N]`` keep masks over the
     tokens entering each predictor block, prefix 1; in drop mode over the tokens still in the
-    sequence, with ``positions`` their input positions), ``x_in`` (the input of the running
-    block) and, in drop mode, ``out`` (``[B, N₀, C]``: each token's forwarded state so far).
+    sequence), ``positions`` (drop mode, image towers: the input positions of the sequence at each
+    removal), ``x_in`` (the input of the running block, while some sample skims a token still in
+    the sequence) and, in drop mode on image towers, ``out`` (``[B, N₀, C]``: the forwarded states).
     """
 
     name = HOOK_NAME
@@ -180,8 +182,23 @@ class TranskimmerHook(TowerHook):
         return x
 
     def attention_keep(self, state: TokenState) -> torch.Tensor | None:
+        """Training: the keep mask as soft keep weights (the keep-masked softmax, differentiable in
+        the mask: the predictors learn through it; it spreads an epsilon of 1e-6 over all keys)."""
         scratch = state.scratch.get(HOOK_NAME)
-        return state.get(KEEP) if scratch is not None and scratch["masked"] else None
+        if not self.predictors.training or scratch is None or not scratch["masked"]:
+            return None
+        return state.get(KEEP)
+
+    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+        """Inference, where samples of the batch differ: ``−inf`` on the keys a sample skims (each
+        token still sees itself), so a sample computes exactly what it computes alone."""
+        scratch = state.scratch.get(HOOK_NAME)
+        if self.predictors.training or scratch is None or not scratch["masked"]:
+            return None
+        keep = state.get(KEEP)
+        n = keep.shape[1]
+        hidden = (keep[:, None, :] <= 0) & ~torch.eye(n, dtype=torch.bool, device=keep.device)
+        return torch.zeros(hidden.shape, dtype=dtype, device=keep.device).masked_fill(hidden, float("-inf"))[:, None]
 
     def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
         scratch = state.scratch[HOOK_NAME]
