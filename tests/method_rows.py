@@ -188,6 +188,28 @@ SETTINGS: dict[str, Settings] = {
         grad_checkpointing=True,
         reentrant=False,
     ),
+    # Transkimmer: the ±5 initial biases skim nothing at inference (no-op = defaults, bit-exact);
+    # init_bias=-5 makes the untrained predictors skim
+    "transkimmer": Settings(
+        noop={},
+        active={"init_bias": -5.0},
+        refusals=[
+            ({"skim_coefficient": -1}, "skim_coefficient"),
+            ({"init_bias": float("nan")}, "init_bias"),
+            ({"tau": 0}, "tau"),
+            ({"locations": [2, 1]}, "locations"),
+            ({"eval_mode": "soft"}, "eval_mode"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_transkimmer.",
+        callback_args={"skim_coefficient": 0.5},
+        applied_other={"init_bias": -5.0, "tau": 0.5},
+        rules_args={"init_bias": -5.0},
+        fullgraph=False,
+        exportable=False,
+        grad_checkpointing=True,
+        reentrant=False,
+    ),
     "galore": Settings(
         noop={},
         active={"rank": 4},

@@ -1,0 +1,101 @@
+"""Lightning callback and mixin of Transkimmer: the skim predictors are added in ``setup`` (before
+``configure_optimizers``, so they reach the optimizer, and before checkpoint weights load, so
+resuming restores them); the skim loss is added to the loss the user's ``training_step`` returns
+(:mod:`vleff.lightning.aux_loss`); ``module=`` picks the model when the LightningModule holds
+several; ``init_from`` loads trained weights before the surgery; ``remove_on_teardown`` restores
+the plain forward when the run ends (the rules of every method callback, :mod:`vleff.lightning.targets`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.init_weights import InitFromOption
+from vleff.lightning.mixin import AuxLossMixin, mixin_target
+from vleff.lightning.targets import (
+    ModuleArg,
+    RemovalOption,
+    check_module_arg,
+    refuse_other_settings,
+    resolve_target,
+)
+from vleff.methods.transkimmer.core import TranskimmerConfig, apply_transkimmer, transkimmer_applied
+
+
+class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
+    """Transkimmer (learned token skimming) for an existing LightningModule.
+
+    Args:
+        module: the model to skim in: attribute path or module object (default: the one model of
+            the LightningModule with an image tower; several are refused, listing them).
+        log: log the skim loss as ``train/aux/transkimmer/skim``.
+        init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
+            ``fit``, before the predictors are added (fine-tuning, not resuming).
+        remove_on_teardown: restore the plain forward when the run ends.
+        **settings: :class:`vleff.methods.transkimmer.core.TranskimmerConfig` fields
+            (``skim_coefficient``, ``init_bias``, ``tau``, ``locations``, ``eval_mode``), validated here.
+    """
+
+    #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
+    settings_config = TranskimmerConfig
+    method = "transkimmer"
+
+    def __init__(
+        self,
+        module: ModuleArg = None,
+        log: bool = True,
+        init_from: str | None = None,
+        remove_on_teardown: bool = False,
+        **settings: Any,
+    ) -> None:
+        super().__init__(log)
+        self.init_removal(remove_on_teardown)
+        self.config = TranskimmerConfig.build(**settings)
+        self.module = check_module_arg(module)
+        self.init_initial(init_from)
+        self._target: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = self._target = resolve_target(pl_module, self.module, "transkimmer", self.config)
+        self.load_initial_once(pl_module, target, stage)
+        self.note_removal(target)
+        if transkimmer_applied(target):
+            refuse_other_settings("transkimmer", target, self.config)
+        else:
+            self.apply_removable(target, lambda: apply_transkimmer(target, self.config))
+        super().setup(trainer, pl_module, stage)  # the skim loss joins the training loss
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)  # the loss wrapper released
+        self.remove_at_teardown(self._target)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from vleff.lightning.restore import record_method
+
+        if self._target is not None:
+            record_method(checkpoint, pl_module, self._target, "transkimmer", self.config)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.as_dict()}  # the predictors are in the module's state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config", {})
+        if "locations" in saved and saved["locations"] != self.config.locations:
+            raise ValueError(
+                f"checkpoint was trained with Transkimmer locations={saved['locations']!r} but this callback "
+                f"has locations={self.config.locations!r}; the predictors would not match"
+            )
+
+
+# --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
+class TranskimmerMixin(AuxLossMixin):
+    """``use_transkimmer(**settings)`` in ``__init__`` and ``loss + self.vleff_aux_loss()`` in
+    ``training_step`` (the skim loss; popped, so a callback's step wrapper never adds it twice)."""
+
+    def use_transkimmer(self, module: Any = None, **settings: Any) -> None:
+        config = TranskimmerConfig.build(**settings)
+        apply_transkimmer(mixin_target(self, module, "transkimmer", config), config)
