@@ -206,6 +206,7 @@ def fit_budget(
     tolerance: float = 0.02,
     max_evals: int = 30,
     strict: bool = True,
+    baseline: int | None = None,
 ) -> BudgetFit:
     """Set the applied token method's knob so that the measured FLOPs of ``model`` on ``batches``
     are ``flops`` × those of the model without the method, within ``tolerance`` (relative).
@@ -220,6 +221,8 @@ def fit_budget(
         max_evals: counted forwards at most.
         strict: a target out of reach raises ``ValueError`` (the method left as it was); with
             ``False`` the closest reachable setting is set and a ``RuntimeWarning`` says so.
+        baseline: the FLOPs of the model without the method on these batches, when known (else
+            counted on a copy with the method removed).
 
     Returns:
         :class:`BudgetFit` (the settings set, the measured ratio, every evaluation).
@@ -232,7 +235,9 @@ def fit_budget(
     fwd = forward or default_forward
     budget = entry.budget
     assert budget is not None
-    baseline = baseline_flops(model, entry, batches, fwd)
+    baseline = (
+        baseline_flops(model, entry, batches, fwd) if baseline is None else check_int("baseline", baseline, low=1)
+    )
     applied = entry.applied_settings(model)
     if budget.fit is not None:  # the method's own controller (MADTP's τ)
         before = {k: v for k, v in applied.items() if k == budget.setting}
@@ -274,8 +279,9 @@ class _Search:
 
     def bisect(self, target: float, tolerance: float, top: float, discrete: bool, max_evals: int) -> None:
         """More knob never costs more: bisect between no reduction (0) and the most (``top``)
-        for the crossing of ``target``, stopping within ``tolerance`` of it; a target beyond
-        either end leaves that end measured as the closest."""
+        for the crossing of ``target``, stopping within a quarter of ``tolerance`` of it (the
+        closest setting measured is kept); a target beyond either end leaves that end measured
+        as the closest."""
         lo, hi = 0.0, top
         if self.ratio(hi) > target or self.ratio(lo) <= target:
             return
@@ -286,7 +292,7 @@ class _Search:
                 return
             mid = float(math.floor((lo + hi) / 2)) if discrete else (lo + hi) / 2
             value = self.ratio(mid)
-            if abs(value - target) <= tolerance * target:
+            if abs(value - target) <= tolerance * target / 4:  # well inside: more evaluations buy little
                 return
             lo, hi = (mid, hi) if value > target else (lo, mid)
 

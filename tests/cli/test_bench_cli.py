@@ -52,6 +52,15 @@ def test_speed_rows_and_saved_files(tmp_path, capsys):
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_flops_target_fits_every_method_to_one_budget():
+    """``flops_target=0.7``: each method's knob fitted on the measured batch; the rows' FLOPs
+    ratios (counted by the benchmark itself) land within 2 % and the labels name the budget."""
+    rows = bench.run([*TINY, "methods=[tome,evit,dynamicvit]", "flops_target=0.7", "memory=false"])
+    assert [r["name"] for r in rows] == ["baseline", "tome(flops=0.7)", "evit(flops=0.7)", "dynamicvit(flops=0.7)"]
+    for row in rows[1:]:
+        assert abs(row["flops_ratio"] - 0.7) <= 0.02 * 0.7, row
+
+
 def test_method_arguments_precedence_and_forms():
     cfg = bench.load_config(["methods={tome: {r: 2}, evit: {keep_rate: 0.5}}", "method_args.tome.r=4"])
     resolved = {m.name: kw for m, kw in bench.resolve_methods(cfg.methods, cfg.method_args)}
@@ -108,6 +117,8 @@ def test_baseline_only_and_bf16(capsys):
         (["memory", "batch_size=0"], ["batch_size=0"]),
         (["memory", "out=/proc/nope/memory.json"], ["out='/proc/nope/memory.json'", "cannot be written"]),
         ([*TINY, "save=/proc/nope/bench"], ["save=", "cannot be written"]),
+        ([*TINY, "methods=[lst]", "flops_target=0.7"], ["flops_target=0.7", "'lst' has no FLOPs knob"]),
+        ([*TINY, "methods=[tome]", "flops_target=0.01"], ["out of reach for ToMe", "closest reachable"]),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(args, message, capsys):

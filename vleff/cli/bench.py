@@ -54,6 +54,38 @@ class BenchError(Exception):
     """Bad input: shown as one line on stderr (no traceback), exit status 2."""
 
 
+def _fit_budgets(
+    variants: dict[str, Any], targets: dict[str, Any], inputs: Any, flops: float, progress: bool
+) -> dict[str, Any]:
+    """``flops_target=``: each method's knob set by :func:`vleff.fit_budget` so the measured
+    forward (the variant's, on ``inputs``) costs ``flops`` × the baseline's; the variants
+    relabelled by their budget (``tome(flops=0.5)``: the fitted settings replace the given ones)."""
+    from vleff.budget import fit_budget
+    from vleff.flops import count_flops
+
+    baseline = count_flops(variants["baseline"], inputs)
+    for label, (method, target) in targets.items():
+        variant = variants[label]
+        if method.budget is None:
+            raise BenchError(f"flops_target={flops}: method {method.name!r} has no FLOPs knob")
+        with _status(progress, f"fitting {method.name} to {flops}x the FLOPs ..."):
+            try:
+                fit_budget(
+                    target,
+                    [inputs],
+                    flops=flops,
+                    method=method.name,
+                    forward=lambda m, b, v=variant: v(b),
+                    baseline=baseline,
+                )
+            except ValueError as err:
+                raise BenchError(str(err)) from None
+    return {
+        label if label not in targets else f"{targets[label][0].name}(flops={flops})": v
+        for label, v in variants.items()
+    }
+
+
 # --- command line ---------------------------------------------------------------------------
 def _parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
     """``key=value`` strings -> ``(key, python value)`` with Hydra's override grammar."""
@@ -406,6 +438,7 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
             ) from None
         model.eval()
         variants = {"baseline": model}
+        targets: dict[str, Any] = {}  # label -> (method, the model it acts on)
         to_calibrate = []
         for method, kwargs in methods:
             variant = copy.deepcopy(model)
@@ -419,6 +452,7 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
                 raise BenchError(f"method {method.name!r} with {settings}: {err}") from None
             label = method.label(**kwargs)
             variants[label] = variant
+            targets[label] = (method, target)
             if method.calibrate is not None:
                 to_calibrate.append((method, target))
         for variant in variants.values():
@@ -433,9 +467,12 @@ def run_speed(cfg: DictConfig) -> list[dict[str, Any]]:
     else:
         gen = torch.Generator().manual_seed(int(cfg.seed))
         inputs = torch.randn(batch_size, 3, size, size, generator=gen).to(device=device, dtype=dtype)
-    for method, target in to_calibrate:  # a target setting (MADTP's FLOPs) is met on the batch measured
-        with _status(cfg.progress, f"calibrating {method.name} on the benchmark batch ..."):
-            method.calibrate(target, inputs, tower)
+    if cfg.flops_target is not None:  # every method at one budget, fitted on the batch measured
+        variants = _fit_budgets(variants, targets, inputs, float(cfg.flops_target), bool(cfg.progress))
+    else:
+        for method, target in to_calibrate:  # a target setting (MADTP's FLOPs) is met on the batch measured
+            with _status(cfg.progress, f"calibrating {method.name} on the benchmark batch ..."):
+                method.calibrate(target, inputs, tower)
     rows = compare_models(
         variants,
         inputs,
