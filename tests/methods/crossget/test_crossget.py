@@ -418,3 +418,27 @@ def test_reentrant_checkpointing_is_refused_naming_it():
     model.train()
     with pytest.raises(RuntimeError, match="re-entrant checkpointing"):
         model.get_image_features(pixel_values=tm.images().requires_grad_())
+
+
+def test_per_block_r_lists_merge_where_they_say():
+    """``r_image``/``r_text`` as lists (what fit_budget sets): a constant list is the int exactly;
+    a block with 0 merges nothing; too long or negative entries are refused naming the setting."""
+    torch.manual_seed(0)
+    model = tm.open_clip_model(vision_layers=3, text_layers=3).eval()
+    images, ids = tm.images(), tm.token_ids()
+    vleff.apply_crossget(model, r_image=2, r_text=2)
+    with torch.no_grad():
+        ref = (model.encode_image(images), model.encode_text(ids))
+    vleff.registry.update(model, "crossget", r_image=[2, 2, 2], r_text=[2, 2, 2])
+    with torch.no_grad():
+        same = (model.encode_image(images), model.encode_text(ids))
+    torch.testing.assert_close(same, ref, rtol=0, atol=0)
+    vleff.registry.update(model, "crossget", r_image=[3, 0], r_text=[0])
+    with torch.no_grad():
+        model.encode_image(images)
+    counts = token_counts(model)["image"]
+    assert counts[1] == counts[0] - 3 and counts[2] == counts[1]  # the third block: the list ended
+    with pytest.raises(ValueError, match="r_image has 4 entries but the image tower has 3 blocks"):
+        vleff.registry.update(model, "crossget", r_image=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"r_text\[1\]=-1 is not allowed"):
+        vleff.registry.update(model, "crossget", r_text=[1, -1])

@@ -68,6 +68,8 @@ equal depths this is block ``i`` with block ``i``, as in the reference.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +128,10 @@ class CrossGETConfig(MethodConfig):
     """CrossGET's settings.
 
     Attributes:
-        r_image: tokens merged per block of the image tower (capped per block).
-        r_text: tokens merged per block of the text tower (capped per block).
+        r_image: tokens merged per block of the image tower (capped per block): an int for every
+            block (the reference's form), or a list with one entry per block (a shorter list
+            leaves the remaining blocks unmerged; :func:`vleff.fit_budget` sets lists).
+        r_text: the same for the text tower.
         prop_attn: proportional attention (``+log size`` on the attention logits).
         loss_weight: weight of the cross-token JS alignment loss added in training (0: off).
         trace_source: keep the source map (which input tokens each token holds) as the token
@@ -139,8 +143,8 @@ class CrossGETConfig(MethodConfig):
     """
 
     method = "crossget"
-    r_image: int = 16
-    r_text: int = 6
+    r_image: int | list[int] = 16
+    r_text: int | list[int] = 6
     prop_attn: bool = True
     loss_weight: float = 1.0
     trace_source: bool = False
@@ -151,10 +155,24 @@ class CrossGETConfig(MethodConfig):
         check_bool("trace_source", self.trace_source)
         check_choice("metric", self.metric, METRICS)
         check_choice("ensemble", self.ensemble, ENSEMBLES)
-        self.r_image = check_int("r_image", self.r_image, low=0)
-        self.r_text = check_int("r_text", self.r_text, low=0)
+        self.r_image = check_r_spec("r_image", self.r_image)
+        self.r_text = check_r_spec("r_text", self.r_text)
         check_bool("prop_attn", self.prop_attn)
         self.loss_weight = check_number("loss_weight", self.loss_weight, low=0.0)
+
+
+def check_r_spec(name: str, value: object) -> int | list[int]:
+    """``r_image``/``r_text``: an int >= 0, or a list of them (plain ints: it pickles into checkpoints)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [check_int(f"{name}[{i}]", v, low=0) for i, v in enumerate(value)]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return check_int(name, value, low=0)
+    raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 0 or a list of them (one per block)")
+
+
+def r_per_block(spec: int | list[int], depth: int) -> list[int]:
+    """One ``r`` per block of a tower of ``depth`` blocks (a list longer than that is refused at apply)."""
+    return [spec] * depth if isinstance(spec, int) else [*spec, *([0] * (depth - len(spec)))][:depth]
 
 
 # --- layer mapping and the loss -------------------------------------------------------------------------
@@ -276,7 +294,7 @@ class CrossGETHook(TowerHook):
 
     def configure(self, config: CrossGETConfig) -> None:
         self.config = config
-        self.r = config.r_image if self.modality == "image" else config.r_text
+        self.r_per_block = r_per_block(config.r_image if self.modality == "image" else config.r_text, self.depth)
 
     def conflict_with(self, other: TowerHook) -> str | None:
         """CrossGET shares a tower with no hook that is not a registered method (registered
@@ -345,18 +363,19 @@ class CrossGETHook(TowerHook):
         return bias
 
     def between(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        if self.r <= 0:
+        asked = self.r_per_block[info.index]
+        if asked <= 0:
             return x
         s = state.scratch[SCRATCH]
         n, b = x.shape[1], x.shape[0]
         protected, groups = self._protected(state, x)
         if self.modality == "image":
-            r = min(self.r, max_graph_merge(n, state.num_prefix))
+            r = min(asked, max_graph_merge(n, state.num_prefix))
             row = torch.full((b,), s["index"], dtype=torch.long, device=x.device)
         else:
             refuse_causal_decoder(state, "CrossGET")
             n_prot = int(protected.sum(dim=1).max())
-            r = min(self.r, max_graph_merge(n, n_prot), int(feasible_sources(protected, groups).min()))
+            r = min(asked, max_graph_merge(n, n_prot), int(feasible_sources(protected, groups).min()))
             row = eot_rows(state)
         if r <= 0:
             return x
@@ -505,21 +524,41 @@ def max_r(tower: TowerAdapter) -> int | None:
     return max_graph_merge(n0 + 1, protected)
 
 
-def budget_levels(model: nn.Module) -> int:
-    """CrossGET's FLOPs knob (:func:`vleff.fit_budget`): levels ``0..`` the larger tower's most merges."""
+def _budget_towers(model: nn.Module) -> list[tuple[str, int, int]]:
+    """``(setting, depth, most merges per block)`` of the pair's two towers."""
     pair = resolve_pair(model)
-    return max(max_r(pair.image_tower) or 1, max_r(pair.text_tower) or 1)
+    out = []
+    for name, tower in (("r_image", pair.image_tower), ("r_text", pair.text_tower)):
+        out.append((name, len(tower.blocks()), max_r(tower) or 1))
+    return out
 
 
-def budget_settings(model: nn.Module, level: float) -> dict[str, int]:
-    """Both towers' ``r`` at ``level``: each tower its share of its own most merges (so the two
-    towers reduce in proportion), rounded."""
-    pair, top = resolve_pair(model), budget_levels(model)
-    image, text = max_r(pair.image_tower) or top, max_r(pair.text_tower) or top
-    return {"r_image": round(int(level) * image / top), "r_text": round(int(level) * text / top)}
+def budget_levels(model: nn.Module) -> int:
+    """CrossGET's FLOPs knob (:func:`vleff.fit_budget`): merges over a whole tower, levels ``0..``
+    the larger tower's most (every block merging all it can)."""
+    return max(depth * cap for _, depth, cap in _budget_towers(model))
 
 
-def _check_r(tower: TowerAdapter, r: int) -> None:
+def budget_settings(model: nn.Module, level: float) -> dict[str, list[int]]:
+    """Both towers' per-block ``r`` at ``level``: each tower its share of its own most merges (so
+    the two reduce in proportion), spread over its blocks front-loaded (one merge per step: fine
+    steps; the hook caps a block at what it can merge)."""
+    top, out = budget_levels(model), {}
+    for name, depth, cap in _budget_towers(model):
+        merges = round(int(level) * depth * cap / top)
+        base, extra = divmod(merges, depth)
+        out[name] = [base + (1 if b < extra else 0) for b in range(depth)]
+    return out
+
+
+def _check_r(tower: TowerAdapter, spec: int | list[int]) -> None:
+    name = "r_image" if tower.modality == "image" else "r_text"
+    depth = len(tower.blocks())
+    if isinstance(spec, list) and len(spec) > depth:
+        raise ValueError(
+            f"{name} has {len(spec)} entries but the {tower.modality} tower has {depth} blocks ({tower.describe()})"
+        )
+    r = max(spec, default=0) if isinstance(spec, list) else spec
     n0 = input_tokens(tower)
     if n0 is None:
         return
@@ -530,7 +569,6 @@ def _check_r(tower: TowerAdapter, r: int) -> None:
         what = "[CLS] and the cross token" if tower.num_prefix_tokens else "SOT, EOT and the cross token"
     cap = max_graph_merge(n0 + 1, protected)
     if r > cap:
-        name = "r_image" if tower.modality == "image" else "r_text"
         raise ValueError(
             f"{name}={r} is larger than the {tower.modality} tower can merge: its first block has "
             f"{n0 + 1} tokens with the cross token ({what} protected), so at most {cap} per block "
