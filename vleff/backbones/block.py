@@ -48,7 +48,8 @@ def keep_masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     """Softmax where keys with ``keep = 0`` get no weight except from themselves.
 
     Differentiable in ``keep`` (DynamicViT trains its predictors through it):
-    ``w_ij = exp(l_ij) * (keep_j + (1 - keep_j)·δ_ij)``, normalised with a small epsilon.
+    ``w_ij = exp(l_ij) * (keep_j + (1 - keep_j)·δ_ij)``, normalised with a small epsilon spread
+    over the keys the attention bias allows.
 
     The logits are shifted by the row maximum over the *allowed* keys only. Shifting by the
     maximum over all keys (as DynamicViT's reference does) lets a dropped key whose logit is
@@ -66,7 +67,11 @@ def keep_masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     shifted = logits - row_max
     shifted = torch.where(allowed, shifted, shifted.clamp(max=0.0))
     e = shifted.exp() * weight
-    return (e + KEEP_MASK_EPS / n) / (e.sum(dim=-1, keepdim=True) + KEEP_MASK_EPS)
+    # the epsilon spreads over the keys the attention bias lets through only: a causal mask or
+    # padding (-inf logits) must hide its keys exactly, or later positions leak into earlier
+    # ones at 1e-6; without -inf logits this is DynamicViT's formula exactly
+    spread = (KEEP_MASK_EPS / n) * torch.isfinite(logits.detach()).to(logits.dtype)
+    return (e + spread) / (e.sum(dim=-1, keepdim=True) + spread.sum(dim=-1, keepdim=True))
 
 
 def attention(

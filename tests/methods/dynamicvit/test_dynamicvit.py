@@ -459,6 +459,29 @@ def test_keep_masked_softmax_equals_softmax_over_allowed_keys(n, gap, seed):
     assert torch.isfinite(logits.grad).all() and torch.isfinite(keep.grad).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 9), seed=st.integers(0, 2**16))
+def test_keep_masked_softmax_gives_keys_the_attention_bias_hides_no_weight(n, seed):
+    """A causal mask (-inf logits) hides later keys exactly: no epsilon reaches them, so an
+    earlier position never depends on a later one (text towers in training); rows still sum to 1
+    and without -inf logits the formula is the unmasked one."""
+    from vleff.backbones.block import KEEP_MASK_EPS, keep_masked_softmax
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, 2, n, n, generator=g, dtype=torch.float64)
+    keep = (torch.rand(1, n, generator=g) < 0.5).double()
+    causal = torch.ones(n, n, dtype=torch.bool).triu(1)
+    probs = keep_masked_softmax(logits.masked_fill(causal, float("-inf")), keep)
+    assert (probs[..., causal] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, n, dtype=torch.float64))
+    # no -inf: DynamicViT's formula, (w·e^l + eps/n) / (Σ w·e^l + eps)
+    weight = keep[:, None, None, :] + (1 - keep[:, None, None, :]) * torch.eye(n, dtype=torch.float64)
+    free = keep_masked_softmax(logits, keep)
+    shifted = logits - logits.masked_fill(weight == 0, float("-inf")).amax(-1, keepdim=True)
+    e = torch.where(weight > 0, shifted, shifted.clamp(max=0)).exp() * weight
+    torch.testing.assert_close(free, (e + KEEP_MASK_EPS / n) / (e.sum(-1, keepdim=True) + KEEP_MASK_EPS))
+
+
 def test_callback_on_a_model_without_a_tower_names_the_families(tmp_path):
     """Issue 13: on a ResNet the callback suggested ``module=`` values that could not exist."""
     import torchvision
