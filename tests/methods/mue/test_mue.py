@@ -254,3 +254,57 @@ def test_bad_settings_name_the_setting_and_what_is_allowed(bad, match):
         vleff.apply_mue(tm.timm_vit(), **bad)
     with pytest.raises(ValueError, match=match):
         vleff.callbacks.MuE(**bad)
+
+
+def _first_block_cosines(model, tower: str, forward) -> torch.Tensor:
+    """Per sample, the cosine of the first block's output with its input (unpatched model)."""
+    from vleff.backbones import find_towers
+
+    adapter = next(t for t in find_towers(model) if t.modality == tower)
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        out = output if isinstance(output, torch.Tensor) else output[0]
+        if adapter.sequence_first:
+            x, out = x.transpose(0, 1), out.transpose(0, 1)
+        seen["in"], seen["out"] = x, out
+
+    handle = adapter.blocks()[0].register_forward_hook(grab, with_kwargs=True)
+    forward(0, 4)
+    handle.remove()
+    a, b = seen["out"].flatten(1), seen["in"].flatten(1)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def _family_forward(family: str, tower: str):
+    ids = tm.token_ids(4)
+    images = tm.images(4).double()
+    make = {"open_clip": tm.open_clip_model, "hf_clip": tm.hf_clip_model}[family]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    if family == "open_clip":
+        run = {"image": lambda i, j: model.encode_image(images[i:j]), "text": lambda i, j: model.encode_text(ids[i:j])}
+    else:
+        mask = (ids != 0).long()
+        run = {
+            "image": lambda i, j: model.get_image_features(pixel_values=images[i:j]).pooler_output,
+            "text": lambda i, j: model.get_text_features(input_ids=ids[i:j], attention_mask=mask[i:j]).pooler_output,
+        }
+    return model, run[tower]
+
+
+@pytest.mark.parametrize(
+    "family, tower", [("open_clip", "image"), ("open_clip", "text"), ("hf_clip", "image"), ("hf_clip", "text")]
+)
+def test_clip_towers_where_half_the_batch_exits_equal_each_sample_alone(family, tower):
+    model, forward = _family_forward(family, tower)
+    with torch.no_grad():
+        cos = _first_block_cosines(model, tower, forward)
+        threshold = float(cos.sort().values[1:3].mean())  # two of the four leave after the first block
+        vleff.apply_mue(model, towers=tower, image_threshold=threshold, text_threshold=threshold)
+        batch = forward(0, 4)
+        ran = mue_exit_blocks(model)[tower]
+        alone = torch.cat([forward(i, i + 1) for i in range(4)])
+    assert sorted(ran.tolist()) == [1, 1, 2, 2], ran
+    torch.testing.assert_close(batch, alone, rtol=0, atol=1e-10)
