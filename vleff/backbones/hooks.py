@@ -288,7 +288,8 @@ class TowerHook:
         runs the block on the running samples' rows only (no compute for the others, in eager mode);
         every hook then sees, in ``before``/``between``/``after``, only those rows, with a token state
         whose per-token fields hold them and whose ``rows`` gives their indices in the whole batch
-        (:meth:`TokenState.rows_view`). A block run on part of the batch must keep its token count
+        (:meth:`TokenState.rows_view`; a hook keeping per-sample tensors in the scratch indexes them
+        by ``rows``). A block run on part of the batch must keep its token count
         (methods that reduce tokens cannot share a tower with one that answers here; the registry's
         rules refuse them). ``finish`` always sees the whole batch. Default: ``None``."""
         return None

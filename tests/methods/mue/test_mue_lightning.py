@@ -71,3 +71,22 @@ def test_layerwise_loss_names_labels_it_cannot_find(tmp_path):
 def test_bad_callback_options_name_the_option(bad, match):
     with pytest.raises(ValueError, match=match):
         MuE(**bad)
+
+
+def test_layerwise_loss_refuses_a_training_forward_without_gradients():
+    """Re-entrant checkpointing runs the training forward without gradients: the layer-wise loss
+    would get none, so it stops with the alternative instead."""
+    import tiny_models as tm
+
+    import vleff
+    from vleff.methods.mue.lightning import LayerwiseLoss
+
+    model = tm.timm_vit().train()
+    vleff.apply_mue(model)
+    loss = LayerwiseLoss(model)
+    loss.set_labels(torch.tensor([1, 2]))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="layerwise_loss: a training forward ran without gradients"):
+        model(tm.images())
+    loss.remove()
+    with torch.no_grad():
+        model(tm.images())  # hooks gone: nothing to refuse

@@ -72,8 +72,14 @@ class LayerwiseLoss:
         self.labels = labels
 
     def _hook(self, block: nn.Module, args: Any, output: torch.Tensor) -> None:
-        if self.labels is None or not block.training or in_backward() or not torch.is_grad_enabled():
+        if self.labels is None or not block.training or in_backward():
             return
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "MuE layerwise_loss: a training forward ran without gradients (re-entrant gradient checkpointing "
+                "does that), so the layer-wise loss would get none. Use non-re-entrant checkpointing (timm: "
+                "timm.layers.set_reentrant_ckpt(False)) or turn checkpointing off"
+            )
         patch = get_patch(self.tower.root)
         if patch is None or patch.state is None:
             return
