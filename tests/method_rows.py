@@ -155,6 +155,24 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"r": 2, "r_threshold": 0, "alpha": 1.0},
         grad_checkpointing=True,
     ),
+    # per-sample early exit: threshold -1 exits every sample after its first block (in eval; MuE exits
+    # only at inference; 0 would not on the tiny open_clip text tower, whose first block turns its
+    # input's direction). Which samples run a block depends on the data: compile breaks graphs, export refuses
+    "mue": Settings(
+        noop={"image_threshold": 1.0, "text_threshold": 1.0},
+        active={"image_threshold": -1.0, "text_threshold": -1.0},
+        refusals=[
+            ({"image_threshold": -1.5}, "image_threshold=-1.5"),
+            ({"image_threshold": 1.5}, "image_threshold=1.5"),
+            ({"text_threshold": float("nan")}, "text_threshold=nan"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"image_threshold": 0.9},
+        applied_other={"image_threshold": 0.5},
+        grad_checkpointing=True,
+        fullgraph=False,
+        exportable=False,
+    ),
     "evit": Settings(
         noop={"keep_rate": 1.0, "locations": [0]},
         active={"keep_rate": 0.5, "locations": [0]},

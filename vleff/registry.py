@@ -36,6 +36,7 @@ MethodKind = Literal["tokens", "memory", "side"]
 TRAITS: dict[str, str] = {
     "tower_hook": "runs code inside each block of a tower through a TowerHook",
     "reduces_tokens": "changes the number of tokens a tower's blocks see",
+    "exits_samples": "lets samples skip a tower's remaining blocks (early exit: a block runs on part of the batch)",
     "owns_tokens": "decides every token reduction of the towers it acts on (cross-modal guidance)",
     "reads_full_stream": "reads every block's output of the full-length frozen token stream",
     "runs_blocks": "runs a tower's blocks itself, so tower hooks do not run",

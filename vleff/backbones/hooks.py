@@ -13,6 +13,9 @@ entry points. Every entry point has the same shape, ``(x, ..., state) -> x``::
         x = hook.after(x, info, state)    # block output (side networks, distillation)
     x = hook.finish(x, state)             # after the last block, before the tower pools
 
+A hook may also say which samples run a block (:meth:`TowerHook.running_samples`: early exit);
+the block then runs on those samples' rows only, and the others pass it unchanged.
+
 Hooks also contribute to every block's attention: :meth:`TowerHook.attention_bias` (additive,
 e.g. proportional attention's ``+log size``) and :meth:`TowerHook.attention_keep` (a soft keep
 mask over keys, DynamicViT's training masks). The block itself knows no method's fields.
@@ -276,6 +279,20 @@ class TowerHook:
 
     def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         return x
+
+    def running_samples(self, index: int, state: TokenState) -> torch.Tensor | None:
+        """``[B]`` bool: which samples of the batch run block ``index``, or ``None`` (all of them).
+
+        Samples left out skip the block: their tokens pass it unchanged (early exit, MuE). The
+        patched forward (:meth:`vleff.backbones.patch.TowerPatch.run`) ANDs every hook's answer and
+        runs the block on the running samples' rows only (no compute for the others, in eager mode);
+        every hook then sees, in ``before``/``between``/``after``, only those rows, with a token state
+        whose per-token fields hold them and whose ``rows`` gives their indices in the whole batch
+        (:meth:`TokenState.rows_view`; a hook keeping per-sample tensors in the scratch indexes them
+        by ``rows``). A block run on part of the batch must keep its token count
+        (methods that reduce tokens cannot share a tower with one that answers here; the registry's
+        rules refuse them). ``finish`` always sees the whole batch. Default: ``None``."""
+        return None
 
     def attention_rows(self, index: int) -> tuple[int, ...]:
         """Query rows whose head-averaged attention block ``index`` computes up front

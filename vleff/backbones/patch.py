@@ -237,6 +237,61 @@ class TowerPatch:
         cross: CrossInputs | None,
         state: TokenState,
     ) -> torch.Tensor:
+        running = self._running_samples(index, state)
+        if running is None:
+            x = self._block(index, depth, block, x, mask, is_causal, cross, state)
+        elif bool(running.any()):  # part of the batch runs the block; the others pass it unchanged
+            rows = running.nonzero().squeeze(1)
+            view = state.rows_view(rows)
+            batch = x.shape[0]
+            if cross is not None and cross.cache is not None:
+                raise RuntimeError(
+                    f"{self.adapter.describe()}: block {index} runs on part of the batch while the library "
+                    "runs with a key/value cache (generation), whose entries hold every sample; pass "
+                    "use_cache=False or remove the method that exits samples early"
+                )
+            sub_cross = (
+                None
+                if cross is None
+                else CrossInputs(
+                    _rows_of(cross.encoder_hidden_states, rows, batch),
+                    _rows_of(cross.encoder_attention_mask, rows, batch),
+                    None,
+                )
+            )
+            out = self._block(index, depth, block, x[rows], _rows_of(mask, rows, batch), is_causal, sub_cross, view)
+            state.absorb_rows(view)
+            x = x.index_copy(0, rows, out.to(x.dtype))
+        if index == depth - 1:
+            for hook in self.hooks:
+                x = hook.finish(x, state)
+            if self.layout is not None:  # last: restores the input layout the library pools from
+                x = self.layout.finish(x, state)
+        return x
+
+    def _running_samples(self, index: int, state: TokenState) -> torch.Tensor | None:
+        """``[B]`` bool: the samples that run block ``index`` (every hook's
+        :meth:`TowerHook.running_samples` ANDed), or ``None`` when all of them do."""
+        running = None
+        for hook in self.running_hooks:
+            mask = hook.running_samples(index, state)
+            if mask is not None:
+                running = mask if running is None else running & mask
+        if running is None or bool(running.all()):
+            return None
+        return running
+
+    def _block(
+        self,
+        index: int,
+        depth: int,
+        block: nn.Module,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cross: CrossInputs | None,
+        state: TokenState,
+    ) -> torch.Tensor:
         if self.adapter.layout == "post_norm_cross":
             x = run_post_norm_block(
                 self.adapter,
@@ -252,12 +307,15 @@ class TowerPatch:
             )
         else:
             x = run_block(self.adapter, state, self.running_hooks, block, index, depth, x, mask, is_causal)
-        if index == depth - 1:
-            for hook in self.hooks:
-                x = hook.finish(x, state)
-            if self.layout is not None:  # last: restores the input layout the library pools from
-                x = self.layout.finish(x, state)
         return x
+
+
+def _rows_of(t: torch.Tensor | None, rows: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Rows ``rows`` of a per-sample tensor (a mask or cross-attention input ``[B, ...]``, 3 or more
+    dims); a tensor shared by every sample (``[N, N]`` causal mask, batch dimension 1) as it is."""
+    if t is None or t.dim() < 3 or t.shape[0] != batch:
+        return t
+    return t[rows]
 
 
 class PatchedForward:

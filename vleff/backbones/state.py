@@ -109,7 +109,11 @@ class TokenState:
     #: saves what the forward saved) but leave nothing outside the state (no pairing, no
     #: holding a value for another tower)
     replaying: bool = False
+    #: ``[b]`` indices in the whole batch of the samples this state's rows hold, in a view of part
+    #: of the batch (:meth:`rows_view`: a block that only some samples run); ``None``: the whole batch
+    rows: torch.Tensor | None = None
     _pending_fuse: object | None = None
+    _view_origin: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # --- fields ----------------------------------------------------------------------------
     def register(self, name: str, value: torch.Tensor, reduce: Reduce) -> None:
@@ -236,6 +240,48 @@ class TokenState:
             num_tokens=self.num_tokens,
             batch_size=self.batch_size,
         )
+
+    # --- part of the batch (a block that only some samples run) -----------------------------
+    def rows_view(self, rows: torch.Tensor) -> TokenState:
+        """The state of the samples ``rows`` (``[b]`` indices into the batch) for one block that
+        only they run (:meth:`vleff.backbones.hooks.TowerHook.running_samples`): per-token fields
+        hold those rows; token counts, aux losses and scratch are this state's own containers (a
+        hook's writes there reach the whole forward). :meth:`absorb_rows` takes the fields back."""
+        if self.rows is not None:
+            raise RuntimeError("a view of part of the batch cannot be split again")
+        view = TokenState(
+            num_prefix=self.num_prefix,
+            num_input_tokens=self.num_input_tokens,
+            fields={name: TokenField(f.value[rows], f.reduce) for name, f in self.fields.items()},
+            token_counts=self.token_counts,
+            aux_losses=self.aux_losses,
+            scratch=self.scratch,
+            num_tokens=self.num_tokens,
+            batch_size=int(rows.shape[0]),
+            replaying=self.replaying,
+            rows=rows,
+        )
+        view._view_origin = {name: f.value for name, f in view.fields.items()}
+        return view
+
+    def absorb_rows(self, view: TokenState) -> None:
+        """Write the fields of ``view`` (from :meth:`rows_view`) back into their rows; refuse a view
+        whose block changed the token count or the fields (the batch would no longer be one tensor)."""
+        if (
+            view.num_tokens != self.num_tokens
+            or view.num_prefix != self.num_prefix
+            or set(view.fields) != set(self.fields)
+        ):
+            raise RuntimeError(
+                f"a block that only part of the batch ran changed its tokens ({self.num_tokens} -> {view.num_tokens} "
+                "tokens, or the token fields): the samples that skipped it keep theirs, so the batch would no "
+                "longer be one tensor. Token reduction cannot share a tower with a method that exits samples early"
+            )
+        assert view.rows is not None
+        for name, f in self.fields.items():
+            new = view.fields[name].value
+            if new is not view._view_origin.get(name):
+                f.value = f.value.index_copy(0, view.rows, new.to(f.value.dtype))
 
     # --- losses ----------------------------------------------------------------------------
     def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
