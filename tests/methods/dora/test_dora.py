@@ -117,3 +117,19 @@ def test_dora_callback_trains_only_the_adapters_and_saves_them_alone(tmp_path):
     x = tm.images()
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), module.eval()(x), atol=0, rtol=0)
+
+
+def test_peft_mixin_applies_the_named_tuner_in_init():
+    from vleff.callbacks import PeftMixin
+
+    class Module(PeftMixin, tl.TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.use_peft("dora", r=2)
+
+    module = Module()
+    assert vleff.get_method("dora").is_applied(module.model)  # found from the model inside, too
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("model.head.") for n in trainable)
+    with pytest.raises(ValueError, match="method='bitfit' is not a peft tuner"):
+        Module.use_peft(module, "bitfit")
