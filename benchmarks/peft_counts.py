@@ -5,7 +5,7 @@ init, classifier head frozen), measured and checked against the analytic count.
 
 Analytic counts (12 blocks, width 768, qkv 2304 x 768, MLP hidden 3072):
 LoRA r: r(768 + 2304) per block; DoRA r: LoRA + 2304 magnitudes; AdaLoRA init_r: init_r(768 + 2304 + 1);
-IA3: 2304 (qkv outputs) + 3072 (fc2 inputs).
+IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ ROWS = [
     ("dora", {"r": 8}, BLOCKS * (8 * (C + QKV) + QKV)),
     ("adalora", {"init_r": 12, "target_r": 8, "total_step": 1000}, BLOCKS * 12 * (C + QKV + 1)),
     ("ia3", {}, BLOCKS * (QKV + HIDDEN)),
+    ("loha", {"r": 8}, BLOCKS * 2 * 8 * (C + QKV)),
 ]
 
 

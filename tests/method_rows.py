@@ -347,6 +347,27 @@ SETTINGS: dict[str, Settings] = {
         families=PEFT_FAMILIES,
         grad_checkpointing=True,
     ),
+    "loha": Settings(
+        noop={"r": 2},
+        active={"r": 2, "alpha": 4.0},
+        activate=_perturb_peft(".hada_w2_b."),
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"r": 1.5}, "r=1.5"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"train_head": "yes"}, "train_head"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="hada_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"r": 2},
+        applied_other={"r": 4},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+        # peft's LoHa layer branches on torch.rand(1) > module_dropout (its module dropout, drawn even
+        # when it is 0): 6 graph breaks on the tiny ViT; the compiled model still equals eager
+        fullgraph=False,
+    ),
     "reversible": Settings(
         noop=None,
         active={"coupling": "meft"},  # with its adapters
