@@ -96,6 +96,15 @@ def _perturb_lora(model: torch.nn.Module) -> None:
     _randomize(model, lambda name, p: ".lora_B." in name)
 
 
+def _perturb_peft(prefix: str) -> Callable[[torch.nn.Module], None]:
+    """A ``peft`` tuner starts exactly at the frozen model (DoRA's ``B`` zero, IA3's vectors one,
+    AdaLoRA's singular values zero): random adapter values make it reach the output."""
+    return lambda model: _randomize(model, lambda name, p: prefix in name)
+
+
+PEFT_FAMILIES = ("timm_vit", "deit_distilled", "timm_registers", "hf_clip")
+
+
 def _perturb_memvp(model: torch.nn.Module) -> None:
     """MemVP's value offset starts at zero and its projector output is x0.01: random offsets and
     a larger projector make the memory read reach the output."""
@@ -320,6 +329,84 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"r": 4},
         families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
         grad_checkpointing=True,
+    ),
+    # peft tuners beyond LoRA (DoRA, IA3, AdaLoRA): open_clip's bare in_proj_weight is reachable only
+    # by peft's LoRA ParamWrapper, so they refuse open_clip (and BLIP), naming what is supported
+    "dora": Settings(
+        noop={"r": 2},
+        active={"r": 2, "alpha": 8.0},
+        activate=_perturb_peft(".lora_B."),
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"r": 1.5}, "r=1.5"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"train_head": "yes"}, "train_head"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="lora_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"r": 2},
+        applied_other={"r": 4},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+        # peft's DoRA layer asks whether the weight is quantized (a str.startswith dynamo does not
+        # trace): 8 graph breaks on the tiny ViT; the compiled model still equals eager
+        fullgraph=False,
+    ),
+    "ia3": Settings(
+        noop={},
+        active={"mlp": True},
+        activate=_perturb_peft(".ia3_l."),
+        refusals=[({"mlp": "yes"}, "mlp"), ({"train_head": 1}, "train_head"), ({"towers": "audio"}, "towers")],
+        state_prefix="ia3_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"mlp": True},
+        applied_other={"mlp": False},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+    ),
+    "adalora": Settings(
+        noop={"init_r": 2, "target_r": 1, "total_step": 4},
+        active={"init_r": 2, "target_r": 1, "total_step": 4, "alpha": 4.0},
+        activate=_perturb_peft(".lora_"),
+        refusals=[
+            ({"init_r": 0}, "init_r=0"),
+            ({"init_r": 2, "target_r": 3}, "target_r=3"),
+            ({"total_step": 0}, "total_step=0"),
+            ({"total_step": 4, "tinit": 4}, "tinit=4"),
+            ({"beta1": 1.0}, "beta1"),
+            ({"orth_reg_weight": -1}, "orth_reg_weight"),
+            ({"delta_t": 0}, "delta_t"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix=".default",  # peft's adapter name: lora_A/B/E.default and the ranknum.default buffer
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"init_r": 2, "target_r": 1, "total_step": 4},
+        applied_other={"init_r": 3, "target_r": 1, "total_step": 4},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+    ),
+    "loha": Settings(
+        noop={"r": 2},
+        active={"r": 2, "alpha": 4.0},
+        activate=_perturb_peft(".hada_w2_b."),
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"r": 1.5}, "r=1.5"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"train_head": "yes"}, "train_head"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="hada_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"r": 2},
+        applied_other={"r": 4},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+        # peft's LoHa layer branches on torch.rand(1) > module_dropout (its module dropout, drawn even
+        # when it is 0): 6 graph breaks on the tiny ViT; the compiled model still equals eager
+        fullgraph=False,
     ),
     "reversible": Settings(
         noop=None,

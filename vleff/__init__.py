@@ -30,6 +30,8 @@ _LAZY = {
     "side_state_dict": "vleff.side.common",
     "load_side_state_dict": "vleff.side.common",
     "update": "vleff.registry",
+    "apply_peft": "vleff.registry",
+    "remove_peft": "vleff.registry",
     "get_method": "vleff.registry",
     "available_methods": "vleff.registry",
     "vleff_aux_loss": "vleff.tokens.aux",

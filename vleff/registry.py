@@ -42,6 +42,7 @@ TRAITS: dict[str, str] = {
     "runs_blocks": "runs a tower's blocks itself, so tower hooks do not run",
     "wraps_projections": "wraps the attention projections in new modules (peft adapters)",
     "replaces_optimizer": "replaces the optimizer the module's configure_optimizers returns",
+    "peft_tuner": "a Hugging Face peft tuner on the towers' projections (vleff.apply_peft(method=...) reaches it)",
 }
 
 
@@ -358,3 +359,34 @@ def remove_all(model: nn.Module) -> nn.Module:
 def applied_methods(model: nn.Module) -> list[str]:
     """Names of the registered methods applied to ``model``."""
     return [m.name for m in all_methods() if m.is_applied is not None and m.is_applied(model)]
+
+
+def peft_methods() -> list[str]:
+    """The registered methods that are ``peft`` tuners (trait ``peft_tuner``): what
+    :func:`apply_peft` takes as ``method``."""
+    return [m.name for m in all_methods() if "peft_tuner" in m.traits]
+
+
+def apply_peft(model: nn.Module, method: str, **settings: Any) -> nn.Module:
+    """Apply the ``peft`` tuner ``method`` (``"lora"``, ``"dora"``, ``"ia3"``, ``"adalora"``) to
+    ``model`` with ``settings`` (``towers=...`` and the method's own): the method's registry entry's
+    ``apply``, so ``vleff.apply_peft(model, method="dora", r=4)`` is ``vleff.apply_dora(model, r=4)``.
+    ``ValueError`` naming the value and the tuners when ``method`` is not one."""
+    tuners = peft_methods()
+    if method not in tuners:
+        raise ValueError(f"method={method!r} is not a peft tuner vleff offers; use one of {', '.join(tuners)}")
+    entry = get_method(method)
+    assert entry.apply is not None
+    return entry.apply(model, **settings)
+
+
+def remove_peft(model: nn.Module) -> nn.Module:
+    """Remove whichever ``peft`` tuner method is applied to ``model`` (``ValueError`` when none is)."""
+    applied = [n for n in peft_methods() if get_method(n).is_applied(model)]
+    if not applied:
+        raise ValueError(f"no peft tuner ({', '.join(peft_methods())}) is applied to this {type(model).__name__}")
+    for name in applied:
+        entry = get_method(name)
+        assert entry.remove is not None
+        entry.remove(model)
+    return model

@@ -300,6 +300,17 @@ class TowerAdapter(ABC):
             raise self.unsupported("LoRA", "timm ViT, open_clip and Hugging Face CLIP towers")
         return [f"{block}.{m}" for m in row[0]], [f"{block}.{p}" for p in row[1]]
 
+    def peft_targets(self, block: str, role: str) -> tuple[list[str], list[str]]:
+        """``(module names, parameter names)`` of the block named ``block`` that play ``role``
+        (``"attention_in"``, ``"mlp_out"``) for a ``peft`` tuner, read from the per-family table
+        :data:`vleff.backbones.targets.PEFT_TARGETS`; ``([], [])`` when the family has no row."""
+        from vleff.backbones.targets import PEFT_TARGETS
+
+        row = PEFT_TARGETS[role].get(type(self).__name__)
+        if row is None:
+            return [], []
+        return [f"{block}.{m}" for m in row[0]], [f"{block}.{p}" for p in row[1]]
+
     def unsupported(
         self, what: str, supported: str = "timm ViT, open_clip and Hugging Face CLIP towers (image and text)"
     ) -> TypeError:

@@ -16,3 +16,18 @@ LORA_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "OpenClipVisionAdapter": ((), ("attn.in_proj_weight",)),
     "OpenClipTextAdapter": ((), ("attn.in_proj_weight",)),
 }
+
+#: Per-family targets of the ``peft`` tuners beyond LoRA (DoRA, IA³, AdaLoRA), by *role*: which
+#: sub-modules of a block play that role. ``"attention_in"`` is :data:`LORA_TARGETS` (the attention
+#: input projections); ``"mlp_out"`` is the MLP's output projection (IA³'s feed-forward target, whose
+#: *input* it scales: timm ``mlp.fc2``, Hugging Face CLIP ``mlp.fc2``, open_clip ``mlp.c_proj``).
+#: Same row layout as :data:`LORA_TARGETS`; a family without a row for a role is not supported for it.
+PEFT_TARGETS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "attention_in": LORA_TARGETS,
+    "mlp_out": {
+        "TimmViTAdapter": (("mlp.fc2",), ()),
+        "HFCLIPAdapter": (("mlp.fc2",), ()),
+        "OpenClipVisionAdapter": (("mlp.c_proj",), ()),
+        "OpenClipTextAdapter": (("mlp.c_proj",), ()),
+    },
+}

@@ -21,6 +21,8 @@ SHARED = {
     "AuxLoss": "vleff.lightning.aux_loss",
     "AuxLossMixin": "vleff.lightning.mixin",
     "restore_methods": "vleff.lightning.restore",
+    "PEFT": "vleff.lightning.peft",
+    "PeftMixin": "vleff.lightning.peft",
 }
 
 

@@ -33,6 +33,9 @@ RECORD_KEY = "vleff_methods"
 
 #: the checkpoint key listing the keys a side-only checkpoint keeps (the frozen backbone left out)
 SIDE_ONLY = "vleff_side_only"
+#: the checkpoint key listing the keys a peft tuner's adapter-only checkpoint keeps (its frozen
+#: base weights left out; :mod:`vleff.lightning.peft`)
+ADAPTERS_ONLY = "vleff_peft_adapters_only"
 
 
 def _path_in(pl_module: nn.Module, target: nn.Module) -> str:
@@ -85,6 +88,10 @@ def restore_methods(module: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
                 "the module as it was trained"
             ) from err
         applied.append(method)
+    if ADAPTERS_ONLY in checkpoint:  # a peft tuner's adapter-only checkpoint: the base from the module
+        state = checkpoint.get("state_dict", {})
+        for key, value in module.state_dict().items():
+            state.setdefault(key, value)
     if SIDE_ONLY in checkpoint:
         from vleff.side.common import backbone_keys, side_towers
 

@@ -22,15 +22,31 @@ from torch import nn
 
 from vleff.backbones import find_towers, get_patch
 
+#: where a method that is no tower hook keeps the aux losses of its module's latest forward
+#: (AdaLoRA's orthogonal regulariser): ``{name: loss}`` in the module's ``__dict__``
+MODULE_AUX_ATTR = "_vleff_module_aux_losses"
+
+
+def set_module_aux_loss(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Record ``value`` as ``module``'s pending aux loss ``name`` (replacing the previous
+    forward's): popped by :func:`pop_aux_losses` like a tower's, for methods whose extra loss
+    comes from their parameters rather than from a tower's token state."""
+    module.__dict__.setdefault(MODULE_AUX_ATTR, {})[name] = value
+
 
 def pop_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     """Aux losses of the latest forward of every patched tower in ``model``, by name (summed
-    over towers), removed from the towers so they are counted once. Empty if there are none."""
+    over towers), and those recorded on its modules (:func:`set_module_aux_loss`), removed so
+    they are counted once. Empty if there are none."""
+    losses: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        pending = module.__dict__.pop(MODULE_AUX_ATTR, None)
+        for name, value in (pending or {}).items():
+            losses[name] = losses[name] + value if name in losses else value
     try:
         towers = find_towers(model)
     except TypeError:
-        return {}
-    losses: dict[str, torch.Tensor] = {}
+        return losses
     for tower in towers:
         patch = get_patch(tower.root)
         if patch is None or patch.state is None or not patch.state.aux_losses:

@@ -28,7 +28,7 @@ METHOD = register_method(
         display_name="LoRA",
         settings_of=lora_settings,
         # the declarative contract: what the method does, what it refuses, what update may change
-        traits=frozenset({"wraps_projections"}),
+        traits=frozenset({"wraps_projections", "peft_tuner"}),
         refuses=(
             Refusal(
                 "tower_hook",

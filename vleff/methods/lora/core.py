@@ -41,7 +41,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig
+from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.tokens.common import select_towers
 
 ADAPTER = "default"
@@ -156,6 +156,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
     if lora_applied(model):
         remove_lora(model)
     towers = _selected_towers(model, cfg.towers)
+    refuse_applied_conflicts(model, "lora")  # another peft tuner (DoRA, IA3, AdaLoRA) on the projections
     for tower in towers:
         if tower.lora_targets("")[1] and get_patch(tower.root) is not None:  # wraps bare parameters
             raise ValueError(
@@ -248,7 +249,10 @@ def remove_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_applied(model: nn.Module) -> bool:
-    return any("lora_A" in n for n, _ in model.named_parameters())
+    """Whether plain LoRA is applied: ``lora_A`` adapters, and none of DoRA's magnitudes or
+    AdaLoRA's singular values (those peft tuners name their factors ``lora_A`` too)."""
+    names = [n for n, _ in model.named_parameters()]
+    return any("lora_A" in n for n in names) and not any("lora_magnitude_vector" in n or ".lora_E." in n for n in names)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
