@@ -80,18 +80,14 @@ def _to_model(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def _image_text(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """``(images, ids, mask)`` of an image-text batch (tuple/list or dict), or ``None``."""
-    if isinstance(batch, dict):
-        images = next((batch[k] for k in ("images", "pixel_values") if k in batch), None)
-        ids = next((batch[k] for k in ("tokens", "input_ids", "ids") if k in batch), None)
-        mask = batch.get("attention_mask")
-    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        images, ids, mask = batch[0], batch[1], batch[2] if len(batch) == 3 else None
-    else:
+    """``(images, ids, mask)`` of an image-text batch whose ids are ``[B, L]``, or ``None``."""
+    from vleff.backbones.pairs import image_text_parts
+
+    parts = image_text_parts(batch)
+    if parts is None or parts[1].dim() != 2:
         return None
-    if isinstance(images, torch.Tensor) and isinstance(ids, torch.Tensor) and ids.dim() == 2:
-        return images, ids, mask if isinstance(mask, torch.Tensor) else None
-    return None
+    images, ids, mask = parts
+    return images, ids, mask if isinstance(mask, torch.Tensor) else None
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:

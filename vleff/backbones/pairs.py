@@ -124,6 +124,23 @@ def partner(store: dict[str, Any], modality: str) -> torch.Tensor | None:
     return entry.value
 
 
+def image_text_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """``(images, token ids, attention mask or None)`` of an image-text batch: a tuple/list
+    ``(images, ids[, mask])`` or a dict with ``images``/``pixel_values``, ``tokens``/``input_ids``/
+    ``ids`` and optionally ``attention_mask``; ``None`` when ``batch`` is none of these."""
+    if isinstance(batch, dict):
+        images = next((batch[k] for k in ("images", "pixel_values") if k in batch), None)
+        ids = next((batch[k] for k in ("tokens", "input_ids", "ids") if k in batch), None)
+        mask = batch.get("attention_mask")
+    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        images, ids, mask = batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    else:
+        return None
+    if not isinstance(images, torch.Tensor) or not isinstance(ids, torch.Tensor):
+        return None
+    return images, ids, mask
+
+
 class Pairing:
     """What one tower forward's cross-modal loss paired with: the other tower's value (``None``:
     it held its own for the other tower instead). Kept in the forward's token state and shared

@@ -134,7 +134,6 @@ class TowerPatch:
             replaying=replay,
         )
         if not replay:
-            self._start_inputs = [h.forward_inputs() for h in self.running_hooks]
             # a forward that will be recomputed in backward: gradients on (non-re-entrant), or an
             # input that needs them (re-entrant checkpointing runs the forward without gradients)
             # a forward the library may recompute in backward (the flag's walk only when training)
@@ -142,6 +141,9 @@ class TowerPatch:
             recomputed = training and not torch.compiler.is_compiling() and self.adapter.gradient_checkpointing()
             if recomputed:
                 self._check_replayable(x)
+                # what the hooks' start reads besides x, before start consumes it (a replay of the
+                # first block runs start again); only a recorded forward keeps it
+                self._start_inputs = [h.forward_inputs() for h in self.running_hooks]
             self._recording = {} if recomputed else None
             if self._recording is not None:
                 self._recordings.append(self._recording)

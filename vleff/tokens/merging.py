@@ -228,6 +228,11 @@ def budget_settings(model: Any, level: float, hook_name: str) -> dict[str, Any]:
     (front-loaded: every extra merge lowers the FLOPs, and by about one token's cost in the
     later blocks, so the knob has fine steps). A list as long as the shallowest tower (a deeper
     tower leaves its remaining blocks unmerged)."""
-    depth = _budget_depth(model, hook_name)
-    base, extra = divmod(int(level), depth)
-    return {"r": [base + (1 if b < extra else 0) for b in range(depth)]}
+    return {"r": spread_merges(int(level), _budget_depth(model, hook_name))}
+
+
+def spread_merges(merges: int, depth: int) -> list[int]:
+    """``merges`` tokens to merge over ``depth`` blocks as a per-block ``r``: the same in every block,
+    one more in the first ``merges mod depth`` (front-loaded). The FLOPs knob of every merging method."""
+    base, extra = divmod(merges, depth)
+    return [base + (1 if b < extra else 0) for b in range(depth)]

@@ -111,6 +111,7 @@ from vleff.kernels.graph_merge import (
 )
 from vleff.registry import MethodConfig, get_method
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks
+from vleff.tokens.merging import spread_merges
 
 HOOK_NAME = "crossget"
 OFFSETS = "vleff_crossget_offsets"
@@ -545,9 +546,7 @@ def budget_settings(model: nn.Module, level: float) -> dict[str, list[int]]:
     steps; the hook caps a block at what it can merge)."""
     top, out = budget_levels(model), {}
     for name, depth, cap in _budget_towers(model):
-        merges = round(int(level) * depth * cap / top)
-        base, extra = divmod(merges, depth)
-        out[name] = [base + (1 if b < extra else 0) for b in range(depth)]
+        out[name] = spread_merges(round(int(level) * depth * cap / top), depth)
     return out
 
 

@@ -77,6 +77,7 @@ from vleff.backbones.pairs import (
     Pairing,
     caption_mask,
     find_pair,
+    image_text_parts,
     pair_context,
     pair_or_hold,
 )
@@ -628,20 +629,13 @@ def batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """``(images, token ids, attention mask or None)`` from a batch: a tuple/list
     ``(images, ids[, mask])`` or a dict with ``images``/``pixel_values``, ``tokens``/``input_ids``
     and optionally ``attention_mask``."""
-    if isinstance(batch, dict):
-        images = next((batch[k] for k in ("images", "pixel_values") if k in batch), None)
-        ids = next((batch[k] for k in ("tokens", "input_ids", "ids") if k in batch), None)
-        mask = batch.get("attention_mask")
-    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        images, ids = batch[0], batch[1]
-        mask = batch[2] if len(batch) == 3 else None
-    else:
-        images = ids = mask = None
-    if not isinstance(images, torch.Tensor) or not isinstance(ids, torch.Tensor):
+    parts = image_text_parts(batch)
+    if parts is None:
         raise TypeError(
             f"a MADTP calibration batch must be (images, token_ids[, attention_mask]) or a dict with "
             f"'images'/'pixel_values' and 'tokens'/'input_ids'; got {type(batch).__name__}"
         )
+    images, ids, mask = parts
     return images, ids, mask
 
 
