@@ -345,6 +345,17 @@ class RemovalOption:
         if self.remove_on_teardown:
             self._removal.restore(target, method_label(self.method))  # the trained state, if removed earlier
 
+    def apply_or_keep(self, target: nn.Module, config: Any, apply: Any, driven: tuple[str, ...] = ()) -> None:
+        """The callback's method on ``target``: kept as it is when already applied with ``config``
+        (other settings refused naming both, :func:`refuse_other_settings`; ``driven`` settings are
+        the callback's schedule's), else applied by ``apply()`` (:meth:`apply_removable`)."""
+        from vleff.registry import get_method
+
+        if get_method(self.method).is_applied(target):
+            refuse_other_settings(self.method, target, config, driven=driven)
+        else:
+            self.apply_removable(target, apply)
+
     def remove_at_teardown(self, target: nn.Module | None) -> None:
         from vleff.registry import get_method
 

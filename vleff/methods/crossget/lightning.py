@@ -30,10 +30,9 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
-from vleff.methods.crossget.core import CrossGETConfig, apply_crossget, crossget_applied
+from vleff.methods.crossget.core import CrossGETConfig, apply_crossget
 
 
 class CrossGET(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
@@ -80,10 +79,7 @@ class CrossGET(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         target = self._target = resolve_target(pl_module, self.module, "crossget", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if crossget_applied(target):
-            refuse_other_settings("crossget", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_crossget(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_crossget(target, self.config))
         super().setup(trainer, pl_module, stage)  # the JS loss joins the training loss
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -32,14 +32,12 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_backbone,
 )
 from vleff.methods.dynamicvit.core import (
     DISTILLER_ATTR,
     DynamicViTConfig,
     apply_dynamicvit,
-    dynamicvit_applied,
     dynamicvit_teacher,
 )
 
@@ -95,10 +93,7 @@ class DynamicViT(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         target = resolve_backbone(pl_module, self.module, "dynamicvit")
         self.load_initial_once(pl_module, target, stage)  # before the teacher is copied
         self.note_removal(target)
-        if dynamicvit_applied(target):
-            refuse_other_settings("dynamicvit", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_dynamicvit(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_dynamicvit(target, self.config))
         self._target = target
         if self._pending_teacher is not None:
             self._load_teacher(self._pending_teacher)

@@ -31,7 +31,6 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
 from vleff.methods.evit.core import (
@@ -126,10 +125,9 @@ class EViT(InitFromOption, RemovalOption, BudgetOption, Callback):
         else:  # validate/test/predict: the trained model runs at the target
             rate = self.target
         self.note_removal(target)
-        if evit_applied(target):
-            refuse_other_settings("evit", target, self.config, driven=("keep_rate",))  # the schedule's
-        else:
-            self.apply_removable(target, lambda: apply_evit(target, self.config.replace(keep_rate=rate)))
+        self.apply_or_keep(
+            target, self.config, lambda: apply_evit(target, self.config.replace(keep_rate=rate)), driven=("keep_rate",)
+        )  # the schedule's
         self._module = target
         update_evit(target, keep_rate=rate)
 

@@ -42,7 +42,6 @@ from vleff.methods.madtp.core import (
     _find_pair_in,
     _pair_and_module,
     apply_madtp,
-    madtp_applied,
 )
 
 CHECKPOINT_KEY = "vleff_madtp_controller"
@@ -156,12 +155,10 @@ class MADTP(InitFromOption, RemovalOption, AuxLoss):
         target = _target(pl_module, self.module, self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if madtp_applied(target):  # applied with the callback's settings, or refused naming both
-            from vleff.lightning.targets import refuse_other_settings
-
-            refuse_other_settings("madtp", target, self.config, driven=("tau", "flops_reduction"))
-        else:
-            self.apply_removable(target, lambda: apply_madtp(target, self.config))
+        # applied with the callback's settings, or refused naming both (tau is the controller's)
+        self.apply_or_keep(
+            target, self.config, lambda: apply_madtp(target, self.config), driven=("tau", "flops_reduction")
+        )
         self._target = target
         self.controller.restore(target)
         super().setup(trainer, pl_module, stage)  # the alignment loss joins the training loss

@@ -24,7 +24,6 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
 from vleff.methods.memvp.core import (
@@ -72,10 +71,7 @@ class MemVP(InitFromOption, RemovalOption, pl.Callback):
         target = self._target = resolve_target(pl_module, self.module, "memvp", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)  # before the host is frozen: teardown puts them back
-        if memvp_applied(target):
-            refuse_other_settings("memvp", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_memvp(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_memvp(target, self.config))
         if self.freeze_host:
             freeze_host_for_memvp(target)
 

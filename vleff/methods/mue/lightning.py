@@ -33,10 +33,9 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
-from vleff.methods.mue.core import MuEConfig, apply_mue, mue_applied
+from vleff.methods.mue.core import MuEConfig, apply_mue
 
 LAYERWISE_LOSS = "mue/layerwise"
 
@@ -150,10 +149,7 @@ class MuE(InitFromOption, RemovalOption, pl.Callback):
         target = self._target = resolve_target(pl_module, self.module, "mue", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if mue_applied(target):
-            refuse_other_settings("mue", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_mue(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_mue(target, self.config))
         if self.layerwise_loss and stage == "fit" and self._layerwise is None:
             self._layerwise = LayerwiseLoss(target)
             attach_aux_loss(pl_module)

@@ -25,13 +25,11 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
 from vleff.methods.reversible.core import (
     ReversibleConfig,
     apply_reversible,
-    reversible_applied,
 )
 
 __all__ = ["Reversible"]
@@ -73,10 +71,7 @@ class Reversible(InitFromOption, RemovalOption, pl.Callback):
         target = self._target = resolve_target(pl_module, self.module, "reversible", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if reversible_applied(target):
-            refuse_other_settings("reversible", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_reversible(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_reversible(target, self.config))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_at_teardown(self._target if self._target is not None else pl_module)

@@ -26,10 +26,9 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
-from vleff.methods.tome.core import ToMeConfig, apply_tome, tome_applied
+from vleff.methods.tome.core import ToMeConfig, apply_tome
 from vleff.tokens.schedule import RSchedule
 
 
@@ -91,10 +90,9 @@ class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         target = self._target = resolve_target(pl_module, self.module, "tome", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if tome_applied(target):
-            refuse_other_settings("tome", target, self.config, driven=("r",))  # r follows the schedule
-        else:
-            self.apply_removable(target, lambda: apply_tome(target, self.config.replace(r=0)))
+        self.apply_or_keep(
+            target, self.config, lambda: apply_tome(target, self.config.replace(r=0)), driven=("r",)
+        )  # r follows the schedule
         step = trainer.global_step if stage == "fit" else self.schedule.warmup_steps
         self._update(pl_module, step)
 

@@ -18,10 +18,9 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
-from vleff.methods.transkimmer.core import TranskimmerConfig, apply_transkimmer, transkimmer_applied
+from vleff.methods.transkimmer.core import TranskimmerConfig, apply_transkimmer
 
 
 class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
@@ -61,10 +60,7 @@ class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
         target = self._target = resolve_target(pl_module, self.module, "transkimmer", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if transkimmer_applied(target):
-            refuse_other_settings("transkimmer", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_transkimmer(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_transkimmer(target, self.config))
         super().setup(trainer, pl_module, stage)  # the skim loss joins the training loss
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -17,10 +17,9 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
-    refuse_other_settings,
     resolve_target,
 )
-from vleff.methods.turbo.core import TurboConfig, apply_turbo, turbo_applied
+from vleff.methods.turbo.core import TurboConfig, apply_turbo
 
 
 class Turbo(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
@@ -64,10 +63,7 @@ class Turbo(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         target = self._target = resolve_target(pl_module, self.module, "turbo", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)
-        if turbo_applied(target):
-            refuse_other_settings("turbo", target, self.config)
-        else:
-            self.apply_removable(target, lambda: apply_turbo(target, self.config))
+        self.apply_or_keep(target, self.config, lambda: apply_turbo(target, self.config))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_at_teardown(self._target)
