@@ -4,7 +4,9 @@
 A block is two residual branches, F (:func:`attention_branch`) and G (:func:`mlp_branch`):
 ``x = x + F(x); x = x + G(x)``. :func:`run_block` composes them with the hooks' entry points
 (see :mod:`vleff.backbones.hooks`); reversible couplings recombine F and G themselves and a
-method that wraps the MLP (MemVP) wraps G, so there is one copy of the block.
+method that wraps the MLP (MemVP) wraps G, so there is one copy of the block. Adapter methods
+rewrite a sublayer's output through the hooks' ``branch`` entry and prompt methods add keys and
+values in front of the attention's through ``attention_prefix``: no method copies the block.
 
 With no hook installed it reproduces each library's own block (same op order, fused or
 explicit attention as the library does), which the equivalence tests check. The attention
@@ -13,6 +15,8 @@ method's fields.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +63,8 @@ def keep_masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     respect to ``keep`` finite.
     """
     n = logits.shape[-1]
-    eye = torch.eye(n, device=logits.device, dtype=logits.dtype)
+    # query i's own key: key i, or key P + i behind a prefix of P keys every query sees
+    eye = torch.eye(n, device=logits.device, dtype=logits.dtype)[n - logits.shape[-2] :]
     k = keep.to(logits.dtype)[:, None, None, :]
     weight = k + (1.0 - k) * eye
     allowed = weight.detach() > 0
@@ -121,18 +126,52 @@ def attention_branch(
     is_causal: bool = False,
     keep: torch.Tensor | None = None,
     info: BlockInfo | None = None,
+    hooks: Sequence[TowerHook] = (),
 ) -> torch.Tensor:
     """F: the attention residual branch ``drop_path1(ls1(attn_out(attention(qkv(norm1(x))))))``.
 
     Returns the branch output (the block adds it to ``x``). When ``info`` is given it is filled
     with the normed input, q, k, v, per-head outputs and (if it asked) the probabilities.
     Reversible couplings call F and :func:`mlp_branch` (G) directly to recombine them.
+    ``hooks`` (with ``info``) add their attention prefixes (:meth:`TowerHook.attention_prefix`)
+    and rewrite the sublayer output (:meth:`TowerHook.branch`, ``"attention"``).
     """
     parts = adapter.parts(block)
     h = parts.norm1(x)
     q, k, v = adapter.qkv(block, h)
-    o = _attend(adapter, block, h, q, k, v, bias, is_causal, keep, info)
-    return parts.drop_path1(parts.ls1(adapter.attn_out(block, o, h)))
+    o = _attend(adapter, block, h, q, k, v, bias, is_causal, keep, info, hooks_prefix(hooks, info, h))
+    out = branch_output(hooks, "attention", x, adapter.attn_out(block, o, h), info)
+    return parts.drop_path1(parts.ls1(out))
+
+
+def hooks_prefix(
+    hooks: Sequence[TowerHook], info: BlockInfo | None, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every hook's attention prefix for this block, concatenated along the keys (``None``: none)."""
+    if not hooks or info is None:
+        return None
+    assert info.state is not None
+    found = [p for hook in hooks if (p := hook.attention_prefix(info, info.state, h)) is not None]
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    batch = h.shape[0]
+    keys = torch.cat([k.expand(batch, -1, -1, -1) for k, _ in found], dim=-2)
+    return keys, torch.cat([v.expand(batch, -1, -1, -1) for _, v in found], dim=-2)
+
+
+def branch_output(
+    hooks: Sequence[TowerHook], name: str, x: torch.Tensor, out: torch.Tensor, info: BlockInfo | None
+) -> torch.Tensor:
+    """``out`` (sublayer ``name``'s output, before layer scale, drop path and the residual add,
+    read from the stream ``x``) rewritten by every hook's :meth:`TowerHook.branch` in turn."""
+    if not hooks or info is None:
+        return out
+    assert info.state is not None
+    for hook in hooks:
+        out = hook.branch(name, x, out, info, info.state)
+    return out
 
 
 def _attend(
@@ -146,14 +185,22 @@ def _attend(
     is_causal: bool,
     keep: torch.Tensor | None,
     info: BlockInfo | None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Every layout's self-attention: the library's attention computation, ``info`` filled (the
-    normed input ``h``, q, k, v, per-head outputs, probabilities if asked), heads merged ``[B, N, C]``."""
+    normed input ``h``, q, k, v, per-head outputs, probabilities if asked), heads merged ``[B, N, C]``.
+
+    ``prefix``: extra keys and values ``[B or 1, H, P, Dh]`` in front of the tokens' own, which
+    every query sees (the causal mask, padding and keep mask cover the tokens only). ``info``
+    describes the tokens: its keys, bias and probabilities leave the prefix columns out."""
     cfg = adapter.attention_config(block)
     if bias is not None:
         bias = bias.to(q.dtype)
     need_probs = info is not None and info.want_probs
-    o, probs = attention(q, k, v, cfg, block.training, bias, is_causal, keep, need_probs)
+    if prefix is None:
+        o, probs = attention(q, k, v, cfg, block.training, bias, is_causal, keep, need_probs)
+    else:
+        o, probs = _attention_with_prefix(q, k, v, prefix, cfg, block.training, bias, is_causal, keep, need_probs)
     if info is not None:
         info.cfg, info.bias, info.keep = cfg, _causal_full(bias, is_causal, q), keep
         info._h, info._q, info._k, info._v, info._head_outputs, info._probs = h, q, k, v, o, probs
@@ -161,10 +208,48 @@ def _attend(
     return o.transpose(1, 2).reshape(h.shape[0], h.shape[1], o.shape[1] * o.shape[-1])
 
 
-def mlp_branch(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """G: the MLP residual branch ``drop_path2(ls2(mlp(norm2(x))))``."""
+def _attention_with_prefix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    cfg: AttentionConfig,
+    training: bool,
+    bias: torch.Tensor | None,
+    is_causal: bool,
+    keep: torch.Tensor | None,
+    need_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`attention` over ``prefix`` keys/values followed by the tokens' own: the masks gain
+    ``P`` leading columns every query may attend to (bias 0, keep 1), the causal mask is written
+    out first so it covers the tokens only; the probabilities returned drop the prefix columns."""
+    pk, pv = prefix
+    batch, p = q.shape[0], pk.shape[-2]
+    k = torch.cat([pk.to(k.dtype).expand(batch, -1, -1, -1), k], dim=-2)
+    v = torch.cat([pv.to(v.dtype).expand(batch, -1, -1, -1), v], dim=-2)
+    if is_causal:
+        bias = _add(bias, causal_bias(q.shape[-2], q.dtype, q.device))
+        is_causal = False
+    if bias is not None:
+        bias = F.pad(bias, (p, 0))
+    if keep is not None:
+        keep = F.pad(keep, (p, 0), value=1.0)
+    o, probs = attention(q, k, v, cfg, training, bias, is_causal, keep, need_probs)
+    return o, None if probs is None else probs[..., p:]
+
+
+def mlp_branch(
+    adapter: TowerAdapter,
+    block: nn.Module,
+    x: torch.Tensor,
+    hooks: Sequence[TowerHook] = (),
+    info: BlockInfo | None = None,
+) -> torch.Tensor:
+    """G: the MLP residual branch ``drop_path2(ls2(mlp(norm2(x))))``; ``hooks`` (with ``info``)
+    rewrite the MLP's output (:meth:`TowerHook.branch`, ``"mlp"``)."""
     parts = adapter.parts(block)
-    return parts.drop_path2(parts.ls2(parts.mlp(parts.norm2(x))))
+    out = branch_output(hooks, "mlp", x, parts.mlp(parts.norm2(x)), info)
+    return parts.drop_path2(parts.ls2(out))
 
 
 def _causal_full(bias: torch.Tensor | None, is_causal: bool, q: torch.Tensor) -> torch.Tensor | None:
@@ -203,7 +288,7 @@ def _enter_block(
 ) -> tuple[torch.Tensor, BlockInfo, torch.Tensor | None, bool]:
     """What every block layout does before its attention: ``before`` hooks, the hooks' say on the
     library mask, the token count, the attention bias (library mask + hooks' biases)."""
-    info = BlockInfo(index=index, depth=depth, block=block, state=state)
+    info = BlockInfo(index=index, depth=depth, block=block, state=state, adapter=adapter)
     for hook in hooks:
         x = hook.before(x, info, state)
     for hook in hooks:
@@ -249,9 +334,9 @@ def run_block(
 ) -> torch.Tensor:
     """One block of ``adapter``'s tower with ``hooks`` applied; see the module docstring."""
     x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal)
-    x = x + attention_branch(adapter, block, x, bias, is_causal, hooks_keep(hooks, state), info)
+    x = x + attention_branch(adapter, block, x, bias, is_causal, hooks_keep(hooks, state), info, hooks)
     x = _between(hooks, info, state, x)
-    x = x + mlp_branch(adapter, block, x)
+    x = x + mlp_branch(adapter, block, x, hooks, info)
     for hook in hooks:
         x = hook.after(x, info, state)
     return x
@@ -267,25 +352,36 @@ def post_norm_attention(
     is_causal: bool = False,
     keep: torch.Tensor | None = None,
     info: BlockInfo | None = None,
+    hooks: Sequence[TowerHook] = (),
 ) -> torch.Tensor:
     """The self-attention sub-layer of a post-norm block: ``norm1(x + attn_out(attention(qkv(x))))``.
 
     Unlike :func:`attention_branch` it returns the new ``x`` (the norm follows the residual add,
     so there is no branch to add). Queries, keys and values are read from ``x`` itself; the
-    library's key/value cache (generation) is applied by :meth:`TowerAdapter.cached_kv`.
-    ``info`` is filled as in :func:`attention_branch` (``h`` is ``x``: there is no pre-norm).
+    library's key/value cache (generation) is applied by :meth:`TowerAdapter.cached_kv` (an
+    attention prefix of the hooks comes after it: it is never cached). ``info`` is filled as in
+    :func:`attention_branch` (``h`` is ``x``: there is no pre-norm); ``hooks`` act as there.
     """
     parts = adapter.parts(block)
     q, k, v = adapter.qkv(block, x)
     k, v = adapter.cached_kv(block, k, v, cross)
-    o = _attend(adapter, block, x, q, k, v, bias, is_causal, keep, info)
-    return parts.norm1(x + parts.drop_path1(parts.ls1(adapter.attn_out(block, o, x))))
+    o = _attend(adapter, block, x, q, k, v, bias, is_causal, keep, info, hooks_prefix(hooks, info, x))
+    out = branch_output(hooks, "attention", x, adapter.attn_out(block, o, x), info)
+    return parts.norm1(x + parts.drop_path1(parts.ls1(out)))
 
 
-def post_norm_ffn(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The feed-forward sub-layer of a post-norm block: ``norm2(x + ffn(x))``."""
+def post_norm_ffn(
+    adapter: TowerAdapter,
+    block: nn.Module,
+    x: torch.Tensor,
+    hooks: Sequence[TowerHook] = (),
+    info: BlockInfo | None = None,
+) -> torch.Tensor:
+    """The feed-forward sub-layer of a post-norm block: ``norm2(x + ffn(x))`` (``hooks`` rewrite
+    ``ffn(x)``, the output after its dropout, as ``"mlp"``)."""
     parts = adapter.parts(block)
-    return parts.norm2(x + parts.drop_path2(parts.ls2(adapter.ffn(block, x))))
+    out = branch_output(hooks, "mlp", x, adapter.ffn(block, x), info)
+    return parts.norm2(x + parts.drop_path2(parts.ls2(out)))
 
 
 def run_post_norm_block(
@@ -308,7 +404,7 @@ def run_post_norm_block(
     and the FFN run on the reduced text while the image keys keep their length; ``after``.
     """
     x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal)
-    x = post_norm_attention(adapter, block, x, cross, bias, is_causal, hooks_keep(hooks, state), info)
+    x = post_norm_attention(adapter, block, x, cross, bias, is_causal, hooks_keep(hooks, state), info, hooks)
     n_before = x.shape[1]
     x = _between(hooks, info, state, x)
     if cross.cache is not None and x.shape[1] != n_before:
@@ -318,7 +414,7 @@ def run_post_norm_block(
             "exist. Pass use_cache=False (training) or remove the token-reduction method for generation"
         )
     x = adapter.cross_attention(block, x, cross)
-    x = post_norm_ffn(adapter, block, x)
+    x = post_norm_ffn(adapter, block, x, hooks, info)
     for hook in hooks:
         x = hook.after(x, info, state)
     return x

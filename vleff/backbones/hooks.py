@@ -64,6 +64,8 @@ class BlockInfo:
     index: int
     depth: int
     block: torch.nn.Module | None = None
+    #: the tower's adapter (a hook that runs the block's own projections on its own inputs)
+    adapter: Any = None
     cfg: AttentionConfig | None = None
     bias: torch.Tensor | None = None
     keep: torch.Tensor | None = None
@@ -318,3 +320,26 @@ class TowerHook:
         """Soft keep weights ``[B, N]`` over keys: a key with keep 0 gets no attention except
         from itself (differentiable in the weights), or ``None``."""
         return None
+
+    def attention_prefix(
+        self, info: BlockInfo, state: TokenState, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Extra keys and values ``[B or 1, H, P, Dh]`` placed in front of block ``info.index``'s
+        self-attention keys and values, or ``None``.
+
+        Every query attends to them (the causal mask, padding and keep masks cover the tokens
+        only); they are not tokens: nothing else reads them, no output row comes from them, and
+        ``info``'s keys and probabilities leave them out. ``h`` is the normed input the attention
+        reads (a hook that makes its keys from learned tokens runs them through the same
+        projections: ``info.adapter.qkv(info.block, ...)``). Prefix-tuning, VPT-deep and attention
+        prompts are this seam."""
+        return None
+
+    def branch(self, name: str, x: torch.Tensor, out: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
+        """Sublayer ``name``'s output ``out``, rewritten (default: unchanged).
+
+        ``name`` is ``"attention"`` (after the output projection) or ``"mlp"`` (the MLP's output; a
+        post-norm block's FFN after its dropout); ``out`` comes before the layer scale, drop path
+        and residual add of the block, ``x`` is the residual stream the sublayer read (before its
+        norm). Serial adapters return ``out + adapter(out)``, parallel ones ``out + s·adapter(x)``."""
+        return out
