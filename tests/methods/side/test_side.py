@@ -422,8 +422,8 @@ def test_lst_mixin_applies_freezes_and_saves_side_only(tmp_path):
 
 # ------------------------------------------------------------------------------ DDP (2 processes)
 class _SyncCheck(pl.Callback):
-    """Per rank: the trained parameters (those requiring grad: the side network, or LoRA's
-    adapters) equal across ranks after the steps and changed; the backbone's own weights frozen."""
+    """Per rank: the trained parameters (those requiring grad: the side network, or the peft
+    adapters) equal across ranks after the steps and changed; the blocks' frozen weights unchanged."""
 
     def __init__(self, out_dir):
         self.out_dir = out_dir
@@ -431,14 +431,22 @@ class _SyncCheck(pl.Callback):
     def _trained(self, pl_module):
         return [p for n, p in pl_module.named_parameters() if p.requires_grad and ".head." not in n]
 
+    def _frozen(self, pl_module):
+        return torch.cat([p.detach().flatten() for p in pl_module.model.blocks.parameters() if not p.requires_grad])
+
     def on_train_start(self, trainer, pl_module):
         self.start = torch.cat([p.detach().flatten().clone() for p in self._trained(pl_module)])
+        self.frozen_start = self._frozen(pl_module).clone()
 
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for p in self._trained(pl_module)])
         gathered = trainer.strategy.all_gather(flat)
         same = bool(torch.equal(gathered[0], gathered[1]))
-        frozen = all(not p.requires_grad for n, p in pl_module.model.blocks.named_parameters() if "lora_" not in n)
+        adapters = ("lora_", "ia3_", "hada_")  # peft's adapter parameter names: nothing else in the blocks trains
+        trained_in_blocks = [n for n, p in pl_module.model.blocks.named_parameters() if p.requires_grad]
+        frozen = torch.equal(self._frozen(pl_module), self.frozen_start) and all(
+            any(a in n for a in adapters) for n in trained_in_blocks
+        )
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(
             f"{same} {not torch.equal(flat, self.start)} {frozen}"
         )
@@ -451,10 +459,14 @@ class _SyncCheck(pl.Callback):
         {"LadderSideTuning": {"reduction": 4}},
         {"LoRA": {"r": 4}},
         {"UniPT": {"factor": 2}, "VisualQueryTuning": {"num_queries": 1}},
+        {"DoRA": {"r": 4}},
+        {"IA3": {}},
+        {"AdaLoRA": {"init_r": 6, "target_r": 2, "total_step": 2}},
+        {"LoHa": {"r": 4}},
     ],
-    ids=["lst", "lora", "unipt+vqt"],
+    ids=["lst", "lora", "unipt+vqt", "dora", "ia3", "adalora", "loha"],
 )
-def test_side_and_lora_callbacks_under_two_process_ddp_gloo(callbacks, tmp_path):
+def test_side_and_peft_callbacks_under_two_process_ddp_gloo(callbacks, tmp_path):
     module = tl.TinyClassifier()
     methods = [getattr(vleff.callbacks, name)(**settings) for name, settings in callbacks.items()]
     trainer = tl.trainer(tmp_path, [*methods, _SyncCheck(tmp_path)], max_steps=2, devices=2, strategy="ddp_fork")
