@@ -153,7 +153,13 @@ def _speed_rows(
 
 def _side_memory_rows(device: str, tiny: bool, model: str) -> list[dict[str, Any]]:
     """``benchmarks/side_memory.py`` (each method in a fresh process), rows parsed from its output."""
-    methods = ("full,lst" if model == "vit_b16" else "lst") if tiny else "full,linear,lora,lst,unipt,vqt"
+    if tiny:
+        methods = "full,lst" if model == "vit_b16" else "lst"
+    else:  # every tuning method the library registers (side_memory's default)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from side_memory import tuning_methods
+
+        methods = ",".join(tuning_methods())
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "side_memory.py"),

@@ -36,7 +36,6 @@ from typing import Any
 MODELS = ("vit_b16", "clip_b32")
 #: ``--models clip_both``: the whole open_clip ViT-B-32 CLIP, both towers, symmetric contrastive loss
 CLIP_BOTH = "clip_both"
-METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
 TAG = "SIDE_MEMORY_RESULT "
 MIB = 2**20
 
@@ -75,61 +74,48 @@ def build(model: str):
     return net, net.head, 224
 
 
+def tuning_methods() -> tuple[str, ...]:
+    """``full``, ``linear`` and every registered tuning method (kind ``"side"``: side networks and
+    the peft family): a method that lands appears here with no edit."""
+    from vleff.registry import available_methods, get_method
+
+    # methods with towers (a host method such as MemVP acts on a language model, not on these)
+    return ("full", "linear", *(n for n in available_methods("side") if get_method(n).towers))
+
+
+#: settings of the table (the registry's ``bench_settings`` otherwise): LoRA-family rank 8
+SIDE_SETTINGS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 8, "alpha": 16},
+    "lst": {"reduction": 8},
+    "unipt": {"factor": 2},
+    "vqt": {"num_queries": 1},
+}
+
+
 def prepare(method: str, net, head) -> None:
-    """Apply the method and set ``requires_grad`` as its callback would. ``head=None``: the
-    whole CLIP (both towers), where "linear probe" trains the two output projections
-    (``visual.proj``, ``text_projection``) and the side methods train their side modules only
-    (VQT has an image tower side only: the text tower stays frozen)."""
-    from vleff.side import common
+    """Apply the method through the registry; its ``apply`` leaves exactly what it trains with
+    ``requires_grad`` (every tuning method freezes the backbone on apply, as its callback does).
+    ``head=None``: the whole CLIP (both towers), where "linear probe" trains the two output
+    projections (``visual.proj``, ``text_projection``) and the methods train their own modules
+    only (a method on one tower leaves the other frozen); otherwise the task head trains in
+    every method, as the callbacks' ``train_head`` does."""
+    from vleff.registry import get_method
 
     if method == "full":
         return
-    if head is None:
-        if method == "lora":
-            from vleff.methods.lora.core import apply_lora
-
-            apply_lora(net, r=8, alpha=16)  # both towers' in_proj_weight; only the adapters train
-            return
-        if method == "linear":
-            keep = {id(net.visual.proj), id(net.text_projection)}
-        else:
-            from vleff.registry import get_method
-
-            get_method(method).apply(net, get_method(method).config.build(**SIDE_SETTINGS[method]))
-            keep = {id(p) for m in common.side_modules(net) for p in m.parameters()}
+    if method == "linear":
+        keep = (
+            {id(p) for p in head.parameters()} if head is not None else {id(net.visual.proj), id(net.text_projection)}
+        )
         for p in net.parameters():
             p.requires_grad_(id(p) in keep)
         return
-    if method == "linear":
-        for p in net.parameters():
-            p.requires_grad_(False)
+    entry = get_method(method)
+    settings = {**entry.bench_settings, **SIDE_SETTINGS.get(method, {})}
+    entry.apply(net, entry.config.build(**settings))
+    if head is not None:
         for p in head.parameters():
             p.requires_grad_(True)
-        return
-    if method == "lora":
-        from vleff.methods.lora.core import apply_lora
-
-        apply_lora(net, r=8, alpha=16)
-    elif method == "lst":
-        from vleff.methods.lst.core import apply_lst
-
-        apply_lst(net, reduction=8)
-        common.freeze_backbone(net)
-    elif method == "unipt":
-        from vleff.methods.unipt.core import apply_unipt
-
-        apply_unipt(net, factor=2)
-        common.freeze_backbone(net)
-    elif method == "vqt":
-        from vleff.methods.vqt.core import apply_vqt
-
-        apply_vqt(net, num_queries=1)
-        common.freeze_backbone(net)
-    for p in head.parameters():  # the task head trains in every method
-        p.requires_grad_(True)
-
-
-SIDE_SETTINGS = {"lst": {"reduction": 8}, "unipt": {"factor": 2}, "vqt": {"num_queries": 1}}
 
 
 def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
@@ -143,7 +129,7 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
     from vleff.profile.memory import _is_parameter, optimizer_state_bytes, peak_memory_bytes, tensor_storage_bytes
     from vleff.side import common
 
-    side = method in ("lst", "unipt", "vqt")
+    side = bool(common.side_modules(net))  # a side network: the frozen backbone runs in eval mode
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     seen: dict[int, Any] = {}
@@ -273,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated (default: full, linear, every tuning method)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: process peak = allocated tensors)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"))
     parser.add_argument("--rows", help="print the table of the JSON rows in this file (no measurement)")
@@ -288,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for model in args.models.split(","):
-        for method in args.methods.split(","):
+        for method in args.methods.split(",") if args.methods else tuning_methods():
             cmd = [
                 sys.executable,
                 __file__,
