@@ -1,27 +1,28 @@
-"""Tuning beside a frozen backbone on digits: accuracy against training memory.
+"""Every tuning method on digits: accuracy against training memory.
 
-    python benchmarks/side_digits.py [--epochs 15] [--ft-epochs 4] [--out side_digits.json]
-        [--plot docs/img/side_digits.png]
+    python benchmarks/side_digits.py [--epochs 15] [--ft-epochs 4] [--seeds 0 1 2] [--methods full,lora,...]
+        [--out side_digits.json] [--plot docs/img/side_digits.png]
 
 1. **pretraining**: the 6-block, 128-wide digits ViT (``vit_tiny_digits``, 65 tokens; the
    bundled 8x8 digits at 32 px) trained from scratch on upright digits for ``--epochs`` epochs
-   with ``benchmarks/pareto_digits.py``'s recipe (AdamW, warm-up and cosine, batch 64);
+   with ``benchmarks/pareto_digits.py``'s recipe (AdamW, warm-up and cosine, batch 64), once per
+   seed;
 2. **the shifted task**: the same digits rotated by 90° (train and validation split alike; the
    labels unchanged). Starting from the pretrained weights, every method trains for the same
-   ``--ft-epochs`` epochs (the same number of steps) in a real ``Trainer.fit`` through its
-   vleff callback: full fine-tuning, linear probe (head only), LoRA r=8 (``peft``, attention
-   ``qkv``; :class:`vleff.callbacks.LoRA`), LST r=8 (:class:`~vleff.callbacks.LadderSideTuning`),
-   UniPT factor 2 (:class:`~vleff.callbacks.UniPT`), VQT T=1
-   (:class:`~vleff.callbacks.VisualQueryTuning`). The head trains in every method.
+   ``--ft-epochs`` epochs (the same number of steps) in a real ``Trainer.fit`` through its own
+   vleff callback (the registry entry's, with its ``bench_settings``; LoRA-family rank 8, LST
+   r=8, UniPT factor 2, VQT T=1 — ``side_memory.SIDE_SETTINGS``): full fine-tuning, linear probe
+   (head only) and every tuning method the registry holds (``side_memory.tuning_methods``: a
+   method that lands is in the table with no edit). The head trains in every method.
 
 Learning rates: ``--ft-lr`` (full fine-tuning) and ``--peft-lr`` (every other method: they
 train a few, mostly zero-initialised parameters and conventionally use a larger rate); no sweep.
 
-Per method: top-1 on the rotated validation split (eval mode), and the training memory of one
-step at the training batch (64) on the trained module, measured with
-``benchmarks/side_memory.py``'s :func:`measure_step` (bytes saved for backward, each storage
-once, parameters excluded; ``.grad`` bytes; AdamW state bytes). The plot puts accuracy against
-their sum. One seed, CPU.
+Per method: top-1 on the rotated validation split (eval mode; mean ± std over ``--seeds``, the
+data split fixed by the first), and the training memory of one step at the training batch (64)
+on the trained module, measured with ``benchmarks/side_memory.py``'s :func:`measure_step` (bytes
+saved for backward, each storage once, parameters excluded; ``.grad`` bytes; AdamW state bytes).
+The plot puts accuracy against their sum. CPU.
 """
 
 from __future__ import annotations
@@ -36,17 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pareto_digits import _quiet, fit, new_classifier  # noqa: E402  (same folder: one recipe)
-from side_memory import measure_step  # noqa: E402  (same folder: one memory measurement)
+from side_memory import SIDE_SETTINGS, measure_step, tuning_methods  # noqa: E402  (one memory measurement)
 
-METHODS = ("full", "linear", "lora", "lst", "unipt", "vqt")
-LABELS = {
-    "full": "full fine-tuning",
-    "linear": "linear probe",
-    "lora": "LoRA r=8 (peft)",
-    "lst": "LST r=8",
-    "unipt": "UniPT",
-    "vqt": "VQT T=1",
-}
+#: how the table names the two references (a method's label is its registry display name)
+LABELS = {"full": "full fine-tuning", "linear": "linear probe"}
 MIB = 2**20
 
 
@@ -78,17 +72,25 @@ def head_only():
     return LinearProbe()
 
 
-def callbacks_for(method: str) -> list:
-    from vleff.callbacks import LadderSideTuning, LoRA, UniPT, VisualQueryTuning
+def label(method: str) -> str:
+    from vleff.registry import get_method
 
-    return {
-        "full": [],
-        "linear": [head_only()],
-        "lora": [LoRA(r=8, alpha=16)],
-        "lst": [LadderSideTuning(reduction=8)],
-        "unipt": [UniPT(factor=2)],
-        "vqt": [VisualQueryTuning(num_queries=1)],
-    }[method]
+    return LABELS.get(method) or get_method(method).display_name or method
+
+
+def callbacks_for(method: str) -> list:
+    """The method's own Lightning callback (its registry entry), with the table's settings."""
+    if method == "full":
+        return []
+    if method == "linear":
+        return [head_only()]
+    import importlib
+
+    from vleff.registry import get_method
+
+    entry = get_method(method)
+    module, _, name = entry.callback.rpartition(".")
+    return [getattr(importlib.import_module(module), name)(**{**entry.bench_settings, **SIDE_SETTINGS.get(method, {})})]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -100,10 +102,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=130)
     for r in rows:
         x = r["training_bytes"] / MIB
-        ax.scatter([x], [100 * r["accuracy"]], s=60, zorder=3)
-        ax.annotate(
-            LABELS[r["method"]], (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8
-        )
+        ax.errorbar([x], [100 * r["accuracy"]], yerr=[100 * r.get("accuracy_std", 0.0)], fmt="o", ms=6, capsize=3)
+        ax.annotate(label(r["method"]), (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axhline(100 * rows[0]["start_accuracy"], color="0.5", lw=0.8, ls=":", label="pretrained, before tuning")
     ax.set_xscale("log")
     ax.margins(x=0.2)  # room for the labels of the outermost points
@@ -125,16 +125,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ft-lr", type=float, default=5e-4)
     parser.add_argument("--peft-lr", type=float, default=2e-3)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=None, help="comma-separated (default: full, linear, every tuning method)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="pretraining and tuning seeds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
-    methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(METHODS))
+    known = tuning_methods()
+    methods = args.methods.split(",") if args.methods else list(known)
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(known)}")
     _quiet()
     torch.set_num_threads(args.threads)
     import lightning.pytorch as pl
@@ -143,69 +144,99 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from vleff.data import DigitsDataModule
 
     started = time.perf_counter()
-    upright = DigitsDataModule(image_size=32, batch_size=64, seed=args.seed)
-    shifted = rotated_digits(args.seed)
+    split = args.seeds[0]  # the data split (every training seed sees the same one)
+    upright = DigitsDataModule(image_size=32, batch_size=64, seed=split)
+    shifted = rotated_digits(split)
     shifted.setup("fit")
+    upright.setup("fit")
     val = list(shifted.val_dataloader())
     train_x, train_y = next(iter(shifted.train_dataloader()))
 
-    pl.seed_everything(args.seed, verbose=False)
-    base = new_classifier(args.lr)
-    seconds = fit(base, upright, args.epochs, [], "pretrain", None)
-    upright.setup("fit")
-    pre = {
-        "upright_accuracy": accuracy(base, list(upright.val_dataloader())),
-        "start_accuracy": accuracy(base, val),
-        "pretrain_seconds": round(seconds, 1),
-    }
-    print(
-        f"pretrained: upright {100 * pre['upright_accuracy']:.2f} %, rotated before tuning "
-        f"{100 * pre['start_accuracy']:.2f} % ({seconds:.0f} s)",
-        flush=True,
-    )
-    weights = {k: v.clone() for k, v in base.state_dict().items()}
-
-    rows = []
-    for method in methods:
-        pl.seed_everything(args.seed, verbose=False)
-        module = new_classifier(args.ft_lr if method == "full" else args.peft_lr, weights)
-        pl.seed_everything(args.seed + 1, verbose=False)
-        seconds = fit(module, shifted, args.ft_epochs, callbacks_for(method), method, None)
-        acc = accuracy(module, val)
-        mem = measure_step(module, method, train_x, train_y)  # one more step, after the accuracy
-        row = {
-            "method": method,
-            "accuracy": acc,
-            "train_seconds": round(seconds, 1),
-            **pre,
-            "saved_bytes": mem["saved_bytes"],
-            "grad_bytes": mem["grad_bytes"],
-            "optimizer_bytes": mem["optimizer_bytes"],
-            "training_bytes": mem["saved_bytes"] + mem["grad_bytes"] + mem["optimizer_bytes"],
-            "trainable": mem["trainable"],
-            "trainable_pct": mem["trainable_pct"],
+    runs = []
+    for seed in args.seeds:
+        pl.seed_everything(seed, verbose=False)
+        base = new_classifier(args.lr)
+        seconds = fit(base, upright, args.epochs, [], f"pretrain seed {seed}", None)
+        pre = {
+            "upright_accuracy": accuracy(base, list(upright.val_dataloader())),
+            "start_accuracy": accuracy(base, val),
+            "pretrain_seconds": round(seconds, 1),
         }
-        rows.append(row)
         print(
-            f"{LABELS[method]:<18} top-1 {100 * acc:6.2f} %  saved {row['saved_bytes'] / MIB:7.2f} MiB  "
-            f"grad {row['grad_bytes'] / MIB:6.2f} MiB  optimizer {row['optimizer_bytes'] / MIB:6.2f} MiB  "
-            f"trainable {row['trainable_pct']:6.2f} %  {seconds:5.0f} s",
+            f"seed {seed} pretrained: upright {100 * pre['upright_accuracy']:.2f} %, rotated before tuning "
+            f"{100 * pre['start_accuracy']:.2f} % ({seconds:.0f} s)",
             flush=True,
         )
+        weights = {k: v.clone() for k, v in base.state_dict().items()}
+        for method in methods:
+            pl.seed_everything(seed, verbose=False)
+            module = new_classifier(args.ft_lr if method == "full" else args.peft_lr, weights)
+            pl.seed_everything(seed + 1, verbose=False)
+            seconds = fit(module, shifted, args.ft_epochs, callbacks_for(method), method, None)
+            acc = accuracy(module, val)
+            mem = measure_step(module, method, train_x, train_y)  # one more step, after the accuracy
+            row = {
+                "seed": seed,
+                "method": method,
+                "accuracy": acc,
+                "train_seconds": round(seconds, 1),
+                **pre,
+                "saved_bytes": mem["saved_bytes"],
+                "grad_bytes": mem["grad_bytes"],
+                "optimizer_bytes": mem["optimizer_bytes"],
+                "training_bytes": mem["saved_bytes"] + mem["grad_bytes"] + mem["optimizer_bytes"],
+                "trainable": mem["trainable"],
+                "trainable_pct": mem["trainable_pct"],
+            }
+            runs.append(row)
+            print(
+                f"seed {seed} {label(method):<18} top-1 {100 * acc:6.2f} %  saved {row['saved_bytes'] / MIB:7.2f} MiB"
+                f"  grad {row['grad_bytes'] / MIB:6.2f} MiB  optimizer {row['optimizer_bytes'] / MIB:6.2f} MiB  "
+                f"trainable {row['trainable_pct']:6.2f} %  {seconds:5.0f} s",
+                flush=True,
+            )
+    rows = summarize(runs)
     elapsed = time.perf_counter() - started
     print(table(rows))
     print(f"total {elapsed:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "settings": vars(args), "seconds": round(elapsed, 1)}, f, indent=2)
+            json.dump({"rows": rows, "runs": runs, "settings": vars(args), "seconds": round(elapsed, 1)}, f, indent=2)
     if args.plot:
+        seeds = len(args.seeds)
         plot(
             rows,
             Path(args.plot),
-            f"digits ViT pretrained {args.epochs} epochs upright; every method "
-            f"{args.ft_epochs} epochs on 90°-rotated digits (CPU, one seed)",
+            f"digits ViT pretrained {args.epochs} epochs upright; every method {args.ft_epochs} epochs on "
+            f"90°-rotated digits (CPU, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})",
         )
     return rows
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per method: accuracy mean and std over seeds; memory and counts of the first seed
+    (they do not depend on the seed); ``start_accuracy`` averaged."""
+    import statistics
+
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        accs = [r["accuracy"] for r in group]
+        rows.append(
+            {
+                **group[0],
+                "seeds": [r["seed"] for r in group],
+                "accuracy": statistics.fmean(accs),
+                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "start_accuracy": statistics.fmean(r["start_accuracy"] for r in group),
+                "train_seconds": statistics.fmean(r["train_seconds"] for r in group),
+            }
+        )
+    return rows
+
+
+def pm(row: dict) -> str:
+    return f" ± {100 * row['accuracy_std']:.2f}" if len(row.get("seeds", [])) > 1 else ""
 
 
 def table(rows: list[dict]) -> str:
@@ -218,7 +249,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ratio = f" ({r['training_bytes'] / full['training_bytes']:.3f}×)" if full else ""
         lines.append(
-            f"| {LABELS[r['method']]} | {100 * r['accuracy']:.2f} % | {r['saved_bytes'] / MIB:.2f} | "
+            f"| {label(r['method'])} | {100 * r['accuracy']:.2f}{pm(r)} % | {r['saved_bytes'] / MIB:.2f} | "
             f"{r['grad_bytes'] / MIB:.2f} | {r['optimizer_bytes'] / MIB:.2f} | "
             f"{r['training_bytes'] / MIB:.2f}{ratio} | {r['trainable_pct']:.2f} | {r['train_seconds']:.0f} s |"
         )
