@@ -1,5 +1,7 @@
-"""What every ``peft`` tuner method of vleff shares (DoRA, IA³, AdaLoRA): targets from the
-per-family role table, injection in place, exact removal, the adapter-only state.
+"""What every ``peft`` tuner method of vleff shares (DoRA, IA³, AdaLoRA, LoHa, LoKr, OFT): targets
+from the per-family role table, injection in place, exact removal, the adapter-only state — and
+:class:`PeftTuner`, which binds them for one tuner so its folder holds only its config and how
+its ``peft`` config is built.
 
 ``peft`` does the adapter arithmetic; this module only decides *where* (the towers' blocks,
 :data:`vleff.backbones.targets.PEFT_TARGETS`) and keeps vleff's guarantees around it:
@@ -20,6 +22,7 @@ The methods name themselves (``method``); this module names none (a shared layer
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -268,8 +271,88 @@ def refuse_bare_parameters(tower: TowerAdapter, label: str, supported: str, why:
     return tower.unsupported(label, f"{supported} ({why})")
 
 
+@dataclass(frozen=True)
+class PeftTuner:
+    """Everything one ``peft`` tuner method of vleff is besides its config: where it goes and how
+    its ``peft`` config is built. The rest — replace an earlier application, refuse a tower the
+    tuner cannot wrap before anything changes, refuse a conflicting method, inject in place, remove
+    exactly, the adapter parameters and state, the settings as applied — is the same for every
+    tuner and lives here, once.
+
+    Attributes:
+        name: the registry name (``"loha"``), also the tag of its layers.
+        label: how messages name it (``"LoHa"``).
+        supported: the towers it wraps, for the refusal of one it cannot.
+        why_not_bare: why a tower whose q/k/v are bare parameters (open_clip's
+            ``in_proj_weight``) is refused.
+        peft_config: ``peft_config(config, targets) -> peft config``; ``targets`` are
+            keyword arguments of the ``peft`` config (``target_modules=[...]``, ...).
+        roles: the roles of :data:`vleff.backbones.targets.PEFT_TARGETS` it wraps.
+        feedforward_roles: roles among ``roles`` that are also ``feedforward_modules`` (IA³
+            scales their input instead of their output).
+        tuner_class: a ``peft`` tuner class built on the model in place (AdaLoRA's rank
+            allocator needs it), or ``None`` for ``inject_adapter_in_model``.
+    """
+
+    name: str
+    label: str
+    supported: str
+    why_not_bare: str
+    peft_config: Callable[[Any, dict[str, list[str]]], Any]
+    roles: tuple[str, ...] = ("attention_in",)
+    feedforward_roles: tuple[str, ...] = ()
+    tuner_class: Callable[[], type] | None = None
+
+    def targets(self, model: nn.Module, towers: str = "all", roles: tuple[str, ...] | None = None) -> list[str]:
+        """Full names (relative to ``model``) of the modules it wraps in ``towers`` (``roles``:
+        a subset of its roles); ``TypeError`` naming the tower and what is supported for a tower it
+        cannot wrap."""
+        refuse = lambda t: refuse_bare_parameters(t, self.label, self.supported, self.why_not_bare)
+        return tuner_targets(chosen_towers(model, towers), roles or self.roles, model, refuse)[0]
+
+    def peft_targets(self, model: nn.Module, config: Any, roles: tuple[str, ...] | None = None) -> dict[str, list[str]]:
+        roles = roles or self.roles
+        out = {"target_modules": self.targets(model, config.towers, roles)}
+        feedforward = tuple(r for r in self.feedforward_roles if r in roles)
+        if feedforward:
+            out["feedforward_modules"] = self.targets(model, config.towers, feedforward)
+        return out
+
+    def apply(self, model: nn.Module, config: Any, roles: tuple[str, ...] | None = None) -> nn.Module:
+        """The tuner on ``config.towers`` of ``model`` in place (an earlier application replaced);
+        only its adapters (and a timm head with ``config.train_head``) train."""
+        from vleff.registry import refuse_applied_conflicts
+
+        if self.applied(model):
+            self.remove(model)
+        targets = self.peft_targets(model, config, roles)  # refuses before anything changes
+        refuse_applied_conflicts(model, self.name)
+        towers = chosen_towers(model, config.towers)
+        tuner = self.tuner_class() if self.tuner_class is not None else None
+        peft_config = self.peft_config(config, targets)
+        return inject_tuner(model, self.name, peft_config, towers, config.train_head, config.as_dict(), tuner)
+
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`apply` exactly (modules, names, flags, ``state_dict`` keys)."""
+        return remove_tuner(model, self.name, self.label)
+
+    def applied(self, model: nn.Module) -> bool:
+        return tuner_in(model, self.name)
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return adapter_parameters(model, self.name)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapters' (and trainable heads') state: what an adapter-only checkpoint keeps."""
+        return adapter_state_dict(model, self.name)
+
+    def settings(self, model: nn.Module) -> dict[str, Any]:
+        return applied_settings(model, self.name)
+
+
 __all__ = [
     "ADAPTER",
+    "PeftTuner",
     "adapter_parameters",
     "adapter_state_dict",
     "applied_settings",

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.registry import MethodConfig
 from vleff.side import peft_tuners as pt
 
 NAME = "adalora"
@@ -107,12 +107,38 @@ class AdaLoRAConfig(MethodConfig):
             )
 
 
-def adalora_targets(model: nn.Module, towers: str = "all") -> list[str]:
-    chosen = pt.chosen_towers(model, towers)
-    modules, _ = pt.tuner_targets(
-        chosen, ("attention_in",), model, lambda t: pt.refuse_bare_parameters(t, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP)
+def _peft_config(cfg: AdaLoRAConfig, targets: dict[str, list[str]]) -> Any:
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(
+        init_r=cfg.init_r,
+        target_r=cfg.target_r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        total_step=cfg.total_step,
+        tinit=cfg.tinit,
+        tfinal=cfg.tfinal,
+        deltaT=cfg.delta_t,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        orth_reg_weight=cfg.orth_reg_weight,
+        **targets,
     )
-    return modules
+
+
+def _tuner_class() -> type:
+    from peft.tuners.adalora import AdaLoraModel
+
+    return AdaLoraModel
+
+
+# built through peft's tuner class, not inject_adapter_in_model: the rank allocator is model-level state
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, tuner_class=_tuner_class)
+
+
+def adalora_targets(model: nn.Module, towers: str = "all") -> list[str]:
+    """Full names (relative to ``model``) of the modules AdaLoRA wraps in ``towers``."""
+    return TUNER.targets(model, towers)
 
 
 def orthogonal_regulariser(model: nn.Module) -> torch.Tensor:
@@ -154,9 +180,6 @@ def apply_adalora(model: nn.Module, config: AdaLoRAConfig | None = None, **setti
         TypeError: a tower AdaLoRA cannot wrap (open_clip, BLIP, ...), naming it and the supported ones.
         ValueError: ``total_step`` is not given; another projection-wrapping method is applied.
     """
-    from peft import AdaLoraConfig
-    from peft.tuners.adalora import AdaLoraModel
-
     cfg = AdaLoRAConfig.build(config, **settings)
     if cfg.total_step is None:
         raise ValueError(
@@ -165,32 +188,8 @@ def apply_adalora(model: nn.Module, config: AdaLoRAConfig | None = None, **setti
             "trainer's max_steps when it is not given)"
         )
     if adalora_applied(model):
-        remove_adalora(model)
-    targets = adalora_targets(model, cfg.towers)
-    refuse_applied_conflicts(model, NAME)
-    peft_config = AdaLoraConfig(
-        init_r=cfg.init_r,
-        target_r=cfg.target_r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        total_step=cfg.total_step,
-        tinit=cfg.tinit,
-        tfinal=cfg.tfinal,
-        deltaT=cfg.delta_t,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        orth_reg_weight=cfg.orth_reg_weight,
-        target_modules=targets,
-    )
-    pt.inject_tuner(
-        model,
-        NAME,
-        peft_config,
-        pt.chosen_towers(model, cfg.towers),
-        cfg.train_head,
-        cfg.as_dict(),
-        tuner_class=AdaLoraModel,
-    )
+        remove_adalora(model)  # the regulariser's hook too
+    TUNER.apply(model, cfg)
     object.__setattr__(model, HOOK_ATTR, model.register_forward_hook(OrthogonalLoss(cfg.orth_reg_weight)).id)
     return model
 
@@ -208,20 +207,10 @@ def remove_adalora(model: nn.Module) -> nn.Module:
     return pt.remove_tuner(model, NAME, LABEL)
 
 
-def adalora_applied(model: nn.Module) -> bool:
-    return pt.tuner_in(model, NAME)
-
-
-def adalora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return pt.adapter_parameters(model, NAME)
-
-
-def adalora_state_dict(model: nn.Module) -> dict[str, Any]:
-    return pt.adapter_state_dict(model, NAME)
-
-
-def adalora_settings(model: nn.Module) -> dict[str, Any]:
-    return pt.applied_settings(model, NAME)
+adalora_applied = TUNER.applied
+adalora_parameters = TUNER.parameters
+adalora_state_dict = TUNER.state_dict
+adalora_settings = TUNER.settings
 
 
 def allocator(model: nn.Module) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.registry import MethodConfig
 from vleff.side import peft_tuners as pt
 
 NAME = "dora"
@@ -63,14 +63,19 @@ class DoRAConfig(MethodConfig):
         check_towers(self.towers, TOWERS)
 
 
+def _peft_config(cfg: DoRAConfig, targets: dict[str, list[str]]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=True, **targets)
+
+
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config)
+
+
 def dora_targets(model: nn.Module, towers: str = "all") -> list[str]:
     """Full names (relative to ``model``) of the ``nn.Linear`` modules DoRA wraps; ``TypeError``
     naming the tower and what is supported for a tower it cannot wrap."""
-    chosen = pt.chosen_towers(model, towers)
-    modules, _ = pt.tuner_targets(
-        chosen, ("attention_in",), model, lambda t: pt.refuse_bare_parameters(t, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP)
-    )
-    return modules
+    return TUNER.targets(model, towers)
 
 
 def apply_dora(model: nn.Module, config: DoRAConfig | None = None, **settings: Any) -> nn.Module:
@@ -82,36 +87,11 @@ def apply_dora(model: nn.Module, config: DoRAConfig | None = None, **settings: A
         TypeError: a tower DoRA cannot wrap (open_clip, BLIP, ...), naming it and the supported ones.
         ValueError: another method that wraps the projections (LoRA, IA³, AdaLoRA) is applied.
     """
-    from peft import LoraConfig
-
-    cfg = DoRAConfig.build(config, **settings)
-    if dora_applied(model):
-        remove_dora(model)
-    targets = dora_targets(model, cfg.towers)  # refuses before anything changes
-    refuse_applied_conflicts(model, NAME)
-    peft_config = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=True, target_modules=targets
-    )
-    return pt.inject_tuner(model, NAME, peft_config, pt.chosen_towers(model, cfg.towers), cfg.train_head, cfg.as_dict())
+    return TUNER.apply(model, DoRAConfig.build(config, **settings))
 
 
-def remove_dora(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_dora` exactly (modules, names, flags, ``state_dict`` keys)."""
-    return pt.remove_tuner(model, NAME, LABEL)
-
-
-def dora_applied(model: nn.Module) -> bool:
-    return pt.tuner_in(model, NAME)
-
-
-def dora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return pt.adapter_parameters(model, NAME)
-
-
-def dora_state_dict(model: nn.Module) -> dict[str, Any]:
-    """The adapters' (and trainable heads') state: what an adapter-only checkpoint keeps."""
-    return pt.adapter_state_dict(model, NAME)
-
-
-def dora_settings(model: nn.Module) -> dict[str, Any]:
-    return pt.applied_settings(model, NAME)
+remove_dora = TUNER.remove
+dora_applied = TUNER.applied
+dora_parameters = TUNER.parameters
+dora_state_dict = TUNER.state_dict
+dora_settings = TUNER.settings

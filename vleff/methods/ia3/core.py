@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_towers
-from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.registry import MethodConfig
 from vleff.side import peft_tuners as pt
 
 NAME = "ia3"
@@ -57,14 +57,27 @@ class IA3Config(MethodConfig):
         check_towers(self.towers, TOWERS)
 
 
+def _peft_config(cfg: IA3Config, targets: dict[str, list[str]]) -> Any:
+    from peft import IA3Config as PeftIA3Config
+
+    # peft wants feedforward_modules even when empty (mlp=False)
+    return PeftIA3Config(
+        target_modules=targets["target_modules"], feedforward_modules=targets.get("feedforward_modules", [])
+    )
+
+
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, ("attention_in", "mlp_out"), ("mlp_out",))
+
+
+def _roles(mlp: bool) -> tuple[str, ...]:
+    return ("attention_in", "mlp_out") if mlp else ("attention_in",)
+
+
 def ia3_targets(model: nn.Module, towers: str = "all", mlp: bool = True) -> dict[str, list[str]]:
     """``{"target_modules": [...], "feedforward_modules": [...]}``: full names (relative to
     ``model``); ``TypeError`` naming the tower and what is supported for one IA³ cannot wrap."""
-    chosen = pt.chosen_towers(model, towers)
-    refuse = lambda t: pt.refuse_bare_parameters(t, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP)
-    attention, _ = pt.tuner_targets(chosen, ("attention_in",), model, refuse)
-    feedforward = pt.tuner_targets(chosen, ("mlp_out",), model, refuse)[0] if mlp else []
-    return {"target_modules": attention + feedforward, "feedforward_modules": feedforward}
+    targets = TUNER.peft_targets(model, IA3Config(mlp=mlp, towers=towers), _roles(mlp))
+    return {"target_modules": targets["target_modules"], "feedforward_modules": targets.get("feedforward_modules", [])}
 
 
 def apply_ia3(model: nn.Module, config: IA3Config | None = None, **settings: Any) -> nn.Module:
@@ -76,33 +89,12 @@ def apply_ia3(model: nn.Module, config: IA3Config | None = None, **settings: Any
         TypeError: a tower IA³ cannot wrap (open_clip, BLIP, ...), naming it and the supported ones.
         ValueError: another method that wraps the projections (LoRA, DoRA, AdaLoRA) is applied.
     """
-    from peft import IA3Config as PeftIA3Config
-
     cfg = IA3Config.build(config, **settings)
-    if ia3_applied(model):
-        remove_ia3(model)
-    targets = ia3_targets(model, cfg.towers, cfg.mlp)
-    refuse_applied_conflicts(model, NAME)
-    peft_config = PeftIA3Config(**targets)
-    return pt.inject_tuner(model, NAME, peft_config, pt.chosen_towers(model, cfg.towers), cfg.train_head, cfg.as_dict())
+    return TUNER.apply(model, cfg, _roles(cfg.mlp))
 
 
-def remove_ia3(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_ia3` exactly (modules, names, flags, ``state_dict`` keys)."""
-    return pt.remove_tuner(model, NAME, LABEL)
-
-
-def ia3_applied(model: nn.Module) -> bool:
-    return pt.tuner_in(model, NAME)
-
-
-def ia3_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return pt.adapter_parameters(model, NAME)
-
-
-def ia3_state_dict(model: nn.Module) -> dict[str, Any]:
-    return pt.adapter_state_dict(model, NAME)
-
-
-def ia3_settings(model: nn.Module) -> dict[str, Any]:
-    return pt.applied_settings(model, NAME)
+remove_ia3 = TUNER.remove
+ia3_applied = TUNER.applied
+ia3_parameters = TUNER.parameters
+ia3_state_dict = TUNER.state_dict
+ia3_settings = TUNER.settings

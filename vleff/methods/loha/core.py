@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.registry import MethodConfig
 from vleff.side import peft_tuners as pt
 
 NAME = "loha"
@@ -56,12 +56,18 @@ class LoHaConfig(MethodConfig):
         check_towers(self.towers, TOWERS)
 
 
+def _peft_config(cfg: LoHaConfig, targets: dict[str, list[str]]) -> Any:
+    from peft import LoHaConfig as PeftLoHaConfig
+
+    return PeftLoHaConfig(r=cfg.r, alpha=cfg.alpha, **targets)
+
+
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config)
+
+
 def loha_targets(model: nn.Module, towers: str = "all") -> list[str]:
-    chosen = pt.chosen_towers(model, towers)
-    modules, _ = pt.tuner_targets(
-        chosen, ("attention_in",), model, lambda t: pt.refuse_bare_parameters(t, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP)
-    )
-    return modules
+    """Full names (relative to ``model``) of the modules LoHa wraps in ``towers``."""
+    return TUNER.targets(model, towers)
 
 
 def apply_loha(model: nn.Module, config: LoHaConfig | None = None, **settings: Any) -> nn.Module:
@@ -72,33 +78,11 @@ def apply_loha(model: nn.Module, config: LoHaConfig | None = None, **settings: A
         TypeError: a tower LoHa cannot wrap (open_clip, BLIP, ...), naming it and the supported ones.
         ValueError: another method that wraps the projections is applied.
     """
-    from peft import LoHaConfig as PeftLoHaConfig
-
-    cfg = LoHaConfig.build(config, **settings)
-    if loha_applied(model):
-        remove_loha(model)
-    targets = loha_targets(model, cfg.towers)
-    refuse_applied_conflicts(model, NAME)
-    peft_config = PeftLoHaConfig(r=cfg.r, alpha=cfg.alpha, target_modules=targets)
-    return pt.inject_tuner(model, NAME, peft_config, pt.chosen_towers(model, cfg.towers), cfg.train_head, cfg.as_dict())
+    return TUNER.apply(model, LoHaConfig.build(config, **settings))
 
 
-def remove_loha(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_loha` exactly (modules, names, flags, ``state_dict`` keys)."""
-    return pt.remove_tuner(model, NAME, LABEL)
-
-
-def loha_applied(model: nn.Module) -> bool:
-    return pt.tuner_in(model, NAME)
-
-
-def loha_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return pt.adapter_parameters(model, NAME)
-
-
-def loha_state_dict(model: nn.Module) -> dict[str, Any]:
-    return pt.adapter_state_dict(model, NAME)
-
-
-def loha_settings(model: nn.Module) -> dict[str, Any]:
-    return pt.applied_settings(model, NAME)
+remove_loha = TUNER.remove
+loha_applied = TUNER.applied
+loha_parameters = TUNER.parameters
+loha_state_dict = TUNER.state_dict
+loha_settings = TUNER.settings
