@@ -5,7 +5,8 @@ init, classifier head frozen), measured and checked against the analytic count.
 
 Analytic counts (12 blocks, width 768, qkv 2304 x 768, MLP hidden 3072):
 LoRA r: r(768 + 2304) per block; DoRA r: LoRA + 2304 magnitudes; AdaLoRA init_r: init_r(768 + 2304 + 1);
-IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304).
+IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304); LoKr r=8: W1 48 x 24 in full +
+the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 / b) blocks of b(b - 1)/2.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ ROWS = [
     ("adalora", {"init_r": 12, "target_r": 8, "total_step": 1000}, BLOCKS * 12 * (C + QKV + 1)),
     ("ia3", {}, BLOCKS * (QKV + HIDDEN)),
     ("loha", {"r": 8}, BLOCKS * 2 * 8 * (C + QKV)),
+    ("lokr", {"r": 8}, BLOCKS * (48 * 24 + 8 * (48 + 32))),
+    ("oft", {"block_size": 32}, BLOCKS * (C // 32) * 32 * 31 // 2),
 ]
 
 

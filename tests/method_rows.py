@@ -387,6 +387,42 @@ SETTINGS: dict[str, Settings] = {
         families=PEFT_FAMILIES,
         grad_checkpointing=True,
     ),
+    "lokr": Settings(
+        noop={"r": 2},
+        active={"r": 2, "alpha": 4.0},
+        activate=_perturb_peft(".lokr_w1."),  # peft starts W1 at zero
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"train_head": "yes"}, "train_head"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="lokr_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"r": 2},
+        applied_other={"r": 4},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+        fullgraph=False,  # peft's LoKr layer draws its module dropout with torch.rand (as LoHa's)
+    ),
+    "oft": Settings(
+        noop={"block_size": 16},
+        active={"block_size": 16, "coft": False},
+        activate=_perturb_peft(".oft_R."),
+        refusals=[
+            ({"block_size": 1}, "block_size=1"),
+            ({"eps": 0}, "eps=0"),
+            ({"cayley_neumann": "no"}, "cayley_neumann"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="oft_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        callback_args={"block_size": 16},
+        applied_other={"block_size": 32},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
+        fullgraph=False,
+    ),
     "loha": Settings(
         noop={"r": 2},
         active={"r": 2, "alpha": 4.0},
