@@ -22,7 +22,7 @@ The methods name themselves (``method``); this module names none (a shared layer
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -292,6 +292,10 @@ class PeftTuner:
             scales their input instead of their output).
         tuner_class: a ``peft`` tuner class built on the model in place (AdaLoRA's rank
             allocator needs it), or ``None`` for ``inject_adapter_in_model``.
+        refuse_conflicts: ``refuse_conflicts(model, name)`` raises when a method applied to
+            ``model`` conflicts with this one (the registry's
+            :func:`vleff.registry.refuse_applied_conflicts`, passed in by the method's folder: the
+            shared layers sit below the registry and do not import it).
     """
 
     name: str
@@ -302,6 +306,7 @@ class PeftTuner:
     roles: tuple[str, ...] = ("attention_in",)
     feedforward_roles: tuple[str, ...] = ()
     tuner_class: Callable[[], type] | None = None
+    refuse_conflicts: Callable[[nn.Module, str], None] = field(kw_only=True)
 
     def targets(self, model: nn.Module, towers: str = "all", roles: tuple[str, ...] | None = None) -> list[str]:
         """Full names (relative to ``model``) of the modules it wraps in ``towers`` (``roles``:
@@ -321,12 +326,10 @@ class PeftTuner:
     def apply(self, model: nn.Module, config: Any, roles: tuple[str, ...] | None = None) -> nn.Module:
         """The tuner on ``config.towers`` of ``model`` in place (an earlier application replaced);
         only its adapters (and a timm head with ``config.train_head``) train."""
-        from vleff.registry import refuse_applied_conflicts
-
         if self.applied(model):
             self.remove(model)
         targets = self.peft_targets(model, config, roles)  # refuses before anything changes
-        refuse_applied_conflicts(model, self.name)
+        self.refuse_conflicts(model, self.name)
         towers = chosen_towers(model, config.towers)
         tuner = self.tuner_class() if self.tuner_class is not None else None
         peft_config = self.peft_config(config, targets)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig
+from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.side import peft_tuners as pt
 
 NAME = "adalora"
@@ -133,7 +133,15 @@ def _tuner_class() -> type:
 
 
 # built through peft's tuner class, not inject_adapter_in_model: the rank allocator is model-level state
-TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, tuner_class=_tuner_class)
+TUNER = pt.PeftTuner(
+    NAME,
+    LABEL,
+    SUPPORTED,
+    WHY_NOT_OPEN_CLIP,
+    _peft_config,
+    tuner_class=_tuner_class,
+    refuse_conflicts=refuse_applied_conflicts,
+)
 
 
 def adalora_targets(model: nn.Module, towers: str = "all") -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_towers
-from vleff.registry import MethodConfig
+from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.side import peft_tuners as pt
 
 NAME = "ia3"
@@ -66,7 +66,16 @@ def _peft_config(cfg: IA3Config, targets: dict[str, list[str]]) -> Any:
     )
 
 
-TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, ("attention_in", "mlp_out"), ("mlp_out",))
+TUNER = pt.PeftTuner(
+    NAME,
+    LABEL,
+    SUPPORTED,
+    WHY_NOT_OPEN_CLIP,
+    _peft_config,
+    ("attention_in", "mlp_out"),
+    ("mlp_out",),
+    refuse_conflicts=refuse_applied_conflicts,
+)
 
 
 def _roles(mlp: bool) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig
+from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.side import peft_tuners as pt
 
 NAME = "loha"
@@ -62,7 +62,7 @@ def _peft_config(cfg: LoHaConfig, targets: dict[str, list[str]]) -> Any:
     return PeftLoHaConfig(r=cfg.r, alpha=cfg.alpha, **targets)
 
 
-TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config)
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, refuse_conflicts=refuse_applied_conflicts)
 
 
 def loha_targets(model: nn.Module, towers: str = "all") -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig
+from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.side import peft_tuners as pt
 
 NAME = "lokr"
@@ -67,7 +67,7 @@ def _peft_config(cfg: LoKrConfig, targets: dict[str, list[str]]) -> Any:
     return PeftLoKrConfig(r=cfg.r, alpha=cfg.alpha, **targets)
 
 
-TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config)
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, refuse_conflicts=refuse_applied_conflicts)
 
 
 def lokr_targets(model: nn.Module, towers: str = "all") -> list[str]:

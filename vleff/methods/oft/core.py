@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from vleff.checks import check_bool, check_int, check_number, check_towers
-from vleff.registry import MethodConfig
+from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.side import peft_tuners as pt
 
 NAME = "oft"
@@ -84,7 +84,7 @@ def _peft_config(cfg: OFTConfig, targets: dict[str, list[str]]) -> Any:
     )
 
 
-TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config)
+TUNER = pt.PeftTuner(NAME, LABEL, SUPPORTED, WHY_NOT_OPEN_CLIP, _peft_config, refuse_conflicts=refuse_applied_conflicts)
 
 
 def oft_targets(model: nn.Module, towers: str = "all") -> list[str]:
