@@ -62,7 +62,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_digits import _log, compose_experiment, fit  # noqa: E402
 
-METHODS = ("crossget", "madtp")
+#: the single-tower token methods compared at the same image-tower budget: name -> (label, the
+#: settings applied before :func:`vleff.fit_budget` sets the knob, the knob's callback fields)
+BUDGET_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tome": ("ToMe", {"r": 0}),
+    "turbo": ("Turbo", {"r": 0}),
+    "evit": ("EViT", {"keep_rate": 1.0, "locations": [1, 3, 4]}),
+}
+METHODS = ("crossget", "madtp", *BUDGET_METHODS)
 
 
 def _validate(module: Any, cfg: Any) -> dict[str, float]:
@@ -107,6 +114,12 @@ def smallest_r(model: Any, samples: list[tuple[torch.Tensor, ...]], ratio: float
         if got <= ratio:
             return r, got
     raise ValueError(f"no r_image in 1..63 brings the image tower to {ratio:.2f}x its FLOPs")
+
+
+def _encode_image(model: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The open_clip model's image tower alone on a ``(images, tokens)`` sample: the budget is of
+    the image tower, as the FLOPs column."""
+    return model.encode_image(batch[0])
 
 
 def _row(run: str, metrics: dict[str, float], ratio: float, **extra: Any) -> dict[str, Any]:
@@ -220,6 +233,42 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 steps=int(trainer_f.global_step),
                 r_image=r,
                 r_text=args.r_text,
+            )
+        )
+        _log(json.dumps(rows[-1]))
+
+    train_samples = _samples(cfg, "train", args.budget_samples)
+    for name in (m for m in args.methods if m in BUDGET_METHODS):
+        label, start = BUDGET_METHODS[name]
+        off = compose_experiment("clip_finetune", [*common])
+        fresh = instantiate(off.model, init_checkpoint=str(weights))
+        getattr(vleff, f"apply_{name}")(fresh.model, towers="image", **start)
+        fitted = vleff.fit_budget(fresh.model, train_samples, flops=target, method=name, forward=_encode_image)
+        knob = {k: v for k, v in fitted.settings.items() if k in ("r", "keep_rate")}
+        shown = " ".join(f"{k}={v}" for k, v in knob.items())
+        rows.append(
+            _row(
+                f"{label} {shown}, off the shelf (fit_budget on {len(train_samples)} training images)",
+                _validate(fresh, off),
+                measured(fresh.model),
+                fitted_ratio=fitted.ratio,
+                **knob,
+            )
+        )
+        _log(json.dumps(rows[-1]))
+        extra = [f"callbacks.{name}.{k}={_hydra_value(v)}" for k, v in knob.items()]
+        if name == "evit":  # the keep rate at the fitted value from the first step (no cosine ramp)
+            extra += [f"callbacks.evit.locations={_hydra_value(start['locations'])}", "callbacks.evit.end_epoch=0"]
+        module_f, trainer_f, metrics_f = fine_tune(
+            label, [f"callbacks=[{name}]", f"callbacks.{name}.towers=image", *extra]
+        )
+        rows.append(
+            _row(
+                f"{label} {shown}, fine-tuned {args.ft_epochs} epochs",
+                metrics_f,
+                measured(module_f.model),
+                steps=int(trainer_f.global_step),
+                **knob,
             )
         )
         _log(json.dumps(rows[-1]))
@@ -367,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         help="fine-tuning: MADTP's reduction ramps linearly to the target over this many epochs",
     )
     parser.add_argument("--flops-samples", type=int, default=64, help="validation images the FLOPs ratio is of")
+    parser.add_argument(
+        "--budget-samples", type=int, default=16, help="training images fit_budget sets ToMe/Turbo/EViT on"
+    )
     parser.add_argument("--baseline-weights", default=None, help="reuse a baseline state dict (skips training it)")
     parser.add_argument(
         "--no-control", dest="control", action="store_false", help="skip the baseline fine-tuned without a method"

@@ -203,6 +203,16 @@ class TowerAdapter(ABC):
         ``None``: the library needs nothing (its checkpointing is non-re-entrant or handles it)."""
         return None
 
+    def input_grad_hooks(self) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
+        """``(module, kind, hook)`` triples that let what trains inside this frozen tower's blocks
+        get gradients under re-entrant checkpointing (:mod:`vleff.backbones.input_grads`; ``kind``
+        one of its ``KINDS``). Default: make the output of :meth:`blocks_input_module` require
+        gradients, where there is one."""
+        from vleff.backbones.input_grads import FORWARD, InputNeedsGrad
+
+        feeder = self.blocks_input_module()
+        return [] if feeder is None else [(feeder, FORWARD, InputNeedsGrad(self))]
+
     def skipped_companions(self) -> list[str]:
         """Towers of the same model that vleff recognises but cannot run (an open_clip CLIP's
         convolutional image tower), described for a warning when ``towers="all"`` meets them."""

@@ -166,6 +166,14 @@ class HFBlipTextAdapter(TowerAdapter):
     def layout_hook(self) -> TowerHook:
         return PaddedTextLayout(self)
 
+    def input_grad_hooks(self) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
+        """Hugging Face checkpoints this tower itself (its ``enable_input_require_grads`` makes the
+        block input require gradients); what breaks is its in-place position add on that input
+        (:class:`vleff.backbones.input_grads.WordEmbeddingsOutOfPlace`)."""
+        from vleff.backbones.input_grads import FORWARD_PRE_KWARGS, WordEmbeddingsOutOfPlace
+
+        return [(self.root.embeddings, FORWARD_PRE_KWARGS, WordEmbeddingsOutOfPlace())]
+
     def causal_decoder_in(self, model: nn.Module) -> bool:
         """``True`` when ``model`` holds this tower as the ``bert`` of a ``BlipTextLMHeadModel``
         (BLIP captioning's and VQA's ``text_decoder``), which the library always runs with

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from vleff.backbones import TowerAdapter
+from vleff.backbones.input_grads import attach_input_grads, detach_input_grads
 from vleff.tokens.common import select_towers
 
 #: the tag each ``peft`` layer :func:`inject_tuner` added carries: the method's name (so the method
@@ -68,26 +69,6 @@ def tuner_targets(
 
 def chosen_towers(model: nn.Module, towers: str) -> list[TowerAdapter]:
     return select_towers(model, towers)
-
-
-class InputNeedsGrad:
-    """Forward hook on the module feeding a tower's first block: under the library's *re-entrant*
-    gradient checkpointing the frozen block input must require gradients, or the adapters inside
-    the blocks get none (as Hugging Face's ``enable_input_require_grads``). A plain object: the
-    model deep-copies and pickles."""
-
-    def __init__(self, adapter: TowerAdapter) -> None:
-        self.adapter = adapter
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if (
-            isinstance(output, torch.Tensor)
-            and not output.requires_grad
-            and torch.is_grad_enabled()
-            and self.adapter.gradient_checkpointing()
-        ):
-            return output.requires_grad_(True)
-        return None
 
 
 def inject_tuner(
@@ -130,11 +111,7 @@ def inject_tuner(
             p.requires_grad_(True)
         elif "vleff_" not in name:  # another vleff method's own modules are its business
             p.requires_grad_(False)
-    hooks = []
-    for tower in towers:
-        feeder = tower.blocks_input_module()
-        if feeder is not None:
-            hooks.append((feeder, feeder.register_forward_hook(InputNeedsGrad(tower)).id))
+    hooks = attach_input_grads(towers)
     record = {
         "method": method,
         "flags": flags,
@@ -199,8 +176,7 @@ def remove_tuner(model: nn.Module, method: str, label: str) -> nn.Module:
         while hasattr(base, "base_layer"):
             base = base.base_layer
         setattr(parent, child_name, base)
-    for module, hook_id in record["hooks"]:
-        module._forward_hooks.pop(hook_id, None)
+    detach_input_grads(record["hooks"])
     if record["added_config"]:
         target.__dict__.pop("peft_config", None)
     for name, p in target.named_parameters():

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers, get_patch
+from vleff.backbones.input_grads import attach_input_grads, detach_input_grads
 from vleff.checks import check_bool, check_int, check_number, check_towers
 from vleff.registry import MethodConfig, refuse_applied_conflicts
 from vleff.tokens.common import select_towers
@@ -111,31 +112,8 @@ def lora_targets(model: nn.Module, towers: str = "all") -> dict[str, list[str]]:
     return {"target_modules": modules, "target_parameters": params}
 
 
-#: the forward hooks that make a frozen tower's block input require gradients (see InputNeedsGrad)
+#: the hooks that let LoRA inside frozen blocks get gradients (:mod:`vleff.backbones.input_grads`)
 INPUT_HOOKS_ATTR = "_vleff_lora_input_hooks"
-
-
-class InputNeedsGrad:
-    """Forward hook on the module feeding a tower's first block: while the tower trains under
-    the library's *re-entrant* gradient checkpointing, its output is made to require gradients.
-
-    Why: re-entrant checkpointing recomputes a block only if one of the block's inputs requires
-    gradients; LoRA freezes the backbone, so the block input does not, and the adapters inside the
-    blocks would silently get no gradient at all (the same fix as Hugging Face's
-    ``enable_input_require_grads``). A plain object: the model deep-copies and pickles."""
-
-    def __init__(self, adapter: TowerAdapter) -> None:
-        self.adapter = adapter
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if (
-            isinstance(output, torch.Tensor)
-            and not output.requires_grad
-            and torch.is_grad_enabled()
-            and self.adapter.gradient_checkpointing()
-        ):
-            return output.requires_grad_(True)  # no grad_fn: a leaf (the frozen embedding's output)
-        return None
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: Any) -> nn.Module:
@@ -196,12 +174,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
         model, FLAGS_ATTR, (flags, added_config)
     )  # a plain attribute: deep-copies and pickles with the model
     object.__setattr__(model, ORDER_ATTR, orders)
-    hooks = []
-    for tower in towers:
-        feeder = tower.blocks_input_module()
-        if feeder is not None:
-            hooks.append((feeder, feeder.register_forward_hook(InputNeedsGrad(tower)).id))
-    object.__setattr__(model, INPUT_HOOKS_ATTR, hooks)
+    object.__setattr__(model, INPUT_HOOKS_ATTR, attach_input_grads(towers))
     return model
 
 
@@ -237,8 +210,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
         ordered = {k: params[k] for k in order if k in params} | {k: v for k, v in params.items() if k not in order}
         params.clear()
         params.update(ordered)
-    for module, hook_id in model.__dict__.pop(INPUT_HOOKS_ATTR, []):
-        module._forward_hooks.pop(hook_id, None)
+    detach_input_grads(model.__dict__.pop(INPUT_HOOKS_ATTR, []))
     flags, added_config = model.__dict__.pop(FLAGS_ATTR, ({}, False))
     if added_config:
         model.__dict__.pop("peft_config", None)
