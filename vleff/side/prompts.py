@@ -23,10 +23,10 @@ any token, so pooling, registers, distillation tokens and token methods keep wor
 **Gradient checkpointing.** The prompt parameters are used inside the blocks. Under the library's
 *re-entrant* checkpointing a frozen tower's block input does not require grad, so the block is not
 recomputed in backward and its prompts would silently get no gradient (tested: they get ``None``).
-:func:`attach_prompts` therefore puts :class:`vleff.side.peft_tuners.InputNeedsGrad` (the hook
-LoRA's and the peft tuners' frozen towers use) on the module feeding the first block, which makes
-that input require grad while the tower trains under checkpointing; with it the gradients equal
-the run without checkpointing (the conformance suite checks both kinds).
+:func:`attach_prompts` therefore attaches the tower's input-gradient hooks
+(:func:`vleff.backbones.input_grads.attach_input_grads`, as LoRA and the peft tuners do: timm's
+block input made to require grad, Hugging Face BLIP text's embeddings computed out of place); with
+them the gradients equal the run without checkpointing (the conformance suite checks both kinds).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers
+from vleff.backbones.input_grads import InputGradHandles, attach_input_grads, detach_input_grads
 from vleff.side.common import freeze_on_apply, restore_on_remove
-from vleff.side.peft_tuners import InputNeedsGrad
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
 
 
@@ -49,8 +49,9 @@ class PromptModule(nn.Module):
     """Base of a prompt method's trained parts on one tower: :meth:`prefix` gives block ``index``'s
     extra keys and values. Subclasses hold their parameters ``[depth, ...]``."""
 
-    #: the feeder of the first block and the id of the :class:`InputNeedsGrad` hook on it
-    input_hook: tuple[nn.Module, int] | None = None
+    #: the hooks that let the prompts get gradients under re-entrant checkpointing
+    #: (:func:`vleff.backbones.input_grads.attach_input_grads`; plain tuples: deep-copies and pickles)
+    input_hooks: InputGradHandles | None = None
 
     def __init__(self, dropout: float) -> None:
         super().__init__()
@@ -167,9 +168,7 @@ def attach_prompts(
     attach_hooks(chosen, [PromptHook(name, t, m, config) for t, m in zip(chosen, modules, strict=True)])
     for tower, module in zip(chosen, modules, strict=True):
         tower.root.add_module(module_name, module)
-        feeder = tower.blocks_input_module()
-        if feeder is not None:
-            module.input_hook = (feeder, feeder.register_forward_hook(InputNeedsGrad(tower)).id)
+        module.input_hooks = attach_input_grads([tower])
     freeze_on_apply(model)
     return model
 
@@ -181,9 +180,8 @@ def detach_prompts(model: nn.Module, name: str, module_name: str) -> nn.Module:
     for tower in find_towers(model):
         module = tower.root._modules.get(module_name)
         if isinstance(module, PromptModule):
-            if module.input_hook is not None:
-                feeder, hook_id = module.input_hook
-                feeder._forward_hooks.pop(hook_id, None)
+            if module.input_hooks is not None:
+                detach_input_grads(module.input_hooks)
             del tower.root._modules[module_name]
     remove_hooks(model, name)
     restore_on_remove(model)

@@ -95,7 +95,7 @@ def test_reentrant_checkpointing_needs_the_input_made_to_require_grad(name):
         assert all(g is not None for g in plain + checkpointed)
         for g, h in zip(checkpointed, plain, strict=True):
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
-        feeder, hook_id = module.input_hook
+        ((feeder, kind, hook_id),) = module.input_hooks
         hook = feeder._forward_hooks.pop(hook_id)
         with pytest.warns(UserWarning, match="requires_grad"):
             grads = _grads_of(model)
