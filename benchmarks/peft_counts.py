@@ -7,7 +7,8 @@ Analytic counts (12 blocks, width 768, qkv 2304 x 768, MLP hidden 3072):
 LoRA r: r(768 + 2304) per block; DoRA r: LoRA + 2304 magnitudes; AdaLoRA init_r: init_r(768 + 2304 + 1);
 IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304); LoKr r=8: W1 48 x 24 in full +
 the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 / b) blocks of b(b - 1)/2.
-Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768.
+Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768; prefix length l:
+2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ ROWS = [
     ("oft", {"block_size": 32}, BLOCKS * (C // 32) * 32 * 31 // 2),
     ("vpt", {"num_tokens": 10}, BLOCKS * 10 * C),
     ("vpt", {"num_tokens": 50}, BLOCKS * 50 * C),
+    ("prefix", {"num_tokens": 10}, 2 * BLOCKS * 10 * C),
+    ("prefix", {"num_tokens": 10, "projection": 512}, 10 * C + (C * 512 + 512) + (512 + 1) * 2 * BLOCKS * C),
 ]
 #: vleff's own prompt methods: applied through the registry, then the head frozen too
-PROMPTS = {"vpt"}
+PROMPTS = {"vpt", "prefix"}
 
 
 def main() -> None:

@@ -293,6 +293,21 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"num_tokens": 3},
         grad_checkpointing=True,
     ),
+    "prefix": Settings(
+        noop=None,
+        active={"num_tokens": 3},
+        refusals=[
+            ({"num_tokens": 0}, "num_tokens"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"projection": -1}, "projection"),
+            ({"projection": 2.5}, "projection"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_prefix.",
+        callback_args={"num_tokens": 2, "dropout": 0.0},  # no dropout draws: resumed = uninterrupted
+        applied_other={"num_tokens": 3},
+        grad_checkpointing=True,
+    ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(
         noop={"reduction": 4},

@@ -15,7 +15,7 @@ from vleff.backbones import find_towers
 from vleff.registry import get_method
 from vleff.side.prompts import PromptModule
 
-PROMPT_METHODS = {"vpt": {"num_tokens": 3}}
+PROMPT_METHODS = {"vpt": {"num_tokens": 3}, "prefix": {"num_tokens": 3, "dropout": 0.0}}
 
 
 def _apply(name: str, model: torch.nn.Module, towers: str) -> None:
