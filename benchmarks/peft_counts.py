@@ -1,4 +1,4 @@
-"""Trainable parameters of vleff's peft tuners on ViT-B/16 (timm ``vit_base_patch16_224``, random
+"""Trainable parameters of vleff's peft tuners and prompt methods on ViT-B/16 (timm ``vit_base_patch16_224``, random
 init, classifier head frozen), measured and checked against the analytic count.
 
     python benchmarks/peft_counts.py
@@ -7,6 +7,8 @@ Analytic counts (12 blocks, width 768, qkv 2304 x 768, MLP hidden 3072):
 LoRA r: r(768 + 2304) per block; DoRA r: LoRA + 2304 magnitudes; AdaLoRA init_r: init_r(768 + 2304 + 1);
 IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304); LoKr r=8: W1 48 x 24 in full +
 the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 / b) blocks of b(b - 1)/2.
+Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768; prefix length l:
+2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import timm
 import torch
 
 import vleff
+from vleff.registry import get_method
 
 BLOCKS, C, QKV, HIDDEN = 12, 768, 3 * 768, 3072
 ROWS = [
@@ -25,7 +28,13 @@ ROWS = [
     ("loha", {"r": 8}, BLOCKS * 2 * 8 * (C + QKV)),
     ("lokr", {"r": 8}, BLOCKS * (48 * 24 + 8 * (48 + 32))),
     ("oft", {"block_size": 32}, BLOCKS * (C // 32) * 32 * 31 // 2),
+    ("vpt", {"num_tokens": 10}, BLOCKS * 10 * C),
+    ("vpt", {"num_tokens": 50}, BLOCKS * 50 * C),
+    ("prefix", {"num_tokens": 10}, 2 * BLOCKS * 10 * C),
+    ("prefix", {"num_tokens": 10, "projection": 512}, 10 * C + (C * 512 + 512) + (512 + 1) * 2 * BLOCKS * C),
 ]
+#: vleff's own prompt methods: applied through the registry, then the head frozen too
+PROMPTS = {"vpt", "prefix"}
 
 
 def main() -> None:
@@ -34,7 +43,11 @@ def main() -> None:
     for method, settings, analytic in ROWS:
         torch.manual_seed(0)
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
-        vleff.apply_peft(model, method=method, train_head=False, **settings)
+        if method in PROMPTS:
+            get_method(method).apply(model, **settings)
+            vleff.side.freeze_backbone(model, train_head=False)
+        else:
+            vleff.apply_peft(model, method=method, train_head=False, **settings)
         measured = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert measured == analytic, (method, measured, analytic)
         print(f"| {method} | {settings} | {measured:,} | {analytic:,} |")

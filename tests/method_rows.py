@@ -277,6 +277,37 @@ SETTINGS: dict[str, Settings] = {
         grad_checkpointing=True,
         reentrant=False,
     ),
+    # prompt methods: learned keys/values in front of every block's attention (vleff.side.prompts);
+    # no setting leaves the function unchanged (at least one prompt), the seam reaches every tower
+    "vpt": Settings(
+        noop=None,
+        active={"num_tokens": 3},
+        refusals=[
+            ({"num_tokens": 0}, "num_tokens"),
+            ({"num_tokens": 1.5}, "num_tokens"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_vpt.",
+        callback_args={"num_tokens": 2},
+        applied_other={"num_tokens": 3},
+        grad_checkpointing=True,
+    ),
+    "prefix": Settings(
+        noop=None,
+        active={"num_tokens": 3},
+        refusals=[
+            ({"num_tokens": 0}, "num_tokens"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"projection": -1}, "projection"),
+            ({"projection": 2.5}, "projection"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_prefix.",
+        callback_args={"num_tokens": 2, "dropout": 0.0},  # no dropout draws: resumed = uninterrupted
+        applied_other={"num_tokens": 3},
+        grad_checkpointing=True,
+    ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(
         noop={"reduction": 4},

@@ -53,8 +53,9 @@ from vleff.backbones import (
     get_patch,
 )
 
-#: module names the side methods register on a tower root
-SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt")
+#: module names the side methods register on a tower root (the prompt methods' too,
+#: :mod:`vleff.side.prompts`: their prompts train beside the same frozen backbone)
+SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt", "vleff_vpt", "vleff_prefix", "vleff_aprompt")
 
 
 # --- reading ---------------------------------------------------------------------------------
