@@ -115,6 +115,15 @@ def uniform_bound(fan_in: int, fan_out: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
+def token_bound(tower: TowerAdapter) -> float:
+    """VPT's init bound for prompt *tokens* (``C`` wide): ``√(6 / (3·p·p + C))``, the patch
+    embedding's fan-in and the width (±0.0625 on ViT-B/16); ``√(6 / (C + C))`` on a tower without a
+    patch embedding (text: vleff's choice, the references are image-only)."""
+    width = tower.embed_dim
+    fan_in = patch_fan_in(tower) if tower.modality == "image" else None
+    return uniform_bound(fan_in or width, width)
+
+
 def _device(adapter: TowerAdapter) -> torch.device:
     return next(adapter.root.parameters()).device
 

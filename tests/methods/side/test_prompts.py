@@ -15,7 +15,11 @@ from vleff.backbones import find_towers
 from vleff.registry import get_method
 from vleff.side.prompts import PromptModule
 
-PROMPT_METHODS = {"vpt": {"num_tokens": 3}, "prefix": {"num_tokens": 3, "dropout": 0.0}}
+PROMPT_METHODS = {
+    "vpt": {"num_tokens": 3},
+    "prefix": {"num_tokens": 3, "dropout": 0.0},
+    "aprompt": {"kv_tokens": 2, "num_tokens": 2},
+}
 
 
 def _apply(name: str, model: torch.nn.Module, towers: str) -> None:
