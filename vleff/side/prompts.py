@@ -94,15 +94,6 @@ def head_split(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torc
     return x.reshape(b, p, heads, c // heads).transpose(1, 2)
 
 
-def attention_width(adapter: TowerAdapter) -> int:
-    """The width of block 0's keys (heads x head dim; the tower width on every supported family)."""
-    block = adapter.blocks()[0]
-    probe = torch.zeros(1, 1, adapter.embed_dim, device=_device(adapter), dtype=_dtype(adapter))
-    with torch.no_grad():
-        k = token_keys_values(adapter, block, probe)[0]
-    return k.shape[1] * k.shape[-1]
-
-
 def patch_fan_in(adapter: TowerAdapter) -> int | None:
     """``in_channels · p · p`` of the tower's patch embedding (its first ``Conv2d``), ``None`` for a
     tower without one (text): the fan-in VPT's and E2VPT's uniform init bounds are computed from."""
