@@ -8,7 +8,8 @@ LoRA r: r(768 + 2304) per block; DoRA r: LoRA + 2304 magnitudes; AdaLoRA init_r:
 IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304); LoKr r=8: W1 48 x 24 in full +
 the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 / b) blocks of b(b - 1)/2.
 Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768; prefix length l:
-2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768.
+2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768;
+APrompt P_kv key/value and N input prompts: 12 * 768 * (2 * P_kv + N).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ ROWS = [
     ("vpt", {"num_tokens": 50}, BLOCKS * 50 * C),
     ("prefix", {"num_tokens": 10}, 2 * BLOCKS * 10 * C),
     ("prefix", {"num_tokens": 10, "projection": 512}, 10 * C + (C * 512 + 512) + (512 + 1) * 2 * BLOCKS * C),
+    ("aprompt", {"kv_tokens": 10, "num_tokens": 0}, 2 * BLOCKS * 10 * C),
+    ("aprompt", {"kv_tokens": 10, "num_tokens": 10}, 3 * BLOCKS * 10 * C),
 ]
 #: vleff's own prompt methods: applied through the registry, then the head frozen too
-PROMPTS = {"vpt", "prefix"}
+PROMPTS = {"vpt", "prefix", "aprompt"}
 
 
 def main() -> None:

@@ -308,6 +308,20 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"num_tokens": 3},
         grad_checkpointing=True,
     ),
+    "aprompt": Settings(
+        noop=None,
+        active={"kv_tokens": 2, "num_tokens": 2},
+        refusals=[
+            ({"kv_tokens": 0}, "kv_tokens"),
+            ({"num_tokens": -1}, "num_tokens"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_aprompt.",
+        callback_args={"kv_tokens": 2, "num_tokens": 1},
+        applied_other={"kv_tokens": 3},
+        grad_checkpointing=True,
+    ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(
         noop={"reduction": 4},

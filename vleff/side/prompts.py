@@ -94,15 +94,6 @@ def head_split(adapter: TowerAdapter, block: nn.Module, x: torch.Tensor) -> torc
     return x.reshape(b, p, heads, c // heads).transpose(1, 2)
 
 
-def attention_width(adapter: TowerAdapter) -> int:
-    """The width of block 0's keys (heads x head dim; the tower width on every supported family)."""
-    block = adapter.blocks()[0]
-    probe = torch.zeros(1, 1, adapter.embed_dim, device=_device(adapter), dtype=_dtype(adapter))
-    with torch.no_grad():
-        k = token_keys_values(adapter, block, probe)[0]
-    return k.shape[1] * k.shape[-1]
-
-
 def patch_fan_in(adapter: TowerAdapter) -> int | None:
     """``in_channels · p · p`` of the tower's patch embedding (its first ``Conv2d``), ``None`` for a
     tower without one (text): the fan-in VPT's and E2VPT's uniform init bounds are computed from."""
@@ -113,6 +104,15 @@ def patch_fan_in(adapter: TowerAdapter) -> int | None:
 def uniform_bound(fan_in: int, fan_out: int) -> float:
     """Xavier's uniform bound ``√(6 / (fan_in + fan_out))``."""
     return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def token_bound(tower: TowerAdapter) -> float:
+    """VPT's init bound for prompt *tokens* (``C`` wide): ``√(6 / (3·p·p + C))``, the patch
+    embedding's fan-in and the width (±0.0625 on ViT-B/16); ``√(6 / (C + C))`` on a tower without a
+    patch embedding (text: vleff's choice, the references are image-only)."""
+    width = tower.embed_dim
+    fan_in = patch_fan_in(tower) if tower.modality == "image" else None
+    return uniform_bound(fan_in or width, width)
 
 
 def _device(adapter: TowerAdapter) -> torch.device:

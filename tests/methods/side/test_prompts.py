@@ -15,7 +15,11 @@ from vleff.backbones import find_towers
 from vleff.registry import get_method
 from vleff.side.prompts import PromptModule
 
-PROMPT_METHODS = {"vpt": {"num_tokens": 3}, "prefix": {"num_tokens": 3, "dropout": 0.0}}
+PROMPT_METHODS = {
+    "vpt": {"num_tokens": 3},
+    "prefix": {"num_tokens": 3, "dropout": 0.0},
+    "aprompt": {"kv_tokens": 2, "num_tokens": 2},
+}
 
 
 def _apply(name: str, model: torch.nn.Module, towers: str) -> None:
@@ -115,3 +119,33 @@ def _grads(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def _grads_of(model: torch.nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in _grads(model)]
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_METHODS))
+def test_cached_decoding_equals_teacher_forcing_on_blips_decoder(name):
+    """BLIP's causal text decoder with a key/value cache (generation): the prompts are added in every
+    step and never cached, so step-by-step decoding gives the teacher-forced logits."""
+    torch.manual_seed(0)
+    model = tm.hf_blip_captioning().double().eval()
+    image = tm.images().double()
+    ids = torch.randint(1, 90, (2, 6), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = 98
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            emb = model.vision_model(pixel_values=image).last_hidden_state
+            full = model.text_decoder(input_ids=ids, encoder_hidden_states=emb).logits
+            past, steps = None, []
+            for t in range(ids.shape[1]):
+                out = model.text_decoder(
+                    input_ids=ids[:, t : t + 1], past_key_values=past, encoder_hidden_states=emb, use_cache=True
+                )
+                past = out.past_key_values
+                steps.append(out.logits[:, -1])
+        return full, torch.stack(steps, dim=1)
+
+    plain, _ = run()
+    _apply(name, model, "text")
+    full, stepped = run()
+    assert (full - plain).abs().max() > 1e-4  # the prompts act on the decoder ...
+    torch.testing.assert_close(stepped, full, atol=1e-10, rtol=1e-10)  # ... and the cache leaves them out

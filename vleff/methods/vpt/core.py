@@ -34,10 +34,9 @@ from vleff.side.prompts import (
     PromptModule,
     attach_prompts,
     detach_prompts,
-    patch_fan_in,
     prompt_modules,
+    token_bound,
     token_keys_values,
-    uniform_bound,
 )
 from vleff.tokens.common import hooks_named
 
@@ -82,13 +81,6 @@ class VPTPrompts(PromptModule):
         return token_keys_values(adapter, info.block, tokens)
 
 
-def init_bound(tower: TowerAdapter) -> float:
-    """VPT's init bound: ``√(6 / (fan_in + C))`` with the patch embedding's fan-in (``C`` on text)."""
-    width = tower.embed_dim
-    fan_in = patch_fan_in(tower) if tower.modality == "image" else None
-    return uniform_bound(fan_in or width, width)
-
-
 def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **settings: Any) -> nn.Module:
     """Add ``num_tokens`` learned prompt tokens per block to every tower ``towers`` names (in
     place), freeze the backbone (a timm head stays trainable); applying again replaces the prompts
@@ -101,7 +93,7 @@ def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **settings: Any
     cfg = VPTConfig.build(config, **settings)
 
     def make(tower: TowerAdapter) -> VPTPrompts:
-        return VPTPrompts(len(tower.blocks()), cfg.num_tokens, tower.embed_dim, init_bound(tower), cfg.dropout)
+        return VPTPrompts(len(tower.blocks()), cfg.num_tokens, tower.embed_dim, token_bound(tower), cfg.dropout)
 
     return attach_prompts(model, HOOK_NAME, MODULE_NAME, cfg, make, refuse_applied_conflicts)
 
