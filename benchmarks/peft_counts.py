@@ -9,6 +9,9 @@ IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304); LoKr r=8: W
 the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 / b) blocks of b(b - 1)/2.
 Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768; prefix length l:
 2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768.
+Bottleneck adapters (vleff's own, ``vleff.side.bottleneck``; one bottleneck of width m: 2 * 768 * m + m + 768):
+serial (Houlsby) two per block, + every LayerNorm (25 of them, 2 * 768 each) with ``train_norms``;
+parallel (AdaptFormer m = 64, He et al.'s FFN adapter m = 512) one per block.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ ROWS = [
     ("vpt", {"num_tokens": 50}, BLOCKS * 50 * C),
     ("prefix", {"num_tokens": 10}, 2 * BLOCKS * 10 * C),
     ("prefix", {"num_tokens": 10, "projection": 512}, 10 * C + (C * 512 + 512) + (512 + 1) * 2 * BLOCKS * C),
+    ("serial_adapter", {"bottleneck": 64, "train_norms": False}, 2 * BLOCKS * (2 * C * 64 + 64 + C)),
+    ("serial_adapter", {"bottleneck": 64}, 2 * BLOCKS * (2 * C * 64 + 64 + C) + (2 * BLOCKS + 1) * 2 * C),
+    ("serial_adapter", {"bottleneck": 8, "train_norms": False}, 2 * BLOCKS * (2 * C * 8 + 8 + C)),
 ]
-#: vleff's own prompt methods: applied through the registry, then the head frozen too
-PROMPTS = {"vpt", "prefix"}
+#: vleff's own prompt and adapter methods: applied through the registry, then the head frozen too
+PROMPTS = {"vpt", "prefix", "serial_adapter", "parallel_adapter"}
 
 
 def main() -> None:
