@@ -38,6 +38,12 @@ ROWS = [
     ("serial_adapter", {"bottleneck": 64, "train_norms": False}, 2 * BLOCKS * (2 * C * 64 + 64 + C)),
     ("serial_adapter", {"bottleneck": 64}, 2 * BLOCKS * (2 * C * 64 + 64 + C) + (2 * BLOCKS + 1) * 2 * C),
     ("serial_adapter", {"bottleneck": 8, "train_norms": False}, 2 * BLOCKS * (2 * C * 8 + 8 + C)),
+    ("parallel_adapter", {"bottleneck": 64}, BLOCKS * (2 * C * 64 + 64 + C)),
+    (
+        "parallel_adapter",
+        {"bottleneck": 512, "scale": 4.0, "dropout": 0.0, "reads": "mlp_input"},
+        BLOCKS * (2 * C * 512 + 512 + C),
+    ),
 ]
 #: vleff's own prompt and adapter methods: applied through the registry, then the head frozen too
 PROMPTS = {"vpt", "prefix", "serial_adapter", "parallel_adapter"}
