@@ -10,6 +10,9 @@ the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 
 Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768; prefix length l:
 2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768;
 APrompt P_kv key/value and N input prompts: 12 * 768 * (2 * P_kv + N).
+Bottleneck adapters (vleff's own, ``vleff.side.bottleneck``; one bottleneck of width m: 2 * 768 * m + m + 768):
+serial (Houlsby) two per block, + every LayerNorm (25 of them, 2 * 768 each) with ``train_norms``;
+parallel (AdaptFormer m = 64, He et al.'s FFN adapter m = 512) one per block.
 """
 
 from __future__ import annotations
@@ -35,9 +38,18 @@ ROWS = [
     ("prefix", {"num_tokens": 10, "projection": 512}, 10 * C + (C * 512 + 512) + (512 + 1) * 2 * BLOCKS * C),
     ("aprompt", {"kv_tokens": 10, "num_tokens": 0}, 2 * BLOCKS * 10 * C),
     ("aprompt", {"kv_tokens": 10, "num_tokens": 10}, 3 * BLOCKS * 10 * C),
+    ("serial_adapter", {"bottleneck": 64, "train_norms": False}, 2 * BLOCKS * (2 * C * 64 + 64 + C)),
+    ("serial_adapter", {"bottleneck": 64}, 2 * BLOCKS * (2 * C * 64 + 64 + C) + (2 * BLOCKS + 1) * 2 * C),
+    ("serial_adapter", {"bottleneck": 8, "train_norms": False}, 2 * BLOCKS * (2 * C * 8 + 8 + C)),
+    ("parallel_adapter", {"bottleneck": 64}, BLOCKS * (2 * C * 64 + 64 + C)),
+    (
+        "parallel_adapter",
+        {"bottleneck": 512, "scale": 4.0, "dropout": 0.0, "reads": "mlp_input"},
+        BLOCKS * (2 * C * 512 + 512 + C),
+    ),
 ]
-#: vleff's own prompt methods: applied through the registry, then the head frozen too
-PROMPTS = {"vpt", "prefix", "aprompt"}
+#: vleff's own prompt and adapter methods: applied through the registry, then the head frozen too
+PROMPTS = {"vpt", "prefix", "aprompt", "serial_adapter", "parallel_adapter"}
 
 
 def main() -> None:

@@ -87,6 +87,12 @@ def _perturb_side_up(model: torch.nn.Module) -> None:
     _randomize(model, lambda name, p: ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2)
 
 
+def _perturb_adapters(model: torch.nn.Module) -> None:
+    """The bottleneck adapters' up-projections start at zero (the model starts at the frozen
+    model); random values make the adapters reach the output."""
+    _randomize(model, lambda name, p: "_adapter." in name and ".up." in name)
+
+
 SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip")
 
 
@@ -320,6 +326,40 @@ SETTINGS: dict[str, Settings] = {
         state_prefix="vleff_aprompt.",
         callback_args={"kv_tokens": 2, "num_tokens": 1},
         applied_other={"kv_tokens": 3},
+        grad_checkpointing=True,
+    ),
+    # bottleneck adapters on the branch seam (vleff.side.bottleneck): they start exactly at the
+    # frozen model (zero up-projection), so no setting acts before training; the seam reaches every tower
+    "serial_adapter": Settings(
+        noop=None,
+        active={"bottleneck": 4},
+        refusals=[
+            ({"bottleneck": 0}, "bottleneck"),
+            ({"bottleneck": 2.5}, "bottleneck"),
+            ({"init_std": 0.0}, "init_std"),
+            ({"train_norms": "yes"}, "train_norms"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_serial_adapter.",
+        callback_args={"bottleneck": 2},
+        applied_other={"bottleneck": 4},
+        activate=_perturb_adapters,
+        grad_checkpointing=True,
+    ),
+    "parallel_adapter": Settings(
+        noop=None,
+        active={"bottleneck": 4},
+        refusals=[
+            ({"bottleneck": 0}, "bottleneck"),
+            ({"scale": float("nan")}, "scale"),
+            ({"dropout": 1.0}, "dropout"),
+            ({"reads": "output"}, "reads"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="vleff_parallel_adapter.",
+        callback_args={"bottleneck": 2, "dropout": 0.0},  # no dropout draws: resumed = uninterrupted
+        applied_other={"bottleneck": 4},
+        activate=_perturb_adapters,
         grad_checkpointing=True,
     ),
     # side networks read every block's output of the full stream: token reduction is refused

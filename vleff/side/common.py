@@ -53,9 +53,19 @@ from vleff.backbones import (
     get_patch,
 )
 
-#: module names the side methods register on a tower root (the prompt methods' too,
-#: :mod:`vleff.side.prompts`: their prompts train beside the same frozen backbone)
-SIDE_MODULES = ("vleff_vqt", "vleff_lst", "vleff_unipt", "vleff_vpt", "vleff_prefix", "vleff_aprompt")
+#: module names the side methods register on a tower root (the prompt methods' and the bottleneck
+#: adapters' too, :mod:`vleff.side.prompts`, :mod:`vleff.side.bottleneck`: they train beside the
+#: same frozen backbone)
+SIDE_MODULES = (
+    "vleff_vqt",
+    "vleff_lst",
+    "vleff_unipt",
+    "vleff_vpt",
+    "vleff_prefix",
+    "vleff_aprompt",
+    "vleff_serial_adapter",
+    "vleff_parallel_adapter",
+)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -306,6 +316,11 @@ def backbone_modules(model: nn.Module) -> list[nn.Module]:
 
 def _kept(model: nn.Module, train_head: bool) -> set[int]:
     keep = {id(p) for m in side_modules(model) for p in m.parameters()}
+    for tower in side_towers(model):  # backbone weights a side module trains (Houlsby's layer norms)
+        for n in SIDE_MODULES:
+            own = getattr(tower.root._modules.get(n), "backbone_trainable", None)
+            if own is not None:
+                keep |= {id(p) for p in own(tower.root)}
     if train_head:
         keep |= {id(p) for h in _heads(model) for p in h.parameters()}
     return keep

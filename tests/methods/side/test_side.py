@@ -463,8 +463,12 @@ class _SyncCheck(pl.Callback):
         {"IA3": {}},
         {"AdaLoRA": {"init_r": 6, "target_r": 2, "total_step": 2}},
         {"LoHa": {"r": 4}},
+        {
+            "SerialAdapter": {"bottleneck": 2, "train_norms": False},
+            "ParallelAdapter": {"bottleneck": 2, "dropout": 0.0},
+        },
     ],
-    ids=["lst", "lora", "unipt+vqt", "dora", "ia3", "adalora", "loha"],
+    ids=["lst", "lora", "unipt+vqt", "dora", "ia3", "adalora", "loha", "serial+parallel_adapter"],
 )
 def test_side_and_peft_callbacks_under_two_process_ddp_gloo(callbacks, tmp_path):
     module = tl.TinyClassifier()
