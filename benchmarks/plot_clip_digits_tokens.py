@@ -19,7 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHOD_STYLE = {"CrossGET": "tab:blue", "MADTP": "tab:red"}
+METHOD_STYLE = {
+    "ToMe": "tab:orange",
+    "Turbo": "tab:brown",
+    "EViT": "tab:purple",
+    "CrossGET": "tab:blue",
+    "MADTP": "tab:red",
+}
 TARGET_RATIO, TARGET_DROP = 0.6, 1.0
 
 
@@ -80,11 +86,8 @@ def load_points(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 COLUMNS = (  # (method, stage, label) left to right
-    ("CrossGET", "shelf", "CrossGET\noff the shelf"),
-    ("CrossGET", "tuned", "CrossGET\nfine-tuned"),
-    ("MADTP", "shelf", "MADTP\noff the shelf"),
-    ("MADTP", "tuned", "MADTP\nfine-tuned"),
-    ("baseline", "control", "control: same epochs,\nno method"),
+    *((m, stage, f"{m}\n{words}") for m in METHOD_STYLE for stage, words in (("shelf", "shelf"), ("tuned", "tuned"))),
+    ("baseline", "control", "control:\nsame epochs"),
 )
 SEED_MARKERS = "osD^v<>p"
 
@@ -100,7 +103,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 
     seeds = sorted({p["seed"] for p in points})
     columns = [c for c in COLUMNS if any((p["method"], p["stage"]) == c[:2] for p in points)]
-    fig, ax = plt.subplots(figsize=(8.5, 4.6), dpi=130)
+    fig, ax = plt.subplots(figsize=(max(8.5, 1.0 * len(columns) + 1.5), 4.6), dpi=130)
     ax.axhspan(-TARGET_DROP, max(2.0, max(p["delta"] for p in points) + 0.5), color="tab:green", alpha=0.08, lw=0)
     ax.axhline(0, color="black", lw=0.8)
     ax.axhline(-TARGET_DROP, color="black", lw=0.6, ls=":")
@@ -122,7 +125,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
             )
         ratios = [p["ratio"] for p in mine]
         flops = f"{min(ratios):.3f}×" if max(ratios) - min(ratios) < 5e-4 else f"{min(ratios):.3f}–{max(ratios):.3f}×"
-        ticks.append(f"{label}\n{flops} FLOPs")
+        ticks.append(f"{label}\n{flops}")
     for i, seed in enumerate(seeds):  # legend: seeds only (columns are labelled on the axis)
         ax.scatter(
             [],
@@ -133,9 +136,10 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
             label=f"seed {seed}",
         )
     ax.fill_between([], [], [], color="tab:green", alpha=0.15, label=f"within {TARGET_DROP:g} point of the baseline")
-    ax.set_xticks(range(len(columns)), ticks, fontsize=7.5)
+    ax.set_xticks(range(len(columns)), ticks, fontsize=7)
     ax.set_xlim(-0.5, len(columns) - 0.5)
     ax.set_ylabel("image→text R@1 − the seed's baseline (points)")
+    ax.set_xlabel("method, off the shelf (hollow) or fine-tuned (filled), and its image-tower FLOPs ×", fontsize=8)
     ax.set_title(
         f"Digits-CLIP (6 blocks, 65 image tokens, 360 val pairs = 0.28 points each), "
         f"image tower reduced to ≤ {TARGET_RATIO}× FLOPs",
@@ -147,6 +151,31 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def summary(points: list[dict[str, Any]]) -> list[str]:
+    """A markdown table: per (method, stage), over seeds, the FLOPs ratio, R@1 mean ± std, and the
+    mean Δ against each seed's baseline and (fine-tuned rows, the same extra epochs) its control."""
+    import statistics
+
+    control = {p["seed"]: p["r1"] for p in points if p["stage"] == "control"}
+    lines = [
+        "| run | image FLOPs × | seeds | i2t R@1 % (mean ± std) | Δ vs baseline | Δ vs control |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, stage, label in COLUMNS:
+        mine = [p for p in points if (p["method"], p["stage"]) == (method, stage)]
+        if not mine:
+            continue
+        r1 = [p["r1"] for p in mine]
+        spread = statistics.stdev(r1) if len(r1) > 1 else 0.0
+        vs_control = [p["r1"] - control[p["seed"]] for p in mine if stage == "tuned" and p["seed"] in control]
+        lines.append(
+            f"| {label.replace(chr(10), ' ')} | {statistics.mean(p['ratio'] for p in mine):.3f} | {len(mine)} | "
+            f"{statistics.mean(r1):.2f} ± {spread:.2f} | {statistics.mean(p['delta'] for p in mine):+.2f} | "
+            + (f"{statistics.mean(vs_control):+.2f} |" if vs_control else "— |")
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -161,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"seed {p['seed']}  {p['method']:8s} {p['stage']:7s} {p['ratio']:.3f}x  R@1 {p['r1']:6.2f}  "
             f"({p['delta']:+.2f})"
         )
+    print("\n".join(summary(points)))
     print(f"plot: {args.plot}")
     return points
 
