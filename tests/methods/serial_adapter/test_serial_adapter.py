@@ -166,3 +166,25 @@ def test_mixin_applies_and_freezes(tmp_path):
     assert not module.model.blocks[0].attn.qkv.weight.requires_grad
     tl.trainer(tmp_path, max_steps=2).fit(module, tl.loader(8))
     assert up.abs().max() > 0  # the adapters trained
+
+
+def test_adapter_only_state_holds_the_trained_layer_norms_and_reproduces_the_model():
+    """What trains beside the adapters (the LayerNorms) is in the adapter-only state, the frozen
+    weights are not; loading it onto a fresh backbone gives the trained model back."""
+    torch.manual_seed(0)
+    model = tm.timm_vit().eval()
+    fresh = tm.timm_vit().eval()
+    fresh.load_state_dict(model.state_dict())
+    apply_serial_adapter(model, bottleneck=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # "trained": adapters, norms and head moved
+    state = vleff.side.side_state_dict(model)
+    assert "blocks.0.norm1.weight" in state and "norm.bias" in state and "vleff_serial_adapter.mlp.0.up.weight" in state
+    assert "blocks.0.attn.qkv.weight" not in state and "patch_embed.proj.weight" not in state
+    apply_serial_adapter(fresh, bottleneck=3)
+    vleff.side.load_side_state_dict(fresh, state)
+    images = tm.images()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), model(images), atol=0, rtol=0)

@@ -173,3 +173,22 @@ def test_applying_an_adapter_keeps_another_methods_parameters_trainable(name):
         "head.weight",
         "head.bias",
     }
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_a_peft_tuner_is_refused_both_ways_rather_than_frozen(name):
+    """Each would freeze what the other trains: refused, naming both, nothing changed."""
+    import vleff
+
+    model = tm.timm_vit()
+    vleff.apply_lora(model, r=2)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"cannot apply {name} while lora is applied.*freezes"):
+        get_method(name).apply(model, **ADAPTERS[name])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    vleff.remove_lora(model)
+    get_method(name).apply(model, **ADAPTERS[name])
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"cannot apply lora while {name} is applied"):
+        vleff.apply_lora(model, r=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

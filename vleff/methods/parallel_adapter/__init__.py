@@ -13,7 +13,8 @@ from vleff.methods.parallel_adapter.core import (
     parallel_adapter_parameters,
     remove_parallel_adapter,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
+from vleff.side.bottleneck import FREEZES_PEFT_TUNERS
 
 METHOD = register_method(
     Method(
@@ -27,6 +28,9 @@ METHOD = register_method(
         # the adapter adds to the MLP output through the branch seam; token methods, early exit
         # and other hooks keep working (the tower_hook trait brings the shared refusals)
         traits=frozenset({"tower_hook"}),
+        # applying the adapter freezes the backbone, a peft tuner's adapters in it included; a peft
+        # tuner applied after it would freeze the adapters: refused both ways, naming both
+        refuses=(Refusal("peft_tuner", FREEZES_PEFT_TUNERS),),
         required_on_load=True,
         callback="vleff.methods.parallel_adapter.lightning.ParallelAdapter",
         mixin="vleff.methods.parallel_adapter.lightning.ParallelAdapterMixin",
