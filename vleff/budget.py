@@ -4,8 +4,12 @@ FLOPs *measured* on a few batches hit a target fraction of the model without the
 Each method declares its knob in its registry entry (:class:`vleff.registry.Budget`): ToMe and
 Turbo spread a number of merges over the blocks (front-loaded, one merge at a time: fine steps),
 EViT and DynamicViT move their keep rate, CrossGET its per-block merges of both towers, MADTP
-hands the target to its own τ controller. The search measures with :mod:`vleff.flops` (eval mode,
-no gradients) and bisects the knob, since more knob never costs more FLOPs; it stops within
+hands the target to its own τ controller; Transkimmer's keep threshold and MuE's exit threshold are
+knobs whose effective steps depend on the data (:attr:`~vleff.registry.Budget.steps`: the scores
+the batches produce), so they are searched over the steps found on those batches. The search
+measures with :mod:`vleff.flops` (eval mode, no gradients) and bisects the knob, since more knob
+never costs more FLOPs (for Transkimmer to first order: a skimmed token moves the margins of the
+tokens after it; each step taken is measured); it stops within
 ``tolerance`` of the target. A target no setting reaches, or one that falls between two steps of
 a discrete knob by more than the tolerance, raises ``ValueError`` naming the closest reachable
 ratio and why, and leaves the method as it was (``strict=False`` sets the closest and warns).
@@ -29,10 +33,10 @@ from torch import nn
 
 from vleff.checks import check_int, check_number
 from vleff.flops import count_flops
-from vleff.registry import Method, all_methods, get_method, update
+from vleff.registry import Budget, Method, all_methods, get_method, update
 
 Forward = Callable[[nn.Module, Any], Any]
-__all__ = ["BudgetFit", "fit_budget", "measure_ratio"]
+__all__ = ["BudgetFit", "fit_budget", "measure_ratio", "run_batches", "thresholds_between"]
 
 
 @dataclass
@@ -243,32 +247,79 @@ def fit_budget(
         return _finish(
             fit, tolerance, strict, lambda: update(model, entry.name, **before), entry, "its controller's best"
         )
-    assert budget.settings is not None
-    before = {k: v for k, v in applied.items() if k in budget.settings(model, 0)}
-    ratios = _Search(model, entry, batches, fwd, baseline)
-    top = float(budget.levels(model)) if budget.levels is not None else 1.0
-    ratios.bisect(target, tolerance, top, discrete=budget.levels is not None, max_evals=max_evals)
+    settings_of, top, discrete = _knob(model, budget, batches, fwd)
+    before = {k: v for k, v in applied.items() if k in settings_of(model, 0)}
+    ratios = _Search(model, entry, batches, fwd, baseline, settings_of)
+    try:
+        ratios.bisect(target, tolerance, top, discrete=discrete, max_evals=max_evals)
+    except BaseException:
+        update(model, entry.name, **before)
+        raise
     best = min(ratios.measured, key=lambda k: (abs(ratios.measured[k] / baseline - target), k))
-    settings = budget.settings(model, best)
+    settings = settings_of(model, best)
     update(model, entry.name, **settings)
     value = ratios.measured[best]
     fit = BudgetFit(entry.name, settings, value / baseline, target, value, baseline, ratios.evaluations)
-    why = _why(ratios.evaluations, target, budget.levels is not None, budget.setting)
+    why = _why(ratios.evaluations, target, discrete, budget.setting)
     return _finish(fit, tolerance, strict, lambda: update(model, entry.name, **before), entry, why)
+
+
+Settings = Callable[[nn.Module, Any], dict[str, Any]]
+
+
+def _knob(model: nn.Module, budget: Budget, batches: list[Any], forward: Forward) -> tuple[Settings, float, bool]:
+    """``(settings(model, knob), top, discrete)``: how the search moves the knob. A data-dependent
+    knob's steps (:attr:`Budget.steps`) are found on the batches and indexed like discrete levels."""
+    if budget.steps is not None:
+        steps = budget.steps(model, batches, forward)
+        if not steps:
+            raise RuntimeError(f"the budget steps of {budget.setting} came back empty (a method bug)")
+        return (lambda _model, knob: dict(steps[int(knob)])), float(len(steps) - 1), True
+    assert budget.settings is not None
+    top = float(budget.levels(model)) if budget.levels is not None else 1.0
+    return budget.settings, top, budget.levels is not None
+
+
+def run_batches(model: nn.Module, batches: list[Any], forward: Forward) -> None:
+    """``forward(model, batch)`` for each batch as :func:`measure` runs it (eval mode, no gradients;
+    the model's mode restored), uncounted: what a :attr:`Budget.steps` reads its scores from."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        model.train(was)
+
+
+def thresholds_between(scores: Iterable[float], low: float, high: float) -> list[float]:
+    """Thresholds of a "keep while the score is at most the threshold" rule, from ``high`` (nothing
+    passes it; the first step) down to ``low``: one between each two neighbouring distinct
+    ``scores`` (their midpoint, clamped to ``[low, high]``), so each step lets the next score pass
+    ``score > threshold``. A step's effect does not hinge on recomputing a score to the last bit."""
+    distinct = sorted({float(s) for s in scores if math.isfinite(s)}, reverse=True)
+    out = [high]
+    for a, b in zip(distinct, distinct[1:]):
+        out.append(min(max((a + b) / 2, low), high))
+    out.append(low)
+    return list(dict.fromkeys(out))  # clamping may repeat a value: keep the first
 
 
 class _Search:
     """Measured ratios of the method at knob values (each counted once)."""
 
-    def __init__(self, model: nn.Module, entry: Method, batches: list[Any], forward: Forward, baseline: int) -> None:
+    def __init__(
+        self, model: nn.Module, entry: Method, batches: list[Any], forward: Forward, baseline: int, settings: Settings
+    ) -> None:
         self.model, self.entry, self.batches, self.forward, self.baseline = model, entry, batches, forward, baseline
+        self.settings = settings
         self.measured: dict[float, int] = {}
         self.evaluations: list[tuple[float, float]] = []
 
     def ratio(self, knob: float) -> float:
         if knob not in self.measured:
-            assert self.entry.budget is not None and self.entry.budget.settings is not None
-            update(self.model, self.entry.name, **self.entry.budget.settings(self.model, knob))
+            update(self.model, self.entry.name, **self.settings(self.model, knob))
             self.measured[knob] = measure(self.model, self.batches, self.forward)
             self.evaluations.append((knob, self.measured[knob] / self.baseline))
         return self.measured[knob] / self.baseline

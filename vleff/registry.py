@@ -115,12 +115,21 @@ class Budget:
             ``0..levels``); ``None``: a continuous knob in [0, 1].
         fit: ``fit(model, batches, flops, forward, max_evals) -> dict`` for a method with its own
             FLOPs controller (MADTP's τ search); it sets the method and returns its settings.
+        steps: ``steps(model, batches, forward) -> list[dict]`` for a knob whose effective values
+            depend on the data (a threshold on a score: only the scores the batches produce matter):
+            the settings of each step, from no reduction to the most, found on ``batches``; the
+            search then bisects over their indices like a discrete knob's levels. The method must be
+            left as it was.
+        data_dependent: the FLOPs a setting gives move with the model's weights (a threshold on
+            learned scores): a callback's ``flops_target`` fits the knob again when training ends.
     """
 
     setting: str
     settings: Callable[[nn.Module, Any], dict[str, Any]] | None = None
     levels: Callable[[nn.Module], int] | None = None
     fit: Callable[..., dict[str, Any]] | None = None
+    steps: Callable[..., list[dict[str, Any]]] | None = None
+    data_dependent: bool = False
 
 
 @dataclass(frozen=True)

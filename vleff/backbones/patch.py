@@ -91,6 +91,7 @@ class TowerPatch:
         state = dict(self.__dict__)
         state["_recordings"], state["_recording"] = deque(maxlen=REPLAY_FORWARDS), None  # per-forward
         state["_start_inputs"] = []
+        state["state"] = None  # the latest forward's token state (a method's records): per-forward
         return state
 
     @property

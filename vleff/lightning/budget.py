@@ -6,10 +6,13 @@ sets its method's knob with :func:`vleff.fit_budget` so the FLOPs of the model i
 schedule towards those settings (ToMe's warm-up ends at the fitted ``r``, EViT's cosine at the
 fitted keep rate). Under DDP global rank 0's settings go to every rank (each rank sees other
 batches). The fitted settings are in the callback's checkpoint state, so a resumed run continues
-with them instead of measuring again.
+with them instead of measuring again. A knob whose FLOPs follow the weights (Transkimmer's keep
+threshold, MuE's exit threshold: :attr:`vleff.registry.Budget.data_dependent`) is fitted again
+when training ends (:meth:`refit_budget_at_train_end`), on the trained weights.
 
 Use: :meth:`init_budget` in ``__init__``; :meth:`fit_budget_at_train_start` in
-``on_train_start`` with the model the method acts on; :meth:`budget_state` /
+``on_train_start`` with the model the method acts on, :meth:`refit_budget_at_train_end` in
+``on_train_end``; :meth:`budget_state` /
 :meth:`load_budget_state` in ``state_dict`` / ``load_state_dict``; override
 :meth:`take_budget` where the callback drives a setting by a schedule.
 """
@@ -39,7 +42,7 @@ class BudgetOption:
         #: the settings the budget search set (restored from a checkpoint on resume)
         self.budget_settings: dict[str, Any] | None = None
 
-    def fit_budget_at_train_start(self, trainer: pl.Trainer, target: nn.Module) -> None:
+    def fit_budget_at_train_start(self, trainer: pl.Trainer, target: nn.Module, strict: bool = True) -> None:
         """Measure and set the knob once per run (a restored run reuses its settings)."""
         if self.flops_target is None:
             return
@@ -54,11 +57,26 @@ class BudgetOption:
                 if loader is None:
                     raise RuntimeError(f"flops_target={self.flops_target} needs the training dataloader to measure on")
                 batches = list(itertools.islice(iter(loader), self.budget_batches))
-                settings = fit_budget(target, batches, flops=self.flops_target, method=self.method).settings
+                settings = fit_budget(
+                    target, batches, flops=self.flops_target, method=self.method, strict=strict
+                ).settings
             self.budget_settings = trainer.strategy.broadcast(settings, src=0)
         assert self.budget_settings is not None
         update(target, self.method, **self.budget_settings)
         self.take_budget(self.budget_settings)
+
+    def refit_budget_at_train_end(self, trainer: pl.Trainer, target: nn.Module) -> None:
+        """A knob whose FLOPs follow the weights (:attr:`vleff.registry.Budget.data_dependent`: a
+        threshold on learned scores) is fitted again on the same batches once training has moved
+        them, so the trained model meets the target; out of reach, the closest is set with a
+        warning (training is done; an error would lose it). Other knobs keep their settings."""
+        from vleff.registry import get_method
+
+        budget = get_method(self.method).budget
+        if self.flops_target is None or budget is None or not budget.data_dependent:
+            return
+        self.budget_settings = None
+        self.fit_budget_at_train_start(trainer, target, strict=False)
 
     def take_budget(self, settings: dict[str, Any]) -> None:
         """The fitted settings become the callback's own (default: its ``config``)."""

@@ -12,11 +12,12 @@ from vleff.methods.mue.core import (
     MuEConfig,
     apply_mue,
     mue_applied,
+    mue_budget_steps,
     mue_exit_blocks,
     remove_mue,
     update_mue,
 )
-from vleff.registry import Method, Refusal, register_method
+from vleff.registry import Budget, Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -55,6 +56,9 @@ METHOD = register_method(
         towers=TOWERS,
         bench_settings={"image_threshold": 0.99},
         description="MuE: each sample leaves the tower when a block barely changes its tokens (cosine > threshold)",
+        # the exit threshold of every tower MuE is on, stepped through the cosines the batches reach;
+        # the cosines come from the model's weights, so a trained model is fitted again
+        budget=Budget("threshold", steps=mue_budget_steps, data_dependent=True),
     )
 )
 

@@ -83,6 +83,13 @@ class MuEHook(TowerHook):
 
     def __init__(self, config: MuEConfig, depth: int, modality: str) -> None:
         self.config, self.depth, self.modality = config, depth, modality
+        #: while :func:`mue_budget_steps` traces: every cosine a running sample reached (no exits)
+        self.trace: list[torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["trace"] = None  # per-forward: a copy of the model does not carry a trace along
+        return state
 
     def configure(self, config: MuEConfig) -> None:
         self.config = config
@@ -92,8 +99,8 @@ class MuEHook(TowerHook):
         return self.config.image_threshold if self.modality == "image" else self.config.text_threshold
 
     def exits(self, block: nn.Module | None) -> bool:
-        """Whether this forward may exit: inference, and a threshold below 1."""
-        return self.threshold < 1.0 and block is not None and not block.training
+        """Whether this forward may exit (inference, and a threshold below 1), or is traced."""
+        return (self.threshold < 1.0 or self.trace is not None) and block is not None and not block.training
 
     def running_samples(self, index: int, state: TokenState) -> torch.Tensor | None:
         record = state.scratch.get(HOOK_NAME)
@@ -129,7 +136,11 @@ class MuEHook(TowerHook):
         if record is None or "input" not in record:
             return x
         previous = record.pop("input")
-        leave = sample_cosine(x, previous) > self.threshold
+        cosine = sample_cosine(x, previous)
+        if self.trace is not None:  # traced: record, never exit (every sample reaches every block)
+            self.trace.append(cosine.detach().cpu())
+            return x
+        leave = cosine > self.threshold
         rows = state.rows if state.rows is not None else torch.arange(x.shape[0], device=x.device)
         gone = rows[leave]
         record["exited"] = record["exited"].index_fill(0, gone, True)
@@ -195,3 +206,33 @@ def mue_exit_blocks(model: nn.Module) -> dict[str, torch.Tensor]:
             record["blocks"] if record is not None else torch.full((patch.state.batch_size,), depth, dtype=torch.long)
         )
     return out
+
+
+def mue_budget_steps(model: nn.Module, batches: list[Any], forward: Any) -> list[dict[str, Any]]:
+    """The thresholds at which the FLOPs of ``model`` on ``batches`` change, from none exiting (1.0)
+    to every sample leaving after its first block (-1.0), as ``update`` settings of every tower MuE
+    is on (one threshold for the whole model): :attr:`vleff.registry.Budget.steps`.
+
+    A sample's cosines do not depend on the threshold (it runs its blocks as it would alone until it
+    leaves), so one traced forward that exits nothing gives every cosine that can decide an exit; a
+    step lets the next highest one pass ``cos > threshold``, and a lower threshold never runs more
+    blocks."""
+    from vleff.budget import run_batches, thresholds_between
+
+    hooks = hooks_named(model, HOOK_NAME)
+    if not hooks:
+        raise ValueError(f"MuE is not applied to this {type(model).__name__}; call apply_mue first")
+    for hook in hooks:
+        hook.trace = []
+    try:
+        run_batches(model, batches, forward)
+        cosines = [float(c) for hook in hooks for t in hook.trace or [] for c in t.tolist()]
+    finally:
+        for hook in hooks:
+            hook.trace = None
+    keys = [k for k, on in (("image_threshold", "image"), ("text_threshold", "text")) if on in _modalities(hooks)]
+    return [dict.fromkeys(keys, t) for t in thresholds_between(cosines, low=-1.0, high=1.0)]
+
+
+def _modalities(hooks: list[MuEHook]) -> set[str]:
+    return {hook.modality for hook in hooks}

@@ -27,6 +27,7 @@ from vleff.backbones import find_towers, get_patch
 from vleff.backbones.patch import in_backward
 from vleff.checks import check_bool
 from vleff.lightning.aux_loss import attach_aux_loss, detach_aux_loss
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.targets import (
@@ -105,7 +106,7 @@ def batch_labels(batch: Any, labels: int | str) -> torch.Tensor:
     return value
 
 
-class MuE(InitFromOption, RemovalOption, pl.Callback):
+class MuE(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
     """MuE (per-sample early exit by layer-to-layer similarity) for an existing LightningModule.
 
     Args:
@@ -117,6 +118,11 @@ class MuE(InitFromOption, RemovalOption, pl.Callback):
         remove_on_teardown: restore the plain forward when the run ends.
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the method is applied (fine-tuning, not resuming).
+        flops_target: set the exit threshold of every tower MuE is on so the inference FLOPs are
+            this fraction of the model without the method (:func:`vleff.fit_budget` on the first
+            ``budget_batches`` training batches at the start of ``fit``, and again when training
+            ends: the trained blocks give other cosines; kept in checkpoints).
+        budget_batches: how many training batches the budget is measured on.
         **settings: :class:`vleff.methods.mue.core.MuEConfig` fields (``image_threshold``,
             ``text_threshold``, ``towers``), validated here.
     """
@@ -131,9 +137,12 @@ class MuE(InitFromOption, RemovalOption, pl.Callback):
         labels: int | str = 1,
         remove_on_teardown: bool = False,
         init_from: str | None = None,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         self.init_initial(init_from)
+        self.init_budget(flops_target, budget_batches)
         self.config = MuEConfig.build(**settings)
         self.module = check_module_arg(module)
         self.layerwise_loss = check_bool("layerwise_loss", layerwise_loss)
@@ -184,11 +193,18 @@ class MuE(InitFromOption, RemovalOption, pl.Callback):
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "mue", self.config)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.refit_budget_at_train_end(trainer, self._target if self._target is not None else pl_module)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.as_dict()}  # MuE has no state of its own
+        # MuE has no weights of its own; a fitted budget's thresholds are kept
+        return {"config": self.config.as_dict(), "budget": self.budget_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        self.load_budget_state(state_dict.get("budget", {}))
 
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------

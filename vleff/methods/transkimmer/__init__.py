@@ -14,9 +14,10 @@ from vleff.methods.transkimmer.core import (
     apply_transkimmer,
     remove_transkimmer,
     transkimmer_applied,
+    transkimmer_budget_steps,
     update_transkimmer,
 )
-from vleff.registry import Method, Refusal, register_method
+from vleff.registry import Budget, Method, Refusal, register_method
 
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
@@ -47,6 +48,9 @@ METHOD = register_method(
         # (ViT-B/16: 1.079x the FLOPs); a trained model's counts need its trained predictors
         bench_settings={},
         description="Transkimmer learned layer-wise token skimming (skim predictors + skim loss)",
+        # the inference keep threshold, stepped through the keep margins the predictors give on the
+        # batches; the margins come from the trained predictors, so a trained model is fitted again
+        budget=Budget("keep_threshold", steps=transkimmer_budget_steps, data_dependent=True),
     )
 )
 

@@ -85,6 +85,12 @@ class TranskimmerConfig(MethodConfig):
         locations: block indices (strictly increasing) with a predictor in front; ``None``: every block.
         eval_mode: ``"drop"`` (tokens that no sample keeps are removed) or ``"mask"`` (kept in
             place and masked, the training computation made deterministic).
+        keep_threshold: inference keeps a token iff its predictor's keep probability
+            ``softmax(logits)[keep]`` is above this (strictly), i.e. ``logit_keep − logit_skip >
+            log(t / (1 − t))``. The default 0.5 is the paper's argmax; it is the FLOPs knob of
+            :func:`vleff.fit_budget` (higher: fewer tokens), usable after training since it moves
+            no weight. ``0`` keeps every token, ``1`` skims every token the predictors may skim.
+            Training (Gumbel sampling) does not read it.
         towers: ``"image"``, ``"text"`` or ``"all"``.
     """
 
@@ -94,6 +100,7 @@ class TranskimmerConfig(MethodConfig):
     tau: float = 1.0
     locations: Sequence[int] | None = None
     eval_mode: str = "drop"
+    keep_threshold: float = 0.5
     towers: str = "image"
 
     def __post_init__(self) -> None:
@@ -103,6 +110,7 @@ class TranskimmerConfig(MethodConfig):
         if self.locations is not None:
             self.locations = check_locations("locations", self.locations, 10_000)
         check_choice("eval_mode", self.eval_mode, ("drop", "mask"))
+        self.keep_threshold = check_number("keep_threshold", self.keep_threshold, low=0, high=1, owner="Transkimmer")
         check_towers(self.towers, TOWERS)
 
 
@@ -163,6 +171,14 @@ class TranskimmerHook(TowerHook):
         #: text towers leave that to the tower's layout hook (removed positions get zeros there)
         self.forward_skimmed = forward_skimmed
         self._slot = {loc: i for i, loc in enumerate(locations)}
+        #: while :func:`transkimmer_budget_steps` traces: each skimmable token's keep margin
+        #: ``logit_keep − logit_skip`` at each predictor (inference)
+        self.trace: list[torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["trace"] = None  # per-forward: a copy of the model does not carry a trace along
+        return state
 
     # --- entry points ------------------------------------------------------------------------
     def start(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -216,9 +232,17 @@ class TranskimmerHook(TowerHook):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         if self.predictors.training:
             decision = F.gumbel_softmax(logits, tau=self.config.tau, hard=True)[..., KEEP_CHANNEL]
-        else:  # deterministic: keep iff the keep logit is the larger (no Gumbel noise)
-            decision = (logits[..., KEEP_CHANNEL] > logits[..., SKIP_CHANNEL]).float()
+        else:  # deterministic: keep iff the keep probability is above keep_threshold (no Gumbel noise)
+            margin = logits[..., KEEP_CHANNEL] - logits[..., SKIP_CHANNEL]
+            decision = (margin > keep_margin(self.config.keep_threshold)).float()
         protected = state.get(PROTECTED)  # text towers: the EOT (BLIP: token 0), never skimmed
+        if self.trace is not None and not self.predictors.training:
+            skimmable = torch.ones_like(decision, dtype=torch.bool)  # the tokens this block may skim
+            if protected is not None:
+                skimmable &= ~protected[:, p:].bool()
+            if prev is not None:
+                skimmable &= prev[:, p:].bool()
+            self.trace.append(margin[skimmable].detach().cpu())
         if protected is not None:
             decision = torch.maximum(decision, protected[:, p:].to(decision.dtype))
         if prev is not None:
@@ -269,6 +293,27 @@ class TranskimmerHook(TowerHook):
         self._set_keep(state, mask)
         scratch["masked"] = not bool(mask.bool().all())  # samples differ: mask what some skim
         return x
+
+
+def keep_margin(threshold: float) -> float:
+    """``log(t / (1 − t))``: the keep-minus-skip logit a token must exceed to be kept at keep
+    probability threshold ``t`` (``−inf`` at 0: every token kept; ``+inf`` at 1: none). At 0.5 it
+    is 0, the paper's argmax. A threshold found from recorded float32 margins comes back to that
+    margin to well under float32's spacing."""
+    if threshold <= 0.0:
+        return -math.inf
+    if threshold >= 1.0:
+        return math.inf
+    return math.log(threshold) - math.log1p(-threshold)
+
+
+def keep_threshold_of(margin: float) -> float:
+    """The keep probability threshold of a logit margin (the inverse of :func:`keep_margin`)."""
+    if margin == -math.inf:
+        return 0.0
+    if margin == math.inf:
+        return 1.0
+    return 1.0 / (1.0 + math.exp(-margin)) if margin >= 0 else math.exp(margin) / (1.0 + math.exp(margin))
 
 
 def _put(out: torch.Tensor, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -346,11 +391,11 @@ def remove_transkimmer(model: nn.Module) -> nn.Module:
 
 
 #: settings an applied Transkimmer may change (the others shape the predictors or the towers)
-UPDATABLE = ("skim_coefficient", "tau", "eval_mode")
+UPDATABLE = ("skim_coefficient", "tau", "eval_mode", "keep_threshold")
 
 
 def update_transkimmer(model: nn.Module, **changes: Any) -> None:
-    """Change ``skim_coefficient``, ``tau`` or ``eval_mode`` of an applied Transkimmer (the
+    """Change ``skim_coefficient``, ``tau``, ``eval_mode`` or ``keep_threshold`` of an applied Transkimmer (the
     predictors are kept); the other settings need :func:`apply_transkimmer` again."""
     hooks = hooks_named(model, HOOK_NAME)
     if not hooks:
@@ -378,3 +423,32 @@ def transkimmer_predictors(model: nn.Module) -> list[TranskimmerPredictors]:
 def skim_probability(init_bias: float) -> float:
     """P(skip) of a new predictor in training, ignoring the 0.02 noise: ``1 / (1 + e^{2b})``."""
     return 1.0 / (1.0 + math.exp(2.0 * init_bias))
+
+
+def transkimmer_budget_steps(model: nn.Module, batches: list[Any], forward: Any) -> list[dict[str, Any]]:
+    """Keep thresholds from keeping every token (0) to skimming every token the predictors may (1),
+    one between each two neighbouring keep margins the predictors give on ``batches``:
+    :attr:`vleff.registry.Budget.steps`. Traced at threshold 0 (nothing skimmed), so each token
+    has a margin at every predictor. A skimmed token changes the states (and margins) of the
+    tokens after it, so the steps are where the FLOPs change *to first order*; the search
+    measures each step it takes, and the fit is the measured one."""
+    from vleff.budget import run_batches, thresholds_between
+
+    hooks = hooks_named(model, HOOK_NAME)
+    if not hooks:
+        raise ValueError(f"Transkimmer is not applied to this {type(model).__name__}; call apply_transkimmer first")
+    before = hooks[0].config
+    for hook in hooks:
+        hook.trace = []
+        hook.config = before.replace(keep_threshold=0.0)
+    try:
+        run_batches(model, batches, forward)
+        # thresholds_between counts down from "nothing passes" to "everything passes"; a margin
+        # *passing* here means being skimmed, so walk the negated margins
+        margins = [-float(m) for hook in hooks for t in hook.trace or [] for m in t.tolist()]
+    finally:
+        for hook in hooks:
+            hook.trace = None
+            hook.config = before
+    cuts = thresholds_between(margins, low=-math.inf, high=math.inf)
+    return [{"keep_threshold": keep_threshold_of(-c)} for c in cuts]

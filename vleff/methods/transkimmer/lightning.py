@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.lightning.aux_loss import AuxLoss
+from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target
 from vleff.lightning.targets import (
@@ -23,7 +24,7 @@ from vleff.lightning.targets import (
 from vleff.methods.transkimmer.core import TranskimmerConfig, apply_transkimmer
 
 
-class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
+class Transkimmer(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
     """Transkimmer (learned token skimming) for an existing LightningModule.
 
     Args:
@@ -33,8 +34,14 @@ class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the predictors are added (fine-tuning, not resuming).
         remove_on_teardown: restore the plain forward when the run ends.
+        flops_target: set ``keep_threshold`` so the inference FLOPs are this fraction of the model
+            without the method (:func:`vleff.fit_budget` on the first ``budget_batches`` training
+            batches at the start of ``fit``, and again when training ends: the trained predictors
+            give other margins; kept in checkpoints).
+        budget_batches: how many training batches the budget is measured on.
         **settings: :class:`vleff.methods.transkimmer.core.TranskimmerConfig` fields
-            (``skim_coefficient``, ``init_bias``, ``tau``, ``locations``, ``eval_mode``), validated here.
+            (``skim_coefficient``, ``init_bias``, ``tau``, ``locations``, ``eval_mode``,
+            ``keep_threshold``), validated here.
     """
 
     #: the method config whose fields ``**settings`` takes (Hydra config checks read it)
@@ -47,10 +54,13 @@ class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
         log: bool = True,
         init_from: str | None = None,
         remove_on_teardown: bool = False,
+        flops_target: float | None = None,
+        budget_batches: int = 4,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_removal(remove_on_teardown)
+        self.init_budget(flops_target, budget_batches)
         self.config = TranskimmerConfig.build(**settings)
         self.module = check_module_arg(module)
         self.init_initial(init_from)
@@ -75,10 +85,18 @@ class Transkimmer(InitFromOption, RemovalOption, AuxLoss):
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, "transkimmer", self.config)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.refit_budget_at_train_end(trainer, self._target if self._target is not None else pl_module)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.as_dict()}  # the predictors are in the module's state_dict
+        # the predictors are in the module's state_dict
+        return {"config": self.config.as_dict(), "budget": self.budget_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_budget_state(state_dict.get("budget", {}))
         saved = state_dict.get("config", {})
         if "locations" in saved and saved["locations"] != self.config.locations:
             raise ValueError(
