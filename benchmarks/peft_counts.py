@@ -9,6 +9,8 @@ IA3: 2304 (qkv outputs) + 3072 (fc2 inputs); LoHa r: 2r(768 + 2304); LoKr r=8: W
 the 48 x 32 factor at rank 8 (2304 = 48 * 48, 768 = 24 * 32); OFT block b: (768 / b) blocks of b(b - 1)/2.
 Prompt methods (vleff's own, ``vleff.side.prompts``): VPT-deep N: 12 * N * 768; prefix length l:
 2 * 12 * l * 768, with Li & Liang's MLP (h = 512): l * 768 + (768 * 512 + 512) + (512 + 1) * 2 * 12 * 768.
+Selective methods (vleff's own, ``vleff.side.selection``): BitFit: every bias, per block qkv 2304 + proj 768 +
+fc1 3072 + fc2 768 + two LayerNorms 2 * 768, plus the patch embedding's 768 and the final norm's 768.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ ROWS = [
     ("vpt", {"num_tokens": 50}, BLOCKS * 50 * C),
     ("prefix", {"num_tokens": 10}, 2 * BLOCKS * 10 * C),
     ("prefix", {"num_tokens": 10, "projection": 512}, 10 * C + (C * 512 + 512) + (512 + 1) * 2 * BLOCKS * C),
+    ("bitfit", {"train_head": False}, BLOCKS * (QKV + C + HIDDEN + C + 2 * C) + C + C),
 ]
 #: vleff's own prompt methods: applied through the registry, then the head frozen too
 PROMPTS = {"vpt", "prefix"}
+#: vleff's own selective methods: applied through the registry with the head frozen by their setting
+SELECTIVE = {"bitfit"}
 
 
 def main() -> None:
@@ -43,7 +48,9 @@ def main() -> None:
     for method, settings, analytic in ROWS:
         torch.manual_seed(0)
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
-        if method in PROMPTS:
+        if method in SELECTIVE:
+            get_method(method).apply(model, **settings)
+        elif method in PROMPTS:
             get_method(method).apply(model, **settings)
             vleff.side.freeze_backbone(model, train_head=False)
         else:

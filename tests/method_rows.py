@@ -63,6 +63,11 @@ class Settings:
     #: ``callback_args`` (a schedule that reaches its target at once, so fit and validate run one
     #: function)
     rules_args: dict[str, Any] | None = None
+    #: the method changes no forward (selective methods choose what trains): the "active" check then
+    #: asserts the applied forward *equals* the library exactly, and that the method acts on training
+    #: instead (``acts(model, library_flags)``; default: the ``requires_grad`` flags differ)
+    forward_unchanged: bool = False
+    acts: Callable[[torch.nn.Module, dict[str, bool]], bool] | None = None
 
 
 def _randomize(model: torch.nn.Module, selected: Callable[[str, torch.nn.Parameter], bool]) -> None:
@@ -307,6 +312,16 @@ SETTINGS: dict[str, Settings] = {
         callback_args={"num_tokens": 2, "dropout": 0.0},  # no dropout draws: resumed = uninterrupted
         applied_other={"num_tokens": 3},
         grad_checkpointing=True,
+    ),
+    # selective methods add nothing and change no forward: they choose what trains
+    "bitfit": Settings(
+        noop=None,
+        active={"train_head": True},
+        refusals=[({"train_head": "yes"}, "train_head"), ({"towers": "audio"}, "towers")],
+        callback_args={"train_head": True},
+        applied_other={"train_head": False},
+        grad_checkpointing=True,
+        forward_unchanged=True,
     ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(
