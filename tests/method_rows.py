@@ -92,6 +92,14 @@ def _perturb_side_up(model: torch.nn.Module) -> None:
     _randomize(model, lambda name, p: ("vleff_lst.up" in name or "vleff_unipt.up" in name) and p.dim() == 2)
 
 
+def _masked_entries(model: torch.nn.Module) -> bool:
+    """A selective method with entry masks (FishMask, Child-Tuning) acts: it masks some parameters."""
+    from vleff.side.selection import record_of
+
+    record = record_of(model)
+    return record is not None and bool(record["masked"])
+
+
 SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip")
 
 
@@ -322,6 +330,22 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"train_head": False},
         grad_checkpointing=True,
         forward_unchanged=True,
+    ),
+    "fishmask": Settings(
+        noop=None,
+        active={"keep_ratio": 0.1},
+        refusals=[
+            ({"keep_ratio": 0}, "keep_ratio"),
+            ({"keep_ratio": 1.5}, "keep_ratio"),
+            ({"fisher_batches": 0}, "fisher_batches"),
+            ({"per_sample": "yes"}, "per_sample"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"keep_ratio": 0.1, "fisher_batches": 1},
+        applied_other={"keep_ratio": 0.2},
+        grad_checkpointing=True,
+        forward_unchanged=True,
+        acts=lambda model, flags: _masked_entries(model),
     ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(

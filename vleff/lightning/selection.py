@@ -40,6 +40,7 @@ from torch import nn
 
 from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
+from vleff.lightning.mixin import next_hook
 from vleff.lightning.restore import ADAPTERS_ONLY, record_method
 from vleff.lightning.targets import ModuleArg, RemovalOption, check_module_arg, refuse_other_settings, resolve_target
 from vleff.registry import get_method
@@ -80,6 +81,36 @@ def training_step_loss(pl_module: pl.LightningModule, batch: Any) -> torch.Tenso
             f"{type(out).__name__}; pass loss_fn=(module, batch) -> loss"
         )
     return loss
+
+
+def start_training(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    target: nn.Module,
+    method: str,
+    select: Callable[[nn.Module, list[Any], Callable[[Any], torch.Tensor]], None] | None,
+    num_batches: int,
+    loss_fn: LossFn | None,
+) -> list[Any]:
+    """What the callback and the mixin do at fit start: a pending Fisher selection is computed on
+    the first ``num_batches`` training batches (rank 0's masks broadcast to every rank), then
+    every optimizer gets the masked step. Returns the optimizer hook handles."""
+    record = sel.record_of(target, method)
+    if select is not None and record is not None and record["masks"] is None:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise RuntimeError(f"{method}: the Fisher selection needs the training dataloader; there is none")
+        batches = [trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), num_batches)]
+        fn = loss_fn
+        loss = (lambda b: fn(pl_module, b)) if fn is not None else (lambda b: training_step_loss(pl_module, b))
+        select(target, batches, loss)
+        if trainer.world_size > 1:  # every rank trains rank 0's entries
+            masks = trainer.strategy.broadcast(sel.masks_of(target, method), src=0)
+            sel.set_masks(target, method, masks)
+    handles: list[Any] = []
+    for optimizer in trainer.optimizers:
+        handles += sel.attach_masked_step(optimizer, target)
+    return handles
 
 
 class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
@@ -137,25 +168,11 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
             pl_module.strict_loading = False  # the frozen keys are not in a trainable-only checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        target = self._target
-        record = sel.record_of(target, self.method)
-        if self.fisher_batches() and record is not None and record["masks"] is None:
-            self._select(trainer, pl_module, target)
         self._detach()
-        for optimizer in trainer.optimizers:
-            self._handles += sel.attach_masked_step(optimizer, target)
-
-    def _select(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module) -> None:
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise RuntimeError(f"{self.method}: the Fisher selection needs the training dataloader; there is none")
-        batches = [trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), self.fisher_batches())]
-        fn = self.loss_fn
-        loss = (lambda b: fn(pl_module, b)) if fn is not None else (lambda b: training_step_loss(pl_module, b))
-        self.fisher_select(target, batches, loss)
-        if trainer.world_size > 1:  # every rank trains rank 0's entries
-            masks = trainer.strategy.broadcast(sel.masks_of(target, self.method), src=0)
-            sel.set_masks(target, self.method, masks)
+        select = self.fisher_select if self.fisher_batches() else None
+        self._handles = start_training(
+            trainer, pl_module, self._target, self.method, select, self.fisher_batches(), self.loss_fn
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -205,4 +222,57 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
         return self.config.as_dict()
 
 
-__all__ = ["CHECKPOINT_KEY", "SelectiveTuning", "trainable_only_checkpoint", "training_step_loss"]
+class SelectiveMixin:
+    """Shared by the selective methods' mixins: ``_use_selection(method, config, module, select,
+    num_batches)`` applies the method in ``__init__``; at fit start a pending Fisher selection is
+    computed and every optimizer gets the masked step (as the callback does); the masks and
+    Child-Tuning_F's draw counter travel in checkpoints. Checkpoints keep the whole model."""
+
+    _vleff_selective_use: tuple[str, nn.Module, Any, int] | None = None
+    _vleff_selective_handles: list[Any] | None = None
+
+    def _use_selection(
+        self, method: str, config: Any, module: Any = None, select: Any = None, num_batches: int = 0
+    ) -> None:
+        from vleff.lightning.mixin import mixin_target
+
+        target = mixin_target(self, module, method, config)
+        entry = get_method(method)
+        assert entry.apply is not None
+        entry.apply(target, config)
+        self.__dict__["_vleff_selective_use"] = (method, target, select, num_batches)
+
+    def on_train_start(self) -> None:
+        next_hook(self, SelectiveMixin, "on_train_start")
+        if self._vleff_selective_use is not None:
+            method, target, select, num_batches = self._vleff_selective_use
+            sel.detach_masked_step(self._vleff_selective_handles or [])
+            handles = start_training(self.trainer, self, target, method, select, num_batches, None)  # type: ignore[attr-defined,arg-type]
+            self.__dict__["_vleff_selective_handles"] = handles
+
+    def on_train_end(self) -> None:
+        next_hook(self, SelectiveMixin, "on_train_end")
+        sel.detach_masked_step(self._vleff_selective_handles or [])
+        self.__dict__["_vleff_selective_handles"] = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, SelectiveMixin, "on_save_checkpoint", checkpoint)
+        if self._vleff_selective_use is not None:
+            state = sel.selection_state(self._vleff_selective_use[1])
+            if state is not None:
+                checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        next_hook(self, SelectiveMixin, "on_load_checkpoint", checkpoint)
+        if self._vleff_selective_use is not None and CHECKPOINT_KEY in checkpoint:
+            sel.load_selection_state(self._vleff_selective_use[1], checkpoint[CHECKPOINT_KEY])
+
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "SelectiveMixin",
+    "SelectiveTuning",
+    "start_training",
+    "trainable_only_checkpoint",
+    "training_step_loss",
+]
