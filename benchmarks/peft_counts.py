@@ -13,6 +13,8 @@ APrompt P_kv key/value and N input prompts: 12 * 768 * (2 * P_kv + N).
 Bottleneck adapters (vleff's own, ``vleff.side.bottleneck``; one bottleneck of width m: 2 * 768 * m + m + 768):
 serial (Houlsby) two per block, + every LayerNorm (25 of them, 2 * 768 each) with ``train_norms``;
 parallel (AdaptFormer m = 64, He et al.'s FFN adapter m = 512) one per block.
+Selective methods (vleff's own, ``vleff.side.selection``): BitFit: every bias, per block qkv 2304 + proj 768 +
+fc1 3072 + fc2 768 + two LayerNorms 2 * 768, plus the patch embedding's 768 and the final norm's 768.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ ROWS = [
         {"bottleneck": 512, "scale": 4.0, "dropout": 0.0, "reads": "mlp_input"},
         BLOCKS * (2 * C * 512 + 512 + C),
     ),
+    ("bitfit", {"train_head": False}, BLOCKS * (QKV + C + HIDDEN + C + 2 * C) + C + C),
 ]
 #: vleff's own prompt and adapter methods: applied through the registry, then the head frozen too
 PROMPTS = {"vpt", "prefix", "aprompt", "serial_adapter", "parallel_adapter"}
+#: vleff's own selective methods: applied through the registry with the head frozen by their setting
+SELECTIVE = {"bitfit"}
 
 
 def main() -> None:
@@ -58,7 +63,9 @@ def main() -> None:
     for method, settings, analytic in ROWS:
         torch.manual_seed(0)
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
-        if method in PROMPTS:
+        if method in SELECTIVE:
+            get_method(method).apply(model, **settings)
+        elif method in PROMPTS:
             get_method(method).apply(model, **settings)
             vleff.side.freeze_backbone(model, train_head=False)
         else:

@@ -63,6 +63,11 @@ class Settings:
     #: ``callback_args`` (a schedule that reaches its target at once, so fit and validate run one
     #: function)
     rules_args: dict[str, Any] | None = None
+    #: the method changes no forward (selective methods choose what trains): the "active" check then
+    #: asserts the applied forward *equals* the library exactly, and that the method acts on training
+    #: instead (``acts(model, library_flags)``; default: the ``requires_grad`` flags differ)
+    forward_unchanged: bool = False
+    acts: Callable[[torch.nn.Module, dict[str, bool]], bool] | None = None
 
 
 def _randomize(model: torch.nn.Module, selected: Callable[[str, torch.nn.Parameter], bool]) -> None:
@@ -91,6 +96,14 @@ def _perturb_adapters(model: torch.nn.Module) -> None:
     """The bottleneck adapters' up-projections start at zero (the model starts at the frozen
     model); random values make the adapters reach the output."""
     _randomize(model, lambda name, p: "_adapter." in name and ".up." in name)
+
+
+def _masked_entries(model: torch.nn.Module) -> bool:
+    """A selective method with entry masks (FishMask, Child-Tuning) acts: it masks some parameters."""
+    from vleff.side.selection import record_of
+
+    record = record_of(model)
+    return record is not None and bool(record["masked"])
 
 
 SIDE_FAMILIES = ("timm_vit", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip")
@@ -361,6 +374,32 @@ SETTINGS: dict[str, Settings] = {
         applied_other={"bottleneck": 4},
         activate=_perturb_adapters,
         grad_checkpointing=True,
+    ),
+    # selective methods add nothing and change no forward: they choose what trains
+    "bitfit": Settings(
+        noop=None,
+        active={"train_head": True},
+        refusals=[({"train_head": "yes"}, "train_head"), ({"towers": "audio"}, "towers")],
+        callback_args={"train_head": True},
+        applied_other={"train_head": False},
+        grad_checkpointing=True,
+        forward_unchanged=True,
+    ),
+    "fishmask": Settings(
+        noop=None,
+        active={"keep_ratio": 0.1},
+        refusals=[
+            ({"keep_ratio": 0}, "keep_ratio"),
+            ({"keep_ratio": 1.5}, "keep_ratio"),
+            ({"fisher_batches": 0}, "fisher_batches"),
+            ({"per_sample": "yes"}, "per_sample"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"keep_ratio": 0.1, "fisher_batches": 1},
+        applied_other={"keep_ratio": 0.2},
+        grad_checkpointing=True,
+        forward_unchanged=True,
+        acts=lambda model, flags: _masked_entries(model),
     ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(

@@ -42,6 +42,7 @@ TRAITS: dict[str, str] = {
     "runs_blocks": "runs a tower's blocks itself, so tower hooks do not run",
     "wraps_projections": "wraps the attention projections in new modules (peft adapters)",
     "replaces_optimizer": "replaces the optimizer the module's configure_optimizers returns",
+    "selects_parameters": "chooses which backbone parameters (or entries) train: requires_grad flags or gradient masks",
     "peft_tuner": "a Hugging Face peft tuner on the towers' projections (vleff.apply_peft(method=...) reaches it)",
 }
 
