@@ -46,6 +46,10 @@ class Settings:
     #: back to the library's key, for methods that move existing state (``peft`` wraps a module:
     #: ``qkv.weight`` -> ``qkv.base_layer.weight``); the renamed entries must hold the library's values
     renamed_keys: tuple[tuple[str, str], ...] = ()
+    #: ``(library keys, new keys)`` regexes for state a method stores in another form (QLoRA's 4-bit
+    #: weights: ``qkv.weight`` becomes ``qkv.base_layer.nf4_*`` buffers): those library keys may be
+    #: gone and those new keys need not start with ``state_prefix``
+    replaced_keys: tuple[str, str] | None = None
     #: the method runs under the library's gradient checkpointing (its hooks replay a block exactly,
     #: or it adds plain modules): checked to give the gradients of the same model without it, with
     #: non-re-entrant and (where the library offers it) re-entrant checkpointing, instead of refused
@@ -477,6 +481,29 @@ SETTINGS: dict[str, Settings] = {
         # peft's DoRA layer asks whether the weight is quantized (a str.startswith dynamo does not
         # trace): 8 graph breaks on the tiny ViT; the compiled model still equals eager
         fullgraph=False,
+    ),
+    # QLoRA: a 4-bit NF4 base changes the function (no no-op setting); every Linear of the blocks, so
+    # open_clip's bare MultiheadAttention parameters are refused; the tiny towers' weights (64 x 64 = 64
+    # NF4 blocks) need double-quantisation blocks of 64 (the paper's 256 on ViT-B)
+    "qlora": Settings(
+        noop=None,
+        active={"r": 2, "alpha": 8.0, "scaler_block_size": 64},
+        activate=_perturb_peft(".lora_B."),
+        refusals=[
+            ({"r": 0}, "r=0"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"block_size": 63}, "block_size=63"),
+            ({"scaler_block_size": 0}, "scaler_block_size=0"),
+            ({"keep_original": "no"}, "keep_original"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        state_prefix="lora_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        replaced_keys=(r"\.(qkv|proj|fc1|fc2|[qkv]_proj|out_proj)\.weight$", r"\.nf4_"),
+        callback_args={"r": 2, "scaler_block_size": 64},
+        applied_other={"r": 4, "scaler_block_size": 64},
+        families=PEFT_FAMILIES,
+        grad_checkpointing=True,
     ),
     "ia3": Settings(
         noop={},

@@ -24,6 +24,22 @@ LORA_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 #: Same row layout as :data:`LORA_TARGETS`; a family without a row for a role is not supported for it.
 PEFT_TARGETS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "attention_in": LORA_TARGETS,
+    #: the attention output projection (QLoRA wraps every Linear of a block). open_clip's
+    #: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly and never calls the module's
+    #: forward, so its row is the bare parameter (a tuner that cannot wrap one refuses the tower)
+    "attention_out": {
+        "TimmViTAdapter": (("attn.proj",), ()),
+        "HFCLIPAdapter": (("self_attn.out_proj",), ()),
+        "OpenClipVisionAdapter": ((), ("attn.out_proj.weight",)),
+        "OpenClipTextAdapter": ((), ("attn.out_proj.weight",)),
+    },
+    #: the MLP's input projection (timm / Hugging Face CLIP ``mlp.fc1``, open_clip ``mlp.c_fc``)
+    "mlp_in": {
+        "TimmViTAdapter": (("mlp.fc1",), ()),
+        "HFCLIPAdapter": (("mlp.fc1",), ()),
+        "OpenClipVisionAdapter": (("mlp.c_fc",), ()),
+        "OpenClipTextAdapter": (("mlp.c_fc",), ()),
+    },
     "mlp_out": {
         "TimmViTAdapter": (("mlp.fc2",), ()),
         "HFCLIPAdapter": (("mlp.fc2",), ()),

@@ -43,6 +43,7 @@ from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.input_grads import attach_input_grads, detach_input_grads
 from vleff.checks import check_bool, check_int, check_number, check_towers
 from vleff.registry import MethodConfig, refuse_applied_conflicts
+from vleff.side.peft_tuners import LAYER_TAG
 from vleff.tokens.common import select_towers
 
 ADAPTER = "default"
@@ -224,6 +225,8 @@ def lora_applied(model: nn.Module) -> bool:
     """Whether plain LoRA is applied: ``lora_A`` adapters, and none of DoRA's magnitudes or
     AdaLoRA's singular values (those peft tuners name their factors ``lora_A`` too)."""
     names = [n for n, _ in model.named_parameters()]
+    if any(LAYER_TAG in m.__dict__ for m in model.modules()):  # another method's peft layers (QLoRA's LoRA)
+        return False
     return any("lora_A" in n for n in names) and not any("lora_magnitude_vector" in n or ".lora_E." in n for n in names)
 
 
