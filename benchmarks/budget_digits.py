@@ -57,7 +57,7 @@ METHODS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "evit": ("EViT", True, {"keep_rate": 1.0, "locations": LOCATIONS}),
     "dynamicvit": ("DynamicViT", False, {}),
     "transkimmer": ("Transkimmer", False, {}),
-    "mue": ("MuE", True, {"threshold": 1.0}),
+    "mue": ("MuE", True, {"image_threshold": 1.0}),
 }
 COLOURS = {
     "tome": "tab:blue",
