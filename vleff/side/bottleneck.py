@@ -43,12 +43,6 @@ from vleff.backbones.input_grads import InputGradHandles, attach_input_grads, de
 from vleff.side.common import freeze_on_apply, restore_on_remove, side_modules, side_towers
 from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
 
-#: why the adapter methods refuse a ``peft`` tuner on the same model (their registry rule, both ways)
-FREEZES_PEFT_TUNERS = (
-    "each freezes what the other trains (the adapter freezes the backbone with the tuner's parameters in it, "
-    "the peft tuner freezes all but its own)"
-)
-
 #: the bottleneck nonlinearities: Houlsby's GELU, He's and AdaptFormer's ReLU
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 

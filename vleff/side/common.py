@@ -342,6 +342,15 @@ def train_only(model: nn.Module, parameters: list[nn.Parameter]) -> list[str]:
     return trainable
 
 
+#: why a side method that freezes the backbone (adapters, prompts) and a ``peft`` tuner refuse each
+#: other (registry ``Refusal`` on the ``peft_tuner`` trait): applied after the tuner it would freeze the
+#: tuner's parameters inside the blocks, and a tuner applied after it freezes all but its own
+FREEZES_PEFT_TUNERS = (
+    "each freezes what the other trains (the side method freezes the backbone with the tuner's parameters in it, "
+    "the peft tuner freezes all but its own)"
+)
+
+
 #: where ``apply_lst`` / ``apply_unipt`` / ``apply_vqt`` keep the ``requires_grad`` flags they
 #: changed (name -> flag before), so ``remove_*`` puts them back (as ``apply_lora`` does)
 FLAGS_ATTR = "_vleff_side_requires_grad"

@@ -149,3 +149,22 @@ def test_cached_decoding_equals_teacher_forcing_on_blips_decoder(name):
     full, stepped = run()
     assert (full - plain).abs().max() > 1e-4  # the prompts act on the decoder ...
     torch.testing.assert_close(stepped, full, atol=1e-10, rtol=1e-10)  # ... and the cache leaves them out
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_METHODS))
+@pytest.mark.parametrize("tuner", ["lora", "dora"])
+def test_a_peft_tuner_is_refused_both_ways_rather_than_frozen(name, tuner):
+    """The prompts freeze the backbone (a tuner's adapters in it), a tuner freezes all but its own:
+    refused both ways, naming both, with every requires_grad flag unchanged."""
+    model = tm.timm_vit()
+    get_method(tuner).apply(model, r=2)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"cannot apply {name} while {tuner} is applied.*freezes"):
+        _apply(name, model, "image")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    get_method(tuner).remove(model)
+    _apply(name, model, "image")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"cannot apply {tuner} while {name} is applied"):
+        get_method(tuner).apply(model, r=2)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

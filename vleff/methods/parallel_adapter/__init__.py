@@ -14,7 +14,7 @@ from vleff.methods.parallel_adapter.core import (
     remove_parallel_adapter,
 )
 from vleff.registry import Method, Refusal, register_method
-from vleff.side.bottleneck import FREEZES_PEFT_TUNERS
+from vleff.side.common import FREEZES_PEFT_TUNERS
 
 METHOD = register_method(
     Method(

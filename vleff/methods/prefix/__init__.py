@@ -13,7 +13,8 @@ from vleff.methods.prefix.core import (
     prefix_parameters,
     remove_prefix,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
+from vleff.side.common import FREEZES_PEFT_TUNERS
 
 METHOD = register_method(
     Method(
@@ -26,6 +27,9 @@ METHOD = register_method(
         is_applied=prefix_applied,
         # keys/values in front of the attention, not tokens (the tower_hook trait brings the shared refusals)
         traits=frozenset({"tower_hook"}),
+        # the prompts freeze the backbone, a peft tuner's adapters in it included; a peft tuner
+        # applied after them would freeze the prompts: refused both ways, naming both
+        refuses=(Refusal("peft_tuner", FREEZES_PEFT_TUNERS),),
         required_on_load=True,
         callback="vleff.methods.prefix.lightning.PrefixTuning",
         mixin="vleff.methods.prefix.lightning.PrefixMixin",

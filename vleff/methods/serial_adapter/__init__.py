@@ -14,7 +14,7 @@ from vleff.methods.serial_adapter.core import (
     serial_adapter_parameters,
 )
 from vleff.registry import Method, Refusal, register_method
-from vleff.side.bottleneck import FREEZES_PEFT_TUNERS
+from vleff.side.common import FREEZES_PEFT_TUNERS
 
 METHOD = register_method(
     Method(

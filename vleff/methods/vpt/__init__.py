@@ -13,7 +13,8 @@ from vleff.methods.vpt.core import (
     vpt_num_parameters,
     vpt_parameters,
 )
-from vleff.registry import Method, register_method
+from vleff.registry import Method, Refusal, register_method
+from vleff.side.common import FREEZES_PEFT_TUNERS
 
 METHOD = register_method(
     Method(
@@ -27,6 +28,9 @@ METHOD = register_method(
         # the prompts are keys/values in front of the attention, not tokens: token methods, early
         # exit and other hooks keep working (the tower_hook trait brings the shared refusals)
         traits=frozenset({"tower_hook"}),
+        # the prompts freeze the backbone, a peft tuner's adapters in it included; a peft tuner
+        # applied after them would freeze the prompts: refused both ways, naming both
+        refuses=(Refusal("peft_tuner", FREEZES_PEFT_TUNERS),),
         required_on_load=True,
         callback="vleff.methods.vpt.lightning.VPT",
         mixin="vleff.methods.vpt.lightning.VPTMixin",
