@@ -38,10 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers
-from vleff.backbones.input_grads import InputGradHandles, attach_input_grads, detach_input_grads
-from vleff.side.common import freeze_on_apply, restore_on_remove, side_modules, side_towers
-from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
+from vleff.backbones.input_grads import InputGradHandles
+from vleff.side.hooked import attach_hooked, detach_hooked, hooked_modules
 
 #: the bottleneck nonlinearities: Houlsby's GELU, He's and AdaptFormer's ReLU
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -120,11 +119,6 @@ class AdapterHook(TowerHook):
         return self.module.adapt(self.adapter, name, x, out, info)
 
 
-def _device_dtype(tower: TowerAdapter) -> tuple[torch.device, torch.dtype]:
-    p = next(tower.root.parameters())
-    return p.device, p.dtype
-
-
 def attach_adapters(
     model: nn.Module,
     name: str,
@@ -133,64 +127,17 @@ def attach_adapters(
     make_module: Callable[[TowerAdapter], AdapterModule],
     refuse_conflicts: Callable[[nn.Module, str], None],
 ) -> nn.Module:
-    """Apply an adapter method to the towers ``config.towers`` names (in place): one
-    ``make_module(tower)`` registered on each tower root as ``module_name``, its hook ``name`` on the
-    tower, the tower's input-gradient hooks attached, and the backbone frozen but for what the
-    module keeps trainable (:func:`detach_adapters` restores the flags). Applying again replaces
-    the earlier adapters (drawn anew). Every tower is checked and every module built before the
-    model changes."""
-    if hooks_named(model, name):
-        detach_adapters(model, name, module_name)
-    refuse_conflicts(model, name)
-    chosen = select_towers(model, config.towers)
-    modules = []
-    for tower in chosen:
-        module = make_module(tower)
-        device, dtype = _device_dtype(tower)
-        module.to(device=device, dtype=dtype)
-        module.train(tower.root.training)
-        modules.append(module)
-    attach_hooks(chosen, [AdapterHook(name, t, m, config) for t, m in zip(chosen, modules, strict=True)])
-    for tower, module in zip(chosen, modules, strict=True):
-        tower.root.add_module(module_name, module)
-        module.input_hooks = attach_input_grads([tower])
-    freeze_on_apply(model)
-    return model
+    """Apply an adapter method (:func:`vleff.side.hooked.attach_hooked` with :class:`AdapterHook`):
+    one ``make_module(tower)`` per tower the config names, the backbone frozen but for what the
+    module keeps trainable (:func:`detach_adapters` restores the flags)."""
+    return attach_hooked(model, name, module_name, config, make_module, AdapterHook, refuse_conflicts, AdapterModule)
 
 
 def detach_adapters(model: nn.Module, name: str, module_name: str) -> nn.Module:
     """Undo :func:`attach_adapters` exactly: no hook, no module, no input hook, the flags as before."""
-    if not hooks_named(model, name):
-        raise ValueError(f"{name} is not applied to this {type(model).__name__}; nothing to remove")
-    kept: list[nn.Parameter] = []  # backbone weights this method trained (its LayerNorms)
-    for tower in find_towers(model):
-        module = tower.root._modules.get(module_name)
-        if isinstance(module, AdapterModule):
-            kept += module.backbone_trainable(tower.root)
-            if module.input_hooks is not None:
-                detach_input_grads(module.input_hooks)
-            del tower.root._modules[module_name]
-    remove_hooks(model, name)
-    restore_on_remove(model)
-    if side_towers(model):  # another side method is left: the backbone stays frozen, these weights too
-        still = {
-            id(p) for m in side_modules(model) for p in getattr(m, "backbone_trainable", lambda r: [])(_root(model, m))
-        }
-        for p in kept:
-            if id(p) not in still:
-                p.requires_grad_(False)
-    return model
-
-
-def _root(model: nn.Module, module: nn.Module) -> nn.Module:
-    """The tower root that holds the side ``module``."""
-    return next(t.root for t in find_towers(model) if any(c is module for c in t.root._modules.values()))
+    return detach_hooked(model, name, module_name, AdapterModule)
 
 
 def adapter_modules(model: nn.Module, module_name: str) -> list[AdapterModule]:
     """The method's modules, one per tower that carries it."""
-    try:
-        towers = find_towers(model)
-    except TypeError:
-        return []
-    return [m for t in towers if isinstance(m := t.root._modules.get(module_name), AdapterModule)]
+    return hooked_modules(model, module_name, AdapterModule)

@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook, find_towers
-from vleff.backbones.input_grads import InputGradHandles, attach_input_grads, detach_input_grads
-from vleff.side.common import freeze_on_apply, restore_on_remove
-from vleff.tokens.common import attach_hooks, hooks_named, remove_hooks, select_towers
+from vleff.backbones import BlockInfo, TokenState, TowerAdapter, TowerHook
+from vleff.backbones.input_grads import InputGradHandles
+from vleff.side.hooked import attach_hooked, detach_hooked, hooked_modules
 
 
 class PromptModule(nn.Module):
@@ -115,14 +114,6 @@ def token_bound(tower: TowerAdapter) -> float:
     return uniform_bound(fan_in or width, width)
 
 
-def _device(adapter: TowerAdapter) -> torch.device:
-    return next(adapter.root.parameters()).device
-
-
-def _dtype(adapter: TowerAdapter) -> torch.dtype:
-    return next(adapter.root.parameters()).dtype
-
-
 class PromptHook(TowerHook):
     """Hands the tower's :class:`PromptModule`'s keys and values to every block's attention. A plain
     object (the module is the tower root's submodule): the model deep-copies and pickles."""
@@ -149,49 +140,17 @@ def attach_prompts(
     make_module: Callable[[TowerAdapter], PromptModule],
     refuse_conflicts: Callable[[nn.Module, str], None],
 ) -> nn.Module:
-    """Apply a prompt method to the towers ``config.towers`` names (in place): one ``make_module(tower)``
-    registered on each tower root as ``module_name``, its hook ``name`` on the tower, the input of
-    the first block made to require grad under re-entrant checkpointing, and the backbone frozen
-    (as every side method freezes it; :func:`detach_prompts` restores the flags). Applying again
-    replaces the earlier prompts (drawn anew). Every tower is checked and every module built before
-    the model changes."""
-    if hooks_named(model, name):
-        detach_prompts(model, name, module_name)
-    refuse_conflicts(model, name)
-    chosen = select_towers(model, config.towers)
-    modules = []
-    for tower in chosen:
-        module = make_module(tower)
-        module.to(device=_device(tower), dtype=_dtype(tower))
-        module.train(tower.root.training)  # the model's mode (an eval model draws no prompt dropout)
-        modules.append(module)
-    attach_hooks(chosen, [PromptHook(name, t, m, config) for t, m in zip(chosen, modules, strict=True)])
-    for tower, module in zip(chosen, modules, strict=True):
-        tower.root.add_module(module_name, module)
-        module.input_hooks = attach_input_grads([tower])
-    freeze_on_apply(model)
-    return model
+    """Apply a prompt method (:func:`vleff.side.hooked.attach_hooked` with :class:`PromptHook`):
+    one ``make_module(tower)`` per tower the config names, the backbone frozen as every side method
+    freezes it (:func:`detach_prompts` restores the flags)."""
+    return attach_hooked(model, name, module_name, config, make_module, PromptHook, refuse_conflicts, PromptModule)
 
 
 def detach_prompts(model: nn.Module, name: str, module_name: str) -> nn.Module:
     """Undo :func:`attach_prompts` exactly: no hook, no module, no input hook, the flags as before."""
-    if not hooks_named(model, name):
-        raise ValueError(f"{name} is not applied to this {type(model).__name__}; nothing to remove")
-    for tower in find_towers(model):
-        module = tower.root._modules.get(module_name)
-        if isinstance(module, PromptModule):
-            if module.input_hooks is not None:
-                detach_input_grads(module.input_hooks)
-            del tower.root._modules[module_name]
-    remove_hooks(model, name)
-    restore_on_remove(model)
-    return model
+    return detach_hooked(model, name, module_name, PromptModule)
 
 
 def prompt_modules(model: nn.Module, module_name: str) -> list[PromptModule]:
     """The method's modules, one per tower that carries it."""
-    try:
-        towers = find_towers(model)
-    except TypeError:
-        return []
-    return [m for t in towers if isinstance(m := t.root._modules.get(module_name), PromptModule)]
+    return hooked_modules(model, module_name, PromptModule)
