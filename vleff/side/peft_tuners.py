@@ -35,6 +35,10 @@ from vleff.tokens.common import select_towers
 #: the tag each ``peft`` layer :func:`inject_tuner` added carries: the method's name (so the method
 #: is found applied from any module holding one of its layers, not only from the one it was applied to)
 LAYER_TAG = "_vleff_peft_method"
+#: a class attribute a frozen base layer sets to ``True`` when its persistent buffers are rebuilt
+#: from the base model by applying the method (QLoRA's NF4 codes and scales): they are frozen base
+#: state, left out of adapter-only checkpoints like the frozen base parameters
+REBUILT_BASE_BUFFERS = "vleff_rebuilt_base_buffers"
 #: the adapter name inside ``peft``'s layers
 ADAPTER = "default"
 #: where :func:`inject_tuner` keeps what it changed: ``{"method", "flags", "added_config",
@@ -209,7 +213,8 @@ def adapter_state_dict(model: nn.Module, method: str) -> dict[str, torch.Tensor]
 
 def frozen_base_keys(model: nn.Module) -> set[str]:
     """``state_dict`` keys of ``model`` that are frozen parameters of a module a tuner was
-    applied to and not adapters: what an adapter-only checkpoint leaves out."""
+    applied to and not adapters, and the persistent buffers of its layers marked
+    :data:`REBUILT_BASE_BUFFERS`: what an adapter-only checkpoint leaves out."""
     frozen: set[str] = set()
     for prefix, module in model.named_modules():
         record = module.__dict__.get(STATE_ATTR)
@@ -218,6 +223,11 @@ def frozen_base_keys(model: nn.Module) -> set[str]:
         head = f"{prefix}." if prefix else ""
         adapters = set(record["adapters"])
         frozen |= {head + n for n, p in module.named_parameters() if not p.requires_grad and n not in adapters}
+        for name, sub in module.named_modules():
+            if getattr(type(sub), REBUILT_BASE_BUFFERS, False):
+                sub_head = f"{head}{name}." if name else head
+                buffers = dict(sub.named_buffers())  # the non-persistent ones are not in state_dict
+                frozen |= {sub_head + n for n in sub.state_dict(keep_vars=True) if n in buffers}
     return frozen
 
 

@@ -198,3 +198,17 @@ def test_qlora_callback_fits_and_saves_the_adapters(tmp_path):
     saved = torch.load(tmp_path / "qlora.ckpt", weights_only=False)
     assert saved["vleff_methods"][0]["method"] == "qlora"
     assert any("lora_B" in k for k in saved["state_dict"])
+    # adapter-only: the 4-bit base (NF4 codes and scales, rebuilt by applying QLoRA to the base
+    # model) is left out like the frozen base parameters; what trains is all there
+    trained = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trained <= set(saved["state_dict"])
+    assert not [k for k in saved["state_dict"] if "nf4_" in k or ".base_layer." in k]
+    # and it restores the trained model on a fresh module built as the first was
+    torch.manual_seed(1)
+    fresh = tl.TinyClassifier()
+    vleff.apply_qlora(fresh.model, r=2, scaler_block_size=S)
+    fresh.load_state_dict(saved["state_dict"], strict=False)
+    x = torch.randn(2, 3, 32, 32)
+    module.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), module(x), atol=0, rtol=0)

@@ -67,6 +67,10 @@ class NF4Linear(nn.Linear):
     parameter of the layer it replaces (not quantised, as in QLoRA).
     """
 
+    #: the NF4 buffers are rebuilt from the base model when QLoRA is applied: adapter-only
+    #: checkpoints leave them out (:data:`vleff.side.peft_tuners.REBUILT_BASE_BUFFERS`)
+    vleff_rebuilt_base_buffers = True
+
     def __init__(self, source: nn.Linear, block_size: int = 64, scaler_block_size: int = 256) -> None:
         nn.Module.__init__(self)
         nf4 = torchao_nf4()
