@@ -39,6 +39,8 @@ class Transkimmer(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
             batches at the start of ``fit``, and again when training ends: the trained predictors
             give other margins; kept in checkpoints).
         budget_batches: how many training batches the budget is measured on.
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.transkimmer.core.TranskimmerConfig` fields
             (``skim_coefficient``, ``init_bias``, ``tau``, ``locations``, ``eval_mode``,
             ``keep_threshold``), validated here.
@@ -56,11 +58,12 @@ class Transkimmer(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         remove_on_teardown: bool = False,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self.config = TranskimmerConfig.build(**settings)
         self.module = check_module_arg(module)
         self.init_initial(init_from)
