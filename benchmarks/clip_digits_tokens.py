@@ -69,7 +69,24 @@ BUDGET_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "turbo": ("Turbo", {"r": 0}),
     "evit": ("EViT", {"keep_rate": 1.0, "locations": [1, 3, 4]}),
 }
-METHODS = ("crossget", "madtp", *BUDGET_METHODS)
+#: the token methods whose knob their own callback fits (``flops_target`` with
+#: ``budget_tower="image"``): name -> (label, the callback's settings, the settings applied off the
+#: shelf before :func:`vleff.fit_budget` or ``None`` (needs training), data-dependent knob). A
+#: data-dependent knob (Transkimmer's keep threshold, MuE's exit threshold) is fitted again after
+#: fine-tuning on the training images one at a time, as the FLOPs column counts them: Transkimmer's
+#: batched inference runs the union of the tokens its samples keep, so the callback's fit on whole
+#: training batches would leave each image skimming far more than the budget asks.
+CALLBACK_METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, bool]] = {
+    "dynamicvit": ("DynamicViT", {"locations": [1, 3, 4], "distill": False}, None, False),
+    "transkimmer": ("Transkimmer", {"towers": "image", "skim_coefficient": 0.1}, None, True),
+    "mue": (
+        "MuE",
+        {"towers": "image", "image_threshold": 1.0, "layerwise_loss": False},
+        {"towers": "image", "image_threshold": 1.0},
+        True,
+    ),
+}
+METHODS = ("crossget", "madtp", *BUDGET_METHODS, *CALLBACK_METHODS)
 
 
 def _validate(module: Any, cfg: Any) -> dict[str, float]:
@@ -272,6 +289,52 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
         )
         _log(json.dumps(rows[-1]))
+
+    for name in (m for m in args.methods if m in CALLBACK_METHODS):
+        label, settings, shelf, data_dependent = CALLBACK_METHODS[name]
+        off = compose_experiment("clip_finetune", [*common])
+        if shelf is not None:
+            fresh = instantiate(off.model, init_checkpoint=str(weights))
+            getattr(vleff, f"apply_{name}")(fresh.model, **shelf)
+            fitted = vleff.fit_budget(
+                fresh.model, train_samples, flops=target, method=name, forward=_encode_image, strict=False
+            )
+            rows.append(
+                _row(
+                    f"{label}, off the shelf (fit_budget on {len(train_samples)} training images)",
+                    _validate(fresh, off),
+                    measured(fresh.model),
+                    fitted_ratio=fitted.ratio,
+                    settings=fitted.settings,
+                )
+            )
+            _log(json.dumps(rows[-1], default=str))
+        over = [f"callbacks=[{name}]", *(f"++callbacks.{name}.{k}={_hydra_value(v)}" for k, v in settings.items())]
+        over += [f"++callbacks.{name}.flops_target={target}", f"++callbacks.{name}.budget_tower=image"]
+        module_f, trainer_f, metrics_f = fine_tune(label, over)
+        fitted_ratio = None
+        applied = {}
+        if data_dependent:  # fitted again per image on the trained weights, then validated again
+            fitted = vleff.fit_budget(
+                module_f.model, train_samples, flops=target, method=name, forward=_encode_image, strict=False
+            )
+            fitted_ratio, applied = fitted.ratio, fitted.settings
+            metrics_f = _validate(module_f, off)
+        else:
+            from vleff.registry import get_method
+
+            applied = get_method(name).applied_settings(module_f.model)
+        rows.append(
+            _row(
+                f"{label} (flops_target={target}, budget_tower=image), fine-tuned {args.ft_epochs} epochs",
+                metrics_f,
+                measured(module_f.model),
+                steps=int(trainer_f.global_step),
+                fitted_ratio=fitted_ratio,
+                settings={k: v for k, v in applied.items() if not isinstance(v, torch.Tensor)},
+            )
+        )
+        _log(json.dumps(rows[-1], default=str))
 
     if "madtp" in args.methods:
         madtp_reduction = round(args.flops_reduction + args.madtp_margin, 6)

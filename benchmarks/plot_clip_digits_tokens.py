@@ -25,6 +25,9 @@ METHOD_STYLE = {
     "EViT": "tab:purple",
     "CrossGET": "tab:blue",
     "MADTP": "tab:red",
+    "DynamicViT": "tab:cyan",
+    "Transkimmer": "tab:olive",
+    "MuE": "tab:gray",
 }
 TARGET_RATIO, TARGET_DROP = 0.6, 1.0
 
