@@ -1,4 +1,4 @@
-"""Digits-CLIP with CrossGET and MADTP at <= 0.6x image-tower FLOPs: off the shelf and fine-tuned.
+"""Digits-CLIP with the token methods at <= 0.6x image-tower FLOPs: off the shelf and fine-tuned.
 
     python benchmarks/clip_digits_tokens.py out/clip_digits_tokens.json             # everything, ~5 min, 1 thread
     python benchmarks/clip_digits_tokens.py out.json --methods crossget --baseline-weights out/..._runs/baseline.pt
@@ -32,6 +32,14 @@ overrides, so every row shares the architecture.
      MADTP's fine-tuned row is validated again after training: Lightning's last validation
      runs before the controller's last re-calibration, so its R@1 would be of the τ before it
      (kept in the row as ``last_epoch_i2t_R1``) while the FLOPs are of the final τ.
+
+DynamicViT, Transkimmer and MuE (``CALLBACK_METHODS``) are fine-tuned with their own callbacks at
+``flops_target = 1 − flops_reduction`` and ``budget_tower="image"`` (the image tower's FLOPs, as
+the column); DynamicViT without distillation (its teacher loss reads class logits), Transkimmer
+with skim coefficient 0.1 (as ``budget_digits.py``), MuE without its layer-wise loss (timm
+classifiers only) and also off the shelf. Transkimmer's and MuE's thresholds are fitted again
+after training on the ``--budget-samples`` training images one at a time, and the row is validated
+again at that threshold.
 
 By default only the image tower is reduced (``r_text=0``; MADTP ``towers=image``), so text
 embeddings are computed at full cost in every row and the FLOPs figure is of the image tower;
