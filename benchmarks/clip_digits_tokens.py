@@ -1,4 +1,4 @@
-"""Digits-CLIP with CrossGET and MADTP at <= 0.6x image-tower FLOPs: off the shelf and fine-tuned.
+"""Digits-CLIP with the token methods at <= 0.6x image-tower FLOPs: off the shelf and fine-tuned.
 
     python benchmarks/clip_digits_tokens.py out/clip_digits_tokens.json             # everything, ~5 min, 1 thread
     python benchmarks/clip_digits_tokens.py out.json --methods crossget --baseline-weights out/..._runs/baseline.pt
@@ -32,6 +32,14 @@ overrides, so every row shares the architecture.
      MADTP's fine-tuned row is validated again after training: Lightning's last validation
      runs before the controller's last re-calibration, so its R@1 would be of the τ before it
      (kept in the row as ``last_epoch_i2t_R1``) while the FLOPs are of the final τ.
+
+DynamicViT, Transkimmer and MuE (``CALLBACK_METHODS``) are fine-tuned with their own callbacks at
+``flops_target = 1 − flops_reduction`` and ``budget_tower="image"`` (the image tower's FLOPs, as
+the column); DynamicViT without distillation (its teacher loss reads class logits), Transkimmer
+with skim coefficient 0.1 (as ``budget_digits.py``), MuE without its layer-wise loss (timm
+classifiers only) and also off the shelf. Transkimmer's and MuE's thresholds are fitted again
+after training on the ``--budget-samples`` training images one at a time, and the row is validated
+again at that threshold.
 
 By default only the image tower is reduced (``r_text=0``; MADTP ``towers=image``), so text
 embeddings are computed at full cost in every row and the FLOPs figure is of the image tower;
@@ -69,7 +77,24 @@ BUDGET_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "turbo": ("Turbo", {"r": 0}),
     "evit": ("EViT", {"keep_rate": 1.0, "locations": [1, 3, 4]}),
 }
-METHODS = ("crossget", "madtp", *BUDGET_METHODS)
+#: the token methods whose knob their own callback fits (``flops_target`` with
+#: ``budget_tower="image"``): name -> (label, the callback's settings, the settings applied off the
+#: shelf before :func:`vleff.fit_budget` or ``None`` (needs training), data-dependent knob). A
+#: data-dependent knob (Transkimmer's keep threshold, MuE's exit threshold) is fitted again after
+#: fine-tuning on the training images one at a time, as the FLOPs column counts them: Transkimmer's
+#: batched inference runs the union of the tokens its samples keep, so the callback's fit on whole
+#: training batches would leave each image skimming far more than the budget asks.
+CALLBACK_METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, bool]] = {
+    "dynamicvit": ("DynamicViT", {"locations": [1, 3, 4], "distill": False}, None, False),
+    "transkimmer": ("Transkimmer", {"towers": "image", "skim_coefficient": 0.1}, None, True),
+    "mue": (
+        "MuE",
+        {"towers": "image", "image_threshold": 1.0, "layerwise_loss": False},
+        {"towers": "image", "image_threshold": 1.0},
+        True,
+    ),
+}
+METHODS = ("crossget", "madtp", *BUDGET_METHODS, *CALLBACK_METHODS)
 
 
 def _validate(module: Any, cfg: Any) -> dict[str, float]:
@@ -272,6 +297,52 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
         )
         _log(json.dumps(rows[-1]))
+
+    for name in (m for m in args.methods if m in CALLBACK_METHODS):
+        label, settings, shelf, data_dependent = CALLBACK_METHODS[name]
+        off = compose_experiment("clip_finetune", [*common])
+        if shelf is not None:
+            fresh = instantiate(off.model, init_checkpoint=str(weights))
+            getattr(vleff, f"apply_{name}")(fresh.model, **shelf)
+            fitted = vleff.fit_budget(
+                fresh.model, train_samples, flops=target, method=name, forward=_encode_image, strict=False
+            )
+            rows.append(
+                _row(
+                    f"{label}, off the shelf (fit_budget on {len(train_samples)} training images)",
+                    _validate(fresh, off),
+                    measured(fresh.model),
+                    fitted_ratio=fitted.ratio,
+                    settings=fitted.settings,
+                )
+            )
+            _log(json.dumps(rows[-1], default=str))
+        over = [f"callbacks=[{name}]", *(f"++callbacks.{name}.{k}={_hydra_value(v)}" for k, v in settings.items())]
+        over += [f"++callbacks.{name}.flops_target={target}", f"++callbacks.{name}.budget_tower=image"]
+        module_f, trainer_f, metrics_f = fine_tune(label, over)
+        fitted_ratio = None
+        applied = {}
+        if data_dependent:  # fitted again per image on the trained weights, then validated again
+            fitted = vleff.fit_budget(
+                module_f.model, train_samples, flops=target, method=name, forward=_encode_image, strict=False
+            )
+            fitted_ratio, applied = fitted.ratio, fitted.settings
+            metrics_f = _validate(module_f, off)
+        else:
+            from vleff.registry import get_method
+
+            applied = get_method(name).applied_settings(module_f.model)
+        rows.append(
+            _row(
+                f"{label} (flops_target={target}, budget_tower=image), fine-tuned {args.ft_epochs} epochs",
+                metrics_f,
+                measured(module_f.model),
+                steps=int(trainer_f.global_step),
+                fitted_ratio=fitted_ratio,
+                settings={k: v for k, v in applied.items() if not isinstance(v, torch.Tensor)},
+            )
+        )
+        _log(json.dumps(rows[-1], default=str))
 
     if "madtp" in args.methods:
         madtp_reduction = round(args.flops_reduction + args.madtp_margin, 6)

@@ -25,6 +25,9 @@ METHOD_STYLE = {
     "EViT": "tab:purple",
     "CrossGET": "tab:blue",
     "MADTP": "tab:red",
+    "DynamicViT": "tab:cyan",
+    "Transkimmer": "tab:olive",
+    "MuE": "tab:gray",
 }
 TARGET_RATIO, TARGET_DROP = 0.6, 1.0
 
@@ -44,7 +47,7 @@ def classify(run: str) -> tuple[str, str]:
         return "baseline", "baseline"
     if run.startswith("baseline +"):
         return "baseline", "control"
-    method = run.split()[0]
+    method = run.split()[0].rstrip(",")
     if method not in METHOD_STYLE:
         raise ValueError(f"run={run!r}: not a row of clip_digits_tokens.py (methods: {sorted(METHOD_STYLE)})")
     return method, "shelf" if "off the shelf" in run else "tuned"

@@ -31,12 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vleff.checks import check_int, check_number
+from vleff.checks import check_choice, check_int, check_number
 from vleff.flops import count_flops
 from vleff.registry import Budget, Method, all_methods, get_method, update
 
 Forward = Callable[[nn.Module, Any], Any]
-__all__ = ["BudgetFit", "fit_budget", "measure_ratio", "run_batches", "thresholds_between"]
+__all__ = ["BudgetFit", "fit_budget", "measure_ratio", "run_batches", "thresholds_between", "tower_forward"]
+
+#: the towers a budget may be of alone (:func:`tower_forward`)
+BUDGET_TOWERS = ("image", "text")
 
 
 @dataclass
@@ -127,6 +130,60 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
+def tower_forward(tower: str, name: str = "tower") -> Forward:
+    """A ``forward(model, batch)`` that runs one tower of an image-text model on an
+    ``(images, token_ids[, mask])`` batch (as :func:`default_forward` reads it): ``"image"``
+    encodes the images, ``"text"`` the token ids. A budget counted this way is of that tower
+    alone: the other tower's FLOPs would dilute the ratio (a CLIP whose image tower is at 0.6×
+    and whose text tower is untouched measures well above 0.6× as a whole), which is wrong when
+    only one tower is reduced and the budget is stated for it.
+
+    ``model`` is the pair itself or a module holding exactly one (a LightningModule: what a
+    callback's budget runs on). ``name`` is the parameter the error messages name (a callback's
+    ``budget_tower``).
+
+    Raises:
+        ValueError: ``tower`` is not ``"image"`` or ``"text"``.
+        TypeError (when run): the model holds no image-text pair (a one-tower model's budget is
+            of the whole model: leave the tower unset), or the batch has no images / token ids.
+    """
+    check_choice(name, tower, BUDGET_TOWERS)
+
+    def forward(model: nn.Module, batch: Any) -> Any:
+        from vleff.backbones.pairs import find_pair
+
+        pairs = []
+        for module in model.modules():  # the model itself, or the one pair a LightningModule holds
+            try:
+                pairs.append(find_pair(module))
+            except (TypeError, ValueError):
+                continue
+            if module is model:
+                break
+        if len(pairs) != 1:
+            what = "no image-text pair" if not pairs else f"{len(pairs)} image-text pairs"
+            raise TypeError(
+                f"{name}={tower!r} counts one tower of an image-text model (CLIP, BLIP); "
+                f"{type(model).__name__} holds {what}: "
+                + (f"leave {name} unset to count the whole model" if not pairs else "pass the one to fit")
+            )
+        pair = pairs[0]
+        parts = _image_text(batch)
+        if parts is None:
+            raise TypeError(
+                f"{name}={tower!r} needs (images, token_ids[, attention_mask]) batches or dicts with "
+                f"'images'/'pixel_values' and 'tokens'/'input_ids'; got {_describe(batch)}"
+            )
+        images, ids, mask = parts
+        param = next(model.parameters())
+        if tower == "image":
+            return pair.encode_image(_to_model(images, param))
+        return pair.encode_text(ids.to(param.device), mask.to(param.device) if mask is not None else None)
+
+    forward.__qualname__ = f"tower_forward({tower!r})"
+    return forward
+
+
 def _describe(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of ({', '.join(type(b).__name__ for b in batch)})"
@@ -203,6 +260,7 @@ def fit_budget(
     *,
     method: str | None = None,
     forward: Forward | None = None,
+    tower: str | None = None,
     tolerance: float = 0.02,
     max_evals: int = 30,
     strict: bool = True,
@@ -216,7 +274,9 @@ def fit_budget(
         batches: a few batches as the model runs them (see :func:`default_forward`); their batch
             size matters for methods whose cost is the batch's largest keep count.
         flops: the target ratio, in (0, 1].
-        forward: ``forward(model, batch)`` to count instead (one tower, a custom head ...).
+        forward: ``forward(model, batch)`` to count instead (a custom head ...).
+        tower: ``"image"`` or ``"text"``: count that tower of an image-text model alone
+            (:func:`tower_forward`); the target is then of that tower's FLOPs. Not with ``forward``.
         tolerance: ``|ratio − flops| / flops`` accepted (default 2 %).
         max_evals: counted forwards at most.
         strict: a target out of reach raises ``ValueError`` (the method left as it was); with
@@ -230,9 +290,11 @@ def fit_budget(
     target = check_number("flops", flops, low=0, high=1, low_open=True)
     tolerance = check_number("tolerance", tolerance, low=0, low_open=True)
     max_evals = check_int("max_evals", max_evals, low=2)
+    if tower is not None and forward is not None:
+        raise ValueError(f"tower={tower!r} and forward= both say what to count; give one of them")
+    fwd = forward or (tower_forward(tower) if tower is not None else default_forward)
     entry = _budget_method(model, method)
     batches = _check_batches(batches)
-    fwd = forward or default_forward
     budget = entry.budget
     assert budget is not None
     baseline = (

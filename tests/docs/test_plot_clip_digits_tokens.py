@@ -113,3 +113,15 @@ def test_committed_data_is_the_readme_table(plotter):
         assert cells in lines[label], (label, cells)
     ratio = {(p["method"], p["stage"], p["seed"]): p["ratio"] for p in points}
     assert all(ratio[(m, "tuned", s)] <= 0.6 for m in ("MADTP", "CrossGET") for s in (0, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "run, expected",
+    [
+        ("MuE, off the shelf (fit_budget on 16 training images)", ("MuE", "shelf")),
+        ("Transkimmer (flops_target=0.6, budget_tower=image), fine-tuned 10 epochs", ("Transkimmer", "tuned")),
+        ("DynamicViT (flops_target=0.6, budget_tower=image), fine-tuned 10 epochs", ("DynamicViT", "tuned")),
+    ],
+)
+def test_the_callback_budget_rows_are_read(plotter, run, expected):
+    assert plotter.classify(run) == expected

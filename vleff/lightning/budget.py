@@ -2,7 +2,9 @@
 
 At the start of ``fit`` the callback measures its first ``budget_batches`` training batches and
 sets its method's knob with :func:`vleff.fit_budget` so the FLOPs of the model it acts on are
-``flops_target`` × the model without the method (within 2 %); the callback then runs its own
+``flops_target`` × the model without the method (within 2 %) — or, with ``budget_tower="image"``
+/ ``"text"``, the FLOPs of that tower of an image-text model alone (the budget of a method that
+reduces one tower: the other tower's unchanged cost would dilute a whole-model ratio); the callback then runs its own
 schedule towards those settings (ToMe's warm-up ends at the fitted ``r``, EViT's cosine at the
 fitted keep rate). Under DDP global rank 0's settings go to every rank (each rank sees other
 batches). The fitted settings are in the callback's checkpoint state, so a resumed run continues
@@ -10,7 +12,8 @@ with them instead of measuring again. A knob whose FLOPs follow the weights (Tra
 threshold, MuE's exit threshold: :attr:`vleff.registry.Budget.data_dependent`) is fitted again
 when training ends (:meth:`refit_budget_at_train_end`), on the trained weights.
 
-Use: :meth:`init_budget` in ``__init__``; :meth:`fit_budget_at_train_start` in
+Use: :meth:`init_budget` in ``__init__`` (the callback's ``flops_target``, ``budget_batches`` and
+``budget_tower`` arguments); :meth:`fit_budget_at_train_start` in
 ``on_train_start`` with the model the method acts on, :meth:`refit_budget_at_train_end` in
 ``on_train_end``; :meth:`budget_state` /
 :meth:`load_budget_state` in ``state_dict`` / ``load_state_dict``; override
@@ -34,11 +37,18 @@ class BudgetOption:
 
     method: str = ""
 
-    def init_budget(self, flops_target: float | None, budget_batches: int) -> None:
+    def init_budget(self, flops_target: float | None, budget_batches: int, budget_tower: str | None = None) -> None:
         self.flops_target = (
             None if flops_target is None else check_number("flops_target", flops_target, low=0, high=1, low_open=True)
         )
         self.budget_batches = check_int("budget_batches", budget_batches, low=1)
+        #: ``None``: the target is of the whole model; ``"image"`` / ``"text"``: of that tower of an
+        #: image-text model alone (:func:`vleff.budget.tower_forward`), e.g. when only it is reduced
+        self.budget_tower = budget_tower
+        if budget_tower is not None:
+            from vleff.budget import tower_forward
+
+            tower_forward(budget_tower, "budget_tower")  # checks the name now, not at train start
         #: the settings the budget search set (restored from a checkpoint on resume)
         self.budget_settings: dict[str, Any] | None = None
 
@@ -58,12 +68,25 @@ class BudgetOption:
                     raise RuntimeError(f"flops_target={self.flops_target} needs the training dataloader to measure on")
                 batches = list(itertools.islice(iter(loader), self.budget_batches))
                 settings = fit_budget(
-                    target, batches, flops=self.flops_target, method=self.method, strict=strict
+                    target,
+                    batches,
+                    flops=self.flops_target,
+                    method=self.method,
+                    strict=strict,
+                    forward=self._budget_forward(),
                 ).settings
             self.budget_settings = trainer.strategy.broadcast(settings, src=0)
         assert self.budget_settings is not None
         update(target, self.method, **self.budget_settings)
         self.take_budget(self.budget_settings)
+
+    def _budget_forward(self) -> Any:
+        """What the budget counts: the tower ``budget_tower`` names, or the whole model (``None``)."""
+        if self.budget_tower is None:
+            return None
+        from vleff.budget import tower_forward
+
+        return tower_forward(self.budget_tower, "budget_tower")
 
     def refit_budget_at_train_end(self, trainer: pl.Trainer, target: nn.Module) -> None:
         """A knob whose FLOPs follow the weights (:attr:`vleff.registry.Budget.data_dependent`: a
@@ -83,9 +106,14 @@ class BudgetOption:
         self.config = self.config.replace(**settings)  # type: ignore[attr-defined]
 
     def budget_state(self) -> dict[str, Any]:
-        return {"flops_target": self.flops_target, "budget_settings": self.budget_settings}
+        return {
+            "flops_target": self.flops_target,
+            "budget_tower": self.budget_tower,
+            "budget_settings": self.budget_settings,
+        }
 
     def load_budget_state(self, state: dict[str, Any]) -> None:
-        if state.get("flops_target") == self.flops_target and state.get("budget_settings") is not None:
+        same = state.get("flops_target") == self.flops_target and state.get("budget_tower") == self.budget_tower
+        if same and state.get("budget_settings") is not None:
             self.budget_settings = dict(state["budget_settings"])  # a checkpoint of this budget
             self.take_budget(self.budget_settings)

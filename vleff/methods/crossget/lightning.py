@@ -49,6 +49,8 @@ class CrossGET(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
             fraction of the model without the method (:func:`vleff.fit_budget` on the first
             ``budget_batches`` training batches; kept in checkpoints).
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.crossget.core.CrossGETConfig` fields (``r_image``, ``r_text``,
             ``prop_attn``, ``loss_weight``), validated here.
     """
@@ -65,12 +67,13 @@ class CrossGET(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         init_from: str | None = None,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_initial(init_from)
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self.config = CrossGETConfig.build(**settings)
         self.module = check_module_arg(module)
         self._target: Any = None

@@ -56,6 +56,8 @@ class DynamicViT(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
             fraction of the model without the method (:func:`vleff.fit_budget` on the first
             ``budget_batches`` training batches; kept in checkpoints).
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.dynamicvit.core.DynamicViTConfig` fields (``rho``,
             ``locations``, ``keep_ratios``, ``distill``, the loss weights ...), validated here.
     """
@@ -73,11 +75,12 @@ class DynamicViT(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         remove_on_teardown: bool = False,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self.config = DynamicViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.save_teacher = check_bool("save_teacher", save_teacher)

@@ -60,6 +60,8 @@ class EViT(InitFromOption, RemovalOption, BudgetOption, Callback):
         flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
             fraction of the model without the method (:func:`vleff.fit_budget` on the first
             ``budget_batches`` training batches; kept in checkpoints).
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.evit.core.EViTConfig` fields (``keep_rate`` -- the target
             of the schedule --, ``locations``, ``fuse``, ``towers``), validated here.
     """
@@ -78,10 +80,11 @@ class EViT(InitFromOption, RemovalOption, BudgetOption, Callback):
         remove_on_teardown: bool = False,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self.config = EViTConfig.build(**settings)
         self.module = check_module_arg(module)
         self.target = self.config.keep_rate

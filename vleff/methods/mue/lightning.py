@@ -123,6 +123,8 @@ class MuE(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
             ``budget_batches`` training batches at the start of ``fit``, and again when training
             ends: the trained blocks give other cosines; kept in checkpoints).
         budget_batches: how many training batches the budget is measured on.
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.mue.core.MuEConfig` fields (``image_threshold``,
             ``text_threshold``, ``towers``), validated here.
     """
@@ -139,10 +141,11 @@ class MuE(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         init_from: str | None = None,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         self.init_initial(init_from)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self.config = MuEConfig.build(**settings)
         self.module = check_module_arg(module)
         self.layerwise_loss = check_bool("layerwise_loss", layerwise_loss)

@@ -47,6 +47,8 @@ class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
             fraction of the model without the method (:func:`vleff.fit_budget` on the first
             ``budget_batches`` training batches; kept in checkpoints).
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.tome.core.ToMeConfig` fields (``r``, ``prop_attn``,
             ``trace_source``, ``towers``), validated here.
 
@@ -67,6 +69,7 @@ class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         init_from: str | None = None,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__()
@@ -75,7 +78,7 @@ class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         self.schedule = RSchedule(r=self.config.r, schedule=schedule, warmup_steps=warmup_steps)
         self._asked_r = self.config.r
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         #: r per block of the first ToMe tower (what ``tome/r_mean`` logs)
         self.current_r: list[int] | None = None
         self.module = check_module_arg(module)

@@ -37,8 +37,15 @@ class Transkimmer(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         flops_target: set ``keep_threshold`` so the inference FLOPs are this fraction of the model
             without the method (:func:`vleff.fit_budget` on the first ``budget_batches`` training
             batches at the start of ``fit``, and again when training ends: the trained predictors
-            give other margins; kept in checkpoints).
+            give other margins; kept in checkpoints). The batches are measured as they come, and a
+            batch at inference runs the *union* of the tokens its samples keep: a threshold fitted
+            on batches of 32 makes each image skim far more than one fitted on single images (on
+            digits, the same predictors: 49 % top-1 against 93 %, docs/benchmarks.md). Fit on the
+            batch size you will infer at (``vleff.fit_budget`` on single images for a per-image
+            budget).
         budget_batches: how many training batches the budget is measured on.
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.transkimmer.core.TranskimmerConfig` fields
             (``skim_coefficient``, ``init_bias``, ``tau``, ``locations``, ``eval_mode``,
             ``keep_threshold``), validated here.
@@ -56,11 +63,12 @@ class Transkimmer(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         remove_on_teardown: bool = False,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(log)
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self.config = TranskimmerConfig.build(**settings)
         self.module = check_module_arg(module)
         self.init_initial(init_from)

@@ -35,6 +35,8 @@ class Turbo(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         flops_target: set the method's knob at the start of ``fit`` so the measured FLOPs are this
             fraction of the model without the method (:func:`vleff.fit_budget` on the first
             ``budget_batches`` training batches; kept in checkpoints).
+        budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
+            model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
         **settings: :class:`vleff.methods.turbo.core.TurboConfig` fields (``r``, ``alpha``,
             ``r_threshold``, ``towers`` ...), validated here.
     """
@@ -50,13 +52,14 @@ class Turbo(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         init_from: str | None = None,
         flops_target: float | None = None,
         budget_batches: int = 4,
+        budget_tower: str | None = None,
         **settings: Any,
     ) -> None:
         self.init_initial(init_from)
         self.config = TurboConfig.build(**settings)
         self.module = check_module_arg(module)
         self.init_removal(remove_on_teardown)
-        self.init_budget(flops_target, budget_batches)
+        self.init_budget(flops_target, budget_batches, budget_tower)
         self._target: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
