@@ -371,7 +371,7 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
         for name, mask in masks.items():
             g = params[name].grad
             if g is not None:
-                g.mul_(mask.to(g.dtype) * scale)
+                g.mul_(mask.to(g.dtype)).mul_(scale)  # one rounding of g / p, also in bf16
         if advance:
             record["step"] += 1
         return masks

@@ -241,3 +241,33 @@ def test_mixin_selects_at_fit_start(tmp_path):
     tl.trainer(tmp_path, max_steps=1, max_epochs=-1).fit(module, tl.loader(8, seed=1))
     masks = child_tuning_d_masks(module)
     assert masks is not None and set(masks) == {f"model.{n}" for n in masked_names(module.model)}
+
+
+def test_bf16_weights_train_with_both_variants():
+    """A bf16 model: the Fisher and percentile in bf16 scores, F's ``g / p`` rounded once (equal to
+    the float computation rounded to bf16), finite AdamW steps."""
+    torch.manual_seed(0)
+    x, y = _data(4)
+    for variant in ("f", "d"):
+        model = tm.timm_vit().to(torch.bfloat16)
+        loss = _loss(model)
+        batch = (x.to(torch.bfloat16), y)
+        if variant == "f":
+            vleff.apply_child_tuning_f(model, reserve_p=0.3)
+        else:
+            apply_child_tuning_d(model, reserve_p=0.3, batches=[batch], loss_fn=loss)
+            masks = child_tuning_d_masks(model)
+            kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+            assert 0.29 < kept < 0.5  # bf16 scores tie more often: ties at the threshold are kept
+        loss(batch).backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        used = sel.mask_gradients(model)
+        for n, p in model.named_parameters():
+            if n in used:
+                scale = 1 / 0.3 if variant == "f" else 1.0
+                expected = (raw[n].float() * used[n].float() * scale).to(torch.bfloat16)
+                assert torch.equal(p.grad, expected), (variant, n)
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
