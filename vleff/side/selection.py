@@ -11,10 +11,14 @@ Selective methods add no module and change no forward: they choose what trains.
   :mod:`vleff.backbones.input_grads` (a frozen block's inside gets gradients under re-entrant
   checkpointing only through them); :func:`release_parameters` undoes it exactly.
 * **Entries of tensors** (FishMask, Child-Tuning): a boolean mask per parameter in the record
-  (a plain attribute of the model: it deep-copies and pickles), applied to the gradients by an
-  optimizer step pre-hook (:func:`attach_masked_step`), so it covers plain PyTorch loops and
-  gradient accumulation alike. The Fisher scores come from :func:`fisher_information`: squared
-  gradients of a loss, per sample or per batch, summed.
+  (a plain attribute of the model: it deep-copies and pickles), or Child-Tuning_F's fresh
+  Bernoulli draw per step, applied to the gradients by :func:`mask_gradients` after the backward
+  and before the optimizer reads them: in plain PyTorch loops by an optimizer step pre-hook
+  (:func:`attach_masked_step`), under Lightning in ``on_before_optimizer_step``
+  (:mod:`vleff.lightning.selection`; Lightning runs the backward inside ``optimizer.step``, after
+  its pre-hooks). The Fisher scores come from :func:`fisher_information`: squared gradients of a
+  loss, per sample or per batch, summed; Child-Tuning_D's one joint threshold is
+  :func:`percentile_masks`, FishMask's global top-k :func:`top_k_masks`.
 
 Why the masked step restores the frozen entries (``keep_unselected=True``): a gradient mask
 alone keeps Adam's moments of a masked entry at zero, but the optimizer's weight decay (AdamW's
