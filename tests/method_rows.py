@@ -405,6 +405,39 @@ SETTINGS: dict[str, Settings] = {
         forward_unchanged=True,
         acts=lambda model, flags: _masked_entries(model),
     ),
+    # Child-Tuning: nothing frozen, nothing added; the gradients are masked (a regulariser)
+    "child_tuning_f": Settings(
+        noop=None,
+        active={"reserve_p": 0.5},
+        refusals=[
+            ({"reserve_p": 0}, "reserve_p"),
+            ({"reserve_p": 1.5}, "reserve_p"),
+            ({"reserve_p": float("nan")}, "reserve_p"),
+            ({"seed": -1}, "seed"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"reserve_p": 0.5},
+        applied_other={"reserve_p": 0.3},
+        grad_checkpointing=True,
+        forward_unchanged=True,
+        acts=lambda model, flags: _masked_entries(model),
+    ),
+    "child_tuning_d": Settings(
+        noop=None,
+        active={"reserve_p": 0.3},
+        refusals=[
+            ({"reserve_p": 0}, "reserve_p"),
+            ({"reserve_p": 1.01}, "reserve_p"),
+            ({"max_grad_norm": 0}, "max_grad_norm"),
+            ({"fisher_batches": 0}, "fisher_batches"),
+            ({"towers": "audio"}, "towers"),
+        ],
+        callback_args={"reserve_p": 0.3, "fisher_batches": 1},
+        applied_other={"reserve_p": 0.5},
+        grad_checkpointing=True,
+        forward_unchanged=True,
+        acts=lambda model, flags: _masked_entries(model),
+    ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(
         noop={"reduction": 4},

@@ -11,15 +11,20 @@ What the base does, for every selective method (:mod:`vleff.side.selection`):
   follow the rules of every method callback (:mod:`vleff.lightning.targets`);
 * ``on_train_start``: a method whose masks come from the Fisher information
   (``fisher_select`` in the subclass) computes them on the first ``fisher_batches`` training
-  batches, unless a resumed checkpoint brought them; on several processes rank 0's masks are
-  broadcast, so every rank trains the same entries. The loss is the module's own
-  ``training_step(batch, i)`` (its ``self.log`` calls silenced meanwhile) unless ``loss_fn(module,
-  batch)`` is given. Then every optimizer gets the masked step
-  (:func:`vleff.side.selection.attach_masked_step`): masked gradients before the update (after
-  Lightning's gradient clipping, as Child-Tuning's reference masks inside its optimizer) and, for
-  FishMask, the masked-off entries put back after it;
-* fixed masks are also applied in ``on_before_optimizer_step``, i.e. before gradient clipping
-  (FishMask's reference zeroes the masked gradients right after backward);
+  batches (``None``: one pass over the whole training dataloader, streamed), unless a resumed
+  checkpoint brought them; on several processes rank 0's masks are broadcast, so every rank
+  trains the same entries. The loss is the module's own ``training_step(batch, i)`` (its
+  ``self.log`` calls silenced meanwhile) unless ``loss_fn(module, batch)`` is given. Then every
+  optimizer gets the post-step hook of :func:`vleff.side.selection.attach_masked_step` (FishMask:
+  the masked-off entries put back after each step);
+* the gradients are masked in ``on_before_optimizer_step`` (fixed masks, or Child-Tuning_F's
+  fresh Bernoulli draw, advancing its counter): after the whole backward (accumulated micro-batches
+  included) and before the optimizer reads them, so the moments of any optimizer the user
+  configures see the masked gradient, as in Child-Tuning's ``ChildTuningAdamW``. Not in an
+  optimizer step pre-hook: Lightning calls ``optimizer.step(closure)`` and the backward runs
+  inside it, after the pre-hooks. This is before Lightning's gradient clipping (FishMask's
+  reference zeroes the masked gradients right after backward; Child-Tuning's clips the full
+  gradient, then masks: ``docs/fidelity.md``);
 * checkpoints keep only what trains (the frozen parameters of the selected model are left out)
   unless ``full_checkpoint=True``, and always the masks and Child-Tuning_F's draw counter
   (``checkpoint["vleff_selection"]``), so a resumed run trains the same entries.
@@ -31,7 +36,7 @@ names no method.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -88,19 +93,20 @@ def start_training(
     pl_module: pl.LightningModule,
     target: nn.Module,
     method: str,
-    select: Callable[[nn.Module, list[Any], Callable[[Any], torch.Tensor]], None] | None,
-    num_batches: int,
+    select: Callable[[nn.Module, Iterable[Any], Callable[[Any], torch.Tensor]], None] | None,
+    num_batches: int | None,
     loss_fn: LossFn | None,
 ) -> list[Any]:
     """What the callback and the mixin do at fit start: a pending Fisher selection is computed on
-    the first ``num_batches`` training batches (rank 0's masks broadcast to every rank), then
-    every optimizer gets the masked step. Returns the optimizer hook handles."""
+    the first ``num_batches`` training batches (``None``: all of them; streamed, one batch on the
+    device at a time; rank 0's masks broadcast to every rank), then every optimizer gets the
+    post-step hook (the masking itself is :func:`mask_before_step`'s). Returns the hook handles."""
     record = sel.record_of(target, method)
     if select is not None and record is not None and record["masks"] is None:
         loader = trainer.train_dataloader
         if loader is None:
             raise RuntimeError(f"{method}: the Fisher selection needs the training dataloader; there is none")
-        batches = [trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), num_batches)]
+        batches = (trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), num_batches))
         fn = loss_fn
         loss = (lambda b: fn(pl_module, b)) if fn is not None else (lambda b: training_step_loss(pl_module, b))
         select(target, batches, loss)
@@ -109,8 +115,16 @@ def start_training(
             sel.set_masks(target, method, masks)
     handles: list[Any] = []
     for optimizer in trainer.optimizers:
-        handles += sel.attach_masked_step(optimizer, target)
+        handles += sel.attach_masked_step(optimizer, target, mask=False)
     return handles
+
+
+def mask_before_step(target: nn.Module | None, method: str) -> None:
+    """Mask ``target``'s gradients for the coming optimizer step (``on_before_optimizer_step`` of
+    the callbacks and mixins): the fixed masks, or a fresh Bernoulli draw (the draw counter
+    advances once per optimizer step). A pending Fisher selection raises."""
+    if target is not None and sel.record_of(target, method) is not None:
+        sel.mask_gradients(target, advance=True)
 
 
 class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
@@ -147,11 +161,12 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
         self._handles: list[Any] = []
 
     # --- what a Fisher-selecting subclass provides ---------------------------------------------------
-    def fisher_batches(self) -> int:
-        """How many training batches the Fisher selection reads (0: the method needs none)."""
+    def fisher_batches(self) -> int | None:
+        """How many training batches the Fisher selection reads (0: the method needs none;
+        ``None``: the whole training dataloader)."""
         return 0
 
-    def fisher_select(self, target: nn.Module, batches: list[Any], loss: Callable[[Any], torch.Tensor]) -> None:
+    def fisher_select(self, target: nn.Module, batches: Iterable[Any], loss: Callable[[Any], torch.Tensor]) -> None:
         """Compute and store the masks of ``target`` from ``batches`` (subclasses with Fisher)."""
 
     # --- Lightning hooks ------------------------------------------------------------------------------
@@ -169,7 +184,7 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
-        select = self.fisher_select if self.fisher_batches() else None
+        select = self.fisher_select if self.fisher_batches() != 0 else None
         self._handles = start_training(
             trainer, pl_module, self._target, self.method, select, self.fisher_batches(), self.loss_fn
         )
@@ -177,9 +192,7 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        record = sel.record_of(self._target, self.method) if self._target is not None else None
-        if record is not None and record["masks"] is not None and record["bernoulli"] is None:
-            sel.mask_gradients(self._target)  # before clipping; the optimizer's pre-hook masks again (idempotent)
+        mask_before_step(self._target, self.method)
 
     def _detach(self) -> None:
         sel.detach_masked_step(self._handles)
@@ -228,11 +241,11 @@ class SelectiveMixin:
     computed and every optimizer gets the masked step (as the callback does); the masks and
     Child-Tuning_F's draw counter travel in checkpoints. Checkpoints keep the whole model."""
 
-    _vleff_selective_use: tuple[str, nn.Module, Any, int] | None = None
+    _vleff_selective_use: tuple[str, nn.Module, Any, int | None] | None = None
     _vleff_selective_handles: list[Any] | None = None
 
     def _use_selection(
-        self, method: str, config: Any, module: Any = None, select: Any = None, num_batches: int = 0
+        self, method: str, config: Any, module: Any = None, select: Any = None, num_batches: int | None = 0
     ) -> None:
         from vleff.lightning.mixin import mixin_target
 
@@ -249,6 +262,11 @@ class SelectiveMixin:
             sel.detach_masked_step(self._vleff_selective_handles or [])
             handles = start_training(self.trainer, self, target, method, select, num_batches, None)  # type: ignore[attr-defined,arg-type]
             self.__dict__["_vleff_selective_handles"] = handles
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        next_hook(self, SelectiveMixin, "on_before_optimizer_step", optimizer)
+        if self._vleff_selective_use is not None:
+            mask_before_step(self._vleff_selective_use[1], self._vleff_selective_use[0])
 
     def on_train_end(self) -> None:
         next_hook(self, SelectiveMixin, "on_train_end")
@@ -271,6 +289,7 @@ class SelectiveMixin:
 __all__ = [
     "CHECKPOINT_KEY",
     "SelectiveMixin",
+    "mask_before_step",
     "SelectiveTuning",
     "start_training",
     "trainable_only_checkpoint",

@@ -11,10 +11,14 @@ Selective methods add no module and change no forward: they choose what trains.
   :mod:`vleff.backbones.input_grads` (a frozen block's inside gets gradients under re-entrant
   checkpointing only through them); :func:`release_parameters` undoes it exactly.
 * **Entries of tensors** (FishMask, Child-Tuning): a boolean mask per parameter in the record
-  (a plain attribute of the model: it deep-copies and pickles), applied to the gradients by an
-  optimizer step pre-hook (:func:`attach_masked_step`), so it covers plain PyTorch loops and
-  gradient accumulation alike. The Fisher scores come from :func:`fisher_information`: squared
-  gradients of a loss, per sample or per batch, summed.
+  (a plain attribute of the model: it deep-copies and pickles), or Child-Tuning_F's fresh
+  Bernoulli draw per step, applied to the gradients by :func:`mask_gradients` after the backward
+  and before the optimizer reads them: in plain PyTorch loops by an optimizer step pre-hook
+  (:func:`attach_masked_step`), under Lightning in ``on_before_optimizer_step``
+  (:mod:`vleff.lightning.selection`; Lightning runs the backward inside ``optimizer.step``, after
+  its pre-hooks). The Fisher scores come from :func:`fisher_information`: squared gradients of a
+  loss, per sample or per batch, summed; Child-Tuning_D's one joint threshold is
+  :func:`percentile_masks`, FishMask's global top-k :func:`top_k_masks`.
 
 Why the masked step restores the frozen entries (``keep_unselected=True``): a gradient mask
 alone keeps Adam's moments of a masked entry at zero, but the optimizer's weight decay (AdamW's
@@ -316,17 +320,40 @@ def masks_of(model: nn.Module, method: str) -> dict[str, torch.Tensor] | None:
 
 
 def _bernoulli_masks(record: dict[str, Any], params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Child-Tuning_F: a fresh Bernoulli(p) mask per parameter, drawn from a generator seeded by
-    the record's seed and step, so every DDP rank draws the same masks and a resumed run the
-    same as an uninterrupted one."""
+    """Child-Tuning_F: a fresh Bernoulli(p) mask per parameter, drawn from generators seeded by
+    the record's seed and step (one generator per device, the parameters drawn in the record's
+    order, a parameter without a gradient drawn too), so every DDP rank draws the same masks and a
+    resumed run the same as an uninterrupted one, whatever the global RNG did meanwhile. The draw
+    depends on the device type (a CPU and a CUDA generator give different streams)."""
     p = record["bernoulli"]
-    generator = torch.Generator().manual_seed(record["seed"] * 1_000_003 + record["step"])
+    seed = record["seed"] * 1_000_003 + record["step"]
+    generators: dict[torch.device, torch.Generator] = {}
     out = {}
     for name in record["masked"]:
         param = params[name]
-        draw = torch.rand(param.shape, generator=generator) < p
-        out[name] = draw.to(param.device)
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        out[name] = torch.rand(param.shape, generator=generators[param.device], device=param.device) < p
     return out
+
+
+def percentile_masks(scores: Mapping[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
+    """Boolean masks keeping the scores at or above **one joint threshold**, the ``(1 − keep)``
+    percentile of all scores together with linear interpolation between order statistics
+    (numpy's default ``np.percentile``, as Child-Tuning_D's reference computes it). With distinct
+    scores that keeps ``n − ⌈(1 − keep)(n − 1)⌉`` of ``n`` entries; ties at the threshold are all
+    kept (a model whose scores are mostly zero keeps every zero when the threshold is zero)."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep!r}: the fraction of entries kept must be in (0, 1]")
+    flat = torch.cat([s.detach().flatten().double() for s in scores.values()])
+    if flat.numel() == 0:
+        raise ValueError("scores: no entry to rank")
+    position = (1.0 - keep) * (flat.numel() - 1)
+    low = int(position)  # floor: position >= 0
+    ordered = torch.sort(flat).values
+    high = min(low + 1, flat.numel() - 1)
+    threshold = ordered[low] + (position - low) * (ordered[high] - ordered[low])
+    return {name: s.detach().double() >= threshold for name, s in scores.items()}
 
 
 def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.Tensor]:
@@ -348,7 +375,7 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
         for name, mask in masks.items():
             g = params[name].grad
             if g is not None:
-                g.mul_(mask.to(g.dtype) * scale)
+                g.mul_(mask.to(g.dtype)).mul_(scale)  # one rounding of g / p, also in bf16
         if advance:
             record["step"] += 1
         return masks
@@ -369,11 +396,17 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
     return masks
 
 
-def attach_masked_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[Any]:
+def attach_masked_step(optimizer: torch.optim.Optimizer, model: nn.Module, mask: bool = True) -> list[Any]:
     """Make ``optimizer.step`` honour the selective method applied to ``model``: before the step
-    the gradients are masked (:func:`mask_gradients`); with ``keep_unselected`` (FishMask) the
-    masked-off entries are put back after the step, so neither weight decay nor momentum moves
-    them. Returns the hook handles (``handle.remove()`` each, or :func:`detach_masked_step`)."""
+    the gradients are masked (:func:`mask_gradients`, advancing Child-Tuning_F's draw); with
+    ``keep_unselected`` (FishMask) the masked-off entries are put back after the step, so neither
+    weight decay nor momentum moves them. Returns the hook handles (``handle.remove()`` each, or
+    :func:`detach_masked_step`).
+
+    ``mask=False`` leaves the masking to the caller (the Lightning callbacks mask in
+    ``on_before_optimizer_step``): when ``optimizer.step(closure)`` runs the backward inside the
+    step, as Lightning's automatic optimisation does, a step pre-hook runs *before* that backward
+    and would mask the previous (or a partly accumulated) gradient instead of this step's."""
     saved: dict[str, torch.Tensor] = {}
 
     def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -381,11 +414,12 @@ def attach_masked_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> li
         if target is None:
             return
         record = target.__dict__[STATE_ATTR]
-        masks = mask_gradients(model, advance=True)
+        if mask:
+            mask_gradients(model, advance=True)
         saved.clear()
-        if record["keep_unselected"]:
+        if record["keep_unselected"] and record["masks"] is not None:
             params = dict(target.named_parameters())
-            for name in masks:
+            for name in record["masks"]:
                 if params[name].requires_grad:
                     saved[name] = params[name].detach().clone()
 
@@ -445,6 +479,7 @@ __all__ = [
     "load_selection_state",
     "mask_gradients",
     "masks_of",
+    "percentile_masks",
     "record_of",
     "release_parameters",
     "select_parameters",
