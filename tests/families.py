@@ -46,12 +46,28 @@ def image_forwards(*names: str) -> dict[str, tuple[Callable[[], torch.nn.Module]
     return {n: (FAMILIES[n].make, IMAGE[n]) for n in (names or tuple(IMAGE))}
 
 
-def _blip_text(model: torch.nn.Module) -> torch.Tensor:
+def _blip_text(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """BLIP's text encoder as its ITM head reads it: token 0 after cross-attending to the image
     (padded captions: the padding mask must follow every reduction)."""
-    ids, mask = tm.blip_token_ids()
-    image = model.vision_model(pixel_values=tm.images()).last_hidden_state
+    image = model.vision_model(pixel_values=images).last_hidden_state
     return model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image).last_hidden_state[:, 0]
+
+
+#: text forwards taking their inputs: ``fn(model, *text_inputs(family))`` (what ``torch.compile``
+#: and ``torch.export`` take for a method that acts on text towers only)
+TEXT: dict[str, Callable[..., torch.Tensor]] = {
+    "open_clip": lambda m, ids: m.encode_text(ids),
+    "open_clip_unequal": lambda m, ids: m.encode_text(ids),
+    "hf_clip": lambda m, ids: m.get_text_features(input_ids=ids).pooler_output,
+    "hf_blip": _blip_text,
+}
+
+
+def text_inputs(family: str) -> tuple[torch.Tensor, ...]:
+    """The inputs of ``TEXT[family]``: token ids (BLIP: ids, padding mask and the images it reads)."""
+    if family == "hf_blip":
+        return (*tm.blip_token_ids(), tm.images())
+    return (tm.token_ids(),)
 
 
 FAMILIES: dict[str, Family] = {
@@ -83,7 +99,7 @@ FAMILIES: dict[str, Family] = {
             tm.open_clip_model,
             {
                 "image": lambda m: IMAGE["open_clip"](m, tm.images()),
-                "text": lambda m: m.encode_text(tm.token_ids()),
+                "text": lambda m: TEXT["open_clip"](m, *text_inputs("open_clip")),
             },
             lambda m: m.set_grad_checkpointing(True),
             ("cls", "pair"),
@@ -93,7 +109,7 @@ FAMILIES: dict[str, Family] = {
             lambda: tm.open_clip_model(vision_layers=4, text_layers=2),
             {
                 "image": lambda m: IMAGE["open_clip"](m, tm.images()),
-                "text": lambda m: m.encode_text(tm.token_ids()),
+                "text": lambda m: TEXT["open_clip"](m, *text_inputs("open_clip")),
             },
             lambda m: m.set_grad_checkpointing(True),
             ("cls", "pair"),
@@ -103,7 +119,7 @@ FAMILIES: dict[str, Family] = {
             tm.hf_clip_model,
             {
                 "image": lambda m: IMAGE["hf_clip"](m, tm.images()),
-                "text": lambda m: m.get_text_features(input_ids=tm.token_ids()).pooler_output,
+                "text": lambda m: TEXT["hf_clip"](m, *text_inputs("hf_clip")),
             },
             _hf_gc,
             ("cls", "pair"),
@@ -113,7 +129,7 @@ FAMILIES: dict[str, Family] = {
             tm.hf_blip_retrieval,
             {
                 "image": lambda m: IMAGE["hf_blip"](m, tm.images()),
-                "text": _blip_text,
+                "text": lambda m: TEXT["hf_blip"](m, *text_inputs("hf_blip")),
             },
             _hf_gc,
             ("cls",),

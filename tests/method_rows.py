@@ -438,6 +438,23 @@ SETTINGS: dict[str, Settings] = {
         forward_unchanged=True,
         acts=lambda model, flags: _masked_entries(model),
     ),
+    # cross-attention only: BLIP's text models (the image towers and ViT / CLIP have none: refused)
+    "xattn": Settings(
+        noop=None,
+        active={"train_norms": True},
+        refusals=[
+            ({"train_norms": "yes"}, "train_norms"),
+            ({"train_head": 1}, "train_head"),
+            ({"text_models": "both"}, "text_models"),
+            ({"towers": "image"}, "towers"),
+        ],
+        callback_args={"train_norms": True},
+        applied_other={"train_norms": False},
+        families=("hf_blip",),
+        fit=lambda: (tl.TinyBLIP(), tl.blip_loader(4, seed=1)),
+        grad_checkpointing=True,
+        forward_unchanged=True,
+    ),
     # side networks read every block's output of the full stream: token reduction is refused
     "lst": Settings(
         noop={"reduction": 4},

@@ -107,3 +107,33 @@ def pair_loader(n: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
     x = torch.randn(n, 3, tm.IMG, tm.IMG, generator=torch.Generator().manual_seed(seed))
     ids = torch.cat([tm.token_ids(batch=2, seed=seed + i) for i in range((n + 1) // 2)])[:n]
     return DataLoader(TensorDataset(x, ids), batch_size=batch_size)
+
+
+class TinyBLIP(pl.LightningModule):
+    """A tiny Hugging Face BLIP retrieval model trained on image-text matching (its ITM head over the
+    text encoder's token 0 after cross-attending to the image): methods on BLIP's text models."""
+
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model = tm.hf_blip_retrieval()
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        images, ids, mask, match = batch
+        out = self.model(input_ids=ids, pixel_values=images, attention_mask=mask, use_itm_head=True)
+        loss = torch.nn.functional.cross_entropy(out.itm_score, match)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def blip_loader(n: int = 8, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Images, BLIP token ids, their padding mask and a match label (0/1) for :class:`TinyBLIP`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, tm.IMG, tm.IMG, generator=g)
+    pairs = [tm.blip_token_ids(batch=2, seed=seed + i) for i in range((n + 1) // 2)]
+    ids, mask = (torch.cat([p[k] for p in pairs])[:n] for k in (0, 1))
+    match = torch.randint(0, 2, (n,), generator=g)
+    return DataLoader(TensorDataset(x, ids, mask, match), batch_size=batch_size)

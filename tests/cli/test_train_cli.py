@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -128,3 +129,23 @@ def test_console_script_reports_bad_input_with_a_failing_exit_status(tmp_path):
     proc = _cli(FAST + args, tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+
+
+def test_blip_xattn_experiment_trains_only_the_cross_attention_and_the_itm_head(tmp_path):
+    """``experiment=blip_xattn``: a BLIP matcher on the digits pairs, only Xattn's parameters move."""
+    cfg = _compose(["experiment=blip_xattn", *FAST, "data.batch_size=4"], tmp_path)
+    from hydra.utils import instantiate
+
+    from vleff.methods.xattn import cross_attention_names
+
+    module = instantiate(cfg.model)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    datamodule = instantiate(cfg.data)
+    trainer = instantiate(cfg.trainer, callbacks=[instantiate(cfg.callbacks.xattn)])
+    trainer.fit(module, datamodule)
+    moved = {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+    expected = {f"model.{n}" for n in cross_attention_names(module.model)} | {
+        "model.itm_head.weight",
+        "model.itm_head.bias",
+    }
+    assert moved == expected

@@ -80,6 +80,26 @@ def _common_family(a: str, b: str) -> str | None:
     return shared[0] if shared else None
 
 
+def _first_tower(name: str) -> tuple[str, str]:
+    """``(family, tower)`` for the per-method checks: the first family whose image tower the method
+    runs on, else (a method on text towers only: Xattn) the first text tower it runs on."""
+    for tower in ("image", "text"):
+        families = _method_families(name, tower)
+        if families:
+            return families[0], tower
+    raise AssertionError(f"{name}: its row names no family tower it runs on")
+
+
+def _probe(family: str, tower: str) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``(fn, inputs)``: the tower's forward as ``fn(model, *inputs)`` (what compile and export take)."""
+    import tiny_models as tm
+    from families import IMAGE, TEXT, text_inputs
+
+    if tower == "image":
+        return IMAGE[family], (tm.images(),)
+    return TEXT[family], text_inputs(family)
+
+
 CASES = [
     (name, fam, tower)
     for name in HOOK_METHODS
@@ -133,9 +153,9 @@ def test_update_changes_every_setting_the_contract_declares_updatable(name, sett
     reaches the method (``applied_settings`` reads it back)."""
     from vleff.lightning.targets import applied_settings
 
-    family = _method_families(name)[0]
-    model, fwd = _model_and_forward(family, "image")
-    _apply(name, model, SETTINGS[name].noop or SETTINGS[name].active, "image")
+    family, tower = _first_tower(name)
+    model, fwd = _model_and_forward(family, tower)
+    _apply(name, model, SETTINGS[name].noop or SETTINGS[name].active, tower)
     method = get_method(name)
     value = SETTINGS[name].active.get(setting, getattr(method.config(), setting))
     update(model, name, **{setting: value})
@@ -155,10 +175,10 @@ def test_required_on_load_is_declared_exactly_for_methods_that_add_state(name):
     """``required_on_load`` (re-apply before loading a checkpoint) holds exactly when applying the
     method adds entries to the model's ``state_dict``: a checkpoint of such a model cannot load
     into the library model."""
-    family = _method_families(name)[0]
-    model, _ = _model_and_forward(family, "image")
+    family, tower = _first_tower(name)
+    model, _ = _model_and_forward(family, tower)
     before = set(model.state_dict())
-    _apply(name, model, SETTINGS[name].active, "image")
+    _apply(name, model, SETTINGS[name].active, tower)
     adds_state = bool(set(model.state_dict()) - before)
     assert get_method(name).required_on_load == adds_state, (name, adds_state)
 
@@ -484,67 +504,61 @@ def test_two_methods_stacked_then_one_removed_equals_the_other_alone(first, seco
 
 @pytest.mark.parametrize("name", HOOK_METHODS)
 def test_torch_compile_one_graph_matches_eager(name):
-    import tiny_models as tm
     import torch._dynamo
-    from families import IMAGE
 
-    family = _method_families(name)[0]  # the first family whose image tower the method runs on
-    model, _ = _model_and_forward(family, "image")
-    _apply(name, model, SETTINGS[name].active, "image")
-    x = tm.images()
+    family, tower = _first_tower(name)  # the first family whose image tower the method runs on
+    model, _ = _model_and_forward(family, tower)
+    _apply(name, model, SETTINGS[name].active, tower)
+    forward, inputs = _probe(family, tower)
     fullgraph = SETTINGS[name].fullgraph
 
-    def fwd(m, images):
-        return IMAGE[family](m, images)
+    def fwd(m, *xs):
+        return forward(m, *xs)
 
     with torch.no_grad():
-        ref = fwd(model, x)
+        ref = fwd(model, *inputs)
         torch._dynamo.reset()
         if fullgraph:
-            explanation = torch._dynamo.explain(fwd)(model, x)
+            explanation = torch._dynamo.explain(fwd)(model, *inputs)
             assert explanation.graph_break_count == 0, explanation.break_reasons
         # graph breaks at data-dependent counts: the cheap "eager" backend still checks dynamo traces it right
         compiled = torch.compile(fwd, backend="aot_eager" if fullgraph else "eager", fullgraph=fullgraph)
-        torch.testing.assert_close(compiled(model, x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(model, *inputs), ref, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
 
-class _ImageForward(torch.nn.Module):
-    """One family's image forward as a module (what ``torch.export`` and ONNX take)."""
+class _TowerForward(torch.nn.Module):
+    """One family's tower forward as a module (what ``torch.export`` and ONNX take)."""
 
-    def __init__(self, model: torch.nn.Module, family: str) -> None:
+    def __init__(self, model: torch.nn.Module, forward: Callable[..., torch.Tensor]) -> None:
         super().__init__()
-        self.model, self.family = model, family
+        self.model, self.fn = model, forward
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from families import IMAGE
-
-        return IMAGE[self.family](self.model, images)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.model, *inputs)
 
 
-def _exportable_model(name: str) -> tuple[torch.nn.Module, str]:
-    family = _method_families(name)[0]
-    model, _ = _model_and_forward(family, "image")
-    _apply(name, model, SETTINGS[name].active, "image")
+def _exportable_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    family, tower = _first_tower(name)
+    model, _ = _model_and_forward(family, tower)
+    _apply(name, model, SETTINGS[name].active, tower)
     SETTINGS[name].activate(model) if SETTINGS[name].activate is not None else None
-    return _ImageForward(model.eval(), family).eval(), family
+    forward, inputs = _probe(family, tower)
+    return _TowerForward(model.eval(), forward).eval(), inputs
 
 
 @pytest.mark.parametrize("name", HOOK_METHODS)
 def test_torch_export_matches_eager_or_is_refused_clearly(name):
     """Deployment: ``torch.export`` of the patched model (static settings, inference) gives the
     eager output, or, for a method whose token counts depend on the data, a clear refusal."""
-    import tiny_models as tm
-
-    module, _ = _exportable_model(name)
-    x = tm.images(2)
+    module, inputs = _exportable_model(name)
     if not SETTINGS[name].exportable:
         with pytest.raises(RuntimeError, match="torch.export cannot take"):
-            torch.export.export(module, (x,))
+            torch.export.export(module, inputs)
         return
-    exported = torch.export.export(module, (x,))
+    exported = torch.export.export(module, inputs)
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), module(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(exported.module()(*inputs), module(*inputs), atol=1e-6, rtol=1e-5)
 
 
 ONNX_METHODS = [n for n in HOOK_METHODS if get_method(n).kind == "tokens" and SETTINGS[n].exportable]
@@ -555,16 +569,14 @@ def test_onnx_export_runs_in_onnxruntime_like_eager(name, tmp_path):
     """A merged or pruned model deployed through ONNX (the dynamo exporter) and run by onnxruntime
     gives the eager output."""
     ort = pytest.importorskip("onnxruntime")
-    import tiny_models as tm
-
-    module, _ = _exportable_model(name)
-    x = tm.images(2)
+    module, inputs = _exportable_model(name)
     path = tmp_path / f"{name}.onnx"
-    torch.onnx.export(module, (x,), dynamo=True, verbose=False).save(str(path))
+    torch.onnx.export(module, inputs, dynamo=True, verbose=False).save(str(path))
     session = ort.InferenceSession(str(path))
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:1]
+    feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs)}
+    (out,) = session.run(None, feeds)[:1]
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(out), module(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(out), module(*inputs), atol=1e-5, rtol=1e-4)
 
 
 class ReseedEachStep(pl.Callback):

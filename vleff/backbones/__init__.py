@@ -20,6 +20,7 @@ from torch import nn
 from vleff.backbones.base import (  # noqa: F401
     AttentionConfig,
     BlockParts,
+    CrossAttentionParts,
     CrossInputs,
     Layout,
     Modality,

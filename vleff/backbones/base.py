@@ -67,6 +67,17 @@ class AttentionWeights:
 
 
 @dataclass(frozen=True)
+class CrossAttentionParts:
+    """A block's cross-attention (its tokens reading another tower's): the query, key, value and
+    output projections, and the norm after its residual add (``None`` where the library has none).
+    Selective methods that train cross-attention only (Xattn) ask for these modules instead of
+    naming a library's attributes."""
+
+    projections: tuple[nn.Module, ...]
+    norm: nn.Module | None
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """How a block's own attention computes, so the generic path reproduces it exactly.
 
@@ -269,6 +280,17 @@ class TowerAdapter(ABC):
     def classifier_head(self) -> nn.Module | None:
         """The tower's own classifier head when it has one a method may train or compact (timm's
         ``head``); ``None`` for towers without one (CLIP/BLIP towers project, they do not classify)."""
+        return None
+
+    def task_heads(self, model: nn.Module) -> list[nn.Module]:
+        """The heads of ``model`` that read this tower's output and train with it under a selective
+        method's ``train_head`` (default: the tower's :meth:`classifier_head`, if any)."""
+        head = self.classifier_head()
+        return [] if head is None else [head]
+
+    def cross_attention_parts(self, block: nn.Module) -> CrossAttentionParts | None:
+        """``block``'s cross-attention modules (:class:`CrossAttentionParts`), or ``None`` for a
+        block that reads no other tower (every pre-norm tower: ViT, CLIP)."""
         return None
 
     def attention_weights(self, block: nn.Module) -> AttentionWeights:

@@ -38,6 +38,7 @@ from torch import nn
 from vleff.backbones.base import (
     AttentionConfig,
     BlockParts,
+    CrossAttentionParts,
     CrossInputs,
     Pooling,
     TowerAdapter,
@@ -181,6 +182,25 @@ class HFBlipTextAdapter(TowerAdapter):
         from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
         return any(isinstance(m, BlipTextLMHeadModel) and m.bert is self.root for m in model.modules())
+
+    def cross_attention_parts(self, block: nn.Module) -> CrossAttentionParts | None:
+        """The layer's ``crossattention`` (present when the text config is a decoder, BLIP's
+        default): query, key (from the image width), value, output dense, and its ``LayerNorm``."""
+        cross = getattr(block, "crossattention", None)
+        if cross is None:
+            return None
+        attn, out = cross.self, cross.output
+        return CrossAttentionParts((attn.query, attn.key, attn.value, out.dense), out.LayerNorm)
+
+    def task_heads(self, model: nn.Module) -> list[nn.Module]:
+        """The image-text matching head of a retrieval model whose ``text_encoder`` is this tower
+        (``itm_head`` reads its token 0). The decoder's language-model head is not one: its weight
+        is tied to the word embeddings, so training it would train the embeddings."""
+        return [
+            m.itm_head
+            for m in model.modules()
+            if getattr(m, "text_encoder", None) is self.root and isinstance(getattr(m, "itm_head", None), nn.Module)
+        ]
 
     def block_checkpoint(self, block: nn.Module) -> Callable[..., Any] | None:
         from vleff.backbones.hf import hf_block_checkpoint

@@ -110,9 +110,9 @@ def start_training(
         fn = loss_fn
         loss = (lambda b: fn(pl_module, b)) if fn is not None else (lambda b: training_step_loss(pl_module, b))
         select(target, batches, loss)
-        if trainer.world_size > 1:  # every rank trains rank 0's entries
+        if trainer.world_size > 1:  # every rank trains rank 0's entries; DDP's reducer keeps every parameter
             masks = trainer.strategy.broadcast(sel.masks_of(target, method), src=0)
-            sel.set_masks(target, method, masks)
+            sel.set_masks(target, method, masks, freeze_empty=False)
     handles: list[Any] = []
     for optimizer in trainer.optimizers:
         handles += sel.attach_masked_step(optimizer, target, mask=False)

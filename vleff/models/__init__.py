@@ -4,6 +4,7 @@
   :func:`build_pair_model` — the whole CLIP / BLIP image-text model of a name
 * :class:`ImageClassifier` — classification with any image model
 * :class:`CLIPFineTuner` — contrastive image-text fine-tuning of open_clip / HF CLIP
+* :class:`BLIPMatcher` — BLIP image-text matching (its ITM head), for methods on BLIP's text encoder
 * :class:`VisionLanguageModel` — an image tower + a causal LM, visual prefix tokens or MemVP memory
 """
 
@@ -23,6 +24,8 @@ _LAZY = {
     "VisionLanguageModel": "vleff.models.vlm",
     "VisualEncoder": "vleff.models.vlm",
     "VisionLanguageTask": "vleff.models.vlm_task",
+    "BLIPMatcher": "vleff.models.blip_matcher",
+    "build_blip_matcher": "vleff.models.blip_matcher",
 }
 
 __all__ = sorted(_LAZY)  # noqa: PLE0605 -- a list, built from the table above

@@ -297,9 +297,13 @@ def top_k_masks(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.T
     return masks
 
 
-def set_masks(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor]) -> None:
+def set_masks(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor], freeze_empty: bool = True) -> None:
     """Store fixed ``masks`` (name -> bool tensor) in ``method``'s record; with the record's
-    ``keep_unselected`` (FishMask), a parameter with no selected entry stops requiring grad."""
+    ``keep_unselected`` (FishMask), a parameter with no selected entry stops requiring grad, unless
+    ``freeze_empty=False``: then every masked parameter requires grad (its gradient is masked to
+    zero and its entries put back after the step). Data-parallel training needs that: DDP's
+    reducer was built, before the selection, on the parameters requiring grad then, and a
+    parameter that stops getting a gradient fails its step ("parameters that were not used")."""
     record = record_of(model, method)
     if record is None:
         raise ValueError(f"{method} is not applied to this {type(model).__name__}")
@@ -310,8 +314,7 @@ def set_masks(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor]) 
     record["masks"] = {n: m.to(torch.bool).detach().clone() for n, m in masks.items()}
     if record["keep_unselected"]:
         for name, mask in record["masks"].items():
-            if not bool(mask.any()):
-                params[name].requires_grad_(False)
+            params[name].requires_grad_(bool(mask.any()) or not freeze_empty)
 
 
 def masks_of(model: nn.Module, method: str) -> dict[str, torch.Tensor] | None:

@@ -7,6 +7,7 @@ backbone, Lightning checkpoints hold only the side state, 2-process DDP, clear r
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
@@ -421,63 +422,162 @@ def test_lst_mixin_applies_freezes_and_saves_side_only(tmp_path):
 
 
 # ------------------------------------------------------------------------------ DDP (2 processes)
+def _whole(params) -> dict[int, torch.Tensor | None]:
+    return {id(p): None for p in params}
+
+
+def _named(model: torch.nn.Module, names) -> dict[int, torch.Tensor | None]:
+    params = dict(model.named_parameters())
+    return {id(params[n]): None for n in names}
+
+
+def _peft(method: str):
+    from vleff.side.peft_tuners import adapter_parameters
+
+    return lambda model: _whole(adapter_parameters(model, method))
+
+
+def _fishmask(model: torch.nn.Module) -> dict[int, torch.Tensor | None]:
+    from vleff.methods.fishmask import fishmask_masks
+    from vleff.side.selection import holder
+
+    params = dict(holder(model, "fishmask").named_parameters())  # the masks' names are the holder's
+    return {id(params[n]): mask for n, mask in (fishmask_masks(model) or {}).items()}
+
+
+def _xattn(model: torch.nn.Module) -> dict[int, torch.Tensor | None]:
+    from vleff.methods.xattn import cross_attention_names, cross_attention_towers
+
+    heads = [h for t in cross_attention_towers(model) for h in t.task_heads(model)]
+    return {**_named(model, cross_attention_names(model)), **_whole(p for h in heads for p in h.parameters())}
+
+
+def _method_api(name: str):
+    import importlib
+
+    return importlib.import_module(f"vleff.methods.{name}.core")
+
+
+#: what each method trains, asked of the method's own API (``{id(parameter): entry mask or None
+#: for the whole tensor}``): the DDP check's notion of "what may move", per method, never a name list
+TRAINED: dict[str, Callable[[torch.nn.Module], dict[int, torch.Tensor | None]]] = {
+    "LadderSideTuning": lambda m: _whole(_method_api("lst").lst_parameters(m)),
+    "UniPT": lambda m: _whole(_method_api("unipt").unipt_parameters(m)),
+    "VisualQueryTuning": lambda m: _whole(_method_api("vqt").vqt_parameters(m)),
+    "LoRA": lambda m: _whole(_method_api("lora").lora_parameters(m)),
+    **{cb: _peft(method) for cb, method in [("DoRA", "dora"), ("IA3", "ia3"), ("AdaLoRA", "adalora")]},
+    **{cb: _peft(method) for cb, method in [("LoHa", "loha"), ("LoKr", "lokr"), ("OFT", "oft"), ("QLoRA", "qlora")]},
+    "SerialAdapter": lambda m: _whole(_method_api("serial_adapter").serial_adapter_parameters(m)),
+    "ParallelAdapter": lambda m: _whole(_method_api("parallel_adapter").parallel_adapter_parameters(m)),
+    "VPT": lambda m: _whole(_method_api("vpt").vpt_parameters(m)),
+    "PrefixTuning": lambda m: _whole(_method_api("prefix").prefix_parameters(m)),
+    "APrompt": lambda m: _whole(_method_api("aprompt").aprompt_parameters(m)),
+    "BitFit": lambda m: _named(m, _method_api("bitfit").bias_names(m)),
+    "FishMask": _fishmask,
+    "Xattn": _xattn,
+}
+
+
 class _SyncCheck(pl.Callback):
-    """Per rank: the trained parameters (those requiring grad: the side network, or the peft
-    adapters) equal across ranks after the steps and changed; the blocks' frozen weights unchanged."""
+    """Per rank, after the steps: the trained parameters (those requiring grad) equal across ranks
+    and changed; nothing moved but what the methods' own APIs say they train (``trained``: the
+    :data:`TRAINED` readers of the methods in the run; FishMask: only its masked entries) and the
+    classifier head; every parameter requiring grad is one of those. Written as three words to
+    ``rank<i>.txt``: same across ranks, changed, only the expected moved."""
 
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
+    def __init__(self, out_dir, trained: list[Callable[[torch.nn.Module], dict[int, torch.Tensor | None]]]):
+        self.out_dir, self.trained = out_dir, trained
 
-    def _trained(self, pl_module):
-        return [p for n, p in pl_module.named_parameters() if p.requires_grad and ".head." not in n]
-
-    def _frozen(self, pl_module):
-        return torch.cat([p.detach().flatten() for p in pl_module.model.blocks.parameters() if not p.requires_grad])
+    def _allowed(self, pl_module) -> dict[int, torch.Tensor | None]:
+        allowed: dict[int, torch.Tensor | None] = {}
+        for read in self.trained:  # asked of the LightningModule: the callbacks apply to it or to its model
+            allowed.update(read(pl_module))
+        heads = [t.classifier_head() for t in find_towers(pl_module.model)]
+        allowed.update(_whole(p for h in heads if h is not None for p in h.parameters()))
+        return allowed
 
     def on_train_start(self, trainer, pl_module):
-        self.start = torch.cat([p.detach().flatten().clone() for p in self._trained(pl_module)])
-        self.frozen_start = self._frozen(pl_module).clone()
+        self.start = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
     def on_train_end(self, trainer, pl_module):
-        flat = torch.cat([p.detach().flatten() for p in self._trained(pl_module)])
+        params = dict(pl_module.named_parameters())
+        trained = [p for p in params.values() if p.requires_grad]
+        flat = torch.cat([p.detach().flatten().float() for p in trained])
         gathered = trainer.strategy.all_gather(flat)
         same = bool(torch.equal(gathered[0], gathered[1]))
-        adapters = ("lora_", "ia3_", "hada_")  # peft's adapter parameter names: nothing else in the blocks trains
-        trained_in_blocks = [n for n, p in pl_module.model.blocks.named_parameters() if p.requires_grad]
-        frozen = torch.equal(self._frozen(pl_module), self.frozen_start) and all(
-            any(a in n for a in adapters) for n in trained_in_blocks
-        )
-        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(
-            f"{same} {not torch.equal(flat, self.start)} {frozen}"
-        )
+        before = torch.cat([self.start[n].flatten().float() for n, p in params.items() if p.requires_grad])
+        allowed = self._allowed(pl_module)
+        only = all(id(p) in allowed for p in trained)
+        for name, p in params.items():
+            moved = p.detach() != self.start[name]
+            mask = allowed.get(id(p), False) if id(p) in allowed else torch.zeros_like(moved)
+            if mask is not None and bool((moved & ~mask.to(moved.device)).any()):
+                only = False
+        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(f"{same} {not torch.equal(flat, before)} {only}")
+
+
+class _SkewMaskOnRankOne(pl.Callback):
+    """Broken on purpose: rank 1 trains one entry FishMask's rank-0 selection does not (a rank
+    that selected its own mask), after the callback broadcast rank 0's masks."""
+
+    def on_train_start(self, trainer, pl_module):
+        from vleff.methods.fishmask import fishmask_masks
+
+        if trainer.global_rank == 1:
+            masks = fishmask_masks(pl_module)
+            name = next(n for n, m in masks.items() if not bool(m.all()))
+            mask = masks[name].flatten()
+            mask[int((~mask).nonzero()[0])] = True
+
+
+def _ddp_fit(tmp_path, callbacks: dict[str, dict], module, loader, extra=()) -> list[str]:
+    methods = [getattr(vleff.callbacks, name)(**settings) for name, settings in callbacks.items()]
+    check = _SyncCheck(tmp_path, [TRAINED[name] for name in callbacks])
+    trainer = tl.trainer(tmp_path, [*methods, *extra, check], max_steps=2, devices=2, strategy="ddp_fork")
+    trainer.fit(module, loader)
+    assert trainer.state.finished
+    return [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+
+
+DDP_CASES = {
+    "lst": {"LadderSideTuning": {"reduction": 4}},
+    "lora": {"LoRA": {"r": 4}},
+    "unipt+vqt": {"UniPT": {"factor": 2}, "VisualQueryTuning": {"num_queries": 1}},
+    "dora": {"DoRA": {"r": 4}},
+    "ia3": {"IA3": {}},
+    "adalora": {"AdaLoRA": {"init_r": 6, "target_r": 2, "total_step": 2}},
+    "loha": {"LoHa": {"r": 4}},
+    "lokr": {"LoKr": {"r": 2}},
+    "oft": {"OFT": {"block_size": 16}},
+    "qlora": {"QLoRA": {"r": 2, "scaler_block_size": 64}},
+    "serial+parallel_adapter": {
+        "SerialAdapter": {"bottleneck": 2, "train_norms": False},
+        "ParallelAdapter": {"bottleneck": 2, "dropout": 0.0},
+    },
+    "vpt": {"VPT": {"num_tokens": 2}},
+    "prefix": {"PrefixTuning": {"num_tokens": 2, "dropout": 0.0}},
+    "aprompt": {"APrompt": {"kv_tokens": 2, "num_tokens": 1}},
+    "bitfit": {"BitFit": {}},
+    "fishmask": {"FishMask": {"keep_ratio": 0.05, "fisher_batches": 1}},
+}
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
-@pytest.mark.parametrize(
-    "callbacks",
-    [
-        {"LadderSideTuning": {"reduction": 4}},
-        {"LoRA": {"r": 4}},
-        {"UniPT": {"factor": 2}, "VisualQueryTuning": {"num_queries": 1}},
-        {"DoRA": {"r": 4}},
-        {"IA3": {}},
-        {"AdaLoRA": {"init_r": 6, "target_r": 2, "total_step": 2}},
-        {"LoHa": {"r": 4}},
-        {
-            "SerialAdapter": {"bottleneck": 2, "train_norms": False},
-            "ParallelAdapter": {"bottleneck": 2, "dropout": 0.0},
-        },
-    ],
-    ids=["lst", "lora", "unipt+vqt", "dora", "ia3", "adalora", "loha", "serial+parallel_adapter"],
-)
-def test_side_and_peft_callbacks_under_two_process_ddp_gloo(callbacks, tmp_path):
-    module = tl.TinyClassifier()
-    methods = [getattr(vleff.callbacks, name)(**settings) for name, settings in callbacks.items()]
-    trainer = tl.trainer(tmp_path, [*methods, _SyncCheck(tmp_path)], max_steps=2, devices=2, strategy="ddp_fork")
-    trainer.fit(module, tl.loader(16))
-    assert trainer.state.finished
-    for rank in (0, 1):
-        assert (tmp_path / f"rank{rank}.txt").read_text() == "True True True"
+@pytest.mark.parametrize("case", list(DDP_CASES))
+def test_side_and_peft_callbacks_under_two_process_ddp_gloo(case, tmp_path):
+    assert _ddp_fit(tmp_path, DDP_CASES[case], tl.TinyClassifier(), tl.loader(16)) == ["True True True"] * 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
+def test_xattn_on_tiny_blip_under_two_process_ddp_gloo(tmp_path):
+    assert _ddp_fit(tmp_path, {"Xattn": {}}, tl.TinyBLIP(), tl.blip_loader(8)) == ["True True True"] * 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ddp_fork needs os.fork")
+def test_a_rank_with_its_own_fishmask_entry_is_caught(tmp_path):
+    """The check itself, broken on purpose: rank 1 trains one entry more than rank 0's mask."""
+    got = _ddp_fit(tmp_path, DDP_CASES["fishmask"], tl.TinyClassifier(), tl.loader(16), extra=[_SkewMaskOnRankOne()])
+    assert got == ["False True True"] * 2  # the ranks' trained entries differ: not the same model any more
 
 
 def test_remove_restores_the_library_model():
