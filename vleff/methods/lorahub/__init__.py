@@ -15,6 +15,7 @@ from vleff.methods.lorahub.core import (
     few_shot_loss,
     load_module,
     lorahub_applied,
+    lorahub_holds,
     lorahub_result,
     lorahub_settings,
     lorahub_state_dict,
@@ -33,8 +34,10 @@ METHOD = register_method(
         remove=remove_lorahub,
         is_applied=lorahub_applied,
         settings_of=lorahub_settings,
-        # not "peft_tuner": vleff.apply_peft(method=...) passes settings only, and LoRAHub needs its modules
-        traits=frozenset({"wraps_projections"}),
+        holds=lorahub_holds,
+        # peft LoRA layers on the projections: the adapters and prompts refuse it as any peft tuner
+        # (each freezes what the other trains); vleff.apply_peft(model, method="lorahub", modules=...) reaches it
+        traits=frozenset({"wraps_projections", "peft_tuner"}),
         refuses=(
             Refusal(
                 "wraps_projections",

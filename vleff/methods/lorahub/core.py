@@ -513,12 +513,13 @@ def apply_lorahub(
         remove_lorahub(model)
     if modules is None:
         raise ValueError(f"modules is required: the LoRA modules (state dicts or paths) {LABEL} composes")
+    _model_targets(model)  # an unsupported model is refused first (naming the tower) ...
+    refuse_applied_conflicts(model, NAME)  # ... then another peft tuner or adapter on the projections
     hub = check_modules(model, modules)
     n = len(modules)
     if cfg.weights is not None and len(cfg.weights) != n:
         raise ValueError(f"weights={cfg.weights} has {len(cfg.weights)} entries for {n} modules; give one per module")
     found = _check_examples(examples, cfg)
-    refuse_applied_conflicts(model, NAME)
     towers = [t for t in (_tower_of(model, p) for p in hub.factors) if t is not None]
     towers = list({id(t.root): t for t in towers}.values())
     wrapped_parameters = [f"{p}.{t.parameter}" for p, t in hub.targets.items() if t.parameter is not None]
@@ -574,6 +575,15 @@ def lorahub_applied(model: nn.Module) -> bool:
     return pt.tuner_in(model, NAME)
 
 
+def lorahub_holds(module: nn.Module) -> bool:
+    """Whether ``module`` holds a tower with LoRA targets (which model of a LightningModule the
+    callback composes into: the modules' targets, not a ``towers`` setting, say where)."""
+    try:
+        return bool(_model_targets(module))
+    except TypeError:
+        return False
+
+
 def lorahub_result(model: nn.Module) -> LoRAHubResult | None:
     """The result of the composition applied to ``model`` (``None`` when none is)."""
     holder = pt.holder(model, NAME)
@@ -601,6 +611,7 @@ __all__ = [
     "few_shot_loss",
     "load_module",
     "lorahub_applied",
+    "lorahub_holds",
     "lorahub_result",
     "lorahub_settings",
     "lorahub_state_dict",
