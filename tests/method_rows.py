@@ -72,6 +72,10 @@ class Settings:
     #: instead (``acts(model, library_flags)``; default: the ``requires_grad`` flags differ)
     forward_unchanged: bool = False
     acts: Callable[[torch.nn.Module, dict[str, bool]], bool] | None = None
+    #: ``inputs(model, tower) -> dict``: data the method's ``apply`` takes besides its settings, built
+    #: for the model at hand (LoRAHub's LoRA modules, which must fit the model's targets); merged into
+    #: every generic ``apply`` call of the conformance suite and the Lightning rules
+    inputs: Callable[[torch.nn.Module, str], dict[str, Any]] | None = None
 
 
 def _randomize(model: torch.nn.Module, selected: Callable[[str, torch.nn.Parameter], bool]) -> None:
@@ -138,6 +142,47 @@ def _perturb_memvp(model: torch.nn.Module) -> None:
     with torch.no_grad():
         module.value_offset.copy_(torch.randn(module.value_offset.shape, generator=g))
         module.projector[2].weight.mul_(50.0)
+
+
+def _lorahub_modules(model: torch.nn.Module, tower: str = "all") -> dict[str, Any]:
+    """Two rank-2 LoRA modules of ``model``'s ``tower`` as vleff's LoRA saves them (keys
+    ``<target>.lora_A.default.weight`` ...), seeded random factors standing in for trained ones and
+    built from the target shapes alone (the model may carry another method). A model LoRA cannot
+    target gets placeholder modules: LoRAHub must refuse the model itself, before reading them."""
+    from vleff.methods.lora import lora_targets
+
+    try:
+        targets = lora_targets(model, tower)
+    except TypeError:
+        fake = {"x.lora_A.default.weight": torch.zeros(2, 4), "x.lora_B.default.weight": torch.zeros(4, 2)}
+        return {"modules": [fake, fake]}
+
+    def library(path: str) -> torch.nn.Module:  # the library's module under a peft layer (an earlier apply)
+        module = model.get_submodule(path)
+        while hasattr(module, "base_layer"):
+            module = module.base_layer
+        return module
+
+    shapes = {name: tuple(library(name).weight.shape) for name in targets["target_modules"]}
+    for name in targets["target_parameters"]:
+        path, _, attr = name.rpartition(".")
+        shapes[path] = tuple(getattr(library(path), attr).shape)
+    modules = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        module = {}
+        for path, (out, inp) in shapes.items():
+            module[f"{path}.lora_A.default.weight"] = torch.randn(2, inp, generator=g) * 0.1
+            module[f"{path}.lora_B.default.weight"] = torch.randn(out, 2, generator=g) * 0.1
+        modules.append(module)
+    return {"modules": modules}
+
+
+def _lorahub_callback_args(**settings: Any) -> dict[str, Any]:
+    """The callback's arguments on the tiny timm ViT (the rules' model and ``TinyClassifier``'s)."""
+    import tiny_models as tm
+
+    return {**_lorahub_modules(tm.timm_vit(), "image"), **settings}
 
 
 def _memvp_fit() -> tuple[pl.LightningModule, Any]:
@@ -644,6 +689,32 @@ SETTINGS: dict[str, Settings] = {
         # peft's LoHa layer branches on torch.rand(1) > module_dropout (its module dropout, drawn even
         # when it is 0): 6 graph breaks on the tiny ViT; the compiled model still equals eager
         fullgraph=False,
+    ),
+    # LoRAHub composes given LoRA modules (its row's inputs build them for each model) into peft LoRA
+    # layers: w = 0 is the base model; the active weights need no search (the search, which needs
+    # examples, is the method's own tests' and the callback's: a budget-3 search on TinyClassifier data)
+    "lorahub": Settings(
+        noop={"weights": (0.0, 0.0)},
+        active={"weights": (1.0, -0.5)},
+        refusals=[
+            ({"budget": 0}, "budget=0"),
+            ({"budget": 2.5}, "budget=2.5"),
+            ({"l1": -1}, "l1=-1"),
+            ({"bound": 0}, "bound=0"),
+            ({"alpha": 0}, "alpha=0"),
+            ({"seed": -1}, "seed=-1"),
+            ({"weights": ()}, "weights"),
+            ({"weights": (1.0, float("inf"))}, r"weights[1]=inf"),
+            ({"train_head": "yes"}, "train_head"),
+        ],
+        state_prefix="lora_",
+        renamed_keys=((r"(\.base_layer)+\.", "."),),
+        inputs=_lorahub_modules,
+        callback_args=_lorahub_callback_args(examples=[next(iter(tl.loader(8, batch_size=8, seed=2)))], budget=3),
+        rules_args=_lorahub_callback_args(weights=(0.5, 1.0)),
+        applied_other={"weights": (1.0, 0.5)},
+        families=("timm_vit", "deit_distilled", "timm_registers", "open_clip", "open_clip_unequal", "hf_clip"),
+        grad_checkpointing=True,
     ),
     "reversible": Settings(
         noop=None,

@@ -124,7 +124,8 @@ def _model_and_forward(family: str, tower: str):
 def _apply(name: str, model: torch.nn.Module, settings: dict[str, Any], tower: str) -> None:
     method = get_method(name)
     extra = {"towers": tower} if "towers" in {f.name for f in dataclasses.fields(method.config)} else {}
-    method.apply(model, **{**extra, **settings})
+    inputs = SETTINGS[name].inputs  # data besides the settings (LoRAHub's modules), built for this model
+    method.apply(model, **{**extra, **settings, **(inputs(model, tower) if inputs is not None else {})})
 
 
 def test_every_registered_method_has_settings():

@@ -73,7 +73,7 @@ CALLBACK_ONLY = {"end_epoch"}
 def _differs(name: str) -> str:
     """The setting the earlier application and the callback differ in (the one the refusal names)."""
     method, case = get_method(name), CASES[name]
-    mine = method.config.build(**_method_settings(case, case.settings))
+    mine = method.config.build(**_config_settings(name, case.settings))
     theirs = method.config.build(**case.other)
     keys = [f.name for f in dataclasses.fields(mine) if getattr(mine, f.name) != getattr(theirs, f.name)]
     assert keys, f"{name}: its row's applied_other equals the callback's settings"
@@ -107,6 +107,19 @@ def _flags(model: torch.nn.Module) -> dict[str, bool]:
 
 def _method_settings(case: Case, settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in CALLBACK_ONLY}
+
+
+def _config_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The method's config fields among ``settings`` (not the data its apply takes besides them:
+    LoRAHub's ``modules`` and ``examples``)."""
+    fields = {f.name for f in dataclasses.fields(get_method(name).config)}
+    return {k: v for k, v in settings.items() if k in fields}
+
+
+def _inputs(name: str, model: torch.nn.Module) -> dict[str, Any]:
+    """The data the method's apply takes besides its settings, built for ``model`` (its row's ``inputs``)."""
+    inputs = SETTINGS[name].inputs
+    return inputs(model, "all") if inputs is not None else {}
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +193,10 @@ def test_applied_with_other_settings_is_refused_naming_both(name, trainer):
     case = CASES[name]
     torch.manual_seed(0)
     model = case.make()
-    get_method(name).apply(model, **case.other)
+    get_method(name).apply(model, **case.other, **_inputs(name, model))
     key = _differs(name)
     have = getattr(get_method(name).config.build(**case.other), key)
-    want = getattr(get_method(name).config.build(**_method_settings(case, case.settings)), key)
+    want = getattr(get_method(name).config.build(**_config_settings(name, case.settings)), key)
     pattern = rf"already applied.*{re.escape(f'{key}={have!r}')}.*asks for {re.escape(f'{key}={want!r}')}"
     with pytest.raises(ValueError, match=pattern):
         _callback(case).setup(trainer, One(model), "validate")

@@ -177,9 +177,14 @@ def _mha(block: nn.Module) -> nn.MultiheadAttention:
     reading the raw weight here would silently bypass the adapter)."""
     mha = block.attn
     if not isinstance(mha, nn.MultiheadAttention):
+        # the method that wrapped it: vleff's peft tuners tag their layers (vleff.side.peft_tuners.LAYER_TAG,
+        # a layer above this one); LoRA's own layers carry no tag
+        tagged = mha.__dict__.get("_vleff_peft_method")
+        who = f"{tagged} (peft)" if tagged else "LoRA (peft)"
+        undo = f"remove {tagged}" if tagged else "remove lora (vleff.methods.lora.core.remove_lora)"
         raise RuntimeError(
-            f"open_clip block attention is a {type(mha).__name__}, not nn.MultiheadAttention: LoRA "
-            "(peft) wraps in_proj_weight and vleff's generic block would bypass the adapter; "
-            "remove lora (vleff.methods.lora.core.remove_lora) before applying a vleff tower hook"
+            f"open_clip block attention is a {type(mha).__name__}, not nn.MultiheadAttention: {who} "
+            f"wraps in_proj_weight and vleff's generic block would bypass the adapter; "
+            f"{undo} before applying a vleff tower hook"
         )
     return mha
