@@ -24,6 +24,12 @@ from vleff.registry import Budget, Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
+        unsharded=(
+            "its alignment loss hands gradients out of the blocks through the token state, and they "
+            "reach a block's weights after FSDP has reduced that block's gradients (measured: the "
+            "weights then train differently from one process; its rank-0 calibration would also wait "
+            "on gathers the other ranks never join)"
+        ),
         display_name="MADTP",
         settings_of=madtp_settings,
         # the declarative contract: what the method does, what it refuses, what update may change
