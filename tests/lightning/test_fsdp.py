@@ -155,6 +155,38 @@ def _sharded_fit(name: str, out: Path, rank: int) -> None:
     trainer.fit(module, own)
 
 
+def _sharded_resume(name: str, out: Path, rank: int) -> None:
+    """Two epochs at once, and one epoch saved as a sharded checkpoint (a folder, one file per
+    rank) then resumed by a fresh module and callback for the second: the final weights must agree."""
+    method = name.removeprefix(RESUME)
+
+    def fit(epochs: int, path: Path, ckpt: Path | None = None) -> pl.Trainer:
+        module, loader = _task(method)
+        own = DataLoader(Subset(loader.dataset, range(rank, N, 2)), batch_size=2)
+        callbacks = [*_callbacks(method), _Record(path, next(iter(loader)))]
+        trainer = _trainer(
+            out / name,
+            callbacks,
+            devices=2,
+            strategy=fsdp2(),
+            use_distributed_sampler=False,
+            max_steps=-1,
+            max_epochs=epochs,
+        )
+        trainer.fit(module, own, ckpt_path=ckpt)
+        return trainer
+
+    fit(2, out / f"{name}.whole.pt")
+    folder = out / f"{name}.ckpt"
+    fit(1, out / f"{name}.first.pt").save_checkpoint(folder)
+    fit(2, out / f"{name}.pt", ckpt=folder)
+
+
+RESUME = "resume:"
+#: one token method and one side method: saved sharded, resumed exactly
+RESUMED = ("tome", "lst")
+
+
 def _rank(rank: int, port: int, names: list[str], out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # GNU OpenMP is not fork-safe (tests/tiny_lightning.fork_with_one_thread)
@@ -162,7 +194,7 @@ def _rank(rank: int, port: int, names: list[str], out: Path) -> None:
     for name in names:
         os.environ["WORLD_SIZE"] = "2"  # Lightning's environment removes it at teardown
         try:
-            _sharded_fit(name, out, rank)
+            (_sharded_resume if name.startswith(RESUME) else _sharded_fit)(name, out, rank)
         except BaseException as error:  # noqa: BLE001 - reported to the test through a file
             (out / f"{name}.rank{rank}.err").write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
         (out / f"{name}.rank{rank}.done").touch()
@@ -182,6 +214,7 @@ def sharded_runs(tmp_path_factory, request):
     torch.set_num_threads(1)
     context = multiprocessing.get_context("fork")
     names = [n for n in METHODS if any(f"[{n}]" in item.nodeid for item in request.session.items)]
+    names += [RESUME + n for n in RESUMED if any(f"resume[{n}]" in item.nodeid for item in request.session.items)]
     procs = [context.Process(target=_rank, args=(rank, port, names, out)) for rank in (0, 1)]
     for proc in procs:
         proc.start()
@@ -245,6 +278,23 @@ def test_method_under_fsdp2_equals_one_process(name, sharded_runs, tmp_path):
     diffs = {n: (got["end"][n] - ref["end"][n]).abs().max().item() for n in got["end"]}
     assert max(diffs.values()) < 1e-5, {n: d for n, d in diffs.items() if d >= 1e-5}
     torch.testing.assert_close(got["out"], ref["out"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_sharded_checkpoint_resume(name, sharded_runs):
+    _wait(sharded_runs, RESUME + name)
+    errors = _errors(sharded_runs, RESUME + name)
+    assert not errors, errors[0]
+    folder = sharded_runs / f"{RESUME}{name}.ckpt"
+    assert folder.is_dir() and len(list(folder.glob("*.distcp"))) == 2  # one shard file per rank
+    whole = torch.load(sharded_runs / f"{RESUME}{name}.whole.pt")
+    resumed = torch.load(sharded_runs / f"{RESUME}{name}.pt")
+    first = torch.load(sharded_runs / f"{RESUME}{name}.first.pt")
+    for n, value in resumed["start"].items():  # the second fit started where the first ended
+        assert torch.equal(value, first["end"][n]), n
+    for n, value in resumed["end"].items():
+        assert torch.equal(value, whole["end"][n]), n
+    assert torch.equal(resumed["out"], whole["out"])
 
 
 # ------------------------------------------------------------------------------ in one process

@@ -34,7 +34,7 @@ from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.restore import ADAPTERS_ONLY, record_method
-from vleff.lightning.strategy import check_strategy
+from vleff.lightning.strategy import check_strategy, whole_checkpoint
 from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
@@ -125,7 +125,7 @@ class PeftTuning(InitFromOption, RemovalOption, pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.full_checkpoint:
+        if not (self.full_checkpoint or whole_checkpoint(trainer)):
             adapters_only_checkpoint(pl_module, checkpoint)
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, self.method, self.config)

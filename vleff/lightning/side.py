@@ -39,7 +39,7 @@ from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target, next_hook
 from vleff.lightning.restore import SIDE_ONLY
-from vleff.lightning.strategy import check_strategy
+from vleff.lightning.strategy import check_strategy, whole_checkpoint
 from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
@@ -137,7 +137,7 @@ class SideTuning(InitFromOption, RemovalOption, pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.full_checkpoint:
+        if not (self.full_checkpoint or whole_checkpoint(trainer)):
             side_only_checkpoint(pl_module, checkpoint)
         from vleff.lightning.restore import record_method
 

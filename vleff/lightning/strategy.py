@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-__all__ = ["SHARDING_STRATEGIES", "check_strategy", "shards_parameters"]
+__all__ = ["SHARDING_STRATEGIES", "check_strategy", "shards_parameters", "whole_checkpoint"]
 
 #: class-name parts of the Lightning strategies that shard or flatten parameters
 SHARDING_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
@@ -36,3 +36,12 @@ def check_strategy(trainer: pl.Trainer, method: str) -> None:
             f"{entry.display_name} cannot run under {type(trainer.strategy).__name__}, which shards the "
             f"parameters: {entry.unsharded}. Use a single device or DDP (strategy='ddp')"
         )
+
+
+def whole_checkpoint(trainer: pl.Trainer) -> bool:
+    """Whether the tuners' side-only / adapter-only checkpoints must keep every key under
+    ``trainer``'s strategy: a sharding strategy's distributed checkpoint is loaded by planning a
+    read for every key of the sharded module, so a checkpoint without the frozen weights failed
+    to resume (``Missing key in checkpoint state_dict: state_dict.model.cls_token``); each rank
+    writes only its shard of them, so keeping them costs no rank the whole model."""
+    return shards_parameters(trainer.strategy)
