@@ -33,11 +33,6 @@ from vleff.registry import Budget, Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
-        unsharded=(
-            "its alignment loss hands gradients out of the blocks through the token state, and they "
-            "reach a block's weights after FSDP has reduced that block's gradients (measured: the "
-            "attention input bias then trains differently from one process)"
-        ),
         display_name="CrossGET",
         # the declarative contract: what the method does, what it refuses, what update may change
         traits=frozenset({"tower_hook", "reduces_tokens", "owns_tokens"}),

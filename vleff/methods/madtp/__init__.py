@@ -25,10 +25,9 @@ from vleff.registry import Budget, Method, Refusal, register_method
 METHOD = register_method(
     Method(
         unsharded=(
-            "its alignment loss hands gradients out of the blocks through the token state, and they "
-            "reach a block's weights after FSDP has reduced that block's gradients (measured: the "
-            "weights then train differently from one process; its rank-0 calibration would also wait "
-            "on gathers the other ranks never join)"
+            "its FLOPs controller calibrates tau with forwards on global rank 0 alone, and under "
+            "sharding every forward gathers each block from all ranks, so rank 0 waits on gathers the "
+            "other ranks never join (seen: a 60 s collective timeout)"
         ),
         display_name="MADTP",
         settings_of=madtp_settings,
