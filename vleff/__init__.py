@@ -39,6 +39,8 @@ _LAZY = {
     "find_tower": "vleff.backbones",
     "last_token_state": "vleff.backbones",
     "token_counts": "vleff.backbones",
+    "shard_blocks": "vleff.backbones.sharding",
+    "block_classes": "vleff.backbones.sharding",
 }
 _SUBPACKAGES = ("backbones", "callbacks", "data", "kernels", "memory", "methods", "models", "profile", "side", "tokens")
 _lazy = lazy_getattr("vleff", _LAZY, _SUBPACKAGES)

@@ -162,6 +162,9 @@ class Method:
         required_on_load: the method adds parameters, so it must be applied again before a
             checkpoint's weights load (``restore_methods``, the callbacks' ``on_load_checkpoint``).
         schedule: the setting a schedule drives (ToMe's ``r``), or ``None``.
+        unsharded: why the method cannot train sharded parameters (FSDP, DeepSpeed ZeRO-3,
+            ``ModelParallelStrategy``), the end of the error its callback raises under such a
+            strategy at ``setup``; empty: it runs sharded (``tests/lightning/test_fsdp.py``).
         display_name: how messages name the method (``"ToMe"``; default: ``name``).
         settings_of: ``settings_of(model) -> dict``: the settings as applied, read back from the
             model (``towers``: the set of modalities carrying it); settings that leave no trace
@@ -199,6 +202,7 @@ class Method:
     refuses: tuple[Refusal, ...] = ()
     updatable: tuple[str, ...] = ()
     required_on_load: bool = False
+    unsharded: str = ""
     schedule: str | None = None
     display_name: str = ""
     settings_of: Callable[[nn.Module], dict[str, Any]] | None = None

@@ -15,13 +15,14 @@ from vleff.backbones.base import (
     Pooling,
     TowerAdapter,
 )
+from vleff.backbones.sharding import library_type
 
 
 def _check_blocks(root: nn.Module, transformer: nn.Module) -> None:
     from open_clip.transformer import ResidualAttentionBlock
 
     for i, block in enumerate(transformer.resblocks):
-        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+        if library_type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
             raise TypeError(
                 f"open_clip {type(root).__name__} block {i} is {type(block).__name__}; vleff supports "
                 "self-attention open_clip.transformer.ResidualAttentionBlock"

@@ -15,6 +15,7 @@ from vleff.backbones.base import (
     Pooling,
     TowerAdapter,
 )
+from vleff.backbones.sharding import library_type
 
 
 class GridIntermediates:
@@ -63,9 +64,9 @@ class TimmViTAdapter(TowerAdapter):
 
         super().__init__(root)
         for i, block in enumerate(root.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
+            if library_type(block) is not Block or library_type(block.attn) is not Attention:
                 raise TypeError(
-                    f"timm {type(root).__name__} block {i} is {type(block).__name__} with "
+                    f"timm {type(root).__name__} block {i} is {library_type(block).__name__} with "
                     f"{type(getattr(block, 'attn', None)).__name__} attention; vleff supports pre-norm "
                     "timm.models.vision_transformer.Block with timm.layers.Attention"
                 )

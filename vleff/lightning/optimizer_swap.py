@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from vleff.optim import rebind_scheduler
 
-__all__ = ["check_strategy", "refuse_conflicting_methods", "swap_optimizers", "user_optimizers"]
+__all__ = ["refuse_conflicting_methods", "swap_optimizers", "user_optimizers"]
 
 
 def user_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
@@ -24,16 +24,6 @@ def user_optimizers(trainer: pl.Trainer) -> list[Optimizer]:
     from lightning.pytorch.core.optimizer import _MockOptimizer
 
     return [opt for opt in trainer.strategy.optimizers if not isinstance(opt, _MockOptimizer)]
-
-
-def check_strategy(trainer: pl.Trainer, saver: str) -> None:
-    """Refuse strategies that shard or flatten parameters: per-matrix state cannot follow them."""
-    name = type(trainer.strategy).__name__
-    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
-        raise RuntimeError(
-            f"{saver} supports single-device and DDP strategies; {name} shards or flattens "
-            "parameters, which the per-matrix optimizer state cannot follow"
-        )
 
 
 def refuse_conflicting_methods(trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:

@@ -34,6 +34,7 @@ from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target
 from vleff.lightning.restore import ADAPTERS_ONLY, record_method
+from vleff.lightning.strategy import check_strategy, whole_checkpoint
 from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
@@ -105,6 +106,7 @@ class PeftTuning(InitFromOption, RemovalOption, pl.Callback):
         return self.config
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, self.method)
         entry = get_method(self.method)
         target = self._target = resolve_target(pl_module, self.module, self.method, self.config)
         self.note_removal(target)
@@ -123,7 +125,7 @@ class PeftTuning(InitFromOption, RemovalOption, pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.full_checkpoint:
+        if not (self.full_checkpoint or whole_checkpoint(trainer)):
             adapters_only_checkpoint(pl_module, checkpoint)
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, self.method, self.config)

@@ -47,6 +47,7 @@ from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import next_hook
 from vleff.lightning.restore import ADAPTERS_ONLY, record_method
+from vleff.lightning.strategy import check_strategy, whole_checkpoint
 from vleff.lightning.targets import ModuleArg, RemovalOption, check_module_arg, refuse_other_settings, resolve_target
 from vleff.registry import get_method
 from vleff.side import selection as sel
@@ -171,6 +172,7 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, self.method)
         entry = get_method(self.method)
         target = self._target = resolve_target(pl_module, self.module, self.method, self.config)
         self.note_removal(target)
@@ -208,7 +210,7 @@ class SelectiveTuning(InitFromOption, RemovalOption, pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.full_checkpoint:
+        if not (self.full_checkpoint or whole_checkpoint(trainer)):
             trainable_only_checkpoint(pl_module, checkpoint)
         if self._target is not None:
             record_method(checkpoint, pl_module, self._target, self.method, self.config)

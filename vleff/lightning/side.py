@@ -39,6 +39,7 @@ from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import mixin_target, next_hook
 from vleff.lightning.restore import SIDE_ONLY
+from vleff.lightning.strategy import check_strategy, whole_checkpoint
 from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
@@ -112,6 +113,7 @@ class SideTuning(InitFromOption, RemovalOption, pl.Callback):
         return self._target if self._target is not None else pl_module
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, self.method)
         target = self._target = resolve_target(pl_module, self.module, self.method, self.config)
         self.note_removal(target)  # before anything is frozen: teardown puts them back
         if self._method.is_applied(target):
@@ -135,7 +137,7 @@ class SideTuning(InitFromOption, RemovalOption, pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.full_checkpoint:
+        if not (self.full_checkpoint or whole_checkpoint(trainer)):
             side_only_checkpoint(pl_module, checkpoint)
         from vleff.lightning.restore import record_method
 

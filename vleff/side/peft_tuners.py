@@ -21,7 +21,8 @@ The methods name themselves (``method``); this module names none (a shared layer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,24 @@ ADAPTER = "default"
 #: where :func:`inject_tuner` keeps what it changed: ``{"method", "flags", "added_config",
 #: "adapters" (names of the new parameters), "hooks", "tuner", "settings", "towers"}``
 STATE_ATTR = "_vleff_peft"
+
+
+@contextmanager
+def data_parallel_mesh_hidden(model: nn.Module) -> Iterator[None]:
+    """Hide ``model._device_mesh`` from ``peft`` while it injects adapters.
+
+    ``peft`` takes a model's ``_device_mesh`` for a transformers tensor-parallel plan and then reads
+    ``model.config``; Lightning's ``ModelParallelStrategy`` sets ``_device_mesh`` on every
+    LightningModule (a data-parallel mesh, for ``configure_model``), so injecting into the module a
+    callback targets failed with ``AttributeError: ... no attribute 'config'`` under FSDP2."""
+    if "_device_mesh" not in model.__dict__:
+        yield
+        return
+    mesh = model.__dict__.pop("_device_mesh")
+    try:
+        yield
+    finally:
+        model.__dict__["_device_mesh"] = mesh
 
 
 def tuner_targets(
@@ -93,10 +112,11 @@ def inject_tuner(
     before = {id(p) for p in model.parameters()}
     added_config = "peft_config" not in model.__dict__
     tuner = None
-    if tuner_class is None:
-        inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
-    else:
-        tuner = tuner_class(model, peft_config, ADAPTER)
+    with data_parallel_mesh_hidden(model):
+        if tuner_class is None:
+            inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
+        else:
+            tuner = tuner_class(model, peft_config, ADAPTER)
     adapters = [n for n, p in model.named_parameters() if id(p) not in before]
     for _, _, layer in tuner_layers(model):
         layer.__dict__[LAYER_TAG] = method

@@ -25,6 +25,7 @@ from vleff.registry import Method, Refusal, register_method
 
 METHOD = register_method(
     Method(
+        unsharded=("its orthogonality loss reads every P and Q outside the blocks' forward, where they are shards"),
         display_name="AdaLoRA",
         name="adalora",
         kind="side",

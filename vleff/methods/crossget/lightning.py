@@ -26,6 +26,7 @@ from vleff.lightning.aux_loss import AuxLoss
 from vleff.lightning.budget import BudgetOption
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target
+from vleff.lightning.strategy import check_strategy
 from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
@@ -79,6 +80,7 @@ class CrossGET(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
         self._target: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "crossget")
         target = self._target = resolve_target(pl_module, self.module, "crossget", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)

@@ -21,6 +21,7 @@ from vleff.registry import Method, Refusal, register_method
 
 METHOD = register_method(
     Method(
+        unsharded=("its entry masks and the masked optimizer step are whole tensors, while the parameters are shards"),
         display_name="FishMask",
         name="fishmask",
         kind="side",

@@ -25,6 +25,11 @@ from vleff.registry import Method, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
+        unsharded=(
+            "its projection is the SVD of each weight's whole gradient matrix, and a shard holds rows of it "
+            "(galore-torch has the same gap); gathering every gradient on every rank each step would undo "
+            "the sharding"
+        ),
         display_name="GaLore",
         traits=frozenset({"replaces_optimizer"}),
         name="galore",

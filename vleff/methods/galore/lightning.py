@@ -16,11 +16,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vleff.lightning.optimizer_swap import (
-    check_strategy,
     refuse_conflicting_methods,
     swap_optimizers,
     user_optimizers,
 )
+from vleff.lightning.strategy import check_strategy
 from vleff.methods.galore import GaLoreConfig
 from vleff.methods.galore.convert import galore_from_optimizer
 
@@ -60,11 +60,12 @@ class GaLore(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse GaLore together with MeZO before anything runs (MeZO would silently replace it)."""
+        check_strategy(trainer, "galore")
         if stage == "fit":
             refuse_conflicting_methods(trainer, pl_module, "galore")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_strategy(trainer, "GaLore")
+        check_strategy(trainer, "galore")  # the mixin's path too
         if not user_optimizers(trainer):
             raise RuntimeError("GaLore converts the optimizer configure_optimizers returns, but it returned none")
 

@@ -43,7 +43,7 @@ from vleff.backbones import TowerAdapter, find_towers, get_patch
 from vleff.backbones.input_grads import attach_input_grads, detach_input_grads
 from vleff.checks import check_bool, check_int, check_number, check_towers
 from vleff.registry import MethodConfig, refuse_applied_conflicts
-from vleff.side.peft_tuners import LAYER_TAG
+from vleff.side.peft_tuners import LAYER_TAG, data_parallel_mesh_hidden
 from vleff.tokens.common import select_towers
 
 ADAPTER = "default"
@@ -159,7 +159,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **settings: A
         target_modules=targets["target_modules"],  # peft: [] (not None) for parameters only
         target_parameters=targets["target_parameters"] or None,
     )
-    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
+    with data_parallel_mesh_hidden(model):
+        inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
     heads = {
         id(p)
         for t in towers

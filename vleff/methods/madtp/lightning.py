@@ -35,6 +35,7 @@ from torch import nn
 from vleff.lightning.aux_loss import AuxLoss
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target, next_hook
+from vleff.lightning.strategy import check_strategy
 from vleff.lightning.targets import RemovalOption
 from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 from vleff.methods.madtp.core import (
@@ -152,6 +153,7 @@ class MADTP(InitFromOption, RemovalOption, AuxLoss):
         self._target: nn.Module | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "madtp")
         target = _target(pl_module, self.module, self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)

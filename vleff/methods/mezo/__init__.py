@@ -21,6 +21,10 @@ from vleff.registry import Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
+        unsharded=(
+            "it perturbs every parameter in place with noise regenerated from a shared seed, and each rank "
+            "would draw the same noise for its different shard (a correlated, not a Gaussian, direction)"
+        ),
         display_name="MeZO",
         traits=frozenset({"replaces_optimizer"}),
         refuses=(

@@ -52,12 +52,12 @@ from lightning.pytorch.trainer import call
 
 from vleff.lightning.mixin import next_hook
 from vleff.lightning.optimizer_swap import (
-    check_strategy,
     refuse_conflicting_methods,
     swap_optimizers,
     user_optimizers,
 )
 from vleff.lightning.schedulers import step_lr_schedulers
+from vleff.lightning.strategy import check_strategy
 from vleff.methods.mezo import MeZOConfig
 from vleff.methods.mezo.convert import mezo_from_optimizer
 from vleff.methods.mezo.core import MeZO as MeZOOptimizer
@@ -167,7 +167,7 @@ def _mezo_step(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: Call
 def install_mezo(trainer: pl.Trainer, pl_module: pl.LightningModule, config: MeZOConfig) -> MeZOOptimizer:
     """Swap in the MeZO optimizer and wrap ``pl_module.training_step`` (callback and mixin share this)."""
     eps, lr, weight_decay, params, seed = config.eps, config.lr, config.weight_decay, config.params, config.seed
-    check_strategy(trainer, "MeZO")
+    check_strategy(trainer, "mezo")
     uninstall_mezo(pl_module)  # a second fit: start from the user's own module
     check_automatic_optimization(pl_module)
     olds = user_optimizers(trainer)
@@ -375,6 +375,7 @@ class MeZO(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse, before anything runs, what MeZO cannot train (manual optimization, GaLore,
         gradient accumulation or clipping: :func:`check_trainer_settings`)."""
+        check_strategy(trainer, "mezo")
         if stage != "fit":
             return
         check_automatic_optimization(pl_module)

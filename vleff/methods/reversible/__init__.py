@@ -20,6 +20,10 @@ from vleff.registry import Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
+        unsharded=(
+            "its stack runs the blocks' sublayers itself and recomputes them in backward, outside the "
+            "blocks' calls where FSDP gathers their weights"
+        ),
         display_name="Reversible",
         settings_of=reversible_settings,
         # the declarative contract: what the method does, what it refuses, what update may change

@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vleff.lightning.init_weights import InitFromOption
+from vleff.lightning.strategy import check_strategy
 from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
@@ -68,6 +69,7 @@ class Reversible(InitFromOption, RemovalOption, pl.Callback):
         self._target: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "reversible")
         target = self._target = resolve_target(pl_module, self.module, "reversible", self.config)
         self.load_initial_once(pl_module, target, stage)
         self.note_removal(target)

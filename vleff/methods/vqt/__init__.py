@@ -21,6 +21,10 @@ from vleff.registry import Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
+        unsharded=(
+            "its queries read every block's keys and values through the token state, so gradients reach the "
+            "blocks' weights after FSDP has freed their gathered copies"
+        ),
         display_name="VQT",
         # the declarative contract: what the method does, what it refuses, what update may change
         traits=frozenset({"tower_hook", "reads_full_stream"}),

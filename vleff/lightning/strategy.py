@@ -1,0 +1,47 @@
+"""The one home of vleff's checks on Lightning strategies.
+
+Single device and DDP replicate every parameter; FSDP (Lightning's ``FSDPStrategy``, FSDP1, and
+``ModelParallelStrategy``, FSDP2 ``fully_shard``), DeepSpeed and XLA's FSDP shard or flatten
+them. Most methods do not notice (their parameters live in blocks or at the root and are
+gathered around the forward; ``tests/lightning/test_fsdp.py`` trains every one of them sharded
+and compares with one process). A method that cannot declares why in its registry entry
+(``Method.unsharded``), and its callback calls :func:`check_strategy` in ``setup``, before the
+model is touched, so the pair fails with that reason instead of a DTensor error or a hang.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+__all__ = ["SHARDING_STRATEGIES", "check_strategy", "shards_parameters", "whole_checkpoint"]
+
+#: class-name parts of the Lightning strategies that shard or flatten parameters
+SHARDING_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+def shards_parameters(strategy: object) -> bool:
+    """Whether ``strategy`` (a Lightning strategy object) shards or flattens the parameters
+    (judged by its class or any base class, so users' subclasses count)."""
+    return any(key in cls.__name__ for cls in type(strategy).__mro__ for key in SHARDING_STRATEGIES)
+
+
+def check_strategy(trainer: pl.Trainer, method: str) -> None:
+    """``RuntimeError`` naming the method, the strategy and the reason when ``trainer``'s strategy
+    shards parameters and registered method ``method`` declares that it cannot train them."""
+    from vleff.registry import get_method
+
+    entry = get_method(method)
+    if entry.unsharded and shards_parameters(trainer.strategy):
+        raise RuntimeError(
+            f"{entry.display_name} cannot run under {type(trainer.strategy).__name__}, which shards the "
+            f"parameters: {entry.unsharded}. Use a single device or DDP (strategy='ddp')"
+        )
+
+
+def whole_checkpoint(trainer: pl.Trainer) -> bool:
+    """Whether the tuners' side-only / adapter-only checkpoints must keep every key under
+    ``trainer``'s strategy: a sharding strategy's distributed checkpoint is loaded by planning a
+    read for every key of the sharded module, so a checkpoint without the frozen weights failed
+    to resume (``Missing key in checkpoint state_dict: state_dict.model.cls_token``); each rank
+    writes only its shard of them, so keeping them costs no rank the whole model."""
+    return shards_parameters(trainer.strategy)
