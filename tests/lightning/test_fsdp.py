@@ -58,35 +58,61 @@ class _Sharded:
             vleff.shard_blocks(self.model, mesh=self.device_mesh["data_parallel"])
 
 
-class ShardedClassifier(_Sharded, tl.TinyClassifier):
-    pass
-
-
-class ShardedCLIP(_Sharded, tl.TinyCLIP):
+class _SGD:
     """Trained with SGD, not AdamW: Adam divides a gradient by its own size, so an entry whose exact
     gradient is zero (the key bias: softmax ignores a constant added to all of a query's scores)
     takes lr-sized steps from rounding noise, which differs with any summation order (seen: open_clip's
-    ``in_proj_bias`` 5e-4 apart with no method at all); SGD keeps noise noise-sized."""
+    ``in_proj_bias`` 5e-4 apart with no method at all, timm's key bias 1.3e-5 apart under
+    Child-Tuning_F); SGD keeps noise noise-sized."""
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class ShardedClassifier(_Sharded, tl.TinyClassifier):
+    """AdamW: zero-initialised side modules (LST's, UniPT's) move every trained entry in two steps."""
+
+
+class ShardedClassifierSGD(_SGD, ShardedClassifier):
+    pass
+
+
+#: methods whose ViT run uses SGD: Child-Tuning_F's ×1/p scales the key bias's rounding noise
+#: into AdamW-normalised steps that the summation order decides
+SGD_ON_VIT = ("child_tuning_f",)
+
+
+class ShardedCLIP(_SGD, _Sharded, tl.TinyCLIP):
+    pass
+
+
+class ShardedBLIP(_SGD, _Sharded, tl.TinyBLIP):
+    """BLIP image-text matching (the methods on BLIP's text models: Xattn)."""
+
+
 def _task(name: str) -> tuple[pl.LightningModule, DataLoader]:
-    """The row's module (tiny ViT classifier, or tiny CLIP for the pair methods), sharded per block."""
+    """The row's module (tiny ViT classifier, tiny CLIP for the pair methods, tiny BLIP for the
+    methods on BLIP's text models), sharded per block."""
     torch.manual_seed(0)
     fit = SETTINGS[name].fit if name in SETTINGS else None
-    if name == PLAIN_CLIP or (fit is not None and isinstance(fit()[0], tl.TinyCLIP)):
-        torch.manual_seed(0)
+    own = fit()[0] if fit is not None else None
+    torch.manual_seed(0)
+    if name == PLAIN_CLIP or isinstance(own, tl.TinyCLIP):
         return ShardedCLIP(), tl.pair_loader(N, batch_size=2, seed=1)
-    return ShardedClassifier(depth=2), tl.loader(N, batch_size=2)
+    if isinstance(own, tl.TinyBLIP):
+        return ShardedBLIP(), tl.blip_loader(N, batch_size=2, seed=1)
+    classifier = ShardedClassifierSGD if name in SGD_ON_VIT else ShardedClassifier
+    return classifier(depth=2), tl.loader(N, batch_size=2)
 
 
 def _outputs(module: pl.LightningModule, batch: Any) -> torch.Tensor:
-    """Eval outputs on the first batch (both towers' embeddings for a CLIP)."""
+    """Eval outputs on the first batch (both towers' embeddings for a CLIP, ITM scores for a BLIP)."""
     if isinstance(module, tl.TinyCLIP):
         images, ids = batch
         return torch.cat([module.model.encode_image(images), module.model.encode_text(ids)], dim=1)
+    if isinstance(module, tl.TinyBLIP):
+        images, ids, mask, _ = batch
+        return module.model(input_ids=ids, pixel_values=images, attention_mask=mask, use_itm_head=True).itm_score
     return module(batch[0])
 
 
@@ -130,10 +156,19 @@ class _Record(pl.Callback):
 PLAIN_CLIP = "plain-clip"
 
 
-def _callbacks(name: str) -> list[pl.Callback]:
+def _callbacks(name: str, module: pl.LightningModule) -> list[pl.Callback]:
+    """The row's callback; a method that takes inputs built from the model (LoRAHub's LoRA modules)
+    gets them for ``module``'s own tower (the row's are for the conformance model) and the row's
+    active settings (LoRAHub: weights given, no search: the search runs in ``setup``, before the
+    model is sharded, and with a budget of 3 on these batches it may keep the all-zero start, whose
+    zero factors cannot train)."""
     if name == PLAIN_CLIP:
         return [_SeedPerStep()]
-    return [get_method(name).load_callback()(**SETTINGS[name].callback_args), _SeedPerStep()]
+    settings = SETTINGS[name]
+    args = dict(settings.callback_args)
+    if settings.inputs is not None:  # composed with the row's active settings (LoRAHub: given weights)
+        args = {**settings.inputs(module.model, "image"), **(settings.active or {})}
+    return [get_method(name).load_callback()(**args), _SeedPerStep()]
 
 
 def _trainer(root: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
@@ -163,7 +198,7 @@ def _sharded_fit(name: str, out: Path, rank: int) -> None:
     module, loader = _task(name)
     batch = next(iter(loader))
     own = DataLoader(Subset(loader.dataset, range(rank, N, 2)), batch_size=2)
-    callbacks = [*_callbacks(name), _Record(out / f"{name}.pt", batch)]
+    callbacks = [*_callbacks(name, module), _Record(out / f"{name}.pt", batch)]
     trainer = _trainer(out / name, callbacks, devices=2, strategy=fsdp2(), use_distributed_sampler=False)
     trainer.fit(module, own)
 
@@ -176,7 +211,7 @@ def _sharded_resume(name: str, out: Path, rank: int) -> None:
     def fit(epochs: int, path: Path, ckpt: Path | None = None) -> pl.Trainer:
         module, loader = _task(method)
         own = DataLoader(Subset(loader.dataset, range(rank, N, 2)), batch_size=2)
-        callbacks = [*_callbacks(method), _Record(path, next(iter(loader)))]
+        callbacks = [*_callbacks(method, module), _Record(path, next(iter(loader)))]
         trainer = _trainer(
             out / name,
             callbacks,
@@ -252,7 +287,9 @@ def _reference(name: str, path: Path) -> None:
     module, loader = _task(name)
     batch = next(iter(loader))
     ordered = DataLoader(Subset(loader.dataset, REFERENCE_ORDER), batch_size=2)
-    trainer = _trainer(path.parent, [*_callbacks(name), _Record(path, batch)], devices=1, accumulate_grad_batches=2)
+    trainer = _trainer(
+        path.parent, [*_callbacks(name, module), _Record(path, batch)], devices=1, accumulate_grad_batches=2
+    )
     trainer.fit(module, ordered)
 
 

@@ -25,15 +25,18 @@ def shards_parameters(strategy: object) -> bool:
     return any(key in cls.__name__ for cls in type(strategy).__mro__ for key in SHARDING_STRATEGIES)
 
 
-def check_strategy(trainer: pl.Trainer, method: str) -> None:
+def check_strategy(trainer: pl.Trainer | None, method: str) -> None:
     """``RuntimeError`` naming the method, the strategy and the reason when ``trainer``'s strategy
-    shards parameters and registered method ``method`` declares that it cannot train them."""
+    shards parameters and registered method ``method`` declares that it cannot train them. A
+    callback's hook called without a trainer (a unit test, a hand-driven setup) has no strategy
+    to refuse."""
     from vleff.registry import get_method
 
     entry = get_method(method)
-    if entry.unsharded and shards_parameters(trainer.strategy):
+    strategy = getattr(trainer, "strategy", None)
+    if entry.unsharded and strategy is not None and shards_parameters(strategy):
         raise RuntimeError(
-            f"{entry.display_name} cannot run under {type(trainer.strategy).__name__}, which shards the "
+            f"{entry.display_name} cannot run under {type(strategy).__name__}, which shards the "
             f"parameters: {entry.unsharded}. Use a single device or DDP (strategy='ddp')"
         )
 

@@ -340,6 +340,18 @@ def _bernoulli_masks(record: dict[str, Any], params: Mapping[str, nn.Parameter])
     return out
 
 
+def _placed_like(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``mask`` (drawn over the parameter's whole shape) as ``grad`` holds it: under FSDP2 a
+    sharded parameter's gradient is a ``DTensor`` of this rank's shard, and each rank cuts its
+    piece out of the same whole draw (no communication: every rank drew the same mask), so the
+    sharded run masks exactly the entries one process would."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(grad, DTensor):
+        return distribute_tensor(mask, grad.device_mesh, grad.placements, src_data_rank=None)
+    return mask
+
+
 def percentile_masks(scores: Mapping[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
     """Boolean masks keeping the scores at or above **one joint threshold**, the ``(1 − keep)``
     percentile of all scores together with linear interpolation between order statistics
@@ -378,7 +390,7 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
         for name, mask in masks.items():
             g = params[name].grad
             if g is not None:
-                g.mul_(mask.to(g.dtype)).mul_(scale)  # one rounding of g / p, also in bf16
+                g.mul_(_placed_like(mask.to(g.dtype), g)).mul_(scale)  # one rounding of g / p, also in bf16
         if advance:
             record["step"] += 1
         return masks

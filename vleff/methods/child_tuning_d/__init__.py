@@ -35,6 +35,10 @@ METHOD = register_method(
         callback="vleff.methods.child_tuning_d.lightning.ChildTuningD",
         mixin="vleff.methods.child_tuning_d.lightning.ChildTuningDMixin",
         towers=TOWERS,
+        unsharded=(
+            "its Fisher pass clips and ranks each parameter's whole gradient and its masks are whole "
+            "tensors, while the parameters and their gradients are shards"
+        ),
         bench_settings={},
         description="Child-Tuning_D: a fixed Fisher-selected top-p of the blocks' gradient entries (a regulariser)",
     )
