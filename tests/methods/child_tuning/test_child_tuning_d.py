@@ -16,7 +16,7 @@ import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from child_tuning_reference import child_tuning_adamw_step
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import vleff
@@ -89,6 +89,7 @@ def test_the_mask_equals_the_reference_fisher_with_clipping_and_one_joint_percen
     seed=st.integers(0, 2**16),
     ties=st.booleans(),
 )
+@example(sizes=[1, 15], keep=1 / 3, seed=4, ties=False)  # position 10.000000000000002
 def test_percentile_masks_equal_numpy_and_keep_the_analytic_count(sizes, keep, seed, ties):
     g = torch.Generator().manual_seed(seed)
     scores = {f"p{i}": torch.rand(n, generator=g, dtype=torch.float64) for i, n in enumerate(sizes)}
@@ -102,7 +103,15 @@ def test_percentile_masks_equal_numpy_and_keep_the_analytic_count(sizes, keep, s
     n = flat.size
     kept = sum(int(m.sum()) for m in masks.values())
     if not ties:
-        assert kept == n - math.ceil(round((1 - keep) * (n - 1), 9))
+        # n - ceil((1 - keep)(n - 1)) entries; where that position is an integer up to float
+        # rounding (sizes [1, 15], keep 1/3: 10.000000000000002), the interpolated threshold may sit
+        # one ulp above that order statistic or on it, as numpy's does: one entry either way
+        position = (1 - keep) * (n - 1)
+        nearest = round(position)
+        if abs(position - nearest) < 1e-9:
+            assert kept in (n - nearest, n - nearest - 1)
+        else:
+            assert kept == n - math.ceil(position)
     assert kept >= 1
 
 
