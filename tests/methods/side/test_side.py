@@ -16,6 +16,7 @@ import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from families import FAMILIES
+from method_rows import _lorahub_modules
 from vleff.side.lst import apply_lst, choose_side_heads, fisher_information, lst_gate_values, remove_lst
 from vleff.side.unipt import apply_unipt, remove_unipt
 from vleff.side.vqt import apply_vqt
@@ -475,6 +476,7 @@ TRAINED: dict[str, Callable[[torch.nn.Module], dict[int, torch.Tensor | None]]] 
     "BitFit": lambda m: _named(m, _method_api("bitfit").bias_names(m)),
     "FishMask": _fishmask,
     "Xattn": _xattn,
+    "LoRAHub": _peft("lorahub"),
 }
 
 
@@ -559,6 +561,8 @@ DDP_CASES = {
     "aprompt": {"APrompt": {"kv_tokens": 2, "num_tokens": 1}},
     "bitfit": {"BitFit": {}},
     "fishmask": {"FishMask": {"keep_ratio": 0.05, "fisher_batches": 1}},
+    # two rank-2 modules of the tiny ViT composed with given weights; the composite factors train
+    "lorahub": {"LoRAHub": {**_lorahub_modules(tm.timm_vit(), "image"), "weights": (1.0, -0.5)}},
 }
 
 
