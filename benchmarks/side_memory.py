@@ -126,17 +126,27 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from vleff.profile.memory import _is_parameter, optimizer_state_bytes, peak_memory_bytes, tensor_storage_bytes
+    from vleff.profile.memory import (
+        _is_parameter,
+        optimizer_state_bytes,
+        peak_memory_bytes,
+        plain_tensors,
+        tensor_storage_bytes,
+    )
     from vleff.side import common
 
     side = bool(common.side_modules(net))  # a side network: the frozen backbone runs in eval mode
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     seen: dict[int, Any] = {}
+    # weights kept as buffers (QLoRA's 4-bit codes and scales) are the model's, not saved activations
+    weights = {p.untyped_storage().data_ptr() for b in net.buffers() for p in plain_tensors(b)}
 
     def pack(t):
         if not _is_parameter(t):
-            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+            for p in plain_tensors(t):
+                if p.untyped_storage().data_ptr() not in weights:
+                    seen.setdefault(p.untyped_storage().data_ptr(), p.untyped_storage())
         return t
 
     def step(count: bool) -> float:

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["optimizer_state_bytes", "peak_memory_bytes", "saved_activation_bytes", "tensor_storage_bytes"]
+__all__ = ["optimizer_state_bytes", "peak_memory_bytes", "plain_tensors", "saved_activation_bytes", "tensor_storage_bytes"]
+
+
+def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s memory: ``t`` itself, or for a wrapper tensor subclass
+    (torchao's ``NF4Tensor``: QLoRA's 4-bit weights) the inner tensors it flattens to — a wrapper
+    has no storage of its own (asking for its data pointer raises)."""
+    if type(t) is not torch.Tensor and not isinstance(t, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [p for name in names for p in plain_tensors(getattr(t, name))]
+    return [t]
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -58,14 +68,15 @@ def saved_activation_bytes(
     if isinstance(exclude, nn.Module):
         exclude = [*exclude.parameters(), *exclude.buffers()]
     for t in exclude or ():
-        excluded.add(_storage_key(t))
+        excluded.update(_storage_key(p) for p in plain_tensors(t))
     seen: dict[tuple[str, int], torch.UntypedStorage] = {}  # holds storages so pointers stay unique
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if include_parameters or not _is_parameter(t):
-            key = _storage_key(t)
-            if key not in excluded and key not in seen:
-                seen[key] = t.untyped_storage()
+            for p in plain_tensors(t):
+                key = _storage_key(p)
+                if key not in excluded and key not in seen:
+                    seen[key] = p.untyped_storage()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -84,10 +95,11 @@ def tensor_storage_bytes(obj: Any) -> int:
     def visit(x: Any) -> None:
         nonlocal total
         if isinstance(x, torch.Tensor):
-            key = _storage_key(x)
-            if key not in seen_storages:
-                seen_storages.add(key)
-                total += x.untyped_storage().nbytes()
+            for p in plain_tensors(x):
+                key = _storage_key(p)
+                if key not in seen_storages:
+                    seen_storages.add(key)
+                    total += p.untyped_storage().nbytes()
             return
         if id(x) in seen_objects or isinstance(x, (str, bytes, int, float, bool, type(None))):
             return
