@@ -247,6 +247,16 @@ class TowerAdapter(ABC):
         the cache is updated as the library would). Without a cache: ``k, v`` unchanged."""
         return k, v
 
+    def cache_length(self, cache: Any) -> int:
+        """How many positions the library's key/value ``cache`` holds before this forward's (the
+        decoder's generation step). Towers without a cache: ``0``."""
+        return 0
+
+    def copy_cached_kv(self, cache: Any, block: nn.Module, source: nn.Module, rows: torch.Tensor, count: int) -> None:
+        """Set ``block``'s self-attention cache entries of the last ``count`` positions, for the
+        samples ``rows``, to ``source``'s (an early exit that skipped ``block``: MuE's decoder)."""
+        raise self.unsupported("copying key/value cache entries between blocks")
+
     def cross_attention(self, block: nn.Module, x: torch.Tensor, cross: CrossInputs) -> torch.Tensor:
         """The block's cross-attention sub-layer, residual and norm included (``x`` unchanged
         when the library passes no image embeddings)."""

@@ -283,6 +283,24 @@ class HFBlipTextAdapter(TowerAdapter):
         own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         return own.update(k, v, block.attention.self.layer_idx)
 
+    @staticmethod
+    def _self_cache(cache: Any) -> Any:
+        from transformers.cache_utils import EncoderDecoderCache
+
+        return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+    def cache_length(self, cache: Any) -> int:
+        return 0 if cache is None else int(self._self_cache(cache).get_seq_length())
+
+    def copy_cached_kv(self, cache: Any, block: nn.Module, source: nn.Module, rows: torch.Tensor, count: int) -> None:
+        """The self-attention cache of ``BlipTextModel`` (a ``DynamicCache``, the self-attention half
+        of an ``EncoderDecoderCache``) keeps ``[B, H, T, Dh]`` keys and values per layer index."""
+        own = self._self_cache(cache)
+        dst, src = own.layers[block.attention.self.layer_idx], own.layers[source.attention.self.layer_idx]
+        for name in ("keys", "values"):
+            to, of = getattr(dst, name), getattr(src, name)
+            to[rows, :, -count:] = of[rows, :, -count:].to(to.dtype)
+
     def cross_attention(self, block, x, cross):
         """The library's own cross-attention module (its cache handling included). Its image
         keys never change length; a mask written for the input text length (rows per query,

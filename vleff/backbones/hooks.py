@@ -71,6 +71,9 @@ class BlockInfo:
     keep: torch.Tensor | None = None
     want_probs: bool = False
     state: TokenState | None = None
+    #: post-norm towers run by the library with a key/value cache (generation): that cache (from
+    #: ``before`` on; the block updates it in its self-attention), else ``None``
+    cache: Any = None
     _h: torch.Tensor | None = None
     _q: torch.Tensor | None = None
     _k: torch.Tensor | None = None
