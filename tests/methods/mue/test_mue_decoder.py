@@ -68,9 +68,13 @@ def _lin(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     return x @ layer.weight.T + layer.bias
 
 
-def _reference(model, pixel_values, threshold: float, max_len: int, steps: int, fill_cache: bool = True, cosines=None):
-    """Each sample alone: greedy tokens, per-step logits ``[steps, V]`` and layers run per step
-    (``cosines``: a list that gets every cosine a step reached after a layer but the last)."""
+def _reference(
+    model, pixel_values, threshold: float, max_len: int, steps: int, fill_cache: bool = True, cosines=None, prompt=None
+):
+    """Each sample alone: the tokens (prompt, default ``[BOS]``, then greedy ones), per-step logits
+    ``[steps, V]`` and layers run per step (``cosines``: a list that gets every cosine a step
+    reached after a layer but the last). The prompt's tokens run one at a time and never exit (the
+    library runs them as one forward); step ``t`` = 0 predicts the first new token."""
     text = model.text_decoder
     cfg = text.config
     heads, bos, sep, pad = cfg.num_attention_heads, cfg.bos_token_id, cfg.sep_token_id, cfg.pad_token_id
@@ -81,13 +85,15 @@ def _reference(model, pixel_values, threshold: float, max_len: int, steps: int, 
     out = []
     for image in images:  # [M, C]
         cache_k, cache_v = [[] for _ in layers], [[] for _ in layers]
-        token, done, tokens, logits, ran = bos, False, [bos], [], []
-        for t in range(steps):
-            h = emb.word_embeddings.weight[token] + emb.position_embeddings.weight[t]
+        tokens = list(prompt or [bos])
+        done, logits, ran, first = False, [], [], len(tokens) - 1
+        for position in range(first + steps):
+            t = position - first  # negative: a prompt token before the last
+            h = emb.word_embeddings.weight[tokens[position]] + emb.position_embeddings.weight[position]
             h = _ln(h[None], emb.LayerNorm)  # [1, C]
             tau = (
                 1.0
-                if threshold >= 1.0 or 3 * t < max_len
+                if threshold >= 1.0 or t < 0 or 3 * t < max_len
                 else 0.9 * threshold + 0.1 * math.exp(-(t + 1) / (max_len + 1))
             )
             exit_at = len(layers)
@@ -113,6 +119,8 @@ def _reference(model, pixel_values, threshold: float, max_len: int, steps: int, 
                         cache_k[j].append(k if fill_cache else _lin(h, layers[j].attention.self.key))
                         cache_v[j].append(v if fill_cache else _lin(h, layers[j].attention.self.value))
                     break
+            if t < 0:  # a prompt token: its prediction is not generated
+                continue
             head = text.cls.predictions
             z = _ln(F.gelu(_lin(h, head.transform.dense)), head.transform.LayerNorm)
             logit = (z @ head.decoder.weight.T + head.bias)[0]
@@ -187,6 +195,35 @@ def test_generation_equals_the_float64_reference(captioner):
         assert tokens[i].tolist() == want_tokens.tolist(), (i, tokens[i], want_tokens)
         torch.testing.assert_close(logits[i], want_logits.float(), rtol=1e-6, atol=1e-6)  # generate gives float32
         assert last[i].item() == want_ran[-1]
+
+
+def test_generation_after_a_prompt_counts_steps_from_the_first_new_token(captioner):
+    """A prompt of several tokens runs as one forward without exits; the schedule's step 0 is the
+    first generated token (the hook records the prompt's length at the step that starts the cache)."""
+    pixels = _images()
+    bos, sep = captioner.config.text_config.bos_token_id, captioner.config.text_config.sep_token_id
+    prompt = [bos, 11, 12, 13]
+    with torch.no_grad():
+        reference = _reference(captioner, pixels, THRESHOLD, STEPS, STEPS, prompt=prompt)
+    assert any(r < LAYERS for _, _, runs in reference for r in runs)
+    vleff.apply_mue(captioner, towers="all", decoder_threshold=THRESHOLD, decoder_max_length=STEPS)
+    try:
+        with torch.no_grad():  # BLIP's generate drops the last prompt token (a [SEP]) and sets [BOS] first
+            result = captioner.generate(
+                pixel_values=pixels,
+                input_ids=torch.tensor([[*prompt, sep]] * 4),
+                max_new_tokens=STEPS,
+                min_new_tokens=STEPS,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+    finally:
+        vleff.remove_mue(captioner)
+    logits = torch.stack(result.logits, dim=1)
+    for i, (want_tokens, want_logits, _) in enumerate(reference):
+        assert result.sequences[i].tolist() == want_tokens.tolist()
+        torch.testing.assert_close(logits[i], want_logits.float(), rtol=1e-6, atol=1e-6)
 
 
 def test_skipped_layers_need_the_exit_layers_cache(captioner):
