@@ -175,9 +175,12 @@ def test_threshold_one_is_the_library_exactly(captioner):
     assert torch.equal(logits, want_logits)
 
 
-def test_generation_equals_the_float64_reference(captioner):
+@pytest.mark.parametrize("how", ["apply", "update", "generation_config"])
+def test_generation_equals_the_float64_reference(captioner, how):
     """Per sample, per step: the exit layer, the cache of the skipped layers filled with the exit
-    layer's entry, the head on the exited state: tokens and logits as the reference's."""
+    layer's entry, the head on the exited state: tokens and logits as the reference's. The settings
+    given at apply, changed by ``vleff.update``, or ``max_len`` read from the decoder's
+    ``generation_config`` (``max_length`` = the BOS prompt + STEPS)."""
     pixels = _images()
     threshold = THRESHOLD
     with torch.no_grad():
@@ -185,12 +188,22 @@ def test_generation_equals_the_float64_reference(captioner):
     ran = [runs for _, _, runs in reference]
     assert {r for run in ran for r in run} == set(range(1, LAYERS + 1)), ran  # exits at every depth, and none
     assert any(set(run) == {LAYERS} for run in ran), ran  # a sample that never exits beside ones that do
-    vleff.apply_mue(captioner, towers="all", decoder_threshold=threshold, decoder_max_length=STEPS)
+    generation = captioner.text_decoder.generation_config
+    kept = generation.max_length
+    if how == "apply":
+        vleff.apply_mue(captioner, towers="all", decoder_threshold=threshold, decoder_max_length=STEPS)
+    elif how == "update":
+        vleff.apply_mue(captioner, towers="all")
+        vleff.update(captioner, "mue", decoder_threshold=threshold, decoder_max_length=STEPS)
+    else:
+        generation.max_length = STEPS + 1
+        vleff.apply_mue(captioner, towers="all", decoder_threshold=threshold)
     try:
         tokens, logits = _generate(captioner, pixels, STEPS)
         last = mue_exit_blocks(captioner)["text"]
     finally:
         vleff.remove_mue(captioner)
+        generation.max_length = kept
     for i, (want_tokens, want_logits, want_ran) in enumerate(reference):
         assert tokens[i].tolist() == want_tokens.tolist(), (i, tokens[i], want_tokens)
         torch.testing.assert_close(logits[i], want_logits.float(), rtol=1e-6, atol=1e-6)  # generate gives float32
