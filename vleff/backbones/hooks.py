@@ -299,6 +299,16 @@ class TowerHook:
         rules refuse them). ``finish`` always sees the whole batch. Default: ``None``."""
         return None
 
+    def skipped_cache(
+        self, index: int, adapter: Any, cache: Any, rows: torch.Tensor, count: int, state: TokenState
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Under the library's key/value cache (generation), what block ``index``'s self-attention
+        cache holds at the ``count`` new positions for the samples ``rows`` that skip it (this hook
+        left them out in :meth:`running_samples`): ``(keys, values)``, ``[len(rows), H, count, Dh]``
+        (MuE: the previous block's entries, so the exit layer's). ``None``: not this hook's samples
+        (default); a block run on part of the batch under a cache needs an answer."""
+        return None
+
     def attention_rows(self, index: int) -> tuple[int, ...]:
         """Query rows whose head-averaged attention block ``index`` computes up front
         (:meth:`BlockInfo.row_attention`), so they stay valid after an earlier hook's reduction."""

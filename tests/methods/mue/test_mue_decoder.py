@@ -210,6 +210,36 @@ def test_generation_equals_the_float64_reference(captioner, how):
         assert last[i].item() == want_ran[-1]
 
 
+@pytest.mark.parametrize("threshold", [THRESHOLD, 0.945, -1.0])
+def test_exited_samples_skip_the_remaining_layers_compute(captioner, threshold):
+    """Each step runs layer ``j`` on the rows of the samples still in (rows counted at the layer's
+    FFN), and a layer no sample runs (-1.0: all leave after layer 1) only gets its cache entries;
+    the result stays the reference's. At 0.945 a sample leaves after layer 2 and runs every layer
+    at the next step, which reads the exit layer's entries in layers 3 and 4 (not layer 1's)."""
+    pixels = _images()
+    with torch.no_grad():
+        reference = _reference(captioner, pixels, threshold, STEPS, STEPS)
+    want = [[sum(runs[t] > j for _, _, runs in reference) for j in range(LAYERS)] for t in range(STEPS)]
+    seen: list[int] = []
+    layers = captioner.text_decoder.bert.encoder.layer
+    handles = [layer.intermediate.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0])) for layer in layers]
+    vleff.apply_mue(captioner, towers="all", decoder_threshold=threshold, decoder_max_length=STEPS)
+    try:
+        tokens, logits = _generate(captioner, pixels, STEPS)
+    finally:
+        vleff.remove_mue(captioner)
+        for handle in handles:
+            handle.remove()
+    assert seen == [rows for row in want for rows in row if rows], (seen, want)  # every layer run, step by step
+    if threshold == 0.945:
+        assert any(2 <= run[t] < LAYERS and run[t + 1] == LAYERS for _, _, run in reference for t in range(STEPS - 1))
+    if threshold == -1.0:
+        assert any(row[-1] == 0 for row in want)  # steps where no sample ran the last layers
+    for i, (want_tokens, want_logits, _) in enumerate(reference):
+        assert tokens[i].tolist() == want_tokens.tolist()
+        torch.testing.assert_close(logits[i], want_logits.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_generation_after_a_prompt_counts_steps_from_the_first_new_token(captioner):
     """A prompt of several tokens runs as one forward without exits; the schedule's step 0 is the
     first generated token (the hook records the prompt's length at the step that starts the cache)."""

@@ -28,9 +28,10 @@ it skips pass its state unchanged (the final head reads the exited state), and t
 self-attention cache entries for this position are set to the exit layer's, so later steps find
 keys and values there (the reference copies the exit layer's incremental state into the skipped
 layers). The image keys of the cross-attention are the same at every step and stay each layer's
-own. The skipped layers still run on the exited samples' rows (the batch shares one cache per
-layer) and their outputs are discarded: the decoder exit gives MuE's result, not its saving of
-compute. A forward over a whole sequence (training, teacher forcing, a prompt of several tokens)
+own. As in the encoders, a layer runs on the rows of the samples still in (its self-attention reads
+their rows of the cache, its cross-attention their rows of the image keys the library cached at
+the first step), and the exited rows only get their cache entries (:meth:`MuEHook.skipped_cache`).
+A forward over a whole sequence (training, teacher forcing, a prompt of several tokens)
 runs unchanged: an exit decided on the whole sequence would make earlier positions depend on later
 tokens.
 
@@ -159,9 +160,16 @@ class MuEHook(TowerHook):
 
     def running_samples(self, index: int, state: TokenState) -> torch.Tensor | None:
         record = state.scratch.get(HOOK_NAME)
-        if record is None or self.decoder is not None:  # the decoder runs every row (one cache per layer)
+        return None if record is None else ~record["exited"]
+
+    def skipped_cache(
+        self, index: int, adapter: Any, cache: Any, rows: torch.Tensor, count: int, state: TokenState
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The decoder's exited samples: the previous layer's entries (the exit layer's, or filled
+        from it), as the reference fills the skipped layers' incremental state."""
+        if self.decoder is None or HOOK_NAME not in state.scratch:
             return None
-        return ~record["exited"]
+        return adapter.cache_entries(cache, adapter.blocks()[index - 1], rows, count)
 
     def before(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
         if self.decoder is not None:
@@ -191,17 +199,18 @@ class MuEHook(TowerHook):
         return x
 
     def after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        if self.decoder is not None:
-            return self._decoder_after(x, info, state)
         record = state.scratch.get(HOOK_NAME)
         if record is None or "input" not in record:
             return x
         previous = record.pop("input")
         cosine = sample_cosine(x, previous)
-        if self.trace is not None:  # traced: record, never exit (every sample reaches every block)
+        threshold = record.get("threshold", self.threshold)  # the decoder's: this step's
+        if (
+            self.trace is not None and self.decoder is None
+        ):  # traced: record, never exit (every sample reaches every block)
             self.trace.append(cosine.detach().cpu())
             return x
-        leave = cosine > self.threshold
+        leave = cosine > threshold
         rows = state.rows if state.rows is not None else torch.arange(x.shape[0], device=x.device)
         gone = rows[leave]
         record["exited"] = record["exited"].index_fill(0, gone, True)
@@ -250,25 +259,8 @@ class MuEHook(TowerHook):
                     "threshold": threshold,
                 }
         record = state.scratch.get(HOOK_NAME)
-        if record is not None:
+        if record is not None and info.index < self.depth - 1:
             record["input"] = x
-        return x
-
-    def _decoder_after(self, x: torch.Tensor, info: BlockInfo, state: TokenState) -> torch.Tensor:
-        record = state.scratch.get(HOOK_NAME)
-        if record is None or "input" not in record:
-            return x
-        previous = record.pop("input")
-        exited = record["exited"]
-        if bool(exited.any()):  # they skipped this layer: their state passes, the cache gets the exit layer's
-            rows = exited.nonzero().squeeze(1)
-            x = x.index_copy(0, rows, previous[rows].to(x.dtype))
-            source = info.adapter.blocks()[info.index - 1]  # the exit layer, or a layer filled from it
-            info.adapter.copy_cached_kv(info.cache, info.block, source, rows, x.shape[1])
-        if info.index < self.depth - 1:
-            leave = (sample_cosine(x, previous) > record["threshold"]) & ~exited
-            record["exited"] = exited | leave
-            record["blocks"] = torch.where(leave, info.index + 1, record["blocks"])
         return x
 
 
