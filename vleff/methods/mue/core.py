@@ -125,7 +125,8 @@ class MuEHook(TowerHook):
     """Per-sample early exit on one tower (see the module docstring).
 
     Per forward (inference, threshold below 1) the token state's scratch holds, under ``"mue"``,
-    ``exited`` (``[B]`` bool) and ``blocks`` (``[B]``: how many blocks each sample ran)."""
+    ``exited`` (``[B]`` bool) and ``blocks`` (``[B]``: how many blocks each sample ran); on a decoder,
+    per generation step, also the step's ``threshold`` (the schedule's)."""
 
     name = HOOK_NAME
     replayable = True  # decisions live in the token state; a replay starts from the recorded copy
