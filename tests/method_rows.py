@@ -242,6 +242,8 @@ SETTINGS: dict[str, Settings] = {
             ({"image_threshold": -1.5}, "image_threshold=-1.5"),
             ({"image_threshold": 1.5}, "image_threshold=1.5"),
             ({"text_threshold": float("nan")}, "text_threshold=nan"),
+            ({"decoder_threshold": 1.5}, "decoder_threshold=1.5"),
+            ({"decoder_max_length": 0}, "decoder_max_length=0"),
             ({"towers": "audio"}, "towers"),
         ],
         callback_args={"image_threshold": 0.9},

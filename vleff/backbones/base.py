@@ -105,11 +105,17 @@ class CrossInputs:
             the library skips cross-attention, e.g. BLIP's text-only ITC path).
         encoder_attention_mask: the library's additive mask over those ``M`` keys, or ``None``.
         cache: the library's key/value cache (generation), or ``None``.
+        rows: under a cache, when only part of the batch runs the block (early exit): the ``[b]``
+            batch rows that run it (the cache holds every row; the other inputs hold these rows).
+        skipped: then the rows that skip it and their self-attention cache entries for the new
+            positions, ``(rows, keys, values)`` (:meth:`TowerHook.skipped_cache`).
     """
 
     encoder_hidden_states: torch.Tensor | None = None
     encoder_attention_mask: torch.Tensor | None = None
     cache: object | None = None
+    rows: torch.Tensor | None = None
+    skipped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class TowerAdapter(ABC):
@@ -246,6 +252,23 @@ class TowerAdapter(ABC):
         """Self-attention keys and values with the library's cache applied (past keys in front;
         the cache is updated as the library would). Without a cache: ``k, v`` unchanged."""
         return k, v
+
+    def cache_length(self, cache: Any) -> int:
+        """How many positions the library's key/value ``cache`` holds before this forward's (the
+        decoder's generation step). Towers without a cache: ``0``."""
+        return 0
+
+    def cache_entries(
+        self, cache: Any, block: nn.Module, rows: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``block``'s self-attention cache entries (keys, values) of the last ``count`` positions
+        for the samples ``rows``."""
+        raise self.unsupported("reading key/value cache entries")
+
+    def append_cache(self, cache: Any, block: nn.Module, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """Add new positions to ``block``'s self-attention cache when no sample runs it: every row
+        of the batch gets ``keys``/``values`` (``rows``: all the batch's rows, in that order)."""
+        raise self.unsupported("adding key/value cache entries")
 
     def cross_attention(self, block: nn.Module, x: torch.Tensor, cross: CrossInputs) -> torch.Tensor:
         """The block's cross-attention sub-layer, residual and norm included (``x`` unchanged

@@ -275,13 +275,41 @@ class HFBlipTextAdapter(TowerAdapter):
         return CrossInputs(encoder_hidden_states, encoder_attention_mask, cache)
 
     def cached_kv(self, block, k, v, cross):
+        """The library's cache update; for part of the batch (``cross.rows``) the new positions of
+        every row are written at once, the skipped rows' from ``cross.skipped``, and the running
+        rows' keys and values are returned."""
         if cross.cache is None:
             return k, v
+        own = self._self_cache(cross.cache)
+        if cross.rows is None:
+            return own.update(k, v, block.attention.self.layer_idx)
+        skipped, k_skip, v_skip = cross.skipped
+        keys, values = (
+            new.new_empty((new.shape[0] + skipped.shape[0], *new.shape[1:]))
+            .index_copy(0, cross.rows, new)
+            .index_copy(0, skipped, other.to(new.dtype))
+            for new, other in ((k, k_skip), (v, v_skip))
+        )
+        keys, values = own.update(keys, values, block.attention.self.layer_idx)
+        return keys[cross.rows], values[cross.rows]
+
+    @staticmethod
+    def _self_cache(cache: Any) -> Any:
         from transformers.cache_utils import EncoderDecoderCache
 
-        cache = cross.cache
-        own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        return own.update(k, v, block.attention.self.layer_idx)
+        return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+    def cache_length(self, cache: Any) -> int:
+        return 0 if cache is None else int(self._self_cache(cache).get_seq_length())
+
+    def cache_entries(self, cache: Any, block: nn.Module, rows: torch.Tensor, count: int):
+        """The self-attention cache of ``BlipTextModel`` (a ``DynamicCache``, the self-attention half
+        of an ``EncoderDecoderCache``) keeps ``[B, H, T, Dh]`` keys and values per layer index."""
+        layer = self._self_cache(cache).layers[block.attention.self.layer_idx]
+        return layer.keys[rows, :, -count:], layer.values[rows, :, -count:]
+
+    def append_cache(self, cache: Any, block: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._self_cache(cache).update(keys, values, block.attention.self.layer_idx)
 
     def cross_attention(self, block, x, cross):
         """The library's own cross-attention module (its cache handling included). Its image
@@ -289,9 +317,33 @@ class HFBlipTextAdapter(TowerAdapter):
         all equal: it masks image keys only) is cut to one broadcast row once the text is reduced."""
         if cross.encoder_hidden_states is None:
             return x
+        if cross.rows is not None:
+            return self._cross_attention_rows(block, x, cross)
         mask = cross.encoder_attention_mask
         if mask is not None and mask.dim() == 4 and mask.shape[-2] not in (1, x.shape[1]):
             mask = mask[..., :1, :]
         return block.crossattention(
             x, attention_mask=mask, encoder_hidden_states=cross.encoder_hidden_states, cache=cross.cache
         )[0]
+
+    def _cross_attention_rows(self, block, x, cross):
+        """The library's cross-attention for the running rows of a generation step: the image keys
+        and values the library cached at the first step, read at those rows (recomputing them from
+        the image would cost more than the layer saves)."""
+        from transformers.cache_utils import EncoderDecoderCache
+
+        attn, cache = block.crossattention.self, cross.cache
+        if not isinstance(cache, EncoderDecoderCache) or not cache.is_updated.get(attn.layer_idx):
+            raise RuntimeError(
+                f"{self.describe()}: a generation step runs part of the batch, but the library has not cached the "
+                "image keys of the cross-attention yet (a step before the first full one)"
+            )
+        layer = cache.cross_attention_cache.layers[attn.layer_idx]
+        keys, values = layer.keys[cross.rows], layer.values[cross.rows]
+        q = attn.query(x).view(*x.shape[:-1], -1, attn.attention_head_size).transpose(1, 2)
+        scores = q @ keys.transpose(-1, -2) / attn.attention_head_size**0.5
+        mask = cross.encoder_attention_mask
+        if mask is not None:
+            scores = scores + mask.to(scores.dtype)
+        context = attn.dropout(scores.softmax(dim=-1)) @ values
+        return block.crossattention.output(context.transpose(1, 2).reshape(*x.shape[:-1], -1), x)

@@ -17,6 +17,7 @@ method's fields.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -285,10 +286,11 @@ def _enter_block(
     x: torch.Tensor,
     mask: torch.Tensor | None,
     is_causal: bool,
+    cache: Any = None,
 ) -> tuple[torch.Tensor, BlockInfo, torch.Tensor | None, bool]:
     """What every block layout does before its attention: ``before`` hooks, the hooks' say on the
     library mask, the token count, the attention bias (library mask + hooks' biases)."""
-    info = BlockInfo(index=index, depth=depth, block=block, state=state, adapter=adapter)
+    info = BlockInfo(index=index, depth=depth, block=block, state=state, adapter=adapter, cache=cache)
     for hook in hooks:
         x = hook.before(x, info, state)
     for hook in hooks:
@@ -403,7 +405,7 @@ def run_post_norm_block(
     and before the cross-attention (MADTP prunes BLIP's text there), so the cross-attention
     and the FFN run on the reduced text while the image keys keep their length; ``after``.
     """
-    x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal)
+    x, info, bias, is_causal = _enter_block(adapter, state, hooks, block, index, depth, x, mask, is_causal, cross.cache)
     x = post_norm_attention(adapter, block, x, cross, bias, is_causal, hooks_keep(hooks, state), info, hooks)
     n_before = x.shape[1]
     x = _between(hooks, info, state, x)

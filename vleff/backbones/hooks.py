@@ -71,6 +71,9 @@ class BlockInfo:
     keep: torch.Tensor | None = None
     want_probs: bool = False
     state: TokenState | None = None
+    #: post-norm towers run by the library with a key/value cache (generation): that cache (from
+    #: ``before`` on; the block updates it in its self-attention), else ``None``
+    cache: Any = None
     _h: torch.Tensor | None = None
     _q: torch.Tensor | None = None
     _k: torch.Tensor | None = None
@@ -294,6 +297,16 @@ class TowerHook:
         by ``rows``). A block run on part of the batch must keep its token count
         (methods that reduce tokens cannot share a tower with one that answers here; the registry's
         rules refuse them). ``finish`` always sees the whole batch. Default: ``None``."""
+        return None
+
+    def skipped_cache(
+        self, index: int, adapter: Any, cache: Any, rows: torch.Tensor, count: int, state: TokenState
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Under the library's key/value cache (generation), what block ``index``'s self-attention
+        cache holds at the ``count`` new positions for the samples ``rows`` that skip it (this hook
+        left them out in :meth:`running_samples`): ``(keys, values)``, ``[len(rows), H, count, Dh]``
+        (MuE: the previous block's entries, so the exit layer's). ``None``: not this hook's samples
+        (default); a block run on part of the batch under a cache needs an answer."""
         return None
 
     def attention_rows(self, index: int) -> tuple[int, ...]:

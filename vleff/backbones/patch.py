@@ -247,30 +247,55 @@ class TowerPatch:
             rows = running.nonzero().squeeze(1)
             view = state.rows_view(rows)
             batch = x.shape[0]
-            if cross is not None and cross.cache is not None:
-                raise RuntimeError(
-                    f"{self.adapter.describe()}: block {index} runs on part of the batch while the library "
-                    "runs with a key/value cache (generation), whose entries hold every sample; pass "
-                    "use_cache=False or remove the method that exits samples early"
-                )
+            skipped = self._skipped_cache(index, block, x, cross, running, state)
             sub_cross = (
                 None
                 if cross is None
                 else CrossInputs(
                     _rows_of(cross.encoder_hidden_states, rows, batch),
                     _rows_of(cross.encoder_attention_mask, rows, batch),
-                    None,
+                    cross.cache,
+                    rows if skipped is not None else None,
+                    skipped,
                 )
             )
             out = self._block(index, depth, block, x[rows], _rows_of(mask, rows, batch), is_causal, sub_cross, view)
             state.absorb_rows(view)
             x = x.index_copy(0, rows, out.to(x.dtype))
+        elif cross is not None and cross.cache is not None:  # no sample runs it: the cache still grows
+            skipped = self._skipped_cache(index, block, x, cross, running, state)
+            assert skipped is not None
+            self.adapter.append_cache(cross.cache, block, skipped[1], skipped[2])
         if index == depth - 1:
             for hook in self.hooks:
                 x = hook.finish(x, state)
             if self.layout is not None:  # last: restores the input layout the library pools from
                 x = self.layout.finish(x, state)
         return x
+
+    def _skipped_cache(
+        self,
+        index: int,
+        block: nn.Module,
+        x: torch.Tensor,
+        cross: CrossInputs | None,
+        running: torch.Tensor,
+        state: TokenState,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Under the library's key/value cache: the rows that skip block ``index`` and their cache
+        entries for this forward's positions (:meth:`TowerHook.skipped_cache`); ``None`` without one."""
+        if cross is None or cross.cache is None:
+            return None
+        skipped = (~running).nonzero().squeeze(1)
+        for hook in self.running_hooks:
+            entries = hook.skipped_cache(index, self.adapter, cross.cache, skipped, x.shape[1], state)
+            if entries is not None:
+                return skipped, entries[0], entries[1]
+        raise RuntimeError(
+            f"{self.adapter.describe()}: block {index} runs on part of the batch while the library runs with a "
+            "key/value cache (generation), whose entries hold every sample, and no method says what the skipped "
+            "samples' entries are; pass use_cache=False or remove the method that exits samples early"
+        )
 
     def _running_samples(self, index: int, state: TokenState) -> torch.Tensor | None:
         """``[B]`` bool: the samples that run block ``index`` (every hook's

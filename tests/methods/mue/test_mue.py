@@ -224,11 +224,18 @@ def test_blip_text_encoder_with_padding_and_cross_attention_equals_each_sample_a
     torch.testing.assert_close(batch, alone, rtol=0, atol=1e-10)
 
 
-def test_a_causal_decoder_is_refused_at_apply():
-    model = tm.hf_blip_captioning()
-    with pytest.raises(ValueError, match="MuE cannot exit .*causal decoder.*per generated token"):
-        vleff.apply_mue(model, towers="all", text_threshold=0.9)
-    assert not vleff.registry.applied_methods(model)
+def test_a_causal_decoder_takes_the_decoder_threshold():
+    """BLIP captioning's text decoder is no longer refused: it gets decoder_threshold (exits per
+    generated token, tests/methods/mue/test_mue_decoder.py), and text_threshold leaves it alone."""
+    model = tm.hf_blip_captioning().eval()
+    plain = copy.deepcopy(model)
+    pixels = tm.images(2)
+    vleff.apply_mue(model, towers="all", text_threshold=-1.0)
+    assert vleff.registry.applied_methods(model)
+    with torch.no_grad():
+        got = model.generate(pixel_values=pixels, max_new_tokens=5)
+        assert mue_exit_blocks(model)["text"].tolist() == [2, 2]
+        assert torch.equal(got, plain.generate(pixel_values=pixels, max_new_tokens=5))
 
 
 def test_token_reduction_on_the_same_tower_is_refused():

@@ -13,6 +13,8 @@ from vleff.methods.mue.core import (
     apply_mue,
     mue_applied,
     mue_budget_steps,
+    mue_decoder_loss,
+    mue_decoder_threshold,
     mue_exit_blocks,
     remove_mue,
     update_mue,
@@ -43,7 +45,7 @@ METHOD = register_method(
                 "the method runs the tower's blocks itself, so MuE's exit hook would never run",
             ),
         ),
-        updatable=("image_threshold", "text_threshold"),
+        updatable=("image_threshold", "text_threshold", "decoder_threshold", "decoder_max_length"),
         name="mue",
         kind="tokens",
         config=MuEConfig,
@@ -62,4 +64,15 @@ METHOD = register_method(
     )
 )
 
-__all__ = ["METHOD", "TOWERS", "MuEConfig", "apply_mue", "mue_applied", "mue_exit_blocks", "remove_mue", "update_mue"]
+__all__ = [
+    "METHOD",
+    "TOWERS",
+    "MuEConfig",
+    "apply_mue",
+    "mue_applied",
+    "mue_decoder_loss",
+    "mue_decoder_threshold",
+    "mue_exit_blocks",
+    "remove_mue",
+    "update_mue",
+]

@@ -11,7 +11,9 @@ the task loss summed, unweighted, over every layer through the shared head (for 
 but the last goes through the model's own final norm and head (``forward_head(norm(h_l))``), and the
 cross-entropy against the batch's labels is added to the user's loss as ``mue/layerwise`` (the
 last block's loss is the user's own). Exits run only in evaluation, as the reference's
-``is_train=False``.
+``is_train=False``. For a decoder (BLIP captioning's ``text_decoder``, ``decoder_threshold``) MuE's
+own loss is :func:`vleff.methods.mue.mue_decoder_loss`: call it in your ``training_step`` on the
+decoder's ``output_hidden_states`` in place of the language-model loss.
 """
 
 from __future__ import annotations
