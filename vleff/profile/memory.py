@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["optimizer_state_bytes", "peak_memory_bytes", "plain_tensors", "saved_activation_bytes", "tensor_storage_bytes"]
+__all__ = [
+    "optimizer_state_bytes",
+    "peak_memory_bytes",
+    "plain_tensors",
+    "saved_activation_bytes",
+    "tensor_storage_bytes",
+]
 
 
 def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
