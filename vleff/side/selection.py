@@ -180,6 +180,23 @@ def applied_settings(model: nn.Module, method: str) -> dict[str, Any]:
     return {**{k: v for k, v in record["settings"].items() if k != "towers"}, "towers": record["towers"]}
 
 
+def trainable_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
+    """The parameters that train under ``method`` (empty when it is not applied)."""
+    target = holder(model, method)
+    return [] if target is None else [p for p in target.parameters() if p.requires_grad]
+
+
+def ranked_parameters(model: nn.Module, method: str, label: str) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """The holder of ``method``'s record and the parameters its Fisher selection ranks (the
+    record's ``masked`` names), for a selection about to run. ``ValueError`` when ``method`` is
+    not applied."""
+    target = holder(model, method)
+    if target is None:
+        raise ValueError(f"{label} is not applied to this {type(model).__name__}; apply_{method} first")
+    params = dict(target.named_parameters())
+    return target, {n: params[n] for n in target.__dict__[STATE_ATTR]["masked"]}
+
+
 def trainable_state_dict(model: nn.Module, method: str) -> dict[str, torch.Tensor]:
     """The state of every parameter that trains (keys relative to ``model``): what a
     trainable-only checkpoint keeps of the selected model."""

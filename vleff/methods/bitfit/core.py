@@ -88,8 +88,7 @@ def bitfit_settings(model: nn.Module) -> dict[str, Any]:
 
 def bitfit_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that train under BitFit (biases and heads)."""
-    target = sel.holder(model, NAME)
-    return [] if target is None else [p for p in target.parameters() if p.requires_grad]
+    return sel.trainable_parameters(model, NAME)
 
 
 def bitfit_state_dict(model: nn.Module) -> dict[str, Any]:

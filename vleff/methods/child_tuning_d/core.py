@@ -122,13 +122,8 @@ def select_child_tuning_d(model: nn.Module, batches: Iterable[Any], loss_fn: Cal
     Raises:
         ValueError: Child-Tuning_D is not applied, or ``batches`` is empty.
     """
-    target = sel.holder(model, NAME)
-    if target is None:
-        raise ValueError(f"{LABEL} is not applied to this {type(model).__name__}; apply_child_tuning_d first")
-    record = target.__dict__[sel.STATE_ATTR]
-    params = dict(target.named_parameters())
-    masked = {n: params[n] for n in record["masked"]}
-    settings = record["settings"]
+    target, masked = sel.ranked_parameters(model, NAME, LABEL)
+    settings = target.__dict__[sel.STATE_ATTR]["settings"]
     scores, units = sel.fisher_information(
         masked, loss_fn, batches, per_sample=False, max_grad_norm=settings["max_grad_norm"]
     )

@@ -121,12 +121,8 @@ def select_fishmask(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[
     Raises:
         ValueError: FishMask is not applied, or ``batches`` is empty.
     """
-    target = sel.holder(model, NAME)
-    if target is None:
-        raise ValueError(f"{LABEL} is not applied to this {type(model).__name__}; apply_fishmask first")
+    target, ranked = sel.ranked_parameters(model, NAME, LABEL)
     record = target.__dict__[sel.STATE_ATTR]
-    params = dict(target.named_parameters())
-    ranked = {n: params[n] for n in record["masked"]}
     scores, _ = sel.fisher_information(ranked, loss_fn, batches, per_sample=record["settings"]["per_sample"])
     total = sum(p.numel() for p in ranked.values())
     sel.set_masks(target, NAME, sel.top_k_masks(scores, keep_count(total, record["settings"]["keep_ratio"])))

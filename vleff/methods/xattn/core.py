@@ -155,8 +155,7 @@ def xattn_settings(model: nn.Module) -> dict[str, Any]:
 
 def xattn_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that train under Xattn (cross-attention and heads)."""
-    target = sel.holder(model, NAME)
-    return [] if target is None else [p for p in target.parameters() if p.requires_grad]
+    return sel.trainable_parameters(model, NAME)
 
 
 def xattn_state_dict(model: nn.Module) -> dict[str, Any]:
