@@ -139,7 +139,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --out (written after every run) and do only the missing ones",
+    )
     args = parser.parse_args(argv)
+    if args.resume and not args.out:
+        raise SystemExit("--resume: needs --out (the file whose runs are kept)")
     known = [m for m in tuning_methods() if m not in NOT_ON_DIGITS]
     methods = args.methods.split(",") if args.methods else list(known)
     for method in methods:
@@ -164,8 +171,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     val = list(shifted.val_dataloader())
     train_x, train_y = next(iter(shifted.train_dataloader()))
 
-    runs = []
+    runs = done_runs(Path(args.out), args.seeds, methods) if args.resume else []
+    done = {(r["seed"], r["method"]) for r in runs}
     for seed in args.seeds:
+        if all((seed, m) in done for m in methods):
+            continue
         pl.seed_everything(seed, verbose=False)
         base = new_classifier(args.lr)
         seconds = fit(base, upright, args.epochs, [], f"pretrain seed {seed}", None)
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         weights = {k: v.clone() for k, v in base.state_dict().items()}
         for method in methods:
+            if (seed, method) in done:
+                continue
             pl.seed_everything(seed, verbose=False)
             module = new_classifier(args.ft_lr if method in FULL_RATE else args.peft_lr, weights)
             pl.seed_everything(seed + 1, verbose=False)
@@ -207,13 +219,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"trainable {row['trainable_pct']:6.2f} %  {seconds:5.0f} s",
                 flush=True,
             )
+            if args.out:  # after every run: a stopped run keeps what it finished (--resume goes on)
+                write(Path(args.out), runs, args, time.perf_counter() - started)
     rows = summarize(runs)
     elapsed = time.perf_counter() - started
     print(table(rows))
     print(f"total {elapsed:.0f} s")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "runs": runs, "settings": vars(args), "seconds": round(elapsed, 1)}, f, indent=2)
+        write(Path(args.out), runs, args, elapsed)
     if args.plot:
         seeds = len(args.seeds)
         plot(
@@ -223,6 +236,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"90°-rotated digits (CPU, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})",
         )
     return rows
+
+
+def write(path: Path, runs: list[dict], args: argparse.Namespace, seconds: float) -> None:
+    """The JSON of the runs so far, their per-method summary and the settings."""
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    payload = {"rows": summarize(runs), "runs": runs, "settings": settings, "seconds": round(seconds, 1)}
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def done_runs(path: Path, seeds: list[int], methods: list[str]) -> list[dict]:
+    """The runs of ``path`` (an earlier ``--out``) that this call would repeat: same seeds' split."""
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    earlier = saved["settings"].get("seeds") or [None]
+    if earlier[0] != seeds[0]:
+        raise SystemExit(
+            f"--resume: {path} was run with --seeds {earlier} (data split {earlier[0]}); this call's split is "
+            f"{seeds[0]}: start a new --out"
+        )
+    return [r for r in saved["runs"] if r["seed"] in seeds and r["method"] in methods]
 
 
 def summarize(runs: list[dict]) -> list[dict]:
