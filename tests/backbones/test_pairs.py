@@ -214,3 +214,68 @@ def test_pair_encoder_is_the_library_path_and_refuses_bad_input():
         PairEncoder(model, path="audio")
     with pytest.raises(TypeError):
         PairEncoder(tm.timm_vit())
+
+
+def _last_block_outputs(pair, run) -> dict[str, torch.Tensor]:
+    """Each tower's last block output (raw, in the blocks' own layout) during ``run()``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for tower in (pair.image_tower, pair.text_tower):
+
+        def grab(block, args, output, modality=tower.modality):
+            seen[modality] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(tower.blocks()[-1].register_forward_hook(grab))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize(
+    "name, pool",
+    [
+        ("open_clip", "argmax"),
+        ("open_clip", "eos"),
+        ("hf_clip", None),
+        ("blip_retrieval", None),
+        ("blip_captioning", None),
+    ],
+)
+def test_embed_block_output_of_the_last_block_is_the_library_embedding(name, pool):
+    """The seam an early exit reads (MuE's contrastive exit loss): the library's pooling, final norm
+    and projection applied to a block's output. Checked on the last block, where it must give
+    exactly what the library's own encode path gives; open_clip also with its ``eos`` pooling."""
+    torch.manual_seed(0)
+    model = PAIRS[name]().double().eval()
+    pair = find_pair(model)
+    if name.startswith("blip"):
+        ids, mask = tm.blip_token_ids()
+    else:
+        ids = _clip_ids()
+        mask = (ids != 0).long()
+    if pool == "eos":  # pool at the first id 5: not the largest id, so argmax pooling would differ
+        model.text_pool_type, model.text_eos_id = "eos", 5
+        ids = ids.clone()
+        ids[:, 3] = 5
+    images = tm.images().double()
+    with torch.no_grad():
+        embeddings = {}
+        seen = _last_block_outputs(
+            pair,
+            lambda: embeddings.update(image=pair.encode_image(images), text=pair.encode_text(ids, mask)),
+        )
+        for modality in ("image", "text"):
+            got = pair.embed_block_output(modality, seen[modality], ids if modality == "text" else None)
+            torch.testing.assert_close(got, embeddings[modality], rtol=0, atol=1e-12)
+
+
+def test_embed_block_output_refuses_what_it_cannot_read():
+    pair = find_pair(tm.open_clip_model())
+    tokens = torch.zeros(2, 5, 8)
+    with pytest.raises(ValueError, match="modality='audio' is not allowed"):
+        pair.embed_block_output("audio", tokens)
+    with pytest.raises(ValueError, match="needs the token ids"):
+        pair.embed_block_output("text", tokens)

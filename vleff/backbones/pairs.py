@@ -221,6 +221,24 @@ class ModelPair:
         """``[B]`` position the library pools each text at (EOT for CLIP, 0 for BLIP)."""
         return self.text_tower.eot_positions(ids)
 
+    def embed_block_output(self, modality: str, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, D]``: the embedding ``encode_image`` / ``encode_text`` would return had the tower's
+        last block output ``tokens`` (a block's output, in the blocks' own layout; text: with the
+        token ``ids`` the tower was given, which say where it pools). The library's own pooling,
+        final norm and projection, applied to an earlier block's output: what an early exit
+        returns (MuE), and what a loss on that exit trains."""
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality={modality!r} is not allowed; use 'image' or 'text'")
+        tower = self.image_tower if modality == "image" else self.text_tower
+        if tower.sequence_first:
+            tokens = tokens.transpose(0, 1)
+        if modality == "text" and ids is None:
+            raise ValueError("embed_block_output('text', ...) needs the token ids the text tower was given")
+        return self._embed_tokens(modality, tokens, ids)
+
+    def _embed_tokens(self, modality: str, tokens: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError(f"{self.describe()} does not say how its {modality} tower pools and projects")
+
     @property
     def logit_scale(self) -> torch.Tensor | None:
         """The learnable log temperature as the library stores it (``exp`` gives the scale), or
@@ -315,6 +333,23 @@ class OpenClipPair(ModelPair):
     def logit_scale(self):
         return self.model.logit_scale
 
+    def _embed_tokens(self, modality, tokens, ids):
+        if modality == "image":
+            visual = self.model.visual
+            if not callable(getattr(visual, "_pool", None)):
+                raise TypeError(f"{type(visual).__name__} (open_clip image tower) has no _pool: only VisionTransformer")
+            pooled, _ = visual._pool(tokens)  # the library's own pooling and ln_post, in its order
+            return pooled @ visual.proj if visual.proj is not None else pooled
+        root = self.text_tower.root
+        if getattr(root, "cls_emb", None) is not None:
+            raise TypeError("open_clip text towers with an appended class token (CoCa) are not supported")
+        eot = self.eot_index(ids).to(tokens.device)
+        pooled = root.ln_final(tokens[torch.arange(tokens.shape[0], device=tokens.device), eot])
+        projection = root.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
+
     def cross_token_norm_and_projection(self, modality):
         if modality == "image":
             return (self.model.visual, "ln_pre"), (self.model.visual, "proj")
@@ -340,6 +375,13 @@ class HFCLIPPair(ModelPair):
     def logit_scale(self):
         return self.model.logit_scale
 
+    def _embed_tokens(self, modality, tokens, ids):
+        if modality == "image":
+            return self.model.visual_projection(self.image_tower.root.post_layernorm(tokens[:, 0]))
+        eot = self.eot_index(ids).to(tokens.device)
+        pooled = self.text_tower.root.final_layer_norm(tokens[torch.arange(tokens.shape[0], device=tokens.device), eot])
+        return self.model.text_projection(pooled)
+
     def cross_token_norm_and_projection(self, modality):
         if modality == "image":
             return (self.image_tower.root, "pre_layrnorm"), (self.model, "visual_projection")
@@ -363,6 +405,13 @@ class BlipPair(ModelPair):
     @property
     def has_contrastive_projections(self) -> bool:
         return getattr(self.model, "vision_proj", None) is not None
+
+    def _embed_tokens(self, modality, tokens, ids):
+        if modality == "image":
+            cls, proj = self.image_tower.root.post_layernorm(tokens[:, 0]), getattr(self.model, "vision_proj", None)
+        else:  # post-norm blocks: a block's output is already normed
+            cls, proj = tokens[:, 0], getattr(self.model, "text_proj", None)
+        return proj(cls) if proj is not None else cls
 
     def cross_token_norm_and_projection(self, modality):
         """Image: no input norm, the final ``post_layernorm``; text: post-norm, so no norm."""
