@@ -497,6 +497,21 @@ def find_pair(model: nn.Module) -> ModelPair:
     )
 
 
+def pairs_in(model: nn.Module) -> list[tuple[str, ModelPair]]:
+    """``(name, pair)`` of the outermost image-text pairs in ``model``: the model itself (name ``""``)
+    or the pairs its submodules are (a LightningModule's CLIP; a teacher and a student give two).
+    A pair's own submodules are not searched."""
+    found: list[tuple[str, ModelPair]] = []
+    for name, module in model.named_modules():
+        if any(not outer or name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        try:
+            found.append((name, find_pair(module)))
+        except (TypeError, ValueError):
+            continue
+    return found
+
+
 def caption_mask(ids: torch.Tensor) -> torch.Tensor:
     """The attention mask of zero-padded caption ids (:meth:`ModelPair.sample_text`, open_clip's
     tokenizer): 1 up to the end token, 0 on the padding."""
@@ -536,5 +551,6 @@ __all__ = [
     "find_pair",
     "hold",
     "pair_context",
+    "pairs_in",
     "partner",
 ]

@@ -57,9 +57,11 @@ def test_layerwise_loss_joins_the_users_loss(tmp_path, layerwise):
     assert all(not block._forward_hooks for block in module.model.blocks)  # gone at teardown
 
 
-def test_layerwise_loss_refuses_a_model_without_a_classifier_head(tmp_path):
-    with pytest.raises(TypeError, match="layerwise_loss=True reads each block's output .*classifier head"):
-        tl.trainer(tmp_path, [MuE(layerwise_loss=True)], max_steps=1).fit(tl.TinyCLIP(), tl.pair_loader(4))
+def test_layerwise_loss_refuses_a_model_without_a_classifier_head_or_a_pair(tmp_path):
+    module = tl.TinyClassifier()
+    module.model.reset_classifier(0)  # a feature extractor: no head, and no image-text pair
+    with pytest.raises(TypeError, match="layerwise_loss=True reads each block's output .*classifier head.*CLIPModel"):
+        tl.trainer(tmp_path, [MuE(layerwise_loss=True)], max_steps=1).fit(module, tl.loader(4))
 
 
 def test_layerwise_loss_names_labels_it_cannot_find(tmp_path):

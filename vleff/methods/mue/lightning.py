@@ -10,7 +10,10 @@ the task loss summed, unweighted, over every layer through the shared head (for 
 (``layerwise_loss=True``, vleff's addition: MuE puts no loss on its encoders): each block's output
 but the last goes through the model's own final norm and head (``forward_head(norm(h_l))``), and the
 cross-entropy against the batch's labels is added to the user's loss as ``mue/layerwise`` (the
-last block's loss is the user's own). Exits run only in evaluation, as the reference's
+last block's loss is the user's own). For an image-text model trained contrastively (open_clip
+CLIP, Hugging Face ``CLIPModel``) the same option trains each exit with the contrastive loss
+instead: the embedding the tower would return from block ``l`` against the other tower's final
+embedding (:mod:`vleff.methods.mue.contrastive`; no labels needed). Exits run only in evaluation, as the reference's
 ``is_train=False``. For a decoder (BLIP captioning's ``text_decoder``, ``decoder_threshold``) MuE's
 own loss is :func:`vleff.methods.mue.mue_decoder_loss`: call it in your ``training_step`` on the
 decoder's ``output_hidden_states`` in place of the language-model loss.
@@ -38,6 +41,7 @@ from vleff.lightning.targets import (
     check_module_arg,
     resolve_target,
 )
+from vleff.methods.mue.contrastive import ContrastiveLayerwiseLoss
 from vleff.methods.mue.core import MuEConfig, apply_mue
 
 LAYERWISE_LOSS = "mue/layerwise"
@@ -55,6 +59,7 @@ class LayerwiseLoss:
         if (
             tower is None
             or tower.classifier_head() is None
+            or isinstance(tower.classifier_head(), nn.Identity)  # timm with num_classes=0: features, no classes
             or tower.classifier_heads != 1
             or not callable(getattr(root, "forward_head", None))
             or not isinstance(getattr(root, "norm", None), nn.Module)
@@ -62,7 +67,8 @@ class LayerwiseLoss:
             have = tower.describe() if tower is not None else f"no image tower in {type(model).__name__}"
             raise TypeError(
                 f"MuE layerwise_loss=True reads each block's output through the model's final norm and its one "
-                f"classifier head (a timm ViT classifier's norm and forward_head); {have} has none. Train the "
+                f"classifier head (a timm ViT classifier's norm and forward_head) or, for an image-text model, its "
+                f"contrastive projections (open_clip CLIP, transformers CLIPModel); {have} has neither. Train the "
                 "early exits with your own layer-wise loss, or pass layerwise_loss=False"
             )
         self.tower, self.root = tower, root
@@ -94,6 +100,16 @@ class LayerwiseLoss:
         self.handles = []
 
 
+def layerwise_loss_for(model: nn.Module) -> LayerwiseLoss | ContrastiveLayerwiseLoss:
+    """The layer-wise loss ``model`` can take: contrastive for an image-text pair, the classifier's
+    cross-entropy otherwise (``TypeError`` naming both when it has neither)."""
+    from vleff.backbones.pairs import pairs_in
+
+    if not pairs_in(model):
+        return LayerwiseLoss(model)
+    return ContrastiveLayerwiseLoss(model, LAYERWISE_LOSS)
+
+
 def batch_labels(batch: Any, labels: int | str) -> torch.Tensor:
     """The labels in ``batch`` at index or key ``labels``; ``ValueError`` naming what was found."""
     try:
@@ -114,9 +130,11 @@ class MuE(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
     Args:
         module: the model to exit in: attribute path or module object (default: the one model of the
             LightningModule with a tower ``towers`` names; several are refused, listing them).
-        layerwise_loss: add MuE's layer-wise loss in ``fit`` (timm ViT classifiers; see the module
-            docstring), so the head reads early exits well.
-        labels: where the class labels are in a training batch (an index or a key; default 1, ``(x, y)``).
+        layerwise_loss: add MuE's layer-wise loss in ``fit`` so early exits are trained: cross-entropy
+            through the head of a timm ViT classifier, the contrastive loss of each exit's embedding
+            for open_clip / Hugging Face CLIP (see the module docstring).
+        labels: where the class labels are in a training batch (an index or a key; default 1, ``(x, y)``;
+            classifiers only: the contrastive loss pairs the batch's own images and texts).
         remove_on_teardown: restore the plain forward when the run ends.
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the method is applied (fine-tuning, not resuming).
@@ -156,7 +174,7 @@ class MuE(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         self.labels = labels
         self.init_removal(remove_on_teardown)
         self._target: Any = None
-        self._layerwise: LayerwiseLoss | None = None
+        self._layerwise: LayerwiseLoss | ContrastiveLayerwiseLoss | None = None
         self._attached: pl.LightningModule | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -165,20 +183,20 @@ class MuE(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
         self.note_removal(target)
         self.apply_or_keep(target, self.config, lambda: apply_mue(target, self.config))
         if self.layerwise_loss and stage == "fit" and self._layerwise is None:
-            self._layerwise = LayerwiseLoss(target)
+            self._layerwise = layerwise_loss_for(target)
             attach_aux_loss(pl_module)
             self._attached = pl_module
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._layerwise is not None:
+        if isinstance(self._layerwise, LayerwiseLoss):
             self._layerwise.set_labels(batch_labels(batch, self.labels))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._layerwise is not None:
+        if isinstance(self._layerwise, LayerwiseLoss):
             self._layerwise.set_labels(None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
