@@ -36,8 +36,9 @@ overrides, so every row shares the architecture.
 DynamicViT, Transkimmer and MuE (``CALLBACK_METHODS``) are fine-tuned with their own callbacks at
 ``flops_target = 1 − flops_reduction`` and ``budget_tower="image"`` (the image tower's FLOPs, as
 the column); DynamicViT without distillation (its teacher loss reads class logits), Transkimmer
-with skim coefficient 0.1 (as ``budget_digits.py``), MuE without its layer-wise loss (timm
-classifiers only) and also off the shelf. Transkimmer's and MuE's thresholds are fitted again
+with skim coefficient 0.1 (as ``budget_digits.py``), MuE with its layer-wise loss (for CLIP the
+contrastive loss of every exit's embedding, :mod:`vleff.methods.mue.contrastive`) and also off the
+shelf. Transkimmer's and MuE's thresholds are fitted again
 after training on the ``--budget-samples`` training images one at a time, and the row is validated
 again at that threshold.
 
@@ -89,7 +90,7 @@ CALLBACK_METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, bo
     "transkimmer": ("Transkimmer", {"towers": "image", "skim_coefficient": 0.1}, None, True),
     "mue": (
         "MuE",
-        {"towers": "image", "image_threshold": 1.0, "layerwise_loss": False},
+        {"towers": "image", "image_threshold": 1.0, "layerwise_loss": True},
         {"towers": "image", "image_threshold": 1.0},
         True,
     ),

@@ -302,13 +302,19 @@ def fit_budget(
     )
     applied = entry.applied_settings(model)
     if budget.fit is not None:  # the method's own controller (MADTP's τ)
-        before = {k: v for k, v in applied.items() if k == budget.setting}
-        settings = budget.fit(model, batches, target, fwd, max_evals)
-        value = measure(model, batches, fwd)
+        if budget.snapshot is not None:
+            restore = budget.snapshot(model)
+        else:
+            kept = {k: v for k, v in applied.items() if k in entry.updatable}  # the settings are the state
+            restore = lambda: update(model, entry.name, **kept)  # noqa: E731
+        try:
+            settings = budget.fit(model, batches, target, fwd, max_evals)
+            value = measure(model, batches, fwd)
+        except BaseException:
+            restore()
+            raise
         fit = BudgetFit(entry.name, settings, value / baseline, target, value, baseline)
-        return _finish(
-            fit, tolerance, strict, lambda: update(model, entry.name, **before), entry, "its controller's best"
-        )
+        return _finish(fit, tolerance, strict, restore, entry, "its controller's best")
     settings_of, top, discrete = _knob(model, budget, batches, fwd)
     before = {k: v for k, v in applied.items() if k in settings_of(model, 0)}
     ratios = _Search(model, entry, batches, fwd, baseline, settings_of)

@@ -123,6 +123,10 @@ class Budget:
             left as it was.
         data_dependent: the FLOPs a setting gives move with the model's weights (a threshold on
             learned scores): a callback's ``flops_target`` fits the knob again when training ends.
+        snapshot: ``snapshot(model) -> restore`` for a method whose ``fit`` changes more than its
+            settings (MADTP's controller also moves its first pruning block and marks τ chosen):
+            ``restore()`` puts all of it back when a strict fit fails. ``None``: the settings
+            ``applied_settings`` reports are the whole state, and ``update`` restores them.
     """
 
     setting: str
@@ -131,6 +135,7 @@ class Budget:
     fit: Callable[..., dict[str, Any]] | None = None
     steps: Callable[..., list[dict[str, Any]]] | None = None
     data_dependent: bool = False
+    snapshot: Callable[[nn.Module], Callable[[], None]] | None = None
 
 
 @dataclass(frozen=True)

@@ -149,3 +149,30 @@ def test_no_or_several_token_methods_applied_are_refused_clearly():
         fit_budget(model, [images()])
     fit = fit_budget(model, [images()], flops=0.7, method="evit")
     assert fit.method == "evit" and fit.error <= 0.02
+
+
+def test_a_strict_madtp_failure_puts_back_everything_its_controller_moved():
+    """MADTP's controller moves τ, its first pruning block, the chosen-τ flag and the hooks'
+    ``flops_reduction``; a strict fit that misses restores all of them, not τ alone."""
+    from vleff.backbones import find_pair
+    from vleff.methods.madtp.core import HOOK_NAME, MODULE_NAME
+    from vleff.tokens.common import hooks_named
+
+    torch.manual_seed(0)
+    batch = (tm.images(), tm.token_ids())
+    model = tm.open_clip_model(vision_layers=4, text_layers=4).eval()
+    vleff.apply_madtp(model)
+    module = getattr(find_pair(model).model, MODULE_NAME)
+
+    def state():
+        return module.get_extra_state(), [h.config for h in hooks_named(model, HOOK_NAME)]
+
+    before = state()
+    with pytest.raises(ValueError, match="out of reach for MADTP|pass strict=False"):
+        fit_budget(model, [batch], flops=0.995, max_evals=6)
+    assert state() == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit_budget(model, [batch], flops=0.995, max_evals=6, strict=False)
+    moved, configs = state()
+    assert moved["calibrated"] and configs != before[1]  # what the strict failure had to undo besides τ

@@ -11,6 +11,7 @@ from vleff.methods.madtp.core import (
     TOWERS,
     MADTPConfig,
     apply_madtp,
+    budget_snapshot,
     calibrate_madtp,
     calibrate_madtp_for_bench,
     fit_flops,
@@ -50,7 +51,7 @@ METHOD = register_method(
         needs_pair=True,
         calibrate=calibrate_madtp_for_bench,
         description="MADTP: prune by a cross-modal codebook, τ calibrated to a FLOPs target",
-        budget=Budget("tau", fit=fit_flops),
+        budget=Budget("tau", fit=fit_flops, snapshot=budget_snapshot),
     )
 )
 

@@ -925,6 +925,22 @@ def fit_flops(
     return {"tau": result.tau, "flops_reduction": result.flops_reduction}
 
 
+def budget_snapshot(model: nn.Module) -> Callable[[], None]:
+    """What :func:`fit_flops` changes, kept (``Budget.snapshot``): the MADTP module's state (τ, the
+    first pruning block, whether τ was chosen) and each hook's config (its ``flops_reduction``);
+    the returned function puts them back."""
+    pair, module = _pair_and_module(model)
+    state = module.get_extra_state()
+    configs = [(hook, hook.config) for hook in hooks_named(pair.model, HOOK_NAME)]
+
+    def restore() -> None:
+        module.set_extra_state(state)
+        for hook, config in configs:
+            hook.config = config
+
+    return restore
+
+
 def searched_range(evals: list[tuple[float, int, int]], max_evals: int) -> str:
     """What a calibration actually tried, for its out-of-budget warning: the τ range and first
     pruning blocks of the counted forwards (not the bounds it may search: with a small
