@@ -113,16 +113,18 @@ class MADTP(InitFromOption, RemovalOption, AuxLoss):
     Args:
         module: the image-text model: dotted attribute path or module object (default: the one
             the module holds; several are refused, listing them).
-        calibration_batches, adjust_every_epoch, rtol, max_evals, epoch_max_evals, measure, samples,
-        warmup_epochs: the FLOPs controller's settings, defaults and rules in
-            :class:`vleff.methods.madtp.controller.ControllerConfig` (their one owner).
         log: log ``madtp/tau`` and ``madtp/flops_ratio`` after each epoch's calibration (with
             ``sync_dist=True``: every rank holds rank 0's τ, so the mean is that value, and
             Lightning does not warn about epoch-level logging under DDP).
         init_from: a trained model's checkpoint or ``state_dict`` loaded at the start of the first
             ``fit``, before the method is applied (fine-tuning, not resuming).
+        remove_on_teardown: restore the plain forward when the run ends.
         **settings: :class:`vleff.methods.madtp.core.MADTPConfig` fields (``flops_reduction``,
-            ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here.
+            ``num_codes``, ``align_weight``, ``ragged``, ``towers`` ...), validated here, and the
+            FLOPs controller's settings (``calibration_batches``, ``adjust_every_epoch``, ``rtol``,
+            ``max_evals``, ``epoch_max_evals``, ``measure``, ``samples``, ``warmup_epochs``),
+            defaults and rules in :class:`vleff.methods.madtp.controller.ControllerConfig` (their
+            one owner).
     """
 
     settings_config = MADTPConfig

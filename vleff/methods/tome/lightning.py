@@ -29,7 +29,7 @@ from vleff.lightning.targets import (
     resolve_target,
 )
 from vleff.methods.tome.core import ToMeConfig, apply_tome
-from vleff.tokens.schedule import RSchedule
+from vleff.methods.tome.schedule import RSchedule
 
 
 class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
