@@ -38,7 +38,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
 # --- links to the repository outside docs/ ----------------------------------------------------------
 def _repo_link(match: re.Match, page: Any, config: Any) -> str:
-    text, target, anchor = match.group(1), match.group(2), match.group(3) or ""
+    text, target = match.group(1), match.group(2)
     if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("/"):
         return match.group(0)  # a URL (or an absolute path: mkdocs' own validation reports it)
     docs = Path(config["docs_dir"]).resolve()
@@ -67,7 +67,8 @@ def method_facts(name: str, where: str) -> str:
     m = get_method(name)
     lines = ["| | |", "|---|---|"]
     lines.append(f"| kind | {KINDS.get(m.kind, m.kind)} |")
-    lines.append(f"| towers | {', '.join(m.towers) if m.towers else 'none: it acts on the optimizer / training step'} |")
+    towers = ", ".join(m.towers) if m.towers else "none: it acts on the optimizer / training step"
+    lines.append(f"| towers | {towers} |")
     if m.callback:
         lines.append(f"| callback | `{_public(m.callback)}` |")
     if m.mixin:
@@ -75,7 +76,8 @@ def method_facts(name: str, where: str) -> str:
     if m.apply is not None:
         lines.append(f"| functional | {_functional(m)} |")
     if m.updatable:
-        lines.append(f"| `vleff.update(model, {name!r}, ...)` may change | {', '.join(f'`{u}`' for u in m.updatable)} |")
+        changes = ", ".join(f"`{u}`" for u in m.updatable)
+        lines.append(f"| `vleff.update(model, {name!r}, ...)` may change | {changes} |")
     if m.budget is not None:
         lines.append(
             f"| FLOPs budget | `vleff.fit_budget(model, batches, flops=...)` or the callback's `flops_target=` "
@@ -117,8 +119,11 @@ def _public(path: str) -> str:
 def _functional(m: Any) -> str:
     import vleff
 
-    names = [getattr(m.apply, "__name__", ""), getattr(m.remove, "__name__", "")]
-    shown = [f"`vleff.{n}`" if getattr(vleff, n, None) is not None else f"`{_where(f)}`" for n, f in zip(names, (m.apply, m.remove)) if n]
+    shown = []
+    for fn in (m.apply, m.remove):
+        name = getattr(fn, "__name__", "")
+        if name:
+            shown.append(f"`vleff.{name}`" if getattr(vleff, name, None) is not None else f"`{_where(fn)}`")
     return " / ".join(shown)
 
 
