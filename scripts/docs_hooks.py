@@ -67,7 +67,12 @@ def method_facts(name: str, where: str) -> str:
     m = get_method(name)
     lines = ["| | |", "|---|---|"]
     lines.append(f"| kind | {KINDS.get(m.kind, m.kind)} |")
-    towers = ", ".join(m.towers) if m.towers else "none: it acts on the optimizer / training step"
+    if m.towers:
+        towers = ", ".join(m.towers)
+    elif m.kind == "memory":
+        towers = "none: it acts on the optimizer / training step"
+    else:
+        towers = "none of its own: see *Use it* for the model it acts on"
     lines.append(f"| towers | {towers} |")
     if m.callback:
         lines.append(f"| callback | `{_public(m.callback)}` |")
@@ -117,18 +122,9 @@ def _public(path: str) -> str:
 
 
 def _functional(m: Any) -> str:
-    import vleff
-
-    shown = []
-    for fn in (m.apply, m.remove):
-        name = getattr(fn, "__name__", "")
-        if name:
-            shown.append(f"`vleff.{name}`" if getattr(vleff, name, None) is not None else f"`{_where(fn)}`")
-    return " / ".join(shown)
-
-
-def _where(fn: Any) -> str:
-    return f"{fn.__module__}.{fn.__name__}"
+    """``vleff.apply_<name>`` / ``vleff.remove_<name>``: ``vleff`` exposes both for every registered
+    method with a model surgery (read from the registry, whatever the functions are called)."""
+    return f"`vleff.apply_{m.name}` / `vleff.remove_{m.name}`"
 
 
 def _trait(trait: str) -> str:
@@ -189,6 +185,26 @@ def _attribute_docs(doc: str) -> dict[str, str]:
     return out
 
 
+def _row_names(cell: str) -> list[str]:
+    """The method names a fidelity row's first cell lists: ``"LST, UniPT, VQT (all side methods)"``,
+    ``"Child-Tuning_F / _D"`` (a suffix shares the name before it)."""
+    names: list[str] = []
+    for part in re.split(r",|/", cell.strip().strip("*")):
+        part = part.strip()
+        if part.startswith("_") and names:
+            part = names[-1].rsplit("_", 1)[0] + part
+        if part:
+            names.append(part)
+    return names
+
+
+def _names(listed: str, m: Any) -> bool:
+    """Whether a name a row lists is ``m``'s: exactly, or followed by what it says of it
+    (``"GaLore (fused kernel)"``, ``"Reversible blocks"``, ``"VPT-deep"``)."""
+    own = (m.display_name, m.name)
+    return listed in own or any(listed.startswith(f"{n} ") or listed.startswith(f"{n}-") for n in own)
+
+
 def _fidelity(m: Any) -> list[str]:
     """The method's row of the table in docs/fidelity.md (first cell = its display name)."""
     text = (ROOT / "docs" / "fidelity.md").read_text()
@@ -198,8 +214,7 @@ def _fidelity(m: Any) -> list[str]:
     header = table[0]
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        names = {n.strip().strip("*") for n in cells[0].split(",")} if cells else set()
-        if names & {m.display_name, m.name}:
+        if any(_names(n, m) for n in _row_names(cells[0] if cells else "")):
             return [
                 "### Fidelity (row of [the fidelity table](../fidelity.md))",
                 "",

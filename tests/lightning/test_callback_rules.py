@@ -405,3 +405,27 @@ def test_init_from_loads_once_so_a_second_fit_keeps_what_the_first_trained(name,
             assert match is not None and torch.equal(now[match], value), key
     finally:
         callback.teardown(trainer, module, "fit")
+
+
+# --- checkpoint records: restore_methods rebuilds what the callback applied ---------------------
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_method_callback_records_its_method_in_checkpoints(name, trainer):
+    """``restore_methods`` applies what a checkpoint's records name: a callback that records nothing
+    gives back a plain model from a trained checkpoint, silently (ToMe, EViT and reversible did)."""
+    from vleff.lightning.restore import RECORD_KEY
+
+    case = CASES[name]
+    torch.manual_seed(0)
+    module = One(case.make())
+    callback = _callback(case)
+    callback.setup(trainer, module, "fit")
+    try:
+        checkpoint: dict[str, Any] = {}
+        callback.on_save_checkpoint(trainer, module, checkpoint)
+        records = [r for r in checkpoint.get(RECORD_KEY, []) if r["method"] == name]
+        if getattr(case.callback, "not_recorded", ""):  # says why restore_methods cannot rebuild it
+            assert records == []
+        else:
+            assert len(records) == 1, f"{name}: its callback records {checkpoint.get(RECORD_KEY)}"
+    finally:
+        callback.teardown(trainer, module, "fit")

@@ -154,6 +154,14 @@ class EViT(InitFromOption, RemovalOption, BudgetOption, Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_at_teardown(self._module)
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from vleff.lightning.restore import record_method
+
+        # the target keep rate: what the model leaves fit at, and what a restored model runs
+        record_method(checkpoint, pl_module, self._module, "evit", self.config.replace(keep_rate=self.target))
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model leaves fit at the target rate (also when it stopped before the schedule
         # ended); ``current`` keeps the schedule's position for checkpoints

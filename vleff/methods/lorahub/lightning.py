@@ -51,6 +51,9 @@ class LoRAHub(PeftTuning):
     (``init_from``, ``module``, ``remove_on_teardown``, ``full_checkpoint``). ``result`` holds
     what the composition found (:class:`vleff.methods.lorahub.core.LoRAHubResult`)."""
 
+    #: why the callback does not record itself for ``restore_methods`` (the module docstring)
+    not_recorded = "re-applying LoRAHub needs its LoRA modules, which a checkpoint does not hold"
+
     method = NAME
     settings_config = LoRAHubConfig
 

@@ -78,6 +78,13 @@ class Reversible(InitFromOption, RemovalOption, pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_at_teardown(self._target if self._target is not None else pl_module)
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from vleff.lightning.restore import record_method
+
+        record_method(checkpoint, pl_module, self._target, "reversible", self.config)
+
 
 # --- the mixin: the same behaviour for users who own the LightningModule ---------------------------
 class ReversibleMixin:

@@ -117,6 +117,14 @@ class TokenMerging(InitFromOption, RemovalOption, BudgetOption, pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.remove_at_teardown(self._target if self._target is not None else pl_module)
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from vleff.lightning.restore import record_method
+
+        # config.r: the r the schedule ends at, what validation, test and a restored model run
+        record_method(checkpoint, pl_module, self._target, "tome", self.config)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_budget_at_train_start(trainer, self._target if self._target is not None else pl_module)
 

@@ -344,7 +344,7 @@ def _check_prefix(tower: TowerAdapter) -> None:
 
 
 def apply_transkimmer(model: nn.Module, config: TranskimmerConfig | None = None, **settings: Any) -> nn.Module:
-    """Add skim predictors to every image tower of ``model`` (in place).
+    """Add skim predictors to every tower of ``model`` that ``towers`` names (in place).
 
     Raises:
         ValueError: naming the bad setting (``locations`` outside the tower ...).

@@ -277,7 +277,7 @@ def apply_vqt(model: nn.Module, config: VQTConfig | None = None, **settings: Any
     graph (a timm head stays trainable); :func:`remove_vqt` restores the flags.
 
     Raises:
-        TypeError: no supported tower (only timm ViT image towers for now).
+        TypeError: no supported image tower (timm ViT, open_clip and Hugging Face CLIP image towers are).
         ValueError: a token-reduction method is applied (VQT reads the full stream's K/V).
     """
     cfg = VQTConfig.build(config, **settings)
