@@ -96,3 +96,17 @@ def test_marked_code_blocks_run(page, tmp_path, monkeypatch):
     finally:
         torch.set_default_dtype(dtype)
         torch.set_grad_enabled(grad)
+
+
+def test_the_readme_is_a_front_door_whose_links_resolve():
+    """The README stays short (the site holds the rest) and every relative link in it names a file
+    of the repository (GitHub renders it; the strict site build does not read it)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)", text)
+    local = [t for t in targets if not re.match(r"^[a-z]+:", t)]
+    assert local, "no links found"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, missing
+    for name in available_methods():  # the methods table links every method's page
+        assert f"docs/methods/{name}.md" in text, name
