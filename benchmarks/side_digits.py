@@ -103,24 +103,43 @@ def callbacks_for(method: str) -> list:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Left: accuracy against training memory (log), labelled where the points do not crowd (below
+    half of full fine-tuning's memory, or the five most accurate); right: every method ranked by
+    accuracy, its memory against full fine-tuning's in the label, so crowded points stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=130)
+    full = next((r["training_bytes"] for r in rows if r["method"] == "full"), max(r["training_bytes"] for r in rows))
+    best = {r["method"] for r in sorted(rows, key=lambda r: -r["accuracy"])[:5]}
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 5.2), dpi=130, gridspec_kw={"width_ratios": [1.25, 1]})
     for r in rows:
-        x = r["training_bytes"] / MIB
-        ax.errorbar([x], [100 * r["accuracy"]], yerr=[100 * r.get("accuracy_std", 0.0)], fmt="o", ms=6, capsize=3)
-        ax.annotate(label(r["method"]), (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        x, y = r["training_bytes"] / MIB, 100 * r["accuracy"]
+        ax.errorbar([x], [y], yerr=[100 * r.get("accuracy_std", 0.0)], fmt="o", ms=5, capsize=3, alpha=0.85)
+        if r["training_bytes"] < 0.5 * full or r["method"] in best:
+            ax.annotate(label(r["method"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axhline(100 * rows[0]["start_accuracy"], color="0.5", lw=0.8, ls=":", label="pretrained, before tuning")
     ax.set_xscale("log")
     ax.margins(x=0.2)  # room for the labels of the outermost points
     ax.set_xlabel("training memory of one step, MiB (saved for backward + .grad + AdamW state; log)")
     ax.set_ylabel("top-1 on rotated digits val (%)")
-    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
+    ranked = sorted(rows, key=lambda r: r["accuracy"])
+    ys = range(len(ranked))
+    bars.barh(
+        list(ys),
+        [100 * r["accuracy"] for r in ranked],
+        xerr=[100 * r.get("accuracy_std", 0.0) for r in ranked],
+        color=["C3" if r["method"] == "full" else "C0" for r in ranked],
+        alpha=0.8,
+        capsize=2,
+    )
+    bars.set_yticks(list(ys), [f"{label(r['method'])} ({r['training_bytes'] / full:.2f}×)" for r in ranked], fontsize=7)
+    bars.set_xlabel("top-1 % (memory × full fine-tuning's in brackets)")
+    bars.grid(alpha=0.3, axis="x")
+    fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
@@ -139,6 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--replot", default=None, help="draw --plot from this --out JSON (no training)")
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -147,6 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.resume and not args.out:
         raise SystemExit("--resume: needs --out (the file whose runs are kept)")
+    if args.replot:
+        return replot(Path(args.replot), Path(args.plot or Path(args.replot).with_suffix(".png")))
     known = [m for m in tuning_methods() if m not in NOT_ON_DIGITS]
     methods = args.methods.split(",") if args.methods else list(known)
     for method in methods:
@@ -228,14 +250,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out:
         write(Path(args.out), runs, args, elapsed)
     if args.plot:
-        seeds = len(args.seeds)
-        plot(
-            rows,
-            Path(args.plot),
-            f"digits ViT pretrained {args.epochs} epochs upright; every method {args.ft_epochs} epochs on "
-            f"90°-rotated digits (CPU, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})",
-        )
+        plot(rows, Path(args.plot), plot_title(vars(args)))
     return rows
+
+
+def plot_title(settings: dict) -> str:
+    seeds = len(settings["seeds"])
+    return (
+        f"digits ViT pretrained {settings['epochs']} epochs upright; every method {settings['ft_epochs']} epochs on "
+        f"90°-rotated digits (CPU, {seeds} seed{'s' if seeds != 1 else ''}{', mean ± std' if seeds > 1 else ''})"
+    )
+
+
+def replot(source: Path, path: Path) -> list[dict]:
+    """The plot of an earlier ``--out`` JSON."""
+    saved = json.loads(source.read_text())
+    plot(saved["rows"], path, plot_title(saved["settings"]))
+    return saved["rows"]
 
 
 def write(path: Path, runs: list[dict], args: argparse.Namespace, seconds: float) -> None:

@@ -118,6 +118,20 @@ def prepare(method: str, net, head) -> None:
             p.requires_grad_(True)
 
 
+def represented_parameters(net) -> int:
+    """The parameters ``net`` computes with: its ``nn.Parameter`` s plus the weights of linear layers
+    that hold theirs in another form (QLoRA's 4-bit NF4 base stores codes in buffers), so a
+    trainable share is of the whole model, not of what is left in full precision."""
+    total = sum(p.numel() for p in net.parameters())
+    for module in net.modules():
+        held = module.__dict__.get("_parameters", {}).get("weight")
+        leaf = next(module.children(), None) is None  # not a wrapper (peft's LoRA layer holds its base)
+        linear_shaped = isinstance(getattr(module, "in_features", None), int) and hasattr(module, "out_features")
+        if held is None and leaf and linear_shaped:
+            total += module.in_features * module.out_features  # a quantised base: its weight is not a Parameter
+    return total
+
+
 def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
     """One AdamW training step of ``net`` (already prepared for ``method``) on ``(x, y)``, twice:
     the first counted (saved for backward, ``.grad``, optimizer state, the step's peak growth), the
@@ -172,7 +186,7 @@ def measure_step(net, method: str, x, y, loss_fn: Any = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     step(False)
     seconds = time.perf_counter() - t0
-    total = sum(p.numel() for p in net.parameters())
+    total = represented_parameters(net)
     trainable = sum(p.numel() for p in params)
     return {
         "method": method,
