@@ -31,6 +31,7 @@ _LAZY = {
     "load_side_state_dict": "vleff.side.common",
     "update": "vleff.registry",
     "apply_peft": "vleff.registry",
+    "remove_all": "vleff.registry",
     "remove_peft": "vleff.registry",
     "get_method": "vleff.registry",
     "available_methods": "vleff.registry",
