@@ -172,16 +172,19 @@ def _attribute_docs(doc: str) -> dict[str, str]:
     section = re.split(r"^Attributes:\s*$", doc, maxsplit=1, flags=re.M)
     if len(section) < 2:
         return out
-    current = None
+    current: list[str] = []
     for line in section[1].splitlines():
         if line and not line.startswith(" "):
             break  # the next section
-        item = re.match(r"^    ([A-Za-z_][A-Za-z0-9_]*)(?: \([^)]*\))?:\s*(.*)$", line)
+        # "name: text", or several settings documented together: "beta1, beta2: text"
+        item = re.match(r"^    ([A-Za-z_]\w*(?:, [A-Za-z_]\w*)*)(?: \([^)]*\))?:\s*(.*)$", line)
         if item:
-            current = item.group(1)
-            out[current] = item.group(2)
+            current = item.group(1).split(", ")
+            for name in current:
+                out[name] = item.group(2)
         elif current and line.strip():
-            out[current] += " " + line.strip()
+            for name in current:
+                out[name] += " " + line.strip()
     return out
 
 

@@ -110,3 +110,23 @@ def test_the_readme_is_a_front_door_whose_links_resolve():
     assert not missing, missing
     for name in available_methods():  # the methods table links every method's page
         assert f"docs/methods/{name}.md" in text, name
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_setting_of_every_method_is_documented_in_its_config(name):
+    """A method page's settings table reads each setting's meaning from its config's ``Attributes:``
+    section (scripts/docs_hooks.py): a setting without one shows an empty cell."""
+    import dataclasses
+    import importlib.util
+    import inspect
+
+    from vleff.registry import get_method
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts" / "docs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    config = get_method(name).config
+    documented = hooks._attribute_docs(inspect.getdoc(config) or "")
+    settings = [f.name for f in dataclasses.fields(config) if f.init and not f.name.startswith("_")]
+    missing = [s for s in settings if not documented.get(s)]
+    assert not missing, f"{config.__name__} documents no meaning for {missing} (its Attributes: section)"

@@ -33,7 +33,20 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 
 @dataclass
 class GaLoreConfig(MethodConfig):
-    """GaLore's settings (see :class:`vleff.callbacks.GaLore`)."""
+    """GaLore's settings (see :class:`vleff.callbacks.GaLore`).
+
+    Attributes:
+        rank: rank ``r`` of the projected moments (clamped to the matrix size).
+        update_proj_gap: steps between SVD refreshes of the projection (``T``).
+        scale: ``α`` applied to the back-projected update.
+        proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``: which side of each 2-D
+            gradient is projected.
+        targets: regular expressions on parameter names (default: every trainable 2-D weight).
+        exclude: names left out (default :data:`DEFAULT_EXCLUDE`: embeddings, norms, class tokens,
+            the CLIP temperature).
+        svd: how the projection is refreshed: ``"full"`` (thin SVD) or ``"lowrank"`` (randomized,
+            :func:`torch.svd_lowrank`).
+    """
 
     method = "galore"
     rank: int = 128

@@ -36,16 +36,10 @@ from vleff.methods.galore.selection import DEFAULT_EXCLUDE, galore_param_groups
 class GaLore(Callback):
     """Convert the module's AdamW-family optimizer(s) to GaLore at fit start.
 
-    Args (the fields of :class:`vleff.methods.galore.GaLoreConfig`):
-        rank: rank ``r`` of the projected moments (clamped to the matrix size).
-        update_proj_gap: steps between SVD refreshes (``T``).
-        scale: ``α`` applied to the back-projected update.
-        proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``.
-        targets: regular expressions on parameter names (default: every trainable 2-D weight).
-        exclude: names left out (default :data:`vleff.memory.DEFAULT_EXCLUDE`: embeddings,
-            norms, class tokens, the CLIP temperature).
-        svd: how the projection is refreshed: ``"full"`` (thin SVD) or ``"lowrank"``
-            (randomized, :func:`torch.svd_lowrank`); see :func:`vleff.memory.galore_projection`.
+    Args:
+        **settings: the fields of :class:`vleff.methods.galore.GaLoreConfig` (``rank``,
+            ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``, ``exclude``, ``svd``; their
+            meanings and defaults are documented there, their one owner).
 
     All arguments are checked here, at construction, so a bad config fails before training.
     """

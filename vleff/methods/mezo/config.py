@@ -15,7 +15,21 @@ from vleff.registry import MethodConfig
 
 @dataclass
 class MeZOConfig(MethodConfig):
-    """MeZO's settings (see :class:`vleff.callbacks.MeZO`)."""
+    """MeZO's settings (see :class:`vleff.callbacks.MeZO`).
+
+    Attributes:
+        eps: perturbation size ε (> 0).
+        lr: step size for every group; ``None`` keeps the lr of the optimizer
+            ``configure_optimizers`` returns (required when it returns none). MeZO's
+            full-parameter runs use 1e-6 to 1e-7.
+        weight_decay: overrides the groups' weight decay; biases and norms never decay.
+        params: regular expressions on parameter names to train a subset (default: every
+            parameter of the optimizer). Parameters with ``requires_grad=False`` are never
+            perturbed or updated.
+        seed: base seed for the perturbations (step ``t`` uses ``seed + t``), an int >= 0.
+        allow_low_precision: accept bf16/fp16 trainable weights (refused by default: their
+            rounding swamps MeZO's update of size ``lr · g · z``).
+    """
 
     method = "mezo"
     eps: float = 1e-3
@@ -23,7 +37,6 @@ class MeZOConfig(MethodConfig):
     weight_decay: float | None = None
     params: str | Sequence[str] | None = None
     seed: int = 0
-    #: accept bf16/fp16 trainable weights (refused by default: rounding swamps MeZO's update)
     allow_low_precision: bool = False
 
     def __post_init__(self) -> None:

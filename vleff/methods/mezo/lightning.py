@@ -344,17 +344,10 @@ def check_automatic_optimization(pl_module: pl.LightningModule) -> None:
 class MeZO(Callback):
     """Zeroth-order fine-tuning of an unchanged LightningModule.
 
-    Args (the fields of :class:`vleff.methods.mezo.MeZOConfig`):
-        eps: perturbation size ε (> 0).
-        lr: step size for every group; ``None`` keeps the lr of the optimizer
-            ``configure_optimizers`` returns (required when it returns none). MeZO's
-            full-parameter runs use 1e-6 to 1e-7.
-        weight_decay: overrides the groups' weight decay; biases and norms never decay.
-        params: regular expressions on parameter names to train a subset (default: every
-            parameter of the optimizer). Parameters with ``requires_grad=False`` are never
-            perturbed or updated, even when they sit in the optimizer's groups (as AdamW
-            leaves them alone).
-        seed: base seed for the perturbations (step ``t`` uses ``seed + t``), an int >= 0.
+    Args:
+        **settings: the fields of :class:`vleff.methods.mezo.MeZOConfig` (``eps``, ``lr``,
+            ``weight_decay``, ``params``, ``seed``, ``allow_low_precision``; meanings and defaults
+            documented there, their one owner).
 
     Every argument is checked here, so a bad config fails when it is built. At ``setup`` the
     callback refuses a module with ``automatic_optimization=False`` (MeZO needs the loss
