@@ -306,15 +306,16 @@ def _use(name: str) -> Callable[..., None]:
     return getattr(get_method(name).load_mixin(), f"use_{name}")
 
 
-#: methods whose mixin picks its model like the callbacks (``module=``); the others take the
-#: model explicitly (``use_dynamicvit(backbone)``), so there is nothing to pick
-MIXINS = sorted(n for n in CASES if "module" in inspect.signature(_use(n)).parameters)
+#: every method's mixin picks its model like the callbacks (``module=``)
+MIXINS = sorted(CASES)
 
 
-def test_mixins_without_module_take_the_model_explicitly():
-    for name in sorted(set(CASES) - set(MIXINS)):
-        params = list(inspect.signature(_use(name)).parameters.values())[1:]  # after self
-        assert params and params[0].default is inspect.Parameter.empty, f"use_{name} takes neither module= nor a model"
+def test_every_mixin_takes_module_like_the_callbacks():
+    """One convention: ``use_<method>(module=None, **settings)`` (DynamicViT's once took its
+    backbone as a required positional; a positional model still works, as ``module=``)."""
+    for name in MIXINS:
+        params = inspect.signature(_use(name)).parameters
+        assert "module" in params and params["module"].default is None, f"use_{name} does not take module=None"
 
 
 def _mixin_module(name: str, **extra: Any) -> pl.LightningModule:

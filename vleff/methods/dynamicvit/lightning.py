@@ -32,6 +32,7 @@ from vleff.lightning.targets import (
     ModuleArg,
     RemovalOption,
     check_module_arg,
+    refuse_other_settings,
     resolve_backbone,
 )
 from vleff.methods.dynamicvit.core import (
@@ -161,9 +162,15 @@ class DynamicViTMixin(AuxLossMixin):
 
     _vleff_dynamicvit_backbone: nn.Module | None = None
 
-    def use_dynamicvit(self, backbone: nn.Module, **settings: Any) -> None:
-        """Apply DynamicViT to ``backbone`` (a child of this module whose forward gives logits)."""
-        apply_dynamicvit(backbone, **settings)
+    def use_dynamicvit(self, module: Any = None, **settings: Any) -> None:
+        """Apply DynamicViT to the classifier this module holds (a child whose forward gives logits):
+        ``module=`` names it (attribute path or the module object, also positionally:
+        ``self.use_dynamicvit(self.net, rho=0.7)``) when the module holds several models, as every
+        mixin's ``module=``."""
+        config = DynamicViTConfig.build(**settings)
+        backbone = resolve_backbone(self, check_module_arg(module), "dynamicvit")  # as the callback picks it
+        refuse_other_settings("dynamicvit", backbone, config)
+        apply_dynamicvit(backbone, config)
         self.__dict__["_vleff_dynamicvit_backbone"] = backbone
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
