@@ -387,7 +387,8 @@ def peft_methods() -> list[str]:
 
 
 def apply_peft(model: nn.Module, method: str, **settings: Any) -> nn.Module:
-    """Apply the ``peft`` tuner ``method`` (``"lora"``, ``"dora"``, ``"ia3"``, ``"adalora"``) to
+    """Apply the ``peft`` tuner ``method`` (any of :func:`peft_methods`: LoRA, DoRA, IA3, AdaLoRA,
+    LoHa, LoKr, OFT, QLoRA, LoRAHub ..., every entry with the trait ``peft_tuner``) to
     ``model`` with ``settings`` (``towers=...`` and the method's own): the method's registry entry's
     ``apply``, so ``vleff.apply_peft(model, method="dora", r=4)`` is ``vleff.apply_dora(model, r=4)``.
     ``ValueError`` naming the value and the tuners when ``method`` is not one."""

@@ -141,7 +141,8 @@ class PeftTuning(InitFromOption, RemovalOption, pl.Callback):
 
 class PEFT(PeftTuning):
     """``PEFT(method="dora", **settings)``: the callback of the ``peft`` tuner ``method``
-    (``"lora"``, ``"dora"``, ``"ia3"``, ``"adalora"``) with its settings: an instance of that
+    (any of :func:`vleff.registry.peft_methods`: ``"lora"``, ``"dora"``, ``"ia3"``, ``"adalora"``,
+    ``"loha"``, ``"lokr"``, ``"oft"`` ...) with its settings: an instance of that
     method's own callback class (``vleff.callbacks.DoRA`` ...), which this constructs."""
 
     def __new__(cls, method: str, **kwargs: Any) -> Any:  # type: ignore[misc]
