@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ def _repo_link(match: re.Match, page: Any, config: Any) -> str:
     if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("/"):
         return match.group(0)  # a URL (or an absolute path: mkdocs' own validation reports it)
     docs = Path(config["docs_dir"]).resolve()
-    resolved = (docs / Path(page.file.src_uri).parent / target).resolve()
+    # normalised, not resolved: a link through a symlink (configs/ -> vleff/configs/) keeps its name
+    resolved = Path(os.path.normpath(docs / Path(page.file.src_uri).parent / target))
     try:
         resolved.relative_to(docs)
         return match.group(0)  # a page or file of the site: mkdocs validates it
