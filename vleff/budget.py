@@ -324,6 +324,8 @@ def fit_budget(
         update(model, entry.name, **before)
         raise
     best = min(ratios.measured, key=lambda k: (abs(ratios.measured[k] / baseline - target), k))
+    if discrete and best == top and ratios.measured[best] / baseline > target * (1 + tolerance):
+        best = ratios.smallest_equal(best)  # out of reach: name the setting that does the most, not the bound
     settings = settings_of(model, best)
     update(model, entry.name, **settings)
     value = ratios.measured[best]
@@ -410,6 +412,16 @@ class _Search:
             if abs(value - target) <= tolerance * target / 4:  # well inside: more evaluations buy little
                 return
             lo, hi = (mid, hi) if value > target else (lo, mid)
+
+    def smallest_equal(self, knob: float) -> float:
+        """The smallest discrete knob whose FLOPs equal ``knob``'s (more knob never costs more, so
+        they form a range up to ``knob``): a knob past what the model can do (ToMe's ``r`` capped
+        per block) is reported and set as the setting that does the same, not as the bound."""
+        lo, hi = 0.0, knob
+        while hi - lo > 1:
+            mid = float(math.floor((lo + hi) / 2))
+            lo, hi = (lo, mid) if self.ratio(mid) == self.ratio(knob) else (mid, hi)
+        return hi if self.ratio(lo) != self.ratio(knob) else lo
 
 
 def _why(evaluations: list[tuple[float, float]], target: float, discrete: bool, setting: str) -> str:

@@ -176,3 +176,18 @@ def test_a_strict_madtp_failure_puts_back_everything_its_controller_moved():
         fit_budget(model, [batch], flops=0.995, max_evals=6, strict=False)
     moved, configs = state()
     assert moved["calibrated"] and configs != before[1]  # what the strict failure had to undo besides τ
+
+
+def test_out_of_reach_names_the_smallest_setting_that_does_the_most_not_the_search_bound():
+    """ToMe's knob runs to a bound far past what blocks can merge (r is capped per block): the
+    closest setting reported, and kept with strict=False, is the smallest with the same FLOPs."""
+    model, x = vit(), images()
+    vleff.apply_tome(model, r=0)
+    with pytest.warns(RuntimeWarning, match="the closest is set"):
+        fit = fit_budget(model, [x], flops=0.05, strict=False)
+    r = fit.settings["r"]
+    assert max(r) <= PATCHES // 2  # no block can merge more than half its 64 patches
+    smaller = [max(v - 1, 0) if i == 0 else v for i, v in enumerate(r)]
+    assert vleff.budget.measure_ratio(model, [x]) == pytest.approx(fit.ratio)
+    vleff.update(model, "tome", r=smaller)  # one merge less does less: r is the smallest that does the most
+    assert vleff.budget.measure_ratio(model, [x]) > fit.ratio
