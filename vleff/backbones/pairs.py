@@ -512,6 +512,24 @@ def pairs_in(model: nn.Module) -> list[tuple[str, ModelPair]]:
     return found
 
 
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, caption_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric CLIP loss on L2-normalised embeddings at the learned log temperature
+    ``logit_scale``; repeated captions (equal ``caption_ids``) share the target mass. The one home
+    of the contrastive loss: CLIP fine-tuning (:mod:`vleff.models.clip_finetuner`) and methods that
+    train an embedding against it (MuE's exit loss) call it."""
+    logits = logit_scale.exp() * image_emb @ text_emb.T
+    if caption_ids is None:
+        target = torch.eye(len(image_emb), device=logits.device, dtype=logits.dtype)
+    else:
+        same = (caption_ids[:, None] == caption_ids[None, :]).to(logits.dtype)
+        target = same / same.sum(dim=1, keepdim=True)
+    loss_i = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_t = -(target.T * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (loss_i + loss_t) / 2
+
+
 def caption_mask(ids: torch.Tensor) -> torch.Tensor:
     """The attention mask of zero-padded caption ids (:meth:`ModelPair.sample_text`, open_clip's
     tokenizer): 1 up to the end token, 0 on the padding."""
@@ -548,6 +566,7 @@ __all__ = [
     "Held",
     "PairEncoder",
     "caption_mask",
+    "contrastive_loss",
     "find_pair",
     "hold",
     "pair_context",

@@ -24,10 +24,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones.pairs import ModelPair, find_pair
+from vleff.backbones.pairs import ModelPair, contrastive_loss, find_pair
 from vleff.methods.galore.selection import wants_decay
 
 __all__ = ["CLIPFineTuner", "build_clip", "clip_family", "clip_pair", "contrastive_loss", "retrieval_recalls"]
@@ -134,21 +133,6 @@ def _example_inputs(
     if size is None or not isinstance(length, int) or length < 1:
         return None
     return torch.zeros(1, size[0], size[1], size[1]), torch.ones(1, length, dtype=torch.long)
-
-
-def contrastive_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, caption_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Symmetric CLIP loss on L2-normalised embeddings; repeated captions share the target mass."""
-    logits = logit_scale.exp() * image_emb @ text_emb.T
-    if caption_ids is None:
-        target = torch.eye(len(image_emb), device=logits.device, dtype=logits.dtype)
-    else:
-        same = (caption_ids[:, None] == caption_ids[None, :]).to(logits.dtype)
-        target = same / same.sum(dim=1, keepdim=True)
-    loss_i = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    loss_t = -(target.T * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-    return (loss_i + loss_t) / 2
 
 
 def retrieval_recalls(

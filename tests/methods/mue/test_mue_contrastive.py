@@ -126,8 +126,8 @@ def test_exit_contrastive_loss_pairs_each_exit_with_the_other_towers_final_embed
     torch.manual_seed(0)
     image, text, scale = torch.randn(3, 5, 4).double(), torch.randn(2, 5, 4).double(), torch.tensor(7.0)
     expected = sum(_clip_loss(image[i], text[-1], scale) for i in range(2)) + _clip_loss(image[-1], text[0], scale)
-    torch.testing.assert_close(exit_contrastive_loss(image, text, scale), expected.float())
-    only_final = exit_contrastive_loss(image[-1:], text[-1:], scale)
+    torch.testing.assert_close(exit_contrastive_loss(image, text, scale.log()), expected.float())  # log temperature
+    only_final = exit_contrastive_loss(image[-1:], text[-1:], scale.log())
     assert float(only_final) == 0.0  # the final pair is the user's loss, never added again
 
 

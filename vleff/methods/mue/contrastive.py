@@ -21,34 +21,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vleff.backbones.pairs import hold, pairs_in, partner
+from vleff.backbones.pairs import contrastive_loss, hold, pairs_in, partner
 from vleff.backbones.patch import in_backward
 from vleff.methods.mue.core import HOOK_NAME
 from vleff.tokens.aux import set_module_aux_loss
 from vleff.tokens.common import hooks_named
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric loss of ``[B, D]`` embeddings (row ``i`` of each is pair ``i``): the mean
-    of the image→text and text→image cross-entropies of ``scale · cos``."""
-    logits = scale * F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
-    target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+def _pair_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric loss of ``[B, D]`` embeddings (row ``i`` of each is pair ``i``), in float32."""
+    normed = (F.normalize(t.float(), dim=-1) for t in (image, text))
+    return contrastive_loss(*normed, logit_scale.float())
 
 
-def exit_contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def exit_contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """The unweighted sum of :func:`contrastive_loss` over every early exit of both towers.
 
     ``image`` ``[Li, B, D]`` and ``text`` ``[Lt, B, D]``: a tower's embeddings from each block it
-    can exit after, its final embedding last (a tower without exits: just the final one). Each exit
-    is paired with the other tower's final embedding; the two final embeddings are not paired
-    (that is the user's loss)."""
+    can exit after, its final embedding last (a tower without exits: just the final one); ``logit_scale``
+    the learned log temperature. Each exit is paired with the other tower's final embedding; the two
+    final embeddings are not paired (that is the user's loss)."""
     total = image.new_zeros((), dtype=torch.float32)
     for exit_embedding in image[:-1]:
-        total = total + contrastive_loss(exit_embedding, text[-1], scale)
+        total = total + _pair_loss(exit_embedding, text[-1], logit_scale)
     for exit_embedding in text[:-1]:
-        total = total + contrastive_loss(image[-1], exit_embedding, scale)
+        total = total + _pair_loss(image[-1], exit_embedding, logit_scale)
     return total
+
+
+def require_grad(hint: str = "") -> None:
+    """``RuntimeError`` for a training forward run without gradients (re-entrant gradient
+    checkpointing does that): a layer-wise loss there would get none. Both layer-wise losses check it."""
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "MuE layerwise_loss: a training forward ran without gradients (re-entrant gradient checkpointing "
+            f"does that), so the layer-wise loss would get none. Use non-re-entrant checkpointing{hint} or turn "
+            "checkpointing off"
+        )
 
 
 class ContrastiveLayerwiseLoss:
@@ -97,12 +106,7 @@ class ContrastiveLayerwiseLoss:
     def _block_hook(self, modality: str, first: bool, last: bool, block: nn.Module, args: Any, output: Any) -> None:
         if not block.training or in_backward():
             return
-        if not torch.is_grad_enabled():
-            raise RuntimeError(
-                "MuE layerwise_loss: a training forward ran without gradients (re-entrant gradient checkpointing "
-                "does that), so the layer-wise loss would get none. Use non-re-entrant checkpointing or turn "
-                "checkpointing off"
-            )
+        require_grad()
         tokens = output[0] if isinstance(output, tuple) else output
         if first:
             self.embeddings[modality] = []
@@ -118,7 +122,7 @@ class ContrastiveLayerwiseLoss:
             hold(self.store, modality, mine, tokens)
             return
         image, text = (mine, other) if modality == "image" else (other, mine)
-        loss = exit_contrastive_loss(image, text, self.pair.logit_scale.exp())
+        loss = exit_contrastive_loss(image, text, self.pair.logit_scale)
         set_module_aux_loss(self.pair.model, self.loss_name, loss)
 
     def remove(self) -> None:

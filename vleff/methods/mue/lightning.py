@@ -41,7 +41,7 @@ from vleff.lightning.targets import (
     check_module_arg,
     resolve_target,
 )
-from vleff.methods.mue.contrastive import ContrastiveLayerwiseLoss
+from vleff.methods.mue.contrastive import ContrastiveLayerwiseLoss, require_grad
 from vleff.methods.mue.core import MuEConfig, apply_mue
 
 LAYERWISE_LOSS = "mue/layerwise"
@@ -82,12 +82,7 @@ class LayerwiseLoss:
     def _hook(self, block: nn.Module, args: Any, output: torch.Tensor) -> None:
         if self.labels is None or not block.training or in_backward():
             return
-        if not torch.is_grad_enabled():
-            raise RuntimeError(
-                "MuE layerwise_loss: a training forward ran without gradients (re-entrant gradient checkpointing "
-                "does that), so the layer-wise loss would get none. Use non-re-entrant checkpointing (timm: "
-                "timm.layers.set_reentrant_ckpt(False)) or turn checkpointing off"
-            )
+        require_grad(" (timm: timm.layers.set_reentrant_ckpt(False))")
         patch = get_patch(self.tower.root)
         if patch is None or patch.state is None:
             return
