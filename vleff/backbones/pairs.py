@@ -507,7 +507,7 @@ def pairs_in(model: nn.Module) -> list[tuple[str, ModelPair]]:
             continue
         try:
             found.append((name, find_pair(module)))
-        except (TypeError, ValueError):
+        except TypeError:  # not a pair (a pair with ambiguous towers raises ValueError: shown, not skipped)
             continue
     return found
 

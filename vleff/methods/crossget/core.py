@@ -89,9 +89,9 @@ from vleff.backbones.pairs import (
     PAIRS_SUPPORTED,
     ModelPair,
     Pairing,
-    find_pair,
     pair_context,
     pair_or_hold,
+    pairs_in,
 )
 from vleff.backbones.patch import check_attachable
 from vleff.backbones.text import (
@@ -462,14 +462,7 @@ def resolve_pair(model: nn.Module) -> ModelPair:
         TypeError: no pair ("needs both towers"), or a pair without contrastive projections."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    pair, found = None, []  # the outermost pairs: a module holding two (teacher, student) is ambiguous
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{n}.") or not n for n, _ in found):
-            continue
-        try:
-            found.append((name, find_pair(module)))
-        except TypeError:
-            continue
+    pair, found = None, pairs_in(model)  # the outermost pairs: a module holding two (teacher, student) is ambiguous
     if len(found) > 1:
         raise ValueError(
             f"{type(model).__name__} holds {len(found)} image-text models ({', '.join(n for n, _ in found)}); "

@@ -80,6 +80,7 @@ from vleff.backbones.pairs import (
     image_text_parts,
     pair_context,
     pair_or_hold,
+    pairs_in,
 )
 from vleff.backbones.patch import check_attachable
 from vleff.backbones.state import gather_tokens
@@ -484,15 +485,7 @@ def _find_pair_in(model: nn.Module) -> ModelPair:
     try:
         return find_pair(model)
     except TypeError as first:
-        found = []
-        for name, child in model.named_modules():
-            if child is model:
-                continue
-            try:
-                found.append((name, find_pair(child)))
-            except TypeError:
-                continue
-        outer = [(n, p) for n, p in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+        outer = pairs_in(model)  # the model is no pair: its outermost pair submodules
         if len(outer) == 1:
             return outer[0][1]
         if len(outer) > 1:
