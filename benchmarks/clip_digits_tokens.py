@@ -83,8 +83,8 @@ BUDGET_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 #: shelf before :func:`vleff.fit_budget` or ``None`` (needs training), data-dependent knob). A
 #: data-dependent knob (Transkimmer's keep threshold, MuE's exit threshold) is fitted again after
 #: fine-tuning on the training images one at a time, as the FLOPs column counts them: Transkimmer's
-#: batched inference runs the union of the tokens its samples keep, so the callback's fit on whole
-#: training batches would leave each image skimming far more than the budget asks.
+#: batched inference runs as many tokens as the batch's widest sample keeps, so the callback's fit on
+#: whole training batches would leave each image skimming more than the budget asks.
 CALLBACK_METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, bool]] = {
     "dynamicvit": ("DynamicViT", {"locations": [1, 3, 4], "distill": False}, None, False),
     "transkimmer": ("Transkimmer", {"towers": "image", "skim_coefficient": 0.1}, None, True),

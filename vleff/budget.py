@@ -150,16 +150,9 @@ def tower_forward(tower: str, name: str = "tower") -> Forward:
     check_choice(name, tower, BUDGET_TOWERS)
 
     def forward(model: nn.Module, batch: Any) -> Any:
-        from vleff.backbones.pairs import find_pair
+        from vleff.backbones.pairs import pairs_in
 
-        pairs = []
-        for module in model.modules():  # the model itself, or the one pair a LightningModule holds
-            try:
-                pairs.append(find_pair(module))
-            except (TypeError, ValueError):
-                continue
-            if module is model:
-                break
+        pairs = [pair for _, pair in pairs_in(model)]  # the model itself, or the pairs a module holds
         if len(pairs) != 1:
             what = "no image-text pair" if not pairs else f"{len(pairs)} image-text pairs"
             raise TypeError(

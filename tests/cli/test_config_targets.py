@@ -191,14 +191,22 @@ def test_callback_configs_show_the_config_defaults(option):
         if not isinstance(node, dict) or "_target_" not in node:
             continue
         obj = get_object(node["_target_"])
-        defaults = {}
+        defaults, settings = {}, set()
         for config in (getattr(obj, "settings_config", None), getattr(obj, "controller_config", None)):
             if config is not None and dataclasses.is_dataclass(config):
                 defaults |= _field_defaults(config)
+                settings |= {f.name for f in dataclasses.fields(config)}
         for key, value in node.items():
             if key in defaults and _plain(defaults[key]) != value and not _chosen(text, key):
                 drift.append(f"{option}.yaml {name}.{key}: {value!r}, the config's default is {defaults[key]!r}")
+        missing = sorted(settings - set(node) - NOT_IN_YAML.keys())
+        if missing:  # a user reading the file must see every setting the method has
+            drift.append(f"{option}.yaml {name}: settings not listed: {missing}")
     assert not drift, "\n".join(drift)
+
+
+#: settings a YAML file cannot hold, and why
+NOT_IN_YAML = {"logits_fn": "a Python callable (DynamicViT's output -> logits)"}
 
 
 def _chosen(text: str, key: str) -> bool:

@@ -22,14 +22,15 @@ predictor skims almost nothing (P(skip) ≈ 4.5·10⁻⁵ per token and block fo
   ``skim_coefficient · (1/L) Σ_l mean_b(Σ_n m_l,n) / N`` over the ``L`` predictor blocks, ``N`` =
   all tokens of the tower input (prefix included, its mask is 1), as the reference.
 * **Inference** (eval mode): deterministic decisions, keep iff ``logit_keep − logit_skip > 0``
-  (the reference samples Gumbel noise in eval too; vleff does not). Tokens that *no sample* of
-  the batch keeps are really removed (gathered out); a token that some samples keep and others
-  skim stays in the sequence, masked for the samples that skim it (a ``−inf`` attention bias on
-  those keys, each token still seeing itself: exactly what the sample computes alone, where the
-  training's keep-masked softmax spreads an epsilon of 1e-6 over all keys). A batch of one sample
-  therefore runs only its kept tokens; a larger batch runs the union of its samples' kept tokens.
-  At the end every token is put back at its input position with its forwarded state, so the
-  tower's output has its input length.
+  (the reference samples Gumbel noise in eval too; vleff does not). Each sample runs its own
+  kept tokens: at each decision the sequence is packed per sample, its kept tokens first, and
+  shrinks to the count of the sample that keeps the most. A sample that keeps fewer fills the
+  rest with tokens it skims (fillers: masked by a ``−inf`` attention bias on those keys, each
+  token still seeing itself, and carrying their forwarded state), so every sample computes exactly
+  what it computes alone, and a batch costs its widest sample, not the union of what its samples
+  keep (where the training's keep-masked softmax spreads an epsilon of 1e-6 over all keys, the
+  inference mask is exact). At the end every token is put back at its input position with its
+  forwarded state, so the tower's output has its input length.
   ``eval_mode="mask"`` keeps every token and masks (the test of drop against mask).
 * **Text towers** (CLIP's causal text towers, BLIP's text encoder; causal decoders refused): the
   tower's layout hook rebuilds the causal / padding mask once tokens are removed and puts the
@@ -83,8 +84,8 @@ class TranskimmerConfig(MethodConfig):
             (reference: 5). ``b <= 0`` starts by skimming (tests, ablations).
         tau: Gumbel-softmax temperature in training (reference: 1).
         locations: block indices (strictly increasing) with a predictor in front; ``None``: every block.
-        eval_mode: ``"drop"`` (tokens that no sample keeps are removed) or ``"mask"`` (kept in
-            place and masked, the training computation made deterministic).
+        eval_mode: ``"drop"`` (each sample runs only the tokens it keeps, packed per sample) or
+            ``"mask"`` (kept in place and masked, the training computation made deterministic).
         keep_threshold: inference keeps a token iff its predictor's keep probability
             ``softmax(logits)[keep]`` is above this (strictly), i.e. ``logit_keep − logit_skip >
             log(t / (1 − t))``. The default 0.5 is the paper's argmax; it is the FLOPs knob of
@@ -146,9 +147,9 @@ class TranskimmerHook(TowerHook):
 
     ``state.scratch["transkimmer"]`` holds, per forward: ``masks`` (``[B, N]`` keep masks over the
     tokens entering each predictor block, prefix 1; in drop mode over the tokens still in the
-    sequence), ``positions`` (drop mode, image towers: the input positions of the sequence at each
-    removal), ``x_in`` (the input of the running block, while some sample skims a token still in
-    the sequence) and, in drop mode on image towers, ``out`` (``[B, N₀, C]``: the forwarded states).
+    sequence, in each sample's packed order), ``x_in`` (the input of the running block, while some
+    sample carries a token it skims) and, in drop mode on image towers, ``out`` (``[B, N₀, C]``: the
+    forwarded states).
     """
 
     name = HOOK_NAME
@@ -189,7 +190,7 @@ class TranskimmerHook(TowerHook):
                 "(those its predictors keep), and an exported graph needs token counts fixed at export time. "
                 "Export with Transkimmer removed (vleff.remove_transkimmer) or with eval_mode='mask'"
             )
-        scratch: dict[str, Any] = {"masks": [], "positions": [], "num_input": x.shape[1], "masked": False}
+        scratch: dict[str, Any] = {"masks": [], "num_input": x.shape[1], "masked": False}
         if dropping and self.forward_skimmed:
             scratch["out"] = x
             pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
@@ -275,7 +276,7 @@ class TranskimmerHook(TowerHook):
             return x
         return _put(out, state.get(POSITION), x)
 
-    # --- inference: remove what no sample keeps ----------------------------------------------
+    # --- inference: each sample runs its own kept tokens ------------------------------------
     def _set_keep(self, state: TokenState, mask: torch.Tensor) -> None:
         if state.get(KEEP) is None:
             state.register(KEEP, mask, "max")
@@ -283,16 +284,26 @@ class TranskimmerHook(TowerHook):
             state.set(KEEP, mask)
 
     def _drop(self, x: torch.Tensor, mask: torch.Tensor, state: TokenState, scratch: dict[str, Any]) -> torch.Tensor:
-        wanted = mask.bool().any(dim=0)  # tokens some sample keeps (the prefix always)
-        if not bool(wanted.all()):
+        """Pack: each sample's kept tokens first (in sequence order), then as many of the tokens
+        it skims as the sample keeping the most needs (fillers, masked, carrying their forwarded
+        state); the sequence shrinks to that widest sample's count."""
+        kept = mask.bool()
+        width = int(kept.sum(dim=1).max())  # the most tokens a sample keeps (the prefix always)
+        if width < x.shape[1]:
             if self.forward_skimmed:
-                scratch["positions"].append(state.get(POSITION))
                 scratch["out"] = _put(scratch["out"], state.get(POSITION), x)  # the removed tokens' final states
-            x = state.select(x, wanted.nonzero()[:, 0].expand(x.shape[0], -1))
-            mask = mask[:, wanted]
+            idx = pack_order(kept)[:, :width]
+            x = state.select(x, idx)
+            mask = mask.gather(1, idx)
         self._set_keep(state, mask)
-        scratch["masked"] = not bool(mask.bool().all())  # samples differ: mask what some skim
+        scratch["masked"] = not bool(mask.bool().all())  # some sample carries fillers: mask them
         return x
+
+
+def pack_order(kept: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` token order per sample: the kept tokens in sequence order, then the skimmed ones
+    in sequence order (a stable sort on "skimmed")."""
+    return torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices
 
 
 def keep_margin(threshold: float) -> float:

@@ -38,11 +38,10 @@ class Transkimmer(InitFromOption, RemovalOption, BudgetOption, AuxLoss):
             without the method (:func:`vleff.fit_budget` on the first ``budget_batches`` training
             batches at the start of ``fit``, and again when training ends: the trained predictors
             give other margins; kept in checkpoints). The batches are measured as they come, and a
-            batch at inference runs the *union* of the tokens its samples keep: a threshold fitted
-            on batches of 32 makes each image skim far more than one fitted on single images (on
-            digits, the same predictors: 49 % top-1 against 93 %, docs/benchmarks.md). Fit on the
-            batch size you will infer at (``vleff.fit_budget`` on single images for a per-image
-            budget).
+            batch at inference runs as many tokens as its widest sample keeps, so it costs more per
+            image than one image does, and a threshold fitted on batches makes each image skim more
+            than one fitted on single images. Fit on the batch size you will infer at
+            (``vleff.fit_budget`` on single images for a per-image budget).
         budget_batches: how many training batches the budget is measured on.
         budget_tower: ``"image"`` or ``"text"``: ``flops_target`` is of that tower of an image-text
             model alone (:func:`vleff.budget.tower_forward`); ``None``: of the whole model.
