@@ -29,7 +29,9 @@ def _instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
     for name, spec in (cfg or {}).items():
         if not isinstance(spec, DictConfig) or "_target_" not in spec:
             raise ValueError(f"callbacks.{name} must be a mapping with a _target_, got {spec!r}")
-        callbacks.append(instantiate(spec))
+        # plain lists and dicts, not OmegaConf containers: the callbacks validate their
+        # settings (``exclude``, ``targets``, ...) as the Python types a user passes
+        callbacks.append(instantiate(spec, _convert_="all"))
     return callbacks
 
 

@@ -37,6 +37,8 @@ def test_adalora_starts_exactly_and_counts_its_initial_parameters(family, tower)
     apply_adalora(model, init_r=6, target_r=2, total_step=10)
     shapes = [(3 * C, C)] * 3 if family == "timm_vit" else [(C, C)] * 3 * 4
     assert sum(p.numel() for p in adalora_parameters(model)) == adalora_count(6, shapes)
+    # before the first allocation every target has its init_r (Λ starts at zero: not a rank of 0)
+    assert rank_pattern(model) is None and set(ranks(model).values()) == {6} and len(ranks(model)) == len(shapes)
 
 
 def test_adalora_remove_restores_names_flags_and_state_exactly():

@@ -261,12 +261,20 @@ def rank_pattern(model: nn.Module) -> dict[str, list[bool]] | None:
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
-    """The rank each target has now: its non-zero ``Λ`` entries (masked ones are exactly zero)."""
-    return {
-        name.rsplit(".lora_E", 1)[0]: int((p != 0).sum())
+    """The rank each target has now: the singular values its budget keeps (``peft``'s rank pattern),
+    or all ``init_r`` of them before the first allocation. Not the non-zero ``Λ`` entries: ``Λ``
+    starts at zero, so those would read 0 before training although nothing is masked yet."""
+    counts = {
+        name.rsplit(".lora_E", 1)[0]: int(p.shape[0])
         for name, p in pt.holder(model, NAME).named_parameters()
         if ".lora_E." in name
     }
+    for key, kept in (rank_pattern(model) or {}).items():
+        target = key.rsplit(".lora_E", 1)[0]
+        if target not in counts:
+            raise KeyError(f"{LABEL}: the rank pattern names {key!r}, which is not one of the adapted layers")
+        counts[target] = int(sum(kept))
+    return counts
 
 
 def allocator_state(model: nn.Module) -> dict[str, Any]:
