@@ -62,7 +62,8 @@ def checkpoint_refusal(adapter: TowerAdapter, names: list[str]) -> str:
         f"{adapter.describe()} has gradient checkpointing on, which recomputes blocks in backward; the methods "
         f"applied ({', '.join(names)}) cannot replay a block from its inputs (they read state another tower or "
         "an earlier step left). Turn it off (timm: model.set_grad_checkpointing(False); open_clip: "
-        "model.set_grad_checkpointing(False); Hugging Face: model.gradient_checkpointing_disable()) or run "
+        "model.set_grad_checkpointing(False); Hugging Face: model.activation_checkpointing_disable(), "
+        "gradient_checkpointing_disable() before transformers 5.24) or run "
         "without gradients"
     )
 
@@ -169,8 +170,9 @@ class TowerPatch:
                 f"{self.adapter.describe()} runs a training forward without gradients under gradient checkpointing "
                 f"(re-entrant checkpointing does that): {', '.join(exporting)} hands tensors that need gradients out "
                 "of the blocks, which would get none. Use non-re-entrant checkpointing (timm: "
-                "timm.layers.set_reentrant_ckpt(False); Hugging Face: model.gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs={'use_reentrant': False}); open_clip's is) or put the model in eval()"
+                "timm.layers.set_reentrant_ckpt(False); Hugging Face: model.activation_checkpointing_enable("
+                "activation_checkpointing_kwargs={'use_reentrant': False}), gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs=...) before transformers 5.24; open_clip's is) or put the model in eval()"
             )
 
     def run(
