@@ -170,6 +170,10 @@ class Method:
         unsharded: why the method cannot train sharded parameters (FSDP, DeepSpeed ZeRO-3,
             ``ModelParallelStrategy``), the end of the error its callback raises under such a
             strategy at ``setup``; empty: it runs sharded (``tests/lightning/test_fsdp.py``).
+        needs_dtensor: why the method trains sharded parameters only as FSDP2 keeps them (each a
+            ``DTensor`` that knows its place in the whole: ``ModelParallelStrategy``) and not
+            flattened into shards (``FSDPStrategy``, DeepSpeed, XLA's FSDP), which its callback then
+            refuses at ``setup`` with this reason; empty: no such limit.
         display_name: how messages name the method (``"ToMe"``; default: ``name``).
         settings_of: ``settings_of(model) -> dict``: the settings as applied, read back from the
             model (``towers``: the set of modalities carrying it); settings that leave no trace
@@ -208,6 +212,7 @@ class Method:
     updatable: tuple[str, ...] = ()
     required_on_load: bool = False
     unsharded: str = ""
+    needs_dtensor: str = ""
     schedule: str | None = None
     display_name: str = ""
     settings_of: Callable[[nn.Module], dict[str, Any]] | None = None

@@ -231,8 +231,9 @@ def _sharded_resume(name: str, out: Path, rank: int) -> None:
 
 
 RESUME = "resume:"
-#: one token method and one side method: saved sharded, resumed exactly
-RESUMED = ("tome", "lst")
+#: one token method, one side method and MeZO (its step count lives in the optimizer's param groups):
+#: saved sharded, resumed exactly
+RESUMED = ("tome", "lst", "mezo")
 
 
 def _rank(rank: int, port: int, names: list[str], out: Path) -> None:
@@ -286,13 +287,22 @@ def _wait(out: Path, name: str, timeout: float = 240.0) -> None:
         time.sleep(0.1)
 
 
+#: methods that take one step per batch (no gradient to accumulate): their reference runs the two
+#: ranks' batches of a step as one batch (the ranks average their means of equal-sized batches)
+ONE_STEP_PER_BATCH = ("mezo",)
+
+
 def _reference(name: str, path: Path) -> None:
     """The same callback on one process, the two ranks' batches accumulated into one step."""
     module, loader = _task(name)
     batch = next(iter(loader))
-    ordered = DataLoader(Subset(loader.dataset, REFERENCE_ORDER), batch_size=2)
+    whole = name in ONE_STEP_PER_BATCH
+    ordered = DataLoader(Subset(loader.dataset, REFERENCE_ORDER), batch_size=4 if whole else 2)
     trainer = _trainer(
-        path.parent, [*_callbacks(name, module), _Record(path, batch)], devices=1, accumulate_grad_batches=2
+        path.parent,
+        [*_callbacks(name, module), _Record(path, batch)],
+        devices=1,
+        accumulate_grad_batches=1 if whole else 2,
     )
     trainer.fit(module, ordered)
 
@@ -371,6 +381,22 @@ def test_fsdp1_and_deepspeed_are_refused_by_name_for_a_method_that_cannot_shard(
         check_strategy(SimpleNamespace(strategy=strategy), "tome")  # ToMe runs sharded
     assert not shards_parameters(DDPStrategy())
     check_strategy(SimpleNamespace(strategy=DDPStrategy()), "galore")
+
+
+def test_mezo_runs_on_dtensor_shards_and_refuses_flattened_ones():
+    """MeZO trains FSDP2's DTensor shards (the fit above) but not FSDP1's flat shards, whose
+    place in the parameter it cannot know; DDP and a single device stay open."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from vleff.lightning.strategy import check_strategy
+
+    with pytest.raises(RuntimeError, match="MeZO cannot run under FSDPStrategy, which flattens.*ModelParallelStrategy"):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy()), "mezo")
+    check_strategy(SimpleNamespace(strategy=fsdp2()), "mezo")
+    check_strategy(SimpleNamespace(strategy=DDPStrategy()), "mezo")
+    check_strategy(None, "mezo")
 
 
 def test_block_classes_name_each_towers_block_class_also_once_sharded():

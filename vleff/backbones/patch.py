@@ -172,7 +172,8 @@ class TowerPatch:
                 "of the blocks, which would get none. Use non-re-entrant checkpointing (timm: "
                 "timm.layers.set_reentrant_ckpt(False); Hugging Face: model.activation_checkpointing_enable("
                 "activation_checkpointing_kwargs={'use_reentrant': False}), gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs=...) before transformers 5.24; open_clip's is) or put the model in eval()"
+                "gradient_checkpointing_kwargs=...) before transformers 5.24; open_clip's is) or put the model in "
+                "eval()"
             )
 
     def run(

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["FORWARD_METHODS", "block_classes", "blocks_of", "library_type", "shard_blocks"]
+__all__ = ["FORWARD_METHODS", "block_classes", "blocks_of", "fsdp_modules", "library_type", "shard_blocks"]
 
 #: methods of image-text models that run a forward without ``__call__`` (FSDP2 must be told to
 #: gather the root's parameters around them: ``register_fsdp_forward_method``)
@@ -84,6 +84,20 @@ def shard_blocks(model: nn.Module, mesh: Any = None, **fully_shard_kwargs: Any) 
         if callable(getattr(model, name, None)):
             register_fsdp_forward_method(model, name)
     return model
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules in ``model``, ``model`` included; empty when none is.
+
+    Their ``reshard()`` frees the parameters a forward gathered. A forward without a backward
+    (MeZO's two losses) leaves the root's gathered: ``fully_shard`` keeps the root's parameters
+    after forward for the backward it expects, so a later forward would run on that copy and not
+    on shards changed in place since. Resharding after each forward makes the next one gather."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def _average_grad(param: nn.Parameter, group: Any) -> None:

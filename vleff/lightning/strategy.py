@@ -13,31 +13,59 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-__all__ = ["SHARDING_STRATEGIES", "check_strategy", "shards_parameters", "whole_checkpoint"]
+__all__ = [
+    "DTENSOR_STRATEGIES",
+    "SHARDING_STRATEGIES",
+    "check_strategy",
+    "shards_as_dtensors",
+    "shards_parameters",
+    "whole_checkpoint",
+]
 
 #: class-name parts of the Lightning strategies that shard or flatten parameters
 SHARDING_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+#: those of them whose shards are ``DTensor`` parameters of the original shapes (FSDP2)
+DTENSOR_STRATEGIES = ("ModelParallel",)
+
+
+def _named(strategy: object, keys: tuple[str, ...]) -> bool:
+    """Whether ``strategy``'s class or any base class (users' subclasses count) has one of ``keys`` in its name."""
+    return any(key in cls.__name__ for cls in type(strategy).__mro__ for key in keys)
 
 
 def shards_parameters(strategy: object) -> bool:
-    """Whether ``strategy`` (a Lightning strategy object) shards or flattens the parameters
-    (judged by its class or any base class, so users' subclasses count)."""
-    return any(key in cls.__name__ for cls in type(strategy).__mro__ for key in SHARDING_STRATEGIES)
+    """Whether ``strategy`` (a Lightning strategy object) shards or flattens the parameters."""
+    return _named(strategy, SHARDING_STRATEGIES)
+
+
+def shards_as_dtensors(strategy: object) -> bool:
+    """Whether ``strategy`` shards each parameter as a ``DTensor`` of its own shape (FSDP2's
+    ``fully_shard`` under ``ModelParallelStrategy``), not into flat buffers."""
+    return _named(strategy, DTENSOR_STRATEGIES)
 
 
 def check_strategy(trainer: pl.Trainer | None, method: str) -> None:
     """``RuntimeError`` naming the method, the strategy and the reason when ``trainer``'s strategy
-    shards parameters and registered method ``method`` declares that it cannot train them. A
+    shards parameters and registered method ``method`` declares that it cannot train them (or
+    cannot train them flattened, ``Method.needs_dtensor``). A
     callback's hook called without a trainer (a unit test, a hand-driven setup) has no strategy
     to refuse."""
     from vleff.registry import get_method
 
     entry = get_method(method)
     strategy = getattr(trainer, "strategy", None)
-    if entry.unsharded and strategy is not None and shards_parameters(strategy):
+    if strategy is None or not shards_parameters(strategy):
+        return
+    if entry.unsharded:
         raise RuntimeError(
             f"{entry.display_name} cannot run under {type(strategy).__name__}, which shards the "
             f"parameters: {entry.unsharded}. Use a single device or DDP (strategy='ddp')"
+        )
+    if entry.needs_dtensor and not shards_as_dtensors(strategy):
+        raise RuntimeError(
+            f"{entry.display_name} cannot run under {type(strategy).__name__}, which flattens the "
+            f"parameters into shards: {entry.needs_dtensor}. Use ModelParallelStrategy with "
+            "vleff.shard_blocks in configure_model (FSDP2), DDP (strategy='ddp') or a single device"
         )
 
 

@@ -49,6 +49,40 @@ def test_directions_follow_the_documented_contract():
         torch.testing.assert_close(z, expect, atol=0, rtol=0)
 
 
+def test_state_dict_keeps_seed_and_step_count_in_the_param_groups():
+    """A resumed optimizer continues the seed sequence; the count travels in every param group,
+    which a sharded checkpoint keeps (it drops keys beside ``state`` and ``param_groups``)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = MeZO([w], lr=1e-2, seed=11)
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum())
+    saved = opt.state_dict()
+    assert [g["mezo"] for g in saved["param_groups"]] == [{"base_seed": 11, "steps_done": 3}]
+    kept = {"state": saved["state"], "param_groups": saved["param_groups"]}  # what a sharded save keeps
+    fresh = MeZO([torch.nn.Parameter(w.detach().clone())], lr=1e-2, seed=0)
+    fresh.load_state_dict(kept)
+    assert fresh.current_seed() == 14 and "mezo" not in fresh.param_groups[0]
+    # the layout of earlier checkpoints (a top-level "mezo" key) still loads
+    old = {**kept, "param_groups": [{k: v for k, v in g.items() if k != "mezo"} for g in kept["param_groups"]]}
+    older = MeZO([torch.nn.Parameter(w.detach().clone())], lr=1e-2)
+    older.load_state_dict({**old, "mezo": {"base_seed": 11, "steps_done": 3}})
+    assert older.current_seed() == 14
+
+
+def test_a_step_without_closure_is_a_no_op_only_at_lr_zero():
+    """torch.distributed.checkpoint initialises optimizer state with ``step()`` at lr 0 and no
+    closure: a step of size 0, which changes nothing and is not counted; any other step without
+    a closure is refused."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = MeZO([w], lr=0.0, weight_decay=0.1, seed=3)
+    assert opt.step() is None
+    assert torch.equal(w.detach(), torch.ones(3)) and opt.steps_done == 0
+    opt.param_groups[0]["lr"] = 1e-3
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step()
+
+
 def test_perturb_and_restore_leaves_weights_unchanged():
     model = tm.open_clip_model().eval()
     before = [p.detach().clone() for p in model.parameters()]

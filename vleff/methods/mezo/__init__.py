@@ -21,9 +21,10 @@ from vleff.registry import Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
-        unsharded=(
-            "it perturbs every parameter in place with noise regenerated from a shared seed, and each rank "
-            "would draw the same noise for its different shard (a correlated, not a Gaussian, direction)"
+        needs_dtensor=(
+            "each rank perturbs its own shard with that shard's slice of the whole direction z, which "
+            "needs to know where the shard lies in the parameter (a DTensor does); a flattened shard "
+            "would draw its own z, the same on every rank (a correlated, not a Gaussian, direction)"
         ),
         display_name="MeZO",
         traits=frozenset({"replaces_optimizer"}),

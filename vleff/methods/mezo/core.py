@@ -15,6 +15,13 @@ Direction contract (tests and users can rebuild ``z``): for a seed ``s``, the pa
 ``requires_grad=True`` are visited in param-group order (frozen ones are skipped: never
 perturbed, never updated) and each gets ``torch.randn(p.shape, generator=g, dtype=p.dtype)``
 from one ``torch.Generator(device=p.device).manual_seed(s)`` per device, drawn in that order.
+A parameter sharded across ranks (a ``DTensor``: FSDP2, Lightning's ``ModelParallelStrategy``)
+draws the same whole ``z`` on every rank and perturbs and updates its own shard with that
+shard's slice of it, so the direction is the one an unsharded run draws (``z`` of one parameter
+then exists whole on each rank, one parameter at a time). ``fully_shard`` keeps the root's
+gathered parameters after a forward, for a backward MeZO never runs: a closure of your own must
+``reshard()`` every module of :func:`vleff.backbones.sharding.fsdp_modules` after its forward (the
+Lightning callback does), or the next forward runs on the copy gathered before MeZO moved the shards.
 
 Restoring is exact only up to rounding (``θ + εz - 2εz + εz``), and an update ``lr · g · z``
 smaller than half a weight's rounding step is rounded away. In fp32 both are negligible; in
@@ -46,13 +53,42 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def directions(params: Iterable[torch.Tensor], seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(p, z_p)`` with ``z`` drawn from ``seed`` (see the module's direction contract)."""
+    """Yield ``(p, z_p)`` with ``z`` drawn from ``seed`` (see the module's direction contract);
+    for a sharded parameter, ``(its local shard, that shard's slice of z)``."""
     generators: dict[torch.device, torch.Generator] = {}
     for p in params:
         gen = generators.get(p.device)
         if gen is None:
             gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(int(seed))
-        yield p, torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+        z = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+        yield _local(p, z) if _is_dtensor(p) else (p, z)
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _local(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sharded parameter's local shard and the matching slice of its whole direction ``z``."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+        raise TypeError(
+            f"MeZO perturbs sharded parameters placed as Shard or Replicate; got {tuple(p.placements)} "
+            f"for a parameter of shape {tuple(p.shape)}"
+        )
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    local = p.to_local()  # the rank's own storage (no autograd here: MeZO runs under no_grad)
+    if tuple(local.shape) != tuple(shape):
+        raise RuntimeError(
+            f"MeZO: a sharded parameter's local shard has shape {tuple(local.shape)}, its placement "
+            f"{tuple(p.placements)} says {tuple(shape)}"
+        )
+    part = z[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    return local, part
 
 
 @torch.no_grad()
@@ -198,8 +234,13 @@ class MeZO(Optimizer):
         return self.base_seed + self.steps_done
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         if closure is None:
+            if all(float(g["lr"]) == 0 for g in self.param_groups):
+                # a step of size 0 changes nothing, whatever the loss: torch.distributed.checkpoint
+                # takes one (no closure, lr 0) to initialise an optimizer's state before it saves or
+                # loads a sharded checkpoint; it is not counted (the seed sequence does not move)
+                return None
             raise ValueError("MeZO.step needs a closure that returns the loss (it evaluates it twice)")
         eps_values = {g["eps"] for g in self.param_groups}
         if len(eps_values) != 1:
@@ -234,13 +275,24 @@ class MeZO(Optimizer):
             p.add_(z, alpha=-lr * projected_grad)
 
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s, with the seed and the step count in every param group (``"mezo"``).
+
+        In the groups, not beside them: a sharded checkpoint (``torch.distributed.checkpoint``,
+        Lightning's ``ModelParallelStrategy``) keeps an optimizer's ``state`` and ``param_groups``
+        and drops any other key, and a resume that lost the step count would redraw the first
+        steps' directions."""
         out = super().state_dict()
-        out["mezo"] = {"base_seed": self.base_seed, "steps_done": self.steps_done}
+        for group in out["param_groups"]:
+            group["mezo"] = {"base_seed": self.base_seed, "steps_done": self.steps_done}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("mezo", None)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        extra = state_dict.pop("mezo", None)  # where earlier checkpoints kept it
+        for group in groups:
+            extra = group.pop("mezo", None) or extra
+        state_dict["param_groups"] = groups
         super().load_state_dict(state_dict)
         if extra is not None:
             self.base_seed = int(extra["base_seed"])

@@ -13,6 +13,11 @@ At fit start the callback
 * Under DDP every rank draws the same ``z`` (seed = base seed + step, identical everywhere)
   and the projected gradient is averaged with ``strategy.reduce``, so ranks stay identical;
   DDP's gradient hooks are disabled because nothing runs backward.
+* Under FSDP2 (``ModelParallelStrategy`` with ``vleff.shard_blocks``) each rank perturbs and
+  updates its own shards with their slices of the same ``z`` (``vleff.memory.mezo``'s direction
+  contract), and the sharded modules are resharded after each of the two forwards, so the next
+  forward gathers the shards as MeZO left them (``fully_shard`` keeps the root's gathered
+  parameters after a forward, for a backward that never comes).
 
 Manual optimization means Lightning no longer steps LR schedulers; the wrapped step does
 (``interval="step"`` every ``frequency`` steps, ``"epoch"`` at epoch end, plateau schedulers
@@ -50,6 +55,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer import call
 
+from vleff.backbones.sharding import fsdp_modules
 from vleff.lightning.mixin import next_hook
 from vleff.lightning.optimizer_swap import (
     refuse_conflicting_methods,
@@ -134,10 +140,15 @@ def _mezo_step(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: Call
     if not isinstance(opt, MeZOOptimizer):
         raise TypeError(f"the MeZO training step found a {type(opt).__name__} optimizer; something replaced MeZO")
     evaluations: list[list[_LogCall]] = []
+    sharded = fsdp_modules(pl_module)
 
     def closure() -> Any:
         evaluations.append([])
-        return _recording_logs(pl_module, loss_fn, evaluations[-1])
+        try:
+            return _recording_logs(pl_module, loss_fn, evaluations[-1])
+        finally:
+            for module in sharded:  # the next forward gathers the shards MeZO is about to change
+                module.reshard()
 
     inner_reduce = opt.reduce
 
