@@ -90,7 +90,14 @@ def method_facts(name: str, where: str) -> str:
             f"| FLOPs budget | `vleff.fit_budget(model, batches, flops=...)` or the callback's `flops_target=` "
             f"set `{m.budget.setting}` |"
         )
-    lines.append(f"| sharded training (FSDP) | {'refused: ' + _cell(m.unsharded) if m.unsharded else 'runs'} |")
+    if m.unsharded:
+        sharded = "refused: " + _cell(m.unsharded)
+    elif m.needs_dtensor:
+        sharded = "runs under FSDP2 (`ModelParallelStrategy`); refused under FSDP1 and DeepSpeed: "
+        sharded += _cell(m.needs_dtensor)
+    else:
+        sharded = "runs"
+    lines.append(f"| sharded training (FSDP) | {sharded} |")
     out = ["## Facts", "", "Read from the method's registry entry when this page was built.", "", *lines, ""]
     if m.refuses:
         out += ["**Refuses to share a model with** a method that:", ""]
