@@ -231,9 +231,9 @@ def _sharded_resume(name: str, out: Path, rank: int) -> None:
 
 
 RESUME = "resume:"
-#: one token method, one side method and MeZO (its step count lives in the optimizer's param groups):
-#: saved sharded, resumed exactly
-RESUMED = ("tome", "lst", "mezo")
+#: one token method, one side method and the two optimizers (MeZO's step count lives in its param
+#: groups, GaLore's moments are DTensors or replicated): saved sharded, resumed exactly
+RESUMED = ("tome", "lst", "mezo", "galore")
 
 
 def _rank(rank: int, port: int, names: list[str], out: Path) -> None:
@@ -376,27 +376,31 @@ def test_fsdp1_and_deepspeed_are_refused_by_name_for_a_method_that_cannot_shard(
 
     for strategy in (FSDPStrategy(), MyFSDP()):
         assert shards_parameters(strategy)
-        with pytest.raises(RuntimeError, match=f"GaLore cannot run under {type(strategy).__name__}.*SVD"):
-            check_strategy(SimpleNamespace(strategy=strategy), "galore")
+        with pytest.raises(RuntimeError, match=f"FishMask cannot run under {type(strategy).__name__}.*entry masks"):
+            check_strategy(SimpleNamespace(strategy=strategy), "fishmask")
         check_strategy(SimpleNamespace(strategy=strategy), "tome")  # ToMe runs sharded
     assert not shards_parameters(DDPStrategy())
-    check_strategy(SimpleNamespace(strategy=DDPStrategy()), "galore")
+    check_strategy(SimpleNamespace(strategy=DDPStrategy()), "fishmask")
 
 
-def test_mezo_runs_on_dtensor_shards_and_refuses_flattened_ones():
-    """MeZO trains FSDP2's DTensor shards (the fit above) but not FSDP1's flat shards, whose
-    place in the parameter it cannot know; DDP and a single device stay open."""
+@pytest.mark.parametrize("name", ["mezo", "galore"])
+def test_optimizers_run_on_dtensor_shards_and_refuse_flattened_ones(name):
+    """MeZO and GaLore train FSDP2's DTensor shards (the fits above) but not FSDP1's flat shards,
+    whose place in the parameter they cannot know; DDP and a single device stay open."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from vleff.lightning.strategy import check_strategy
 
-    with pytest.raises(RuntimeError, match="MeZO cannot run under FSDPStrategy, which flattens.*ModelParallelStrategy"):
-        check_strategy(SimpleNamespace(strategy=FSDPStrategy()), "mezo")
-    check_strategy(SimpleNamespace(strategy=fsdp2()), "mezo")
-    check_strategy(SimpleNamespace(strategy=DDPStrategy()), "mezo")
-    check_strategy(None, "mezo")
+    label = get_method(name).display_name
+    with pytest.raises(
+        RuntimeError, match=f"{label} cannot run under FSDPStrategy, which flattens.*ModelParallelStrategy"
+    ):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy()), name)
+    check_strategy(SimpleNamespace(strategy=fsdp2()), name)
+    check_strategy(SimpleNamespace(strategy=DDPStrategy()), name)
+    check_strategy(None, name)
 
 
 def test_block_classes_name_each_towers_block_class_also_once_sharded():

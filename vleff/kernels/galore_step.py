@@ -75,13 +75,39 @@ def galore_adam_step_reference(
     """PyTorch reference of the fused step; updates ``param``, ``exp_avg``, ``exp_avg_sq`` in place."""
     _check_step_args(param, grad, proj, exp_avg, exp_avg_sq, side, step)
     with torch.no_grad():
-        p32 = proj.float()
-        low = project_reference(grad.float(), p32, side)
+        low = project_reference(grad.float(), proj.float(), side)
+        galore_adam_step_projected(
+            param, low, proj, exp_avg, exp_avg_sq, side, step, lr, beta1, beta2, eps, weight_decay, scale
+        )
+
+
+def galore_adam_step_projected(
+    param: torch.Tensor,
+    low: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    side: Side,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+) -> None:
+    """The step after the projection: Adam on the projected gradient ``low`` (fp32, in place on
+    the moments), back-projection with ``proj`` and the AdamW update of ``param``.
+
+    Split from the reference for a weight sharded by rows (FSDP2), whose left projection
+    ``Pᵀ G`` sums over rows every rank holds a part of: the ranks add their partial products,
+    then each applies this step to its own rows with its rows of ``P``."""
+    with torch.no_grad():
         exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
         denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
         norm = exp_avg / (1.0 - beta1**step) / denom
-        update = project_back_reference(norm, p32, side)
+        update = project_back_reference(norm, proj.float(), side)
         new = param.float().mul_(1.0 - lr * weight_decay).sub_(update, alpha=lr * scale)
         param.copy_(new)
 

@@ -25,10 +25,9 @@ from vleff.registry import Method, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
-        unsharded=(
-            "its projection is the SVD of each weight's whole gradient matrix, and a shard holds rows of it "
-            "(galore-torch has the same gap); gathering every gradient on every rank each step would undo "
-            "the sharding"
+        needs_dtensor=(
+            "its sharded step places each rank's rows of a weight in the whole (the rows its moments and its "
+            "rows of the projection belong to), which a DTensor says and a flattened shard does not"
         ),
         display_name="GaLore",
         traits=frozenset({"replaces_optimizer"}),

@@ -21,6 +21,10 @@ paper's reference algorithm). :meth:`GaLoreAdamW.load_state_dict` keeps the low-
 parameter's dtype, losing precision); the full-size moments of unprojected parameters follow the
 parameter's dtype, as during training.
 
+A weight sharded by rows (FSDP2's ``fully_shard``: a ``DTensor``) takes the same step as the
+whole weight (:meth:`GaLoreAdamW._update_sharded`: the SVD of the gathered gradient every
+``update_proj_gap`` steps, then row-local right projections, or left ones summed over the ranks).
+
 The projected update is :func:`vleff.kernels.galore_step.galore_adam_step`: projection and
 back-projection of :mod:`vleff.kernels.lowrank` (reference) or one fused Triton kernel on GPU.
 Moments of projected weights are fp32 whatever the parameter dtype.
@@ -277,6 +281,9 @@ class GaLoreAdamW(Optimizer):
         if wd and not group["decoupled_weight_decay"]:
             grad = grad.add(p, alpha=wd)
 
+        if projected and _is_dtensor(p):
+            self._update_sharded(p, grad, state, group, step)
+            return
         if projected:
             if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
                 state["proj"], state["proj_right"] = galore_projection(
@@ -306,7 +313,7 @@ class GaLoreAdamW(Optimizer):
             )
             return
 
-        if "exp_avg" not in state:
+        if "exp_avg" not in state:  # (a DTensor for a sharded parameter: each rank its shard)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -318,3 +325,78 @@ class GaLoreAdamW(Optimizer):
         if wd and group["decoupled_weight_decay"]:
             p.mul_(1 - lr * wd)
         p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+    def _update_sharded(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], step: int
+    ) -> None:
+        """The projected step of a weight sharded by rows (FSDP2: a ``DTensor`` placed ``Shard(0)``
+        on a 1-D mesh), equal to the unsharded step.
+
+        * The refresh takes the SVD of the whole gradient, gathered once every
+          ``update_proj_gap`` steps; every rank computes the same ``P`` (kept whole: ``[r, n]`` or
+          ``[m, r]``, small).
+        * Right projection (``m >= n``): ``G Pᵀ`` is row by row, so each rank projects, moves its
+          moments (a ``DTensor`` ``[m, r]`` sharded like the weight) and updates its own rows.
+        * Left projection: ``Pᵀ G`` sums over all rows, so the ranks add their partial products
+          (one all-reduce of ``[r, n]``), keep the same ``[r, n]`` moments, and each updates its
+          rows with its rows of ``P``.
+        """
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        from vleff.kernels.galore_step import galore_adam_step_projected
+        from vleff.kernels.lowrank import project_reference
+
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise TypeError(
+                f"GaLore projects a sharded weight placed as (Shard(0),) on a 1-D mesh (FSDP2's fully_shard), got "
+                f"{tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh for a weight of shape {tuple(p.shape)}"
+            )
+        if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
+            state["proj"], state["proj_right"] = galore_projection(
+                grad.full_tensor(), group["rank"], group["proj_type"], group.get("svd", "full")
+            )
+        proj, right = state["proj"], state["proj_right"]
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        rows = slice(offset[0], offset[0] + shape[0])
+        local_grad = grad.to_local().float()
+        if right:
+            r = proj.shape[0]
+            if "exp_avg" not in state:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    local = torch.zeros(shape[0], r, dtype=torch.float32, device=local_grad.device)
+                    state[key] = DTensor.from_local(
+                        local, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0], r), stride=(r, 1)
+                    )
+            low, rows_proj = project_reference(local_grad, proj, "right"), proj
+            moments = state["exp_avg"].to_local(), state["exp_avg_sq"].to_local()
+        else:
+            rows_proj = proj[rows]
+            low = project_reference(local_grad, rows_proj, "left")
+            dist.all_reduce(low, group=p.device_mesh.get_group())
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(low)
+                state["exp_avg_sq"] = torch.zeros_like(low)
+            moments = state["exp_avg"], state["exp_avg_sq"]
+        beta1, beta2 = group["betas"]
+        galore_adam_step_projected(
+            p.to_local(),
+            low,
+            rows_proj,
+            *moments,
+            side="right" if right else "left",
+            step=step,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"] if group["decoupled_weight_decay"] else 0.0,
+            scale=group["scale"],
+        )
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
