@@ -156,6 +156,11 @@ class _Record(pl.Callback):
 PLAIN_CLIP = "plain-clip"
 
 
+#: settings the sharded run adds to a row's: MADTP calibrates τ on its first batch only, which is
+#: rank 0's first batch and the reference's (its second batch is rank 1's, not rank 0's second)
+SHARDED_ARGS = {"madtp": {"calibration_batches": 1}}
+
+
 def _callbacks(name: str, module: pl.LightningModule) -> list[pl.Callback]:
     """The row's callback; a method that takes inputs built from the model (LoRAHub's LoRA modules)
     gets them for ``module``'s own tower (the row's are for the conformance model) and the row's
@@ -165,7 +170,7 @@ def _callbacks(name: str, module: pl.LightningModule) -> list[pl.Callback]:
     if name == PLAIN_CLIP:
         return [_SeedPerStep()]
     settings = SETTINGS[name]
-    args = dict(settings.callback_args)
+    args = {**settings.callback_args, **SHARDED_ARGS.get(name, {})}
     if settings.inputs is not None:  # composed with the row's active settings (LoRAHub: given weights)
         args = {**settings.inputs(module.model, "image"), **(settings.active or {})}
     return [get_method(name).load_callback()(**args), _SeedPerStep()]
@@ -231,9 +236,10 @@ def _sharded_resume(name: str, out: Path, rank: int) -> None:
 
 
 RESUME = "resume:"
-#: one token method, one side method and the two optimizers (MeZO's step count lives in its param
-#: groups, GaLore's moments are DTensors or replicated): saved sharded, resumed exactly
-RESUMED = ("tome", "lst", "mezo", "galore")
+#: one token method, one side method, the two optimizers (MeZO's step count lives in its param
+#: groups, GaLore's moments are DTensors or replicated) and MADTP (its controller state): saved
+#: sharded, resumed exactly
+RESUMED = ("tome", "lst", "mezo", "galore", "madtp")
 
 
 def _rank(rank: int, port: int, names: list[str], out: Path) -> None:

@@ -25,11 +25,6 @@ from vleff.registry import Budget, Method, Refusal, register_method
 #: the registry entry: everything vleff's generic code (CLIs, conformance suite, callbacks) knows of the method
 METHOD = register_method(
     Method(
-        unsharded=(
-            "its FLOPs controller calibrates tau with forwards on global rank 0 alone, and under "
-            "sharding every forward gathers each block from all ranks, so rank 0 waits on gathers the "
-            "other ranks never join (seen: a 60 s collective timeout)"
-        ),
         display_name="MADTP",
         settings_of=madtp_settings,
         # the declarative contract: what the method does, what it refuses, what update may change

@@ -10,7 +10,8 @@ The FLOPs controller (:class:`vleff.methods.madtp.controller.MADTPController`) k
 measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
 (τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
 with the same τ and the same calibration data. Under DDP global rank 0 calibrates on its batches
-and every rank gets its controller state (:func:`_on_rank_zero`), so all ranks prune
+and every rank gets its controller state (:func:`_on_rank_zero`; under sharding every rank runs
+rank 0's calibration alongside it, since each forward gathers from all ranks), so all ranks prune
 with one τ.
 
 Lightning validates at the end of an epoch *before* ``on_train_epoch_end``, so an epoch's
@@ -35,7 +36,7 @@ from torch import nn
 from vleff.lightning.aux_loss import AuxLoss
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import AuxLossMixin, mixin_target, next_hook
-from vleff.lightning.strategy import check_strategy
+from vleff.lightning.strategy import check_strategy, shards_parameters
 from vleff.lightning.targets import RemovalOption
 from vleff.methods.madtp.controller import ControllerConfig, MADTPController
 from vleff.methods.madtp.core import (
@@ -67,16 +68,26 @@ def _loader(trainer: pl.Trainer) -> Any:
 def _on_rank_zero(
     trainer: pl.Trainer, controller: MADTPController, target: nn.Module, calibrate: Callable[[], Any]
 ) -> None:
-    """Run ``calibrate`` (a controller calibration) on global rank 0 only and give every rank
-    its controller state (τ, first pruning block, baseline, history, calibration batches).
+    """Calibrate as global rank 0 would, and give every rank its controller state (τ, first
+    pruning block, baseline, history, calibration batches).
 
     Why: under DDP each rank sees other batches; calibrating on each would leave the ranks
     pruning with different τ (different compute per rank, and a checkpoint holding rank 0's
-    τ while the other ranks trained with theirs)."""
+    τ while the other ranks trained with theirs). Under a strategy that shards the parameters
+    every forward gathers each block from all ranks, so rank 0 cannot calibrate alone (it would
+    wait on gathers the others never join): every rank takes rank 0's state and batches first
+    and runs the same calibration forwards on the same gathered weights, which choose the same τ;
+    rank 0's result is then handed to all, as under DDP."""
     if trainer.world_size == 1:
         calibrate()
         return
-    if trainer.is_global_zero:
+    if shards_parameters(trainer.strategy):
+        start = trainer.strategy.broadcast(controller.state_dict() if trainer.is_global_zero else None, src=0)
+        if not trainer.is_global_zero:
+            controller.load_state_dict(start)
+            controller.restore(target)
+        calibrate()
+    elif trainer.is_global_zero:
         calibrate()
     state = trainer.strategy.broadcast(controller.state_dict() if trainer.is_global_zero else None, src=0)
     if not trainer.is_global_zero:
