@@ -36,7 +36,7 @@ names no method.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,7 +47,7 @@ from vleff.checks import check_bool
 from vleff.lightning.init_weights import InitFromOption
 from vleff.lightning.mixin import next_hook
 from vleff.lightning.restore import ADAPTERS_ONLY, record_method
-from vleff.lightning.strategy import check_strategy, whole_checkpoint
+from vleff.lightning.strategy import check_strategy, shards_parameters, whole_checkpoint
 from vleff.lightning.targets import ModuleArg, RemovalOption, check_module_arg, refuse_other_settings, resolve_target
 from vleff.registry import get_method
 from vleff.side import selection as sel
@@ -107,17 +107,37 @@ def start_training(
         loader = trainer.train_dataloader
         if loader is None:
             raise RuntimeError(f"{method}: the Fisher selection needs the training dataloader; there is none")
-        batches = (trainer.strategy.batch_to_device(b) for b in itertools.islice(iter(loader), num_batches))
+        batches: Iterable[Any] = itertools.islice(iter(loader), num_batches)
+        sharded = trainer.world_size > 1 and shards_parameters(trainer.strategy)
+        if sharded:  # every forward gathers from all ranks: all ranks run the pass, on rank 0's batches
+            batches = _from_rank_zero(trainer, batches)
         fn = loss_fn
         loss = (lambda b: fn(pl_module, b)) if fn is not None else (lambda b: training_step_loss(pl_module, b))
-        select(target, batches, loss)
-        if trainer.world_size > 1:  # every rank trains rank 0's entries; DDP's reducer keeps every parameter
+        select(target, (trainer.strategy.batch_to_device(b) for b in batches), loss)
+        if sharded:  # the Fisher pass's backward left gradients on the other trainable parameters
+            pl_module.zero_grad(set_to_none=True)
+        if trainer.world_size > 1:  # every rank trains rank 0's entries
             masks = trainer.strategy.broadcast(sel.masks_of(target, method), src=0)
+            # every masked parameter keeps requiring grad (put back after each step instead): DDP's
+            # reducer keeps the parameters it was built with, and a sharded checkpoint must hold
+            # optimizer state for every parameter the resumed run's optimizer starts with
             sel.set_masks(target, method, masks, freeze_empty=False)
     handles: list[Any] = []
     for optimizer in trainer.optimizers:
         handles += sel.attach_masked_step(optimizer, target, mask=False)
     return handles
+
+
+def _from_rank_zero(trainer: pl.Trainer, batches: Iterable[Any]) -> Iterator[Any]:
+    """Rank 0's ``batches``, one at a time, on every rank (the others' own are not read); the end
+    is a broadcast ``None``, so the ranks stop together whatever their loaders' lengths."""
+    own = iter(batches) if trainer.is_global_zero else None
+    while True:
+        batch = next(own, None) if own is not None else None
+        batch = trainer.strategy.broadcast(batch, src=0)
+        if batch is None:
+            return
+        yield batch
 
 
 def mask_before_step(target: nn.Module | None, method: str) -> None:

@@ -281,11 +281,12 @@ def fisher_information(
     names = list(params)
     tensors = [params[n] for n in names]
     scores = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in zip(names, tensors)}
+    sharded = any(_is_dtensor(p) for p in tensors)
     units = 0
     for batch in batches:
         for unit in split_batch(batch) if per_sample else [batch]:
             loss = loss_fn(unit)
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            grads = _sharded_grads(loss, tensors) if sharded else torch.autograd.grad(loss, tensors, allow_unused=True)
             for name, g in zip(names, grads):
                 if g is None:
                     continue
@@ -295,7 +296,33 @@ def fisher_information(
             units += 1
     if units == 0:
         raise ValueError("batches: the Fisher selection got no batch; pass at least one batch of training data")
+    if sharded:  # the ranking is over every entry: each rank gathers the whole scores, once
+        scores = {n: s.full_tensor() if _is_dtensor(s) else s for n, s in scores.items()}
     return scores, units
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _sharded_grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of ``loss`` for parameters sharded by FSDP2 (``DTensor``): its backward hooks,
+    not autograd edges, carry a gradient from the gathered weights to the shards, so this runs
+    ``loss.backward()`` (every rank on the same unit: the averaged shard gradient is that unit's)
+    and reads ``.grad``, leaving these parameters' ``.grad`` as it found it (other trainable
+    parameters get the unit's gradient too: zero them before training, as an optimizer step does)."""
+    stashed = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    try:
+        loss.backward()
+        grads = [t.grad for t in tensors]
+    finally:
+        for t, g in zip(tensors, stashed):
+            t.grad = g
+    return grads
 
 
 def top_k_masks(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -320,7 +347,9 @@ def set_masks(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor], 
     ``freeze_empty=False``: then every masked parameter requires grad (its gradient is masked to
     zero and its entries put back after the step). Data-parallel training needs that: DDP's
     reducer was built, before the selection, on the parameters requiring grad then, and a
-    parameter that stops getting a gradient fails its step ("parameters that were not used")."""
+    parameter that stops getting a gradient fails its step ("parameters that were not used");
+    under FSDP2 a sharded checkpoint must hold state for every parameter the resumed run's
+    optimizer (built before the selection is restored) starts with."""
     record = record_of(model, method)
     if record is None:
         raise ValueError(f"{method} is not applied to this {type(model).__name__}")
@@ -422,7 +451,7 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
     for name, mask in masks.items():
         g = params[name].grad
         if g is not None:
-            g.mul_(mask.to(g.dtype))
+            g.mul_(_placed_like(mask.to(g.dtype), g))
     if advance:
         record["step"] += 1
     return masks
@@ -464,7 +493,7 @@ def attach_masked_step(optimizer: torch.optim.Optimizer, model: nn.Module, mask:
         with torch.no_grad():
             for name, before_step in saved.items():
                 p = params[name]
-                p.copy_(torch.where(record["masks"][name], p, before_step))
+                p.copy_(torch.where(_placed_like(record["masks"][name], p), p, before_step))
         saved.clear()
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]

@@ -35,9 +35,9 @@ METHOD = register_method(
         callback="vleff.methods.child_tuning_d.lightning.ChildTuningD",
         mixin="vleff.methods.child_tuning_d.lightning.ChildTuningDMixin",
         towers=TOWERS,
-        unsharded=(
-            "its Fisher pass clips and ranks each parameter's whole gradient and its masks are whole "
-            "tensors, while the parameters and their gradients are shards"
+        needs_dtensor=(
+            "its sharded masks are cut from whole masks by where each rank's shard lies, which a DTensor "
+            "says and a flattened shard does not"
         ),
         bench_settings={},
         description="Child-Tuning_D: a fixed Fisher-selected top-p of the blocks' gradient entries (a regulariser)",

@@ -21,7 +21,10 @@ from vleff.registry import Method, Refusal, register_method
 
 METHOD = register_method(
     Method(
-        unsharded=("its entry masks and the masked optimizer step are whole tensors, while the parameters are shards"),
+        needs_dtensor=(
+            "its sharded masks are cut from whole masks by where each rank's shard lies, which a DTensor "
+            "says and a flattened shard does not"
+        ),
         display_name="FishMask",
         name="fishmask",
         kind="side",
