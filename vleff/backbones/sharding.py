@@ -17,7 +17,16 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["FORWARD_METHODS", "block_classes", "blocks_of", "fsdp_modules", "library_type", "shard_blocks"]
+__all__ = [
+    "FORWARD_METHODS",
+    "block_classes",
+    "blocks_of",
+    "fsdp_modules",
+    "is_dtensor",
+    "library_type",
+    "placed_like",
+    "shard_blocks",
+]
 
 #: methods of image-text models that run a forward without ``__call__`` (FSDP2 must be told to
 #: gather the root's parameters around them: ``register_fsdp_forward_method``)
@@ -98,6 +107,26 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     except ImportError:  # torch without FSDP2
         return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter, gradient or state sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def placed_like(whole: Any, like: Any) -> Any:
+    """``whole`` (a tensor of ``like``'s whole shape, the same on every rank) as ``like`` holds it:
+    for a ``DTensor`` ``like``, a ``DTensor`` with its mesh and placements, each rank cutting its
+    own piece out of ``whole`` (no communication: every rank has it); otherwise ``whole``. A
+    method that draws or computes something whole (a mask, a direction, a projection's rows)
+    thereby acts on exactly the entries of its shard that one process would."""
+    if not is_dtensor(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def _average_grad(param: nn.Parameter, group: Any) -> None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from vleff.backbones import TowerAdapter, find_towers
 from vleff.backbones.input_grads import attach_input_grads, detach_input_grads
+from vleff.backbones.sharding import is_dtensor, placed_like
 from vleff.tokens.common import select_towers
 
 #: the model attribute holding a selective method's record: ``{"method", "label", "flags",
@@ -281,7 +282,7 @@ def fisher_information(
     names = list(params)
     tensors = [params[n] for n in names]
     scores = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in zip(names, tensors)}
-    sharded = any(_is_dtensor(p) for p in tensors)
+    sharded = any(is_dtensor(p) for p in tensors)
     units = 0
     for batch in batches:
         for unit in split_batch(batch) if per_sample else [batch]:
@@ -297,14 +298,8 @@ def fisher_information(
     if units == 0:
         raise ValueError("batches: the Fisher selection got no batch; pass at least one batch of training data")
     if sharded:  # the ranking is over every entry: each rank gathers the whole scores, once
-        scores = {n: s.full_tensor() if _is_dtensor(s) else s for n, s in scores.items()}
+        scores = {n: s.full_tensor() if is_dtensor(s) else s for n, s in scores.items()}
     return scores, units
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _sharded_grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -386,18 +381,6 @@ def _bernoulli_masks(record: dict[str, Any], params: Mapping[str, nn.Parameter])
     return out
 
 
-def _placed_like(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``mask`` (drawn over the parameter's whole shape) as ``grad`` holds it: under FSDP2 a
-    sharded parameter's gradient is a ``DTensor`` of this rank's shard, and each rank cuts its
-    piece out of the same whole draw (no communication: every rank drew the same mask), so the
-    sharded run masks exactly the entries one process would."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(grad, DTensor):
-        return distribute_tensor(mask, grad.device_mesh, grad.placements, src_data_rank=None)
-    return mask
-
-
 def percentile_masks(scores: Mapping[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
     """Boolean masks keeping the scores at or above **one joint threshold**, the ``(1 − keep)``
     percentile of all scores together with linear interpolation between order statistics
@@ -436,7 +419,7 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
         for name, mask in masks.items():
             g = params[name].grad
             if g is not None:
-                g.mul_(_placed_like(mask.to(g.dtype), g)).mul_(scale)  # one rounding of g / p, also in bf16
+                g.mul_(placed_like(mask.to(g.dtype), g)).mul_(scale)  # one rounding of g / p, also in bf16
         if advance:
             record["step"] += 1
         return masks
@@ -451,7 +434,7 @@ def mask_gradients(model: nn.Module, advance: bool = False) -> dict[str, torch.T
     for name, mask in masks.items():
         g = params[name].grad
         if g is not None:
-            g.mul_(_placed_like(mask.to(g.dtype), g))
+            g.mul_(placed_like(mask.to(g.dtype), g))
     if advance:
         record["step"] += 1
     return masks
@@ -493,7 +476,7 @@ def attach_masked_step(optimizer: torch.optim.Optimizer, model: nn.Module, mask:
         with torch.no_grad():
             for name, before_step in saved.items():
                 p = params[name]
-                p.copy_(torch.where(_placed_like(record["masks"][name], p), p, before_step))
+                p.copy_(torch.where(placed_like(record["masks"][name], p), p, before_step))
         saved.clear()
 
     return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from vleff.backbones.sharding import is_dtensor, placed_like
 from vleff.kernels.galore_step import galore_adam_step
 from vleff.methods.galore.config import (
     DEFAULT_SVD,
@@ -281,7 +282,7 @@ class GaLoreAdamW(Optimizer):
         if wd and not group["decoupled_weight_decay"]:
             grad = grad.add(p, alpha=wd)
 
-        if projected and _is_dtensor(p):
+        if projected and is_dtensor(p):
             self._update_sharded(p, grad, state, group, step)
             return
         if projected:
@@ -343,7 +344,6 @@ class GaLoreAdamW(Optimizer):
         """
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         from vleff.kernels.galore_step import galore_adam_step_projected
         from vleff.kernels.lowrank import project_reference
@@ -358,21 +358,19 @@ class GaLoreAdamW(Optimizer):
                 grad.full_tensor(), group["rank"], group["proj_type"], group.get("svd", "full")
             )
         proj, right = state["proj"], state["proj_right"]
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        rows = slice(offset[0], offset[0] + shape[0])
         local_grad = grad.to_local().float()
         if right:
             r = proj.shape[0]
             if "exp_avg" not in state:
                 for key in ("exp_avg", "exp_avg_sq"):
-                    local = torch.zeros(shape[0], r, dtype=torch.float32, device=local_grad.device)
+                    local = torch.zeros(local_grad.shape[0], r, dtype=torch.float32, device=local_grad.device)
                     state[key] = DTensor.from_local(
                         local, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0], r), stride=(r, 1)
                     )
             low, rows_proj = project_reference(local_grad, proj, "right"), proj
             moments = state["exp_avg"].to_local(), state["exp_avg_sq"].to_local()
         else:
-            rows_proj = proj[rows]
+            rows_proj = placed_like(proj, p).to_local()  # P's rows of this rank's weight rows
             low = project_reference(local_grad, rows_proj, "left")
             dist.all_reduce(low, group=p.device_mesh.get_group())
             if "exp_avg" not in state:
@@ -394,9 +392,3 @@ class GaLoreAdamW(Optimizer):
             weight_decay=group["weight_decay"] if group["decoupled_weight_decay"] else 0.0,
             scale=group["scale"],
         )
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)

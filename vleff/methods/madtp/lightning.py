@@ -10,7 +10,7 @@ The FLOPs controller (:class:`vleff.methods.madtp.controller.MADTPController`) k
 measured FLOPs hit ``baseline × (1 − flops_reduction)``) and again after every epoch; its state
 (τ, baseline, the batches, the history) is in the checkpoint, so a resumed run continues
 with the same τ and the same calibration data. Under DDP global rank 0 calibrates on its batches
-and every rank gets its controller state (:func:`_on_rank_zero`; under sharding every rank runs
+and every rank gets its controller state (:func:`_calibrate_as_rank_zero`; under sharding every rank runs
 rank 0's calibration alongside it, since each forward gathers from all ranks), so all ranks prune
 with one τ.
 
@@ -65,7 +65,7 @@ def _loader(trainer: pl.Trainer) -> Any:
     return loader
 
 
-def _on_rank_zero(
+def _calibrate_as_rank_zero(
     trainer: pl.Trainer, controller: MADTPController, target: nn.Module, calibrate: Callable[[], Any]
 ) -> None:
     """Calibrate as global rank 0 would, and give every rank its controller state (τ, first
@@ -102,20 +102,21 @@ def controller_train_start(trainer: pl.Trainer, controller: MADTPController, tar
         controller.resume(target)
         return
     controller.capture(_loader(trainer))
-    _on_rank_zero(trainer, controller, target, lambda: controller.calibrate(target))
+    _calibrate_as_rank_zero(trainer, controller, target, lambda: controller.calibrate(target))
 
 
 def controller_epoch_end(trainer: pl.Trainer, controller: MADTPController, target: nn.Module) -> bool:
     """Re-calibrate after the epoch (when enabled); whether it did."""
     if not controller.config.adjust_every_epoch or controller.batches is None:
         return False
-    _on_rank_zero(trainer, controller, target, lambda: controller.calibrate(target, epoch=trainer.current_epoch))
+    epoch = trainer.current_epoch
+    _calibrate_as_rank_zero(trainer, controller, target, lambda: controller.calibrate(target, epoch=epoch))
     return True
 
 
 def controller_train_end(trainer: pl.Trainer, controller: MADTPController, target: nn.Module) -> None:
     """A run shorter than the warm-up ends calibrated at the target."""
-    _on_rank_zero(trainer, controller, target, lambda: controller.finish(target))
+    _calibrate_as_rank_zero(trainer, controller, target, lambda: controller.finish(target))
 
 
 class MADTP(InitFromOption, RemovalOption, AuxLoss):
@@ -230,7 +231,7 @@ class MADTP(InitFromOption, RemovalOption, AuxLoss):
             f"MADTP: τ was never calibrated; calibrating for flops_reduction="
             f"{self.config.flops_reduction} on the first {len(probe.batches or [])} {stage} batches"
         )
-        _on_rank_zero(trainer, probe, self._target, lambda: probe.calibrate(self._target, final=True))
+        _calibrate_as_rank_zero(trainer, probe, self._target, lambda: probe.calibrate(self._target, final=True))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._target is None or not controller_epoch_end(trainer, self.controller, self._target):

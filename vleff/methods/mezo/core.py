@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from vleff.backbones.sharding import is_dtensor, placed_like
 from vleff.checks import check_bool
 from vleff.optim import wants_decay
 
@@ -61,34 +62,20 @@ def directions(params: Iterable[torch.Tensor], seed: int) -> Iterator[tuple[torc
         if gen is None:
             gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(int(seed))
         z = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
-        yield _local(p, z) if _is_dtensor(p) else (p, z)
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
+        yield _local(p, z) if is_dtensor(p) else (p, z)
 
 
 def _local(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sharded parameter's local shard and the matching slice of its whole direction ``z``."""
+    """A sharded parameter's local shard and its piece of the whole direction ``z``."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements):
         raise TypeError(
             f"MeZO perturbs sharded parameters placed as Shard or Replicate; got {tuple(p.placements)} "
             f"for a parameter of shape {tuple(p.shape)}"
         )
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    local = p.to_local()  # the rank's own storage (no autograd here: MeZO runs under no_grad)
-    if tuple(local.shape) != tuple(shape):
-        raise RuntimeError(
-            f"MeZO: a sharded parameter's local shard has shape {tuple(local.shape)}, its placement "
-            f"{tuple(p.placements)} says {tuple(shape)}"
-        )
-    part = z[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-    return local, part
+    # the rank's own storage (no autograd here: MeZO runs under no_grad), and z's piece of it
+    return p.to_local(), placed_like(z, p).to_local()
 
 
 @torch.no_grad()
