@@ -343,7 +343,7 @@ class GaLoreAdamW(Optimizer):
           rows with its rows of ``P``.
         """
         import torch.distributed as dist
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import Shard
 
         from vleff.kernels.galore_step import galore_adam_step_projected
         from vleff.kernels.lowrank import project_reference
@@ -361,11 +361,10 @@ class GaLoreAdamW(Optimizer):
         local_grad = grad.to_local().float()
         if right:
             r = proj.shape[0]
-            if "exp_avg" not in state:
+            if "exp_avg" not in state:  # [m, r], sharded by rows like the weight
                 for key in ("exp_avg", "exp_avg_sq"):
-                    local = torch.zeros(local_grad.shape[0], r, dtype=torch.float32, device=local_grad.device)
-                    state[key] = DTensor.from_local(
-                        local, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0], r), stride=(r, 1)
+                    state[key] = placed_like(
+                        torch.zeros(p.shape[0], r, dtype=torch.float32, device=local_grad.device), p
                     )
             low, rows_proj = project_reference(local_grad, proj, "right"), proj
             moments = state["exp_avg"].to_local(), state["exp_avg_sq"].to_local()
